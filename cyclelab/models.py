@@ -65,22 +65,26 @@ class Loaded:
 
 
 def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None,
-         cache: bool = True) -> Loaded:
+         cache: bool = True, attn: str = "eager") -> Loaded:
     """Load a model and its tokenizer, in eval mode, on the chosen device.
 
     ``name_or_path`` is one of :data:`KNOWN`, a local model folder, or a hub id.
-    Results are cached in memory per (name, dtype, device): loading twice is free.
+    ``attn`` is the ``transformers`` attention implementation: ``"eager"`` (default)
+    computes attention as written in the textbook, so ``output_attentions`` works and the
+    engine agrees with the model exactly; ``"sdpa"`` is the fused kernel, faster and
+    equal up to float rounding.
+    Results are cached in memory per (name, dtype, device, attn): loading twice is free.
     Unknown names raise ``ValueError`` listing the valid ones; missing or corrupt files
     raise :class:`ModelFileError` naming the file and the repair.
     """
     if not isinstance(name_or_path, (str, Path)) or not str(name_or_path).strip():
         raise ValueError(f"model name must be a non-empty string; choose one of {', '.join(KNOWN)}")
     dev = pick_device(device)
-    key = (str(name_or_path), dtype, str(dev))
+    key = (str(name_or_path), dtype, str(dev), attn)
     if cache and key in _CACHE:
         return _CACHE[key]
     folder, repair = _resolve(str(name_or_path))
-    loaded = _load_folder(str(name_or_path), folder, repair, dtype)
+    loaded = _load_folder(str(name_or_path), folder, repair, dtype, attn)
     loaded.model.to(dev).eval()
     if cache:
         _CACHE[key] = loaded
@@ -117,7 +121,7 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def _load_folder(name: str, folder: str | Path, repair: str, dtype: torch.dtype) -> Loaded:
+def _load_folder(name: str, folder: str | Path, repair: str, dtype: torch.dtype, attn: str) -> Loaded:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
@@ -129,7 +133,7 @@ def _load_folder(name: str, folder: str | Path, repair: str, dtype: torch.dtype)
         auto = AutoModelForCausalLM if causal else AutoModel
         if name == "tiny-mlm":
             from transformers import AutoModelForMaskedLM as auto
-        model = auto.from_pretrained(folder, dtype=dtype)
+        model = auto.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, RuntimeError) as err:
         raise ModelFileError(f"could not load {name!r} from {folder}: {err}. To repair: {repair}.") from err

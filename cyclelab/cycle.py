@@ -1,0 +1,134 @@
+"""The clock cycle: stages, events and traces.
+
+Every generated token is one *cycle*, and every cycle passes four stages:
+
+* ``FETCH`` — token ids become vectors (embedding lookup, positions);
+* ``READ`` — each layer reads its weights (Q/K/V projections) and its memory (KV cache);
+* ``EXECUTE`` — attention, MLP, norms and residual adds: the arithmetic;
+* ``WRITEBACK`` — final norm, logits, the choice of a token, appended to the sequence.
+
+The engine yields one :class:`Event` per micro-op; a :class:`Trace` keeps one
+:class:`CycleRecord` per generated token (and the events a consumer chose to keep).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import torch
+
+
+class Stage(str, Enum):
+    """The four stages of one cycle."""
+
+    FETCH = "FETCH"
+    READ = "READ"
+    EXECUTE = "EXECUTE"
+    WRITEBACK = "WRITEBACK"
+
+
+@dataclass
+class Event:
+    """One micro-op of one cycle: what ran, where, what it produced and what it cost.
+
+    ``tensors`` holds only what the consumer asked to capture (often nothing).
+    ``flops`` and ``bytes`` follow from the shapes: multiply-adds count as 2 FLOPs;
+    bytes are the weights read plus the activations read and written.
+    """
+
+    cycle: int
+    stage: Stage
+    layer: int | None
+    op: str
+    seconds: float = 0.0
+    flops: int = 0
+    bytes: int = 0
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        where = f"L{self.layer}" if self.layer is not None else "--"
+        return f"<cycle {self.cycle} {self.stage.value:<9} {where:>4} {self.op:<14} {self.seconds * 1e3:7.3f} ms>"
+
+
+@dataclass
+class CycleRecord:
+    """What one cycle produced: the chosen token, its rivals, and the cost of the cycle."""
+
+    cycle: int
+    token_id: int
+    token: str  # the token's own text (may be a partial UTF-8 character, shown with �)
+    prob: float  # probability of the chosen token after the logits processors
+    raw_prob: float  # its probability under the plain softmax of the logits
+    entropy: float  # of the processed distribution, in nats
+    top: list[tuple[int, str, float]]  # (id, text, probability) of the leading candidates
+    greedy_id: int
+    draw: float | None  # the uniform number drawn when sampling; None for greedy
+    forced: bool  # True when the token was imposed (replay, branch) rather than chosen
+    n_inputs: int  # tokens fed this cycle: the whole prompt at cycle 0 (prefill), then 1
+    cache_len: int  # KV cache length after the cycle
+    seconds: float
+    flops: int
+    bytes: int
+
+    @property
+    def prefill(self) -> bool:
+        """True for the cycle that read the whole prompt."""
+        return self.n_inputs > 1
+
+
+@dataclass
+class Trace:
+    """A generation, cycle by cycle: enough to show it, save it, replay it and branch from it."""
+
+    model: str
+    prompt_ids: list[int]
+    records: list[CycleRecord] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)  # sampling, interventions, cache use
+    text: str = ""  # the generated text, decoded
+    events: list[Event] = field(default_factory=list)  # only those a consumer kept
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The generated token ids (without the prompt)."""
+        return [r.token_id for r in self.records]
+
+    @property
+    def all_ids(self) -> list[int]:
+        """Prompt followed by the generated tokens."""
+        return self.prompt_ids + self.token_ids
+
+    def table(self, top: int = 3, digits: int = 3, times: bool = True) -> str:
+        """The trace as a fixed-width text table: cycle, token, top candidates, time."""
+        header = f"{'cycle':>5}  {'token':<14} {'top candidates':<{top * 20}}" + ("  ms" if times else "")
+        lines = [header]
+        for r in self.records:
+            cands = "  ".join(f"{_show(t)}:{p:.{digits}f}" for _, t, p in r.top[:top])
+            row = f"{r.cycle:>5}  {_show(r.token):<14} {cands:<{top * 20}}"
+            lines.append(row + (f"  {r.seconds * 1e3:.1f}" if times else ""))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """Plain data (no tensors, no events) for JSON."""
+        return {"model": self.model, "prompt_ids": self.prompt_ids, "settings": self.settings,
+                "text": self.text, "records": [asdict(r) for r in self.records]}
+
+    def save(self, path: str | Path) -> None:
+        """Write the trace as JSON (never pickle)."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Trace":
+        """Read a trace written by :meth:`save`."""
+        raw = json.loads(Path(path).read_text())
+        records = [CycleRecord(**{**r, "top": [tuple(t) for t in r["top"]]}) for r in raw["records"]]
+        return cls(model=raw["model"], prompt_ids=raw["prompt_ids"], records=records,
+                   settings=raw["settings"], text=raw["text"])
+
+
+def _show(token: str) -> str:
+    """A token made visible: spaces as ␣, newlines as ⏎."""
+    return token.replace(" ", "␣").replace("\n", "⏎")

@@ -1,0 +1,329 @@
+"""The forward pass, op by op, for the GPT-2 and Llama families.
+
+Each architecture reads the Hugging Face model's weights in place (no copies) and
+runs its forward pass as a *generator*: every micro-op yields an :class:`Event`,
+so a consumer can pause between any two ops. The value a generator returns (via
+``yield from``) is the op's result.
+
+Ops and stages, per layer:
+
+=========  =====================================================================
+FETCH      ``embed`` (token rows), ``positions`` (GPT-2: learned rows; Llama: RoPE angles)
+READ       ``qkv`` (Q/K/V projections: the layer reads its weights), ``kv_cache``
+EXECUTE    ``norm_attn``, ``rope`` (Llama), ``scores``, ``softmax``, ``mix``, ``attn_out``,
+           ``residual_attn``, ``norm_mlp``, ``mlp_in``, ``act``, ``mlp_out``, ``residual_mlp``
+WRITEBACK  ``norm_final``, ``logits``
+=========  =====================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from time import perf_counter
+
+import torch
+import torch.nn.functional as F
+
+from .attention import KVCache, attention_scores, merge_heads, repeat_kv, split_heads
+from .cycle import Event, Stage
+from .embed import apply_rope, rope_cos_sin
+
+SUPPORTED = {"gpt2": "GPT-2", "llama": "Llama"}
+Ops = Generator[Event, None, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """Parts of the model switched off: attention heads as (layer, head), MLPs by layer."""
+
+    heads: frozenset[tuple[int, int]] = field(default_factory=frozenset)
+    mlps: frozenset[int] = field(default_factory=frozenset)
+
+    def __bool__(self) -> bool:
+        return bool(self.heads or self.mlps)
+
+
+Capture = Callable[[str, int | None], bool]
+
+
+def capture_rule(spec) -> Capture:
+    """Turn a capture spec into a predicate ``(op, layer) -> bool``.
+
+    ``None`` captures nothing, ``"all"`` everything, a collection of op names those
+    ops, and a callable is used as it is.
+    """
+    if spec is None:
+        return lambda op, layer: False
+    if spec == "all":
+        return lambda op, layer: True
+    if callable(spec):
+        return spec
+    names = frozenset(spec)
+    return lambda op, layer: op in names
+
+
+class Architecture:
+    """What GPT-2 and Llama share: the clock, the event bookkeeping and attention itself."""
+
+    family = ""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.config = model.config
+        self.cycle = 0
+        self.capture: Capture = capture_rule(None)
+        self.ablation = Ablation()
+
+    # --- bookkeeping -------------------------------------------------------------
+    def event(self, stage: Stage, layer: int | None, op: str, start: float, flops: int = 0,
+              nbytes: int = 0, **tensors: torch.Tensor) -> Event:
+        """An event for an op that began at ``start``; tensors kept only if captured."""
+        keep = tensors if self.capture(op, layer) else {}
+        return Event(self.cycle, stage, layer, op, perf_counter() - start, flops, nbytes, keep)
+
+    @staticmethod
+    def linear_cost(x: torch.Tensor, weight: torch.Tensor, n_out: int) -> tuple[int, int]:
+        """FLOPs and bytes of ``x @ weight`` (weight read once, input read, output written)."""
+        rows = x.numel() // x.shape[-1]
+        flops = 2 * rows * x.shape[-1] * n_out
+        nbytes = (weight.numel() + x.numel() + rows * n_out) * x.element_size()
+        return flops, nbytes
+
+    # --- shared attention ---------------------------------------------------------
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache) -> Ops:
+        """KV-cache read, scores, softmax and the weighted mix of values; returns merged heads."""
+        t = perf_counter()
+        keys, values = cache.append(layer, k, v)
+        yield self.event(Stage.READ, layer, "kv_cache", t, 0, 2 * keys.numel() * keys.element_size(),
+                         keys=keys, values=values)
+        groups = q.shape[1] // keys.shape[1]
+        keys, values = repeat_kv(keys, groups), repeat_kv(values, groups)
+        b, h, tq, d = q.shape
+        tk = keys.shape[-2]
+
+        t = perf_counter()
+        scores = attention_scores(q, keys)
+        yield self.event(Stage.EXECUTE, layer, "scores", t, 2 * b * h * tq * tk * d, 0, scores=scores)
+        t = perf_counter()
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        yield self.event(Stage.EXECUTE, layer, "softmax", t, 5 * b * h * tq * tk, 0, probs=probs)
+        t = perf_counter()
+        mixed = probs @ values
+        for lay, head in self.ablation.heads:
+            if lay == layer:
+                mixed[:, head] = 0
+        yield self.event(Stage.EXECUTE, layer, "mix", t, 2 * b * h * tq * tk * d, 0, out=mixed)
+        return merge_heads(mixed)
+
+    def residual(self, layer: int, op: str, x: torch.Tensor, delta: torch.Tensor) -> Ops:
+        """The residual add: a layer writes its result back into the stream (the registers)."""
+        t = perf_counter()
+        out = x + delta
+        yield self.event(Stage.EXECUTE, layer, op, t, out.numel(), 0, out=out)
+        return out
+
+    def forward(self, ids: torch.Tensor, cache: KVCache) -> Ops:
+        """Token ids ``(batch, positions)`` after ``len(cache)`` cached ones -> logits ``(batch, positions, vocab)``."""
+        start = len(cache)
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device)
+        x = yield from self.embed(ids, positions)
+        for i in range(self.n_layers):
+            x = yield from self.block(i, x, positions, cache)
+        return (yield from self.unembed(x))
+
+    # --- per family ---------------------------------------------------------------
+    n_layers: int
+    context_window: int
+
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> Ops:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def block(self, i: int, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> Ops:  # pragma: no cover
+        raise NotImplementedError
+
+    def unembed(self, x: torch.Tensor) -> Ops:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class GPT2(Architecture):
+    """GPT-2: learned positions, LayerNorm, fused QKV projection, GELU MLP, tied unembedding."""
+
+    family = "gpt2"
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.body = model.transformer
+        self.n_layers = self.config.n_layer
+        self.n_heads = self.n_kv_heads = self.config.n_head
+        self.context_window = self.config.n_positions
+        self.eps = self.config.layer_norm_epsilon
+        act = self.config.activation_function
+        if act not in ("gelu_new", "gelu", "gelu_pytorch_tanh"):
+            raise ValueError(f"GPT-2 activation {act!r} is not supported (use gelu_new or gelu)")
+        self.approximate = "none" if act == "gelu" else "tanh"
+
+    def norm(self, x: torch.Tensor, ln: torch.nn.LayerNorm) -> torch.Tensor:
+        """LayerNorm: centre, scale to unit variance, then the learned gain and bias."""
+        return F.layer_norm(x, (x.shape[-1],), ln.weight, ln.bias, self.eps)
+
+    def conv1d(self, x: torch.Tensor, conv) -> torch.Tensor:
+        """GPT-2's ``Conv1D`` is a linear layer with its weight stored as (in, out)."""
+        return torch.addmm(conv.bias, x.reshape(-1, x.shape[-1]), conv.weight).view(*x.shape[:-1], -1)
+
+    def embed(self, ids, positions):
+        t = perf_counter()
+        tokens = self.body.wte.weight[ids]
+        yield self.event(Stage.FETCH, None, "embed", t, 0, tokens.numel() * tokens.element_size(), out=tokens)
+        t = perf_counter()
+        x = tokens + self.body.wpe.weight[positions]
+        yield self.event(Stage.FETCH, None, "positions", t, x.numel(), tokens.numel() * tokens.element_size(), out=x)
+        return x
+
+    def block(self, i, x, positions, cache):
+        layer = self.body.h[i]
+        t = perf_counter()
+        h = self.norm(x, layer.ln_1)
+        yield self.event(Stage.EXECUTE, i, "norm_attn", t, 5 * h.numel(), 0, out=h)
+
+        t = perf_counter()
+        qkv = self.conv1d(h, layer.attn.c_attn)
+        q, k, v = (split_heads(part, self.n_heads) for part in qkv.split(self.config.n_embd, dim=-1))
+        yield self.event(Stage.READ, i, "qkv", t, *self.linear_cost(h, layer.attn.c_attn.weight, qkv.shape[-1]), q=q, k=k, v=v)
+
+        mixed = yield from self.attend(i, q, k, v, cache)
+        t = perf_counter()
+        attn = self.conv1d(mixed, layer.attn.c_proj)
+        yield self.event(Stage.EXECUTE, i, "attn_out", t, *self.linear_cost(mixed, layer.attn.c_proj.weight, attn.shape[-1]), out=attn)
+        x = yield from self.residual(i, "residual_attn", x, attn)
+
+        t = perf_counter()
+        h = self.norm(x, layer.ln_2)
+        yield self.event(Stage.EXECUTE, i, "norm_mlp", t, 5 * h.numel(), 0, out=h)
+        t = perf_counter()
+        up = self.conv1d(h, layer.mlp.c_fc)
+        yield self.event(Stage.EXECUTE, i, "mlp_in", t, *self.linear_cost(h, layer.mlp.c_fc.weight, up.shape[-1]), out=up)
+        t = perf_counter()
+        act = F.gelu(up, approximate=self.approximate)
+        yield self.event(Stage.EXECUTE, i, "act", t, 8 * act.numel(), 0, out=act)
+        t = perf_counter()
+        down = self.conv1d(act, layer.mlp.c_proj)
+        if i in self.ablation.mlps:
+            down = torch.zeros_like(down)
+        yield self.event(Stage.EXECUTE, i, "mlp_out", t, *self.linear_cost(act, layer.mlp.c_proj.weight, down.shape[-1]), out=down)
+        return (yield from self.residual(i, "residual_mlp", x, down))
+
+    def unembed(self, x):
+        t = perf_counter()
+        h = self.norm(x, self.body.ln_f)
+        yield self.event(Stage.WRITEBACK, None, "norm_final", t, 5 * h.numel(), 0, out=h)
+        t = perf_counter()
+        weight = self.model.lm_head.weight
+        logits = h @ weight.T
+        yield self.event(Stage.WRITEBACK, None, "logits", t, *self.linear_cost(h, weight, weight.shape[0]), out=logits)
+        return logits
+
+
+class Llama(Architecture):
+    """Llama: RoPE, RMSNorm, separate Q/K/V with grouped-query attention, SwiGLU MLP."""
+
+    family = "llama"
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.body = model.model
+        cfg = self.config
+        self.n_layers = cfg.num_hidden_layers
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.context_window = cfg.max_position_embeddings
+        self.eps = cfg.rms_norm_eps
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"Llama activation {cfg.hidden_act!r} is not supported (only silu)")
+        rotary = self.body.rotary_emb  # frequencies as the model computed them (incl. any scaling)
+        self.inv_freq, self.rope_scaling = rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0))
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm: divide by the root-mean-square (in float32), then the learned gain."""
+        x32 = x.float()
+        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    def embed(self, ids, positions):
+        t = perf_counter()
+        x = self.body.embed_tokens.weight[ids]
+        yield self.event(Stage.FETCH, None, "embed", t, 0, x.numel() * x.element_size(), out=x)
+        t = perf_counter()
+        self.cos, self.sin = rope_cos_sin(positions, self.inv_freq, self.rope_scaling)
+        yield self.event(Stage.FETCH, None, "positions", t, 2 * self.cos.numel(), 0, cos=self.cos, sin=self.sin)
+        return x
+
+    def block(self, i, x, positions, cache):
+        layer = self.body.layers[i]
+        attn, mlp = layer.self_attn, layer.mlp
+        t = perf_counter()
+        h = self.norm(x, layer.input_layernorm.weight)
+        yield self.event(Stage.EXECUTE, i, "norm_attn", t, 4 * h.numel(), 0, out=h)
+
+        t = perf_counter()
+        q = split_heads(F.linear(h, attn.q_proj.weight, attn.q_proj.bias), self.n_heads)
+        k = split_heads(F.linear(h, attn.k_proj.weight, attn.k_proj.bias), self.n_kv_heads)
+        v = split_heads(F.linear(h, attn.v_proj.weight, attn.v_proj.bias), self.n_kv_heads)
+        n_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        weights = attn.q_proj.weight.numel() + attn.k_proj.weight.numel() + attn.v_proj.weight.numel()
+        flops, _ = self.linear_cost(h, attn.q_proj.weight, n_out)
+        nbytes = (weights + h.numel() + h.numel() // h.shape[-1] * n_out) * h.element_size()
+        yield self.event(Stage.READ, i, "qkv", t, flops, nbytes, q=q, k=k, v=v)
+
+        t = perf_counter()
+        q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
+        yield self.event(Stage.EXECUTE, i, "rope", t, 3 * (q.numel() + k.numel()), 0, q=q, k=k)
+
+        mixed = yield from self.attend(i, q, k, v, cache)
+        t = perf_counter()
+        out = F.linear(mixed, attn.o_proj.weight, attn.o_proj.bias)
+        yield self.event(Stage.EXECUTE, i, "attn_out", t, *self.linear_cost(mixed, attn.o_proj.weight, out.shape[-1]), out=out)
+        x = yield from self.residual(i, "residual_attn", x, out)
+
+        t = perf_counter()
+        h = self.norm(x, layer.post_attention_layernorm.weight)
+        yield self.event(Stage.EXECUTE, i, "norm_mlp", t, 4 * h.numel(), 0, out=h)
+        t = perf_counter()
+        gate, up = F.linear(h, mlp.gate_proj.weight), F.linear(h, mlp.up_proj.weight)
+        flops, nbytes = self.linear_cost(h, mlp.gate_proj.weight, 2 * gate.shape[-1])
+        yield self.event(Stage.EXECUTE, i, "mlp_in", t, flops, nbytes + mlp.up_proj.weight.numel() * h.element_size(), gate=gate, up=up)
+        t = perf_counter()
+        act = F.silu(gate) * up
+        yield self.event(Stage.EXECUTE, i, "act", t, 6 * act.numel(), 0, out=act)
+        t = perf_counter()
+        down = F.linear(act, mlp.down_proj.weight)
+        if i in self.ablation.mlps:
+            down = torch.zeros_like(down)
+        yield self.event(Stage.EXECUTE, i, "mlp_out", t, *self.linear_cost(act, mlp.down_proj.weight, down.shape[-1]), out=down)
+        return (yield from self.residual(i, "residual_mlp", x, down))
+
+    def unembed(self, x):
+        t = perf_counter()
+        h = self.norm(x, self.body.norm.weight)
+        yield self.event(Stage.WRITEBACK, None, "norm_final", t, 4 * h.numel(), 0, out=h)
+        t = perf_counter()
+        weight = self.model.lm_head.weight
+        logits = h @ weight.T
+        yield self.event(Stage.WRITEBACK, None, "logits", t, *self.linear_cost(h, weight, weight.shape[0]), out=logits)
+        return logits
+
+
+def architecture_for(model: torch.nn.Module) -> Architecture:
+    """The op-by-op forward for ``model``, or a clear error naming the supported families."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type == "gpt2" and hasattr(model, "lm_head"):
+        return GPT2(model)
+    if model_type == "llama" and hasattr(model, "lm_head"):
+        return Llama(model)
+    raise ValueError(
+        f"the engine supports causal language models of the {' and '.join(SUPPORTED.values())} families "
+        f"(model_type {', '.join(map(repr, SUPPORTED))}); got {type(model).__name__} with model_type {model_type!r}"
+    )
+
+
+__all__ = ["Ablation", "Architecture", "GPT2", "Llama", "architecture_for", "capture_rule", "SUPPORTED"]
