@@ -1,0 +1,327 @@
+"""From logits to a token: the WRITEBACK stage of one clock cycle.
+
+The model's last layer gives one score (a *logit*) per vocabulary entry. This module
+turns those scores into the one token that is written back to the sequence:
+
+1. :func:`pipeline` reshapes the scores, stage by stage, in the order transformers'
+   ``generate`` uses: repetition penalty, then (only when sampling) temperature,
+   top-k and top-p;
+2. :func:`greedy` takes the best token, or :func:`sample` draws one at random;
+3. :func:`choose` does both and records what happened in a :class:`Choice`.
+
+:func:`beam_search` is the other classic way to decode: keep several candidate
+continuations alive and return the ones with the highest total log-probability.
+
+The processors work on logits of shape ``(vocab,)`` (one position) or
+``(batch, vocab)``; filtered-out tokens get ``-inf`` (probability 0 after softmax).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+
+import torch
+
+Ids = Sequence[int] | torch.Tensor
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Settings for turning logits into a token.
+
+    With ``do_sample=False`` the most likely token is taken (greedy); ``temperature``,
+    ``top_k`` and ``top_p`` are then ignored, as in transformers, because they never
+    change which token is the most likely. ``repetition_penalty`` applies in both modes.
+    ``seed`` seeds the random generator that :func:`choose` makes when none is given.
+    """
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        t = self.temperature
+        if self.do_sample and not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+            raise ValueError(f"temperature must be a finite number > 0 when sampling, got {t!r} "
+                             "(use do_sample=False for greedy decoding)")
+        k = self.top_k
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"top_k must be an integer >= 1 (or None for no top-k), got {k!r}")
+        p = self.top_p
+        if p is not None and not (isinstance(p, (int, float)) and 0 < p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] (or None for no top-p), got {p!r}")
+        r = self.repetition_penalty
+        if not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0):
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1.0 = off), got {r!r}")
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _check_logits(logits: torch.Tensor, one_row: bool = False) -> None:
+    """Raise ValueError unless ``logits`` is a usable (vocab,) or (batch, vocab) float tensor."""
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating-point torch.Tensor, got {type(logits).__name__}")
+    dims = (1,) if one_row else (1, 2)
+    if logits.dim() not in dims:
+        shapes = "(vocab,)" if one_row else "(vocab,) or (batch, vocab)"
+        raise ValueError(f"logits must have shape {shapes}, got {tuple(logits.shape)}")
+    if logits.numel() == 0:
+        raise ValueError(f"logits are empty (shape {tuple(logits.shape)})")
+    if torch.isnan(logits).any():
+        raise ValueError("logits contain NaN")
+
+
+def _as_ids(ids: Ids, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Token ids as a LongTensor on ``device``."""
+    if isinstance(ids, torch.Tensor):
+        return ids.to(device=device, dtype=torch.long)
+    return torch.tensor(list(ids), dtype=torch.long, device=device)
+
+
+# ---------------------------------------------------------------- the processors
+
+
+def apply_repetition_penalty(logits: torch.Tensor, previous_ids: Ids, penalty: float) -> torch.Tensor:
+    """Make tokens that already appeared less likely (CTRL-style penalty).
+
+    For every token in ``previous_ids``, a positive logit is divided by ``penalty`` and
+    a negative one multiplied by it, so ``penalty > 1`` always lowers the score.
+    Counting once is enough: a token seen five times is penalised once.
+    ``previous_ids`` is ``(seq,)`` for ``(vocab,)`` logits and ``(batch, seq)`` for
+    ``(batch, vocab)`` logits.
+    """
+    _check_logits(logits)
+    if not (math.isfinite(penalty) and penalty > 0):
+        raise ValueError(f"repetition_penalty must be a finite number > 0, got {penalty!r}")
+    ids = _as_ids(previous_ids, logits.device)
+    if ids.numel() == 0:
+        return logits.clone()
+    if ids.dim() != logits.dim() or (ids.dim() == 2 and ids.shape[0] != logits.shape[0]):
+        raise ValueError(f"previous_ids of shape {tuple(ids.shape)} do not match logits of shape "
+                         f"{tuple(logits.shape)}")
+    if ids.min() < 0 or ids.max() >= logits.shape[-1]:
+        raise ValueError(f"previous_ids must be token ids in [0, {logits.shape[-1]})")
+    seen = logits.gather(-1, ids)
+    penalised = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return logits.scatter(-1, ids, penalised)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Divide the logits by ``temperature``: below 1 sharpens the distribution, above 1 flattens it."""
+    _check_logits(logits)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return logits / temperature
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` highest-scoring tokens and set the others to ``-inf``.
+
+    Tokens tied with the k-th best score are kept too, so slightly more than ``k``
+    tokens may survive (as in transformers' ``TopKLogitsWarper``).
+    """
+    _check_logits(logits)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"top_k must be an integer >= 1, got {k!r}")
+    kth_best = torch.topk(logits, min(k, logits.shape[-1])).values[..., -1:]
+    return logits.masked_fill(logits < kth_best, -math.inf)
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the most likely tokens until their probabilities add up to ``p``.
+
+    The kept set is the smallest one whose total probability is at least ``p``; the
+    rest get ``-inf``. As in transformers' ``TopPLogitsWarper`` this is computed from the
+    unlikely end: sorted from least to most likely, tokens are dropped while the dropped
+    mass stays <= ``1 - p``. The most likely token is always kept.
+    """
+    _check_logits(logits)
+    if not (0 < p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+    sorted_logits, order = torch.sort(logits, descending=False)
+    dropped_mass = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = dropped_mass <= 1 - p
+    drop_sorted[..., -1] = False  # the most likely token always stays
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, -math.inf)
+
+
+def pipeline(logits: torch.Tensor, previous_ids: Ids, sampling: Sampling) -> list[tuple[str, torch.Tensor]]:
+    """All the stages from raw logits to the logits that are actually sampled, in order.
+
+    Returns ``[("logits", raw), ("repetition_penalty", ...), ("temperature", ...),
+    ("top_k", ...), ("top_p", ...)]`` with only the active stages: the penalty when it is
+    not 1, and, when sampling, a temperature other than 1, any ``top_k`` and a
+    ``top_p`` below 1. The last entry is what :func:`greedy` or :func:`sample` sees.
+    """
+    _check_logits(logits)
+    stages = [("logits", logits)]
+    if sampling.repetition_penalty != 1.0:
+        stages.append(("repetition_penalty",
+                       apply_repetition_penalty(stages[-1][1], previous_ids, sampling.repetition_penalty)))
+    if sampling.do_sample and sampling.temperature != 1.0:
+        stages.append(("temperature", apply_temperature(stages[-1][1], sampling.temperature)))
+    if sampling.do_sample and sampling.top_k is not None:
+        stages.append(("top_k", top_k_filter(stages[-1][1], sampling.top_k)))
+    if sampling.do_sample and sampling.top_p is not None and sampling.top_p < 1.0:
+        stages.append(("top_p", top_p_filter(stages[-1][1], sampling.top_p)))
+    return stages
+
+
+# ---------------------------------------------------------------- picking a token
+
+
+def greedy(logits: torch.Tensor) -> int:
+    """The id of the highest-scoring token (the first one if several tie)."""
+    _check_logits(logits, one_row=True)
+    return int(torch.argmax(logits))
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A random-number generator: seeded for reproducible draws, or randomly seeded when ``seed`` is None."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def sample(logits: torch.Tensor, generator: torch.Generator) -> tuple[int, float]:
+    """Draw a token at random, each with its softmax probability; return ``(token, u)``.
+
+    Inverse-CDF sampling: line the tokens up, each taking a slice of [0, 1) as wide as
+    its probability, draw ``u`` uniformly in [0, 1) and return the token whose slice
+    contains ``u`` (the first token whose cumulative probability exceeds ``u``).
+    Tokens with probability 0 have empty slices and are never drawn.
+    """
+    _check_logits(logits, one_row=True)
+    if torch.isneginf(logits).all():
+        raise ValueError("every logit is -inf: there is no token left to sample")
+    u = torch.rand(1, generator=generator, device=generator.device).item()
+    cdf = torch.softmax(logits.detach().double(), dim=-1).cumsum(dim=-1).cpu()
+    cdf = cdf / cdf[-1]  # make the last entry exactly 1 despite rounding
+    token = int(torch.searchsorted(cdf, torch.tensor([u], dtype=cdf.dtype), right=True))
+    return token, u
+
+
+@dataclass
+class Choice:
+    """What happened when one token was chosen (one WRITEBACK stage)."""
+
+    token_id: int
+    prob: float  #: probability of the chosen token under the final (processed) distribution
+    raw_prob: float  #: its probability under the softmax of the raw logits
+    entropy: float  #: entropy of the final distribution, in nats
+    top: list[tuple[int, float]]  #: up to 5 most likely tokens with final probability > 0, best first
+    draw: float | None  #: the uniform number ``u`` drawn when sampling; None for greedy
+    greedy_id: int  #: argmax of the raw logits (what plain greedy decoding would pick)
+
+
+def choose(logits: torch.Tensor, previous_ids: Ids, sampling: Sampling,
+           generator: torch.Generator | None = None) -> Choice:
+    """Run :func:`pipeline` on one position's logits, then pick a token greedily or by sampling.
+
+    When sampling without a ``generator``, one is made from ``sampling.seed``. To
+    generate many tokens reproducibly, make one generator and pass it to every call:
+    a fresh generator with the same seed would draw the same ``u`` every time.
+    """
+    _check_logits(logits, one_row=True)
+    final = pipeline(logits, previous_ids, sampling)[-1][1]
+    if sampling.do_sample:
+        token, draw = sample(final, generator or make_generator(sampling.seed))
+    else:
+        token, draw = greedy(final), None
+    probs = torch.softmax(final.float(), dim=-1)
+    best = torch.topk(probs, min(5, probs.numel()))
+    return Choice(
+        token_id=token,
+        prob=float(probs[token]),
+        raw_prob=float(torch.softmax(logits.float(), dim=-1)[token]),
+        entropy=float(torch.special.entr(probs).sum()),
+        top=[(int(i), float(q)) for q, i in zip(best.values, best.indices) if q > 0],
+        draw=draw,
+        greedy_id=greedy(logits),
+    )
+
+
+# ---------------------------------------------------------------- beam search
+
+
+def _eos_ids(eos_token_id: int | Collection[int] | None) -> set[int]:
+    """The end-of-sequence ids as a set (empty when there is none)."""
+    if eos_token_id is None:
+        return set()
+    ids = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+        raise ValueError(f"eos_token_id must be a token id >= 0 or a collection of them, got {eos_token_id!r}")
+    return ids
+
+
+def beam_search(next_logits: Callable[[torch.Tensor], torch.Tensor], input_ids: Ids, num_beams: int,
+                max_new_tokens: int, eos_token_id: int | Collection[int] | None = None,
+                ) -> list[tuple[list[int], float]]:
+    """Keep the ``num_beams`` best partial continuations at every step; return the best finished ones.
+
+    ``next_logits`` maps a CPU LongTensor ``(beams, seq)`` (prompt plus generated ids)
+    to the next-token logits ``(beams, vocab)`` of each row; it should move the ids to
+    the model's device itself. The score of a hypothesis is the plain sum of its
+    tokens' log-probabilities: **no length penalty**, so shorter finished hypotheses
+    are not rescaled (transformers' default ``length_penalty=1.0`` divides by the length;
+    pass ``length_penalty=0.0`` there to compare).
+
+    At each step every (beam, next token) pair is a candidate, ranked by total score:
+
+    * a candidate ending in an end-of-sequence token, or reaching ``max_new_tokens``,
+      is *finished* if it ranks among the top ``num_beams`` candidates;
+    * the ``num_beams`` best other candidates keep running.
+
+    The search stops after ``max_new_tokens`` steps, or earlier once ``num_beams``
+    hypotheses have finished and no running beam scores above the worst of them
+    (scores only go down, so none could overtake). This is transformers' beam search
+    with ``length_penalty=0.0`` and ``early_stopping=False`` (its default);
+    ``early_stopping=True`` there stops as soon as ``num_beams`` hypotheses have
+    finished, even if a running beam could still beat them.
+
+    Returns up to ``num_beams`` ``(generated ids, log-probability)`` pairs, best first;
+    the generated ids exclude the prompt and include the end-of-sequence token if any.
+    """
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    prompt = _as_ids(input_ids).flatten().tolist()
+    if not prompt:
+        raise ValueError("input_ids is empty: beam search needs at least one prompt token")
+    eos = _eos_ids(eos_token_id)
+    running: list[tuple[list[int], float]] = [([], 0.0)]
+    finished: list[tuple[list[int], float]] = []
+    for step in range(max_new_tokens):
+        logits = next_logits(torch.tensor([prompt + ids for ids, _ in running]))
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != len(running):
+            raise ValueError(f"next_logits must return a (beams, vocab) tensor with {len(running)} rows")
+        scores = torch.tensor([s for _, s in running])[:, None] + torch.log_softmax(logits.float().cpu(), dim=-1)
+        vocab = scores.shape[-1]
+        # Enough candidates that num_beams of them do not end in an end-of-sequence token.
+        top = torch.topk(scores.flatten(), min(scores.numel(), (1 + max(1, len(eos))) * num_beams))
+        last_step = step == max_new_tokens - 1
+        running_next = []
+        for rank, (score, index) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+            beam, token = divmod(index, vocab)
+            hypothesis = (running[beam][0] + [token], score)
+            if token in eos or last_step:
+                if rank < num_beams:
+                    finished.append(hypothesis)
+            elif len(running_next) < num_beams:
+                running_next.append(hypothesis)
+        finished = sorted(finished, key=lambda h: h[1], reverse=True)[:num_beams]
+        running = running_next
+        if not running or (len(finished) == num_beams and running[0][1] <= finished[-1][1]):
+            break
+    return finished

@@ -1,0 +1,117 @@
+"""Perplexity: how surprised a language model is by a text, on average.
+
+Perplexity is ``exp(total negative log-likelihood / number of scored tokens)``. A model
+that spreads its bets evenly over V tokens has perplexity V; lower is better.
+
+:func:`perplexity_of_model` scores a long token sequence with a causal transformers
+model, window by window, so that it can be compared with an n-gram model scored on
+the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def perplexity(nll_sum: float, count: int) -> float:
+    """exp(nll_sum / count): the perplexity from a summed negative log-likelihood (nats) over ``count`` tokens."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"count (the number of scored tokens) must be an integer >= 1, got {count!r}")
+    if math.isnan(nll_sum):
+        raise ValueError(f"nll_sum must be a number, got {nll_sum!r}")
+    return math.exp(nll_sum / count)
+
+
+def windows(length: int, context: int, stride: int) -> Iterator[tuple[int, int, int]]:
+    """Yield ``(start, end, first_scored)`` for each window over positions ``[0, length)``.
+
+    Windows are ``context`` tokens long and start every ``stride`` tokens; each scores
+    the positions ``first_scored .. end - 1`` that no earlier window scored, never its
+    own first position (it has nothing to be predicted from).
+    """
+    scored_until, start = 0, 0
+    while scored_until < length:
+        end = min(start + context, length)
+        first = max(start + 1, scored_until)
+        if first < end:
+            yield start, end, first
+        scored_until, start = end, start + stride
+
+
+def _max_positions(model: torch.nn.Module) -> int | None:
+    """The longest input the model accepts, if its config says."""
+    config = getattr(model, "config", None)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def _check(model: torch.nn.Module, ids: torch.Tensor, context: int, stride: int, batch_size: int) -> None:
+    """Raise ValueError for settings or ids the model cannot score."""
+    for name, value in (("context", context), ("stride", stride), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if context < 2:
+        raise ValueError(f"context must be >= 2 (a window's first token is never scored), got {context}")
+    if stride > context:
+        raise ValueError(f"stride must be in [1, context={context}] so that no token is skipped, got {stride}")
+    limit = _max_positions(model)
+    if limit is not None and context > limit:
+        raise ValueError(f"context={context} is longer than the model's {limit} positions")
+    if ids.dim() != 1 or ids.numel() < 2:
+        raise ValueError(f"ids must be a flat sequence of at least 2 token ids, got shape {tuple(ids.shape)}")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if ids.min() < 0 or (vocab is not None and ids.max() >= vocab):
+        raise ValueError(f"ids must be token ids in [0, {vocab})")
+
+
+def perplexity_of_model(model: torch.nn.Module, ids: Sequence[int] | torch.Tensor, context: int,
+                        stride: int | None = None, batch_size: int = 8) -> float:
+    """Perplexity of a causal language model on a long sequence of token ids.
+
+    The sequence is cut into windows of ``context`` tokens starting every ``stride``
+    tokens (by default ``stride = context``: windows side by side, no overlap). The
+    model reads each window separately and scores every position except the window's
+    first, so with the default stride the tokens at positions 0, context, 2*context, ...
+    are context only, exactly like the first n-1 tokens for an n-gram model. With a
+    smaller stride the windows overlap and each token is scored once, by the first
+    window that can predict it (the last ``stride`` positions of later windows), with
+    more context. The last window may be shorter.
+
+    Runs without gradients on the model's device, in eval mode (restored afterwards).
+    """
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    if ids.dim() == 2 and ids.shape[0] == 1:  # a (1, seq) batch, as tokenizers return it
+        ids = ids[0]
+    stride = context if stride is None else stride
+    _check(model, ids, context, stride, batch_size)
+    device = next(model.parameters()).device
+    spans = list(windows(len(ids), context, stride))
+    nll_sum, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for length in sorted({end - start for start, end, _ in spans}):
+                group = [s for s in spans if s[1] - s[0] == length]
+                for i in range(0, len(group), batch_size):
+                    nll, n = _window_nll(model, ids, group[i:i + batch_size], device)
+                    nll_sum, count = nll_sum + nll, count + n
+    finally:
+        model.train(was_training)
+    return perplexity(nll_sum, count)
+
+
+def _window_nll(model: torch.nn.Module, ids: torch.Tensor, spans: list[tuple[int, int, int]],
+                device: torch.device) -> tuple[float, int]:
+    """Summed negative log-likelihood and number of scored tokens for equal-length windows."""
+    batch = torch.stack([ids[start:end] for start, end, _ in spans]).to(device)
+    targets = batch[:, 1:].clone()
+    for row, (start, _, first) in enumerate(spans):
+        targets[row, : first - start - 1] = -100  # positions scored by an earlier window
+    logits = model(input_ids=batch).logits[:, :-1]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                          ignore_index=-100, reduction="sum")
+    return float(nll), int((targets != -100).sum())
