@@ -104,11 +104,11 @@ class Trace:
     def table(self, top: int = 3, digits: int = 3, times: bool = True) -> str:
         """The trace as a fixed-width text table: cycle, token, top candidates, time."""
         header = f"{'cycle':>5}  {'token':<14} {'top candidates':<{top * 20}}" + ("  ms" if times else "")
-        lines = [header]
+        lines = [header.rstrip()]
         for r in self.records:
             cands = "  ".join(f"{_show(t)}:{p:.{digits}f}" for _, t, p in r.top[:top])
             row = f"{r.cycle:>5}  {_show(r.token):<14} {cands:<{top * 20}}"
-            lines.append(row + (f"  {r.seconds * 1e3:.1f}" if times else ""))
+            lines.append((row + (f"  {r.seconds * 1e3:.1f}" if times else "")).rstrip())
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -132,3 +132,14 @@ class Trace:
 def _show(token: str) -> str:
     """A token made visible: spaces as ␣, newlines as ⏎."""
     return token.replace(" ", "␣").replace("\n", "⏎")
+
+
+def format_events(events: list[Event], times: bool = True) -> str:
+    """A text table of events: cycle, stage, layer, op, the shapes of captured tensors, and ms."""
+    lines = [f"{'cycle':>5} {'stage':<9} {'layer':>5}  {'op':<14} {'tensors':<40}" + ("  ms" if times else "")]
+    for e in events:
+        shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in e.tensors.items())
+        layer = "" if e.layer is None else str(e.layer)
+        row = f"{e.cycle:>5} {e.stage.value:<9} {layer:>5}  {e.op:<14} {shapes:<40}"
+        lines.append((row + (f"  {e.seconds * 1e3:.3f}" if times else "")).rstrip())
+    return "\n".join(lines)

@@ -33,3 +33,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each (i, i + d/2) pair of ``x`` (…, positions, head_dim) by its angle."""
     return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+
+def sentence_embeddings(loaded, sentences: list[str]) -> torch.Tensor:
+    """Unit-length sentence vectors from an encoder (e.g. ``minilm``): the mean of its
+    last hidden states over real (non-padding) tokens, as all-MiniLM-L6-v2 was trained."""
+    if isinstance(sentences, str) or not sentences or not all(isinstance(s, str) and s.strip() for s in sentences):
+        raise ValueError("give a non-empty list of non-empty sentences")
+    batch = loaded.tokenizer(sentences, padding=True, truncation=True, return_tensors="pt").to(loaded.device)
+    with torch.no_grad():
+        hidden = loaded.model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(mean, dim=-1)

@@ -1,0 +1,45 @@
+"""Shared fixtures: the offline models, loaded once per test session."""
+
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from cyclelab import load
+from cyclelab.engine import Engine
+
+
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return load("tiny")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return load("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_sdpa():
+    return load("smollm2", attn="sdpa")
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    return load("minilm")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny):
+    return Engine(tiny)
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine(smollm2):
+    return Engine(smollm2)

@@ -1,0 +1,189 @@
+"""The engine against transformers: logits, greedy generation, cache, events, interventions, errors."""
+
+import pytest
+import torch
+
+from cyclelab import Engine, Stage, Trace, ablation, load
+from cyclelab.engine import drain
+
+PROMPTS = ["ROMEO:", "What light through yonder window breaks?", "To be, or not to be: that is the question"]
+
+
+def reference_logits(loaded, ids):
+    with torch.no_grad():
+        return loaded.model(torch.tensor([ids])).logits[0]
+
+
+def long_prompt_ids(engine, n):
+    text = " ".join(["Now is the winter of our discontent made glorious summer by this sun of York."] * 200)
+    return engine.encode(text)[:n]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_tiny_logits_agree_with_transformers(tiny, tiny_engine, prompt):
+    ids = tiny_engine.encode(prompt)
+    torch.testing.assert_close(tiny_engine.logits(ids)[0], reference_logits(tiny, ids), atol=1e-4, rtol=0)
+
+
+def test_tiny_logits_agree_on_a_prompt_filling_the_context(tiny, tiny_engine):
+    ids = long_prompt_ids(tiny_engine, tiny_engine.context_window - 6)
+    torch.testing.assert_close(tiny_engine.logits(ids)[0], reference_logits(tiny, ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS[1:])
+def test_smollm2_logits_agree_with_transformers(smollm2, smollm2_engine, prompt):
+    ids = smollm2_engine.encode(prompt)
+    torch.testing.assert_close(smollm2_engine.logits(ids)[0], reference_logits(smollm2, ids), atol=1e-4, rtol=0)
+
+
+def test_smollm2_logits_agree_on_a_long_prompt(smollm2, smollm2_sdpa, smollm2_engine):
+    """1024 tokens (the full 8192-token window would take minutes on CPU: see the README)."""
+    ids = long_prompt_ids(smollm2_engine, 1024)
+    ours = smollm2_engine.logits(ids)[0]
+    torch.testing.assert_close(ours, reference_logits(smollm2, ids), atol=1e-4, rtol=0)
+    # the fused SDPA kernel sums in another order: equal up to float32 rounding
+    torch.testing.assert_close(ours, reference_logits(smollm2_sdpa, ids), atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("name,prompt", [("tiny", "ROMEO:"), ("smollm2", "The history of the Roman Empire")])
+def test_greedy_generation_equals_transformers_generate(name, prompt, use_cache):
+    loaded = load(name)
+    engine = Engine(loaded)
+    trace = engine.generate(prompt, max_new_tokens=64, use_cache=use_cache)  # both stop at end-of-text
+    ids = torch.tensor([trace.prompt_ids])
+    with torch.no_grad():
+        ref = loaded.model.generate(ids, max_new_tokens=64, do_sample=False, pad_token_id=loaded.tokenizer.eos_token_id)
+    assert trace.token_ids == ref[0, ids.shape[1]:].tolist()
+
+
+def test_events_follow_the_four_stages(tiny_engine):
+    events = []
+    steps = tiny_engine.run("ROMEO:", max_new_tokens=2)
+    while True:
+        try:
+            events.append(next(steps))
+        except StopIteration as done:
+            trace = done.value
+            break
+    for cycle in (0, 1):
+        stages = [e.stage for e in events if e.cycle == cycle]
+        assert stages[0] == Stage.FETCH and stages[-1] == Stage.WRITEBACK
+        order = [Stage.FETCH, Stage.READ, Stage.EXECUTE, Stage.WRITEBACK]
+        assert {s for s in stages} == set(order)
+        per_layer = [e.op for e in events if e.cycle == cycle and e.layer == 0]
+        assert per_layer[:2] == ["norm_attn", "qkv"] and per_layer[-1] == "residual_mlp"
+    assert [e.op for e in events[-2:]] == ["choose", "append"]
+    assert len(trace.records) == 2
+    assert all(not e.tensors for e in events if e.op != "append")  # nothing captured by default
+
+
+def test_captured_attention_is_causal_and_normalised(tiny_engine):
+    trace = tiny_engine.generate("ROMEO: O, she doth teach", max_new_tokens=2, capture={"softmax"}, keep_events=True)
+    first = next(e for e in trace.events if e.op == "softmax" and e.cycle == 0)
+    probs = first.tensors["probs"][0]  # (heads, queries, keys)
+    n = len(trace.prompt_ids)
+    assert probs.shape[-2:] == (n, n)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
+    assert torch.all(probs.triu(diagonal=1) == 0)  # no token reads a later one
+    decode = next(e for e in trace.events if e.op == "softmax" and e.cycle == 1)
+    assert decode.tensors["probs"].shape[-2:] == (1, n + 1)  # one query over the whole cache
+
+
+def test_kv_cache_bytes_match_the_arithmetic(smollm2_engine):
+    trace = smollm2_engine.generate("Hello", max_new_tokens=5)
+    cfg = smollm2_engine.loaded.model.config
+    positions = len(trace.prompt_ids) + len(trace.records) - 1  # the last token is chosen, not yet stored
+    expected = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * positions * 4
+    assert len(smollm2_engine.cache) == positions
+    assert smollm2_engine.cache.nbytes() == expected
+
+
+def test_decode_flops_are_about_twice_the_weights(smollm2_engine):
+    trace = smollm2_engine.generate("Hello there", max_new_tokens=3)
+    model = smollm2_engine.loaded.model
+    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in n)
+    matmul_params += model.lm_head.weight.numel()  # tied: the unembedding reads the same matrix again
+    decode = trace.records[1]
+    assert decode.n_inputs == 1 and trace.records[0].prefill
+    assert 2 * matmul_params <= decode.flops <= 2.1 * matmul_params
+
+
+def test_seeded_sampling_is_reproducible(tiny_engine):
+    runs = [tiny_engine.generate("JULIET:", 20, do_sample=True, temperature=0.9, top_k=40, seed=7) for _ in range(2)]
+    other = tiny_engine.generate("JULIET:", 20, do_sample=True, temperature=0.9, top_k=40, seed=8)
+    assert runs[0].token_ids == runs[1].token_ids != other.token_ids
+
+
+def test_forced_token_changes_the_continuation(tiny_engine):
+    base = tiny_engine.generate("ROMEO:", 16, stop_at_eos=False)
+    runner_up = base.records[2].top[1][0]
+    branch = tiny_engine.branch(base, at_cycle=2, token=runner_up)
+    assert branch.token_ids[:2] == base.token_ids[:2]
+    assert branch.token_ids[2] == runner_up and branch.token_ids != base.token_ids
+    assert branch.records[2].forced
+
+
+def test_ablation_changes_the_continuation_and_removing_it_restores(smollm2_engine):
+    base = smollm2_engine.generate("The capital of France is", 12, stop_at_eos=False)
+    ablated = smollm2_engine.branch(base, at_cycle=0, ablation=ablation(mlps=[0]))
+    assert ablated.token_ids != base.token_ids
+    restored = smollm2_engine.branch(ablated, at_cycle=0, ablation=ablation())
+    assert restored.token_ids == base.token_ids
+
+
+def test_head_ablation_changes_logits_of_that_layer_only_downstream(tiny_engine):
+    ids = tiny_engine.encode("ROMEO: What say you?")
+    plain = tiny_engine.logits(ids)
+    off = tiny_engine.logits(ids, ablation=ablation(heads=[(0, 1)]))
+    assert not torch.allclose(plain, off)
+    torch.testing.assert_close(tiny_engine.logits(ids), plain)
+
+
+def test_same_seed_branch_replays_a_sampled_run(tiny_engine):
+    base = tiny_engine.generate("HAMLET:", 12, do_sample=True, temperature=1.0, seed=11, stop_at_eos=False)
+    assert tiny_engine.branch(base, at_cycle=5).token_ids == base.token_ids
+    assert tiny_engine.replay(base).token_ids == base.token_ids
+
+
+def test_trace_saves_and_loads_without_pickle(tiny_engine, tmp_path):
+    trace = tiny_engine.generate("ROMEO:", 8)
+    trace.save(tmp_path / "t.json")
+    again = Trace.load(tmp_path / "t.json")
+    assert again.to_dict() == trace.to_dict()
+    assert "ROMEO" in again.table() or again.table().count("\n") == len(trace.records)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"prompt": ""}, "empty"),
+    ({"prompt": "   "}, "empty"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"do_sample": True, "temperature": 0.0}, "temperature"),
+    ({"do_sample": True, "top_p": 0.0}, "top_p"),
+    ({"do_sample": True, "top_p": 1.5}, "top_p"),
+    ({"do_sample": True, "top_k": 0}, "top_k"),
+    ({"max_new_tokens": 250, "prompt": "ROMEO: " * 40}, "context window"),
+    ({"bogus_setting": 1}, "unknown option"),
+])
+def test_bad_input_gets_a_clear_error(tiny_engine, kwargs, message):
+    kwargs = {"prompt": "ROMEO:", "max_new_tokens": 4, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        tiny_engine.generate(**kwargs)
+
+
+def test_logits_rejects_over_long_and_empty_input(tiny_engine):
+    with pytest.raises(ValueError, match="context window"):
+        tiny_engine.logits(list(range(tiny_engine.context_window + 1)))
+    with pytest.raises(ValueError, match="at least one position"):
+        tiny_engine.logits([])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tiny_engine.encode([10 ** 7])
+
+
+def test_unsupported_architecture_names_the_supported_families(minilm):
+    with pytest.raises(ValueError, match="GPT-2 and Llama"):
+        Engine(minilm)
+
+
+def test_run_drains_to_the_same_trace_as_generate(tiny_engine):
+    assert drain(tiny_engine.run("ROMEO:", 6)).token_ids == tiny_engine.generate("ROMEO:", 6).token_ids
