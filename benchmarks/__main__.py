@@ -1,0 +1,57 @@
+"""Run every benchmark side by side and print one table per benchmark.
+
+    python -m benchmarks            # full run (a few minutes on 2 CPU cores)
+    python -m benchmarks --quick    # smaller sizes, for a smoke test
+
+Results also go to benchmarks/results/latest.json (and figures next to it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+from itertools import groupby
+from pathlib import Path
+
+MODULES = ["benchmarks.bench_engine", "benchmarks.bench_debugger"]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def format_rows(rows: list[dict]) -> str:
+    """One fixed-width table per benchmark name."""
+    out = []
+    for name, group in groupby(rows, key=lambda r: r["benchmark"]):
+        group = [{k: v for k, v in r.items() if k != "benchmark"} for r in group]
+        keys = list(dict.fromkeys(k for r in group for k in r))
+        widths = {k: max(len(k), *(len(str(r.get(k, ""))) for r in group)) for k in keys}
+        out.append(f"\n## {name}")
+        out.append("  ".join(k.ljust(widths[k]) for k in keys))
+        out += ["  ".join(str(r.get(k, "")).ljust(widths[k]) for k in keys) for r in group]
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke test")
+    args = parser.parse_args()
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows: list[dict] = []
+    for name in MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            print(f"(skipping {name}: {err})")
+            continue
+        rows += module.run(quick=args.quick)
+    print(format_rows(rows))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / ("quick.json" if args.quick else "latest.json")).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The tiny model: it beats the n-gram baseline on unseen plays and writes recognisable Shakespeare."""
+
+import json
+import re
+
+import pytest
+
+from cyclelab import data
+from cyclelab.metrics import perplexity_of_model
+from cyclelab.models import REPO_DATA
+from cyclelab.ngram import NGramLM
+from cyclelab.train_tiny import encode_plays
+
+
+@pytest.fixture(scope="module")
+def token_ids(tiny):
+    return encode_plays(tiny.tokenizer, data.plays("train")), encode_plays(tiny.tokenizer, data.plays("valid"))
+
+
+def test_tiny_beats_a_bigram_on_held_out_plays(tiny, token_ids):
+    train, valid = token_ids
+    valid = valid[:20000].tolist()
+    bigram = NGramLM(2, len(tiny.tokenizer), k=0.1).fit(train.tolist())
+    ppl_tiny = perplexity_of_model(tiny.model, valid, context=tiny.model.config.n_positions)
+    assert ppl_tiny < bigram.perplexity(valid)
+
+
+def test_the_card_reports_the_measured_perplexity(tiny, token_ids):
+    metrics = json.loads((REPO_DATA / "tiny" / "metrics.json").read_text())
+    ppl = perplexity_of_model(tiny.model, token_ids[1].tolist(), context=tiny.model.config.n_positions)
+    assert ppl == pytest.approx(metrics["valid_perplexity"], rel=0.05)
+    assert str(metrics["valid_perplexity"]) in (REPO_DATA / "tiny" / "README.md").read_text()
+
+
+def test_romeo_speaks_in_shakespearean_style(tiny_engine):
+    text = tiny_engine.generate("ROMEO:", max_new_tokens=80, do_sample=True, temperature=0.8, seed=0).text
+    archaic = re.findall(r"\b(thou|thee|thy|thine|hath|doth|art|lord|sir|shall|love)\b", text, re.I)
+    assert len(archaic) >= 2, text
+    assert re.search(r"^[A-Z][A-Z ]+:$", text, re.M) or text.startswith("\n"), text  # a speech or a new speaker
+
+
+def test_tokenizer_is_byte_level_bpe_of_a_few_thousand_tokens(tiny):
+    assert 1000 <= len(tiny.tokenizer) <= 8192
+    text = "Wherefore art thou Romeo? — ça va, 東京 🎭"
+    assert tiny.tokenizer.decode(tiny.tokenizer(text)["input_ids"]) == text
