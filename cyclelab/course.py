@@ -1,0 +1,160 @@
+"""Run the course headless: execute every chapter notebook with papermill.
+
+``cyclelab course`` (or :func:`run_course`) executes ``notebooks/NN_*.ipynb`` in order,
+each in its own kernel started in the notebook's folder, writes the executed copies to
+an output folder and prints a table of status, wall time and the kernel's peak memory.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+KERNEL_NAME = "python3"
+
+
+@dataclass
+class NotebookRun:
+    """The outcome of one executed notebook."""
+
+    notebook: str
+    status: str  # "ok" or "failed"
+    seconds: float
+    output: Path
+    error: str = ""
+    peak_rss_mb: float | None = None  # the kernel's peak resident memory (Linux only)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def notebooks_dir() -> Path:
+    """The course's ``notebooks/`` folder."""
+    return REPO_ROOT / "notebooks"
+
+
+def list_notebooks(only: Iterable[str] | None = None, root: Path | None = None) -> list[Path]:
+    """Chapter notebooks ``NN_*.ipynb`` in order, without solutions.
+
+    ``only`` keeps notebooks whose name matches one of the patterns, as a glob
+    (``"0[12]_*"``) or a plain substring (``"00"``, ``"clock"``).
+    """
+    root = root or notebooks_dir()
+    paths = sorted(p for p in root.glob("[0-9][0-9]_*.ipynb") if "solution" not in p.name.lower())
+    patterns = list(only or [])
+    if patterns:
+        paths = [p for p in paths if any(_matches(p.name, pat) for pat in patterns)]
+    return paths
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return fnmatch.fnmatch(name, pattern) or pattern in name
+
+
+def run_notebook(path: Path, out_dir: Path, parameters: dict[str, Any] | None = None) -> NotebookRun:
+    """Execute one notebook with papermill into ``out_dir``; never raises on a failing cell."""
+    import papermill as pm
+
+    path, out_dir = Path(path).resolve(), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    output = out_dir / path.name
+    probe = _RssProbe()
+    start = time.perf_counter()
+    status, error = "ok", ""
+    try:
+        pm.execute_notebook(
+            str(path), str(output), parameters=parameters or {}, kernel_name=KERNEL_NAME,
+            cwd=str(path.parent), log_output=False, progress_bar=False,
+            on_notebook_start=probe.start, on_cell_executed=probe.sample,
+        )
+    except Exception as err:  # a failing cell, a missing kernel, a timeout: all reported
+        status, error = "failed", _summary(err)
+    seconds = time.perf_counter() - start
+    return NotebookRun(path.name, status, seconds, output, error, probe.peak_mb)
+
+
+def run_course(out_dir: Path, only: Iterable[str] | None = None, parameters: dict[str, Any] | None = None,
+               root: Path | None = None) -> list[NotebookRun]:
+    """Execute every chapter notebook (or those matching ``only``) in order."""
+    return [run_notebook(p, out_dir, parameters) for p in list_notebooks(only, root)]
+
+
+def format_table(runs: list[NotebookRun]) -> str:
+    """A plain-text table: notebook, status, seconds, peak memory; errors listed below."""
+    if not runs:
+        return "no notebooks to run"
+    rows = [("notebook", "status", "seconds", "peak MB")]
+    rows += [(r.notebook, r.status, f"{r.seconds:.1f}", _mb(r.peak_rss_mb)) for r in runs]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines += [f"{r.notebook}: {r.error}" for r in runs if not r.ok]
+    return "\n".join(lines)
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def _summary(err: Exception) -> str:
+    """One line: for a failing cell its number, exception name and message."""
+    if hasattr(err, "ename"):  # papermill.PapermillExecutionError
+        text = f"cell {err.exec_count}: {err.ename}: {err.evalue}"
+    else:
+        text = f"{type(err).__name__}: {err}"
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+class _RssProbe:
+    """Reads the kernel's peak RSS (``VmHWM``) from ``/proc`` after each cell; Linux only.
+
+    The kernel is the child process of this one that appears when the notebook starts.
+    """
+
+    def __init__(self) -> None:
+        self.before = _children()
+        self.pid: int | None = None
+        self.peak_mb: float | None = None
+
+    def start(self, **_: Any) -> None:
+        new = _children() - self.before
+        self.pid = new.pop() if len(new) == 1 else None
+
+    def sample(self, **_: Any) -> None:
+        if self.pid is not None:
+            self.peak_mb = _vm_hwm_mb(self.pid) or self.peak_mb
+
+
+def _children() -> set[int]:
+    """PIDs of this process's direct children (empty where ``/proc`` is absent)."""
+    me, found = os.getpid(), set()
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return found
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == me:
+            found.add(int(entry.name))
+    return found
+
+
+def _vm_hwm_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

