@@ -94,7 +94,8 @@ def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: s
 def _resolve(name: str) -> tuple[str | Path, str]:
     """The folder (or hub id) to read for ``name``, and how to repair it if broken."""
     if name in ("tiny", "tiny-mlm"):
-        return REPO_DATA / name, f"restore it with `git checkout data/{name}` or retrain with `cyclelab train-{name}`"
+        retrain = "cyclelab train-tiny" + (" --objective masked" if name == "tiny-mlm" else "")
+        return REPO_DATA / name, f"restore it with `git checkout data/{name}` or retrain with `{retrain}`"
     if name == "smollm2":
         return smollm2_folder(), "delete the folder and load again, or run `cyclelab fetch smollm2 --force`"
     if name == "minilm":

