@@ -1,0 +1,392 @@
+"""The from-scratch byte-level BPE equals Hugging Face's trainer; helpers and checkers behave."""
+
+import random
+from collections import Counter
+
+import pytest
+from tokenizers.pre_tokenizers import ByteLevel
+
+from cyclelab import data
+from cyclelab.check import check_count_pairs, check_merge_pair
+from cyclelab.tokenize import (
+    BPE, bytes_to_unicode, compare_tokenizers, compression_curve, count_tokens, format_table, hf_merges,
+    language_costs, load_tokenizer, piece_text, pieces, plot_compression, plot_language_costs, pretokenize,
+    same_as_hf, show_tokens, tokens_per_word, train_hf, visible,
+)
+
+EOS = "<|endoftext|>"
+MIXED = [
+    "ROMEO: But soft, what light through yonder window breaks?",
+    "  leading spaces,\ttabs\n\nand blank lines   \n",
+    "Numbers: 3.14159, 1,000,000 and 2024-11-23; phone +44 20 7946 0958.",
+    "Naïve café déjà vu — Straße, Ærøskøbing, São Paulo, Łódź.",
+    "Chinese 你好，世界！ Japanese こんにちは世界。 Hindi नमस्ते दुनिया।",
+    "Emoji 🙂👍🏽 🇫🇷 family 👨‍👩‍👧 and e\u0301 (combining accent).",
+    "I'll, you're, we've, she's, they'd, I'm — contractions'S 'LL.",
+    f"special {EOS} inside text{EOS}",
+]
+
+
+@pytest.fixture(scope="module")
+def shakespeare():
+    return data.corpus("train")[:120_000]
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    return data.corpus("valid")[:30_000]
+
+
+@pytest.fixture(scope="module")
+def bpe(shakespeare):
+    return BPE.train(shakespeare, 400)
+
+
+def multilingual_corpus() -> list[str]:
+    rng = random.Random(7)
+    words = ["der", "die", "das", "und", "chat", "chien", "maison", "été", "über", "straße", "naïve", "数据",
+             "模型", "こんにちは", "नमस्ते", "123", "4567", "🙂", "the", "then", "there", "'s", "'ll"]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 15))) + rng.choice([".", "!", "?\n"])
+            for _ in range(400)]
+
+
+# ---------------------------------------------------------------- bytes and pre-tokens
+def test_bytes_to_unicode_is_gpt2s_printable_map():
+    table = bytes_to_unicode()
+    assert len(table) == 256 and len(set(table.values())) == 256
+    assert table[ord(" ")] == "Ġ" and table[ord("\n")] == "Ċ" and table[ord("A")] == "A"
+    assert sorted(table.values()) == sorted(ByteLevel.alphabet())
+    assert all(c.isprintable() and not c.isspace() for c in table.values())
+
+
+@pytest.mark.parametrize("text", MIXED)
+def test_pretokenize_matches_tokenizers_byte_level(text):
+    reference = [piece for piece, _ in ByteLevel(add_prefix_space=False, use_regex=True).pre_tokenize_str(text)]
+    assert pretokenize(text) == reference
+    assert "".join(pretokenize(text, byte_level=False)) == text
+
+
+def test_pretokenize_keeps_the_space_with_the_next_word():
+    assert pretokenize("ROMEO: I'll go.", byte_level=False) == ["ROMEO", ":", " I", "'ll", " go", "."]
+    assert pretokenize("a  b", byte_level=False) == ["a", " ", " b"]
+
+
+# ---------------------------------------------------------------- equality with Hugging Face
+def test_shakespeare_merges_vocab_and_ids_equal_huggingface(shakespeare, held_out, bpe):
+    hf = train_hf(shakespeare, 400)
+    assert bpe.merges == hf_merges(hf)
+    assert bpe.vocab == hf.get_vocab()
+    assert bpe.encode(held_out) == hf.encode(held_out).ids
+    assert same_as_hf(bpe, hf, MIXED) == {"merges": True, "vocab": True, "ids": True}
+
+
+def test_multilingual_iterable_two_specials_equal_huggingface():
+    corpus = multilingual_corpus()
+    specials = ("<pad>", EOS)
+    ours = BPE.train(corpus, 330, min_frequency=1, special_tokens=specials)
+    hf = train_hf(corpus, 330, min_frequency=1, special_tokens=specials)
+    assert ours.vocab["<pad>"] == 0 and ours.vocab[EOS] == 1
+    assert same_as_hf(ours, hf, MIXED + corpus[:20]) == {"merges": True, "vocab": True, "ids": True}
+
+
+def test_min_frequency_stops_training_like_huggingface():
+    text = "abab cdcd abab efef xyxy abab " * 3 + "qrs"
+    for min_frequency in (0, 3, 4, 10):
+        ours = BPE.train(text, 300, min_frequency=min_frequency)
+        hf = train_hf(text, 300, min_frequency=min_frequency)
+        assert ours.merges == hf_merges(hf) and ours.vocab == hf.get_vocab()
+        assert all(step.count >= min_frequency for step in ours.history)
+
+
+def test_tie_breaking_on_many_small_random_corpora():
+    rng = random.Random(3)
+    for _ in range(25):
+        alphabet = rng.choice(["ab", "abc", "aab c", "xy é🙂", "a b\n"])
+        texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 50))) for _ in range(rng.randint(1, 6))]
+        vocab_size, min_frequency = rng.randint(260, 320), rng.randint(0, 2)
+        ours = BPE.train(texts, vocab_size, min_frequency=min_frequency)
+        hf = train_hf(texts, vocab_size, min_frequency=min_frequency)
+        assert same_as_hf(ours, hf, texts) == {"merges": True, "vocab": True, "ids": True}, texts
+
+
+def test_full_corpus_reproduces_the_tiny_tokenizer():
+    tiny = load_tokenizer("tiny")
+    ours = BPE.train(data.corpus("train"), len(tiny))
+    assert same_as_hf(ours, tiny, [data.corpus("valid")[:50_000]]) == {"merges": True, "vocab": True, "ids": True}
+
+
+def test_training_is_incremental_and_fast(shakespeare):
+    import time
+
+    start = time.perf_counter()
+    BPE.train(shakespeare * 2, 512)
+    assert time.perf_counter() - start < 10
+
+
+def test_on_merge_sees_every_merge_in_order(shakespeare):
+    seen = []
+    trained = BPE.train(shakespeare[:20_000], 280, on_merge=seen.append)
+    assert [(s.left, s.right) for s in seen] == trained.merges == [(s.left, s.right) for s in trained.history]
+    assert [s.rank for s in seen] == list(range(len(seen)))
+    assert all(trained.vocab[s.token] == s.id for s in seen)
+    counts = [s.count for s in seen]
+    assert counts == sorted(counts, reverse=True)  # a merged pair never beats the pair merged before it
+    assert seen[0].row() == {"rank": 0, "left": visible(seen[0].left, True), "right": visible(seen[0].right, True),
+                             "token": visible(seen[0].token, True), "id": 257, "count": counts[0]}
+
+
+def test_vocab_ids_specials_then_alphabet_then_merges(bpe):
+    ids = sorted(bpe.vocab.values())
+    assert ids == list(range(len(bpe.vocab))) and len(bpe) == 400
+    assert bpe.vocab[EOS] == 0
+    assert [bpe.id_to_token[i] for i in range(1, 257)] == sorted(bytes_to_unicode().values())
+    assert bpe.id_to_token[257] == "".join(bpe.merges[0])
+
+
+def test_a_merge_list_rebuilds_the_same_tokenizer(bpe, held_out):
+    rebuilt = BPE(bpe.merges)
+    assert rebuilt.vocab == bpe.vocab and rebuilt.encode(held_out) == bpe.encode(held_out)
+
+
+# ---------------------------------------------------------------- encode, decode
+ROUND_TRIP = MIXED + ["", " ", "\n\n\n", "🙂", "é", "中文字符", "日本語のテキスト", "ñ" * 50, "x" * 500,
+                      "\x00\x01\x7f", "\u200b\ufeff", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "Ａ全角", "ﷺ", "a\r\nb"]
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP)
+def test_round_trip_explicit(bpe, text):
+    assert bpe.decode(bpe.encode(text)) == text
+
+
+def test_round_trip_random_code_points(bpe):
+    rng = random.Random(0)
+    for _ in range(300):
+        chars = [chr(rng.randint(0, 0x10FFFF)) for _ in range(rng.randint(0, 30))]
+        text = "".join(c for c in chars if not 0xD800 <= ord(c) <= 0xDFFF)  # no lone surrogates
+        assert bpe.decode(bpe.encode(text)) == text
+
+
+def test_tokens_and_ids_agree(bpe):
+    text = "JULIET: Wherefore art thou?"
+    assert [bpe.vocab[t] for t in bpe.tokens(text)] == bpe.encode(text)
+    assert "".join(bpe.tokens(text)) == "".join(pretokenize(text))
+
+
+def test_special_tokens_in_text_map_to_their_id(bpe, shakespeare):
+    hf = train_hf(shakespeare, 400)
+    text = f"the end{EOS}THE START"
+    assert bpe.encode(text) == hf.encode(text).ids and 0 in bpe.encode(text)
+    assert bpe.decode(bpe.encode(text)) == text
+
+
+def test_a_cut_character_decodes_to_the_replacement_mark(bpe):
+    ids = bpe.encode("你")
+    assert len(ids) == 3 and bpe.decode(ids[:2]) == "�"
+
+
+def test_truncated_and_compression(bpe, held_out):
+    assert bpe.truncated(0).encode("abc") == [bpe.vocab["a"], bpe.vocab["b"], bpe.vocab["c"]]
+    assert len(bpe.truncated(0).encode(held_out)) == len(held_out.encode("utf-8"))
+    curve = compression_curve(bpe, held_out[:3000], [0, 50, 143])
+    rates = [r for _, r in curve]
+    assert rates[0] == pytest.approx(len(held_out[:3000].encode()) / 3000)
+    assert rates == sorted(rates, reverse=True) and rates[-1] < 0.7
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_training_input(shakespeare):
+    with pytest.raises(ValueError, match="empty"):
+        BPE.train("", 300)
+    with pytest.raises(ValueError, match="empty"):
+        BPE.train(["", ""], 300)
+    with pytest.raises(ValueError, match="above 257"):
+        BPE.train(shakespeare, 257)
+    with pytest.raises(ValueError, match="above 256"):
+        BPE.train(shakespeare, 256, special_tokens=())
+    with pytest.raises(ValueError, match="str"):
+        BPE.train(b"bytes are not text", 300)
+    with pytest.raises(ValueError, match="str"):
+        BPE.train(["ok", 3], 300)
+    with pytest.raises(ValueError, match="min_frequency"):
+        BPE.train(shakespeare, 300, min_frequency=-1)
+    with pytest.raises(ValueError, match="str"):
+        BPE.train(12, 300)
+
+
+def test_bad_encode_and_decode_input(bpe):
+    with pytest.raises(ValueError, match="must be a str"):
+        bpe.encode(b"bytes")
+    with pytest.raises(ValueError, match="must be a str"):
+        bpe.tokens(None)
+    with pytest.raises(ValueError, match="unknown token id 400"):
+        bpe.decode([1, 400])
+    with pytest.raises(ValueError, match="unknown token id -1"):
+        bpe.decode([-1])
+    with pytest.raises(ValueError, match="unknown token id 'a'"):
+        bpe.decode(["a"])
+    with pytest.raises(ValueError, match="n_merges"):
+        bpe.truncated(10_000)
+
+
+# ---------------------------------------------------------------- helpers
+@pytest.fixture(scope="module")
+def minilm_tok():
+    return load_tokenizer("minilm")
+
+
+def test_show_tokens_makes_spaces_and_pieces_visible(bpe):
+    assert show_tokens(bpe, " the") == "␣the"
+    shown = show_tokens(bpe, "ROMEO: to be\n")
+    assert "│" in shown and "␣" in shown and "↵" in shown and " " not in shown
+    assert show_tokens(bpe, " the", raw=True) == "Ġthe"
+    assert "".join(show_tokens(bpe, "to be or not").split("│")).replace("␣", " ") == "to be or not"
+
+
+def test_piece_text_for_bytes_and_wordpiece():
+    table = bytes_to_unicode()
+    first_two = "".join(table[b] for b in "你".encode()[:2])
+    assert piece_text(first_two) == "\\xe4\\xbd"
+    assert piece_text("Ġking") == "␣king" and piece_text("Ċ") == "↵"
+    assert piece_text("##ing", byte_level=False) == "##ing"
+    assert visible("a b\n") == "a␣b↵" and visible("aĠb", byte_chars=True) == "a␣b"
+
+
+def test_compare_tokenizers_works_for_ours_and_huggingface(bpe, minilm_tok):
+    rows = compare_tokenizers({"ours": bpe, "minilm": minilm_tok}, ["unbelievable", "Hello World"])
+    assert [r["sentence"] for r in rows] == ["unbelievable", "Hello World"]
+    assert rows[0]["ours"] == len(bpe.encode("unbelievable")) == len(rows[0]["ours tokens"])
+    assert rows[1]["minilm tokens"] == ["hello", "world"]  # WordPiece lowercases, adds no [CLS] here
+    assert any(p.startswith("##") for p in rows[0]["minilm tokens"]) or rows[0]["minilm"] == 1
+    table = format_table(rows, ["sentence", "ours", "minilm"])
+    assert table.splitlines()[0].split() == ["sentence", "ours", "minilm"] and len(table.splitlines()) == 4
+    with pytest.raises(ValueError):
+        compare_tokenizers({}, ["x"])
+
+
+def test_tokens_per_word(bpe, minilm_tok):
+    assert tokens_per_word(bpe, " the the the") == pytest.approx(1.0)
+    assert tokens_per_word(bpe, "你好", words=2) == pytest.approx(len(bpe.encode("你好")) / 2)
+    assert count_tokens(minilm_tok, "hello world") == 2
+    assert tokens_per_word(minilm_tok, "hello world") == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no words"):
+        tokens_per_word(bpe, "   ")
+
+
+def test_pieces_of_a_llama_family_tokenizer():
+    smol = load_tokenizer("smollm2")
+    assert pieces(smol, "Hello world") == ["Hello", "␣world"]
+    assert "".join(pieces(smol, "naïve café")).replace("␣", " ") == "naïve café"
+
+
+# ---------------------------------------------------------------- checkers
+def merge_pair_ok(ids, pair, new_id):
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == tuple(pair):
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def merge_pair_no_skip(ids, pair, new_id):
+    return [new_id if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair else x for i, x in enumerate(ids)]
+
+
+def merge_pair_overlap(ids, pair, new_id):  # finds all positions first, then merges each
+    out, i = [], 0
+    found = {i for i in range(len(ids) - 1) if (ids[i], ids[i + 1]) == pair}
+    while i < len(ids):
+        if i in found:
+            out.append(new_id)
+            i += 1 if i + 1 in found else 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def merge_pair_drops_last(ids, pair, new_id):
+    out, skip = [], False
+    for a, b in zip(ids, ids[1:]):
+        if skip:
+            skip = False
+        elif (a, b) == pair:
+            out.append(new_id)
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+def merge_pair_in_place(ids, pair, new_id):
+    i = 0
+    while i < len(ids) - 1:
+        if (ids[i], ids[i + 1]) == pair:
+            ids[i : i + 2] = [new_id]
+        i += 1
+    return ids
+
+
+def test_check_merge_pair_accepts_a_correct_merge():
+    result = check_merge_pair(merge_pair_ok)
+    assert result.passed and str(result).startswith("✓")
+
+
+@pytest.mark.parametrize("wrong, symptom", [
+    (lambda ids, pair, new_id: list(ids), "nothing was merged"),  # the notebook's stub
+    (merge_pair_no_skip, "second token of each pair is still there"),
+    (merge_pair_overlap, "one token was used by two merges"),
+    (lambda ids, p, n: merge_pair_ok(ids[::-1], p[::-1], n)[::-1], "merged from the right"),
+    (merge_pair_drops_last, "last token went missing"),
+    (merge_pair_in_place, "changed its input list"),
+    (lambda ids, pair, new_id: None, "returned None"),
+])
+def test_check_merge_pair_names_the_symptom(wrong, symptom):
+    result = check_merge_pair(wrong)
+    assert not result and symptom in result.message and str(result).startswith("✗")
+
+
+def test_check_merge_pair_reports_exceptions():
+    def broken(ids, pair, new_id):
+        return [ids[i + 1] for i in range(len(ids))]
+
+    result = check_merge_pair(broken)
+    assert not result and "IndexError" in result.message
+
+
+def test_check_count_pairs_accepts_correct_ones():
+    assert check_count_pairs(lambda ids: dict(Counter(zip(ids, ids[1:]))))
+    assert check_count_pairs(lambda ids: Counter(zip(ids, ids[1:])))
+
+
+@pytest.mark.parametrize("wrong, symptom", [
+    (lambda ids: {}, "nothing was counted"),  # the notebook's stub
+    (lambda ids: dict(Counter((ids[i], ids[i + 1]) for i in range(len(ids) - 2))), "last pair is missing"),
+    (lambda ids: dict(Counter(zip(ids[::2], ids[1::2]))), "skipped every other pair"),
+    (lambda ids: {p: 1 for p in zip(ids, ids[1:])}, "counted once"),
+    (lambda ids: dict(Counter(tuple(sorted(p)) for p in zip(ids, ids[1:]))), "pairs are ordered"),
+    (lambda ids: list(zip(ids, ids[1:])), "return a dict"),
+    (lambda ids: {f"{a},{b}": 1 for a, b in zip(ids, ids[1:])}, "tuples"),
+    (lambda ids: dict(Counter((ids[i], ids[i + 1]) for i in range(max(1, len(ids) - 1)))), "no pairs"),
+])
+def test_check_count_pairs_names_the_symptom(wrong, symptom):
+    result = check_count_pairs(wrong)
+    assert not result and symptom in result.message
+
+
+def test_language_costs_and_plots(bpe):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    translations = {"English": "the cat sleeps", "Chinese": "猫在睡觉"}
+    rows = language_costs({"ours": bpe}, translations)
+    assert rows[0] == {"language": "English", "ours": pytest.approx(len(bpe.encode("the cat sleeps")) / 3)}
+    assert rows[1]["ours"] == pytest.approx(len(bpe.encode("猫在睡觉")) / 3)
+    with pytest.raises(ValueError, match="reference"):
+        language_costs({"ours": bpe}, {"French": "le chat"})
+    assert plot_language_costs(rows).get_ylabel() == "tokens per English word"
+    ax = plot_compression([(0, 1.0), (10, 0.8)], references={"tiny": 0.3})
+    assert len(ax.lines) == 2
