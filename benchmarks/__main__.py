@@ -15,7 +15,7 @@ import os
 from itertools import groupby
 from pathlib import Path
 
-MODULES = ["benchmarks.bench_engine", "benchmarks.bench_debugger"]
+MODULES = ["benchmarks.bench_engine", "benchmarks.bench_debugger", "benchmarks.bench_device"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
