@@ -105,6 +105,10 @@ run_pytest() {
 }
 
 cmd_test() {
+    # Two workers share the cores: one torch thread pool each, or they spin against each other.
+    local cores
+    cores="$(nproc 2>/dev/null || echo 2)"
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(((cores / 2) > 0 ? cores / 2 : 1))}"
     # nbval runs a notebook's cells in order in one kernel: loadscope keeps each notebook
     # (and each test module) on one worker. (loadgroup would ignore xdist_group marks
     # under pytest 9.2 with xdist 3.8, which set the nodeid through a now-unused attribute.)
