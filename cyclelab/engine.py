@@ -80,8 +80,7 @@ class Engine:
         """One forward pass as events; returns logits ``(batch, positions, vocab)``."""
         self.arch.cycle, self.arch.capture = cycle, capture_rule(capture)
         self.arch.ablation = ablation or Ablation()
-        with torch.no_grad():
-            return (yield from self.arch.forward(ids, cache))
+        return (yield from _without_grad(self.arch.forward(ids, cache)))
 
     def logits(self, input_ids: torch.Tensor | Sequence[int], ablation: Ablation | None = None) -> torch.Tensor:
         """Logits at every position from the re-implemented forward pass (no events kept)."""
@@ -225,6 +224,18 @@ def drain(steps: Generator[Event, None, object]):
             next(steps)
         except StopIteration as done:
             return done.value
+
+
+def _without_grad(steps: Generator[Event, None, object]) -> Generator[Event, None, object]:
+    """Drive ``steps`` with autograd off while it computes, and on again while it is paused,
+    so a half-finished run never leaves the caller's code without gradients."""
+    while True:
+        with torch.no_grad():
+            try:
+                event = next(steps)
+            except StopIteration as done:
+                return done.value
+        yield event
 
 
 def _add_cost(totals: list, event: Event) -> None:

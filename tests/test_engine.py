@@ -187,3 +187,14 @@ def test_unsupported_architecture_names_the_supported_families(minilm):
 
 def test_run_drains_to_the_same_trace_as_generate(tiny_engine):
     assert drain(tiny_engine.run("ROMEO:", 6)).token_ids == tiny_engine.generate("ROMEO:", 6).token_ids
+
+
+def test_a_paused_run_leaves_autograd_on_in_the_caller(tiny_engine):
+    """The engine computes without gradients, but only while it runs: between two events
+    the learner's own code (e.g. a training cell) must still see autograd enabled."""
+    steps = tiny_engine.run("ROMEO:", max_new_tokens=2)
+    event = next(steps)
+    assert event.op and torch.is_grad_enabled()
+    assert not any(t.requires_grad for t in event.tensors.values())
+    drain(steps)
+    assert torch.is_grad_enabled()
