@@ -6,11 +6,12 @@
 """
 
 from .cycle import CycleRecord, Event, Stage, Trace
+from .debugger import Debugger
 from .decode import Sampling
 from .device import pick_device
 from .engine import Engine, ablation
 from .models import KNOWN, Loaded, ModelFileError, load
 
 __version__ = "0.1.0"
-__all__ = ["CycleRecord", "Engine", "Event", "KNOWN", "Loaded", "ModelFileError", "Sampling", "Stage", "Trace",
+__all__ = ["CycleRecord", "Debugger", "Engine", "Event", "KNOWN", "Loaded", "ModelFileError", "Sampling", "Stage", "Trace",
            "ablation", "load", "pick_device"]

@@ -1,0 +1,785 @@
+"""A single-step debugger for generation: a thin view over the engine's event stream.
+
+>>> dbg = Debugger(Engine(load("tiny")), "ROMEO:", max_new_tokens=20)
+>>> dbg.next(); dbg.next()            # two cycles (tokens)
+>>> dbg.back_cycle()                  # time travel: from the recorded history, no recompute
+>>> dbg.break_below(0.2); dbg.cont()  # run until a token is chosen with p < 0.2
+>>> print(dbg)                        # text mode
+>>> dbg.widget()                      # the same commands as buttons (ipywidgets)
+
+The debugger keeps a *history* of the events it has seen, slimmed to what its views
+read (the last position only), and a *position* in it. Stepping forward inside the
+history replays it; past its end the next event comes from a live ``engine.run``.
+Changing the sampler, forcing a token or ablating a head cuts the history at the first
+cycle it affects (the old timeline stays in :attr:`Debugger.branches`), and the engine
+restarts there, lazily, with the prompt and the tokens so far as its input.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from bisect import bisect_right
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+
+from .cycle import CycleRecord, Event, Trace
+from .debugview import (Attention, CacheRow, Cost, Draw, Output, Register, SamplerStage, State, render_text,
+                        show_token)
+from .decode import Sampling, pipeline
+from .engine import Engine, drain
+from .transformer import Ablation
+
+VIEW_OPS = frozenset({"embed", "kv_cache", "softmax", "residual_mlp", "choose"})
+UNIT_ENDS = frozenset({"positions", "residual_mlp", "logits", "choose", "append"})  # where "Step layer" stops
+OPS = ["embed", "positions", "norm_attn", "qkv", "rope", "kv_cache", "scores", "softmax", "mix", "attn_out",
+       "residual_attn", "norm_mlp", "mlp_in", "act", "mlp_out", "residual_mlp", "norm_final", "logits", "choose",
+       "append"]
+
+
+# ------------------------------------------------------------------ events and lens
+
+
+def capture_for_views(op: str, layer: int | None) -> bool:
+    """The capture rule of the debugger's runs: only the ops its views read."""
+    return op in VIEW_OPS
+
+
+def slim(event: Event, offset: int = 0) -> Event:
+    """A copy of ``event`` keeping only what the views need (last position only), its cycle shifted by ``offset``."""
+    t, info, keep = event.tensors, dict(event.info), {}
+    if event.op == "residual_mlp" and "out" in t:
+        keep["x"] = t["out"][0, -1].detach().clone()
+    elif event.op == "softmax" and "probs" in t:
+        keep["probs"] = t["probs"][0, :, -1].detach().float().clone()  # (heads, keys): the last query row
+    elif event.op == "choose" and "logits" in t:
+        keep["logits"] = t["logits"].detach().float().clone()
+    elif event.op == "kv_cache" and "keys" in t:
+        info["length"] = t["keys"].shape[-2]
+    elif event.op == "embed" and "out" in t:
+        info["n_inputs"] = t["out"].shape[1]
+    if offset and "record" in info:
+        info["record"] = replace(info["record"], cycle=info["record"].cycle + offset)
+    return replace(event, cycle=event.cycle + offset, tensors=keep, info=info)
+
+
+def logit_lens_batch(engine: Engine, residuals: torch.Tensor, k: int = 3) -> list[list[tuple[str, float]]]:
+    """Final norm + unembedding applied to residual vectors ``(n, d)``: the top-``k`` tokens of each."""
+    x = residuals.reshape(1, -1, residuals.shape[-1])
+    with torch.no_grad():
+        logits = drain(engine.arch.unembed(x))[0]
+    top = torch.topk(torch.softmax(logits.float(), -1), k)
+    return [[(engine.token_text(int(i)), float(p)) for p, i in zip(ps, ids)]
+            for ps, ids in zip(top.values, top.indices)]
+
+
+def logit_lens(engine: Engine, residual: torch.Tensor, k: int = 3) -> list[tuple[str, float]]:
+    """What the model would say if the residual stream ``(d,)`` went straight to the output: top-``k`` tokens."""
+    return logit_lens_batch(engine, residual.reshape(1, -1), k)[0]
+
+
+def _autograd_off(action: Callable):
+    """``action()`` with autograd off, the caller's own mode restored after."""
+    caller = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)
+    try:
+        return action()
+    finally:
+        torch.set_grad_enabled(caller)
+
+
+class LiveRun:
+    """An ``engine.run`` generator, resumed and closed with autograd off and the caller's mode restored.
+
+    ``Engine.forward`` holds ``torch.no_grad()`` across its yields: a run paused inside a
+    forward pass would otherwise leave autograd off in the caller's code (a notebook's
+    training cell, say), and closing it later would set the mode it saw on entry.
+    """
+
+    def __init__(self):
+        self.steps = None
+        self.offset = 0  # cycle number of the run's first cycle on the timeline
+        self.cache = None  # the engine's KV cache while this run owns it
+
+    def start(self, steps, offset: int) -> None:
+        """Feed from ``steps`` (an ``engine.run`` generator) whose cycle 0 is ``offset`` on the timeline."""
+        self.close()
+        self.steps, self.offset, self.cache = steps, offset, None
+
+    def next(self) -> Event:
+        """The run's next event (StopIteration at its end)."""
+        return _autograd_off(lambda: next(self.steps))
+
+    def close(self) -> None:
+        """Stop the run (its generator is closed: a later start begins afresh)."""
+        if self.steps is not None:
+            _autograd_off(self.steps.close)
+        self.steps = None
+
+
+# ------------------------------------------------------------------ breakpoints and timelines
+
+
+@dataclass(frozen=True)
+class Breakpoint:
+    """A condition checked at every new position: an op, or a property of the token just written back."""
+
+    kind: str  # "op", "token", "prob", "entropy", "not_greedy"
+    value: int | float | str | None = None
+    layer: int | None = None
+    op: str | None = None
+
+    def hit(self, event: Event) -> bool:
+        """True when ``event`` meets the condition (value conditions fire at the ``append`` of a cycle)."""
+        if self.kind == "op":
+            return (self.layer is None or event.layer == self.layer) and (self.op is None or event.op == self.op)
+        record: CycleRecord | None = event.info.get("record") if event.op == "append" else None
+        if record is None:
+            return False
+        if self.kind == "token":
+            return _same_token(record, self.value)
+        if self.kind == "prob":
+            return record.prob < self.value
+        if self.kind == "entropy":
+            return record.entropy > self.value
+        return record.token_id != record.greedy_id
+
+    def __str__(self) -> str:
+        if self.kind == "op":
+            where = "any layer" if self.layer is None else f"layer {self.layer}"
+            return f"break at {where}, op {self.op or 'any'}"
+        return {"token": f"break when token {self.value!r} is chosen",
+                "prob": f"break when p(chosen) < {self.value}",
+                "entropy": f"break when entropy > {self.value} nats",
+                "not_greedy": "break when the sampled token is not the greedy one"}[self.kind]
+
+
+def _same_token(record: CycleRecord, token: int | str) -> bool:
+    if isinstance(token, int):
+        return record.token_id == token
+    return record.token == token or (bool(token.strip()) and record.token.strip() == token.strip())
+
+
+@dataclass
+class Timeline:
+    """One line of history: the events seen, the settings that made them, the interventions."""
+
+    sampling: Sampling
+    ablation: Ablation
+    history: list[Event] = field(default_factory=list)
+    ends: list[int] = field(default_factory=list)  # history index of each cycle's "append"
+    forced: dict[int, int] = field(default_factory=dict)  # cycle -> token imposed there
+    log: list[str] = field(default_factory=list)
+    finished: bool = False  # the engine has nothing more to give
+
+    def records(self, upto: int | None = None) -> list[CycleRecord]:
+        """The cycles completed at history index ``upto`` (all by default)."""
+        return [self.history[i].info["record"] for i in self.ends if upto is None or i <= upto]
+
+    def start_of(self, cycle: int) -> int:
+        """History index where ``cycle`` begins (the end of the history if it is not reached)."""
+        if cycle == 0:
+            return 0
+        return self.ends[cycle - 1] + 1 if cycle - 1 < len(self.ends) else len(self.history)
+
+    def cut(self, index: int) -> Timeline:
+        """Forget the events from ``index`` on; return the timeline as it was before."""
+        old = replace(self)
+        self.history = self.history[:index]
+        self.ends = [i for i in self.ends if i < index]
+        self.forced = {c: t for c, t in self.forced.items() if c < len(self.ends)}
+        self.log = list(self.log)
+        self.finished = False
+        return old
+
+
+def command(method: Callable) -> Callable:
+    """A user command: clears the last error, records a new one, and refreshes the widget if one is shown."""
+
+    @functools.wraps(method)
+    def run(self: Debugger, *args, **kwargs):
+        self.error = ""
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            if self._ui is not None and not self._ui.busy:
+                self._ui.refresh()
+
+    return run
+
+
+def _check_int(value, low: int, high: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer from {low} to {high}, got {value!r}")
+    return value
+
+
+def describe(sampling: Sampling) -> str:
+    """'greedy' or 'sample T=0.8 top-k 40 …': the sampler settings in a few words."""
+    parts = [f"sample T={sampling.temperature:g}"] if sampling.do_sample else ["greedy"]
+    if sampling.do_sample:
+        parts += [f"top-k {sampling.top_k}"] if sampling.top_k else []
+        parts += [f"top-p {sampling.top_p:g}"] if sampling.top_p is not None else []
+        parts += [f"seed {sampling.seed}"] if sampling.seed is not None else ["seed random"]
+    parts += [f"repetition penalty {sampling.repetition_penalty:g}"] if sampling.repetition_penalty != 1 else []
+    return " ".join(parts)
+
+
+# ------------------------------------------------------------------ the debugger
+
+
+class Debugger:
+    """Step through generation micro-op by micro-op; break on conditions; go back; branch; intervene.
+
+    Moving: :meth:`step`, :meth:`step_layer`, :meth:`next`, :meth:`cont`, :meth:`run_to`,
+    :meth:`back`, :meth:`back_cycle`, :meth:`reset`. ``step``, ``step_layer`` and ``next`` ignore
+    breakpoints; ``cont`` and ``run_to`` stop at them.
+    Value breakpoints (token, probability, entropy, not greedy) fire at the ``append`` event of
+    the cycle, when the chosen token is written back; op breakpoints fire on that op.
+    """
+
+    def __init__(self, engine: Engine, prompt, max_new_tokens: int = 20, sampling: Sampling | None = None, *,
+                 chat: bool = False, ablation: Ablation | None = None, top: int = 5):
+        self.engine = engine
+        self.prompt_ids = engine.encode(prompt, chat=chat)
+        self.prompt_text = engine.tokenizer.decode(self.prompt_ids)
+        engine._check_lengths(len(self.prompt_ids), max_new_tokens)
+        self.max_new_tokens, self.chat, self.top = max_new_tokens, chat, _check_int(top, 1, 100, "top")
+        self.now = Timeline(sampling or Sampling(), ablation or Ablation())
+        self._branches: list[Timeline] = []
+        self.breakpoints: list[Breakpoint] = []
+        self.position = -1  # index of the current event in the history; -1 before the first
+        self.watch_layer, self.watch_head = 0, 0  # the head whose attention the memory view shows
+        self.message, self.error = "", ""
+        self.faith: float | None = None
+        self._live = LiveRun()  # the engine run feeding the end of the history
+        weakref.finalize(self, self._live.close)  # a paused run must not outlive the debugger
+        self._texts: dict[int, str] = {}
+        self._ui = None  # the DebuggerUI, once built
+
+    # --- where we are ---------------------------------------------------------------
+    @property
+    def history(self) -> list[Event]:
+        """Every event seen on the current timeline (slimmed), possibly beyond the position."""
+        return self.now.history
+
+    @property
+    def cycle(self) -> int:
+        """Cycles (tokens) completed at the current position."""
+        return bisect_right(self.now.ends, self.position)
+
+    @property
+    def current_event(self) -> Event | None:
+        """The event at the current position (None before the first step)."""
+        return self.history[self.position] if self.position >= 0 else None
+
+    @property
+    def records(self) -> list[CycleRecord]:
+        """One record per completed cycle at the current position."""
+        return self.now.records(self.position)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The generated token ids so far."""
+        return [r.token_id for r in self.records]
+
+    @property
+    def tokens(self) -> list[str]:
+        """The generated tokens so far, as text."""
+        return [r.token for r in self.records]
+
+    @property
+    def trace(self) -> Trace:
+        """The current timeline up to the position, as a :class:`Trace` (text so far, records, settings)."""
+        return self._trace(self.now, self.records)
+
+    @property
+    def branches(self) -> list[Trace]:
+        """The timelines left behind by interventions, each as a full :class:`Trace`."""
+        return [self._trace(t, t.records()) for t in self._branches]
+
+    @property
+    def sampling(self) -> Sampling:
+        """The sampler settings of the cycles to come."""
+        return self.now.sampling
+
+    @property
+    def ablation(self) -> Ablation:
+        """The heads and MLPs switched off for the cycles to come."""
+        return self.now.ablation
+
+    def __repr__(self) -> str:
+        return f"<Debugger {self.engine.loaded.name}: cycle {self.cycle} of {self.max_new_tokens}, at {self.current_event!r}>"
+
+    def __str__(self) -> str:
+        return render_text(self.state())
+
+    # --- moving -----------------------------------------------------------------------
+    @command
+    def step(self) -> Event | None:
+        """One micro-op forward."""
+        return self._advance(lambda e: True)
+
+    @command
+    def step_layer(self) -> Event | None:
+        """Forward to the end of the current unit: FETCH, a layer, the unembedding, the choice or the append."""
+        return self._advance(lambda e: e.op in UNIT_ENDS)
+
+    @command
+    def next(self) -> Event | None:
+        """Forward to the end of the cycle: one more token."""
+        return self._advance(lambda e: e.op == "append")
+
+    @command
+    def cont(self) -> Event | None:
+        """Forward to the next breakpoint, or to the end of generation."""
+        return self._advance(lambda e: False, breakpoints=True)
+
+    @command
+    def run_to(self, n: int, stop_at_breakpoints: bool = True) -> Event | None:
+        """To the end of cycle ``n`` (``n`` tokens done): back through the history, or forward."""
+        _check_int(n, 0, self.max_new_tokens, "cycle")
+        if n <= self.cycle:
+            self.position, self.message = self.now.start_of(n) - 1, ""
+            return self.current_event
+        return self._advance(lambda e: self.cycle >= n, breakpoints=stop_at_breakpoints)
+
+    @command
+    def back(self) -> Event | None:
+        """One micro-op back, from the history (no recompute)."""
+        if self.position < 0:
+            self.message = "already at the start"
+        else:
+            self.position, self.message = self.position - 1, ""
+        return self.current_event
+
+    @command
+    def back_cycle(self) -> Event | None:
+        """Back to the start of this cycle, or of the previous one when at a cycle's end (no recompute)."""
+        target = self.cycle - 1 if self._at_boundary() else self.cycle
+        if target < 0:
+            self.message = "already at the start"
+        else:
+            self.position, self.message = self.now.start_of(target) - 1, ""
+        return self.current_event
+
+    @command
+    def reset(self) -> None:
+        """Back to the start; the history is kept, so stepping forward replays it."""
+        self.position, self.message = -1, "back at the start"
+
+    def _at_boundary(self) -> bool:
+        return self.position < 0 or self.history[self.position].op == "append"
+
+    def _advance(self, done: Callable[[Event], bool], breakpoints: bool = False) -> Event | None:
+        """Step forward until ``done(event)`` (at least one step), a breakpoint, or the end."""
+        self.message = ""
+        while self._forward():
+            event = self.current_event
+            hit = next((b for b in self.breakpoints if b.hit(event)), None) if breakpoints else None
+            if hit is not None:
+                self.message = f"stopped: {hit} (token #{event.cycle}, {event.op})"
+                break
+            if done(event):
+                break
+        return self.current_event
+
+    def _forward(self) -> bool:
+        if not self._ensure(self.position + 1):
+            self.message = f"end of generation: {self.cycle} tokens"
+            return False
+        self.position += 1
+        return True
+
+    # --- the live engine ------------------------------------------------------------------
+    def _ensure(self, index: int) -> bool:
+        """Pull events from the engine until the history reaches ``index``; False if it ends first."""
+        while len(self.history) <= index:
+            if not self._pull():
+                return False
+        return True
+
+    def _pull(self) -> bool:
+        """Append the engine's next event to the history (a choice always with its append)."""
+        if (self._live.steps is None or self._interfered()) and not self._start():
+            return False
+        while True:
+            try:
+                event = slim(self._live.next(), self._live.offset)
+            except StopIteration:
+                self._live.close()
+                self.now.finished = True
+                return False
+            except Exception:  # the run is dead; the next pull restarts it
+                self._live.close()
+                raise
+            self._live.cache = self.engine.cache
+            if event.op == "append":
+                self.now.ends.append(len(self.history))
+            self.history.append(event)
+            if event.op != "choose":
+                return True
+
+    def _interfered(self) -> bool:
+        """True when someone else ran the engine meanwhile (its cache or capture rule changed)."""
+        mid_forward = bool(self.history) and self.history[-1].op not in ("choose", "append")
+        return self.engine.cache is not self._live.cache or (mid_forward and self.engine.arch.capture is not capture_for_views)
+
+    def _start(self) -> bool:
+        """Start the engine at the first cycle not completed in the history (a partial one is recomputed)."""
+        self._live.close()
+        tl = self.now
+        if tl.finished:
+            return False
+        k = len(tl.ends)
+        del tl.history[tl.start_of(k):]
+        records = tl.records()
+        eos = bool(records) and records[-1].token_id == self.engine.tokenizer.eos_token_id and not records[-1].forced
+        if eos or k >= self.max_new_tokens:
+            tl.finished = True
+            return False
+        remaining = self.max_new_tokens - k
+        self._live.start(self.engine.run(
+            self.prompt_ids + [r.token_id for r in records], remaining, tl.sampling, capture=capture_for_views,
+            force=[tl.forced.get(k + i) for i in range(remaining)], ablation=tl.ablation,
+            draws=sum(r.draw is not None for r in records)), offset=k)
+        return True
+
+    # --- interventions ----------------------------------------------------------------------
+    def _cut(self, index: int) -> None:
+        """Forget the history from ``index`` on, keeping the old timeline as a branch if it loses a token."""
+        self._live.close()
+        lost = any(e.op in ("choose", "append") for e in self.history[index:])
+        old = self.now.cut(index)
+        if lost:
+            self._branches.append(old)
+
+    def _invalidate(self, cycle: int) -> None:
+        """The future from ``cycle`` on no longer holds; recomputed when stepped into (nothing before the position)."""
+        self._cut(max(self.position + 1, self.now.start_of(cycle)))
+
+    @command
+    def set_sampling(self, sampling: Sampling | None = None, **changes) -> Sampling:
+        """New sampler settings (a :class:`Sampling`, or some of its fields) for the tokens not yet chosen."""
+        unknown = set(changes) - {f.name for f in fields(Sampling)}
+        if unknown:
+            raise ValueError(f"unknown sampling setting(s) {sorted(unknown)}")
+        new = replace(sampling or self.now.sampling, **changes)  # validates: ValueError
+        if new != self.now.sampling:
+            k = self.cycle + (self.current_event is not None and self.current_event.op == "choose")
+            self._invalidate(k)
+            self.now.sampling = new
+            self.now.log.append(f"#{k}: {describe(new)}")
+            self.message = f"sampler: {describe(new)} from token #{k} on"
+        return new
+
+    @command
+    def choose(self, rank: int | None = None, *, token_id: int | None = None) -> Event | None:
+        """Impose another token at the last choice shown: the ``rank``-th best of the logits, or ``token_id``.
+
+        The run branches there; the old timeline stays in :attr:`branches`.
+        """
+        index = self._last_index("choose")
+        if index is None:
+            raise ValueError("no token has been chosen yet: press Next token first")
+        event = self.history[index]
+        vocab = event.tensors["logits"].numel()
+        if token_id is None:
+            rank = _check_int(rank if rank is not None else 1, 0, vocab - 1, "rank")
+            token_id = int(torch.topk(event.tensors["logits"], rank + 1).indices[rank])
+        _check_int(token_id, 0, vocab - 1, "token_id")
+        if token_id == event.info["token_id"]:
+            self.message = f"{self._text(token_id)!r} is already the token of #{event.cycle}"
+            return self.current_event
+        start = self.now.start_of(event.cycle)
+        self._cut(start)
+        self.now.forced[event.cycle] = token_id
+        self.now.log.append(f"#{event.cycle}: forced {self._text(token_id)!r}")
+        self.position = start - 1
+        self._advance(lambda e: e.op == "choose")
+        self.message = f"token #{event.cycle} forced to {self._text(token_id)!r}; the old timeline is branch {len(self._branches) - 1}"
+        return self.current_event
+
+    @command
+    def ablate_head(self, layer: int, head: int) -> Ablation:
+        """Switch off one attention head from the cycle in progress on (the context is recomputed with it)."""
+        _check_int(layer, 0, self.engine.arch.n_layers - 1, "layer")
+        _check_int(head, 0, self.engine.arch.n_heads - 1, "head")
+        return self._set_ablation(Ablation(self.now.ablation.heads | {(layer, head)}, self.now.ablation.mlps),
+                                  f"head {layer}.{head} off")
+
+    @command
+    def clear_ablation(self) -> Ablation:
+        """Switch every head and MLP back on, from the cycle in progress on."""
+        return self._set_ablation(Ablation(), "ablation cleared")
+
+    def _set_ablation(self, new: Ablation, what: str) -> Ablation:
+        if new != self.now.ablation:
+            self._invalidate(self.cycle)
+            self.now.ablation = new
+            self.now.log.append(f"#{self.cycle}: {what}")
+            self.message = f"{what} from token #{self.cycle} on"
+        return new
+
+    @command
+    def switch_branch(self, index: int) -> None:
+        """Make branch ``index`` the current timeline (the current one becomes that branch)."""
+        _check_int(index, 0, len(self._branches) - 1, "branch")
+        self._live.close()
+        self._branches[index], self.now = self.now, self._branches[index]
+        self.position = min(self.position, len(self.history) - 1)
+        self.message = f"switched to branch {index}"
+
+    # --- breakpoints -------------------------------------------------------------------------
+    @command
+    def break_on_token(self, token: str | int) -> Breakpoint:
+        """Stop when this token (its text, spaces around it ignored, or its id) is chosen."""
+        if isinstance(token, int):
+            _check_int(token, 0, self.engine.arch.model.get_input_embeddings().weight.shape[0] - 1, "token id")
+        elif not isinstance(token, str) or not token:
+            raise ValueError(f"give a token's text or id, got {token!r}")
+        return self._add(Breakpoint("token", token))
+
+    @command
+    def break_below(self, p: float) -> Breakpoint:
+        """Stop when the chosen token's probability (after the processors) is below ``p``."""
+        if not isinstance(p, (int, float)) or not 0 < p <= 1:
+            raise ValueError(f"p must be in (0, 1], got {p!r}")
+        return self._add(Breakpoint("prob", float(p)))
+
+    @command
+    def break_entropy_above(self, h: float) -> Breakpoint:
+        """Stop when the entropy of the distribution the token was chosen from exceeds ``h`` nats."""
+        if not isinstance(h, (int, float)) or h < 0:
+            raise ValueError(f"entropy threshold must be >= 0 nats, got {h!r}")
+        return self._add(Breakpoint("entropy", float(h)))
+
+    @command
+    def break_when_not_greedy(self) -> Breakpoint:
+        """Stop when the token written back is not the most likely one."""
+        return self._add(Breakpoint("not_greedy"))
+
+    @command
+    def break_at(self, layer: int | None = None, op: str | None = None) -> Breakpoint:
+        """Stop at an op (any layer), at a layer (any op), or at one op of one layer."""
+        if layer is None and op is None:
+            raise ValueError("give a layer, an op, or both")
+        if layer is not None:
+            _check_int(layer, 0, self.engine.arch.n_layers - 1, "layer")
+        if op is not None and op not in OPS:
+            raise ValueError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
+        return self._add(Breakpoint("op", layer=layer, op=op))
+
+    @command
+    def clear_breakpoints(self) -> None:
+        """Remove every breakpoint."""
+        self.breakpoints.clear()
+        self.message = "breakpoints cleared"
+
+    def _add(self, breakpoint: Breakpoint) -> Breakpoint:
+        if breakpoint not in self.breakpoints:
+            self.breakpoints.append(breakpoint)
+        self.message = f"set: {breakpoint}"
+        return breakpoint
+
+    # --- views, export, faithfulness -------------------------------------------------------------
+    @command
+    def watch(self, layer: int, head: int) -> None:
+        """Choose the layer and head whose attention the memory view shows."""
+        self.watch_layer = _check_int(layer, 0, self.engine.arch.n_layers - 1, "layer")
+        self.watch_head = _check_int(head, 0, self.engine.arch.n_heads - 1, "head")
+
+    @command
+    def export(self, path: str | Path) -> Path:
+        """Save the trace so far as JSON (read it back with ``Trace.load``)."""
+        path = Path(path)
+        self.trace.save(path)
+        self.message = f"saved {len(self.records)} cycles to {path}"
+        return path
+
+    @command
+    def faithfulness(self) -> float:
+        """Largest |logit difference| between the logits shown so far and a plain ``transformers`` forward."""
+        chooses = [e for e in self.history[:self.position + 1] if e.op == "choose" and "logits" in e.tensors]
+        if not chooses:
+            raise ValueError("no logits yet: run at least one cycle (Next token) first")
+        ids = self.prompt_ids + self.token_ids[:chooses[-1].cycle]
+        with torch.no_grad():
+            ref = self.engine.loaded.model(torch.tensor([ids], device=self.engine.device)).logits[0].float()
+        start = len(self.prompt_ids) - 1
+        self.faith = max(float((e.tensors["logits"] - ref[start + e.cycle]).abs().max()) for e in chooses)
+        note = " (an ablation is active: a difference is expected)" if self.now.ablation else ""
+        self.message = f"max |engine − transformers| logit difference over {len(chooses)} tokens: {self.faith:.2e}{note}"
+        return self.faith
+
+    def candidates(self) -> list[tuple[int, str, float]]:
+        """(rank, token, probability) of the best tokens at the last choice shown, by the plain logits."""
+        output = self._output()
+        return [] if output is None else [(rank, t, p) for rank, (_, t, p) in enumerate(output.raw_top)]
+
+    def state(self) -> State:
+        """Everything the views show at the current position."""
+        event = self.current_event
+        here = self.history[self.now.start_of(event.cycle if event else 0):self.position + 1]
+        choice_index = self._last_index("choose")
+        stages, draw = self._sampler(choice_index)
+        return State(
+            model=self.engine.loaded.name, cycle=self.cycle, max_cycles=self.max_new_tokens,
+            stage=event.stage if event else None, layer=event.layer if event else None, op=event.op if event else None,
+            n_layers=self.engine.arch.n_layers, n_inputs=next((e.info["n_inputs"] for e in here if "n_inputs" in e.info), None),
+            this_op=_cost([event] if event else []), this_cycle=_cost(here), total=_cost(self.history[:self.position + 1]),
+            prefill=_cost(_prefill_events(self.history[:self.position + 1])), registers=self._registers(here),
+            memory=self._memory(), attention=self._attention(), output=self._output(), sampler=stages, draw=draw,
+            sampling=describe(self.now.sampling), prompt=self.prompt_text,
+            records=self.records, message=self.message, error=self.error, notes=self._notes())
+
+    def _trace(self, timeline: Timeline, records: list[CycleRecord]) -> Trace:
+        ids = [r.token_id for r in records]
+        settings = {"sampling": asdict(timeline.sampling), "use_cache": True, "chat": self.chat,
+                    "ablation": {"heads": sorted(map(list, timeline.ablation.heads)), "mlps": sorted(timeline.ablation.mlps)},
+                    "interventions": list(timeline.log)}
+        return Trace(self.engine.loaded.name, list(self.prompt_ids), list(records), settings,
+                     self.engine.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def _text(self, token_id: int) -> str:
+        if token_id not in self._texts:
+            self._texts[token_id] = self.engine.token_text(token_id)
+        return self._texts[token_id]
+
+    def _backwards(self) -> Iterator[tuple[int, Event]]:
+        """(index, event) from the current position back to the first event."""
+        for i in range(self.position, -1, -1):
+            yield i, self.history[i]
+
+    def _last_index(self, op: str, layer: int | None = None) -> int | None:
+        return next((i for i, e in self._backwards() if e.op == op and (layer is None or e.layer == layer)), None)
+
+    def _registers(self, here: list[Event]) -> list[Register]:
+        events = [e for e in here if "x" in e.tensors]
+        missing = [e for e in events if "lens" not in e.info]
+        if missing:
+            for e, lens in zip(missing, logit_lens_batch(self.engine, torch.stack([e.tensors["x"] for e in missing]))):
+                e.info["lens"] = lens
+        return [Register(e.layer, float(e.tensors["x"].float().norm()), e.info["lens"]) for e in events]
+
+    def _memory(self) -> list[CacheRow]:
+        n, found = self.engine.arch.n_layers, {}
+        for _, e in self._backwards():
+            if e.op == "kv_cache" and e.layer not in found:
+                found[e.layer] = e
+                if len(found) == n:
+                    break
+        return [CacheRow(i, found[i].info.get("length", 0), found[i].bytes) if i in found else CacheRow(i, 0, 0)
+                for i in range(n)]
+
+    def _attention(self) -> Attention | None:
+        index = self._last_index("softmax", self.watch_layer)
+        if index is None or "probs" not in self.history[index].tensors:
+            return None
+        weights = self.history[index].tensors["probs"][self.watch_head].tolist()
+        ids = (self.prompt_ids + self.token_ids)[:len(weights)]
+        return Attention(self.watch_layer, self.watch_head, [self._text(i) for i in ids], weights)
+
+    def _output(self) -> Output | None:
+        index = self._last_index("choose")
+        if index is None:
+            return None
+        event = self.history[index]
+        top = torch.topk(torch.softmax(event.tensors["logits"], -1), self.top)
+        raw = [(int(i), self._text(int(i)), float(p)) for p, i in zip(top.values, top.indices)]
+        after = [(i, self._text(i), p) for i, p in event.info["choice"].top]
+        token = event.info["token_id"]
+        return Output(event.cycle, self._text(token), token, event.info["forced"], raw, after)
+
+    def _sampler(self, index: int | None) -> tuple[list[SamplerStage], Draw | None]:
+        """The current sampler settings run on the logits of the last choice (no model recompute)."""
+        if index is None:
+            return [], None
+        event = self.history[index]
+        previous = self.prompt_ids + self.token_ids[:event.cycle]
+        steps = pipeline(event.tensors["logits"], previous, self.now.sampling)
+        stages, before = [], None
+        for name, logits in steps:
+            probs = torch.softmax(logits, -1)
+            kept = torch.isfinite(logits)
+            mass = None if before is None else float(before[kept].sum())
+            stages.append(SamplerStage(name, int(kept.sum()), self._top(probs, 3), mass))
+            before = probs
+        stages.append(SamplerStage("renormalise", stages[-1].kept, stages[-1].top))
+        return stages, self._draw(steps[-1][1], event.info["choice"].draw)
+
+    def _draw(self, logits: torch.Tensor, u: float | None) -> Draw:
+        """Where the draw ``u`` falls on the cumulative distribution (token ids in order), as ``decode.sample`` does."""
+        probs = torch.softmax(logits.double(), -1)
+        kept = int((probs > 0).sum())
+        if u is None or not self.now.sampling.do_sample:
+            return Draw(None, self._text(int(probs.argmax())), 0.0, 0.0, kept)
+        cdf = probs.cumsum(-1)
+        cdf = cdf / cdf[-1]
+        token = int(torch.searchsorted(cdf, torch.tensor([u], dtype=cdf.dtype), right=True))
+        low = float(cdf[token - 1]) if token > 0 else 0.0
+        return Draw(u, self._text(token), low, float(cdf[token]), kept)
+
+    def _top(self, probs: torch.Tensor, k: int) -> list[tuple[str, float]]:
+        top = torch.topk(probs, k)
+        return [(self._text(int(i)), float(p)) for p, i in zip(top.values, top.indices) if p > 0]
+
+    def _notes(self) -> list[str]:
+        notes = [str(b) for b in self.breakpoints]
+        if self.now.ablation.heads:
+            notes.append("ablated heads: " + ", ".join(f"{a}.{b}" for a, b in sorted(self.now.ablation.heads)))
+        if self._branches:
+            notes.append(f"{len(self._branches)} earlier branch(es): " + " | ".join(
+                repr(show_token(b.text[:30])) for b in self.branches))
+        notes += [f"intervention {line}" for line in self.now.log]
+        return notes
+
+    # --- widget ------------------------------------------------------------------------------
+    def widget(self):
+        """The ipywidgets UI (built once): buttons call the same commands as text mode."""
+        if self._ui is None:
+            from .debugwidget import DebuggerUI
+
+            self._ui = DebuggerUI(self)
+        return self._ui.box
+
+    @property
+    def controls(self) -> dict:
+        """The widget's controls by name (buttons by their description)."""
+        self.widget()
+        return self._ui.controls
+
+    @property
+    def views(self) -> dict:
+        """The widget's view widgets by name: HTML views, plus the ``counter``, ``message`` and ``error`` labels."""
+        self.widget()
+        return self._ui.views
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget())
+
+
+def _prefill_events(events: list[Event]) -> list[Event]:
+    """The events of cycles that fed more than one token (the prompt, or the context after a restart)."""
+    kept, prefill = [], False
+    for e in events:
+        if e.op == "embed":
+            prefill = e.info.get("n_inputs", 1) > 1
+        if prefill:
+            kept.append(e)
+    return kept
+
+
+def _cost(events: list[Event]) -> Cost:
+    return Cost(sum(e.seconds for e in events), sum(e.flops for e in events), sum(e.bytes for e in events))
+
+
+__all__ = ["Breakpoint", "Debugger", "Timeline", "logit_lens", "logit_lens_batch"]

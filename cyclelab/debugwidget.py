@@ -1,0 +1,172 @@
+"""The debugger's ipywidgets face: buttons call the :class:`~cyclelab.debugger.Debugger`'s commands.
+
+Every view is the ``value`` of a widget (HTML or Label), so tests and a browser read the
+same strings; nothing relies on ``Output`` capture, which needs a front end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import ipywidgets as w
+
+from .debugger import OPS, Debugger
+from .debugview import render_all, render_status, show_token
+
+
+class DebuggerUI:
+    """The ipywidgets face of a :class:`Debugger`: buttons call its commands; every view is a widget trait."""
+
+    MOVES = ("Step", "Step layer", "Next token", "Continue", "Back", "Back cycle", "Reset")
+
+    def __init__(self, dbg: Debugger):
+        self.dbg, self.busy, self._syncing = dbg, False, False
+        wide = {"description_width": "initial"}
+        small = w.Layout(width="210px")
+        c = self.controls = {}
+        for name, method in zip(self.MOVES, (dbg.step, dbg.step_layer, dbg.next, dbg.cont, dbg.back,
+                                             dbg.back_cycle, dbg.reset)):
+            c[name] = self._button(name, method)
+        c["cycle n"] = w.IntText(value=dbg.max_new_tokens, description="n", layout=w.Layout(width="110px"), style=wide)
+        c["Run to cycle"] = self._button("Run to cycle", lambda: dbg.run_to(c["cycle n"].value))
+        # sampler
+        c["sample"] = w.Checkbox(description="sample (off: greedy)", style=wide)
+        c["temperature"] = w.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.05, description="temperature",
+                                         continuous_update=False, style=wide)
+        c["top-k"] = w.IntText(value=0, description="top-k (0: off)", style=wide, layout=small)
+        c["top-p"] = w.FloatSlider(value=1.0, min=0.0, max=1.0, step=0.01, description="top-p",
+                                   continuous_update=False, style=wide)
+        c["seed"] = w.IntText(value=-1, description="seed (-1: random)", style=wide, layout=small)
+        c["repetition penalty"] = w.FloatText(value=1.0, description="repetition penalty", style=wide, layout=small)
+        for name in ("sample", "temperature", "top-k", "top-p", "seed", "repetition penalty"):
+            c[name].observe(self._on_sampling, names="value")
+        # breakpoints
+        c["break token"] = w.Text(placeholder="token text, or an id", description="token", style=wide, layout=small)
+        c["Break on token"] = self._button("Break on token", lambda: dbg.break_on_token(_token_arg(c["break token"].value)))
+        c["break p"] = w.FloatText(value=0.1, description="p <", style=wide, layout=small)
+        c["Break below p"] = self._button("Break below p", lambda: dbg.break_below(c["break p"].value))
+        c["break entropy"] = w.FloatText(value=3.0, description="entropy >", style=wide, layout=small)
+        c["Break above entropy"] = self._button("Break above entropy",
+                                                lambda: dbg.break_entropy_above(c["break entropy"].value))
+        c["break layer"] = w.IntText(value=-1, description="layer (-1: any)", style=wide, layout=small)
+        c["break op"] = w.Dropdown(options=["(any)"] + OPS, value="(any)", description="op", layout=small)
+        c["Break at op"] = self._button("Break at op", lambda: dbg.break_at(
+            None if c["break layer"].value < 0 else c["break layer"].value,
+            None if c["break op"].value == "(any)" else c["break op"].value))
+        c["Break if not greedy"] = self._button("Break if not greedy", dbg.break_when_not_greedy)
+        c["Clear breakpoints"] = self._button("Clear breakpoints", dbg.clear_breakpoints)
+        # interventions
+        c["candidates"] = w.Dropdown(options=[], description="candidate", style=wide)
+        c["Choose"] = self._button("Choose", lambda: dbg.choose(c["candidates"].value))
+        c["ablate layer"] = w.IntText(value=0, description="layer", style=wide, layout=w.Layout(width="110px"))
+        c["ablate head"] = w.IntText(value=0, description="head", style=wide, layout=w.Layout(width="110px"))
+        c["Ablate head"] = self._button("Ablate head", lambda: dbg.ablate_head(c["ablate layer"].value,
+                                                                               c["ablate head"].value))
+        c["Clear ablation"] = self._button("Clear ablation", dbg.clear_ablation)
+        c["branch"] = w.Dropdown(options=[], description="branch", style=wide)
+        c["Switch to branch"] = self._button("Switch to branch", lambda: dbg.switch_branch(c["branch"].value))
+        # views' own controls
+        c["watch layer"] = w.IntText(value=0, description="watch layer", style=wide, layout=small)
+        c["watch head"] = w.IntText(value=0, description="head", style=wide, layout=w.Layout(width="110px"))
+        for name in ("watch layer", "watch head"):
+            c[name].observe(self._on_watch, names="value")
+        c["jump"] = w.Dropdown(options=[("jump to…", -1)], value=-1, description="after token", style=wide)
+        c["jump"].observe(self._on_jump, names="value")
+        c["export path"] = w.Text(value="trace.json", description="file", style=wide, layout=w.Layout(width="220px"))
+        c["Export"] = self._button("Export", lambda: dbg.export(c["export path"].value))
+        c["Check vs transformers"] = self._button("Check vs transformers", dbg.faithfulness)
+
+        v = self.views = {name: w.HTML() for name in ("pipeline", "registers", "memory", "output", "sampler",
+                                                       "text", "status")}
+        v["counter"] = w.Label("cycle 0", style={"font_weight": "bold"})
+        v["message"] = w.Label("")
+        v["error"] = w.Label("", style={"text_color": "#c00"})
+        self.box = self._layout()
+        self.refresh()
+
+    def _layout(self) -> w.VBox:
+        c, v = self.controls, self.views
+        row = lambda *names: w.HBox([c[n] for n in names])  # noqa: E731
+        moves = w.HBox([c[n] for n in self.MOVES] + [c["cycle n"], c["Run to cycle"]])
+        status = w.HBox([v["counter"], v["message"], v["error"]])
+        left = w.VBox([v["pipeline"], v["output"], row("candidates", "Choose"), v["sampler"],
+                       row("sample", "temperature"), row("top-k", "top-p"), row("seed", "repetition penalty")])
+        right = w.VBox([v["registers"], v["memory"], row("watch layer", "watch head")])
+        tools = w.VBox([
+            row("break token", "Break on token", "break p", "Break below p", "break entropy", "Break above entropy"),
+            row("break layer", "break op", "Break at op", "Break if not greedy", "Clear breakpoints"),
+            row("ablate layer", "ablate head", "Ablate head", "Clear ablation", "branch", "Switch to branch"),
+            row("export path", "Export", "Check vs transformers"), v["status"]])
+        return w.VBox([moves, status, w.HBox([left, right]), v["text"], c["jump"], tools])
+
+    def _button(self, name: str, action: Callable) -> w.Button:
+        button = w.Button(description=name, layout=w.Layout(width="auto"))
+        button.on_click(lambda _: self._call(action))
+        return button
+
+    def _call(self, action: Callable) -> None:
+        """Run a command; an error goes to the error label (commands record it), never to the kernel."""
+        self.busy = True
+        try:
+            action()
+        except Exception as exc:  # shown in the error label instead of a traceback
+            self.dbg.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.busy = False
+            self.refresh()
+
+    def _on_sampling(self, change) -> None:
+        if self._syncing:
+            return
+        c = self.controls
+        self._call(lambda: self.dbg.set_sampling(
+            do_sample=c["sample"].value, temperature=c["temperature"].value, top_k=c["top-k"].value or None,
+            top_p=None if c["top-p"].value >= 1 else c["top-p"].value, seed=None if c["seed"].value < 0 else c["seed"].value,
+            repetition_penalty=c["repetition penalty"].value))
+
+    def _on_watch(self, change) -> None:
+        if not self._syncing:
+            self._call(lambda: self.dbg.watch(self.controls["watch layer"].value, self.controls["watch head"].value))
+
+    def _on_jump(self, change) -> None:
+        if not self._syncing and change["new"] is not None and change["new"] >= 0:
+            self._call(lambda: self.dbg.run_to(change["new"], stop_at_breakpoints=False))
+
+    def refresh(self) -> None:
+        """Write the debugger's state into the views and bring the controls in line with it."""
+        dbg, c, v = self.dbg, self.controls, self.views
+        try:
+            state = dbg.state()
+        except Exception as exc:  # a view that cannot be drawn must not take the controls down with it
+            v["error"].value = f"⚠ cannot draw the views: {type(exc).__name__}: {exc}"
+            return
+        for name, markup in render_all(state).items():
+            v[name].value = markup
+        v["status"].value = render_status("", "", state.notes)
+        v["counter"].value = f"cycle {state.cycle}"
+        v["message"].value = state.message
+        v["error"].value = f"⚠ {state.error}" if state.error else ""
+        self._syncing = True
+        try:
+            s = dbg.sampling
+            for name, value in (("sample", s.do_sample), ("temperature", s.temperature), ("top-k", s.top_k or 0),
+                                ("top-p", 1.0 if s.top_p is None else s.top_p),
+                                ("seed", -1 if s.seed is None else s.seed), ("repetition penalty", s.repetition_penalty)):
+                c[name].value = value
+            options = [(f"{r}: {show_token(t)} ({p:.3f})", r) for r, t, p in dbg.candidates()]
+            c["candidates"].options = options
+            c["candidates"].value = options[min(1, len(options) - 1)][1] if options else None  # the runner-up
+            c["jump"].options = [("jump to…", -1), ("start", 0)] + [
+                (f"{r.cycle + 1}: {show_token(r.token)}", r.cycle + 1) for r in dbg.now.records()]
+            c["jump"].value = -1
+            branches = [(f"{i}: {show_token(b.text[:40])}", i) for i, b in enumerate(dbg.branches)]
+            c["branch"].options = branches
+            c["branch"].value = branches[-1][1] if branches else None  # the latest
+            c["watch layer"].value, c["watch head"].value = dbg.watch_layer, dbg.watch_head
+        finally:
+            self._syncing = False
+
+
+def _token_arg(text: str) -> int | str:
+    """A breakpoint token from a text box: digits are a token id, anything else the token's text."""
+    return int(text) if text.strip().isdigit() else text

@@ -1,0 +1,317 @@
+"""The debugger, driven from Python as a learner would drive the widget: click, set values, read the views."""
+
+import gc
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cyclelab import Debugger, Sampling, Trace, ablation
+from cyclelab.debugger import logit_lens
+from cyclelab.debugview import to_text
+
+TINY = Path(__file__).resolve().parent.parent / "data" / "tiny" / "config.json"
+PROMPT = "ROMEO:"
+
+
+@pytest.fixture
+def engine(request):
+    """The tiny Shakespeare model's engine (skipped until it is trained)."""
+    if not TINY.exists():
+        pytest.skip("the tiny model is not trained yet (data/tiny/config.json): run `cyclelab train-tiny`")
+    return request.getfixturevalue("tiny_engine")
+
+
+@pytest.fixture
+def base(engine):
+    """The plain greedy run the debugger should reproduce."""
+    return engine.generate(PROMPT, 12, stop_at_eos=False)
+
+
+def make(engine, n=12, **options):
+    dbg = Debugger(engine, PROMPT, max_new_tokens=n, **options)
+    dbg.widget()
+    return dbg
+
+
+def click(dbg, name, times=1):
+    for _ in range(times):
+        dbg.controls[name].click()
+
+
+def view(dbg, name):
+    return dbg.views[name].value
+
+
+def no_model(monkeypatch, engine):
+    """Any model computation from here on fails the test."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model was called")
+    monkeypatch.setattr(engine, "forward", forbidden)
+    monkeypatch.setattr(engine.arch, "forward", forbidden)
+    monkeypatch.setattr(engine, "run", forbidden)
+
+
+# ---------------------------------------------------------------- moving
+
+
+def test_next_token_three_times_shows_cycle_3_and_three_tokens(engine, base):
+    dbg = make(engine)
+    click(dbg, "Next token", 3)
+    assert view(dbg, "counter") == "cycle 3"
+    assert dbg.cycle == 3 and dbg.token_ids == base.token_ids[:3]
+    assert view(dbg, "text").count("<span title='#") == 3
+    assert "▶ WRITEBACK" in view(dbg, "pipeline") and dbg.current_event.op == "append"
+
+
+def test_back_cycle_and_replay_need_no_model_call(engine, base, monkeypatch):
+    dbg = make(engine)
+    click(dbg, "Next token", 3)
+    no_model(monkeypatch, engine)
+    click(dbg, "Back cycle")
+    assert view(dbg, "counter") == "cycle 2" and dbg.token_ids == base.token_ids[:2]
+    click(dbg, "Back")
+    assert dbg.cycle == 1 and dbg.current_event.op == "choose"
+    click(dbg, "Next token")  # replayed from the history
+    assert view(dbg, "counter") == "cycle 2" and view(dbg, "error") == ""
+    click(dbg, "Reset")
+    assert dbg.position == -1 and view(dbg, "counter") == "cycle 0"
+    dbg.controls["jump"].value = 3
+    assert dbg.cycle == 3 and dbg.token_ids == base.token_ids[:3]
+
+
+def test_step_and_step_layer_walk_the_micro_ops(engine):
+    dbg = make(engine)
+    click(dbg, "Step")
+    assert dbg.current_event.op == "embed" and "▶ FETCH" in view(dbg, "pipeline")
+    click(dbg, "Step layer")
+    assert dbg.current_event.op == "positions"
+    click(dbg, "Step layer")
+    assert (dbg.current_event.layer, dbg.current_event.op) == (0, "residual_mlp")
+    assert "▶ EXECUTE L0" in view(dbg, "pipeline") and "L0" in view(dbg, "registers")
+    kept = {e.op: e.tensors for e in dbg.history}
+    assert kept["residual_mlp"]["x"].dim() == 1  # the last position only: memory stays bounded
+    assert kept["softmax"]["probs"].shape[0] == engine.arch.n_heads and "keys" not in kept["kv_cache"]
+    click(dbg, "Back", 3)
+    assert dbg.current_event.op == "mlp_in"
+    click(dbg, "Back", dbg.position)
+    assert dbg.position == 0 and dbg.current_event.op == "embed"
+
+
+def test_run_to_and_end_of_generation(engine, base):
+    dbg = make(engine, n=5, )
+    dbg.controls["cycle n"].value = 4
+    click(dbg, "Run to cycle")
+    assert dbg.cycle == 4
+    click(dbg, "Continue")  # no breakpoint: to the end
+    assert dbg.cycle == len(dbg.records) <= 5 and "end of generation" in view(dbg, "message")
+    dbg.run_to(1)
+    assert dbg.cycle == 1 and dbg.token_ids == base.token_ids[:1]
+
+
+def test_text_mode_shows_every_view(engine):
+    dbg = Debugger(engine, PROMPT, max_new_tokens=6)
+    dbg.next(), dbg.next()
+    text = str(dbg)
+    assert "cycle 2" in text and text.index("FETCH") < text.index("READ") < text.index("EXECUTE") < text.index("WRITEBACK")
+    for heading in ("Registers", "Memory", "Output", "Sampler", "Text so far"):
+        assert heading in text
+    assert "".join(dbg.tokens).strip()[:3] in text.replace("␣", " ")
+    assert "<" not in text.replace("<cycle", "")  # no markup left
+    assert repr(dbg).startswith("<Debugger")
+
+
+# ---------------------------------------------------------------- breakpoints
+
+
+def test_continue_stops_at_a_token_breakpoint(engine, base):
+    target = base.records[4].token
+    first = next(r.cycle for r in base.records if r.token == target)
+    dbg = make(engine)
+    dbg.controls["break token"].value = target
+    click(dbg, "Break on token")
+    click(dbg, "Continue")
+    assert dbg.cycle == first + 1 and dbg.tokens[-1] == target
+    assert "stopped" in view(dbg, "message") and repr(target)[1:-1] in view(dbg, "status")
+
+
+def test_probability_and_entropy_breakpoints(engine, base):
+    probs = [r.prob for r in base.records]
+    p = (min(probs) + max(probs)) / 2
+    dbg = make(engine)
+    dbg.controls["break p"].value = p
+    click(dbg, "Break below p")
+    click(dbg, "Continue")
+    stop = dbg.cycle - 1
+    assert probs[stop] < p and all(q >= p for q in probs[:stop])
+
+    entropies = [r.entropy for r in base.records]
+    h = (min(entropies) + max(entropies)) / 2
+    dbg = make(engine)
+    dbg.controls["break entropy"].value = h
+    click(dbg, "Break above entropy")
+    click(dbg, "Continue")
+    stop = dbg.cycle - 1
+    assert entropies[stop] > h and all(e <= h for e in entropies[:stop])
+    click(dbg, "Clear breakpoints")
+    assert dbg.breakpoints == []
+
+
+def test_layer_op_breakpoint_stops_on_that_op(engine):
+    dbg = make(engine)
+    dbg.controls["break layer"].value = 1
+    dbg.controls["break op"].value = "softmax"
+    click(dbg, "Break at op")
+    click(dbg, "Continue")
+    event = dbg.current_event
+    assert (event.cycle, event.layer, event.op) == (0, 1, "softmax")
+    click(dbg, "Continue")
+    assert (dbg.current_event.cycle, dbg.current_event.layer, dbg.current_event.op) == (1, 1, "softmax")
+    assert "layer 0, head 0" in view(dbg, "memory")
+
+
+# ---------------------------------------------------------------- interventions
+
+
+def test_choose_the_runner_up_branches_and_keeps_the_old_branch(engine, base):
+    dbg = make(engine)
+    dbg.run_to(3)
+    runner_up = int(torch.topk(dbg.history[dbg.now.ends[2] - 1].tensors["logits"], 2).indices[1])
+    dbg.controls["candidates"].value = 1
+    click(dbg, "Choose")
+    assert dbg.current_event.op == "choose" and dbg.current_event.info["token_id"] == runner_up
+    assert len(dbg.branches) == 1 and dbg.branches[0].token_ids[:3] == base.token_ids[:3]
+    dbg.run_to(8)
+    expected = engine.branch(base, at_cycle=2, token=runner_up, max_new_tokens=8)
+    assert dbg.token_ids == expected.token_ids and dbg.records[2].forced
+    dbg.switch_branch(0)  # the old timeline is still reachable
+    assert dbg.token_ids == base.token_ids[:dbg.cycle]
+
+
+def test_ablating_a_head_changes_the_following_tokens(engine, base):
+    heads = [(layer, head) for layer in range(engine.arch.n_layers) for head in range(engine.arch.n_heads)]
+    changed = next(h for h in heads
+                   if engine.branch(base, at_cycle=2, ablation=ablation(heads=[h])).token_ids != base.token_ids)
+    expected = engine.branch(base, at_cycle=2, ablation=ablation(heads=[changed]))
+    dbg = make(engine)
+    dbg.run_to(2)
+    dbg.controls["ablate layer"].value, dbg.controls["ablate head"].value = changed
+    click(dbg, "Ablate head")
+    dbg.run_to(12)
+    assert dbg.token_ids[:2] == base.token_ids[:2]
+    assert dbg.token_ids == expected.token_ids != base.token_ids
+    assert f"{changed[0]}.{changed[1]}" in view(dbg, "status")
+
+
+def test_sampling_from_the_widgets_matches_the_engine(engine):
+    dbg = make(engine, n=8)
+    c = dbg.controls
+    c["sample"].value, c["temperature"].value, c["top-k"].value, c["seed"].value = True, 0.8, 20, 3
+    assert dbg.sampling == Sampling(do_sample=True, temperature=0.8, top_k=20, seed=3)
+    dbg.run_to(8)
+    assert dbg.token_ids == engine.generate(PROMPT, 8, sampling=dbg.sampling).token_ids
+    assert "draw u =" in view(dbg, "sampler") and "top_k" in view(dbg, "sampler")
+
+
+def test_changing_the_sampler_mid_run_previews_without_the_model_then_branches(engine, base, monkeypatch):
+    dbg = make(engine)
+    dbg.run_to(3)
+    with monkeypatch.context() as m:
+        no_model(m, engine)
+        dbg.controls["sample"].value = True
+        dbg.controls["top-p"].value = 0.5  # re-runs only the sampler on this cycle's logits
+        dbg.controls["seed"].value = 5
+    assert "top_p" in view(dbg, "sampler") and view(dbg, "error") == ""
+    dbg.run_to(8)
+    expected = engine.branch(base, at_cycle=3, sampling=dbg.sampling, max_new_tokens=8)
+    assert dbg.token_ids == expected.token_ids
+
+
+def test_invalid_settings_show_an_error_instead_of_raising(engine):
+    dbg = make(engine)
+    dbg.controls["top-p"].value = 0.0
+    assert "top_p" in view(dbg, "error")
+    assert dbg.sampling.top_p is None  # the old settings stay
+    click(dbg, "Choose")  # nothing chosen yet
+    assert "no token has been chosen" in view(dbg, "error")
+    dbg.controls["cycle n"].value = -1
+    click(dbg, "Run to cycle")
+    assert "cycle must be" in view(dbg, "error")
+    click(dbg, "Next token")
+    assert view(dbg, "error") == "" and dbg.cycle == 1
+    with pytest.raises(ValueError, match="top_k"):  # text mode raises as Python does
+        dbg.set_sampling(do_sample=True, top_k=0)
+
+
+def test_export_writes_json_that_trace_load_reads(engine, tmp_path):
+    dbg = make(engine)
+    dbg.run_to(4)
+    dbg.choose(1)
+    dbg.next()
+    dbg.controls["export path"].value = str(tmp_path / "trace.json")
+    click(dbg, "Export")
+    raw = json.loads((tmp_path / "trace.json").read_text())
+    trace = Trace.load(tmp_path / "trace.json")
+    assert trace.token_ids == dbg.token_ids and len(trace.records) == 4
+    assert raw["settings"]["interventions"] and trace.records[3].forced
+
+
+def test_other_engine_users_do_not_corrupt_a_paused_run(engine, base):
+    dbg = make(engine)
+    dbg.next()
+    dbg.step_layer(), dbg.step_layer()  # paused inside the forward pass
+    engine.generate("JULIET:", 3)  # someone else uses the engine meanwhile
+    dbg.run_to(6)
+    assert dbg.token_ids == base.token_ids[:6]
+
+
+def test_a_paused_run_leaves_autograd_on_for_the_caller(engine):
+    """Engine.forward holds no_grad across its yields; a paused debugger must not leak it."""
+    dbg = make(engine)
+    click(dbg, "Step layer", 3)  # paused inside the forward pass
+    assert torch.is_grad_enabled()
+    dbg.set_sampling(do_sample=True, seed=1)  # closes the paused run
+    assert torch.is_grad_enabled()
+    dbg.step_layer()
+    del dbg
+    gc.collect()
+    assert torch.is_grad_enabled()
+
+
+def test_logit_lens_of_the_last_layer_is_the_output(engine):
+    dbg = make(engine, n=2)
+    dbg.next()
+    last = [e for e in dbg.history if e.op == "residual_mlp"][-1]
+    lens = logit_lens(engine, last.tensors["x"], k=3)
+    assert [t for t, _ in lens] == [t for _, t, _ in dbg.state().output.raw_top[:3]]
+
+
+def test_step_latency_is_measured(engine):
+    dbg = make(engine)
+    times = []
+    for name in ("Step", "Step layer", "Next token", "Back cycle", "Next token"):
+        start = time.perf_counter()
+        click(dbg, name)
+        times.append(time.perf_counter() - start)
+    print("click latency (ms):", [f"{t * 1e3:.1f}" for t in times])
+    assert all(t > 0 for t in times)
+
+
+# ---------------------------------------------------------------- the big model
+
+
+def test_smollm2_widget_views_and_faithfulness(smollm2_engine):
+    dbg = Debugger(smollm2_engine, "The capital of France is", max_new_tokens=4)
+    dbg.widget()
+    click(dbg, "Next token", 3)
+    assert view(dbg, "counter") == "cycle 3" and len(dbg.tokens) == 3
+    assert view(dbg, "text").count("<span title='#") == 3
+    assert to_text(view(dbg, "registers")).count("\nL") == smollm2_engine.arch.n_layers
+    assert "L0–L29" in view(dbg, "memory")
+    assert "decode: 1 token in" in view(dbg, "pipeline") and "prefill (prompt read at once)" in view(dbg, "pipeline")
+    click(dbg, "Check vs transformers")
+    assert dbg.faith is not None and dbg.faith < 1e-3 and "transformers" in view(dbg, "message")
+    dbg.watch(3, 8)
+    assert "layer 3, head 8" in view(dbg, "memory")
