@@ -347,3 +347,304 @@ def check_count_pairs(fn: Callable[[list[int]], dict]) -> Result:
             return Result(False, f"(a, b) and (b, a) were counted together ({case}): pairs are ordered")
         return Result(False, case)
     return Result(True, "correct: every adjacent pair counted, overlapping ones included")
+
+
+# --- chapter 04: a transformer block from its pieces ---------------------------------------------------
+
+
+def _random_gpt2(seed: int = 4):
+    """A small random GPT-2 with random norm gains and biases (so a misplaced norm shows)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=24, n_layer=2, n_head=4,
+                                       bos_token_id=0, eos_token_id=0,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.copy_(1 + 0.5 * torch.randn(module.weight.shape, generator=gen))
+                module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=gen))
+            elif type(module).__name__ == "Conv1D":  # weights (in, out) of unit gain: every sublayer counts
+                fan_in = module.weight.shape[0]
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) / fan_in ** 0.5)
+                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=gen))
+    return model
+
+
+def _block_variants(x: torch.Tensor, layer) -> dict[str, torch.Tensor]:
+    """The right block (``"ok"``) and the typical wrong ones, each named by its symptom."""
+    from .forward import gelu_mlp, layer_norm, self_attention
+
+    def ln1(t):
+        return layer_norm(t, layer.ln_1.weight, layer.ln_1.bias, layer.ln_1.eps)
+
+    def ln2(t):
+        return layer_norm(t, layer.ln_2.weight, layer.ln_2.bias, layer.ln_2.eps)
+
+    def attn(t):
+        return self_attention(t, layer.attn)
+
+    def mlp(t):
+        return gelu_mlp(t, layer.mlp)
+
+    a = x + attn(ln1(x))
+    no_attn_res = attn(ln1(x))
+    post = ln1(x + attn(x))
+    h = ln1(x)
+    return {
+        "ok": a + mlp(ln2(a)),
+        "the attention result replaced the stream instead of being added to it: x = x + attn(ln_1(x)) "
+        "(the residual add)": no_attn_res + mlp(ln2(no_attn_res)),
+        "the MLP result replaced the stream instead of being added to it: x = x + mlp(ln_2(x)) (the residual add)":
+            mlp(ln2(a)),
+        "no residual adds at all: each sublayer must ADD its result to x (x = x + ...), not replace it":
+            mlp(ln2(attn(ln1(x)))),
+        "the norm comes after the residual add (post-norm, as in the 2017 transformer); GPT-2 normalises each "
+        "sublayer's INPUT: x + attn(ln_1(x))": ln2(post + mlp(post)),
+        "you normalised the sublayer's output; GPT-2 normalises its input: x + attn(ln_1(x)), not x + ln_1(attn(x))":
+            (lambda y: y + ln2(mlp(y)))(x + ln1(attn(x))),
+        "the residual add starts from the normalised x; add the sublayer's result to the raw stream x":
+            (lambda y: ln2(y) + mlp(ln2(y)))(h + attn(h)),
+        "ln_1 and ln_2 are swapped: ln_1 goes before attention, ln_2 before the MLP":
+            (lambda y: y + mlp(ln1(y)))(x + attn(ln2(x))),
+        "both sublayers used ln_1: the MLP has its own norm, ln_2": a + mlp(ln1(a)),
+        "the MLP read the stream from BEFORE attention wrote into it (a parallel block): run the MLP on the "
+        "updated x": a + mlp(ln2(x)),
+        "the MLP ran before attention: attention first, then the MLP":
+            (lambda y: y + attn(ln1(y)))(x + mlp(ln2(x))),
+        "the attention sublayer is missing: the block is attention, then the MLP": x + mlp(ln2(x)),
+        "the MLP sublayer is missing: after attention comes x = x + mlp(ln_2(x))": a,
+    }
+
+
+def check_block(fn: Callable, model: torch.nn.Module | None = None) -> Result:
+    """Check ``fn(x, layer) -> x``: one GPT-2 block (``layer`` is a ``transformers`` GPT-2 block with
+    ``ln_1``, ``attn``, ``ln_2``, ``mlp``) on ``x`` of shape ``(batch, positions, width)``: pre-norm
+    attention and MLP, each added to the residual stream.
+
+    Tried on every layer of a small random GPT-2 with random norm gains, and of ``model`` (e.g.
+    ``tiny.model``) when given.
+    """
+    models = [_random_gpt2()] + ([model] if model is not None else [])
+    gen = torch.Generator().manual_seed(5)
+    for m in models:
+        width = m.config.n_embd
+        for i, layer in enumerate(m.transformer.h):
+            for shape in ((1, 6, width), (2, 1, width), (1, 9, width)):
+                x = torch.randn(*shape, generator=gen) * (1 + 2 * i)
+                given = x.clone()
+                with torch.no_grad():
+                    out, error = _call(fn, given, layer)
+                    if error is not None:
+                        return error
+                    if not isinstance(out, torch.Tensor):
+                        return Result(False, f"return the new stream x as a tensor, not {type(out).__name__}")
+                    if not torch.equal(given, x):
+                        return Result(False, "your block changed its input in place (x += ...): write x = x + ... "
+                                             "so the caller's tensor is left alone")
+                    if out.shape != x.shape:
+                        return Result(False, f"the block must keep the shape {tuple(x.shape)} (batch, positions, width); "
+                                             f"got {tuple(out.shape)}")
+                    variants = _block_variants(x, layer)
+                    want = variants.pop("ok")
+                    if torch.equal(out, x):
+                        return Result(False, "the block returned its input unchanged: add the attention result, "
+                                             "then the MLP result, to x")
+                    if torch.allclose(out, want, atol=1e-4, rtol=1e-4):
+                        continue
+                    for hint, wrong in variants.items():
+                        if torch.allclose(out, wrong, atol=1e-4, rtol=1e-4):
+                            return Result(False, hint)
+                    if shape[1] > 1 and torch.allclose(out[:, :1], want[:, :1], atol=1e-4, rtol=1e-4):
+                        return Result(False, "position 0 is right but later ones are not: is the attention causal, "
+                                             "and does each position keep its own residual?")
+                    return Result(False, f"on layer {i} with x of shape {shape} the result differs from the block "
+                                         f"(largest difference {float((out - want).abs().max()):.3g})")
+    return Result(True, "correct: x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)) — norm before, residual add after")
+
+
+# --- chapter 05: decoding ---------------------------------------------------------------------------
+
+
+def _ref_top_p_keep(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Reference nucleus set: sorted from most likely, keep tokens while the mass BEFORE them is < p."""
+    probs = torch.softmax(logits.double(), -1)
+    order = torch.argsort(probs, descending=True)
+    before = torch.cumsum(probs[order], 0) - probs[order]
+    keep_sorted = before < p
+    keep_sorted[0] = True
+    keep = torch.zeros_like(keep_sorted)
+    keep[order] = keep_sorted
+    return keep
+
+
+def _top_p_cases(seed: int = 0) -> list[tuple[torch.Tensor, float]]:
+    gen = torch.Generator().manual_seed(seed)
+    spike = torch.tensor([0.2, 6.0, 1.0, -1.0, 0.5])  # the best token alone holds ~0.98
+    cases = [(torch.tensor([0.5, 2.0, -1.0, 1.0, 0.1, -3.0]), 0.8), (spike, 0.5), (spike, 0.9)]
+    for n, scale, p in [(10, 1.0, 0.9), (50, 2.0, 0.5), (200, 3.0, 0.95), (30, 1.5, 0.1), (1000, 4.0, 0.7),
+                        (8, 0.5, 0.99), (12, 2.0, 1.0)]:
+        logits = torch.randn(n, generator=gen) * scale
+        cases.append((logits[torch.randperm(n, generator=gen)], p))
+    return cases
+
+
+def check_top_p_filter(fn: Callable[[torch.Tensor, float], torch.Tensor]) -> Result:
+    """Check ``fn(logits, p) -> logits``: nucleus (top-p) filtering of a ``(vocab,)`` logits vector.
+
+    Keep the smallest set of most likely tokens whose probabilities add up to at least ``p`` (the token
+    that crosses ``p`` is kept; the most likely token always is); the others get ``-inf``; kept logits
+    are returned unchanged, each at its own position.
+    """
+    for logits, p in _top_p_cases():
+        given = logits.clone()
+        out, error = _call(fn, given, p)
+        if error is not None:
+            return error
+        if not isinstance(out, torch.Tensor):
+            return Result(False, f"return a tensor of logits, not {type(out).__name__}")
+        if not torch.equal(given, logits):
+            return Result(False, "your function changed the logits it was given (in place): work on a copy "
+                                 "(e.g. logits.masked_fill(...), which returns a new tensor)")
+        if out.shape != logits.shape:
+            return Result(False, f"return one logit per token, shape {tuple(logits.shape)}; got {tuple(out.shape)}")
+        out = out.double()
+        keep = _ref_top_p_keep(logits, p)
+        kept = torch.isfinite(out)
+        case = f"(p = {p}, {len(logits)} tokens)"
+        if torch.equal(kept, keep):
+            if not torch.allclose(out[kept], logits.double()[kept], atol=1e-5):
+                renormalised = torch.softmax(logits.double()[kept], -1)
+                if (torch.allclose(out[kept], torch.softmax(logits.double(), -1)[kept], atol=1e-6)
+                        or torch.allclose(out[kept], renormalised, atol=1e-6)):
+                    return Result(False, f"you returned probabilities {case}: return the LOGITS, with -inf for "
+                                         "the dropped tokens")
+                return Result(False, f"the kept tokens' logits changed {case}: leave them as they are "
+                                     "(sampling renormalises anyway)")
+            continue
+        best = int(torch.argmax(logits))
+        probs = torch.softmax(logits.double(), -1)
+        if not torch.isneginf(out).any() and (out[~keep] == 0).all() and (logits[~keep] != 0).any():
+            return Result(False, f"dropped tokens must get -inf (probability 0 after softmax), not 0 {case}: "
+                                 "a logit of 0 is an ordinary score")
+        sorted_desc = torch.sort(logits, descending=True).values.double()
+        if kept.any() and torch.allclose(out[kept], sorted_desc[kept], atol=1e-6) and not torch.allclose(
+                out[kept], logits.double()[kept], atol=1e-6):
+            return Result(False, f"the result is in sorted order {case}: put each kept logit back at its "
+                                 "token's position (scatter by the sort order)")
+        if kept.any() and (~kept).any() and float(probs[kept].min()) < float(probs[~kept].max()) - 1e-12:
+            return Result(False, f"you kept a less likely token while dropping a more likely one {case}: "
+                                 "sort from the most to the least likely")
+        if not bool(kept[best]):
+            return Result(False, f"the most likely token was dropped {case}: it is always kept, even when "
+                                 "its own probability is above p")
+        if kept.sum() > keep.sum():
+            return Result(False, f"you kept tokens after the cumulative probability passed p {case}: kept "
+                                 f"{int(kept.sum())}, the nucleus has {int(keep.sum())}")
+        return Result(False, f"you dropped the token that makes the total reach p {case}: keep the smallest set "
+                             "whose probability is AT LEAST p — the token that crosses p stays")
+    return Result(True, "correct: the nucleus is the smallest set of most likely tokens holding at least p")
+
+
+def _random_bert(seed: int = 6):
+    """A small random BERT masked LM and its mask id (the last vocabulary entry)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    model = BertForMaskedLM(BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=64, max_position_embeddings=32, type_vocab_size=1,
+                                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+    return model, 59
+
+
+def check_masked_prediction(fn: Callable, loaded=None) -> Result:
+    """Check ``fn(model, ids, position, mask_id) -> (token_id, probability)``: hide ``ids[position]``
+    behind the mask token, run the masked LM, and return its most likely token AT that position and
+    that token's probability.
+
+    Tried on a small random BERT, and on ``loaded`` (e.g. ``load("tiny-mlm")``) when given.
+    """
+    gen = torch.Generator().manual_seed(7)
+    model, mask_id = _random_bert()
+    trials = []
+    for n, pos in ((8, 3), (5, 0), (12, 11), (6, 2)):
+        trials.append((model, mask_id, torch.randint(0, 58, (n,), generator=gen).tolist(), pos))
+    if loaded is not None:
+        tok = loaded.tokenizer
+        for text in ("ROMEO:\nBut soft, what light through yonder window breaks?", "KING:\nMy lord, I pray you."):
+            ids = tok(text)["input_ids"]
+            trials += [(loaded.model, tok.mask_token_id, ids, pos) for pos in (1, len(ids) // 2, len(ids) - 1)]
+    for model, mask_id, ids, pos in trials:
+        given = list(ids)
+        out, error = _call(fn, model, given, pos, mask_id)
+        if error is not None:
+            return error
+        if given != ids:
+            return Result(False, "your function changed the caller's list of ids: copy it before putting the "
+                                 "mask in (masked = list(ids))")
+        try:
+            token, prob = int(out[0]), float(out[1])
+        except (TypeError, ValueError, IndexError):
+            return Result(False, f"return a pair (token_id, probability), got {out!r}")
+
+        def predict(inputs, at):
+            with torch.no_grad():
+                logits = model(torch.tensor([inputs])).logits[0, at].double()
+            probs = torch.softmax(logits, -1)
+            return int(torch.argmax(probs)), float(probs.max()), float(logits.max())
+
+        masked = list(ids)
+        masked[pos] = mask_id
+        want, want_p, want_logit = predict(masked, pos)
+        if token == want and abs(prob - want_p) < 1e-4:
+            continue
+        case = f"(position {pos} of {len(ids)})"
+        if token == want:
+            if abs(prob - want_logit) < 1e-4:
+                return Result(False, f"you returned the logit {case}: the probability is softmax(logits)[token]")
+            return Result(False, f"the token is right but its probability should be {want_p:.4f}, got {prob:.4f} "
+                                 f"{case}: softmax over the vocabulary (the last axis) at the masked position")
+        unmasked, _, _ = predict(ids, pos)
+        if token == unmasked and unmasked != want:
+            return Result(False, f"the model saw the answer {case}: replace ids[position] by the mask token "
+                                 "before running the model")
+        for shift, where in ((-1, "one position early"), (1, "one position late")):
+            if 0 <= pos + shift < len(ids) and token == predict(masked, pos + shift)[0] and token != want:
+                return Result(False, f"you read the logits {where} {case}: a masked LM predicts the token AT "
+                                     "the mask — no shift, unlike a causal LM's next token")
+        return Result(False, f"at {case} the masked LM's top token is {want}, you returned {token}")
+    return Result(True, "correct: mask the position, run the encoder once, read the prediction AT the mask")
+
+
+# --- chapter 06: LoRA's forward pass -----------------------------------------------------------------
+
+
+def check_lora_forward(fn: Callable[..., torch.Tensor]) -> Result:
+    """Check ``fn(x, W, A, B, alpha, r) -> y``: LoRA's output ``x @ W + (x @ A) @ B * alpha / r``
+    for ``x`` (batch, in), ``W`` (in, out), ``A`` (in, r), ``B`` (r, out)."""
+    gen = torch.Generator().manual_seed(6)
+    for n_in, n_out, r, alpha in [(8, 5, 2, 4.0), (12, 12, 3, 1.0), (6, 10, 1, 16.0)]:
+        x, W = torch.randn(4, n_in, generator=gen), torch.randn(n_in, n_out, generator=gen)
+        A, B = torch.randn(n_in, r, generator=gen), torch.randn(r, n_out, generator=gen)
+        y, failed = _call(fn, x.clone(), W.clone(), A.clone(), B.clone(), alpha, r)
+        if failed is not None:  # a Result is falsy when it did not pass
+            return failed
+        if not isinstance(y, torch.Tensor) or tuple(y.shape) != (4, n_out):
+            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            return Result(False, f"the output should have shape (batch, out) = (4, {n_out}), got {got}")
+        base, update = x @ W, (x @ A) @ B
+        want = base + update * alpha / r
+        if torch.allclose(y, want, atol=1e-4, rtol=1e-4):
+            continue
+        if torch.allclose(y, base, atol=1e-4):
+            return Result(False, "you returned the frozen layer alone: add the low-rank path (x @ A) @ B")
+        if torch.allclose(y, update * alpha / r, atol=1e-4, rtol=1e-4):
+            return Result(False, "you returned only the low-rank update: LoRA ADDS it to the frozen output x @ W")
+        if torch.allclose(y, base + update, atol=1e-4, rtol=1e-4):
+            return Result(False, f"the update is not scaled (alpha={alpha}, r={r}): multiply it by alpha / r")
+        if torch.allclose(y, base + update * r / alpha, atol=1e-4, rtol=1e-4):
+            return Result(False, "the scale is upside down: it is alpha / r, not r / alpha")
+        return Result(False, f"for in={n_in}, out={n_out}, r={r} the output differs from x @ W + (x @ A) @ B * alpha / r")
+    return Result(True, "correct: the frozen path plus a rank-r update scaled by alpha / r")

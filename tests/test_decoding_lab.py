@@ -1,0 +1,170 @@
+"""Chapter 05 helpers against independent references: transformers' fill-mask pipeline, hand cases."""
+
+import math
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+
+from cyclelab.decode import Sampling, pipeline
+from cyclelab.decoding_lab import (bits_per_token, encode_split, entropy_nats, fill_mask, pick_k, plot_pipeline,
+                                   plot_visibility, sample_ngram_text)
+from cyclelab.ngram import NGramLM
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture(scope="module")
+def tiny_mlm():
+    from cyclelab import load
+
+    return load("tiny-mlm")
+
+
+@pytest.mark.parametrize("text", ["To be, or not to<|mask|>, that is the question.",
+                                  "<|mask|>:\nO Romeo, Romeo! wherefore art thou Romeo?"])
+def test_fill_mask_matches_the_transformers_pipeline(tiny_mlm, text):
+    from transformers import pipeline as hf_pipeline
+
+    reference = hf_pipeline("fill-mask", model=tiny_mlm.model, tokenizer=tiny_mlm.tokenizer)(text, top_k=5)
+    ours = fill_mask(tiny_mlm, text, k=5)
+    assert len(ours) == 1
+    assert [t for t, _ in ours[0]] == [r["token_str"] for r in reference]
+    np.testing.assert_allclose([p for _, p in ours[0]], [r["score"] for r in reference], atol=1e-5)
+
+
+def test_fill_mask_absorbs_the_space_before_the_mask(tiny_mlm):
+    assert fill_mask(tiny_mlm, "not to <|mask|>, that", 3) == fill_mask(tiny_mlm, "not to<|mask|>, that", 3)
+    assert fill_mask(tiny_mlm, "not to <|mask|>, that", 3, absorb_space=False) != fill_mask(tiny_mlm, "not to<|mask|>, that", 3)
+
+
+def test_fill_mask_several_masks_in_one_pass(tiny_mlm):
+    tok = tiny_mlm.tokenizer
+    text = "My<|mask|> lord, I pray<|mask|>."
+    out = fill_mask(tiny_mlm, text, k=2)
+    ids = tok(text)["input_ids"]
+    with torch.no_grad():
+        logits = tiny_mlm.model(torch.tensor([ids])).logits[0]
+    for guesses, pos in zip(out, [i for i, t in enumerate(ids) if t == tok.mask_token_id]):
+        probs = torch.softmax(logits[pos], -1)
+        assert guesses[0][0] == tok.decode([int(probs.argmax())])
+        assert abs(guesses[0][1] - float(probs.max())) < 1e-6
+        assert guesses[0][1] >= guesses[1][1]
+    assert len(out) == 2
+
+
+def test_fill_mask_errors(tiny_mlm, tiny):
+    with pytest.raises(ValueError, match="no <\\|mask\\|>"):
+        fill_mask(tiny_mlm, "no mask here", 3)
+    with pytest.raises(ValueError, match="no mask token"):
+        fill_mask(tiny, "ROMEO:", 3)
+    with pytest.raises(ValueError, match="k must be"):
+        fill_mask(tiny_mlm, "a<|mask|>", 0)
+
+
+def test_pick_k_uses_a_slice_of_training_data_only():
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 20, 3000).tolist()
+    best, scores = pick_k(2, train, 20, [1.0, 0.1, 0.001])
+    assert set(scores) == {1.0, 0.1, 0.001} and best == min(scores, key=scores.get)
+    cut = int(len(train) * 0.9)
+    for k, ppl in scores.items():  # the same as fitting on the first 90% and scoring the last 10%
+        assert ppl == pytest.approx(NGramLM(2, 20, k).fit(train[:cut]).perplexity(train[cut:]))
+    # random uniform tokens: heavy smoothing wins (the counts are mostly noise)
+    assert best == 1.0
+    with pytest.raises(ValueError):
+        pick_k(2, train, 20, [])
+
+
+def test_pick_k_prefers_little_smoothing_on_repetitive_data():
+    train = [1, 2, 3, 4] * 500
+    best, _ = pick_k(2, train, 50, [1.0, 0.01])
+    assert best == 0.01
+
+
+def test_encode_split_matches_encode_plays_and_caches(tiny, tmp_path, monkeypatch):
+    from cyclelab import data
+    from cyclelab.train_tiny import encode_plays
+
+    monkeypatch.setattr("cyclelab.decoding_lab.token_cache", lambda: tmp_path / "tokens")
+    want = encode_plays(tiny.tokenizer, data.plays("valid")).tolist()
+    assert encode_split(tiny.tokenizer, "valid", cache=False) == want
+    assert not (tmp_path / "tokens").exists()
+    assert encode_split(tiny.tokenizer, "valid", limit=1000) == want[:1000]  # encodes and stores
+    stored = list((tmp_path / "tokens").glob("valid-*.npy"))
+    assert len(stored) == 1 and not list((tmp_path / "tokens").glob("*.partial.npy"))
+    np.save(stored[0], np.arange(5))  # a planted file proves the second call reads the cache
+    assert encode_split(tiny.tokenizer, "valid") == [0, 1, 2, 3, 4]
+
+
+def test_encode_split_cache_is_keyed_by_the_tokenizer(tiny, tmp_path, monkeypatch):
+    from cyclelab import load
+
+    monkeypatch.setattr("cyclelab.decoding_lab.token_cache", lambda: tmp_path / "tokens")
+    encode_split(tiny.tokenizer, "valid", limit=10)
+    encode_split(load("tiny-mlm").tokenizer, "valid", limit=10)  # one more (mask) token: another key
+    assert len(list((tmp_path / "tokens").glob("valid-*.npy"))) == 2
+
+
+def test_entropy_and_bits_by_hand():
+    assert entropy_nats(torch.zeros(8)) == pytest.approx(math.log(8))
+    assert entropy_nats(torch.tensor([0.0, -math.inf, -math.inf])) == pytest.approx(0.0)
+    assert bits_per_token(64.0) == pytest.approx(6.0)
+
+
+def test_sample_ngram_text_is_seeded(tiny):
+    ids = encode_split(tiny.tokenizer, "valid", limit=5000)
+    model = NGramLM(2, len(tiny.tokenizer), 0.01).fit(ids)
+    a = sample_ngram_text(model, tiny.tokenizer, ids[:1], 12, seed=3)
+    assert a == sample_ngram_text(model, tiny.tokenizer, ids[:1], 12, seed=3)
+    assert len(tiny.tokenizer(a)["input_ids"]) >= 6
+
+
+def test_figures_draw(tiny_engine):
+    import matplotlib.pyplot as plt
+
+    logits = tiny_engine.logits(tiny_engine.encode("ROMEO:"))[0, -1]
+    stages = pipeline(logits, [], Sampling(do_sample=True, temperature=0.7, top_k=5, top_p=0.9))
+    axes = plot_pipeline(stages, tiny_engine.token_text, k=8)
+    assert len(axes) == len(stages) == 4
+    plot_visibility(["a", "b", "c"], causal=True, hidden=1)
+    with pytest.raises(ValueError):
+        plot_pipeline([], tiny_engine.token_text)
+    plt.close("all")
+
+
+def test_masked_vs_causal_matches_a_plain_loop(tiny, tiny_mlm):
+    from cyclelab.decoding_lab import masked_vs_causal
+
+    ids = encode_split(tiny.tokenizer, "valid", limit=80)
+    got = masked_vs_causal(tiny, tiny_mlm, ids, window=40, every=10)
+    hits = {"causal": 0, "masked": 0}
+    nll = {"causal": 0.0, "masked": 0.0}
+    for start in (0, 40):
+        chunk = ids[start:start + 40]
+        with torch.no_grad():
+            causal = torch.log_softmax(tiny.model(torch.tensor([chunk])).logits[0], -1)
+        for pos in (10, 20, 30):
+            hidden = list(chunk)
+            hidden[pos] = tiny_mlm.tokenizer.mask_token_id
+            with torch.no_grad():
+                masked = torch.log_softmax(tiny_mlm.model(torch.tensor([hidden])).logits[0, pos], -1)
+            for name, logp in (("causal", causal[pos - 1]), ("masked", masked)):
+                hits[name] += int(logp.argmax()) == chunk[pos]
+                nll[name] -= float(logp[chunk[pos]])
+    for name in ("causal", "masked"):
+        assert got[name]["tokens"] == 6
+        assert got[name]["accuracy"] == pytest.approx(hits[name] / 6)
+        assert got[name]["perplexity"] == pytest.approx(math.exp(nll[name] / 6), rel=1e-4)
+
+
+def test_masked_vs_causal_errors(tiny, tiny_mlm):
+    from cyclelab.decoding_lab import masked_vs_causal
+
+    with pytest.raises(ValueError, match="no mask token"):
+        masked_vs_causal(tiny, tiny, list(range(100)))
+    with pytest.raises(ValueError, match="every"):
+        masked_vs_causal(tiny, tiny_mlm, list(range(100)), window=8, every=8)
+    with pytest.raises(ValueError, match="at least one window"):
+        masked_vs_causal(tiny, tiny_mlm, list(range(10)), window=64)
