@@ -1,4 +1,4 @@
-"""Perplexity: how surprised a language model is by a text, on average.
+"""Metrics: perplexity (how surprised a language model is by a text) and BLEU (text-to-text overlap).
 
 Perplexity is ``exp(total negative log-likelihood / number of scored tokens)``. A model
 that spreads its bets evenly over V tokens has perplexity V; lower is better.
@@ -11,6 +11,8 @@ the same tokens.
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -115,3 +117,63 @@ def _window_nll(model: torch.nn.Module, ids: torch.Tensor, spans: list[tuple[int
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                           ignore_index=-100, reduction="sum")
     return float(nll), int((targets != -100).sum())
+
+
+# --- BLEU: n-gram overlap with a reference, for text-to-text tasks ---------------------------------
+
+_PUNCT = re.compile(r"([^\w\s'])")
+
+
+def bleu_tokenize(text: str) -> list[str]:
+    """sacrebleu's ``13a`` tokenisation, simplified: every character that is not a letter, digit,
+    space or apostrophe becomes a token of its own, then split on whitespace. (13a also keeps
+    ``.`` and ``,`` inside numbers and unescapes HTML entities; neither occurs in our lines.)"""
+    return _PUNCT.sub(r" \1 ", text).split()
+
+
+def _ngrams(tokens: list[str], n: int) -> Counter:
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]], max_n: int = 4) -> float:
+    """Corpus BLEU-4 on a 0–100 scale, as ``sacrebleu.corpus_bleu`` computes it.
+
+    Clipped n-gram counts (n = 1..4) are summed over the whole corpus, their precisions combined
+    by a geometric mean and multiplied by the brevity penalty ``exp(1 - r/c)`` when the hypotheses
+    (``c`` tokens) are shorter than the references (``r`` tokens, the closest reference length per
+    sentence). A precision with no match is smoothed like sacrebleu's default ``exp`` method.
+    ``references`` holds one string per hypothesis, or a list of strings (several references).
+    """
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references: give one (or a list) per hypothesis")
+    if not hypotheses:
+        raise ValueError("no hypotheses to score")
+    correct, total = [0] * max_n, [0] * max_n
+    hyp_len = ref_len = 0
+    for hyp, refs in zip(hypotheses, references):
+        refs = [refs] if isinstance(refs, str) else list(refs)
+        h = bleu_tokenize(hyp)
+        rs = [bleu_tokenize(r) for r in refs]
+        hyp_len += len(h)
+        ref_len += min((abs(len(r) - len(h)), len(r)) for r in rs)[1]
+        for n in range(1, max_n + 1):
+            hyp_ngrams = _ngrams(h, n)
+            max_ref = Counter()
+            for r in rs:
+                max_ref |= _ngrams(r, n)
+            correct[n - 1] += sum(min(c, max_ref[g]) for g, c in hyp_ngrams.items())
+            total[n - 1] += max(0, len(h) - n + 1)
+    if hyp_len == 0:
+        return 0.0
+    log_p, smooth = 0.0, 1.0
+    for c, t in zip(correct, total):
+        if t == 0:
+            return 0.0
+        if c == 0:
+            smooth *= 2
+            p = 1.0 / (smooth * t)
+        else:
+            p = c / t
+        log_p += math.log(p) / max_n
+    bp = 1.0 if hyp_len >= ref_len else math.exp(1 - ref_len / hyp_len)
+    return 100 * bp * math.exp(log_p)

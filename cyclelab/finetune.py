@@ -1,0 +1,365 @@
+"""Fine-tuning: change the weights that the READ stage reads.
+
+Every cycle reads the same weights; fine-tuning is the one thing in the course that changes
+them. This module has two halves:
+
+* :func:`train` — a training loop small enough to read in one screen, each habit switchable in
+  :class:`TrainConfig`: AdamW with weight decay (not on biases and norms), linear warmup then
+  cosine decay (:func:`schedule`), gradient clipping, gradient accumulation, early stopping on a
+  validation metric, a dropout toggle, mixed precision (bfloat16 autocast on CPU, float16 with a
+  gradient scaler on a GPU), checkpoint and resume, and a tqdm progress bar showing the loss.
+* parameter-efficient methods written from scratch: :class:`LoRALinear` / :func:`add_lora`,
+  bottleneck :class:`Adapter` / :func:`add_adapters`, :class:`PrefixTuning` and
+  :func:`count_trainable`.
+
+Batches are drawn from a generator seeded by ``(seed, step)``, so step *s* sees the same
+examples whether the run was interrupted or not: resuming from a checkpoint continues exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .device import pick_device
+
+
+# --- the training loop -------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """The knobs of :func:`train`; each habit can be switched off on its own."""
+
+    steps: int = 100
+    batch_size: int = 8  # examples per optimizer step (split into `accumulate` micro-batches)
+    lr: float = 1e-3
+    weight_decay: float = 0.01  # AdamW's decoupled decay; 0 switches it off
+    warmup: int = 10  # linear warmup steps; 0 switches it off
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of lr; 1.0 = constant lr
+    clip: float | None = 1.0  # max gradient norm; None switches clipping off
+    accumulate: int = 1  # micro-batches per step (gradient accumulation)
+    eval_every: int = 0  # evaluate every N steps (0: never)
+    patience: int | None = None  # stop after this many evaluations without improvement
+    dropout: float | None = None  # set every nn.Dropout to this p; None leaves the model's
+    mixed_precision: bool = False  # bfloat16 autocast on CPU, float16 (+ grad scaler) on GPU
+    checkpoint: str | Path | None = None  # save here every `checkpoint_every` steps; resume if present
+    checkpoint_every: int = 0
+    progress: bool = False  # tqdm bar with the loss
+    seed: int = 0
+    device: str | None = "cpu"  # None: cyclelab.pick_device() (a GPU when there is one)
+
+
+@dataclass
+class History:
+    """What a run did: per-step loss and learning rate, evaluations, time per step."""
+
+    loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    evals: list[tuple[int, float]] = field(default_factory=list)
+    best: float = math.inf
+    stopped_early: bool = False
+    seconds_per_step: float = 0.0
+
+
+def schedule(step: int, steps: int, lr: float, warmup: int = 0, min_lr_ratio: float = 0.1) -> float:
+    """Learning rate at ``step``: linear warmup over ``warmup`` steps, then cosine decay
+    from ``lr`` to ``lr * min_lr_ratio`` at ``steps``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Set the probability of every ``nn.Dropout`` in ``model`` (0 switches dropout off)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; matrices decay, biases and norm gains do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def _collate(items: list):
+    if isinstance(items[0], dict):
+        return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
+    return torch.stack([torch.as_tensor(it) for it in items])
+
+
+def _to(batch, device):
+    return {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else batch.to(device)
+
+
+def train(model: nn.Module, data: Sequence, loss_fn: Callable, cfg: TrainConfig,
+          evaluate: Callable[[nn.Module], float] | None = None) -> History:
+    """Train ``model`` in place on ``data`` (a sequence of tensors or dicts of tensors, stacked
+    into batches); ``loss_fn(model, batch)`` returns the mean loss of a batch and
+    ``evaluate(model)`` a validation number, lower is better. Returns the :class:`History`."""
+    from tqdm.auto import tqdm
+
+    if len(data) == 0:
+        raise ValueError("the training data set is empty: nothing to learn from")
+    if cfg.batch_size % cfg.accumulate:
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of accumulate {cfg.accumulate}")
+    device = pick_device(cfg.device)
+    model.to(device)
+    if cfg.dropout is not None:
+        set_dropout(model, cfg.dropout)
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    fp16 = cfg.mixed_precision and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+    amp_dtype = torch.float16 if fp16 else torch.bfloat16
+    hist, step, best_state, bad = History(), 0, None, 0
+    ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
+    if ckpt is not None and ckpt.exists():  # resume
+        state = torch.load(ckpt, weights_only=True, map_location=device)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        scaler.load_state_dict(state["scaler"])
+        step, saved = int(state["step"]), json.loads(state["history"])
+        hist.loss, hist.lr, hist.best = saved["loss"], saved["lr"], saved["best"]
+        hist.evals = [tuple(e) for e in saved["evals"]]
+    micro = cfg.batch_size // cfg.accumulate
+    bar = tqdm(total=cfg.steps, initial=step, desc="fine-tune", unit="step", disable=not cfg.progress)
+    model.train()
+    t0, start_step = time.perf_counter(), step
+    while step < cfg.steps:
+        lr = schedule(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # same batch after a resume
+        idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen).tolist()
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for m in range(cfg.accumulate):  # gradient accumulation: sum of micro-batch gradients
+            batch = _to(_collate([data[i] for i in idx[m * micro:(m + 1) * micro]]), device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.mixed_precision):
+                loss = loss_fn(model, batch) / cfg.accumulate
+            scaler.scale(loss).backward()
+            total += loss.item()
+        scaler.unscale_(opt)
+        if cfg.clip is not None:
+            nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip)
+        scaler.step(opt)
+        scaler.update()
+        step += 1
+        hist.loss.append(total)
+        hist.lr.append(lr)
+        bar.update(1)
+        bar.set_postfix(loss=f"{total:.3f}")
+        if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0:
+            value = float(evaluate(model))
+            model.train()
+            hist.evals.append((step, value))
+            if value < hist.best:
+                hist.best, bad, best_state = value, 0, copy.deepcopy(model.state_dict())
+            else:
+                bad += 1
+            if cfg.patience is not None and bad >= cfg.patience:  # early stopping
+                hist.stopped_early = True
+                break
+        if ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            saved = {"loss": hist.loss, "lr": hist.lr, "evals": hist.evals, "best": hist.best}
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict(),
+                        "step": torch.tensor(step), "history": json.dumps(saved)}, ckpt)
+    bar.close()
+    if hist.stopped_early and best_state is not None:
+        model.load_state_dict(best_state)  # keep the weights of the best evaluation
+    hist.seconds_per_step = (time.perf_counter() - t0) / max(1, step - start_step)
+    model.eval()
+    return hist
+
+
+def lm_loss(model: nn.Module, batch) -> torch.Tensor:
+    """Next-token cross-entropy. ``batch`` is ids ``(B, T)`` or a dict with ``input_ids`` and
+    ``labels`` (-100 where a position is not scored, e.g. the prompt of a prompt → answer pair)."""
+    ids, labels = (batch["input_ids"], batch["labels"]) if isinstance(batch, dict) else (batch, batch)
+    logits = model(input_ids=ids).logits[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+# --- parameter-efficient fine-tuning -------------------------------------------------------------
+
+
+def count_trainable(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts (shared tensors counted once)."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def _in_out(layer: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, weight_is_in_by_out) of an nn.Linear or a GPT-2 Conv1D."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features, False
+    if type(layer).__name__ == "Conv1D":  # transformers' GPT-2 layer: y = x @ W + b, W is (in, out)
+        return layer.weight.shape[0], layer.weight.shape[1], True
+    raise ValueError(f"LoRA wraps nn.Linear or GPT-2's Conv1D, not {type(layer).__name__}")
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update (Hu et al. 2021):
+
+    ``y = base(x) + (x @ A) @ B * alpha / r`` with ``A`` (in, r) random and ``B`` (r, out) zero,
+    so training starts from the unchanged model. :meth:`merge` folds ``A @ B * alpha / r`` into
+    the base weight: same outputs, no extra cost per cycle.
+    """
+
+    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0):
+        super().__init__()
+        n_in, n_out, self.in_by_out = _in_out(base)
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
+        if r > min(n_in, n_out):
+            raise ValueError(f"LoRA rank r={r} is larger than the layer allows ({n_in}x{n_out}: at most "
+                             f"{min(n_in, n_out)}); a higher rank adds parameters but no expressiveness")
+        self.base, self.r, self.alpha, self.scale = base, r, alpha, alpha / r
+        for p in base.parameters():
+            p.requires_grad_(False)
+        a = torch.empty(r, n_in)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # peft's initialisation of lora_A
+        self.A = nn.Parameter(a.T.contiguous().to(base.weight))
+        self.B = nn.Parameter(torch.zeros(r, n_out).to(base.weight))
+        self.dropout = nn.Dropout(dropout)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        return y + (self.dropout(x) @ self.A) @ self.B * self.scale
+
+    def delta(self) -> torch.Tensor:
+        """The weight update ``A @ B * alpha / r``, shaped like the base weight."""
+        d = self.A @ self.B * self.scale
+        return d if self.in_by_out else d.T
+
+    @torch.no_grad()
+    def merge(self) -> nn.Module:
+        """Fold the update into the base weight (once); returns the plain base layer."""
+        if not self.merged:
+            self.base.weight += self.delta()
+            self.merged = True
+        return self.base
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def add_lora(model: nn.Module, targets: Sequence[str] = ("c_attn",), r: int = 8, alpha: float = 16.0,
+             dropout: float = 0.0) -> nn.Module:
+    """Freeze ``model`` and wrap each layer whose name ends with one of ``targets`` (e.g.
+    ``("c_attn",)`` in GPT-2, ``("query", "value")`` in BERT) in a :class:`LoRALinear`."""
+    names = [n for n, m in model.named_modules() if n and any(n == t or n.endswith("." + t) for t in targets)]
+    if not names:
+        raise ValueError(f"no layer of the model is named {list(targets)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        _replace(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout))
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Replace every :class:`LoRALinear` by its merged base layer."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            _replace(model, name, module.merge())
+    return model
+
+
+class Adapter(nn.Module):
+    """Bottleneck adapter (Houlsby et al. 2019): ``h + up(gelu(down(h)))``, ``up`` starting at zero."""
+
+    def __init__(self, width: int, bottleneck: int = 16):
+        super().__init__()
+        if bottleneck <= 0:
+            raise ValueError(f"adapter bottleneck must be positive, got {bottleneck}")
+        self.down, self.up = nn.Linear(width, bottleneck), nn.Linear(bottleneck, width)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.up(F.gelu(self.down(h)))
+
+
+class _WithAdapter(nn.Module):
+    def __init__(self, inner: nn.Module, adapter: Adapter):
+        super().__init__()
+        self.inner, self.adapter = inner, adapter
+
+    def forward(self, *args, **kwargs):
+        return self.adapter(self.inner(*args, **kwargs))
+
+
+def add_adapters(model: nn.Module, targets: Sequence[str] = ("mlp",), bottleneck: int = 16) -> nn.Module:
+    """Freeze ``model`` and put an :class:`Adapter` after each module named ``targets`` (its
+    output must be a tensor of the model's width: GPT-2's ``mlp``, BERT's ``output``)."""
+    width = model.config.hidden_size
+    names = [n for n, _ in model.named_modules() if n and any(n == t or n.endswith("." + t) for t in targets)]
+    if not names:
+        raise ValueError(f"no module of the model is named {list(targets)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        inner = model.get_submodule(name)
+        _replace(model, name, _WithAdapter(inner, Adapter(width, bottleneck).to(next(inner.parameters()))))
+    return model
+
+
+class PrefixTuning(nn.Module):
+    """A frozen causal LM behind ``n_virtual`` trainable vectors prepended to its input embeddings.
+
+    This is the simplest correct form of prefix tuning (Li & Liang 2021), the input-layer variant
+    also called *prompt tuning* (Lester et al. 2021): the virtual tokens go through every layer like
+    real ones, so each layer's keys and values see a learned prefix, but only the input vectors are
+    trained (full prefix tuning trains separate keys/values per layer). The vectors start as the
+    embeddings of random vocabulary tokens. Outputs at the virtual positions are dropped, so
+    ``logits`` line up with ``input_ids``; the real tokens' positions are shifted by ``n_virtual``.
+    """
+
+    def __init__(self, model: nn.Module, n_virtual: int = 8, seed: int = 0):
+        super().__init__()
+        if n_virtual <= 0:
+            raise ValueError(f"n_virtual must be positive, got {n_virtual}")
+        self.model, self.n_virtual = model, n_virtual
+        for p in model.parameters():
+            p.requires_grad_(False)
+        emb = model.get_input_embeddings().weight
+        ids = torch.randint(0, emb.shape[0], (n_virtual,), generator=torch.Generator().manual_seed(seed))
+        self.prefix = nn.Parameter(emb.detach()[ids.to(emb.device)].clone())
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, input_ids: torch.Tensor, **kwargs):
+        embeds = self.model.get_input_embeddings()(input_ids)
+        prefix = self.prefix.to(embeds.dtype).expand(input_ids.shape[0], -1, -1)
+        out = self.model(inputs_embeds=torch.cat([prefix, embeds], dim=1), **kwargs)
+        return SimpleNamespace(logits=out.logits[:, self.n_virtual:])
