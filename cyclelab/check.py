@@ -73,6 +73,19 @@ def _call(fn, *args):
         return None, Result(False, f"your function raised {type(err).__name__}: {err}")
 
 
+def _tensor_answer(fn, given: torch.Tensor, *rest, original: torch.Tensor, noun: str, in_place: str):
+    """Run ``fn(given, *rest)``; return (tensor, None), or (None, Result) when it raised, returned
+    something other than a tensor, or changed ``given`` (a copy of ``original``) in place."""
+    out, error = _call(fn, given, *rest)
+    if error is not None:
+        return None, error
+    if not isinstance(out, torch.Tensor):
+        return None, Result(False, f"return {noun} as a tensor, not {type(out).__name__}")
+    if not torch.equal(given, original):
+        return None, Result(False, in_place)
+    return out, None
+
+
 def check_embed_lookup(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Result:
     """Check ``fn(weight, ids) -> vectors``: the rows of ``weight`` (vocab, width) for ``ids``,
     shaped ``ids.shape + (width,)``."""
@@ -436,14 +449,12 @@ def check_block(fn: Callable, model: torch.nn.Module | None = None) -> Result:
                 x = torch.randn(*shape, generator=gen) * (1 + 2 * i)
                 given = x.clone()
                 with torch.no_grad():
-                    out, error = _call(fn, given, layer)
+                    out, error = _tensor_answer(
+                        fn, given, layer, original=x, noun="the new stream x",
+                        in_place="your block changed its input in place (x += ...): write x = x + ... "
+                                 "so the caller's tensor is left alone")
                     if error is not None:
                         return error
-                    if not isinstance(out, torch.Tensor):
-                        return Result(False, f"return the new stream x as a tensor, not {type(out).__name__}")
-                    if not torch.equal(given, x):
-                        return Result(False, "your block changed its input in place (x += ...): write x = x + ... "
-                                             "so the caller's tensor is left alone")
                     if out.shape != x.shape:
                         return Result(False, f"the block must keep the shape {tuple(x.shape)} (batch, positions, width); "
                                              f"got {tuple(out.shape)}")
@@ -500,14 +511,12 @@ def check_top_p_filter(fn: Callable[[torch.Tensor, float], torch.Tensor]) -> Res
     """
     for logits, p in _top_p_cases():
         given = logits.clone()
-        out, error = _call(fn, given, p)
+        out, error = _tensor_answer(
+            fn, given, p, original=logits, noun="the logits",
+            in_place="your function changed the logits it was given (in place): work on a copy "
+                     "(e.g. logits.masked_fill(...), which returns a new tensor)")
         if error is not None:
             return error
-        if not isinstance(out, torch.Tensor):
-            return Result(False, f"return a tensor of logits, not {type(out).__name__}")
-        if not torch.equal(given, logits):
-            return Result(False, "your function changed the logits it was given (in place): work on a copy "
-                                 "(e.g. logits.masked_fill(...), which returns a new tensor)")
         if out.shape != logits.shape:
             return Result(False, f"return one logit per token, shape {tuple(logits.shape)}; got {tuple(out.shape)}")
         out = out.double()
