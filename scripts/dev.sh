@@ -5,7 +5,8 @@
 #   bash scripts/dev.sh lab [ARGS]     JupyterLab on notebooks/ (headless server: --no-browser;
 #                                      as root also --allow-root)
 #   bash scripts/dev.sh course [ARGS]  execute every notebook headless (see: cyclelab course -h)
-#   bash scripts/dev.sh test [ARGS]    all tests: tests/ + nbval on notebooks/ (ARGS go to pytest)
+#   bash scripts/dev.sh test [ARGS]    all tests: tests/ + nbval on notebooks/ (ARGS go to pytest);
+#                                      as root, installs Chromium (apt) for the browser test
 #   bash scripts/dev.sh bench [ARGS]   the benchmarks (python -m benchmarks)
 #
 # Every command runs setup first; when nothing changed it takes a few seconds.
@@ -24,7 +25,7 @@ say() { printf '[dev.sh] %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
 usage() {
-    sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit "${1:-2}"
 }
 
@@ -104,7 +105,29 @@ run_pytest() {
     return "$rc"
 }
 
+# The browser test (tests/test_browser.py) drives Debian's Chromium with Playwright (a dev
+# dependency). Install Chromium with apt-get where we can (root); never fail because of it:
+# without Chromium the test skips and says why.
+ensure_chromium() {
+    local log rc=0
+    [[ -x /usr/bin/chromium ]] && return 0
+    if ! command -v apt-get >/dev/null 2>&1 || [[ "$(id -u)" -ne 0 ]]; then
+        say "no /usr/bin/chromium, and no apt-get as root to install it: the browser test will skip"
+        return 0
+    fi
+    say "installing Chromium for the browser test (apt-get install chromium)"
+    log="$(mktemp)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >"$log" 2>&1 || rc=$?
+    if [[ $rc -ne 0 || ! -x /usr/bin/chromium ]]; then
+        say "could not install Chromium (exit $rc; last lines below): the browser test will skip"
+        tail -n 5 "$log" >&2 || true
+    fi
+    rm -f "$log"
+    return 0
+}
+
 cmd_test() {
+    ensure_chromium
     # Two workers share the cores: one torch thread pool each, or they spin against each other.
     local cores
     cores="$(nproc 2>/dev/null || echo 2)"
