@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cyclelab.finetune import (Adapter, LoRALinear, PrefixTuning, TrainConfig, add_adapters, add_lora,
-                               count_trainable, lm_loss, merge_lora, schedule, train)
+                               count_trainable, freeze, lm_loss, merge_lora, schedule, train)
 from cyclelab.metrics import bleu
 
 
@@ -174,6 +174,22 @@ def test_adapters_and_prefix_start_as_the_unchanged_model(tiny) -> None:
 
 
 # --- bad input ----------------------------------------------------------------------------------
+
+
+def test_freeze_leaves_the_lower_layers_untouched(model) -> None:
+    total = count_trainable(model)[0]
+    frozen = freeze(model, ["transformer.wte", "transformer.wpe", "transformer.h.0.", "transformer.h.1."])
+    per_block = sum(p.numel() for p in model.transformer.h[0].parameters())
+    assert frozen == 4096 * 192 + model.transformer.wpe.weight.numel() + 2 * per_block
+    assert count_trainable(model)[0] == total - frozen
+    lower = copy.deepcopy(model.transformer.h[1].state_dict())
+    upper = copy.deepcopy(model.transformer.h[3].state_dict())
+    train(model, windows(), lm_loss, fast(steps=2))
+    for name, value in model.transformer.h[1].state_dict().items():
+        torch.testing.assert_close(value, lower[name], rtol=0, atol=0)
+    assert any(not torch.equal(value, upper[name]) for name, value in model.transformer.h[3].state_dict().items())
+    with pytest.raises(ValueError, match="no parameter name"):
+        freeze(model, ["encoder.layer.0."])
 
 
 def test_empty_data_set(model) -> None:
