@@ -316,6 +316,9 @@ class Llama(Architecture):
 def architecture_for(model: torch.nn.Module) -> Architecture:
     """The op-by-op forward for ``model``, or a clear error naming the supported families."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if any(type(m).__name__ == "LoRALinear" for m in model.modules()):
+        raise ValueError("the model holds LoRA layers (a frozen weight plus A @ B): the engine reads plain weight "
+                         "matrices, so fold them in first with cyclelab.finetune.merge_lora(model)")
     if model_type == "gpt2" and hasattr(model, "lm_head"):
         return GPT2(model)
     if model_type == "llama" and hasattr(model, "lm_head"):
