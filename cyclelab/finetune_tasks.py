@@ -10,10 +10,14 @@
 3. **Span extraction** — who speaks a line: a passage of a few speeches (``NAME: ...``) and one
    of its lines as the question; the answer is the speaker's name in the passage. ``minilm`` with a
    start/end head (:class:`SpanExtractor`), scored by exact match and F1 (:func:`exact_match_f1`);
-   baseline: the passage's first speaker.
-4. **Text to text** — First Folio spelling to modern spelling (:func:`folio_pairs`), ``tiny``
-   fine-tuned on ``"FOLIO: ... MODERN: ..."`` prompts (:func:`seq2seq_examples`, :func:`modernise`),
-   scored with BLEU against the copy-the-input baseline.
+   baselines that never read the question (:func:`baseline_answers`): the passage's first, last
+   or most frequent speaker.
+4. **Text to text** — First Folio spelling to modern spelling (:func:`folio_pairs`), as *edit
+   tagging* (like LaserTagger and GECToR): each Folio word gets a tag, ``KEEP`` or an edit learned
+   from the aligned training pairs (:func:`align_words`, :func:`word_edit`, :func:`edit_vocabulary`);
+   ``tiny`` plus a linear head tags every word (:func:`tagging_data`, :class:`EditTagger`,
+   :func:`tagging_loss`) and :func:`modernise` applies the tags. Scored with BLEU against the
+   copy-the-input baseline (and a context-free lookup table, :func:`lookup_table`).
 
 :func:`compare_methods` runs task 1 with full fine-tuning, LoRA, adapters and prefix tuning;
 :func:`plot_schedule`, :func:`plot_losses` and :func:`plot_confusion` draw the chapter's figures.
@@ -182,7 +186,8 @@ def compare_methods(model: nn.Module, tokenizer, train_texts: Sequence[str], tes
                     steps: int = 20, batch_size: int = 8, window: int = 64, seed: int = 0,
                     methods: Sequence[str] = tuple(METHOD_LR)) -> list[dict]:
     """Fine-tune a copy of ``model`` on ``train_texts`` with each method; one row per method:
-    trainable and total parameters, seconds per step, held-out perplexity, and the history."""
+    trainable and total parameters, seconds per step, held-out perplexity, the history and the
+    fine-tuned model."""
     from .finetune import TrainConfig, count_trainable, lm_loss, train
 
     examples = lm_windows(tokenizer, train_texts, window)
@@ -194,7 +199,8 @@ def compare_methods(model: nn.Module, tokenizer, train_texts: Sequence[str], tes
         history = train(tuned, examples, lm_loss, cfg)
         trainable, total = count_trainable(tuned)
         rows.append({"method": method, "trainable": trainable, "total": total, "s_per_step": history.seconds_per_step,
-                     "perplexity": sonnet_perplexity(tuned, tokenizer, test_texts), "history": history})
+                     "perplexity": sonnet_perplexity(tuned, tokenizer, test_texts), "history": history,
+                     "model": tuned})
     return rows
 
 
@@ -275,10 +281,12 @@ def folio_pairs(play: str, min_ratio: float = 0.85, look_ahead: int = 40) -> lis
     modern = _spoken_lines(data.normalize_speakers(data.read_work(play)), folio=False)
     keys = [_spelling_key(m) for m in modern]
     pairs, j = [], 0
+    matcher = difflib.SequenceMatcher(None)
     for line in folio:
-        key, best, best_k = _spelling_key(line), 0.0, None
+        matcher.set_seq2(_spelling_key(line))  # difflib caches what it learns about seq2: set it once per line
+        best, best_k = 0.0, None
         for k in range(j, min(j + look_ahead, len(modern))):
-            matcher = difflib.SequenceMatcher(None, key, keys[k])
+            matcher.set_seq1(keys[k])
             if matcher.real_quick_ratio() < min_ratio or matcher.quick_ratio() < min_ratio:
                 continue
             if (ratio := matcher.ratio()) > best:
@@ -290,34 +298,165 @@ def folio_pairs(play: str, min_ratio: float = 0.85, look_ahead: int = 40) -> lis
     return pairs
 
 
-def seq2seq_examples(tokenizer, pairs: Sequence[tuple[str, str]], length: int = 64) -> list[dict]:
-    """``"FOLIO: <old>\\nMODERN: <new>\\n"`` prompts for a causal LM; only the answer (and the
-    end-of-text token) is scored: labels are -100 on the prompt and the padding."""
-    examples = []
+KEEP = "KEEP"  #: the edit tag that leaves a word as it is
+
+
+def align_words(old: str, new: str) -> list[tuple[str, str | None]]:
+    """Each word (whitespace-separated, punctuation attached) of ``old`` with the word of ``new`` it
+    becomes: difflib matches the two word sequences; equal words and same-length runs of replaced
+    words pair up one to one; words inside an uneven change (inserted, dropped, merged) get None."""
+    import difflib
+
+    old_words, new_words = old.split(), new.split()
+    out: list[str | None] = [None] * len(old_words)
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, old_words, new_words, autojunk=False).get_opcodes():
+        if op == "equal" or (op == "replace" and i2 - i1 == j2 - j1):
+            for i, j in zip(range(i1, i2), range(j1, j2)):
+                out[i] = new_words[j]
+    return list(zip(old_words, out))
+
+
+def word_edit(old: str, new: str) -> str:
+    """The edit that turns the word ``old`` into ``new``, as a tag that other words can share:
+    ``KEEP``; an optional case change of the first letter (``lower``/``upper``); then a rewrite of
+    the ending after the longest common beginning, ``"cut→add"``. ``haue→have`` and ``giue→give``
+    are both ``"ue→ve"``, ``Lord→lord,`` is ``"lower →,"``, ``vpon→upon`` is ``"vpon→upon"``."""
+    if not old or not new or any(c.isspace() for c in old + new):
+        raise ValueError(f"word_edit takes two single words, got {old!r} and {new!r}")
+    if old == new:
+        return KEEP
+    case = ""
+    if old[0].isupper() and new[0] == old[0].lower():
+        case, old = "lower", old[0].lower() + old[1:]
+    elif old[0].islower() and new[0] == old[0].upper():
+        case, old = "upper", old[0].upper() + old[1:]
+    p = 0
+    while p < min(len(old), len(new)) and old[p] == new[p]:
+        p += 1
+    rule = "" if old == new else f"{old[p:]}→{new[p:]}"
+    return " ".join(part for part in (case, rule) if part)
+
+
+def apply_edit(word: str, edit: str) -> str:
+    """Apply a tag of :func:`word_edit` to ``word``; a rewrite whose ending does not fit leaves
+    the word unchanged (so a wrong tag can only do so much harm)."""
+    if edit == KEEP:
+        return word
+    case, rule = "", edit  # a rule never holds a space: "lower →," is a case change and a rule
+    if " " in edit or edit in ("lower", "upper"):
+        case, _, rule = edit.partition(" ")
+    if case not in ("", "lower", "upper") or (rule and "→" not in rule) or rule.count("→") > 1:
+        raise ValueError(f"not an edit tag: {edit!r} (expected KEEP, lower, upper and/or 'cut→add')")
+    out = word
+    if case == "lower":
+        out = out[:1].lower() + out[1:]
+    elif case == "upper":
+        out = out[:1].upper() + out[1:]
+    if rule:
+        cut, add = rule.split("→")
+        if not out.endswith(cut):
+            return word
+        out = out[:len(out) - len(cut)] + add
+    return out
+
+
+def edit_vocabulary(pairs: Sequence[tuple[str, str]], min_count: int = 3) -> list[str]:
+    """The tags the tagger chooses from: ``KEEP`` first, then every edit seen at least
+    ``min_count`` times in the aligned ``pairs``, most frequent first."""
+    from collections import Counter
+
+    if not pairs:
+        raise ValueError("no (folio, modern) pairs to learn edits from")
+    counts = Counter(word_edit(o, n) for old, new in pairs for o, n in align_words(old, new) if n is not None)
+    return [KEEP] + [e for e, c in counts.most_common() if c >= min_count and e != KEEP]
+
+
+def _word_ids(tokenizer, line: str) -> tuple[list[int], list[int]]:
+    """Token ids of ``line`` built word by word, and the position of each word's last token."""
+    ids, last = [], []
+    for i, word in enumerate(line.split()):
+        ids += tokenizer(word if i == 0 else " " + word)["input_ids"]
+        last.append(len(ids) - 1)
+    return ids, last
+
+
+def tagging_data(tokenizer, pairs: Sequence[tuple[str, str]], edits: Sequence[str], max_len: int = 48) -> list[dict]:
+    """Examples ``{"input_ids", "attention_mask", "labels"}`` for the edit tagger: the Folio line's
+    tokens, and at each word's **last** token the index of its edit in ``edits`` (-100 elsewhere,
+    and on words whose edit is not in ``edits`` or that align with no single modern word)."""
+    if not pairs:
+        raise ValueError("no (folio, modern) pairs to make examples from")
+    index = {e: i for i, e in enumerate(edits)}
+    pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    out = []
     for old, new in pairs:
-        prompt = tokenizer(f"FOLIO: {old}\nMODERN:")["input_ids"]
-        answer = tokenizer(f" {new}\n")["input_ids"] + [tokenizer.eos_token_id]
-        ids = (prompt + answer)[:length]
-        labels = ([-100] * len(prompt) + answer)[:length]
-        pad = length - len(ids)
-        examples.append({"input_ids": torch.tensor(ids + [tokenizer.eos_token_id] * pad),
-                         "labels": torch.tensor(labels + [-100] * pad)})
-    if not examples:
-        raise ValueError("no pairs to make examples from")
-    return examples
+        ids, last = _word_ids(tokenizer, old)
+        labels = [-100] * max_len
+        for pos, (o, n) in zip(last, align_words(old, new)):
+            if n is not None and pos < max_len:
+                labels[pos] = index.get(word_edit(o, n), -100)
+        ids = ids[:max_len]
+        out.append({"input_ids": torch.tensor(ids + [pad] * (max_len - len(ids))),
+                    "attention_mask": torch.tensor([1] * len(ids) + [0] * (max_len - len(ids))),
+                    "labels": torch.tensor(labels)})
+    return out
+
+
+class EditTagger(nn.Module):
+    """A transformer body (e.g. ``tiny``'s GPT-2 ``transformer``) and a linear head scoring every
+    edit tag at every position (token classification)."""
+
+    def __init__(self, body: nn.Module, n_edits: int):
+        super().__init__()
+        self.body = body
+        self.head = nn.Linear(body.config.hidden_size, n_edits)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state).float()
+
+
+def tagging_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Cross-entropy of the edit tags at the labelled positions (each word's last token)."""
+    logits = model(batch["input_ids"], batch["attention_mask"])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1), ignore_index=-100)
 
 
 @torch.no_grad()
-def modernise(model: nn.Module, tokenizer, lines: Sequence[str], max_new_tokens: int = 40) -> list[str]:
-    """Greedy answers of a prompt-tuned causal LM to ``"FOLIO: <line>\\nMODERN:"``, up to the newline."""
+def modernise(model: nn.Module, tokenizer, edits: Sequence[str], lines: Sequence[str], max_len: int = 48,
+              batch_size: int = 64) -> list[str]:
+    """Each Folio line with the tagger's most likely edit applied to every word (words past
+    ``max_len`` tokens are kept as they are). A tagger that answers ``KEEP`` everywhere copies."""
     model.eval()
     device = next(model.parameters()).device
     out = []
-    for line in lines:
-        ids = tokenizer(f"FOLIO: {line}\nMODERN:", return_tensors="pt")["input_ids"].to(device)
-        gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        out.append(tokenizer.decode(gen[0, ids.shape[1]:]).split("\n")[0].replace("<|endoftext|>", "").strip())
+    for i in range(0, len(lines), batch_size):
+        chunk = lines[i:i + batch_size]
+        encoded = tagging_data(tokenizer, [(line, line) for line in chunk], edits, max_len)
+        ids = torch.stack([e["input_ids"] for e in encoded]).to(device)
+        mask = torch.stack([e["attention_mask"] for e in encoded]).to(device)
+        best = model(ids, mask).argmax(-1).tolist()
+        for line, tags in zip(chunk, best):
+            _, last = _word_ids(tokenizer, line)
+            out.append(" ".join(apply_edit(w, edits[tags[p]]) if p < max_len else w for w, p in zip(line.split(), last)))
     return out
+
+
+def lookup_table(pairs: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """The most frequent modern form of each Folio word in the aligned ``pairs`` (no context;
+    a tie goes to the form seen first)."""
+    from collections import Counter, defaultdict
+
+    seen: dict[str, Counter] = defaultdict(Counter)
+    for old, new in pairs:
+        for o, n in align_words(old, new):
+            if n is not None:
+                seen[o][n] += 1
+    return {word: forms.most_common(1)[0][0] for word, forms in seen.items()}
+
+
+def modernise_by_lookup(table: dict[str, str], lines: Sequence[str]) -> list[str]:
+    """Each line with every word replaced by its entry in ``table`` (kept if absent)."""
+    return [" ".join(table.get(w, w) for w in line.split()) for line in lines]
 
 
 # --- task 3: who speaks this line? (span extraction) ------------------------------------------------
@@ -335,36 +474,67 @@ def speeches(play: str) -> list[tuple[str, list[str]]]:
     return [(name, lines) for name, lines in out if lines]
 
 
-def speaker_questions(plays: Sequence[str], n: int, k: int = 3, seed: int = 0, min_words: int = 4) -> list[dict]:
-    """``n`` span-extraction examples: a passage of ``k`` consecutive speeches (their first two lines,
-    each introduced by ``NAME:``), a line of one of them as the question, and as the answer the
-    speaker's name where it stands in the passage (``answer_start`` is a character offset)."""
+def speaker_questions(plays: Sequence[str], n: int, k: int = 3, seed: int = 0, min_words: int = 4,
+                      lines_per_speech: int = 1) -> list[dict]:
+    """``n`` span-extraction examples: a passage of ``k`` consecutive speeches by at least two
+    speakers (the first ``lines_per_speech`` lines of each, introduced by ``NAME:``), a line of one
+    of them as the question, and as the answer the speaker's name where it stands in the passage
+    (``answer_start`` is a character offset)."""
+    if n < 1 or k < 2 or lines_per_speech < 1:
+        raise ValueError(f"need n >= 1 questions, k >= 2 speeches and lines_per_speech >= 1; got {n}, {k}, {lines_per_speech}")
     rng = random.Random(seed)
-    pool = [speeches(p) for p in plays]
+    pool = [play for play in (speeches(p) for p in plays) if len(play) > k]
+    if not pool:
+        raise ValueError(f"no play among {list(plays)} has more than {k} speeches")
     out = []
-    while len(out) < n:
+    for _ in range(1000 * n):
+        if len(out) == n:
+            break
         play = rng.choice(pool)
         i = rng.randrange(0, len(play) - k)
         window = play[i:i + k]
         if len({name for name, _ in window}) < 2:
             continue
         target = rng.randrange(k)
-        candidates = [line for line in window[target][1][:2] if len(line.split()) >= min_words]
+        candidates = [line for line in window[target][1][:lines_per_speech] if len(line.split()) >= min_words]
         if not candidates:
             continue
         context, start = "", 0
         for j, (name, lines) in enumerate(window):
             if j == target:
                 start = len(context)
-            context += f"{name}: {' '.join(lines[:2])}\n"
+            context += f"{name}: {' '.join(lines[:lines_per_speech])}\n"
         out.append({"question": rng.choice(candidates), "context": context, "answer": window[target][0],
-                    "answer_start": start, "first_speaker": window[0][0]})
+                    "answer_start": start})
     return out
 
 
-def span_data(tokenizer, examples: Sequence[dict], max_len: int = 128) -> list[dict]:
-    """Encode ``question [SEP] passage`` and the answer's first and last token positions."""
+def baseline_answers(examples: Sequence[dict], rule: str = "first") -> list[str]:
+    """Answers that never read the question: the passage's ``"first"`` speaker, its ``"last"``, or
+    the one with the ``"most"`` speeches in it (the earliest of a tie)."""
     out = []
+    for ex in examples:
+        names = [line.split(":")[0] for line in ex["context"].splitlines() if ":" in line]
+        if not names:
+            raise ValueError(f"no 'NAME:' speech in the passage {ex['context']!r}")
+        if rule == "first":
+            out.append(names[0])
+        elif rule == "last":
+            out.append(names[-1])
+        elif rule == "most":
+            out.append(max(names, key=lambda name: (names.count(name), -names.index(name))))
+        else:
+            raise ValueError(f"unknown baseline rule {rule!r}; choose 'first', 'last' or 'most'")
+    return out
+
+
+def span_data(tokenizer, examples: Sequence[dict], max_len: int = 128) -> tuple[list[dict], list[dict]]:
+    """Encode ``question [SEP] passage`` and the answer's first and last token positions.
+    Returns the encodings and the examples they encode: an example whose answer falls beyond
+    ``max_len`` tokens is left out of both."""
+    if not examples:
+        raise ValueError("no questions to encode")
+    out, kept = [], []
     for ex in examples:
         enc = tokenizer(ex["question"], ex["context"], truncation="only_second", max_length=max_len,
                         padding="max_length", return_offsets_mapping=True)
@@ -373,11 +543,12 @@ def span_data(tokenizer, examples: Sequence[dict], max_len: int = 128) -> list[d
         tokens = [t for t, ((a, b), s) in enumerate(zip(enc["offset_mapping"], seq)) if s == 1 and a < last and b > first]
         if not tokens:  # the answer was truncated away
             continue
+        kept.append(ex)
         out.append({"input_ids": torch.tensor(enc["input_ids"]), "attention_mask": torch.tensor(enc["attention_mask"]),
                     "start": torch.tensor(tokens[0]), "end": torch.tensor(tokens[-1]),
                     "context_mask": torch.tensor([s == 1 for s in seq]),
                     "offsets": torch.tensor(enc["offset_mapping"])})
-    return out
+    return out, kept
 
 
 class SpanExtractor(nn.Module):
@@ -401,23 +572,27 @@ def span_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_spans(model: nn.Module, encoded: Sequence[dict], examples: Sequence[dict], max_tokens: int = 12) -> list[str]:
+def predict_spans(model: nn.Module, encoded: Sequence[dict], examples: Sequence[dict], max_tokens: int = 12,
+                  batch_size: int = 64) -> list[str]:
     """The best passage span (start <= end < start + ``max_tokens``) of each example, as text."""
+    if len(encoded) != len(examples):
+        raise ValueError(f"{len(encoded)} encoded examples but {len(examples)} examples")
     model.eval()
     device = next(model.parameters()).device
     out = []
-    for enc, ex in zip(encoded, examples):
-        start, end = model(enc["input_ids"][None].to(device), enc["attention_mask"][None].to(device))
-        mask = enc["context_mask"].to(device)
-        s = start[0].masked_fill(~mask, -1e9)
-        e = end[0].masked_fill(~mask, -1e9)
-        scores = s[:, None] + e[None, :]
-        n = len(s)
+    for i in range(0, len(encoded), batch_size):
+        chunk = encoded[i:i + batch_size]
+        start, end = model(torch.stack([e["input_ids"] for e in chunk]).to(device),
+                           torch.stack([e["attention_mask"] for e in chunk]).to(device))
+        mask = torch.stack([e["context_mask"] for e in chunk]).to(device)
+        start, end = start.masked_fill(~mask, -1e9), end.masked_fill(~mask, -1e9)
+        n = start.shape[1]
         allowed = torch.triu(torch.ones(n, n, dtype=torch.bool, device=device)) & ~torch.triu(
             torch.ones(n, n, dtype=torch.bool, device=device), diagonal=max_tokens)
-        best = int(scores.masked_fill(~allowed, -1e18).argmax())
-        i, j = divmod(best, n)
-        out.append(ex["context"][int(enc["offsets"][i][0]):int(enc["offsets"][j][1])])
+        scores = (start[:, :, None] + end[:, None, :]).masked_fill(~allowed, -1e18)
+        for enc, ex, best in zip(chunk, examples[i:i + batch_size], scores.flatten(1).argmax(-1).tolist()):
+            s, e = divmod(best, n)
+            out.append(ex["context"][int(enc["offsets"][s][0]):int(enc["offsets"][e][1])])
     return out
 
 

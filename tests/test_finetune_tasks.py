@@ -52,22 +52,45 @@ def test_classification_bad_input(minilm) -> None:
         play_lines(["tempest"], 10**6)
 
 
-# --- tasks 3 and 4: data preparation and metrics (training them beats the baseline only with
-# --- longer runs than a unit test affords; see the chapter's notes) ------------------------------
+# --- task 3: who speaks this line? -----------------------------------------------------------------
 
 
 def test_speaker_questions_point_at_the_speaker(minilm) -> None:
     from cyclelab.finetune_tasks import span_data, speaker_questions
 
-    examples = speaker_questions(["tempest"], 20, k=3, seed=1)
+    examples = speaker_questions(["tempest"], 20, k=3, seed=1, lines_per_speech=2)
     for ex in examples:
         assert ex["context"][ex["answer_start"]:ex["answer_start"] + len(ex["answer"]) + 1] == ex["answer"] + ":"
         assert ex["question"] in ex["context"]
-    encoded = span_data(minilm.tokenizer, examples, max_len=128)
-    assert len(encoded) == len(examples)
-    for enc, ex in zip(encoded, examples):
+        assert len({line.split(":")[0] for line in ex["context"].splitlines()}) >= 2
+    encoded, kept = span_data(minilm.tokenizer, examples, max_len=128)
+    assert len(encoded) == len(kept) == len(examples)
+    for enc, ex in zip(encoded, kept):
         first, last = int(enc["offsets"][enc["start"]][0]), int(enc["offsets"][enc["end"]][1])
         assert ex["context"][first:last] == ex["answer"]
+    short, kept = span_data(minilm.tokenizer, examples, max_len=24)  # answers cut off are left out of both
+    assert len(short) == len(kept) < len(examples)
+
+
+def test_question_blind_baselines() -> None:
+    from cyclelab.finetune_tasks import baseline_answers
+
+    ex = [{"context": "BRUTUS: Peace, ho!\nCASSIUS: Good night.\nBRUTUS: Farewell.\n"},
+          {"context": "FIRST CITIZEN: You are all resolved?\nALL: Resolved.\nSECOND CITIZEN: One word.\n"}]
+    assert baseline_answers(ex, "first") == ["BRUTUS", "FIRST CITIZEN"]
+    assert baseline_answers(ex, "last") == ["BRUTUS", "SECOND CITIZEN"]
+    assert baseline_answers(ex, "most") == ["BRUTUS", "FIRST CITIZEN"]  # a tie goes to the earliest
+    with pytest.raises(ValueError, match="unknown baseline"):
+        baseline_answers(ex, "random")
+
+
+def test_speaker_questions_bad_input() -> None:
+    from cyclelab.finetune_tasks import speaker_questions
+
+    with pytest.raises(ValueError, match="k >= 2"):
+        speaker_questions(["tempest"], 5, k=1)
+    with pytest.raises(ValueError, match="no work named"):
+        speaker_questions(["no_such_play"], 5)
 
 
 def test_exact_match_and_f1() -> None:
@@ -78,13 +101,125 @@ def test_exact_match_and_f1() -> None:
         exact_match_f1([], [])
 
 
-def test_folio_pairs_and_prompt_examples(tiny) -> None:
-    from cyclelab.finetune_tasks import folio_pairs, seq2seq_examples
+def test_span_reader_beats_the_question_blind_baselines_on_a_held_out_play(minilm) -> None:
+    from cyclelab.finetune import freeze
+    from cyclelab.finetune_tasks import (SpanExtractor, baseline_answers, exact_match_f1, predict_spans, span_data,
+                                         span_loss, speaker_questions)
+
+    train_set, _ = span_data(minilm.tokenizer, speaker_questions(["hamlet", "othello", "lear"], 480, seed=0), max_len=64)
+    test_set, questions = span_data(minilm.tokenizer, speaker_questions(["julius_caesar"], 120, seed=1), max_len=64)
+    torch.manual_seed(0)
+    encoder = copy.deepcopy(minilm.model)
+    freeze(encoder, ["embeddings", "encoder.layer.0.", "encoder.layer.1."])
+    reader = SpanExtractor(encoder)
+    train(reader, train_set, span_loss, TrainConfig(steps=60, batch_size=8, lr=5e-4, warmup=6))
+    answers = [q["answer"] for q in questions]
+    em, f1 = exact_match_f1(predict_spans(reader, test_set, questions), answers)
+    best_blind = max(exact_match_f1(baseline_answers(questions, rule), answers)[0] for rule in ("first", "last", "most"))
+    assert 40 < best_blind < 70  # two or three speakers a passage: guessing is right about half the time
+    assert em > best_blind + 15 and f1 >= em
+
+
+# --- task 4: First Folio -> modern spelling, by edit tagging -------------------------------------------
+
+
+def test_align_words_pairs_one_to_one_and_leaves_uneven_changes_out() -> None:
+    from cyclelab.finetune_tasks import align_words
+
+    assert align_words("Fly further off my Lord: flye further off,", "Fly further off, my lord, fly further off;") == [
+        ("Fly", "Fly"), ("further", "further"), ("off", "off,"), ("my", "my"), ("Lord:", "lord,"),
+        ("flye", "fly"), ("further", "further"), ("off,", "off;")]
+    # "to morrow," became one word: neither Folio word has a single modern counterpart
+    assert align_words("Come to morrow, good Sir", "Come to-morrow, good sir.") == [
+        ("Come", "Come"), ("to", None), ("morrow,", None), ("good", "good"), ("Sir", "sir.")]
+
+
+@pytest.mark.parametrize("old, new, edit", [
+    ("haue", "have", "ue→ve"), ("giue", "give", "ue→ve"), ("Lord", "lord,", "lower →,"), ("Noble", "noble", "lower"),
+    ("vpon", "upon", "vpon→upon"), ("me,", "me", ",→"), ("speake", "speak", "e→"), ("rome", "Rome", "upper"),
+    ("heart", "heart", "KEEP")])
+def test_word_edit_by_hand(old, new, edit) -> None:
+    from cyclelab.finetune_tasks import apply_edit, word_edit
+
+    assert word_edit(old, new) == edit
+    assert apply_edit(old, edit) == new
+
+
+def test_edits_are_shared_and_never_misapplied() -> None:
+    from cyclelab.finetune_tasks import apply_edit
+
+    assert apply_edit("loue", "ue→ve") == "love" and apply_edit("Liue,", "ue→ve") == "Liue,"  # ending does not fit
+    assert apply_edit("Lord:", "lower :→,") == "lord,"
+    assert apply_edit("thee", "KEEP") == "thee"
+
+
+def test_every_aligned_word_of_a_play_is_rebuilt_by_its_edit() -> None:
+    from cyclelab.finetune_tasks import align_words, apply_edit, folio_pairs, word_edit
+
+    pairs = folio_pairs("julius_caesar")
+    words = [(o, n) for old, new in pairs[:300] for o, n in align_words(old, new) if n is not None]
+    assert len(words) > 1500
+    assert all(apply_edit(o, word_edit(o, n)) == n for o, n in words)
+
+
+def test_edit_bad_input(tiny) -> None:
+    from cyclelab.finetune_tasks import apply_edit, edit_vocabulary, tagging_data, word_edit
+
+    with pytest.raises(ValueError, match="single words"):
+        word_edit("to morrow", "to-morrow")
+    with pytest.raises(ValueError, match="not an edit tag"):
+        apply_edit("word", "sideways ue→ve")
+    with pytest.raises(ValueError, match="not an edit tag"):
+        apply_edit("word", "uevve")
+    with pytest.raises(ValueError, match="no .folio, modern. pairs"):
+        edit_vocabulary([])
+    with pytest.raises(ValueError, match="no .folio, modern. pairs"):
+        tagging_data(tiny.tokenizer, [], ["KEEP"])
+
+
+def test_tagging_data_labels_each_words_last_token(tiny) -> None:
+    from cyclelab.finetune_tasks import tagging_data
+
+    edits = ["KEEP", "e→", "lower", "lower →.", "→,"]
+    (example,) = tagging_data(tiny.tokenizer, [("Heere my Lord", "Here, my lord.")], edits, max_len=12)
+    ids, labels = example["input_ids"].tolist(), example["labels"].tolist()
+    marked = [(tiny.tokenizer.decode(ids[:i + 1]), edits[label]) for i, label in enumerate(labels) if label != -100]
+    # "Heere" -> "Here," rewrites the ending after the common "He": "ere→re,", not in this vocabulary,
+    # so that word is unlabelled; "my" is kept; "Lord" -> "lord." is "lower →."
+    assert marked == [("Heere my", "KEEP"), ("Heere my Lord", "lower →.")]
+    assert int(example["attention_mask"].sum()) == len(tiny.tokenizer("Heere my Lord")["input_ids"])
+
+
+def test_lookup_table_keeps_the_most_frequent_form() -> None:
+    from cyclelab.finetune_tasks import lookup_table, modernise_by_lookup
+
+    table = lookup_table([("I haue it", "I have it"), ("Then haue at thee", "Then have at thee"),
+                          ("No more then this", "No more than this"), ("and then", "and then"), ("then go", "then go")])
+    assert table["haue"] == "have" and table["I"] == "I"
+    assert modernise_by_lookup(table, ["haue you then"]) == ["have you then"]
+
+
+def test_folio_pairs_copy_is_a_strong_baseline() -> None:
+    from cyclelab.finetune_tasks import folio_pairs
     from cyclelab.metrics import bleu
 
     pairs = folio_pairs("julius_caesar")
     assert len(pairs) > 1000 and all(old != new for old, new in pairs)
-    assert 20 < bleu([o for o, _ in pairs], [n for _, n in pairs]) < 80  # copying is a strong baseline
-    (example,) = seq2seq_examples(tiny.tokenizer, [("Heere my Lord", "Here, my lord.")], length=32)
-    scored = example["labels"][example["labels"] != -100]
-    assert tiny.tokenizer.decode(scored) == " Here, my lord.\n<|endoftext|>"
+    assert 20 < bleu([o for o, _ in pairs], [n for _, n in pairs]) < 80
+
+
+def test_edit_tagger_beats_copying_on_a_held_out_play(tiny) -> None:
+    from cyclelab.finetune_tasks import EditTagger, edit_vocabulary, folio_pairs, modernise, tagging_data, tagging_loss
+    from cyclelab.metrics import bleu
+
+    train_pairs = folio_pairs("hamlet") + folio_pairs("othello")
+    test_pairs = folio_pairs("julius_caesar")[:300]
+    edits = edit_vocabulary(train_pairs)
+    assert edits[0] == "KEEP" and {"lower", "ue→ve", "e→"} <= set(edits[:20])
+    torch.manual_seed(0)
+    tagger = EditTagger(copy.deepcopy(tiny.model.transformer), len(edits))
+    train(tagger, tagging_data(tiny.tokenizer, train_pairs, edits), tagging_loss,
+          TrainConfig(steps=100, batch_size=16, lr=3e-3, warmup=5))
+    old, new = [o for o, _ in test_pairs], [n for _, n in test_pairs]
+    copied = bleu(old, new)
+    assert bleu(modernise(tagger, tiny.tokenizer, edits, old), new) > copied + 8
