@@ -48,6 +48,8 @@ def causal_mask(n_queries: int, n_keys: int, device: torch.device | str = "cpu")
 def attention_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Scaled dot products ``q · k / sqrt(d)`` with the causal mask applied (-inf)."""
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if q.shape[-2] == 1:  # one query, the newest position: every key is in its past, nothing to hide
+        return scores
     mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
     return scores.masked_fill(mask, float("-inf"))
 

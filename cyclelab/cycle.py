@@ -30,7 +30,7 @@ class Stage(str, Enum):
     WRITEBACK = "WRITEBACK"
 
 
-@dataclass
+@dataclass(slots=True)
 class Event:
     """One micro-op of one cycle: what ran, where, what it produced and what it cost.
 

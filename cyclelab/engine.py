@@ -218,17 +218,20 @@ class Engine:
 
 
 def drain(steps: Generator[Event, None, object]):
-    """Run an event generator to the end and return its value."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
+    """Run an event generator to the end (without gradients: nothing pauses it) and return its value."""
+    with torch.no_grad():
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
 
 
 def _without_grad(steps: Generator[Event, None, object]) -> Generator[Event, None, object]:
     """Drive ``steps`` with autograd off while it computes, and on again while it is paused,
     so a half-finished run never leaves the caller's code without gradients."""
+    if not torch.is_grad_enabled():  # run to the end by drain(), or the caller turned them off
+        return (yield from steps)
     while True:
         with torch.no_grad():
             try:
