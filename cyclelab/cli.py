@@ -1,7 +1,7 @@
 """The ``cyclelab`` command: fetch, course, lab, train-tiny, doctor.
 
     cyclelab fetch [KEY ...] [--force]   offline assets into the cache (all by default)
-    cyclelab course [--out DIR] [--only PATTERN ...] [-p NAME VALUE ...]
+    cyclelab course [--out DIR] [--only PATTERN ...] [-p NAME VALUE ...] [--label PROFILE]
                                          execute every notebook headless, print a table
     cyclelab lab [JUPYTER ARGS ...]      JupyterLab on notebooks/ (e.g. --no-browser)
     cyclelab train-tiny [ARGS ...]       train the course's tiny model (see --help)
@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     course = sub.add_parser("course", help="execute every notebook headless and print a table")
     course.add_argument("--out", type=Path, default=Path("outputs/course"), help="folder for executed notebooks")
     course.add_argument("--only", nargs="+", action="extend", metavar="PATTERN", help="glob or substring of names")
+    course.add_argument("--label", metavar="PROFILE",
+                        help="write each notebook's measured time and memory into its top cell, e.g. --label fast")
     course.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
                         help="papermill parameter for every notebook (value read as a Python literal)")
     sub.add_parser("lab", help="start JupyterLab on notebooks/ (extra args go to jupyter lab)", add_help=False)
@@ -94,7 +96,7 @@ def _smollm2_converted(force: bool) -> Path:
 
 def cmd_course(args: argparse.Namespace, _: list[str]) -> int:
     """Execute the notebooks; non-zero when any failed."""
-    from .course import format_table, list_notebooks, run_course
+    from .course import format_table, list_notebooks, run_course, write_cost_label
 
     if not list_notebooks(args.only):
         print("no notebooks to run" + (f" matching {' '.join(args.only)}" if args.only else ""))
@@ -103,6 +105,11 @@ def cmd_course(args: argparse.Namespace, _: list[str]) -> int:
     runs = run_course(args.out, only=args.only, parameters=parameters)
     print(format_table(runs))
     print(f"executed notebooks are in {args.out}")
+    if args.label:
+        for path, run in zip(list_notebooks(args.only), runs):
+            if run.ok:
+                write_cost_label(path, run, args.label)
+        print(f"cost labels ({args.label} profile) written into the notebooks that ran")
     return 0 if all(r.ok for r in runs) else 1
 
 

@@ -3,10 +3,13 @@
 ``cyclelab course`` (or :func:`run_course`) executes ``notebooks/NN_*.ipynb`` in order,
 each in its own kernel started in the notebook's folder, writes the executed copies to
 an output folder and prints a table of status, wall time and the kernel's peak memory.
+With a label (``cyclelab course --label fast``) it also writes those measurements into the
+top cell of each source notebook: the chapter's cost label, never typed by hand.
 """
 
 from __future__ import annotations
 
+import datetime
 import fnmatch
 import os
 import time
@@ -83,6 +86,36 @@ def run_course(out_dir: Path, only: Iterable[str] | None = None, parameters: dic
                root: Path | None = None) -> list[NotebookRun]:
     """Execute every chapter notebook (or those matching ``only``) in order."""
     return [run_notebook(p, out_dir, parameters) for p in list_notebooks(only, root)]
+
+
+def cost_label(run: NotebookRun, profile: str) -> str:
+    """The cost line for ``run``: profile, seconds, peak memory, cores and date."""
+    memory = "" if run.peak_rss_mb is None else f", peak memory {run.peak_rss_mb / 1024:.1f} GB"
+    return (f"<!-- cost:{profile} --> **Cost, {profile} profile:** {run.seconds:.0f} s{memory} on "
+            f"{os.cpu_count()} CPU cores (measured by `cyclelab course --label {profile}` on "
+            f"{datetime.date.today().isoformat()})")
+
+
+def write_cost_label(path: Path, run: NotebookRun, profile: str) -> None:
+    """Put ``run``'s cost line at the end of the notebook's first cell (a markdown cell),
+    replacing the line of the same profile if there is one. Nothing else in the file changes."""
+    if not profile.replace("-", "").isalnum():
+        raise ValueError(f"a profile name is letters, digits and dashes, got {profile!r}")
+    import nbformat
+
+    notebook = nbformat.read(str(path), as_version=4)
+    cells = notebook.cells
+    if not cells or cells[0].get("cell_type") != "markdown":
+        raise ValueError(f"{path}: the first cell must be a markdown cell to hold the cost label")
+    lines = cells[0].source.split("\n")
+    marker = f"<!-- cost:{profile} -->"
+    kept = [line for line in lines if not line.startswith(marker)]
+    while kept and not kept[-1].strip():
+        kept.pop()
+    has_label = any(line.startswith("<!-- cost:") for line in kept)
+    kept += ([] if has_label else [""]) + [cost_label(run, profile)]
+    cells[0].source = "\n".join(kept)
+    nbformat.write(notebook, str(path))
 
 
 def format_table(runs: list[NotebookRun]) -> str:

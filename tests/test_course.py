@@ -85,3 +85,28 @@ def test_format_table(runs: list[course.NotebookRun]) -> None:
 def test_cli_course_without_matches_succeeds(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["course", "--only", "no-such-chapter-xyz"]) == 0
     assert "no notebooks" in capsys.readouterr().out
+
+
+def test_cost_label_is_written_once_per_profile_and_leaves_the_rest(tmp_path: Path) -> None:
+    intro = "# 01 · A chapter\n\nGoals: read this."
+    code = nbformat.v4.new_code_cell("x = 1", outputs=[nbformat.v4.new_output("stream", text="kept\n")])
+    path = _write(tmp_path / "01_x.ipynb", nbformat.v4.new_markdown_cell(intro), code)
+    fast = course.NotebookRun("01_x.ipynb", "ok", 12.4, tmp_path, peak_rss_mb=1536)
+    course.write_cost_label(path, fast, "fast")
+    course.write_cost_label(path, course.NotebookRun("01_x.ipynb", "ok", 99.6, tmp_path, peak_rss_mb=None), "full")
+    course.write_cost_label(path, fast, "fast")  # a refresh replaces its own line
+    nb = nbformat.read(path, as_version=4)
+    lines = nb.cells[0].source.split("\n")
+    assert lines[:3] == intro.split("\n") and lines[3] == ""
+    labels = [line for line in lines if line.startswith("<!-- cost:")]
+    assert len(labels) == 2 and "12 s, peak memory 1.5 GB" in labels[1] and "100 s on" in labels[0]
+    assert nb.cells[1].source == "x = 1" and nb.cells[1].outputs[0].text == "kept\n"
+
+
+def test_cost_label_needs_a_markdown_top_cell(tmp_path: Path) -> None:
+    path = _write(tmp_path / "01_x.ipynb", nbformat.v4.new_code_cell("x = 1"))
+    run = course.NotebookRun("01_x.ipynb", "ok", 1.0, tmp_path)
+    with pytest.raises(ValueError, match="markdown"):
+        course.write_cost_label(path, run, "fast")
+    with pytest.raises(ValueError, match="profile"):
+        course.write_cost_label(path, run, "fast profile")
