@@ -285,16 +285,22 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def _freeze_and_find(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """Names of the modules called one of ``targets`` (the last part of the name); the whole
+    model is frozen first, so only what is added next to those modules will train."""
+    names = [n for n, _ in model.named_modules() if n and any(n == t or n.endswith("." + t) for t in targets)]
+    if not names:
+        raise ValueError(f"no module of the model is named {list(targets)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return names
+
+
 def add_lora(model: nn.Module, targets: Sequence[str] = ("c_attn",), r: int = 8, alpha: float = 16.0,
              dropout: float = 0.0) -> nn.Module:
     """Freeze ``model`` and wrap each layer whose name ends with one of ``targets`` (e.g.
     ``("c_attn",)`` in GPT-2, ``("query", "value")`` in BERT) in a :class:`LoRALinear`."""
-    names = [n for n, m in model.named_modules() if n and any(n == t or n.endswith("." + t) for t in targets)]
-    if not names:
-        raise ValueError(f"no layer of the model is named {list(targets)}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in names:
+    for name in _freeze_and_find(model, targets):
         _replace(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout))
     return model
 
@@ -335,12 +341,7 @@ def add_adapters(model: nn.Module, targets: Sequence[str] = ("mlp",), bottleneck
     """Freeze ``model`` and put an :class:`Adapter` after each module named ``targets`` (its
     output must be a tensor of the model's width: GPT-2's ``mlp``, BERT's ``output``)."""
     width = model.config.hidden_size
-    names = [n for n, _ in model.named_modules() if n and any(n == t or n.endswith("." + t) for t in targets)]
-    if not names:
-        raise ValueError(f"no module of the model is named {list(targets)}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in names:
+    for name in _freeze_and_find(model, targets):
         inner = model.get_submodule(name)
         _replace(model, name, _WithAdapter(inner, Adapter(width, bottleneck).to(next(inner.parameters()))))
     return model

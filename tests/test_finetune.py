@@ -98,9 +98,11 @@ def test_lora_bad_rank(model, r, message) -> None:
         add_lora(model, ["c_attn"], r=r)
 
 
-def test_lora_unknown_target(model) -> None:
-    with pytest.raises(ValueError, match="no layer"):
+def test_lora_and_adapters_unknown_target(model) -> None:
+    with pytest.raises(ValueError, match="no module of the model is named"):
         add_lora(model, ["nonexistent"], r=2)
+    with pytest.raises(ValueError, match="no module of the model is named"):
+        add_adapters(model, ["nonexistent"])
 
 
 # --- the loop ---------------------------------------------------------------------------------
