@@ -75,6 +75,7 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict[str, Any] | None = 
             str(path), str(output), parameters=parameters or {}, kernel_name=KERNEL_NAME,
             cwd=str(path.parent), log_output=False, progress_bar=False,
             on_notebook_start=probe.start, on_cell_executed=probe.sample,
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],  # no start-up warnings from each kernel
         )
     except Exception as err:  # a failing cell, a missing kernel, a timeout: all reported
         status, error = "failed", _summary(err)
