@@ -45,13 +45,32 @@ def causal_mask(n_queries: int, n_keys: int, device: torch.device | str = "cpu")
     return torch.arange(n_keys, device=device)[None, :] > q_pos
 
 
+def _by_key_head(x: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+    """``(b, h, t, n)`` -> ``(b, n_kv_heads, h // n_kv_heads * t, n)``: the query heads that share a
+    key/value head stacked as rows (the grouping of :func:`repeat_kv`, without copying the keys)."""
+    b, h, t, n = x.shape
+    return x.reshape(b, n_kv_heads, h // n_kv_heads * t, n)
+
+
 def attention_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Scaled dot products ``q · k / sqrt(d)`` with the causal mask applied (-inf)."""
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    if q.shape[-2] == 1:  # one query, the newest position: every key is in its past, nothing to hide
+    """Scaled dot products ``q · k / sqrt(d)`` with the causal mask applied (-inf).
+
+    ``k`` may have fewer heads than ``q`` (grouped-query attention): each key head then serves
+    ``q_heads // k_heads`` query heads, the same result as ``q @ repeat_kv(k).T`` without the copy.
+    """
+    b, h, tq, d = q.shape
+    scores = (_by_key_head(q, k.shape[1]) @ k.transpose(-1, -2)).view(b, h, tq, k.shape[-2]) / math.sqrt(d)
+    if tq == 1:  # one query, the newest position: every key is in its past, nothing to hide
         return scores
     mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
     return scores.masked_fill(mask, float("-inf"))
+
+
+def attention_mix(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``probs @ v``: each query's weighted average of the values, ``(b, h, tq, d)``; like
+    :func:`attention_scores`, ``v`` may have fewer heads than ``probs`` (grouped-query attention)."""
+    b, h, tq, _ = probs.shape
+    return (_by_key_head(probs, v.shape[1]) @ v).view(b, h, tq, v.shape[-1])
 
 
 class KVCache:

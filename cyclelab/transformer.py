@@ -25,7 +25,7 @@ from time import perf_counter
 import torch
 import torch.nn.functional as F
 
-from .attention import KVCache, attention_scores, merge_heads, repeat_kv, split_heads
+from .attention import KVCache, attention_mix, attention_scores, merge_heads, split_heads
 from .cycle import Event, Stage
 from .embed import apply_rope, rope_cos_sin
 
@@ -97,8 +97,6 @@ class Architecture:
         keys, values = cache.append(layer, k, v)
         yield self.event(Stage.READ, layer, "kv_cache", t, 0, 2 * keys.numel() * keys.element_size(),
                          keys=keys, values=values)
-        groups = q.shape[1] // keys.shape[1]
-        keys, values = repeat_kv(keys, groups), repeat_kv(values, groups)
         b, h, tq, d = q.shape
         tk = keys.shape[-2]
 
@@ -109,7 +107,7 @@ class Architecture:
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         yield self.event(Stage.EXECUTE, layer, "softmax", t, 5 * b * h * tq * tk, 0, probs=probs)
         t = perf_counter()
-        mixed = probs @ values
+        mixed = attention_mix(probs, values)
         for lay, head in self.ablation.heads:
             if lay == layer:
                 mixed[:, head] = 0

@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cyclelab.attention import (KVCache, attention_entropy, attention_maps, entropy_vs_scale, find_heads,
-                                first_token_score, kv_bytes_per_token, kv_cache_growth, kv_head_of,
-                                previous_token_score, repeat_kv, scaled_dot_product_attention, split_heads)
+from cyclelab.attention import (KVCache, attention_entropy, attention_maps, attention_mix, attention_scores,
+                                entropy_vs_scale, find_heads, first_token_score, kv_bytes_per_token,
+                                kv_cache_growth, kv_head_of, previous_token_score, repeat_kv,
+                                scaled_dot_product_attention, split_heads)
 from cyclelab.check import check_causal_attention
 from cyclelab.engine import Engine
 
@@ -263,3 +264,15 @@ def _attention(q, k, v, scale=None, mask="causal", dim=-1):
 def test_causal_attention_checker_names_the_symptom(wrong, hint):
     result = check_causal_attention(wrong)
     assert not result and hint in result.message, result.message
+
+
+@pytest.mark.parametrize("tq, tk", [(5, 5), (1, 7)])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (6, 2), (9, 3)])
+def test_grouped_scores_and_mix_agree_with_torch_sdpa(heads, kv_heads, tq, tk):
+    """The engine's attention without copying shared keys equals torch's own grouped-query SDPA."""
+    gen = torch.Generator().manual_seed(heads * 10 + tq)
+    q = torch.randn(2, heads, tq, 8, generator=gen)
+    k, v = (torch.randn(2, kv_heads, tk, 8, generator=gen) for _ in range(2))
+    mine = attention_mix(torch.softmax(attention_scores(q, k), -1), v)
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=tq > 1, enable_gqa=True)
+    torch.testing.assert_close(mine, reference, atol=1e-5, rtol=1e-5)
