@@ -94,9 +94,8 @@ def _autograd_off(action: Callable):
 class LiveRun:
     """An ``engine.run`` generator, resumed and closed with autograd off and the caller's mode restored.
 
-    ``Engine.forward`` holds ``torch.no_grad()`` across its yields: a run paused inside a
-    forward pass would otherwise leave autograd off in the caller's code (a notebook's
-    training cell, say), and closing it later would set the mode it saw on entry.
+    Between two steps the learner's own cells run (a training cell, say): they must find
+    autograd as they left it, while the paused run computes without gradients.
     """
 
     def __init__(self):
