@@ -126,7 +126,7 @@ class LiveRun:
 class Breakpoint:
     """A condition checked at every new position: an op, or a property of the token just written back."""
 
-    kind: str  # "op", "token", "prob", "entropy", "not_greedy"
+    kind: str  # "op", "token", "prob", "entropy", "not_greedy", "lens" (checked by the Debugger)
     value: int | float | str | None = None
     layer: int | None = None
     op: str | None = None
@@ -136,7 +136,7 @@ class Breakpoint:
         if self.kind == "op":
             return (self.layer is None or event.layer == self.layer) and (self.op is None or event.op == self.op)
         record: CycleRecord | None = event.info.get("record") if event.op == "append" else None
-        if record is None:
+        if record is None or self.kind == "lens":
             return False
         if self.kind == "token":
             return _same_token(record, self.value)
@@ -153,7 +153,8 @@ class Breakpoint:
         return {"token": f"break when token {self.value!r} is chosen",
                 "prob": f"break when p(chosen) < {self.value}",
                 "entropy": f"break when entropy > {self.value} nats",
-                "not_greedy": "break when the sampled token is not the greedy one"}[self.kind]
+                "not_greedy": "break when the sampled token is not the greedy one",
+                "lens": f"break when layer {self.layer} changes the logit-lens top-1"}[self.kind]
 
 
 def _same_token(record: CycleRecord, token: int | str) -> bool:
@@ -381,13 +382,28 @@ class Debugger:
         self.message = ""
         while self._forward():
             event = self.current_event
-            hit = next((b for b in self.breakpoints if b.hit(event)), None) if breakpoints else None
+            hit = next((b for b in self.breakpoints if self._hits(b, event)), None) if breakpoints else None
             if hit is not None:
                 self.message = f"stopped: {hit} (token #{event.cycle}, {event.op})"
                 break
             if done(event):
                 break
         return self.current_event
+
+    def _hits(self, breakpoint: Breakpoint, event: Event) -> bool:
+        """``breakpoint.hit(event)``; a logit-lens breakpoint also compares with the layer below."""
+        if breakpoint.kind != "lens":
+            return breakpoint.hit(event)
+        if event.op != "residual_mlp" or event.layer != breakpoint.layer or "x" not in event.tensors:
+            return False
+        below = next((e for _, e in self._backwards() if e.op == "residual_mlp" and e.cycle == event.cycle
+                      and e.layer == breakpoint.layer - 1), None)
+        return below is not None and self._lens_top1(below) != self._lens_top1(event)
+
+    def _lens_top1(self, event: Event) -> str:
+        if "lens" not in event.info:
+            event.info["lens"] = logit_lens(self.engine, event.tensors["x"])
+        return event.info["lens"][0][0]
 
     def _forward(self) -> bool:
         if not self._ensure(self.position + 1):
@@ -574,6 +590,13 @@ class Debugger:
         if op is not None and op not in OPS:
             raise ValueError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
         return self._add(Breakpoint("op", layer=layer, op=op))
+
+    @command
+    def break_on_lens_change(self, layer: int) -> Breakpoint:
+        """Stop after ``layer`` when it changes the logit-lens top-1 token (what the model would say
+        if it stopped there) from the one after ``layer - 1``: where the model changes its mind."""
+        _check_int(layer, 1, self.engine.arch.n_layers - 1, "layer (from 1: it is compared with the one below)")
+        return self._add(Breakpoint("lens", layer=layer))
 
     @command
     def clear_breakpoints(self) -> None:

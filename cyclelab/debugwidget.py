@@ -53,6 +53,8 @@ class DebuggerUI:
         c["Break at op"] = self._button("Break at op", lambda: dbg.break_at(
             None if c["break layer"].value < 0 else c["break layer"].value,
             None if c["break op"].value == "(any)" else c["break op"].value))
+        c["Break on lens change"] = self._button("Break on lens change",
+                                                 lambda: dbg.break_on_lens_change(c["break layer"].value))
         c["Break if not greedy"] = self._button("Break if not greedy", dbg.break_when_not_greedy)
         c["Clear breakpoints"] = self._button("Clear breakpoints", dbg.clear_breakpoints)
         # interventions
@@ -94,7 +96,8 @@ class DebuggerUI:
         right = w.VBox([v["registers"], v["memory"], row("watch layer", "watch head")])
         tools = w.VBox([
             row("break token", "Break on token", "break p", "Break below p", "break entropy", "Break above entropy"),
-            row("break layer", "break op", "Break at op", "Break if not greedy", "Clear breakpoints"),
+            row("break layer", "break op", "Break at op", "Break on lens change", "Break if not greedy",
+                "Clear breakpoints"),
             row("ablate layer", "ablate head", "Ablate head", "Clear ablation", "branch", "Switch to branch"),
             row("export path", "Export", "Check vs transformers"), v["status"]])
         return w.VBox([moves, status, w.HBox([left, right]), v["text"], c["jump"], tools])

@@ -172,6 +172,37 @@ def test_layer_op_breakpoint_stops_on_that_op(engine):
     assert "layer 0, head 0" in view(dbg, "memory")
 
 
+def hf_lens_top1(loaded, ids: list[int], layer: int) -> int:
+    """Independent logit lens from transformers: block ``layer``'s output at the last position,
+    through the final LayerNorm and the unembedding (hidden_states[layer + 1]; not the last block,
+    whose hidden state transformers returns already normed)."""
+    with torch.no_grad():
+        hidden = loaded.model(torch.tensor([ids]), output_hidden_states=True).hidden_states[layer + 1][0, -1]
+        return int(loaded.model.lm_head(loaded.model.transformer.ln_f(hidden)).argmax())
+
+
+def test_lens_breakpoint_stops_where_the_layer_changes_its_mind(engine, base):
+    layer = 2
+    dbg = make(engine)
+    dbg.controls["break layer"].value = layer
+    click(dbg, "Break on lens change")
+    click(dbg, "Continue")
+    event = dbg.current_event
+    assert "logit-lens" in dbg.message and (event.op, event.layer) == ("residual_mlp", layer)
+    changed = []
+    for cycle in range(event.cycle + 1):
+        ids = base.prompt_ids + base.token_ids[:cycle]
+        changed.append(hf_lens_top1(engine.loaded, ids, layer) != hf_lens_top1(engine.loaded, ids, layer - 1))
+    assert changed[-1] and not any(changed[:-1])  # the first cycle where it changes, none before
+
+
+def test_lens_breakpoint_needs_a_layer_below(engine):
+    dbg = make(engine)
+    dbg.controls["break layer"].value = 0
+    click(dbg, "Break on lens change")
+    assert dbg.breakpoints == [] and "from 1" in view(dbg, "error")
+
+
 # ---------------------------------------------------------------- interventions
 
 
