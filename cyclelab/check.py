@@ -234,16 +234,13 @@ def check_causal_attention(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tenso
 
 # --- chapter 01: BPE merge step and pair counts -----------------------------------------------------
 def _ref_merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
-    """Reference BPE merge step: every occurrence of ``pair``, left to right, without overlaps."""
-    out, i = [], 0
-    while i < len(ids):
-        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(ids[i])
-            i += 1
-    return out
+    """Reference BPE merge step: every occurrence of ``pair``, left to right, without overlaps
+    (the trainer's own merge, which is checked against the ``tokenizers`` library)."""
+    from .tokenize import _merge_word
+
+    merged = list(ids)
+    _merge_word(merged, pair, new_id)
+    return merged
 
 
 def _merge_pair_cases(seed: int = 0) -> list[tuple[list[int], tuple[int, int], int]]:

@@ -69,8 +69,7 @@ def slim(event: Event, offset: int = 0) -> Event:
 def logit_lens_batch(engine: Engine, residuals: torch.Tensor, k: int = 3) -> list[list[tuple[str, float]]]:
     """Final norm + unembedding applied to residual vectors ``(n, d)``: the top-``k`` tokens of each."""
     x = residuals.reshape(1, -1, residuals.shape[-1])
-    with torch.no_grad():
-        logits = drain(engine.arch.unembed(x))[0]
+    logits = drain(engine.arch.unembed(x))[0]  # drain computes without gradients
     top = torch.topk(torch.softmax(logits.float(), -1), k)
     return [[(engine.token_text(int(i)), float(p)) for p, i in zip(ps, ids)]
             for ps, ids in zip(top.values, top.indices)]
@@ -81,21 +80,11 @@ def logit_lens(engine: Engine, residual: torch.Tensor, k: int = 3) -> list[tuple
     return logit_lens_batch(engine, residual.reshape(1, -1), k)[0]
 
 
-def _autograd_off(action: Callable):
-    """``action()`` with autograd off, the caller's own mode restored after."""
-    caller = torch.is_grad_enabled()
-    torch.set_grad_enabled(False)
-    try:
-        return action()
-    finally:
-        torch.set_grad_enabled(caller)
-
-
 class LiveRun:
-    """An ``engine.run`` generator, resumed and closed with autograd off and the caller's mode restored.
+    """An ``engine.run`` generator feeding the end of the debugger's history.
 
-    Between two steps the learner's own cells run (a training cell, say): they must find
-    autograd as they left it, while the paused run computes without gradients.
+    The engine computes each step without gradients and restores the caller's autograd mode
+    while paused, so the learner's own cells (a training cell, say) run as they expect.
     """
 
     def __init__(self):
@@ -110,12 +99,12 @@ class LiveRun:
 
     def next(self) -> Event:
         """The run's next event (StopIteration at its end)."""
-        return _autograd_off(lambda: next(self.steps))
+        return next(self.steps)
 
     def close(self) -> None:
         """Stop the run (its generator is closed: a later start begins afresh)."""
         if self.steps is not None:
-            _autograd_off(self.steps.close)
+            self.steps.close()
         self.steps = None
 
 
