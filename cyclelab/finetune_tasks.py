@@ -79,6 +79,20 @@ def sonnet_perplexity(model: nn.Module, tokenizer, texts: Sequence[str], context
 
 _SPEAKER_TAG = re.compile(r"^[A-Z0-9][A-Z0-9' ]*:$")
 _STAGE = re.compile(r"^\s*(\[|Enter|Exit|Exeunt|Re-enter|ACT|SCENE|Scene)")
+_FOLIO_SPEAKER = re.compile(r"^[A-Z][A-Za-z]*\.\s+")
+
+
+def _spoken_lines(text: str, folio: bool, min_words: int = 4) -> list[str]:
+    """The lines of a play's ``text`` that someone speaks (``min_words`` words or more): no speaker
+    tags, no stage directions; in the Folio (``folio=True``) the inline speaker is cut off."""
+    out = []
+    for line in text.splitlines():
+        s = line.strip()
+        if folio and line.startswith(" "):
+            s = _FOLIO_SPEAKER.sub("", s)  # the Folio puts the speaker inline: "   Fla. It is no matter"
+        if len(s.split()) >= min_words and not _SPEAKER_TAG.match(s) and not _STAGE.match(s):
+            out.append(s)
+    return out
 
 
 def play_lines(plays: Sequence[str], n_per_play: int, seed: int = 0, min_words: int = 6) -> tuple[list[str], list[int]]:
@@ -87,9 +101,7 @@ def play_lines(plays: Sequence[str], n_per_play: int, seed: int = 0, min_words: 
     rng = random.Random(seed)
     texts, labels = [], []
     for label, name in enumerate(plays):
-        lines = [line.strip() for line in data.normalize_speakers(data.read_work(name)).splitlines()]
-        lines = [line for line in lines if len(line.split()) >= min_words
-                 and not _SPEAKER_TAG.match(line) and not _STAGE.match(line)]
+        lines = _spoken_lines(data.normalize_speakers(data.read_work(name)), folio=False, min_words=min_words)
         if len(lines) < n_per_play:
             raise ValueError(f"{name} has only {len(lines)} usable lines, fewer than n_per_play={n_per_play}")
         texts += rng.sample(lines, n_per_play)
@@ -251,20 +263,6 @@ def plot_confusion(y_true: Sequence[int], y_pred: Sequence[int], names: Sequence
 
 
 # --- task 4: First Folio spelling -> modern spelling (text to text, scored with BLEU) --------------
-
-_FOLIO_SPEAKER = re.compile(r"^[A-Z][A-Za-z]*\.\s+")
-
-
-def _spoken_lines(text: str, folio: bool, min_words: int = 4) -> list[str]:
-    out = []
-    for line in text.splitlines():
-        s = line.strip()
-        if folio and line.startswith(" "):
-            s = _FOLIO_SPEAKER.sub("", s)  # the Folio puts the speaker inline: "   Fla. It is no matter"
-        if len(s.split()) >= min_words and not _SPEAKER_TAG.match(s) and not _STAGE.match(s):
-            out.append(s)
-    return out
-
 
 def _spelling_key(line: str) -> str:
     return re.sub(r"[^a-z ]", "", line.lower().replace("v", "u").replace("j", "i"))
