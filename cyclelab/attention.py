@@ -284,7 +284,9 @@ def find_heads(engine, ids, score_fn, top: int | None = None) -> list[tuple[int,
     """Rank every (layer, head) of ``engine``'s model by ``score_fn(probs)`` on a prompt.
 
     ``score_fn`` maps ``(heads, T, T)`` attention to one score per head (e.g.
-    :func:`previous_token_score`). Returns ``(layer, head, score)``, highest first.
+    :func:`previous_token_score`). Returns ``(layer, head, score)``, highest first;
+    scores equal to 4 decimals count as tied and keep layer/head order, so float noise
+    (another CPU, thread count or GPU) never reorders heads that score the same.
     """
     scored = []
     for layer, probs in enumerate(attention_maps(engine, ids)):
@@ -292,7 +294,7 @@ def find_heads(engine, ids, score_fn, top: int | None = None) -> list[tuple[int,
         if scores.numel() != probs.shape[0]:
             raise ValueError(f"score_fn must give one score per head ({probs.shape[0]}), got {scores.numel()}")
         scored += [(layer, head, float(s)) for head, s in enumerate(scores)]
-    scored.sort(key=lambda row: -row[2])
+    scored.sort(key=lambda row: (-round(row[2], 4), row[0], row[1]))
     return scored[:top] if top is not None else scored
 
 

@@ -7,6 +7,8 @@
 #   bash scripts/dev.sh course [ARGS]  execute every notebook headless (see: cyclelab course -h)
 #   bash scripts/dev.sh test [ARGS]    all tests: tests/ + nbval on notebooks/ (ARGS go to pytest);
 #                                      as root, installs Chromium (apt) for the browser test
+#   bash scripts/dev.sh portable [ARGS] nbval on notebooks/ in a second configuration: one process,
+#                                      another thread count (CYCLELAB_PORTABLE_THREADS, default nproc+1)
 #   bash scripts/dev.sh bench [ARGS]   the benchmarks (python -m benchmarks)
 #
 # Every command runs setup first; when nothing changed it takes a few seconds.
@@ -25,7 +27,7 @@ say() { printf '[dev.sh] %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
 usage() {
-    sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit "${1:-2}"
 }
 
@@ -139,6 +141,18 @@ cmd_test() {
         --nbval-lax --nbval-current-env --nbval-sanitize-with "$SANITIZE" "$@"
 }
 
+# The stored outputs must hold on any machine, not only in the test command's configuration
+# (two xdist workers, nproc/2 threads each). This runs every notebook again in one process
+# with a different thread count, which changes how float sums are split between threads.
+cmd_portable() {
+    local cores threads
+    cores="$(nproc 2>/dev/null || echo 2)"
+    threads="${CYCLELAB_PORTABLE_THREADS:-$((cores + 1))}"
+    say "nbval on notebooks/ in one process with OMP_NUM_THREADS=$threads"
+    OMP_NUM_THREADS="$threads" run_pytest -p no:xdist -rfEs notebooks \
+        --nbval-lax --nbval-current-env --nbval-sanitize-with "$SANITIZE" "$@"
+}
+
 cmd_bench() {
     if [[ -f benchmarks/__main__.py ]]; then
         exec "$PY" -m benchmarks "$@"
@@ -151,7 +165,7 @@ main() {
     local cmd="$1"
     shift
     case "$cmd" in
-        setup | lab | course | test | bench) ;;
+        setup | lab | course | test | portable | bench) ;;
         -h | --help | help) usage 0 ;;
         *) say "unknown command: $cmd"; usage ;;
     esac
@@ -162,6 +176,7 @@ main() {
         lab) exec "$VENV/bin/jupyter" lab notebooks/ "$@" ;;
         course) exec "$VENV/bin/cyclelab" course "$@" ;;
         test) cmd_test "$@" ;;
+        portable) cmd_portable "$@" ;;
         bench) cmd_bench "$@" ;;
     esac
 }
