@@ -8,7 +8,8 @@ Byte-level BPE (byte-pair encoding), as in GPT-2, Llama 3 and the course's ``tin
    newline ``Ċ``.
 2. **Pre-tokenization.** A regular expression (:data:`GPT2_PATTERN`) cuts the text into
    words, numbers, punctuation runs and whitespace (:func:`pretokenize`); a space stays
-   glued to the front of the word after it. Merges never cross these boundaries.
+   glued to the front of the word after it. Merges never cross these boundaries. It runs
+   in ``tokenizers``' regex engine, so every character of Unicode is cut the same way.
 3. **Merges.** Training starts from the 256 bytes and repeatedly fuses the most frequent
    adjacent pair of symbols into a new symbol (:meth:`BPE.train`). Encoding replays the
    learned merges, earliest first (:meth:`BPE.encode`).
@@ -30,19 +31,23 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-import regex
+from tokenizers import Regex
+from tokenizers.pre_tokenizers import Split
 
 #: GPT-2's pre-tokenizer: contractions, letters (with one leading space), numbers (idem),
 #: other symbols (idem), then whitespace. ``\s+(?!\S)`` leaves the last space of a run
 #: to the word that follows it. The same pattern as ``tokenizers``' ``ByteLevel`` pre-tokenizer.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-_SPLIT = regex.compile(GPT2_PATTERN)
+#: The pattern run by ``tokenizers``' own regex engine (Oniguruma), so that which characters
+#: count as letters (``\p{L}``) or numbers (``\p{N}``) comes from the same Unicode tables.
+_SPLIT = Split(Regex(GPT2_PATTERN), behavior="isolated")
 
 #: Shown by :func:`show_tokens` between tokens, and in place of invisible characters.
 DIVIDER = "│"
@@ -83,8 +88,8 @@ def _require_str(text, what: str = "text") -> str:
 
 def to_byte_chars(piece: str) -> str:
     """``piece`` as UTF-8 bytes, each byte written as its :func:`bytes_to_unicode` character."""
-    table = bytes_to_unicode()
-    return "".join(table[b] for b in piece.encode("utf-8"))
+    # latin-1 turns byte b into chr(b); translate then looks up b in the table
+    return piece.encode("utf-8").decode("latin-1").translate(bytes_to_unicode())
 
 
 def pretokenize(text: str, byte_level: bool = True) -> list[str]:
@@ -97,7 +102,7 @@ def pretokenize(text: str, byte_level: bool = True) -> list[str]:
     >>> pretokenize("ROMEO: I'll go.", byte_level=False)
     ['ROMEO', ':', ' I', "'ll", ' go', '.']
     """
-    parts = _SPLIT.findall(_require_str(text))
+    parts = [piece for piece, _ in _SPLIT.pre_tokenize_str(_require_str(text))]
     return [to_byte_chars(p) for p in parts] if byte_level else parts
 
 
@@ -138,7 +143,7 @@ class BPE:
         self.id_to_token = {i: t for t, i in self.vocab.items()}
         self._ranks = {pair: rank for rank, pair in enumerate(self.merges)}
         self._cache: dict[str, list[str]] = {}
-        self._special_split = (regex.compile("(" + "|".join(regex.escape(s) for s in sorted(self.special_tokens, key=len, reverse=True)) + ")")
+        self._special_split = (re.compile("(" + "|".join(re.escape(s) for s in sorted(self.special_tokens, key=len, reverse=True)) + ")")
                                if self.special_tokens else None)
 
     def _build_vocab(self) -> dict[str, int]:
@@ -201,11 +206,11 @@ class BPE:
             vocab.setdefault(token, len(vocab))
         id_to_token = list(vocab)  # position = id (setdefault keeps it dense)
 
-        # 2. words and their counts; each word is a list of symbol ids
+        # 2. words and their counts; each word is spelt in byte characters, as a list of symbol ids
         word_counts: Counter[str] = Counter()
         for t in texts:
-            word_counts.update(pretokenize(t))
-        words = [[vocab[c] for c in w] for w in word_counts]
+            word_counts.update(pretokenize(t, byte_level=False))
+        words = [[vocab[c] for c in to_byte_chars(w)] for w in word_counts]
         counts = list(word_counts.values())
 
         # 3. pair counts, where each pair occurs, and the priority queue

@@ -11,7 +11,7 @@ from cyclelab.check import check_count_pairs, check_merge_pair
 from cyclelab.tokenize import (
     BPE, bytes_to_unicode, compare_tokenizers, compression_curve, count_tokens, format_table, hf_merges,
     language_costs, load_tokenizer, piece_text, pieces, plot_compression, plot_language_costs, pretokenize,
-    same_as_hf, show_tokens, tokens_per_word, train_hf, visible,
+    same_as_hf, show_tokens, to_byte_chars, tokens_per_word, train_hf, visible,
 )
 
 EOS = "<|endoftext|>"
@@ -69,6 +69,43 @@ def test_pretokenize_matches_tokenizers_byte_level(text):
 def test_pretokenize_keeps_the_space_with_the_next_word():
     assert pretokenize("ROMEO: I'll go.", byte_level=False) == ["ROMEO", ":", " I", "'ll", " go", "."]
     assert pretokenize("a  b", byte_level=False) == ["a", " ", " b"]
+
+
+# ---------------------------------------------------------------- the same split for all of Unicode
+RECENT_SCRIPTS = {"U+1E6C0-U+1E6FF": range(0x1E6C0, 0x1E700), "U+323B0-U+33479": range(0x323B0, 0x3347A)}
+
+
+def byte_level_split(text: str) -> list[str]:
+    """The reference: the pre-tokenizer inside Hugging Face's byte-level BPE."""
+    return [piece for piece, _ in ByteLevel(add_prefix_space=False, use_regex=True).pre_tokenize_str(text)]
+
+
+def probes(chars) -> str:
+    """One probe per character c: "a c 1 c ! c". c joins the letter a, the number 1, the symbol !
+    or none of them (whitespace), so the probe splits differently for each class of the pattern."""
+    return "".join(f"a{c}1{c}!{c}" for c in chars)
+
+
+def test_every_code_point_splits_like_tokenizers():
+    # In code-point order each piece is a run of one class (letters, numbers, whitespace,
+    # other): equal pieces mean the class changes at the same code points. A run of letters
+    # could still pass for a run of numbers, so one probe per run then checks its class.
+    every = "".join(map(chr, [*range(0xD800), *range(0xE000, 0x110000)]))  # all but the surrogates
+    runs = pretokenize(every, byte_level=False)
+    assert "".join(runs) == every
+    assert [to_byte_chars(run) for run in runs] == byte_level_split(every)
+    text = probes(run[-1] for run in runs)
+    assert pretokenize(text) == byte_level_split(text)
+
+
+@pytest.mark.parametrize("block", RECENT_SCRIPTS.values(), ids=RECENT_SCRIPTS.keys())
+def test_recent_scripts_split_and_train_like_tokenizers(block):
+    chars = [chr(cp) for cp in block]
+    text = probes(chars)
+    assert pretokenize(text) == byte_level_split(text)
+    corpus = [f"a{c}b {c}1 {c}{c}! the" for c in chars] * 2
+    ours, hf = BPE.train(corpus, 300), train_hf(corpus, 300)
+    assert same_as_hf(ours, hf, corpus[:50] + [text]) == {"merges": True, "vocab": True, "ids": True}
 
 
 # ---------------------------------------------------------------- equality with Hugging Face
