@@ -83,6 +83,11 @@ def unicode_to_bytes() -> dict[str, int]:
 def _require_str(text, what: str = "text") -> str:
     if not isinstance(text, str):
         raise ValueError(f"{what} must be a str, not {type(text).__name__}; decode bytes first (bytes.decode('utf-8'))")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # only a lone surrogate (U+D800..U+DFFF) has no UTF-8 bytes
+        raise ValueError(f"{what} has a lone surrogate U+{ord(text[err.start]):04X} at position {err.start}: it is "
+                         "no character and has no UTF-8 bytes; decode the source with errors='replace' first") from None
     return text
 
 

@@ -427,3 +427,9 @@ def test_language_costs_and_plots(bpe):
     assert plot_language_costs(rows).get_ylabel() == "tokens per English word"
     ax = plot_compression([(0, 1.0), (10, 0.8)], references={"tiny": 0.3})
     assert len(ax.lines) == 2
+
+
+@pytest.mark.parametrize("text", ["\ud800", "ROMEO:\udfff", "a\udc80b"])
+def test_a_lone_surrogate_is_a_clear_error(text):
+    with pytest.raises(ValueError, match=r"lone surrogate U\+D[89A-F][0-9A-F]{2} at position \d+"):
+        pretokenize(text)
