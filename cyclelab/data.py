@@ -5,6 +5,9 @@ The Gutenberg texts mark speakers in several ways (``Romeo.``, ``Mar.``, ``BANQU
 so that every model in the course sees the same format and a prompt such as
 ``ROMEO:`` means "a speech by Romeo follows".
 
+:func:`spoken_lines` and :func:`speeches` read a normalised play back: the lines someone
+speaks, and who speaks them.
+
 Whole plays are held out for validation, so validation measures generalisation to
 unseen plays rather than to unseen lines of a play the model has read.
 """
@@ -21,7 +24,7 @@ VALID_PLAYS = ("macbeth", "twelfth_night")
 #: Poems: not plays, kept apart (the fine-tuning chapter uses the sonnets).
 POEMS = ("sonnets", "lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle", "rape_of_lucrece")
 
-_SPEAKER = re.compile(r"^[A-Z0-9][A-Za-z0-9' ]{0,30}\.$")
+_SPEAKER = re.compile(r"^[A-Z0-9][A-Za-z0-9' ]{0,30}\.$")  # a Gutenberg speaker tag: "Romeo."
 
 
 def texts_dir() -> Path:
@@ -62,6 +65,36 @@ def normalize_speakers(text: str) -> str:
             line = line[:-1].upper() + ":"
         out.append(line)
     return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip() + "\n"
+
+
+_SPEAKER_TAG = re.compile(r"^[A-Z0-9][A-Z0-9' ]*:$")
+_STAGE = re.compile(r"^\s*(\[|Enter|Exit|Exeunt|Re-enter|ACT|SCENE|Scene)")
+_FOLIO_SPEAKER = re.compile(r"^[A-Z][A-Za-z]*\.\s+")
+
+
+def spoken_lines(text: str, folio: bool, min_words: int = 4) -> list[str]:
+    """The lines of a play's ``text`` that someone speaks (``min_words`` words or more): no speaker
+    tags, no stage directions; in the Folio (``folio=True``) the inline speaker is cut off."""
+    out = []
+    for line in text.splitlines():
+        s = line.strip()
+        if folio and line.startswith(" "):
+            s = _FOLIO_SPEAKER.sub("", s)  # the Folio puts the speaker inline: "   Fla. It is no matter"
+        if len(s.split()) >= min_words and not _SPEAKER_TAG.match(s) and not _STAGE.match(s):
+            out.append(s)
+    return out
+
+
+def speeches(play: str) -> list[tuple[str, list[str]]]:
+    """``(SPEAKER, lines)`` of each speech in the normalised play (stage directions dropped)."""
+    out: list[tuple[str, list[str]]] = []
+    for line in normalize_speakers(read_work(play)).splitlines():
+        s = line.strip()
+        if _SPEAKER_TAG.match(s):
+            out.append((s[:-1], []))
+        elif out and s and not _STAGE.match(s):
+            out[-1][1].append(s)
+    return [(name, lines) for name, lines in out if lines]
 
 
 def plays(split: str) -> dict[str, str]:

@@ -378,3 +378,15 @@ class PrefixTuning(nn.Module):
         prefix = self.prefix.to(embeds.dtype).expand(input_ids.shape[0], -1, -1)
         out = self.model(inputs_embeds=torch.cat([prefix, embeds], dim=1), **kwargs)
         return SimpleNamespace(logits=out.logits[:, self.n_virtual:])
+
+
+def plot_schedule(steps: int, lr: float, warmup: int, min_lr_ratio: float = 0.1):
+    """The learning rate of every step: warmup, then cosine decay."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 2.8))
+    ax.plot(range(steps), [schedule(s, steps, lr, warmup, min_lr_ratio) for s in range(steps)])
+    ax.axvline(warmup, color="grey", ls=":", lw=1)
+    ax.set(xlabel="step", ylabel="learning rate", title=f"warmup {warmup} steps, cosine decay to {min_lr_ratio:g}× peak")
+    fig.tight_layout()
+    return fig

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from cyclelab.finetune import TrainConfig, add_lora, count_trainable, lm_loss, train
-from cyclelab.finetune_tasks import (EncoderClassifier, classification_data, classification_loss, lm_windows,
-                                     majority_baseline, play_lines, predict, sonnet_perplexity, sonnets)
+from cyclelab.tasks.sonnets import lm_windows, sonnet_perplexity, sonnets
+from cyclelab.tasks.which_play import (EncoderClassifier, classification_data, classification_loss, majority_baseline,
+                                       play_lines, predict)
 
 PLAYS = ["julius_caesar", "midsummer_nights_dream", "merry_wives_of_windsor"]
 
@@ -56,7 +57,7 @@ def test_classification_bad_input(minilm) -> None:
 
 
 def test_speaker_questions_point_at_the_speaker(minilm) -> None:
-    from cyclelab.finetune_tasks import span_data, speaker_questions
+    from cyclelab.tasks.who_speaks import span_data, speaker_questions
 
     examples = speaker_questions(["tempest"], 20, k=3, seed=1, lines_per_speech=2)
     for ex in examples:
@@ -73,7 +74,7 @@ def test_speaker_questions_point_at_the_speaker(minilm) -> None:
 
 
 def test_question_blind_baselines() -> None:
-    from cyclelab.finetune_tasks import baseline_answers
+    from cyclelab.tasks.who_speaks import baseline_answers
 
     ex = [{"context": "BRUTUS: Peace, ho!\nCASSIUS: Good night.\nBRUTUS: Farewell.\n"},
           {"context": "FIRST CITIZEN: You are all resolved?\nALL: Resolved.\nSECOND CITIZEN: One word.\n"}]
@@ -85,7 +86,7 @@ def test_question_blind_baselines() -> None:
 
 
 def test_speaker_questions_bad_input() -> None:
-    from cyclelab.finetune_tasks import speaker_questions
+    from cyclelab.tasks.who_speaks import speaker_questions
 
     with pytest.raises(ValueError, match="k >= 2"):
         speaker_questions(["tempest"], 5, k=1)
@@ -94,7 +95,7 @@ def test_speaker_questions_bad_input() -> None:
 
 
 def test_exact_match_and_f1() -> None:
-    from cyclelab.finetune_tasks import exact_match_f1
+    from cyclelab.tasks.who_speaks import exact_match_f1
 
     assert exact_match_f1(["Brutus", "first citizen"], ["BRUTUS", "second citizen"]) == pytest.approx((50.0, 75.0))
     with pytest.raises(ValueError):
@@ -103,8 +104,8 @@ def test_exact_match_and_f1() -> None:
 
 def test_span_reader_beats_the_question_blind_baselines_on_a_held_out_play(minilm) -> None:
     from cyclelab.finetune import freeze
-    from cyclelab.finetune_tasks import (SpanExtractor, baseline_answers, exact_match_f1, predict_spans, span_data,
-                                         span_loss, speaker_questions)
+    from cyclelab.tasks.who_speaks import (SpanExtractor, baseline_answers, exact_match_f1, predict_spans, span_data,
+                                           span_loss, speaker_questions)
 
     train_set, _ = span_data(minilm.tokenizer, speaker_questions(["hamlet", "othello", "lear"], 480, seed=0), max_len=64)
     test_set, questions = span_data(minilm.tokenizer, speaker_questions(["julius_caesar"], 120, seed=1), max_len=64)
@@ -124,7 +125,7 @@ def test_span_reader_beats_the_question_blind_baselines_on_a_held_out_play(minil
 
 
 def test_align_words_pairs_one_to_one_and_leaves_uneven_changes_out() -> None:
-    from cyclelab.finetune_tasks import align_words
+    from cyclelab.tasks.folio import align_words
 
     assert align_words("Fly further off my Lord: flye further off,", "Fly further off, my lord, fly further off;") == [
         ("Fly", "Fly"), ("further", "further"), ("off", "off,"), ("my", "my"), ("Lord:", "lord,"),
@@ -139,14 +140,14 @@ def test_align_words_pairs_one_to_one_and_leaves_uneven_changes_out() -> None:
     ("vpon", "upon", "vpon→upon"), ("me,", "me", ",→"), ("speake", "speak", "e→"), ("rome", "Rome", "upper"),
     ("heart", "heart", "KEEP")])
 def test_word_edit_by_hand(old, new, edit) -> None:
-    from cyclelab.finetune_tasks import apply_edit, word_edit
+    from cyclelab.tasks.folio import apply_edit, word_edit
 
     assert word_edit(old, new) == edit
     assert apply_edit(old, edit) == new
 
 
 def test_edits_are_shared_and_never_misapplied() -> None:
-    from cyclelab.finetune_tasks import apply_edit
+    from cyclelab.tasks.folio import apply_edit
 
     assert apply_edit("loue", "ue→ve") == "love" and apply_edit("Liue,", "ue→ve") == "Liue,"  # ending does not fit
     assert apply_edit("Lord:", "lower :→,") == "lord,"
@@ -154,7 +155,7 @@ def test_edits_are_shared_and_never_misapplied() -> None:
 
 
 def test_every_aligned_word_of_a_play_is_rebuilt_by_its_edit() -> None:
-    from cyclelab.finetune_tasks import align_words, apply_edit, folio_pairs, word_edit
+    from cyclelab.tasks.folio import align_words, apply_edit, folio_pairs, word_edit
 
     pairs = folio_pairs("julius_caesar")
     words = [(o, n) for old, new in pairs[:300] for o, n in align_words(old, new) if n is not None]
@@ -163,7 +164,7 @@ def test_every_aligned_word_of_a_play_is_rebuilt_by_its_edit() -> None:
 
 
 def test_edit_bad_input(tiny) -> None:
-    from cyclelab.finetune_tasks import apply_edit, edit_vocabulary, tagging_data, word_edit
+    from cyclelab.tasks.folio import apply_edit, edit_vocabulary, tagging_data, word_edit
 
     with pytest.raises(ValueError, match="single words"):
         word_edit("to morrow", "to-morrow")
@@ -178,7 +179,7 @@ def test_edit_bad_input(tiny) -> None:
 
 
 def test_tagging_data_labels_each_words_last_token(tiny) -> None:
-    from cyclelab.finetune_tasks import tagging_data
+    from cyclelab.tasks.folio import tagging_data
 
     edits = ["KEEP", "e→", "lower", "lower →.", "→,"]
     (example,) = tagging_data(tiny.tokenizer, [("Heere my Lord", "Here, my lord.")], edits, max_len=12)
@@ -191,7 +192,7 @@ def test_tagging_data_labels_each_words_last_token(tiny) -> None:
 
 
 def test_lookup_table_keeps_the_most_frequent_form() -> None:
-    from cyclelab.finetune_tasks import lookup_table, modernise_by_lookup
+    from cyclelab.tasks.folio import lookup_table, modernise_by_lookup
 
     table = lookup_table([("I haue it", "I have it"), ("Then haue at thee", "Then have at thee"),
                           ("No more then this", "No more than this"), ("and then", "and then"), ("then go", "then go")])
@@ -200,7 +201,7 @@ def test_lookup_table_keeps_the_most_frequent_form() -> None:
 
 
 def test_folio_pairs_copy_is_a_strong_baseline() -> None:
-    from cyclelab.finetune_tasks import folio_pairs
+    from cyclelab.tasks.folio import folio_pairs
     from cyclelab.metrics import bleu
 
     pairs = folio_pairs("julius_caesar")
@@ -209,7 +210,7 @@ def test_folio_pairs_copy_is_a_strong_baseline() -> None:
 
 
 def test_edit_tagger_beats_copying_on_a_held_out_play(tiny) -> None:
-    from cyclelab.finetune_tasks import EditTagger, edit_vocabulary, folio_pairs, modernise, tagging_data, tagging_loss
+    from cyclelab.tasks.folio import EditTagger, edit_vocabulary, folio_pairs, modernise, tagging_data, tagging_loss
     from cyclelab.metrics import bleu
 
     train_pairs = folio_pairs("hamlet") + folio_pairs("othello")

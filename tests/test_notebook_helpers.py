@@ -14,9 +14,9 @@ import torch  # noqa: E402
 from cyclelab.attention import causal_mask, plot_attention  # noqa: E402
 from cyclelab.cycle import Event, Stage, format_events  # noqa: E402
 from cyclelab.embed import plot_rope_angles, plot_similarity  # noqa: E402
-from cyclelab.finetune import History  # noqa: E402
-from cyclelab.finetune_tasks import (compare_methods, plot_confusion, plot_losses, plot_schedule,  # noqa: E402
-                                     sonnets)
+from cyclelab.finetune import History, plot_schedule  # noqa: E402
+from cyclelab.tasks.sonnets import compare_methods, plot_losses, sonnets  # noqa: E402
+from cyclelab.tasks.which_play import plot_confusion  # noqa: E402
 from cyclelab.tokenize import BPE, train_timed  # noqa: E402
 
 

@@ -1,0 +1,107 @@
+"""Task 1 of chapter 06, causal LM adaptation: move ``tiny`` (trained on the plays) toward the Sonnets.
+
+:func:`sonnets`, :func:`lm_windows` and :func:`sonnet_perplexity` make the data and the score; held-out
+sonnets are the last ones, so "after" perplexity measures sonnets the model never trained on.
+:func:`compare_methods` runs the task with full fine-tuning, LoRA, adapters and prefix tuning, and
+:func:`plot_losses` draws their training curves.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .. import data
+from ..finetune import PrefixTuning, TrainConfig, add_adapters, add_lora, count_trainable, lm_loss, train
+from ..metrics import perplexity_of_model
+
+_ROMAN = re.compile(r"^\s*[IVXLC]+\s*$")
+
+
+def sonnets() -> list[str]:
+    """The 154 sonnets, each a string of its 14 (or so) lines, in order."""
+    parts: list[list[str]] = []
+    for line in data.read_work("sonnets").splitlines():
+        if _ROMAN.match(line):
+            parts.append([])  # a numeral starts the next sonnet; the title before the first is dropped
+        elif parts and line.strip():
+            parts[-1].append(line.strip())
+    return ["\n".join(p) + "\n" for p in parts if p]
+
+
+def sonnet_ids(tokenizer, texts: Sequence[str]) -> torch.Tensor:
+    """Token ids of ``texts`` joined, each followed by the end-of-text token."""
+    ids: list[int] = []
+    for t in texts:
+        ids += tokenizer(t)["input_ids"] + [tokenizer.eos_token_id]
+    return torch.tensor(ids)
+
+
+def lm_windows(tokenizer, texts: Sequence[str], length: int = 64) -> list[torch.Tensor]:
+    """Training examples for a causal LM: consecutive windows of ``length`` tokens."""
+    ids = sonnet_ids(tokenizer, texts)
+    windows = [ids[i:i + length] for i in range(0, len(ids) - length + 1, length // 2)]
+    if not windows:
+        raise ValueError(f"the texts hold {len(ids)} tokens, fewer than one window of {length}")
+    return windows
+
+
+def sonnet_perplexity(model: nn.Module, tokenizer, texts: Sequence[str], context: int = 128) -> float:
+    """Perplexity of ``model`` on ``texts`` (windows of ``context`` tokens)."""
+    return perplexity_of_model(model, sonnet_ids(tokenizer, texts), context=context)
+
+
+#: Learning rates that suit each method on ``tiny`` (fewer trainable parameters tolerate larger steps).
+METHOD_LR = {"full": 5e-4, "lora": 3e-3, "adapters": 3e-3, "prefix": 3e-2}
+
+
+def prepare(model: nn.Module, method: str, r: int = 8, bottleneck: int = 16, n_virtual: int = 8) -> nn.Module:
+    """A copy of ``model`` ready for ``method``: ``"full"``, ``"lora"`` (on ``c_attn`` and ``c_fc``),
+    ``"adapters"`` (after each ``mlp``) or ``"prefix"`` (``n_virtual`` virtual tokens)."""
+    model = copy.deepcopy(model)  # never train the cached model that load() hands out
+    if method == "full":
+        return model
+    if method == "lora":
+        return add_lora(model, ["c_attn", "c_fc"], r=r, alpha=2 * r)
+    if method == "adapters":
+        return add_adapters(model, ["mlp"], bottleneck=bottleneck)
+    if method == "prefix":
+        return PrefixTuning(model, n_virtual=n_virtual)
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_LR)}")
+
+
+def compare_methods(model: nn.Module, tokenizer, train_texts: Sequence[str], test_texts: Sequence[str],
+                    steps: int = 20, batch_size: int = 8, window: int = 64, seed: int = 0,
+                    methods: Sequence[str] = tuple(METHOD_LR)) -> list[dict]:
+    """Fine-tune a copy of ``model`` on ``train_texts`` with each method; one row per method:
+    trainable and total parameters, seconds per step, held-out perplexity, the history and the
+    fine-tuned model."""
+    examples = lm_windows(tokenizer, train_texts, window)
+    rows = []
+    for method in methods:
+        torch.manual_seed(seed)
+        tuned = prepare(model, method)
+        cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=METHOD_LR[method], warmup=max(1, steps // 10), seed=seed)
+        history = train(tuned, examples, lm_loss, cfg)
+        trainable, total = count_trainable(tuned)
+        rows.append({"method": method, "trainable": trainable, "total": total, "s_per_step": history.seconds_per_step,
+                     "perplexity": sonnet_perplexity(tuned, tokenizer, test_texts), "history": history,
+                     "model": tuned})
+    return rows
+
+
+def plot_losses(rows: Sequence[dict]):
+    """Training loss per step for each method of :func:`compare_methods`."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for row in rows:
+        ax.plot(range(1, len(row["history"].loss) + 1), row["history"].loss, label=row["method"])
+    ax.set(xlabel="step", ylabel="training loss (nats/token)", title="fine-tuning tiny on the sonnets")
+    ax.legend()
+    fig.tight_layout()
+    return fig
