@@ -88,7 +88,7 @@ def _cache() -> Check:
 
 def _assets() -> list[Check]:
     from .checksums import ModelFileError
-    from .fetch import PACKAGES, cache_dir, fetch_command, is_fetched, verify_asset
+    from .fetch import PACKAGES, asset_path, cache_dir, fetch_command, is_fetched, verify_asset
 
     try:
         cache_dir()
@@ -101,7 +101,7 @@ def _assets() -> list[Check]:
             continue
         try:
             verify_asset(key)
-            checks.append(Check(f"asset {key}", True, str(PACKAGES[key].folder)))
+            checks.append(Check(f"asset {key}", True, f"{asset_path(key)} (checksums match)"))
         except ModelFileError as err:
             checks.append(Check(f"asset {key}", False, str(err)))
     return checks

@@ -153,7 +153,7 @@ def fetch(key: str, force: bool = False) -> Path:
     """
     if key not in PACKAGES:
         raise ValueError(f"unknown asset {key!r}; known: {sorted(PACKAGES)}")
-    problem = f"{asset_path(key)} is missing"
+    problem = f"{asset_path(key)} is " + ("to be fetched again" if is_fetched(key) else "missing")
     if is_fetched(key) and not force:
         try:
             verify_asset(key)

