@@ -100,8 +100,12 @@ def fetch_command(key: str) -> str:
     """How to (re)build an asset: ``cyclelab fetch KEY``, or what an admin must run for a read-only cache."""
     if cache_writable():
         return f"run `cyclelab fetch {key}`"
-    return (f"the cache {cache_dir()} is read-only for you, so an admin must run "
-            f"`{CACHE_ENV}={cache_dir()} cyclelab fetch {key}` (or set {CACHE_ENV} to a folder you can write)")
+    return f"the cache {cache_dir()} is read-only for you, so {_admin_command(key)}"
+
+
+def _admin_command(key: str) -> str:
+    return (f"an admin must run `{CACHE_ENV}={cache_dir()} cyclelab fetch {key}` "
+            f"(or set {CACHE_ENV} to a folder you can write)")
 
 
 @contextmanager
@@ -113,8 +117,7 @@ def writing_cache(problem: str, key: str) -> Iterator[None]:
         if err.errno not in _READ_ONLY:
             raise
         raise ModelFileError(f"{problem}, and the cache {cache_dir()} is read-only for you ({err.strerror}: "
-                             f"{err.filename}). An admin must run `{CACHE_ENV}={cache_dir()} cyclelab fetch {key}`, "
-                             f"or set {CACHE_ENV} to a folder you can write.") from err
+                             f"{err.filename}), so {_admin_command(key)}.") from err
 
 
 def asset_path(key: str) -> Path:

@@ -142,13 +142,16 @@ def _load_folder(name: str, folder: str | Path, repair: str, dtype: torch.dtype,
 def _check_weights_used(model: torch.nn.Module, info: dict, folder: str | Path, repair: str) -> None:
     """Refuse a model whose config does not match its weights: every tensor present and used, with its shape.
 
-    Tied weights are absent by design and not reported; a checkpoint of another
+    A tied weight (sharing storage with a loaded one) may be absent; a checkpoint of another
     architecture (a task head loaded as a bare encoder) may carry extra tensors.
     """
     own_architecture = type(model).__name__ in (model.config.architectures or [type(model).__name__])
+    state = model.state_dict()
+    loaded = {v.data_ptr() for k, v in state.items() if k not in info["missing_keys"]}
+    missing = sorted(k for k in info["missing_keys"] if k not in state or state[k].data_ptr() not in loaded)
     shapes = [f"{k}: {tuple(ckpt)} in the weights, {tuple(conf)} from the config" for k, ckpt, conf in
               sorted(info["mismatched_keys"])]
-    problems = {"missing from the weights": sorted(info["missing_keys"]),
+    problems = {"missing from the weights": missing,
                 "in the weights but unused by the config": sorted(info["unexpected_keys"]) if own_architecture else [],
                 "of the wrong shape": shapes}
     found = [f"{len(items)} tensors {what} ({'; '.join(items[:2])}{'; …' if len(items) > 2 else ''})"

