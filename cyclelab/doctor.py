@@ -24,7 +24,7 @@ class Check(NamedTuple):
 def run_checks() -> list[Check]:
     """Run every check; a check that crashes is reported as failed, never raised."""
     checks: list[Check] = []
-    for probe in (_python, _torch, _transformers, _device, _assets, _smollm2_cache, _tiny, _kernel):
+    for probe in (_python, _torch, _transformers, _device, _cache, _assets, _smollm2_cache, _tiny, _kernel):
         try:
             result = probe()
         except Exception as err:  # a broken install must still give a report
@@ -76,32 +76,74 @@ def _device() -> Check:
     return Check("device", True, f"{device}{note}")
 
 
-def _assets() -> list[Check]:
-    from .fetch import PACKAGES, asset_path, is_fetched
+def _cache() -> Check:
+    from .fetch import cache_dir, cache_writable
 
-    return [
-        Check(f"asset {key}", True, str(asset_path(key))) if is_fetched(key)
-        else Check(f"asset {key}", False, f"missing; run `cyclelab fetch {key}`")
-        for key in PACKAGES
-    ]
+    try:
+        root = cache_dir()
+    except NotADirectoryError as err:
+        return Check("cache", False, f"{err}: e.g. `export CYCLELAB_CACHE=~/.cache/cyclelab`")
+    return Check("cache", True, f"{root} ({'writable' if cache_writable() else 'read-only for you'})")
+
+
+def _assets() -> list[Check]:
+    from .checksums import ModelFileError
+    from .fetch import PACKAGES, asset_path, cache_dir, fetch_command, is_fetched, verify_asset
+
+    try:
+        cache_dir()
+    except NotADirectoryError:
+        return [Check("assets", False, "not checked: the cache is not a folder (see the `cache` line)")]
+    checks = []
+    for key in PACKAGES:
+        if not is_fetched(key):
+            checks.append(Check(f"asset {key}", False, f"missing; {fetch_command(key)}"))
+            continue
+        try:
+            verify_asset(key)
+            checks.append(Check(f"asset {key}", True, f"{asset_path(key)} (checksums match)"))
+        except ModelFileError as err:
+            checks.append(Check(f"asset {key}", False, str(err)))
+    return checks
 
 
 def _smollm2_cache() -> Check:
+    from .checksums import ModelFileError, verify_folder
     from .cli import smollm2_cache
+    from .fetch import fetch_command
 
-    folder = smollm2_cache()
-    if (folder / ".complete").exists():
-        return Check("smollm2 safetensors", True, str(folder))
-    return Check("smollm2 safetensors", False, "not converted yet; run `cyclelab fetch smollm2`")
+    name = "smollm2 safetensors"
+    try:
+        folder = smollm2_cache()
+    except NotADirectoryError:
+        return Check(name, False, "not checked: the cache is not a folder (see the `cache` line)")
+    if not (folder / ".complete").exists():
+        return Check(name, False, f"not converted yet; {fetch_command('smollm2')}")
+    try:
+        if verify_folder(folder, fetch_command("smollm2")):
+            return Check(name, True, f"{folder} (checksums match)")
+    except ModelFileError as err:
+        return Check(name, False, str(err))
+    return Check(name, False, f"{folder} has no checksums (converted by an older cyclelab), so damage would go "
+                              f"unnoticed; to convert it again and record them, {fetch_command('smollm2')}")
 
 
-def _tiny() -> Check:
+def _tiny() -> list[Check]:
+    from .checksums import ModelFileError, verify_folder
     from .models import REPO_DATA
 
-    config = REPO_DATA / "tiny" / "config.json"
-    if config.is_file():
-        return Check("tiny model", True, str(config.parent))
-    return Check("tiny model", False, "data/tiny is missing; run `git checkout data/tiny` or `cyclelab train-tiny`")
+    checks = []
+    for name in ("tiny", "tiny-mlm"):
+        folder = REPO_DATA / name
+        repair = f"run `git checkout data/{name}`"
+        try:
+            if not (folder / "config.json").is_file():
+                raise ModelFileError(f"{folder / 'config.json'} is missing. To repair: {repair}.")
+            verify_folder(folder, repair)
+            checks.append(Check(f"{name} model", True, f"{folder} (checksums match)"))
+        except ModelFileError as err:
+            checks.append(Check(f"{name} model", False, str(err)))
+    return checks
 
 
 def _kernel() -> Check:

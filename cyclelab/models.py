@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
+from .checksums import ModelFileError, model_files, verify_folder, write_sums
 from .device import pick_device
-from .fetch import asset_path, cache_dir, fetch, is_fetched
+from .fetch import asset_path, cache_dir, fetch, fetch_command, replace_folder, verify_asset, writing_cache
 
 REPO_DATA = Path(__file__).resolve().parent.parent / "data"
 KNOWN = {
@@ -34,10 +35,7 @@ KNOWN = {
 }
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CACHE: dict[tuple, "Loaded"] = {}
-
-
-class ModelFileError(RuntimeError):
-    """A weight or config file is missing or corrupt; the message says how to repair it."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json")
 
 
 @dataclass
@@ -96,12 +94,9 @@ def _resolve(name: str) -> tuple[str | Path, str]:
     if name in ("tiny", "tiny-mlm"):
         retrain = "cyclelab train-tiny" + (" --objective masked" if name == "tiny-mlm" else "")
         return REPO_DATA / name, f"restore it with `git checkout data/{name}` or retrain with `{retrain}`"
-    if name == "smollm2":
-        return smollm2_folder(), "delete the folder and load again, or run `cyclelab fetch smollm2 --force`"
-    if name == "minilm":
-        if not is_fetched("minilm"):
-            fetch("minilm")
-        return asset_path("minilm"), "run `cyclelab fetch minilm --force`"
+    if name in ("smollm2", "minilm"):
+        folder = smollm2_folder() if name == "smollm2" else fetch("minilm")
+        return folder, fetch_command(name)
     path = Path(name).expanduser()
     if path.is_dir():
         return path, "check the folder holds config.json, the weights and the tokenizer"
@@ -126,35 +121,72 @@ def _load_folder(name: str, folder: str | Path, repair: str, dtype: torch.dtype,
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
-    if isinstance(folder, Path):
-        check_model_files(folder, repair)
+    checksummed = isinstance(folder, Path) and check_model_files(folder, repair)
     try:
         config = AutoConfig.from_pretrained(folder)
         causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in config.architectures or [])
         auto = AutoModelForCausalLM if causal else AutoModel
         if name == "tiny-mlm":
             from transformers import AutoModelForMaskedLM as auto
-        model = auto.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
+        model, info = auto.from_pretrained(folder, dtype=dtype, attn_implementation=attn,
+                                          output_loading_info=True, ignore_mismatched_sizes=True)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, RuntimeError) as err:
         raise ModelFileError(f"could not load {name!r} from {folder}: {err}. To repair: {repair}.") from err
+    _check_weights_used(model, info, folder, repair)
+    if not checksummed:  # no recorded checksum: at least catch NaN/inf from damaged bytes
+        _check_finite(model, folder, repair)
     return Loaded(name=name, model=model, tokenizer=tokenizer, source=str(folder))
 
 
-def check_model_files(folder: Path, repair: str) -> None:
-    """Raise :class:`ModelFileError` if config or weights are missing, or a weight file is corrupt.
+def _check_weights_used(model: torch.nn.Module, info: dict, folder: str | Path, repair: str) -> None:
+    """Refuse a model whose config does not match its weights: every tensor present and used, with its shape.
 
-    Reading a safetensors header is cheap and catches truncated or overwritten files
-    before ``transformers`` fails with a less helpful message.
+    A tied weight (sharing storage with a loaded one) may be absent; a checkpoint of another
+    architecture (a task head loaded as a bare encoder) may carry extra tensors.
+    """
+    own_architecture = type(model).__name__ in (model.config.architectures or [type(model).__name__])
+    state = model.state_dict()
+    loaded = {v.data_ptr() for k, v in state.items() if k not in info["missing_keys"]}
+    missing = sorted(k for k in info["missing_keys"] if k not in state or state[k].data_ptr() not in loaded)
+    shapes = [f"{k}: {tuple(ckpt)} in the weights, {tuple(conf)} from the config" for k, ckpt, conf in
+              sorted(info["mismatched_keys"])]
+    problems = {"missing from the weights": missing,
+                "in the weights but unused by the config": sorted(info["unexpected_keys"]) if own_architecture else [],
+                "of the wrong shape": shapes}
+    found = [f"{len(items)} tensors {what} ({'; '.join(items[:2])}{'; …' if len(items) > 2 else ''})"
+             for what, items in problems.items() if items] + list(info.get("error_msgs") or [])
+    if found:
+        raise ModelFileError(f"{folder}/config.json does not match the weights in {folder}: {'. '.join(found)}. "
+                             f"To repair: {repair}.")
+
+
+def _check_finite(model: torch.nn.Module, folder: str | Path, repair: str) -> None:
+    """Refuse weights holding NaN or infinity (one sum per tensor: ~0.2 s for SmolLM2)."""
+    tensors = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    sums = torch.stack([v.sum() for v in tensors.values()])
+    if not sums.isfinite().all():
+        bad = list(tensors)[int((~sums.isfinite()).nonzero()[0])]
+        raise ModelFileError(f"the weights in {folder} are corrupt: {bad} holds NaN or infinite values. "
+                             f"To repair: {repair}.")
+
+
+def check_model_files(folder: Path, repair: str) -> bool:
+    """Raise :class:`ModelFileError` if config, weights or tokenizer are missing, or a file is corrupt.
+
+    Files listed in the folder's ``SHA256SUMS`` must match it (hashed once per process);
+    a safetensors header must match the file's size; a tokenizer file must be present.
+    Returns True when the folder has checksums (and they matched).
     """
     from safetensors import safe_open
 
+    checksummed = verify_folder(folder, repair)
     config = folder / "config.json"
     if not config.is_file():
         raise ModelFileError(f"{config} is missing. To repair: {repair}.")
     try:
         json.loads(config.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelFileError(f"{config} is corrupt ({err}). To repair: {repair}.") from err
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
@@ -168,6 +200,10 @@ def check_model_files(folder: Path, repair: str) -> None:
             _check_size(path)
         except Exception as err:  # safetensors raises its own error types
             raise ModelFileError(f"{path} is corrupt ({err}). To repair: {repair}.") from err
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelFileError(f"{folder / 'tokenizer.json'} is missing (no tokenizer file in {folder}). "
+                             f"To repair: {repair}.")
+    return checksummed
 
 
 def _check_size(path: Path) -> None:
@@ -183,11 +219,12 @@ def _check_size(path: Path) -> None:
         raise ValueError(f"file holds {actual} bytes of tensor data, its header promises {end}")
 
 
-def smollm2_folder() -> Path:
-    """The float32 safetensors cache of SmolLM2, made from the GGUF on first use."""
+def smollm2_folder(rebuild: bool = False) -> Path:
+    """The float32 safetensors cache of SmolLM2, made from the (verified) GGUF on first use or when ``rebuild``."""
     folder = cache_dir() / "models" / "smollm2"
-    if not (folder / ".complete").exists():
-        convert_gguf(fetch("smollm2"), folder)
+    if rebuild or not (folder / ".complete").exists():
+        with writing_cache(f"{folder / 'model.safetensors'} is missing or out of date", "smollm2"):
+            convert_gguf(fetch("smollm2"), folder)
     return folder
 
 
@@ -196,24 +233,20 @@ def convert_gguf(gguf_path: Path, folder: Path) -> Path:
 
     ``save_pretrained`` refuses a model loaded from GGUF, so the weights go through
     ``safetensors.torch.save_model`` and the config is saved without its
-    ``quantization_config``; the result reloads as an ordinary model.
+    ``quantization_config``; the result reloads as an ordinary model. The folder is built
+    under a temporary name with its ``SHA256SUMS`` and ``.complete``, then renamed into place.
+    The course's GGUF is checked against its pinned sha256 first, so a corrupt one is never converted.
     """
     from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    quiet_transformers()
     if not gguf_path.is_file():
-        raise ModelFileError(f"{gguf_path} is missing. To repair: run `cyclelab fetch smollm2 --force`.")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    except ImportError:
-        raise
-    except Exception as err:
-        raise ModelFileError(f"{gguf_path} could not be read ({err}). To repair: run `cyclelab fetch smollm2 --force`.") from err
+        raise ModelFileError(f"{gguf_path} is missing. To repair: {fetch_command('smollm2')}.")
+    if gguf_path == asset_path("smollm2"):
+        verify_asset("smollm2")
     staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted conversion
+    staging.mkdir(parents=True)  # fails early in a read-only cache
+    model, tokenizer = _dequantize(gguf_path)
     save_model(model, str(staging / "model.safetensors"))
     config = model.config.to_dict()
     config.pop("quantization_config", None)
@@ -222,7 +255,24 @@ def convert_gguf(gguf_path: Path, folder: Path) -> Path:
     (staging / "config.json").write_text(json.dumps(config, indent=2))
     model.generation_config.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    shutil.copymode(staging / "config.json", staging / "model.safetensors")  # safetensors writes 0600
+    write_sums(staging, model_files(staging))
     (staging / ".complete").touch()
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
+    replace_folder(staging, folder)
     return folder
+
+
+def _dequantize(gguf_path: Path) -> tuple[torch.nn.Module, object]:
+    """The float32 model and tokenizer in a GGUF file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except ImportError:
+        raise
+    except Exception as err:
+        raise ModelFileError(f"{gguf_path} could not be read ({err}). To repair: "
+                             f"{fetch_command('smollm2')} (add --force to download it again).") from err
+    return model, tokenizer

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import data
+from .checksums import model_files, write_sums
 from .device import pick_device
 
 REPO_DATA = Path(__file__).resolve().parent.parent / "data"
@@ -251,6 +252,7 @@ def _write_outputs(model, tokenizer, cfg: TinyConfig, log: list[dict], metrics: 
     (out_dir / "metrics.json").write_text(json.dumps({**metrics, "config": asdict(cfg)}, indent=2) + "\n")
     _plot_curve(log, out_dir / "training_curve.png", cfg.name)
     (out_dir / "README.md").write_text(_card(cfg, metrics))
+    write_sums(out_dir, model_files(out_dir))  # load() verifies the weights against these
 
 
 def _plot_curve(log: list[dict], path: Path, name: str) -> None:

