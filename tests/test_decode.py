@@ -186,12 +186,21 @@ def test_sample_frequencies_match_softmax():
     (dict(top_p=1.5), "top_p"),
     (dict(top_p=-0.1), "top_p"),
     (dict(top_k=0), "top_k"),
-    (dict(top_k=2.5), "top_k"),
     (dict(repetition_penalty=0), "repetition_penalty"),
     (dict(repetition_penalty=-1.0), "repetition_penalty"),
 ])
 def test_sampling_rejects_bad_settings(kwargs, name):
     with pytest.raises(ValueError, match=name):
+        Sampling(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(top_k=2.5), "top_k"),
+    (dict(do_sample="no"), "do_sample"),
+    (dict(seed=1.5), "seed"),
+])
+def test_sampling_rejects_wrong_types(kwargs, name):
+    with pytest.raises(TypeError, match=name):
         Sampling(**kwargs)
 
 
