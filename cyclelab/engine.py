@@ -311,8 +311,8 @@ class Engine:
         if trace.fingerprint.get(part) != self.fingerprint[part]:
             use = ("branch on an engine of the model that made it" if part == "weights"
                    else "replay it on a model with the same tokenizer")
-            raise ValueError(f"this trace was made by {trace.model!r}, whose {part} differ from those of this "
-                             f"engine's model {self.loaded.name!r} (fingerprint mismatch): {use}")
+            raise ValueError(f"this trace was made by {trace.model!r}; its {part} fingerprint differs from that of "
+                             f"this engine's model {self.loaded.name!r}: {use}")
 
     @staticmethod
     def _sampling_of(trace: Trace) -> Sampling:
@@ -378,9 +378,9 @@ def _ids_of(prompt) -> list[int]:
         return prompt.tolist()
     if not isinstance(prompt, (list, tuple)):
         raise TypeError(f"{PROMPT_TYPES}; got {type(prompt).__name__}")
-    bad = next((i for i in prompt if isinstance(i, bool) or not isinstance(i, int)), None)
-    if bad is not None:
-        raise TypeError(f"{PROMPT_TYPES}; the prompt holds {bad!r} ({type(bad).__name__})")
+    bad = [i for i in prompt if isinstance(i, bool) or not isinstance(i, int)]
+    if bad:
+        raise TypeError(f"{PROMPT_TYPES}; the prompt holds {bad[0]!r} ({type(bad[0]).__name__})")
     return list(prompt)
 
 
