@@ -153,6 +153,9 @@ def apply_repetition_penalty(logits: torch.Tensor, previous_ids: Ids, penalty: f
         raise ValueError(f"previous_ids must be token ids in [0, {logits.shape[-1]})")
     seen = logits.gather(-1, ids)
     penalised = torch.where(seen < 0, seen * penalty, seen / penalty)
+    if torch.isposinf(penalised).any():
+        raise ValueError(f"repetition_penalty {penalty!r} is too small for these logits: dividing by it overflows "
+                         f"{logits.dtype}; use a penalty closer to 1 (1.0 = off)")
     return logits.scatter(-1, ids, penalised)
 
 
@@ -252,6 +255,8 @@ def sample(logits: torch.Tensor, generator: torch.Generator) -> tuple[int, float
     _check_logits(logits, one_row=True)
     if torch.isneginf(logits).all():
         raise ValueError("every logit is -inf: there is no token left to sample")
+    if torch.isposinf(logits).any():
+        raise ValueError("logits contain +inf: their probabilities are undefined")
     u = torch.rand(1, generator=generator, device=generator.device).item()
     cdf = torch.softmax(logits.detach().double(), dim=-1).cumsum(dim=-1).cpu()
     cdf = cdf / cdf[-1]  # make the last entry exactly 1 despite rounding

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from cyclelab import Debugger, Engine, Loaded, Sampling, Trace, ablation
-from cyclelab.decode import as_sampling
+from cyclelab.decode import apply_repetition_penalty, apply_temperature, as_sampling
+from cyclelab.decode import sample as decode_sample
 from cyclelab.engine import drain, fingerprint
 from cyclelab.transformer import Ablation
 
@@ -167,6 +168,12 @@ ROWS = [
     R(lambda c: gen(c, sampling="greedy"), TypeError, r"sampling must be a Sampling, a dict", id="sampling-string"),
     R(lambda c: gen(c, sampling=0.7), TypeError, r"sampling must be a Sampling, a dict", id="sampling-float"),
     R(lambda c: as_sampling([("do_sample", True)]), TypeError, r"sampling must be a Sampling", id="sampling-list-of-pairs"),
+    R(lambda c: apply_repetition_penalty(torch.tensor([2.0, 1.0]), [0], 1e-300), ValueError,
+      r"repetition_penalty 1e-300 is too small.*overflows", id="sampling-penalty-overflow"),
+    R(lambda c: apply_temperature(torch.tensor([-2.0, -1.0]), 1e-300), ValueError, r"temperature 1e-300 is too small",
+      id="sampling-temperature-underflow"),
+    R(lambda c: decode_sample(torch.tensor([math.inf, 1.0]), torch.Generator()), ValueError, r"logits contain \+inf",
+      id="sampling-infinite-logit"),
     # ---------------------------------------------------------------- run options
     R(lambda c: gen(c, trace=1), ValueError, r"unknown option\(s\) \['trace'\]", id="option-local-name-trace"),
     R(lambda c: gen(c, cycle=0), ValueError, r"unknown option\(s\) \['cycle'\]", id="option-local-name-cycle"),
