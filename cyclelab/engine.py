@@ -359,8 +359,10 @@ def _weights_digest(model: torch.nn.Module) -> str:
 
 
 def _tokenizer_digest(tokenizer) -> str:
+    """sha256 of the vocabulary (of the class name, for a stand-in tokenizer without one)."""
     if tokenizer not in _TOKENIZERS:
-        vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else type(tokenizer).__qualname__
+        vocab = json.dumps(sorted(vocab.items()) if isinstance(vocab, dict) else vocab, ensure_ascii=False)
         _TOKENIZERS[tokenizer] = hashlib.sha256(vocab.encode("utf-8", "surrogatepass")).hexdigest()
     return _TOKENIZERS[tokenizer]
 
