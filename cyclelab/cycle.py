@@ -155,25 +155,27 @@ class _TraceFile:
 
     def fail(self, field: str, expected: str, value) -> None:
         shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-        raise ValueError(f"{self.path} is not a valid trace file: {field} must be {expected}, got {shown} "
-                         "(write traces with Trace.save)")
+        raise ValueError(f"{self.path} is not a valid trace file: {field or 'the file'} must be {expected}, "
+                         f"got {shown} (write traces with Trace.save)")
 
     def check(self, value, field: str, rule: tuple[Callable[[object], bool], str]):
         if not rule[0](value):
             self.fail(field, rule[1], value)
         return value
 
-    def fields(self, value, field: str, required: dict, optional: dict = {}) -> dict:
-        """An object with the ``required`` keys and maybe some ``optional`` ones, each checked by its rule."""
+    def fields(self, value, field: str, required: dict, optional: dict | None = None) -> dict:
+        """An object with the ``required`` keys and maybe some ``optional`` ones, each checked by its rule:
+        a ``(predicate, what it expects)`` pair, or a function ``(value, field)`` returning the value read."""
         if not isinstance(value, dict):
             self.fail(field, "an object ({...})", value)
-        missing = sorted(set(required) - set(value))
-        unknown = sorted(set(value) - set(required) - set(optional))
+        rules = {**required, **(optional or {})}
+        missing, unknown = sorted(set(required) - set(value)), sorted(set(value) - set(rules))
         if missing or unknown:
             problem = f"lacks the field(s) {missing}" if missing else f"has unknown field(s) {unknown}"
-            raise ValueError(f"{self.path} is not a valid trace file: {field} {problem} (write traces with Trace.save)")
-        rules = {**required, **optional}
-        return {k: self.check(v, f"{field}.{k}", rules[k]) if isinstance(rules[k], tuple) else rules[k](v, f"{field}.{k}")
+            raise ValueError(f"{self.path} is not a valid trace file: {field or 'the file'} {problem} "
+                             "(write traces with Trace.save)")
+        named = {k: f"{field}.{k}" if field else k for k in value}
+        return {k: self.check(v, named[k], rules[k]) if isinstance(rules[k], tuple) else rules[k](v, named[k])
                 for k, v in value.items()}
 
     def items(self, value, field: str, each: Callable) -> list:
@@ -182,7 +184,7 @@ class _TraceFile:
         return [each(v, f"{field}[{i}]") for i, v in enumerate(value)]
 
     def trace(self, raw) -> Trace:
-        top = self.fields(raw, "the file", {
+        top = self.fields(raw, "", {
             "model": (lambda v: isinstance(v, str) and v != "", "a model name"),
             "prompt_ids": (lambda v: isinstance(v, list) and v != [] and all(map(_natural, v)),
                            "a non-empty list of token ids (integers >= 0)"),
