@@ -330,3 +330,17 @@ def test_beam_search_validation():
         decode.beam_search(fn, [1], 2, 5, eos_token_id=-1)
     with pytest.raises(ValueError, match="next_logits"):
         decode.beam_search(lambda ids: torch.zeros(50), [1], 2, 5)
+
+
+def test_sampling_without_top_k_keeps_the_whole_vocabulary_unlike_transformers_default():
+    """Documented in Sampling: transformers' generate() fills an unset top_k with 50, Sampling keeps no top-k."""
+    from transformers import GenerationConfig
+
+    defaults = getattr(GenerationConfig, "_get_default_generation_params",  # transformers 5: filled in by generate()
+                       lambda: {"top_k": GenerationConfig().top_k})()  # transformers 4: the config's own default
+    assert defaults["top_k"] == 50
+    assert Sampling(do_sample=True).top_k is None
+    logits = torch.linspace(-30.0, 5.0, 1000)
+    final = decode.pipeline(logits, [], Sampling(do_sample=True))[-1][1]
+    assert torch.isfinite(final).all()  # all 1000 tokens can be drawn, not just the best 50
+    assert "top_k=50" in Sampling.__doc__
