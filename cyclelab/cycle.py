@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .decode import as_sampling
 
 OPS = ["embed", "positions", "norm_attn", "qkv", "rope", "kv_cache", "scores", "softmax", "mix", "attn_out",
        "residual_attn", "norm_mlp", "mlp_in", "act", "mlp_out", "residual_mlp", "norm_final", "logits", "choose",
@@ -222,8 +223,6 @@ class _TraceFile:
                 lambda t: t is None or _natural(t), "null or a token id")})})
 
     def sampling(self, value, field: str) -> dict:
-        from .decode import as_sampling
-
         self.check(value, field, (lambda v: isinstance(v, dict), "an object of sampling settings"))
         try:
             as_sampling(value)

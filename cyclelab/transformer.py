@@ -59,10 +59,11 @@ def _int_collection(items, name: str, pairs: bool = False) -> frozenset:
     def valid(item) -> bool:
         return isinstance(item, (tuple, list)) and len(item) == 2 and all(map(is_int, item)) if pairs else is_int(item)
 
+    given = items
     items = list(items) if isinstance(items, Iterable) and not isinstance(items, (str, bytes, dict)) else None
     if items is None or not all(map(valid, items)):
         what = "(layer, head) pairs of integers" if pairs else "layer numbers (integers)"
-        raise TypeError(f"ablation {name} must be a collection of {what}")
+        raise TypeError(f"ablation {name} must be a collection of {what}, got {given!r}")
     return frozenset(tuple(i) for i in items) if pairs else frozenset(items)
 
 
