@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 import weakref
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import asdict, replace
@@ -361,9 +360,9 @@ def _weights_digest(model: torch.nn.Module) -> str:
 def _tokenizer_digest(tokenizer) -> str:
     """sha256 of the vocabulary (of the class name, for a stand-in tokenizer without one)."""
     if tokenizer not in _TOKENIZERS:
-        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else type(tokenizer).__qualname__
-        vocab = json.dumps(sorted(vocab.items()) if isinstance(vocab, dict) else vocab, ensure_ascii=False)
-        _TOKENIZERS[tokenizer] = hashlib.sha256(vocab.encode("utf-8", "surrogatepass")).hexdigest()
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {type(tokenizer).__qualname__: 0}
+        text = "\n".join(f"{i} {token}" for token, i in sorted(vocab.items(), key=lambda item: item[1]))
+        _TOKENIZERS[tokenizer] = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
     return _TOKENIZERS[tokenizer]
 
 

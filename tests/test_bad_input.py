@@ -9,7 +9,6 @@ constructors and the debugger's commands.
 import copy
 import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
