@@ -14,11 +14,19 @@ The engine yields one :class:`Event` per micro-op; a :class:`Trace` keeps one
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 
 import torch
+
+from .decode import as_sampling
+
+OPS = ["embed", "positions", "norm_attn", "qkv", "rope", "kv_cache", "scores", "softmax", "mix", "attn_out",
+       "residual_attn", "norm_mlp", "mlp_in", "act", "mlp_out", "residual_mlp", "norm_final", "logits", "choose",
+       "append"]  # every op an engine run yields, in order ("rope" only for Llama)
 
 
 class Stage(str, Enum):
@@ -90,6 +98,7 @@ class Trace:
     settings: dict = field(default_factory=dict)  # sampling, interventions, cache use
     text: str = ""  # the generated text, decoded
     events: list[Event] = field(default_factory=list)  # only those a consumer kept
+    fingerprint: dict[str, str] = field(default_factory=dict)  # the model's: see engine.fingerprint
 
     @property
     def token_ids(self) -> list[int]:
@@ -113,8 +122,8 @@ class Trace:
 
     def to_dict(self) -> dict:
         """Plain data (no tensors, no events) for JSON."""
-        return {"model": self.model, "prompt_ids": self.prompt_ids, "settings": self.settings,
-                "text": self.text, "records": [asdict(r) for r in self.records]}
+        return {"model": self.model, "fingerprint": self.fingerprint, "prompt_ids": self.prompt_ids,
+                "settings": self.settings, "text": self.text, "records": [asdict(r) for r in self.records]}
 
     def save(self, path: str | Path) -> None:
         """Write the trace as JSON (never pickle)."""
@@ -122,11 +131,124 @@ class Trace:
 
     @classmethod
     def load(cls, path: str | Path) -> "Trace":
-        """Read a trace written by :meth:`save`."""
-        raw = json.loads(Path(path).read_text())
-        records = [CycleRecord(**{**r, "top": [tuple(t) for t in r["top"]]}) for r in raw["records"]]
-        return cls(model=raw["model"], prompt_ids=raw["prompt_ids"], records=records,
-                   settings=raw["settings"], text=raw["text"])
+        """Read a trace written by :meth:`save`, checking every field.
+
+        A file that is not such a trace (empty, truncated, not JSON, nested too deeply, a field
+        missing, unknown or of the wrong type or range) raises one ``ValueError`` naming the
+        file and the field. Files saved before traces recorded their model's fingerprint load
+        with an empty :attr:`fingerprint`; replaying them then only checks the model's name.
+        """
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as err:
+            problem = "nested too deeply" if isinstance(err, RecursionError) else f"not JSON ({err})"
+            raise ValueError(f"{path} is not a trace file: {problem}; "
+                             "it may be empty or truncated: save the trace again with Trace.save") from None
+        return _TraceFile(path).trace(raw)
+
+
+class _TraceFile:
+    """Checks the parsed JSON of a trace file; the first problem raises a ValueError naming the file and field."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, field: str, expected: str, value) -> None:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise ValueError(f"{self.path} is not a valid trace file: {field or 'the file'} must be {expected}, "
+                         f"got {shown} (write traces with Trace.save)")
+
+    def check(self, value, field: str, rule: tuple[Callable[[object], bool], str]):
+        if not rule[0](value):
+            self.fail(field, rule[1], value)
+        return value
+
+    def fields(self, value, field: str, required: dict, optional: dict | None = None) -> dict:
+        """An object with the ``required`` keys and maybe some ``optional`` ones, each checked by its rule:
+        a ``(predicate, what it expects)`` pair, or a function ``(value, field)`` returning the value read."""
+        if not isinstance(value, dict):
+            self.fail(field, "an object ({...})", value)
+        rules = {**required, **(optional or {})}
+        missing, unknown = sorted(set(required) - set(value)), sorted(set(value) - set(rules))
+        if missing or unknown:
+            problem = f"lacks the field(s) {missing}" if missing else f"has unknown field(s) {unknown}"
+            raise ValueError(f"{self.path} is not a valid trace file: {field or 'the file'} {problem} "
+                             "(write traces with Trace.save)")
+        named = {k: f"{field}.{k}" if field else k for k in value}
+        return {k: self.check(v, named[k], rules[k]) if isinstance(rules[k], tuple) else rules[k](v, named[k])
+                for k, v in value.items()}
+
+    def items(self, value, field: str, each: Callable) -> list:
+        if not isinstance(value, list):
+            self.fail(field, "a list ([...])", value)
+        return [each(v, f"{field}[{i}]") for i, v in enumerate(value)]
+
+    def trace(self, raw) -> Trace:
+        top = self.fields(raw, "", {
+            "model": (lambda v: isinstance(v, str) and v != "", "a model name"),
+            "prompt_ids": (lambda v: isinstance(v, list) and v != [] and all(map(_natural, v)),
+                           "a non-empty list of token ids (integers >= 0)"),
+            "settings": self.settings, "text": STR, "records": lambda v, f: self.items(v, f, self.record)},
+            {"fingerprint": self.fingerprint})
+        for i, record in enumerate(top["records"]):
+            if record.cycle != i:
+                self.fail(f"records[{i}].cycle", f"{i} (cycles are numbered from 0 in order)", record.cycle)
+        return Trace(top["model"], top["prompt_ids"], top["records"], top["settings"], top["text"],
+                     fingerprint=top.get("fingerprint", {}))
+
+    def record(self, value, field: str) -> CycleRecord:
+        r = self.fields(value, field, {**{k: NATURAL for k in ("cycle", "token_id", "greedy_id", "cache_len", "flops", "bytes")},
+                                       "token": STR, "prob": PROB, "raw_prob": PROB, "entropy": NON_NEGATIVE,
+                                       "top": lambda v, f: self.items(v, f, self.candidate), "forced": BOOL,
+                                       "draw": (lambda v: v is None or PROB[0](v) and v < 1, "null or a number in [0, 1)"),
+                                       "n_inputs": (lambda v: _natural(v) and v >= 1, "an integer >= 1"),
+                                       "seconds": NON_NEGATIVE})
+        return CycleRecord(**r)
+
+    def candidate(self, value, field: str) -> tuple[int, str, float]:
+        return tuple(self.check(value, field, (lambda v: isinstance(v, list) and len(v) == 3 and _natural(v[0])
+                                               and isinstance(v[1], str) and PROB[0](v[2]),
+                                               "[token id, token text, probability]")))
+
+    def settings(self, value, field: str) -> dict:
+        pairs = (lambda v: isinstance(v, list) and all(isinstance(h, list) and len(h) == 2 and all(map(_natural, h))
+                                                       for h in v), "a list of [layer, head] pairs")
+        ablation = lambda v, f: self.fields(v, f, {"heads": pairs, "mlps": (  # noqa: E731
+            lambda v: isinstance(v, list) and all(map(_natural, v)), "a list of layer numbers")})
+        return self.fields(value, field, {}, {
+            "sampling": self.sampling, "use_cache": BOOL, "chat": BOOL, "ablation": ablation,
+            "interventions": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "a list of strings"),
+            "branched_from": lambda v, f: self.fields(v, f, {"at_cycle": NATURAL, "token": (
+                lambda t: t is None or _natural(t), "null or a token id")})})
+
+    def sampling(self, value, field: str) -> dict:
+        self.check(value, field, (lambda v: isinstance(v, dict), "an object of sampling settings"))
+        try:
+            as_sampling(value)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{self.path} is not a valid trace file: {field}: {err}") from None
+        return value
+
+    def fingerprint(self, value, field: str) -> dict:
+        digest = (lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v),
+                  "a sha256 digest (64 hex digits)")
+        return self.fields(value, field, {}, {"weights": digest, "tokenizer": digest})
+
+
+def _natural(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+NATURAL = (_natural, "an integer >= 0")
+STR = (lambda v: isinstance(v, str), "a string")
+BOOL = (lambda v: isinstance(v, bool), "true or false")
+PROB = (lambda v: _number(v) and 0 <= v <= 1, "a probability (a number from 0 to 1)")
+NON_NEGATIVE = (lambda v: _number(v) and v >= 0, "a number >= 0")
 
 
 def _show(token: str) -> str:

@@ -26,18 +26,16 @@ from pathlib import Path
 
 import torch
 
-from .cycle import CycleRecord, Event, Trace
+from .cycle import OPS, CycleRecord, Event, Trace
 from .debugview import (Attention, CacheRow, Cost, Draw, Output, Register, SamplerStage, State, render_text,
                         show_token)
-from .decode import Sampling, pipeline
-from .engine import Engine, drain
+from .decode import Sampling, as_sampling, pipeline
+from .engine import Engine, as_loaded, drain
+from .models import Loaded
 from .transformer import Ablation
 
 VIEW_OPS = frozenset({"embed", "kv_cache", "softmax", "residual_mlp", "choose"})
 UNIT_ENDS = frozenset({"positions", "residual_mlp", "logits", "choose", "append"})  # where "Step layer" stops
-OPS = ["embed", "positions", "norm_attn", "qkv", "rope", "kv_cache", "scores", "softmax", "mix", "attn_out",
-       "residual_attn", "norm_mlp", "mlp_in", "act", "mlp_out", "residual_mlp", "norm_final", "logits", "choose",
-       "append"]
 
 
 # ------------------------------------------------------------------ events and lens
@@ -233,14 +231,17 @@ class Debugger:
     the cycle, when the chosen token is written back; op breakpoints fire on that op.
     """
 
-    def __init__(self, engine: Engine, prompt, max_new_tokens: int = 20, sampling: Sampling | None = None, *,
-                 chat: bool = False, ablation: Ablation | None = None, top: int = 5):
-        self.engine = engine
+    def __init__(self, engine: Engine | Loaded | str, prompt, max_new_tokens: int = 20,
+                 sampling: Sampling | dict | None = None, *, chat: bool = False, ablation: Ablation | None = None,
+                 top: int = 5):
+        """``engine`` is an :class:`Engine`, a :class:`Loaded` model (wrapped in an Engine) or a model
+        name (loaded); ``sampling`` a :class:`Sampling` or a dict of its settings. Each is checked here."""
+        self.engine = engine = engine if isinstance(engine, Engine) else Engine(as_loaded(engine, "Debugger"))
         self.prompt_ids = engine.encode(prompt, chat=chat)
         self.prompt_text = engine.tokenizer.decode(self.prompt_ids)
         engine._check_lengths(len(self.prompt_ids), max_new_tokens)
         self.max_new_tokens, self.chat, self.top = max_new_tokens, chat, _check_int(top, 1, 100, "top")
-        self.now = Timeline(sampling or Sampling(), ablation or Ablation())
+        self.now = Timeline(as_sampling(sampling), engine._check_ablation(ablation))
         self._branches: list[Timeline] = []
         self.breakpoints: list[Breakpoint] = []
         self.position = -1  # index of the current event in the history; -1 before the first
@@ -474,7 +475,7 @@ class Debugger:
         unknown = set(changes) - {f.name for f in fields(Sampling)}
         if unknown:
             raise ValueError(f"unknown sampling setting(s) {sorted(unknown)}")
-        new = replace(sampling or self.now.sampling, **changes)  # validates: ValueError
+        new = replace(self.now.sampling if sampling is None else as_sampling(sampling), **changes)  # validates
         if new != self.now.sampling:
             k = self.cycle + (self.current_event is not None and self.current_event.op == "choose")
             self._invalidate(k)
@@ -656,7 +657,7 @@ class Debugger:
                     "ablation": {"heads": sorted(map(list, timeline.ablation.heads)), "mlps": sorted(timeline.ablation.mlps)},
                     "interventions": list(timeline.log)}
         return Trace(self.engine.loaded.name, list(self.prompt_ids), list(records), settings,
-                     self.engine.tokenizer.decode(ids, skip_special_tokens=True))
+                     self.engine.tokenizer.decode(ids, skip_special_tokens=True), fingerprint=self.engine.fingerprint)
 
     def _text(self, token_id: int) -> str:
         if token_id not in self._texts:

@@ -27,6 +27,9 @@ import torch
 Ids = Sequence[int] | torch.Tensor
 
 
+SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed accepts, without its negative wrap-around
+
+
 @dataclass(frozen=True)
 class Sampling:
     """Settings for turning logits into a token.
@@ -34,7 +37,14 @@ class Sampling:
     With ``do_sample=False`` the most likely token is taken (greedy); ``temperature``,
     ``top_k`` and ``top_p`` are then ignored, as in transformers, because they never
     change which token is the most likely. ``repetition_penalty`` applies in both modes.
-    ``seed`` seeds the random generator that :func:`choose` makes when none is given.
+    ``seed`` (an integer from 0 to 2**64 - 1) seeds the random generator that
+    :func:`choose` makes when none is given.
+
+    Unlike ``transformers.generate``, whose default ``top_k`` is 50, ``do_sample=True``
+    with ``top_k=None`` samples from the **whole vocabulary**; pass ``top_k=50`` to match it.
+
+    Every field is checked: ``do_sample`` must be a bool, numbers must be numbers (not bools or
+    strings); a wrong type raises ``TypeError``, a value out of range ``ValueError``.
     """
 
     do_sample: bool = False
@@ -45,19 +55,53 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        t = self.temperature
-        if self.do_sample and not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+        if not isinstance(self.do_sample, bool):
+            raise TypeError(f"do_sample must be True or False, got {self.do_sample!r}")
+        t = _number(self.temperature, "temperature")
+        if self.do_sample and not (math.isfinite(t) and t > 0):
             raise ValueError(f"temperature must be a finite number > 0 when sampling, got {t!r} "
                              "(use do_sample=False for greedy decoding)")
-        k = self.top_k
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"top_k must be an integer >= 1 (or None for no top-k), got {k!r}")
-        p = self.top_p
-        if p is not None and not (isinstance(p, (int, float)) and 0 < p <= 1):
+        if self.top_k is not None and not (check_int(self.top_k, "top_k") >= 1):
+            raise ValueError(f"top_k must be an integer >= 1 (or None for no top-k), got {self.top_k!r}")
+        p = self.top_p if self.top_p is None else _number(self.top_p, "top_p")
+        if p is not None and not 0 < p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (or None for no top-p), got {p!r}")
-        r = self.repetition_penalty
-        if not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0):
+        r = _number(self.repetition_penalty, "repetition_penalty")
+        if not (math.isfinite(r) and r > 0):
             raise ValueError(f"repetition_penalty must be a finite number > 0 (1.0 = off), got {r!r}")
+        low, high = SEED_RANGE
+        if self.seed is not None and not low <= check_int(self.seed, "seed") <= high:
+            raise ValueError(f"seed must be an integer from {low} to 2**64 - 1 (or None for a random seed), "
+                             f"got {self.seed!r}")
+
+
+def as_sampling(value: Sampling | dict | None) -> Sampling:
+    """``value`` as :class:`Sampling`: a Sampling, a dict of its fields, or None for the defaults (greedy)."""
+    if value is None:
+        return Sampling()
+    if isinstance(value, Sampling):
+        return value
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(Sampling.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown sampling setting(s) {unknown}; the settings are "
+                             f"{sorted(Sampling.__dataclass_fields__)}")
+        return Sampling(**value)
+    raise TypeError(f"sampling must be a Sampling, a dict of its settings or None, got {type(value).__name__}")
+
+
+def check_int(value, name: str) -> int:
+    """``value`` if it is an int (a bool is not); else a TypeError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _number(value, name: str) -> float:
+    """``value`` if it is an int or float (a bool is not); else a TypeError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    return value
 
 
 # ---------------------------------------------------------------- checks
@@ -109,6 +153,9 @@ def apply_repetition_penalty(logits: torch.Tensor, previous_ids: Ids, penalty: f
         raise ValueError(f"previous_ids must be token ids in [0, {logits.shape[-1]})")
     seen = logits.gather(-1, ids)
     penalised = torch.where(seen < 0, seen * penalty, seen / penalty)
+    if torch.isposinf(penalised).any():
+        raise ValueError(f"repetition_penalty {penalty!r} is too small for these logits: dividing by it overflows "
+                         f"{logits.dtype}; use a penalty closer to 1 (1.0 = off)")
     return logits.scatter(-1, ids, penalised)
 
 
@@ -117,7 +164,11 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     _check_logits(logits)
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    return logits / temperature
+    out = logits / temperature
+    if not torch.isfinite(out.amax(dim=-1)).all():
+        raise ValueError(f"temperature {temperature!r} is too small for these logits: dividing by it overflows "
+                         f"{logits.dtype}; use a larger temperature, or do_sample=False for greedy decoding")
+    return out
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -204,6 +255,8 @@ def sample(logits: torch.Tensor, generator: torch.Generator) -> tuple[int, float
     _check_logits(logits, one_row=True)
     if torch.isneginf(logits).all():
         raise ValueError("every logit is -inf: there is no token left to sample")
+    if torch.isposinf(logits).any():
+        raise ValueError("logits contain +inf: their probabilities are undefined")
     u = torch.rand(1, generator=generator, device=generator.device).item()
     cdf = torch.softmax(logits.detach().double(), dim=-1).cumsum(dim=-1).cpu()
     cdf = cdf / cdf[-1]  # make the last entry exactly 1 despite rounding

@@ -18,7 +18,7 @@ WRITEBACK  ``norm_final``, ``logits``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from time import perf_counter
 
@@ -40,8 +40,31 @@ class Ablation:
     heads: frozenset[tuple[int, int]] = field(default_factory=frozenset)
     mlps: frozenset[int] = field(default_factory=frozenset)
 
+    def __post_init__(self) -> None:
+        """Any collections of ints become frozensets; anything else is a TypeError.
+        (Whether a layer or head exists is checked by the engine, which knows the model.)"""
+        heads, mlps = _int_collection(self.heads, "heads", pairs=True), _int_collection(self.mlps, "mlps")
+        object.__setattr__(self, "heads", heads)
+        object.__setattr__(self, "mlps", mlps)
+
     def __bool__(self) -> bool:
         return bool(self.heads or self.mlps)
+
+
+def _int_collection(items, name: str, pairs: bool = False) -> frozenset:
+    """``items`` as a frozenset of ints (of (int, int) tuples if ``pairs``); else a TypeError naming ``name``."""
+    def is_int(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    def valid(item) -> bool:
+        return isinstance(item, (tuple, list)) and len(item) == 2 and all(map(is_int, item)) if pairs else is_int(item)
+
+    given = items
+    items = list(items) if isinstance(items, Iterable) and not isinstance(items, (str, bytes, dict)) else None
+    if items is None or not all(map(valid, items)):
+        what = "(layer, head) pairs of integers" if pairs else "layer numbers (integers)"
+        raise TypeError(f"ablation {name} must be a collection of {what}, got {given!r}")
+    return frozenset(tuple(i) for i in items) if pairs else frozenset(items)
 
 
 Capture = Callable[[str, int | None], bool]

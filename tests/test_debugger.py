@@ -2,6 +2,7 @@
 
 import gc
 import json
+import re
 import time
 from pathlib import Path
 
@@ -328,6 +329,80 @@ def test_step_latency_is_measured(engine):
         times.append(time.perf_counter() - start)
     print("click latency (ms):", [f"{t * 1e3:.1f}" for t in times])
     assert all(t > 0 for t in times)
+
+
+# ---------------------------------------------------------------- faults inside button handlers
+
+
+def raise_once(monkeypatch, owner, name):
+    """Make ``owner.name`` raise RuntimeError('injected fault') on its next call, then work again."""
+    original, calls = getattr(owner, name), []
+
+    def faulty(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected fault")
+        return original(*args, **kwargs)
+    monkeypatch.setattr(owner, name, faulty)
+
+
+def fault_in_the_forward_pass(dbg, monkeypatch):
+    raise_once(monkeypatch, dbg.engine, "forward")
+    click(dbg, "Next token")
+
+
+def fault_mid_cycle(dbg, monkeypatch):
+    click(dbg, "Step layer", 2)  # paused inside cycle 2's forward pass
+    raise_once(monkeypatch, dbg._live, "next")
+    click(dbg, "Step layer")
+
+
+def fault_in_the_views(dbg, monkeypatch):
+    raise_once(monkeypatch, dbg, "state")
+    click(dbg, "Back")
+
+
+def fault_in_the_logit_lens(dbg, monkeypatch):
+    import cyclelab.debugger as module
+    click(dbg, "Step layer", 2)  # the registers view shows layer 0's logit lens
+    raise_once(monkeypatch, module, "logit_lens_batch")
+    click(dbg, "Step layer")  # layer 1's lens fails
+
+
+def fault_in_the_sampler_controls(dbg, monkeypatch):
+    raise_once(monkeypatch, dbg, "_invalidate")
+    dbg.controls["sample"].value = True
+
+
+def fault_in_the_reference_model(dbg, monkeypatch):
+    raise_once(monkeypatch, dbg.engine.loaded.model, "forward")
+    click(dbg, "Check vs transformers")
+
+
+def fault_writing_the_export(dbg, monkeypatch):
+    dbg.controls["export path"].value = "/nonexistent-folder/trace.json"
+    click(dbg, "Export")
+
+
+@pytest.mark.parametrize("inject,shown", [pytest.param(inject, shown, id=inject.__name__.replace("_", "-")) for inject, shown in [
+    (fault_in_the_forward_pass, "RuntimeError: injected fault"),
+    (fault_mid_cycle, "RuntimeError: injected fault"),
+    (fault_in_the_views, "cannot draw the views: RuntimeError: injected fault"),
+    (fault_in_the_logit_lens, "cannot draw the views: RuntimeError: injected fault"),
+    (fault_in_the_sampler_controls, "RuntimeError: injected fault"),
+    (fault_in_the_reference_model, "RuntimeError: injected fault"),
+    (fault_writing_the_export, "FileNotFoundError: .*nonexistent-folder"),
+]])
+def test_a_fault_in_a_button_handler_shows_in_the_status_line_and_the_widget_keeps_working(engine, base, monkeypatch,
+                                                                                            inject, shown):
+    """The exception never reaches the kernel (a click returns normally); the next click works."""
+    dbg = make(engine)
+    click(dbg, "Next token", 2)
+    inject(dbg, monkeypatch)  # clicks return: nothing raised into the kernel
+    assert re.search(shown, view(dbg, "error")), view(dbg, "error")
+    click(dbg, "Run to cycle")  # to the end: n = max_new_tokens
+    assert view(dbg, "error") == "" and view(dbg, "counter") == "cycle 12"
+    assert dbg.token_ids == base.token_ids
 
 
 # ---------------------------------------------------------------- the big model

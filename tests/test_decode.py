@@ -186,12 +186,21 @@ def test_sample_frequencies_match_softmax():
     (dict(top_p=1.5), "top_p"),
     (dict(top_p=-0.1), "top_p"),
     (dict(top_k=0), "top_k"),
-    (dict(top_k=2.5), "top_k"),
     (dict(repetition_penalty=0), "repetition_penalty"),
     (dict(repetition_penalty=-1.0), "repetition_penalty"),
 ])
 def test_sampling_rejects_bad_settings(kwargs, name):
     with pytest.raises(ValueError, match=name):
+        Sampling(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(top_k=2.5), "top_k"),
+    (dict(do_sample="no"), "do_sample"),
+    (dict(seed=1.5), "seed"),
+])
+def test_sampling_rejects_wrong_types(kwargs, name):
+    with pytest.raises(TypeError, match=name):
         Sampling(**kwargs)
 
 
@@ -321,3 +330,17 @@ def test_beam_search_validation():
         decode.beam_search(fn, [1], 2, 5, eos_token_id=-1)
     with pytest.raises(ValueError, match="next_logits"):
         decode.beam_search(lambda ids: torch.zeros(50), [1], 2, 5)
+
+
+def test_sampling_without_top_k_keeps_the_whole_vocabulary_unlike_transformers_default():
+    """Documented in Sampling: transformers' generate() fills an unset top_k with 50, Sampling keeps no top-k."""
+    from transformers import GenerationConfig
+
+    defaults = getattr(GenerationConfig, "_get_default_generation_params",  # transformers 5: filled in by generate()
+                       lambda: {"top_k": GenerationConfig().top_k})()  # transformers 4: the config's own default
+    assert defaults["top_k"] == 50
+    assert Sampling(do_sample=True).top_k is None
+    logits = torch.linspace(-30.0, 5.0, 1000)
+    final = decode.pipeline(logits, [], Sampling(do_sample=True))[-1][1]
+    assert torch.isfinite(final).all()  # all 1000 tokens can be drawn, not just the best 50
+    assert "top_k=50" in Sampling.__doc__
