@@ -88,12 +88,11 @@ class LiveRun:
     def __init__(self):
         self.steps = None
         self.offset = 0  # cycle number of the run's first cycle on the timeline
-        self.cache = None  # the engine's KV cache while this run owns it
 
     def start(self, steps, offset: int) -> None:
         """Feed from ``steps`` (an ``engine.run`` generator) whose cycle 0 is ``offset`` on the timeline."""
         self.close()
-        self.steps, self.offset, self.cache = steps, offset, None
+        self.steps, self.offset = steps, offset
 
     def next(self) -> Event:
         """The run's next event (StopIteration at its end)."""
@@ -412,7 +411,7 @@ class Debugger:
 
     def _pull(self) -> bool:
         """Append the engine's next event to the history (a choice always with its append)."""
-        if (self._live.steps is None or self._interfered()) and not self._start():
+        if self._live.steps is None and not self._start():
             return False
         while True:
             try:
@@ -424,17 +423,11 @@ class Debugger:
             except Exception:  # the run is dead; the next pull restarts it
                 self._live.close()
                 raise
-            self._live.cache = self.engine.cache
             if event.op == "append":
                 self.now.ends.append(len(self.history))
             self.history.append(event)
             if event.op != "choose":
                 return True
-
-    def _interfered(self) -> bool:
-        """True when someone else ran the engine meanwhile (its cache or capture rule changed)."""
-        mid_forward = bool(self.history) and self.history[-1].op not in ("choose", "append")
-        return self.engine.cache is not self._live.cache or (mid_forward and self.engine.arch.capture is not capture_for_views)
 
     def _start(self) -> bool:
         """Start the engine at the first cycle not completed in the history (a partial one is recomputed)."""

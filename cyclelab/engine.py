@@ -26,7 +26,7 @@ from .attention import KVCache
 from .cycle import OPS, CycleRecord, Event, Stage, Trace
 from .decode import Sampling, as_sampling, check_int, choose, make_generator
 from .models import Loaded, load
-from .transformer import Ablation, architecture_for, capture_rule
+from .transformer import Ablation, RunContext, architecture_for, capture_rule
 
 PROMPT_TYPES = "a prompt is a str, a list or tuple of token ids (ints), or a 1-D integer torch tensor"
 
@@ -45,7 +45,8 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.arch = architecture_for(loaded.model)
         self.device = loaded.device
-        self.cache: KVCache | None = None  # the memory of the run in progress
+        # the KV cache of the run started last, for learners to inspect; each run keeps its own
+        self.cache: KVCache | None = None
 
     @property
     def context_window(self) -> int:
@@ -110,10 +111,12 @@ class Engine:
     # --- the forward pass ---------------------------------------------------------
     def forward(self, ids: torch.Tensor, cache: KVCache, cycle: int = 0, capture=None,
                 ablation: Ablation | None = None) -> Generator[Event, None, torch.Tensor]:
-        """One forward pass as events; returns logits ``(batch, positions, vocab)``."""
-        self.arch.cycle, self.arch.capture = cycle, capture_rule(capture)
-        self.arch.ablation = ablation or Ablation()
-        return (yield from _without_grad(self.arch.forward(ids, cache)))
+        """One forward pass as events; returns logits ``(batch, positions, vocab)``.
+
+        Its cycle, capture rule and ablation live in a :class:`RunContext` of its own, so
+        forward passes of different runs may interleave on one engine."""
+        run = RunContext(cycle, capture_rule(capture), ablation or Ablation())
+        return (yield from _without_grad(self.arch.forward(ids, cache, run)))
 
     def logits(self, input_ids: torch.Tensor | Sequence[int], ablation: Ablation | None = None) -> torch.Tensor:
         """Logits at every position from the re-implemented forward pass (no events kept)."""
@@ -151,11 +154,12 @@ class Engine:
         for _ in range(draws):
             torch.rand(1, generator=generator)
         ids = list(prompt_ids)
-        self.cache = KVCache(self.arch.n_layers, len(ids) + max_new_tokens) if use_cache else None
+        memory = KVCache(self.arch.n_layers, len(ids) + max_new_tokens) if use_cache else None
+        self.cache = memory
         for cycle in range(max_new_tokens):
             start, totals = perf_counter(), [0.0, 0, 0]
-            fed = ids[len(self.cache):] if use_cache else ids
-            cache = self.cache if use_cache else KVCache(self.arch.n_layers, len(ids))
+            fed = ids[len(memory):] if use_cache else ids
+            cache = memory if use_cache else KVCache(self.arch.n_layers, len(ids))
             step = self.forward(torch.tensor([fed], device=self.device), cache, cycle, capture, ablation)
             while True:
                 try:

@@ -86,6 +86,27 @@ def capture_rule(spec) -> Capture:
     return lambda op, layer: op in names
 
 
+@dataclass
+class RunContext:
+    """The state of one forward pass: its cycle, what to capture, what is ablated, and (Llama)
+    the rotary tables of its positions.
+
+    It travels through ``forward``, ``embed``, ``block`` and ``unembed``; nothing of a run is
+    stored on the shared :class:`Architecture`, so two runs on one engine can interleave.
+    """
+
+    cycle: int = 0
+    capture: Capture = field(default_factory=lambda: capture_rule(None))
+    ablation: Ablation = field(default_factory=Ablation)
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin), set by Llama's embed
+
+    def event(self, stage: Stage, layer: int | None, op: str, start: float, flops: int = 0,
+              nbytes: int = 0, **tensors: torch.Tensor) -> Event:
+        """An event for an op that began at ``start``; tensors kept only if captured."""
+        keep = tensors if self.capture(op, layer) else {}
+        return Event(self.cycle, stage, layer, op, perf_counter() - start, flops, nbytes, keep)
+
+
 class Architecture:
     """What GPT-2 and Llama share: the clock, the event bookkeeping and attention itself."""
 
@@ -94,17 +115,8 @@ class Architecture:
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.config = model.config
-        self.cycle = 0
-        self.capture: Capture = capture_rule(None)
-        self.ablation = Ablation()
 
     # --- bookkeeping -------------------------------------------------------------
-    def event(self, stage: Stage, layer: int | None, op: str, start: float, flops: int = 0,
-              nbytes: int = 0, **tensors: torch.Tensor) -> Event:
-        """An event for an op that began at ``start``; tensors kept only if captured."""
-        keep = tensors if self.capture(op, layer) else {}
-        return Event(self.cycle, stage, layer, op, perf_counter() - start, flops, nbytes, keep)
-
     @staticmethod
     def linear_cost(x: torch.Tensor, weight: torch.Tensor, n_out: int) -> tuple[int, int]:
         """FLOPs and bytes of ``x @ weight`` (weight read once, input read, output written)."""
@@ -114,56 +126,58 @@ class Architecture:
         return flops, nbytes
 
     # --- shared attention ---------------------------------------------------------
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache) -> Ops:
+    def attend(self, run: RunContext, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               cache: KVCache) -> Ops:
         """KV-cache read, scores, softmax and the weighted mix of values; returns merged heads."""
         t = perf_counter()
         keys, values = cache.append(layer, k, v)
-        yield self.event(Stage.READ, layer, "kv_cache", t, 0, 2 * keys.numel() * keys.element_size(),
+        yield run.event(Stage.READ, layer, "kv_cache", t, 0, 2 * keys.numel() * keys.element_size(),
                          keys=keys, values=values)
         b, h, tq, d = q.shape
         tk = keys.shape[-2]
 
         t = perf_counter()
         scores = attention_scores(q, keys)
-        yield self.event(Stage.EXECUTE, layer, "scores", t, 2 * b * h * tq * tk * d, 0, scores=scores)
+        yield run.event(Stage.EXECUTE, layer, "scores", t, 2 * b * h * tq * tk * d, 0, scores=scores)
         t = perf_counter()
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        yield self.event(Stage.EXECUTE, layer, "softmax", t, 5 * b * h * tq * tk, 0, probs=probs)
+        yield run.event(Stage.EXECUTE, layer, "softmax", t, 5 * b * h * tq * tk, 0, probs=probs)
         t = perf_counter()
         mixed = attention_mix(probs, values)
-        for lay, head in self.ablation.heads:
+        for lay, head in run.ablation.heads:
             if lay == layer:
                 mixed[:, head] = 0
-        yield self.event(Stage.EXECUTE, layer, "mix", t, 2 * b * h * tq * tk * d, 0, out=mixed)
+        yield run.event(Stage.EXECUTE, layer, "mix", t, 2 * b * h * tq * tk * d, 0, out=mixed)
         return merge_heads(mixed)
 
-    def residual(self, layer: int, op: str, x: torch.Tensor, delta: torch.Tensor) -> Ops:
+    def residual(self, run: RunContext, layer: int, op: str, x: torch.Tensor, delta: torch.Tensor) -> Ops:
         """The residual add: a layer writes its result back into the stream (the registers)."""
         t = perf_counter()
         out = x + delta
-        yield self.event(Stage.EXECUTE, layer, op, t, out.numel(), 0, out=out)
+        yield run.event(Stage.EXECUTE, layer, op, t, out.numel(), 0, out=out)
         return out
 
-    def forward(self, ids: torch.Tensor, cache: KVCache) -> Ops:
+    def forward(self, ids: torch.Tensor, cache: KVCache, run: RunContext) -> Ops:
         """Token ids ``(batch, positions)`` after ``len(cache)`` cached ones -> logits ``(batch, positions, vocab)``."""
         start = len(cache)
-        positions = torch.arange(start, start + ids.shape[1], device=ids.device)
-        x = yield from self.embed(ids, positions)
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device)  # (t,)
+        x = yield from self.embed(run, ids, positions)  # (b, t, d)
         for i in range(self.n_layers):
-            x = yield from self.block(i, x, positions, cache)
-        return (yield from self.unembed(x))
+            x = yield from self.block(run, i, x, positions, cache)  # (b, t, d)
+        return (yield from self.unembed(x, run))  # (b, t, vocab)
 
     # --- per family ---------------------------------------------------------------
     n_layers: int
     context_window: int
 
-    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> Ops:  # pragma: no cover - abstract
+    def embed(self, run: RunContext, ids: torch.Tensor, positions: torch.Tensor) -> Ops:  # pragma: no cover
         raise NotImplementedError
 
-    def block(self, i: int, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> Ops:  # pragma: no cover
+    def block(self, run: RunContext, i: int, x: torch.Tensor, positions: torch.Tensor,
+              cache: KVCache) -> Ops:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def unembed(self, x: torch.Tensor) -> Ops:  # pragma: no cover - abstract
+    def unembed(self, x: torch.Tensor, run: RunContext | None = None) -> Ops:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
@@ -192,56 +206,57 @@ class GPT2(Architecture):
         """GPT-2's ``Conv1D`` is a linear layer with its weight stored as (in, out)."""
         return torch.addmm(conv.bias, x.reshape(-1, x.shape[-1]), conv.weight).view(*x.shape[:-1], -1)
 
-    def embed(self, ids, positions):
+    def embed(self, run, ids, positions):
         t = perf_counter()
         tokens = self.body.wte.weight[ids]
-        yield self.event(Stage.FETCH, None, "embed", t, 0, tokens.numel() * tokens.element_size(), out=tokens)
+        yield run.event(Stage.FETCH, None, "embed", t, 0, tokens.numel() * tokens.element_size(), out=tokens)
         t = perf_counter()
         x = tokens + self.body.wpe.weight[positions]
-        yield self.event(Stage.FETCH, None, "positions", t, x.numel(), tokens.numel() * tokens.element_size(), out=x)
+        yield run.event(Stage.FETCH, None, "positions", t, x.numel(), tokens.numel() * tokens.element_size(), out=x)
         return x
 
-    def block(self, i, x, positions, cache):
+    def block(self, run, i, x, positions, cache):
         layer = self.body.h[i]
         t = perf_counter()
         h = self.norm(x, layer.ln_1)
-        yield self.event(Stage.EXECUTE, i, "norm_attn", t, 5 * h.numel(), 0, out=h)
+        yield run.event(Stage.EXECUTE, i, "norm_attn", t, 5 * h.numel(), 0, out=h)
 
         t = perf_counter()
         qkv = self.conv1d(h, layer.attn.c_attn)
         q, k, v = (split_heads(part, self.n_heads) for part in qkv.split(self.config.n_embd, dim=-1))
-        yield self.event(Stage.READ, i, "qkv", t, *self.linear_cost(h, layer.attn.c_attn.weight, qkv.shape[-1]), q=q, k=k, v=v)
+        yield run.event(Stage.READ, i, "qkv", t, *self.linear_cost(h, layer.attn.c_attn.weight, qkv.shape[-1]), q=q, k=k, v=v)
 
-        mixed = yield from self.attend(i, q, k, v, cache)
+        mixed = yield from self.attend(run, i, q, k, v, cache)
         t = perf_counter()
         attn = self.conv1d(mixed, layer.attn.c_proj)
-        yield self.event(Stage.EXECUTE, i, "attn_out", t, *self.linear_cost(mixed, layer.attn.c_proj.weight, attn.shape[-1]), out=attn)
-        x = yield from self.residual(i, "residual_attn", x, attn)
+        yield run.event(Stage.EXECUTE, i, "attn_out", t, *self.linear_cost(mixed, layer.attn.c_proj.weight, attn.shape[-1]), out=attn)
+        x = yield from self.residual(run, i, "residual_attn", x, attn)
 
         t = perf_counter()
         h = self.norm(x, layer.ln_2)
-        yield self.event(Stage.EXECUTE, i, "norm_mlp", t, 5 * h.numel(), 0, out=h)
+        yield run.event(Stage.EXECUTE, i, "norm_mlp", t, 5 * h.numel(), 0, out=h)
         t = perf_counter()
         up = self.conv1d(h, layer.mlp.c_fc)
-        yield self.event(Stage.EXECUTE, i, "mlp_in", t, *self.linear_cost(h, layer.mlp.c_fc.weight, up.shape[-1]), out=up)
+        yield run.event(Stage.EXECUTE, i, "mlp_in", t, *self.linear_cost(h, layer.mlp.c_fc.weight, up.shape[-1]), out=up)
         t = perf_counter()
         act = F.gelu(up, approximate=self.approximate)
-        yield self.event(Stage.EXECUTE, i, "act", t, 8 * act.numel(), 0, out=act)
+        yield run.event(Stage.EXECUTE, i, "act", t, 8 * act.numel(), 0, out=act)
         t = perf_counter()
         down = self.conv1d(act, layer.mlp.c_proj)
-        if i in self.ablation.mlps:
+        if i in run.ablation.mlps:
             down = torch.zeros_like(down)
-        yield self.event(Stage.EXECUTE, i, "mlp_out", t, *self.linear_cost(act, layer.mlp.c_proj.weight, down.shape[-1]), out=down)
-        return (yield from self.residual(i, "residual_mlp", x, down))
+        yield run.event(Stage.EXECUTE, i, "mlp_out", t, *self.linear_cost(act, layer.mlp.c_proj.weight, down.shape[-1]), out=down)
+        return (yield from self.residual(run, i, "residual_mlp", x, down))
 
-    def unembed(self, x):
+    def unembed(self, x, run=None):
+        run = run or RunContext()
         t = perf_counter()
         h = self.norm(x, self.body.ln_f)
-        yield self.event(Stage.WRITEBACK, None, "norm_final", t, 5 * h.numel(), 0, out=h)
+        yield run.event(Stage.WRITEBACK, None, "norm_final", t, 5 * h.numel(), 0, out=h)
         t = perf_counter()
         weight = self.model.lm_head.weight
         logits = h @ weight.T
-        yield self.event(Stage.WRITEBACK, None, "logits", t, *self.linear_cost(h, weight, weight.shape[0]), out=logits)
+        yield run.event(Stage.WRITEBACK, None, "logits", t, *self.linear_cost(h, weight, weight.shape[0]), out=logits)
         return logits
 
 
@@ -270,21 +285,21 @@ class Llama(Architecture):
         x32 = x.float()
         return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
-    def embed(self, ids, positions):
+    def embed(self, run, ids, positions):
         t = perf_counter()
         x = self.body.embed_tokens.weight[ids]
-        yield self.event(Stage.FETCH, None, "embed", t, 0, x.numel() * x.element_size(), out=x)
+        yield run.event(Stage.FETCH, None, "embed", t, 0, x.numel() * x.element_size(), out=x)
         t = perf_counter()
-        self.cos, self.sin = rope_cos_sin(positions, self.inv_freq, self.rope_scaling)
-        yield self.event(Stage.FETCH, None, "positions", t, 2 * self.cos.numel(), 0, cos=self.cos, sin=self.sin)
+        cos, sin = run.rope = rope_cos_sin(positions, self.inv_freq, self.rope_scaling)  # (t, head_dim) each
+        yield run.event(Stage.FETCH, None, "positions", t, 2 * cos.numel(), 0, cos=cos, sin=sin)
         return x
 
-    def block(self, i, x, positions, cache):
+    def block(self, run, i, x, positions, cache):
         layer = self.body.layers[i]
         attn, mlp = layer.self_attn, layer.mlp
         t = perf_counter()
         h = self.norm(x, layer.input_layernorm.weight)
-        yield self.event(Stage.EXECUTE, i, "norm_attn", t, 4 * h.numel(), 0, out=h)
+        yield run.event(Stage.EXECUTE, i, "norm_attn", t, 4 * h.numel(), 0, out=h)
 
         t = perf_counter()
         q = split_heads(F.linear(h, attn.q_proj.weight, attn.q_proj.bias), self.n_heads)
@@ -294,43 +309,45 @@ class Llama(Architecture):
         weights = attn.q_proj.weight.numel() + attn.k_proj.weight.numel() + attn.v_proj.weight.numel()
         flops, _ = self.linear_cost(h, attn.q_proj.weight, n_out)
         nbytes = (weights + h.numel() + h.numel() // h.shape[-1] * n_out) * h.element_size()
-        yield self.event(Stage.READ, i, "qkv", t, flops, nbytes, q=q, k=k, v=v)
+        yield run.event(Stage.READ, i, "qkv", t, flops, nbytes, q=q, k=k, v=v)
 
         t = perf_counter()
-        q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
-        yield self.event(Stage.EXECUTE, i, "rope", t, 3 * (q.numel() + k.numel()), 0, q=q, k=k)
+        cos, sin = run.rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (b, h, t, d), (b, kv_h, t, d)
+        yield run.event(Stage.EXECUTE, i, "rope", t, 3 * (q.numel() + k.numel()), 0, q=q, k=k)
 
-        mixed = yield from self.attend(i, q, k, v, cache)
+        mixed = yield from self.attend(run, i, q, k, v, cache)
         t = perf_counter()
         out = F.linear(mixed, attn.o_proj.weight, attn.o_proj.bias)
-        yield self.event(Stage.EXECUTE, i, "attn_out", t, *self.linear_cost(mixed, attn.o_proj.weight, out.shape[-1]), out=out)
-        x = yield from self.residual(i, "residual_attn", x, out)
+        yield run.event(Stage.EXECUTE, i, "attn_out", t, *self.linear_cost(mixed, attn.o_proj.weight, out.shape[-1]), out=out)
+        x = yield from self.residual(run, i, "residual_attn", x, out)
 
         t = perf_counter()
         h = self.norm(x, layer.post_attention_layernorm.weight)
-        yield self.event(Stage.EXECUTE, i, "norm_mlp", t, 4 * h.numel(), 0, out=h)
+        yield run.event(Stage.EXECUTE, i, "norm_mlp", t, 4 * h.numel(), 0, out=h)
         t = perf_counter()
         gate, up = F.linear(h, mlp.gate_proj.weight), F.linear(h, mlp.up_proj.weight)
         flops, nbytes = self.linear_cost(h, mlp.gate_proj.weight, 2 * gate.shape[-1])
-        yield self.event(Stage.EXECUTE, i, "mlp_in", t, flops, nbytes + mlp.up_proj.weight.numel() * h.element_size(), gate=gate, up=up)
+        yield run.event(Stage.EXECUTE, i, "mlp_in", t, flops, nbytes + mlp.up_proj.weight.numel() * h.element_size(), gate=gate, up=up)
         t = perf_counter()
         act = F.silu(gate) * up
-        yield self.event(Stage.EXECUTE, i, "act", t, 6 * act.numel(), 0, out=act)
+        yield run.event(Stage.EXECUTE, i, "act", t, 6 * act.numel(), 0, out=act)
         t = perf_counter()
         down = F.linear(act, mlp.down_proj.weight)
-        if i in self.ablation.mlps:
+        if i in run.ablation.mlps:
             down = torch.zeros_like(down)
-        yield self.event(Stage.EXECUTE, i, "mlp_out", t, *self.linear_cost(act, mlp.down_proj.weight, down.shape[-1]), out=down)
-        return (yield from self.residual(i, "residual_mlp", x, down))
+        yield run.event(Stage.EXECUTE, i, "mlp_out", t, *self.linear_cost(act, mlp.down_proj.weight, down.shape[-1]), out=down)
+        return (yield from self.residual(run, i, "residual_mlp", x, down))
 
-    def unembed(self, x):
+    def unembed(self, x, run=None):
+        run = run or RunContext()
         t = perf_counter()
         h = self.norm(x, self.body.norm.weight)
-        yield self.event(Stage.WRITEBACK, None, "norm_final", t, 4 * h.numel(), 0, out=h)
+        yield run.event(Stage.WRITEBACK, None, "norm_final", t, 4 * h.numel(), 0, out=h)
         t = perf_counter()
         weight = self.model.lm_head.weight
         logits = h @ weight.T
-        yield self.event(Stage.WRITEBACK, None, "logits", t, *self.linear_cost(h, weight, weight.shape[0]), out=logits)
+        yield run.event(Stage.WRITEBACK, None, "logits", t, *self.linear_cost(h, weight, weight.shape[0]), out=logits)
         return logits
 
 
@@ -350,4 +367,4 @@ def architecture_for(model: torch.nn.Module) -> Architecture:
     )
 
 
-__all__ = ["Ablation", "Architecture", "GPT2", "Llama", "architecture_for", "capture_rule", "SUPPORTED"]
+__all__ = ["Ablation", "Architecture", "GPT2", "Llama", "RunContext", "architecture_for", "capture_rule", "SUPPORTED"]

@@ -198,3 +198,44 @@ def test_a_paused_run_leaves_autograd_on_in_the_caller(tiny_engine):
     assert not any(t.requires_grad for t in event.tensors.values())
     drain(steps)
     assert torch.is_grad_enabled()
+
+
+def _alternate(*runs):
+    """Advance the generators one event each in turn until all end; their return values, in order."""
+    results, live = [None] * len(runs), dict(enumerate(runs))
+    events = {i: [] for i in live}
+    while live:
+        for i in list(live):
+            try:
+                events[i].append(next(live[i]))
+            except StopIteration as done:
+                results[i] = done.value
+                del live[i]
+    return results, events
+
+
+@pytest.mark.parametrize("model", ["tiny", "smollm2"])  # learned positions, and RoPE tables made per run
+def test_two_runs_interleaved_event_by_event_equal_two_separate_runs(model, tiny_engine, smollm2_engine):
+    engine = tiny_engine if model == "tiny" else smollm2_engine
+    first = dict(prompt="ROMEO:", max_new_tokens=4, capture={"softmax", "positions"}, ablation=ablation(heads=[(1, 0)]))
+    second = dict(prompt="What light through yonder window breaks? It is", max_new_tokens=5, capture={"mix"},
+                  do_sample=True, temperature=0.8, seed=3)
+    (a, b), events = _alternate(engine.run(**_run_args(first)), engine.run(**_run_args(second)))
+    alone_a, alone_b = engine.generate(**first, keep_events=True), engine.generate(**second, keep_events=True)
+    for mixed, alone, evs in ((a, alone_a, events[0]), (b, alone_b, events[1])):
+        assert mixed.token_ids == alone.token_ids
+        assert [r.prob for r in mixed.records] == pytest.approx([r.prob for r in alone.records], abs=1e-6)
+        captured = [e for e in evs if e.tensors]
+        assert [(e.cycle, e.layer, e.op) for e in captured] == [(e.cycle, e.layer, e.op) for e in alone.events if e.tensors]
+        for got, want in zip(captured, (e for e in alone.events if e.tensors)):
+            for key in want.tensors:
+                torch.testing.assert_close(got.tensors[key], want.tensors[key])
+
+
+def _run_args(options: dict) -> dict:
+    """``generate``'s keywords as ``run`` takes them (sampling settings gathered into ``sampling=``)."""
+    from cyclelab import Sampling
+
+    names = set(Sampling.__dataclass_fields__)
+    rest = {k: v for k, v in options.items() if k not in names}
+    return {**rest, "sampling": Sampling(**{k: v for k, v in options.items() if k in names})}
