@@ -65,13 +65,6 @@ def _check_keys(parser: argparse.ArgumentParser, keys: list[str]) -> None:
         parser.error(f"unknown asset {', '.join(unknown)}; choose from {', '.join(PACKAGES)}")
 
 
-def smollm2_cache() -> Path:
-    """The converted SmolLM2 folder (the same path :func:`cyclelab.models.smollm2_folder` uses)."""
-    from .fetch import cache_dir
-
-    return cache_dir() / "models" / "smollm2"
-
-
 def cmd_fetch(args: argparse.Namespace, _: list[str]) -> int:
     """Fetch assets (repairing damaged ones); for smollm2 also build the float32 safetensors cache."""
     from .checksums import ModelFileError
@@ -91,6 +84,7 @@ def cmd_fetch(args: argparse.Namespace, _: list[str]) -> int:
 def _smollm2_converted(force: bool) -> Path:
     """The converted cache, rebuilt when forced, damaged, or without checksums (made by an older cyclelab)."""
     from .checksums import ModelFileError, verify_folder
+    from .fetch import smollm2_cache
 
     folder = smollm2_cache()
     if (folder / ".complete").exists() and not force:

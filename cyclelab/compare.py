@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cycle import Trace
+from .cycle import Trace, show_token
 from .engine import Engine
 
 
@@ -76,18 +76,14 @@ def before_after(before: Engine, after: Engine, prompt, max_new_tokens: int = 12
     return compare_traces(old, new, before.token_text, movers)
 
 
-def _show(token: str) -> str:
-    return token.replace(" ", "␣").replace("\n", "⏎")
-
-
 def format_shifts(shifts: list[Shift], digits: int = 3) -> str:
     """A text table: cycle, token, its probability before → after, the after model's choice,
     and the tokens that moved most (``token before→after``)."""
     lines = [f"{'cycle':>5}  {'token':<12} {'before':>7} {'after':>7}  {'after picks':<12} most moved"]
     for s in shifts:
-        moved = "  ".join(f"{_show(t)} {b:.{digits}f}→{a:.{digits}f}" for t, b, a in s.movers)
-        lines.append(f"{s.cycle:>5}  {_show(s.token):<12} {s.before:>7.{digits}f} {s.after:>7.{digits}f}  "
-                     f"{_show(s.after_choice):<12} {moved}")
+        moved = "  ".join(f"{show_token(t)} {b:.{digits}f}→{a:.{digits}f}" for t, b, a in s.movers)
+        lines.append(f"{s.cycle:>5}  {show_token(s.token):<12} {s.before:>7.{digits}f} {s.after:>7.{digits}f}  "
+                     f"{show_token(s.after_choice):<12} {moved}")
     return "\n".join(lines)
 
 
@@ -100,7 +96,7 @@ def plot_shifts(shifts: list[Shift], title: str = "the same tokens, before and a
     ax.bar([i - 0.2 for i in x], [s.before for s in shifts], width=0.4, label="before")
     ax.bar([i + 0.2 for i in x], [s.after for s in shifts], width=0.4, label="after")
     ax.set_xticks(list(x))
-    ax.set_xticklabels([_show(s.token) for s in shifts], rotation=45, ha="right")
+    ax.set_xticklabels([show_token(s.token) for s in shifts], rotation=45, ha="right")
     ax.set(ylabel="probability of the token", xlabel="cycle: token written back", title=title)
     ax.legend()
     fig.tight_layout()

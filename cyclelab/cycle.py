@@ -115,8 +115,8 @@ class Trace:
         header = f"{'cycle':>5}  {'token':<14} {'top candidates':<{top * 20}}" + ("  ms" if times else "")
         lines = [header.rstrip()]
         for r in self.records:
-            cands = "  ".join(f"{_show(t)}:{p:.{digits}f}" for _, t, p in r.top[:top])
-            row = f"{r.cycle:>5}  {_show(r.token):<14} {cands:<{top * 20}}"
+            cands = "  ".join(f"{show_token(t)}:{p:.{digits}f}" for _, t, p in r.top[:top])
+            row = f"{r.cycle:>5}  {show_token(r.token):<14} {cands:<{top * 20}}"
             lines.append((row + (f"  {r.seconds * 1e3:.1f}" if times else "")).rstrip())
         return "\n".join(lines)
 
@@ -251,7 +251,7 @@ PROB = (lambda v: _number(v) and 0 <= v <= 1, "a probability (a number from 0 to
 NON_NEGATIVE = (lambda v: _number(v) and v >= 0, "a number >= 0")
 
 
-def _show(token: str) -> str:
+def show_token(token: str) -> str:
     """A token made visible: spaces as ␣, newlines as ⏎."""
     return token.replace(" ", "␣").replace("\n", "⏎")
 

@@ -29,7 +29,7 @@ import torch
 from .cycle import OPS, CycleRecord, Event, Trace
 from .debugview import (Attention, CacheRow, Cost, Draw, Output, Register, SamplerStage, State, render_text,
                         show_token)
-from .decode import Sampling, as_sampling, pipeline
+from .decode import Sampling, as_sampling, pipeline, slice_of
 from .engine import Engine, as_loaded, drain
 from .models import Loaded
 from .transformer import Ablation
@@ -183,7 +183,7 @@ class Timeline:
 
 
 def command(method: Callable) -> Callable:
-    """A user command: clears the last error, records a new one, and refreshes the widget if one is shown."""
+    """A user command: clears the last error, records a new one, and tells the listeners (the widget)."""
 
     @functools.wraps(method)
     def run(self: Debugger, *args, **kwargs):
@@ -194,8 +194,8 @@ def command(method: Callable) -> Callable:
             self.error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            if self._ui is not None and not self._ui.busy:
-                self._ui.refresh()
+            for listener in self._listeners:
+                listener()
 
     return run
 
@@ -251,6 +251,7 @@ class Debugger:
         weakref.finalize(self, self._live.close)  # a paused run must not outlive the debugger
         self._texts: dict[int, str] = {}
         self._ui = None  # the DebuggerUI, once built
+        self._listeners: list[Callable[[], None]] = []  # called after every command
 
     # --- where we are ---------------------------------------------------------------
     @property
@@ -725,11 +726,8 @@ class Debugger:
         kept = int((probs > 0).sum())
         if u is None or not self.now.sampling.do_sample:
             return Draw(None, self._text(int(probs.argmax())), 0.0, 0.0, kept)
-        cdf = probs.cumsum(-1)
-        cdf = cdf / cdf[-1]
-        token = int(torch.searchsorted(cdf, torch.tensor([u], dtype=cdf.dtype), right=True))
-        low = float(cdf[token - 1]) if token > 0 else 0.0
-        return Draw(u, self._text(token), low, float(cdf[token]), kept)
+        token, low, high = slice_of(probs, u)
+        return Draw(u, self._text(token), low, high, kept)
 
     def _top(self, probs: torch.Tensor, k: int) -> list[tuple[str, float]]:
         top = torch.topk(probs, k)
@@ -746,6 +744,10 @@ class Debugger:
         return notes
 
     # --- widget ------------------------------------------------------------------------------
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after every command (the widget redraws itself so)."""
+        self._listeners.append(listener)
+
     def widget(self):
         """The ipywidgets UI (built once): buttons call the same commands as text mode."""
         if self._ui is None:

@@ -10,7 +10,7 @@ import html
 import re
 from dataclasses import dataclass, field
 
-from .cycle import CycleRecord, Stage
+from .cycle import CycleRecord, Stage, show_token
 from .viz import STAGE_COLOURS
 
 SMALL = "font-size:12px"
@@ -117,11 +117,6 @@ class State:
 
 
 # ------------------------------------------------------------------ formatting
-
-
-def show_token(token: str) -> str:
-    """A token made visible: spaces as ␣, newlines as ⏎."""
-    return token.replace(" ", "␣").replace("\n", "⏎")
 
 
 def human(value: float, unit: str) -> str:

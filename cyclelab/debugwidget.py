@@ -7,11 +7,15 @@ same strings; nothing relies on ``Output`` capture, which needs a front end.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import ipywidgets as w
 
-from .debugger import OPS, Debugger
-from .debugview import render_all, render_status, show_token
+from .cycle import OPS, show_token
+from .debugview import render_all, render_status
+
+if TYPE_CHECKING:  # for the annotation only: the debugger imports this module, never the reverse
+    from .debugger import Debugger
 
 
 class DebuggerUI:
@@ -21,6 +25,7 @@ class DebuggerUI:
 
     def __init__(self, dbg: Debugger):
         self.dbg, self.busy, self._syncing = dbg, False, False
+        dbg.subscribe(self._changed)
         wide = {"description_width": "initial"}
         small = w.Layout(width="210px")
         c = self.controls = {}
@@ -134,6 +139,11 @@ class DebuggerUI:
     def _on_jump(self, change) -> None:
         if not self._syncing and change["new"] is not None and change["new"] >= 0:
             self._call(lambda: self.dbg.run_to(change["new"], stop_at_breakpoints=False))
+
+    def _changed(self) -> None:
+        """The debugger ran a command: redraw, unless a button of ours is still running it."""
+        if not self.busy:
+            self.refresh()
 
     def refresh(self) -> None:
         """Write the debugger's state into the views and bring the controls in line with it."""

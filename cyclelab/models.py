@@ -24,7 +24,7 @@ import torch
 
 from .checksums import ModelFileError, model_files, verify_folder, write_sums
 from .device import pick_device
-from .fetch import asset_path, cache_dir, fetch, fetch_command, replace_folder, verify_asset, writing_cache
+from .fetch import asset_path, fetch, fetch_command, replace_folder, smollm2_cache, verify_asset, writing_cache
 
 REPO_DATA = Path(__file__).resolve().parent.parent / "data"
 KNOWN = {
@@ -51,11 +51,6 @@ class Loaded:
     def device(self) -> torch.device:
         """Where the model's weights live."""
         return next(self.model.parameters()).device
-
-    @property
-    def is_causal(self) -> bool:
-        """True for a next-token (decoder) model, False for an encoder such as BERT."""
-        return bool(getattr(self.model, "can_generate", lambda: False)())
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.model.parameters())
@@ -221,7 +216,7 @@ def _check_size(path: Path) -> None:
 
 def smollm2_folder(rebuild: bool = False) -> Path:
     """The float32 safetensors cache of SmolLM2, made from the (verified) GGUF on first use or when ``rebuild``."""
-    folder = cache_dir() / "models" / "smollm2"
+    folder = smollm2_cache()
     if rebuild or not (folder / ".complete").exists():
         with writing_cache(f"{folder / 'model.safetensors'} is missing or out of date", "smollm2"):
             convert_gguf(fetch("smollm2"), folder)

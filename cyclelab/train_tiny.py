@@ -24,6 +24,7 @@ import torch
 from . import data
 from .checksums import model_files, write_sums
 from .device import pick_device
+from .finetune import schedule
 
 REPO_DATA = Path(__file__).resolve().parent.parent / "data"
 MASKED_LR = 1e-3  # post-LayerNorm BERT stalls at the causal model's 3e-3
@@ -91,11 +92,8 @@ def batches(ids: np.ndarray, batch_size: int, ctx: int, gen: torch.Generator):
 
 
 def lr_at(step: int, cfg: TinyConfig) -> float:
-    """Linear warmup then cosine decay to a tenth of the peak."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    """Linear warmup then cosine decay to a tenth of the peak (the schedule of chapter 06)."""
+    return schedule(step, cfg.steps, cfg.lr, cfg.warmup, min_lr_ratio=0.1)
 
 
 def mask_tokens(x: torch.Tensor, mask_id: int, vocab_size: int, rate: float,

@@ -162,6 +162,13 @@ def test_sample_is_inverse_cdf():
         assert token == (0 if u < 0.25 else 2 if u < 0.75 else 3)
 
 
+@pytest.mark.parametrize("u, expected", [(0.0, (0, 0.0, 0.25)), (0.2499, (0, 0.0, 0.25)), (0.25, (2, 0.25, 0.75)),
+                                         (0.7, (2, 0.25, 0.75)), (0.75, (3, 0.75, 1.0)), (0.9999, (3, 0.75, 1.0))])
+def test_slice_of_finds_the_slice_holding_u(u, expected):
+    token, low, high = decode.slice_of(torch.tensor([0.25, 0.0, 0.5, 0.25]), u)  # token 1 has an empty slice
+    assert (token, low, high) == (expected[0], pytest.approx(expected[1]), pytest.approx(expected[2]))
+
+
 def test_sample_frequencies_match_softmax():
     probs = [0.05, 0.15, 0.3, 0.1, 0.4]
     logits = torch.log(torch.tensor(probs)) + 1.7  # a shift does not change the softmax
