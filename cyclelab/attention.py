@@ -280,13 +280,13 @@ def first_token_score(probs: torch.Tensor) -> torch.Tensor:
     return p[..., 1:, 0].mean(-1)
 
 
-def find_heads(engine, ids, score_fn, top: int | None = None) -> list[tuple[int, int, float]]:
+def find_heads(engine, ids, score_fn, top: int | None = None, decimals: int = 4) -> list[tuple[int, int, float]]:
     """Rank every (layer, head) of ``engine``'s model by ``score_fn(probs)`` on a prompt.
 
     ``score_fn`` maps ``(heads, T, T)`` attention to one score per head (e.g.
     :func:`previous_token_score`). Returns ``(layer, head, score)``, highest first;
-    scores equal to 4 decimals count as tied and keep layer/head order, so float noise
-    (another CPU, thread count or GPU) never reorders heads that score the same.
+    scores equal to ``decimals`` places count as tied and keep layer/head order, so float
+    noise (another CPU, thread count or GPU) does not reorder heads that score the same.
     """
     scored = []
     for layer, probs in enumerate(attention_maps(engine, ids)):
@@ -294,7 +294,7 @@ def find_heads(engine, ids, score_fn, top: int | None = None) -> list[tuple[int,
         if scores.numel() != probs.shape[0]:
             raise ValueError(f"score_fn must give one score per head ({probs.shape[0]}), got {scores.numel()}")
         scored += [(layer, head, float(s)) for head, s in enumerate(scores)]
-    scored.sort(key=lambda row: (-round(row[2], 4), row[0], row[1]))
+    scored.sort(key=lambda row: (-round(row[2], decimals), row[0], row[1]))
     return scored[:top] if top is not None else scored
 
 

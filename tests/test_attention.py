@@ -229,6 +229,15 @@ def test_find_heads_breaks_ties_by_layer_and_head_whatever_the_noise(tiny):
         assert [(l, h) for l, h, _ in ranked] == [(l, h) for l in range(4) for h in range(heads)]
 
 
+def test_find_heads_ties_at_the_decimals_asked_for(tiny):
+    engine = Engine(tiny)
+    scores = torch.tensor([0.996, 0.999, 0.2, 0.998, 0.1, 0.0])  # three heads print as 1.00
+    ranked = find_heads(engine, engine.encode(PROMPT), lambda probs: scores, top=3, decimals=2)
+    assert [(l, h) for l, h, _ in ranked] == [(0, 0), (0, 1), (0, 3)]
+    ranked = find_heads(engine, engine.encode(PROMPT), lambda probs: scores, top=3)
+    assert [(l, h) for l, h, _ in ranked] == [(0, 1), (1, 1), (2, 1)]  # 4 decimals: 0.999 first, every layer alike
+
+
 def test_smollm2_has_a_first_token_head(smollm2):
     layer, head, score = find_heads(Engine(smollm2), "The quick brown fox jumps over the lazy dog.", first_token_score, top=1)[0]
     assert score > 0.8
