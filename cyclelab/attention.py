@@ -239,22 +239,12 @@ def kv_cache_growth(engine, prompt, max_new_tokens: int = 8) -> list[dict]:
 def attention_maps(engine, ids) -> list[torch.Tensor]:
     """Attention probabilities of every layer for one prompt: a list of ``(heads, T, T)`` tensors.
 
-    Runs the engine's forward pass once (a prefill) and keeps only the ``softmax`` events.
+    Runs the engine's forward pass once (a prefill) keeping only each layer's ``softmax``
+    (TransformerLens's ``hook_pattern``).
     """
-    ids = engine.encode(ids)
-    if len(ids) > engine.context_window:
-        raise ValueError(f"{len(ids)} tokens exceed the context window of {engine.context_window}")
-    cache = KVCache(engine.arch.n_layers, len(ids))
-    maps = [None] * engine.arch.n_layers
-    steps = engine.forward(torch.tensor([ids], device=engine.device), cache, capture={"softmax"})
-    while True:
-        try:
-            event = next(steps)
-        except StopIteration:
-            break
-        if event.op == "softmax":
-            maps[event.layer] = event.tensors["probs"][0].detach().float().cpu()
-    return maps
+    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(engine.arch.n_layers)]
+    _, cache = engine.run_with_cache(ids, names=names)
+    return [cache[name][0].float().cpu() for name in names]
 
 
 def _square_probs(probs: torch.Tensor) -> torch.Tensor:

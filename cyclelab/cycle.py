@@ -17,25 +17,13 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from pathlib import Path
 
 import torch
 
 from .decode import as_sampling
 
-OPS = ["embed", "positions", "norm_attn", "qkv", "rope", "kv_cache", "scores", "softmax", "mix", "attn_out",
-       "residual_attn", "norm_mlp", "mlp_in", "act", "mlp_out", "residual_mlp", "norm_final", "logits", "choose",
-       "append"]  # every op an engine run yields, in order ("rope" only for Llama)
-
-
-class Stage(str, Enum):
-    """The four stages of one cycle."""
-
-    FETCH = "FETCH"
-    READ = "READ"
-    EXECUTE = "EXECUTE"
-    WRITEBACK = "WRITEBACK"
+from .ops import OPS, Stage  # the op registry: each op's stage, tensors and TransformerLens names
 
 
 @dataclass(slots=True)

@@ -30,7 +30,7 @@ from .cycle import OPS, CycleRecord, Event, Trace
 from .debugview import (Attention, CacheRow, Cost, Draw, Output, Register, SamplerStage, State, render_text,
                         show_token)
 from .decode import Sampling, as_sampling, pipeline, slice_of
-from .engine import Engine, as_loaded, drain
+from .engine import Engine, as_loaded
 from .models import Loaded
 from .transformer import Ablation
 
@@ -64,18 +64,12 @@ def slim(event: Event, offset: int = 0) -> Event:
     return replace(event, cycle=event.cycle + offset, tensors=keep, info=info)
 
 
-def logit_lens_batch(engine: Engine, residuals: torch.Tensor, k: int = 3) -> list[list[tuple[str, float]]]:
-    """Final norm + unembedding applied to residual vectors ``(n, d)``: the top-``k`` tokens of each."""
-    x = residuals.reshape(1, -1, residuals.shape[-1])
-    logits = drain(engine.arch.unembed(x))[0]  # drain computes without gradients
-    top = torch.topk(torch.softmax(logits.float(), -1), k)
+def lens_tops(engine: Engine, residuals: torch.Tensor, k: int = 3) -> list[list[tuple[str, float]]]:
+    """The logit lens's top-``k`` tokens, with probabilities, for each residual vector of ``residuals``
+    ``(n, d)``: what the model would say if the stream went straight to WRITEBACK (``engine.read_out``)."""
+    top = torch.topk(torch.softmax(engine.read_out(residuals).float(), -1), k)
     return [[(engine.token_text(int(i)), float(p)) for p, i in zip(ps, ids)]
             for ps, ids in zip(top.values, top.indices)]
-
-
-def logit_lens(engine: Engine, residual: torch.Tensor, k: int = 3) -> list[tuple[str, float]]:
-    """What the model would say if the residual stream ``(d,)`` went straight to the output: top-``k`` tokens."""
-    return logit_lens_batch(engine, residual.reshape(1, -1), k)[0]
 
 
 class LiveRun:
@@ -392,7 +386,7 @@ class Debugger:
 
     def _lens_top1(self, event: Event) -> str:
         if "lens" not in event.info:
-            event.info["lens"] = logit_lens(self.engine, event.tensors["x"])
+            event.info["lens"] = lens_tops(self.engine, event.tensors["x"][None])[0]
         return event.info["lens"][0][0]
 
     def _forward(self) -> bool:
@@ -670,7 +664,7 @@ class Debugger:
         events = [e for e in here if "x" in e.tensors]
         missing = [e for e in events if "lens" not in e.info]
         if missing:
-            for e, lens in zip(missing, logit_lens_batch(self.engine, torch.stack([e.tensors["x"] for e in missing]))):
+            for e, lens in zip(missing, lens_tops(self.engine, torch.stack([e.tensors["x"] for e in missing]))):
                 e.info["lens"] = lens
         return [Register(e.layer, float(e.tensors["x"].float().norm()), e.info["lens"]) for e in events]
 
@@ -789,4 +783,4 @@ def _cost(events: list[Event]) -> Cost:
     return Cost(sum(e.seconds for e in events), sum(e.flops for e in events), sum(e.bytes for e in events))
 
 
-__all__ = ["Breakpoint", "Debugger", "Timeline", "logit_lens", "logit_lens_batch"]
+__all__ = ["Breakpoint", "Debugger", "Timeline", "lens_tops"]

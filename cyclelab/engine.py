@@ -26,6 +26,7 @@ from .attention import KVCache
 from .cycle import OPS, CycleRecord, Event, Stage, Trace
 from .decode import Sampling, as_sampling, check_int, choose, make_generator
 from .models import Loaded, load
+from .ops import hook_names, registry_entry
 from .transformer import Ablation, RunContext, architecture_for, capture_rule
 
 PROMPT_TYPES = "a prompt is a str, a list or tuple of token ids (ints), or a 1-D integer torch tensor"
@@ -129,6 +130,66 @@ class Engine:
         self._check_ids(ids.flatten().tolist(), "input_ids")
         cache = KVCache(self.arch.n_layers, ids.shape[1])
         return drain(self.forward(ids.to(self.device), cache, ablation=self._check_ablation(ablation)))
+
+    def run_with_cache(self, prompt, names=None, ablation: Ablation | None = None
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One forward pass over ``prompt`` (text or token ids), keeping the activations asked for.
+
+        Returns the logits ``(1, positions, vocab)`` and a dict of tensors keyed by
+        TransformerLens-style names (``"blocks.0.attn.hook_pattern"``, ``"blocks.3.hook_resid_post"``;
+        see :func:`cyclelab.ops.alias_table`). ``names`` is a collection of such names, a predicate
+        on a name, or None for all of them. Per-head tensors keep the engine's layout
+        ``(batch, heads, positions, head_dim)``.
+        """
+        ids = self.encode(prompt)
+        if len(ids) > self.context_window:
+            raise ValueError(f"{len(ids)} tokens exceed the context window of {self.context_window}")
+        wanted = self._hooks_wanted(names)
+        rule = {(op, layer) for op, layer, _ in wanted}
+        steps = self.forward(torch.tensor([ids], device=self.device), KVCache(self.arch.n_layers, len(ids)),
+                             capture=lambda op, layer: (op, layer) in rule, ablation=self._check_ablation(ablation))
+        found: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            while True:
+                try:
+                    event = next(steps)
+                except StopIteration as done:
+                    logits = done.value
+                    break
+                for key, tensor in event.tensors.items():
+                    for name in wanted.get((event.op, event.layer, key), ()):
+                        found[name] = tensor.detach()
+        return logits, found
+
+    def _hooks_wanted(self, names) -> dict[tuple[str, int | None, str], list[str]]:
+        """``(op, layer, tensor key) -> names`` of the activations ``names`` asks for."""
+        every = {}
+        for template, (op, key) in hook_names(self.arch.family).items():
+            layers = range(self.arch.n_layers) if registry_entry(op).per_layer else [None]
+            every.update({template.format(L=layer): (op, layer, key) for layer in layers})
+        if names is None:
+            chosen = list(every)
+        elif callable(names):
+            chosen = [n for n in every if names(n)]
+        elif isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
+            raise TypeError(f"names must be a collection of activation names, a predicate or None, "
+                            f"got {type(names).__name__}")
+        else:
+            chosen = list(names)
+            unknown = [n for n in chosen if n not in every]
+            if unknown:
+                raise ValueError(f"unknown activation name(s) {unknown[:3]} for {self.loaded.name!r}; names look "
+                                 f"like {', '.join(list(every)[:2])} (cyclelab.ops.alias_table() lists them)")
+        wanted: dict[tuple[str, int | None, str], list[str]] = {}
+        for name in chosen:
+            wanted.setdefault(every[name], []).append(name)
+        return wanted
+
+    def read_out(self, x: torch.Tensor) -> torch.Tensor:
+        """WRITEBACK for any residual-stream vectors ``(..., width)``: the final norm and the
+        unembedding, giving logits ``(..., vocab)``. On a middle layer's stream: the logit lens."""
+        flat = x.reshape(1, -1, x.shape[-1])
+        return drain(self.arch.unembed(flat)).reshape(*x.shape[:-1], -1)
 
     # --- cycles ---------------------------------------------------------------------
     def run(self, prompt, max_new_tokens: int = 32, sampling: Sampling | None = None, *, chat: bool = False,

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import merge_heads, scaled_dot_product_attention, split_heads
-from .cycle import Stage, Trace, show_token
-from .engine import drain
+from .cycle import Trace, show_token
 
 # ------------------------------------------------------------------ norms
 
@@ -104,16 +103,9 @@ def residual_stream(engine, prompt) -> torch.Tensor:
     Row 0 is what enters the first block (the FETCH output: token embedding, plus learned positions
     for GPT-2); row ``i + 1`` is the stream after block ``i`` (the engine's ``residual_mlp``).
     """
-    ids = engine.encode(prompt)
-    rows: dict[int, torch.Tensor] = {}
-    fetched = None
-    with torch.no_grad():
-        for event in engine.run(ids, max_new_tokens=1, capture={"embed", "positions", "residual_mlp"}):
-            if event.stage is Stage.FETCH and "out" in event.tensors:
-                fetched = event.tensors["out"][0]
-            elif event.op == "residual_mlp":
-                rows[event.layer] = event.tensors["out"][0]
-    return torch.stack([fetched] + [rows[i] for i in range(engine.arch.n_layers)]).detach()
+    names = ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(engine.arch.n_layers)]
+    _, cache = engine.run_with_cache(prompt, names=names)
+    return torch.stack([cache[name][0] for name in names])
 
 
 @dataclass
@@ -142,8 +134,7 @@ def logit_lens(engine, prompt, k: int = 3, embedding: bool = True) -> list[LensR
     if not embedding:
         stream = stream[1:]
     first = -1 if embedding else 0
-    with torch.no_grad():
-        logits = drain(engine.arch.unembed(stream))  # (layers, positions, vocab): the stream as a batch
+    logits = engine.read_out(stream)  # (layers, positions, vocab)
     top = torch.topk(torch.softmax(logits.float(), dim=-1), k, dim=-1)
     rows = []
     for li in range(stream.shape[0]):

@@ -5,15 +5,9 @@ runs its forward pass as a *generator*: every micro-op yields an :class:`Event`,
 so a consumer can pause between any two ops. The value a generator returns (via
 ``yield from``) is the op's result.
 
-Ops and stages, per layer:
-
-=========  =====================================================================
-FETCH      ``embed`` (token rows), ``positions`` (GPT-2: learned rows; Llama: RoPE angles)
-READ       ``qkv`` (Q/K/V projections: the layer reads its weights), ``kv_cache``
-EXECUTE    ``norm_attn``, ``rope`` (Llama), ``scores``, ``softmax``, ``mix``, ``attn_out``,
-           ``residual_attn``, ``norm_mlp``, ``mlp_in``, ``act``, ``mlp_out``, ``residual_mlp``
-WRITEBACK  ``norm_final``, ``logits``
-=========  =====================================================================
+Each op's stage, its tensors and their TransformerLens names are defined once, in
+:mod:`cyclelab.ops` (``print(cyclelab.ops.alias_table())``); an op here names itself and the
+registry supplies the rest.
 """
 
 from __future__ import annotations
@@ -26,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from .attention import KVCache, attention_mix, attention_scores, merge_heads, split_heads
-from .cycle import Event, Stage
+from .cycle import Event
+from .ops import REGISTRY
 from .embed import apply_rope, rope_cos_sin
 
 SUPPORTED = {"gpt2": "GPT-2", "llama": "Llama"}
@@ -100,11 +95,12 @@ class RunContext:
     ablation: Ablation = field(default_factory=Ablation)
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin), set by Llama's embed
 
-    def event(self, stage: Stage, layer: int | None, op: str, start: float, flops: int = 0,
-              nbytes: int = 0, **tensors: torch.Tensor) -> Event:
-        """An event for an op that began at ``start``; tensors kept only if captured."""
+    def event(self, op: str, layer: int | None, start: float, flops: int = 0, nbytes: int = 0,
+              **tensors: torch.Tensor) -> Event:
+        """An event for ``op`` (its stage from the op registry) that began at ``start``;
+        tensors kept only if captured."""
         keep = tensors if self.capture(op, layer) else {}
-        return Event(self.cycle, stage, layer, op, perf_counter() - start, flops, nbytes, keep)
+        return Event(self.cycle, REGISTRY[op].stage, layer, op, perf_counter() - start, flops, nbytes, keep)
 
 
 class Architecture:
@@ -131,30 +127,30 @@ class Architecture:
         """KV-cache read, scores, softmax and the weighted mix of values; returns merged heads."""
         t = perf_counter()
         keys, values = cache.append(layer, k, v)
-        yield run.event(Stage.READ, layer, "kv_cache", t, 0, 2 * keys.numel() * keys.element_size(),
+        yield run.event("kv_cache", layer, t, 0, 2 * keys.numel() * keys.element_size(),
                          keys=keys, values=values)
         b, h, tq, d = q.shape
         tk = keys.shape[-2]
 
         t = perf_counter()
         scores = attention_scores(q, keys)
-        yield run.event(Stage.EXECUTE, layer, "scores", t, 2 * b * h * tq * tk * d, 0, scores=scores)
+        yield run.event("scores", layer, t, 2 * b * h * tq * tk * d, 0, scores=scores)
         t = perf_counter()
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        yield run.event(Stage.EXECUTE, layer, "softmax", t, 5 * b * h * tq * tk, 0, probs=probs)
+        yield run.event("softmax", layer, t, 5 * b * h * tq * tk, 0, probs=probs)
         t = perf_counter()
         mixed = attention_mix(probs, values)
         for lay, head in run.ablation.heads:
             if lay == layer:
                 mixed[:, head] = 0
-        yield run.event(Stage.EXECUTE, layer, "mix", t, 2 * b * h * tq * tk * d, 0, out=mixed)
+        yield run.event("mix", layer, t, 2 * b * h * tq * tk * d, 0, out=mixed)
         return merge_heads(mixed)
 
     def residual(self, run: RunContext, layer: int, op: str, x: torch.Tensor, delta: torch.Tensor) -> Ops:
         """The residual add: a layer writes its result back into the stream (the registers)."""
         t = perf_counter()
         out = x + delta
-        yield run.event(Stage.EXECUTE, layer, op, t, out.numel(), 0, out=out)
+        yield run.event(op, layer, t, out.numel(), 0, out=out)
         return out
 
     def forward(self, ids: torch.Tensor, cache: KVCache, run: RunContext) -> Ops:
@@ -209,54 +205,54 @@ class GPT2(Architecture):
     def embed(self, run, ids, positions):
         t = perf_counter()
         tokens = self.body.wte.weight[ids]
-        yield run.event(Stage.FETCH, None, "embed", t, 0, tokens.numel() * tokens.element_size(), out=tokens)
+        yield run.event("embed", None, t, 0, tokens.numel() * tokens.element_size(), out=tokens)
         t = perf_counter()
         x = tokens + self.body.wpe.weight[positions]
-        yield run.event(Stage.FETCH, None, "positions", t, x.numel(), tokens.numel() * tokens.element_size(), out=x)
+        yield run.event("positions", None, t, x.numel(), tokens.numel() * tokens.element_size(), out=x)
         return x
 
     def block(self, run, i, x, positions, cache):
         layer = self.body.h[i]
         t = perf_counter()
         h = self.norm(x, layer.ln_1)
-        yield run.event(Stage.EXECUTE, i, "norm_attn", t, 5 * h.numel(), 0, out=h)
+        yield run.event("norm_attn", i, t, 5 * h.numel(), 0, out=h)
 
         t = perf_counter()
         qkv = self.conv1d(h, layer.attn.c_attn)
         q, k, v = (split_heads(part, self.n_heads) for part in qkv.split(self.config.n_embd, dim=-1))
-        yield run.event(Stage.READ, i, "qkv", t, *self.linear_cost(h, layer.attn.c_attn.weight, qkv.shape[-1]), q=q, k=k, v=v)
+        yield run.event("qkv", i, t, *self.linear_cost(h, layer.attn.c_attn.weight, qkv.shape[-1]), q=q, k=k, v=v)
 
         mixed = yield from self.attend(run, i, q, k, v, cache)
         t = perf_counter()
         attn = self.conv1d(mixed, layer.attn.c_proj)
-        yield run.event(Stage.EXECUTE, i, "attn_out", t, *self.linear_cost(mixed, layer.attn.c_proj.weight, attn.shape[-1]), out=attn)
+        yield run.event("attn_out", i, t, *self.linear_cost(mixed, layer.attn.c_proj.weight, attn.shape[-1]), out=attn)
         x = yield from self.residual(run, i, "residual_attn", x, attn)
 
         t = perf_counter()
         h = self.norm(x, layer.ln_2)
-        yield run.event(Stage.EXECUTE, i, "norm_mlp", t, 5 * h.numel(), 0, out=h)
+        yield run.event("norm_mlp", i, t, 5 * h.numel(), 0, out=h)
         t = perf_counter()
         up = self.conv1d(h, layer.mlp.c_fc)
-        yield run.event(Stage.EXECUTE, i, "mlp_in", t, *self.linear_cost(h, layer.mlp.c_fc.weight, up.shape[-1]), out=up)
+        yield run.event("mlp_in", i, t, *self.linear_cost(h, layer.mlp.c_fc.weight, up.shape[-1]), out=up)
         t = perf_counter()
         act = F.gelu(up, approximate=self.approximate)
-        yield run.event(Stage.EXECUTE, i, "act", t, 8 * act.numel(), 0, out=act)
+        yield run.event("act", i, t, 8 * act.numel(), 0, out=act)
         t = perf_counter()
         down = self.conv1d(act, layer.mlp.c_proj)
         if i in run.ablation.mlps:
             down = torch.zeros_like(down)
-        yield run.event(Stage.EXECUTE, i, "mlp_out", t, *self.linear_cost(act, layer.mlp.c_proj.weight, down.shape[-1]), out=down)
+        yield run.event("mlp_out", i, t, *self.linear_cost(act, layer.mlp.c_proj.weight, down.shape[-1]), out=down)
         return (yield from self.residual(run, i, "residual_mlp", x, down))
 
     def unembed(self, x, run=None):
         run = run or RunContext()
         t = perf_counter()
         h = self.norm(x, self.body.ln_f)
-        yield run.event(Stage.WRITEBACK, None, "norm_final", t, 5 * h.numel(), 0, out=h)
+        yield run.event("norm_final", None, t, 5 * h.numel(), 0, out=h)
         t = perf_counter()
         weight = self.model.lm_head.weight
         logits = h @ weight.T
-        yield run.event(Stage.WRITEBACK, None, "logits", t, *self.linear_cost(h, weight, weight.shape[0]), out=logits)
+        yield run.event("logits", None, t, *self.linear_cost(h, weight, weight.shape[0]), out=logits)
         return logits
 
 
@@ -288,10 +284,10 @@ class Llama(Architecture):
     def embed(self, run, ids, positions):
         t = perf_counter()
         x = self.body.embed_tokens.weight[ids]
-        yield run.event(Stage.FETCH, None, "embed", t, 0, x.numel() * x.element_size(), out=x)
+        yield run.event("embed", None, t, 0, x.numel() * x.element_size(), out=x)
         t = perf_counter()
         cos, sin = run.rope = rope_cos_sin(positions, self.inv_freq, self.rope_scaling)  # (t, head_dim) each
-        yield run.event(Stage.FETCH, None, "positions", t, 2 * cos.numel(), 0, cos=cos, sin=sin)
+        yield run.event("positions", None, t, 2 * cos.numel(), 0, cos=cos, sin=sin)
         return x
 
     def block(self, run, i, x, positions, cache):
@@ -299,7 +295,7 @@ class Llama(Architecture):
         attn, mlp = layer.self_attn, layer.mlp
         t = perf_counter()
         h = self.norm(x, layer.input_layernorm.weight)
-        yield run.event(Stage.EXECUTE, i, "norm_attn", t, 4 * h.numel(), 0, out=h)
+        yield run.event("norm_attn", i, t, 4 * h.numel(), 0, out=h)
 
         t = perf_counter()
         q = split_heads(F.linear(h, attn.q_proj.weight, attn.q_proj.bias), self.n_heads)
@@ -309,45 +305,45 @@ class Llama(Architecture):
         weights = attn.q_proj.weight.numel() + attn.k_proj.weight.numel() + attn.v_proj.weight.numel()
         flops, _ = self.linear_cost(h, attn.q_proj.weight, n_out)
         nbytes = (weights + h.numel() + h.numel() // h.shape[-1] * n_out) * h.element_size()
-        yield run.event(Stage.READ, i, "qkv", t, flops, nbytes, q=q, k=k, v=v)
+        yield run.event("qkv", i, t, flops, nbytes, q=q, k=k, v=v)
 
         t = perf_counter()
         cos, sin = run.rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (b, h, t, d), (b, kv_h, t, d)
-        yield run.event(Stage.EXECUTE, i, "rope", t, 3 * (q.numel() + k.numel()), 0, q=q, k=k)
+        yield run.event("rope", i, t, 3 * (q.numel() + k.numel()), 0, q=q, k=k)
 
         mixed = yield from self.attend(run, i, q, k, v, cache)
         t = perf_counter()
         out = F.linear(mixed, attn.o_proj.weight, attn.o_proj.bias)
-        yield run.event(Stage.EXECUTE, i, "attn_out", t, *self.linear_cost(mixed, attn.o_proj.weight, out.shape[-1]), out=out)
+        yield run.event("attn_out", i, t, *self.linear_cost(mixed, attn.o_proj.weight, out.shape[-1]), out=out)
         x = yield from self.residual(run, i, "residual_attn", x, out)
 
         t = perf_counter()
         h = self.norm(x, layer.post_attention_layernorm.weight)
-        yield run.event(Stage.EXECUTE, i, "norm_mlp", t, 4 * h.numel(), 0, out=h)
+        yield run.event("norm_mlp", i, t, 4 * h.numel(), 0, out=h)
         t = perf_counter()
         gate, up = F.linear(h, mlp.gate_proj.weight), F.linear(h, mlp.up_proj.weight)
         flops, nbytes = self.linear_cost(h, mlp.gate_proj.weight, 2 * gate.shape[-1])
-        yield run.event(Stage.EXECUTE, i, "mlp_in", t, flops, nbytes + mlp.up_proj.weight.numel() * h.element_size(), gate=gate, up=up)
+        yield run.event("mlp_in", i, t, flops, nbytes + mlp.up_proj.weight.numel() * h.element_size(), gate=gate, up=up)
         t = perf_counter()
         act = F.silu(gate) * up
-        yield run.event(Stage.EXECUTE, i, "act", t, 6 * act.numel(), 0, out=act)
+        yield run.event("act", i, t, 6 * act.numel(), 0, out=act)
         t = perf_counter()
         down = F.linear(act, mlp.down_proj.weight)
         if i in run.ablation.mlps:
             down = torch.zeros_like(down)
-        yield run.event(Stage.EXECUTE, i, "mlp_out", t, *self.linear_cost(act, mlp.down_proj.weight, down.shape[-1]), out=down)
+        yield run.event("mlp_out", i, t, *self.linear_cost(act, mlp.down_proj.weight, down.shape[-1]), out=down)
         return (yield from self.residual(run, i, "residual_mlp", x, down))
 
     def unembed(self, x, run=None):
         run = run or RunContext()
         t = perf_counter()
         h = self.norm(x, self.body.norm.weight)
-        yield run.event(Stage.WRITEBACK, None, "norm_final", t, 4 * h.numel(), 0, out=h)
+        yield run.event("norm_final", None, t, 4 * h.numel(), 0, out=h)
         t = perf_counter()
         weight = self.model.lm_head.weight
         logits = h @ weight.T
-        yield run.event(Stage.WRITEBACK, None, "logits", t, *self.linear_cost(h, weight, weight.shape[0]), out=logits)
+        yield run.event("logits", None, t, *self.linear_cost(h, weight, weight.shape[0]), out=logits)
         return logits
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cyclelab import Debugger, Sampling, Trace, ablation
-from cyclelab.debugger import logit_lens
+from cyclelab.debugger import lens_tops
 from cyclelab.debugview import to_text
 
 TINY = Path(__file__).resolve().parent.parent / "data" / "tiny" / "config.json"
@@ -316,7 +316,7 @@ def test_logit_lens_of_the_last_layer_is_the_output(engine):
     dbg = make(engine, n=2)
     dbg.next()
     last = [e for e in dbg.history if e.op == "residual_mlp"][-1]
-    lens = logit_lens(engine, last.tensors["x"], k=3)
+    lens = lens_tops(engine, last.tensors["x"][None], k=3)[0]
     assert [t for t, _ in lens] == [t for _, t, _ in dbg.state().output.raw_top[:3]]
 
 
@@ -365,7 +365,7 @@ def fault_in_the_views(dbg, monkeypatch):
 def fault_in_the_logit_lens(dbg, monkeypatch):
     import cyclelab.debugger as module
     click(dbg, "Step layer", 2)  # the registers view shows layer 0's logit lens
-    raise_once(monkeypatch, module, "logit_lens_batch")
+    raise_once(monkeypatch, module, "lens_tops")
     click(dbg, "Step layer")  # layer 1's lens fails
 
 
