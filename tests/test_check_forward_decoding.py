@@ -27,6 +27,45 @@ def test_block_solution_passes_on_random_and_tiny(tiny):
     assert result and str(result).startswith("✓")
 
 
+def transformers_block(x, layer):
+    """transformers' own GPT2Block, given the additive causal mask (-inf above the diagonal) its model builds."""
+    n = x.shape[1]
+    return layer(x, attention_mask=torch.full((n, n), float("-inf")).triu(1)[None, None])
+
+
+def layer_inputs_and_outputs(model, ids):
+    """(input, output) of every GPT-2 block as the full transformers model ran them (forward hooks)."""
+    seen = []
+
+    def record(module, args, kwargs, out):
+        seen.append((args[0] if args else kwargs["hidden_states"], out))
+
+    hooks = [layer.register_forward_hook(record, with_kwargs=True) for layer in model.transformer.h]
+    try:
+        with torch.no_grad():
+            model(torch.tensor([ids]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def test_block_solution_equals_transformers_layer_outputs(tiny):
+    """The reference is transformers itself: each block's output in the model's own forward pass,
+    not a block assembled from cyclelab's pieces (as check_block's expected answer is)."""
+    seen = layer_inputs_and_outputs(tiny.model, tiny.tokenizer("ROMEO: But soft, what light")["input_ids"])
+    assert len(seen) == len(tiny.model.transformer.h)
+    with torch.no_grad():
+        for layer, (given, out) in zip(tiny.model.transformer.h, seen):
+            torch.testing.assert_close(good_block(given, layer), out, atol=1e-4, rtol=0)
+
+
+def test_check_block_accepts_transformers_own_block(tiny):
+    """check_block's expected answer agrees with transformers' GPT2Block on the random model and tiny."""
+    result = check_block(transformers_block, tiny.model)
+    assert result and str(result).startswith("✓"), result.message
+
+
 def test_block_stub_fails():
     assert not check_block(lambda x, layer: x)
 

@@ -1,9 +1,13 @@
 """The engine against transformers: logits, greedy generation, cache, events, interventions, errors."""
 
+import json
+
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from cyclelab import Engine, Stage, Trace, ablation, load
+from cyclelab.attention import KVCache
 from cyclelab.engine import drain
 
 PROMPTS = ["ROMEO:", "What light through yonder window breaks?", "To be, or not to be: that is the question"]
@@ -109,6 +113,42 @@ def test_decode_flops_are_about_twice_the_weights(smollm2_engine):
     assert 2 * matmul_params <= decode.flops <= 2.1 * matmul_params
 
 
+MATMUL_OPS = ("qkv", "scores", "mix", "attn_out", "mlp_in", "mlp_out", "logits")
+
+
+def counted_flops(engine, prompt, max_new_tokens):
+    """Every event of a run, with the FLOPs torch's FlopCounterMode saw while the engine computed it
+    (the code between one ``next`` and the event it yields is that op's computation)."""
+    steps, rows = engine.run(prompt, max_new_tokens, stop_at_eos=False), []
+    with FlopCounterMode(display=False) as counter:
+        while True:
+            before = counter.get_total_flops()
+            try:
+                event = next(steps)
+            except StopIteration:
+                return rows
+            rows.append((event, counter.get_total_flops() - before))
+
+
+@pytest.mark.parametrize("name", ["tiny", "smollm2"])
+def test_matmul_flops_per_op_agree_with_torch_flop_counter(name, request):
+    """The engine's Event.flops of each matrix-multiply op, for one prefill (cycle 0) and one decode
+    step (cycle 1), equal what torch.utils.flop_counter.FlopCounterMode counts for the same op.
+
+    Like with like: FlopCounterMode counts only matmul-like ops (mm, addmm, bmm, baddbmm, sdpa),
+    so only qkv, scores, mix, attn_out, mlp_in, mlp_out and logits are compared; for the other
+    ops (norms, rope, softmax, act, residual adds, the choice) the engine's counts are elementwise
+    estimates that the counter does not see: there it must count no matmul at all."""
+    engine = request.getfixturevalue(f"{name}_engine")
+    rows = counted_flops(engine, "ROMEO: But soft, what light", 2)
+    matmuls = [(e.cycle, e.layer, e.op, e.flops, counted) for e, counted in rows if e.op in MATMUL_OPS]
+    assert len(matmuls) == 2 * (6 * engine.arch.n_layers + 1)  # six per layer and the logits, per cycle
+    assert {op for _, _, op, _, _ in matmuls} == set(MATMUL_OPS)
+    assert all(counted > 0 for *_, counted in matmuls)
+    assert [row[:4] for row in matmuls] == [row[:3] + (row[4],) for row in matmuls]
+    assert [(e.op, e.layer) for e, counted in rows if e.op not in MATMUL_OPS and counted] == []
+
+
 def test_seeded_sampling_is_reproducible(tiny_engine):
     runs = [tiny_engine.generate("JULIET:", 20, do_sample=True, temperature=0.9, top_k=40, seed=7) for _ in range(2)]
     other = tiny_engine.generate("JULIET:", 20, do_sample=True, temperature=0.9, top_k=40, seed=8)
@@ -132,12 +172,47 @@ def test_ablation_changes_the_continuation_and_removing_it_restores(smollm2_engi
     assert restored.token_ids == base.token_ids
 
 
-def test_head_ablation_changes_logits_of_that_layer_only_downstream(tiny_engine):
+def forward_outputs(engine, ids, off=None) -> dict:
+    """Every op's output tensors of one forward pass over ``ids``, keyed by (layer, op, tensor name)."""
+    steps = engine.forward(torch.tensor([ids]), KVCache(engine.arch.n_layers, len(ids)), capture="all",
+                           ablation=off)
+    outputs = {}
+    while True:
+        try:
+            event = next(steps)
+        except StopIteration as done:
+            outputs[(None, "logits", "returned")] = done.value
+            return outputs
+        outputs.update({(event.layer, event.op, key): t.clone() for key, t in event.tensors.items()})
+
+
+@pytest.mark.parametrize("off,layer", [(ablation(heads=[(2, 1)]), 2), (ablation(mlps=[1]), 1)],
+                         ids=["head 2.1", "mlp 1"])
+def test_ablation_changes_only_what_lies_downstream(tiny_engine, off, layer):
+    """Every tensor before the ablated part is bit-identical to the plain run's; its own output,
+    every later layer's residual stream and the logits all change; undoing it restores the logits."""
     ids = tiny_engine.encode("ROMEO: What say you?")
-    plain = tiny_engine.logits(ids)
-    off = tiny_engine.logits(ids, ablation=ablation(heads=[(0, 1)]))
-    assert not torch.allclose(plain, off)
-    torch.testing.assert_close(tiny_engine.logits(ids), plain)
+    plain, ablated = forward_outputs(tiny_engine, ids), forward_outputs(tiny_engine, ids, off)
+    assert plain.keys() == ablated.keys()
+    cut = "mix" if off.heads else "mlp_out"  # the op whose output the ablation zeroes
+    keys = list(plain)  # in the order the forward pass computed them
+    first = keys.index((layer, cut, "out"))
+    upstream = keys[:first]
+    assert [k for k in upstream if not torch.equal(plain[k], ablated[k])] == []
+    assert (layer - 1, "residual_mlp", "out") in upstream  # the layers before it are all compared
+    if off.heads:
+        (_, head), = off.heads
+        mixed, plain_mixed = ablated[(layer, "mix", "out")], plain[(layer, "mix", "out")]
+        assert torch.all(mixed[:, head] == 0) and plain_mixed[:, head].abs().sum() > 0
+        others = [h for h in range(tiny_engine.arch.n_heads) if h != head]
+        assert torch.equal(mixed[:, others], plain_mixed[:, others])
+    else:
+        assert torch.all(ablated[(layer, "mlp_out", "out")] == 0)
+    downstream = [k for k in keys[first:] if k[1] in ("attn_out", "residual_attn", "residual_mlp", "logits")]
+    assert (layer, "residual_mlp", "out") in downstream and (None, "logits", "returned") in downstream
+    assert len({k[0] for k in downstream}) == tiny_engine.arch.n_layers - layer + 1  # this layer, later ones, None
+    assert [k for k in downstream if torch.allclose(plain[k], ablated[k], atol=1e-6, rtol=0)] == []
+    torch.testing.assert_close(tiny_engine.logits(ids)[0], plain[(None, "logits", "returned")][0], atol=0, rtol=0)
 
 
 def test_same_seed_branch_replays_a_sampled_run(tiny_engine):
@@ -151,7 +226,18 @@ def test_trace_saves_and_loads_without_pickle(tiny_engine, tmp_path):
     trace.save(tmp_path / "t.json")
     again = Trace.load(tmp_path / "t.json")
     assert again.to_dict() == trace.to_dict()
-    assert "ROMEO" in again.table() or again.table().count("\n") == len(trace.records)
+    assert json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))["prompt_ids"] == trace.prompt_ids
+
+
+def test_trace_table_has_a_header_and_a_row_per_cycle(tiny_engine):
+    trace = tiny_engine.generate("ROMEO:", 5, stop_at_eos=False)
+    header, *rows = trace.table(top=2, digits=3).splitlines()
+    assert header.split() == ["cycle", "token", "top", "candidates", "ms"]
+    assert len(rows) == len(trace.records) == 5
+    for cycle, (row, record) in enumerate(zip(rows, trace.records)):
+        assert int(row.split()[0]) == cycle
+        assert f":{record.top[0][2]:.3f}" in row and f":{record.top[1][2]:.3f}" in row
+        assert row.endswith(f"{record.seconds * 1e3:.1f}")
 
 
 @pytest.mark.parametrize("kwargs,message", [
