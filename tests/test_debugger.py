@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from cyclelab import Debugger, Sampling, Trace, ablation
-from cyclelab.debugger import lens_tops
 from cyclelab.debugview import to_text
 
 TINY = Path(__file__).resolve().parent.parent / "data" / "tiny" / "config.json"
@@ -312,23 +311,46 @@ def test_a_paused_run_leaves_autograd_on_for_the_caller(engine):
     assert torch.is_grad_enabled()
 
 
-def test_logit_lens_of_the_last_layer_is_the_output(engine):
-    dbg = make(engine, n=2)
-    dbg.next()
-    last = [e for e in dbg.history if e.op == "residual_mlp"][-1]
-    lens = lens_tops(engine, last.tensors["x"][None], k=3)[0]
-    assert [t for t, _ in lens] == [t for _, t, _ in dbg.state().output.raw_top[:3]]
+def transformers_lens(loaded, ids, k=3):
+    """Per layer, the top-``k`` (token, probability) at the last position from transformers alone: each
+    block's hidden state (output_hidden_states=True) through the model's final norm and lm_head.
+    transformers' last hidden state has the final norm applied already, so it goes straight to lm_head."""
+    model = loaded.model
+    final_norm = getattr(model.base_model, "ln_f", None) or model.base_model.norm
+    with torch.no_grad():
+        hidden = [h[0, -1] for h in model(torch.tensor([ids]), output_hidden_states=True).hidden_states[1:]]
+        normed = [final_norm(h) for h in hidden[:-1]] + [hidden[-1]]
+        top = torch.topk(torch.softmax(model.lm_head(torch.stack(normed)).float(), -1), k)
+    return [[loaded.tokenizer.decode([int(i)]) for i in ids] for ids in top.indices], top.values
 
 
-def test_step_latency_is_measured(engine):
+@pytest.mark.parametrize("name,prompt", [("tiny", PROMPT), ("smollm2", "The capital of France is")])
+def test_logit_lens_agrees_with_transformers_hidden_states(name, prompt, request):
+    """The registers view's logit lens at every layer, for the prompt (cycle 0) and one decode step."""
+    engine = request.getfixturevalue("engine" if name == "tiny" else "smollm2_engine")
+    dbg = Debugger(engine, prompt, max_new_tokens=2)
+    for _ in range(2):
+        dbg.next()
+        registers = dbg.state().registers
+        tokens, probs = transformers_lens(engine.loaded, list(dbg.prompt_ids) + dbg.token_ids[:-1])
+        assert [r.layer for r in registers] == list(range(engine.arch.n_layers))
+        assert [[t for t, _ in r.lens] for r in registers] == tokens
+        torch.testing.assert_close(torch.tensor([[p for _, p in r.lens] for r in registers]), probs,
+                                   atol=1e-4, rtol=0)
+
+
+def test_each_click_lands_where_it_should_and_its_latency_is_printed(engine, base):
     dbg = make(engine)
+    expected = {"Step": (0, "embed"), "Step layer": (0, "positions"), "Next token": (1, "append"),
+                "Back cycle": (0, None), "Next token again": (1, "append")}
     times = []
-    for name in ("Step", "Step layer", "Next token", "Back cycle", "Next token"):
+    for name, (cycle, op) in expected.items():
         start = time.perf_counter()
-        click(dbg, name)
+        click(dbg, name.removesuffix(" again"))
         times.append(time.perf_counter() - start)
+        assert (dbg.cycle, dbg.current_event and dbg.current_event.op) == (cycle, op), name
+    assert dbg.token_ids == base.token_ids[:1]
     print("click latency (ms):", [f"{t * 1e3:.1f}" for t in times])
-    assert all(t > 0 for t in times)
 
 
 # ---------------------------------------------------------------- faults inside button handlers
