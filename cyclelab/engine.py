@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import weakref
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from time import perf_counter
@@ -149,17 +149,13 @@ class Engine:
         steps = self.forward(torch.tensor([ids], device=self.device), KVCache(self.arch.n_layers, len(ids)),
                              capture=lambda op, layer: (op, layer) in rule, ablation=self._check_ablation(ablation))
         found: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            while True:
-                try:
-                    event = next(steps)
-                except StopIteration as done:
-                    logits = done.value
-                    break
-                for key, tensor in event.tensors.items():
-                    for name in wanted.get((event.op, event.layer, key), ()):
-                        found[name] = tensor.detach()
-        return logits, found
+
+        def keep(event: Event) -> None:
+            for key, tensor in event.tensors.items():
+                for name in wanted.get((event.op, event.layer, key), ()):
+                    found[name] = tensor.detach()
+
+        return drain(steps, keep), found
 
     def _hooks_wanted(self, names) -> dict[tuple[str, int | None, str], list[str]]:
         """``(op, layer, tensor key) -> names`` of the activations ``names`` asks for."""
@@ -475,14 +471,17 @@ def _check_capture(capture) -> None:
         raise ValueError(f"capture names unknown op(s) {unknown}; ops are {', '.join(OPS)}")
 
 
-def drain(steps: Generator[Event, None, object]):
-    """Run an event generator to the end (without gradients: nothing pauses it) and return its value."""
+def drain(steps: Generator[Event, None, object], on_event: Callable[[Event], None] | None = None):
+    """Run an event generator to the end (without gradients: nothing pauses it) and return its value;
+    ``on_event`` sees each event on the way."""
     with torch.no_grad():
         while True:
             try:
-                next(steps)
+                event = next(steps)
             except StopIteration as done:
                 return done.value
+            if on_event is not None:
+                on_event(event)
 
 
 def _without_grad(steps: Generator[Event, None, object]) -> Generator[Event, None, object]:
