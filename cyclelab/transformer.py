@@ -126,20 +126,20 @@ class Architecture:
                cache: KVCache) -> Ops:
         """KV-cache read, scores, softmax and the weighted mix of values; returns merged heads."""
         t = perf_counter()
-        keys, values = cache.append(layer, k, v)
+        keys, values = cache.append(layer, k, v)  # (b, kv_h, t_past + t, hd): all positions so far
         yield run.event("kv_cache", layer, t, 0, 2 * keys.numel() * keys.element_size(),
                          keys=keys, values=values)
         b, h, tq, d = q.shape
         tk = keys.shape[-2]
 
         t = perf_counter()
-        scores = attention_scores(q, keys)
+        scores = attention_scores(q, keys)  # (b, h, t, t_past + t)
         yield run.event("scores", layer, t, 2 * b * h * tq * tk * d, 0, scores=scores)
         t = perf_counter()
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # (b, h, t, t_past + t)
         yield run.event("softmax", layer, t, 5 * b * h * tq * tk, 0, probs=probs)
         t = perf_counter()
-        mixed = attention_mix(probs, values)
+        mixed = attention_mix(probs, values)  # (b, h, t, hd)
         for lay, head in run.ablation.heads:
             if lay == layer:
                 mixed[:, head] = 0
@@ -204,41 +204,41 @@ class GPT2(Architecture):
 
     def embed(self, run, ids, positions):
         t = perf_counter()
-        tokens = self.body.wte.weight[ids]
+        tokens = self.body.wte.weight[ids]  # (b, t, d)
         yield run.event("embed", None, t, 0, tokens.numel() * tokens.element_size(), out=tokens)
         t = perf_counter()
-        x = tokens + self.body.wpe.weight[positions]
+        x = tokens + self.body.wpe.weight[positions]  # (b, t, d) + (t, d)
         yield run.event("positions", None, t, x.numel(), tokens.numel() * tokens.element_size(), out=x)
         return x
 
     def block(self, run, i, x, positions, cache):
         layer = self.body.h[i]
         t = perf_counter()
-        h = self.norm(x, layer.ln_1)
+        h = self.norm(x, layer.ln_1)  # (b, t, d)
         yield run.event("norm_attn", i, t, 5 * h.numel(), 0, out=h)
 
         t = perf_counter()
-        qkv = self.conv1d(h, layer.attn.c_attn)
-        q, k, v = (split_heads(part, self.n_heads) for part in qkv.split(self.config.n_embd, dim=-1))
+        qkv = self.conv1d(h, layer.attn.c_attn)  # (b, t, 3d)
+        q, k, v = (split_heads(part, self.n_heads) for part in qkv.split(self.config.n_embd, dim=-1))  # (b, h, t, hd)
         yield run.event("qkv", i, t, *self.linear_cost(h, layer.attn.c_attn.weight, qkv.shape[-1]), q=q, k=k, v=v)
 
-        mixed = yield from self.attend(run, i, q, k, v, cache)
+        mixed = yield from self.attend(run, i, q, k, v, cache)  # (b, t, d): the heads merged
         t = perf_counter()
-        attn = self.conv1d(mixed, layer.attn.c_proj)
+        attn = self.conv1d(mixed, layer.attn.c_proj)  # (b, t, d)
         yield run.event("attn_out", i, t, *self.linear_cost(mixed, layer.attn.c_proj.weight, attn.shape[-1]), out=attn)
         x = yield from self.residual(run, i, "residual_attn", x, attn)
 
         t = perf_counter()
-        h = self.norm(x, layer.ln_2)
+        h = self.norm(x, layer.ln_2)  # (b, t, d)
         yield run.event("norm_mlp", i, t, 5 * h.numel(), 0, out=h)
         t = perf_counter()
-        up = self.conv1d(h, layer.mlp.c_fc)
+        up = self.conv1d(h, layer.mlp.c_fc)  # (b, t, 4d)
         yield run.event("mlp_in", i, t, *self.linear_cost(h, layer.mlp.c_fc.weight, up.shape[-1]), out=up)
         t = perf_counter()
-        act = F.gelu(up, approximate=self.approximate)
+        act = F.gelu(up, approximate=self.approximate)  # (b, t, 4d)
         yield run.event("act", i, t, 8 * act.numel(), 0, out=act)
         t = perf_counter()
-        down = self.conv1d(act, layer.mlp.c_proj)
+        down = self.conv1d(act, layer.mlp.c_proj)  # (b, t, d)
         if i in run.ablation.mlps:
             down = torch.zeros_like(down)
         yield run.event("mlp_out", i, t, *self.linear_cost(act, layer.mlp.c_proj.weight, down.shape[-1]), out=down)
@@ -251,7 +251,7 @@ class GPT2(Architecture):
         yield run.event("norm_final", None, t, 5 * h.numel(), 0, out=h)
         t = perf_counter()
         weight = self.model.lm_head.weight
-        logits = h @ weight.T
+        logits = h @ weight.T  # (b, t, vocab)
         yield run.event("logits", None, t, *self.linear_cost(h, weight, weight.shape[0]), out=logits)
         return logits
 
@@ -283,7 +283,7 @@ class Llama(Architecture):
 
     def embed(self, run, ids, positions):
         t = perf_counter()
-        x = self.body.embed_tokens.weight[ids]
+        x = self.body.embed_tokens.weight[ids]  # (b, t, d)
         yield run.event("embed", None, t, 0, x.numel() * x.element_size(), out=x)
         t = perf_counter()
         cos, sin = run.rope = rope_cos_sin(positions, self.inv_freq, self.rope_scaling)  # (t, head_dim) each
@@ -294,13 +294,13 @@ class Llama(Architecture):
         layer = self.body.layers[i]
         attn, mlp = layer.self_attn, layer.mlp
         t = perf_counter()
-        h = self.norm(x, layer.input_layernorm.weight)
+        h = self.norm(x, layer.input_layernorm.weight)  # (b, t, d)
         yield run.event("norm_attn", i, t, 4 * h.numel(), 0, out=h)
 
         t = perf_counter()
-        q = split_heads(F.linear(h, attn.q_proj.weight, attn.q_proj.bias), self.n_heads)
-        k = split_heads(F.linear(h, attn.k_proj.weight, attn.k_proj.bias), self.n_kv_heads)
-        v = split_heads(F.linear(h, attn.v_proj.weight, attn.v_proj.bias), self.n_kv_heads)
+        q = split_heads(F.linear(h, attn.q_proj.weight, attn.q_proj.bias), self.n_heads)  # (b, h, t, hd)
+        k = split_heads(F.linear(h, attn.k_proj.weight, attn.k_proj.bias), self.n_kv_heads)  # (b, kv_h, t, hd)
+        v = split_heads(F.linear(h, attn.v_proj.weight, attn.v_proj.bias), self.n_kv_heads)  # (b, kv_h, t, hd)
         n_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
         weights = attn.q_proj.weight.numel() + attn.k_proj.weight.numel() + attn.v_proj.weight.numel()
         flops, _ = self.linear_cost(h, attn.q_proj.weight, n_out)
@@ -312,24 +312,24 @@ class Llama(Architecture):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (b, h, t, d), (b, kv_h, t, d)
         yield run.event("rope", i, t, 3 * (q.numel() + k.numel()), 0, q=q, k=k)
 
-        mixed = yield from self.attend(run, i, q, k, v, cache)
+        mixed = yield from self.attend(run, i, q, k, v, cache)  # (b, t, d): the heads merged
         t = perf_counter()
         out = F.linear(mixed, attn.o_proj.weight, attn.o_proj.bias)
         yield run.event("attn_out", i, t, *self.linear_cost(mixed, attn.o_proj.weight, out.shape[-1]), out=out)
         x = yield from self.residual(run, i, "residual_attn", x, out)
 
         t = perf_counter()
-        h = self.norm(x, layer.post_attention_layernorm.weight)
+        h = self.norm(x, layer.post_attention_layernorm.weight)  # (b, t, d)
         yield run.event("norm_mlp", i, t, 4 * h.numel(), 0, out=h)
         t = perf_counter()
-        gate, up = F.linear(h, mlp.gate_proj.weight), F.linear(h, mlp.up_proj.weight)
+        gate, up = F.linear(h, mlp.gate_proj.weight), F.linear(h, mlp.up_proj.weight)  # (b, t, d_mlp) each
         flops, nbytes = self.linear_cost(h, mlp.gate_proj.weight, 2 * gate.shape[-1])
         yield run.event("mlp_in", i, t, flops, nbytes + mlp.up_proj.weight.numel() * h.element_size(), gate=gate, up=up)
         t = perf_counter()
-        act = F.silu(gate) * up
+        act = F.silu(gate) * up  # (b, t, d_mlp)
         yield run.event("act", i, t, 6 * act.numel(), 0, out=act)
         t = perf_counter()
-        down = F.linear(act, mlp.down_proj.weight)
+        down = F.linear(act, mlp.down_proj.weight)  # (b, t, d)
         if i in run.ablation.mlps:
             down = torch.zeros_like(down)
         yield run.event("mlp_out", i, t, *self.linear_cost(act, mlp.down_proj.weight, down.shape[-1]), out=down)
@@ -342,7 +342,7 @@ class Llama(Architecture):
         yield run.event("norm_final", None, t, 4 * h.numel(), 0, out=h)
         t = perf_counter()
         weight = self.model.lm_head.weight
-        logits = h @ weight.T
+        logits = h @ weight.T  # (b, t, vocab)
         yield run.event("logits", None, t, *self.linear_cost(h, weight, weight.shape[0]), out=logits)
         return logits
 
