@@ -8,6 +8,8 @@
 #   bash scripts/dev.sh test [ARGS]    all tests: tests/ + nbval on notebooks/ (ARGS go to pytest);
 #                                      as root, installs Chromium (apt) for the browser test
 #   bash scripts/dev.sh bench [ARGS]   the benchmarks (python -m benchmarks)
+#   bash scripts/dev.sh compat [oldest|newest]  scratch venv in .compat/ with the declared floors
+#                                      (or the newest releases): tests + course, table in docs/
 #
 # Every command runs setup first; when nothing changed it takes a few seconds.
 # Environment: CYCLELAB_CACHE (asset cache, default ~/.cache/cyclelab),
@@ -25,7 +27,7 @@ say() { printf '[dev.sh] %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
 usage() {
-    sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit "${1:-2}"
 }
 
@@ -146,12 +148,18 @@ cmd_bench() {
     say "no benchmarks yet (benchmarks/__main__.py does not exist)"
 }
 
+# The declared version range, tested: scripts/compat.py builds its own venv in .compat/
+# (.venv is left alone) and installs torch as above: CYCLELAB_TORCH_INDEX, else torch==$TORCH_VERSION.
+cmd_compat() {
+    exec "$PY" scripts/compat.py --python "$(base_python)" --local-torch "$TORCH_VERSION" "$@"
+}
+
 main() {
     [[ $# -ge 1 ]] || usage
     local cmd="$1"
     shift
     case "$cmd" in
-        setup | lab | course | test | bench) ;;
+        setup | lab | course | test | bench | compat) ;;
         -h | --help | help) usage 0 ;;
         *) say "unknown command: $cmd"; usage ;;
     esac
@@ -163,6 +171,7 @@ main() {
         course) exec "$VENV/bin/cyclelab" course "$@" ;;
         test) cmd_test "$@" ;;
         bench) cmd_bench "$@" ;;
+        compat) cmd_compat "$@" ;;
     esac
 }
 
