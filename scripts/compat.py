@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.version import InvalidVersion, Version
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ("oldest", "newest")
@@ -101,7 +102,7 @@ class Env:
         env.setdefault("OMP_NUM_THREADS", str(max(1, cores // 2)))
         env.update(PATH=f"{self.venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", VIRTUAL_ENV=str(self.venv),
                    JUPYTER_PATH=str(self.venv / "share" / "jupyter"), TQDM_DISABLE="1",
-                   TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
+                   TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", PYDEVD_DISABLE_FILE_VALIDATION="1")
         return env
 
     def run(self, *args: str | Path, log: Path | None = None) -> subprocess.CompletedProcess:
@@ -200,7 +201,6 @@ def run_course(env: Env) -> list[Check]:
 def table(profile: str, python: str, versions: dict[str, str], reqs: list[Requirement], torch_note: str,
           checks: list[Check], minutes: float) -> str:
     """The Markdown report: environment, packages, checks, and what failed."""
-    specs = {r.name: str(r.specifier) for r in reqs}
     passed = sum(c.ok for c in checks)
     lines = [
         f"# Compatibility: {profile} versions",
@@ -213,15 +213,29 @@ def table(profile: str, python: str, versions: dict[str, str], reqs: list[Requir
         "",
         "| package | declared | installed |",
         "|---|---|---|",
-        *(f"| {name} | `{specs[name] or 'any'}` | {versions[name]} |" for name in specs),
+        *(f"| {r.name} | `{r.specifier}` | {installed_cell(profile, r, versions[r.name])} |" for r in reqs),
         *(f"| {name} (indirect) | | {versions[name]} |" for name in INDIRECT),
         "",
         "| check | result | detail | time |",
         "|---|---|---|---|",
         *(f"| {c.name} | {'pass' if c.ok else '**FAIL**'} | {c.detail} | {c.seconds:.0f} s |" for c in checks),
     ]
+    above = [r.name for r in reqs if "not the floor" in installed_cell(profile, r, versions[r.name])]
+    if above:
+        lines[4:4] = [f"Not installed at their floor, so not tested there: {', '.join(above)}.", ""]
     failures = [f"- {c.name}: {e}" for c in checks for e in c.errors]
     return "\n".join(lines + (["", "Failures:", "", *failures] if failures else [])) + "\n"
+
+
+def installed_cell(profile: str, req: Requirement, version: str) -> str:
+    """The installed version; in the oldest profile marked when it is not the declared floor."""
+    if profile != "oldest":
+        return version
+    try:
+        at_floor = Version(Version(version).public) == Version(floor(req))
+    except InvalidVersion:
+        at_floor = False
+    return version if at_floor else f"{version} (**not the floor**)"
 
 
 def say(text: str) -> None:
