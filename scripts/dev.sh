@@ -10,6 +10,8 @@
 #   bash scripts/dev.sh portable [ARGS] nbval on notebooks/ in a second configuration: one process,
 #                                      another thread count (CYCLELAB_PORTABLE_THREADS, default nproc+1)
 #   bash scripts/dev.sh bench [ARGS]   the benchmarks (python -m benchmarks)
+#   bash scripts/dev.sh compat [oldest|newest]  scratch venv in .compat/ with the declared floors
+#                                      (or the newest releases): tests + course, table in docs/
 #
 # Every command runs setup first; when nothing changed it takes a few seconds.
 # Environment: CYCLELAB_CACHE (asset cache, default ~/.cache/cyclelab),
@@ -27,7 +29,7 @@ say() { printf '[dev.sh] %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
 usage() {
-    sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit "${1:-2}"
 }
 
@@ -160,12 +162,18 @@ cmd_bench() {
     say "no benchmarks yet (benchmarks/__main__.py does not exist)"
 }
 
+# The declared version range, tested: scripts/compat.py builds its own venv in .compat/
+# (.venv is left alone) and installs torch as above: CYCLELAB_TORCH_INDEX, else torch==$TORCH_VERSION.
+cmd_compat() {
+    exec "$PY" scripts/compat.py --python "$(base_python)" --local-torch "$TORCH_VERSION" "$@"
+}
+
 main() {
     [[ $# -ge 1 ]] || usage
     local cmd="$1"
     shift
     case "$cmd" in
-        setup | lab | course | test | portable | bench) ;;
+        setup | lab | course | test | portable | bench | compat) ;;
         -h | --help | help) usage 0 ;;
         *) say "unknown command: $cmd"; usage ;;
     esac
@@ -178,6 +186,7 @@ main() {
         test) cmd_test "$@" ;;
         portable) cmd_portable "$@" ;;
         bench) cmd_bench "$@" ;;
+        compat) cmd_compat "$@" ;;
     esac
 }
 

@@ -1,13 +1,19 @@
-"""Packaging stays in step: pyproject.toml vs environment.yml, README vs CI, the setup script."""
+"""Packaging stays in step: pyproject.toml vs environment.yml, README vs CI, the setup script,
+and the packages the code imports vs the ones it declares."""
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import os
 import re
 import subprocess
+import sys
 import tomllib
+from importlib.metadata import packages_distributions
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,8 +50,11 @@ def conda_environment() -> dict:
 
 
 def conda_requirements() -> dict[str, str]:
-    deps = [d for d in conda_environment()["dependencies"] if isinstance(d, str)]
-    return {name: spec for name, spec in map(parse, deps) if name not in NOT_PACKAGES}
+    """conda packages, and those its pip section installs (those conda-forge lacks), but the project."""
+    deps = conda_environment()["dependencies"]
+    pip_section = next(d["pip"] for d in deps if isinstance(d, dict) and "pip" in d)
+    reqs = [d for d in deps if isinstance(d, str)] + [r for r in pip_section if not r.startswith("-e")]
+    return {name: spec for name, spec in map(parse, reqs) if name not in NOT_PACKAGES}
 
 
 def test_same_packages_in_pyproject_and_environment_yml() -> None:
@@ -95,6 +104,70 @@ def test_dev_script_is_valid_bash_and_rejects_unknown_commands() -> None:
     subprocess.run(["bash", "-n", script], check=True)
     done = subprocess.run(["bash", script, "no-such-command"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "unknown command: no-such-command" in done.stderr
+
+
+@pytest.mark.parametrize("folders, extras", [
+    (["cyclelab"], []),
+    (["tests", "scripts", "benchmarks"], ["dev"]),
+], ids=["package-imports-in-dependencies", "test-and-script-imports-in-dependencies-or-dev"])
+def test_every_third_party_import_is_declared(folders: list[str], extras: list[str]) -> None:
+    project = pyproject()["project"]
+    declared = {parse(r)[0] for r in project["dependencies"]}
+    declared |= {parse(r)[0] for extra in extras for r in project["optional-dependencies"][extra]}
+    owners = packages_distributions()
+    modules = set().union(*(_third_party_imports(ROOT / f) for f in folders))
+    unknown = sorted(m for m in modules if m not in owners)
+    assert not unknown, f"imported but not installed, so its distribution is unknown: {unknown}"
+    undeclared = sorted(f"{m} ({', '.join(owners[m])})" for m in modules
+                        if not declared & {normalise(d) for d in owners[m]})
+    assert not undeclared, f"imported in {folders} but not declared in pyproject.toml: {undeclared}"
+
+
+@pytest.mark.parametrize("requirement, expected", [
+    ("torch>=2.13,<2.15", "2.13"),
+    ("numpy >= 1.26", "1.26"),
+    ("gguf==0.10", "0.10"),
+    ("regex~=2023.12", "2023.12"),
+], ids=["floor-and-cap", "spaces", "exact-pin", "compatible-release"])
+def test_compat_oldest_installs_the_lower_bound(requirement: str, expected: str) -> None:
+    compat = _compat_script()
+    assert compat.floor(compat.Requirement(requirement)) == expected
+
+
+@pytest.mark.parametrize("requirement", ["tqdm", "tqdm<5", "tqdm>=4,>=4.66"], ids=["none", "cap-only", "two-floors"])
+def test_compat_refuses_a_requirement_without_one_floor(requirement: str) -> None:
+    compat = _compat_script()
+    with pytest.raises(ValueError, match=r"pyproject\.toml: tqdm.* needs exactly one lower bound \(>=\)"):
+        compat.floor(compat.Requirement(requirement))
+
+
+def test_every_declared_dependency_has_a_floor_for_compat_oldest() -> None:
+    compat = _compat_script()
+    pins = compat.pins("oldest", compat.declared())
+    names = {parse(r)[0] for r in pip_requirements()}
+    assert {normalise(p.split("==")[0]) for p in pins} == names - {"torch"}  # torch is installed on its own
+    assert compat.pins("newest", compat.declared()) == []
+
+
+def _compat_script():
+    """scripts/compat.py as a module (registered first: its dataclass looks itself up there)."""
+    if "compat_script" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("compat_script", ROOT / "scripts" / "compat.py")
+        sys.modules["compat_script"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["compat_script"])
+    return sys.modules["compat_script"]
+
+
+def _third_party_imports(folder: Path) -> set[str]:
+    """Top-level names of the absolute imports under ``folder``, less the standard library and cyclelab."""
+    names = set()
+    for path in folder.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - {"cyclelab", "__future__"}
 
 
 def _readme_bash_lines() -> list[str]:
