@@ -9,30 +9,14 @@ from __future__ import annotations
 
 import torch
 
+from .rope import apply_rope, rope_cos_sin, rotate_half  # noqa: F401 (the engine's RoPE, re-exported)
+
 
 def rope_inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
     """RoPE frequencies: pair ``i`` of a head turns by ``theta ** (-2i / head_dim)`` per position."""
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head dimension, not {head_dim}")
     return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-
-
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cosines and sines of the rotation angles, shape ``(len(positions), head_dim)``."""
-    angles = positions.float()[:, None] * inv_freq.float()[None, :]
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos() * scaling, angles.sin() * scaling
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """Swap the two halves of the last dimension and negate the new first half."""
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each (i, i + d/2) pair of ``x`` (…, positions, head_dim) by its angle."""
-    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
 
 
 def sentence_embeddings(loaded, sentences: list[str]) -> torch.Tensor:

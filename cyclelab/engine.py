@@ -22,7 +22,7 @@ from time import perf_counter
 
 import torch
 
-from .attention import KVCache
+from .attend import KVCache
 from .cycle import OPS, CycleRecord, Event, Stage, Trace
 from .decode import Sampling, as_sampling, check_int, choose, make_generator
 from .models import Loaded, load

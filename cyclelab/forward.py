@@ -23,30 +23,7 @@ import torch
 
 from .attention import merge_heads, scaled_dot_product_attention, split_heads
 from .cycle import Trace, show_token
-
-# ------------------------------------------------------------------ norms
-
-
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """LayerNorm over the last axis: subtract the mean, divide by the standard deviation, then gain and bias.
-
-    ``(x - mean) / sqrt(var + eps) * weight + bias`` with the *biased* variance (divide by n, not
-    n - 1), as ``torch.nn.LayerNorm`` computes it.
-    """
-    mean = x.mean(dim=-1, keepdim=True)
-    var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
-    return (x - mean) / torch.sqrt(var + eps) * weight + bias
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """RMSNorm over the last axis: divide by the root-mean-square, then the gain. No centring, no bias.
-
-    ``x / sqrt(mean(x²) + eps) * weight``, computed in float32 as Llama does.
-    """
-    x32 = x.float()
-    normed = x32 / torch.sqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return weight * normed.to(x.dtype)
-
+from .norms import layer_norm, rms_norm  # noqa: F401 (the norms the engine runs, re-exported for the chapter)
 
 # ------------------------------------------------------------------ activations and MLPs
 

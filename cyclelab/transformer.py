@@ -19,10 +19,11 @@ from time import perf_counter
 import torch
 import torch.nn.functional as F
 
-from .attention import KVCache, attention_mix, attention_scores, merge_heads, split_heads
+from .attend import KVCache, attention_mix, attention_scores, merge_heads, split_heads
 from .cycle import Event
 from .ops import REGISTRY
-from .embed import apply_rope, rope_cos_sin
+from .norms import rms_norm
+from .rope import apply_rope, rope_cos_sin
 
 SUPPORTED = {"gpt2": "GPT-2", "llama": "Llama"}
 Ops = Generator[Event, None, torch.Tensor]
@@ -278,8 +279,7 @@ class Llama(Architecture):
 
     def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm: divide by the root-mean-square (in float32), then the learned gain."""
-        x32 = x.float()
-        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return rms_norm(x, weight, self.eps)
 
     def embed(self, run, ids, positions):
         t = perf_counter()

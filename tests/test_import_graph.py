@@ -3,6 +3,8 @@
 import ast
 from pathlib import Path
 
+import pytest
+
 import cyclelab
 
 PACKAGE = Path(cyclelab.__file__).parent
@@ -89,3 +91,19 @@ def test_the_graph_sees_function_level_and_relative_imports():
     assert "cyclelab.debugwidget" in graph["cyclelab.debugger"]  # imported inside Debugger.widget()
     assert "cyclelab.data" in graph["cyclelab.tasks.sonnets"]  # from .. import data
     assert "cyclelab.debugger" not in graph["cyclelab.debugwidget"]  # only under TYPE_CHECKING
+
+
+CORE = {"engine", "cycle", "ops", "transformer", "attend", "rope", "norms", "decode"}
+LOAD = {"models", "fetch", "checksums", "data", "device"}
+
+
+@pytest.mark.parametrize("module", sorted(CORE))
+def test_the_core_imports_only_the_core_and_the_loaders(module):
+    allowed = {f"cyclelab.{m}" for m in CORE | LOAD}
+    assert package_graph()[f"cyclelab.{module}"] <= allowed, "the core must not import chapter, view or train modules"
+
+
+@pytest.mark.parametrize("module", sorted(LOAD))
+def test_the_loaders_import_no_core_chapter_or_view_module(module):
+    allowed = {f"cyclelab.{m}" for m in LOAD}
+    assert package_graph()[f"cyclelab.{module}"] <= allowed
