@@ -50,6 +50,29 @@ class Event:
         return f"<cycle {self.cycle} {self.stage.value:<9} {where:>4} {self.op:<14} {self.seconds * 1e3:7.3f} ms>"
 
 
+@dataclass(slots=True)
+class Cost:
+    """Wall time, FLOPs and bytes moved, summed over events."""
+
+    seconds: float = 0.0
+    flops: int = 0
+    bytes: int = 0
+
+    def add(self, event: Event) -> None:
+        """Count ``event``'s cost in."""
+        self.seconds += event.seconds
+        self.flops += event.flops
+        self.bytes += event.bytes
+
+    @classmethod
+    def of(cls, events) -> "Cost":
+        """The summed cost of ``events``."""
+        total = cls()
+        for event in events:
+            total.add(event)
+        return total
+
+
 @dataclass
 class CycleRecord:
     """What one cycle produced: the chosen token, its rivals, and the cost of the cycle."""

@@ -21,16 +21,16 @@ import functools
 import weakref
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 
-from .cycle import OPS, CycleRecord, Event, Trace
-from .debugview import (Attention, CacheRow, Cost, Draw, Output, Register, SamplerStage, State, render_text,
+from .cycle import OPS, Cost, CycleRecord, Event, Trace
+from .debugview import (Attention, CacheRow, Draw, Output, Register, SamplerStage, State, render_text,
                         show_token)
 from .decode import Sampling, as_sampling, pipeline, slice_of
-from .engine import Engine, as_loaded
+from .engine import Engine, as_loaded, trace_settings
 from .models import Loaded
 from .transformer import Ablation
 
@@ -633,16 +633,15 @@ class Debugger:
             model=self.engine.loaded.name, cycle=self.cycle, max_cycles=self.max_new_tokens,
             stage=event.stage if event else None, layer=event.layer if event else None, op=event.op if event else None,
             n_layers=self.engine.arch.n_layers, n_inputs=next((e.info["n_inputs"] for e in here if "n_inputs" in e.info), None),
-            this_op=_cost([event] if event else []), this_cycle=_cost(here), total=_cost(self.history[:self.position + 1]),
-            prefill=_cost(_prefill_events(self.history[:self.position + 1])), registers=self._registers(here),
+            this_op=Cost.of([event] if event else []), this_cycle=Cost.of(here), total=Cost.of(self.history[:self.position + 1]),
+            prefill=Cost.of(_prefill_events(self.history[:self.position + 1])), registers=self._registers(here),
             memory=self._memory(), attention=self._attention(), output=self._output(), sampler=stages, draw=draw,
             sampling=describe(self.now.sampling), prompt=self.prompt_text,
             records=self.records, message=self.message, error=self.error, notes=self._notes())
 
     def _trace(self, timeline: Timeline, records: list[CycleRecord]) -> Trace:
         ids = [r.token_id for r in records]
-        settings = {"sampling": asdict(timeline.sampling), "use_cache": True, "chat": self.chat,
-                    "ablation": {"heads": sorted(map(list, timeline.ablation.heads)), "mlps": sorted(timeline.ablation.mlps)},
+        settings = {**trace_settings(timeline.sampling, timeline.ablation, use_cache=True, chat=self.chat),
                     "interventions": list(timeline.log)}
         return Trace(self.engine.loaded.name, list(self.prompt_ids), list(records), settings,
                      self.engine.tokenizer.decode(ids, skip_special_tokens=True), fingerprint=self.engine.fingerprint)
@@ -777,10 +776,6 @@ def _prefill_events(events: list[Event]) -> list[Event]:
         if prefill:
             kept.append(e)
     return kept
-
-
-def _cost(events: list[Event]) -> Cost:
-    return Cost(sum(e.seconds for e in events), sum(e.flops for e in events), sum(e.bytes for e in events))
 
 
 __all__ = ["Breakpoint", "Debugger", "Timeline", "lens_tops"]

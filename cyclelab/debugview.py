@@ -10,19 +10,10 @@ import html
 import re
 from dataclasses import dataclass, field
 
-from .cycle import CycleRecord, Stage, show_token
+from .cycle import Cost, CycleRecord, Stage, show_token
 from .viz import STAGE_COLOURS
 
 SMALL = "font-size:12px"
-
-
-@dataclass(frozen=True)
-class Cost:
-    """Wall time, FLOPs and bytes moved."""
-
-    seconds: float = 0.0
-    flops: int = 0
-    bytes: int = 0
 
 
 @dataclass(frozen=True)

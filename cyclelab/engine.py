@@ -23,7 +23,7 @@ from time import perf_counter
 import torch
 
 from .attend import KVCache
-from .cycle import OPS, CycleRecord, Event, Stage, Trace
+from .cycle import OPS, Cost, CycleRecord, Event, Stage, Trace
 from .decode import Sampling, as_sampling, check_int, choose, make_generator
 from .models import Loaded, load
 from .ops import hook_names, registry_entry
@@ -203,10 +203,8 @@ class Engine:
         prompt_ids = self.encode(prompt, chat=chat)
         self._check_lengths(len(prompt_ids), max_new_tokens)
         ablation = self._check_run_options(use_cache, capture, keep_events, force, ablation, stop_at_eos, draws)
-        trace = Trace(self.loaded.name, prompt_ids, settings={
-            "sampling": asdict(sampling), "use_cache": use_cache, "chat": chat,
-            "ablation": {"heads": sorted(map(list, ablation.heads)), "mlps": sorted(ablation.mlps)}},
-            fingerprint=self.fingerprint)
+        trace = Trace(self.loaded.name, prompt_ids, settings=trace_settings(sampling, ablation, use_cache, chat),
+                      fingerprint=self.fingerprint)
         generator = make_generator(sampling.seed)
         for _ in range(draws):
             torch.rand(1, generator=generator)
@@ -214,7 +212,7 @@ class Engine:
         memory = KVCache(self.arch.n_layers, len(ids) + max_new_tokens) if use_cache else None
         self.cache = memory
         for cycle in range(max_new_tokens):
-            start, totals = perf_counter(), [0.0, 0, 0]
+            start, totals = perf_counter(), Cost()
             fed = ids[len(memory):] if use_cache else ids
             cache = memory if use_cache else KVCache(self.arch.n_layers, len(ids))
             step = self.forward(torch.tensor([fed], device=self.device), cache, cycle, capture, ablation)
@@ -224,7 +222,7 @@ class Engine:
                 except StopIteration as done:
                     logits = done.value[0, -1]
                     break
-                _add_cost(totals, event)
+                totals.add(event)
                 if keep_events:
                     trace.events.append(event)
                 yield event
@@ -247,7 +245,7 @@ class Engine:
         keep = {"logits": logits} if capture_rule(capture)("choose", None) else {}
         event = Event(cycle, Stage.WRITEBACK, None, "choose", perf_counter() - t, 5 * logits.numel(), 0, keep,
                       {"choice": choice, "token_id": token, "forced": forced is not None})
-        _add_cost(totals, event)
+        totals.add(event)
         yield event
         probs = torch.softmax(logits.float(), -1)
         record = CycleRecord(
@@ -256,7 +254,7 @@ class Engine:
             raw_prob=float(probs[token]), entropy=choice.entropy,
             top=[(i, self.token_text(i), round(p, 6)) for i, p in choice.top],
             greedy_id=choice.greedy_id, draw=choice.draw, forced=forced is not None,
-            n_inputs=n_inputs, cache_len=cache_len, seconds=perf_counter() - start, flops=totals[1], bytes=totals[2])
+            n_inputs=n_inputs, cache_len=cache_len, seconds=perf_counter() - start, flops=totals.flops, bytes=totals.bytes)
         yield Event(cycle, Stage.WRITEBACK, None, "append", 0.0, 0, 0, {}, {"record": record})
         return record
 
@@ -471,6 +469,12 @@ def _check_capture(capture) -> None:
         raise ValueError(f"capture names unknown op(s) {unknown}; ops are {', '.join(OPS)}")
 
 
+def trace_settings(sampling: Sampling, ablation: Ablation, use_cache: bool, chat: bool) -> dict:
+    """How a run was made, as a trace records it (plain data for JSON)."""
+    return {"sampling": asdict(sampling), "use_cache": use_cache, "chat": chat,
+            "ablation": {"heads": sorted(map(list, ablation.heads)), "mlps": sorted(ablation.mlps)}}
+
+
 def drain(steps: Generator[Event, None, object], on_event: Callable[[Event], None] | None = None):
     """Run an event generator to the end (without gradients: nothing pauses it) and return its value;
     ``on_event`` sees each event on the way."""
@@ -496,12 +500,6 @@ def _without_grad(steps: Generator[Event, None, object]) -> Generator[Event, Non
             except StopIteration as done:
                 return done.value
         yield event
-
-
-def _add_cost(totals: list, event: Event) -> None:
-    totals[0] += event.seconds
-    totals[1] += event.flops
-    totals[2] += event.bytes
 
 
 def _prob_after(choice, token: int, raw: torch.Tensor) -> float:

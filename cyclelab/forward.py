@@ -16,7 +16,6 @@ against ``transformers``:
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
