@@ -20,160 +20,22 @@ from __future__ import annotations
 import functools
 import weakref
 from bisect import bisect_right
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
 
-from .cycle import OPS, Cost, CycleRecord, Event, Trace
-from .debugview import (Attention, CacheRow, Draw, Output, Register, SamplerStage, State, render_text,
-                        show_token)
-from .decode import Sampling, as_sampling, pipeline, slice_of
+from .cycle import OPS, CycleRecord, Event, Trace
+from .debugstate import StateViews, describe, lens_tops
+from .debugtimeline import Breakpoint, LiveRun, Timeline, capture_for_views, slim
+from .debugview import render_text
+from .decode import Sampling, as_sampling
 from .engine import Engine, as_loaded, trace_settings
 from .models import Loaded
 from .transformer import Ablation
 
-VIEW_OPS = frozenset({"embed", "kv_cache", "softmax", "residual_mlp", "choose"})
 UNIT_ENDS = frozenset({"positions", "residual_mlp", "logits", "choose", "append"})  # where "Step layer" stops
-
-
-# ------------------------------------------------------------------ events and lens
-
-
-def capture_for_views(op: str, layer: int | None) -> bool:
-    """The capture rule of the debugger's runs: only the ops its views read."""
-    return op in VIEW_OPS
-
-
-def slim(event: Event, offset: int = 0) -> Event:
-    """A copy of ``event`` keeping only what the views need (last position only), its cycle shifted by ``offset``."""
-    t, info, keep = event.tensors, dict(event.info), {}
-    if event.op == "residual_mlp" and "out" in t:
-        keep["x"] = t["out"][0, -1].detach().clone()
-    elif event.op == "softmax" and "probs" in t:
-        keep["probs"] = t["probs"][0, :, -1].detach().float().clone()  # (heads, keys): the last query row
-    elif event.op == "choose" and "logits" in t:
-        keep["logits"] = t["logits"].detach().float().clone()
-    elif event.op == "kv_cache" and "keys" in t:
-        info["length"] = t["keys"].shape[-2]
-    elif event.op == "embed" and "out" in t:
-        info["n_inputs"] = t["out"].shape[1]
-    if offset and "record" in info:
-        info["record"] = replace(info["record"], cycle=info["record"].cycle + offset)
-    return replace(event, cycle=event.cycle + offset, tensors=keep, info=info)
-
-
-def lens_tops(engine: Engine, residuals: torch.Tensor, k: int = 3) -> list[list[tuple[str, float]]]:
-    """The logit lens's top-``k`` tokens, with probabilities, for each residual vector of ``residuals``
-    ``(n, d)``: what the model would say if the stream went straight to WRITEBACK (``engine.read_out``)."""
-    top = torch.topk(torch.softmax(engine.read_out(residuals).float(), -1), k)
-    return [[(engine.token_text(int(i)), float(p)) for p, i in zip(ps, ids)]
-            for ps, ids in zip(top.values, top.indices)]
-
-
-class LiveRun:
-    """An ``engine.run`` generator feeding the end of the debugger's history.
-
-    The engine computes each step without gradients and restores the caller's autograd mode
-    while paused, so the learner's own cells (a training cell, say) run as they expect.
-    """
-
-    def __init__(self):
-        self.steps = None
-        self.offset = 0  # cycle number of the run's first cycle on the timeline
-
-    def start(self, steps, offset: int) -> None:
-        """Feed from ``steps`` (an ``engine.run`` generator) whose cycle 0 is ``offset`` on the timeline."""
-        self.close()
-        self.steps, self.offset = steps, offset
-
-    def next(self) -> Event:
-        """The run's next event (StopIteration at its end)."""
-        return next(self.steps)
-
-    def close(self) -> None:
-        """Stop the run (its generator is closed: a later start begins afresh)."""
-        if self.steps is not None:
-            self.steps.close()
-        self.steps = None
-
-
-# ------------------------------------------------------------------ breakpoints and timelines
-
-
-@dataclass(frozen=True)
-class Breakpoint:
-    """A condition checked at every new position: an op, or a property of the token just written back."""
-
-    kind: str  # "op", "token", "prob", "entropy", "not_greedy", "lens" (checked by the Debugger)
-    value: int | float | str | None = None
-    layer: int | None = None
-    op: str | None = None
-
-    def hit(self, event: Event) -> bool:
-        """True when ``event`` meets the condition (value conditions fire at the ``append`` of a cycle)."""
-        if self.kind == "op":
-            return (self.layer is None or event.layer == self.layer) and (self.op is None or event.op == self.op)
-        record: CycleRecord | None = event.info.get("record") if event.op == "append" else None
-        if record is None or self.kind == "lens":
-            return False
-        if self.kind == "token":
-            return _same_token(record, self.value)
-        if self.kind == "prob":
-            return record.prob < self.value
-        if self.kind == "entropy":
-            return record.entropy > self.value
-        return record.token_id != record.greedy_id
-
-    def __str__(self) -> str:
-        if self.kind == "op":
-            where = "any layer" if self.layer is None else f"layer {self.layer}"
-            return f"break at {where}, op {self.op or 'any'}"
-        return {"token": f"break when token {self.value!r} is chosen",
-                "prob": f"break when p(chosen) < {self.value}",
-                "entropy": f"break when entropy > {self.value} nats",
-                "not_greedy": "break when the sampled token is not the greedy one",
-                "lens": f"break when layer {self.layer} changes the logit-lens top-1"}[self.kind]
-
-
-def _same_token(record: CycleRecord, token: int | str) -> bool:
-    if isinstance(token, int):
-        return record.token_id == token
-    return record.token == token or (bool(token.strip()) and record.token.strip() == token.strip())
-
-
-@dataclass
-class Timeline:
-    """One line of history: the events seen, the settings that made them, the interventions."""
-
-    sampling: Sampling
-    ablation: Ablation
-    history: list[Event] = field(default_factory=list)
-    ends: list[int] = field(default_factory=list)  # history index of each cycle's "append"
-    forced: dict[int, int] = field(default_factory=dict)  # cycle -> token imposed there
-    log: list[str] = field(default_factory=list)
-    finished: bool = False  # the engine has nothing more to give
-
-    def records(self, upto: int | None = None) -> list[CycleRecord]:
-        """The cycles completed at history index ``upto`` (all by default)."""
-        return [self.history[i].info["record"] for i in self.ends if upto is None or i <= upto]
-
-    def start_of(self, cycle: int) -> int:
-        """History index where ``cycle`` begins (the end of the history if it is not reached)."""
-        if cycle == 0:
-            return 0
-        return self.ends[cycle - 1] + 1 if cycle - 1 < len(self.ends) else len(self.history)
-
-    def cut(self, index: int) -> Timeline:
-        """Forget the events from ``index`` on; return the timeline as it was before."""
-        old = replace(self)
-        self.history = self.history[:index]
-        self.ends = [i for i in self.ends if i < index]
-        self.forced = {c: t for c, t in self.forced.items() if c < len(self.ends)}
-        self.log = list(self.log)
-        self.finished = False
-        return old
 
 
 def command(method: Callable) -> Callable:
@@ -200,21 +62,10 @@ def _check_int(value, low: int, high: int, name: str) -> int:
     return value
 
 
-def describe(sampling: Sampling) -> str:
-    """'greedy' or 'sample T=0.8 top-k 40 …': the sampler settings in a few words."""
-    parts = [f"sample T={sampling.temperature:g}"] if sampling.do_sample else ["greedy"]
-    if sampling.do_sample:
-        parts += [f"top-k {sampling.top_k}"] if sampling.top_k else []
-        parts += [f"top-p {sampling.top_p:g}"] if sampling.top_p is not None else []
-        parts += [f"seed {sampling.seed}"] if sampling.seed is not None else ["seed random"]
-    parts += [f"repetition penalty {sampling.repetition_penalty:g}"] if sampling.repetition_penalty != 1 else []
-    return " ".join(parts)
-
-
 # ------------------------------------------------------------------ the debugger
 
 
-class Debugger:
+class Debugger(StateViews):
     """Step through generation micro-op by micro-op; break on conditions; go back; branch; intervene.
 
     Moving: :meth:`step`, :meth:`step_layer`, :meth:`next`, :meth:`cont`, :meth:`run_to`,
@@ -618,123 +469,12 @@ class Debugger:
         self.message = f"max |engine − transformers| logit difference over {len(chooses)} tokens: {self.faith:.2e}{note}"
         return self.faith
 
-    def candidates(self) -> list[tuple[int, str, float]]:
-        """(rank, token, probability) of the best tokens at the last choice shown, by the plain logits."""
-        output = self._output()
-        return [] if output is None else [(rank, t, p) for rank, (_, t, p) in enumerate(output.raw_top)]
-
-    def state(self) -> State:
-        """Everything the views show at the current position."""
-        event = self.current_event
-        here = self.history[self.now.start_of(event.cycle if event else 0):self.position + 1]
-        choice_index = self._last_index("choose")
-        stages, draw = self._sampler(choice_index)
-        return State(
-            model=self.engine.loaded.name, cycle=self.cycle, max_cycles=self.max_new_tokens,
-            stage=event.stage if event else None, layer=event.layer if event else None, op=event.op if event else None,
-            n_layers=self.engine.arch.n_layers, n_inputs=next((e.info["n_inputs"] for e in here if "n_inputs" in e.info), None),
-            this_op=Cost.of([event] if event else []), this_cycle=Cost.of(here), total=Cost.of(self.history[:self.position + 1]),
-            prefill=Cost.of(_prefill_events(self.history[:self.position + 1])), registers=self._registers(here),
-            memory=self._memory(), attention=self._attention(), output=self._output(), sampler=stages, draw=draw,
-            sampling=describe(self.now.sampling), prompt=self.prompt_text,
-            records=self.records, message=self.message, error=self.error, notes=self._notes())
-
     def _trace(self, timeline: Timeline, records: list[CycleRecord]) -> Trace:
         ids = [r.token_id for r in records]
         settings = {**trace_settings(timeline.sampling, timeline.ablation, use_cache=True, chat=self.chat),
                     "interventions": list(timeline.log)}
         return Trace(self.engine.loaded.name, list(self.prompt_ids), list(records), settings,
                      self.engine.tokenizer.decode(ids, skip_special_tokens=True), fingerprint=self.engine.fingerprint)
-
-    def _text(self, token_id: int) -> str:
-        if token_id not in self._texts:
-            self._texts[token_id] = self.engine.token_text(token_id)
-        return self._texts[token_id]
-
-    def _backwards(self) -> Iterator[tuple[int, Event]]:
-        """(index, event) from the current position back to the first event."""
-        for i in range(self.position, -1, -1):
-            yield i, self.history[i]
-
-    def _last_index(self, op: str, layer: int | None = None) -> int | None:
-        return next((i for i, e in self._backwards() if e.op == op and (layer is None or e.layer == layer)), None)
-
-    def _registers(self, here: list[Event]) -> list[Register]:
-        events = [e for e in here if "x" in e.tensors]
-        missing = [e for e in events if "lens" not in e.info]
-        if missing:
-            for e, lens in zip(missing, lens_tops(self.engine, torch.stack([e.tensors["x"] for e in missing]))):
-                e.info["lens"] = lens
-        return [Register(e.layer, float(e.tensors["x"].float().norm()), e.info["lens"]) for e in events]
-
-    def _memory(self) -> list[CacheRow]:
-        n, found = self.engine.arch.n_layers, {}
-        for _, e in self._backwards():
-            if e.op == "kv_cache" and e.layer not in found:
-                found[e.layer] = e
-                if len(found) == n:
-                    break
-        return [CacheRow(i, found[i].info.get("length", 0), found[i].bytes) if i in found else CacheRow(i, 0, 0)
-                for i in range(n)]
-
-    def _attention(self) -> Attention | None:
-        index = self._last_index("softmax", self.watch_layer)
-        if index is None or "probs" not in self.history[index].tensors:
-            return None
-        weights = self.history[index].tensors["probs"][self.watch_head].tolist()
-        ids = (self.prompt_ids + self.token_ids)[:len(weights)]
-        return Attention(self.watch_layer, self.watch_head, [self._text(i) for i in ids], weights)
-
-    def _output(self) -> Output | None:
-        index = self._last_index("choose")
-        if index is None:
-            return None
-        event = self.history[index]
-        top = torch.topk(torch.softmax(event.tensors["logits"], -1), self.top)
-        raw = [(int(i), self._text(int(i)), float(p)) for p, i in zip(top.values, top.indices)]
-        after = [(i, self._text(i), p) for i, p in event.info["choice"].top]
-        token = event.info["token_id"]
-        return Output(event.cycle, self._text(token), token, event.info["forced"], raw, after)
-
-    def _sampler(self, index: int | None) -> tuple[list[SamplerStage], Draw | None]:
-        """The current sampler settings run on the logits of the last choice (no model recompute)."""
-        if index is None:
-            return [], None
-        event = self.history[index]
-        previous = self.prompt_ids + self.token_ids[:event.cycle]
-        steps = pipeline(event.tensors["logits"], previous, self.now.sampling)
-        stages, before = [], None
-        for name, logits in steps:
-            probs = torch.softmax(logits, -1)
-            kept = torch.isfinite(logits)
-            mass = None if before is None else float(before[kept].sum())
-            stages.append(SamplerStage(name, int(kept.sum()), self._top(probs, 3), mass))
-            before = probs
-        stages.append(SamplerStage("renormalise", stages[-1].kept, stages[-1].top))
-        return stages, self._draw(steps[-1][1], event.info["choice"].draw)
-
-    def _draw(self, logits: torch.Tensor, u: float | None) -> Draw:
-        """Where the draw ``u`` falls on the cumulative distribution (token ids in order), as ``decode.sample`` does."""
-        probs = torch.softmax(logits.double(), -1)
-        kept = int((probs > 0).sum())
-        if u is None or not self.now.sampling.do_sample:
-            return Draw(None, self._text(int(probs.argmax())), 0.0, 0.0, kept)
-        token, low, high = slice_of(probs, u)
-        return Draw(u, self._text(token), low, high, kept)
-
-    def _top(self, probs: torch.Tensor, k: int) -> list[tuple[str, float]]:
-        top = torch.topk(probs, k)
-        return [(self._text(int(i)), float(p)) for p, i in zip(top.values, top.indices) if p > 0]
-
-    def _notes(self) -> list[str]:
-        notes = [str(b) for b in self.breakpoints]
-        if self.now.ablation.heads:
-            notes.append("ablated heads: " + ", ".join(f"{a}.{b}" for a, b in sorted(self.now.ablation.heads)))
-        if self._branches:
-            notes.append(f"{len(self._branches)} earlier branch(es): " + " | ".join(
-                repr(show_token(b.text[:30])) for b in self.branches))
-        notes += [f"intervention {line}" for line in self.now.log]
-        return notes
 
     # --- widget ------------------------------------------------------------------------------
     def subscribe(self, listener: Callable[[], None]) -> None:
@@ -765,17 +505,6 @@ class Debugger:
         from IPython.display import display
 
         display(self.widget())
-
-
-def _prefill_events(events: list[Event]) -> list[Event]:
-    """The events of cycles that fed more than one token (the prompt, or the context after a restart)."""
-    kept, prefill = [], False
-    for e in events:
-        if e.op == "embed":
-            prefill = e.info.get("n_inputs", 1) > 1
-        if prefill:
-            kept.append(e)
-    return kept
 
 
 __all__ = ["Breakpoint", "Debugger", "Timeline", "lens_tops"]
