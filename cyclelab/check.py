@@ -29,6 +29,33 @@ class Result:
         return self.passed
 
 
+# --- shared: calling the learner's function ----------------------------------------------------------
+
+
+def _call(fn, *args):
+    """Run a learner's function; return (value, None) or (None, Result naming the exception)."""
+    try:
+        return fn(*args), None
+    except Exception as err:  # a learner's bug, reported instead of raised
+        return None, Result(False, f"your function raised {type(err).__name__}: {err}")
+
+
+def _tensor_answer(fn, given: torch.Tensor, *rest, original: torch.Tensor, noun: str, in_place: str):
+    """Run ``fn(given, *rest)``; return (tensor, None), or (None, Result) when it raised, returned
+    something other than a tensor, or changed ``given`` (a copy of ``original``) in place."""
+    out, error = _call(fn, given, *rest)
+    if error is not None:
+        return None, error
+    if not isinstance(out, torch.Tensor):
+        return None, Result(False, f"return {noun} as a tensor, not {type(out).__name__}")
+    if not torch.equal(given, original):
+        return None, Result(False, in_place)
+    return out, None
+
+
+# --- chapter 00: the greedy WRITEBACK decision ------------------------------------------------------
+
+
 def _cases(seed: int = 0) -> list[torch.Tensor]:
     """Logits to try: random sizes and scales, a tie-free spike, large values (overflow), negatives."""
     gen = torch.Generator().manual_seed(seed)
@@ -62,28 +89,136 @@ def check_greedy_step(fn: Callable[[torch.Tensor], tuple[int, float]]) -> Result
     return Result(True, "correct: greedy decoding takes the argmax, and softmax gives its probability")
 
 
+# --- chapter 01: BPE merge step and pair counts -----------------------------------------------------
+
+
+def _ref_merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
+    """Reference BPE merge step: every occurrence of ``pair``, left to right, without overlaps
+    (the trainer's own merge, which is checked against the ``tokenizers`` library)."""
+    from .tokenize import _merge_word
+
+    merged = list(ids)
+    _merge_word(merged, pair, new_id)
+    return merged
+
+
+def _merge_pair_cases(seed: int = 0) -> list[tuple[list[int], tuple[int, int], int]]:
+    """Hand-picked cases (plain, overlapping, at the end, absent, reversed, tiny) then random ones."""
+    import random
+
+    cases = [([1, 2, 3, 1, 2, 4], (1, 2), 99), ([7, 5, 5, 5, 8], (5, 5), 9), ([5, 5, 5, 5], (5, 5), 9),
+             ([3, 1, 2], (1, 2), 7), ([2, 1, 2, 1], (1, 2), 7), ([1, 3, 4], (1, 2), 7), ([], (1, 2), 7), ([1], (1, 2), 7)]
+    rng = random.Random(seed)
+    for _ in range(200):
+        ids = [rng.randrange(3) for _ in range(rng.randint(2, 30))]
+        k = rng.randrange(len(ids) - 1)
+        cases.append((ids, (ids[k], ids[k + 1]), 100 + rng.randrange(50)))
+    return cases
+
+
+def _merge_pair_hint(ids: list[int], pair: tuple[int, int], new_id: int, got: list[int]) -> str:
+    """Name the symptom of a wrong merge."""
+    want = _ref_merge_pair(ids, pair, new_id)
+    case = f"merging {pair} → {new_id} in {ids}: expected {want}, got {got}"
+    a, b = pair
+    no_skip = [new_id if i + 1 < len(ids) and ids[i] == a and ids[i + 1] == b else x for i, x in enumerate(ids)]
+    first_only = list(ids)
+    for i in range(len(ids) - 1):
+        if ids[i] == a and ids[i + 1] == b:
+            first_only[i : i + 2] = [new_id]
+            break
+    if want != ids and got == list(ids):
+        return f"nothing was merged ({case}): look for ids[i] == pair[0] and ids[i + 1] == pair[1]"
+    if got == no_skip:
+        return (f"the second token of each pair is still there ({case}): after a merge, jump over both "
+                f"tokens (i += 2)")
+    if got == _ref_merge_pair(ids, (b, a), new_id) and got != want:
+        return f"you merged the pair the wrong way round ({case}): order matters, (a, b) is not (b, a)"
+    if got == first_only and got != want:
+        return f"only the first occurrence was merged ({case}): replace every occurrence"
+    if a == b:
+        if got.count(new_id) > want.count(new_id) or len(got) < len(want):
+            return (f"overlapping pairs ({case}): one token was used by two merges. In [{a}, {a}, {a}] the "
+                    f"pair ({a}, {a}) starts at 0 and at 1, but after merging at 0 the middle {a} is gone: "
+                    "skip past both tokens and scan left to right")
+        rev = _ref_merge_pair(ids[::-1], pair, new_id)[::-1]
+        if got == rev:
+            return f"overlapping pairs ({case}): you merged from the right; BPE merges left to right"
+        return f"overlapping pairs ({case}): scan left to right, merge, then skip past both tokens"
+    if len(got) == len(want) - 1 and got == want[:-1]:
+        return f"the last token went missing ({case}): the final position needs handling too"
+    if want and want[-1] == new_id and got[-2:] == [a, b]:
+        return f"a pair at the very end was not merged ({case}): check your loop's last index"
+    return case
+
+
+def check_merge_pair(fn: Callable[[list[int], tuple[int, int], int], list[int]]) -> Result:
+    """Check ``fn(ids, pair, new_id) -> list``: one BPE merge step (left to right, no overlaps)."""
+    for ids, pair, new_id in _merge_pair_cases():
+        given = list(ids)
+        try:
+            got = fn(given, pair, new_id)
+        except Exception as err:  # a learner's bug, reported instead of raised
+            return Result(False, f"merging {pair} in {ids}: your function raised {type(err).__name__}: {err}")
+        if got is None:
+            return Result(False, "your function returned None: build and return the new list of ids")
+        if given != ids:
+            return Result(False, f"your function changed its input list ({ids} became {given}): build a new list")
+        try:
+            got = [int(x) for x in got]
+        except (TypeError, ValueError):
+            return Result(False, f"return a list of ints, got {got!r}")
+        if got != _ref_merge_pair(ids, pair, new_id):
+            return Result(False, _merge_pair_hint(ids, pair, new_id, got))
+    return Result(True, "correct: every occurrence merged, left to right, overlapping pairs handled")
+
+
+def _count_pairs_cases(seed: int = 0) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    cases = [[1, 2, 1, 2, 3], [5, 5, 5], [1, 2, 2, 1], [4, 2], [], [7]]
+    cases += [[rng.randrange(4) for _ in range(rng.randint(2, 40))] for _ in range(100)]
+    return cases
+
+
+def check_count_pairs(fn: Callable[[list[int]], dict]) -> Result:
+    """Check ``fn(ids) -> {(a, b): count}``: how often each adjacent pair occurs (overlaps included)."""
+    from collections import Counter
+
+    for ids in _count_pairs_cases():
+        want = dict(Counter(zip(ids, ids[1:])))
+        try:
+            got = fn(list(ids))
+        except Exception as err:
+            if len(ids) < 2:
+                return Result(False, f"on {ids} your function raised {type(err).__name__}: a list of fewer than "
+                                     "two ids has no pairs, return {}")
+            return Result(False, f"on {ids} your function raised {type(err).__name__}: {err}")
+        if not isinstance(got, dict):
+            return Result(False, f"return a dict {{(a, b): count}}, got {type(got).__name__}")
+        if any(not (isinstance(k, tuple) and len(k) == 2) for k in got):
+            return Result(False, f"keys must be pairs (a, b) as tuples, got keys like {next(iter(got))!r}")
+        got = {k: v for k, v in got.items() if v}
+        if got == want:
+            continue
+        case = f"on {ids}: expected {want}, got {got}"
+        if not got and want:
+            return Result(False, f"nothing was counted ({case}): look at every neighbour pair (ids[i], ids[i + 1])")
+        if len(ids) > 2 and got == dict(Counter(zip(ids[:-1], ids[1:-1]))):
+            return Result(False, f"the last pair is missing ({case}): n ids have n - 1 adjacent pairs")
+        if got == dict(Counter(zip(ids[::2], ids[1::2]))):
+            return Result(False, f"you skipped every other pair ({case}): pairs overlap — in [a, b, c] both "
+                                 "(a, b) and (b, c) count")
+        if set(got) == set(want) and all(v == 1 for v in got.values()):
+            return Result(False, f"each pair was counted once ({case}): count every occurrence")
+        if set(got) <= {tuple(sorted(k)) for k in want} and set(got) != set(want):
+            return Result(False, f"(a, b) and (b, a) were counted together ({case}): pairs are ordered")
+        return Result(False, case)
+    return Result(True, "correct: every adjacent pair counted, overlapping ones included")
+
+
 # --- chapter 02: the embedding lookup and RoPE -----------------------------------------------------
-
-
-def _call(fn, *args):
-    """Run a learner's function; return (value, None) or (None, Result naming the exception)."""
-    try:
-        return fn(*args), None
-    except Exception as err:  # a learner's bug, reported instead of raised
-        return None, Result(False, f"your function raised {type(err).__name__}: {err}")
-
-
-def _tensor_answer(fn, given: torch.Tensor, *rest, original: torch.Tensor, noun: str, in_place: str):
-    """Run ``fn(given, *rest)``; return (tensor, None), or (None, Result) when it raised, returned
-    something other than a tensor, or changed ``given`` (a copy of ``original``) in place."""
-    out, error = _call(fn, given, *rest)
-    if error is not None:
-        return None, error
-    if not isinstance(out, torch.Tensor):
-        return None, Result(False, f"return {noun} as a tensor, not {type(out).__name__}")
-    if not torch.equal(given, original):
-        return None, Result(False, in_place)
-    return out, None
 
 
 def check_embed_lookup(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Result:
@@ -230,133 +365,6 @@ def check_causal_attention(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tenso
         return Result(False, f"for shape {shape} the output differs from causal attention "
                              f"(largest difference {float((out - _attention_variants(q, k, v)['ok']).abs().max()):.3g})")
     return Result(True, "correct: scores, / sqrt(d), causal mask, softmax over the keys, mix of values")
-
-
-# --- chapter 01: BPE merge step and pair counts -----------------------------------------------------
-def _ref_merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
-    """Reference BPE merge step: every occurrence of ``pair``, left to right, without overlaps
-    (the trainer's own merge, which is checked against the ``tokenizers`` library)."""
-    from .tokenize import _merge_word
-
-    merged = list(ids)
-    _merge_word(merged, pair, new_id)
-    return merged
-
-
-def _merge_pair_cases(seed: int = 0) -> list[tuple[list[int], tuple[int, int], int]]:
-    """Hand-picked cases (plain, overlapping, at the end, absent, reversed, tiny) then random ones."""
-    import random
-
-    cases = [([1, 2, 3, 1, 2, 4], (1, 2), 99), ([7, 5, 5, 5, 8], (5, 5), 9), ([5, 5, 5, 5], (5, 5), 9),
-             ([3, 1, 2], (1, 2), 7), ([2, 1, 2, 1], (1, 2), 7), ([1, 3, 4], (1, 2), 7), ([], (1, 2), 7), ([1], (1, 2), 7)]
-    rng = random.Random(seed)
-    for _ in range(200):
-        ids = [rng.randrange(3) for _ in range(rng.randint(2, 30))]
-        k = rng.randrange(len(ids) - 1)
-        cases.append((ids, (ids[k], ids[k + 1]), 100 + rng.randrange(50)))
-    return cases
-
-
-def _merge_pair_hint(ids: list[int], pair: tuple[int, int], new_id: int, got: list[int]) -> str:
-    """Name the symptom of a wrong merge."""
-    want = _ref_merge_pair(ids, pair, new_id)
-    case = f"merging {pair} → {new_id} in {ids}: expected {want}, got {got}"
-    a, b = pair
-    no_skip = [new_id if i + 1 < len(ids) and ids[i] == a and ids[i + 1] == b else x for i, x in enumerate(ids)]
-    first_only = list(ids)
-    for i in range(len(ids) - 1):
-        if ids[i] == a and ids[i + 1] == b:
-            first_only[i : i + 2] = [new_id]
-            break
-    if want != ids and got == list(ids):
-        return f"nothing was merged ({case}): look for ids[i] == pair[0] and ids[i + 1] == pair[1]"
-    if got == no_skip:
-        return (f"the second token of each pair is still there ({case}): after a merge, jump over both "
-                f"tokens (i += 2)")
-    if got == _ref_merge_pair(ids, (b, a), new_id) and got != want:
-        return f"you merged the pair the wrong way round ({case}): order matters, (a, b) is not (b, a)"
-    if got == first_only and got != want:
-        return f"only the first occurrence was merged ({case}): replace every occurrence"
-    if a == b:
-        if got.count(new_id) > want.count(new_id) or len(got) < len(want):
-            return (f"overlapping pairs ({case}): one token was used by two merges. In [{a}, {a}, {a}] the "
-                    f"pair ({a}, {a}) starts at 0 and at 1, but after merging at 0 the middle {a} is gone: "
-                    "skip past both tokens and scan left to right")
-        rev = _ref_merge_pair(ids[::-1], pair, new_id)[::-1]
-        if got == rev:
-            return f"overlapping pairs ({case}): you merged from the right; BPE merges left to right"
-        return f"overlapping pairs ({case}): scan left to right, merge, then skip past both tokens"
-    if len(got) == len(want) - 1 and got == want[:-1]:
-        return f"the last token went missing ({case}): the final position needs handling too"
-    if want and want[-1] == new_id and got[-2:] == [a, b]:
-        return f"a pair at the very end was not merged ({case}): check your loop's last index"
-    return case
-
-
-def check_merge_pair(fn: Callable[[list[int], tuple[int, int], int], list[int]]) -> Result:
-    """Check ``fn(ids, pair, new_id) -> list``: one BPE merge step (left to right, no overlaps)."""
-    for ids, pair, new_id in _merge_pair_cases():
-        given = list(ids)
-        try:
-            got = fn(given, pair, new_id)
-        except Exception as err:  # a learner's bug, reported instead of raised
-            return Result(False, f"merging {pair} in {ids}: your function raised {type(err).__name__}: {err}")
-        if got is None:
-            return Result(False, "your function returned None: build and return the new list of ids")
-        if given != ids:
-            return Result(False, f"your function changed its input list ({ids} became {given}): build a new list")
-        try:
-            got = [int(x) for x in got]
-        except (TypeError, ValueError):
-            return Result(False, f"return a list of ints, got {got!r}")
-        if got != _ref_merge_pair(ids, pair, new_id):
-            return Result(False, _merge_pair_hint(ids, pair, new_id, got))
-    return Result(True, "correct: every occurrence merged, left to right, overlapping pairs handled")
-
-
-def _count_pairs_cases(seed: int = 0) -> list[list[int]]:
-    import random
-
-    rng = random.Random(seed)
-    cases = [[1, 2, 1, 2, 3], [5, 5, 5], [1, 2, 2, 1], [4, 2], [], [7]]
-    cases += [[rng.randrange(4) for _ in range(rng.randint(2, 40))] for _ in range(100)]
-    return cases
-
-
-def check_count_pairs(fn: Callable[[list[int]], dict]) -> Result:
-    """Check ``fn(ids) -> {(a, b): count}``: how often each adjacent pair occurs (overlaps included)."""
-    from collections import Counter
-
-    for ids in _count_pairs_cases():
-        want = dict(Counter(zip(ids, ids[1:])))
-        try:
-            got = fn(list(ids))
-        except Exception as err:
-            if len(ids) < 2:
-                return Result(False, f"on {ids} your function raised {type(err).__name__}: a list of fewer than "
-                                     "two ids has no pairs, return {}")
-            return Result(False, f"on {ids} your function raised {type(err).__name__}: {err}")
-        if not isinstance(got, dict):
-            return Result(False, f"return a dict {{(a, b): count}}, got {type(got).__name__}")
-        if any(not (isinstance(k, tuple) and len(k) == 2) for k in got):
-            return Result(False, f"keys must be pairs (a, b) as tuples, got keys like {next(iter(got))!r}")
-        got = {k: v for k, v in got.items() if v}
-        if got == want:
-            continue
-        case = f"on {ids}: expected {want}, got {got}"
-        if not got and want:
-            return Result(False, f"nothing was counted ({case}): look at every neighbour pair (ids[i], ids[i + 1])")
-        if len(ids) > 2 and got == dict(Counter(zip(ids[:-1], ids[1:-1]))):
-            return Result(False, f"the last pair is missing ({case}): n ids have n - 1 adjacent pairs")
-        if got == dict(Counter(zip(ids[::2], ids[1::2]))):
-            return Result(False, f"you skipped every other pair ({case}): pairs overlap — in [a, b, c] both "
-                                 "(a, b) and (b, c) count")
-        if set(got) == set(want) and all(v == 1 for v in got.values()):
-            return Result(False, f"each pair was counted once ({case}): count every occurrence")
-        if set(got) <= {tuple(sorted(k)) for k in want} and set(got) != set(want):
-            return Result(False, f"(a, b) and (b, a) were counted together ({case}): pairs are ordered")
-        return Result(False, case)
-    return Result(True, "correct: every adjacent pair counted, overlapping ones included")
 
 
 # --- chapter 04: a transformer block from its pieces ---------------------------------------------------
