@@ -385,7 +385,7 @@ class Debugger(StateViews):
     def break_on_token(self, token: str | int) -> Breakpoint:
         """Stop when this token (its text, spaces around it ignored, or its id) is chosen."""
         if isinstance(token, int):
-            _check_int(token, 0, self.engine.arch.model.get_input_embeddings().weight.shape[0] - 1, "token id")
+            _check_int(token, 0, self.engine.vocab_size - 1, "token id")
         elif not isinstance(token, str) or not token:
             raise ValueError(f"give a token's text or id, got {token!r}")
         return self._add(Breakpoint("token", token))

@@ -101,9 +101,10 @@ class Engine:
 
     def _check_ids(self, ids: Sequence[int], what: str) -> None:
         """ValueError unless every id is in the vocabulary."""
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        vocab = self.vocab_size  # once, not once per id
+        bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
-            raise ValueError(f"{what}: {bad[:5]} outside the vocabulary (ids 0..{self.vocab_size - 1})")
+            raise ValueError(f"{what}: {bad[:5]} outside the vocabulary (ids 0..{vocab - 1})")
 
     def token_text(self, token_id: int) -> str:
         """The text of one token (a partial UTF-8 character shows as �)."""
