@@ -32,12 +32,14 @@ class Result:
 # --- shared: calling the learner's function ----------------------------------------------------------
 
 
-def _call(fn, *args):
-    """Run a learner's function; return (value, None) or (None, Result naming the exception)."""
+def _call(fn, *args, case: str = "", hint: str = ""):
+    """Run a learner's function; return (value, None) or (None, Result naming the exception,
+    prefixed by the ``case`` it was tried on and followed by a ``hint`` when given)."""
     try:
         return fn(*args), None
     except Exception as err:  # a learner's bug, reported instead of raised
-        return None, Result(False, f"your function raised {type(err).__name__}: {err}")
+        where = f"{case}: " if case else ""
+        return None, Result(False, f"{where}your function raised {type(err).__name__}: {hint or err}")
 
 
 def _tensor_answer(fn, given: torch.Tensor, *rest, original: torch.Tensor, noun: str, in_place: str):
@@ -68,11 +70,13 @@ def _cases(seed: int = 0) -> list[torch.Tensor]:
 def check_greedy_step(fn: Callable[[torch.Tensor], tuple[int, float]]) -> Result:
     """Check ``fn(logits) -> (token_id, probability)``: the greedy choice and its softmax probability."""
     for logits in _cases():
+        answer, error = _call(fn, logits.clone())
+        if error is not None:
+            return error
         try:
-            token, prob = fn(logits.clone())
-        except Exception as err:  # a learner's bug, reported instead of raised
-            return Result(False, f"your function raised {type(err).__name__}: {err}")
-        token, prob = int(token), float(prob)
+            token, prob = int(answer[0]), float(answer[1])
+        except (TypeError, ValueError, IndexError, RuntimeError):
+            return Result(False, f"return (token_id, probability), got {answer!r}")
         want_token = int(torch.argmax(logits))
         want_prob = float(torch.softmax(logits, -1)[want_token])
         if token != want_token:
@@ -156,10 +160,9 @@ def check_merge_pair(fn: Callable[[list[int], tuple[int, int], int], list[int]])
     """Check ``fn(ids, pair, new_id) -> list``: one BPE merge step (left to right, no overlaps)."""
     for ids, pair, new_id in _merge_pair_cases():
         given = list(ids)
-        try:
-            got = fn(given, pair, new_id)
-        except Exception as err:  # a learner's bug, reported instead of raised
-            return Result(False, f"merging {pair} in {ids}: your function raised {type(err).__name__}: {err}")
+        got, error = _call(fn, given, pair, new_id, case=f"merging {pair} in {ids}")
+        if error is not None:
+            return error
         if got is None:
             return Result(False, "your function returned None: build and return the new list of ids")
         if given != ids:
@@ -188,13 +191,10 @@ def check_count_pairs(fn: Callable[[list[int]], dict]) -> Result:
 
     for ids in _count_pairs_cases():
         want = dict(Counter(zip(ids, ids[1:])))
-        try:
-            got = fn(list(ids))
-        except Exception as err:
-            if len(ids) < 2:
-                return Result(False, f"on {ids} your function raised {type(err).__name__}: a list of fewer than "
-                                     "two ids has no pairs, return {}")
-            return Result(False, f"on {ids} your function raised {type(err).__name__}: {err}")
+        short = "a list of fewer than two ids has no pairs, return {}" if len(ids) < 2 else ""
+        got, error = _call(fn, list(ids), case=f"on {ids}", hint=short)
+        if error is not None:
+            return error
         if not isinstance(got, dict):
             return Result(False, f"return a dict {{(a, b): count}}, got {type(got).__name__}")
         if any(not (isinstance(k, tuple) and len(k) == 2) for k in got):

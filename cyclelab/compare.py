@@ -1,10 +1,12 @@
 """Before and after: the same prompt through two versions of a model, cycle by cycle.
 
 Fine-tuning changes the weights that every cycle READs. To see what that did, run the
-*before* model greedily, then replay its tokens through the *after* model (the engine forces
-them), keeping the logits each cycle chose from. Both runs then share every position, so at
-each cycle we can ask: how likely did each model find the token that was written back, what
-would the new model have chosen, and which tokens' probabilities moved the most?
+*before* model greedily, then read both models' logits over exactly those tokens. One forward
+pass (:meth:`Engine.run_with_cache`) over the whole sequence is enough: the causal mask keeps
+position ``t`` from seeing anything after it, so the logits at ``t`` are the ones the cycle that
+wrote token ``t + 1`` chose from, the same as replaying the run cycle by cycle. At each cycle we
+can then ask: how likely did each model find the token that was written back, what would the new
+model have chosen, and which tokens' probabilities moved the most?
 
 >>> shifts = before_after(Engine(old), Engine(new), "Shall I compare thee", max_new_tokens=10)
 >>> print(format_shifts(shifts))
@@ -37,43 +39,42 @@ class Shift:
         return self.after - self.before
 
 
-def _choice_logits(trace: Trace) -> list[torch.Tensor]:
-    """The logits each cycle chose from: the last position of the WRITEBACK ``logits`` op."""
-    logits = [e.tensors["out"][0, -1] for e in trace.events if e.op == "logits" and "out" in e.tensors]
-    if len(logits) != len(trace.records):
-        raise ValueError("the trace kept no logits for its cycles: run it with capture={'logits'}, keep_events=True")
-    return logits
+def cycle_logits(engine: Engine, trace: Trace) -> torch.Tensor:
+    """The logits each of ``trace``'s cycles chose from, ``(cycles, vocab)``, read by ``engine``
+    in one forward pass over the trace's tokens (the last token chose nothing and is left out)."""
+    if not trace.records:
+        raise ValueError("the trace has no generated tokens to compare")
+    logits, _ = engine.run_with_cache(trace.all_ids[:-1], names=())  # (1, positions, vocab)
+    return logits[0, len(trace.prompt_ids) - 1:]
 
 
-def compare_traces(before: Trace, after: Trace, decode, movers: int = 3) -> list[Shift]:
-    """Compare two traces of the **same** tokens (the second a replay of the first through other
-    weights), both run with ``capture={"logits"}, keep_events=True``. ``decode(token_id)`` gives
-    a token's text. Each cycle's ``movers`` are the tokens whose probability changed the most."""
-    if before.all_ids != after.all_ids:
-        raise ValueError("the traces hold different tokens: replay the first through the second model "
-                         "(Engine.replay) so that every cycle sees the same positions")
+def compare_runs(before: Engine, after: Engine, trace: Trace, movers: int = 3) -> list[Shift]:
+    """Each cycle of ``trace`` (a run of ``before``) read by both engines: the written-back token's
+    probability before and after, ``after``'s own choice, and the ``movers`` tokens whose
+    probability changed the most."""
     if movers < 1:
         raise ValueError(f"movers must be at least 1, got {movers}")
+    if before.vocab_size != after.vocab_size:
+        raise ValueError(f"the models' vocabularies differ ({before.vocab_size} vs {after.vocab_size} tokens): "
+                         "compare two versions of one model (same tokenizer and vocabulary)")
+    before.check_trace(trace, "tokenizer")
+    after.check_trace(trace, "tokenizer")
+    p_before = torch.softmax(cycle_logits(before, trace).float(), -1)  # (cycles, vocab)
+    p_after = torch.softmax(cycle_logits(after, trace).float(), -1)
+    moved = torch.topk((p_after - p_before).abs(), min(movers, p_before.shape[-1]), dim=-1).indices
     shifts = []
-    for record, old, new in zip(before.records, _choice_logits(before), _choice_logits(after)):
-        if old.shape != new.shape:
-            raise ValueError(f"the models' vocabularies differ ({old.shape[-1]} vs {new.shape[-1]} tokens): "
-                             "compare two versions of one model")
-        p_old, p_new = torch.softmax(old.float(), -1), torch.softmax(new.float(), -1)
-        moved = torch.topk((p_new - p_old).abs(), min(movers, p_old.numel())).indices.tolist()
-        shifts.append(Shift(record.cycle, record.token, float(p_old[record.token_id]), float(p_new[record.token_id]),
-                            decode(int(p_new.argmax())),
-                            [(decode(i), float(p_old[i]), float(p_new[i])) for i in moved]))
+    for record, old, new, top in zip(trace.records, p_before, p_after, moved.tolist()):
+        text = before.token_text
+        shifts.append(Shift(record.cycle, record.token, float(old[record.token_id]), float(new[record.token_id]),
+                            text(int(new.argmax())), [(text(i), float(old[i]), float(new[i])) for i in top]))
     return shifts
 
 
 def before_after(before: Engine, after: Engine, prompt, max_new_tokens: int = 12, movers: int = 3) -> list[Shift]:
-    """Greedy generation of ``prompt`` by ``before``, replayed through ``after``; see :func:`compare_traces`."""
-    if before.arch.model.get_input_embeddings().weight.shape != after.arch.model.get_input_embeddings().weight.shape:
+    """Greedy generation of ``prompt`` by ``before``, read by both models; see :func:`compare_runs`."""
+    if before.vocab_size != after.vocab_size:
         raise ValueError("before and after must be two versions of one model (same tokenizer and vocabulary)")
-    old = before.generate(prompt, max_new_tokens, capture={"logits"}, keep_events=True)
-    new = after.replay(old, capture={"logits"})
-    return compare_traces(old, new, before.token_text, movers)
+    return compare_runs(before, after, before.generate(prompt, max_new_tokens), movers)
 
 
 def format_shifts(shifts: list[Shift], digits: int = 3) -> str:

@@ -283,7 +283,7 @@ class Engine:
         how :func:`~cyclelab.compare.before_after` sees what fine-tuning changed), not in its
         tokenizer: the trace's token ids must mean the same text (``ValueError`` otherwise).
         """
-        self._check_trace(trace, "tokenizer")
+        self.check_trace(trace, "tokenizer")
         return drain(self.run(trace.prompt_ids, len(trace.records), self._sampling_of(trace),
                               use_cache=trace.settings.get("use_cache", True), capture=capture,
                               keep_events=keep_events, force=trace.token_ids, ablation=_ablation_of(trace)))
@@ -297,7 +297,7 @@ class Engine:
         The trace must come from this engine's model (same weights fingerprint; for a trace file
         saved before fingerprints, the same model name): ``ValueError`` otherwise.
         """
-        self._check_trace(trace, "weights")
+        self.check_trace(trace, "weights")
         if not 0 <= check_int(at_cycle, "at_cycle") <= len(trace.records):
             raise ValueError(f"at_cycle must be between 0 and {len(trace.records)}, got {at_cycle}")
         if token is not None:
@@ -358,7 +358,7 @@ class Engine:
                              f"layers are 0..{n_layers - 1}")
         return ablation
 
-    def _check_trace(self, trace: Trace, part: str) -> None:
+    def check_trace(self, trace: Trace, part: str) -> None:
         """ValueError unless ``trace`` came from a model with this engine's ``part`` ("weights" or "tokenizer")."""
         if not isinstance(trace, Trace):
             raise TypeError(f"expected a Trace (from generate or Trace.load), got {type(trace).__name__}")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from cyclelab import Engine
-from cyclelab.compare import before_after, compare_traces, format_shifts, plot_shifts
+from cyclelab.compare import before_after, compare_runs, cycle_logits, format_shifts, plot_shifts
 from cyclelab.finetune import add_lora, merge_lora
 from cyclelab.models import Loaded
 
@@ -57,22 +58,35 @@ def test_a_model_compared_with_itself_moves_nothing(tiny) -> None:
     assert len(fig.axes[0].patches) == 2 * len(shifts)
 
 
+def test_one_pass_gives_the_logits_each_cycle_chose_from(tiny) -> None:
+    """The causal mask makes one forward pass over the run equal to replaying it cycle by cycle."""
+    engine = Engine(tiny)
+    kept = engine.generate(PROMPT, 5, capture={"logits"}, keep_events=True)
+    per_cycle = torch.stack([e.tensors["out"][0, -1] for e in kept.events if e.op == "logits"])
+    assert torch.allclose(cycle_logits(engine, kept), per_cycle, atol=1e-4)
+
+
 def test_compare_bad_input(tiny, changed) -> None:
     engine = Engine(tiny)
-    plain = engine.generate(PROMPT, 3)
-    with pytest.raises(ValueError, match="kept no logits"):
-        compare_traces(plain, plain, engine.token_text)
-    kept = engine.generate(PROMPT, 3, capture={"logits"}, keep_events=True)
-    other = engine.generate("Hello there", 3, capture={"logits"}, keep_events=True)
-    with pytest.raises(ValueError, match="different tokens"):
-        compare_traces(kept, other, engine.token_text)
+    run = engine.generate(PROMPT, 3)
     with pytest.raises(ValueError, match="movers"):
-        compare_traces(kept, kept, engine.token_text, movers=0)
+        compare_runs(engine, engine, run, movers=0)
+    with pytest.raises(ValueError, match="no generated tokens"):
+        cycle_logits(engine, dataclasses.replace(run, records=[]))
+    with pytest.raises(TypeError, match="expected a Trace"):
+        compare_runs(engine, Engine(changed), "My love is")
     from transformers import GPT2Config, GPT2LMHeadModel
 
     small = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_layer=1, n_embd=16, n_head=2, n_positions=64)).eval()
     with pytest.raises(ValueError, match="two versions of one model"):
         before_after(engine, Engine(Loaded("another model", small, tiny.tokenizer, "test")), PROMPT, 2)
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        compare_runs(engine, Engine(Loaded("another model", small, tiny.tokenizer, "test")), run)
+
+
+def test_a_run_of_another_tokenizer_is_refused(tiny, smollm2) -> None:
+    with pytest.raises(ValueError, match="tokenizer fingerprint differs"):
+        compare_runs(Engine(tiny), Engine(tiny), Engine(smollm2).generate("Hi", 1))
 
 
 def test_the_engine_asks_for_lora_to_be_merged(tiny) -> None:

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from cyclelab import data
 from cyclelab.train_tiny import TinyConfig, lr_at, mask_tokens, train
 
 
@@ -24,8 +25,20 @@ def test_schedule_warms_up_then_decays_to_a_tenth():
     assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 99))
 
 
+@pytest.fixture
+def short_plays(monkeypatch):
+    """The first 20,000 characters of two plays per split: resuming does not depend on the corpus size,
+    and encoding and evaluating every play three times would take most of this test's time."""
+    plays = data.plays
+
+    def first_two(split: str) -> dict[str, str]:
+        return {name: text[:20_000] for name, text in list(plays(split).items())[:2]}
+
+    monkeypatch.setattr(data, "plays", first_two)
+
+
 @pytest.mark.parametrize("objective", ["causal", "masked"])
-def test_resuming_from_a_checkpoint_gives_the_uninterrupted_result(tmp_path, objective):
+def test_resuming_from_a_checkpoint_gives_the_uninterrupted_result(tmp_path, objective, short_plays):
     small = dict(vocab_size=300, n_positions=32, n_embd=32, n_layer=1, n_head=2, batch_size=2, warmup=2,
                  eval_every=2, eval_batches=1, threads=1, objective=objective)
     straight = train(TinyConfig(steps=4, **small), tmp_path / "a-out", tmp_path / "a-work")
