@@ -29,67 +29,213 @@ class Result:
         return self.passed
 
 
-# --- shared: calling the learner's function ----------------------------------------------------------
+# --- shared: calling the learner's function, guarding the check ------------------------------------
+
+# Exception texts a learner's bug typically raises, and what to do about each.
+_CAUSES = [
+    (("did not match", "expected scalar type", "expected m1 and m2 to have the same dtype", "dtype"),
+     "two tensors of different dtypes met (float32 and float64?): convert one with .to(other.dtype)"),
+    (("cannot be multiplied",), "the matrix shapes do not fit (a, b) @ (b, c): print the .shape of each side"),
+    (("must match the size of tensor", "size of tensor a"),
+     "two shapes do not broadcast: print the .shape of each tensor on that line"),
+    (("view size is not compatible",), "the tensor is not contiguous: use .reshape(...) instead of .view(...)"),
+    (("out of bounds", "out of range"), "an index runs past the end of an axis: check which axis you index"),
+    (("only one element tensors",), "a whole tensor was used where one number belongs: pick the element first"),
+    (("'NoneType'",), "a value is None: does every function on the way return its result?"),
+]
 
 
-def _call(fn, *args, case: str = "", hint: str = ""):
-    """Run a learner's function; return (value, None) or (None, Result naming the exception,
-    prefixed by the ``case`` it was tried on and followed by a ``hint`` when given)."""
+def _likely_cause(err: Exception) -> str:
+    text = f"{type(err).__name__}: {err}"
+    return next((cause for keys, cause in _CAUSES if any(k in text for k in keys)), "")
+
+
+def _is_library(filename: str) -> bool:
+    """True for frames of Python itself, installed packages and cyclelab: not the learner's code."""
+    import sysconfig
+    from pathlib import Path
+
+    roots = {sysconfig.get_paths()[k] for k in ("stdlib", "purelib", "platlib")} | {str(Path(__file__).parent)}
+    return any(filename.startswith(root) for root in roots)
+
+
+def _learner_line(err: Exception) -> str:
+    """`` (line N: `code`)`` of the deepest frame of the learner's own code in ``err``'s traceback."""
+    import traceback
+
+    mine = [f for f in traceback.extract_tb(err.__traceback__) if not _is_library(f.filename)]
+    if not mine:
+        return ""
+    code = (mine[-1].line or "").strip()
+    return f" (line {mine[-1].lineno}: `{code}`)" if code else f" (line {mine[-1].lineno})"
+
+
+def _raised(err: Exception, case: str = "", hint: str = "") -> Result:
+    """The ✗ line for an exception from the learner's function: where, what, and a likely cause."""
+    where = f"{case}: " if case else ""
+    cause = hint or _likely_cause(err)
+    return Result(False, f"{where}your function raised {type(err).__name__}: {err}{_learner_line(err)}"
+                         + (f" — {cause}" if cause else ""))
+
+
+def _snapshot(value):
+    """A copy of an argument to compare after the call, or None for what is not checked."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, list):
+        return list(value)
+    if isinstance(value, torch.nn.Module):
+        return {k: v.detach().clone() for k, v in value.state_dict().items()}
+    return None
+
+
+def _unchanged(value, before) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.shape == before.shape and value.dtype == before.dtype and bool(torch.equal(value, before))
+    if isinstance(value, torch.nn.Module):
+        now = value.state_dict()
+        return now.keys() == before.keys() and all(torch.equal(now[k], v) for k, v in before.items())
+    return value == before
+
+
+def _argument_name(fn, index: int) -> str:
+    import inspect
+
     try:
-        return fn(*args), None
+        names = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        names = []
+    return names[index] if index < len(names) else f"argument {index + 1}"
+
+
+def _call(fn, *args, case: str = "", hint: str = "", in_place: str = ""):
+    """Run a learner's function on ``args``; return (value, None), or (None, Result) when it raised
+    (naming the ``case``, the learner's line and a likely cause, or ``hint``) or changed an argument
+    in place (``in_place`` overrides the generic message)."""
+    before = [_snapshot(a) for a in args]
+    try:
+        value = fn(*args)
     except Exception as err:  # a learner's bug, reported instead of raised
-        where = f"{case}: " if case else ""
-        return None, Result(False, f"{where}your function raised {type(err).__name__}: {hint or err}")
+        return None, _raised(err, case, hint)
+    for i, (arg, copy) in enumerate(zip(args, before)):
+        if copy is not None and not _unchanged(arg, copy):
+            where = f"{case}: " if case else ""
+            return None, Result(False, where + (in_place or f"you changed `{_argument_name(fn, i)}` in place "
+                                                "(x += …, x /= …, x[...] = …): the caller still uses it, so "
+                                                "work on a new tensor (x = x + …)"))
+    return value, None
 
 
-def _tensor_answer(fn, given: torch.Tensor, *rest, original: torch.Tensor, noun: str, in_place: str):
-    """Run ``fn(given, *rest)``; return (tensor, None), or (None, Result) when it raised, returned
-    something other than a tensor, or changed ``given`` (a copy of ``original``) in place."""
-    out, error = _call(fn, given, *rest)
+def _tensor_answer(fn, *args, noun: str, case: str = "", in_place: str = ""):
+    """Run ``fn(*args)``; return (the answer as a float64 tensor, None), or (None, Result) when it
+    raised, changed an argument in place, or returned something other than a tensor."""
+    out, error = _call(fn, *args, case=case, in_place=in_place)
     if error is not None:
         return None, error
+    if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
+        return None, Result(False, f"return only {noun}, not a tuple of {len(out)}")
     if not isinstance(out, torch.Tensor):
         return None, Result(False, f"return {noun} as a tensor, not {type(out).__name__}")
-    if not torch.equal(given, original):
-        return None, Result(False, in_place)
-    return out, None
+    if out.is_complex() or out.dtype == torch.bool:
+        return None, Result(False, f"return {noun} as a float tensor, not {out.dtype}")
+    return out.detach().to("cpu", torch.float64), None
+
+
+def _pair(answer, names: str = "(token_id, probability)") -> tuple[int, float] | Result:
+    """An answer ``(int, float)`` read as Python numbers, or a ✗ Result saying what came back."""
+    try:
+        first, second = answer
+        if isinstance(second, torch.Tensor) and second.numel() != 1:
+            return Result(False, f"return {names}: the second item should be ONE number, got a tensor of shape "
+                                 f"{tuple(second.shape)} (pick the element, e.g. probs[token])")
+        return int(first), float(second)
+    except (TypeError, ValueError, IndexError, RuntimeError):
+        return Result(False, f"return a pair {names}, got {answer!r:.80}")
+
+
+def _guarded(check: Callable[..., Result]) -> Callable[..., Result]:
+    """A checker that never raises: a non-callable answer, or anything the check's own reading of
+    the answer trips on, becomes a ✗ line instead of a traceback."""
+    import functools
+
+    @functools.wraps(check)
+    def run(fn, *args, **kwargs) -> Result:
+        if not callable(fn):
+            return Result(False, f"pass your function itself, e.g. {check.__name__}(my_function), "
+                                 f"not a {type(fn).__name__}")
+        try:
+            return check(fn, *args, **kwargs)
+        except Exception as err:  # the answer's shape or type tripped the comparison
+            return Result(False, f"your answer could not be compared ({type(err).__name__}: {err}): return what "
+                                 "the exercise asks, with the shape and type of its example")
+
+    return run
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> bool:
+    """Same shape and equal within ``tol`` (absolute and relative), compared in float64."""
+    return a.shape == b.shape and torch.allclose(a.double(), b.double(), atol=tol, rtol=tol, equal_nan=False)
 
 
 # --- chapter 00: the greedy WRITEBACK decision ------------------------------------------------------
 
 
 def _cases(seed: int = 0) -> list[torch.Tensor]:
-    """Logits to try: random sizes and scales, a tie-free spike, large values (overflow), negatives."""
+    """Logits to try: random sizes and scales, a spike, large values (overflow), negatives, a tie,
+    float64, and a non-contiguous view."""
     gen = torch.Generator().manual_seed(seed)
     cases = [torch.randn(n, generator=gen) * s for n, s in [(5, 1.0), (50, 3.0), (1000, 10.0)]]
     spike = torch.full((10,), -2.0)
     spike[7] = 4.0
-    return cases + [spike, torch.tensor([1000.0, 999.0, -1000.0]), -torch.rand(8, generator=gen) - 5]
+    strided = torch.randn(12, 2, generator=gen)[:, 1]
+    return cases + [spike, torch.tensor([1000.0, 999.0, -1000.0]), -torch.rand(8, generator=gen) - 5,
+                    torch.tensor([0.5, 2.0, 2.0, -1.0]), torch.randn(30, generator=gen, dtype=torch.float64), strided]
 
 
+def _greedy_hint(logits: torch.Tensor, token: int, prob: float) -> str | None:
+    """None when ``(token, prob)`` is the greedy choice of ``logits``; else the symptom."""
+    import math
+
+    probs = torch.softmax(logits.double(), -1)
+    best = float(logits.max())
+    want_prob = float(probs.max())
+    if not 0 <= token < len(logits) or float(logits[token]) != best:
+        if 0 <= token < len(logits) and float(logits[token]) == float(logits.min()):
+            return "you picked the least likely token: greedy takes the largest logit (argmax)"
+        return f"on {len(logits)} logits you chose token {token}, greedy picks {int(logits.argmax())} (the argmax)"
+    if prob != prob:  # NaN
+        return "the probability is NaN: exp() of large logits overflows — subtract the maximum first"
+    if abs(prob - want_prob) <= 1e-4:
+        return None
+    if abs(prob - best) < 1e-6:
+        return "you returned the logit itself: turn logits into probabilities with softmax"
+    if abs(prob - math.log(want_prob)) < 1e-4:
+        return "you returned the LOG-probability (log_softmax): the probability is softmax(logits)[token]"
+    if math.isfinite(best) and best < 700 and abs(prob - math.exp(best)) < 1e-4 * max(1.0, math.exp(best)):
+        return "you returned exp(logit) without normalising: divide by the sum of exp over ALL tokens"
+    if prob > 1 or prob < 0:
+        return f"a probability lies between 0 and 1, got {prob:.4g}: softmax(logits)[token]"
+    return (f"the probability should be {want_prob:.4f}, got {prob:.4f}: softmax divides exp(logit) by the sum "
+            "over ALL tokens")
+
+
+@_guarded
 def check_greedy_step(fn: Callable[[torch.Tensor], tuple[int, float]]) -> Result:
     """Check ``fn(logits) -> (token_id, probability)``: the greedy choice and its softmax probability."""
     for logits in _cases():
-        answer, error = _call(fn, logits.clone())
+        answer, error = _call(fn, logits.clone() if logits.is_contiguous() else logits)
         if error is not None:
             return error
-        try:
-            token, prob = int(answer[0]), float(answer[1])
-        except (TypeError, ValueError, IndexError, RuntimeError):
-            return Result(False, f"return (token_id, probability), got {answer!r}")
-        want_token = int(torch.argmax(logits))
-        want_prob = float(torch.softmax(logits, -1)[want_token])
-        if token != want_token:
-            if token == int(torch.argmin(logits)):
-                return Result(False, "you picked the least likely token: greedy takes the largest logit (argmax)")
-            return Result(False, f"on {len(logits)} logits you chose token {token}, greedy picks {want_token} (the argmax)")
-        if prob != prob:  # NaN
-            return Result(False, "the probability is NaN: exp() of large logits overflows — subtract the maximum first")
-        if abs(prob - float(logits[want_token])) < 1e-6 and abs(prob - want_prob) > 1e-4:
-            return Result(False, "you returned the logit itself: turn logits into probabilities with softmax")
-        if abs(prob - want_prob) > 1e-4:
-            return Result(False, f"the probability should be {want_prob:.4f}, got {prob:.4f}: "
-                                 "softmax divides exp(logit) by the sum over ALL tokens")
+        got = _pair(answer)
+        if isinstance(got, Result):
+            return got
+        token, prob = got
+        if _greedy_hint(logits, token, prob) is None:
+            continue
+        flipped = _pair(answer[::-1]) if isinstance(answer, (tuple, list)) else None
+        if isinstance(flipped, tuple) and float(answer[1]) == flipped[0] and _greedy_hint(logits, *flipped) is None:
+            return Result(False, "the pair is the wrong way round: return (token_id, probability)")
+        return Result(False, _greedy_hint(logits, token, prob))
     return Result(True, "correct: greedy decoding takes the argmax, and softmax gives its probability")
 
 
@@ -110,11 +256,12 @@ def _merge_pair_cases(seed: int = 0) -> list[tuple[list[int], tuple[int, int], i
     """Hand-picked cases (plain, overlapping, at the end, absent, reversed, tiny) then random ones."""
     import random
 
-    cases = [([1, 2, 3, 1, 2, 4], (1, 2), 99), ([7, 5, 5, 5, 8], (5, 5), 9), ([5, 5, 5, 5], (5, 5), 9),
-             ([3, 1, 2], (1, 2), 7), ([2, 1, 2, 1], (1, 2), 7), ([1, 3, 4], (1, 2), 7), ([], (1, 2), 7), ([1], (1, 2), 7)]
+    cases = [([1, 2, 3, 2, 1, 2, 4], (1, 2), 99), ([7, 5, 5, 5, 8], (5, 5), 9), ([5, 5, 5, 5], (5, 5), 9),
+             ([3, 1, 2], (1, 2), 7), ([2, 1, 2, 1], (1, 2), 7), ([1, 3, 4], (1, 2), 7), ([], (1, 2), 7), ([1], (1, 2), 7),
+             ([11, 2], (1, 2), 7), ([1, 21, 2], (1, 2), 9), ([12, 1, 2, 3], (1, 2), 40), ([10, 11, 2, 1, 2], (1, 2), 5)]
     rng = random.Random(seed)
     for _ in range(200):
-        ids = [rng.randrange(3) for _ in range(rng.randint(2, 30))]
+        ids = [rng.choice((0, 1, 2, 11, 12, 21, 120)) for _ in range(rng.randint(2, 30))]
         k = rng.randrange(len(ids) - 1)
         cases.append((ids, (ids[k], ids[k + 1]), 100 + rng.randrange(50)))
     return cases
@@ -140,6 +287,10 @@ def _merge_pair_hint(ids: list[int], pair: tuple[int, int], new_id: int, got: li
         return f"you merged the pair the wrong way round ({case}): order matters, (a, b) is not (b, a)"
     if got == first_only and got != want:
         return f"only the first occurrence was merged ({case}): replace every occurrence"
+    strangers = sorted(set(got) - set(ids) - {new_id})
+    if strangers:
+        return (f"your result holds ids that were in neither the input nor the merge ({strangers}; {case}): "
+                "did you merge digits of a string? Compare whole ids, ids[i] == a and ids[i + 1] == b")
     if a == b:
         if got.count(new_id) > want.count(new_id) or len(got) < len(want):
             return (f"overlapping pairs ({case}): one token was used by two merges. In [{a}, {a}, {a}] the "
@@ -156,17 +307,16 @@ def _merge_pair_hint(ids: list[int], pair: tuple[int, int], new_id: int, got: li
     return case
 
 
+@_guarded
 def check_merge_pair(fn: Callable[[list[int], tuple[int, int], int], list[int]]) -> Result:
     """Check ``fn(ids, pair, new_id) -> list``: one BPE merge step (left to right, no overlaps)."""
     for ids, pair, new_id in _merge_pair_cases():
-        given = list(ids)
-        got, error = _call(fn, given, pair, new_id, case=f"merging {pair} in {ids}")
+        got, error = _call(fn, list(ids), pair, new_id, case=f"merging {pair} in {ids}",
+                           in_place="your function changed its input list: build and return a new list")
         if error is not None:
             return error
         if got is None:
             return Result(False, "your function returned None: build and return the new list of ids")
-        if given != ids:
-            return Result(False, f"your function changed its input list ({ids} became {given}): build a new list")
         try:
             got = [int(x) for x in got]
         except (TypeError, ValueError):
@@ -180,11 +330,12 @@ def _count_pairs_cases(seed: int = 0) -> list[list[int]]:
     import random
 
     rng = random.Random(seed)
-    cases = [[1, 2, 1, 2, 3], [5, 5, 5], [1, 2, 2, 1], [4, 2], [], [7]]
-    cases += [[rng.randrange(4) for _ in range(rng.randint(2, 40))] for _ in range(100)]
+    cases = [[1, 2, 1, 2, 3], [5, 5, 5], [1, 2, 2, 1], [4, 2], [], [7], [10, 1, 0, 1], [12, 1, 2, 12]]
+    cases += [[rng.choice((0, 1, 2, 3, 10, 12)) for _ in range(rng.randint(2, 40))] for _ in range(100)]
     return cases
 
 
+@_guarded
 def check_count_pairs(fn: Callable[[list[int]], dict]) -> Result:
     """Check ``fn(ids) -> {(a, b): count}``: how often each adjacent pair occurs (overlaps included)."""
     from collections import Counter
@@ -221,42 +372,54 @@ def check_count_pairs(fn: Callable[[list[int]], dict]) -> Result:
 # --- chapter 02: the embedding lookup and RoPE -----------------------------------------------------
 
 
+def _embed_variants(weight: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The right lookup (``"ok"``) and the typical wrong ones, each named by its symptom."""
+    last = weight.shape[0] - 1
+    variants = {
+        "ok": weight[ids],
+        "every vector is one row too early: token i is row i (ids count from 0)": weight[(ids - 1).clamp(0, last)],
+        "every vector is one row too late: token i is row i (ids count from 0)": weight[(ids + 1).clamp(0, last)],
+        "you returned one-hot vectors (one entry per vocabulary item): multiply them by the matrix "
+        "(one_hot @ weight), or index its rows directly": torch.nn.functional.one_hot(ids, weight.shape[0]),
+        "the ids were flattened: keep their shape, the result is ids.shape + (width,)": weight[ids.flatten()],
+        "the vectors are all zeros: read the rows of the matrix": torch.zeros(*ids.shape, weight.shape[1]),
+    }
+    columns = "you took the matrix's COLUMNS: a token's vector is a ROW, weight[ids]"
+    if int(ids.max()) < weight.shape[1]:  # indexing the columns only works for ids below the width
+        variants[columns] = weight[:, ids]
+        variants[columns + " (not weight.T[ids])"] = weight.T[ids]
+    return variants
+
+
+@_guarded
 def check_embed_lookup(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Result:
     """Check ``fn(weight, ids) -> vectors``: the rows of ``weight`` (vocab, width) for ``ids``,
-    shaped ``ids.shape + (width,)``."""
+    shaped ``ids.shape + (width,)``; tried in float32 and float64, on a non-contiguous matrix too."""
     gen = torch.Generator().manual_seed(2)
-    weight = torch.randn(40, 6, generator=gen)
-    cases = [torch.tensor([3, 1, 3]), torch.tensor([[0, 5, 2], [39, 7, 7]]), torch.tensor([39])]
-    for ids in cases:
-        out, error = _call(fn, weight.clone(), ids.clone())
+    weights = [torch.randn(40, 6, generator=gen), torch.randn(6, 40, generator=gen, dtype=torch.float64).T]
+    cases = [(weights[0], torch.tensor([3, 1, 3])), (weights[0], torch.tensor([[0, 5, 2], [39, 7, 7]])),
+             (weights[1], torch.tensor([39])), (weights[1], torch.tensor([[12, 0], [4, 4]]))]
+    for weight, ids in cases:
+        out, error = _tensor_answer(fn, weight, ids.clone(), noun="the vectors")
         if error is not None:
             if "out of bounds" in error.message or "out of range" in error.message:
-                error.message += " — a token's vector is a ROW of the (vocab, width) matrix: index rows, not columns"
+                error.message += " (a token's vector is a ROW of the (vocab, width) matrix: index rows, not columns)"
             return error
-        want = weight[ids]
-        if not isinstance(out, torch.Tensor):
-            return Result(False, f"return a tensor, not {type(out).__name__}")
-        if out.shape == (*ids.shape, weight.shape[0]):
-            return Result(False, "you returned one-hot vectors (one entry per vocabulary item): "
-                                 "multiply them by the matrix, or index its rows directly")
-        if out.shape == (weight.shape[0], *ids.shape) and out.shape != want.shape:
-            return Result(False, "you took COLUMNS of the matrix: a token's vector is a ROW, weight[ids]")
+        variants = _embed_variants(weight, ids)
+        want = variants.pop("ok")
+        if _close(out, want, 1e-6):
+            continue
+        for hint, wrong in variants.items():
+            if _close(out, wrong, 1e-6):
+                return Result(False, hint)
         if out.shape != want.shape:
             return Result(False, f"for ids of shape {tuple(ids.shape)} the result should have shape "
                                  f"{tuple(want.shape)} (ids.shape + (width,)), got {tuple(out.shape)}")
-        if torch.allclose(out.float(), want, atol=1e-6):
-            continue
-        for shift in (-1, 1):
-            shifted = weight[(ids + shift).clamp(0, weight.shape[0] - 1)]
-            if torch.allclose(out.float(), shifted, atol=1e-6):
-                return Result(False, f"every vector is one row {'too early' if shift < 0 else 'too late'}: "
-                                     "token i is row i (ids count from 0)")
-        if torch.count_nonzero(out) == 0:
-            return Result(False, "the vectors are all zeros: read the rows of the matrix")
         return Result(False, f"for ids {ids.tolist()} the vectors are not the matrix rows weight[ids]")
     return Result(True, "correct: the lookup reads one row per token — a memory read, no arithmetic")
 
 
+@_guarded
 def check_rope_pair(fn: Callable[[float, float, int, float], tuple[float, float]]) -> Result:
     """Check ``fn(x, y, position, freq) -> (x', y')``: the pair (x, y) rotated counter-clockwise
     by the angle ``position × freq`` radians, as RoPE rotates pair i of a query or key."""
@@ -289,6 +452,10 @@ def check_rope_pair(fn: Callable[[float, float, int, float], tuple[float, float]
             return Result(False, "the angle is already in radians: pass position × freq to cos and sin as it is")
         if close(rot(angle)[::-1]):
             return Result(False, "x' and y' are swapped: return (x·cos − y·sin, x·sin + y·cos)")
+        if angle and close((x, y)):
+            return Result(False, "the pair came back unchanged: rotate it by the angle position × freq")
+        if close((x * math.cos(angle) + y * math.sin(angle), x * math.sin(angle) + y * math.cos(angle))):
+            return Result(False, "a sign is wrong: x' = x·cos − y·sin (minus), y' = x·sin + y·cos (plus)")
         if abs(math.hypot(xr, yr) - math.hypot(x, y)) > 1e-4:
             return Result(False, f"the length of the pair changed ({math.hypot(x, y):.3f} → {math.hypot(xr, yr):.3f}): "
                                  "a rotation keeps the length — use cos and sin of the SAME angle")
@@ -327,43 +494,53 @@ def _attention_variants(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> di
         "a row's weights do not sum to 1: mask with -inf BEFORE the softmax instead of zeroing after it":
             probs @ v,
         "scores are not divided by sqrt(d), and the future is not masked": mix(raw),
+        "you mixed the KEYS: the output is the weights times the VALUES, probs @ v":
+            torch.softmax(scaled.masked_fill(future, neg), -1) @ k,
+        "the scores are transposed (k @ qᵀ): row i must hold query i's scores against every key, q @ kᵀ":
+            mix((k @ q.transpose(-1, -2) / math.sqrt(d)).masked_fill(future, neg)),
     }
 
 
+def _qkv_cases(seed: int = 3) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(q, k, v) of several shapes (heads and batch of different sizes), one set in float64 and one
+    set of non-contiguous views."""
+    gen = torch.Generator().manual_seed(seed)
+    cases = [tuple(torch.randn(*shape, generator=gen) * 2 for _ in range(3))
+             for shape in [(1, 1, 5, 8), (2, 3, 7, 16), (6, 4), (1, 2, 1, 4)]]
+    cases.append(tuple(torch.randn(3, 2, 6, 8, generator=gen, dtype=torch.float64) for _ in range(3)))
+    cases.append(tuple(torch.randn(2, 4, 8, 5, generator=gen).transpose(-1, -2) for _ in range(3)))
+    return cases
+
+
+@_guarded
 def check_causal_attention(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> Result:
     """Check ``fn(q, k, v) -> output``: causal scaled dot-product attention over ``(…, T, d)``
     tensors, returning ``softmax(mask(q kᵀ / sqrt(d))) @ v`` of shape ``(…, T, d)``."""
-    gen = torch.Generator().manual_seed(3)
-    shapes = [(1, 1, 5, 8), (2, 3, 7, 16), (6, 4), (1, 2, 1, 4)]
-    for shape in shapes:
-        q, k, v = (torch.randn(*shape, generator=gen) * 2 for _ in range(3))
-        out, error = _call(fn, q.clone(), k.clone(), v.clone())
+    for q, k, v in _qkv_cases():
+        shape, t = tuple(q.shape), q.shape[-2]
+        out, error = _tensor_answer(fn, q, k, v, noun="the output tensor probs @ v")
         if error is not None:
             return error
-        if isinstance(out, tuple):
-            return Result(False, "return only the output tensor probs @ v, not a tuple")
-        if not isinstance(out, torch.Tensor):
-            return Result(False, f"return a tensor, not {type(out).__name__}")
-        t = shape[-2]
         if out.shape != q.shape:
-            if out.shape == (*shape[:-1], t) and out.shape != q.shape:
+            if out.shape == (*shape[:-1], t):
                 return Result(False, "you returned the attention weights: multiply them by v (probs @ v)")
-            return Result(False, f"for q, k, v of shape {shape} the output should have shape {shape}, got {tuple(out.shape)}")
-        out = out.float()
+            return Result(False, f"for q, k, v of shape {shape} the output should have shape {shape}, "
+                                 f"got {tuple(out.shape)}")
         if torch.isnan(out).any():
             return Result(False, "NaN in the output: a row is fully masked — a token must be allowed to attend to "
                                  "itself (mask keys j > i, not j >= i)")
-        variants = _attention_variants(q, k, v)
-        if torch.allclose(out, variants.pop("ok"), atol=1e-4, rtol=1e-4):
+        variants = _attention_variants(q.double(), k.double(), v.double())
+        want = variants.pop("ok")
+        if _close(out, want):
             continue
         for hint, wrong in variants.items():
-            if torch.allclose(out, wrong, atol=1e-4, rtol=1e-4):
+            if _close(out, wrong):
                 return Result(False, hint)
-        if not torch.allclose(out[..., 0, :], v[..., 0, :], atol=1e-4):
+        if not _close(out[..., 0, :], v[..., 0, :]):
             return Result(False, "row 0 of the output should equal v[..., 0, :]: the first token can only "
                                  "read itself")
         return Result(False, f"for shape {shape} the output differs from causal attention "
-                             f"(largest difference {float((out - _attention_variants(q, k, v)['ok']).abs().max()):.3g})")
+                             f"(largest difference {float((out - want).abs().max()):.3g})")
     return Result(True, "correct: scores, / sqrt(d), causal mask, softmax over the keys, mix of values")
 
 
@@ -371,13 +548,15 @@ def check_causal_attention(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def _random_gpt2(seed: int = 4):
-    """A small random GPT-2 with random norm gains and biases (so a misplaced norm shows)."""
+    """A small random GPT-2 with random norm gains and biases (so a misplaced norm shows) and eager
+    attention (so attention called without a causal mask is not causal)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=24, n_layer=2, n_head=4,
-                                       bos_token_id=0, eos_token_id=0,
-                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+    config = GPT2Config(vocab_size=50, n_positions=16, n_embd=24, n_layer=2, n_head=4, bos_token_id=0,
+                        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    # eager attention, as tiny's: a fused kernel would make a maskless call causal on its own
+    model = GPT2LMHeadModel._from_config(config, attn_implementation="eager").eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
@@ -434,66 +613,133 @@ def _block_variants(x: torch.Tensor, layer) -> dict[str, torch.Tensor]:
             (lambda y: y + attn(ln1(y)))(x + mlp(ln2(x))),
         "the attention sublayer is missing: the block is attention, then the MLP": x + mlp(ln2(x)),
         "the MLP sublayer is missing: after attention comes x = x + mlp(ln_2(x))": a,
+        "the attention is not causal: each position also read the positions after it — give the layer's "
+        "attention a causal mask (keys j > i set to -inf)": (lambda y: y + mlp(ln2(y)))(
+            x + self_attention(ln1(x), layer.attn, causal=False)),
     }
 
 
+def _block_cases(model: torch.nn.Module | None, seed: int = 5):
+    """(layer index, layer, x) to try: every layer of the random GPT-2, of its float64 copy, and of
+    ``model`` when given, on three shapes each."""
+    import copy
+
+    gen = torch.Generator().manual_seed(seed)
+    random_model = _random_gpt2()
+    for m in [random_model, copy.deepcopy(random_model).double()] + ([model] if model is not None else []):
+        dtype, width = next(m.parameters()).dtype, m.config.n_embd
+        for i, layer in enumerate(m.transformer.h):
+            for shape in ((1, 6, width), (2, 1, width), (1, 9, width)):
+                yield i, layer, (torch.randn(*shape, generator=gen) * (1 + 2 * i)).to(dtype)
+
+
+@_guarded
 def check_block(fn: Callable, model: torch.nn.Module | None = None) -> Result:
     """Check ``fn(x, layer) -> x``: one GPT-2 block (``layer`` is a ``transformers`` GPT-2 block with
     ``ln_1``, ``attn``, ``ln_2``, ``mlp``) on ``x`` of shape ``(batch, positions, width)``: pre-norm
     attention and MLP, each added to the residual stream.
 
-    Tried on every layer of a small random GPT-2 with random norm gains, and of ``model`` (e.g.
-    ``tiny.model``) when given.
+    Tried on every layer of a small random GPT-2 with random norm gains (in float32 and float64), and
+    of ``model`` (e.g. ``tiny.model``) when given.
     """
-    models = [_random_gpt2()] + ([model] if model is not None else [])
-    gen = torch.Generator().manual_seed(5)
-    for m in models:
-        width = m.config.n_embd
-        for i, layer in enumerate(m.transformer.h):
-            for shape in ((1, 6, width), (2, 1, width), (1, 9, width)):
-                x = torch.randn(*shape, generator=gen) * (1 + 2 * i)
-                given = x.clone()
-                with torch.no_grad():
-                    out, error = _tensor_answer(
-                        fn, given, layer, original=x, noun="the new stream x",
-                        in_place="your block changed its input in place (x += ...): write x = x + ... "
-                                 "so the caller's tensor is left alone")
-                    if error is not None:
-                        return error
-                    if out.shape != x.shape:
-                        return Result(False, f"the block must keep the shape {tuple(x.shape)} (batch, positions, width); "
-                                             f"got {tuple(out.shape)}")
-                    variants = _block_variants(x, layer)
-                    want = variants.pop("ok")
-                    if torch.equal(out, x):
-                        return Result(False, "the block returned its input unchanged: add the attention result, "
-                                             "then the MLP result, to x")
-                    if torch.allclose(out, want, atol=1e-4, rtol=1e-4):
-                        continue
-                    for hint, wrong in variants.items():
-                        if torch.allclose(out, wrong, atol=1e-4, rtol=1e-4):
-                            return Result(False, hint)
-                    if shape[1] > 1 and torch.allclose(out[:, :1], want[:, :1], atol=1e-4, rtol=1e-4):
-                        return Result(False, "position 0 is right but later ones are not: is the attention causal, "
-                                             "and does each position keep its own residual?")
-                    return Result(False, f"on layer {i} with x of shape {shape} the result differs from the block "
-                                         f"(largest difference {float((out - want).abs().max()):.3g})")
+    for i, layer, x in _block_cases(model):
+        shape = tuple(x.shape)
+        with torch.no_grad():
+            out, error = _tensor_answer(
+                fn, x.clone(), layer, noun="the new stream x", case=f"layer {i}, x of shape {shape}",
+                in_place="your block changed its input (x += ... or the layer's weights) in place: "
+                         "write x = x + ... so the caller's tensor is left alone")
+            if error is not None:
+                return error
+            if out.shape != x.shape:
+                return Result(False, f"the block must keep the shape {shape} (batch, positions, width); "
+                                     f"got {tuple(out.shape)}")
+            variants = {hint: wrong.double() for hint, wrong in _block_variants(x, layer).items()}
+            want = variants.pop("ok")
+            if torch.equal(out, x.double()):
+                return Result(False, "the block returned its input unchanged: add the attention result, "
+                                     "then the MLP result, to x")
+            if _close(out, want):
+                continue
+            for hint, wrong in variants.items():
+                if _close(out, wrong):
+                    return Result(False, hint)
+            if shape[1] > 1 and _close(out[:, :1], want[:, :1]):
+                return Result(False, "position 0 is right but later ones are not: is the attention causal, "
+                                     "and does each position keep its own residual?")
+            return Result(False, f"on layer {i} with x of shape {shape} the result differs from the block "
+                                 f"(largest difference {float((out - want).abs().max()):.3g})")
     return Result(True, "correct: x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)) — norm before, residual add after")
 
 
 # --- chapter 05: decoding ---------------------------------------------------------------------------
 
 
-def _ref_top_p_keep(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Reference nucleus set: sorted from most likely, keep tokens while the mass BEFORE them is < p."""
-    probs = torch.softmax(logits.double(), -1)
+def _top_p_variants(logits: torch.Tensor, p: float) -> dict[str, torch.Tensor]:
+    """Nucleus filtering done right (``"ok"``: sorted from most likely, keep tokens while the mass
+    BEFORE them is < p, the best always) and the typical wrong ways, each named by its symptom."""
+    z = logits.double()
+    probs = torch.softmax(z, -1)
     order = torch.argsort(probs, descending=True)
-    before = torch.cumsum(probs[order], 0) - probs[order]
-    keep_sorted = before < p
-    keep_sorted[0] = True
-    keep = torch.zeros_like(keep_sorted)
-    keep[order] = keep_sorted
-    return keep
+    ranked = probs[order]
+    before = torch.cumsum(ranked, 0) - ranked
+    inf = torch.tensor(float("-inf"), dtype=torch.float64)
+
+    def back(keep_ranked: torch.Tensor, values: torch.Tensor = z) -> torch.Tensor:
+        keep = torch.zeros_like(keep_ranked)
+        keep[order] = keep_ranked
+        return torch.where(keep, values, inf)
+
+    keep = (before < p) | (torch.arange(len(z)) == 0)
+    up = torch.argsort(probs)
+    keep_up = torch.zeros_like(keep)
+    keep_up[up] = (torch.cumsum(probs[up], 0) - probs[up]) < p
+    filtered_ranked = torch.where(keep, z[order], inf)
+    return {
+        "ok": back(keep),
+        "the kept logits are in sorted order: put each back at its token's position (scatter by the sort "
+        "order: out[order] = sorted_values)": filtered_ranked,
+        "you put the kept logits back with gather (out = sorted[order]): the inverse of a sort is a scatter, "
+        "out[order] = sorted_values": filtered_ranked[order],
+        "you sorted from the least to the most likely: sort in DESCENDING order of probability":
+            torch.where(keep_up, z, inf),
+        "you dropped the token that makes the total reach p: keep the smallest set whose probability is AT "
+        "LEAST p — the token that crosses p stays": back((torch.cumsum(ranked, 0) < p) | (torch.arange(len(z)) == 0)),
+        "the most likely token was dropped: it is always kept, even when its own probability is above p":
+            back(torch.cumsum(ranked, 0) < p),
+        "you kept tokens after the cumulative probability passed p: a token is kept while the mass BEFORE "
+        "it is below p": back(torch.cumsum(ranked, 0) - ranked <= p),
+        "dropped tokens must get -inf (probability 0 after softmax), not 0: a logit of 0 is an ordinary score":
+            torch.where(back(keep).isinf(), torch.zeros_like(z), z),
+        "you returned probabilities: return the LOGITS, with -inf for the dropped tokens":
+            torch.where(back(keep).isinf(), inf, probs),
+        "you returned renormalised probabilities: return the LOGITS, with -inf for the dropped tokens":
+            torch.where(back(keep).isinf(), inf, probs / probs[back(keep).isfinite()].sum()),
+    }
+
+
+def _top_p_symptom(logits: torch.Tensor, kept: torch.Tensor, nucleus: torch.Tensor) -> str:
+    """What is wrong with keeping ``kept`` where ``nucleus`` is right, read from the two sets."""
+    probs = torch.softmax(logits.double(), -1)
+    if kept.any() and (~kept).any() and float(probs[kept].min()) < float(probs[~kept].max()):
+        return ("you kept a less likely token while dropping a more likely one: sort in DESCENDING order of "
+                "probability")
+    if not bool(kept[int(probs.argmax())]):
+        return "the most likely token was dropped: it is always kept, even when its own probability is above p"
+    if int(kept.sum()) > int(nucleus.sum()):
+        return (f"you kept tokens after the cumulative probability passed p: kept {int(kept.sum())}, the nucleus "
+                f"has {int(nucleus.sum())}")
+    if int(kept.sum()) < int(nucleus.sum()):
+        return ("you dropped the token that makes the total reach p: keep the smallest set whose probability is "
+                "AT LEAST p — the token that crosses p stays")
+    return "the right tokens are kept but their logits changed: return the kept logits as they were"
+
+
+def _same_filtered(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same tokens dropped (-inf) and the same values kept."""
+    kept = torch.isfinite(b)
+    return (a.shape == b.shape and torch.equal(torch.isfinite(a), kept) and bool(torch.isneginf(a[~kept]).all())
+            and torch.allclose(a[kept], b[kept], atol=1e-5))
 
 
 def _top_p_cases(seed: int = 0) -> list[tuple[torch.Tensor, float]]:
@@ -504,9 +750,11 @@ def _top_p_cases(seed: int = 0) -> list[tuple[torch.Tensor, float]]:
                         (8, 0.5, 0.99), (12, 2.0, 1.0)]:
         logits = torch.randn(n, generator=gen) * scale
         cases.append((logits[torch.randperm(n, generator=gen)], p))
+    cases.append((torch.randn(40, generator=gen, dtype=torch.float64) * 2, 0.6))
     return cases
 
 
+@_guarded
 def check_top_p_filter(fn: Callable[[torch.Tensor, float], torch.Tensor]) -> Result:
     """Check ``fn(logits, p) -> logits``: nucleus (top-p) filtering of a ``(vocab,)`` logits vector.
 
@@ -515,50 +763,23 @@ def check_top_p_filter(fn: Callable[[torch.Tensor, float], torch.Tensor]) -> Res
     are returned unchanged, each at its own position.
     """
     for logits, p in _top_p_cases():
-        given = logits.clone()
+        case = f"p = {p}, {len(logits)} tokens"
         out, error = _tensor_answer(
-            fn, given, p, original=logits, noun="the logits",
+            fn, logits.clone(), p, noun="the logits", case=case,
             in_place="your function changed the logits it was given (in place): work on a copy "
                      "(e.g. logits.masked_fill(...), which returns a new tensor)")
         if error is not None:
             return error
         if out.shape != logits.shape:
             return Result(False, f"return one logit per token, shape {tuple(logits.shape)}; got {tuple(out.shape)}")
-        out = out.double()
-        keep = _ref_top_p_keep(logits, p)
-        kept = torch.isfinite(out)
-        case = f"(p = {p}, {len(logits)} tokens)"
-        if torch.equal(kept, keep):
-            if not torch.allclose(out[kept], logits.double()[kept], atol=1e-5):
-                renormalised = torch.softmax(logits.double()[kept], -1)
-                if (torch.allclose(out[kept], torch.softmax(logits.double(), -1)[kept], atol=1e-6)
-                        or torch.allclose(out[kept], renormalised, atol=1e-6)):
-                    return Result(False, f"you returned probabilities {case}: return the LOGITS, with -inf for "
-                                         "the dropped tokens")
-                return Result(False, f"the kept tokens' logits changed {case}: leave them as they are "
-                                     "(sampling renormalises anyway)")
+        variants = _top_p_variants(logits, p)
+        want = variants.pop("ok")
+        if _same_filtered(out, want):
             continue
-        best = int(torch.argmax(logits))
-        probs = torch.softmax(logits.double(), -1)
-        if not torch.isneginf(out).any() and (out[~keep] == 0).all() and (logits[~keep] != 0).any():
-            return Result(False, f"dropped tokens must get -inf (probability 0 after softmax), not 0 {case}: "
-                                 "a logit of 0 is an ordinary score")
-        sorted_desc = torch.sort(logits, descending=True).values.double()
-        if kept.any() and torch.allclose(out[kept], sorted_desc[kept], atol=1e-6) and not torch.allclose(
-                out[kept], logits.double()[kept], atol=1e-6):
-            return Result(False, f"the result is in sorted order {case}: put each kept logit back at its "
-                                 "token's position (scatter by the sort order)")
-        if kept.any() and (~kept).any() and float(probs[kept].min()) < float(probs[~kept].max()) - 1e-12:
-            return Result(False, f"you kept a less likely token while dropping a more likely one {case}: "
-                                 "sort from the most to the least likely")
-        if not bool(kept[best]):
-            return Result(False, f"the most likely token was dropped {case}: it is always kept, even when "
-                                 "its own probability is above p")
-        if kept.sum() > keep.sum():
-            return Result(False, f"you kept tokens after the cumulative probability passed p {case}: kept "
-                                 f"{int(kept.sum())}, the nucleus has {int(keep.sum())}")
-        return Result(False, f"you dropped the token that makes the total reach p {case}: keep the smallest set "
-                             "whose probability is AT LEAST p — the token that crosses p stays")
+        for hint, wrong in variants.items():
+            if _same_filtered(out, wrong):
+                return Result(False, f"{hint} ({case})")
+        return Result(False, f"{_top_p_symptom(logits, torch.isfinite(out), torch.isfinite(want))} ({case})")
     return Result(True, "correct: the nucleus is the smallest set of most likely tokens holding at least p")
 
 
@@ -573,6 +794,7 @@ def _random_bert(seed: int = 6):
     return model, 59
 
 
+@_guarded
 def check_masked_prediction(fn: Callable, loaded=None) -> Result:
     """Check ``fn(model, ids, position, mask_id) -> (token_id, probability)``: hide ``ids[position]``
     behind the mask token, run the masked LM, and return its most likely token AT that position and
@@ -580,6 +802,8 @@ def check_masked_prediction(fn: Callable, loaded=None) -> Result:
 
     Tried on a small random BERT, and on ``loaded`` (e.g. ``load("tiny-mlm")``) when given.
     """
+    import math
+
     gen = torch.Generator().manual_seed(7)
     model, mask_id = _random_bert()
     trials = []
@@ -591,17 +815,15 @@ def check_masked_prediction(fn: Callable, loaded=None) -> Result:
             ids = tok(text)["input_ids"]
             trials += [(loaded.model, tok.mask_token_id, ids, pos) for pos in (1, len(ids) // 2, len(ids) - 1)]
     for model, mask_id, ids, pos in trials:
-        given = list(ids)
-        out, error = _call(fn, model, given, pos, mask_id)
+        out, error = _call(fn, model, list(ids), pos, mask_id,
+                           in_place="your function changed the caller's list of ids (or the model): copy the "
+                                    "list before putting the mask in (masked = list(ids))")
         if error is not None:
             return error
-        if given != ids:
-            return Result(False, "your function changed the caller's list of ids: copy it before putting the "
-                                 "mask in (masked = list(ids))")
-        try:
-            token, prob = int(out[0]), float(out[1])
-        except (TypeError, ValueError, IndexError):
-            return Result(False, f"return a pair (token_id, probability), got {out!r}")
+        got = _pair(out)
+        if isinstance(got, Result):
+            return got
+        token, prob = got
 
         def predict(inputs, at):
             with torch.no_grad():
@@ -615,9 +837,16 @@ def check_masked_prediction(fn: Callable, loaded=None) -> Result:
         if token == want and abs(prob - want_p) < 1e-4:
             continue
         case = f"(position {pos} of {len(ids)})"
+        with torch.no_grad():
+            every = model(torch.tensor([masked])).logits[0].double()  # (positions, vocab)
+        if token != want and token == int(every.argmax()) and token >= every.shape[-1]:
+            return Result(False, f"you returned the argmax of the whole (positions × vocab) table {case}: "
+                                 "take the logits AT the masked position first, logits[0, position]")
         if token == want:
             if abs(prob - want_logit) < 1e-4:
                 return Result(False, f"you returned the logit {case}: the probability is softmax(logits)[token]")
+            if abs(prob - math.log(want_p)) < 1e-4:
+                return Result(False, f"you returned the LOG-probability {case}: use softmax, not log_softmax")
             return Result(False, f"the token is right but its probability should be {want_p:.4f}, got {prob:.4f} "
                                  f"{case}: softmax over the vocabulary (the last axis) at the masked position")
         unmasked, _, _ = predict(ids, pos)
@@ -635,30 +864,44 @@ def check_masked_prediction(fn: Callable, loaded=None) -> Result:
 # --- chapter 06: LoRA's forward pass -----------------------------------------------------------------
 
 
+def _lora_variants(x, W, A, B, alpha: float, r: int) -> dict[str, torch.Tensor]:
+    """LoRA's output (``"ok"``) and the typical wrong ones, each named by its symptom."""
+    base, update = x @ W, (x @ A) @ B
+    return {
+        "ok": base + update * alpha / r,
+        f"the scale is alpha // r = {alpha // r:g} (floor division): use alpha / r = {alpha / r:g}":
+            base + update * (alpha // r),
+        "you returned the frozen layer alone: add the low-rank path (x @ A) @ B, scaled by alpha / r": base,
+        "you returned only the low-rank update: LoRA ADDS it to the frozen output x @ W": update * alpha / r,
+        f"the update is not scaled (alpha={alpha:g}, r={r}): multiply it by alpha / r": base + update,
+        "the scale is upside down: it is alpha / r, not r / alpha": base + update * r / alpha,
+        "the update is scaled by alpha alone: divide by the rank too, alpha / r": base + update * alpha,
+        "the update is multiplied by alpha * r: the scale is alpha / r": base + update * alpha * r,
+        "the update is divided by r alone: the scale is alpha / r": base + update / r,
+        "the low-rank path is subtracted: LoRA ADDS (x @ A) @ B * alpha / r": base - update * alpha / r,
+    }
+
+
+@_guarded
 def check_lora_forward(fn: Callable[..., torch.Tensor]) -> Result:
     """Check ``fn(x, W, A, B, alpha, r) -> y``: LoRA's output ``x @ W + (x @ A) @ B * alpha / r``
-    for ``x`` (batch, in), ``W`` (in, out), ``A`` (in, r), ``B`` (r, out)."""
+    for ``x`` (batch, in), ``W`` (in, out), ``A`` (in, r), ``B`` (r, out); in float32 and float64."""
     gen = torch.Generator().manual_seed(6)
-    for n_in, n_out, r, alpha in [(8, 5, 2, 4.0), (12, 12, 3, 1.0), (6, 10, 1, 16.0)]:
+    for n_in, n_out, r, alpha, dtype in [(8, 5, 2, 4.0, torch.float32), (12, 12, 3, 1.0, torch.float32),
+                                         (6, 10, 1, 16.0, torch.float64), (16, 4, 4, 6.0, torch.float32)]:
         x, W = torch.randn(4, n_in, generator=gen), torch.randn(n_in, n_out, generator=gen)
         A, B = torch.randn(n_in, r, generator=gen), torch.randn(r, n_out, generator=gen)
-        y, failed = _call(fn, x.clone(), W.clone(), A.clone(), B.clone(), alpha, r)
-        if failed is not None:  # a Result is falsy when it did not pass
-            return failed
-        if not isinstance(y, torch.Tensor) or tuple(y.shape) != (4, n_out):
-            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-            return Result(False, f"the output should have shape (batch, out) = (4, {n_out}), got {got}")
-        base, update = x @ W, (x @ A) @ B
-        want = base + update * alpha / r
-        if torch.allclose(y, want, atol=1e-4, rtol=1e-4):
+        x, W, A, B = (t.to(dtype) for t in (x, W, A, B))
+        y, error = _tensor_answer(fn, x, W, A, B, alpha, r, noun="y", case=f"in={n_in}, out={n_out}, r={r}")
+        if error is not None:
+            return error
+        if tuple(y.shape) != (4, n_out):
+            return Result(False, f"the output should have shape (batch, out) = (4, {n_out}), got {tuple(y.shape)}")
+        variants = _lora_variants(*(t.double() for t in (x, W, A, B)), alpha, r)
+        if _close(y, variants.pop("ok")):
             continue
-        if torch.allclose(y, base, atol=1e-4):
-            return Result(False, "you returned the frozen layer alone: add the low-rank path (x @ A) @ B")
-        if torch.allclose(y, update * alpha / r, atol=1e-4, rtol=1e-4):
-            return Result(False, "you returned only the low-rank update: LoRA ADDS it to the frozen output x @ W")
-        if torch.allclose(y, base + update, atol=1e-4, rtol=1e-4):
-            return Result(False, f"the update is not scaled (alpha={alpha}, r={r}): multiply it by alpha / r")
-        if torch.allclose(y, base + update * r / alpha, atol=1e-4, rtol=1e-4):
-            return Result(False, "the scale is upside down: it is alpha / r, not r / alpha")
+        for hint, wrong in variants.items():
+            if _close(y, wrong):
+                return Result(False, hint)
         return Result(False, f"for in={n_in}, out={n_out}, r={r} the output differs from x @ W + (x @ A) @ B * alpha / r")
     return Result(True, "correct: the frozen path plus a rank-r update scaled by alpha / r")

@@ -58,15 +58,16 @@ def swiglu_mlp(h: torch.Tensor, mlp) -> torch.Tensor:
     return (silu(gate) * up) @ mlp.down_proj.weight.T
 
 
-def self_attention(h: torch.Tensor, attn) -> torch.Tensor:
-    """A GPT-2 layer's causal self-attention on normalised input ``h`` ``(batch, T, width)``.
+def self_attention(h: torch.Tensor, attn, causal: bool = True) -> torch.Tensor:
+    """A GPT-2 layer's self-attention on normalised input ``h`` ``(batch, T, width)``.
 
-    The Q/K/V projection (``c_attn``), the heads split, causal scaled dot-product attention
-    (chapter 03), the heads merged, the output projection (``c_proj``).
+    The Q/K/V projection (``c_attn``), the heads split, scaled dot-product attention (chapter 03;
+    causal unless ``causal=False``, as an encoder's is), the heads merged, the output projection
+    (``c_proj``).
     """
     width = h.shape[-1]
     q, k, v = (split_heads(part, attn.num_heads) for part in _conv1d(h, attn.c_attn).split(width, dim=-1))
-    out, _ = scaled_dot_product_attention(q, k, v, causal=True)
+    out, _ = scaled_dot_product_attention(q, k, v, causal=causal)
     return _conv1d(merge_heads(out), attn.c_proj)
 
 

@@ -228,28 +228,3 @@ def test_bleu_edges() -> None:
     assert bleu([""], ["a b"]) == 0.0
     with pytest.raises(ValueError, match="hypotheses"):
         bleu(["a"], [])
-
-
-# --- the chapter's exercise checker ---------------------------------------------------------------
-
-
-def test_check_lora_forward_accepts_the_formula_and_the_module() -> None:
-    from cyclelab.check import check_lora_forward
-
-    assert check_lora_forward(lambda x, W, A, B, alpha, r: x @ W + (x @ A) @ B * alpha / r)
-    assert check_lora_forward(lambda x, W, A, B, alpha, r: x @ (W + A @ B * (alpha / r)))  # merged: same thing
-
-
-@pytest.mark.parametrize("wrong, symptom", [
-    (lambda x, W, A, B, alpha, r: x @ W, "frozen layer alone"),
-    (lambda x, W, A, B, alpha, r: (x @ A) @ B * alpha / r, "only the low-rank update"),
-    (lambda x, W, A, B, alpha, r: x @ W + (x @ A) @ B, "not scaled"),
-    (lambda x, W, A, B, alpha, r: x @ W + (x @ A) @ B * r / alpha, "upside down"),
-    (lambda x, W, A, B, alpha, r: (x @ A) @ B.T, "raised"),
-    (lambda x, W, A, B, alpha, r: torch.zeros(4, 1), "shape"),
-])
-def test_check_lora_forward_rejects_wrong_answers(wrong, symptom) -> None:
-    from cyclelab.check import check_lora_forward
-
-    result = check_lora_forward(wrong)
-    assert not result and symptom in result.message
