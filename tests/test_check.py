@@ -99,6 +99,32 @@ def merge_as_string(ids, pair, new_id):
     return [int(t) for t in " ".join(map(str, ids)).replace(f"{pair[0]} {pair[1]}", str(new_id)).split()]
 
 
+def merge_overlap(ids, pair, new_id):  # finds all positions first, then merges each
+    out, i = [], 0
+    found = {i for i in range(len(ids) - 1) if (ids[i], ids[i + 1]) == pair}
+    while i < len(ids):
+        if i in found:
+            out.append(new_id)
+            i += 1 if i + 1 in found else 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def merge_drops_last(ids, pair, new_id):
+    out, skip = [], False
+    for a, b in zip(ids, ids[1:]):
+        if skip:
+            skip = False
+        elif (a, b) == pair:
+            out.append(new_id)
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
 def merge_in_place(ids, pair, new_id):
     ids[:] = merge(ids, pair, new_id)
     return ids
@@ -111,6 +137,9 @@ MERGE_WRONG = [
     ("reversed", lambda ids, pair, new_id: merge(ids, pair[::-1], new_id), "wrong way round"),
     ("digits of a string", merge_as_string, "digits of a string"),
     ("nothing merged", lambda ids, pair, new_id: list(ids), "nothing was merged"),
+    ("overlapping merges", merge_overlap, "one token was used by two merges"),
+    ("from the right", lambda ids, pair, new_id: merge(ids[::-1], pair[::-1], new_id)[::-1], "merged from the right"),
+    ("drops the last token", merge_drops_last, "last token went missing"),
     ("in place", merge_in_place, "input list"),
     ("returns None", lambda ids, pair, new_id: None, "None"),
     ("raises", lambda ids, pair, new_id: ids[len(ids)], "IndexError"),
@@ -132,6 +161,8 @@ def pairs_first_raises(ids):
 
 COUNT_RIGHT = [lambda ids: dict(Counter(zip(ids, ids[1:]))), pairs_by_hand]
 COUNT_WRONG = [
+    ("nothing counted", lambda ids: {}, "nothing was counted"),
+    ("one pair too few", lambda ids: dict(Counter((ids[i], ids[i + 1]) for i in range(max(1, len(ids) - 1)))), "no pairs"),
     ("every other pair", lambda ids: dict(Counter(zip(ids[::2], ids[1::2]))), "every other"),
     ("last pair missing", lambda ids: dict(Counter(zip(ids[:-1], ids[1:-1]))), "last pair"),
     ("counted once", lambda ids: {p: 1 for p in zip(ids, ids[1:])}, "counted once"),
