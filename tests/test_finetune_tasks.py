@@ -1,4 +1,10 @@
-"""Chapter 06's tasks beat their trivial baselines on held-out data (small, fast settings)."""
+"""Chapter 06's tasks: their data, baselines and metrics.
+
+Whether each trained model beats its trivial baseline on held-out data is checked where the
+training runs: chapter 06's stored outputs (`NBVAL_CHECK_OUTPUT` cells: the classifier against the
+majority class, the span reader against the question-blind baselines by more than 10 points, the
+edit tagger against copying), so the test command trains each model once, not twice.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +13,9 @@ import copy
 import pytest
 import torch
 
-from cyclelab.finetune import TrainConfig, add_lora, count_trainable, lm_loss, train
+from cyclelab.finetune import TrainConfig, add_lora, lm_loss, train
 from cyclelab.tasks.sonnets import lm_windows, sonnet_perplexity, sonnets
-from cyclelab.tasks.which_play import (EncoderClassifier, classification_data, classification_loss, majority_baseline,
-                                       play_lines, predict)
-
-PLAYS = ["julius_caesar", "midsummer_nights_dream", "merry_wives_of_windsor"]
+from cyclelab.tasks.which_play import classification_data, play_lines
 
 
 def test_sonnets_are_154_poems() -> None:
@@ -30,18 +33,6 @@ def test_lora_toward_the_sonnets_lowers_held_out_perplexity(tiny) -> None:
     train(model, lm_windows(tiny.tokenizer, poems[:30], 64), lm_loss, TrainConfig(steps=15, batch_size=8, lr=3e-3, warmup=2))
     after = sonnet_perplexity(model, tiny.tokenizer, held_out)
     assert after < 0.95 * before
-
-
-def test_play_classifier_beats_the_majority_class(minilm) -> None:
-    texts, labels = play_lines(PLAYS, 200, seed=0)
-    train_set = classification_data(minilm.tokenizer, texts[:480], labels[:480], max_len=24)
-    test_set = classification_data(minilm.tokenizer, texts[480:], labels[480:], max_len=24)
-    torch.manual_seed(0)
-    model = EncoderClassifier(add_lora(copy.deepcopy(minilm.model), ["query", "value"], r=4, alpha=8), len(PLAYS))
-    assert count_trainable(model)[0] == 6 * 2 * 4 * (384 + 384) + 384 * 3 + 3
-    train(model, train_set, classification_loss, TrainConfig(steps=25, batch_size=16, lr=5e-3, warmup=2))
-    accuracy = sum(p == y for p, y in zip(predict(model, test_set), labels[480:])) / len(test_set)
-    assert accuracy > majority_baseline(labels[:480], labels[480:]) + 0.15
 
 
 def test_classification_bad_input(minilm) -> None:
@@ -100,25 +91,6 @@ def test_exact_match_and_f1() -> None:
     assert exact_match_f1(["Brutus", "first citizen"], ["BRUTUS", "second citizen"]) == pytest.approx((50.0, 75.0))
     with pytest.raises(ValueError):
         exact_match_f1([], [])
-
-
-def test_span_reader_beats_the_question_blind_baselines_on_a_held_out_play(minilm) -> None:
-    from cyclelab.finetune import freeze
-    from cyclelab.tasks.who_speaks import (SpanExtractor, baseline_answers, exact_match_f1, predict_spans, span_data,
-                                           span_loss, speaker_questions)
-
-    train_set, _ = span_data(minilm.tokenizer, speaker_questions(["hamlet", "othello", "lear"], 480, seed=0), max_len=64)
-    test_set, questions = span_data(minilm.tokenizer, speaker_questions(["julius_caesar"], 120, seed=1), max_len=64)
-    torch.manual_seed(0)
-    encoder = copy.deepcopy(minilm.model)
-    freeze(encoder, ["embeddings", "encoder.layer.0.", "encoder.layer.1."])
-    reader = SpanExtractor(encoder)
-    train(reader, train_set, span_loss, TrainConfig(steps=60, batch_size=8, lr=5e-4, warmup=6))
-    answers = [q["answer"] for q in questions]
-    em, f1 = exact_match_f1(predict_spans(reader, test_set, questions), answers)
-    best_blind = max(exact_match_f1(baseline_answers(questions, rule), answers)[0] for rule in ("first", "last", "most"))
-    assert 40 < best_blind < 70  # two or three speakers a passage: guessing is right about half the time
-    assert em > best_blind + 15 and f1 >= em
 
 
 # --- task 4: First Folio -> modern spelling, by edit tagging -------------------------------------------
@@ -209,18 +181,8 @@ def test_folio_pairs_copy_is_a_strong_baseline() -> None:
     assert 20 < bleu([o for o, _ in pairs], [n for _, n in pairs]) < 80
 
 
-def test_edit_tagger_beats_copying_on_a_held_out_play(tiny) -> None:
-    from cyclelab.tasks.folio import EditTagger, edit_vocabulary, folio_pairs, modernise, tagging_data, tagging_loss
-    from cyclelab.metrics import bleu
+def test_the_edit_vocabulary_starts_with_the_common_edits() -> None:
+    from cyclelab.tasks.folio import edit_vocabulary, folio_pairs
 
-    train_pairs = folio_pairs("hamlet") + folio_pairs("othello")
-    test_pairs = folio_pairs("julius_caesar")[:300]
-    edits = edit_vocabulary(train_pairs)
+    edits = edit_vocabulary(folio_pairs("hamlet") + folio_pairs("othello"))
     assert edits[0] == "KEEP" and {"lower", "ue→ve", "e→"} <= set(edits[:20])
-    torch.manual_seed(0)
-    tagger = EditTagger(copy.deepcopy(tiny.model.transformer), len(edits))
-    train(tagger, tagging_data(tiny.tokenizer, train_pairs, edits), tagging_loss,
-          TrainConfig(steps=100, batch_size=16, lr=3e-3, warmup=5))
-    old, new = [o for o, _ in test_pairs], [n for _, n in test_pairs]
-    copied = bleu(old, new)
-    assert bleu(modernise(tagger, tiny.tokenizer, edits, old), new) > copied + 8
