@@ -18,6 +18,7 @@ the high nibbles 16..31 — and each value reads back as ``d × q + m``: :func:`
 from __future__ import annotations
 
 import copy
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -133,12 +134,17 @@ def decode_q4_1_block(block: bytes | np.ndarray) -> torch.Tensor:
     return torch.from_numpy(d * q.astype(np.float32) + m)
 
 
-def gguf_block(path: str | Path, tensor: str, index: int = 0) -> np.ndarray:
-    """The 20 raw bytes of block ``index`` of the Q4_1 ``tensor`` in the GGUF file at ``path``."""
+@lru_cache(maxsize=2)
+def _gguf_tensors(path: str) -> dict:
+    """The tensors of a GGUF file by name (memory-mapped; parsing the header takes seconds, so kept)."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(path))
-    found = {t.name: t for t in reader.tensors}
+    return {t.name: t for t in GGUFReader(path).tensors}
+
+
+def gguf_block(path: str | Path, tensor: str, index: int = 0) -> np.ndarray:
+    """The 20 raw bytes of block ``index`` of the Q4_1 ``tensor`` in the GGUF file at ``path``."""
+    found = _gguf_tensors(str(Path(path).resolve()))
     if tensor not in found:
         raise ValueError(f"{path} has no tensor {tensor!r}; it has e.g. {', '.join(list(found)[:5])}")
     t = found[tensor]
