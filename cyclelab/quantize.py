@@ -39,7 +39,7 @@ def _check_weight(w, what: str) -> None:
         raise ValueError(f"{what}: the weight holds inf or NaN, which no scale can represent")
 
 
-def _symmetric(w: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_symmetric(w: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes in [-levels, levels] and one scale per row of ``w`` (a zero row gets scale 1)."""
     absmax = w.abs().amax(dim=-1, keepdim=True)
     scale = torch.where(absmax > 0, absmax / levels, torch.ones_like(absmax))
@@ -50,7 +50,7 @@ def _symmetric(w: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel symmetric int8: ``(q, scale)`` with ``q`` int8 like ``w`` and one scale per row."""
     _check_weight(w, "quantize_int8")
-    return _symmetric(w.float(), 127)
+    return quantize_symmetric(w.float(), 127)
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -64,7 +64,7 @@ def quantize_int4(w: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, torch
     _check_weight(w, "quantize_int4")
     if not isinstance(group, int) or group < 1 or w.shape[1] % group:
         raise ValueError(f"group must be a positive integer dividing the row length {w.shape[1]}, got {group!r}")
-    return _symmetric(w.float().reshape(w.shape[0], -1, group), 7)
+    return quantize_symmetric(w.float().reshape(w.shape[0], -1, group), 7)
 
 
 def dequantize_int4(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

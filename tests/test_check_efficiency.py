@@ -51,14 +51,6 @@ WRONG_INT8 = {
 }
 
 
-@pytest.mark.parametrize("name", list(WRONG_INT8))
-def test_int8_wrong_answers_get_a_hint(name):
-    fn, keyword = WRONG_INT8[name]
-    result = check_int8_row(fn)
-    assert not result and str(result).startswith("✗")
-    assert keyword in result.message, result.message
-
-
 def test_int8_wrong_shape_and_return_type_are_named():
     assert "shape" in check_int8_row(lambda x: (torch.round(x / (x.abs().max() / 127)).reshape(1, -1), 1.0)).message
     assert "return (q, scale)" in check_int8_row(lambda x: 3).message
@@ -96,10 +88,14 @@ WRONG_ATTAINABLE = {
 }
 
 
-@pytest.mark.parametrize("name", list(WRONG_ATTAINABLE))
-def test_attainable_wrong_answers_get_a_hint(name):
-    fn, keyword = WRONG_ATTAINABLE[name]
-    result = check_attainable(fn)
+WRONG = {**{f"int8: {k}": (check_int8_row, *v) for k, v in WRONG_INT8.items()},
+         **{f"roofline: {k}": (check_attainable, *v) for k, v in WRONG_ATTAINABLE.items()}}
+
+
+@pytest.mark.parametrize("name", list(WRONG))
+def test_wrong_answers_get_a_hint(name):
+    checker, fn, keyword = WRONG[name]
+    result = checker(fn)
     assert not result and str(result).startswith("✗")
     assert keyword in result.message, result.message
 
