@@ -725,7 +725,8 @@ def check_int8_row(fn: Callable[[torch.Tensor], tuple[torch.Tensor, float]]) -> 
 
 def _roofline_cases() -> list[tuple[float, float, float, float]]:
     """(flops, bytes, peak FLOP/s, bandwidth bytes/s): memory-bound, compute-bound, at the ridge, a GEMV."""
-    return [(2e6, 4e6, 50e9, 20e9), (2e9, 3e6, 50e9, 20e9), (5e6, 2e6, 50e9, 20e9), (2 * 576 * 576, 4 * 576 * 576, 33e9, 12e9)]
+    return [(2e6, 4e6, 50e9, 20e9), (2e9, 3e6, 50e9, 20e9), (5e6, 2e6, 50e9, 20e9),
+            (2 * 576 * 576, 4 * 576 * 576, 33e9, 12e9)]
 
 
 def check_attainable(fn: Callable[[float, float, float, float], float]) -> Result:
@@ -751,7 +752,8 @@ def check_attainable(fn: Callable[[float, float, float, float], float]) -> Resul
         if near(intensity * bw):
             return Result(False, f"for {case} you exceed the peak: the roof is flat at peak FLOP/s — take min(peak, ...)")
         if near(peak):
-            return Result(False, f"for {case} memory is the limit: intensity × bandwidth is below the peak — take min(peak, ...)")
+            return Result(False, f"for {case} memory is the limit: intensity × bandwidth is below the peak "
+                                 "— take min(peak, ...)")
         if near(max(peak, intensity * bw)):
             return Result(False, "the roof is the LOWER of the two limits: min, not max")
         if near(min(peak, nbytes / flops * bw)):

@@ -88,7 +88,8 @@ def dispatch_overhead(calls: int = 2000, repeats: int = 3) -> float:
 
 def measure(matmul_size: int = 1024, megabytes: int = 256, repeats: int = 3) -> Machine:
     """Measure this machine's :class:`Machine` limits (a few seconds)."""
-    return Machine(matmul_flops(matmul_size, repeats), read_bandwidth(megabytes, repeats), dispatch_overhead(repeats=repeats))
+    return Machine(matmul_flops(matmul_size, repeats), read_bandwidth(megabytes, repeats),
+                   dispatch_overhead(repeats=repeats))
 
 
 # --- the GEMV ceiling -----------------------------------------------------------------------------

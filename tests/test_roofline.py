@@ -74,7 +74,7 @@ def test_op_costs_groups_attention():
 
 
 def test_batched_decode_equals_one_sequence_at_a_time(tiny_engine):
-    ids = torch.tensor([tiny_engine.encode("ROMEO:\nBut soft, what light")[:6], tiny_engine.encode("JULIET:\nO Romeo, Romeo!")[:6]])
+    ids = torch.tensor([tiny_engine.encode(text)[:6] for text in ("ROMEO:\nBut soft, what light", "JULIET:\nO Romeo, Romeo!")])
     n = tiny_engine.arch.n_layers
     batched = drain(tiny_engine.forward(ids, KVCache(n, 6)))
     for row in range(2):
