@@ -8,27 +8,16 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 
 from cyclelab import Engine, load
-from cyclelab.attention import KVCache
-from cyclelab.engine import drain
+from cyclelab import throughput
+from cyclelab.roofline import best_of
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "The history of the Roman Empire begins"
-
-
-def best_of(fn, repeats: int) -> float:
-    """Shortest wall time of ``repeats`` calls (the least disturbed run)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def interleaved_best(runs: dict, repeats: int) -> dict[str, float]:
@@ -69,27 +58,10 @@ def decode_speed(new_tokens: int = 128, repeats: int = 4) -> list[dict]:
 
 def cache_scaling(lengths=(32, 64, 128, 256, 512, 1024), decode_steps: int = 8) -> list[dict]:
     """Milliseconds for one new token at each context length, with and without the KV cache."""
-    engine = Engine(load("smollm2"))
-    arch = engine.arch
-    text = " ".join(["Now is the winter of our discontent made glorious summer by this sun of York."] * 120)
-    all_ids = torch.tensor([engine.encode(text)[: max(lengths) + decode_steps]])
-    rows = []
-    for n in lengths:
-        cache = KVCache(arch.n_layers, n + decode_steps)
-        drain(engine.forward(all_ids[:, :n], cache))  # prefill
-
-        def with_cache():
-            for i in range(decode_steps):
-                drain(engine.forward(all_ids[:, n + i : n + i + 1], cache))
-
-        start = time.perf_counter()
-        with_cache()
-        cached_ms = (time.perf_counter() - start) / decode_steps * 1e3
-        no_cache_ms = best_of(lambda: drain(engine.forward(all_ids[:, : n + 1], KVCache(arch.n_layers, n + 1))), 1) * 1e3
-        rows.append({"benchmark": "ms per new token vs context", "context": n, "kv_cache_ms": round(cached_ms, 1),
-                     "no_cache_ms": round(no_cache_ms, 1), "speedup": round(no_cache_ms / cached_ms, 1)})
+    rows = throughput.cache_scaling(Engine(load("smollm2")), lengths, decode_steps)
     plot_scaling(rows)
-    return rows
+    return [{"benchmark": "ms per new token vs context", "context": r["context"], "kv_cache_ms": round(r["kv_cache_ms"], 1),
+             "no_cache_ms": round(r["no_cache_ms"], 1), "speedup": round(r["speedup"], 1)} for r in rows]
 
 
 def plot_scaling(rows: list[dict]) -> None:
@@ -98,17 +70,11 @@ def plot_scaling(rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ctx = [r["context"] for r in rows]
-    ax.plot(ctx, [r["no_cache_ms"] for r in rows], "o-", label="no cache: recompute every position")
-    ax.plot(ctx, [r["kv_cache_ms"] for r in rows], "o-", label="KV cache: one new position")
-    ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="ms per new token",
-           title="smollm2 on 2 CPU cores: cost of one cycle")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax = throughput.plot_cache_scaling(rows, title="smollm2 on 2 CPU cores: cost of one cycle")
+    ax.figure.tight_layout()
     RESULTS.mkdir(exist_ok=True)
-    fig.savefig(RESULTS / "kv_cache_scaling.png", dpi=100)
-    plt.close(fig)
+    ax.figure.savefig(RESULTS / "kv_cache_scaling.png", dpi=100)
+    plt.close(ax.figure)
 
 
 def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
