@@ -946,6 +946,7 @@ def _int8_hint(row: torch.Tensor, q: torch.Tensor, scale: float) -> str | None:
     return None
 
 
+@_guarded
 def check_int8_row(fn: Callable[[torch.Tensor], tuple[torch.Tensor, float]]) -> Result:
     """Check ``fn(row) -> (q, scale)``: symmetric int8 with ``scale = max|x| / 127`` and
     ``q = round(x / scale)``, so that ``|x - q × scale| <= scale / 2``."""
@@ -954,9 +955,13 @@ def check_int8_row(fn: Callable[[torch.Tensor], tuple[torch.Tensor, float]]) -> 
         if error is not None:
             return error
         try:
-            q, scale = torch.as_tensor(answer[0]).float(), float(answer[1])
+            q, scale = torch.as_tensor(answer[0]), float(answer[1])
+            if q.is_complex() or q.dtype == torch.bool:
+                raise TypeError(f"codes of dtype {q.dtype}")
+            q = q.float()
         except (TypeError, ValueError, IndexError, RuntimeError):
-            return Result(False, f"return (q, scale): the codes as a tensor and the scale as a number, got {answer!r}")
+            return Result(False, f"return (q, scale): the codes as a tensor and the scale as a number, "
+                                 f"got {answer!r:.80}")
         if q.shape != row.shape:
             return Result(False, f"q should have the row's shape {tuple(row.shape)}, got {tuple(q.shape)}")
         hint = _int8_hint(row, q, scale)
@@ -972,6 +977,7 @@ def _roofline_cases() -> list[tuple[float, float, float, float]]:
             (2 * 576 * 576, 4 * 576 * 576, 33e9, 12e9)]
 
 
+@_guarded
 def check_attainable(fn: Callable[[float, float, float, float], float]) -> Result:
     """Check ``fn(flops, nbytes, peak, bandwidth) -> FLOP/s``: the roofline's
     ``min(peak, flops / nbytes × bandwidth)``."""

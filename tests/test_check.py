@@ -457,6 +457,71 @@ LORA_WRONG = [
     ("raises", lambda x, W, A, B, alpha, r: x @ B, "matrix shapes do not fit"),
 ]
 
+# --- chapter 07: an int8 row and the roofline ------------------------------------------------------------
+
+
+def int8(x):
+    scale = x.abs().max() / 127
+    if scale == 0:
+        return torch.zeros_like(x, dtype=torch.int8), 1.0
+    return torch.round(x / scale).to(torch.int8), float(scale)
+
+
+def int8_float_codes(x):
+    m = x.abs().max()
+    scale = m / 127 if m > 0 else torch.tensor(1.0)
+    return torch.round(x / scale), scale
+
+
+def int8_with_scale(scale_of, codes=torch.round):
+    """int8 codes from a (possibly wrong) scale; a zero row gets codes 0 and scale 1."""
+    def fn(x):
+        scale = float(scale_of(x))
+        return (codes(x / scale), scale) if scale else (torch.zeros_like(x), 1.0)
+    return fn
+
+
+INT8_RIGHT = [int8, int8_float_codes]
+INT8_WRONG = [
+    ("scale over 128", int8_with_scale(lambda x: x.abs().max() / 128), "127"),
+    ("max, not max abs", int8_with_scale(lambda x: x.max() / 127 if x.max() > 0 else -x.abs().max() / 127), "ABSOLUTE"),
+    ("upside down", lambda x: (torch.round(x * (127 / x.abs().max())), float(127 / x.abs().max()))
+     if x.abs().max() > 0 else (torch.zeros_like(x), 1.0), "upside down"),
+    ("truncates", int8_with_scale(lambda x: x.abs().max() / 127, torch.trunc), "ROUND"),
+    ("dequantized values", lambda x: (lambda q, s: (q * s, s))(*int8(x)), "whole numbers"),
+    ("zero row divided by zero", lambda x: (torch.round(x / (x.abs().max() / 127)), float(x.abs().max() / 127)),
+     "zeros"),
+    ("the row itself", lambda x: (x, 1.0), "whole numbers"),
+    ("flattened to 2-d", lambda x: (int8(x)[0].reshape(1, -1), int8(x)[1]), "shape"),
+]
+
+
+def attainable(flops, nbytes, peak, bandwidth):
+    return min(peak, flops / nbytes * bandwidth)
+
+
+def attainable_by_ridge(flops, nbytes, peak, bandwidth):
+    ridge = peak / bandwidth  # FLOPs per byte where the two roofs meet
+    return peak if flops / nbytes >= ridge else flops / nbytes * bandwidth
+
+
+ATTAINABLE_RIGHT = [attainable, attainable_by_ridge]
+ATTAINABLE_WRONG = [
+    ("no cap at the peak", lambda f, b, p, w: f / b * w, "peak"),
+    ("always the peak", lambda f, b, p, w: p, "memory"),
+    ("max instead of min", lambda f, b, p, w: max(p, f / b * w), "min"),
+    ("bytes per FLOP", lambda f, b, p, w: min(p, b / f * w), "FLOPs per byte"),
+    ("intensity only", lambda f, b, p, w: f / b, "bandwidth"),
+    ("not a number", lambda f, b, p, w: "fast", "number"),
+    ("raises", lambda f, b, p, w: 1 / 0, "ZeroDivisionError"),
+]
+
+
+def test_the_roofline_reference_by_hand():
+    # 2 MFLOP over 4 MB is 0.5 FLOP/byte: 0.5 × 20 GB/s = 10 GFLOP/s, under a 50 GFLOP/s peak
+    assert attainable(2e6, 4e6, 50e9, 20e9) == pytest.approx(10e9)
+
+
 # --- the tables ---------------------------------------------------------------------------------------
 
 CHECKS = {
@@ -470,6 +535,8 @@ CHECKS = {
     "top_p_filter": (check.check_top_p_filter, TOP_P_RIGHT, TOP_P_WRONG),
     "masked_prediction": (check.check_masked_prediction, MASKED_RIGHT, MASKED_WRONG),
     "lora_forward": (check.check_lora_forward, LORA_RIGHT, LORA_WRONG),
+    "int8_row": (check.check_int8_row, INT8_RIGHT, INT8_WRONG),
+    "attainable": (check.check_attainable, ATTAINABLE_RIGHT, ATTAINABLE_WRONG),
 }
 
 RIGHT = [pytest.param(name, fn, id=f"{name}-{i}") for name, (_, right, _) in CHECKS.items() for i, fn in enumerate(right)]
