@@ -1,7 +1,8 @@
 """The ``cyclelab`` command: fetch, course, lab, train-tiny, doctor.
 
     cyclelab fetch [KEY ...] [--force]   offline assets into the cache (all by default)
-    cyclelab course [--out DIR] [--only PATTERN ...] [-p NAME VALUE ...] [--label PROFILE]
+    cyclelab course [--profile fast|full|gpu] [--out DIR] [--only PATTERN ...] [-p NAME VALUE ...]
+                    [--label] [--results FILE]
                                          execute every notebook headless, print a table
     cyclelab lab [JUPYTER ARGS ...]      JupyterLab on notebooks/ (e.g. --no-browser)
     cyclelab train-tiny [ARGS ...]       train the course's tiny model (see --help)
@@ -47,8 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     course = sub.add_parser("course", help="execute every notebook headless and print a table")
     course.add_argument("--out", type=Path, default=Path("outputs/course"), help="folder for executed notebooks")
     course.add_argument("--only", nargs="+", action="extend", metavar="PATTERN", help="glob or substring of names")
-    course.add_argument("--label", metavar="PROFILE",
-                        help="write each notebook's measured time and memory into its top cell, e.g. --label fast")
+    course.add_argument("--profile", default=None, metavar="NAME",
+                        help="the notebooks' declared parameter values: fast (default, what CI runs), full, gpu")
+    course.add_argument("--label", nargs="?", const=True, default=None, metavar="PROFILE",
+                        help="write each notebook's measured time and memory into its top cell, as the cost "
+                             "label of the profile that ran")
+    course.add_argument("--results", type=Path, metavar="FILE",
+                        help="also write a markdown table of each chapter's key results, seconds and memory")
     course.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
                         help="papermill parameter for every notebook (value read as a Python literal)")
     sub.add_parser("lab", help="start JupyterLab on notebooks/ (extra args go to jupyter lab)", add_help=False)
@@ -101,21 +107,37 @@ def _smollm2_converted(force: bool) -> Path:
 
 def cmd_course(args: argparse.Namespace, _: list[str]) -> int:
     """Execute the notebooks; non-zero when any failed."""
-    from .course import format_table, list_notebooks, run_course, write_cost_label
+    from .course import format_table, list_notebooks, results_table, run_course, write_cost_label
 
     if not list_notebooks(args.only):
         print("no notebooks to run" + (f" matching {' '.join(args.only)}" if args.only else ""))
         return 0
+    profile = _profile(args)
     parameters = {name: parse_value(value) for name, value in args.parameter}
-    runs = run_course(args.out, only=args.only, parameters=parameters)
+    try:
+        runs = run_course(args.out, only=args.only, parameters=parameters, profile=profile)
+    except ValueError as err:  # an unknown profile: nothing ran
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(format_table(runs))
     print(f"executed notebooks are in {args.out}")
+    if args.results:
+        args.results.write_text(results_table(runs) + "\n", encoding="utf-8")
+        print(f"key results written to {args.results}")
     if args.label:
         for path, run in zip(list_notebooks(args.only), runs):
             if run.ok:
-                write_cost_label(path, run, args.label)
-        print(f"cost labels ({args.label} profile) written into the notebooks that ran")
+                write_cost_label(path, run, profile)
+        print(f"cost labels ({profile} profile) written into the notebooks that ran")
     return 0 if all(r.ok for r in runs) else 1
+
+
+def _profile(args: argparse.Namespace) -> str:
+    """``--profile``, or the profile named by ``--label PROFILE`` (the older spelling), or fast."""
+    named = args.label if isinstance(args.label, str) else None
+    if args.profile and named and named != args.profile:
+        raise SystemExit(f"error: --profile {args.profile} runs one profile; --label {named} names another")
+    return args.profile or named or "fast"
 
 
 def parse_value(text: str) -> Any:

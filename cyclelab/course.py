@@ -3,8 +3,14 @@
 ``cyclelab course`` (or :func:`run_course`) executes ``notebooks/NN_*.ipynb`` in order,
 each in its own kernel started in the notebook's folder, writes the executed copies to
 an output folder and prints a table of status, wall time and the kernel's peak memory.
-With a label (``cyclelab course --label fast``) it also writes those measurements into the
+With a label (``cyclelab course --label``) it also writes those measurements into the
 top cell of each source notebook: the chapter's cost label, never typed by hand.
+
+Profiles: each notebook declares, in its metadata ``{"cyclelab": {"profiles": {...}}}``, the
+parameter values of ``fast`` (what CI and nbval run: the parameters cell's own values), ``full``
+(the chapter at the strength a learner should see) and ``gpu`` (sizes a GPU makes affordable).
+``cyclelab course --profile full`` runs them. A cell tagged ``key-results`` prints the chapter's
+key numbers in one line; the runner collects that line into its table.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from typing import Any, Iterable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KERNEL_NAME = "python3"
+PROFILES = ("fast", "full", "gpu")
+KEY_RESULTS_TAG = "key-results"
 
 
 @dataclass
@@ -31,6 +39,8 @@ class NotebookRun:
     output: Path
     error: str = ""
     peak_rss_mb: float | None = None  # the kernel's peak resident memory (Linux only)
+    profile: str = "fast"
+    key_results: str = ""  # the line printed by the cell tagged ``key-results``
 
     @property
     def ok(self) -> bool:
@@ -60,11 +70,14 @@ def _matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatch(name, pattern) or pattern in name
 
 
-def run_notebook(path: Path, out_dir: Path, parameters: dict[str, Any] | None = None) -> NotebookRun:
-    """Execute one notebook with papermill into ``out_dir``; never raises on a failing cell."""
+def run_notebook(path: Path, out_dir: Path, parameters: dict[str, Any] | None = None,
+                 profile: str = "fast") -> NotebookRun:
+    """Execute one notebook with papermill into ``out_dir`` with ``profile``'s parameters (and
+    ``parameters`` on top); never raises on a failing cell."""
     import papermill as pm
 
     path, out_dir = Path(path).resolve(), Path(out_dir)
+    values = {**profile_parameters(path, profile), **(parameters or {})}
     out_dir.mkdir(parents=True, exist_ok=True)
     output = out_dir / path.name
     probe = _RssProbe()
@@ -72,7 +85,7 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict[str, Any] | None = 
     status, error = "ok", ""
     try:
         pm.execute_notebook(
-            str(path), str(output), parameters=parameters or {}, kernel_name=KERNEL_NAME,
+            str(path), str(output), parameters=values, kernel_name=KERNEL_NAME,
             cwd=str(path.parent), log_output=False, progress_bar=False,
             on_notebook_start=probe.start, on_cell_executed=probe.sample,
             extra_arguments=["--IPKernelApp.log_level=ERROR"],  # no start-up warnings from each kernel
@@ -80,13 +93,79 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict[str, Any] | None = 
     except Exception as err:  # a failing cell, a missing kernel, a timeout: all reported
         status, error = "failed", _summary(err)
     seconds = time.perf_counter() - start
-    return NotebookRun(path.name, status, seconds, output, error, probe.peak_mb)
+    return NotebookRun(path.name, status, seconds, output, error, probe.peak_mb, profile, key_results(output))
 
 
 def run_course(out_dir: Path, only: Iterable[str] | None = None, parameters: dict[str, Any] | None = None,
-               root: Path | None = None) -> list[NotebookRun]:
-    """Execute every chapter notebook (or those matching ``only``) in order."""
-    return [run_notebook(p, out_dir, parameters) for p in list_notebooks(only, root)]
+               root: Path | None = None, profile: str = "fast") -> list[NotebookRun]:
+    """Execute every chapter notebook (or those matching ``only``) in order, in ``profile``."""
+    paths = list_notebooks(only, root)
+    for path in paths:  # an unknown profile fails before anything runs
+        profile_parameters(path, profile)
+    return [run_notebook(p, out_dir, parameters, profile) for p in paths]
+
+
+# ------------------------------------------------------------------ profiles and key results
+
+
+def _metadata(path: Path) -> dict:
+    import json
+
+    return json.loads(Path(path).read_text(encoding="utf-8")).get("metadata", {}).get("cyclelab", {})
+
+
+def notebook_profiles(path: Path) -> dict[str, dict[str, Any]]:
+    """The profiles ``path`` declares: name -> parameter values (``fast`` is {} when not given)."""
+    return {"fast": {}, **_metadata(path).get("profiles", {})}
+
+
+def profile_parameters(path: Path, profile: str) -> dict[str, Any]:
+    """The parameter values of ``profile`` in ``path``; ValueError naming the valid profiles."""
+    profiles = notebook_profiles(path)
+    if profile not in profiles:
+        raise ValueError(f"{Path(path).name} has no profile {profile!r}; its profiles are "
+                         f"{', '.join(sorted(profiles))}")
+    return dict(profiles[profile])
+
+
+def parameter_names(path: Path) -> set[str]:
+    """The names the cell tagged ``parameters`` assigns."""
+    import ast
+
+    import nbformat
+
+    for cell in nbformat.read(str(path), as_version=4).cells:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            tree = ast.parse(cell.source)
+            return {t.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+                    for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                    if isinstance(t, ast.Name)}
+    raise ValueError(f"{Path(path).name} has no cell tagged 'parameters'")
+
+
+def key_results(executed: Path) -> str:
+    """The text printed by the cell tagged ``key-results`` of an executed notebook, one line."""
+    import nbformat
+
+    try:
+        cells = nbformat.read(str(executed), as_version=4).cells
+    except (OSError, ValueError):
+        return ""
+    for cell in cells:
+        if KEY_RESULTS_TAG in cell.get("metadata", {}).get("tags", []):
+            text = "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+            return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+    return ""
+
+
+def results_table(runs: list[NotebookRun], cores: int | None = None) -> str:
+    """A markdown table of key results: chapter, profile, key results, seconds, peak memory."""
+    lines = ["| chapter | profile | key results | seconds | peak memory |", "|---|---|---|---|---|"]
+    for r in runs:
+        memory = "-" if r.peak_rss_mb is None else f"{r.peak_rss_mb / 1024:.1f} GB"
+        result = r.key_results if r.ok else f"failed: {r.error}"
+        lines.append(f"| {r.notebook.removesuffix('.ipynb')} | {r.profile} | {result} | {r.seconds:.0f} | {memory} |")
+    return "\n".join(lines)
 
 
 def cost_label(run: NotebookRun, profile: str) -> str:
@@ -120,12 +199,12 @@ def write_cost_label(path: Path, run: NotebookRun, profile: str) -> None:
 
 
 def format_table(runs: list[NotebookRun]) -> str:
-    """A plain-text table: notebook, status, seconds, peak memory; errors listed below."""
+    """A plain-text table: notebook, profile, status, seconds, peak memory, key results; errors below."""
     if not runs:
         return "no notebooks to run"
-    rows = [("notebook", "status", "seconds", "peak MB")]
-    rows += [(r.notebook, r.status, f"{r.seconds:.1f}", _mb(r.peak_rss_mb)) for r in runs]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    rows = [("notebook", "profile", "status", "seconds", "peak MB", "key results")]
+    rows += [(r.notebook, r.profile, r.status, f"{r.seconds:.1f}", _mb(r.peak_rss_mb), r.key_results) for r in runs]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines += [f"{r.notebook}: {r.error}" for r in runs if not r.ok]

@@ -34,13 +34,22 @@ def run_checks() -> list[Check]:
 
 
 def report(checks: list[Check] | None = None) -> str:
-    """The checks as a plain-text table."""
+    """The checks as a plain-text table; paths under the repository read ``<repo>/…`` and paths
+    under the home folder ``~/…``, so the report reads the same on every machine."""
     checks = run_checks() if checks is None else checks
     width = max(len(c.check) for c in checks)
-    lines = [f"{c.check.ljust(width)}  {'ok ' if c.ok else 'FIX'}  {c.detail}" for c in checks]
+    lines = [f"{c.check.ljust(width)}  {'ok ' if c.ok else 'FIX'}  {short_paths(c.detail)}" for c in checks]
     bad = sum(not c.ok for c in checks)
     lines.append("all checks passed" if not bad else f"{bad} problem(s): see FIX lines")
     return "\n".join(lines)
+
+
+def short_paths(text: str) -> str:
+    """``text`` with the repository root written ``<repo>`` and the home folder ``~``."""
+    from pathlib import Path
+
+    repo = str(Path(__file__).resolve().parent.parent)
+    return text.replace(repo, "<repo>").replace(str(Path.home()), "~")
 
 
 def _version_check(name: str, module: str) -> Callable[[], Check]:

@@ -12,6 +12,16 @@ from cyclelab import load
 from cyclelab.engine import Engine
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow (full course profiles, minutes each) run only with CYCLELAB_SLOW=1."""
+    if os.environ.get("CYCLELAB_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set CYCLELAB_SLOW=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 
 
 @pytest.fixture(scope="session")

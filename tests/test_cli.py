@@ -20,6 +20,15 @@ def test_doctor_checks() -> None:
     assert all("`" in c.detail for c in checks if not c.ok), "every failed check names its fix"
 
 
+def test_the_report_writes_no_machine_paths() -> None:
+    from pathlib import Path
+
+    repo, home = Path(doctor.__file__).resolve().parent.parent, Path.home()
+    detail = f"{repo / 'data' / 'tiny'} and {home / '.cache' / 'x'}"
+    assert doctor.short_paths(detail) == "<repo>/data/tiny and ~/.cache/x"
+    assert str(repo) not in doctor.report()
+
+
 def test_doctor_report_and_command(capsys: pytest.CaptureFixture[str]) -> None:
     text = doctor.report([doctor.Check("a", True, "fine"), doctor.Check("bb", False, "run `x`")])
     assert text.splitlines() == ["a   ok   fine", "bb  FIX  run `x`", "1 problem(s): see FIX lines"]

@@ -75,9 +75,9 @@ def test_peak_memory_is_plausible(runs: list[course.NotebookRun]) -> None:
 
 def test_format_table(runs: list[course.NotebookRun]) -> None:
     table = course.format_table(runs).splitlines()
-    assert table[0].split()[:3] == ["notebook", "status", "seconds"]
-    assert table[2].split()[:2] == ["01_ok.ipynb", "ok"]
-    assert table[3].split()[:2] == ["02_fails.ipynb", "failed"]
+    assert table[0].split()[:4] == ["notebook", "profile", "status", "seconds"]
+    assert table[2].split()[:3] == ["01_ok.ipynb", "fast", "ok"]
+    assert table[3].split()[:3] == ["02_fails.ipynb", "fast", "failed"]
     assert re.match(r"02_fails\.ipynb: cell \d+: ValueError: boom", table[-1])
     assert course.format_table([]) == "no notebooks to run"
 
@@ -110,3 +110,65 @@ def test_cost_label_needs_a_markdown_top_cell(tmp_path: Path) -> None:
         course.write_cost_label(path, run, "fast")
     with pytest.raises(ValueError, match="profile"):
         course.write_cost_label(path, run, "fast profile")
+
+
+# --- profiles and key results -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A chapter declaring fast and full, with a key-results cell."""
+    root = tmp_path_factory.mktemp("profiled")
+    params = nbformat.v4.new_code_cell("steps = 1\nname: str = 'x'", metadata={"tags": ["parameters"]})
+    key = nbformat.v4.new_code_cell("print(f'steps {steps}')\nprint('loss 0.5')", metadata={"tags": ["key-results"]})
+    path = _write(root / "01_p.ipynb", params, key)
+    nb = nbformat.read(path, as_version=4)
+    nb.metadata["cyclelab"] = {"profiles": {"fast": {}, "full": {"steps": 7}}}
+    nbformat.write(nb, path)
+    return root
+
+
+def test_a_profile_sets_its_parameters_and_the_key_results_are_collected(profiled: Path) -> None:
+    (fast,) = course.run_course(profiled / "out-fast", root=profiled)
+    (full,) = course.run_course(profiled / "out-full", root=profiled, profile="full")
+    assert (fast.profile, fast.key_results) == ("fast", "steps 1; loss 0.5")
+    assert (full.profile, full.key_results) == ("full", "steps 7; loss 0.5")
+    table = course.results_table([fast, full]).splitlines()
+    assert table[0] == "| chapter | profile | key results | seconds | peak memory |"
+    assert table[3].startswith("| 01_p | full | steps 7; loss 0.5 | ")
+
+
+def test_an_unknown_profile_names_the_valid_ones(profiled: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match=r"01_p.ipynb has no profile 'huge'; its profiles are fast, full"):
+        course.run_course(profiled / "out", root=profiled, profile="huge")
+    assert main(["course", "--profile", "huge", "--only", "00_the_clock_cycle"]) == 2
+    assert "has no profile 'huge'; its profiles are fast, full, gpu" in capsys.readouterr().err
+
+
+def test_parameter_names_reads_the_parameters_cell(profiled: Path, tmp_path: Path) -> None:
+    assert course.parameter_names(profiled / "01_p.ipynb") == {"steps", "name"}
+    with pytest.raises(ValueError, match="no cell tagged 'parameters'"):
+        course.parameter_names(_write(tmp_path / "01_x.ipynb", nbformat.v4.new_code_cell("x = 1")))
+
+
+CHAPTERS = course.list_notebooks()
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
+def test_every_chapter_declares_its_profiles_and_a_key_results_cell(path: Path) -> None:
+    profiles = course.notebook_profiles(path)
+    assert set(course.PROFILES) <= set(profiles), f"{path.name} declares {sorted(profiles)}"
+    names = course.parameter_names(path)
+    for name, values in profiles.items():
+        unknown = set(values) - names
+        assert not unknown, f"{path.name}'s {name} profile sets {sorted(unknown)}, not in its parameters cell"
+    tagged = [c for c in nbformat.read(path, as_version=4).cells if "key-results" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and tagged[0].outputs, f"{path.name} needs one executed cell tagged key-results"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
+def test_a_chapter_runs_its_full_profile(path: Path, tmp_path: Path) -> None:
+    """Minutes per chapter: run with CYCLELAB_SLOW=1 (not part of the default test command)."""
+    run = course.run_notebook(path, tmp_path, profile="full")
+    assert run.ok and run.key_results, run.error

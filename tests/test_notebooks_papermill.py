@@ -4,14 +4,15 @@ nbval already runs every notebook with its default (fast) parameters. A notebook
 declares other parameters in its metadata, ``{"cyclelab": {"papermill_alt": {...}}}``,
 is run here with those instead (another model, other lengths), so the parameter cell
 and the non-default path are exercised; one without them runs with no parameters.
+
+One test class per notebook: the test command distributes tests by class (``--dist
+loadscope``), so the chapters' papermill runs share the workers instead of queueing on one.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import pytest
 
 from cyclelab.course import list_notebooks, run_notebook
 
@@ -24,7 +25,14 @@ def alt_parameters(path: Path) -> dict:
     return dict(metadata.get("cyclelab", {}).get("papermill_alt", {}))
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_under_papermill(path: Path, tmp_path: Path) -> None:
-    run = run_notebook(path, tmp_path, alt_parameters(path))
-    assert run.ok, f"{run.notebook} failed with {alt_parameters(path)}: {run.error} (output: {run.output})"
+class _Papermill:
+    path: Path
+
+    def test_runs_under_papermill(self, tmp_path: Path) -> None:
+        run = run_notebook(self.path, tmp_path, alt_parameters(self.path))
+        assert run.ok, f"{run.notebook} failed with {alt_parameters(self.path)}: {run.error} (output: {run.output})"
+
+
+for _path in NOTEBOOKS:
+    _name = "TestChapter" + _path.stem.split("_")[0]
+    globals()[_name] = type(_name, (_Papermill,), {"path": _path})
