@@ -136,10 +136,9 @@ def parameter_names(path: Path) -> set[str]:
 
     for cell in nbformat.read(str(path), as_version=4).cells:
         if "parameters" in cell.get("metadata", {}).get("tags", []):
-            tree = ast.parse(cell.source)
-            return {t.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
-                    for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
-                    if isinstance(t, ast.Name)}
+            targets = [t for node in ast.parse(cell.source).body if isinstance(node, (ast.Assign, ast.AnnAssign))
+                       for t in (node.targets if isinstance(node, ast.Assign) else [node.target])]
+            return {name.id for t in targets for name in ast.walk(t) if isinstance(name, ast.Name)}  # a, b = 1, 2
     raise ValueError(f"{Path(path).name} has no cell tagged 'parameters'")
 
 

@@ -119,7 +119,7 @@ def test_cost_label_needs_a_markdown_top_cell(tmp_path: Path) -> None:
 def profiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A chapter declaring fast and full, with a key-results cell."""
     root = tmp_path_factory.mktemp("profiled")
-    params = nbformat.v4.new_code_cell("steps = 1\nname: str = 'x'", metadata={"tags": ["parameters"]})
+    params = nbformat.v4.new_code_cell("steps = 1\nname: str = 'x'\nlow, high = 0, 9", metadata={"tags": ["parameters"]})
     key = nbformat.v4.new_code_cell("print(f'steps {steps}')\nprint('loss 0.5')", metadata={"tags": ["key-results"]})
     path = _write(root / "01_p.ipynb", params, key)
     nb = nbformat.read(path, as_version=4)
@@ -146,7 +146,7 @@ def test_an_unknown_profile_names_the_valid_ones(profiled: Path, capsys: pytest.
 
 
 def test_parameter_names_reads_the_parameters_cell(profiled: Path, tmp_path: Path) -> None:
-    assert course.parameter_names(profiled / "01_p.ipynb") == {"steps", "name"}
+    assert course.parameter_names(profiled / "01_p.ipynb") == {"steps", "name", "low", "high"}
     with pytest.raises(ValueError, match="no cell tagged 'parameters'"):
         course.parameter_names(_write(tmp_path / "01_x.ipynb", nbformat.v4.new_code_cell("x = 1")))
 
