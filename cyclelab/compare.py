@@ -62,9 +62,8 @@ def compare_runs(before: Engine, after: Engine, trace: Trace, movers: int = 3) -
     p_before = torch.softmax(cycle_logits(before, trace).float(), -1)  # (cycles, vocab)
     p_after = torch.softmax(cycle_logits(after, trace).float(), -1)
     moved = torch.topk((p_after - p_before).abs(), min(movers, p_before.shape[-1]), dim=-1).indices
-    shifts = []
+    shifts, text = [], before.token_text
     for record, old, new, top in zip(trace.records, p_before, p_after, moved.tolist()):
-        text = before.token_text
         shifts.append(Shift(record.cycle, record.token, float(old[record.token_id]), float(new[record.token_id]),
                             text(int(new.argmax())), [(text(i), float(old[i]), float(new[i])) for i in top]))
     return shifts
@@ -72,8 +71,6 @@ def compare_runs(before: Engine, after: Engine, trace: Trace, movers: int = 3) -
 
 def before_after(before: Engine, after: Engine, prompt, max_new_tokens: int = 12, movers: int = 3) -> list[Shift]:
     """Greedy generation of ``prompt`` by ``before``, read by both models; see :func:`compare_runs`."""
-    if before.vocab_size != after.vocab_size:
-        raise ValueError("before and after must be two versions of one model (same tokenizer and vocabulary)")
     return compare_runs(before, after, before.generate(prompt, max_new_tokens), movers)
 
 

@@ -108,7 +108,8 @@ def run_course(out_dir: Path, only: Iterable[str] | None = None, parameters: dic
 # ------------------------------------------------------------------ profiles and key results
 
 
-def _metadata(path: Path) -> dict:
+def cyclelab_metadata(path: Path) -> dict:
+    """The notebook's ``metadata.cyclelab`` dict (profiles, papermill_alt), or {}."""
     import json
 
     return json.loads(Path(path).read_text(encoding="utf-8")).get("metadata", {}).get("cyclelab", {})
@@ -116,7 +117,7 @@ def _metadata(path: Path) -> dict:
 
 def notebook_profiles(path: Path) -> dict[str, dict[str, Any]]:
     """The profiles ``path`` declares: name -> parameter values (``fast`` is {} when not given)."""
-    return {"fast": {}, **_metadata(path).get("profiles", {})}
+    return {"fast": {}, **cyclelab_metadata(path).get("profiles", {})}
 
 
 def profile_parameters(path: Path, profile: str) -> dict[str, Any]:
@@ -157,7 +158,7 @@ def key_results(executed: Path) -> str:
     return ""
 
 
-def results_table(runs: list[NotebookRun], cores: int | None = None) -> str:
+def results_table(runs: list[NotebookRun]) -> str:
     """A markdown table of key results: chapter, profile, key results, seconds, peak memory."""
     lines = ["| chapter | profile | key results | seconds | peak memory |", "|---|---|---|---|---|"]
     for r in runs:

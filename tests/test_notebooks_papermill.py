@@ -11,18 +11,16 @@ loadscope``), so the chapters' papermill runs share the workers instead of queue
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from cyclelab.course import list_notebooks, run_notebook
+from cyclelab.course import cyclelab_metadata, list_notebooks, run_notebook
 
 NOTEBOOKS = list_notebooks()
 
 
 def alt_parameters(path: Path) -> dict:
     """The notebook's ``cyclelab.papermill_alt`` metadata, or no parameters."""
-    metadata = json.loads(path.read_text(encoding="utf-8")).get("metadata", {})
-    return dict(metadata.get("cyclelab", {}).get("papermill_alt", {}))
+    return dict(cyclelab_metadata(path).get("papermill_alt", {}))
 
 
 class _Papermill:
