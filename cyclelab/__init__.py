@@ -11,7 +11,8 @@ from .decode import Sampling
 from .device import pick_device
 from .engine import Engine, ablation
 from .models import KNOWN, Loaded, ModelFileError, load
+from .show import show
 
 __version__ = "0.1.0"
 __all__ = ["CycleRecord", "Debugger", "Engine", "Event", "KNOWN", "Loaded", "ModelFileError", "Sampling", "Stage", "Trace",
-           "ablation", "load", "pick_device"]
+           "ablation", "load", "pick_device", "show"]

@@ -1,0 +1,68 @@
+"""Show the package's own source on the page: the code a chapter teaches, in one place.
+
+``show(fn)`` renders a function, class or method with syntax highlighting inside a
+collapsible ``<details>`` block in Jupyter, and as plain source in a terminal or in a
+notebook's text output. The notebook never copies the code: it displays the tested one.
+"""
+
+from __future__ import annotations
+
+import html
+import inspect
+import textwrap
+from typing import Any
+
+from pygments import highlight
+from pygments.formatters import HtmlFormatter
+from pygments.lexers import PythonLexer
+
+_STYLE = (
+    "<style>.cyclelab-source .highlight pre{background:var(--jp-cell-editor-background,#f7f7f7);"
+    "color:var(--jp-content-font-color1,#111);padding:6px 10px;border-radius:4px;overflow-x:auto;"
+    "font-size:12px;line-height:1.35}.cyclelab-source summary{cursor:pointer;font-family:monospace}</style>"
+)
+
+
+class Source:
+    """A piece of the package's source, ready to display."""
+
+    def __init__(self, name: str, location: str, code: str, *, open_: bool = True) -> None:
+        self.name, self.location, self.code, self.open = name, location, code, open_
+
+    def __repr__(self) -> str:
+        return f"# {self.name} — {self.location}\n{self.code}"
+
+    def _repr_html_(self) -> str:
+        body = highlight(self.code, PythonLexer(), HtmlFormatter(nowrap=False, noclasses=True, style="default"))
+        summary = f"<summary><b>{html.escape(self.name)}</b> — <code>{html.escape(self.location)}</code></summary>"
+        state = " open" if self.open else ""
+        return f'{_STYLE}<details class="cyclelab-source"{state}>{summary}{body}</details>'
+
+
+def _location(obj: Any) -> str:
+    """``cyclelab/module.py:LINE``, relative to the package, never a machine path."""
+    module = inspect.getmodule(obj)
+    name = module.__name__ if module else "?"
+    try:
+        line = inspect.getsourcelines(obj)[1]
+    except (OSError, TypeError):
+        return name.replace(".", "/") + ".py"
+    return f"{name.replace('.', '/')}.py:{line}"
+
+
+def show(obj: Any, *, collapsed: bool = False) -> Source:
+    """The source of a function, class or method of the package, to display in a notebook.
+
+    ``collapsed=True`` starts the block folded (the learner opens it after an exercise).
+    Raises ``TypeError`` for objects without Python source (builtins, instances, strings).
+    """
+    target = obj.fget if isinstance(obj, property) else obj
+    if not (inspect.isfunction(target) or inspect.isclass(target) or inspect.ismethod(target)):
+        raise TypeError(f"show() takes a function, class or method, not {type(obj).__name__}: "
+                        "pass the object itself, e.g. show(cyclelab.decode.top_p_filter)")
+    try:
+        code = textwrap.dedent(inspect.getsource(target)).rstrip() + "\n"
+    except (OSError, TypeError) as err:
+        raise TypeError(f"show(): no Python source for {target!r} ({err})") from err
+    name = getattr(target, "__qualname__", getattr(target, "__name__", "?"))
+    return Source(name, _location(target), code, open_=not collapsed)
