@@ -127,7 +127,9 @@ def pieces(*bugs: str) -> Pieces:
     """The GPT's pieces with ``bugs`` planted, at most one per piece; none gives the correct GPT."""
     planted: dict[str, Callable] = {}
     for name in bugs:
-        if not isinstance(name, str) or name not in BUGS:
+        if not isinstance(name, str):
+            raise TypeError(f"a bug is named by a string, got {type(name).__name__}; the bugs are: {', '.join(BUGS)}")
+        if name not in BUGS:
             raise ValueError(f"unknown bug {name!r}; the bugs are: {', '.join(BUGS)}")
         bug = BUGS[name]
         if bug.piece in planted:
@@ -142,6 +144,8 @@ def with_piece(name: str, fn: Callable) -> Pieces:
     names = [f.name for f in fields(Pieces)]
     if name not in names:
         raise ValueError(f"unknown piece {name!r}; the pieces are: {', '.join(names)}")
+    if not callable(fn):
+        raise TypeError(f"the piece {name!r} must be a function, got {type(fn).__name__}")
     return replace(Pieces(), **{name: fn})
 
 
@@ -158,8 +162,10 @@ def forward(model: torch.nn.Module, ids: torch.Tensor, parts: Pieces = Pieces(),
     """
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"ids must be an integer tensor (batch, positions), got {getattr(ids, 'shape', type(ids))}")
-    layer_fn = _gpt2_layers if hasattr(model, "transformer") else _llama_layers
-    return layer_fn(model, ids, parts, cache, torch.arange(start, start + ids.shape[1], device=ids.device))
+    kind = type(model).__name__
+    if kind not in _LAYERS:
+        raise TypeError(f"forward runs a transformers {' or '.join(_LAYERS)}, got {kind}")
+    return _LAYERS[kind](model, ids, parts, cache, torch.arange(start, start + ids.shape[1], device=ids.device))
 
 
 def _attention(parts: Pieces, cache: dict | None, layer: int, q, k, v):
@@ -203,9 +209,16 @@ def _llama_layers(model, ids, parts, cache, positions):
     return rms_norm(x, llama.norm.weight, llama.norm.variance_epsilon) @ model.lm_head.weight.T, maps
 
 
+_LAYERS = {"GPT2LMHeadModel": _gpt2_layers, "LlamaForCausalLM": _llama_layers}
+
+
 def cached_logits(model: torch.nn.Module, ids: torch.Tensor, n_prompt: int, parts: Pieces = Pieces()) -> torch.Tensor:
     """The logits of each cycle of a cached run over the 1-D ``ids``: the first ``n_prompt`` tokens in
     one prefill, then one token per cycle. Row ``c`` predicts the token after position ``n_prompt - 1 + c``."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
+        raise ValueError(f"ids must be a 1-D tensor of token ids, got {getattr(ids, 'shape', type(ids))}")
+    if isinstance(n_prompt, bool) or not isinstance(n_prompt, int) or not 1 <= n_prompt <= len(ids):
+        raise ValueError(f"n_prompt must be an integer from 1 to len(ids) = {len(ids)}, got {n_prompt!r}")
     cache: dict = {}
     logits, _ = forward(model, ids[None, :n_prompt], parts, cache)
     rows = [logits[0, -1]]
@@ -420,13 +433,15 @@ def check_apply_rope(fn: Callable, model: torch.nn.Module | None = None) -> Resu
     drift = drift_by_position(model, ids, with_piece("apply_rope", fn))
     if max(drift) <= 1e-4:
         return Result(True, "correct: every position matches transformers — pairs (i, i + d/2), turned by the table")
-    if drift[0] <= 1e-4:
-        worst = max(range(len(drift)), key=drift.__getitem__)
-        return Result(False, f"the outputs match the reference at position 0 and drift after it (up to {drift[worst]:.2f} "
-                             f"at position {worst}): the rotation pairs the wrong dimensions — the cos/sin tables are "
-                             "laid out for pairs (i, i + d/2), the pairing of rotate_half")
-    return Result(False, f"the outputs differ from the reference already at position 0 ({drift[0]:.3g}), where the "
-                         "angle is 0 and RoPE must leave x unchanged: x * cos + rotate_half(x) * sin")
+    if not drift[0] <= 1e-4:  # position 0 reads only itself: no rotation can move it, but NaN can
+        return Result(False, f"the outputs differ from the reference at every position ({drift[0]:.3g} at position 0): "
+                             "x * cos + rotate_half(x) * sin")
+    worst = max(range(len(drift)), key=drift.__getitem__)
+    symptom = f"the outputs match the reference at position 0 and drift after it (up to {drift[worst]:.2f} at position {worst})"
+    if torch.allclose(value, apply_rope(x, cos, -sin), atol=1e-5):
+        return Result(False, f"{symptom}: the rotation turns the wrong way — x * cos + rotate_half(x) * sin")
+    return Result(False, f"{symptom}: the rotation pairs the wrong dimensions — the cos/sin tables are laid out for "
+                         "pairs (i, i + d/2), the pairing of rotate_half")
 
 
 @_guarded
