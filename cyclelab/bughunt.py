@@ -284,7 +284,7 @@ def small_gpt2(vocab: int, seed: int = 0, width: int = 64, layers: int = 1, head
 
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=width, n_layer=layers, n_head=heads,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                        bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel._from_config(config, attn_implementation="eager")
 
 
