@@ -102,24 +102,27 @@ def append_kv_twice(cache: dict, layer: int, k: torch.Tensor, v: torch.Tensor):
 
 @dataclass(frozen=True)
 class Bug:
-    """A planted bug: the piece it lives in, the buggy piece, and the symptom that shows it."""
+    """A planted bug: the piece it lives in, the buggy piece, the symptom that shows it and its detector."""
 
     piece: str
     planted: Callable
     symptom: str
+    detector: str
 
 
 BUGS: dict[str, Bug] = {
-    "no_causal_mask": Bug("attend", attend_without_mask,
-                          "attention looks ahead (the upper triangle of the map is not zero); the loss is too good"),
-    "unshifted_targets": Bug("lm_loss", lm_loss_unshifted,
-                             "the loss is too good: a model that copies its input scores near 0"),
-    "no_scale": Bug("attend", attend_without_scale, "attention entropy collapses: the softmax saturates"),
-    "rope_pairing": Bug("apply_rope", apply_rope_adjacent,
-                        "outputs match the reference at position 0 and drift after it"),
-    "padding_in_loss": Bug("lm_loss", lm_loss_with_padding, "the loss changes with the amount of padding"),
-    "kv_cache_twice": Bug("append_kv", append_kv_twice,
-                          "the cached run drifts from a full recompute after its first cycle (faithfulness)"),
+    "no_causal_mask": Bug("attend", attend_without_mask, "training loss far too low; weight above the diagonal",
+                          "lookahead(maps) > 0"),
+    "unshifted_targets": Bug("lm_loss", lm_loss_unshifted, "training loss near 0 within a few steps",
+                             "copy_loss(lm_loss) near 0"),
+    "no_scale": Bug("attend", attend_without_scale, "attention entropy collapses: one key per query",
+                    "mean_entropy(maps) << reference"),
+    "rope_pairing": Bug("apply_rope", apply_rope_adjacent, "right at position 0, drifts after it",
+                        "drift_by_position(...)"),
+    "padding_in_loss": Bug("lm_loss", lm_loss_with_padding, "the loss changes with the amount of padding",
+                           "padding_shift(lm_loss, ...)"),
+    "kv_cache_twice": Bug("append_kv", append_kv_twice, "prefill right, every cached cycle wrong",
+                          "faithfulness(...)"),
 }
 
 
