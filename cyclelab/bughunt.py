@@ -18,7 +18,6 @@ the checks (:func:`check_attend`, :func:`check_lm_loss`, :func:`check_apply_rope
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
@@ -136,8 +135,8 @@ def pieces(*bugs: str) -> Pieces:
             raise ValueError(f"unknown bug {name!r}; the bugs are: {', '.join(BUGS)}")
         bug = BUGS[name]
         if bug.piece in planted:
-            raise ValueError(f"two bugs in the piece {bug.piece!r} ({', '.join(b for b in bugs if BUGS[b].piece == bug.piece)}): "
-                             "plant one bug per piece")
+            both = ", ".join(b for b in bugs if BUGS[b].piece == bug.piece)
+            raise ValueError(f"two bugs in the piece {bug.piece!r} ({both}): plant one bug per piece")
         planted[bug.piece] = bug.planted
     return replace(Pieces(), **planted)
 
@@ -378,9 +377,9 @@ def check_attend(fn: Callable, model: torch.nn.Module | None = None) -> Result:
         logits, maps = forward(model, ids, with_piece("attend", fn))
         _, right = forward(model, ids)
     if (ahead := lookahead(maps)) > 1e-6:
-        return Result(False, f"attention looks ahead: a query puts up to {ahead:.2f} of its weight on LATER tokens "
-                             "(the upper triangle of the attention map is not zero), so training loss falls too low — "
-                             "set the scores of keys j > i to -inf before the softmax (a causal mask)")
+        return Result(False, f"attention looks ahead: a query puts up to {ahead:.2f} of its weight on LATER "
+                             "tokens (the upper triangle of the attention map is not zero), so training loss falls too "
+                             "low — set the scores of keys j > i to -inf before the softmax (a causal mask)")
     mine, want = mean_entropy(maps), mean_entropy(right)
     if mine < 0.8 * want:
         return Result(False, f"attention entropy collapses: {mine:.2f} nats against {want:.2f} for the reference — "
@@ -440,7 +439,8 @@ def check_apply_rope(fn: Callable, model: torch.nn.Module | None = None) -> Resu
         return Result(False, f"the outputs differ from the reference at every position ({drift[0]:.3g} at position 0): "
                              "x * cos + rotate_half(x) * sin")
     worst = max(range(len(drift)), key=drift.__getitem__)
-    symptom = f"the outputs match the reference at position 0 and drift after it (up to {drift[worst]:.2f} at position {worst})"
+    symptom = (f"the outputs match the reference at position 0 and drift after it (up to {drift[worst]:.2f} at "
+               f"position {worst})")
     if torch.allclose(value, apply_rope(x, cos, -sin), atol=1e-5):
         return Result(False, f"{symptom}: the rotation turns the wrong way — x * cos + rotate_half(x) * sin")
     return Result(False, f"{symptom}: the rotation pairs the wrong dimensions — the cos/sin tables are laid out for "
@@ -470,7 +470,7 @@ def check_append_kv(fn: Callable, model: torch.nn.Module | None = None) -> Resul
 CHECKS: dict[str, Callable[..., Result]] = {"attend": check_attend, "lm_loss": check_lm_loss,
                                             "apply_rope": check_apply_rope, "append_kv": check_append_kv}
 
-__all__ = ["BUGS", "Bug", "CHECKS", "Pieces", "append_kv", "cached_logits", "char_tokens", "check_append_kv", "check_apply_rope",
-           "check_attend", "check_lm_loss", "copy_loss", "drift_by_position", "faithfulness", "forward", "lm_loss",
-           "lookahead", "mean_entropy", "padding_shift", "pieces", "random_llama", "reference_logits", "small_gpt2",
-           "training_curve", "with_piece"]
+__all__ = ["BUGS", "Bug", "CHECKS", "Pieces", "append_kv", "cached_logits", "char_tokens", "check_append_kv",
+           "check_apply_rope", "check_attend", "check_lm_loss", "copy_loss", "drift_by_position", "faithfulness",
+           "forward", "lm_loss", "lookahead", "mean_entropy", "padding_shift", "pieces", "random_llama",
+           "reference_logits", "small_gpt2", "training_curve", "with_piece"]

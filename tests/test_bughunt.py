@@ -115,12 +115,13 @@ def _drifts_after_position_0(tiny, ids, llama, fn):
 
 
 def _loss_moves_with_padding(tiny, ids, llama, fn):
-    logits = torch.randn(2, 6, 10, generator=torch.Generator().manual_seed(3))
-    batch, mask = torch.tensor([[1, 2, 3, 4, 5, 6], [7, 8, 9, 0, 0, 0]]), torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0]])
-    before = float(fn(logits, batch, mask))
-    after = float(fn(torch.cat([logits, torch.randn(2, 8, 10)], 1), torch.cat([batch, torch.zeros(2, 8, dtype=torch.long)], 1),
-                     torch.cat([mask, torch.zeros(2, 8, dtype=torch.long)], 1)))
-    assert abs(before - after) > 0.01
+    logits = torch.randn(2, 14, 10, generator=torch.Generator().manual_seed(3))
+    batch = torch.tensor([[1, 2, 3, 4, 5, 6] + [0] * 8, [7, 8, 9] + [0] * 11])
+    mask = (batch > 0).long()
+    # the same two lines padded to 6 and to 14 positions: the real targets and their logits are the same
+    assert abs(float(fn(logits[:, :6], batch[:, :6], mask[:, :6])) - float(fn(logits, batch, mask))) > 0.01
+    right = float(bh.lm_loss(logits[:, :6], batch[:, :6], mask[:, :6]))
+    assert right == pytest.approx(float(bh.lm_loss(logits, batch, mask)))
 
 
 def _cache_drifts_after_prefill(tiny, ids, llama, fn):
@@ -191,21 +192,23 @@ def test_the_correct_model_stays_above_it(characters):
 # ------------------------------------------------------------------ bad input and bad answers
 
 BAD_INPUT = [
-    pytest.param(lambda m: bh.pieces("no_such_bug"), ValueError, r"unknown bug 'no_such_bug'; the bugs are: no_causal_mask",
-                 id="unknown-bug"),
+    pytest.param(lambda m: bh.pieces("no_such_bug"), ValueError,
+                 r"unknown bug 'no_such_bug'; the bugs are: no_causal_mask", id="unknown-bug"),
     pytest.param(lambda m: bh.pieces(3), TypeError, r"a bug is named by a string, got int", id="bug-not-a-string"),
     pytest.param(lambda m: bh.pieces("no_causal_mask", "no_scale"), ValueError,
                  r"two bugs in the piece 'attend' \(no_causal_mask, no_scale\): plant one bug per piece",
                  id="two-bugs-one-piece"),
     pytest.param(lambda m: bh.with_piece("attention", bh.append_kv), ValueError,
-                 r"unknown piece 'attention'; the pieces are: attend, apply_rope, append_kv, lm_loss", id="unknown-piece"),
-    pytest.param(lambda m: bh.with_piece("attend", "q @ k"), TypeError, r"the piece 'attend' must be a function, got str",
-                 id="piece-not-callable"),
-    pytest.param(lambda m: bh.forward(m, [[1, 2, 3]]), ValueError, r"ids must be an integer tensor \(batch, positions\)",
-                 id="ids-a-list"),
+                 r"unknown piece 'attention'; the pieces are: attend, apply_rope, append_kv, lm_loss",
+                 id="unknown-piece"),
+    pytest.param(lambda m: bh.with_piece("attend", "q @ k"), TypeError,
+                 r"the piece 'attend' must be a function, got str", id="piece-not-callable"),
+    pytest.param(lambda m: bh.forward(m, [[1, 2, 3]]), ValueError,
+                 r"ids must be an integer tensor \(batch, positions\)", id="ids-a-list"),
     pytest.param(lambda m: bh.forward(m, torch.tensor([1, 2, 3])), ValueError, r"ids must be an integer tensor",
                  id="ids-1d"),
-    pytest.param(lambda m: bh.forward(m, torch.ones(1, 3)), ValueError, r"ids must be an integer tensor", id="ids-float"),
+    pytest.param(lambda m: bh.forward(m, torch.ones(1, 3)), ValueError, r"ids must be an integer tensor",
+                 id="ids-float"),
     pytest.param(lambda m: bh.forward(torch.nn.Linear(2, 2), torch.ones(1, 3, dtype=torch.long)), TypeError,
                  r"forward runs a transformers GPT2LMHeadModel or LlamaForCausalLM, got Linear", id="not-a-gpt"),
     pytest.param(lambda m: bh.cached_logits(m, torch.tensor([[1, 2, 3]]), 1), ValueError,
@@ -214,7 +217,8 @@ BAD_INPUT = [
                  r"n_prompt must be an integer from 1 to len\(ids\) = 3, got 0", id="n-prompt-zero"),
     pytest.param(lambda m: bh.faithfulness(m, torch.tensor([1, 2, 3]), 4), ValueError,
                  r"n_prompt must be an integer from 1 to len\(ids\) = 3, got 4", id="n-prompt-too-long"),
-    pytest.param(lambda m: bh.char_tokens("aaaa"), ValueError, r"at least two different characters", id="text-one-char"),
+    pytest.param(lambda m: bh.char_tokens("aaaa"), ValueError, r"at least two different characters",
+                 id="text-one-char"),
     pytest.param(lambda m: bh.training_curve(bh.Pieces(), torch.arange(5), 5), ValueError,
                  r"need more than length=8 tokens to train on, got 5", id="text-too-short"),
 ]
@@ -243,10 +247,10 @@ BAD_ANSWERS = [
                  id="rope-wrong-shape"),
     pytest.param(bh.check_apply_rope, lambda x, cos, sin: x * cos - rotate_half(x) * sin,
                  r"drift after it .*turns the wrong way", id="rope-backwards"),
-    pytest.param(bh.check_apply_rope, lambda x, cos, sin: x * float("nan"), r"differ from the reference at every position",
-                 id="rope-nan"),
-    pytest.param(bh.check_append_kv, lambda cache, layer, k, v: (k, v), r"cached run drifts from a full recompute after",
-                 id="cache-forgets"),
+    pytest.param(bh.check_apply_rope, lambda x, cos, sin: x * float("nan"),
+                 r"differ from the reference at every position", id="rope-nan"),
+    pytest.param(bh.check_append_kv, lambda cache, layer, k, v: (k, v),
+                 r"cached run drifts from a full recompute after", id="cache-forgets"),
     pytest.param(bh.check_append_kv, _raises, r"your function raised RuntimeError: boom", id="cache-raises"),
 ]
 
