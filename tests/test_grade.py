@@ -180,7 +180,8 @@ def _bad(tmp_path: Path, case: str) -> list[str]:
         name = "99_other.ipynb" if case == "unknown-chapter" else CHAPTER
         (subs / "ada" / name).write_text('{"cells": [', encoding="utf-8")
         extra = {"bad-timeout": ["--timeout", "0"], "no-course": ["--course", str(tmp_path / "nowhere")]}.get(case, [])
-    return ["grade", str(subs), "--out", str(tmp_path / "g.csv"), "--course", str(course), *extra]
+    return ["grade", str(subs), "--out", str(tmp_path / "g.csv"), "--course", str(course),
+            "--executed", str(tmp_path / "executed"), *extra]
 
 
 @pytest.mark.parametrize("case, code, pattern", [
@@ -190,7 +191,7 @@ def _bad(tmp_path: Path, case: str) -> list[str]:
     ("loose-notebook", 2, r"00_mini\.ipynb in .* belong in a folder per learner"),
     ("bad-timeout", 2, r"--timeout must be a positive number of seconds, got 0"),
     ("no-course", 2, r"no course folder .*nowhere: give --course"),
-    ("corrupt-json", 0, r"ada,00_mini\.ipynb,greedy_step,error,cannot read the notebook: .*not a readable notebook"),
+    ("corrupt-json", 0, r'ada,00_mini\.ipynb,greedy_step,error,"cannot read the notebook: .*not a readable notebook \(NotJSONError'),
     ("unknown-chapter", 0, r"ada,99_other\.ipynb,,error,the course has no notebook 99_other\.ipynb"),
 ], ids=["missing-folder", "empty-folder", "no-notebooks", "loose-notebook", "bad-timeout", "no-course",
         "corrupt-json", "unknown-chapter"])
