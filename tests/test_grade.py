@@ -139,14 +139,19 @@ def test_each_learner_gets_a_clear_row(grades: dict, learner: str, exercise: str
     assert row["points"] == ("1" if status == "passed" else "0")
 
 
-def test_a_notebook_past_its_timeout_gets_error_rows(classroom: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("first_cell, timeout, pattern", [
+    ("import time\ntime.sleep(120)", 2, r"timed out: the notebook ran past --timeout 2 s"),
+    ("import os\nos._exit(1)", 60, r"the check did not run: DeadKernelError: Kernel died"),
+], ids=["timeout", "kernel-dies"])
+def test_a_notebook_that_hangs_or_crashes_gets_error_rows(classroom: dict[str, Path], tmp_path: Path,
+                                                          first_cell: str, timeout: float, pattern: str) -> None:
     nb = nbformat.read(str(classroom["student"] / CHAPTER), as_version=4)
-    nb.cells.insert(0, new_code_cell("import time\ntime.sleep(120)"))  # before torch: one light kernel
+    nb.cells.insert(0, new_code_cell(first_cell))  # before torch: a light kernel
     (tmp_path / "subs" / "zed").mkdir(parents=True)
     nbformat.write(nb, str(tmp_path / "subs" / "zed" / CHAPTER))
-    rows = grade.grade_class(tmp_path / "subs", classroom["course"], tmp_path / "executed", timeout=2)
+    rows = grade.grade_class(tmp_path / "subs", classroom["course"], tmp_path / "executed", timeout=timeout)
     assert [(r.exercise, r.status, r.points) for r in rows] == [("greedy_step", "error", 0), ("attainable", "error", 0)]
-    assert all(re.fullmatch(r"timed out: the notebook ran past --timeout 2 s", r.hint) for r in rows)
+    assert all(re.fullmatch(pattern, r.hint) for r in rows), rows
 
 
 def test_an_edited_check_is_restored_and_a_deleted_one_reported(classroom: dict[str, Path]) -> None:
@@ -191,7 +196,8 @@ def _bad(tmp_path: Path, case: str) -> list[str]:
     ("loose-notebook", 2, r"00_mini\.ipynb in .* belong in a folder per learner"),
     ("bad-timeout", 2, r"--timeout must be a positive number of seconds, got 0"),
     ("no-course", 2, r"no course folder .*nowhere: give --course"),
-    ("corrupt-json", 0, r'ada,00_mini\.ipynb,greedy_step,error,"cannot read the notebook: .*not a readable notebook \(NotJSONError'),
+    ("corrupt-json", 0, r'ada,00_mini\.ipynb,greedy_step,error,"cannot read the notebook: .*not a readable '
+                        r'notebook \(NotJSONError'),
     ("unknown-chapter", 0, r"ada,99_other\.ipynb,,error,the course has no notebook 99_other\.ipynb"),
 ], ids=["missing-folder", "empty-folder", "no-notebooks", "loose-notebook", "bad-timeout", "no-course",
         "corrupt-json", "unknown-chapter"])
