@@ -95,13 +95,16 @@ def _check_id(cell: NotebookNode, ref: Reference) -> str | None:
 
 
 def prepare(nb: NotebookNode, ref: Reference) -> set[str]:
-    """Restore a submission's check cells from the course in place (source and metadata);
-    return the grade_ids of the checks it lacks."""
+    """Restore a submission's check cells from the course in place (source and metadata; a copy
+    of a check counts for nothing); return the grade_ids of the checks it lacks."""
     present = set()
     for cell in nb.cells:
         grade_id = _check_id(cell, ref)
-        if grade_id and grade_id not in present:
-            cell.source, cell.metadata["nbgrader"] = ref.checks[grade_id]
+        if grade_id in present:
+            cell.metadata.pop("nbgrader", None)
+        elif grade_id:
+            source, meta = ref.checks[grade_id]
+            cell.source, cell.metadata["nbgrader"] = source, dict(meta)
             present.add(grade_id)
     return set(ref.checks) - present
 

@@ -160,8 +160,11 @@ def test_an_edited_check_is_restored_and_a_deleted_one_reported(classroom: dict[
     checks = [c for c in nb.cells if "check" in c.metadata.get("tags", [])]
     checks[0].source = 'print("✓ correct")'
     nb.cells.remove(checks[1])
+    fake = nbformat.from_dict(checks[0])  # a copy of the check, edited: counts for nothing
+    nb.cells.append(fake)
     assert grade.prepare(nb, ref) == {"check_attainable"}
     assert checks[0].source == "# NBVAL_IGNORE_OUTPUT\ncheck_greedy_step(greedy_step)"
+    assert fake.source == 'print("✓ correct")' and "nbgrader" not in fake.metadata
     rows = grade._read_checks("eve", CHAPTER, ref, {"check_attainable"}, classroom["student"] / CHAPTER, "")
     assert [(r.status, r.hint) for r in rows] == [
         ("error", "the check did not run: the notebook stopped before it"),
