@@ -6,7 +6,7 @@
                                          execute every notebook headless, print a table
     cyclelab edition annotate [NOTEBOOK ...]   tag exercises, checks, solutions; nbgrader metadata
     cyclelab edition student OUT [--nbgrader]  the student copy of the course, without solutions
-    cyclelab grade SUBMISSIONS [--out grades.csv] [--timeout S] [--course DIR]
+    cyclelab grade SUBMISSIONS [--out grades.csv] [--timeout S] [--jobs N] [--course DIR]
                                          run each learner's notebooks, one CSV row per exercise
     cyclelab lab [JUPYTER ARGS ...]      JupyterLab on notebooks/ (e.g. --no-browser)
     cyclelab train-tiny [ARGS ...]       train the course's tiny model (see --help)
@@ -93,6 +93,8 @@ def _add_grade(sub: argparse._SubParsersAction) -> None:
     grade.add_argument("--out", type=Path, default=Path("grades.csv"), help="the CSV to write (default grades.csv)")
     grade.add_argument("--timeout", type=float, default=600, metavar="SECONDS",
                        help="the most one notebook may run (default 600)")
+    grade.add_argument("--jobs", type=int, default=1, metavar="N",
+                       help="notebooks graded at once, each in its own kernel (default 1)")
     grade.add_argument("--course", type=Path, default=None, metavar="DIR",
                        help="the course notebooks the submissions answer (default: this course's notebooks/)")
     grade.add_argument("--executed", type=Path, default=Path("outputs/graded"), metavar="DIR",
@@ -209,7 +211,7 @@ def cmd_grade(args: argparse.Namespace, _: list[str]) -> int:
     from .grade import grade_class, summary, write_csv
 
     try:
-        rows = grade_class(args.submissions, args.course, args.executed, args.timeout)
+        rows = grade_class(args.submissions, args.course, args.executed, args.timeout, args.jobs)
         write_csv(rows, args.out)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

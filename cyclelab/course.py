@@ -73,8 +73,8 @@ def _matches(name: str, pattern: str) -> bool:
 def run_notebook(path: Path, out_dir: Path, parameters: dict[str, Any] | None = None,
                  profile: str = "fast", **options: Any) -> NotebookRun:
     """Execute one notebook with papermill into ``out_dir`` with ``profile``'s parameters (and
-    ``parameters`` on top); never raises on a failing cell. ``options`` go to the notebook client
-    (``allow_errors``, ``timeout_func``, ...)."""
+    ``parameters`` on top); never raises on a failing cell. ``options`` go to papermill and the
+    notebook client (``allow_errors``, ``timeout_func``, ...; ``cwd`` is the notebook's folder)."""
     import papermill as pm
 
     path, out_dir = Path(path).resolve(), Path(out_dir)
@@ -87,10 +87,9 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict[str, Any] | None = 
     try:
         pm.execute_notebook(
             str(path), str(output), parameters=values, kernel_name=KERNEL_NAME,
-            cwd=str(path.parent), log_output=False, progress_bar=False,
+            log_output=False, progress_bar=False, **{"cwd": str(path.parent), **options},
             on_notebook_start=probe.start, on_cell_executed=probe.sample,
             extra_arguments=["--IPKernelApp.log_level=ERROR"],  # no start-up warnings from each kernel
-            **options,
         )
     except Exception as err:  # a failing cell, a missing kernel, a timeout: all reported
         status, error = "failed", _summary(err)

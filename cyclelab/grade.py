@@ -128,10 +128,12 @@ def _error(cell: NotebookNode) -> str:
 
 
 def first_error(nb: NotebookNode) -> str:
-    """``cell N: Name: message`` of the first cell that raised, or ''."""
-    for index, cell in enumerate(nb.cells):
+    """``cell N: Name: message`` of the first cell that raised, or ''; N counts the learner's cells
+    from 1 (not the error banners papermill adds)."""
+    cells = [c for c in nb.cells if "papermill-error-cell-tag" not in c.metadata.get("tags", [])]
+    for number, cell in enumerate(cells, 1):
         if cell.cell_type == "code" and _error(cell):
-            return f"cell {index}: {_error(cell)}"
+            return f"cell {number}: {_error(cell)}"
     return ""
 
 
@@ -186,7 +188,9 @@ def grade_notebook(learner: str, path: Path, course: Path, work: Path, timeout: 
     prepared = work / learner / "submitted" / path.name
     prepared.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, str(prepared))
-    run = run_notebook(prepared, work / learner, allow_errors=True, timeout_func=_deadline(timeout))
+    run = run_notebook(prepared, work / learner, allow_errors=True, timeout_func=_deadline(timeout),
+                       cwd=None, resources={"metadata": {"path": str(prepared.parent)}})  # the kernel's folder
+    # (papermill's cwd would change this process's folder, which other grading threads share)
     if _timed_out(run.error):
         return _rows(learner, path.name, ref, ERROR, f"timed out: the notebook ran past --timeout {timeout:g} s")
     return _read_checks(learner, path.name, ref, missing, run.output, run.error)
@@ -214,17 +218,24 @@ def _read_checks(learner: str, name: str, ref: Reference, missing: set[str], out
 
 
 def grade_class(submissions: Path, course: Path | None = None, work: Path = Path("outputs/graded"),
-                timeout: float = 600) -> list[Grade]:
-    """Grade every notebook under ``submissions`` (layout ``SUBMISSIONS/<learner>/<chapter>.ipynb``)."""
+                timeout: float = 600, jobs: int = 1) -> list[Grade]:
+    """Grade every notebook under ``submissions`` (layout ``SUBMISSIONS/<learner>/<chapter>.ipynb``),
+    ``jobs`` notebooks at a time; rows in the order of learners and notebooks."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from .course import notebooks_dir
 
     if not timeout > 0:
         raise ValueError(f"--timeout must be a positive number of seconds, got {timeout}")
-    course = Path(course or notebooks_dir())
+    if not (isinstance(jobs, int) and jobs >= 1):
+        raise ValueError(f"--jobs must be a whole number >= 1, got {jobs}")
+    course, work = Path(course or notebooks_dir()).resolve(), Path(work).resolve()
     if not course.is_dir():
         raise FileNotFoundError(f"no course folder {course}: give --course the folder of the chapter notebooks")
     pairs = find_submissions(submissions)
-    return [row for learner, path in pairs for row in grade_notebook(learner, path, course, Path(work), timeout)]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # each notebook runs in its own kernel process
+        graded = pool.map(lambda pair: grade_notebook(*pair, course, work, timeout), pairs)
+        return [row for rows in graded for row in rows]
 
 
 def write_csv(rows: list[Grade], path: Path) -> None:

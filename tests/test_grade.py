@@ -11,6 +11,7 @@ check cells are read without a kernel.
 from __future__ import annotations
 
 import csv
+import os
 import re
 from pathlib import Path
 
@@ -94,10 +95,11 @@ def classroom(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def grades(classroom: dict[str, Path]) -> dict[tuple[str, str], dict[str, str]]:
     """The CSV of ``cyclelab grade`` over the class, by (learner, exercise)."""
-    out = classroom["root"] / "grades.csv"
+    out, here = classroom["root"] / "grades.csv", os.getcwd()
     status = main(["grade", str(classroom["submissions"]), "--out", str(out), "--course", str(classroom["course"]),
-                   "--executed", str(classroom["root"] / "executed")])
-    assert status == 0
+                   "--executed", str(classroom["root"] / "executed"), "--jobs", "2"])
+    assert status == 0 and os.getcwd() == here, "two notebooks at a time, and this process stays in its folder"
+    assert sorted(p.name for p in (classroom["root"] / "executed").iterdir()) == sorted(ANSWERS)
     with open(out, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == ["learner", "notebook", "exercise", "status", "hint", "points", "points_possible"]
@@ -128,7 +130,7 @@ def test_one_row_per_learner_and_exercise(grades: dict) -> None:
     ("cy", "greedy_step", "failed", r"chose token 0|probability"),
     ("cy", "attainable", "failed", r"raised NotImplementedError"),
     ("dee", "greedy_step", "failed", r"raised ZeroDivisionError"),
-    ("dee", "attainable", "error", r"NameError: name 'attainable' is not defined.*first error: cell \d+: "
+    ("dee", "attainable", "error", r"NameError: name 'attainable' is not defined.*first error: cell 8: "
                                    r"NameError: name 'undefined_name'"),
 ], ids=["right-1", "right-2", "mistake-logit", "mistake-max", "blank-stub", "blank-nbgrader-stub",
         "raises-in-function", "raises-at-top-level"])
@@ -183,11 +185,12 @@ def _bad(tmp_path: Path, case: str) -> list[str]:
     elif case == "loose-notebook":
         subs.mkdir()
         (subs / CHAPTER).write_text("{}")
-    elif case in ("corrupt-json", "unknown-chapter", "bad-timeout", "no-course"):
+    elif case in ("corrupt-json", "unknown-chapter", "bad-timeout", "no-course", "bad-jobs"):
         (subs / "ada").mkdir(parents=True)
         name = "99_other.ipynb" if case == "unknown-chapter" else CHAPTER
         (subs / "ada" / name).write_text('{"cells": [', encoding="utf-8")
-        extra = {"bad-timeout": ["--timeout", "0"], "no-course": ["--course", str(tmp_path / "nowhere")]}.get(case, [])
+        extra = {"bad-timeout": ["--timeout", "0"], "no-course": ["--course", str(tmp_path / "nowhere")],
+                 "bad-jobs": ["--jobs", "0"]}.get(case, [])
     return ["grade", str(subs), "--out", str(tmp_path / "g.csv"), "--course", str(course),
             "--executed", str(tmp_path / "executed"), *extra]
 
@@ -199,11 +202,12 @@ def _bad(tmp_path: Path, case: str) -> list[str]:
     ("loose-notebook", 2, r"00_mini\.ipynb in .* belong in a folder per learner"),
     ("bad-timeout", 2, r"--timeout must be a positive number of seconds, got 0"),
     ("no-course", 2, r"no course folder .*nowhere: give --course"),
+    ("bad-jobs", 2, r"--jobs must be a whole number >= 1, got 0"),
     ("corrupt-json", 0, r'ada,00_mini\.ipynb,greedy_step,error,"cannot read the notebook: .*not a readable '
                         r'notebook \(NotJSONError'),
     ("unknown-chapter", 0, r"ada,99_other\.ipynb,,error,the course has no notebook 99_other\.ipynb"),
 ], ids=["missing-folder", "empty-folder", "no-notebooks", "loose-notebook", "bad-timeout", "no-course",
-        "corrupt-json", "unknown-chapter"])
+        "bad-jobs", "corrupt-json", "unknown-chapter"])
 def test_bad_input_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, code: int,
                             pattern: str) -> None:
     """Layout problems stop the grader with exit 2 and a message; a bad notebook is a row, exit 0."""
