@@ -14,7 +14,10 @@ test (``grade``, ``locked``, worth ``points``). Solution cells carry only their 
 instructor's, and :func:`student_notebook` removes them. The instructor edition is the repository.
 
     cyclelab edition annotate [NOTEBOOK ...]   tags and metadata, in place (outputs untouched)
-    cyclelab edition student OUT/              the student copy of every chapter
+    cyclelab edition student OUT/ [--nbgrader] the student copy of every chapter
+
+nbgrader's autograder scores a test cell 0 only when it raises; the course's checks print ✗ instead,
+so ``--nbgrader`` rewrites each check cell to print the result and then assert it.
 """
 
 from __future__ import annotations
@@ -87,9 +90,9 @@ def classify(nb: NotebookNode) -> list[str]:
             after_heading = after_heading or bool(SOLUTION_HEADING.search(source))
         elif cell.cell_type == "code" and _hidden(cell) and (after_heading or function_name(source) in defined):
             kind = SOLUTION
-        elif cell.cell_type == "code" and _is_stub(source) and function_name(source):
+        elif cell.cell_type == "code" and _is_stub(source) and (name := function_name(source)):
             kind = EXERCISE
-            defined.add(function_name(source))
+            defined.add(name)
         elif cell.cell_type == "code" and checked_function(source) in defined:
             kind = CHECK
         kinds.append(kind)
@@ -255,8 +258,8 @@ def assert_on_failure(source: str) -> str:
     lines = source.rstrip().split("\n")
     if not lines or not CHECK_CALL.match(lines[-1].strip()):
         return source
-    return "\n".join(lines[:-1] + [f"result = {lines[-1].strip()}", "print(result)",
-                                   "assert result, result.message"])
+    return "\n".join(lines[:-1] + [f"check_result = {lines[-1].strip()}", "print(check_result)",
+                                   "assert check_result, check_result.message"])
 
 
 def student_notebook(nb: NotebookNode, raising_checks: bool = False) -> NotebookNode:

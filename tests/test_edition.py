@@ -128,7 +128,7 @@ def test_points_set_by_an_instructor_stay_and_stale_annotations_go() -> None:
 
 def test_nbgrader_mode_checks_raise_when_they_fail() -> None:
     source = edition.assert_on_failure("# NBVAL_IGNORE_OUTPUT\ncheck_attainable(attainable)")
-    assert source.startswith("# NBVAL_IGNORE_OUTPUT\nresult = check_attainable(attainable)\nprint(result)")
+    assert source.startswith("# NBVAL_IGNORE_OUTPUT\ncheck_result = check_attainable(attainable)\nprint(check_result)")
     right = {"check_attainable": check_attainable, "attainable": lambda f, b, p, w: min(p, f / b * w)}
     exec(source, right)  # passes: no exception
     with pytest.raises(AssertionError, match="take min"):
