@@ -73,27 +73,21 @@ def test_top_k_keeps_ties_like_transformers():
     assert torch.isfinite(mine).sum() == 4  # 3, 3, 2, 2: the tie at the 3rd place is kept
 
 
-@pytest.mark.parametrize("seed,vocab", CASES)
-@pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.99, 1.0])
-def test_top_p_matches_transformers(seed, vocab, p):
-    logits, previous = random_case(seed, vocab)
-    theirs = TopPLogitsWarper(p)(previous, logits.clone())
-    assert_same(decode.top_p_filter(logits, p), theirs)
-    # also after a top-k filter, when -inf entries are already there
-    filtered = TopKLogitsWarper(30)(previous, logits.clone())
-    assert_same(decode.top_p_filter(filtered, p), TopPLogitsWarper(p)(previous, filtered.clone()))
+FILTERS = [(decode.top_p_filter, TopPLogitsWarper, (0.05, 0.5, 0.9, 0.99, 1.0)),
+           (decode.min_p_filter, MinPLogitsWarper, (0.0, 0.01, 0.1, 0.5, 1.0))]
 
 
 @pytest.mark.parametrize("seed,vocab", CASES)
-@pytest.mark.parametrize("min_p", [0.0, 0.01, 0.1, 0.5, 1.0])
-def test_min_p_matches_transformers(seed, vocab, min_p):
+@pytest.mark.parametrize("mine,warper,value", [pytest.param(f, w, v, id=f"{f.__name__}-{v}")
+                                               for f, w, values in FILTERS for v in values])
+def test_top_p_and_min_p_match_transformers(seed, vocab, mine, warper, value):
     logits, previous = random_case(seed, vocab)
-    theirs = MinPLogitsWarper(min_p)(previous, logits.clone())
-    assert_same(decode.min_p_filter(logits, min_p), theirs)
-    assert_same(decode.min_p_filter(logits[0], min_p), theirs[0])
-    # also after a temperature and a top-k filter, the way generate() chains them
-    warmed = TopKLogitsWarper(40)(previous, TemperatureLogitsWarper(0.7)(previous, logits.clone()))
-    assert_same(decode.min_p_filter(warmed, min_p), MinPLogitsWarper(min_p)(previous, warmed.clone()))
+    theirs = warper(value)(previous, logits.clone())
+    assert_same(mine(logits, value), theirs)
+    assert_same(mine(logits[0], value), theirs[0])
+    # also after temperature and top-k, the way generate() chains them, when -inf entries are already there
+    filtered = TopKLogitsWarper(30)(previous, TemperatureLogitsWarper(0.7)(previous, logits.clone()))
+    assert_same(mine(filtered, value), warper(value)(previous, filtered.clone()))
 
 
 def test_min_p_hand_computed():
