@@ -839,9 +839,10 @@ def check_masked_prediction(fn: Callable, loaded=None) -> Result:
         case = f"(position {pos} of {len(ids)})"
         with torch.no_grad():
             every = model(torch.tensor([masked])).logits[0].double()  # (positions, vocab)
-        if token != want and token == int(every.argmax()) and token >= every.shape[-1]:
-            return Result(False, f"you returned the argmax of the whole (positions × vocab) table {case}: "
-                                 "take the logits AT the masked position first, logits[0, position]")
+        if token != want and token == int(every.argmax()):
+            return Result(False, f"you returned the argmax index of the whole sequence {case}: argmax over the "
+                                 "flattened (positions × vocab) logits counts across positions; take the logits AT "
+                                 "the masked position first, logits[0, position], then its argmax")
         if token == want:
             if abs(prob - want_logit) < 1e-4:
                 return Result(False, f"you returned the logit {case}: the probability is softmax(logits)[token]")
@@ -859,6 +860,110 @@ def check_masked_prediction(fn: Callable, loaded=None) -> Result:
                                      "the mask — no shift, unlike a causal LM's next token")
         return Result(False, f"at {case} the masked LM's top token is {want}, you returned {token}")
     return Result(True, "correct: mask the position, run the encoder once, read the prediction AT the mask")
+
+
+def _perplexity_variants(logits: torch.Tensor, ids: torch.Tensor) -> dict[str, float]:
+    """Perplexity done right (``"ok"``: logits[i] scores ids[i + 1], exp of the mean negative
+    log-likelihood) and the typical wrong ways, each named by its symptom."""
+    import math
+
+    z = logits.double()
+    logp = torch.log_softmax(z, -1)
+
+    def nll(rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return -rows.gather(-1, targets[:, None])[:, 0]
+
+    right = nll(logp[:-1], ids[1:])
+    n = len(right)
+    return {
+        "ok": math.exp(float(right.mean())),
+        "you returned the mean negative log-likelihood (the loss): perplexity is exp of it": float(right.mean()),
+        "you scored each position against its own token: logits[i] predicts the NEXT token, so compare "
+        "logits[:-1] with ids[1:]": math.exp(float(nll(logp, ids).mean())),
+        "you paired logits[i + 1] with ids[i]: the shift goes the other way, logits[:-1] against ids[1:]":
+            math.exp(float(nll(logp[1:], ids[:-1]).mean())),
+        "you summed the negative log-likelihoods: take the MEAN over the predicted tokens, then exp":
+            math.exp(min(float(right.sum()), 700.0)),
+        "you divided by all positions: only n - 1 tokens are predicted (the first has no prediction)":
+            math.exp(float(right.sum()) / len(ids)),
+        "you used the raw logits as log-probabilities: apply log_softmax over the vocabulary first":
+            math.exp(min(float(nll(z[:-1], ids[1:]).mean()), 700.0)),
+        "you averaged probabilities, not LOG-probabilities: the NLL of a token is -log p":
+            math.exp(float(nll(logp[:-1].exp(), ids[1:]).mean())),
+        "you dropped the minus sign: the NLL is -log p, so perplexity is at least 1":
+            math.exp(-float(right.mean())),
+        "you averaged exp(NLL) token by token: exponentiate the MEAN NLL once (a geometric mean of 1/p)":
+            float(right.exp().mean()),
+        "you raised 2 to an NLL in nats: use exp (2 ** goes with an NLL measured in bits, log2)":
+            2.0 ** float(right.mean()),
+        "you scored the most likely token at each position: score the token that actually comes next, ids[i + 1]":
+            math.exp(float(-logp[:-1].amax(-1).mean())),
+        f"you divided the NLL by the vocabulary size: the mean is over the {n} predicted tokens":
+            math.exp(float(right.sum()) / z.shape[-1]),
+    }
+
+
+def _perplexity_cases(loaded=None):
+    """``(what, logits, ids, transformers' exp(loss) or None)``: random logits, a random GPT-2 on a
+    short sequence, and ``loaded``'s model on a line of the plays when given."""
+    gen = torch.Generator().manual_seed(8)
+    for seq, vocab, scale in ((6, 20, 2.0), (2, 7, 1.0), (12, 100, 4.0), (30, 50, 0.5)):
+        yield f"{seq} positions, {vocab} tokens", torch.randn(seq, vocab, generator=gen) * scale, \
+            torch.randint(0, vocab, (seq,), generator=gen), None
+    models = [("a random GPT-2", _random_gpt2(), torch.randint(0, 50, (10,), generator=gen))]
+    if loaded is not None:
+        text = "ROMEO:\nBut soft, what light through yonder window breaks?"
+        models.append((f"{loaded.name} on a line of the plays", loaded.model,
+                       torch.tensor(loaded.tokenizer(text)["input_ids"])))
+    for what, model, ids in models:
+        with torch.no_grad():
+            out = model(ids[None].to(model.device), labels=ids[None].to(model.device))
+        yield what, out.logits[0].float().cpu(), ids, float(torch.exp(out.loss))
+
+
+def _as_number(answer) -> float | Result:
+    """A learner's one-number answer as a float, or a ✗ Result saying what came back."""
+    if isinstance(answer, torch.Tensor) and answer.numel() == 1 and not answer.is_complex():
+        return float(answer)
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        return float(answer)
+    return Result(False, f"return the perplexity as ONE number (a float), got {answer!r:.80}")
+
+
+@_guarded
+def check_perplexity(fn: Callable[[torch.Tensor, torch.Tensor], float], loaded=None) -> Result:
+    """Check ``fn(logits, ids) -> float``: the perplexity of ``ids`` under a causal LM whose
+    ``logits`` (``(positions, vocab)``) were computed on ``ids``: logits[i] predicts ids[i + 1],
+    and perplexity = exp(mean negative log-likelihood of ids[1:]).
+
+    Compared against a float64 computation, against the package's :func:`cyclelab.metrics.perplexity`
+    of the same summed NLL, and, for a random GPT-2 (and ``loaded``, e.g. ``load("tiny")``, when
+    given), against transformers' own ``exp(model(ids, labels=ids).loss)``.
+    """
+    import math
+
+    from .metrics import perplexity
+
+    for what, logits, ids, hf in _perplexity_cases(loaded):
+        out, error = _call(fn, logits.clone(), ids.clone(), case=what)
+        if error is not None:
+            return error
+        got = _as_number(out)
+        if isinstance(got, Result):
+            return got
+        variants = _perplexity_variants(logits, ids)
+        want = variants.pop("ok")
+        nll_sum = -float(torch.log_softmax(logits.double(), -1)[:-1].gather(-1, ids[1:, None]).sum())
+        references = [want, perplexity(nll_sum, len(ids) - 1)] + ([hf] if hf is not None else [])
+        if all(math.isclose(got, ref, rel_tol=1e-4) for ref in references):
+            continue
+        for hint, wrong in variants.items():
+            if math.isclose(got, wrong, rel_tol=1e-4):
+                return Result(False, f"{hint} ({what})")
+        return Result(False, f"on {what} the perplexity is {want:.4f}, you returned {got:.4f}: exp of the mean "
+                             "of -log_softmax(logits)[i, ids[i + 1]] over i = 0 .. n - 2")
+    return Result(True, "correct: exp of the mean negative log-likelihood of each next token, as transformers' "
+                        "exp(loss) computes it")
 
 
 # --- chapter 06: LoRA's forward pass -----------------------------------------------------------------

@@ -420,7 +420,7 @@ MASKED_WRONG = [
     ("log-probability", lambda m, ids, pos, mid: (lambda z: (int(z.argmax()), float(torch.log_softmax(z, -1).max())))(
         masked_logits_of(m, ids, pos, mid)), "LOG-probability"),
     ("mutates ids", masked_mutating, "caller's list"),
-    ("flat argmax", masked_flat_argmax, "whole"),
+    ("flat argmax", masked_flat_argmax, "you returned the argmax index of the whole sequence"),
     ("probability vector", lambda m, ids, pos, mid: (lambda z: (int(z.argmax()), torch.softmax(z, -1)))(
         masked_logits_of(m, ids, pos, mid)), "ONE number"),
 ]
@@ -430,6 +430,58 @@ def masked_logits_all(model, ids, position, mask_id):
     ids = ids[:position] + [mask_id] + ids[position + 1:]
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0]
+
+
+def ppl_cross_entropy(logits, ids):
+    return F.cross_entropy(logits[:-1], ids[1:]).exp().item()
+
+
+def ppl_by_loop(logits, ids):
+    total = 0.0
+    for i in range(len(ids) - 1):
+        row = [float(v) for v in logits[i]]
+        top = max(row)
+        log_z = top + math.log(sum(math.exp(v - top) for v in row))
+        total += log_z - row[int(ids[i + 1])]
+    return math.exp(total / (len(ids) - 1))
+
+
+def ppl_tensor(logits, ids):  # a 0-d tensor is one number too
+    logp = torch.log_softmax(logits, -1)[:-1].gather(-1, ids[1:, None])
+    return torch.exp(-logp.mean())
+
+
+def ppl_nlls(logits, ids, shift=1):
+    """Per-token NLLs with logits[i] against ids[i + shift] (shift 0: no shift, -1: the wrong way)."""
+    logp = torch.log_softmax(logits.double(), -1)
+    rows, targets = (logp[:-1], ids[1:]) if shift == 1 else (logp, ids) if shift == 0 else (logp[1:], ids[:-1])
+    return -rows.gather(-1, targets[:, None])[:, 0]
+
+
+PERPLEXITY_RIGHT = [ppl_cross_entropy, ppl_by_loop, ppl_tensor]
+PERPLEXITY_WRONG = [
+    ("no exp", lambda z, ids: float(ppl_nlls(z, ids).mean()), "exp of it"),
+    ("no shift", lambda z, ids: math.exp(float(ppl_nlls(z, ids, shift=0).mean())), "NEXT token"),
+    ("shift the wrong way", lambda z, ids: math.exp(float(ppl_nlls(z, ids, shift=-1).mean())), "other way"),
+    ("sum", lambda z, ids: math.exp(min(float(ppl_nlls(z, ids).sum()), 700)), "MEAN"),
+    ("all positions", lambda z, ids: math.exp(float(ppl_nlls(z, ids).sum()) / len(ids)), "n - 1"),
+    ("raw logits", lambda z, ids: math.exp(min(-float(z[:-1].double().gather(-1, ids[1:, None]).mean()), 700)),
+     "log_softmax"),
+    ("probabilities", lambda z, ids: math.exp(-float(torch.softmax(z.double(), -1)[:-1].gather(-1, ids[1:, None]).mean())),
+     "LOG-probabilities"),
+    ("no minus", lambda z, ids: math.exp(-float(ppl_nlls(z, ids).mean())), "minus sign"),
+    ("mean of exp", lambda z, ids: float(ppl_nlls(z, ids).exp().mean()), "geometric mean"),
+    ("base 2", lambda z, ids: 2 ** float(ppl_nlls(z, ids).mean()), "bits"),
+    ("argmax", lambda z, ids: math.exp(-float(torch.log_softmax(z.double(), -1)[:-1].max(-1).values.mean())),
+     "actually comes next"),
+    ("a vector", lambda z, ids: ppl_nlls(z, ids).exp(), "ONE number"),
+]
+
+
+def test_perplexity_check_uses_transformers_loss_on_tiny(tiny):
+    assert check.check_perplexity(ppl_cross_entropy, tiny)
+    result = check.check_perplexity(lambda z, ids: ppl_cross_entropy(z, ids) * 1.01, tiny)
+    assert not result and "perplexity is" in result.message
 
 
 # --- chapter 06: LoRA's forward ------------------------------------------------------------------------
@@ -534,6 +586,7 @@ CHECKS = {
     "block": (check.check_block, BLOCK_RIGHT, BLOCK_WRONG),
     "top_p_filter": (check.check_top_p_filter, TOP_P_RIGHT, TOP_P_WRONG),
     "masked_prediction": (check.check_masked_prediction, MASKED_RIGHT, MASKED_WRONG),
+    "perplexity": (check.check_perplexity, PERPLEXITY_RIGHT, PERPLEXITY_WRONG),
     "lora_forward": (check.check_lora_forward, LORA_RIGHT, LORA_WRONG),
     "int8_row": (check.check_int8_row, INT8_RIGHT, INT8_WRONG),
     "attainable": (check.check_attainable, ATTAINABLE_RIGHT, ATTAINABLE_WRONG),
