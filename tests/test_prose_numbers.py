@@ -4,7 +4,8 @@ The rule, applied to each markdown cell of each notebook under ``notebooks/``:
 
 * A *figure* is a number with a decimal point (``2.7``), a percentage (``95%``), or an
   integer of 100 or more (``4096``, ``110 592``, ``49,152``; digit groups are joined).
-* Exempt: integers below 100 (counts, chapter and section numbers, "GPT-2"), years
+* Exempt: integers below 100 (counts, chapter and section numbers, "GPT-2"), section numbers
+  such as "7.3" at the start of a heading or after "Exercise", "section" or "§", years
   (1500–2100), anything in inline or fenced code or LaTeX (that is code or a formula, not a
   claim), link targets, and the cost-label lines written by ``cyclelab course --label``
   (a measurement of the whole run, recorded by the course runner, not by a cell).
@@ -28,7 +29,7 @@ NOTEBOOKS = sorted(Path(__file__).resolve().parents[1].joinpath("notebooks").rgl
 _GROUPED = r"\d{1,3}(?:[,\u202f\u2009 ]\d{3})+(?![\d])"
 _NUMBER = re.compile(rf"(?<![\w.,/^\-])({_GROUPED}|\d+)(\.\d+)?(%?)(?![\w])")
 _HIDDEN = [r"^[^\n]*<!-- cost:\w+ -->[^\n]*$", r"```.*?```", r"`[^`]*`", r"\$\$.*?\$\$", r"\$[^$\n]*\$", r"\]\([^)]*\)",
-           r"<[^>]+>"]
+           r"<[^>]+>", r"^#+\s+[\d.]+", r"(?i)(?:\bexercise|\bsection|§)\s*\d+(?:\.\d+)*"]
 
 
 def _plain(number: str) -> str:
@@ -91,7 +92,8 @@ def test_prose_cites_only_numbers_of_its_own_run(path: Path) -> None:
     ("`lr = 3e-4` and $d^{0.5}$ and [link](https://x.org/1234)", []),
     ("<!-- cost:fast --> **Cost:** 16 s, peak memory 0.9 GB", []),
     ("```\nprint(12345)\n```", []),
-], ids=["decimal", "percent", "grouped", "small-and-years", "code-math-links", "cost-label", "fenced"])
+    ("### 7.3 · Exercise 2.1, see section 4.2 and § 1.5", []),
+], ids=["decimal", "percent", "grouped", "small-and-years", "code-math-links", "cost-label", "fenced", "section-numbers"])
 def test_rule_finds_figures(text: str, expected: list[str]) -> None:
     assert figures(text) == expected
 
