@@ -369,6 +369,101 @@ def check_count_pairs(fn: Callable[[list[int]], dict]) -> Result:
     return Result(True, "correct: every adjacent pair counted, overlapping ones included")
 
 
+def _ref_apply_merges(word: list[str], merges: list[tuple[str, str]]) -> list[str]:
+    """The reference encoding of one pre-token: ``tokenizers``' own BPE model, built from ``merges``."""
+    from tokenizers.models import BPE as HFBPE
+
+    vocab: dict[str, int] = {}
+    for token in [*word, *(c for m in merges for c in m), *(a + b for a, b in merges)]:
+        vocab.setdefault(token, len(vocab))
+    return [t.value for t in HFBPE(vocab, merges).tokenize("".join(word))] if word else []
+
+
+def _merge_variants(word: list[str], ranks: dict[tuple[str, str], int]) -> dict[str, list[str]]:
+    """Typical wrong encodings of ``word``, keyed by the hint that names each symptom."""
+
+    def replay(pick, glue=lambda a, b: a + b, once=False) -> list[str]:
+        parts = list(word)
+        while True:
+            known = [i for i in range(len(parts) - 1) if (parts[i], parts[i + 1]) in ranks]
+            if not known:
+                return parts
+            i = pick(known, parts)
+            parts[i : i + 2] = [glue(parts[i], parts[i + 1])]
+            if once:
+                return parts
+
+    def rank(parts, i):
+        return ranks[parts[i], parts[i + 1]]
+
+    def longest_first() -> list[str]:  # WordPiece's rule: the longest known piece from the left
+        pieces, known, i = [], set(word) | {a + b for a, b in ranks}, 0
+        while i < len(word):
+            j = max(j for j in range(i + 1, len(word) + 1) if "".join(word[i:j]) in known or j == i + 1)
+            pieces.append("".join(word[i:j]))
+            i = j
+        return pieces
+
+    def first_occurrence_each() -> list[str]:
+        parts = list(word)
+        for pair in sorted(ranks, key=ranks.get):
+            i = next((i for i in range(len(parts) - 1) if (parts[i], parts[i + 1]) == pair), None)
+            if i is not None:
+                parts[i : i + 2] = [pair[0] + pair[1]]
+        return parts
+
+    return {
+        "nothing was merged: while some neighbour pair (parts[i], parts[i + 1]) is in ranks, merge one": list(word),
+        "you stopped after one merge: keep merging until no neighbour pair is in ranks":
+            replay(lambda known, parts: min(known, key=lambda i: rank(parts, i)), once=True),
+        "you merged the leftmost pair that has a rank; BPE merges the pair with the LOWEST rank first, "
+        "wherever it is in the word": replay(lambda known, parts: known[0]),
+        "you merged the pair with the HIGHEST rank first: rank 0 is the merge learned first, and it goes first":
+            replay(lambda known, parts: max(known, key=lambda i: rank(parts, i))),
+        "you glued a pair the wrong way round: the new token is left + right":
+            replay(lambda known, parts: min(known, key=lambda i: rank(parts, i)), glue=lambda a, b: b + a),
+        "only the first occurrence of each pair was merged: a pair can occur twice in a word (an in banana)":
+            first_occurrence_each(),
+        "you matched the longest known piece from the left, WordPiece's rule: BPE replays its merges by rank":
+            longest_first(),
+    }
+
+
+#: Merges (earliest first) and words for :func:`check_apply_merges`, in byte characters (Ġ is a space).
+_MERGE_RULES = [("e", "r"), ("h", "e"), ("a", "n"), ("Ġ", "t"), ("Ġt", "he"), ("an", "a"), ("b", "an"), ("Ġthe", "r"),
+                ("Ġ", "b"), ("n", "a"), ("Ġb", "ana"), ("o", "u"), ("e", "e"), ("ee", "r"), ("o", "n"), ("i", "on"),
+                ("t", "i"), ("t", "ion")]
+_MERGE_WORDS = ["her", "Ġthe", "banana", "Ġbanana", "Ġthere", "Ġbeer", "Ġyou", "eee", "x", "", "ĠROMEO", "nanana", "tion"]
+
+
+@_guarded
+def check_apply_merges(fn: Callable[[list[str], dict[tuple[str, str], int]], list[str]]) -> Result:
+    """Check ``fn(word, ranks) -> tokens``: encode one pre-token (a list of byte characters) by
+    repeatedly merging the neighbour pair of lowest rank, against ``tokenizers``' BPE model.
+    A wrong answer is named by the typical mistake that gives the same tokens on every word."""
+    ranks = {pair: rank for rank, pair in enumerate(_MERGE_RULES)}
+    answers = {}
+    for word in _MERGE_WORDS:
+        got, error = _call(fn, list(word), dict(ranks), case=f"encoding {list(word)}",
+                           in_place="your function changed its input list: work on a copy, list(word)")
+        if error is not None:
+            return error
+        if isinstance(got, str):
+            return Result(False, f"return a list of token strings, not one string ({got!r})")
+        if not isinstance(got, (list, tuple)) or not all(isinstance(t, str) for t in got):
+            return Result(False, f"return a list of token strings, got {got!r:.80}")
+        answers[word] = list(got)
+    wrong = [w for w in _MERGE_WORDS if answers[w] != _ref_apply_merges(list(w), _MERGE_RULES)]
+    if not wrong:
+        return Result(True, "correct: the merges replay by rank, lowest first, until none applies — BPE encoding")
+    variants = {w: _merge_variants(list(w), ranks) for w in _MERGE_WORDS}
+    hints = [h for h in variants[wrong[0]] if all(variants[w][h] == answers[w] for w in _MERGE_WORDS)]
+    hints = hints or [h for h, tokens in variants[wrong[0]].items() if tokens == answers[wrong[0]]]
+    case = (f"encoding {list(wrong[0])} with the merges {_MERGE_RULES[:3]}…: expected "
+            f"{_ref_apply_merges(list(wrong[0]), _MERGE_RULES)}, got {answers[wrong[0]]}")
+    return Result(False, f"{hints[0]} ({case})" if hints else case)
+
+
 # --- chapter 02: the embedding lookup and RoPE -----------------------------------------------------
 
 

@@ -172,6 +172,74 @@ COUNT_WRONG = [
     ("string keys", lambda ids: {f"{a},{b}": 1 for a, b in zip(ids, ids[1:])}, "keys must be pairs"),
 ]
 
+
+
+def encode_gpt2(word, ranks):  # GPT-2's encoder.py: the lowest-ranked pair, every occurrence at once
+    word = list(word)
+    while len(word) > 1:
+        best = min(zip(word, word[1:]), key=lambda p: ranks.get(p, math.inf))
+        if best not in ranks:
+            break
+        word = merge(word, best, best[0] + best[1])
+    return word
+
+
+def encode_merge_by_merge(word, ranks):  # every merge in the order learned, each applied everywhere
+    for pair in sorted(ranks, key=ranks.get):
+        word = merge(list(word), pair, pair[0] + pair[1])
+    return list(word)
+
+
+def encode_greedy(word, ranks, pick=min, glue=lambda a, b: a + b, once=False):
+    parts = list(word)
+    while True:
+        known = [i for i in range(len(parts) - 1) if (parts[i], parts[i + 1]) in ranks]
+        if not known:
+            return parts
+        i = pick(known, key=lambda i: ranks[parts[i], parts[i + 1]])
+        parts[i:i + 2] = [glue(parts[i], parts[i + 1])]
+        if once:
+            return parts
+
+
+def encode_longest_match(word, ranks):
+    known, pieces, i = set(word) | {a + b for a, b in ranks}, [], 0
+    while i < len(word):
+        j = next(j for j in range(len(word), i, -1) if "".join(word[i:j]) in known or j == i + 1)
+        pieces.append("".join(word[i:j]))
+        i = j
+    return pieces
+
+
+def encode_first_occurrence(word, ranks):
+    parts = list(word)
+    for a, b in sorted(ranks, key=ranks.get):
+        for i in range(len(parts) - 1):
+            if (parts[i], parts[i + 1]) == (a, b):
+                parts[i:i + 2] = [a + b]
+                break
+    return parts
+
+
+def encode_in_place(word, ranks):
+    word[:] = encode_gpt2(word, ranks)
+    return word
+
+
+APPLY_RIGHT = [encode_gpt2, encode_merge_by_merge, encode_greedy]
+APPLY_WRONG = [
+    ("nothing merged", lambda word, ranks: list(word), "nothing was merged"),
+    ("one merge only", lambda word, ranks: encode_greedy(word, ranks, once=True), "stopped after one merge"),
+    ("leftmost first", lambda word, ranks: encode_greedy(word, ranks, pick=lambda known, key: known[0]), "leftmost"),
+    ("highest rank first", lambda word, ranks: encode_greedy(word, ranks, pick=max), "HIGHEST rank"),
+    ("glued backwards", lambda word, ranks: encode_greedy(word, ranks, glue=lambda a, b: b + a), "wrong way round"),
+    ("first occurrence only", encode_first_occurrence, "only the first occurrence"),
+    ("WordPiece's longest match", encode_longest_match, "WordPiece"),
+    ("one string", lambda word, ranks: "".join(encode_gpt2(word, ranks)), "not one string"),
+    ("in place", encode_in_place, "input list"),
+    ("raises", lambda word, ranks: ranks[word[0]], "KeyError"),
+]
+
 # --- chapter 02: embedding lookup and RoPE -----------------------------------------------------------
 
 
@@ -580,6 +648,7 @@ CHECKS = {
     "greedy_step": (check.check_greedy_step, GREEDY_RIGHT, GREEDY_WRONG),
     "merge_pair": (check.check_merge_pair, MERGE_RIGHT, MERGE_WRONG),
     "count_pairs": (check.check_count_pairs, COUNT_RIGHT, COUNT_WRONG),
+    "apply_merges": (check.check_apply_merges, APPLY_RIGHT, APPLY_WRONG),
     "embed_lookup": (check.check_embed_lookup, EMBED_RIGHT, EMBED_WRONG),
     "rope_pair": (check.check_rope_pair, ROPE_RIGHT, ROPE_WRONG),
     "causal_attention": (check.check_causal_attention, ATTENTION_RIGHT, ATTENTION_WRONG),
