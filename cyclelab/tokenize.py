@@ -407,7 +407,10 @@ def same_as_hf(bpe: BPE, hf, texts: Sequence[str]) -> dict[str, bool]:
 
 
 def train_unigram(text_or_iterable: str | Iterable[str], vocab_size: int, byte_fallback: bool = True):
-    """A SentencePiece-style unigram tokenizer trained with ``tokenizers`` (the family of Llama 1/2, T5).
+    """A SentencePiece-style unigram tokenizer trained with ``tokenizers``.
+
+    Unigram is SentencePiece's default model (T5, ALBERT); Llama 1/2 use SentencePiece's BPE
+    model with the same text handling and byte fallback (:func:`_sentencepiece_style`).
 
     Spaces become ``▁`` and stay glued to the next word, as in SentencePiece; the unigram model
     keeps a log-probability per piece and cuts each word into the most probable sequence
