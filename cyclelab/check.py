@@ -559,6 +559,56 @@ def check_rope_pair(fn: Callable[[float, float, int, float], tuple[float, float]
     return Result(True, "correct: RoPE turns each pair by position × freq; the length is unchanged")
 
 
+def _pool_cases() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(hidden, mask) pairs: right padding, left padding, no padding, one real token, float64."""
+    gen = torch.Generator().manual_seed(5)
+    masks = [[[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], [[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]], [[1, 1, 1, 1]]]
+    cases = [(torch.randn(len(m), len(m[0]), 6, generator=gen) + 1.0, torch.tensor(m)) for m in masks]
+    return cases + [(torch.randn(2, 3, 4, generator=gen, dtype=torch.float64), torch.tensor([[1, 1, 0], [1, 0, 0]]))]
+
+
+def _pool_variants(hidden: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Typical wrong poolings, keyed by the hint that names each symptom."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    total = (hidden * m).sum(1)
+    right = total / m.sum(1)
+    return {
+        "the padding was averaged in: multiply by the mask (mask.unsqueeze(-1)) before summing, "
+        "and divide by the number of REAL tokens": hidden.mean(1),
+        "you returned the sum: divide by the number of real tokens, mask.sum(1)": total,
+        "you divided by the padded length: divide each sentence by ITS number of real tokens, mask.sum(1)":
+            total / hidden.shape[1],
+        "you divided by the real tokens of the whole batch: each sentence by its own count, mask.sum(1)":
+            total / mask.sum(),
+        "your vectors have length 1: return the plain average (the package normalizes afterwards)":
+            torch.nn.functional.normalize(right, dim=-1),
+        "you took the first token's vector ([CLS] pooling): average over all real tokens": hidden[:, 0],
+        "you averaged over the batch (dim 0): average over the tokens of each sentence, dim 1": hidden.mean(0),
+        "you averaged over the width (the last dim): average over the tokens, dim 1": (hidden * m).mean(-1),
+    }
+
+
+@_guarded
+def check_mean_pool(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Result:
+    """Check ``fn(hidden, mask) -> (batch, width)``: each sentence's mean over its real tokens,
+    against a loop over the sentences, on right and left padding and in float64."""
+    for hidden, mask in _pool_cases():
+        out, error = _tensor_answer(fn, hidden.clone(), mask.clone(), noun="the pooled vectors",
+                                    in_place="you changed hidden or mask in place: work on new tensors (x = x * m)")
+        if error is not None:
+            return error
+        want = torch.stack([h[row.bool()].mean(0) for h, row in zip(hidden.double(), mask)])
+        if _close(out, want, 1e-5):
+            continue
+        hint = next((h for h, wrong in _pool_variants(hidden, mask).items() if _close(out, wrong.double(), 1e-5)), "")
+        if not hint and out.shape != want.shape:
+            hint = (f"for hidden of shape {tuple(hidden.shape)} the result should have shape {tuple(want.shape)} "
+                    f"(batch, width), got {tuple(out.shape)}")
+        return Result(False, hint or f"for the mask {mask.tolist()} the result is not each sentence's mean over its "
+                                     "real tokens")
+    return Result(True, "correct: each sentence is the mean of its real tokens, padding ignored")
+
+
 # --- chapter 03: causal attention -------------------------------------------------------------------
 
 

@@ -289,6 +289,40 @@ ROPE_WRONG = [
     ("raises", lambda x, y, p, f: 1 / 0, "ZeroDivisionError"),
 ]
 
+
+
+def pool_loop(hidden, mask):
+    return torch.stack([h[row.bool()].mean(0) for h, row in zip(hidden, mask)])
+
+
+def pool_einsum(hidden, mask):
+    m = mask.to(hidden.dtype)
+    return torch.einsum("bt,btw->bw", m, hidden) / m.sum(1, keepdim=True)
+
+
+def pool_in_place(hidden, mask):
+    hidden *= mask.unsqueeze(-1)
+    return hidden.sum(1) / mask.sum(1, keepdim=True)
+
+
+def pool_sum(hidden, mask):
+    return (hidden * mask.unsqueeze(-1)).sum(1)
+
+
+POOL_RIGHT = [pool_loop, pool_einsum, lambda h, m: (h * m[..., None]).sum(1) / m.sum(-1, keepdim=True)]
+POOL_WRONG = [
+    ("padding included", lambda h, m: h.mean(1), "padding was averaged in"),
+    ("sum", pool_sum, "returned the sum"),
+    ("padded length", lambda h, m: pool_sum(h, m) / h.shape[1], "padded length"),
+    ("batch count", lambda h, m: pool_sum(h, m) / m.sum(), "whole batch"),
+    ("normalized", lambda h, m: F.normalize(pool_loop(h, m), dim=-1), "length 1"),
+    ("first token", lambda h, m: h[:, 0], "[CLS]"),
+    ("batch axis", lambda h, m: h.mean(0), "dim 0"),
+    ("width axis", lambda h, m: (h * m.unsqueeze(-1)).mean(-1), "width"),
+    ("in place", pool_in_place, "in place"),
+    ("mask not broadcast", lambda h, m: (h * m).sum(1), "broadcast"),
+]
+
 # --- chapter 03: causal attention --------------------------------------------------------------------
 
 
@@ -651,6 +685,7 @@ CHECKS = {
     "apply_merges": (check.check_apply_merges, APPLY_RIGHT, APPLY_WRONG),
     "embed_lookup": (check.check_embed_lookup, EMBED_RIGHT, EMBED_WRONG),
     "rope_pair": (check.check_rope_pair, ROPE_RIGHT, ROPE_WRONG),
+    "mean_pool": (check.check_mean_pool, POOL_RIGHT, POOL_WRONG),
     "causal_attention": (check.check_causal_attention, ATTENTION_RIGHT, ATTENTION_WRONG),
     "block": (check.check_block, BLOCK_RIGHT, BLOCK_WRONG),
     "top_p_filter": (check.check_top_p_filter, TOP_P_RIGHT, TOP_P_WRONG),
