@@ -35,8 +35,10 @@ from .cycle import CycleRecord, show_token
 from .debugger import Debugger
 from .decode import Sampling, as_sampling
 from .engine import Engine, as_loaded
+from .models import REPO_DATA
 
 VERSION = 1
+LESSONS = REPO_DATA / "lessons"  # the course's lessons, one per stage of the cycle (scripts/record_lessons.py)
 KINDS = ("predict", "number", "discuss")
 STAGES = ("", "FETCH", "READ", "EXECUTE", "WRITEBACK")
 QUANTITIES: dict[str, tuple[str, Callable[[CycleRecord], float]]] = {
@@ -118,10 +120,14 @@ class Lesson:
 
     @classmethod
     def load(cls, path: str | Path) -> Lesson:
-        """Read a lesson written by :meth:`save`; a file that is not one raises ``ValueError`` naming the field."""
+        """Read a lesson written by :meth:`save` (or a course lesson by name, e.g. ``"fetch"``); a file that is
+        not one raises ``ValueError`` naming the field."""
         path = Path(path)
+        if not path.suffix and not path.exists() and (LESSONS / f"{path}.json").is_file():
+            path = LESSONS / f"{path}.json"  # a course lesson by name: "fetch", "read", ...
         if not path.is_file():
-            raise FileNotFoundError(f"no lesson file at {path}: check the path (the course's lessons are in data/lessons/)")
+            raise FileNotFoundError(f"no lesson file at {path}: check the path; the course's lessons are "
+                                    f"{sorted(p.stem for p in LESSONS.glob('*.json'))}")
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as err:
@@ -425,7 +431,7 @@ class LessonRun:
     def __str__(self) -> str:
         lesson, dbg, pause = self.lesson, self.debugger, self.pause
         head = f"Lesson: {lesson.title or lesson.source or 'untitled'} ({lesson.model})"
-        text = dbg.prompt_text + "".join(dbg.tokens)
+        text = dbg.prompt_text + "".join(dbg.tokens[:pause.cycle] if pause else dbg.tokens)
         if pause is None:
             where = "finished" if self.finished else f"{len(lesson.pauses)} pauses ahead: call next_pause()"
             return f"{head}\n{where}\ntext: {text!r}"
