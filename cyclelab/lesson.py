@@ -23,6 +23,7 @@ another model or on changed weights raises ``ValueError`` naming both and the fi
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -110,7 +111,7 @@ class Lesson:
         out["interventions"] = [{k: v for k, v in asdict(i).items() if v not in (None, "")} for i in self.interventions]
         out["pauses"] = [{k: v for k, v in asdict(p).items() if v is not None and (k != "tolerance" or p.kind == "number")}
                          for p in self.pauses]
-        return {"version": out.pop("version"), **out}
+        return copy.deepcopy({"version": out.pop("version"), **out})
 
     def save(self, path: str | Path) -> Path:
         """Write the lesson as JSON (never pickle)."""
