@@ -24,6 +24,7 @@ another model or on changed weights raises ``ValueError`` naming both and the fi
 from __future__ import annotations
 
 import copy
+import html
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -385,7 +386,7 @@ class LessonRun:
         token_id = self._token_id(value) if pause.kind == "predict" else None
         record, logits = self._reveal(pause.cycle)
         if pause.kind == "predict":
-            result = self._score_predict(token_id, logits)
+            result = self._score_predict(token_id, logits, value)
         elif pause.kind == "number":
             result = _score_number(value, QUANTITIES[pause.quantity][1](record), pause.tolerance)
         else:
@@ -416,17 +417,24 @@ class LessonRun:
         choice = next(e for e in reversed(dbg.history) if e.op == "choose" and e.cycle == cycle)
         return dbg.records[cycle], choice.tensors["logits"]
 
-    def _score_predict(self, token_id: int, logits: torch.Tensor) -> Result:
+    def _score_predict(self, token_id: int, logits: torch.Tensor, guess: str | int) -> Result:
         text = self.debugger.engine.token_text
         p, rank, bits = score_guess(logits, token_id)
         top = int(logits.argmax())
-        top_p = score_guess(logits, top)[0]
         if rank == 1:
             line = f"Spot on: {_said(text(token_id))} is the model's first choice (p = {p:.3f}, {bits:.1f} bits of surprise)."
         else:
             line = (f"{_said(text(token_id))} is the model's #{rank} (p = {p:.3g}, {bits:.1f} bits of surprise); "
-                    f"its first choice was {_said(text(top))} (p = {top_p:.3f}).")
-        return Result(rank == 1, line, p, rank, bits, text(top))
+                    f"its first choice was {_said(text(top))} (p = {score_guess(logits, top)[0]:.3f}).")
+        return Result(rank == 1, line + self._space_hint(guess, logits, rank), p, rank, bits, text(top))
+
+    def _space_hint(self, guess: str | int, logits: torch.Tensor, rank: int) -> str:
+        """A note when the same word with a leading space (a token of its own) ranks better: learners forget it."""
+        if not isinstance(guess, str) or guess.startswith(" "):
+            return ""
+        ids = self.debugger.engine.tokenizer.encode(" " + guess, add_special_tokens=False)
+        spaced = score_guess(logits, ids[0])[1] if len(ids) == 1 else rank
+        return f" With a leading space, {_said(' ' + guess)} is #{spaced}." if spaced < rank else ""
 
     # --- text mode and widget --------------------------------------------------------------
     def __str__(self) -> str:
@@ -475,7 +483,7 @@ class LessonPanel:
         self.run = run
         self.controls = {"answer": w.Text(placeholder="your answer"), "Submit": w.Button(description="Submit"),
                          "Next pause": w.Button(description="Next pause", button_style="primary")}
-        self.views = {"title": w.HTML(f"<b>Lesson: {run.lesson.title or run.lesson.source}</b>"),
+        self.views = {"title": w.HTML(f"<b>Lesson: {html.escape(run.lesson.title or run.lesson.source)}</b>"),
                       "question": w.HTML(), "feedback": w.HTML()}
         self.controls["Submit"].on_click(lambda _: self.submit())
         self.controls["Next pause"].on_click(lambda _: self.next())
@@ -485,37 +493,35 @@ class LessonPanel:
         self.redraw()
 
     def next(self) -> None:
-        """Replay to the next pause (errors shown in the feedback line)."""
-        self._guard(self.run.next_pause)
+        """Replay to the next pause."""
         self.controls["answer"].value = ""
-        self.redraw()
+        self._do(self.run.next_pause)
 
     def submit(self) -> None:
-        """Score the answer box's text (a number for a number question)."""
+        """Score the answer box's text (as a number for a number question)."""
         pause, text = self.run.pause, self.controls["answer"].value
-        if pause is None:
-            self.views["feedback"].value = "press Next pause for a question"
-            return
-        if pause.kind == "number":
+        if pause is not None and pause.kind == "number":
             try:
-                value = float(text)
+                number = float(text)
             except ValueError:
-                self.views["feedback"].value = f"type a number, got {text!r}"
-                return
-            text = int(value) if value.is_integer() else value
-        self._guard(lambda: self.run.answer(text))
-        self.redraw()
+                return self._show_error(f"type a number, got {text!r}")
+            text = int(number) if number.is_integer() else number
+        self._do(lambda: self.run.answer(text))
 
-    def _guard(self, action: Callable) -> None:
+    def _do(self, action: Callable) -> None:
+        """Run ``action`` and redraw; a TypeError or ValueError goes to the feedback line (the learner's to fix)."""
         try:
             action()
         except (TypeError, ValueError) as err:
-            self.views["feedback"].value = f"<span style='color:#b00'>{err}</span>"
-            raise
+            return self._show_error(str(err))
+        self.redraw()
+
+    def _show_error(self, message: str) -> None:
+        self.redraw()
+        self.views["feedback"].value = f"<span style='color:#b00'>{html.escape(message)}</span>"
 
     def redraw(self) -> None:
-        import html
-
+        """Show the current pause's question and, once answered, its feedback."""
         run, pause = self.run, self.run.pause
         self.views["question"].value = (f"<b>Pause {run.index + 1} of {len(run.lesson.pauses)}</b> (before token "
                                         f"#{pause.cycle}): {html.escape(pause.question)}" if pause else

@@ -71,6 +71,14 @@ def test_top_token_guess_is_correct(lesson, tiny, tiny_engine):
     assert result.correct is True and result.rank == 1 and result.feedback.startswith("Spot on")
 
 
+def test_a_guess_without_its_leading_space_gets_a_hint(steered, tiny, tiny_engine):
+    run = steered.open(tiny_engine)
+    run.next_pause()  # cycle 3, head 0.1 off: the model's first choice is ' go' (see the lesson's answer key)
+    assert tiny.tokenizer.decode([steered.tokens[3]]) == " go" and len(tiny.tokenizer.encode("go")) == 1
+    result = run.answer("go")
+    assert result.rank > 1 and result.feedback.endswith("With a leading space, '␣go' is #1.")
+
+
 def test_number_pause_checked_from_the_trace(lesson, tiny, tiny_engine):
     run = lesson.open(tiny_engine)
     run.next_pause()
@@ -126,10 +134,17 @@ def test_widget_panel_scores_what_is_typed(lesson, tiny_engine):
     assert run.debugger.widget() in box.children  # the debugger widget is composed, not changed
     panel.controls["Next pause"].click()
     assert "How many tokens" in panel.views["question"].value
+    panel.controls["answer"].value = "three"
+    panel.controls["Submit"].click()
+    assert "type a number, got &#x27;three&#x27;" in panel.views["feedback"].value and 0 not in run.results
     panel.controls["answer"].value = "3"
     panel.controls["Submit"].click()
     assert panel.views["feedback"].value == run.results[0].feedback == "Not quite: the answer is 2 (you said 3)."
     assert panel.controls["Submit"].disabled
+    panel.controls["Next pause"].click()
+    panel.controls["answer"].value = "ROMEO:"  # two tokens: the error is shown, not raised
+    panel.controls["Submit"].click()
+    assert "is 2 tokens for" in panel.views["feedback"].value and 1 not in run.results
 
 
 def test_changed_weights_are_refused(lesson, tiny):
