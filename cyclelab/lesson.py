@@ -81,9 +81,10 @@ class Intervention:
     settings: dict | None = None
 
     @property
-    def after_pauses(self) -> bool:
-        """A forced token is imposed after the cycle's pauses (they ask about the model's own choice)."""
-        return self.kind == "choose"
+    def when(self) -> tuple[int, int]:
+        """Its place in the run: a cycle's pauses sort as ``(cycle, 1)``; a forced token is imposed after them
+        (they ask about the model's own choice), other interventions before them."""
+        return self.cycle, 2 if self.kind == "choose" else 0
 
 
 @dataclass
@@ -316,9 +317,8 @@ class LessonRun:
         self.lesson, self.debugger, self.verify = lesson, debugger, verify
         self.index = -1  # the current pause; -1 before the first, len(pauses) at the end
         self.results: dict[int, Result] = {}
-        self._plan = sorted([((iv.cycle, 2 if iv.after_pauses else 0), iv) for iv in lesson.interventions]
-                            + [((p.cycle, 1), p) for p in lesson.pauses], key=lambda item: item[0])
-        self._applied = 0  # how many of the plan's interventions are done
+        self._plan = sorted(lesson.interventions, key=lambda iv: iv.when)
+        self._applied = 0  # how many of the planned interventions are done
 
     @property
     def pause(self) -> Pause | None:
@@ -334,11 +334,9 @@ class LessonRun:
         """Replay to the next pause, doing the interventions on the way; at the end, run to the last token (None)."""
         self.index = min(self.index + 1, len(self.lesson.pauses))
         pause = self.pause
-        key = (pause.cycle, 1) if pause else (math.inf, 3)
-        while self._applied < len(self._plan) and self._plan[self._applied][0] < key:
-            item = self._plan[self._applied][1]
-            if isinstance(item, Intervention):
-                self._apply(item)
+        when = (pause.cycle, 1) if pause else (math.inf, 0)
+        while self._applied < len(self._plan) and self._plan[self._applied].when < when:
+            self._apply(self._plan[self._applied])
             self._applied += 1
         self.debugger.run_to(pause.cycle if pause else self.lesson.max_new_tokens, stop_at_breakpoints=False)
         self._check_tokens()
