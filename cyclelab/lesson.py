@@ -70,7 +70,8 @@ class Pause:
 @dataclass(frozen=True)
 class Intervention:
     """An action at cycle ``cycle``: ``choose`` imposes ``token_id`` there; ``ablate_head`` switches
-    head ``layer``.``head`` off from there on; ``sampling`` changes the sampler (``settings``) from there on."""
+    head ``layer``.``head`` off from there on; ``sampling`` replaces the sampler by ``settings`` (a dict of
+    :class:`Sampling` fields, the others at their defaults) from there on."""
 
     cycle: int
     kind: str  # one of INTERVENTIONS
@@ -149,7 +150,7 @@ class Lesson:
             raise ValueError(f"{where}: unknown lesson version {raw['version']!r}; this cyclelab reads version "
                              f"{VERSION}: update cyclelab, or record the lesson again")
         try:
-            _keys(raw, cls, "the lesson", {"source"})
+            _keys(raw, cls, "the lesson", frozenset({"source"}))
             return cls(**{**raw, "source": source, "interventions": _items(raw.get("interventions", []), Intervention,
                                                                            "interventions"),
                           "pauses": _items(raw.get("pauses", []), Pause, "pauses")})
@@ -172,7 +173,7 @@ class Lesson:
         return LessonRun(self, Debugger(engine, self.prompt, self.max_new_tokens, self.sampling, top=top))
 
 
-def _keys(raw: dict, cls: type, name: str, skip: set[str] = frozenset()) -> None:
+def _keys(raw: dict, cls: type, name: str, skip: frozenset[str] = frozenset()) -> None:
     """ValueError unless ``raw`` has every required field of ``cls`` and no unknown one."""
     known = {f.name for f in fields(cls)} - skip
     required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING} - skip
