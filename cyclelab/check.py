@@ -727,14 +727,15 @@ def _decode_step_cases(seed: int = 13):
     positions ``(…, T, d)`` and the past queries, for the full recomputation; several shapes, a cache of
     one position, float64 and non-contiguous views."""
     gen = torch.Generator().manual_seed(seed)
+
+    def split(q, k, v):
+        t = q.shape[-2] - 1  # the last position is the new one
+        return q[..., t:, :], k[..., t:, :], v[..., t:, :], k[..., :t, :], v[..., :t, :], q[..., :t, :]
+
     for lead, t, d, dtype in [((1, 1), 4, 8, torch.float32), ((2, 3), 6, 16, torch.float32), ((), 9, 4, torch.float32),
                               ((1, 2), 1, 8, torch.float32), ((3, 2), 5, 8, torch.float64)]:
-        full = [torch.randn(*lead, t + 1, d, generator=gen, dtype=dtype) * 2 for _ in range(3)]
-        yield full[0][..., t:, :], full[1][..., t:, :], full[2][..., t:, :], full[1][..., :t, :], full[2][..., :t, :], \
-            full[0][..., :t, :]
-    wide = [torch.randn(2, 4, 8, 7, generator=gen).transpose(-1, -2) for _ in range(3)]  # (2, 4, 7, 8), strided
-    yield wide[0][..., 6:, :], wide[1][..., 6:, :], wide[2][..., 6:, :], wide[1][..., :6, :], wide[2][..., :6, :], \
-        wide[0][..., :6, :]
+        yield split(*(torch.randn(*lead, t + 1, d, generator=gen, dtype=dtype) * 2 for _ in range(3)))
+    yield split(*(torch.randn(2, 4, 8, 7, generator=gen).transpose(-1, -2) for _ in range(3)))  # strided views
 
 
 @_guarded
