@@ -907,7 +907,8 @@ def _norm_cases(seed: int = 14):
     def case(shape, eps, dtype=torch.float32, offset=3.0):
         x = torch.randn(*shape, generator=gen, dtype=dtype) * 2 + offset
         d = shape[-1]
-        return x, 1 + 0.5 * torch.randn(d, generator=gen, dtype=dtype), 0.3 * torch.randn(d, generator=gen, dtype=dtype), eps
+        weight, bias = 1 + 0.5 * torch.randn(d, generator=gen, dtype=dtype), 0.3 * torch.randn(d, generator=gen, dtype=dtype)
+        return x, weight, bias, eps
 
     yield case((3, 16), 0.5)
     yield case((2, 5, 8), 1e-5)
@@ -958,7 +959,8 @@ def _rms_norm_variants(x, weight, eps) -> dict[str, torch.Tensor]:
         "you divided by the mean square: take its square root, sqrt(mean(x²) + eps) (or torch.rsqrt)":
             x / (ms + eps) * weight,
         "eps is missing: add it to the mean square inside the square root": x / torch.sqrt(ms) * weight,
-        "eps was added after the square root: it goes inside, sqrt(mean(x²) + eps)": x / (torch.sqrt(ms) + eps) * weight,
+        "eps was added after the square root: it goes inside, sqrt(mean(x²) + eps)":
+            x / (torch.sqrt(ms) + eps) * weight,
         "the learned gain is missing: multiply by weight": x / torch.sqrt(ms + eps),
         "you multiplied by (1 + weight), Gemma's convention: Llama multiplies by weight itself":
             x / torch.sqrt(ms + eps) * (1 + weight),
