@@ -689,6 +689,84 @@ def check_causal_attention(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tenso
     return Result(True, "correct: scores, / sqrt(d), causal mask, softmax over the keys, mix of values")
 
 
+# --- chapter 03: one cached decode step ----------------------------------------------------------------
+
+
+def _decode_step_variants(q, k, v, k_cache, v_cache) -> dict[str, torch.Tensor]:
+    """The typical wrong answers of a cached step, each named by its symptom (float64)."""
+    import math
+
+    d = q.shape[-1]
+    keys, values = torch.cat([k_cache, k], -2), torch.cat([v_cache, v], -2)
+
+    def attend(keys_, values_, scale=1 / math.sqrt(d), dim=-1, scores_of=None):
+        weights = torch.softmax((q @ (keys_ if scores_of is None else scores_of).transpose(-1, -2)) * scale, dim)
+        return weights @ values_
+
+    return {
+        "the new token did not read itself: append its k and v to the cache (torch.cat([k_cache, k], dim=-2)) "
+        "BEFORE attending": attend(k_cache, v_cache),
+        "the query read only its own value: it must also read every cached position — attend over the cache "
+        "and the new k, v together": v.clone(),
+        "you applied the mask of position 0 (only the first key kept): the new query is the LAST position, every "
+        "cached key is in its past, so one new query needs no mask": v_cache[..., :1, :].clone(),
+        "scores are not divided by sqrt(d): the softmax is too sharp": attend(keys, values, scale=1.0),
+        "scores are divided by d instead of sqrt(d)": attend(keys, values, scale=1 / d),
+        "softmax over the wrong axis: the ONE query's weights over the KEYS (the last axis, dim=-1) must sum to 1":
+            attend(keys, values, dim=-2),
+        "you mixed the KEYS: the output is the weights times the VALUES": attend(keys, keys),
+        "you scored the query against the VALUES: the scores are q · k, the values are only mixed":
+            attend(values, values, scores_of=values),
+        "keys and values are out of step: concatenate both in the same order (the cache first, then the new "
+        "position), so key j and value j belong to the same token": attend(keys, torch.cat([v, v_cache], -2)),
+    }
+
+
+def _decode_step_cases(seed: int = 13):
+    """(q, k, v, k_cache, v_cache, q_past): the new position's q, k, v ``(…, 1, d)``, a cache of T
+    positions ``(…, T, d)`` and the past queries, for the full recomputation; several shapes, a cache of
+    one position, float64 and non-contiguous views."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def split(q, k, v):
+        t = q.shape[-2] - 1  # the last position is the new one
+        return q[..., t:, :], k[..., t:, :], v[..., t:, :], k[..., :t, :], v[..., :t, :], q[..., :t, :]
+
+    for lead, t, d, dtype in [((1, 1), 4, 8, torch.float32), ((2, 3), 6, 16, torch.float32), ((), 9, 4, torch.float32),
+                              ((1, 2), 1, 8, torch.float32), ((3, 2), 5, 8, torch.float64)]:
+        yield split(*(torch.randn(*lead, t + 1, d, generator=gen, dtype=dtype) * 2 for _ in range(3)))
+    yield split(*(torch.randn(2, 4, 8, 7, generator=gen).transpose(-1, -2) for _ in range(3)))  # strided views
+
+
+@_guarded
+def check_decode_step(fn: Callable[..., torch.Tensor]) -> Result:
+    """Check ``fn(q, k, v, k_cache, v_cache) -> out``: one decode step with a KV cache. ``q, k, v`` are the
+    new position's ``(…, 1, d)``, the cache holds the ``T`` earlier positions ``(…, T, d)``; the output
+    ``(…, 1, d)`` must equal the LAST row of causal attention recomputed over all ``T + 1`` positions."""
+    for q, k, v, k_cache, v_cache, q_past in _decode_step_cases():
+        shape = tuple(q.shape)
+        out, error = _tensor_answer(fn, q, k, v, k_cache, v_cache, noun="the new position's output (…, 1, d)")
+        if error is not None:
+            return error
+        full = [torch.cat(p, -2).double() for p in ((q_past, q), (k_cache, k), (v_cache, v))]
+        want = torch.nn.functional.scaled_dot_product_attention(*full, is_causal=True)[..., -1:, :]
+        if out.shape != want.shape:
+            if out.shape == (*shape[:-1], k_cache.shape[-2] + 1):
+                return Result(False, "you returned the attention weights: multiply them by the values")
+            return Result(False, f"for q of shape {shape} the output should have shape {shape} (one new position), "
+                                 f"got {tuple(out.shape)}")
+        if _close(out, want):
+            continue
+        for hint, wrong in _decode_step_variants(*(t.double() for t in (q, k, v, k_cache, v_cache))).items():
+            if _close(out, wrong):
+                return Result(False, hint)
+        return Result(False, f"with a cache of {k_cache.shape[-2]} positions (q of shape {shape}) the output is not "
+                             "the last row of full causal attention (largest difference "
+                             f"{float((out - want).abs().max()):.3g})")
+    return Result(True, "correct: one query against the cached keys and values plus its own equals the last row "
+                        "of full recomputation — the KV cache's whole trick")
+
+
 # --- chapter 04: a transformer block from its pieces ---------------------------------------------------
 
 
@@ -815,6 +893,132 @@ def check_block(fn: Callable, model: torch.nn.Module | None = None) -> Result:
             return Result(False, f"on layer {i} with x of shape {shape} the result differs from the block "
                                  f"(largest difference {float((out - want).abs().max()):.3g})")
     return Result(True, "correct: x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)) — norm before, residual add after")
+
+
+# --- chapter 04: LayerNorm and RMSNorm ------------------------------------------------------------------
+
+
+def _norm_cases(seed: int = 14):
+    """(x, weight, bias, eps) to normalise over the last axis: offset means (so a missing centring
+    shows), a large eps (so a misplaced eps shows), float64, a non-contiguous view and, last, a
+    constant vector (variance 0: only eps keeps it finite)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def case(shape, eps, dtype=torch.float32, offset=3.0):
+        x = torch.randn(*shape, generator=gen, dtype=dtype) * 2 + offset
+        d = shape[-1]
+        weight = 1 + 0.5 * torch.randn(d, generator=gen, dtype=dtype)
+        return x, weight, 0.3 * torch.randn(d, generator=gen, dtype=dtype), eps
+
+    yield case((3, 16), 0.5)
+    yield case((2, 5, 8), 1e-5)
+    yield case((12,), 0.1, offset=-4.0)
+    yield case((2, 3, 32), 1e-6, torch.float64)
+    x, w, b, eps = case((6, 10), 0.2)
+    yield x.T.contiguous().T, w, b, eps  # the same values as a non-contiguous view
+    x, w, b, eps = case((2, 8), 1e-5)
+    yield torch.cat([x[:1], torch.full((1, 8), 1.5)]), w, b, eps
+
+
+def _layer_norm_variants(x, weight, bias, eps) -> dict[str, torch.Tensor]:
+    """Typical wrong LayerNorms, each named by its symptom (float64)."""
+    mean = x.mean(-1, keepdim=True)
+    var = x.var(-1, unbiased=False, keepdim=True)
+    centred = x - mean
+    variants = {
+        "you used the unbiased variance (divide by n − 1): LayerNorm divides by n — x.var(dim=-1, unbiased=False)":
+            centred / torch.sqrt(x.var(-1, keepdim=True) + eps) * weight + bias,
+        "eps is missing: add it to the variance inside the square root, sqrt(var + eps)":
+            centred / torch.sqrt(var) * weight + bias,
+        "eps was added to the standard deviation: it goes inside the square root, sqrt(var + eps)":
+            centred / (torch.sqrt(var) + eps) * weight + bias,
+        "you did not subtract the mean: that is RMSNorm — LayerNorm centres first, x − mean":
+            x / torch.sqrt(var + eps) * weight + bias,
+        "you divided by the variance: divide by its square root, the standard deviation":
+            centred / (var + eps) * weight + bias,
+        "the learned gain and bias are missing: y = x̂ · weight + bias": centred / torch.sqrt(var + eps),
+        "the bias is missing: y = x̂ · weight + bias": centred / torch.sqrt(var + eps) * weight,
+        "the bias was added before the gain: multiply by weight first, then add bias":
+            (centred / torch.sqrt(var + eps) + bias) * weight,
+    }
+    if x.dim() >= 2 and x.shape[-2] > 1:
+        m0, v0 = x.mean(-2, keepdim=True), x.var(-2, unbiased=False, keepdim=True)
+        variants["normalised over the wrong axis: each vector (the LAST axis, dim=-1) is normalised on its own"] = \
+            (x - m0) / torch.sqrt(v0 + eps) * weight + bias
+    return variants
+
+
+def _rms_norm_variants(x, weight, eps) -> dict[str, torch.Tensor]:
+    """Typical wrong RMSNorms, each named by its symptom (float64)."""
+    ms = x.pow(2).mean(-1, keepdim=True)
+    variants = {
+        "you subtracted the mean: RMSNorm does not centre, it divides x itself by sqrt(mean(x²) + eps)":
+            (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + eps) * weight,
+        "you divided by the vector's length (the square root of the SUM of squares): RMS is sqrt(MEAN(x²))":
+            x / torch.sqrt(x.pow(2).sum(-1, keepdim=True) + eps) * weight,
+        "you divided by the mean square: take its square root, sqrt(mean(x²) + eps) (or torch.rsqrt)":
+            x / (ms + eps) * weight,
+        "eps is missing: add it to the mean square inside the square root": x / torch.sqrt(ms) * weight,
+        "eps was added after the square root: it goes inside, sqrt(mean(x²) + eps)":
+            x / (torch.sqrt(ms) + eps) * weight,
+        "the learned gain is missing: multiply by weight": x / torch.sqrt(ms + eps),
+        "you multiplied by (1 + weight), Gemma's convention: Llama multiplies by weight itself":
+            x / torch.sqrt(ms + eps) * (1 + weight),
+        "you divided by the mean ABSOLUTE value: RMS is the root of the mean of the squares, sqrt(mean(x²))":
+            x / (x.abs().mean(-1, keepdim=True) + eps) * weight,
+    }
+    if x.dim() >= 2 and x.shape[-2] > 1:
+        variants["normalised over the wrong axis: each vector (the LAST axis, dim=-1) is normalised on its own"] = \
+            x / torch.sqrt(x.pow(2).mean(-2, keepdim=True) + eps) * weight
+    return variants
+
+
+def _check_norm(fn: Callable, name: str, with_bias: bool, reference: Callable, variants: Callable) -> Result | None:
+    """Run ``fn`` on every norm case; None when all match ``reference``, else the ✗ Result."""
+    for x, weight, bias, eps in _norm_cases():
+        args = (x, weight, bias, eps) if with_bias else (x, weight, eps)
+        out, error = _tensor_answer(fn, *args, noun="the normalised tensor (the shape of x)")
+        if error is not None:
+            return error
+        want = reference(*(a.double() if isinstance(a, torch.Tensor) else a for a in args))
+        if out.shape != want.shape:
+            return Result(False, f"{name} keeps the shape of x {tuple(x.shape)}, got {tuple(out.shape)}: normalise "
+                                 "each vector (mean over dim=-1 with keepdim=True), do not reduce it away")
+        if _close(out, want):
+            continue
+        if torch.isnan(out).any():
+            return Result(False, "NaN in the output: a constant vector has variance 0 — eps inside the square root "
+                                 "keeps the division finite")
+        for hint, wrong in variants(*(a.double() if isinstance(a, torch.Tensor) else a for a in args)).items():
+            if _close(out, wrong):
+                return Result(False, hint)
+        return Result(False, f"for x of shape {tuple(x.shape)} and eps {eps} the result differs from {name} "
+                             f"(largest difference {float((out - want).abs().max()):.3g})")
+    return None
+
+
+@_guarded
+def check_layer_norm(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]) -> Result:
+    """Check ``fn(x, weight, bias, eps) -> y``: LayerNorm over the last axis, against
+    ``torch.nn.functional.layer_norm``."""
+    def reference(x, weight, bias, eps):
+        return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+    failure = _check_norm(fn, "LayerNorm", True, reference, _layer_norm_variants)
+    return Result(True, "correct: centre, divide by sqrt(var + eps) with the variance over n, then gain and bias") \
+        if failure is None else failure
+
+
+@_guarded
+def check_rms_norm(fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]) -> Result:
+    """Check ``fn(x, weight, eps) -> y``: RMSNorm over the last axis (Llama's), against
+    ``torch.nn.functional.rms_norm``."""
+    def reference(x, weight, eps):
+        return torch.nn.functional.rms_norm(x, x.shape[-1:], weight, eps)
+
+    failure = _check_norm(fn, "RMSNorm", False, reference, _rms_norm_variants)
+    return Result(True, "correct: divide by sqrt(mean(x²) + eps), then the gain — no centring, no bias") \
+        if failure is None else failure
 
 
 # --- chapter 05: decoding ---------------------------------------------------------------------------

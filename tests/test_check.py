@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from cyclelab import check
 from cyclelab.check import Result
 from cyclelab.decode import top_p_filter
-from cyclelab.forward import gelu_mlp, layer_norm, self_attention
+from cyclelab.attention import scaled_dot_product_attention
+from cyclelab.forward import gelu_mlp, layer_norm, rms_norm, self_attention
 
 # --- chapter 00: greedy step -------------------------------------------------------------------------
 
@@ -368,6 +369,68 @@ ATTENTION_WRONG = [
     ("a tuple", lambda q, k, v: (attention(q, k, v), None), "tuple"),
 ]
 
+def decode_step(q, k, v, k_cache, v_cache):
+    keys, values = torch.cat([k_cache, k], -2), torch.cat([v_cache, v], -2)
+    return torch.softmax(q @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1) @ values
+
+
+def decode_step_by_loop(q, k, v, k_cache, v_cache):
+    """Key by key in float64: exp(score) / total, then the weighted sum of the values."""
+    keys = [k_cache[..., j, :] for j in range(k_cache.shape[-2])] + [k[..., 0, :]]
+    values = [v_cache[..., j, :] for j in range(v_cache.shape[-2])] + [v[..., 0, :]]
+    scores = torch.stack([(q[..., 0, :].double() * key.double()).sum(-1) / q.shape[-1] ** 0.5 for key in keys])
+    weights = torch.exp(scores - scores.max(0).values)
+    weights = weights / weights.sum(0)
+    return sum(w[..., None] * val.double() for w, val in zip(weights, values))[..., None, :]
+
+
+def decode_step_by_recomputation(q, k, v, k_cache, v_cache):
+    """The engine's helper on the whole sequence's keys and values: one query, no mask needed."""
+    return scaled_dot_product_attention(q, torch.cat([k_cache, k], -2), torch.cat([v_cache, v], -2))[0]
+
+
+def decode_step_in_place(q, k, v, k_cache, v_cache):
+    q *= 1.0 / math.sqrt(q.shape[-1])
+    keys, values = torch.cat([k_cache, k], -2), torch.cat([v_cache, v], -2)
+    return torch.softmax(q @ keys.transpose(-1, -2), -1) @ values
+
+
+def _decode_with(keys_of, values_of, scale=None, dim=-1):
+    def fn(q, k, v, k_cache, v_cache):
+        keys, values = keys_of(k, v, k_cache, v_cache), values_of(k, v, k_cache, v_cache)
+        s = 1 / math.sqrt(q.shape[-1]) if scale is None else scale(q.shape[-1])
+        return torch.softmax(q @ keys.transpose(-1, -2) * s, dim) @ values
+    return fn
+
+
+def _all_keys(k, v, kc, vc):
+    return torch.cat([kc, k], -2)
+
+
+def _all_values(k, v, kc, vc):
+    return torch.cat([vc, v], -2)
+
+
+DECODE_RIGHT = [decode_step, decode_step_by_loop, decode_step_by_recomputation,
+                lambda q, k, v, kc, vc: F.scaled_dot_product_attention(q, torch.cat([k, kc], -2), torch.cat([v, vc], -2))]
+DECODE_WRONG = [
+    ("cache only", _decode_with(lambda k, v, kc, vc: kc, lambda k, v, kc, vc: vc), "did not read itself"),
+    ("new position only", _decode_with(lambda k, v, kc, vc: k, lambda k, v, kc, vc: v), "only its own value"),
+    ("mask of position 0", lambda q, k, v, kc, vc: F.scaled_dot_product_attention(
+        q, torch.cat([kc, k], -2), torch.cat([vc, v], -2), is_causal=True), "mask of position 0"),
+    ("no scale", _decode_with(_all_keys, _all_values, scale=lambda d: 1.0), "sqrt(d)"),
+    ("divided by d", _decode_with(_all_keys, _all_values, scale=lambda d: 1 / d), "instead of sqrt(d)"),
+    ("wrong axis", _decode_with(_all_keys, _all_values, dim=-2), "wrong axis"),
+    ("mixes keys", _decode_with(_all_keys, _all_keys), "KEYS"),
+    ("scores against values", _decode_with(_all_values, _all_values), "against the VALUES"),
+    ("keys and values out of step", _decode_with(_all_keys, lambda k, v, kc, vc: torch.cat([v, vc], -2)),
+     "out of step"),
+    ("the weights", lambda q, k, v, kc, vc: torch.softmax(q @ torch.cat([kc, k], -2).transpose(-1, -2), -1), "weights"),
+    ("squeezed", lambda q, k, v, kc, vc: decode_step(q, k, v, kc, vc)[..., 0, :], "one new position"),
+    ("in place", decode_step_in_place, "in place"),
+]
+
+
 # --- chapter 04: a transformer block ------------------------------------------------------------------
 
 
@@ -417,6 +480,96 @@ BLOCK_WRONG = [
     ("in place", block_in_place, "in place"),
     ("identity", lambda x, L: x, "unchanged"),
 ]
+
+def layer_norm_two_lines(x, weight, bias, eps):
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+def layer_norm_by_loop(x, weight, bias, eps):
+    """One vector at a time, in float64 Python arithmetic."""
+    rows = x.reshape(-1, x.shape[-1]).double().tolist()
+    out = []
+    for row in rows:
+        mean = sum(row) / len(row)
+        var = sum((a - mean) ** 2 for a in row) / len(row)
+        out.append([(a - mean) / math.sqrt(var + eps) * float(w) + float(b) for a, w, b in zip(row, weight, bias)])
+    return torch.tensor(out, dtype=torch.float64).reshape(x.shape)
+
+
+def layer_norm_in_place(x, weight, bias, eps):
+    x -= x.mean(-1, keepdim=True)
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight + bias
+
+
+def _ln(x, weight, bias, eps, unbiased=False, eps_out=False, centre=True):
+    c = x - x.mean(-1, keepdim=True) if centre else x
+    sd = x.var(-1, unbiased=unbiased, keepdim=True)
+    return c / (torch.sqrt(sd) + eps if eps_out else torch.sqrt(sd + eps)) * weight + bias
+
+
+def layer_norm_module(x, weight, bias, eps):
+    """torch's own LayerNorm module, given the weight and bias."""
+    norm = torch.nn.LayerNorm(x.shape[-1], eps=eps, dtype=x.dtype)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+        norm.bias.copy_(bias)
+        return norm(x)
+
+
+LAYER_NORM_RIGHT = [layer_norm_two_lines, layer_norm_by_loop, layer_norm, layer_norm_module]
+LAYER_NORM_WRONG = [
+    ("unbiased variance", lambda x, w, b, eps: _ln(x, w, b, eps, unbiased=True), "n − 1"),
+    ("no eps", lambda x, w, b, eps: _ln(x, w, b, 0.0), "eps is missing"),
+    ("eps outside the root", lambda x, w, b, eps: _ln(x, w, b, eps, eps_out=True), "inside the square root"),
+    ("not centred", lambda x, w, b, eps: _ln(x, w, b, eps, centre=False), "RMSNorm"),
+    ("no gain, no bias", lambda x, w, b, eps: F.layer_norm(x, x.shape[-1:], eps=eps), "gain and bias are missing"),
+    ("no bias", lambda x, w, b, eps: F.layer_norm(x, x.shape[-1:], w, None, eps), "bias is missing"),
+    ("bias before gain", lambda x, w, b, eps: (F.layer_norm(x, x.shape[-1:], eps=eps) + b) * w, "before the gain"),
+    ("wrong axis", lambda x, w, b, eps: _ln(x.transpose(-1, -2), 1.0, 0.0, eps).transpose(-1, -2) * w + b
+     if x.dim() > 1 else _ln(x, w, b, eps), "wrong axis"),
+    ("reduced", lambda x, w, b, eps: x.mean(-1), "keeps the shape"),
+    ("in place", layer_norm_in_place, "in place"),
+]
+
+
+def rms_norm_two_lines(x, weight, eps):
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rms_norm_llama_module(x, weight, eps):
+    """transformers' own LlamaRMSNorm, given the weight."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(x.shape[-1], eps=eps).to(x.dtype)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+        return norm(x)
+
+
+def _rms(x, weight, eps, root=True, total=False, eps_out=False):
+    ms = x.pow(2).sum(-1, keepdim=True) if total else x.pow(2).mean(-1, keepdim=True)
+    if eps_out:
+        return x / (torch.sqrt(ms) + eps) * weight
+    return x / (torch.sqrt(ms + eps) if root else ms + eps) * weight
+
+
+RMS_NORM_RIGHT = [rms_norm_two_lines, rms_norm, rms_norm_llama_module,
+                  lambda x, w, eps: x * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + eps) * w]
+RMS_NORM_WRONG = [
+    ("centred", lambda x, w, eps: F.layer_norm(x, x.shape[-1:], eps=eps) * w, "subtracted the mean"),
+    ("sum of squares", lambda x, w, eps: _rms(x, w, eps, total=True), "SUM of squares"),
+    ("no square root", lambda x, w, eps: _rms(x, w, eps, root=False), "mean square"),
+    ("no eps", lambda x, w, eps: _rms(x, w, 0.0), "eps is missing"),
+    ("eps after the root", lambda x, w, eps: _rms(x, w, eps, eps_out=True), "inside"),
+    ("no gain", lambda x, w, eps: _rms(x, 1.0, eps), "gain is missing"),
+    ("Gemma's 1 + weight", lambda x, w, eps: _rms(x, 1 + w, eps), "Gemma"),
+    ("mean absolute value", lambda x, w, eps: x / (x.abs().mean(-1, keepdim=True) + eps) * w, "ABSOLUTE"),
+    ("wrong axis", lambda x, w, eps: (x.transpose(-1, -2) / torch.sqrt(x.transpose(-1, -2).pow(2).mean(-1, keepdim=True)
+                                                                      + eps)).transpose(-1, -2) * w
+     if x.dim() > 1 else _rms(x, w, eps), "wrong axis"),
+]
+
 
 # --- chapter 05: top-p and masked prediction ------------------------------------------------------------
 
@@ -687,7 +840,10 @@ CHECKS = {
     "rope_pair": (check.check_rope_pair, ROPE_RIGHT, ROPE_WRONG),
     "mean_pool": (check.check_mean_pool, POOL_RIGHT, POOL_WRONG),
     "causal_attention": (check.check_causal_attention, ATTENTION_RIGHT, ATTENTION_WRONG),
+    "decode_step": (check.check_decode_step, DECODE_RIGHT, DECODE_WRONG),
     "block": (check.check_block, BLOCK_RIGHT, BLOCK_WRONG),
+    "layer_norm": (check.check_layer_norm, LAYER_NORM_RIGHT, LAYER_NORM_WRONG),
+    "rms_norm": (check.check_rms_norm, RMS_NORM_RIGHT, RMS_NORM_WRONG),
     "top_p_filter": (check.check_top_p_filter, TOP_P_RIGHT, TOP_P_WRONG),
     "masked_prediction": (check.check_masked_prediction, MASKED_RIGHT, MASKED_WRONG),
     "perplexity": (check.check_perplexity, PERPLEXITY_RIGHT, PERPLEXITY_WRONG),
