@@ -132,7 +132,7 @@ STYLE = f"""<style>
 .cld-bar{{display:inline-block;height:9px;border-radius:2px;background:{_BRAND};vertical-align:middle;margin-right:4px}}
 .cld-bar.cld-raw{{background:{_GREY}}}
 .cld-stack{{display:flex;height:16px;width:100%;background:{_BG2};border-radius:3px;overflow:hidden;margin:1px 0 5px}}
-.cld-seg{{flex:0 0 auto;overflow:hidden;border-right:1px solid var(--jp-layout-color1,#fff);background:{_BRAND};color:#fff;font-size:11px;line-height:16px;padding-left:2px}}
+.cld-seg{{flex:0 0 auto;overflow:hidden;border-right:1px solid var(--jp-layout-color1,#fff);background:{_BRAND};color:{_FG};font-size:11px;line-height:16px;padding-left:2px;white-space:pre}}
 .cld-seg::after,.cld-kv::before,.cld-u::after{{content:attr(data-t)}}
 .cld-seg.cld-gone{{background:{_GREY};opacity:.45;color:{_FG};text-decoration:line-through}}
 .cld-cum{{position:relative;height:16px;background:{_BG2};border-radius:3px;margin:14px 0 4px}}

@@ -83,7 +83,7 @@ class DebuggerUI:
         c["Export HTML"] = self._button("Export HTML", lambda: dbg.export_html(_html_path(c["export path"].value)))
         c["Check vs transformers"] = self._button("Check vs transformers", dbg.faithfulness)
 
-        v = self.views = {name: w.HTML(layout=w.Layout(width="100%", min_width="0")) for name in VIEWS}
+        v = self.views = {name: w.HTML(layout=w.Layout(min_width="0")) for name in VIEWS}
         v["counter"] = w.Label("cycle 0", style={"font_weight": "bold"})
         v["message"] = w.Label("")
         v["error"] = w.Label("", style={"text_color": "var(--jp-error-color1, #c00)"})
@@ -100,8 +100,7 @@ class DebuggerUI:
             _panel(v["output"], row("candidates", "Choose")), _panel(v["sampler"]),
             _panel(v["text"], v["branches"], row("branch", "Switch to branch")), _panel(v["registers"]),
             _panel(v["memory"], row("watch layer", "watch head"))],
-            layout=w.Layout(grid_template_columns="repeat(auto-fill, minmax(380px, 1fr))", grid_gap="8px",
-                            width="100%"))
+            layout=w.Layout(grid_template_columns="repeat(auto-fill, minmax(380px, 1fr))", grid_gap="8px"))
         tabs = w.Tab([
             row("sample", "temperature", "top-k", "top-p", "seed", "repetition penalty"),
             w.VBox([row("break token", "Break on token", "break p", "Break below p", "break entropy",
@@ -113,7 +112,7 @@ class DebuggerUI:
             titles=("Sampler", "Breakpoints", "Ablation", "Save & check"))
         box = w.VBox([w.HTML(STYLE), v["pipeline"], row(*self.MOVES, "cycle n", "Run to cycle", "jump"),
                       _row([v["counter"], v["message"], v["error"]]), panels, tabs, v["status"]],
-                     layout=w.Layout(width="100%", min_width="0"))
+                     layout=w.Layout(min_width="0"))
         box.add_class("cld-root")
         return box
 
@@ -200,7 +199,7 @@ def _fixed(width: int) -> dict:
 
 def _row(children: list) -> w.HBox:
     """Controls side by side, wrapping onto the next line when the row is full."""
-    return w.HBox(children, layout=w.Layout(flex_flow="row wrap", align_items="center", width="100%"))
+    return w.HBox(children, layout=w.Layout(flex_flow="row wrap", align_items="center"))
 
 
 def _panel(*children) -> w.VBox:
