@@ -251,7 +251,7 @@ def render_registers(registers: list[Register]) -> str:
         cells = [f"L{r.layer}", f"{r.norm:.1f}"]
         for k, (token, p) in enumerate(r.lens):
             mark = "↻ " if k == 0 and below is not None and token != below else ""
-            cells.append(f"<span class='cld-chip cld-tok' style='{_shade(p)}' title='p={p:.4f}'>{mark}{_esc(token)}</span>"
+            cells.append(f"<span class='cld-chip cld-tok' style='{_shade(p)}'>{mark}{_esc(token)}</span>"
                          f" <span class='cld-dim'>{p:.3f}</span>")
         below = r.lens[0][0] if r.lens else None
         rows.append(cells)
@@ -274,9 +274,8 @@ def _cache_blocks(memory: list[CacheRow], max_positions: int) -> str:
     """One block per layer, as wide as its bytes against the cache when full (``max_positions``)."""
     per_position = max((r.nbytes / r.length for r in memory if r.length), default=0.0)
     full = per_position * max(max_positions, max((r.length for r in memory), default=0))
-    return "".join(f"<div class='cld-kv' data-t='L{r.layer}' title='L{r.layer}: {r.length} positions, "
-                   f"{human(r.nbytes, 'B')}'><span style='width:{_pct(r.nbytes / full if full else 0)}'></span></div>"
-                   for r in memory)
+    return "".join(f"<div class='cld-kv' data-t='L{r.layer}'><span style='width:{_pct(r.nbytes / full if full else 0)}'>"
+                   "</span></div>" for r in memory)
 
 
 def render_memory(memory: list[CacheRow], attention: Attention | None, max_positions: int = 0) -> str:

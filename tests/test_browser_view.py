@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from statistics import median
@@ -98,6 +99,16 @@ def server(browser, tmp_path_factory) -> Iterator[Lab]:
 def texts(trace) -> list[str]:
     """The texts of ``trace``'s generated tokens."""
     return [r.token for r in trace.records]
+
+
+def share_kernel(server: Lab, source: str, target: str) -> None:
+    """Give notebook ``target`` the kernel of ``source``'s session, if it has one (else it starts its own)."""
+    with urllib.request.urlopen(server.page("api/sessions"), timeout=10) as answer:
+        kernel = next((s["kernel"]["id"] for s in json.load(answer) if s["path"] == source), None)
+    if kernel is not None:
+        body = json.dumps({"path": target, "name": target, "type": "notebook", "kernel": {"id": kernel}}).encode()
+        request = urllib.request.Request(server.page("api/sessions"), body, {"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=10).close()
 
 
 def open_debugger(browser, url: str, width: int):
