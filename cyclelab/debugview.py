@@ -230,7 +230,7 @@ def render_pipeline(state: State) -> str:
     stack = (f"<div class='cld-stack' style='width:240px;height:10px' title='time: prefill vs decode'>"
              f"<span class='cld-seg' style='width:{_pct(state.prefill.seconds / total)};background:#4C72B0'></span>"
              f"<span class='cld-seg' style='width:{_pct(decode.seconds / total)};background:#55A868'></span></div>")
-    return (f"<div class='cld'><div class='cld-strip'>{'<span>→</span>'.join(boxes)}</div>"
+    return (f"<div class='cld'><div class='cld-strip'>{'<span> → </span>'.join(boxes)}</div>"
             f"<div>op <b>{op}</b>: {cost_text(state.this_op)}<br>"
             f"done {state.cycle} of {state.max_cycles} tokens{kind}</div>"
             f"<div class='cld-dim'>this cycle so far: {cost_text(state.this_cycle)}<br>"
@@ -312,17 +312,19 @@ def render_output(output: Output | None) -> str:
 
 
 def _stage_bar(cells: list[tuple[str, float | None]], before: list[tuple[str, float | None]] | None) -> str:
-    """A stacked bar of the fixed candidates at one stage; those it removed greyed, as wide as they were."""
-    segs = []
+    """A stacked bar of the fixed candidates at one stage; those it removed greyed, as wide as they were,
+    and listed struck through."""
+    segs, removed = [], []
     for k, (token, p) in enumerate(cells):
         was = before[k][1] if before else None
         if p is None and was:
-            segs.append(f"<span class='cld-seg cld-gone' style='width:{_pct(was)}' data-t='{_esc(token)}' "
-                        f"title='{_esc(token)} removed here'></span>")
+            removed.append(f"<s class='cld-tok'>{_esc(token)}</s>")
+            segs.append(f"<span class='cld-seg cld-gone' style='width:{_pct(was)}' data-t='{_esc(token)}'></span>")
         elif p:
             segs.append(f"<span class='cld-seg' style='width:{_pct(p)};{_shade(p)}' data-t='{_esc(token)}' "
                         f"title='{_esc(token)} p={p:.4f}'></span>")
-    return f"<div class='cld-stack'>{''.join(segs)}</div>"
+    gone = f"<div class='cld-dim'>removed here: {' '.join(removed)}</div>" if removed else ""
+    return f"<div class='cld-stack'>{''.join(segs)}</div>{gone}"
 
 
 def _draw_bar(draw: Draw) -> str:
@@ -389,9 +391,18 @@ def _chip(r: CycleRecord | None, split: int) -> str:
     return f"<span class='cld-chip cld-tok{mark}' style='{_shade(r.prob)}' title='{tip}'>{_esc(r.token)}</span>"
 
 
-def render_branches(timeline: list[CycleRecord], branches: list[list[CycleRecord]]) -> str:
-    """Each earlier branch under the current timeline, aligned at their fork, tokens shaded by
-    probability; the first token that differs is outlined in red."""
+def _lanes(timeline: list[CycleRecord], old: list[CycleRecord], index: int, cycles: range, split: int) -> str:
+    """Two rows, now and branch ``index``, one column per cycle of ``cycles``."""
+    rows = [[f"<span class='cld-dim'>{label}</span>"] + [_chip(recs[k] if k < len(recs) else None, split)
+                                                         for k in cycles]
+            for label, recs in (("now", timeline), (f"branch {index}", old))]
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
+    return f"<table class='cld-t cld-lanes'>{body}</table>"
+
+
+def render_branches(timeline: list[CycleRecord], branches: list[list[CycleRecord]], columns: int = 8) -> str:
+    """Each earlier branch under the current timeline, aligned at their fork (in blocks of ``columns``
+    cycles that wrap), tokens shaded by probability; the first token that differs is outlined in red."""
     title = "Branches side by side"
     if not branches:
         return _panel(title, _note("(no branch yet: Choose another token or Ablate a head)"))
@@ -400,13 +411,12 @@ def render_branches(timeline: list[CycleRecord], branches: list[list[CycleRecord
         fork, split = _fork(timeline, old)
         shared = "".join(r.token for r in timeline[:fork])
         n = max(len(timeline), len(old))
-        pairs = "".join(f"<span class='cld-pair'>{_chip(timeline[k] if k < len(timeline) else None, split)}"
-                        f"{_chip(old[k] if k < len(old) else None, split)}</span>" for k in range(fork, n))
+        blocks = "".join(_lanes(timeline, old, index, range(start, min(n, start + columns)), split)
+                         for start in range(fork, n, columns))
         where = f"first different token: #{split}" if split < n else "same tokens so far"
-        parts.append(f"<div style='margin-bottom:6px'><div class='cld-dim'>branch {index}: fork at token #{fork} "
-                     f"after <span class='cld-tok'>{html.escape(show_token(shared[-40:]))}</span> · {where}</div>"
-                     f"<span class='cld-lane'><span class='cld-chip'>now</span><span class='cld-chip'>branch {index}</span>"
-                     f"</span>{pairs}</div>")
+        parts.append(f"<div class='cld-dim'>branch {index}: fork at token #{fork} after "
+                     f"<span class='cld-tok'>{html.escape(show_token(shared[-40:]))}</span> · {where}</div>"
+                     f"<div style='margin-bottom:6px'>{blocks}</div>")
     return _panel(title, "".join(parts))
 
 

@@ -89,6 +89,8 @@ def test_sampler_rows_grey_what_each_stage_removes_and_mark_the_draw():
     marks = Elements(html)
     assert percent(marks.having("cld-u")[0], "left") == 30.0
     assert (percent(marks.having("cld-slice")[0], "left"), percent(marks.having("cld-slice")[0])) == (25.0, 50.0)
+    assert [line for line in to_text(html).splitlines() if line.startswith("removed")] == [
+        "removed here: c", "removed here: b"]
     assert "draw u = 0.3000" in to_text(html) and "data-t" not in to_text(html)
 
 
@@ -150,12 +152,24 @@ def test_branches_align_at_the_fork_and_mark_the_first_divergence():
     now = shared + [record(2, "C", 0.3, 3), record(3, "D", 0.3, 4)]
     old = shared + [record(2, "C", 0.35, 3), record(3, "E", 0.6, 5)]  # an ablation: p changes at #2, token at #3
     html = render_branches(now, [old])
-    pairs = re.findall(r"<span class='cld-pair'>(.*?)</span></span>", html)
-    assert len(pairs) == 2  # from the fork (#2) on; the shared prefix is told once
+    lanes = [line.split() for line in to_text(html).splitlines() if line.startswith(("now", "branch 0 "))]
+    assert lanes == [["now", "C", "D"], ["branch", "0", "C", "E"]]  # from the fork (#2) on, aligned
     assert "fork at token #2 after AB · first different token: #3" in to_text(html)
     forks = Elements(html).having("cld-fork")
     assert [f["text"] for f in forks] == ["D", "E"] and forks[0]["title"].endswith("first divergence")
     assert alpha(forks[1]) > alpha(forks[0])  # E was likelier (0.6) than D (0.3)
+
+
+def test_long_branches_wrap_in_blocks_that_keep_the_columns_aligned():
+    now = [record(k, f"n{k}", 0.5, k) for k in range(20)]
+    old = [record(0, "n0", 0.5, 0)] + [record(k, f"o{k}", 0.5, 100 + k) for k in range(1, 12)]
+    html = render_branches(now, [old], columns=8)
+    rows = [line.split() for line in to_text(html).splitlines() if line.startswith(("now", "branch 0 ")) or
+            line == "branch 0"]  # an empty cell is a no-break space: split() drops it
+    n, o = [f"n{k}" for k in range(20)], [f"o{k}" for k in range(12)]
+    assert rows == [["now", *n[1:9]], ["branch", "0", *o[1:9]],  # cycles 1-8 (the fork is #1)
+                    ["now", *n[9:17]], ["branch", "0", *o[9:12]],  # 9-16: the old branch ends at 11
+                    ["now", *n[17:20]], ["branch", "0"]]
 
 
 def test_no_branch_says_how_to_make_one():
