@@ -1,7 +1,11 @@
 """The debugger's ipywidgets face: buttons call the :class:`~cyclelab.debugger.Debugger`'s commands.
 
 Every view is the ``value`` of a widget (HTML or Label), so tests and a browser read the
-same strings; nothing relies on ``Output`` capture, which needs a front end.
+same strings; nothing relies on ``Output`` capture, which needs a front end. Only standard
+ipywidgets and the views' own stylesheet (:data:`~cyclelab.debugview.STYLE`, in an HTML widget)
+are used, so the same widget works in JupyterLab 4 and Jupyter Notebook 7, offline. The panels
+sit in a grid that reflows from one to three columns (about 800 to 1600 px), the settings in tabs,
+and every control keeps its whole label (rows wrap instead of squeezing them).
 """
 
 from __future__ import annotations
