@@ -125,14 +125,16 @@ STYLE = f"""<style>
 .cld-dim{{color:{_FG2}}} .cld-err{{color:var(--jp-error-color1,#d32f2f)}}
 .cld-tok{{font-family:var(--jp-code-font-family,monospace);white-space:pre}}
 .cld-strip{{display:flex;flex-wrap:nowrap;align-items:center;gap:4px;white-space:nowrap;overflow:hidden}}
-.cld-box{{flex:0 1 auto;min-width:0;overflow:hidden;text-overflow:ellipsis;padding:2px 7px;border-radius:4px;background:{_BG2};color:{_FG}}}
+.cld-box{{flex:0 1 auto;min-width:0;overflow:hidden;text-overflow:ellipsis;padding:2px 7px;border-radius:4px;
+ background:{_BG2};color:{_FG}}}
 .cld-box.cld-on{{color:#fff;font-weight:600}}
 .cld-t{{border-collapse:collapse}} .cld-t th{{text-align:left;font-weight:normal;color:{_FG2};padding:0 5px}}
 .cld-t td{{padding:1px 5px;white-space:nowrap}}
 .cld-bar{{display:inline-block;height:9px;border-radius:2px;background:{_BRAND};vertical-align:middle;margin-right:4px}}
 .cld-bar.cld-raw{{background:{_GREY}}}
 .cld-stack{{display:flex;height:16px;width:100%;background:{_BG2};border-radius:3px;overflow:hidden;margin:1px 0 5px}}
-.cld-seg{{flex:0 0 auto;overflow:hidden;border-right:1px solid var(--jp-layout-color1,#fff);background:{_BRAND};color:{_FG};font-size:11px;line-height:16px;padding-left:2px;white-space:pre}}
+.cld-seg{{flex:0 0 auto;overflow:hidden;border-right:1px solid var(--jp-layout-color1,#fff);background:{_BRAND};
+ color:{_FG};font-size:11px;line-height:16px;padding-left:2px;white-space:pre}}
 .cld-seg::after,.cld-kv::before,.cld-u::after{{content:attr(data-t)}}
 .cld-seg.cld-gone{{background:{_GREY};opacity:.45;color:{_FG};text-decoration:line-through}}
 .cld-cum{{position:relative;height:16px;background:{_BG2};border-radius:3px;margin:14px 0 4px}}
@@ -144,11 +146,11 @@ STYLE = f"""<style>
 .cld-kv>span{{height:6px;min-width:1px;background:#DD8452;border-radius:1px}}
 .cld-chip{{display:inline-block;padding:1px 4px;margin:1px;border-radius:3px;border:1px solid transparent}}
 .cld-fork{{border-color:var(--jp-error-color1,#d32f2f)}}
-.cld-pair{{display:inline-flex;flex-direction:column;vertical-align:top;margin:0 1px 4px 0}}
 .cld-t .cld-chip{{max-width:10em;overflow:hidden;text-overflow:ellipsis;vertical-align:middle}}
 .cld-panel{{border:1px solid {_LINE};border-radius:4px;padding:6px;overflow:hidden}}
-.cld-wrap,.cld-wrap .widget-label{{white-space:normal !important;overflow:visible !important;height:auto !important}}
-.cld-lane{{display:inline-flex;flex-direction:column;vertical-align:top;margin-right:4px;color:{_FG2}}}
+.cld-wrap,.cld-wrap .widget-label{{white-space:normal !important;overflow:visible !important;
+ height:auto !important}}
+.cld-lanes{{display:inline-table;vertical-align:top;margin:0 8px 4px 0}} .cld-lanes td{{padding:0 1px}}
 </style>"""
 # Translucent fixed hues: they shade the theme's own background, light or dark.
 _BLUE, _ORANGE = "33,150,243", "221,132,82"

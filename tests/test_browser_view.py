@@ -2,9 +2,10 @@
 Jupyter Notebook 7, the offline replay page, and the click-to-panel latency a learner feels.
 
 One Jupyter server serves both JupyterLab and Notebook 7 pages for the whole module. The Lab test
-clicks as a learner would, checks that no button or label is cut at 1024 and 1400 px in the light
-and dark themes, and keeps screenshots in tests/artifacts/browser/ (with CYCLELAB_DOCS_SCREENSHOTS=1
-also in docs/). Skipped, saying why, without Chromium or Playwright.
+clicks as a learner would, checks that no button or label is cut at 1024 and 1400 px, and keeps
+screenshots in the light and dark themes in tests/artifacts/browser/. With CYCLELAB_DOCS_SCREENSHOTS=1
+it takes every one the docs show (light and dark, 1024 and 1400 px, after three tokens and after a
+branch) and copies them to docs/. Skipped, saying why, without Chromium or Playwright.
 """
 
 from __future__ import annotations
@@ -148,18 +149,21 @@ def set_theme(page, dark: bool) -> None:
     page.wait_for_timeout(300)  # the new theme's stylesheet applies
 
 
-def look_everywhere(page, root, stage: str, name: str) -> list[str]:
-    """At each width: what is cut, and in the light and dark themes a screenshot NAME-THEME-WIDTH;
-    back to light at the widest after."""
-    problems = []
-    for dark in (False, True):
+def look_everywhere(page, root, stage: str, name: str, dark_too: bool) -> list[str]:
+    """At each width: what is cut, and a screenshot NAME-THEME-WIDTH in the light theme, and in the dark
+    one too if ``dark_too`` (a theme changes colours only: the layout is checked once). Back to light
+    at the widest after."""
+    problems, colours = [], set()
+    for dark in (False, True) if dark_too else (False,):
         set_theme(page, dark)
+        colours.add(page.evaluate("r => getComputedStyle(r.querySelector('.cld')).color", root.element_handle()))
         for width in WIDTHS:
             page.set_viewport_size({"width": width, "height": 2200})
-            theme = "dark" if dark else "light"
-            if not dark:  # a theme changes colours only: the layout is checked once
+            if not dark:
                 problems += cut_text(page, root, f"{stage}, {width} px")
-            screenshot(root, f"{name}-{theme}-{width}")
+            screenshot(root, f"{name}-{'dark' if dark else 'light'}-{width}")
+    if dark_too and len(colours) != 2:
+        problems.append(f"{stage}: the panels' text colour does not follow the theme: {colours}")
     set_theme(page, False)
     page.set_viewport_size({"width": WIDTHS[-1], "height": 2200})
     return problems
@@ -202,11 +206,12 @@ def test_lab_layout_themes_branch_and_latency(browser, server: Lab, tiny_engine)
             click(root, "Next token", counter, n)
         text = root.locator(".widget-html-content div[style*='pre-wrap']")
         assert collapsed(text.inner_text()) == shown(PROMPT + "".join(texts(base)[:3]))
-        problems = look_everywhere(page, root, "after three tokens", "debugger")
+        every = os.environ.get("CYCLELAB_DOCS_SCREENSHOTS") == "1"  # the docs want both themes at each stage
+        problems = look_everywhere(page, root, "after three tokens", "debugger", dark_too=every)
         click(root, "Choose", counter, 2)  # the runner-up of token #2 (the dropdown's default)
         click(root, "Next token", counter, 3)
         click(root, "Next token", counter, 4)
-        problems += look_everywhere(page, root, "after a branch", "debugger-branch")
+        problems += look_everywhere(page, root, "after a branch", "debugger-branch", dark_too=True)
         assert problems == []
         assert collapsed(text.inner_text()) == shown(PROMPT + "".join(texts(branched)))
         fork = root.locator(".cld-fork")
