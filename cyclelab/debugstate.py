@@ -33,6 +33,7 @@ def describe(sampling: Sampling) -> str:
     if sampling.do_sample:
         parts += [f"top-k {sampling.top_k}"] if sampling.top_k else []
         parts += [f"top-p {sampling.top_p:g}"] if sampling.top_p is not None else []
+        parts += [f"min-p {sampling.min_p:g}"] if sampling.min_p is not None else []
         parts += [f"seed {sampling.seed}"] if sampling.seed is not None else ["seed random"]
     parts += [f"repetition penalty {sampling.repetition_penalty:g}"] if sampling.repetition_penalty != 1 else []
     return " ".join(parts)

@@ -44,9 +44,11 @@ class DebuggerUI:
         c["top-k"] = w.IntText(value=0, description="top-k (0: off)", **_fixed(200))
         c["top-p"] = w.FloatSlider(value=1.0, min=0.0, max=1.0, step=0.01, description="top-p",
                                    continuous_update=False, **_fixed(300))
+        c["min-p"] = w.FloatSlider(value=0.0, min=0.0, max=1.0, step=0.01, description="min-p (0: off)",
+                                   continuous_update=False, **_fixed(330))
         c["seed"] = w.IntText(value=-1, description="seed (-1: random)", **_fixed(220))
         c["repetition penalty"] = w.FloatText(value=1.0, description="repetition penalty", **_fixed(230))
-        for name in ("sample", "temperature", "top-k", "top-p", "seed", "repetition penalty"):
+        for name in ("sample", "temperature", "top-k", "top-p", "min-p", "seed", "repetition penalty"):
             c[name].observe(self._on_sampling, names="value")
         # breakpoints
         c["break token"] = w.Text(placeholder="token text, or an id", description="token", **_fixed(240))
@@ -106,7 +108,7 @@ class DebuggerUI:
             _panel(v["memory"], row("watch layer", "watch head"))],
             layout=w.Layout(grid_template_columns="repeat(auto-fill, minmax(380px, 1fr))", grid_gap="8px"))
         tabs = w.Tab([
-            row("sample", "temperature", "top-k", "top-p", "seed", "repetition penalty"),
+            row("sample", "temperature", "top-k", "top-p", "min-p", "seed", "repetition penalty"),
             w.VBox([row("break token", "Break on token", "break p", "Break below p", "break entropy",
                         "Break above entropy"),
                     row("break layer", "break op", "Break at op", "Break on lens change", "Break if not greedy",
@@ -142,7 +144,8 @@ class DebuggerUI:
         c = self.controls
         self._call(lambda: self.dbg.set_sampling(
             do_sample=c["sample"].value, temperature=c["temperature"].value, top_k=c["top-k"].value or None,
-            top_p=None if c["top-p"].value >= 1 else c["top-p"].value, seed=None if c["seed"].value < 0 else c["seed"].value,
+            top_p=None if c["top-p"].value >= 1 else c["top-p"].value, min_p=c["min-p"].value or None,
+            seed=None if c["seed"].value < 0 else c["seed"].value,
             repetition_penalty=c["repetition penalty"].value))
 
     def _on_watch(self, change) -> None:
@@ -176,7 +179,7 @@ class DebuggerUI:
         try:
             s = dbg.sampling
             for name, value in (("sample", s.do_sample), ("temperature", s.temperature), ("top-k", s.top_k or 0),
-                                ("top-p", 1.0 if s.top_p is None else s.top_p),
+                                ("top-p", 1.0 if s.top_p is None else s.top_p), ("min-p", s.min_p or 0.0),
                                 ("seed", -1 if s.seed is None else s.seed), ("repetition penalty", s.repetition_penalty)):
                 c[name].value = value
             options = [(f"{r}: {show_token(t)} ({p:.3f})", r) for r, t, p in dbg.candidates()]

@@ -253,8 +253,10 @@ def test_changing_the_sampler_mid_run_previews_without_the_model_then_branches(e
         no_model(m, engine)
         dbg.controls["sample"].value = True
         dbg.controls["top-p"].value = 0.5  # re-runs only the sampler on this cycle's logits
+        dbg.controls["min-p"].value = 0.05
         dbg.controls["seed"].value = 5
-    assert "top_p" in view(dbg, "sampler") and view(dbg, "error") == ""
+    assert "top_p" in view(dbg, "sampler") and "min_p" in view(dbg, "sampler") and view(dbg, "error") == ""
+    assert dbg.sampling.min_p == 0.05 and "min-p 0.05" in str(dbg)
     dbg.run_to(8)
     expected = engine.branch(base, at_cycle=3, sampling=dbg.sampling, max_new_tokens=8)
     assert dbg.token_ids == expected.token_ids
