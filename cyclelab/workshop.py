@@ -102,10 +102,6 @@ def read_chapter(path: Path, profile: str = "fast") -> Chapter:
     return Chapter(path.stem, float(label["seconds"]), float(label["gb"]) * 1024, words, exercises)
 
 
-def read_chapters(paths: list[Path], profile: str = "fast") -> list[Chapter]:
-    return [read_chapter(p, profile) for p in paths]
-
-
 # ------------------------------------------------------------------ sizing
 
 
@@ -227,7 +223,7 @@ def agenda_markdown(title: str, agenda: Agenda, chapters: list[Chapter], session
 
 def tables(paths: list[Path], profile: str = "fast") -> str:
     """The sizing table and both agendas as markdown, from the notebooks' cost labels."""
-    chapters = read_chapters(paths, profile)
+    chapters = [read_chapter(p, profile) for p in paths]
     sizing = sizing_table({c.name: c.peak_mb for c in chapters})
     minutes = {c.name: chapter_minutes(c) for c in chapters}
     order = [(c.name, minutes[c.name]) for c in chapters]
