@@ -293,6 +293,7 @@ def hook(event, args):
 
 sys.addaudithook(hook)
 import cyclelab
+import cyclelab.fetch
 from cyclelab import data
 from cyclelab.doctor import run_checks
 from cyclelab.fetch import cache_writable
@@ -300,8 +301,15 @@ for name in sys.argv[1:]:
     cyclelab.load(name)
 plays = len(data.plays("valid"))
 checks = [[c.check, c.ok, c.detail] for c in run_checks()]
-print(json.dumps({"uid": os.getuid(), "writable": cache_writable(), "plays": plays, "checks": checks,
-                  "attempts": attempts}))
+reading = list(attempts)
+try:  # the control: a forced re-fetch must try to write, be refused, and say who can repair it
+    cyclelab.fetch.fetch("minilm", force=True)
+    forced = "no error"
+except cyclelab.ModelFileError as err:
+    forced = str(err)
+capabilities = int(open("/proc/self/status").read().split("CapEff:")[1].split()[0], 16)
+print(json.dumps({"writable": cache_writable(), "plays": plays, "checks": checks, "attempts": reading,
+                  "forced": forced, "forced_attempts": attempts[len(reading):], "capabilities": capabilities}))
 '''
 
 
@@ -346,11 +354,14 @@ def _read_only_cache_run(models: tuple[str, ...]) -> None:
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         report = json.loads(done.stdout.strip().splitlines()[-1])
-        assert report["writable"] is False and report["plays"] > 0
+        assert report["writable"] is False and report["plays"] > 0 and report["capabilities"] == 0
         assert report["attempts"] == [], f"tried to write into the shared cache: {report['attempts']}"
         failed = [c for c in report["checks"] if not c[1]]
         assert not failed, failed
         assert next(c for c in report["checks"] if c[0] == "cache")[2].endswith("(read-only for you)")
+        assert re.search(r"read-only for you \(Permission denied.*an admin must run `CYCLELAB_CACHE=\S+ cyclelab fetch "
+                         r"minilm`", report["forced"]), report["forced"]
+        assert report["forced_attempts"], "the audit hook saw no write attempt in the control"
         assert _snapshot(shared) == before
     finally:
         for folder in [work, *(p for p in work.rglob("*") if p.is_dir())]:
