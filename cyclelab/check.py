@@ -369,6 +369,101 @@ def check_count_pairs(fn: Callable[[list[int]], dict]) -> Result:
     return Result(True, "correct: every adjacent pair counted, overlapping ones included")
 
 
+def _ref_apply_merges(word: list[str], merges: list[tuple[str, str]]) -> list[str]:
+    """The reference encoding of one pre-token: ``tokenizers``' own BPE model, built from ``merges``."""
+    from tokenizers.models import BPE as HFBPE
+
+    vocab: dict[str, int] = {}
+    for token in [*word, *(c for m in merges for c in m), *(a + b for a, b in merges)]:
+        vocab.setdefault(token, len(vocab))
+    return [t.value for t in HFBPE(vocab, merges).tokenize("".join(word))] if word else []
+
+
+def _merge_variants(word: list[str], ranks: dict[tuple[str, str], int]) -> dict[str, list[str]]:
+    """Typical wrong encodings of ``word``, keyed by the hint that names each symptom."""
+
+    def replay(pick, glue=lambda a, b: a + b, once=False) -> list[str]:
+        parts = list(word)
+        while True:
+            known = [i for i in range(len(parts) - 1) if (parts[i], parts[i + 1]) in ranks]
+            if not known:
+                return parts
+            i = pick(known, parts)
+            parts[i : i + 2] = [glue(parts[i], parts[i + 1])]
+            if once:
+                return parts
+
+    def rank(parts, i):
+        return ranks[parts[i], parts[i + 1]]
+
+    def longest_first() -> list[str]:  # WordPiece's rule: the longest known piece from the left
+        pieces, known, i = [], set(word) | {a + b for a, b in ranks}, 0
+        while i < len(word):
+            j = max(j for j in range(i + 1, len(word) + 1) if "".join(word[i:j]) in known or j == i + 1)
+            pieces.append("".join(word[i:j]))
+            i = j
+        return pieces
+
+    def first_occurrence_each() -> list[str]:
+        parts = list(word)
+        for pair in sorted(ranks, key=ranks.get):
+            i = next((i for i in range(len(parts) - 1) if (parts[i], parts[i + 1]) == pair), None)
+            if i is not None:
+                parts[i : i + 2] = [pair[0] + pair[1]]
+        return parts
+
+    return {
+        "nothing was merged: while some neighbour pair (parts[i], parts[i + 1]) is in ranks, merge one": list(word),
+        "you stopped after one merge: keep merging until no neighbour pair is in ranks":
+            replay(lambda known, parts: min(known, key=lambda i: rank(parts, i)), once=True),
+        "you merged the leftmost pair that has a rank; BPE merges the pair with the LOWEST rank first, "
+        "wherever it is in the word": replay(lambda known, parts: known[0]),
+        "you merged the pair with the HIGHEST rank first: rank 0 is the merge learned first, and it goes first":
+            replay(lambda known, parts: max(known, key=lambda i: rank(parts, i))),
+        "you glued a pair the wrong way round: the new token is left + right":
+            replay(lambda known, parts: min(known, key=lambda i: rank(parts, i)), glue=lambda a, b: b + a),
+        "only the first occurrence of each pair was merged: a pair can occur twice in a word (an in banana)":
+            first_occurrence_each(),
+        "you matched the longest known piece from the left, WordPiece's rule: BPE replays its merges by rank":
+            longest_first(),
+    }
+
+
+#: Merges (earliest first) and words for :func:`check_apply_merges`, in byte characters (Ġ is a space).
+_MERGE_RULES = [("e", "r"), ("h", "e"), ("a", "n"), ("Ġ", "t"), ("Ġt", "he"), ("an", "a"), ("b", "an"), ("Ġthe", "r"),
+                ("Ġ", "b"), ("n", "a"), ("Ġb", "ana"), ("o", "u"), ("e", "e"), ("ee", "r"), ("o", "n"), ("i", "on"),
+                ("t", "i"), ("t", "ion")]
+_MERGE_WORDS = ["her", "Ġthe", "banana", "Ġbanana", "Ġthere", "Ġbeer", "Ġyou", "eee", "x", "", "ĠROMEO", "nanana", "tion"]
+
+
+@_guarded
+def check_apply_merges(fn: Callable[[list[str], dict[tuple[str, str], int]], list[str]]) -> Result:
+    """Check ``fn(word, ranks) -> tokens``: encode one pre-token (a list of byte characters) by
+    repeatedly merging the neighbour pair of lowest rank, against ``tokenizers``' BPE model.
+    A wrong answer is named by the typical mistake that gives the same tokens on every word."""
+    ranks = {pair: rank for rank, pair in enumerate(_MERGE_RULES)}
+    answers = {}
+    for word in _MERGE_WORDS:
+        got, error = _call(fn, list(word), dict(ranks), case=f"encoding {list(word)}",
+                           in_place="your function changed its input list: work on a copy, list(word)")
+        if error is not None:
+            return error
+        if isinstance(got, str):
+            return Result(False, f"return a list of token strings, not one string ({got!r})")
+        if not isinstance(got, (list, tuple)) or not all(isinstance(t, str) for t in got):
+            return Result(False, f"return a list of token strings, got {got!r:.80}")
+        answers[word] = list(got)
+    wrong = [w for w in _MERGE_WORDS if answers[w] != _ref_apply_merges(list(w), _MERGE_RULES)]
+    if not wrong:
+        return Result(True, "correct: the merges replay by rank, lowest first, until none applies — BPE encoding")
+    variants = {w: _merge_variants(list(w), ranks) for w in _MERGE_WORDS}
+    hints = [h for h in variants[wrong[0]] if all(variants[w][h] == answers[w] for w in _MERGE_WORDS)]
+    hints = hints or [h for h, tokens in variants[wrong[0]].items() if tokens == answers[wrong[0]]]
+    case = (f"encoding {list(wrong[0])} with the merges {_MERGE_RULES[:3]}…: expected "
+            f"{_ref_apply_merges(list(wrong[0]), _MERGE_RULES)}, got {answers[wrong[0]]}")
+    return Result(False, f"{hints[0]} ({case})" if hints else case)
+
+
 # --- chapter 02: the embedding lookup and RoPE -----------------------------------------------------
 
 
@@ -464,6 +559,56 @@ def check_rope_pair(fn: Callable[[float, float, int, float], tuple[float, float]
     return Result(True, "correct: RoPE turns each pair by position × freq; the length is unchanged")
 
 
+def _pool_cases() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(hidden, mask) pairs: right padding, left padding, no padding, one real token, float64."""
+    gen = torch.Generator().manual_seed(5)
+    masks = [[[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], [[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]], [[1, 1, 1, 1]]]
+    cases = [(torch.randn(len(m), len(m[0]), 6, generator=gen) + 1.0, torch.tensor(m)) for m in masks]
+    return cases + [(torch.randn(2, 3, 4, generator=gen, dtype=torch.float64), torch.tensor([[1, 1, 0], [1, 0, 0]]))]
+
+
+def _pool_variants(hidden: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Typical wrong poolings, keyed by the hint that names each symptom."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    total = (hidden * m).sum(1)
+    right = total / m.sum(1)
+    return {
+        "the padding was averaged in: multiply by the mask (mask.unsqueeze(-1)) before summing, "
+        "and divide by the number of REAL tokens": hidden.mean(1),
+        "you returned the sum: divide by the number of real tokens, mask.sum(1)": total,
+        "you divided by the padded length: divide each sentence by ITS number of real tokens, mask.sum(1)":
+            total / hidden.shape[1],
+        "you divided by the real tokens of the whole batch: each sentence by its own count, mask.sum(1)":
+            total / mask.sum(),
+        "your vectors have length 1: return the plain average (the package normalizes afterwards)":
+            torch.nn.functional.normalize(right, dim=-1),
+        "you took the first token's vector ([CLS] pooling): average over all real tokens": hidden[:, 0],
+        "you averaged over the batch (dim 0): average over the tokens of each sentence, dim 1": hidden.mean(0),
+        "you averaged over the width (the last dim): average over the tokens, dim 1": (hidden * m).mean(-1),
+    }
+
+
+@_guarded
+def check_mean_pool(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Result:
+    """Check ``fn(hidden, mask) -> (batch, width)``: each sentence's mean over its real tokens,
+    against a loop over the sentences, on right and left padding and in float64."""
+    for hidden, mask in _pool_cases():
+        out, error = _tensor_answer(fn, hidden.clone(), mask.clone(), noun="the pooled vectors",
+                                    in_place="you changed hidden or mask in place: work on new tensors (x = x * m)")
+        if error is not None:
+            return error
+        want = torch.stack([h[row.bool()].mean(0) for h, row in zip(hidden.double(), mask)])
+        if _close(out, want, 1e-5):
+            continue
+        hint = next((h for h, wrong in _pool_variants(hidden, mask).items() if _close(out, wrong.double(), 1e-5)), "")
+        if not hint and out.shape != want.shape:
+            hint = (f"for hidden of shape {tuple(hidden.shape)} the result should have shape {tuple(want.shape)} "
+                    f"(batch, width), got {tuple(out.shape)}")
+        return Result(False, hint or f"for the mask {mask.tolist()} the result is not each sentence's mean over its "
+                                     "real tokens")
+    return Result(True, "correct: each sentence is the mean of its real tokens, padding ignored")
+
+
 # --- chapter 03: causal attention -------------------------------------------------------------------
 
 
@@ -542,6 +687,84 @@ def check_causal_attention(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tenso
         return Result(False, f"for shape {shape} the output differs from causal attention "
                              f"(largest difference {float((out - want).abs().max()):.3g})")
     return Result(True, "correct: scores, / sqrt(d), causal mask, softmax over the keys, mix of values")
+
+
+# --- chapter 03: one cached decode step ----------------------------------------------------------------
+
+
+def _decode_step_variants(q, k, v, k_cache, v_cache) -> dict[str, torch.Tensor]:
+    """The typical wrong answers of a cached step, each named by its symptom (float64)."""
+    import math
+
+    d = q.shape[-1]
+    keys, values = torch.cat([k_cache, k], -2), torch.cat([v_cache, v], -2)
+
+    def attend(keys_, values_, scale=1 / math.sqrt(d), dim=-1, scores_of=None):
+        weights = torch.softmax((q @ (keys_ if scores_of is None else scores_of).transpose(-1, -2)) * scale, dim)
+        return weights @ values_
+
+    return {
+        "the new token did not read itself: append its k and v to the cache (torch.cat([k_cache, k], dim=-2)) "
+        "BEFORE attending": attend(k_cache, v_cache),
+        "the query read only its own value: it must also read every cached position — attend over the cache "
+        "and the new k, v together": v.clone(),
+        "you applied the mask of position 0 (only the first key kept): the new query is the LAST position, every "
+        "cached key is in its past, so one new query needs no mask": v_cache[..., :1, :].clone(),
+        "scores are not divided by sqrt(d): the softmax is too sharp": attend(keys, values, scale=1.0),
+        "scores are divided by d instead of sqrt(d)": attend(keys, values, scale=1 / d),
+        "softmax over the wrong axis: the ONE query's weights over the KEYS (the last axis, dim=-1) must sum to 1":
+            attend(keys, values, dim=-2),
+        "you mixed the KEYS: the output is the weights times the VALUES": attend(keys, keys),
+        "you scored the query against the VALUES: the scores are q · k, the values are only mixed":
+            attend(values, values, scores_of=values),
+        "keys and values are out of step: concatenate both in the same order (the cache first, then the new "
+        "position), so key j and value j belong to the same token": attend(keys, torch.cat([v, v_cache], -2)),
+    }
+
+
+def _decode_step_cases(seed: int = 13):
+    """(q, k, v, k_cache, v_cache, q_past): the new position's q, k, v ``(…, 1, d)``, a cache of T
+    positions ``(…, T, d)`` and the past queries, for the full recomputation; several shapes, a cache of
+    one position, float64 and non-contiguous views."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def split(q, k, v):
+        t = q.shape[-2] - 1  # the last position is the new one
+        return q[..., t:, :], k[..., t:, :], v[..., t:, :], k[..., :t, :], v[..., :t, :], q[..., :t, :]
+
+    for lead, t, d, dtype in [((1, 1), 4, 8, torch.float32), ((2, 3), 6, 16, torch.float32), ((), 9, 4, torch.float32),
+                              ((1, 2), 1, 8, torch.float32), ((3, 2), 5, 8, torch.float64)]:
+        yield split(*(torch.randn(*lead, t + 1, d, generator=gen, dtype=dtype) * 2 for _ in range(3)))
+    yield split(*(torch.randn(2, 4, 8, 7, generator=gen).transpose(-1, -2) for _ in range(3)))  # strided views
+
+
+@_guarded
+def check_decode_step(fn: Callable[..., torch.Tensor]) -> Result:
+    """Check ``fn(q, k, v, k_cache, v_cache) -> out``: one decode step with a KV cache. ``q, k, v`` are the
+    new position's ``(…, 1, d)``, the cache holds the ``T`` earlier positions ``(…, T, d)``; the output
+    ``(…, 1, d)`` must equal the LAST row of causal attention recomputed over all ``T + 1`` positions."""
+    for q, k, v, k_cache, v_cache, q_past in _decode_step_cases():
+        shape = tuple(q.shape)
+        out, error = _tensor_answer(fn, q, k, v, k_cache, v_cache, noun="the new position's output (…, 1, d)")
+        if error is not None:
+            return error
+        full = [torch.cat(p, -2).double() for p in ((q_past, q), (k_cache, k), (v_cache, v))]
+        want = torch.nn.functional.scaled_dot_product_attention(*full, is_causal=True)[..., -1:, :]
+        if out.shape != want.shape:
+            if out.shape == (*shape[:-1], k_cache.shape[-2] + 1):
+                return Result(False, "you returned the attention weights: multiply them by the values")
+            return Result(False, f"for q of shape {shape} the output should have shape {shape} (one new position), "
+                                 f"got {tuple(out.shape)}")
+        if _close(out, want):
+            continue
+        for hint, wrong in _decode_step_variants(*(t.double() for t in (q, k, v, k_cache, v_cache))).items():
+            if _close(out, wrong):
+                return Result(False, hint)
+        return Result(False, f"with a cache of {k_cache.shape[-2]} positions (q of shape {shape}) the output is not "
+                             "the last row of full causal attention (largest difference "
+                             f"{float((out - want).abs().max()):.3g})")
+    return Result(True, "correct: one query against the cached keys and values plus its own equals the last row "
+                        "of full recomputation — the KV cache's whole trick")
 
 
 # --- chapter 04: a transformer block from its pieces ---------------------------------------------------
@@ -670,6 +893,132 @@ def check_block(fn: Callable, model: torch.nn.Module | None = None) -> Result:
             return Result(False, f"on layer {i} with x of shape {shape} the result differs from the block "
                                  f"(largest difference {float((out - want).abs().max()):.3g})")
     return Result(True, "correct: x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)) — norm before, residual add after")
+
+
+# --- chapter 04: LayerNorm and RMSNorm ------------------------------------------------------------------
+
+
+def _norm_cases(seed: int = 14):
+    """(x, weight, bias, eps) to normalise over the last axis: offset means (so a missing centring
+    shows), a large eps (so a misplaced eps shows), float64, a non-contiguous view and, last, a
+    constant vector (variance 0: only eps keeps it finite)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def case(shape, eps, dtype=torch.float32, offset=3.0):
+        x = torch.randn(*shape, generator=gen, dtype=dtype) * 2 + offset
+        d = shape[-1]
+        weight = 1 + 0.5 * torch.randn(d, generator=gen, dtype=dtype)
+        return x, weight, 0.3 * torch.randn(d, generator=gen, dtype=dtype), eps
+
+    yield case((3, 16), 0.5)
+    yield case((2, 5, 8), 1e-5)
+    yield case((12,), 0.1, offset=-4.0)
+    yield case((2, 3, 32), 1e-6, torch.float64)
+    x, w, b, eps = case((6, 10), 0.2)
+    yield x.T.contiguous().T, w, b, eps  # the same values as a non-contiguous view
+    x, w, b, eps = case((2, 8), 1e-5)
+    yield torch.cat([x[:1], torch.full((1, 8), 1.5)]), w, b, eps
+
+
+def _layer_norm_variants(x, weight, bias, eps) -> dict[str, torch.Tensor]:
+    """Typical wrong LayerNorms, each named by its symptom (float64)."""
+    mean = x.mean(-1, keepdim=True)
+    var = x.var(-1, unbiased=False, keepdim=True)
+    centred = x - mean
+    variants = {
+        "you used the unbiased variance (divide by n − 1): LayerNorm divides by n — x.var(dim=-1, unbiased=False)":
+            centred / torch.sqrt(x.var(-1, keepdim=True) + eps) * weight + bias,
+        "eps is missing: add it to the variance inside the square root, sqrt(var + eps)":
+            centred / torch.sqrt(var) * weight + bias,
+        "eps was added to the standard deviation: it goes inside the square root, sqrt(var + eps)":
+            centred / (torch.sqrt(var) + eps) * weight + bias,
+        "you did not subtract the mean: that is RMSNorm — LayerNorm centres first, x − mean":
+            x / torch.sqrt(var + eps) * weight + bias,
+        "you divided by the variance: divide by its square root, the standard deviation":
+            centred / (var + eps) * weight + bias,
+        "the learned gain and bias are missing: y = x̂ · weight + bias": centred / torch.sqrt(var + eps),
+        "the bias is missing: y = x̂ · weight + bias": centred / torch.sqrt(var + eps) * weight,
+        "the bias was added before the gain: multiply by weight first, then add bias":
+            (centred / torch.sqrt(var + eps) + bias) * weight,
+    }
+    if x.dim() >= 2 and x.shape[-2] > 1:
+        m0, v0 = x.mean(-2, keepdim=True), x.var(-2, unbiased=False, keepdim=True)
+        variants["normalised over the wrong axis: each vector (the LAST axis, dim=-1) is normalised on its own"] = \
+            (x - m0) / torch.sqrt(v0 + eps) * weight + bias
+    return variants
+
+
+def _rms_norm_variants(x, weight, eps) -> dict[str, torch.Tensor]:
+    """Typical wrong RMSNorms, each named by its symptom (float64)."""
+    ms = x.pow(2).mean(-1, keepdim=True)
+    variants = {
+        "you subtracted the mean: RMSNorm does not centre, it divides x itself by sqrt(mean(x²) + eps)":
+            (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + eps) * weight,
+        "you divided by the vector's length (the square root of the SUM of squares): RMS is sqrt(MEAN(x²))":
+            x / torch.sqrt(x.pow(2).sum(-1, keepdim=True) + eps) * weight,
+        "you divided by the mean square: take its square root, sqrt(mean(x²) + eps) (or torch.rsqrt)":
+            x / (ms + eps) * weight,
+        "eps is missing: add it to the mean square inside the square root": x / torch.sqrt(ms) * weight,
+        "eps was added after the square root: it goes inside, sqrt(mean(x²) + eps)":
+            x / (torch.sqrt(ms) + eps) * weight,
+        "the learned gain is missing: multiply by weight": x / torch.sqrt(ms + eps),
+        "you multiplied by (1 + weight), Gemma's convention: Llama multiplies by weight itself":
+            x / torch.sqrt(ms + eps) * (1 + weight),
+        "you divided by the mean ABSOLUTE value: RMS is the root of the mean of the squares, sqrt(mean(x²))":
+            x / (x.abs().mean(-1, keepdim=True) + eps) * weight,
+    }
+    if x.dim() >= 2 and x.shape[-2] > 1:
+        variants["normalised over the wrong axis: each vector (the LAST axis, dim=-1) is normalised on its own"] = \
+            x / torch.sqrt(x.pow(2).mean(-2, keepdim=True) + eps) * weight
+    return variants
+
+
+def _check_norm(fn: Callable, name: str, with_bias: bool, reference: Callable, variants: Callable) -> Result | None:
+    """Run ``fn`` on every norm case; None when all match ``reference``, else the ✗ Result."""
+    for x, weight, bias, eps in _norm_cases():
+        args = (x, weight, bias, eps) if with_bias else (x, weight, eps)
+        out, error = _tensor_answer(fn, *args, noun="the normalised tensor (the shape of x)")
+        if error is not None:
+            return error
+        want = reference(*(a.double() if isinstance(a, torch.Tensor) else a for a in args))
+        if out.shape != want.shape:
+            return Result(False, f"{name} keeps the shape of x {tuple(x.shape)}, got {tuple(out.shape)}: normalise "
+                                 "each vector (mean over dim=-1 with keepdim=True), do not reduce it away")
+        if _close(out, want):
+            continue
+        if torch.isnan(out).any():
+            return Result(False, "NaN in the output: a constant vector has variance 0 — eps inside the square root "
+                                 "keeps the division finite")
+        for hint, wrong in variants(*(a.double() if isinstance(a, torch.Tensor) else a for a in args)).items():
+            if _close(out, wrong):
+                return Result(False, hint)
+        return Result(False, f"for x of shape {tuple(x.shape)} and eps {eps} the result differs from {name} "
+                             f"(largest difference {float((out - want).abs().max()):.3g})")
+    return None
+
+
+@_guarded
+def check_layer_norm(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]) -> Result:
+    """Check ``fn(x, weight, bias, eps) -> y``: LayerNorm over the last axis, against
+    ``torch.nn.functional.layer_norm``."""
+    def reference(x, weight, bias, eps):
+        return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+    failure = _check_norm(fn, "LayerNorm", True, reference, _layer_norm_variants)
+    return Result(True, "correct: centre, divide by sqrt(var + eps) with the variance over n, then gain and bias") \
+        if failure is None else failure
+
+
+@_guarded
+def check_rms_norm(fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]) -> Result:
+    """Check ``fn(x, weight, eps) -> y``: RMSNorm over the last axis (Llama's), against
+    ``torch.nn.functional.rms_norm``."""
+    def reference(x, weight, eps):
+        return torch.nn.functional.rms_norm(x, x.shape[-1:], weight, eps)
+
+    failure = _check_norm(fn, "RMSNorm", False, reference, _rms_norm_variants)
+    return Result(True, "correct: divide by sqrt(mean(x²) + eps), then the gain — no centring, no bias") \
+        if failure is None else failure
 
 
 # --- chapter 05: decoding ---------------------------------------------------------------------------
@@ -839,9 +1188,10 @@ def check_masked_prediction(fn: Callable, loaded=None) -> Result:
         case = f"(position {pos} of {len(ids)})"
         with torch.no_grad():
             every = model(torch.tensor([masked])).logits[0].double()  # (positions, vocab)
-        if token != want and token == int(every.argmax()) and token >= every.shape[-1]:
-            return Result(False, f"you returned the argmax of the whole (positions × vocab) table {case}: "
-                                 "take the logits AT the masked position first, logits[0, position]")
+        if token != want and token == int(every.argmax()):
+            return Result(False, f"you returned the argmax index of the whole sequence {case}: argmax over the "
+                                 "flattened (positions × vocab) logits counts across positions; take the logits AT "
+                                 "the masked position first, logits[0, position], then its argmax")
         if token == want:
             if abs(prob - want_logit) < 1e-4:
                 return Result(False, f"you returned the logit {case}: the probability is softmax(logits)[token]")
@@ -859,6 +1209,110 @@ def check_masked_prediction(fn: Callable, loaded=None) -> Result:
                                      "the mask — no shift, unlike a causal LM's next token")
         return Result(False, f"at {case} the masked LM's top token is {want}, you returned {token}")
     return Result(True, "correct: mask the position, run the encoder once, read the prediction AT the mask")
+
+
+def _perplexity_variants(logits: torch.Tensor, ids: torch.Tensor) -> dict[str, float]:
+    """Perplexity done right (``"ok"``: logits[i] scores ids[i + 1], exp of the mean negative
+    log-likelihood) and the typical wrong ways, each named by its symptom."""
+    import math
+
+    z = logits.double()
+    logp = torch.log_softmax(z, -1)
+
+    def nll(rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return -rows.gather(-1, targets[:, None])[:, 0]
+
+    right = nll(logp[:-1], ids[1:])
+    n = len(right)
+    return {
+        "ok": math.exp(float(right.mean())),
+        "you returned the mean negative log-likelihood (the loss): perplexity is exp of it": float(right.mean()),
+        "you scored each position against its own token: logits[i] predicts the NEXT token, so compare "
+        "logits[:-1] with ids[1:]": math.exp(float(nll(logp, ids).mean())),
+        "you paired logits[i + 1] with ids[i]: the shift goes the other way, logits[:-1] against ids[1:]":
+            math.exp(float(nll(logp[1:], ids[:-1]).mean())),
+        "you summed the negative log-likelihoods: take the MEAN over the predicted tokens, then exp":
+            math.exp(min(float(right.sum()), 700.0)),
+        "you divided by all positions: only n - 1 tokens are predicted (the first has no prediction)":
+            math.exp(float(right.sum()) / len(ids)),
+        "you used the raw logits as log-probabilities: apply log_softmax over the vocabulary first":
+            math.exp(min(float(nll(z[:-1], ids[1:]).mean()), 700.0)),
+        "you averaged probabilities, not LOG-probabilities: the NLL of a token is -log p":
+            math.exp(float(nll(logp[:-1].exp(), ids[1:]).mean())),
+        "you dropped the minus sign: the NLL is -log p, so perplexity is at least 1":
+            math.exp(-float(right.mean())),
+        "you averaged exp(NLL) token by token: exponentiate the MEAN NLL once (a geometric mean of 1/p)":
+            float(right.exp().mean()),
+        "you raised 2 to an NLL in nats: use exp (2 ** goes with an NLL measured in bits, log2)":
+            2.0 ** float(right.mean()),
+        "you scored the most likely token at each position: score the token that actually comes next, ids[i + 1]":
+            math.exp(float(-logp[:-1].amax(-1).mean())),
+        f"you divided the NLL by the vocabulary size: the mean is over the {n} predicted tokens":
+            math.exp(float(right.sum()) / z.shape[-1]),
+    }
+
+
+def _perplexity_cases(loaded=None):
+    """``(what, logits, ids, transformers' exp(loss) or None)``: random logits, a random GPT-2 on a
+    short sequence, and ``loaded``'s model on a line of the plays when given."""
+    gen = torch.Generator().manual_seed(8)
+    for seq, vocab, scale in ((6, 20, 2.0), (2, 7, 1.0), (12, 100, 4.0), (30, 50, 0.5)):
+        yield f"{seq} positions, {vocab} tokens", torch.randn(seq, vocab, generator=gen) * scale, \
+            torch.randint(0, vocab, (seq,), generator=gen), None
+    models = [("a random GPT-2", _random_gpt2(), torch.randint(0, 50, (10,), generator=gen))]
+    if loaded is not None:
+        text = "ROMEO:\nBut soft, what light through yonder window breaks?"
+        models.append((f"{loaded.name} on a line of the plays", loaded.model,
+                       torch.tensor(loaded.tokenizer(text)["input_ids"])))
+    for what, model, ids in models:
+        with torch.no_grad():
+            out = model(ids[None].to(model.device), labels=ids[None].to(model.device))
+        yield what, out.logits[0].float().cpu(), ids, float(torch.exp(out.loss))
+
+
+def _as_number(answer) -> float | Result:
+    """A learner's one-number answer as a float, or a ✗ Result saying what came back."""
+    if isinstance(answer, torch.Tensor) and answer.numel() == 1 and not answer.is_complex():
+        return float(answer)
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        return float(answer)
+    return Result(False, f"return the perplexity as ONE number (a float), got {answer!r:.80}")
+
+
+@_guarded
+def check_perplexity(fn: Callable[[torch.Tensor, torch.Tensor], float], loaded=None) -> Result:
+    """Check ``fn(logits, ids) -> float``: the perplexity of ``ids`` under a causal LM whose
+    ``logits`` (``(positions, vocab)``) were computed on ``ids``: logits[i] predicts ids[i + 1],
+    and perplexity = exp(mean negative log-likelihood of ids[1:]).
+
+    Compared against a float64 computation, against the package's :func:`cyclelab.metrics.perplexity`
+    of the same summed NLL, and, for a random GPT-2 (and ``loaded``, e.g. ``load("tiny")``, when
+    given), against transformers' own ``exp(model(ids, labels=ids).loss)``.
+    """
+    import math
+
+    from .metrics import perplexity
+
+    for what, logits, ids, hf in _perplexity_cases(loaded):
+        out, error = _call(fn, logits.clone(), ids.clone(), case=what)
+        if error is not None:
+            return error
+        got = _as_number(out)
+        if isinstance(got, Result):
+            return got
+        variants = _perplexity_variants(logits, ids)
+        want = variants.pop("ok")
+        nll_sum = -float(torch.log_softmax(logits.double(), -1)[:-1].gather(-1, ids[1:, None]).sum())
+        references = [want, perplexity(nll_sum, len(ids) - 1)] + ([hf] if hf is not None else [])
+        if all(math.isclose(got, ref, rel_tol=1e-4) for ref in references):
+            continue
+        for hint, wrong in variants.items():
+            if math.isclose(got, wrong, rel_tol=1e-4):
+                return Result(False, f"{hint} ({what})")
+        return Result(False, f"on {what} the perplexity is {want:.4f}, you returned {got:.4f}: exp of the mean "
+                             "of -log_softmax(logits)[i, ids[i + 1]] over i = 0 .. n - 2")
+    return Result(True, "correct: exp of the mean negative log-likelihood of each next token, as transformers' "
+                        "exp(loss) computes it")
 
 
 # --- chapter 06: LoRA's forward pass -----------------------------------------------------------------

@@ -1,9 +1,13 @@
-"""The ``cyclelab`` command: fetch, course, lab, train-tiny, doctor.
+"""The ``cyclelab`` command: fetch, course, edition, grade, lab, train-tiny, doctor.
 
     cyclelab fetch [KEY ...] [--force]   offline assets into the cache (all by default)
     cyclelab course [--profile fast|full|gpu] [--out DIR] [--only PATTERN ...] [-p NAME VALUE ...]
                     [--label] [--results FILE]
                                          execute every notebook headless, print a table
+    cyclelab edition annotate [NOTEBOOK ...]   tag exercises, checks, solutions; nbgrader metadata
+    cyclelab edition student OUT [--nbgrader]  the student copy of the course, without solutions
+    cyclelab grade SUBMISSIONS [--out grades.csv] [--timeout S] [--jobs N] [--course DIR]
+                                         run each learner's notebooks, one CSV row per exercise
     cyclelab lab [JUPYTER ARGS ...]      JupyterLab on notebooks/ (e.g. --no-browser)
     cyclelab train-tiny [ARGS ...]       train the course's tiny model (see --help)
     cyclelab doctor                      check the environment; each problem with its fix
@@ -30,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "fetch":
         _check_keys(parser, args.keys)
     handlers: dict[str, Callable[[argparse.Namespace, list[str]], int]] = {
-        "fetch": cmd_fetch, "course": cmd_course, "lab": cmd_lab,
+        "fetch": cmd_fetch, "course": cmd_course, "edition": cmd_edition, "grade": cmd_grade, "lab": cmd_lab,
         "train-tiny": cmd_train_tiny, "doctor": cmd_doctor,
     }
     return handlers[args.command](args, extra)
@@ -57,10 +61,44 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write a markdown table of each chapter's key results, seconds and memory")
     course.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
                         help="papermill parameter for every notebook (value read as a Python literal)")
+    _add_edition(sub)
+    _add_grade(sub)
     sub.add_parser("lab", help="start JupyterLab on notebooks/ (extra args go to jupyter lab)", add_help=False)
     sub.add_parser("train-tiny", help="train the tiny model (see cyclelab train-tiny --help)", add_help=False)
     sub.add_parser("doctor", help="check the environment and print fixes")
     return parser
+
+
+def _add_edition(sub: argparse._SubParsersAction) -> None:
+    edition = sub.add_parser("edition", help="annotate exercises for nbgrader, or write the student edition")
+    action = edition.add_subparsers(dest="action", required=True, metavar="ACTION")
+    annotate = action.add_parser("annotate", help="tag exercise, check and solution cells and write nbgrader "
+                                                  "metadata, in place (outputs untouched)")
+    annotate.add_argument("notebooks", nargs="*", type=Path, metavar="NOTEBOOK",
+                          help="notebooks to annotate (default: every chapter)")
+    student = action.add_parser("student", help="write the student copy of the course: no solutions")
+    student.add_argument("out", type=Path, metavar="OUT", help="folder for the student notebooks")
+    student.add_argument("--nbgrader", action="store_true",
+                         help="failing checks raise AssertionError, so nbgrader's autograder scores them 0")
+
+
+def _add_grade(sub: argparse._SubParsersAction) -> None:
+    from .grade import LAYOUT
+
+    grade = sub.add_parser("grade", help="run each learner's notebooks and write one CSV row per exercise",
+                           description=f"Layout: {LAYOUT}, a folder per learner holding notebooks named as in "
+                                       "the course. Each runs headless (fast profile); rows say passed, failed "
+                                       "(with the check's hint) or error (with the reason).")
+    grade.add_argument("submissions", type=Path, metavar="SUBMISSIONS", help=f"the class's folder: {LAYOUT}")
+    grade.add_argument("--out", type=Path, default=Path("grades.csv"), help="the CSV to write (default grades.csv)")
+    grade.add_argument("--timeout", type=float, default=600, metavar="SECONDS",
+                       help="the most one notebook may run (default 600)")
+    grade.add_argument("--jobs", type=int, default=1, metavar="N",
+                       help="notebooks graded at once, each in its own kernel (default 1)")
+    grade.add_argument("--course", type=Path, default=None, metavar="DIR",
+                       help="the course notebooks the submissions answer (default: this course's notebooks/)")
+    grade.add_argument("--executed", type=Path, default=Path("outputs/graded"), metavar="DIR",
+                       help="folder for the executed notebooks (default outputs/graded)")
 
 
 def _check_keys(parser: argparse.ArgumentParser, keys: list[str]) -> None:
@@ -146,6 +184,41 @@ def parse_value(text: str) -> Any:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
+
+
+def cmd_edition(args: argparse.Namespace, _: list[str]) -> int:
+    """Annotate notebooks in place, or write the student edition; 2 on bad input."""
+    from .course import list_notebooks
+    from .edition import annotate_file, write_student_edition
+
+    try:
+        if args.action == "student":
+            written = write_student_edition(args.out, raising_checks=args.nbgrader)
+            print(f"student edition: {len(written)} notebooks in {args.out}")
+            return 0
+        for path in args.notebooks or list_notebooks():
+            found, changed = annotate_file(path)
+            names = ", ".join(e.name for e in found) or "no exercises"
+            print(f"{Path(path).name}: {names}{'' if changed else ' (unchanged)'}")
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_grade(args: argparse.Namespace, _: list[str]) -> int:
+    """Grade a class into a CSV; 0 once grading finished (whatever the grades), 2 on bad input."""
+    from .grade import grade_class, summary, write_csv
+
+    try:
+        rows = grade_class(args.submissions, args.course, args.executed, args.timeout, args.jobs)
+        write_csv(rows, args.out)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(summary(rows))
+    print(f"grades written to {args.out}; executed notebooks in {args.executed}")
+    return 0
 
 
 def cmd_lab(_: argparse.Namespace, extra: list[str]) -> int:

@@ -71,9 +71,10 @@ def _matches(name: str, pattern: str) -> bool:
 
 
 def run_notebook(path: Path, out_dir: Path, parameters: dict[str, Any] | None = None,
-                 profile: str = "fast") -> NotebookRun:
+                 profile: str = "fast", **options: Any) -> NotebookRun:
     """Execute one notebook with papermill into ``out_dir`` with ``profile``'s parameters (and
-    ``parameters`` on top); never raises on a failing cell."""
+    ``parameters`` on top); never raises on a failing cell. ``options`` go to papermill and the
+    notebook client (``allow_errors``, ``timeout_func``, ...; ``cwd`` is the notebook's folder)."""
     import papermill as pm
 
     path, out_dir = Path(path).resolve(), Path(out_dir)
@@ -86,7 +87,7 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict[str, Any] | None = 
     try:
         pm.execute_notebook(
             str(path), str(output), parameters=values, kernel_name=KERNEL_NAME,
-            cwd=str(path.parent), log_output=False, progress_bar=False,
+            log_output=False, progress_bar=False, **{"cwd": str(path.parent), **options},
             on_notebook_start=probe.start, on_cell_executed=probe.sample,
             extra_arguments=["--IPKernelApp.log_level=ERROR"],  # no start-up warnings from each kernel
         )

@@ -6,6 +6,7 @@
 >>> dbg.break_below(0.2); dbg.cont()  # run until a token is chosen with p < 0.2
 >>> print(dbg)                        # text mode
 >>> dbg.widget()                      # the same commands as buttons (ipywidgets)
+>>> dbg.export_html("run.html")       # a page replaying the run in any browser, offline
 
 The debugger keeps a *history* of the events it has seen, slimmed to what its views
 read (the last position only), and a *position* in it. Stepping forward inside the
@@ -29,6 +30,7 @@ import torch
 from .cycle import OPS, CycleRecord, Event, Trace
 from .debugstate import StateViews, describe, lens_tops
 from .debugtimeline import Breakpoint, LiveRun, Timeline, capture_for_views, slim
+from .debugreplay import replay_page
 from .debugview import render_text
 from .decode import Sampling, as_sampling
 from .engine import Engine, as_loaded, trace_settings
@@ -452,6 +454,17 @@ class Debugger(StateViews):
         path = Path(path)
         self.trace.save(path)
         self.message = f"saved {len(self.records)} cycles to {path}"
+        return path
+
+    @command
+    def export_html(self, path: str | Path) -> Path:
+        """Save one self-contained HTML page that replays the run so far token by token, with the same
+        panels and Back/Next controls: it needs no kernel, network or CDN (mail it, open it on a phone)."""
+        path = Path(path)
+        frames = self.frames()
+        path.write_text(replay_page(frames, f"cyclelab debugger: {self.engine.loaded.name}, "
+                                            f"{len(frames) - 1} tokens"), encoding="utf-8")
+        self.message = f"saved a replay of {len(frames) - 1} tokens to {path}"
         return path
 
     @command

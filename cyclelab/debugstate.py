@@ -12,8 +12,11 @@ from collections.abc import Iterator
 import torch
 
 from .cycle import Cost, Event
-from .debugview import Attention, CacheRow, Draw, Output, Register, SamplerStage, State, show_token
+from .debugview import Attention, CacheRow, Draw, Output, Register, SamplerStage, State, render_all, show_token
 from .decode import Sampling, pipeline, slice_of
+
+
+SAMPLER_CANDIDATES = 8  # tokens drawn in each row of the sampler pipeline's picture
 
 
 def lens_tops(engine, residuals: torch.Tensor, k: int = 3) -> list[list[tuple[str, float]]]:
@@ -30,6 +33,7 @@ def describe(sampling: Sampling) -> str:
     if sampling.do_sample:
         parts += [f"top-k {sampling.top_k}"] if sampling.top_k else []
         parts += [f"top-p {sampling.top_p:g}"] if sampling.top_p is not None else []
+        parts += [f"min-p {sampling.min_p:g}"] if sampling.min_p is not None else []
         parts += [f"seed {sampling.seed}"] if sampling.seed is not None else ["seed random"]
     parts += [f"repetition penalty {sampling.repetition_penalty:g}"] if sampling.repetition_penalty != 1 else []
     return " ".join(parts)
@@ -68,7 +72,23 @@ class StateViews:
             prefill=Cost.of(_prefill_events(self.history[:self.position + 1])), registers=self._registers(here),
             memory=self._memory(), attention=self._attention(), output=self._output(), sampler=stages, draw=draw,
             sampling=describe(self.now.sampling), prompt=self.prompt_text,
-            records=self.records, message=self.message, error=self.error, notes=self._notes())
+            records=self.records, message=self.message, error=self.error, notes=self._notes(),
+            timeline=self.now.records(), branches=[b.records() for b in self._branches],
+            max_positions=len(self.prompt_ids) + self.max_new_tokens)
+
+    def frames(self) -> list[dict[str, str]]:
+        """Every view's HTML at the end of each cycle done so far (0: before the first), from the history;
+        the position, message and error are left as they were."""
+        kept = self.position, self.message, self.error
+        self.message = self.error = ""
+        try:
+            frames = []
+            for k in range(self.cycle + 1):
+                self.position = self.now.start_of(k) - 1
+                frames.append(render_all(self.state()))
+            return frames
+        finally:
+            self.position, self.message, self.error = kept
 
     def _text(self, token_id: int) -> str:
         if token_id not in self._texts:
@@ -127,14 +147,17 @@ class StateViews:
         event = self.history[index]
         previous = self.prompt_ids + self.token_ids[:event.cycle]
         steps = pipeline(event.tensors["logits"], previous, self.now.sampling)
+        watched = torch.topk(steps[0][1], SAMPLER_CANDIDATES).indices.tolist()  # the same tokens in every row
         stages, before = [], None
         for name, logits in steps:
             probs = torch.softmax(logits, -1)
             kept = torch.isfinite(logits)
             mass = None if before is None else float(before[kept].sum())
-            stages.append(SamplerStage(name, int(kept.sum()), self._top(probs, 3), mass))
+            cells = [(self._text(i), float(probs[i]) if kept[i] else None) for i in watched]
+            stages.append(SamplerStage(name, int(kept.sum()), self._top(probs, 3), mass, cells))
             before = probs
-        stages.append(SamplerStage("renormalise", stages[-1].kept, stages[-1].top))
+        last = stages[-1]
+        stages.append(SamplerStage("renormalise", last.kept, last.top, cells=last.cells))
         return stages, self._draw(steps[-1][1], event.info["choice"].draw)
 
     def _draw(self, logits: torch.Tensor, u: float | None) -> Draw:

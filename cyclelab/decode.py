@@ -5,7 +5,7 @@ turns those scores into the one token that is written back to the sequence:
 
 1. :func:`pipeline` reshapes the scores, stage by stage, in the order transformers'
    ``generate`` uses: repetition penalty, then (only when sampling) temperature,
-   top-k and top-p;
+   top-k, top-p and min-p;
 2. :func:`greedy` takes the best token, or :func:`sample` draws one at random;
 3. :func:`choose` does both and records what happened in a :class:`Choice`.
 
@@ -35,7 +35,7 @@ class Sampling:
     """Settings for turning logits into a token.
 
     With ``do_sample=False`` the most likely token is taken (greedy); ``temperature``,
-    ``top_k`` and ``top_p`` are then ignored, as in transformers, because they never
+    ``top_k``, ``top_p`` and ``min_p`` are then ignored, as in transformers, because they never
     change which token is the most likely. ``repetition_penalty`` applies in both modes.
     ``seed`` (an integer from 0 to 2**64 - 1) seeds the random generator that
     :func:`choose` makes when none is given.
@@ -53,6 +53,7 @@ class Sampling:
     top_p: float | None = None
     repetition_penalty: float = 1.0
     seed: int | None = None
+    min_p: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.do_sample, bool):
@@ -66,6 +67,10 @@ class Sampling:
         p = self.top_p if self.top_p is None else _number(self.top_p, "top_p")
         if p is not None and not 0 < p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (or None for no top-p), got {p!r}")
+        m = self.min_p if self.min_p is None else _number(self.min_p, "min_p")
+        if m is not None and not 0 <= m <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (a fraction of the top token's probability; None for no "
+                             f"min-p), got {m!r}")
         r = _number(self.repetition_penalty, "repetition_penalty")
         if not (math.isfinite(r) and r > 0):
             raise ValueError(f"repetition_penalty must be a finite number > 0 (1.0 = off), got {r!r}")
@@ -203,13 +208,28 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, -math.inf)
 
 
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Min-p filter (Nguyen et al. 2024): keep the tokens whose probability is at least ``min_p``
+    times the most likely token's probability; the others get ``-inf``.
+
+    The cut-off scales with the model's confidence: a peaked distribution keeps few tokens, a
+    flat one many. The most likely token always stays (as in transformers' ``MinPLogitsWarper``).
+    """
+    _check_logits(logits)
+    if isinstance(min_p, bool) or not isinstance(min_p, (int, float)) or not 0 <= min_p <= 1:
+        raise ValueError(f"min_p must be in [0, 1], got {min_p!r}")
+    probs = torch.softmax(logits, dim=-1)
+    drop = probs < min_p * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(drop, -math.inf)
+
+
 def pipeline(logits: torch.Tensor, previous_ids: Ids, sampling: Sampling) -> list[tuple[str, torch.Tensor]]:
     """All the stages from raw logits to the logits that are actually sampled, in order.
 
     Returns ``[("logits", raw), ("repetition_penalty", ...), ("temperature", ...),
-    ("top_k", ...), ("top_p", ...)]`` with only the active stages: the penalty when it is
-    not 1, and, when sampling, a temperature other than 1, any ``top_k`` and a
-    ``top_p`` below 1. The last entry is what :func:`greedy` or :func:`sample` sees.
+    ("top_k", ...), ("top_p", ...), ("min_p", ...)]`` with only the active stages: the penalty
+    when it is not 1, and, when sampling, a temperature other than 1, any ``top_k``, a
+    ``top_p`` below 1 and a ``min_p`` above 0. The last entry is what :func:`greedy` or :func:`sample` sees.
     """
     _check_logits(logits)
     stages = [("logits", logits)]
@@ -222,6 +242,8 @@ def pipeline(logits: torch.Tensor, previous_ids: Ids, sampling: Sampling) -> lis
         stages.append(("top_k", top_k_filter(stages[-1][1], sampling.top_k)))
     if sampling.do_sample and sampling.top_p is not None and sampling.top_p < 1.0:
         stages.append(("top_p", top_p_filter(stages[-1][1], sampling.top_p)))
+    if sampling.do_sample and sampling.min_p:
+        stages.append(("min_p", min_p_filter(stages[-1][1], sampling.min_p)))
     return stages
 
 
@@ -326,15 +348,18 @@ def _eos_ids(eos_token_id: int | Collection[int] | None) -> set[int]:
 
 def beam_search(next_logits: Callable[[torch.Tensor], torch.Tensor], input_ids: Ids, num_beams: int,
                 max_new_tokens: int, eos_token_id: int | Collection[int] | None = None,
-                ) -> list[tuple[list[int], float]]:
+                length_penalty: float = 0.0) -> list[tuple[list[int], float]]:
     """Keep the ``num_beams`` best partial continuations at every step; return the best finished ones.
 
     ``next_logits`` maps a CPU LongTensor ``(beams, seq)`` (prompt plus generated ids)
     to the next-token logits ``(beams, vocab)`` of each row; it should move the ids to
-    the model's device itself. The score of a hypothesis is the plain sum of its
-    tokens' log-probabilities: **no length penalty**, so shorter finished hypotheses
-    are not rescaled (transformers' default ``length_penalty=1.0`` divides by the length;
-    pass ``length_penalty=0.0`` there to compare).
+    the model's device itself. The running beams are ranked by the plain sum of their
+    tokens' log-probabilities. A *finished* hypothesis of ``n`` generated tokens scores
+    ``log p / n ** length_penalty``: with the default ``0.0`` that is its log-probability,
+    which favours short hypotheses (every extra token adds a negative term); ``1.0``
+    (transformers' default) compares the mean log-probability per token instead, and larger
+    values favour long hypotheses more. Hypotheses cut at ``max_new_tokens`` count as finished
+    (truncated, not ended by the model).
 
     At each step every (beam, next token) pair is a candidate, ranked by total score:
 
@@ -343,13 +368,15 @@ def beam_search(next_logits: Callable[[torch.Tensor], torch.Tensor], input_ids: 
     * the ``num_beams`` best other candidates keep running.
 
     The search stops after ``max_new_tokens`` steps, or earlier once ``num_beams``
-    hypotheses have finished and no running beam scores above the worst of them
-    (scores only go down, so none could overtake). This is transformers' beam search
-    with ``length_penalty=0.0`` and ``early_stopping=False`` (its default);
+    hypotheses have finished and the best running beam, scored at its current length,
+    does not beat the worst of them (transformers' heuristic; exact for
+    ``length_penalty=0``, where scores only go down). This is transformers' beam search
+    with the same ``length_penalty`` and ``early_stopping=False`` (its default);
     ``early_stopping=True`` there stops as soon as ``num_beams`` hypotheses have
     finished, even if a running beam could still beat them.
 
-    Returns up to ``num_beams`` ``(generated ids, log-probability)`` pairs, best first;
+    Returns up to ``num_beams`` ``(generated ids, score)`` pairs, best first (the score is the
+    log-probability when ``length_penalty`` is 0, as in transformers' ``sequences_scores``);
     the generated ids exclude the prompt and include the end-of-sequence token if any.
     """
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
@@ -360,6 +387,8 @@ def beam_search(next_logits: Callable[[torch.Tensor], torch.Tensor], input_ids: 
     if not prompt:
         raise ValueError("input_ids is empty: beam search needs at least one prompt token")
     eos = _eos_ids(eos_token_id)
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) or not math.isfinite(length_penalty):
+        raise ValueError(f"length_penalty must be a finite number (0.0 = none, 1.0 = per-token mean), got {length_penalty!r}")
     running: list[tuple[list[int], float]] = [([], 0.0)]
     finished: list[tuple[list[int], float]] = []
     for step in range(max_new_tokens):
@@ -374,14 +403,15 @@ def beam_search(next_logits: Callable[[torch.Tensor], torch.Tensor], input_ids: 
         running_next = []
         for rank, (score, index) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
             beam, token = divmod(index, vocab)
-            hypothesis = (running[beam][0] + [token], score)
+            ids = running[beam][0] + [token]
             if token in eos or last_step:
                 if rank < num_beams:
-                    finished.append(hypothesis)
+                    finished.append((ids, score / len(ids) ** length_penalty))
             elif len(running_next) < num_beams:
-                running_next.append(hypothesis)
+                running_next.append((ids, score))
         finished = sorted(finished, key=lambda h: h[1], reverse=True)[:num_beams]
         running = running_next
-        if not running or (len(finished) == num_beams and running[0][1] <= finished[-1][1]):
+        best_running = running[0][1] / (step + 1) ** length_penalty if running else None
+        if not running or (len(finished) == num_beams and best_running <= finished[-1][1]):
             break
     return finished

@@ -7,6 +7,8 @@ position (rotary position embedding, RoPE).
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
 from .rope import apply_rope, rope_cos_sin, rotate_half  # noqa: F401 (the engine's RoPE, re-exported)
@@ -19,6 +21,19 @@ def rope_inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
     return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
 
 
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean pooling: the average of each sentence's vectors over its real tokens only.
+
+    ``hidden`` is (batch, tokens, width), ``mask`` (batch, tokens) with 1 for a real token
+    and 0 for padding; the result is (batch, width).
+    """
+    if hidden.dim() != 3 or mask.shape != hidden.shape[:2]:
+        raise ValueError(f"need hidden (batch, tokens, width) and mask (batch, tokens), got {tuple(hidden.shape)} "
+                         f"and {tuple(mask.shape)}")
+    weights = mask.unsqueeze(-1).to(hidden.dtype)  # (batch, tokens, 1): 0 silences the padding
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
 def sentence_embeddings(loaded, sentences: list[str]) -> torch.Tensor:
     """Unit-length sentence vectors from an encoder (e.g. ``minilm``): the mean of its
     last hidden states over real (non-padding) tokens, as all-MiniLM-L6-v2 was trained."""
@@ -27,9 +42,7 @@ def sentence_embeddings(loaded, sentences: list[str]) -> torch.Tensor:
     batch = loaded.tokenizer(sentences, padding=True, truncation=True, return_tensors="pt").to(loaded.device)
     with torch.no_grad():
         hidden = loaded.model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-    return torch.nn.functional.normalize(mean, dim=-1)
+    return torch.nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1)
 
 
 # --- FETCH as a memory read -------------------------------------------------------------
@@ -99,20 +112,57 @@ def rope_angles(positions, inv_freq: torch.Tensor) -> torch.Tensor:
     return positions.double()[:, None] * inv_freq.double()[None, :]
 
 
-def rope_rotate(x: torch.Tensor, positions, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate vectors ``x`` (…, positions, head_dim) as RoPE does at the given positions.
-
-    Pair ``i`` is ``(x[i], x[i + head_dim/2])``, the layout of Llama in ``transformers``.
-    """
+def _rope_angles_for(x: torch.Tensor, positions, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Check ``x`` (…, positions, head_dim) against ``positions`` and ``inv_freq``; return the angles (float64)."""
     positions = torch.as_tensor(positions)
     if x.shape[-1] != 2 * inv_freq.shape[0]:
         raise ValueError(f"vectors of size {x.shape[-1]} do not match {inv_freq.shape[0]} RoPE frequencies "
                          f"(need head_dim = {2 * inv_freq.shape[0]})")
     if positions.dim() != 1 or x.dim() < 2 or x.shape[-2] != positions.numel():
         raise ValueError(f"x must be (..., positions, head_dim) with {positions.numel()} positions, got {tuple(x.shape)}")
-    angles = rope_angles(positions, inv_freq).to(x.device)  # float64: exact enough for far positions
+    return rope_angles(positions, inv_freq).to(x.device)  # float64: exact enough for far positions
+
+
+def rope_rotate(x: torch.Tensor, positions, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate vectors ``x`` (…, positions, head_dim) as RoPE does at the given positions.
+
+    Pair ``i`` is ``(x[i], x[i + head_dim/2])``, the layout of Llama in ``transformers``
+    (:func:`rotate_half`); :func:`rope_rotate_interleaved` is the paper's layout.
+    """
+    angles = _rope_angles_for(x, positions, inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return apply_rope(x, angles.cos(), angles.sin())
+
+
+def rope_rotate_interleaved(x: torch.Tensor, positions, inv_freq: torch.Tensor) -> torch.Tensor:
+    """RoPE as the paper writes it (Su et al., RoFormer): pair ``i`` is the ADJACENT ``(x[2i], x[2i + 1])``,
+    turned by ``position × inv_freq[i]``. The same rotation as :func:`rope_rotate` once the
+    dimensions are reordered by :func:`rope_pair_permutation`."""
+    angles = _rope_angles_for(x, positions, inv_freq)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    even, odd = x[..., 0::2], x[..., 1::2]  # the two numbers of each pair
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
+
+
+def rope_pair_permutation(head_dim: int) -> torch.Tensor:
+    """The order ``[0, d/2, 1, d/2 + 1, …]``: ``x[..., perm]`` puts each ``rotate_half`` pair
+    ``(i, i + d/2)`` side by side, where the paper's layout keeps its pairs."""
+    if not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
+        raise ValueError(f"head_dim must be a positive even int, got {head_dim!r}")
+    half = head_dim // 2
+    return torch.stack([torch.arange(half), torch.arange(half) + half], dim=-1).flatten()
+
+
+def sinusoidal_positions(n_positions: int, width: int, base: float = 10000.0) -> torch.Tensor:
+    """The original Transformer's fixed position vectors (Vaswani et al. 2017), ``(n_positions, width)``:
+    ``PE[p, 2i] = sin(p · f_i)`` and ``PE[p, 2i + 1] = cos(p · f_i)``, with RoPE's frequencies
+    ``f_i = base ** (-2i / width)``. Added to the token vectors at FETCH, like learned positions."""
+    if not isinstance(n_positions, int) or n_positions < 1:
+        raise ValueError(f"n_positions must be a positive int, got {n_positions!r}")
+    if not isinstance(width, int) or width < 2 or width % 2:
+        raise ValueError(f"width must be a positive even int (sin and cos come in pairs), got {width!r}")
+    angles = rope_angles(torch.arange(n_positions), rope_inv_freq(width, base))  # (positions, width / 2)
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2).float()
 
 
 def rope_dot(q: torch.Tensor, k: torch.Tensor, pos_q: int, pos_k: int, inv_freq: torch.Tensor) -> float:
@@ -188,7 +238,9 @@ def token_id(loaded, word) -> int:
     return ids[0]
 
 
-def _nearest(loaded, vector: torch.Tensor, k: int, exclude: set[int]) -> list[tuple[str, float]]:
+def nearest_to_vector(loaded, vector: torch.Tensor, k: int, exclude: Collection[int] = ()) -> list[tuple[str, float]]:
+    """The ``k`` rows of the embedding matrix most similar to ``vector`` by cosine similarity
+    (ids in ``exclude`` left out), as ``(token text, similarity)`` from most similar down."""
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     weight = embedding_matrix(loaded)
@@ -203,7 +255,7 @@ def nearest_tokens(loaded, word, k: int = 8) -> list[tuple[str, float]]:
     """The ``k`` tokens whose embedding rows are closest to ``word``'s by cosine similarity
     (the word itself left out), as ``(token text, similarity)`` from most similar down."""
     i = token_id(loaded, word)
-    return _nearest(loaded, embedding_matrix(loaded)[i].float(), k, {i})
+    return nearest_to_vector(loaded, embedding_matrix(loaded)[i].float(), k, {i})
 
 
 def analogy(loaded, a, b, c, k: int = 5, exclude_inputs: bool = True) -> list[tuple[str, float]]:
@@ -215,7 +267,7 @@ def analogy(loaded, a, b, c, k: int = 5, exclude_inputs: bool = True) -> list[tu
     ids = [token_id(loaded, w) for w in (a, b, c)]
     weight = embedding_matrix(loaded).float()
     vector = weight[ids[0]] - weight[ids[1]] + weight[ids[2]]
-    return _nearest(loaded, vector, k, set(ids) if exclude_inputs else set())
+    return nearest_to_vector(loaded, vector, k, set(ids) if exclude_inputs else set())
 
 
 def pca_2d(x: torch.Tensor):

@@ -7,6 +7,8 @@ against ``transformers``:
 * :func:`gelu` and :func:`silu`, and the two MLPs, :func:`gelu_mlp` (GPT-2) and :func:`swiglu_mlp` (Llama);
 * :func:`self_attention` for a GPT-2 layer (chapter 03 in one call): with the norm and the MLP, the
   pieces of the chapter's exercise, a whole block;
+* :func:`sublayer` in its pre-LN, post-LN and residual-free orders, and :func:`stack_gradients`: why the
+  residual path keeps a deep stack trainable;
 * :func:`residual_stream` and :func:`logit_lens`: the *registers* of the processor, layer by layer, and
   what the model would say if it stopped after each layer;
 * :func:`cost_table`, :func:`per_token_costs` and :func:`matmul_parameters`: FLOPs, bytes and time per
@@ -70,6 +72,45 @@ def self_attention(h: torch.Tensor, attn, causal: bool = True) -> torch.Tensor:
     out, _ = scaled_dot_product_attention(q, k, v, causal=causal)
     return _conv1d(merge_heads(out), attn.c_proj)
 
+
+
+ORDERS = ("pre", "post", "none")  #: where a sublayer's norm sits, and whether it has a residual path
+
+
+def sublayer(x: torch.Tensor, f, norm, order: str = "pre") -> torch.Tensor:
+    """One sublayer ``f`` (attention or the MLP) with its norm, in one of three orders:
+
+    * ``"pre"`` (pre-LN: GPT-2, Llama): ``x + f(norm(x))`` — the residual path carries x untouched;
+    * ``"post"`` (post-LN: the 2017 transformer, BERT): ``norm(x + f(x))`` — every norm sits on the path;
+    * ``"none"``: ``f(norm(x))`` — no residual path at all.
+    """
+    if order == "pre":
+        return x + f(norm(x))
+    if order == "post":
+        return norm(x + f(x))
+    if order == "none":
+        return f(norm(x))
+    raise ValueError(f"order must be one of {', '.join(map(repr, ORDERS))}, got {order!r}")
+
+
+def stack_gradients(order: str, depth: int, width: int = 64, batch: int = 16, seed: int = 0) -> list[float]:
+    """Gradient norm reaching each layer's weight matrix in a random stack of ``depth`` sublayers
+    (each ``gelu(h @ W.T)``, weights of unit gain, with a LayerNorm) put together in ``order``
+    (:func:`sublayer`); the loss is a fixed random projection of the output. Entry 0 is the first layer."""
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be a positive integer, got {depth!r}")
+    gen = torch.Generator().manual_seed(seed)
+    weights = [(torch.randn(width, width, generator=gen) / math.sqrt(width)).requires_grad_() for _ in range(depth)]
+    x = torch.randn(batch, width, generator=gen)
+    target = torch.randn(batch, width, generator=gen)
+
+    def norm(h):
+        return torch.nn.functional.layer_norm(h, (width,))
+
+    for w in weights:
+        x = sublayer(x, lambda h, w=w: torch.nn.functional.gelu(h @ w.T), norm, order)
+    ((x * target).sum() / batch).backward()
+    return [float(w.grad.norm()) for w in weights]
 
 # ------------------------------------------------------------------ the residual stream and the logit lens
 
@@ -298,4 +339,5 @@ def plot_cost_breakdown(trace: Trace, axes=None):
 
 __all__ = ["CostRow", "LensRow", "cost_table", "figure_token", "format_cost_table", "gelu", "gelu_mlp", "layer_norm",
            "logit_lens", "matmul_parameters", "per_token_costs", "plot_cost_breakdown", "plot_logit_lens",
-           "plot_residual_norms", "residual_stream", "rms_norm", "self_attention", "silu", "swiglu_mlp"]
+           "plot_residual_norms", "residual_stream", "rms_norm", "self_attention", "silu", "stack_gradients", "sublayer",
+           "swiglu_mlp"]

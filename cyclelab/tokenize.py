@@ -41,10 +41,18 @@ from functools import lru_cache
 from tokenizers import Regex
 from tokenizers.pre_tokenizers import Split
 
-#: GPT-2's pre-tokenizer: contractions, letters (with one leading space), numbers (idem),
-#: other symbols (idem), then whitespace. ``\s+(?!\S)`` leaves the last space of a run
-#: to the word that follows it. The same pattern as ``tokenizers``' ``ByteLevel`` pre-tokenizer.
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+#: GPT-2's pre-tokenizer, part by part: each alternative of the regular expression and what it
+#: cuts. At each position the first alternative that matches wins (see :func:`explain_pretokens`).
+GPT2_PATTERN_PARTS: tuple[tuple[str, str], ...] = (
+    (r"'s|'t|'re|'ve|'m|'ll|'d", "an English contraction, cut off the word before it (lowercase only)"),
+    (r" ?\p{L}+", "a run of letters (any script), with at most one space in front"),
+    (r" ?\p{N}+", "a run of digits, with at most one space in front"),
+    (r" ?[^\s\p{L}\p{N}]+", "a run of other symbols (punctuation, emoji), with at most one space in front"),
+    (r"\s+(?!\S)", "whitespace not followed by a non-space: leaves the LAST space of a run to the next word"),
+    (r"\s+", "any other whitespace (a run that ends the text, or a newline before a word)"),
+)
+#: The whole pattern, the same as ``tokenizers``' ``ByteLevel`` pre-tokenizer's.
+GPT2_PATTERN = "|".join(part for part, _ in GPT2_PATTERN_PARTS)
 #: The pattern run by ``tokenizers``' own regex engine (Oniguruma), so that which characters
 #: count as letters (``\p{L}``) or numbers (``\p{N}``) comes from the same Unicode tables.
 _SPLIT = Split(Regex(GPT2_PATTERN), behavior="isolated")
@@ -109,6 +117,24 @@ def pretokenize(text: str, byte_level: bool = True) -> list[str]:
     """
     parts = [piece for piece, _ in _SPLIT.pre_tokenize_str(_require_str(text))]
     return [to_byte_chars(p) for p in parts] if byte_level else parts
+
+
+def explain_pretokens(text: str) -> list[tuple[str, str]]:
+    """Each pre-token of ``text`` with the part of :data:`GPT2_PATTERN_PARTS` that cut it.
+
+    Replays the regular expression by hand: at each position, try the parts in order and
+    take the first that matches — which is how an alternation ``a|b|c`` chooses. Uses the
+    ``regex`` module (Python's ``re`` has no ``\\p{L}``); the pieces equal :func:`pretokenize`'s.
+    """
+    import regex
+
+    parts = [(regex.compile(p), p) for p, _ in GPT2_PATTERN_PARTS]
+    text, out, pos = _require_str(text), [], 0
+    while pos < len(text):
+        match, part = next((m, p) for c, p in parts if (m := c.match(text, pos)))
+        out.append((match.group(), part))
+        pos = match.end()
+    return out
 
 
 @dataclass(frozen=True)
@@ -378,6 +404,48 @@ def same_as_hf(bpe: BPE, hf, texts: Sequence[str]) -> dict[str, bool]:
         "vocab": bpe.vocab == backend.get_vocab(with_added_tokens=True),
         "ids": all(bpe.encode(t) == backend.encode(t).ids for t in texts),
     }
+
+
+def train_unigram(text_or_iterable: str | Iterable[str], vocab_size: int, byte_fallback: bool = True):
+    """A SentencePiece-style unigram tokenizer trained with ``tokenizers``.
+
+    Unigram is SentencePiece's default model (T5, ALBERT); Llama 1/2 use SentencePiece's BPE
+    model with the same text handling and byte fallback (:func:`_sentencepiece_style`).
+
+    Spaces become ``▁`` and stay glued to the next word, as in SentencePiece; the unigram model
+    keeps a log-probability per piece and cuts each word into the most probable sequence
+    of pieces (Viterbi). With ``byte_fallback`` the 256 pieces ``<0x00>``…``<0xFF>`` are
+    added (with a very low score), so a character the vocabulary lacks is spelt in its
+    UTF-8 bytes instead of becoming ``<unk>``, as Llama 1/2's SentencePiece tokenizer does.
+    """
+    import json
+
+    from tokenizers import Tokenizer, models, trainers
+
+    texts = [text_or_iterable] if isinstance(text_or_iterable, str) else list(text_or_iterable)
+    if not any(_require_str(t, "each training text") for t in texts):
+        raise ValueError("the training text is empty: give train_unigram some text to learn pieces from")
+    if not isinstance(vocab_size, int) or vocab_size < 2:
+        raise ValueError(f"vocab_size must be an int of at least 2, got {vocab_size!r}")
+    trained = _sentencepiece_style(Tokenizer(models.Unigram()))
+    trained.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<unk>"],
+                                                               unk_token="<unk>", show_progress=False))
+    vocab = [tuple(v) for v in json.loads(trained.to_str())["model"]["vocab"]]
+    if byte_fallback:
+        vocab += [(f"<0x{b:02X}>", -100.0) for b in range(256)]
+    return _sentencepiece_style(Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=byte_fallback)))
+
+
+def _sentencepiece_style(tok):
+    """Llama 1/2's text handling: a ``▁`` in front of the text and for every space, pieces cut before
+    each ``▁``; decoding turns ``▁`` back into spaces, bytes ``<0xNN>`` into characters, and drops the first space."""
+    from tokenizers import decoders, normalizers, pre_tokenizers
+
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return tok
 
 
 def load_tokenizer(name: str):

@@ -23,6 +23,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -97,8 +98,7 @@ def collapsed(text: str) -> str:
     return " ".join(text.split())
 
 
-@pytest.fixture
-def playwright_api():
+def browser_api():
     """Playwright's sync API, or a skip that says how to get it and Chromium."""
     if not CHROMIUM.exists():
         pytest.skip(f"no Chromium at {CHROMIUM}: as root, `apt-get update && apt-get install -y chromium` "
@@ -114,11 +114,25 @@ def playwright_api():
 
 
 @pytest.fixture
+def playwright_api():
+    """Playwright's sync API, or a skip that says how to get it and Chromium."""
+    return browser_api()
+
+
+@pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
     """``jupyter lab`` on a copy of notebooks/ (Lab autosaves what it opens); always stopped after."""
     root = tmp_path / "notebooks"
     shutil.copytree(ROOT / "notebooks", root, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
-    settings = tmp_path / "lab-settings"
+    with running_lab(root, tmp_path) as server:
+        yield server
+
+
+@contextmanager
+def running_lab(root: Path, tmp: Path) -> Iterator[Lab]:
+    """A ``jupyter lab`` server on ``root`` (its settings, runtime and log under ``tmp``), stopped on exit.
+    The same server also serves Jupyter Notebook 7's pages (``notebooks/…``) where that is installed."""
+    settings = tmp / "lab-settings"
     for name, values in LAB_SETTINGS.items():
         target = settings / f"{name}.jupyterlab-settings"
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -127,11 +141,12 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
     command = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
                f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
                f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True",
-               f"--LabApp.user_settings_dir={settings}", f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}"]
+               "--JupyterNotebookApp.expose_app_in_browser=True",  # Notebook 7's pages, where it is installed
+               f"--LabApp.user_settings_dir={settings}", f"--LabApp.workspaces_dir={tmp / 'workspaces'}"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         command.append("--allow-root")
-    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"), "PYTHONUNBUFFERED": "1"}
-    log = tmp_path / "jupyter-lab.log"
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp / "runtime"), "PYTHONUNBUFFERED": "1"}
+    log = tmp / "jupyter-lab.log"
     with log.open("wb") as out:
         server = subprocess.Popen(command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
                                   start_new_session=True)

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from cyclelab import check
 from cyclelab.check import Result
 from cyclelab.decode import top_p_filter
-from cyclelab.forward import gelu_mlp, layer_norm, self_attention
+from cyclelab.attention import scaled_dot_product_attention
+from cyclelab.forward import gelu_mlp, layer_norm, rms_norm, self_attention
 
 # --- chapter 00: greedy step -------------------------------------------------------------------------
 
@@ -172,6 +173,74 @@ COUNT_WRONG = [
     ("string keys", lambda ids: {f"{a},{b}": 1 for a, b in zip(ids, ids[1:])}, "keys must be pairs"),
 ]
 
+
+
+def encode_gpt2(word, ranks):  # GPT-2's encoder.py: the lowest-ranked pair, every occurrence at once
+    word = list(word)
+    while len(word) > 1:
+        best = min(zip(word, word[1:]), key=lambda p: ranks.get(p, math.inf))
+        if best not in ranks:
+            break
+        word = merge(word, best, best[0] + best[1])
+    return word
+
+
+def encode_merge_by_merge(word, ranks):  # every merge in the order learned, each applied everywhere
+    for pair in sorted(ranks, key=ranks.get):
+        word = merge(list(word), pair, pair[0] + pair[1])
+    return list(word)
+
+
+def encode_greedy(word, ranks, pick=min, glue=lambda a, b: a + b, once=False):
+    parts = list(word)
+    while True:
+        known = [i for i in range(len(parts) - 1) if (parts[i], parts[i + 1]) in ranks]
+        if not known:
+            return parts
+        i = pick(known, key=lambda i: ranks[parts[i], parts[i + 1]])
+        parts[i:i + 2] = [glue(parts[i], parts[i + 1])]
+        if once:
+            return parts
+
+
+def encode_longest_match(word, ranks):
+    known, pieces, i = set(word) | {a + b for a, b in ranks}, [], 0
+    while i < len(word):
+        j = next(j for j in range(len(word), i, -1) if "".join(word[i:j]) in known or j == i + 1)
+        pieces.append("".join(word[i:j]))
+        i = j
+    return pieces
+
+
+def encode_first_occurrence(word, ranks):
+    parts = list(word)
+    for a, b in sorted(ranks, key=ranks.get):
+        for i in range(len(parts) - 1):
+            if (parts[i], parts[i + 1]) == (a, b):
+                parts[i:i + 2] = [a + b]
+                break
+    return parts
+
+
+def encode_in_place(word, ranks):
+    word[:] = encode_gpt2(word, ranks)
+    return word
+
+
+APPLY_RIGHT = [encode_gpt2, encode_merge_by_merge, encode_greedy]
+APPLY_WRONG = [
+    ("nothing merged", lambda word, ranks: list(word), "nothing was merged"),
+    ("one merge only", lambda word, ranks: encode_greedy(word, ranks, once=True), "stopped after one merge"),
+    ("leftmost first", lambda word, ranks: encode_greedy(word, ranks, pick=lambda known, key: known[0]), "leftmost"),
+    ("highest rank first", lambda word, ranks: encode_greedy(word, ranks, pick=max), "HIGHEST rank"),
+    ("glued backwards", lambda word, ranks: encode_greedy(word, ranks, glue=lambda a, b: b + a), "wrong way round"),
+    ("first occurrence only", encode_first_occurrence, "only the first occurrence"),
+    ("WordPiece's longest match", encode_longest_match, "WordPiece"),
+    ("one string", lambda word, ranks: "".join(encode_gpt2(word, ranks)), "not one string"),
+    ("in place", encode_in_place, "input list"),
+    ("raises", lambda word, ranks: ranks[word[0]], "KeyError"),
+]
+
 # --- chapter 02: embedding lookup and RoPE -----------------------------------------------------------
 
 
@@ -221,6 +290,40 @@ ROPE_WRONG = [
     ("raises", lambda x, y, p, f: 1 / 0, "ZeroDivisionError"),
 ]
 
+
+
+def pool_loop(hidden, mask):
+    return torch.stack([h[row.bool()].mean(0) for h, row in zip(hidden, mask)])
+
+
+def pool_einsum(hidden, mask):
+    m = mask.to(hidden.dtype)
+    return torch.einsum("bt,btw->bw", m, hidden) / m.sum(1, keepdim=True)
+
+
+def pool_in_place(hidden, mask):
+    hidden *= mask.unsqueeze(-1)
+    return hidden.sum(1) / mask.sum(1, keepdim=True)
+
+
+def pool_sum(hidden, mask):
+    return (hidden * mask.unsqueeze(-1)).sum(1)
+
+
+POOL_RIGHT = [pool_loop, pool_einsum, lambda h, m: (h * m[..., None]).sum(1) / m.sum(-1, keepdim=True)]
+POOL_WRONG = [
+    ("padding included", lambda h, m: h.mean(1), "padding was averaged in"),
+    ("sum", pool_sum, "returned the sum"),
+    ("padded length", lambda h, m: pool_sum(h, m) / h.shape[1], "padded length"),
+    ("batch count", lambda h, m: pool_sum(h, m) / m.sum(), "whole batch"),
+    ("normalized", lambda h, m: F.normalize(pool_loop(h, m), dim=-1), "length 1"),
+    ("first token", lambda h, m: h[:, 0], "[CLS]"),
+    ("batch axis", lambda h, m: h.mean(0), "dim 0"),
+    ("width axis", lambda h, m: (h * m.unsqueeze(-1)).mean(-1), "width"),
+    ("in place", pool_in_place, "in place"),
+    ("mask not broadcast", lambda h, m: (h * m).sum(1), "broadcast"),
+]
+
 # --- chapter 03: causal attention --------------------------------------------------------------------
 
 
@@ -265,6 +368,68 @@ ATTENTION_WRONG = [
      "attention weights"),
     ("a tuple", lambda q, k, v: (attention(q, k, v), None), "tuple"),
 ]
+
+def decode_step(q, k, v, k_cache, v_cache):
+    keys, values = torch.cat([k_cache, k], -2), torch.cat([v_cache, v], -2)
+    return torch.softmax(q @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1) @ values
+
+
+def decode_step_by_loop(q, k, v, k_cache, v_cache):
+    """Key by key in float64: exp(score) / total, then the weighted sum of the values."""
+    keys = [k_cache[..., j, :] for j in range(k_cache.shape[-2])] + [k[..., 0, :]]
+    values = [v_cache[..., j, :] for j in range(v_cache.shape[-2])] + [v[..., 0, :]]
+    scores = torch.stack([(q[..., 0, :].double() * key.double()).sum(-1) / q.shape[-1] ** 0.5 for key in keys])
+    weights = torch.exp(scores - scores.max(0).values)
+    weights = weights / weights.sum(0)
+    return sum(w[..., None] * val.double() for w, val in zip(weights, values))[..., None, :]
+
+
+def decode_step_by_recomputation(q, k, v, k_cache, v_cache):
+    """The engine's helper on the whole sequence's keys and values: one query, no mask needed."""
+    return scaled_dot_product_attention(q, torch.cat([k_cache, k], -2), torch.cat([v_cache, v], -2))[0]
+
+
+def decode_step_in_place(q, k, v, k_cache, v_cache):
+    q *= 1.0 / math.sqrt(q.shape[-1])
+    keys, values = torch.cat([k_cache, k], -2), torch.cat([v_cache, v], -2)
+    return torch.softmax(q @ keys.transpose(-1, -2), -1) @ values
+
+
+def _decode_with(keys_of, values_of, scale=None, dim=-1):
+    def fn(q, k, v, k_cache, v_cache):
+        keys, values = keys_of(k, v, k_cache, v_cache), values_of(k, v, k_cache, v_cache)
+        s = 1 / math.sqrt(q.shape[-1]) if scale is None else scale(q.shape[-1])
+        return torch.softmax(q @ keys.transpose(-1, -2) * s, dim) @ values
+    return fn
+
+
+def _all_keys(k, v, kc, vc):
+    return torch.cat([kc, k], -2)
+
+
+def _all_values(k, v, kc, vc):
+    return torch.cat([vc, v], -2)
+
+
+DECODE_RIGHT = [decode_step, decode_step_by_loop, decode_step_by_recomputation,
+                lambda q, k, v, kc, vc: F.scaled_dot_product_attention(q, torch.cat([k, kc], -2), torch.cat([v, vc], -2))]
+DECODE_WRONG = [
+    ("cache only", _decode_with(lambda k, v, kc, vc: kc, lambda k, v, kc, vc: vc), "did not read itself"),
+    ("new position only", _decode_with(lambda k, v, kc, vc: k, lambda k, v, kc, vc: v), "only its own value"),
+    ("mask of position 0", lambda q, k, v, kc, vc: F.scaled_dot_product_attention(
+        q, torch.cat([kc, k], -2), torch.cat([vc, v], -2), is_causal=True), "mask of position 0"),
+    ("no scale", _decode_with(_all_keys, _all_values, scale=lambda d: 1.0), "sqrt(d)"),
+    ("divided by d", _decode_with(_all_keys, _all_values, scale=lambda d: 1 / d), "instead of sqrt(d)"),
+    ("wrong axis", _decode_with(_all_keys, _all_values, dim=-2), "wrong axis"),
+    ("mixes keys", _decode_with(_all_keys, _all_keys), "KEYS"),
+    ("scores against values", _decode_with(_all_values, _all_values), "against the VALUES"),
+    ("keys and values out of step", _decode_with(_all_keys, lambda k, v, kc, vc: torch.cat([v, vc], -2)),
+     "out of step"),
+    ("the weights", lambda q, k, v, kc, vc: torch.softmax(q @ torch.cat([kc, k], -2).transpose(-1, -2), -1), "weights"),
+    ("squeezed", lambda q, k, v, kc, vc: decode_step(q, k, v, kc, vc)[..., 0, :], "one new position"),
+    ("in place", decode_step_in_place, "in place"),
+]
+
 
 # --- chapter 04: a transformer block ------------------------------------------------------------------
 
@@ -315,6 +480,96 @@ BLOCK_WRONG = [
     ("in place", block_in_place, "in place"),
     ("identity", lambda x, L: x, "unchanged"),
 ]
+
+def layer_norm_two_lines(x, weight, bias, eps):
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+def layer_norm_by_loop(x, weight, bias, eps):
+    """One vector at a time, in float64 Python arithmetic."""
+    rows = x.reshape(-1, x.shape[-1]).double().tolist()
+    out = []
+    for row in rows:
+        mean = sum(row) / len(row)
+        var = sum((a - mean) ** 2 for a in row) / len(row)
+        out.append([(a - mean) / math.sqrt(var + eps) * float(w) + float(b) for a, w, b in zip(row, weight, bias)])
+    return torch.tensor(out, dtype=torch.float64).reshape(x.shape)
+
+
+def layer_norm_in_place(x, weight, bias, eps):
+    x -= x.mean(-1, keepdim=True)
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight + bias
+
+
+def _ln(x, weight, bias, eps, unbiased=False, eps_out=False, centre=True):
+    c = x - x.mean(-1, keepdim=True) if centre else x
+    sd = x.var(-1, unbiased=unbiased, keepdim=True)
+    return c / (torch.sqrt(sd) + eps if eps_out else torch.sqrt(sd + eps)) * weight + bias
+
+
+def layer_norm_module(x, weight, bias, eps):
+    """torch's own LayerNorm module, given the weight and bias."""
+    norm = torch.nn.LayerNorm(x.shape[-1], eps=eps, dtype=x.dtype)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+        norm.bias.copy_(bias)
+        return norm(x)
+
+
+LAYER_NORM_RIGHT = [layer_norm_two_lines, layer_norm_by_loop, layer_norm, layer_norm_module]
+LAYER_NORM_WRONG = [
+    ("unbiased variance", lambda x, w, b, eps: _ln(x, w, b, eps, unbiased=True), "n − 1"),
+    ("no eps", lambda x, w, b, eps: _ln(x, w, b, 0.0), "eps is missing"),
+    ("eps outside the root", lambda x, w, b, eps: _ln(x, w, b, eps, eps_out=True), "inside the square root"),
+    ("not centred", lambda x, w, b, eps: _ln(x, w, b, eps, centre=False), "RMSNorm"),
+    ("no gain, no bias", lambda x, w, b, eps: F.layer_norm(x, x.shape[-1:], eps=eps), "gain and bias are missing"),
+    ("no bias", lambda x, w, b, eps: F.layer_norm(x, x.shape[-1:], w, None, eps), "bias is missing"),
+    ("bias before gain", lambda x, w, b, eps: (F.layer_norm(x, x.shape[-1:], eps=eps) + b) * w, "before the gain"),
+    ("wrong axis", lambda x, w, b, eps: _ln(x.transpose(-1, -2), 1.0, 0.0, eps).transpose(-1, -2) * w + b
+     if x.dim() > 1 else _ln(x, w, b, eps), "wrong axis"),
+    ("reduced", lambda x, w, b, eps: x.mean(-1), "keeps the shape"),
+    ("in place", layer_norm_in_place, "in place"),
+]
+
+
+def rms_norm_two_lines(x, weight, eps):
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rms_norm_llama_module(x, weight, eps):
+    """transformers' own LlamaRMSNorm, given the weight."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(x.shape[-1], eps=eps).to(x.dtype)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+        return norm(x)
+
+
+def _rms(x, weight, eps, root=True, total=False, eps_out=False):
+    ms = x.pow(2).sum(-1, keepdim=True) if total else x.pow(2).mean(-1, keepdim=True)
+    if eps_out:
+        return x / (torch.sqrt(ms) + eps) * weight
+    return x / (torch.sqrt(ms + eps) if root else ms + eps) * weight
+
+
+RMS_NORM_RIGHT = [rms_norm_two_lines, rms_norm, rms_norm_llama_module,
+                  lambda x, w, eps: x * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + eps) * w]
+RMS_NORM_WRONG = [
+    ("centred", lambda x, w, eps: F.layer_norm(x, x.shape[-1:], eps=eps) * w, "subtracted the mean"),
+    ("sum of squares", lambda x, w, eps: _rms(x, w, eps, total=True), "SUM of squares"),
+    ("no square root", lambda x, w, eps: _rms(x, w, eps, root=False), "mean square"),
+    ("no eps", lambda x, w, eps: _rms(x, w, 0.0), "eps is missing"),
+    ("eps after the root", lambda x, w, eps: _rms(x, w, eps, eps_out=True), "inside"),
+    ("no gain", lambda x, w, eps: _rms(x, 1.0, eps), "gain is missing"),
+    ("Gemma's 1 + weight", lambda x, w, eps: _rms(x, 1 + w, eps), "Gemma"),
+    ("mean absolute value", lambda x, w, eps: x / (x.abs().mean(-1, keepdim=True) + eps) * w, "ABSOLUTE"),
+    ("wrong axis", lambda x, w, eps: (x.transpose(-1, -2) / torch.sqrt(x.transpose(-1, -2).pow(2).mean(-1, keepdim=True)
+                                                                      + eps)).transpose(-1, -2) * w
+     if x.dim() > 1 else _rms(x, w, eps), "wrong axis"),
+]
+
 
 # --- chapter 05: top-p and masked prediction ------------------------------------------------------------
 
@@ -420,7 +675,7 @@ MASKED_WRONG = [
     ("log-probability", lambda m, ids, pos, mid: (lambda z: (int(z.argmax()), float(torch.log_softmax(z, -1).max())))(
         masked_logits_of(m, ids, pos, mid)), "LOG-probability"),
     ("mutates ids", masked_mutating, "caller's list"),
-    ("flat argmax", masked_flat_argmax, "whole"),
+    ("flat argmax", masked_flat_argmax, "you returned the argmax index of the whole sequence"),
     ("probability vector", lambda m, ids, pos, mid: (lambda z: (int(z.argmax()), torch.softmax(z, -1)))(
         masked_logits_of(m, ids, pos, mid)), "ONE number"),
 ]
@@ -430,6 +685,58 @@ def masked_logits_all(model, ids, position, mask_id):
     ids = ids[:position] + [mask_id] + ids[position + 1:]
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0]
+
+
+def ppl_cross_entropy(logits, ids):
+    return F.cross_entropy(logits[:-1], ids[1:]).exp().item()
+
+
+def ppl_by_loop(logits, ids):
+    total = 0.0
+    for i in range(len(ids) - 1):
+        row = [float(v) for v in logits[i]]
+        top = max(row)
+        log_z = top + math.log(sum(math.exp(v - top) for v in row))
+        total += log_z - row[int(ids[i + 1])]
+    return math.exp(total / (len(ids) - 1))
+
+
+def ppl_tensor(logits, ids):  # a 0-d tensor is one number too
+    logp = torch.log_softmax(logits, -1)[:-1].gather(-1, ids[1:, None])
+    return torch.exp(-logp.mean())
+
+
+def ppl_nlls(logits, ids, shift=1):
+    """Per-token NLLs with logits[i] against ids[i + shift] (shift 0: no shift, -1: the wrong way)."""
+    logp = torch.log_softmax(logits.double(), -1)
+    rows, targets = (logp[:-1], ids[1:]) if shift == 1 else (logp, ids) if shift == 0 else (logp[1:], ids[:-1])
+    return -rows.gather(-1, targets[:, None])[:, 0]
+
+
+PERPLEXITY_RIGHT = [ppl_cross_entropy, ppl_by_loop, ppl_tensor]
+PERPLEXITY_WRONG = [
+    ("no exp", lambda z, ids: float(ppl_nlls(z, ids).mean()), "exp of it"),
+    ("no shift", lambda z, ids: math.exp(float(ppl_nlls(z, ids, shift=0).mean())), "NEXT token"),
+    ("shift the wrong way", lambda z, ids: math.exp(float(ppl_nlls(z, ids, shift=-1).mean())), "other way"),
+    ("sum", lambda z, ids: math.exp(min(float(ppl_nlls(z, ids).sum()), 700)), "MEAN"),
+    ("all positions", lambda z, ids: math.exp(float(ppl_nlls(z, ids).sum()) / len(ids)), "n - 1"),
+    ("raw logits", lambda z, ids: math.exp(min(-float(z[:-1].double().gather(-1, ids[1:, None]).mean()), 700)),
+     "log_softmax"),
+    ("probabilities", lambda z, ids: math.exp(-float(torch.softmax(z.double(), -1)[:-1].gather(-1, ids[1:, None]).mean())),
+     "LOG-probabilities"),
+    ("no minus", lambda z, ids: math.exp(-float(ppl_nlls(z, ids).mean())), "minus sign"),
+    ("mean of exp", lambda z, ids: float(ppl_nlls(z, ids).exp().mean()), "geometric mean"),
+    ("base 2", lambda z, ids: 2 ** float(ppl_nlls(z, ids).mean()), "bits"),
+    ("argmax", lambda z, ids: math.exp(-float(torch.log_softmax(z.double(), -1)[:-1].max(-1).values.mean())),
+     "actually comes next"),
+    ("a vector", lambda z, ids: ppl_nlls(z, ids).exp(), "ONE number"),
+]
+
+
+def test_perplexity_check_uses_transformers_loss_on_tiny(tiny):
+    assert check.check_perplexity(ppl_cross_entropy, tiny)
+    result = check.check_perplexity(lambda z, ids: ppl_cross_entropy(z, ids) * 1.01, tiny)
+    assert not result and "perplexity is" in result.message
 
 
 # --- chapter 06: LoRA's forward ------------------------------------------------------------------------
@@ -528,12 +835,18 @@ CHECKS = {
     "greedy_step": (check.check_greedy_step, GREEDY_RIGHT, GREEDY_WRONG),
     "merge_pair": (check.check_merge_pair, MERGE_RIGHT, MERGE_WRONG),
     "count_pairs": (check.check_count_pairs, COUNT_RIGHT, COUNT_WRONG),
+    "apply_merges": (check.check_apply_merges, APPLY_RIGHT, APPLY_WRONG),
     "embed_lookup": (check.check_embed_lookup, EMBED_RIGHT, EMBED_WRONG),
     "rope_pair": (check.check_rope_pair, ROPE_RIGHT, ROPE_WRONG),
+    "mean_pool": (check.check_mean_pool, POOL_RIGHT, POOL_WRONG),
     "causal_attention": (check.check_causal_attention, ATTENTION_RIGHT, ATTENTION_WRONG),
+    "decode_step": (check.check_decode_step, DECODE_RIGHT, DECODE_WRONG),
     "block": (check.check_block, BLOCK_RIGHT, BLOCK_WRONG),
+    "layer_norm": (check.check_layer_norm, LAYER_NORM_RIGHT, LAYER_NORM_WRONG),
+    "rms_norm": (check.check_rms_norm, RMS_NORM_RIGHT, RMS_NORM_WRONG),
     "top_p_filter": (check.check_top_p_filter, TOP_P_RIGHT, TOP_P_WRONG),
     "masked_prediction": (check.check_masked_prediction, MASKED_RIGHT, MASKED_WRONG),
+    "perplexity": (check.check_perplexity, PERPLEXITY_RIGHT, PERPLEXITY_WRONG),
     "lora_forward": (check.check_lora_forward, LORA_RIGHT, LORA_WRONG),
     "int8_row": (check.check_int8_row, INT8_RIGHT, INT8_WRONG),
     "attainable": (check.check_attainable, ATTAINABLE_RIGHT, ATTAINABLE_WRONG),

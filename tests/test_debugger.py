@@ -253,8 +253,10 @@ def test_changing_the_sampler_mid_run_previews_without_the_model_then_branches(e
         no_model(m, engine)
         dbg.controls["sample"].value = True
         dbg.controls["top-p"].value = 0.5  # re-runs only the sampler on this cycle's logits
+        dbg.controls["min-p"].value = 0.05
         dbg.controls["seed"].value = 5
-    assert "top_p" in view(dbg, "sampler") and view(dbg, "error") == ""
+    assert "top_p" in view(dbg, "sampler") and "min_p" in view(dbg, "sampler") and view(dbg, "error") == ""
+    assert dbg.sampling.min_p == 0.05 and "min-p 0.05" in str(dbg)
     dbg.run_to(8)
     expected = engine.branch(base, at_cycle=3, sampling=dbg.sampling, max_new_tokens=8)
     assert dbg.token_ids == expected.token_ids
@@ -287,6 +289,9 @@ def test_export_writes_json_that_trace_load_reads(engine, tmp_path):
     trace = Trace.load(tmp_path / "trace.json")
     assert trace.token_ids == dbg.token_ids and len(trace.records) == 4
     assert raw["settings"]["interventions"] and trace.records[3].forced
+    click(dbg, "Export HTML")  # the replay page, beside the JSON
+    page = (tmp_path / "trace.html").read_text()
+    assert "cyclelab debugger: tiny, 4 tokens" in page and "saved a replay of 4 tokens" in view(dbg, "message")
 
 
 def test_other_engine_users_do_not_corrupt_a_paused_run(engine, base):
@@ -405,6 +410,11 @@ def fault_writing_the_export(dbg, monkeypatch):
     click(dbg, "Export")
 
 
+def fault_writing_the_replay(dbg, monkeypatch):
+    dbg.controls["export path"].value = "/nonexistent-folder/trace.json"
+    click(dbg, "Export HTML")
+
+
 @pytest.mark.parametrize("inject,shown", [pytest.param(inject, shown, id=inject.__name__.replace("_", "-")) for inject, shown in [
     (fault_in_the_forward_pass, "RuntimeError: injected fault"),
     (fault_mid_cycle, "RuntimeError: injected fault"),
@@ -413,6 +423,7 @@ def fault_writing_the_export(dbg, monkeypatch):
     (fault_in_the_sampler_controls, "RuntimeError: injected fault"),
     (fault_in_the_reference_model, "RuntimeError: injected fault"),
     (fault_writing_the_export, "FileNotFoundError: .*nonexistent-folder"),
+    (fault_writing_the_replay, "FileNotFoundError: .*nonexistent-folder/trace.html"),
 ]])
 def test_a_fault_in_a_button_handler_shows_in_the_status_line_and_the_widget_keeps_working(engine, base, monkeypatch,
                                                                                             inject, shown):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 from transformers.generation.logits_process import (
+    MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -72,15 +73,31 @@ def test_top_k_keeps_ties_like_transformers():
     assert torch.isfinite(mine).sum() == 4  # 3, 3, 2, 2: the tie at the 3rd place is kept
 
 
+FILTERS = [(decode.top_p_filter, TopPLogitsWarper, (0.05, 0.5, 0.9, 0.99, 1.0)),
+           (decode.min_p_filter, MinPLogitsWarper, (0.0, 0.01, 0.1, 0.5, 1.0))]
+
+
 @pytest.mark.parametrize("seed,vocab", CASES)
-@pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.99, 1.0])
-def test_top_p_matches_transformers(seed, vocab, p):
+@pytest.mark.parametrize("mine,warper,value", [pytest.param(f, w, v, id=f"{f.__name__}-{v}")
+                                               for f, w, values in FILTERS for v in values])
+def test_top_p_and_min_p_match_transformers(seed, vocab, mine, warper, value):
     logits, previous = random_case(seed, vocab)
-    theirs = TopPLogitsWarper(p)(previous, logits.clone())
-    assert_same(decode.top_p_filter(logits, p), theirs)
-    # also after a top-k filter, when -inf entries are already there
-    filtered = TopKLogitsWarper(30)(previous, logits.clone())
-    assert_same(decode.top_p_filter(filtered, p), TopPLogitsWarper(p)(previous, filtered.clone()))
+    theirs = warper(value)(previous, logits.clone())
+    assert_same(mine(logits, value), theirs)
+    assert_same(mine(logits[0], value), theirs[0])
+    # also after temperature and top-k, the way generate() chains them, when -inf entries are already there
+    filtered = TopKLogitsWarper(30)(previous, TemperatureLogitsWarper(0.7)(previous, logits.clone()))
+    assert_same(mine(filtered, value), warper(value)(previous, filtered.clone()))
+
+
+def test_min_p_hand_computed():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    # threshold 0.2 × 0.5 = 0.1: 0.05 goes; 0.5 × 0.5 = 0.25: 0.15 goes too
+    assert torch.isfinite(decode.min_p_filter(logits, 0.2)).tolist() == [True, True, True, False]
+    assert torch.isfinite(decode.min_p_filter(logits, 0.5)).tolist() == [True, True, False, False]
+    assert torch.isfinite(decode.min_p_filter(logits, 1.0)).tolist() == [True, False, False, False]
+    flat = torch.zeros(4)  # a flat distribution keeps every token at any min_p
+    assert torch.isfinite(decode.min_p_filter(flat, 0.9)).all()
 
 
 def test_top_p_hand_computed():
@@ -104,12 +121,12 @@ def test_repetition_penalty_hand_computed():
 
 def test_pipeline_stages_in_transformers_order():
     logits, previous = random_case(0, 300)
-    s = Sampling(do_sample=True, temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.2)
+    s = Sampling(do_sample=True, temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.2, min_p=0.05)
     names = [name for name, _ in decode.pipeline(logits[0], previous[0], s)]
-    assert names == ["logits", "repetition_penalty", "temperature", "top_k", "top_p"]
+    assert names == ["logits", "repetition_penalty", "temperature", "top_k", "top_p", "min_p"]
     expected = logits.clone()
     for processor in (RepetitionPenaltyLogitsProcessor(1.2), TemperatureLogitsWarper(0.7),
-                      TopKLogitsWarper(50), TopPLogitsWarper(0.9)):
+                      TopKLogitsWarper(50), TopPLogitsWarper(0.9), MinPLogitsWarper(0.05)):
         expected = processor(previous, expected)
     assert_same(decode.pipeline(logits[0], previous[0], s)[-1][1], expected[0])
 
@@ -120,6 +137,8 @@ def test_pipeline_only_active_stages():
     greedy_settings = Sampling(temperature=0.5, top_k=3, top_p=0.5, repetition_penalty=1.5)
     assert [n for n, _ in decode.pipeline(logits, [1], greedy_settings)] == ["logits", "repetition_penalty"]
     assert [n for n, _ in decode.pipeline(logits, [], Sampling(do_sample=True, top_p=1.0))] == ["logits"]
+    assert [n for n, _ in decode.pipeline(logits, [], Sampling(do_sample=True, min_p=0.0))] == ["logits"]
+    assert [n for n, _ in decode.pipeline(logits, [], Sampling(min_p=0.3))] == ["logits"]  # greedy ignores it
 
 
 def test_choose_greedy_and_sampled():
@@ -193,6 +212,8 @@ def test_sample_frequencies_match_softmax():
     (dict(top_p=1.5), "top_p"),
     (dict(top_p=-0.1), "top_p"),
     (dict(top_k=0), "top_k"),
+    (dict(min_p=-0.1), "min_p"),
+    (dict(min_p=1.5), "min_p"),
     (dict(repetition_penalty=0), "repetition_penalty"),
     (dict(repetition_penalty=-1.0), "repetition_penalty"),
 ])
@@ -284,10 +305,11 @@ def test_beam_width_one_is_greedy_and_wider_is_no_worse(seed):
     assert results[0][1] >= score - 1e-5
 
 
-def hf_beams(model, prompt: torch.Tensor, eos, num_beams: int, steps: int) -> list[tuple[list[int], float]]:
+def hf_beams(model, prompt: torch.Tensor, eos, num_beams: int, steps: int,
+             length_penalty: float = 0.0) -> list[tuple[list[int], float]]:
     """transformers' beam search, generated ids cut after the first end-of-sequence token."""
     config = GenerationConfig(num_beams=num_beams, num_return_sequences=num_beams, do_sample=False,
-                              length_penalty=0.0, early_stopping=False, max_new_tokens=steps,
+                              length_penalty=length_penalty, early_stopping=False, max_new_tokens=steps,
                               eos_token_id=eos, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
         out = model.generate(prompt[None], generation_config=config, attention_mask=torch.ones(1, len(prompt)))
@@ -315,6 +337,47 @@ def test_beam_search_matches_transformers(seed):
             assert any(len(ids) < 8 for ids, _ in mine)  # the end-of-sequence path was exercised
 
 
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("length_penalty", [1.0, 2.0, -0.5])
+def test_beam_search_length_penalty_matches_transformers(seed, length_penalty):
+    model = tiny_gpt2(seed)
+    prompt = torch.randint(0, 50, (5,), generator=torch.Generator().manual_seed(100 + seed))
+    greedy_ids, _ = greedy_reference(logits_fn(model), prompt.tolist(), 8)
+    for eos in (greedy_ids[2], [greedy_ids[1], (greedy_ids[1] + 1) % 50]):
+        mine = decode.beam_search(logits_fn(model), prompt, 3, 8, eos_token_id=eos, length_penalty=length_penalty)
+        theirs = hf_beams(model, prompt, eos, 3, 8, length_penalty)
+        assert [ids for ids, _ in mine] == [ids for ids, _ in theirs], f"eos={eos}"
+        assert [s for _, s in mine] == pytest.approx([s for _, s in theirs], abs=1e-4)
+
+
+def test_beam_search_length_penalty_on_tiny_matches_transformers(tiny):
+    """The real tiny model, a newline as the end token: the penalty changes which hypotheses win."""
+    model = tiny.model
+    prompt = torch.tensor(tiny.tokenizer("JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n\nROMEO:\n")["input_ids"])
+    newline = tiny.tokenizer("\n")["input_ids"][0]
+    winners = {}
+    for length_penalty in (0.0, 1.0, 2.0):
+        mine = decode.beam_search(logits_fn(model), prompt, 4, 12, eos_token_id=newline, length_penalty=length_penalty)
+        theirs = hf_beams(model, prompt, newline, 4, 12, length_penalty)
+        assert [ids for ids, _ in mine] == [ids for ids, _ in theirs], length_penalty
+        assert [s for _, s in mine] == pytest.approx([s for _, s in theirs], abs=1e-4)
+        winners[length_penalty] = mine[0][0]
+    assert len(set(map(tuple, winners.values()))) > 1  # the penalty made a difference here
+
+
+def test_length_penalty_scores_by_hand():
+    """Two steps over 4 tokens with fixed probabilities; token 2 ends a hypothesis."""
+    table = torch.log(torch.tensor([[0.6, 0.1, 0.25, 0.05], [0.3, 0.3, 0.35, 0.05]]))
+
+    def next_logits(ids: torch.Tensor) -> torch.Tensor:
+        return torch.stack([table[len(row) - 1] for row in ids])  # the prompt is one token
+
+    # ending at once has p = 0.25 (1 token); token 0 then the end has p = 0.6 × 0.35 = 0.21 (2 tokens)
+    for lp, ids, score in ((0.0, [2], math.log(0.25)), (1.0, [0, 2], math.log(0.21) / 2)):
+        best = decode.beam_search(next_logits, [0], 2, 2, eos_token_id=2, length_penalty=lp)[0]
+        assert best[0] == ids and best[1] == pytest.approx(score, abs=1e-6), lp
+
+
 def test_beam_search_scores_are_log_probabilities():
     model = tiny_gpt2(7)
     prompt = [3, 1, 4]
@@ -337,6 +400,9 @@ def test_beam_search_validation():
         decode.beam_search(fn, [1], 2, 5, eos_token_id=-1)
     with pytest.raises(ValueError, match="next_logits"):
         decode.beam_search(lambda ids: torch.zeros(50), [1], 2, 5)
+    for bad in (math.nan, math.inf, True, "1.0"):
+        with pytest.raises(ValueError, match="length_penalty must be a finite number"):
+            decode.beam_search(fn, [1], 2, 5, length_penalty=bad)
 
 
 def test_sampling_without_top_k_keeps_the_whole_vocabulary_unlike_transformers_default():

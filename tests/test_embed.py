@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from cyclelab.check import check_embed_lookup, check_rope_pair
-from cyclelab.embed import (analogy, cosine_matrix, embedding_matrix, lookup_bytes, nearest_tokens, one_hot_lookup,
-                            pca_2d, rope_angles, rope_cos_sin, rope_dot, rope_inv_freq, rope_rotate,
-                            sentence_embeddings, token_id)
+from cyclelab.embed import (analogy, cosine_matrix, embedding_matrix, lookup_bytes, mean_pool, nearest_tokens,
+                            nearest_to_vector, one_hot_lookup, pca_2d, rope_angles, rope_cos_sin, rope_dot,
+                            rope_inv_freq, rope_pair_permutation, rope_rotate, rope_rotate_interleaved,
+                            sentence_embeddings, sinusoidal_positions, token_id)
 from cyclelab.engine import Engine
 
 
@@ -122,6 +123,77 @@ def test_rope_keeps_lengths_and_scores_depend_only_on_distance():
         assert max(values) - min(values) < 1e-8
     assert rope_dot(q, k, 9, 9, inv_freq) == pytest.approx(float(q.double() @ k.double()))
     assert abs(rope_dot(q, k, 3, 0, inv_freq) - rope_dot(q, k, 0, 3, inv_freq)) > 1e-3  # the sign of the distance counts
+
+
+def test_rope_interleaved_by_hand_and_as_complex_numbers():
+    """The paper's layout: adjacent pairs, each a complex number times e^(i·position·freq) (Meta's Llama code)."""
+    x = torch.tensor([[1.0, 0.0, 0.0, 2.0]])  # pairs (1, 0) and (0, 2); freqs 1 and 0.5 at position 1
+    out = rope_rotate_interleaved(x, [1], torch.tensor([1.0, 0.5]))
+    expected = [math.cos(1), math.sin(1), -2 * math.sin(0.5), 2 * math.cos(0.5)]
+    torch.testing.assert_close(out, torch.tensor([expected]))
+    gen = torch.Generator().manual_seed(3)
+    x, inv_freq, positions = torch.randn(2, 7, 16, generator=gen, dtype=torch.float64), rope_inv_freq(16), torch.arange(7)
+    turned = torch.view_as_complex(x.reshape(2, 7, 8, 2).contiguous()) * torch.polar(
+        torch.ones(7, 8, dtype=torch.float64), positions[:, None].double() * inv_freq.double())
+    torch.testing.assert_close(rope_rotate_interleaved(x, positions, inv_freq), torch.view_as_real(turned).flatten(-2))
+
+
+def test_the_two_rope_layouts_are_one_rotation_up_to_a_permutation():
+    assert rope_pair_permutation(8).tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    gen = torch.Generator().manual_seed(4)
+    x, inv_freq, positions = torch.randn(3, 5, 32, generator=gen), rope_inv_freq(32), torch.arange(5) * 9
+    perm = rope_pair_permutation(32)
+    torch.testing.assert_close(rope_rotate_interleaved(x[..., perm], positions, inv_freq),
+                               rope_rotate(x, positions, inv_freq)[..., perm], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(rope_rotate_interleaved(x, positions, inv_freq), rope_rotate(x, positions, inv_freq))
+
+
+def test_sinusoidal_positions_by_hand_and_against_distilbert():
+    from transformers.models.distilbert.modeling_distilbert import create_sinusoidal_embeddings
+
+    pe = sinusoidal_positions(50, 8)
+    assert pe.shape == (50, 8)
+    assert math.isclose(pe[3, 2], math.sin(3 / 10000 ** (2 / 8)), abs_tol=1e-6)
+    assert math.isclose(pe[3, 3], math.cos(3 / 10000 ** (2 / 8)), abs_tol=1e-6)
+    assert pe[0].tolist() == [0.0, 1.0] * 4
+    reference = torch.empty(256, 192)
+    create_sinusoidal_embeddings(256, 192, reference)
+    torch.testing.assert_close(sinusoidal_positions(256, 192), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_sinusoidal_dot_products_depend_only_on_distance():
+    pe = sinusoidal_positions(300, 64).double()
+    for gap in (1, 7, 50):
+        dots = torch.stack([pe[m] @ pe[m + gap] for m in range(0, 240, 13)])
+        torch.testing.assert_close(dots, dots[:1].expand_as(dots))
+
+
+def test_mean_pool_against_a_loop_and_ignores_padding():
+    gen = torch.Generator().manual_seed(6)
+    hidden, mask = torch.randn(3, 5, 4, generator=gen), torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    want = torch.stack([hidden[0, :3].mean(0), hidden[1, 1:].mean(0), hidden[2, 0]])
+    torch.testing.assert_close(mean_pool(hidden, mask), want)
+    noisy = hidden.clone()
+    noisy[mask == 0] = 1e6  # whatever the padding holds
+    torch.testing.assert_close(mean_pool(noisy, mask), want)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: mean_pool(torch.zeros(2, 3), torch.ones(2, 3)), "batch, tokens, width"),
+    (lambda: mean_pool(torch.zeros(2, 3, 4), torch.ones(2, 4)), "mask .batch, tokens."),
+    (lambda: rope_pair_permutation(7), "even"),
+    (lambda: rope_pair_permutation(0), "even"),
+    (lambda: rope_rotate_interleaved(torch.zeros(2, 6), [0, 1], rope_inv_freq(8)), "head_dim = 6|need head_dim"),
+    (lambda: rope_rotate_interleaved(torch.zeros(3, 8), [0, 1], rope_inv_freq(8)), "2 positions"),
+    (lambda: sinusoidal_positions(0, 8), "n_positions"),
+    (lambda: sinusoidal_positions(10, 7), "even"),
+    (lambda: sinusoidal_positions(10.5, 8), "n_positions"),
+    (lambda: nearest_to_vector(None, torch.zeros(4), 0), "k must be a positive integer"),
+], ids=["pool hidden 2-D", "pool mask shape", "odd head_dim", "zero head_dim", "interleaved size", "interleaved positions",
+        "no positions", "odd width", "float positions", "k zero"])
+def test_new_fetch_helpers_reject_bad_input(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
 
 
 def test_rope_rejects_mismatched_sizes():

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from cyclelab.engine import drain
 from cyclelab.forward import (cost_table, format_cost_table, gelu, gelu_mlp, layer_norm, logit_lens,
                               matmul_parameters, per_token_costs, plot_cost_breakdown, plot_logit_lens,
-                              plot_residual_norms, residual_stream, rms_norm, self_attention, silu, swiglu_mlp)
+                              plot_residual_norms, residual_stream, rms_norm, self_attention, silu, stack_gradients,
+                              sublayer, swiglu_mlp)
 
 matplotlib.use("Agg")
 PROMPT = "ROMEO: But soft, what light through yonder window breaks?"
@@ -195,3 +196,82 @@ def test_figures_draw(tiny_engine):
     axes = plot_cost_breakdown(trace)
     assert len(axes) == 2
     plt.close("all")
+
+
+# --- pre-LN, post-LN, no residual: the orders of a sublayer and what they do to gradients ---------------
+
+
+def test_sublayer_orders_by_hand():
+    x = torch.tensor([1.0, 2.0])
+
+    def f(h):
+        return 10 * h
+
+    def norm(h):
+        return h - 1
+
+    assert torch.equal(sublayer(x, f, norm, "pre"), torch.tensor([1.0, 12.0]))  # x + f(norm(x))
+    assert torch.equal(sublayer(x, f, norm, "post"), torch.tensor([10.0, 21.0]))  # norm(x + f(x))
+    assert torch.equal(sublayer(x, f, norm), sublayer(x, f, norm, "pre"))  # GPT-2's order is the default
+    assert torch.equal(sublayer(x, f, norm, "none"), torch.tensor([0.0, 10.0]))  # f(norm(x))
+
+
+def test_pre_ln_sublayers_are_a_gpt2_block(tiny):
+    layer = tiny.model.transformer.h[0]
+    x = torch.randn(1, 5, tiny.model.config.n_embd)
+    with torch.no_grad():
+        mid = sublayer(x, lambda h: self_attention(h, layer.attn), layer.ln_1)
+        out = sublayer(mid, layer.mlp, layer.ln_2)
+        want = tiny.model.transformer(inputs_embeds=x - tiny.model.transformer.wpe.weight[:5],
+                                      output_hidden_states=True).hidden_states[1]
+    assert torch.allclose(out, want, atol=1e-5)
+
+
+def _gradients_by_modules(order, depth, width=64, batch=16, seed=0):
+    """The same random stack from nn.Linear and nn.LayerNorm modules, written out per order."""
+    gen = torch.Generator().manual_seed(seed)
+    layers = [torch.nn.Linear(width, width, bias=False) for _ in range(depth)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.copy_(torch.randn(width, width, generator=gen) / math.sqrt(width))
+    x, target = torch.randn(batch, width, generator=gen), torch.randn(batch, width, generator=gen)
+    norm = torch.nn.LayerNorm(width, elementwise_affine=False)
+    for layer in layers:
+        if order == "pre":
+            x = x + F.gelu(layer(norm(x)))
+        elif order == "post":
+            x = norm(x + F.gelu(layer(x)))
+        else:
+            x = F.gelu(layer(norm(x)))
+    ((x * target).sum() / batch).backward()
+    return [float(layer.weight.grad.norm()) for layer in layers]
+
+
+@pytest.mark.parametrize("order", ["pre", "post", "none"])
+def test_stack_gradients_match_torch_modules(order):
+    assert stack_gradients(order, 6) == pytest.approx(_gradients_by_modules(order, 6), rel=1e-4)
+
+
+def test_one_layer_gets_the_same_gradient_with_or_without_the_residual():
+    # x + f(norm(x)) and f(norm(x)) differ by x, which does not depend on the weights
+    assert stack_gradients("pre", 1) == pytest.approx(stack_gradients("none", 1), rel=1e-6)
+
+
+def test_without_the_residual_path_the_first_layer_gradient_drifts_with_depth():
+    def drift(order):
+        grads = stack_gradients(order, 48)
+        return abs(math.log(grads[0] / grads[-1]))
+
+    assert drift("none") > 3 * drift("pre")
+
+
+@pytest.mark.parametrize("call, message", [
+    pytest.param(lambda: sublayer(torch.ones(2), abs, abs, "middle"), r"order must be one of 'pre', 'post', 'none'",
+                 id="sublayer-unknown-order"),
+    pytest.param(lambda: stack_gradients("sideways", 2), r"order must be one of", id="stack-unknown-order"),
+    pytest.param(lambda: stack_gradients("pre", 0), r"depth must be a positive integer, got 0", id="stack-depth-zero"),
+    pytest.param(lambda: stack_gradients("pre", 2.5), r"depth must be a positive integer, got 2.5", id="stack-depth-float"),
+])
+def test_bad_orders_and_depths_are_explained(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()

@@ -82,14 +82,15 @@ def test_any_python_value_as_a_prompt_is_ids_or_refused(tiny_engine, prompt):
 @FUZZ
 @given(temperature=st.floats(allow_nan=True) | st.sampled_from([1e-300, 1e-45, 1e-8, 1e300]),
        top_p=st.none() | st.floats(0, 1) | st.floats(), top_k=st.none() | st.integers(-2, 10**7),
-       repetition_penalty=st.floats(-2, 3) | st.sampled_from([0.0, 1e-300, 1e300]), seed=st.integers(-5, 2**65))
+       repetition_penalty=st.floats(-2, 3) | st.sampled_from([0.0, 1e-300, 1e300]), seed=st.integers(-5, 2**65),
+       min_p=st.none() | st.floats(0, 1) | st.floats())
 def test_sampling_at_its_edges_gives_valid_tokens_or_names_the_setting(tiny_engine, temperature, top_p, top_k,
-                                                                       repetition_penalty, seed):
+                                                                       repetition_penalty, seed, min_p):
     try:
         trace = tiny_engine.generate("ROMEO:", 2, do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k,
-                                     repetition_penalty=repetition_penalty, seed=seed, stop_at_eos=False)
+                                     repetition_penalty=repetition_penalty, seed=seed, min_p=min_p, stop_at_eos=False)
     except Exception as error:  # noqa: BLE001
-        refused(error, "temperature", "top_p", "top_k", "repetition_penalty", "seed")
+        refused(error, "temperature", "top_p", "top_k", "repetition_penalty", "seed", "min_p")
         return
     check_trace(trace, 2)
 

@@ -159,7 +159,8 @@ def _compat_script():
 
 
 def _third_party_imports(folder: Path) -> set[str]:
-    """Top-level names of the absolute imports under ``folder``, less the standard library and cyclelab."""
+    """Top-level names of the absolute imports under ``folder``, less the standard library, cyclelab and
+    the folder's own modules (a test importing a sibling's helpers)."""
     names = set()
     for path in folder.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -167,7 +168,8 @@ def _third_party_imports(folder: Path) -> set[str]:
                 names |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names.add(node.module.split(".")[0])
-    return names - set(sys.stdlib_module_names) - {"cyclelab", "__future__"}
+    local = {path.stem for path in folder.rglob("*.py")}
+    return names - set(sys.stdlib_module_names) - {"cyclelab", "__future__"} - local
 
 
 def _readme_bash_lines() -> list[str]:

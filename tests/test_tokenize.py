@@ -7,9 +7,9 @@ from tokenizers.pre_tokenizers import ByteLevel
 
 from cyclelab import data
 from cyclelab.tokenize import (
-    BPE, bytes_to_unicode, compare_tokenizers, compression_curve, count_tokens, format_table, hf_merges,
-    language_costs, load_tokenizer, piece_text, pieces, plot_compression, plot_language_costs, pretokenize,
-    same_as_hf, show_tokens, to_byte_chars, tokens_per_word, train_hf, visible,
+    BPE, GPT2_PATTERN_PARTS, bytes_to_unicode, compare_tokenizers, compression_curve, count_tokens, explain_pretokens,
+    format_table, hf_merges, language_costs, load_tokenizer, piece_text, pieces, plot_compression, plot_language_costs, pretokenize,
+    same_as_hf, show_tokens, to_byte_chars, tokens_per_word, train_hf, train_unigram, visible,
 )
 
 EOS = "<|endoftext|>"
@@ -62,6 +62,22 @@ def test_pretokenize_matches_tokenizers_byte_level(text):
     reference = [piece for piece, _ in ByteLevel(add_prefix_space=False, use_regex=True).pre_tokenize_str(text)]
     assert pretokenize(text) == reference
     assert "".join(pretokenize(text, byte_level=False)) == text
+
+
+@pytest.mark.parametrize("text", MIXED)
+def test_explaining_the_pattern_part_by_part_cuts_like_tokenizers(text):
+    """The parts replayed one by one (``regex``) cut exactly as the whole pattern in ``tokenizers``' engine."""
+    explained = explain_pretokens(text)
+    assert [piece for piece, _ in explained] == pretokenize(text, byte_level=False)
+    assert {part for _, part in explained} <= {part for part, _ in GPT2_PATTERN_PARTS}
+
+
+def test_each_part_of_the_pattern_by_hand():
+    parts = [part for part, _ in GPT2_PATTERN_PARTS]
+    assert explain_pretokens("I'll pay 1,000!\n\n  Go") == [
+        ("I", parts[1]), ("'ll", parts[0]), (" pay", parts[1]), (" 1", parts[2]), (",", parts[3]), ("000", parts[2]),
+        ("!", parts[3]), ("\n\n ", parts[4]), (" Go", parts[1])]
+    assert explain_pretokens("a\nb  ") == [("a", parts[1]), ("\n", parts[5]), ("b", parts[1]), ("  ", parts[4])]
 
 
 def test_pretokenize_keeps_the_space_with_the_next_word():
@@ -332,3 +348,44 @@ def test_language_costs_and_plots(bpe):
 def test_a_lone_surrogate_is_a_clear_error(text):
     with pytest.raises(ValueError, match=r"lone surrogate U\+D[89A-F][0-9A-F]{2} at position \d+"):
         pretokenize(text)
+
+
+# ---------------------------------------------------------------- unigram, SentencePiece-style
+@pytest.fixture(scope="module")
+def unigram(shakespeare):
+    return train_unigram(shakespeare[:30_000], 300)
+
+
+def test_unigram_byte_fallback_spells_unknown_characters_in_their_utf8_bytes(unigram):
+    assert unigram.encode("🙂").tokens[-4:] == ["<0xF0>", "<0x9F>", "<0x99>", "<0x82>"]  # "🙂".encode() by hand
+    for text in ROUND_TRIP:
+        assert unigram.decode(unigram.encode(text).ids) == text
+    assert "<unk>" not in unigram.encode("naïve 你好 🙂").tokens
+
+
+def test_unigram_picks_the_most_probable_segmentation(unigram):
+    """Viterbi against brute force: every way to cut a word into known pieces, scored by summed log-probability."""
+    import itertools
+    import json
+
+    scores = {piece: score for piece, score in json.loads(unigram.to_str())["model"]["vocab"]}
+    for word in ["▁thou", "▁mother", "▁lords", "▁brother"]:
+        best = max((cuts for n in range(len(word)) for cuts in itertools.combinations(range(1, len(word)), n)
+                    if all(word[a:b] in scores for a, b in zip((0, *cuts), (*cuts, len(word))))),
+                   key=lambda cuts: sum(scores[word[a:b]] for a, b in zip((0, *cuts), (*cuts, len(word)))))
+        want = [word[a:b] for a, b in zip((0, *best), (*best, len(word)))]
+        assert unigram.encode(word[1:]).tokens == want
+
+
+def test_unigram_without_byte_fallback_meets_unknown_characters(shakespeare):
+    plain = train_unigram(shakespeare[:30_000], 300, byte_fallback=False)
+    assert plain.decode(plain.encode("a 🙂").ids) != "a 🙂"
+
+
+@pytest.mark.parametrize("text, size, message", [
+    ("", 100, "empty"), (["", ""], 100, "empty"), (b"bytes", 100, "must be a str"), ("text", 1, "vocab_size"),
+    ("text", "100", "vocab_size"),
+], ids=["empty text", "empty list", "bytes", "vocab too small", "vocab not an int"])
+def test_unigram_bad_input(text, size, message):
+    with pytest.raises(ValueError, match=message):
+        train_unigram(text, size)
