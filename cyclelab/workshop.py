@@ -34,6 +34,7 @@ SERVERS_GB = (16, 32, 64)
 WORDS_PER_MINUTE = 100  # reading technical text with code beside it
 EXERCISE_MINUTES = 10  # one exercise with its check cell
 DISCUSSION_MINUTES = 10  # per chapter, with the room
+SLACK_MINUTES = 15  # a session may overrun into its break by this much
 HALF_DAY = (100, 100)  # two sessions of 100 minutes and a break: 3 h 40 min
 FULL_DAY = (100, 100, 100, 100)  # four, with lunch and two breaks: about 8 h
 
@@ -170,12 +171,13 @@ class Agenda:
     left_over: list[str]
 
 
-def pack_agenda(chapters: list[tuple[str, int]], sessions: tuple[int, ...]) -> Agenda:
+def pack_agenda(chapters: list[tuple[str, int]], sessions: tuple[int, ...], slack: int = SLACK_MINUTES) -> Agenda:
     """Put chapters (name, minutes), in order, into sessions of the given lengths.
 
-    A chapter never splits: one that does not fit into what is left of a session starts the next.
-    Chapters build on each other, so once one does not fit into the last session, it and all
-    later chapters are left over (homework), even if a shorter later one would fit.
+    A chapter never splits. One that does not fit into what is left of a session starts the next,
+    unless it overruns the session by at most ``slack`` minutes (taken from the break) and by less
+    than the session would otherwise stay unused. Chapters build on each other, so once one fits
+    into no session, it and all later chapters are left over (homework).
     """
     if not sessions or any(s <= 0 for s in sessions):
         raise ValueError(f"sessions must be positive lengths in minutes, got {sessions!r}")
@@ -183,15 +185,22 @@ def pack_agenda(chapters: list[tuple[str, int]], sessions: tuple[int, ...]) -> A
     used = [0] * len(sessions)
     current = 0
     for index, (name, minutes) in enumerate(chapters):
-        while current < len(sessions) and used[current] + minutes > sessions[current]:
-            if not packed[current] and minutes > sessions[current]:
-                raise ValueError(f"chapter {name} takes {minutes} min, longer than a session of {sessions[current]} min")
+        while current < len(sessions) and not _fits(used[current], minutes, sessions[current], slack):
+            if not packed[current]:
+                raise ValueError(f"chapter {name} takes {minutes} min, longer than a session of "
+                                 f"{sessions[current]} min (+{slack} min slack)")
             current += 1
         if current == len(sessions):
             return Agenda(packed, used, [n for n, _ in chapters[index:]])
         packed[current].append(name)
         used[current] += minutes
     return Agenda(packed, used, [])
+
+
+def _fits(used: int, minutes: int, length: int, slack: int) -> bool:
+    """Within the session, or overrunning it by at most ``slack`` and by less than stopping would leave free."""
+    over = used + minutes - length
+    return over <= 0 or (over <= slack and over < length - used)
 
 
 # ------------------------------------------------------------------ markdown

@@ -100,14 +100,25 @@ def test_chapter_minutes_add_reading_exercises_run_time_and_discussion() -> None
 
 def test_pack_agenda_in_course_order_without_splitting_a_chapter() -> None:
     chapters = [("a", 30), ("b", 50), ("c", 40), ("d", 20), ("e", 60)]
-    agenda = pack_agenda(chapters, (90, 90))
+    agenda = pack_agenda(chapters, (90, 90), slack=0)
     # a+b = 80 (c would make 120); c+d = 60 (e would make 120); e is left over
     assert agenda.sessions == [["a", "b"], ["c", "d"]] and agenda.minutes == [80, 60] and agenda.left_over == ["e"]
-    assert pack_agenda(chapters, (90, 90, 90)).left_over == []
+    assert pack_agenda(chapters, (90, 90, 90), slack=0).left_over == []
+
+
+def test_pack_agenda_overruns_into_the_break_only_when_that_wastes_less() -> None:
+    chapters = [("a", 34), ("b", 69), ("c", 60), ("d", 50), ("e", 69), ("f", 64)]
+    agenda = pack_agenda(chapters, (100, 100, 100), slack=15)
+    # a+b = 103: 3 over (<= 15, and < the 66 left after a); c+d = 110: 10 over (< 40 left);
+    # e+f = 133: 33 over the slack, so e alone; f fits no session
+    assert agenda.sessions == [["a", "b"], ["c", "d"], ["e"]] and agenda.minutes == [103, 110, 69]
+    assert agenda.left_over == ["f"]
+    # 90 + 20 = 110 is 10 over, but stopping leaves only 10 free: not less, so b starts the next session
+    assert pack_agenda([("a", 90), ("b", 20)], (100, 100), slack=15).sessions == [["a"], ["b"]]
 
 
 def test_pack_agenda_leaves_later_chapters_over_once_one_does_not_fit() -> None:
-    agenda = pack_agenda([("a", 50), ("b", 50), ("c", 10)], (60,))
+    agenda = pack_agenda([("a", 50), ("b", 50), ("c", 10)], (60,), slack=0)
     assert agenda.sessions == [["a"]] and agenda.left_over == ["b", "c"]  # c would fit, but follows b
 
 
@@ -131,7 +142,8 @@ def test_read_chapter_takes_the_cost_label_words_and_exercises(tmp_path: Path) -
     (lambda tmp: learner_mb(-1), ValueError, r"kernel_mb must be a number >= 0"),
     (lambda tmp: learners_per_server(16, 0), ValueError, r"per_learner_mb must be positive"),
     (lambda tmp: pack_agenda([("a", 10)], ()), ValueError, r"sessions must be positive lengths"),
-    (lambda tmp: pack_agenda([("long", 120)], (90,)), ValueError, r"chapter long takes 120 min, longer than a session"),
+    (lambda tmp: pack_agenda([("long", 120)], (90,), slack=15), ValueError,
+     r"chapter long takes 120 min, longer than a session of 90 min \(\+15 min slack\)"),
     (lambda tmp: workshop.install_lab_settings(_overrides_dir(tmp, "{not json")), ValueError,
      r"overrides.json is not valid JSON .*fix or remove it"),
     (lambda tmp: workshop.install_lab_settings(_overrides_dir(tmp, '{"plugin": 3}')), ValueError,
