@@ -22,6 +22,9 @@ LAB_OVERRIDES = Path(__file__).resolve().parent.parent / "data" / "jupyterlab" /
 COST = re.compile(r"<!-- cost:(?P<profile>[\w-]+) --> \*\*Cost, [\w-]+ profile:\*\* (?P<seconds>\d+(?:\.\d+)?) s"
                   r", peak memory (?P<gb>\d+(?:\.\d+)?) GB")
 EXERCISE = re.compile(r"\bcheck_\w+(?=\()")
+STAGES_LINE = re.compile(r"\*Stages? covered:((?:\*\*[^*]+\*\*|[^*])*)\*")
+STAGE_NAMES = ("FETCH", "READ", "EXECUTE", "WRITEBACK")
+LESSONS = LAB_OVERRIDES.parent.parent / "lessons"
 
 # Assumptions of the sizing (docs/workshop.md states them; every one is an argument).
 LAB_SERVER_MB = 100  # one learner's JupyterLab server: 91 MB RSS measured here (JupyterLab 4.6, idle)
@@ -86,6 +89,7 @@ class Chapter:
     peak_mb: float
     words: int
     exercises: tuple[str, ...]
+    stages: tuple[str, ...] = ()
 
 
 def read_chapter(path: Path, profile: str = "fast") -> Chapter:
@@ -100,7 +104,31 @@ def read_chapter(path: Path, profile: str = "fast") -> Chapter:
     label = labels[profile]
     words = sum(len(re.findall(r"\w+", s)) for s in text["markdown"])
     exercises = tuple(dict.fromkeys(EXERCISE.findall("\n".join(text["code"]))))
-    return Chapter(path.stem, float(label["seconds"]), float(label["gb"]) * 1024, words, exercises)
+    return Chapter(path.stem, float(label["seconds"]), float(label["gb"]) * 1024, words, exercises,
+                   chapter_stages(first))
+
+
+def chapter_stages(first_cell: str) -> tuple[str, ...]:
+    """The stages a chapter's "*Stage(s) covered: ...*" line names (none for "all four")."""
+    found = STAGES_LINE.search(first_cell)
+    if not found or "all four" in found.group(1):
+        return ()
+    return tuple(s for s in STAGE_NAMES if re.search(rf"\b{s}\b", found.group(1)))
+
+
+def course_lessons(folder: Path = LESSONS) -> dict[str, str]:
+    """Stage -> name of the shipped lesson for it (``Lesson.load(name)``)."""
+    return {json.loads(p.read_text(encoding="utf-8"))["stage"]: p.stem for p in sorted(folder.glob("*.json"))}
+
+
+def lessons_by_chapter(chapters: list[Chapter], lessons: dict[str, str]) -> dict[str, list[str]]:
+    """Each lesson goes with the first chapter, in course order, that covers its stage."""
+    placed: dict[str, list[str]] = {c.name: [] for c in chapters}
+    for stage, lesson in lessons.items():
+        first = next((c.name for c in chapters if stage in c.stages), None)
+        if first:
+            placed[first].append(lesson)
+    return placed
 
 
 # ------------------------------------------------------------------ sizing
@@ -217,14 +245,15 @@ def sizing_markdown(table: list[Sizing]) -> str:
 
 
 def agenda_markdown(title: str, agenda: Agenda, chapters: list[Chapter], sessions: tuple[int, ...],
-                    minutes: dict[str, int]) -> str:
-    by_name = {c.name: c for c in chapters}
+                    minutes: dict[str, int], lessons: dict[str, list[str]] | None = None) -> str:
+    by_name, lessons = {c.name: c for c in chapters}, lessons or {}
     lines = [f"**{title}** ({len(sessions)} sessions of {'/'.join(map(str, sessions))} min)", "",
              "| session | chapters (minutes) | exercises | lessons | used |", "|---|---|---|---|---|"]
     for number, (names, used, length) in enumerate(zip(agenda.sessions, agenda.minutes, sessions), 1):
         listed = ", ".join(f"{n} ({minutes[n]})" for n in names) or "-"
         exercises = ", ".join(e for n in names for e in by_name[n].exercises) or "-"
-        lines.append(f"| {number} | {listed} | {exercises} | TODO by lead | {used}/{length} min |")
+        taught = ", ".join(f"`{lesson}`" for n in names for lesson in lessons.get(n, [])) or "-"
+        lines.append(f"| {number} | {listed} | {exercises} | {taught} | {used}/{length} min |")
     if agenda.left_over:
         lines += ["", f"Left for homework: {', '.join(agenda.left_over)}."]
     return "\n".join(lines)
@@ -236,11 +265,28 @@ def tables(paths: list[Path], profile: str = "fast") -> str:
     sizing = sizing_table({c.name: c.peak_mb for c in chapters})
     minutes = {c.name: chapter_minutes(c) for c in chapters}
     order = [(c.name, minutes[c.name]) for c in chapters]
+    lessons = course_lessons()
     parts = [f"Sizing from the `{profile}` profile's cost labels:", "", sizing_markdown(sizing), "",
              "Minutes per chapter: " + ", ".join(f"{n} {m}" for n, m in minutes.items()), ""]
     for title, sessions in (("Half day", HALF_DAY), ("Full day", FULL_DAY)):
-        parts += [agenda_markdown(title, pack_agenda(order, sessions), chapters, sessions, minutes), ""]
+        agenda = pack_agenda(order, sessions)
+        parts += [agenda_markdown(title, agenda, chapters, sessions, minutes, lessons_by_chapter(chapters, lessons)),
+                  ""]
     return "\n".join(parts).rstrip()
+
+
+_SIZING_BLOCK = re.compile(r"Sizing from the `[\w-]+` profile's cost labels:\n.*?\n\| whole course \|[^\n]*", re.S)
+_AGENDA_BLOCK = re.compile(r"Minutes per chapter: .*?(?=\n\n## )", re.S)
+
+
+def update_doc(doc: Path, printed: str) -> None:
+    """Replace the sizing table and the agendas in ``doc`` by ``printed`` (the output of :func:`tables`)."""
+    sizing, agendas = printed.split("\n\nMinutes per chapter")
+    text = doc.read_text(encoding="utf-8")
+    if not (_SIZING_BLOCK.search(text) and _AGENDA_BLOCK.search(text)):
+        raise ValueError(f"{doc} has no sizing table and agendas to replace (see docs/workshop.md for the layout)")
+    text = _SIZING_BLOCK.sub(lambda _: sizing, text, count=1)
+    doc.write_text(_AGENDA_BLOCK.sub(lambda _: "Minutes per chapter" + agendas, text, count=1), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,10 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     lab.add_argument("--settings-dir", type=Path, help="default: <JupyterLab app dir>/settings of this Python")
     tab = sub.add_parser("tables", help="print the sizing table and the agendas as markdown")
     tab.add_argument("--profile", default="fast", help="whose cost labels to read (default: fast)")
+    tab.add_argument("--update", type=Path, metavar="DOC", help="write them into DOC (docs/workshop.md) instead")
     args = parser.parse_args(argv)
     try:
         if args.command == "lab-settings":
             print(f"JupyterLab overrides: {install_lab_settings(args.settings_dir)}")
+        elif args.update:
+            update_doc(args.update, tables(list_notebooks(), args.profile))
         else:
             print(tables(list_notebooks(), args.profile))
     except (ValueError, OSError) as err:

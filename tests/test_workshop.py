@@ -135,6 +135,25 @@ def test_read_chapter_takes_the_cost_label_words_and_exercises(tmp_path: Path) -
     assert chapter.words == 2 + len(re.findall(r"\w+", label))
 
 
+@pytest.mark.parametrize("first_cell, stages", [
+    ("# 03\n*Stages covered: **READ** (weights) and the first\nhalf of **EXECUTE** (attention).*\n", ("READ", "EXECUTE")),
+    ("*Stage covered: FETCH (input decode).*\n\nLater the READ stage ...", ("FETCH",)),
+    ("*Stage covered: all four — the map; 06 changes what READ reads.*", ()),
+    ("no stage line at all", ()),
+], ids=["two-stages-with-bold", "stops-at-the-closing-star", "all-four", "none"])
+def test_chapter_stages_from_the_first_cell(first_cell: str, stages: tuple) -> None:
+    assert workshop.chapter_stages(first_cell) == stages
+
+
+def test_each_lesson_goes_with_the_first_chapter_of_its_stage() -> None:
+    chapters = [workshop.Chapter(name, 1, 1, 1, (), stages) for name, stages in
+                [("00", ()), ("01", ("FETCH",)), ("02", ("FETCH",)), ("03", ("READ", "EXECUTE")), ("06", ("READ",))]]
+    lessons = {"FETCH": "fetch", "READ": "read", "EXECUTE": "execute", "WRITEBACK": "writeback"}
+    assert workshop.lessons_by_chapter(chapters, lessons) == {"00": [], "01": ["fetch"], "02": [],
+                                                             "03": ["read", "execute"], "06": []}
+    assert set(workshop.course_lessons()) == {"FETCH", "READ", "EXECUTE", "WRITEBACK"}
+
+
 @pytest.mark.parametrize("call, error, message", [
     (lambda tmp: workshop.read_chapter(_notebook_without_label(tmp), "full"), ValueError,
      r"no cost label for the 'full' profile .*cyclelab course --profile full --label"),
@@ -173,6 +192,22 @@ def test_docs_tables_are_the_ones_the_command_prints() -> None:
     doc = (ROOT / "docs/workshop.md").read_text()
     sizing, agendas = workshop.tables(list_notebooks(), "fast").split("\n\nMinutes per chapter")
     assert sizing in doc and "Minutes per chapter" + agendas in doc
+
+
+def test_update_doc_replaces_both_tables_and_keeps_the_rest(tmp_path: Path) -> None:
+    doc = tmp_path / "workshop.md"
+    old = ("# Title\n\nSizing from the `fast` profile's cost labels:\n\n| a |\n|---|\n| whole course | 1 |\n\nprose\n\n"
+           "## Agendas\n\nMinutes per chapter: x 1\n\n**Half day**\n\nold agenda\n\n## Next section\nkept\n")
+    doc.write_text(old)
+    printed = ("Sizing from the `fast` profile's cost labels:\n\n| new |\n| whole course | 2 |\n\n"
+               "Minutes per chapter: y 2\n\n**Half day**\n\nnew agenda")
+    workshop.update_doc(doc, printed)
+    text = doc.read_text()
+    assert "| whole course | 2 |" in text and "new agenda" in text and "old agenda" not in text
+    assert text.startswith("# Title") and "prose\n\n## Agendas" in text and text.endswith("## Next section\nkept\n")
+    (tmp_path / "empty.md").write_text("nothing to replace")
+    with pytest.raises(ValueError, match="no sizing table and agendas to replace"):
+        workshop.update_doc(tmp_path / "empty.md", printed)
 
 
 def test_docs_values_yaml_mounts_the_cache_read_only_where_cyclelab_cache_points() -> None:
