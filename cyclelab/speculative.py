@@ -101,3 +101,16 @@ def _predictions(engine: Engine, feed: list[int], cache: KVCache) -> list[int]:
     """The greedy choice after each fed position, one forward pass on top of ``cache``."""
     logits = drain(engine.forward(torch.tensor([feed], device=engine.device), cache))
     return logits[0].argmax(-1).tolist()
+
+
+def transformers_greedy(engine: Engine, prompt, max_new_tokens: int = 32, *, chat: bool = False,
+                        prompt_lookup_num_tokens: int | None = None) -> tuple[list[int], float]:
+    """The same greedy run by ``transformers``' own ``generate`` on the engine's model: ``(new token ids,
+    seconds)``, with its prompt-lookup drafts of ``prompt_lookup_num_tokens`` tokens when given."""
+    _check_settings(max_new_tokens, 1, prompt_lookup_num_tokens or 1)
+    ids = torch.tensor([engine.encode(prompt, chat=chat)], device=engine.device)
+    lookup = {"prompt_lookup_num_tokens": prompt_lookup_num_tokens} if prompt_lookup_num_tokens else {}
+    start = perf_counter()
+    out = engine.loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                       do_sample=False, pad_token_id=engine.tokenizer.eos_token_id, **lookup)
+    return out[0, ids.shape[1]:].tolist(), perf_counter() - start

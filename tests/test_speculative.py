@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cyclelab.speculative import greedy_with_lookup, lookup_draft
+from cyclelab.speculative import greedy_with_lookup, lookup_draft, transformers_greedy
 
 ECHO = "ROMEO:\nO, she doth teach the torches to burn bright!\nROMEO:\nO, she doth"
 PLAIN = "JULIET:\nWhat light"
@@ -44,6 +44,13 @@ def test_matches_transformers_prompt_lookup(tiny_engine):
     out = model.generate(torch.tensor([ids]), max_new_tokens=30, do_sample=False, prompt_lookup_num_tokens=5,
                          attention_mask=torch.ones(1, len(ids), dtype=torch.long), pad_token_id=0)
     assert greedy_with_lookup(tiny_engine, ECHO, 30, stop_at_eos=False).token_ids == out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("lookup", [None, 4], ids=["plain", "prompt-lookup"])
+def test_transformers_greedy_matches_the_engine(tiny_engine, lookup):
+    tokens, seconds = transformers_greedy(tiny_engine, ECHO, 20, prompt_lookup_num_tokens=lookup)
+    assert tokens == tiny_engine.generate(ECHO, max_new_tokens=20, stop_at_eos=False).token_ids[:len(tokens)]
+    assert len(tokens) >= 1 and seconds > 0
 
 
 class _WithEos:
