@@ -103,14 +103,31 @@ def _predictions(engine: Engine, feed: list[int], cache: KVCache) -> list[int]:
     return logits[0].argmax(-1).tolist()
 
 
-def transformers_greedy(engine: Engine, prompt, max_new_tokens: int = 32, *, chat: bool = False,
-                        prompt_lookup_num_tokens: int | None = None) -> tuple[list[int], float]:
-    """The same greedy run by ``transformers``' own ``generate`` on the engine's model: ``(new token ids,
-    seconds)``, with its prompt-lookup drafts of ``prompt_lookup_num_tokens`` tokens when given."""
-    _check_settings(max_new_tokens, 1, prompt_lookup_num_tokens or 1)
-    ids = torch.tensor([engine.encode(prompt, chat=chat)], device=engine.device)
-    lookup = {"prompt_lookup_num_tokens": prompt_lookup_num_tokens} if prompt_lookup_num_tokens else {}
+def plain_greedy(engine: Engine, prompt, max_new_tokens: int = 32, *, chat: bool = False) -> LookupRun:
+    """The engine's plain greedy run, timed, as a :class:`LookupRun`: one forward pass per token."""
     start = perf_counter()
-    out = engine.loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                       do_sample=False, pad_token_id=engine.tokenizer.eos_token_id, **lookup)
-    return out[0, ids.shape[1]:].tolist(), perf_counter() - start
+    trace = engine.generate(prompt, max_new_tokens=max_new_tokens, chat=chat)
+    seconds = perf_counter() - start
+    return LookupRun(list(trace.prompt_ids), list(trace.token_ids), len(trace.token_ids), seconds=seconds)
+
+
+def transformers_greedy(engine: Engine, prompt, max_new_tokens: int = 32, *, chat: bool = False,
+                        prompt_lookup_num_tokens: int | None = None) -> LookupRun:
+    """The same greedy run by ``transformers``' own ``generate`` on the engine's model, timed, with its
+    prompt-lookup drafts of ``prompt_lookup_num_tokens`` tokens when given. Forward passes are counted
+    by a hook on the model; ``drafted`` and ``accepted`` stay 0 (``generate`` does not report them)."""
+    _check_settings(max_new_tokens, 1, prompt_lookup_num_tokens or 1)
+    ids = engine.encode(prompt, chat=chat)
+    batch = torch.tensor([ids], device=engine.device)
+    lookup = {"prompt_lookup_num_tokens": prompt_lookup_num_tokens} if prompt_lookup_num_tokens else {}
+    run, model = LookupRun(list(ids)), engine.loaded.model
+    hook = model.register_forward_hook(lambda *_: setattr(run, "forward_passes", run.forward_passes + 1))
+    try:
+        start = perf_counter()
+        out = model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=engine.tokenizer.eos_token_id, **lookup)
+        run.seconds = perf_counter() - start
+    finally:
+        hook.remove()
+    run.token_ids = out[0, len(ids):].tolist()
+    return run

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cyclelab.speculative import greedy_with_lookup, lookup_draft, transformers_greedy
+from cyclelab.speculative import greedy_with_lookup, lookup_draft, plain_greedy, transformers_greedy
 
 ECHO = "ROMEO:\nO, she doth teach the torches to burn bright!\nROMEO:\nO, she doth"
 PLAIN = "JULIET:\nWhat light"
@@ -48,9 +48,14 @@ def test_matches_transformers_prompt_lookup(tiny_engine):
 
 @pytest.mark.parametrize("lookup", [None, 4], ids=["plain", "prompt-lookup"])
 def test_transformers_greedy_matches_the_engine(tiny_engine, lookup):
-    tokens, seconds = transformers_greedy(tiny_engine, ECHO, 20, prompt_lookup_num_tokens=lookup)
-    assert tokens == tiny_engine.generate(ECHO, max_new_tokens=20, stop_at_eos=False).token_ids[:len(tokens)]
-    assert len(tokens) >= 1 and seconds > 0
+    run = transformers_greedy(tiny_engine, ECHO, 20, prompt_lookup_num_tokens=lookup)
+    plain = plain_greedy(tiny_engine, ECHO, 20)
+    assert run.token_ids == plain.token_ids and len(plain.token_ids) == plain.forward_passes
+    assert run.seconds > 0 and plain.seconds > 0
+    if lookup is None:  # one pass per token (the prefill makes the first)
+        assert run.forward_passes == len(run.token_ids)
+    else:  # the echoed line is drafted from the prompt: fewer passes than tokens
+        assert run.forward_passes < len(run.token_ids)
 
 
 class _WithEos:
