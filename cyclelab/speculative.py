@@ -43,6 +43,18 @@ class LookupRun:
         return len(self.token_ids) / self.forward_passes if self.forward_passes else 0.0
 
 
+def copy_question(n_lines: int = 4, play: str = "macbeth") -> str:
+    """A question whose answer copies its input: the first ``n_lines`` Folio lines of ``play`` (without
+    the witches' "1." speaker numbers) to rewrite in modern spelling, chapter 06's task."""
+    from .tasks.folio import folio_pairs
+
+    if check_int(n_lines, "n_lines") < 1:
+        raise ValueError(f"n_lines must be at least 1, got {n_lines}")
+    lines = [folio for folio, _ in folio_pairs(play) if not folio[0].isdigit()][:n_lines]
+    return ("Rewrite these lines in modern English spelling, changing nothing else. Lines:\n" + "\n".join(lines)
+            + "\nModern spelling:")
+
+
 def lookup_draft(ids: Sequence[int], ngram: int = 3, k: int = 5) -> list[int]:
     """Up to ``k`` tokens that followed the most recent earlier occurrence of the last n-gram.
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cyclelab.speculative import greedy_with_lookup, lookup_draft, plain_greedy, transformers_greedy
+from cyclelab.speculative import copy_question, greedy_with_lookup, lookup_draft, plain_greedy, transformers_greedy
 
 ECHO = "ROMEO:\nO, she doth teach the torches to burn bright!\nROMEO:\nO, she doth"
 PLAIN = "JULIET:\nWhat light"
@@ -56,6 +56,12 @@ def test_transformers_greedy_matches_the_engine(tiny_engine, lookup):
         assert run.forward_passes == len(run.token_ids)
     else:  # the echoed line is drafted from the prompt: fewer passes than tokens
         assert run.forward_passes < len(run.token_ids)
+
+
+def test_copy_question_holds_folio_lines():
+    question = copy_question(2)
+    assert question.splitlines()[1:] == ["In Thunder, Lightning, or in Raine?", "When the Battaile's lost, and wonne",
+                                         "Modern spelling:"]  # the Folio's spelling, read in the text itself
 
 
 class _WithEos:
