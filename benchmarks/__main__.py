@@ -15,7 +15,8 @@ import os
 from itertools import groupby
 from pathlib import Path
 
-MODULES = ["benchmarks.bench_engine", "benchmarks.bench_debugger", "benchmarks.bench_device"]
+MODULES = ["benchmarks.bench_engine", "benchmarks.bench_debugger", "benchmarks.bench_device",
+           "benchmarks.bench_speculative"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

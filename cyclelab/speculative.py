@@ -43,6 +43,18 @@ class LookupRun:
         return len(self.token_ids) / self.forward_passes if self.forward_passes else 0.0
 
 
+def copy_question(n_lines: int = 4, play: str = "macbeth") -> str:
+    """A question whose answer copies its input: the first ``n_lines`` Folio lines of ``play`` (without
+    the witches' "1." speaker numbers) to rewrite in modern spelling, chapter 06's task."""
+    from .tasks.folio import folio_pairs
+
+    if check_int(n_lines, "n_lines") < 1:
+        raise ValueError(f"n_lines must be at least 1, got {n_lines}")
+    lines = [folio for folio, _ in folio_pairs(play) if not folio[0].isdigit()][:n_lines]
+    return ("Rewrite these lines in modern English spelling, changing nothing else. Lines:\n" + "\n".join(lines)
+            + "\nModern spelling:")
+
+
 def lookup_draft(ids: Sequence[int], ngram: int = 3, k: int = 5) -> list[int]:
     """Up to ``k`` tokens that followed the most recent earlier occurrence of the last n-gram.
 
@@ -101,3 +113,33 @@ def _predictions(engine: Engine, feed: list[int], cache: KVCache) -> list[int]:
     """The greedy choice after each fed position, one forward pass on top of ``cache``."""
     logits = drain(engine.forward(torch.tensor([feed], device=engine.device), cache))
     return logits[0].argmax(-1).tolist()
+
+
+def plain_greedy(engine: Engine, prompt, max_new_tokens: int = 32, *, chat: bool = False) -> LookupRun:
+    """The engine's plain greedy run, timed, as a :class:`LookupRun`: one forward pass per token."""
+    start = perf_counter()
+    trace = engine.generate(prompt, max_new_tokens=max_new_tokens, chat=chat)
+    seconds = perf_counter() - start
+    return LookupRun(list(trace.prompt_ids), list(trace.token_ids), len(trace.token_ids), seconds=seconds)
+
+
+def transformers_greedy(engine: Engine, prompt, max_new_tokens: int = 32, *, chat: bool = False,
+                        prompt_lookup_num_tokens: int | None = None) -> LookupRun:
+    """The same greedy run by ``transformers``' own ``generate`` on the engine's model, timed, with its
+    prompt-lookup drafts of ``prompt_lookup_num_tokens`` tokens when given. Forward passes are counted
+    by a hook on the model; ``drafted`` and ``accepted`` stay 0 (``generate`` does not report them)."""
+    _check_settings(max_new_tokens, 1, prompt_lookup_num_tokens or 1)
+    ids = engine.encode(prompt, chat=chat)
+    batch = torch.tensor([ids], device=engine.device)
+    lookup = {"prompt_lookup_num_tokens": prompt_lookup_num_tokens} if prompt_lookup_num_tokens else {}
+    run, model = LookupRun(list(ids)), engine.loaded.model
+    hook = model.register_forward_hook(lambda *_: setattr(run, "forward_passes", run.forward_passes + 1))
+    try:
+        start = perf_counter()
+        out = model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=engine.tokenizer.eos_token_id, **lookup)
+        run.seconds = perf_counter() - start
+    finally:
+        hook.remove()
+    run.token_ids = out[0, len(ids):].tolist()
+    return run

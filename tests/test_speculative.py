@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cyclelab.speculative import greedy_with_lookup, lookup_draft
+from cyclelab.speculative import copy_question, greedy_with_lookup, lookup_draft, plain_greedy, transformers_greedy
 
 ECHO = "ROMEO:\nO, she doth teach the torches to burn bright!\nROMEO:\nO, she doth"
 PLAIN = "JULIET:\nWhat light"
@@ -44,6 +44,24 @@ def test_matches_transformers_prompt_lookup(tiny_engine):
     out = model.generate(torch.tensor([ids]), max_new_tokens=30, do_sample=False, prompt_lookup_num_tokens=5,
                          attention_mask=torch.ones(1, len(ids), dtype=torch.long), pad_token_id=0)
     assert greedy_with_lookup(tiny_engine, ECHO, 30, stop_at_eos=False).token_ids == out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("lookup", [None, 4], ids=["plain", "prompt-lookup"])
+def test_transformers_greedy_matches_the_engine(tiny_engine, lookup):
+    run = transformers_greedy(tiny_engine, ECHO, 20, prompt_lookup_num_tokens=lookup)
+    plain = plain_greedy(tiny_engine, ECHO, 20)
+    assert run.token_ids == plain.token_ids and len(plain.token_ids) == plain.forward_passes
+    assert run.seconds > 0 and plain.seconds > 0
+    if lookup is None:  # one pass per token (the prefill makes the first)
+        assert run.forward_passes == len(run.token_ids)
+    else:  # the echoed line is drafted from the prompt: fewer passes than tokens
+        assert run.forward_passes < len(run.token_ids)
+
+
+def test_copy_question_holds_folio_lines():
+    question = copy_question(2)
+    assert question.splitlines()[1:] == ["In Thunder, Lightning, or in Raine?", "When the Battaile's lost, and wonne",
+                                         "Modern spelling:"]  # the Folio's spelling, read in the text itself
 
 
 class _WithEos:
