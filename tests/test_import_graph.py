@@ -1,6 +1,7 @@
 """The package's import graph has no cycle (function-level imports included)."""
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,9 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+@functools.cache
 def package_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports (parsed once per process: parsing takes seconds)."""
     found = modules()
     return {name: imports_of(name, path, set(found)) for name, path in found.items()}
 

@@ -262,6 +262,7 @@ offline = (["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "o
            if os.geteuid() == 0 and shutil.which("unshare") and shutil.which("ip") else [])
 
 
+@pytest.mark.slow  # three processes importing torch and hashing 1.3 GB: half a minute; CYCLELAB_SLOW=1 runs it
 @needs_cache
 def test_postbuild_steps_offline_with_a_seeded_cache(tmp_path: Path) -> None:
     """postBuild on this venv, network cut (unshare --net as root): an already-filled cache is verified,
