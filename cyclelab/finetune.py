@@ -98,6 +98,19 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """The :func:`schedule` as a torch scheduler: each ``scheduler.step()`` moves to the next step's rate."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: schedule(step, cfg.steps, 1.0, cfg.warmup, cfg.min_lr_ratio))
+
+
+def batch_indices(seed: int, step: int, n: int, batch_size: int) -> list[int]:
+    """The examples of step ``step``, drawn by a generator seeded by ``(seed, step)``: a run
+    resumed from a checkpoint sees the same batches as one that was never interrupted."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randint(0, n, (batch_size,), generator=gen).tolist()
+
+
 def _collate(items: list):
     if isinstance(items[0], dict):
         return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
@@ -106,6 +119,28 @@ def _collate(items: list):
 
 def _to(batch, device):
     return {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else batch.to(device)
+
+
+def train_step(model: nn.Module, micro_batches: list, loss_fn: Callable, opt: torch.optim.Optimizer,
+               scheduler, scaler: torch.amp.GradScaler, cfg: TrainConfig) -> float:
+    """One optimizer step: forward and backward of each micro-batch (their gradients add up),
+    clip the gradient norm, step the optimizer, step the schedule. Returns the batch's mean loss."""
+    device = next(model.parameters()).device
+    amp_dtype = torch.float16 if scaler.is_enabled() else torch.bfloat16
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for batch in micro_batches:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.mixed_precision):
+            loss = loss_fn(model, batch) / len(micro_batches)
+        scaler.scale(loss).backward()
+        total += loss.item()
+    scaler.unscale_(opt)  # back to true gradients before clipping (a no-op without float16)
+    if cfg.clip is not None:
+        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip)
+    scaler.step(opt)
+    scaler.update()
+    scheduler.step()
+    return total
 
 
 def train(model: nn.Module, data: Sequence, loss_fn: Callable, cfg: TrainConfig,
@@ -124,47 +159,22 @@ def train(model: nn.Module, data: Sequence, loss_fn: Callable, cfg: TrainConfig,
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    fp16 = cfg.mixed_precision and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-    amp_dtype = torch.float16 if fp16 else torch.bfloat16
-    hist, step, best_state, bad = History(), 0, None, 0
-    ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
-    if ckpt is not None and ckpt.exists():  # resume
-        state = torch.load(ckpt, weights_only=True, map_location=device)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        scaler.load_state_dict(state["scaler"])
-        step, saved = int(state["step"]), json.loads(state["history"])
-        hist.loss, hist.lr, hist.best = saved["loss"], saved["lr"], saved["best"]
-        hist.evals = [tuple(e) for e in saved["evals"]]
-    micro = cfg.batch_size // cfg.accumulate
+    scheduler = make_scheduler(opt, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision and device.type == "cuda")
+    hist, ckpt = History(), Path(cfg.checkpoint) if cfg.checkpoint else None
+    step = _resume(ckpt, model, opt, scheduler, scaler, hist) if ckpt is not None and ckpt.exists() else 0
+    best_state, bad, micro = None, 0, cfg.batch_size // cfg.accumulate
     bar = tqdm(total=cfg.steps, initial=step, desc="fine-tune", unit="step", disable=not cfg.progress)
     model.train()
     t0, start_step = time.perf_counter(), step
     while step < cfg.steps:
-        lr = schedule(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # same batch after a resume
-        idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen).tolist()
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for m in range(cfg.accumulate):  # gradient accumulation: sum of micro-batch gradients
-            batch = _to(_collate([data[i] for i in idx[m * micro:(m + 1) * micro]]), device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.mixed_precision):
-                loss = loss_fn(model, batch) / cfg.accumulate
-            scaler.scale(loss).backward()
-            total += loss.item()
-        scaler.unscale_(opt)
-        if cfg.clip is not None:
-            nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip)
-        scaler.step(opt)
-        scaler.update()
+        idx = batch_indices(cfg.seed, step, len(data), cfg.batch_size)
+        batches = [_to(_collate([data[i] for i in idx[m:m + micro]]), device) for m in range(0, len(idx), micro)]
+        hist.lr.append(scheduler.get_last_lr()[0])
+        hist.loss.append(train_step(model, batches, loss_fn, opt, scheduler, scaler, cfg))
         step += 1
-        hist.loss.append(total)
-        hist.lr.append(lr)
         bar.update(1)
-        bar.set_postfix(loss=f"{total:.3f}")
+        bar.set_postfix(loss=f"{hist.loss[-1]:.3f}")
         if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0:
             value = float(evaluate(model))
             model.train()
@@ -177,15 +187,34 @@ def train(model: nn.Module, data: Sequence, loss_fn: Callable, cfg: TrainConfig,
                 hist.stopped_early = True
                 break
         if ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            saved = {"loss": hist.loss, "lr": hist.lr, "evals": hist.evals, "best": hist.best}
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict(),
-                        "step": torch.tensor(step), "history": json.dumps(saved)}, ckpt)
+            _save(ckpt, step, model, opt, scaler, hist)
     bar.close()
     if hist.stopped_early and best_state is not None:
         model.load_state_dict(best_state)  # keep the weights of the best evaluation
     hist.seconds_per_step = (time.perf_counter() - t0) / max(1, step - start_step)
     model.eval()
     return hist
+
+
+def _save(path: Path, step: int, model: nn.Module, opt, scaler, hist: History) -> None:
+    saved = {"loss": hist.loss, "lr": hist.lr, "evals": hist.evals, "best": hist.best}
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict(),
+                "step": torch.tensor(step), "history": json.dumps(saved)}, path)
+
+
+def _resume(path: Path, model: nn.Module, opt, scheduler, scaler, hist: History) -> int:
+    """Load a checkpoint of :func:`_save` into the run's objects; returns the step to continue from."""
+    state = torch.load(path, weights_only=True, map_location=next(model.parameters()).device)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    scaler.load_state_dict(state["scaler"])
+    saved = json.loads(state["history"])
+    hist.loss, hist.lr, hist.best = saved["loss"], saved["lr"], saved["best"]
+    hist.evals = [tuple(e) for e in saved["evals"]]
+    step = int(state["step"])
+    scheduler.last_epoch = step - 1
+    scheduler.step()  # this run's rate for `step` (its `steps` may differ from the interrupted run's)
+    return step
 
 
 def lm_loss(model: nn.Module, batch) -> torch.Tensor:

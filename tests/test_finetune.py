@@ -115,6 +115,43 @@ def test_schedule_warms_up_then_decays() -> None:
     assert schedule(100, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
 
 
+def test_the_loop_equals_a_plain_torch_loop(tiny) -> None:
+    """Reference: AdamW (decay on matrices only), LambdaLR warmup + cosine, clipping, and the
+    shifted-label loss from transformers (``labels=ids``), written out by hand."""
+    import math
+
+    data, steps, lr, warmup = windows(), 5, 3e-3, 2
+    ours = copy.deepcopy(tiny.model)
+    hist = train(ours, data, lm_loss, fast(steps=steps, lr=lr, warmup=warmup, clip=0.5))
+    ref = copy.deepcopy(tiny.model)
+    ref.train()
+    params = [p for p in ref.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.01},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr)
+
+    def factor(s):
+        if s < warmup:
+            return (s + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / (steps - warmup))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    losses = []
+    for step in range(steps):
+        idx = torch.randint(0, len(data), (4,), generator=torch.Generator().manual_seed(step)).tolist()
+        ids = torch.stack([data[i] for i in idx])
+        loss = ref(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.5)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    assert hist.loss == pytest.approx(losses, abs=1e-5)
+    assert hist.lr == pytest.approx([lr * factor(s) for s in range(steps)])
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_gradient_accumulation_equals_one_big_batch(tiny) -> None:
     data = windows()
     runs = []
