@@ -98,10 +98,11 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """The :func:`schedule` as a torch scheduler: each ``scheduler.step()`` moves to the next step's rate."""
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, first_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The :func:`schedule` as a torch scheduler, starting at ``first_step`` (a resumed run):
+    each ``scheduler.step()`` moves the optimizer to the next step's learning rate."""
     return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: schedule(step, cfg.steps, 1.0, cfg.warmup, cfg.min_lr_ratio))
+        opt, lambda s: schedule(first_step + s, cfg.steps, 1.0, cfg.warmup, cfg.min_lr_ratio))
 
 
 def batch_indices(seed: int, step: int, n: int, batch_size: int) -> list[int]:
@@ -159,10 +160,10 @@ def train(model: nn.Module, data: Sequence, loss_fn: Callable, cfg: TrainConfig,
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = make_scheduler(opt, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision and device.type == "cuda")
     hist, ckpt = History(), Path(cfg.checkpoint) if cfg.checkpoint else None
-    step = _resume(ckpt, model, opt, scheduler, scaler, hist) if ckpt is not None and ckpt.exists() else 0
+    step = _resume(ckpt, model, opt, scaler, hist) if ckpt is not None and ckpt.exists() else 0
+    scheduler = make_scheduler(opt, cfg, first_step=step)
     best_state, bad, micro = None, 0, cfg.batch_size // cfg.accumulate
     bar = tqdm(total=cfg.steps, initial=step, desc="fine-tune", unit="step", disable=not cfg.progress)
     model.train()
@@ -202,7 +203,7 @@ def _save(path: Path, step: int, model: nn.Module, opt, scaler, hist: History) -
                 "step": torch.tensor(step), "history": json.dumps(saved)}, path)
 
 
-def _resume(path: Path, model: nn.Module, opt, scheduler, scaler, hist: History) -> int:
+def _resume(path: Path, model: nn.Module, opt, scaler, hist: History) -> int:
     """Load a checkpoint of :func:`_save` into the run's objects; returns the step to continue from."""
     state = torch.load(path, weights_only=True, map_location=next(model.parameters()).device)
     model.load_state_dict(state["model"])
@@ -211,10 +212,7 @@ def _resume(path: Path, model: nn.Module, opt, scheduler, scaler, hist: History)
     saved = json.loads(state["history"])
     hist.loss, hist.lr, hist.best = saved["loss"], saved["lr"], saved["best"]
     hist.evals = [tuple(e) for e in saved["evals"]]
-    step = int(state["step"])
-    scheduler.last_epoch = step - 1
-    scheduler.step()  # this run's rate for `step` (its `steps` may differ from the interrupted run's)
-    return step
+    return int(state["step"])
 
 
 def lm_loss(model: nn.Module, batch) -> torch.Tensor:
