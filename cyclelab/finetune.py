@@ -9,7 +9,8 @@ them. This module has two halves:
   validation metric, a dropout toggle, mixed precision (bfloat16 autocast on CPU, float16 with a
   gradient scaler on a GPU), checkpoint and resume, and a tqdm progress bar showing the loss.
 * parameter-efficient methods written from scratch: :class:`LoRALinear` / :func:`add_lora`,
-  bottleneck :class:`Adapter` / :func:`add_adapters`, :class:`PrefixTuning`, :func:`freeze`
+  bottleneck :class:`Adapter` / :func:`add_adapters`, :class:`PromptTuning`, :class:`PrefixTuning`,
+  :func:`freeze`
   (freeze the lower layers) and :func:`count_trainable`.
 
 Batches are drawn from a generator seeded by ``(seed, step)``, so step *s* sees the same
@@ -374,15 +375,13 @@ def add_adapters(model: nn.Module, targets: Sequence[str] = ("mlp",), bottleneck
     return model
 
 
-class PrefixTuning(nn.Module):
-    """A frozen causal LM behind ``n_virtual`` trainable vectors prepended to its input embeddings.
+class PromptTuning(nn.Module):
+    """Prompt tuning (Lester et al. 2021): a frozen causal LM behind ``n_virtual`` trainable vectors
+    prepended to its input embeddings.
 
-    This is the simplest correct form of prefix tuning (Li & Liang 2021), the input-layer variant
-    also called *prompt tuning* (Lester et al. 2021): the virtual tokens go through every layer like
-    real ones, so each layer's keys and values see a learned prefix, but only the input vectors are
-    trained (full prefix tuning trains separate keys/values per layer). The vectors start as the
-    embeddings of random vocabulary tokens. Outputs at the virtual positions are dropped, so
-    ``logits`` line up with ``input_ids``; the real tokens' positions are shifted by ``n_virtual``.
+    Only the input vectors train; the frozen layers turn them into keys and values as they would a
+    word's. The vectors start as the embeddings of random vocabulary tokens. Outputs at the virtual
+    positions are dropped, so ``logits`` line up with ``input_ids``.
     """
 
     def __init__(self, model: nn.Module, n_virtual: int = 8, seed: int = 0):
@@ -394,7 +393,7 @@ class PrefixTuning(nn.Module):
             p.requires_grad_(False)
         emb = model.get_input_embeddings().weight
         ids = torch.randint(0, emb.shape[0], (n_virtual,), generator=torch.Generator().manual_seed(seed))
-        self.prefix = nn.Parameter(emb.detach()[ids.to(emb.device)].clone())
+        self.prompt = nn.Parameter(emb.detach()[ids.to(emb.device)].clone())
 
     @property
     def config(self):
@@ -402,9 +401,70 @@ class PrefixTuning(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, **kwargs):
         embeds = self.model.get_input_embeddings()(input_ids)
-        prefix = self.prefix.to(embeds.dtype).expand(input_ids.shape[0], -1, -1)
-        out = self.model(inputs_embeds=torch.cat([prefix, embeds], dim=1), **kwargs)
+        prompt = self.prompt.to(embeds.dtype).expand(input_ids.shape[0], -1, -1)
+        out = self.model(inputs_embeds=torch.cat([prompt, embeds], dim=1), **kwargs)
         return SimpleNamespace(logits=out.logits[:, self.n_virtual:])
+
+
+class PrefixTuning(nn.Module):
+    """Prefix tuning (Li & Liang 2021): a frozen causal LM whose attention, in EVERY layer, also reads
+    ``n_virtual`` learned key/value pairs placed before the real tokens.
+
+    The prefix is one row per virtual token holding every layer's keys and values (the layout of
+    peft's ``PrefixTuningConfig``): ``(n_virtual, n_layer × 2 × width)``. With ``reparam`` the rows
+    come out of a small MLP instead (``n_virtual × width`` inputs, ``width → reparam → n_layer × 2 ×
+    width``), which Li & Liang found steadier to train. They reach the layers as a KV cache
+    (``cache=``, chapter 03): to each layer the prefix looks like tokens it has already read.
+    """
+
+    def __init__(self, model: nn.Module, n_virtual: int = 8, reparam: int | None = None, seed: int = 0):
+        super().__init__()
+        if n_virtual <= 0:
+            raise ValueError(f"n_virtual must be positive, got {n_virtual}")
+        cfg = model.config
+        self.model, self.n_virtual = model, n_virtual
+        self.layers = cfg.num_hidden_layers
+        self.heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads  # Llama shares K/V heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        for p in model.parameters():
+            p.requires_grad_(False)
+        real = self._real_key_values(n_virtual, seed)  # start from what the layers compute for real words
+        if reparam is None:
+            self.prefix, self.mlp = nn.Parameter(real), None
+        else:
+            self.prefix = nn.Parameter(model.get_input_embeddings().weight.detach()[:n_virtual].clone())
+            self.mlp = nn.Sequential(nn.Linear(cfg.hidden_size, reparam), nn.Tanh(),
+                                     nn.Linear(reparam, real.shape[1])).to(real)
+
+    @torch.no_grad()
+    def _real_key_values(self, n: int, seed: int) -> torch.Tensor:
+        """Every layer's keys and values for ``n`` random vocabulary tokens, as prefix rows."""
+        emb = self.model.get_input_embeddings().weight
+        ids = torch.randint(0, emb.shape[0], (1, n), generator=torch.Generator().manual_seed(seed)).to(emb.device)
+        cache = self.model(input_ids=ids, use_cache=True).past_key_values
+        layers = [(cache.layers[i].keys, cache.layers[i].values) for i in range(self.layers)]
+        kv = torch.stack([t[0] for pair in layers for t in pair])  # (2L, heads, n, head_dim)
+        return kv.permute(2, 0, 1, 3).reshape(n, -1).clone()
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def key_values(self, batch: int):
+        """The prefix as a fresh KV cache: layer ``i`` reads keys ``2i`` and values ``2i + 1``."""
+        from transformers import DynamicCache
+
+        rows = self.mlp(self.prefix) if self.mlp is not None else self.prefix
+        kv = rows.view(self.n_virtual, 2 * self.layers, self.heads, self.head_dim).permute(1, 2, 0, 3)
+        kv = kv.unsqueeze(1).expand(-1, batch, -1, -1, -1)  # (2L, batch, heads, n_virtual, head_dim)
+        return DynamicCache([(kv[2 * i], kv[2 * i + 1]) for i in range(self.layers)])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        batch = input_ids.shape[0]
+        if attention_mask is not None:  # the real tokens may read every virtual one
+            attention_mask = torch.cat([attention_mask.new_ones(batch, self.n_virtual), attention_mask], dim=1)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, cache=self.key_values(batch),
+                          use_cache=False, **kwargs)
 
 
 def plot_schedule(steps: int, lr: float, warmup: int, min_lr_ratio: float = 0.1):
