@@ -90,10 +90,10 @@ def test_plot_confusion_counts_each_true_and_predicted_pair():
 
 
 def test_plot_losses_one_curve_per_method():
-    rows = [{"method": "full", "history": History(loss=[3.0, 2.0, 1.5])},
-            {"method": "lora", "history": History(loss=[3.0, 2.5])}]
+    rows = [{"method": "full", "lr": 0.001, "history": History(loss=[3.0, 2.0, 1.5])},
+            {"method": "lora", "lr": 0.01, "history": History(loss=[3.0, 2.5])}]
     ax = plot_losses(rows).axes[0]
-    assert [line.get_label() for line in ax.get_lines()] == ["full", "lora"]
+    assert [line.get_label() for line in ax.get_lines()] == ["full (lr 0.001)", "lora (lr 0.01)"]
     assert ax.get_lines()[0].get_ydata().tolist() == [3.0, 2.0, 1.5]
     assert ax.get_lines()[1].get_xdata().tolist() == [1, 2]
 
