@@ -190,6 +190,8 @@ def test_the_edit_vocabulary_starts_with_the_common_edits() -> None:
 
 # --- task 5: instruction tuning, the prompt masked out of the loss ------------------------------------
 
+import math  # noqa: E402
+
 from cyclelab.tasks.instructions import (answer_logprob, answer_scores, choose, instruction_examples,  # noqa: E402
                                          instruction_pairs, title)
 
@@ -231,10 +233,12 @@ def test_the_masked_loss_is_the_answers_cross_entropy(tiny) -> None:
 
 def test_answer_scores_pick_the_likelier_answer(tiny) -> None:
     answers = [a for _, a in PAIRS]
-    picks = [choose(tiny.model, tiny.tokenizer, p, answers) for p, _ in PAIRS]
+    by_one = [[answer_logprob(tiny.model, tiny.tokenizer, p, a) for a in answers] for p, _ in PAIRS]
+    assert [choose(tiny.model, tiny.tokenizer, p, answers) for p, _ in PAIRS] == [
+        max(range(2), key=s.__getitem__) for s in by_one]  # batched candidates = one at a time
     prob, acc = answer_scores(tiny.model, tiny.tokenizer, PAIRS, answers)
-    assert acc == sum(answers[k] == a for k, (_, a) in zip(picks, PAIRS)) / 2
-    assert 0 < prob < 1
+    assert acc == sum(max(range(2), key=s.__getitem__) == k for k, s in enumerate(by_one)) / 2
+    assert prob == pytest.approx(sum(math.exp(s[k]) for k, s in enumerate(by_one)) / 2, rel=1e-4)
 
 
 def test_instruction_pairs_ask_about_the_plays() -> None:
@@ -253,6 +257,21 @@ def test_instruction_examples_bad_input(tiny, pairs, max_len, error, message) ->
         instruction_examples(tiny.tokenizer, pairs, max_len=max_len)
 
 
-def test_answer_scores_without_pairs(tiny) -> None:
-    with pytest.raises(ValueError, match="no \\(prompt, answer\\) pairs to score"):
-        answer_scores(tiny.model, tiny.tokenizer, [], [" A\n"])
+@pytest.mark.parametrize("pairs, answers, message", [
+    pytest.param([], [" A\n"], "no \\(prompt, answer\\) pairs to score", id="no pairs to score"),
+    pytest.param(PAIRS, [" Tempest\n"], "is not one of the candidates", id="answer not a candidate"),
+])
+def test_answer_scores_bad_input(tiny, pairs, answers, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        answer_scores(tiny.model, tiny.tokenizer, pairs, answers)
+
+
+def test_play_perplexity_reads_the_opening_of_the_held_out_plays(tiny) -> None:
+    from cyclelab import data
+    from cyclelab.metrics import perplexity_of_model
+    from cyclelab.tasks.sonnets import play_perplexity
+
+    ids = tiny.tokenizer(data.corpus("valid"))["input_ids"][:512]  # reference: encode everything, then cut
+    assert play_perplexity(tiny.model, tiny.tokenizer, 512) == pytest.approx(perplexity_of_model(tiny.model, ids, 128))
+    with pytest.raises(ValueError, match="fewer than n_tokens"):
+        play_perplexity(tiny.model, tiny.tokenizer, 10**8)

@@ -52,27 +52,43 @@ def instruction_examples(tokenizer, pairs: Sequence[tuple[str, str]], max_len: i
 
 
 @torch.no_grad()
+def answer_logprobs(model: nn.Module, tokenizer, prompt: str, answers: Sequence[str]) -> list[float]:
+    """log P(answer | prompt) of each of ``answers``: the sum of the log-probabilities of its tokens.
+    One forward pass: the candidates are batched, padded on the right (the causal mask keeps the
+    padding from reaching any answer token)."""
+    p = tokenizer(prompt)["input_ids"]
+    encoded = [tokenizer(a)["input_ids"] for a in answers]
+    width = len(p) + max(len(a) for a in encoded)
+    pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    ids = torch.tensor([p + a + [pad] * (width - len(p) - len(a)) for a in encoded], device=device)
+    model.eval()
+    logp = F.log_softmax(model(input_ids=ids).logits.float(), -1)
+    return [float(sum(logp[k, len(p) - 1 + i, t] for i, t in enumerate(a))) for k, a in enumerate(encoded)]
+
+
 def answer_logprob(model: nn.Module, tokenizer, prompt: str, answer: str) -> float:
     """log P(answer | prompt): the sum of the log-probabilities of the answer's tokens."""
-    p, a = tokenizer(prompt)["input_ids"], tokenizer(answer)["input_ids"]
-    model.eval()
-    device = next(model.parameters()).device
-    logits = model(input_ids=torch.tensor([p + a], device=device)).logits[0, len(p) - 1:-1].float()
-    return float(F.log_softmax(logits, -1).gather(-1, torch.tensor(a, device=device)[:, None]).sum())
+    return answer_logprobs(model, tokenizer, prompt, [answer])[0]
 
 
 def choose(model: nn.Module, tokenizer, prompt: str, answers: Sequence[str]) -> int:
     """Index of the most likely of ``answers`` after ``prompt``."""
-    scores = [answer_logprob(model, tokenizer, prompt, a) for a in answers]
+    scores = answer_logprobs(model, tokenizer, prompt, answers)
     return max(range(len(answers)), key=scores.__getitem__)
 
 
 def answer_scores(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]],
                   answers: Sequence[str]) -> tuple[float, float]:
-    """Over ``pairs``: the mean probability of the right answer, and the accuracy of choosing it
-    among ``answers`` by likelihood."""
+    """Over ``pairs`` (whose answers must be among ``answers``): the mean probability of the right
+    answer, and the accuracy of choosing it among ``answers`` by likelihood."""
     if not pairs:
         raise ValueError("no (prompt, answer) pairs to score")
-    prob = sum(math.exp(answer_logprob(model, tokenizer, p, a)) for p, a in pairs) / len(pairs)
-    right = sum(answers[choose(model, tokenizer, p, answers)] == a for p, a in pairs) / len(pairs)
-    return prob, right
+    prob = right = 0.0
+    for prompt, answer in pairs:
+        if answer not in answers:
+            raise ValueError(f"the answer {answer!r} is not one of the candidates {list(answers)}")
+        scores = answer_logprobs(model, tokenizer, prompt, answers)
+        prob += math.exp(scores[answers.index(answer)])
+        right += max(range(len(answers)), key=scores.__getitem__) == answers.index(answer)
+    return prob / len(pairs), right / len(pairs)

@@ -81,8 +81,10 @@ def prepare(model: nn.Module, method: str, r: int = 8, bottleneck: int = 16, n_v
 def play_perplexity(model: nn.Module, tokenizer, n_tokens: int = 4096, context: int = 128) -> float:
     """Perplexity on the first ``n_tokens`` of the held-out plays (:data:`cyclelab.data.VALID_PLAYS`,
     never trained on): what fine-tuning toward the sonnets may make the model forget."""
-    ids = tokenizer(data.corpus("valid"))["input_ids"][:n_tokens]
-    return perplexity_of_model(model, ids, context=context)
+    ids = tokenizer(data.corpus("valid")[:8 * n_tokens])["input_ids"]  # 8 characters hold at least a token
+    if len(ids) < n_tokens:
+        raise ValueError(f"the held-out plays give {len(ids)} tokens, fewer than n_tokens={n_tokens}")
+    return perplexity_of_model(model, ids[:n_tokens], context=context)
 
 
 def compare_methods(model: nn.Module, tokenizer, train_texts: Sequence[str], valid_texts: Sequence[str],
