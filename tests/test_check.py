@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import cmath
 import math
+import warnings
 from collections import Counter
 
 import pytest
@@ -502,7 +503,9 @@ def step_variant(*, shift=(slice(None, -1), slice(1, None)), reduction="mean", z
         if clip_it:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         if schedule == "before":
-            scheduler.step()
+            with warnings.catch_warnings():  # torch warns about this very mistake
+                warnings.simplefilter("ignore", UserWarning)
+                scheduler.step()
         if step_it:
             optimizer.step()
         if schedule == "after":
