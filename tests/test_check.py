@@ -487,7 +487,7 @@ def step_log_softmax(model, ids, optimizer, scheduler, clip):
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     optimizer.step()
     scheduler.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def step_variant(*, shift=(slice(None, -1), slice(1, None)), reduction="mean", zero=True, clip_it=True,
@@ -502,14 +502,14 @@ def step_variant(*, shift=(slice(None, -1), slice(1, None)), reduction="mean", z
         loss.backward()
         if clip_it:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        if schedule == "before":
-            with warnings.catch_warnings():  # torch warns about this very mistake
-                warnings.simplefilter("ignore", UserWarning)
+        with warnings.catch_warnings():  # torch warns about a schedule step before any optimizer step
+            warnings.simplefilter("ignore", UserWarning)
+            if schedule == "before":
                 scheduler.step()
-        if step_it:
-            optimizer.step()
-        if schedule == "after":
-            scheduler.step()
+            if step_it:
+                optimizer.step()
+            if schedule == "after":
+                scheduler.step()
         return give(loss)
     return step
 
