@@ -99,7 +99,8 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, first_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig,
+                   first_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     """The :func:`schedule` as a torch scheduler, starting at ``first_step`` (a resumed run):
     each ``scheduler.step()`` moves the optimizer to the next step's learning rate."""
     return torch.optim.lr_scheduler.LambdaLR(

@@ -126,7 +126,8 @@ def plot_losses(rows: Sequence[dict]):
 
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for row in rows:
-        ax.plot(range(1, len(row["history"].loss) + 1), row["history"].loss, label=f"{row['method']} (lr {row['lr']:g})")
+        label = f"{row['method']} (lr {row['lr']:g})"
+        ax.plot(range(1, len(row["history"].loss) + 1), row["history"].loss, label=label)
     ax.set(xlabel="step", ylabel="training loss (nats/token)", title="fine-tuning tiny on the sonnets")
     ax.legend()
     fig.tight_layout()
