@@ -1361,6 +1361,145 @@ def check_lora_forward(fn: Callable[..., torch.Tensor]) -> Result:
     return Result(True, "correct: the frozen path plus a rank-r update scaled by alpha / r")
 
 
+# --- chapter 06: one training step -------------------------------------------------------------------
+
+
+def _step_setup():
+    """A small random GPT-2 (no dropout), token windows, and the run's settings: clipping active,
+    the rate changing every step (warmup, then cosine)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from .finetune import TrainConfig
+
+    torch.manual_seed(6)
+    config = GPT2Config(vocab_size=48, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=0,
+                        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config)
+    model.loss_type = "ForCausalLM"  # GPT-2's class name names no loss: say which, or transformers warns
+    data = list(torch.randint(0, 48, (12, 10), generator=torch.Generator().manual_seed(6)))
+    cfg = TrainConfig(steps=4, batch_size=3, lr=2e-2, warmup=2, min_lr_ratio=0.1, clip=0.05, weight_decay=0.01,
+                      seed=6, device="cpu")
+    return model, data, cfg
+
+
+def _step_loss(model, ids, how: str = "ok") -> torch.Tensor:
+    logits = model(input_ids=ids).logits
+    if how == "unshifted":
+        pred, target = logits, ids
+    elif how == "backwards":
+        pred, target = logits[:, 1:], ids[:, :-1]
+    else:
+        pred, target = logits[:, :-1], ids[:, 1:]
+    reduction = "sum" if how == "sum" else "mean"
+    return torch.nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction=reduction)
+
+
+def _mistaken_step(how: str):
+    """A training step with one typical mistake ``how``, to tell which one a learner made."""
+    def step(model, ids, opt, scheduler, clip):
+        if how != "no zero_grad":
+            opt.zero_grad()
+        loss = _step_loss(model, ids, how)
+        loss.backward()
+        if how == "zero_grad before step":
+            opt.zero_grad()
+        if how != "no clip":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if how == "scheduler first":
+            scheduler.step()
+        if how != "no optimizer step":
+            opt.step()
+        if how not in ("no scheduler", "scheduler first"):
+            scheduler.step()
+        return loss.item()
+    return step
+
+
+_STEP_HINTS = {
+    "unshifted": "the logits at position t were scored against token t itself: predict the NEXT token, "
+                 "logits[:, :-1] against ids[:, 1:]",
+    "backwards": "the shift goes the wrong way: logits[:, :-1] (every position but the last) predict ids[:, 1:]",
+    "sum": "the loss is summed over tokens: take the mean (cross_entropy's default), or the step size depends "
+           "on the batch",
+    "no zero_grad": "gradients add up from one step to the next: call optimizer.zero_grad() in every step",
+    "no clip": "the gradient norm is not clipped: torch.nn.utils.clip_grad_norm_(model.parameters(), clip) "
+               "after backward, before optimizer.step()",
+    "no optimizer step": "the weights never change: call optimizer.step() after loss.backward() (and do not "
+                         "zero the gradients in between)",
+    "no scheduler": "the learning rate never changes: call scheduler.step() after optimizer.step()",
+    "scheduler first": "the schedule runs one step ahead: call scheduler.step() AFTER optimizer.step()",
+}
+
+
+def _run_steps(step_fn, model, data, cfg) -> tuple[list, Result | None]:
+    """``cfg.steps`` calls of ``step_fn`` on the batches :func:`~cyclelab.finetune.train` draws;
+    the returned losses, or a ✗ Result when the learner's function raised."""
+    from .finetune import batch_indices, make_optimizer, make_scheduler
+
+    model.train()
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    scheduler = make_scheduler(opt, cfg)
+    losses = []
+    for step in range(cfg.steps):
+        ids = torch.stack([data[i] for i in batch_indices(cfg.seed, step, len(data), cfg.batch_size)])
+        try:
+            losses.append(step_fn(model, ids, opt, scheduler, cfg.clip))
+        except Exception as err:  # a learner's bug, reported instead of raised
+            return losses, _raised(err, f"step {step}")
+    return losses, None
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module, tol: float = 2e-4) -> bool:
+    return all(_close(p.detach(), q.detach(), tol) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@_guarded
+def check_training_step(fn: Callable[..., float]) -> Result:
+    """Check ``fn(model, ids, optimizer, scheduler, clip) -> loss``: one step of causal LM training
+    (forward, the shifted-label loss, backward, clip, optimizer step, schedule step). Its first loss
+    must equal transformers' ``model(ids, labels=ids).loss``, and its weights after 4 steps those of
+    :func:`cyclelab.finetune.train` on the same batches with the same seed."""
+    import copy
+    import warnings
+
+    from .finetune import batch_indices, lm_loss, train
+
+    model, data, cfg = _step_setup()
+    learner = copy.deepcopy(model)
+    ids0 = torch.stack([data[i] for i in batch_indices(cfg.seed, 0, len(data), cfg.batch_size)])
+    with torch.no_grad():
+        want_loss = float(model(input_ids=ids0, labels=ids0).loss)  # transformers shifts the labels itself
+    losses, error = _run_steps(fn, learner, data, cfg)
+    if error is not None:
+        return error
+    first = losses[0]
+    if first is None or isinstance(first, (str, bytes, tuple, list, dict)) or (
+            isinstance(first, torch.Tensor) and first.numel() != 1):
+        return Result(False, f"return the batch's loss as a number (loss.item()), got {first!r:.60}")
+    first = float(first.detach() if isinstance(first, torch.Tensor) else first)
+    if abs(first - want_loss) > 1e-4 * max(1.0, abs(want_loss)):
+        with torch.no_grad():
+            for how in ("unshifted", "backwards", "sum"):
+                if abs(first - float(_step_loss(model, ids0, how))) <= 1e-4 * max(1.0, abs(first)):
+                    return Result(False, _STEP_HINTS[how])
+        return Result(False, f"the first step's loss is {first:.4f}, but the mean next-token cross-entropy of the "
+                             f"batch is {want_loss:.4f}: return the loss computed before the weights change")
+    reference = copy.deepcopy(model)
+    train(reference, data, lm_loss, cfg)
+    if _same_weights(learner, reference):
+        return Result(True, "correct: the same weights as cyclelab.finetune.train after 4 steps, and the first loss "
+                            "equals transformers' model(ids, labels=ids).loss")
+    for how, hint in _STEP_HINTS.items():
+        wrong = copy.deepcopy(model)
+        with warnings.catch_warnings():  # torch warns about the mistake "scheduler first": that is the point
+            warnings.simplefilter("ignore", UserWarning)
+            _run_steps(_mistaken_step(how), wrong, data, cfg)
+        if _same_weights(learner, wrong):
+            return Result(False, hint)
+    return Result(False, "the loss is right, but after 4 steps the weights differ from the package loop's: "
+                         "zero_grad, backward, clip_grad_norm_(…, clip), optimizer.step(), scheduler.step()")
+
+
 # --- chapter 07: efficiency — int8 quantization and the roofline --------------------------------------
 
 

@@ -9,7 +9,8 @@ them. This module has two halves:
   validation metric, a dropout toggle, mixed precision (bfloat16 autocast on CPU, float16 with a
   gradient scaler on a GPU), checkpoint and resume, and a tqdm progress bar showing the loss.
 * parameter-efficient methods written from scratch: :class:`LoRALinear` / :func:`add_lora`,
-  bottleneck :class:`Adapter` / :func:`add_adapters`, :class:`PrefixTuning`, :func:`freeze`
+  bottleneck :class:`Adapter` / :func:`add_adapters`, :class:`PromptTuning`, :class:`PrefixTuning`,
+  :func:`freeze`
   (freeze the lower layers) and :func:`count_trainable`.
 
 Batches are drawn from a generator seeded by ``(seed, step)``, so step *s* sees the same
@@ -98,6 +99,21 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig,
+                   first_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The :func:`schedule` as a torch scheduler, starting at ``first_step`` (a resumed run):
+    each ``scheduler.step()`` moves the optimizer to the next step's learning rate."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: schedule(first_step + s, cfg.steps, 1.0, cfg.warmup, cfg.min_lr_ratio))
+
+
+def batch_indices(seed: int, step: int, n: int, batch_size: int) -> list[int]:
+    """The examples of step ``step``, drawn by a generator seeded by ``(seed, step)``: a run
+    resumed from a checkpoint sees the same batches as one that was never interrupted."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randint(0, n, (batch_size,), generator=gen).tolist()
+
+
 def _collate(items: list):
     if isinstance(items[0], dict):
         return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
@@ -106,6 +122,28 @@ def _collate(items: list):
 
 def _to(batch, device):
     return {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else batch.to(device)
+
+
+def train_step(model: nn.Module, micro_batches: list, loss_fn: Callable, opt: torch.optim.Optimizer,
+               scheduler, scaler: torch.amp.GradScaler, cfg: TrainConfig) -> float:
+    """One optimizer step: forward and backward of each micro-batch (their gradients add up),
+    clip the gradient norm, step the optimizer, step the schedule. Returns the batch's mean loss."""
+    device = next(model.parameters()).device
+    amp_dtype = torch.float16 if scaler.is_enabled() else torch.bfloat16
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for batch in micro_batches:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.mixed_precision):
+            loss = loss_fn(model, batch) / len(micro_batches)
+        scaler.scale(loss).backward()
+        total += loss.item()
+    scaler.unscale_(opt)  # back to true gradients before clipping (a no-op without float16)
+    if cfg.clip is not None:
+        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip)
+    scaler.step(opt)
+    scaler.update()
+    scheduler.step()
+    return total
 
 
 def train(model: nn.Module, data: Sequence, loss_fn: Callable, cfg: TrainConfig,
@@ -124,47 +162,22 @@ def train(model: nn.Module, data: Sequence, loss_fn: Callable, cfg: TrainConfig,
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    fp16 = cfg.mixed_precision and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-    amp_dtype = torch.float16 if fp16 else torch.bfloat16
-    hist, step, best_state, bad = History(), 0, None, 0
-    ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
-    if ckpt is not None and ckpt.exists():  # resume
-        state = torch.load(ckpt, weights_only=True, map_location=device)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        scaler.load_state_dict(state["scaler"])
-        step, saved = int(state["step"]), json.loads(state["history"])
-        hist.loss, hist.lr, hist.best = saved["loss"], saved["lr"], saved["best"]
-        hist.evals = [tuple(e) for e in saved["evals"]]
-    micro = cfg.batch_size // cfg.accumulate
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision and device.type == "cuda")
+    hist, ckpt = History(), Path(cfg.checkpoint) if cfg.checkpoint else None
+    step = _resume(ckpt, model, opt, scaler, hist) if ckpt is not None and ckpt.exists() else 0
+    scheduler = make_scheduler(opt, cfg, first_step=step)
+    best_state, bad, micro = None, 0, cfg.batch_size // cfg.accumulate
     bar = tqdm(total=cfg.steps, initial=step, desc="fine-tune", unit="step", disable=not cfg.progress)
     model.train()
     t0, start_step = time.perf_counter(), step
     while step < cfg.steps:
-        lr = schedule(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # same batch after a resume
-        idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen).tolist()
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for m in range(cfg.accumulate):  # gradient accumulation: sum of micro-batch gradients
-            batch = _to(_collate([data[i] for i in idx[m * micro:(m + 1) * micro]]), device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.mixed_precision):
-                loss = loss_fn(model, batch) / cfg.accumulate
-            scaler.scale(loss).backward()
-            total += loss.item()
-        scaler.unscale_(opt)
-        if cfg.clip is not None:
-            nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip)
-        scaler.step(opt)
-        scaler.update()
+        idx = batch_indices(cfg.seed, step, len(data), cfg.batch_size)
+        batches = [_to(_collate([data[i] for i in idx[m:m + micro]]), device) for m in range(0, len(idx), micro)]
+        hist.lr.append(scheduler.get_last_lr()[0])
+        hist.loss.append(train_step(model, batches, loss_fn, opt, scheduler, scaler, cfg))
         step += 1
-        hist.loss.append(total)
-        hist.lr.append(lr)
         bar.update(1)
-        bar.set_postfix(loss=f"{total:.3f}")
+        bar.set_postfix(loss=f"{hist.loss[-1]:.3f}")
         if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0:
             value = float(evaluate(model))
             model.train()
@@ -177,15 +190,31 @@ def train(model: nn.Module, data: Sequence, loss_fn: Callable, cfg: TrainConfig,
                 hist.stopped_early = True
                 break
         if ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            saved = {"loss": hist.loss, "lr": hist.lr, "evals": hist.evals, "best": hist.best}
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict(),
-                        "step": torch.tensor(step), "history": json.dumps(saved)}, ckpt)
+            _save(ckpt, step, model, opt, scaler, hist)
     bar.close()
     if hist.stopped_early and best_state is not None:
         model.load_state_dict(best_state)  # keep the weights of the best evaluation
     hist.seconds_per_step = (time.perf_counter() - t0) / max(1, step - start_step)
     model.eval()
     return hist
+
+
+def _save(path: Path, step: int, model: nn.Module, opt, scaler, hist: History) -> None:
+    saved = {"loss": hist.loss, "lr": hist.lr, "evals": hist.evals, "best": hist.best}
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict(),
+                "step": torch.tensor(step), "history": json.dumps(saved)}, path)
+
+
+def _resume(path: Path, model: nn.Module, opt, scaler, hist: History) -> int:
+    """Load a checkpoint of :func:`_save` into the run's objects; returns the step to continue from."""
+    state = torch.load(path, weights_only=True, map_location=next(model.parameters()).device)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    scaler.load_state_dict(state["scaler"])
+    saved = json.loads(state["history"])
+    hist.loss, hist.lr, hist.best = saved["loss"], saved["lr"], saved["best"]
+    hist.evals = [tuple(e) for e in saved["evals"]]
+    return int(state["step"])
 
 
 def lm_loss(model: nn.Module, batch) -> torch.Tensor:
@@ -347,15 +376,13 @@ def add_adapters(model: nn.Module, targets: Sequence[str] = ("mlp",), bottleneck
     return model
 
 
-class PrefixTuning(nn.Module):
-    """A frozen causal LM behind ``n_virtual`` trainable vectors prepended to its input embeddings.
+class PromptTuning(nn.Module):
+    """Prompt tuning (Lester et al. 2021): a frozen causal LM behind ``n_virtual`` trainable vectors
+    prepended to its input embeddings.
 
-    This is the simplest correct form of prefix tuning (Li & Liang 2021), the input-layer variant
-    also called *prompt tuning* (Lester et al. 2021): the virtual tokens go through every layer like
-    real ones, so each layer's keys and values see a learned prefix, but only the input vectors are
-    trained (full prefix tuning trains separate keys/values per layer). The vectors start as the
-    embeddings of random vocabulary tokens. Outputs at the virtual positions are dropped, so
-    ``logits`` line up with ``input_ids``; the real tokens' positions are shifted by ``n_virtual``.
+    Only the input vectors train; the frozen layers turn them into keys and values as they would a
+    word's. The vectors start as the embeddings of random vocabulary tokens. Outputs at the virtual
+    positions are dropped, so ``logits`` line up with ``input_ids``.
     """
 
     def __init__(self, model: nn.Module, n_virtual: int = 8, seed: int = 0):
@@ -367,7 +394,7 @@ class PrefixTuning(nn.Module):
             p.requires_grad_(False)
         emb = model.get_input_embeddings().weight
         ids = torch.randint(0, emb.shape[0], (n_virtual,), generator=torch.Generator().manual_seed(seed))
-        self.prefix = nn.Parameter(emb.detach()[ids.to(emb.device)].clone())
+        self.prompt = nn.Parameter(emb.detach()[ids.to(emb.device)].clone())
 
     @property
     def config(self):
@@ -375,9 +402,70 @@ class PrefixTuning(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, **kwargs):
         embeds = self.model.get_input_embeddings()(input_ids)
-        prefix = self.prefix.to(embeds.dtype).expand(input_ids.shape[0], -1, -1)
-        out = self.model(inputs_embeds=torch.cat([prefix, embeds], dim=1), **kwargs)
+        prompt = self.prompt.to(embeds.dtype).expand(input_ids.shape[0], -1, -1)
+        out = self.model(inputs_embeds=torch.cat([prompt, embeds], dim=1), **kwargs)
         return SimpleNamespace(logits=out.logits[:, self.n_virtual:])
+
+
+class PrefixTuning(nn.Module):
+    """Prefix tuning (Li & Liang 2021): a frozen causal LM whose attention, in EVERY layer, also reads
+    ``n_virtual`` learned key/value pairs placed before the real tokens.
+
+    The prefix is one row per virtual token holding every layer's keys and values (the layout of
+    peft's ``PrefixTuningConfig``): ``(n_virtual, n_layer × 2 × width)``. With ``reparam`` the rows
+    come out of a small MLP instead (``n_virtual × width`` inputs, ``width → reparam → n_layer × 2 ×
+    width``), which Li & Liang found steadier to train. They reach the layers as a KV cache
+    (``cache=``, chapter 03): to each layer the prefix looks like tokens it has already read.
+    """
+
+    def __init__(self, model: nn.Module, n_virtual: int = 8, reparam: int | None = None, seed: int = 0):
+        super().__init__()
+        if n_virtual <= 0:
+            raise ValueError(f"n_virtual must be positive, got {n_virtual}")
+        cfg = model.config
+        self.model, self.n_virtual = model, n_virtual
+        self.layers = cfg.num_hidden_layers
+        self.heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads  # Llama shares K/V heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        for p in model.parameters():
+            p.requires_grad_(False)
+        real = self._real_key_values(n_virtual, seed)  # start from what the layers compute for real words
+        if reparam is None:
+            self.prefix, self.mlp = nn.Parameter(real), None
+        else:
+            self.prefix = nn.Parameter(model.get_input_embeddings().weight.detach()[:n_virtual].clone())
+            self.mlp = nn.Sequential(nn.Linear(cfg.hidden_size, reparam), nn.Tanh(),
+                                     nn.Linear(reparam, real.shape[1])).to(real)
+
+    @torch.no_grad()
+    def _real_key_values(self, n: int, seed: int) -> torch.Tensor:
+        """Every layer's keys and values for ``n`` random vocabulary tokens, as prefix rows."""
+        emb = self.model.get_input_embeddings().weight
+        ids = torch.randint(0, emb.shape[0], (1, n), generator=torch.Generator().manual_seed(seed)).to(emb.device)
+        cache = self.model(input_ids=ids, use_cache=True).past_key_values
+        layers = [(cache.layers[i].keys, cache.layers[i].values) for i in range(self.layers)]
+        kv = torch.stack([t[0] for pair in layers for t in pair])  # (2L, heads, n, head_dim)
+        return kv.permute(2, 0, 1, 3).reshape(n, -1).clone()
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def key_values(self, batch: int):
+        """The prefix as a fresh KV cache: layer ``i`` reads keys ``2i`` and values ``2i + 1``."""
+        from transformers import DynamicCache
+
+        rows = self.mlp(self.prefix) if self.mlp is not None else self.prefix
+        kv = rows.view(self.n_virtual, 2 * self.layers, self.heads, self.head_dim).permute(1, 2, 0, 3)
+        kv = kv.unsqueeze(1).expand(-1, batch, -1, -1, -1)  # (2L, batch, heads, n_virtual, head_dim)
+        return DynamicCache([(kv[2 * i], kv[2 * i + 1]) for i in range(self.layers)])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        batch = input_ids.shape[0]
+        if attention_mask is not None:  # the real tokens may read every virtual one
+            attention_mask = torch.cat([attention_mask.new_ones(batch, self.n_virtual), attention_mask], dim=1)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, cache=self.key_values(batch),
+                          use_cache=False, **kwargs)
 
 
 def plot_schedule(steps: int, lr: float, warmup: int, min_lr_ratio: float = 0.1):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import cmath
 import math
+import warnings
 from collections import Counter
 
 import pytest
@@ -764,6 +765,78 @@ LORA_WRONG = [
     ("raises", lambda x, W, A, B, alpha, r: x @ B, "matrix shapes do not fit"),
 ]
 
+def step_by_hand(model, ids, optimizer, scheduler, clip):
+    logits = model(ids).logits[:, :-1]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
+
+
+def step_with_labels(model, ids, optimizer, scheduler, clip):
+    loss = model(input_ids=ids, labels=ids).loss  # transformers shifts the labels
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def step_log_softmax(model, ids, optimizer, scheduler, clip):
+    logp = torch.log_softmax(model(ids).logits.double(), -1)[:, :-1]
+    loss = -logp.gather(-1, ids[:, 1:, None]).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    scheduler.step()
+    return float(loss.detach())
+
+
+def step_variant(*, shift=(slice(None, -1), slice(1, None)), reduction="mean", zero=True, clip_it=True,
+                 step_it=True, schedule="after", give=lambda loss: loss.item()):
+    """A training step with one thing changed, the way a learner might get it wrong."""
+    def step(model, ids, optimizer, scheduler, clip):
+        logits = model(ids).logits[:, shift[0]]
+        target = ids[:, shift[1]]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction=reduction)
+        if zero:
+            optimizer.zero_grad()
+        loss.backward()
+        if clip_it:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        with warnings.catch_warnings():  # torch warns about a schedule step before any optimizer step
+            warnings.simplefilter("ignore", UserWarning)
+            if schedule == "before":
+                scheduler.step()
+            if step_it:
+                optimizer.step()
+            if schedule == "after":
+                scheduler.step()
+        return give(loss)
+    return step
+
+
+STEP_RIGHT = [step_by_hand, step_with_labels, step_log_softmax]
+STEP_WRONG = [
+    ("no shift", step_variant(shift=(slice(None), slice(None))), "NEXT token"),
+    ("shift backwards", step_variant(shift=(slice(1, None), slice(None, -1))), "wrong way"),
+    ("summed loss", step_variant(reduction="sum"), "mean"),
+    ("no zero_grad", step_variant(zero=False), "zero_grad"),
+    ("no clipping", step_variant(clip_it=False), "clip_grad_norm_"),
+    ("no optimizer step", step_variant(step_it=False), "optimizer.step()"),
+    ("no schedule step", step_variant(schedule="never"), "learning rate never changes"),
+    ("schedule before the step", step_variant(schedule="before"), "AFTER optimizer.step()"),
+    ("loss after the step", step_variant(give=lambda loss: 0.0), "before the weights change"),
+    ("returns the logits", step_variant(give=lambda loss: torch.zeros(3, 4)), "loss as a number"),
+    ("raises", lambda model, ids, optimizer, scheduler, clip: model(ids).nope, "AttributeError"),
+]
+
+
 # --- chapter 07: an int8 row and the roofline ------------------------------------------------------------
 
 
@@ -848,6 +921,7 @@ CHECKS = {
     "masked_prediction": (check.check_masked_prediction, MASKED_RIGHT, MASKED_WRONG),
     "perplexity": (check.check_perplexity, PERPLEXITY_RIGHT, PERPLEXITY_WRONG),
     "lora_forward": (check.check_lora_forward, LORA_RIGHT, LORA_WRONG),
+    "training_step": (check.check_training_step, STEP_RIGHT, STEP_WRONG),
     "int8_row": (check.check_int8_row, INT8_RIGHT, INT8_WRONG),
     "attainable": (check.check_attainable, ATTAINABLE_RIGHT, ATTAINABLE_WRONG),
 }

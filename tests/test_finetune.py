@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from cyclelab.finetune import (Adapter, LoRALinear, PrefixTuning, TrainConfig, add_adapters, add_lora,
+from cyclelab.finetune import (Adapter, LoRALinear, PrefixTuning, PromptTuning, TrainConfig, add_adapters, add_lora,
                                count_trainable, freeze, lm_loss, merge_lora, schedule, train)
 from cyclelab.metrics import bleu
 
@@ -105,6 +105,94 @@ def test_lora_and_adapters_unknown_target(model) -> None:
         add_adapters(model, ["nonexistent"])
 
 
+# --- prefix tuning (Li & Liang) and prompt tuning (Lester et al.), against peft -----------------
+
+
+def _peft(model, config):
+    peft = pytest.importorskip("peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's notes about GPT-2's Conv1D and fan_in_fan_out
+        return peft.get_peft_model(copy.deepcopy(model), config)
+
+
+def test_prefix_rows_hold_every_layers_keys_and_values(tiny) -> None:
+    prefixed = PrefixTuning(copy.deepcopy(tiny.model), n_virtual=5)
+    assert prefixed.prefix.shape == (5, 4 * 2 * 192)  # n_virtual x (layers x {K, V} x width)
+    cache = prefixed.key_values(batch=3)
+    assert len(cache.layers) == 4
+    assert all(layer.keys.shape == layer.values.shape == (3, 6, 5, 32) for layer in cache.layers)
+
+
+def test_prefix_tuning_starts_as_the_model_reading_real_words_first(tiny) -> None:
+    """Initialised from the keys and values of 5 random words, the prefix must act exactly as if
+    those words were read before the input (positions shifted by 5)."""
+    prefixed = PrefixTuning(copy.deepcopy(tiny.model), n_virtual=5, seed=0)
+    words = torch.randint(0, 4096, (1, 5), generator=torch.Generator().manual_seed(0))
+    ids = torch.stack(windows(2, 9))
+    with torch.no_grad():
+        want = tiny.model(torch.cat([words.expand(2, -1), ids], dim=1)).logits[:, 5:]
+        torch.testing.assert_close(prefixed(ids).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_the_prefix_reaches_every_layers_attention(tiny) -> None:
+    prefixed = PrefixTuning(copy.deepcopy(tiny.model), n_virtual=5)
+    ids = torch.stack(windows(2, 9))
+    with torch.no_grad():
+        out = prefixed(ids, output_attentions=True)
+        assert [a.shape[-1] for a in out.attentions] == [5 + 9] * 4  # every layer attends over prefix + input
+        per_layer = prefixed.prefix.view(5, 4, 2 * 192)
+        for layer in range(4):  # nudging one layer's keys/values alone changes the output
+            moved = copy.deepcopy(prefixed)
+            moved.prefix.view(5, 4, 2 * 192)[:, layer] += 0.5 * per_layer[:, layer].std()
+            assert not torch.allclose(moved(ids).logits, out.logits, atol=1e-3), layer
+
+
+@pytest.mark.parametrize("reparam", [None, 32], ids=["direct", "mlp"])
+def test_prefix_tuning_counts_and_computes_like_peft(tiny, reparam) -> None:
+    peft = pytest.importorskip("peft")
+    ours = PrefixTuning(copy.deepcopy(tiny.model), n_virtual=5, reparam=reparam)
+    extra = {} if reparam is None else {"prefix_projection": True, "encoder_hidden_size": reparam}
+    theirs = _peft(tiny.model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5, **extra))
+    assert count_trainable(ours) == count_trainable(theirs)
+    if reparam is None:  # the same rows in peft's prefix table give the same logits: the same layout
+        ids = torch.stack(windows(2, 9))
+        with torch.no_grad():
+            theirs.prompt_encoder["default"].embedding.weight.copy_(ours.prefix)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # peft still passes `past_key_values=`
+                want = theirs(input_ids=ids).logits
+            torch.testing.assert_close(ours(ids).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_tuning_counts_like_peft(tiny) -> None:
+    peft = pytest.importorskip("peft")
+    theirs = _peft(tiny.model, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    assert count_trainable(PromptTuning(copy.deepcopy(tiny.model), 5)) == count_trainable(theirs) == (5 * 192, 2616384)
+
+
+def test_lora_on_attention_and_mlp_counts_like_peft(tiny) -> None:
+    peft = pytest.importorskip("peft")
+    theirs = _peft(tiny.model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_fc"],
+                                               fan_in_fan_out=True))
+    ours = add_lora(copy.deepcopy(tiny.model), ["c_attn", "c_fc"], r=8, alpha=16)
+    assert count_trainable(ours) == count_trainable(theirs)
+    assert count_trainable(ours)[0] == 4 * 8 * ((192 + 576) + (192 + 768))  # by hand: r (in + out) per layer
+
+
+@pytest.mark.parametrize("reparam", [None, 16], ids=["direct", "mlp"])
+def test_prefix_training_changes_only_the_prefix(tiny, reparam) -> None:
+    prefixed = PrefixTuning(copy.deepcopy(tiny.model), n_virtual=4, reparam=reparam)
+    frozen = copy.deepcopy(prefixed.model.state_dict())
+    start = {n: p.detach().clone() for n, p in prefixed.named_parameters() if p.requires_grad}
+    assert all(not n.startswith("model.") for n in start)
+    hist = train(prefixed, windows(), lm_loss, fast(steps=3, lr=1e-2))
+    assert len(hist.loss) == 3
+    for name, value in prefixed.model.state_dict().items():
+        torch.testing.assert_close(value, frozen[name], rtol=0, atol=0, msg=name)
+    now = dict(prefixed.named_parameters())
+    assert all(not torch.equal(now[n], before) for n, before in start.items())  # prefix (and MLP) all moved
+
+
 # --- the loop ---------------------------------------------------------------------------------
 
 
@@ -113,6 +201,43 @@ def test_schedule_warms_up_then_decays() -> None:
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert schedule(100, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+
+
+def test_the_loop_equals_a_plain_torch_loop(tiny) -> None:
+    """Reference: AdamW (decay on matrices only), LambdaLR warmup + cosine, clipping, and the
+    shifted-label loss from transformers (``labels=ids``), written out by hand."""
+    import math
+
+    data, steps, lr, warmup = windows(), 5, 3e-3, 2
+    ours = copy.deepcopy(tiny.model)
+    hist = train(ours, data, lm_loss, fast(steps=steps, lr=lr, warmup=warmup, clip=0.5))
+    ref = copy.deepcopy(tiny.model)
+    ref.train()
+    params = [p for p in ref.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.01},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr)
+
+    def factor(s):
+        if s < warmup:
+            return (s + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / (steps - warmup))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    losses = []
+    for step in range(steps):
+        idx = torch.randint(0, len(data), (4,), generator=torch.Generator().manual_seed(step)).tolist()
+        ids = torch.stack([data[i] for i in idx])
+        loss = ref(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.5)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    assert hist.loss == pytest.approx(losses, abs=1e-5)
+    assert hist.lr == pytest.approx([lr * factor(s) for s in range(steps)])
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_gradient_accumulation_equals_one_big_batch(tiny) -> None:
@@ -167,7 +292,7 @@ def test_adapters_and_prefix_start_as_the_unchanged_model(tiny) -> None:
         base = tiny.model(ids).logits
         adapted = add_adapters(copy.deepcopy(tiny.model), ["mlp"], bottleneck=8)
         torch.testing.assert_close(adapted(ids).logits, base)
-        prefixed = PrefixTuning(copy.deepcopy(tiny.model), n_virtual=5)
+        prefixed = PromptTuning(copy.deepcopy(tiny.model), n_virtual=5)
         assert prefixed(ids).logits.shape == base.shape
     assert count_trainable(adapted)[0] == 4 * (192 * 8 + 8 + 8 * 192 + 192)
     assert count_trainable(prefixed)[0] == 5 * 192
@@ -202,8 +327,9 @@ def test_empty_data_set(model) -> None:
 def test_bad_adapter_and_prefix_sizes(model) -> None:
     with pytest.raises(ValueError, match="bottleneck"):
         Adapter(192, 0)
-    with pytest.raises(ValueError, match="n_virtual"):
-        PrefixTuning(model, 0)
+    for method in (PromptTuning, PrefixTuning):
+        with pytest.raises(ValueError, match="n_virtual"):
+            method(model, 0)
 
 
 # --- BLEU ---------------------------------------------------------------------------------------

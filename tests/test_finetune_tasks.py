@@ -186,3 +186,92 @@ def test_the_edit_vocabulary_starts_with_the_common_edits() -> None:
 
     edits = edit_vocabulary(folio_pairs("hamlet") + folio_pairs("othello"))
     assert edits[0] == "KEEP" and {"lower", "ue→ve", "e→"} <= set(edits[:20])
+
+
+# --- task 5: instruction tuning, the prompt masked out of the loss ------------------------------------
+
+import math  # noqa: E402
+
+from cyclelab.tasks.instructions import (answer_logprob, answer_scores, choose, instruction_examples,  # noqa: E402
+                                         instruction_pairs, title)
+
+PAIRS = [("Which play is this line from?\nO, pardon me, thou bleeding piece of earth,\nAnswer:", " Julius Caesar\n"),
+         ("Which play is this line from?\nThe course of true love never did run smooth.\nAnswer:",
+          " Midsummer Nights Dream\n")]
+
+
+def test_instruction_labels_score_the_answer_only(tiny) -> None:
+    tok = tiny.tokenizer
+    examples = instruction_examples(tok, PAIRS, max_len=40)
+    for (prompt, answer), ex in zip(PAIRS, examples):
+        n_prompt = len(tok(prompt)["input_ids"])
+        scored = (ex["labels"] != -100).nonzero().flatten().tolist()
+        assert scored == list(range(n_prompt, n_prompt + len(tok(answer)["input_ids"])))  # right after the prompt
+        assert tok.decode(ex["input_ids"][scored]) == answer  # the labels are the answer's own tokens
+        assert tok.decode(ex["input_ids"][:n_prompt]) == prompt and ex["input_ids"].shape == (40,)
+
+
+def test_the_masked_loss_is_the_answers_cross_entropy(tiny) -> None:
+    """Reference: the answer tokens' log-probabilities gathered by hand from a plain forward pass."""
+    from cyclelab.finetune import lm_loss
+
+    tok, model = tiny.tokenizer, tiny.model
+    examples = instruction_examples(tok, PAIRS, max_len=40)
+    batch = {k: torch.stack([e[k] for e in examples]) for k in ("input_ids", "labels")}
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        got = float(lm_loss(model, batch))
+        for prompt, answer in PAIRS:
+            p, a = tok(prompt)["input_ids"], tok(answer)["input_ids"]
+            logp = torch.log_softmax(model(torch.tensor([p + a])).logits[0].double(), -1)
+            nll -= sum(float(logp[len(p) - 1 + i, t]) for i, t in enumerate(a))
+            n += len(a)
+            assert answer_logprob(model, tok, prompt, answer) == pytest.approx(
+                sum(float(logp[len(p) - 1 + i, t]) for i, t in enumerate(a)), abs=1e-3)
+    assert got == pytest.approx(nll / n, abs=1e-4)
+
+
+def test_answer_scores_pick_the_likelier_answer(tiny) -> None:
+    answers = [a for _, a in PAIRS]
+    by_one = [[answer_logprob(tiny.model, tiny.tokenizer, p, a) for a in answers] for p, _ in PAIRS]
+    assert [choose(tiny.model, tiny.tokenizer, p, answers) for p, _ in PAIRS] == [
+        max(range(2), key=s.__getitem__) for s in by_one]  # batched candidates = one at a time
+    prob, acc = answer_scores(tiny.model, tiny.tokenizer, PAIRS, answers)
+    assert acc == sum(max(range(2), key=s.__getitem__) == k for k, s in enumerate(by_one)) / 2
+    assert prob == pytest.approx(sum(math.exp(s[k]) for k, s in enumerate(by_one)) / 2, rel=1e-4)
+
+
+def test_instruction_pairs_ask_about_the_plays() -> None:
+    pairs = instruction_pairs(["tempest", "julius_caesar"], 5, seed=0)
+    assert len(pairs) == 10 and {a for _, a in pairs} == {" Tempest\n", " Julius Caesar\n"}
+    assert all(p.startswith("Which play") and p.endswith("\nAnswer:") for p, _ in pairs)
+    assert title("merry_wives_of_windsor") == "Merry Wives Of Windsor"
+
+
+@pytest.mark.parametrize("pairs, max_len, error, message", [
+    pytest.param([], 40, ValueError, "no \\(prompt, answer\\) pairs", id="no pairs"),
+    pytest.param(PAIRS, 8, ValueError, "more than max_len=8", id="prompt longer than max_len"),
+])
+def test_instruction_examples_bad_input(tiny, pairs, max_len, error, message) -> None:
+    with pytest.raises(error, match=message):
+        instruction_examples(tiny.tokenizer, pairs, max_len=max_len)
+
+
+@pytest.mark.parametrize("pairs, answers, message", [
+    pytest.param([], [" A\n"], "no \\(prompt, answer\\) pairs to score", id="no pairs to score"),
+    pytest.param(PAIRS, [" Tempest\n"], "is not one of the candidates", id="answer not a candidate"),
+])
+def test_answer_scores_bad_input(tiny, pairs, answers, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        answer_scores(tiny.model, tiny.tokenizer, pairs, answers)
+
+
+def test_play_perplexity_reads_the_opening_of_the_held_out_plays(tiny) -> None:
+    from cyclelab import data
+    from cyclelab.metrics import perplexity_of_model
+    from cyclelab.tasks.sonnets import play_perplexity
+
+    ids = tiny.tokenizer(data.corpus("valid"))["input_ids"][:512]  # reference: encode everything, then cut
+    assert play_perplexity(tiny.model, tiny.tokenizer, 512) == pytest.approx(perplexity_of_model(tiny.model, ids, 128))
+    with pytest.raises(ValueError, match="fewer than n_tokens"):
+        play_perplexity(tiny.model, tiny.tokenizer, 10**8)

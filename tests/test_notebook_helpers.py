@@ -15,7 +15,7 @@ from cyclelab.attention import causal_mask, plot_attention  # noqa: E402
 from cyclelab.cycle import Event, Stage, format_events  # noqa: E402
 from cyclelab.embed import plot_rope_angles, plot_similarity  # noqa: E402
 from cyclelab.finetune import History, plot_schedule  # noqa: E402
-from cyclelab.tasks.sonnets import compare_methods, plot_losses, sonnets  # noqa: E402
+from cyclelab.tasks.sonnets import best_per_method, compare_methods, plot_losses, sonnets  # noqa: E402
 from cyclelab.tasks.which_play import plot_confusion  # noqa: E402
 from cyclelab.tokenize import BPE, train_timed  # noqa: E402
 
@@ -90,10 +90,10 @@ def test_plot_confusion_counts_each_true_and_predicted_pair():
 
 
 def test_plot_losses_one_curve_per_method():
-    rows = [{"method": "full", "history": History(loss=[3.0, 2.0, 1.5])},
-            {"method": "lora", "history": History(loss=[3.0, 2.5])}]
+    rows = [{"method": "full", "lr": 0.001, "history": History(loss=[3.0, 2.0, 1.5])},
+            {"method": "lora", "lr": 0.01, "history": History(loss=[3.0, 2.5])}]
     ax = plot_losses(rows).axes[0]
-    assert [line.get_label() for line in ax.get_lines()] == ["full", "lora"]
+    assert [line.get_label() for line in ax.get_lines()] == ["full (lr 0.001)", "lora (lr 0.01)"]
     assert ax.get_lines()[0].get_ydata().tolist() == [3.0, 2.0, 1.5]
     assert ax.get_lines()[1].get_xdata().tolist() == [1, 2]
 
@@ -107,13 +107,15 @@ def test_train_timed_is_the_trainer_with_its_time():
 def test_compare_methods_rows(tiny):
     poems = sonnets()
     before = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
-    rows = compare_methods(tiny.model, tiny.tokenizer, poems[:4], poems[-2:], steps=2, batch_size=2,
-                           methods=("full", "lora"))
-    assert [r["method"] for r in rows] == ["full", "lora"]
-    full, lora = rows
+    rows = compare_methods(tiny.model, tiny.tokenizer, poems[:4], poems[-2:], lrs=[1e-3, 1e-2], steps=2,
+                           batch_size=2, methods=("full", "lora"))
+    assert [(r["method"], r["lr"]) for r in rows] == [("full", 1e-3), ("full", 1e-2), ("lora", 1e-3), ("lora", 1e-2)]
+    full, _, lora, _ = rows
     total = sum(p.numel() for p in tiny.model.parameters())
     assert full["trainable"] == full["total"] == total  # full fine-tuning trains every weight
     assert 0 < lora["trainable"] < total / 10  # LoRA a small fraction
-    assert all(len(r["history"].loss) == 2 and math.isfinite(r["perplexity"]) for r in rows)
+    assert all(len(r["history"].loss) == 2 and math.isfinite(r["valid"]) for r in rows)
+    best = best_per_method(rows)
+    assert [b["valid"] for b in best] == [min(r["valid"] for r in rows if r["method"] == m) for m in ("full", "lora")]
     assert any(not torch.equal(p, before[n]) for n, p in full["model"].named_parameters())  # the copy trained
     assert all(torch.equal(p, before[n]) for n, p in tiny.model.named_parameters())  # the shared model did not

@@ -2,8 +2,10 @@
 
 :func:`sonnets`, :func:`lm_windows` and :func:`sonnet_perplexity` make the data and the score; held-out
 sonnets are the last ones, so "after" perplexity measures sonnets the model never trained on.
-:func:`compare_methods` runs the task with full fine-tuning, LoRA, adapters and prefix tuning, and
-:func:`plot_losses` draws their training curves.
+:func:`compare_methods` runs the task with full fine-tuning, LoRA, adapters, prefix tuning and prompt
+tuning over one grid of learning rates, :func:`best_per_method` keeps each method's best run,
+:func:`play_perplexity` measures what the model forgets of the plays, and :func:`plot_losses` draws
+the training curves.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import data
-from ..finetune import PrefixTuning, TrainConfig, add_adapters, add_lora, count_trainable, lm_loss, train
+from ..finetune import PrefixTuning, PromptTuning, TrainConfig, add_adapters, add_lora, count_trainable, lm_loss, train
 from ..metrics import perplexity_of_model
 
 _ROMAN = re.compile(r"^\s*[IVXLC]+\s*$")
@@ -55,13 +57,13 @@ def sonnet_perplexity(model: nn.Module, tokenizer, texts: Sequence[str], context
     return perplexity_of_model(model, sonnet_ids(tokenizer, texts), context=context)
 
 
-#: Learning rates that suit each method on ``tiny`` (fewer trainable parameters tolerate larger steps).
-METHOD_LR = {"full": 5e-4, "lora": 3e-3, "adapters": 3e-3, "prefix": 3e-2}
+METHODS = ("full", "lora", "adapters", "prefix", "prompt")  #: the ways :func:`prepare` adapts a model
 
 
 def prepare(model: nn.Module, method: str, r: int = 8, bottleneck: int = 16, n_virtual: int = 8) -> nn.Module:
     """A copy of ``model`` ready for ``method``: ``"full"``, ``"lora"`` (on ``c_attn`` and ``c_fc``),
-    ``"adapters"`` (after each ``mlp``) or ``"prefix"`` (``n_virtual`` virtual tokens)."""
+    ``"adapters"`` (after each ``mlp``), ``"prefix"`` (``n_virtual`` learned keys and values in every
+    layer) or ``"prompt"`` (``n_virtual`` learned input vectors)."""
     model = copy.deepcopy(model)  # never train the cached model that load() hands out
     if method == "full":
         return model
@@ -71,36 +73,61 @@ def prepare(model: nn.Module, method: str, r: int = 8, bottleneck: int = 16, n_v
         return add_adapters(model, ["mlp"], bottleneck=bottleneck)
     if method == "prefix":
         return PrefixTuning(model, n_virtual=n_virtual)
-    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_LR)}")
+    if method == "prompt":
+        return PromptTuning(model, n_virtual=n_virtual)
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def compare_methods(model: nn.Module, tokenizer, train_texts: Sequence[str], test_texts: Sequence[str],
-                    steps: int = 20, batch_size: int = 8, window: int = 64, seed: int = 0,
-                    methods: Sequence[str] = tuple(METHOD_LR)) -> list[dict]:
-    """Fine-tune a copy of ``model`` on ``train_texts`` with each method; one row per method:
-    trainable and total parameters, seconds per step, held-out perplexity, the history and the
-    fine-tuned model."""
+def play_perplexity(model: nn.Module, tokenizer, n_tokens: int = 4096, context: int = 128) -> float:
+    """Perplexity on the first ``n_tokens`` of the held-out plays (:data:`cyclelab.data.VALID_PLAYS`,
+    never trained on): what fine-tuning toward the sonnets may make the model forget."""
+    ids = tokenizer(data.corpus("valid")[:8 * n_tokens])["input_ids"]  # 8 characters hold at least a token
+    if len(ids) < n_tokens:
+        raise ValueError(f"the held-out plays give {len(ids)} tokens, fewer than n_tokens={n_tokens}")
+    return perplexity_of_model(model, ids[:n_tokens], context=context)
+
+
+def compare_methods(model: nn.Module, tokenizer, train_texts: Sequence[str], valid_texts: Sequence[str],
+                    lrs: Sequence[float], steps: int = 20, batch_size: int = 8, window: int = 64, seed: int = 0,
+                    methods: Sequence[str] = METHODS) -> list[dict]:
+    """Fine-tune a copy of ``model`` on ``train_texts`` with each method at each learning rate of
+    ``lrs`` (the same grid for every method); one row per run: method, lr, trainable and total
+    parameters, seconds per step, perplexity on ``valid_texts`` (to choose the rate by), the
+    history and the fine-tuned model."""
+    if not lrs:
+        raise ValueError("give at least one learning rate in lrs")
     examples = lm_windows(tokenizer, train_texts, window)
     rows = []
     for method in methods:
-        torch.manual_seed(seed)
-        tuned = prepare(model, method)
-        cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=METHOD_LR[method], warmup=max(1, steps // 10), seed=seed)
-        history = train(tuned, examples, lm_loss, cfg)
-        trainable, total = count_trainable(tuned)
-        rows.append({"method": method, "trainable": trainable, "total": total, "s_per_step": history.seconds_per_step,
-                     "perplexity": sonnet_perplexity(tuned, tokenizer, test_texts), "history": history,
-                     "model": tuned})
+        for lr in lrs:
+            torch.manual_seed(seed)
+            tuned = prepare(model, method)
+            cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=max(1, steps // 10), seed=seed)
+            history = train(tuned, examples, lm_loss, cfg)
+            trainable, total = count_trainable(tuned)
+            rows.append({"method": method, "lr": lr, "trainable": trainable, "total": total,
+                         "s_per_step": history.seconds_per_step, "history": history, "model": tuned,
+                         "valid": sonnet_perplexity(tuned, tokenizer, valid_texts)})
     return rows
 
 
+def best_per_method(rows: Sequence[dict]) -> list[dict]:
+    """The run with the lowest validation perplexity of each method, in the order of ``rows``."""
+    best: dict[str, dict] = {}
+    for row in rows:
+        if row["method"] not in best or row["valid"] < best[row["method"]]["valid"]:
+            best[row["method"]] = row
+    return list(best.values())
+
+
 def plot_losses(rows: Sequence[dict]):
-    """Training loss per step for each method of :func:`compare_methods`."""
+    """Training loss per step of each run of :func:`compare_methods` (e.g. each method's best)."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for row in rows:
-        ax.plot(range(1, len(row["history"].loss) + 1), row["history"].loss, label=row["method"])
+        label = f"{row['method']} (lr {row['lr']:g})"
+        ax.plot(range(1, len(row["history"].loss) + 1), row["history"].loss, label=label)
     ax.set(xlabel="step", ylabel="training loss (nats/token)", title="fine-tuning tiny on the sonnets")
     ax.legend()
     fig.tight_layout()
