@@ -221,3 +221,13 @@ def test_the_cli_annotates_named_copies_only(tmp_path: Path, capsys: pytest.Capt
     assert out[0].startswith(f"{copy.name}: ") and "greedy_step" in out[0] and not out[0].endswith("(unchanged)")
     assert out[1] == out[0] + " (unchanged)"
     assert {p: p.read_bytes() for p in notebooks_dir().glob("*.ipynb")} == before
+
+
+@pytest.mark.parametrize("path", list_notebooks(), ids=lambda p: p.stem)
+def test_the_course_notebooks_are_annotated(path):
+    """`cyclelab edition annotate` has been run: annotating again changes nothing, and nbgrader's rules hold."""
+    nb = edition.read_notebook(path)
+    before = nbformat.writes(nb)
+    edition.annotate(nb)
+    assert nbformat.writes(nb) == before, f"run `cyclelab edition annotate` ({path.name} is not annotated)"
+    edition.validate(nb, path.name)
