@@ -1532,32 +1532,34 @@ def _patch_cases(engine) -> list[tuple[list[int], int, int, torch.Tensor, int]]:
             for layer, pos in ((1, diff), (last // 2, len(clean) - 1), (0, len(clean) - 1), (last, diff))]
 
 
-def _patch_slips(engine, ids, layer, position, vector, target) -> list[tuple[str, float]]:
-    """(hint, the value that mistake gives) for the typical mistakes of one patched cell."""
+def _patch_slips(engine, ids, layer, position, vector, target) -> list[tuple[str, Callable[[], float]]]:
+    """(hint, the value that mistake gives, computed when asked) for the typical mistakes of one patched cell."""
     model, n = engine.loaded.model, engine.arch.n_layers
-    logits = _hooked_patch(model, ids, layer, position, vector)
-    with torch.no_grad():
-        plain = engine.logits(ids)[0].double()
+
+    def patched(other: int = layer, where=position) -> torch.Tensor:  # another layer: nothing written if none
+        if not 0 <= other < n:
+            with torch.no_grad():
+                return engine.logits(ids)[0].double()
+        return _hooked_patch(model, ids, other, where, vector)
 
     def prob(z: torch.Tensor) -> float:
         return float(torch.softmax(z, -1)[target])
 
-    def at(other: int) -> float:  # patching another layer (one that does not exist: nothing written)
-        return prob((_hooked_patch(model, ids, other, position, vector) if 0 <= other < n else plain)[-1])
-
     return [
-        ("that is the target's LOGIT: take the softmax over the vocabulary first", float(logits[-1, target])),
-        ("that is a LOG-probability: softmax, not log_softmax", float(torch.log_softmax(logits[-1], -1)[target])),
+        ("that is the target's LOGIT: take the softmax over the vocabulary first", lambda: float(patched()[-1, target])),
+        ("that is a LOG-probability: softmax, not log_softmax",
+         lambda: float(torch.log_softmax(patched()[-1], -1)[target])),
         ("you read the prediction at the patched position: the answer is read at the LAST position (logits[0, -1])",
-         prob(logits[position])),
-        ("off by one layer: match event.layer to `layer` exactly (layers count from 0)", at(layer - 1)),
-        ("off by one layer: match event.layer to `layer` exactly (layers count from 0)", at(layer + 1)),
+         lambda: prob(patched()[position])),
+        ("off by one layer: match event.layer to `layer` exactly (layers count from 0)", lambda: prob(patched(layer - 1)[-1])),
+        ("off by one layer: match event.layer to `layer` exactly (layers count from 0)", lambda: prob(patched(layer + 1)[-1])),
         ("nothing changed: the patch never reached the run. Capture the op (capture={'residual_mlp'}) and write into "
-         "event.tensors['out'] while the engine is paused at that event, before asking for the next one", prob(plain[-1])),
+         "event.tensors['out'] while the engine is paused at that event, before asking for the next one",
+         lambda: prob(patched(n)[-1])),
         ("you patched the stream after ATTENTION (residual_attn): the stream after the whole layer is residual_mlp",
-         prob(_stream_patch(engine, ids, layer, "residual_attn", position, vector)[-1])),
+         lambda: prob(_stream_patch(engine, ids, layer, "residual_attn", position, vector)[-1])),
         ("you overwrote EVERY position with the vector: write only [0, position]",
-         prob(_hooked_patch(model, ids, layer, slice(None), vector)[-1])),
+         lambda: prob(patched(where=slice(None))[-1])),
     ]
 
 
@@ -1596,8 +1598,8 @@ def check_patched_prob(fn: Callable, engine=None) -> Result:
         return Result(True, "correct: the engine paused after the layer, you wrote the clean vector into its output, "
                             "and the rest of the run read it — the same probability as a transformers forward hook")
     slips = [_patch_slips(engine, *args) for _, _, args in answers]
-    for i, (hint, _) in enumerate(slips[0]):
-        if all(_near(got, cell[i][1]) for (_, got, _), cell in zip(answers, slips)):
+    for i, (hint, _) in enumerate(slips[0]):  # all() stops at the first cell the mistake does not explain
+        if all(_near(got, cell[i][1]()) for (_, got, _), cell in zip(answers, slips)):
             return Result(False, hint)
     return Result(False, wrong[0])
 
