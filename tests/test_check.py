@@ -902,6 +902,95 @@ def test_the_roofline_reference_by_hand():
     assert attainable(2e6, 4e6, 50e9, 20e9) == pytest.approx(10e9)
 
 
+# --- chapter 08: a patched cell and an integrated-gradients sum -------------------------------------------
+
+
+def stream_patch(op="residual_mlp", at=lambda layer: layer, where=lambda position: position, read=-1,
+                 score=lambda logits, target: float(torch.softmax(logits, -1)[target]), copy=False):
+    """A learner's patched_prob built on the event stream, with one thing possibly changed."""
+    from cyclelab.attend import KVCache
+    from cyclelab.engine import drain
+
+    def fn(engine, ids, layer, position, vector, target):
+        def write(event):
+            if event.op == op and event.layer == at(layer):
+                out = event.tensors["out"].clone() if copy else event.tensors["out"]
+                out[0, where(position)] = vector
+
+        steps = engine.forward(torch.tensor([ids]), KVCache(engine.arch.n_layers, len(ids)), capture={op})
+        logits = drain(steps, write)
+        return score(logits[0, read if read == -1 else position], target)
+    return fn
+
+
+def patched_by_hand_loop(engine, ids, layer, position, vector, target):
+    from cyclelab.attend import KVCache
+
+    steps = engine.forward(torch.tensor([ids]), KVCache(engine.arch.n_layers, len(ids)), capture="all")
+    with torch.no_grad():
+        while True:
+            try:
+                event = next(steps)
+            except StopIteration as done:
+                return torch.softmax(done.value[0, -1].double(), -1)[target]
+            if (event.op, event.layer) == ("residual_mlp", layer):
+                event.tensors["out"][:, position, :] = vector
+
+
+def patched_with_the_package(engine, ids, layer, position, vector, target):
+    from cyclelab.patching import patch_layer
+
+    logits = patch_layer(engine, ids, layer, vector.expand(len(ids), -1), [position])
+    return float(F.softmax(logits[0], -1)[target])
+
+
+PATCH_RIGHT = [stream_patch(), patched_by_hand_loop, patched_with_the_package]
+PATCH_WRONG = [
+    ("the logit", stream_patch(score=lambda z, t: float(z[t])), "LOGIT"),
+    ("log-probability", stream_patch(score=lambda z, t: float(torch.log_softmax(z, -1)[t])), "LOG-probability"),
+    ("read at the patched position", stream_patch(read=0), "LAST position"),
+    ("wrote into a copy", stream_patch(copy=True), "nothing changed"),
+    ("after attention", stream_patch(op="residual_attn"), "residual_attn"),
+    ("every position", stream_patch(where=lambda position: slice(None)), "EVERY position"),
+    ("layer + 1", stream_patch(at=lambda layer: layer + 1), "off by one"),
+    ("not a number", lambda *a: "Paris", "one number"),
+]
+
+
+def ig_sum(grad_fn, x, baseline, steps):
+    alphas = (torch.arange(steps, dtype=x.dtype) + 0.5) / steps
+    grads = torch.stack([grad_fn(baseline + a * (x - baseline)) for a in alphas])
+    return (x - baseline) * grads.mean(0)
+
+
+def ig_trapezoid_free(grad_fn, x, baseline, steps):
+    total = torch.zeros_like(x)
+    for k in range(steps):  # the same midpoints, walked from the input back to the baseline
+        total = total + grad_fn(x - (k + 0.5) / steps * (x - baseline)) / steps
+    return total * (x - baseline)
+
+
+def ig_with(alpha=lambda k, n: (k + 0.5) / n, reduce=lambda g: g.mean(0), times=True, start=lambda b: b):
+    def fn(grad_fn, x, baseline, steps):
+        b = start(baseline)
+        grads = reduce(torch.stack([grad_fn(b + alpha(k, steps) * (x - b)) for k in range(steps)]))
+        return (x - baseline) * grads if times else grads
+    return fn
+
+
+IG_RIGHT = [ig_sum, ig_trapezoid_free, lambda g, x, b, n: ig_sum(g, x.float(), b.float(), n)]
+IG_WRONG = [
+    ("left ends", ig_with(alpha=lambda k, n: k / n), "LEFT end"),
+    ("right ends", ig_with(alpha=lambda k, n: (k + 1) / n), "RIGHT end"),
+    ("summed", ig_with(reduce=lambda g: g.sum(0)), "MEAN"),
+    ("no (x - baseline)", ig_with(times=False), "multiply it by (x - baseline)"),
+    ("gradient x input", lambda g, x, b, n: g(x) * x, "ALONG THE PATH"),
+    ("baseline ignored", ig_with(start=torch.zeros_like), "ignores the baseline"),
+    ("stacked steps", lambda g, x, b, n: torch.stack([g(b + (k + 0.5) / n * (x - b)) for k in range(n)]), "shape"),
+    ("in place", lambda g, x, b, n: x.sub_(b).mul_(g(x)), "in place"),
+]
+
+
 # --- the tables ---------------------------------------------------------------------------------------
 
 CHECKS = {
@@ -924,6 +1013,8 @@ CHECKS = {
     "training_step": (check.check_training_step, STEP_RIGHT, STEP_WRONG),
     "int8_row": (check.check_int8_row, INT8_RIGHT, INT8_WRONG),
     "attainable": (check.check_attainable, ATTAINABLE_RIGHT, ATTAINABLE_WRONG),
+    "patched_prob": (check.check_patched_prob, PATCH_RIGHT, PATCH_WRONG),
+    "ig_sum": (check.check_ig_sum, IG_RIGHT, IG_WRONG),
 }
 
 RIGHT = [pytest.param(name, fn, id=f"{name}-{i}") for name, (_, right, _) in CHECKS.items() for i, fn in enumerate(right)]
