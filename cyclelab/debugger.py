@@ -85,7 +85,7 @@ class Debugger(StateViews):
         self.engine = engine = engine if isinstance(engine, Engine) else Engine(as_loaded(engine, "Debugger"))
         self.prompt_ids = engine.encode(prompt, chat=chat)
         self.prompt_text = engine.tokenizer.decode(self.prompt_ids)
-        engine._check_lengths(len(self.prompt_ids), max_new_tokens)
+        engine.check_lengths(len(self.prompt_ids), max_new_tokens)
         self.max_new_tokens, self.chat, self.top = max_new_tokens, chat, _check_int(top, 1, 100, "top")
         self.now = Timeline(as_sampling(sampling), engine._check_ablation(ablation))
         self._branches: list[Timeline] = []

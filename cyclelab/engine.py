@@ -202,7 +202,7 @@ class Engine:
         """
         sampling = as_sampling(sampling)
         prompt_ids = self.encode(prompt, chat=chat)
-        self._check_lengths(len(prompt_ids), max_new_tokens)
+        self.check_lengths(len(prompt_ids), max_new_tokens)
         ablation = self._check_run_options(use_cache, capture, keep_events, force, ablation, stop_at_eos, draws)
         trace = Trace(self.loaded.name, prompt_ids, settings=trace_settings(sampling, ablation, use_cache, chat),
                       fingerprint=self.fingerprint)
@@ -320,7 +320,8 @@ class Engine:
         return result
 
     # --- helpers ----------------------------------------------------------------------
-    def _check_lengths(self, n_prompt: int, max_new_tokens: int) -> None:
+    def check_lengths(self, n_prompt: int, max_new_tokens: int) -> None:
+        """ValueError unless ``max_new_tokens >= 1`` and the prompt plus the new tokens fit the context window."""
         if check_int(max_new_tokens, "max_new_tokens") < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if n_prompt + max_new_tokens > self.context_window:

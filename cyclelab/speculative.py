@@ -88,7 +88,7 @@ def greedy_with_lookup(engine: Engine, prompt, max_new_tokens: int = 32, *, ngra
     """Greedy decoding that verifies prompt-lookup drafts: one forward pass per accepted run of tokens."""
     _check_settings(max_new_tokens, ngram, draft_len)
     ids = engine.encode(prompt, chat=chat)
-    engine._check_lengths(len(ids), max_new_tokens + draft_len)
+    engine.check_lengths(len(ids), max_new_tokens + draft_len)
     run, start = LookupRun(list(ids)), perf_counter()
     cache = KVCache(engine.arch.n_layers, len(ids) + max_new_tokens + draft_len)
     eos = engine.tokenizer.eos_token_id if stop_at_eos else None
