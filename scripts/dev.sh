@@ -69,11 +69,26 @@ install_packages() {
     if [[ -n "${CYCLELAB_TORCH_INDEX:-}" ]]; then
         torch_args=(--index-url "$CYCLELAB_TORCH_INDEX")
     fi
-    # torch first and alone: pinned, so pip takes the CPU wheel and never resolves a CUDA build.
+    # torch first and alone, with pip: pinned, so pip takes the CPU wheel and never resolves a
+    # CUDA build. No byte-compiling at install: Python compiles what it imports, once.
     say "installing torch==$TORCH_VERSION"
-    pip_q install ${torch_args[@]+"${torch_args[@]}"} "torch==$TORCH_VERSION"
-    say "installing cyclelab and its dependencies (pip install -e '.[dev]')"
-    pip_q install -e "$ROOT[dev]"
+    pip_q install --no-compile ${torch_args[@]+"${torch_args[@]}"} "torch==$TORCH_VERSION"
+    install_dependencies
+    [[ "$(torch_version)" == "$TORCH_VERSION"* ]] ||
+        die "the dependencies replaced torch==$TORCH_VERSION with $(torch_version); see pyproject.toml's torch range"
+}
+
+# The rest with uv (from PyPI) when it installs: it resolves and installs the ~170 packages
+# in seconds where pip takes minutes. The torch installed above satisfies pyproject.toml's range,
+# so uv leaves it alone. Without uv (no network to PyPI, say), pip does the same job.
+install_dependencies() {
+    say "installing cyclelab and its dependencies (-e '.[dev]')"
+    if "$PY" -m pip -q install --no-compile uv >/dev/null 2>&1 &&
+        "$VENV/bin/uv" pip install --quiet --python "$PY" -e "$ROOT[dev]"; then
+        return 0
+    fi
+    say "uv could not install them; falling back to pip"
+    pip_q install --no-compile -e "$ROOT[dev]"
 }
 
 setup() {
@@ -146,7 +161,8 @@ cmd_test() {
     # nbval runs a notebook's cells in order in one kernel: loadscope keeps each notebook
     # (and each test module) on one worker. (loadgroup would ignore xdist_group marks
     # under pytest 9.2 with xdist 3.8, which set the nodeid through a now-unused attribute.)
-    run_pytest -n 2 --dist loadscope -rfEs \
+    # The scopes start in conftest.py's order, longest first, not xdist's (most tests first).
+    run_pytest -n 2 --dist loadscope --no-loadscope-reorder -rfEs \
         --nbval-lax --nbval-current-env --nbval-sanitize-with "$SANITIZE" "$@"
 }
 
