@@ -37,10 +37,9 @@ from .cycle import CycleRecord, show_token
 from .debugger import Debugger
 from .decode import Sampling, as_sampling
 from .engine import Engine, as_loaded
-from .models import REPO_DATA
+from .paths import LESSONS
 
 VERSION = 1
-LESSONS = REPO_DATA / "lessons"  # the course's lessons, one per stage of the cycle (scripts/record_lessons.py)
 KINDS = ("predict", "number", "discuss")
 STAGES = ("", "FETCH", "READ", "EXECUTE", "WRITEBACK")
 QUANTITIES: dict[str, tuple[str, Callable[[CycleRecord], float]]] = {

@@ -24,9 +24,9 @@ import torch
 
 from .checksums import ModelFileError, model_files, verify_folder, write_sums
 from .device import pick_device
+from .paths import REPO_DATA
 from .fetch import asset_path, fetch, fetch_command, replace_folder, smollm2_cache, verify_asset, writing_cache
 
-REPO_DATA = Path(__file__).resolve().parent.parent / "data"
 KNOWN = {
     "tiny": "GPT-2-style model trained on Shakespeare by this project (data/tiny)",
     "tiny-mlm": "BERT-style masked LM trained on Shakespeare by this project (data/tiny-mlm)",

@@ -25,8 +25,8 @@ from . import data
 from .checksums import model_files, write_sums
 from .device import pick_device
 from .finetune import schedule
+from .paths import REPO_DATA
 
-REPO_DATA = Path(__file__).resolve().parent.parent / "data"
 MASKED_LR = 1e-3  # post-LayerNorm BERT stalls at the causal model's 3e-3
 MASKED_STEPS = 2000  # only the hidden 15% of positions teach: a masked LM needs more steps
 MASKED_WARMUP = 400  # post-LayerNorm BERT needs a long warmup or it collapses to word frequencies

@@ -18,13 +18,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-LAB_OVERRIDES = Path(__file__).resolve().parent.parent / "data" / "jupyterlab" / "overrides.json"
+from .paths import LAB_OVERRIDES, LESSONS
+
 COST = re.compile(r"<!-- cost:(?P<profile>[\w-]+) --> \*\*Cost, [\w-]+ profile:\*\* (?P<seconds>\d+(?:\.\d+)?) s"
                   r", peak memory (?P<gb>\d+(?:\.\d+)?) GB")
 EXERCISE = re.compile(r"\bcheck_\w+(?=\()")
 STAGES_LINE = re.compile(r"\*Stages? covered:((?:\*\*[^*]+\*\*|[^*])*)\*")
 STAGE_NAMES = ("FETCH", "READ", "EXECUTE", "WRITEBACK")
-LESSONS = LAB_OVERRIDES.parent.parent / "lessons"
 
 # Assumptions of the sizing (docs/workshop.md states them; every one is an argument).
 LAB_SERVER_MB = 100  # one learner's JupyterLab server: 91 MB RSS measured here (JupyterLab 4.6, idle)
