@@ -79,7 +79,7 @@ def chunk_embeddings(loaded, text: str, size: int = 512, overlap: int = 64, batc
         enc = tok.pad({"input_ids": pieces[i:i + batch]}, return_tensors="pt").to(loaded.device)
         hidden = loaded.model(**enc).last_hidden_state
         vectors.append(F.normalize(mean_pool(hidden, enc["attention_mask"]), dim=-1))
-    return torch.cat(vectors)
+    return torch.cat(vectors).cpu()
 
 
 def nearest_centroid(vectors: torch.Tensor, labels: list[int]) -> list[int]:
@@ -129,6 +129,7 @@ def window_nll(model: nn.Module, ids: torch.Tensor, window: int, stride: int) ->
     if isinstance(window, bool) or not isinstance(window, int) or not stride <= window <= model.config.n_positions:
         raise ValueError(f"window must be an int in [stride, {model.config.n_positions}] (the model's context), "
                          f"not {window!r}")
+    ids = ids.to(next(model.parameters()).device)
     nll, scored, computed, done = 0.0, 0, 0, 1  # token 0 has nothing before it
     for start, end in chunk_spans(len(ids), window, window - stride):
         first = max(done, start + 1)  # the first token this window predicts
@@ -149,6 +150,6 @@ def loss_by_position(model: nn.Module, ids: torch.Tensor, window: int) -> torch.
     n_blocks = len(ids) // window
     if n_blocks < 1 or window < 2:
         raise ValueError(f"need at least one block of window >= 2 tokens, got {len(ids)} tokens and window {window}")
-    blocks = ids[: n_blocks * window].view(n_blocks, window)
+    blocks = ids[: n_blocks * window].reshape(n_blocks, window).to(next(model.parameters()).device)
     logits = model(blocks).logits[:, :-1].float()
-    return F.cross_entropy(logits.transpose(1, 2), blocks[:, 1:], reduction="none").mean(0)
+    return F.cross_entropy(logits.transpose(1, 2), blocks[:, 1:], reduction="none").mean(0).cpu()

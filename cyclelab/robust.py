@@ -54,13 +54,15 @@ def fit_head(model: nn.Module, examples: Sequence[dict], cfg: TrainConfig) -> Hi
     """Train only ``model.head`` (the encoder stays as it is) on the pooled vectors of ``examples``."""
     x = pooled_features(model, examples)
     rows = [{"x": x[i], "labels": e["labels"]} for i, e in enumerate(examples)]
-    return train(model.head, rows, lambda head, b: F.cross_entropy(head(b["x"]), b["labels"]), cfg)
+    history = train(model.head, rows, lambda head, b: F.cross_entropy(head(b["x"]), b["labels"]), cfg)
+    model.head.to(next(model.encoder.parameters()).device)  # back beside the encoder, wherever cfg trained it
+    return history
 
 
 def head_predict(model: nn.Module, examples: Sequence[dict]) -> list[int]:
     """The classifier's predictions, computed as :func:`pooled_features` then the head."""
     with torch.no_grad():
-        return model.head(pooled_features(model, examples)).argmax(-1).tolist()
+        return model.head(pooled_features(model, examples).to(model.head.weight.device)).argmax(-1).tolist()
 
 
 # --- noise --------------------------------------------------------------------------------------------
@@ -200,6 +202,7 @@ def hotflip_attack(model: nn.Module, examples: Sequence[dict], candidates: torch
         raise ValueError(f"candidates must be a bool tensor with one entry per token ({emb.shape[0]}), got "
                          f"{candidates.dtype} of shape {tuple(candidates.shape)}")
     model.eval()
+    candidates = candidates.to(emb.device)
     padded, full_mask = stack_batch(examples, emb.device)
     width = int(full_mask.sum(1).max())  # no row needs the padding columns past its longest one
     ids, mask = padded[:, :width].clone(), full_mask[:, :width]
@@ -207,15 +210,15 @@ def hotflip_attack(model: nn.Module, examples: Sequence[dict], candidates: torch
     editable = mask.bool() & candidates[ids]
     logits, grad = embedding_gradient(model, ids, mask, labels)
     correct = logits.argmax(-1) == labels
-    flipped, edits = torch.zeros_like(correct), torch.zeros(len(ids), dtype=torch.long)
+    flipped, edits = torch.zeros_like(correct), torch.zeros(len(ids), dtype=torch.long, device=ids.device)
     rows, grad = torch.nonzero(correct).flatten(), grad[correct]
     for _ in range(max_edits):
         keep = editable[rows].any(-1)
         rows, grad = rows[keep], grad[keep]
         if len(rows) == 0:
             break
-        pos, tok = _best_swaps(grad, emb, ids[rows], editable[rows], candidates)
-        ids[rows, pos], editable[rows, pos] = tok.to(ids.device), False
+        pos, tok = (t.to(ids.device) for t in _best_swaps(grad, emb, ids[rows], editable[rows], candidates))
+        ids[rows, pos], editable[rows, pos] = tok, False
         edits[rows] += 1
         logits, grad = embedding_gradient(model, ids[rows], mask[rows], labels[rows])  # only the rows still right
         still = logits.argmax(-1) == labels[rows]

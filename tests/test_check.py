@@ -1024,12 +1024,10 @@ def test_the_swap_reference_by_hand():
 
 
 def overlapping_spans(n, size, overlap):
-    spans, start = [], 0
-    while True:
-        spans.append((start, min(start + size, n)))
-        if start + size >= n:
-            return spans
-        start += size - overlap
+    starts = [0]
+    while starts[-1] + size < n:  # the last span does not reach the end yet
+        starts.append(starts[-1] + size - overlap)
+    return [(s, min(s + size, n)) for s in starts]
 
 
 def overlapping_spans_by_count(n, size, overlap):
