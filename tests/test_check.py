@@ -991,6 +991,78 @@ IG_WRONG = [
 ]
 
 
+# --- chapter 09: HotFlip's swap scores and overlapping spans ----------------------------------------------
+
+
+def swap_scores(grad, embeddings, ids):
+    return grad @ embeddings.T - (grad * embeddings[ids]).sum(-1, keepdim=True)
+
+
+def swap_scores_by_rows(grad, embeddings, ids):
+    rows = [(embeddings - embeddings[i]) @ g for g, i in zip(grad, ids.tolist())]  # one position at a time
+    return torch.stack(rows)
+
+
+SWAP_RIGHT = [swap_scores, swap_scores_by_rows, lambda g, e, i: swap_scores(g.float(), e.float(), i)]
+SWAP_WRONG = [
+    ("sign flipped", lambda g, e, i: -swap_scores(g, e, i), "sign is flipped"),
+    ("no current token", lambda g, e, i: g @ e.T, "left out the current token"),
+    ("whole input subtracted", lambda g, e, i: g @ e.T - (g * e[i]).sum(), "whole input's term"),
+    ("distances", lambda g, e, i: -torch.cdist(e[i], e), "gradient is missing"),
+    ("lengths, not vectors", lambda g, e, i: (e.norm(dim=-1)[None] - e[i].norm(dim=-1)[:, None]) * g.norm(dim=-1, keepdim=True),
+     "dot product"),
+    ("transposed", lambda g, e, i: swap_scores(g, e, i).T, "transposed"),
+    ("the best swap only", lambda g, e, i: torch.tensor(divmod(int(swap_scores(g, e, i).argmax()), len(e))), "not the best swap"),
+    ("in place", lambda g, e, i: g.mul_(2) @ e.T, "in place"),
+]
+
+
+def test_the_swap_reference_by_hand():
+    # one position holding token 0, E = [[1, 0], [0, 2]], grad = [3, 1]: swapping to token 1 moves x by (-1, 2)
+    grad, emb = torch.tensor([[3.0, 1.0]]), torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    assert check._swap_reference(grad, emb, torch.tensor([0])).tolist() == [[0.0, -1.0]]
+
+
+def overlapping_spans(n, size, overlap):
+    starts = [0]
+    while starts[-1] + size < n:  # the last span does not reach the end yet
+        starts.append(starts[-1] + size - overlap)
+    return [(s, min(s + size, n)) for s in starts]
+
+
+def overlapping_spans_by_count(n, size, overlap):
+    step = size - overlap
+    count = 1 if n <= size else 1 + -(-(n - size) // step)  # ceil((n - size) / step) more spans
+    return [[k * step, min(k * step + size, n)] for k in range(count)]  # lists, not tuples: also fine
+
+
+def spans_with(step=lambda size, overlap: size - overlap, stop=lambda start, size, n: start + size >= n,
+               end=lambda start, size, n: min(start + size, n)):
+    def fn(n, size, overlap):
+        spans, start = [], 0
+        while start < n:
+            spans.append((start, end(start, size, n)))
+            if stop(start, size, n):
+                break
+            start += step(size, overlap)
+        return spans
+    return fn
+
+
+SPANS_RIGHT = [overlapping_spans, overlapping_spans_by_count, spans_with()]
+SPANS_WRONG = [
+    ("no overlap", spans_with(step=lambda size, overlap: size), "do not overlap"),
+    ("step is the overlap", spans_with(step=lambda size, overlap: max(1, overlap)), "not overlap"),
+    ("tail missing", lambda n, size, overlap: [(s, s + size) for s in range(0, n - size + 1, size - overlap)],
+     "end of the text is missing"),
+    ("a span too many", spans_with(stop=lambda start, size, n: False), "a span too many"),
+    ("end not clipped", spans_with(end=lambda start, size, n: start + size), "runs past the end"),
+    ("inclusive ends", spans_with(end=lambda start, size, n: min(start + size, n) - 1), "half-open"),
+    ("not pairs", lambda n, size, overlap: list(range(0, n, size - overlap)), "(start, end) pairs"),
+    ("raises", lambda n, size, overlap: 1 / 0, "ZeroDivisionError"),
+]
+
+
 # --- the tables ---------------------------------------------------------------------------------------
 
 CHECKS = {
@@ -1015,6 +1087,8 @@ CHECKS = {
     "attainable": (check.check_attainable, ATTAINABLE_RIGHT, ATTAINABLE_WRONG),
     "patched_prob": (check.check_patched_prob, PATCH_RIGHT, PATCH_WRONG),
     "ig_sum": (check.check_ig_sum, IG_RIGHT, IG_WRONG),
+    "swap_scores": (check.check_swap_scores, SWAP_RIGHT, SWAP_WRONG),
+    "overlapping_spans": (check.check_overlapping_spans, SPANS_RIGHT, SPANS_WRONG),
 }
 
 RIGHT = [pytest.param(name, fn, id=f"{name}-{i}") for name, (_, right, _) in CHECKS.items() for i, fn in enumerate(right)]
