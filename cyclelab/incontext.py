@@ -30,7 +30,7 @@ def instruction(labels: Mapping[str, str]) -> str:
     """The task's first line, naming the answers allowed (with the play each stands for when it is not the title)."""
     names = [label if label.lower() == TITLES.get(play, label).lower() else f"{label} ({TITLES.get(play, play)})"
              for play, label in labels.items()]
-    return "Which Shakespeare play is each character from? Answer with one of: " + ", ".join(names) + ".\n\n"
+    return "Which play is each character from? " + ", ".join(names) + "?\n\n"
 
 
 def query(character: str) -> str:
@@ -72,17 +72,18 @@ def label_probs(engine: Engine, prefix: str, queries: Sequence[str], labels: Seq
     rows = [engine.encode(prefix + q) for q in queries]
     shared = _shared_length(rows)
     model, device = engine.loaded.model, engine.device
+    body = model.base_model  # the transformer without its unembedding: logits only where they are read
     with torch.no_grad():
         cache = None
         if shared:
-            cache = model(torch.tensor([rows[0][:shared]], device=device), use_cache=True).past_key_values
+            cache = body(torch.tensor([rows[0][:shared]], device=device), use_cache=True).cache
             cache.batch_repeat_interleave(len(rows))
         width = max(len(r) for r in rows) - shared
         rest = torch.tensor([r[shared:] + [r[-1]] * (width - len(r) + shared) for r in rows], device=device)
-        logits = model(rest, past_key_values=cache, use_cache=False).logits
-    last = torch.tensor([len(r) - shared - 1 for r in rows], device=device)
-    probs = torch.softmax(logits[torch.arange(len(rows), device=device), last].float(), -1)
-    return probs[:, firsts].cpu()
+        hidden = body(rest, cache=cache, use_cache=False).last_hidden_state
+        last = torch.tensor([len(r) - shared - 1 for r in rows], device=device)
+        logits = model.get_output_embeddings()(hidden[torch.arange(len(rows), device=device), last])
+    return torch.softmax(logits.float(), -1)[:, firsts].cpu()
 
 
 def _shared_length(rows: list[list[int]]) -> int:
