@@ -1817,7 +1817,8 @@ def _lookup_slips(edges: list, name: str) -> list[tuple[str, object]]:
          [e for e in edges if e[0] == key]),
         ("you kept only the facts that name them as the TAIL: the HEAD counts too", [e for e in edges if e[2] == key]),
         ("strip the spaces around the name first (' banquo ' is Banquo)", [e for e in edges if name.upper() in (e[0], e[2])]),
-        ("compare in upper case: the graph's names are upper case ('BANQUO'), the name asked may not be",
+        ("no facts came back: compare in upper case — the graph's names are upper case ('BANQUO'), the name asked "
+         "may not be",
          [e for e in edges if name.strip() in (e[0], e[2])]),
         ("'MACBETH' is inside 'LADY MACBETH': compare whole names (==), not `in`",
          [e for e in edges if key in e[0] or key in e[2]]),
