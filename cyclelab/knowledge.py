@@ -5,8 +5,7 @@ and put in a prompt.
 ``CHARACTER -> {plays}``; :func:`play_edges` adds, scene by scene (:func:`cyclelab.data.scenes`), who appears
 in which scene and who speaks to whom, as ``(head, relation, tail)`` triples; :func:`facts_about` is the graph
 lookup, :func:`nearest_facts` the embedding search; :func:`fact_sentence` and :func:`facts_prompt` write the
-facts found in front of a question; :func:`choose_play` scores a model's answer among candidate plays by the
-probability of each title's first token.
+facts found in front of a question (:func:`cyclelab.incontext.label_probs` scores the answer).
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import torch
 
 from . import data
 from .embed import sentence_embeddings
-from .engine import Engine
 
 #: Speaker tags that name a role, not a character (a crowd, a stage function): left out of the graph.
 GENERIC = frozenset({"ALL", "BOTH", "LORD", "LORDS", "SERVANT", "SERVANTS", "MESSENGER", "SOLDIER", "SOLDIERS",
@@ -121,16 +119,5 @@ def question_for(character: str) -> str:
     return f"Q: In which Shakespeare play does {character.title()} appear?\nA: In"
 
 
-def choose_play(engine: Engine, prompt: str, candidates: Sequence[str]) -> str:
-    """The candidate play (a :data:`TITLES` key) whose title's first token is likeliest after ``prompt``."""
-    from .incontext import label_probs  # it imports TITLES from here
-
-    unknown = [c for c in candidates if c not in TITLES]
-    if unknown or not candidates:
-        raise ValueError(f"candidates must be plays with a title in knowledge.TITLES ({', '.join(TITLES)}); "
-                         f"got {unknown or 'none'}")
-    return candidates[int(label_probs(engine, "", [prompt], [TITLES[c] for c in candidates]).argmax())]
-
-
-__all__ = ["GENERIC", "TITLES", "Edge", "character_graph", "choose_play", "fact_sentence", "facts_about",
+__all__ = ["GENERIC", "TITLES", "Edge", "character_graph", "fact_sentence", "facts_about",
            "facts_prompt", "is_character", "lookup", "nearest_facts", "play_edges", "question_for"]
