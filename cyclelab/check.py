@@ -1797,6 +1797,73 @@ def check_ig_sum(fn: Callable) -> Result:
                         "(x - baseline) — captum's IntegratedGradients with method='riemann_middle'")
 
 
+# --- chapter 08: the knowledge graph's lookup ----------------------------------------------------------------
+
+#: A small graph written out by hand: upper-case characters, lower-case plays, "LADY MACBETH" beside "MACBETH".
+_KG_EDGES = [("BANQUO", "character in", "macbeth"), ("MACBETH", "character in", "macbeth"),
+             ("LADY MACBETH", "character in", "macbeth"), ("BANQUO", "appears in", "macbeth 1.3"),
+             ("MACBETH", "appears in", "macbeth 1.3"), ("BANQUO", "speaks to", "MACBETH"),
+             ("LADY MACBETH", "speaks to", "MACBETH"), ("MACBETH", "speaks to", "ROSS"), ("IAGO", "character in", "othello"),
+             ("ANGUS", "speaks to", "BANQUO")]
+#: Each question's facts, by hand: (name as asked, the indices into _KG_EDGES of the facts that name them).
+_KG_CASES = [("Macbeth", [1, 4, 5, 6, 7]), (" banquo ", [0, 3, 5, 9]), ("ROSS", [7]), ("iago", [8]), ("Hamlet", [])]
+
+
+def _lookup_slips(edges: list, name: str) -> list[tuple[str, object]]:
+    """(hint, the answer that mistake gives) for the typical mistakes of a graph lookup."""
+    key = name.strip().upper()
+    return [
+        ("a fact can name them as its TAIL too: ('BANQUO', 'speaks to', 'MACBETH') is a fact about Macbeth",
+         [e for e in edges if e[0] == key]),
+        ("you kept only the facts that name them as the TAIL: the HEAD counts too", [e for e in edges if e[2] == key]),
+        ("strip the spaces around the name first (' banquo ' is Banquo)", [e for e in edges if name.upper() in (e[0], e[2])]),
+        ("no facts came back: compare in upper case — the graph's names are upper case ('BANQUO'), the name asked "
+         "may not be",
+         [e for e in edges if name.strip() in (e[0], e[2])]),
+        ("'MACBETH' is inside 'LADY MACBETH': compare whole names (==), not `in`",
+         [e for e in edges if key in e[0] or key in e[2]]),
+        ("you compared in lower case on both sides, so the play 'macbeth' matched too: upper-case the name and "
+         "compare it with the names as the graph stores them", [e for e in edges if key.lower() in (e[0].lower(), e[2].lower())]),
+        ("keep the edges' order (the play fact comes first, and the prompt keeps that order): do not sort",
+         sorted(e for e in edges if key in (e[0], e[2]))),
+        ("you stopped at the first fact: collect EVERY edge that names them", [e for e in edges if key in (e[0], e[2])][:1]),
+    ]
+
+
+def _as_facts(answer) -> list | None:
+    """The answer as a list of facts (tuples; a fact given as a list is read as a tuple), or None if it is not a list."""
+    if not isinstance(answer, (list, tuple)):
+        return None
+    return [tuple(a) if isinstance(a, list) else a for a in answer]
+
+
+@_guarded
+def check_graph_lookup(fn: Callable[[list, str], list]) -> Result:
+    """Check ``fn(edges, name) -> facts``: every ``(head, relation, tail)`` edge whose head or tail is ``name``
+    (the whole name, in any case, spaces around it ignored), in the edges' order. Compared with facts
+    picked out by hand from a small graph."""
+    for name, picked in _KG_CASES:
+        edges = list(_KG_EDGES)
+        case = f"the facts about {name!r}"
+        answer, error = _call(fn, edges, name, case=case, in_place="your function changed the list of edges: "
+                                                                   "build a new list of the facts it keeps")
+        if error is not None:
+            return error
+        got, want = _as_facts(answer), [_KG_EDGES[i] for i in picked]
+        if got is None:
+            return Result(False, f"{case}: return a list of facts (head, relation, tail), got {type(answer).__name__}")
+        if got == want:
+            continue
+        if got and all(isinstance(fact, str) for fact in got):
+            return Result(False, f"{case}: return the whole facts (head, relation, tail), not just names")
+        for hint, value in _lookup_slips(edges, name):
+            if got == value:
+                return Result(False, f"{case}: {hint}")
+        return Result(False, f"{case}: expected {want}, got {got!r:.200}")
+    return Result(True, "correct: every edge whose head or tail is the whole name, in the graph's order — "
+                        "the facts the prompt will carry")
+
+
 # --- chapter 09: robustness and long text — HotFlip's swap scores, overlapping spans ---------------------
 
 

@@ -87,14 +87,39 @@ def spoken_lines(text: str, folio: bool, min_words: int = 4) -> list[str]:
 
 def speeches(play: str) -> list[tuple[str, list[str]]]:
     """``(SPEAKER, lines)`` of each speech in the normalised play (stage directions dropped)."""
+    return _speeches_in(normalize_speakers(read_work(play)).splitlines())
+
+
+def _speeches_in(lines: list[str]) -> list[tuple[str, list[str]]]:
     out: list[tuple[str, list[str]]] = []
-    for line in normalize_speakers(read_work(play)).splitlines():
+    for line in lines:
         s = line.strip()
         if _SPEAKER_TAG.match(s):
             out.append((s[:-1], []))
         elif out and s and not _STAGE.match(s):
             out[-1][1].append(s)
     return [(name, lines) for name, lines in out if lines]
+
+
+_ACT = re.compile(r"^ACT\s+([IVX]+|\d+)\b")
+_SCENE = re.compile(r"^(SCENE|Scene)\s+([IVX]+|\d+)\b")
+
+
+def scenes(play: str) -> list[tuple[str, list[tuple[str, list[str]]]]]:
+    """``("act.scene", speeches)`` of each scene of the play, numbered by counting the ACT and SCENE
+    headings (``"1.2"`` is the second scene of the first act); speeches before the first act are left out."""
+    out: list[tuple[str, list[str]]] = []
+    act = 0
+    for line in normalize_speakers(read_work(play)).splitlines():
+        s = line.strip()
+        if _ACT.match(s):
+            act, scene = act + 1, 0
+        elif act and _SCENE.match(s):
+            scene += 1
+            out.append((f"{act}.{scene}", []))
+        elif out:
+            out[-1][1].append(line)
+    return [(label, _speeches_in(lines)) for label, lines in out]
 
 
 def plays(split: str) -> dict[str, str]:

@@ -1,9 +1,11 @@
-"""A knowledge graph of the plays as the missing background: character → play, looked up and put in a prompt.
+"""A knowledge graph of the plays as the missing background: facts looked up, or found by embedding search,
+and put in a prompt.
 
 :func:`character_graph` reads who speaks in each play (:func:`cyclelab.data.speeches`) into edges
-``CHARACTER -> {plays}``; :func:`lookup` answers a question by graph lookup; :func:`facts_prompt` writes the
-facts found in front of a question; :func:`choose_play` scores a model's answer among candidate plays by the
-probability of each title's first token.
+``CHARACTER -> {plays}``; :func:`play_edges` adds, scene by scene (:func:`cyclelab.data.scenes`), who appears
+in which scene and who speaks to whom, as ``(head, relation, tail)`` triples; :func:`facts_about` is the graph
+lookup, :func:`nearest_facts` the embedding search; :func:`fact_sentence` and :func:`facts_prompt` write the
+facts found in front of a question (:func:`cyclelab.incontext.label_probs` scores the answer).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from . import data
-from .engine import Engine
+from .embed import sentence_embeddings
 
 #: Speaker tags that name a role, not a character (a crowd, a stage function): left out of the graph.
 GENERIC = frozenset({"ALL", "BOTH", "LORD", "LORDS", "SERVANT", "SERVANTS", "MESSENGER", "SOLDIER", "SOLDIERS",
@@ -52,10 +54,64 @@ def lookup(graph: dict[str, set[str]], character: str) -> list[str]:
     return sorted(graph.get(character.strip().upper(), ()))
 
 
-def facts_prompt(facts: Sequence[tuple[str, str]], question: str) -> str:
-    """``question`` after one sentence per (character, play) fact; the question alone when there are none."""
-    lines = [f"{character.title()} is a character in {TITLES.get(play, play)}." for character, play in facts]
-    return "".join(line + "\n" for line in lines) + question
+Edge = tuple[str, str, str]  # (head, relation, tail)
+
+
+def play_edges(plays: Iterable[str]) -> list[Edge]:
+    """The graph as triples, play by play: ``(CHARACTER, "character in", play)``, then scene by scene
+    ``(CHARACTER, "appears in", "play act.scene")`` (they speak in it at least once) and
+    ``(A, "speaks to", B)`` (one's speech comes right after the other's in a scene; A before B
+    alphabetically, each pair once per play). Crowds and stage roles are left out (:func:`is_character`)."""
+    graph = character_graph(plays)
+    edges: list[Edge] = []
+    for play in dict.fromkeys(plays):
+        edges += [(name, "character in", play) for name in sorted(graph) if play in graph[name]]
+        pairs: list[Edge] = []
+        for label, speeches in data.scenes(play):
+            order = [name for name, _ in speeches]
+            edges += [(name, "appears in", f"{play} {label}") for name in dict.fromkeys(order) if is_character(name)]
+            pairs += [(min(a, b), "speaks to", max(a, b)) for a, b in zip(order, order[1:])
+                      if a != b and is_character(a) and is_character(b)]
+        edges += list(dict.fromkeys(pairs))
+    return edges
+
+
+def facts_about(edges: Sequence[Edge], name: str) -> list[Edge]:
+    """Graph lookup: every edge whose head or tail is ``name`` (the whole name, any case), in the edges' order."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"give a character's name, e.g. 'BANQUO', got {name!r}")
+    key = name.strip().upper()
+    return [edge for edge in edges if key in (edge[0], edge[2])]
+
+
+def fact_sentence(edge: Edge) -> str:
+    """One edge as an English sentence, e.g. "Seyton appears in act 5, scene 3 of Macbeth."."""
+    head, relation, tail = edge
+    if relation == "character in":
+        return f"{head.title()} is a character in {TITLES.get(tail, tail)}."
+    if relation == "appears in":
+        play, scene = tail.rsplit(" ", 1)
+        act, number = scene.split(".")
+        return f"{head.title()} appears in act {act}, scene {number} of {TITLES.get(play, play)}."
+    if relation == "speaks to":
+        return f"{head.title()} speaks to {tail.title()}."
+    raise ValueError(f"unknown relation {relation!r}: 'character in', 'appears in' or 'speaks to'")
+
+
+def nearest_facts(encoder, sentences: Sequence[str], vectors: torch.Tensor, question: str, k: int) -> list[str]:
+    """Embedding search: the ``k`` of ``sentences`` (embedded as ``vectors`` by :func:`cyclelab.embed.sentence_embeddings`)
+    whose vectors are closest in cosine to ``question``'s, closest first."""
+    if vectors.dim() != 2 or vectors.shape[0] != len(sentences):
+        raise ValueError(f"need one vector per sentence: {len(sentences)} sentences, vectors {tuple(vectors.shape)}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(sentences):
+        raise ValueError(f"k must be an integer from 1 to {len(sentences)}, got {k!r}")
+    scores = vectors @ sentence_embeddings(encoder, [question])[0]
+    return [sentences[i] for i in torch.topk(scores, k).indices.tolist()]
+
+
+def facts_prompt(facts: Sequence[str], question: str) -> str:
+    """``question`` after one line per fact sentence; the question alone when there are none."""
+    return "".join(fact + "\n" for fact in facts) + question
 
 
 def question_for(character: str) -> str:
@@ -63,18 +119,5 @@ def question_for(character: str) -> str:
     return f"Q: In which Shakespeare play does {character.title()} appear?\nA: In"
 
 
-def choose_play(engine: Engine, prompt: str, candidates: Sequence[str]) -> str:
-    """The candidate play (a :data:`TITLES` key) whose title's first token is likeliest after ``prompt``."""
-    unknown = [c for c in candidates if c not in TITLES]
-    if unknown or not candidates:
-        raise ValueError(f"candidates must be plays with a title in knowledge.TITLES ({', '.join(TITLES)}); "
-                         f"got {unknown or 'none'}")
-    firsts = [engine.tokenizer.encode(" " + TITLES[c], add_special_tokens=False)[0] for c in candidates]
-    if len(set(firsts)) < len(firsts):
-        raise ValueError("two candidate titles start with the same token: the first token cannot tell them apart")
-    probs = torch.softmax(engine.logits(engine.encode(prompt))[0, -1].float(), -1)
-    return candidates[int(torch.argmax(probs[firsts]))]
-
-
-__all__ = ["GENERIC", "TITLES", "character_graph", "choose_play", "facts_prompt", "is_character", "lookup",
-           "question_for"]
+__all__ = ["GENERIC", "TITLES", "Edge", "character_graph", "fact_sentence", "facts_about",
+           "facts_prompt", "is_character", "lookup", "nearest_facts", "play_edges", "question_for"]

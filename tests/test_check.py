@@ -991,6 +991,37 @@ IG_WRONG = [
 ]
 
 
+def lookup_loop(edges, name):
+    key, found = name.strip().upper(), []
+    for head, relation, tail in edges:
+        if head == key or tail == key:
+            found.append((head, relation, tail))
+    return found
+
+
+def lookup_with(match=lambda key, edge: key in (edge[0], edge[2]), key=lambda name: name.strip().upper(),
+                out=lambda found: found):
+    return lambda edges, name: out([edge for edge in edges if match(key(name), edge)])
+
+
+LOOKUP_RIGHT = [lookup_loop, lookup_with(), lookup_with(key=lambda name: name.upper().strip(),
+                                                       out=lambda found: [list(edge) for edge in found])]
+LOOKUP_WRONG = [
+    ("head only", lookup_with(match=lambda key, edge: edge[0] == key), "TAIL too"),
+    ("tail only", lookup_with(match=lambda key, edge: edge[2] == key), "HEAD counts too"),
+    ("case-sensitive", lookup_with(key=lambda name: name.strip()), "upper case"),
+    ("spaces kept", lookup_with(key=lambda name: name.upper()), "strip"),
+    ("substring", lookup_with(match=lambda key, edge: key in edge[0] or key in edge[2]), "whole names"),
+    ("lower case both sides", lookup_with(match=lambda key, edge: key.lower() in (edge[0].lower(), edge[2].lower())),
+     "play 'macbeth' matched"),
+    ("names only", lookup_with(out=lambda found: [edge[0] for edge in found]), "whole facts"),
+    ("sorted", lookup_with(out=sorted), "order"),
+    ("first only", lookup_with(out=lambda found: found[:1]), "EVERY edge"),
+    ("a dict", lambda edges, name: {name: edges}, "list of facts"),
+    ("removed from the edges", lambda edges, name: [edges.pop()], "changed the list of edges"),
+]
+
+
 # --- chapter 09: HotFlip's swap scores and overlapping spans ----------------------------------------------
 
 
@@ -1087,6 +1118,7 @@ CHECKS = {
     "attainable": (check.check_attainable, ATTAINABLE_RIGHT, ATTAINABLE_WRONG),
     "patched_prob": (check.check_patched_prob, PATCH_RIGHT, PATCH_WRONG),
     "ig_sum": (check.check_ig_sum, IG_RIGHT, IG_WRONG),
+    "graph_lookup": (check.check_graph_lookup, LOOKUP_RIGHT, LOOKUP_WRONG),
     "swap_scores": (check.check_swap_scores, SWAP_RIGHT, SWAP_WRONG),
     "overlapping_spans": (check.check_overlapping_spans, SPANS_RIGHT, SPANS_WRONG),
 }
