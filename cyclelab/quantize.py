@@ -18,6 +18,7 @@ the high nibbles 16..31 — and each value reads back as ``d × q + m``: :func:`
 from __future__ import annotations
 
 import copy
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -155,3 +156,67 @@ def gguf_block(path: str | Path, tensor: str, index: int = 0) -> np.ndarray:
     if not isinstance(index, int) or not 0 <= index < n_blocks:
         raise ValueError(f"block index must be an integer in [0, {n_blocks}) for {tensor!r}, got {index!r}")
     return flat[index * Q4_1_BYTES:(index + 1) * Q4_1_BYTES].copy()
+
+
+# --- real int8: the weights stored as int8, multiplied by an int8 kernel ------------------------------
+
+
+@lru_cache(maxsize=1)
+def _int8_linear_class() -> type:
+    """torch's dynamically quantized Linear (imported here: the import warns that torch.ao is deprecated)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torch.ao.nn.quantized.dynamic import Linear
+
+    return Linear
+
+
+def is_int8(module: torch.nn.Module) -> bool:
+    """True for a Linear whose weight is stored as int8 (made by :func:`to_int8`)."""
+    return isinstance(module, _int8_linear_class())
+
+
+def int8_weight(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 codes ``(out, in)`` and the per-row float32 scales of an int8 Linear (unpacked: a copy)."""
+    w = module.weight()
+    return w.int_repr(), w.q_per_channel_scales().float()
+
+
+def to_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every Linear (and GPT-2 ``Conv1D``) of ``model``, in place, by an int8 Linear and return ``model``.
+
+    Each weight is quantized per output row, symmetric (the scale is ``max|w| / 127.5``, codes in
+    [-128, 127]) and packed for fbgemm, the x86 int8 GEMM library; the float weight is dropped.
+    At run time each input is quantized to 8 bits (one scale per call: *dynamic* quantization),
+    multiplied in integers and scaled back to float32. These are ``torch.ao``'s dynamic quantized
+    modules: deprecated in favour of ``torchao``, whose CPU path is slower on this kind of machine
+    (no AVX-512; pytorch/ao#4365), so they remain the fast int8 kernel torch ships for x86.
+    Embeddings and norms stay float32 (GPT-2's tied unembedding gets an int8 copy; its embedding stays).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"to_int8 converts a torch.nn.Module (e.g. load('tiny').model), got {type(model).__name__}")
+    if any(is_int8(m) for m in model.modules()):
+        raise ValueError("the model is already int8: to_int8 converts a float32 model once")
+    params = list(model.parameters())
+    if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in params):
+        found = sorted({f"{p.dtype} on {p.device}" for p in params})
+        raise ValueError(f"to_int8 needs a float32 model on the CPU (the int8 kernels are x86 CPU kernels), "
+                         f"got {', '.join(found)}; load it with dtype=torch.float32, device='cpu'")
+    _conv1d_to_linear(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+    return model
+
+
+def _conv1d_to_linear(model: torch.nn.Module) -> None:
+    """GPT-2's ``Conv1D`` (weight stored ``(in, out)``) becomes an ``nn.Linear`` computing the same."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__ == "Conv1D":
+                linear = torch.nn.Linear(*child.weight.shape, device="meta")
+                linear.weight = torch.nn.Parameter(child.weight.detach().t(), requires_grad=False)
+                linear.bias = torch.nn.Parameter(child.bias.detach(), requires_grad=False)
+                setattr(parent, name, linear)
