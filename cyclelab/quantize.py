@@ -18,12 +18,13 @@ the high nibbles 16..31 — and each value reads back as ``d × q + m``: :func:`
 from __future__ import annotations
 
 import copy
-import warnings
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .int8kernel import int8_linear
 
 Q4_1_BLOCK = 32  #: values per Q4_1 block
 Q4_1_BYTES = 20  #: bytes per Q4_1 block: 2 (d) + 2 (m) + 16 (codes)
@@ -158,40 +159,46 @@ def gguf_block(path: str | Path, tensor: str, index: int = 0) -> np.ndarray:
     return flat[index * Q4_1_BYTES:(index + 1) * Q4_1_BYTES].copy()
 
 
-# --- real int8: the weights stored as int8, multiplied by an int8 kernel ------------------------------
+# --- real int8: the weights stored as int8 and multiplied as int8 ------------------------------------
 
 
-@lru_cache(maxsize=1)
-def _int8_linear_class() -> type:
-    """torch's dynamically quantized Linear (imported here: the import warns that torch.ao is deprecated)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from torch.ao.nn.quantized.dynamic import Linear
+class Int8Linear(torch.nn.Module):
+    """A Linear whose weight is stored as int8 codes ``q`` ``(out, in)`` with a float32 scale per row
+    (:func:`quantize_int8`); it computes ``x @ (q × scale).T + bias`` without a float copy of the weight
+    (:func:`cyclelab.int8kernel.int8_linear`). The activations stay float32: only the weights are rounded."""
 
-    return Linear
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("q", q.contiguous())
+        self.register_buffer("scale", scale.reshape(-1).float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> "Int8Linear":
+        """Quantize a float weight ``(out, in)`` per row."""
+        q, scale = quantize_int8(weight.detach())
+        return cls(q, scale, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.q, self.scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight, float32 scale per row"
 
 
 def is_int8(module: torch.nn.Module) -> bool:
     """True for a Linear whose weight is stored as int8 (made by :func:`to_int8`)."""
-    return isinstance(module, _int8_linear_class())
-
-
-def int8_weight(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """The int8 codes ``(out, in)`` and the per-row float32 scales of an int8 Linear (unpacked: a copy)."""
-    w = module.weight()
-    return w.int_repr(), w.q_per_channel_scales().float()
+    return isinstance(module, Int8Linear)
 
 
 def to_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """Replace every Linear (and GPT-2 ``Conv1D``) of ``model``, in place, by an int8 Linear and return ``model``.
+    """Replace every Linear (and GPT-2 ``Conv1D``) of ``model``, in place, by an :class:`Int8Linear`; return ``model``.
 
-    Each weight is quantized per output row, symmetric (the scale is ``max|w| / 127.5``, codes in
-    [-128, 127]) and packed for fbgemm, the x86 int8 GEMM library; the float weight is dropped.
-    At run time each input is quantized to 8 bits (one scale per call: *dynamic* quantization),
-    multiplied in integers and scaled back to float32. These are ``torch.ao``'s dynamic quantized
-    modules: deprecated in favour of ``torchao``, whose CPU path is slower on this kind of machine
-    (no AVX-512; pytorch/ao#4365), so they remain the fast int8 kernel torch ships for x86.
-    Embeddings and norms stay float32 (GPT-2's tied unembedding gets an int8 copy; its embedding stays).
+    Each weight is quantized per output row, symmetric (:func:`quantize_int8`); the float weight is
+    dropped. Embeddings and norms stay float32. A tied unembedding (GPT-2's and SmolLM2's ``lm_head``
+    shares the embedding's matrix) gets int8 codes of its own, a quarter of the float matrix's bytes,
+    and the embedding keeps the float matrix for its row lookups.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"to_int8 converts a torch.nn.Module (e.g. load('tiny').model), got {type(model).__name__}")
@@ -200,23 +207,12 @@ def to_int8(model: torch.nn.Module) -> torch.nn.Module:
     params = list(model.parameters())
     if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in params):
         found = sorted({f"{p.dtype} on {p.device}" for p in params})
-        raise ValueError(f"to_int8 needs a float32 model on the CPU (the int8 kernels are x86 CPU kernels), "
+        raise ValueError(f"to_int8 needs a float32 model on the CPU (the int8 kernel is a CPU kernel), "
                          f"got {', '.join(found)}; load it with dtype=torch.float32, device='cpu'")
-    _conv1d_to_linear(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-        quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
-    return model
-
-
-def _conv1d_to_linear(model: torch.nn.Module) -> None:
-    """GPT-2's ``Conv1D`` (weight stored ``(in, out)``) becomes an ``nn.Linear`` computing the same."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child).__name__ == "Conv1D":
-                linear = torch.nn.Linear(*child.weight.shape, device="meta")
-                linear.weight = torch.nn.Parameter(child.weight.detach().t(), requires_grad=False)
-                linear.bias = torch.nn.Parameter(child.bias.detach(), requires_grad=False)
-                setattr(parent, name, linear)
+            kind = type(child).__name__
+            if kind in ("Linear", "Conv1D"):
+                weight = child.weight.t() if kind == "Conv1D" else child.weight  # Conv1D stores (in, out)
+                setattr(parent, name, Int8Linear.from_weight(weight, child.bias))
+    return model
