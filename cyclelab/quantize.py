@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .int8kernel import int8_linear
+from .int8kernel import Int8Linear, is_int8, to_int8  # noqa: F401 - real int8 lives with the loaders
 
 Q4_1_BLOCK = 32  #: values per Q4_1 block
 Q4_1_BYTES = 20  #: bytes per Q4_1 block: 2 (d) + 2 (m) + 16 (codes)
@@ -162,57 +162,6 @@ def gguf_block(path: str | Path, tensor: str, index: int = 0) -> np.ndarray:
 # --- real int8: the weights stored as int8 and multiplied as int8 ------------------------------------
 
 
-class Int8Linear(torch.nn.Module):
-    """A Linear whose weight is stored as int8 codes ``q`` ``(out, in)`` with a float32 scale per row
-    (:func:`quantize_int8`); it computes ``x @ (q × scale).T + bias`` without a float copy of the weight
-    (:func:`cyclelab.int8kernel.int8_linear`). The activations stay float32: only the weights are rounded."""
-
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.out_features, self.in_features = q.shape
-        self.register_buffer("q", q.contiguous())
-        self.register_buffer("scale", scale.reshape(-1).float().contiguous())
-        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
-
-    @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> "Int8Linear":
-        """Quantize a float weight ``(out, in)`` per row."""
-        q, scale = quantize_int8(weight.detach())
-        return cls(q, scale, bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.q, self.scale, self.bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight, float32 scale per row"
-
-
-def is_int8(module: torch.nn.Module) -> bool:
-    """True for a Linear whose weight is stored as int8 (made by :func:`to_int8`)."""
-    return isinstance(module, Int8Linear)
-
-
-def to_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """Replace every Linear (and GPT-2 ``Conv1D``) of ``model``, in place, by an :class:`Int8Linear`; return ``model``.
-
-    Each weight is quantized per output row, symmetric (:func:`quantize_int8`); the float weight is
-    dropped. Embeddings and norms stay float32. A tied unembedding (GPT-2's and SmolLM2's ``lm_head``
-    shares the embedding's matrix) gets int8 codes of its own, a quarter of the float matrix's bytes,
-    and the embedding keeps the float matrix for its row lookups.
-    """
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"to_int8 converts a torch.nn.Module (e.g. load('tiny').model), got {type(model).__name__}")
-    if any(is_int8(m) for m in model.modules()):
-        raise ValueError("the model is already int8: to_int8 converts a float32 model once")
-    params = list(model.parameters())
-    if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in params):
-        found = sorted({f"{p.dtype} on {p.device}" for p in params})
-        raise ValueError(f"to_int8 needs a float32 model on the CPU (the int8 kernel is a CPU kernel), "
-                         f"got {', '.join(found)}; load it with dtype=torch.float32, device='cpu'")
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            kind = type(child).__name__
-            if kind in ("Linear", "Conv1D"):
-                weight = child.weight.t() if kind == "Conv1D" else child.weight  # Conv1D stores (in, out)
-                setattr(parent, name, Int8Linear.from_weight(weight, child.bias))
-    return model
+def int8_linear_of(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
+    """An :class:`~cyclelab.int8kernel.Int8Linear` holding ``weight`` ``(out, in)`` quantized per row (:func:`quantize_int8`)."""
+    return Int8Linear(*quantize_int8(weight), bias)

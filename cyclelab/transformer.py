@@ -23,7 +23,7 @@ from .attend import KVCache, attention_mix, attention_scores, merge_heads, split
 from .cycle import Event
 from .ops import REGISTRY
 from .norms import rms_norm
-from .quantize import is_int8
+from .int8kernel import is_int8
 from .rope import apply_rope, rope_cos_sin
 
 SUPPORTED = {"gpt2": "GPT-2", "llama": "Llama"}

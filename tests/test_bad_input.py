@@ -18,7 +18,7 @@ from cyclelab import Debugger, Engine, Loaded, Sampling, Trace, ablation, load
 from cyclelab.decode import apply_repetition_penalty, apply_temperature, as_sampling
 from cyclelab.decode import sample as decode_sample
 from cyclelab.engine import drain, fingerprint
-from cyclelab.quantize import Int8Linear, to_int8
+from cyclelab.quantize import int8_linear_of, to_int8
 from cyclelab.transformer import Ablation
 
 PROMPT = "ROMEO:"
@@ -287,10 +287,10 @@ ROWS = [
     R(lambda c: to_int8(None), TypeError, r"to_int8 converts a torch\.nn\.Module.*got NoneType", id="to-int8-none"),
     R(lambda c: to_int8(load("tiny", quantize="int8").model), ValueError, r"the model is already int8", id="to-int8-twice"),
     R(lambda c: to_int8(torch.nn.Linear(2, 2).bfloat16()), ValueError, r"to_int8 needs a float32 model on the CPU.*got torch\.bfloat16 on cpu", id="to-int8-bfloat16"),
-    R(lambda c: Int8Linear.from_weight(torch.ones(2, 3), None)(torch.ones(1, 3, dtype=torch.bfloat16)), TypeError, r"an int8 Linear takes float32 inputs, got torch\.bfloat16", id="int8-linear-bfloat16-input"),
-    R(lambda c: Int8Linear.from_weight(torch.ones(2, 3), None)(torch.ones(1, 4)), ValueError, r"int8 Linear of 3 inputs got a tensor of shape \(1, 4\): its last dimension must be 3", id="int8-linear-wrong-width"),
-    R(lambda c: Int8Linear.from_weight(torch.ones(2, 3), None)(torch.tensor(1.0)), ValueError, r"got a tensor of shape \(\)", id="int8-linear-scalar-input"),
-    R(lambda c: Int8Linear.from_weight(torch.tensor([[1.0, float("nan")]]), None), ValueError, r"quantize_int8: the weight holds inf or NaN", id="int8-linear-nan-weight"),
+    R(lambda c: int8_linear_of(torch.ones(2, 3), None)(torch.ones(1, 3, dtype=torch.bfloat16)), TypeError, r"an int8 Linear takes float32 inputs, got torch\.bfloat16", id="int8-linear-bfloat16-input"),
+    R(lambda c: int8_linear_of(torch.ones(2, 3), None)(torch.ones(1, 4)), ValueError, r"int8 Linear of 3 inputs got a tensor of shape \(1, 4\): its last dimension must be 3", id="int8-linear-wrong-width"),
+    R(lambda c: int8_linear_of(torch.ones(2, 3), None)(torch.tensor(1.0)), ValueError, r"got a tensor of shape \(\)", id="int8-linear-scalar-input"),
+    R(lambda c: int8_linear_of(torch.tensor([[1.0, float("nan")]]), None), ValueError, r"quantize_int8: the weight holds inf or NaN", id="int8-linear-nan-weight"),
     # ---------------------------------------------------------------- constructors
     R(lambda c: Engine(None), TypeError, r"Engine needs a model: a Loaded from cyclelab\.load.*got NoneType", id="engine-none"),
     R(lambda c: Engine(42), TypeError, r"Engine needs a model.*got int", id="engine-int"),

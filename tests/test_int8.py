@@ -8,9 +8,9 @@ from cyclelab import Engine, load
 from cyclelab import int8kernel
 from cyclelab.decoding_lab import encode_split
 from cyclelab.engine import fingerprint
-from cyclelab.int8kernel import MANY_ROWS, int8_linear
 from cyclelab.metrics import perplexity_of_model
-from cyclelab.quantize import Int8Linear, is_int8, quantize_int8, to_int8
+from cyclelab.int8kernel import MANY_ROWS, Int8Linear, int8_linear, is_int8
+from cyclelab.quantize import int8_linear_of, quantize_int8, to_int8
 
 PROMPTS = ["ROMEO:", "JULIET:\nO Romeo, Romeo", "KING HENRY:\nOnce more unto the breach"]
 
@@ -122,7 +122,7 @@ def test_smollm2_int8_perplexity_and_greedy_tokens(smollm2):
 
 
 def test_is_int8():
-    assert is_int8(Int8Linear.from_weight(torch.ones(2, 3), None)) and not is_int8(torch.nn.Linear(3, 2))
+    assert is_int8(int8_linear_of(torch.ones(2, 3), None)) and not is_int8(torch.nn.Linear(3, 2))
 
 
 def test_to_int8_returns_the_model_it_converted():
