@@ -102,7 +102,7 @@ def _check_quantize(quantize, dtype: torch.dtype, device: torch.device) -> None:
         raise ValueError(f"unknown quantize={quantize!r}: the choices are None (float weights) and 'int8'; "
                          f"int4 and bfloat16 are simulated by cyclelab.quantize.simulate(model, method)")
     if quantize == "int8" and (dtype != torch.float32 or device.type != "cpu"):
-        raise ValueError(f"quantize='int8' runs x86 CPU int8 kernels on float32 activations: load with "
+        raise ValueError(f"quantize='int8' runs CPU int8 kernels on float32 activations: load with "
                          f"dtype=torch.float32 and device='cpu' (got dtype={dtype}, device={device.type!r})")
 
 
