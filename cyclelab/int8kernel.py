@@ -181,6 +181,8 @@ def to_int8(model: torch.nn.Module) -> torch.nn.Module:
             if kind in ("Linear", "Conv1D"):
                 weight = child.weight.detach()
                 setattr(parent, name, _rows_to_int8(weight.t() if kind == "Conv1D" else weight, child.bias))  # Conv1D: (in, out)
+    for p in model.parameters():  # what stays float leaves the weights file's memory map, and the float
+        p.data = p.data.clone()   # matrices' pages go with the map instead of staying resident
     return model
 
 
