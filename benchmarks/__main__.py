@@ -1,7 +1,8 @@
 """Run every benchmark side by side and print one table per benchmark.
 
     python -m benchmarks            # full run (a few minutes on 2 CPU cores)
-    python -m benchmarks --quick    # smaller sizes, for a smoke test
+    python -m benchmarks --quick    # smaller sizes, for a smoke test (about 2 minutes)
+    OMP_NUM_THREADS=2 python -m benchmarks   # threads for torch (default: every core)
 
 Results also go to benchmarks/results/latest.json (and figures next to it).
 """
@@ -12,6 +13,7 @@ import argparse
 import importlib
 import json
 import os
+import time
 from itertools import groupby
 from pathlib import Path
 
@@ -40,7 +42,10 @@ def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1)
+    machine = {"benchmark": "machine", "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+               "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+               "load_1min_at_start": round(os.getloadavg()[0], 2)}
     rows: list[dict] = []
     for name in MODULES:
         try:
@@ -49,6 +54,8 @@ def main() -> None:
             print(f"(skipping {name}: {err})")
             continue
         rows += module.run(quick=args.quick)
+    machine["load_1min_at_end"] = round(os.getloadavg()[0], 2)  # other processes compete for the cores
+    rows.insert(0, machine)
     print(format_rows(rows))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / ("quick.json" if args.quick else "latest.json")).write_text(json.dumps(rows, indent=1) + "\n")

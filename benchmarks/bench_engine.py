@@ -1,20 +1,26 @@
 """Engine benchmarks, measured side by side in one run.
 
-1. Decode speed: the engine (no capture, full capture) vs ``transformers`` ``generate``
-   (greedy, batch 1, KV cache, 128 new tokens) on smollm2.
-2. Cost per token as the context grows, with and without the KV cache (table + figure).
-3. Decode speed as a fraction of the memory-bandwidth limit.
+1. Decode targets (greedy, batch 1): each row compares two runs timed in turns, prints the ratio, its
+   target and whether it is met: tiny float32 engine vs ``transformers.generate``; smollm2 float32 engine
+   vs the GEMV ceiling and vs ``transformers``; smollm2 int8 engine vs float32 ``transformers`` and vs
+   ``transformers`` running the same int8 model; full capture vs no capture.
+2. Memory (RSS after load, after generate, peak), engine vs ``transformers``, each in a subprocess of its own.
+3. Cost per token as the context grows, with and without the KV cache (table + figure).
+4. Decode speed as a fraction of the memory-bandwidth limit.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
 from cyclelab import Engine, load
 from cyclelab import throughput
-from cyclelab.roofline import best_of
+from cyclelab.roofline import best_of, gemv_ceiling
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "The history of the Roman Empire begins"
@@ -30,30 +36,101 @@ def interleaved_best(runs: dict, repeats: int) -> dict[str, float]:
     return seconds
 
 
-def decode_speed(new_tokens: int = 128, repeats: int = 4) -> list[dict]:
-    """Tokens per second: engine without capture, with full capture, and transformers.generate."""
-    eager, sdpa = load("smollm2"), load("smollm2", attn="sdpa")
-    engine = Engine(eager)
-    ids = engine.encode(PROMPT)
-    prompt = torch.tensor([ids])
+def _generate(loaded, ids: list[int], new_tokens: int, capture=None):
+    """A function timing one greedy run of ``new_tokens`` tokens: the engine's, or ``transformers``' if ``loaded`` is a pair."""
+    if isinstance(loaded, tuple):  # ("transformers", Loaded)
+        model, prompt, eos = loaded[1].model, torch.tensor([ids]), loaded[1].tokenizer.eos_token_id
 
-    def hf(model):
-        with torch.no_grad():
-            model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                           pad_token_id=eager.tokenizer.eos_token_id)
+        def hf():
+            with torch.no_grad():
+                model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                               pad_token_id=eos)
+        return hf
+    engine = Engine(loaded)
+    return lambda: engine.generate(ids, new_tokens, stop_at_eos=False, capture=capture)
 
-    def ours(capture):
-        engine.generate(ids, new_tokens, stop_at_eos=False, capture=capture)
 
-    runs = {"transformers generate (sdpa)": lambda: hf(sdpa.model),
-            "transformers generate (eager)": lambda: hf(eager.model),
-            "engine, no capture": lambda: ours(None),
-            "engine, full capture": lambda: ours("all")}
-    seconds = interleaved_best(runs, repeats)
-    baseline = new_tokens / seconds["transformers generate (sdpa)"]
-    return [{"benchmark": "decode speed, smollm2, greedy, 128 tokens", "run": name,
-             "tokens_per_s": round(new_tokens / s, 1), "ratio_vs_transformers": round(new_tokens / s / baseline, 2)}
-            for name, s in seconds.items()]
+def target_row(what: str, speed: float, against: str, other: float, target: float) -> dict:
+    """One comparison: tokens/s of both runs, their ratio, the target and whether it is met."""
+    ratio = speed / other
+    return {"benchmark": "decode targets (greedy, batch 1)", "row": what, "tokens_per_s": round(speed, 1),
+            "against": against, "against_tokens_per_s": round(other, 1), "ratio": round(ratio, 2),
+            "target": f">= {target}", "met": ratio >= target}
+
+
+def decode_targets(new_tokens: int = 128, repeats: int = 3) -> list[dict]:
+    """The issue's targets, every run timed in turns with the others (tokens per second)."""
+    tiny = load("tiny")
+    smol, smol8 = load("smollm2"), load("smollm2", quantize="int8")
+    tiny_ids, ids = Engine(tiny).encode("ROMEO:\nBut soft"), Engine(smol).encode(PROMPT)
+    runs = {"tiny engine": _generate(tiny, tiny_ids, new_tokens),
+            "tiny transformers": _generate(("transformers", load("tiny", attn="sdpa")), tiny_ids, new_tokens),
+            "engine": _generate(smol, ids, new_tokens),
+            "engine, full capture": _generate(smol, ids, new_tokens, capture="all"),
+            "transformers": _generate(("transformers", load("smollm2", attn="sdpa")), ids, new_tokens),
+            "engine int8": _generate(smol8, ids, new_tokens),
+            "transformers int8": _generate(("transformers", load("smollm2", attn="sdpa", quantize="int8")), ids,
+                                           new_tokens)}
+    speed = {name: new_tokens / s for name, s in interleaved_best(runs, repeats).items()}
+    ceiling = gemv_ceiling(smol.model, repeats=5)["tokens_per_s"]
+    return [
+        target_row("tiny float32: engine, no capture", speed["tiny engine"], "transformers.generate",
+                   speed["tiny transformers"], 1.5),
+        target_row("smollm2 float32: engine, no capture", speed["engine"], "GEMV ceiling (torch.mv over all matrices)",
+                   ceiling, 0.9),
+        target_row("smollm2 float32: engine, no capture", speed["engine"], "transformers.generate",
+                   speed["transformers"], 1.0),
+        target_row("smollm2 int8: engine", speed["engine int8"], "float32 transformers.generate",
+                   speed["transformers"], 2.5),
+        target_row("smollm2 int8: engine", speed["engine int8"], "transformers.generate, same int8 model",
+                   speed["transformers int8"], 1.0),
+        target_row("smollm2 float32: engine, full capture", speed["engine, full capture"], "engine, no capture",
+                   speed["engine"], 0.5),
+    ]
+
+
+RSS_SCRIPT = """
+import os, resource, sys, torch
+from cyclelab import Engine, load
+def rss_mb():  # resident now
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+runner, quantize, n = sys.argv[1], sys.argv[2] or None, int(sys.argv[3])
+loaded = load("smollm2", quantize=quantize, attn="sdpa" if runner == "transformers" else "eager")
+engine = Engine(loaded)
+ids = engine.encode("The history of the Roman Empire begins")
+after_load = rss_mb()
+if runner == "engine":
+    engine.generate(ids, n, stop_at_eos=False)
+else:
+    with torch.no_grad():
+        loaded.model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+print(after_load, rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # ru_maxrss: KiB
+"""
+
+
+def rss_mb(runner: str, quantize: str | None, new_tokens: int) -> tuple[float, float, float]:
+    """Resident memory (MB) of a fresh process that loads smollm2 and generates ``new_tokens`` greedily:
+    after the load, after the generation, and the peak."""
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, runner, quantize or "", str(new_tokens)],
+                         capture_output=True, text=True, check=True, env=env, timeout=600)
+    return tuple(float(v) for v in out.stdout.split()[-3:])
+
+
+def peak_memory(new_tokens: int = 32) -> list[dict]:
+    """RSS of load + generate, engine against transformers, float32 and int8 (the peak is the loading's:
+    the float32 file is read before an int8 conversion)."""
+    rows = []
+    for quantize in (None, "int8"):
+        for runner in ("engine", "transformers"):
+            load_mb, end_mb, peak_mb = rss_mb(runner, quantize, new_tokens)
+            rows.append({"benchmark": "memory, smollm2 load + generate (RSS, MB)", "weights": quantize or "float32",
+                         "runner": runner, "after_load_MB": round(load_mb), "after_generate_MB": round(end_mb),
+                         "peak_MB": round(peak_mb)})
+        engine, hf = rows[-2]["after_generate_MB"], rows[-1]["after_generate_MB"]
+        rows[-2].update(ratio_vs_transformers=round(engine / hf, 2), target="<= 1.05", met=engine / hf <= 1.05)
+    return rows
 
 
 def cache_scaling(lengths=(32, 64, 128, 256, 512, 1024), decode_steps: int = 8) -> list[dict]:
@@ -103,10 +180,11 @@ def bandwidth_fraction(new_tokens: int = 64) -> list[dict]:
 
 
 def run(quick: bool = False) -> list[dict]:
-    """All engine benchmarks; ``quick`` uses fewer tokens and lengths."""
+    """All engine benchmarks; ``quick`` uses fewer tokens and skips the KV-cache and bandwidth tables."""
+    # memory first: a child process inherits its parent's peak RSS, so the parent must still be small
     if quick:
-        return decode_speed(32, 1) + cache_scaling((32, 128), 4) + bandwidth_fraction(16)
-    return decode_speed() + cache_scaling() + bandwidth_fraction()
+        return peak_memory(8) + decode_targets(32, 1)
+    return peak_memory() + decode_targets() + cache_scaling() + bandwidth_fraction()
 
 
 if __name__ == "__main__":

@@ -395,7 +395,7 @@ _TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenize
 
 def fingerprint(loaded: Loaded) -> dict[str, str]:
     """sha256 digests that tell models apart: ``weights`` (every parameter's name, shape, dtype and a
-    strided sample of about 1,000 of its values) and ``tokenizer`` (its vocabulary).
+    strided sample of about 1,000 of its values; an int8 Linear's codes and scales likewise) and ``tokenizer`` (its vocabulary).
 
     Computed once per model and tokenizer object (a few ms for tiny); the weights' digest is
     recomputed when a parameter has been changed in place since (training, ``load_state_dict``).
@@ -405,6 +405,7 @@ def fingerprint(loaded: Loaded) -> dict[str, str]:
 
 def _weights_digest(model: torch.nn.Module) -> str:
     params = list(model.named_parameters())
+    params += [(name, b) for name, b in model.named_buffers() if name.endswith((".q", ".scale"))]  # int8 weights
     versions = tuple((p.data_ptr(), p._version) for _, p in params)
     memo = _WEIGHTS.get(model)
     if memo is not None and memo[0] == versions:

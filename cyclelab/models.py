@@ -57,8 +57,11 @@ class Loaded:
         return f"Loaded({self.name!r}, {type(self.model).__name__}, {n / 1e6:.1f}M parameters, on {self.device})"
 
 
+QUANTIZE = (None, "int8")  #: what ``load(..., quantize=)`` accepts
+
+
 def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None,
-         cache: bool = True, attn: str = "eager") -> Loaded:
+         cache: bool = True, attn: str = "eager", quantize: str | None = None) -> Loaded:
     """Load a model and its tokenizer, in eval mode, on the chosen device.
 
     ``name_or_path`` is one of :data:`KNOWN`, a local model folder, or a hub id.
@@ -66,22 +69,41 @@ def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: s
     computes attention as written in the textbook, so ``output_attentions`` works and the
     engine agrees with the model exactly; ``"sdpa"`` is the fused kernel, faster and
     equal up to float rounding.
-    Results are cached in memory per (name, dtype, device, attn): loading twice is free.
+    ``quantize="int8"`` stores every Linear weight as int8 and multiplies with an int8 kernel
+    (:func:`cyclelab.int8kernel.to_int8`: float32 on the CPU only); the engine runs such a model.
+    Results are cached in memory per (name, dtype, device, attn, quantize): loading twice is free.
     Unknown names raise ``ValueError`` listing the valid ones; missing or corrupt files
     raise :class:`ModelFileError` naming the file and the repair.
     """
     if not isinstance(name_or_path, (str, Path)) or not str(name_or_path).strip():
         raise ValueError(f"model name must be a non-empty string; choose one of {', '.join(KNOWN)}")
     dev = pick_device(device)
-    key = (str(name_or_path), dtype, str(dev), attn)
+    _check_quantize(quantize, dtype, dev)
+    key = (str(name_or_path), dtype, str(dev), attn, quantize)
     if cache and key in _CACHE:
         return _CACHE[key]
     folder, repair = _resolve(str(name_or_path))
     loaded = _load_folder(str(name_or_path), folder, repair, dtype, attn)
     loaded.model.to(dev).eval()
+    if quantize == "int8":
+        from .int8kernel import to_int8
+
+        to_int8(loaded.model)
     if cache:
         _CACHE[key] = loaded
     return loaded
+
+
+def _check_quantize(quantize, dtype: torch.dtype, device: torch.device) -> None:
+    """TypeError/ValueError unless ``quantize`` is None, or "int8" for float32 weights on the CPU."""
+    if quantize is not None and not isinstance(quantize, str):
+        raise TypeError(f"quantize must be None or 'int8' (a string), got {quantize!r}")
+    if quantize not in QUANTIZE:
+        raise ValueError(f"unknown quantize={quantize!r}: the choices are None (float weights) and 'int8'; "
+                         f"int4 and bfloat16 are simulated by cyclelab.quantize.simulate(model, method)")
+    if quantize == "int8" and (dtype != torch.float32 or device.type != "cpu"):
+        raise ValueError(f"quantize='int8' runs CPU int8 kernels on float32 activations: load with "
+                         f"dtype=torch.float32 and device='cpu' (got dtype={dtype}, device={device.type!r})")
 
 
 def _resolve(name: str) -> tuple[str | Path, str]:

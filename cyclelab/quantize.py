@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .int8kernel import Int8Linear, is_int8, to_int8  # noqa: F401 - real int8 lives with the loaders
+
 Q4_1_BLOCK = 32  #: values per Q4_1 block
 Q4_1_BYTES = 20  #: bytes per Q4_1 block: 2 (d) + 2 (m) + 16 (codes)
 BITS = {"float32": 32, "bfloat16": 16, "int8": 8, "int4": 4}  #: bits per stored weight
@@ -155,3 +157,11 @@ def gguf_block(path: str | Path, tensor: str, index: int = 0) -> np.ndarray:
     if not isinstance(index, int) or not 0 <= index < n_blocks:
         raise ValueError(f"block index must be an integer in [0, {n_blocks}) for {tensor!r}, got {index!r}")
     return flat[index * Q4_1_BYTES:(index + 1) * Q4_1_BYTES].copy()
+
+
+# --- real int8: the weights stored as int8 and multiplied as int8 ------------------------------------
+
+
+def int8_linear_of(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
+    """An :class:`~cyclelab.int8kernel.Int8Linear` holding ``weight`` ``(out, in)`` quantized per row (:func:`quantize_int8`)."""
+    return Int8Linear(*quantize_int8(weight), bias)

@@ -23,6 +23,7 @@ from .attend import KVCache, attention_mix, attention_scores, merge_heads, split
 from .cycle import Event
 from .ops import REGISTRY
 from .norms import rms_norm
+from .int8kernel import is_int8
 from .rope import apply_rope, rope_cos_sin
 
 SUPPORTED = {"gpt2": "GPT-2", "llama": "Llama"}
@@ -112,15 +113,21 @@ class Architecture:
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.config = model.config
+        # int8 Linears (cyclelab.quantize.to_int8) are called as modules: their weights are packed for the kernel
+        self.int8 = any(is_int8(m) for m in model.modules())
+
+    def linear(self, x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+        """``x @ W.T + b`` for a Linear, float32 or int8."""
+        return module(x) if self.int8 else F.linear(x, module.weight, module.bias)
 
     # --- bookkeeping -------------------------------------------------------------
     @staticmethod
-    def linear_cost(x: torch.Tensor, weight: torch.Tensor, n_out: int) -> tuple[int, int]:
-        """FLOPs and bytes of ``x @ weight`` (weight read once, input read, output written)."""
+    def linear_cost(x: torch.Tensor, module: torch.nn.Module, n_out: int) -> tuple[int, int]:
+        """FLOPs and bytes of ``x @ W.T`` for a Linear or Conv1D ``module`` (weight read once, input read,
+        output written)."""
         rows = x.numel() // x.shape[-1]
         flops = 2 * rows * x.shape[-1] * n_out
-        nbytes = (weight.numel() + x.numel() + rows * n_out) * x.element_size()
-        return flops, nbytes
+        return flops, matrix_bytes(module) + (x.numel() + rows * n_out) * x.element_size()
 
     # --- shared attention ---------------------------------------------------------
     def attend(self, run: RunContext, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -200,7 +207,9 @@ class GPT2(Architecture):
         return F.layer_norm(x, (x.shape[-1],), ln.weight, ln.bias, self.eps)
 
     def conv1d(self, x: torch.Tensor, conv) -> torch.Tensor:
-        """GPT-2's ``Conv1D`` is a linear layer with its weight stored as (in, out)."""
+        """GPT-2's ``Conv1D`` is a linear layer with its weight stored as (in, out) (an int8 Linear once quantized)."""
+        if self.int8:
+            return conv(x)
         return torch.addmm(conv.bias, x.reshape(-1, x.shape[-1]), conv.weight).view(*x.shape[:-1], -1)
 
     def embed(self, run, ids, positions):
@@ -221,12 +230,12 @@ class GPT2(Architecture):
         t = perf_counter()
         qkv = self.conv1d(h, layer.attn.c_attn)  # (b, t, 3d)
         q, k, v = (split_heads(part, self.n_heads) for part in qkv.split(self.config.n_embd, dim=-1))  # (b, h, t, hd)
-        yield run.event("qkv", i, t, *self.linear_cost(h, layer.attn.c_attn.weight, qkv.shape[-1]), q=q, k=k, v=v)
+        yield run.event("qkv", i, t, *self.linear_cost(h, layer.attn.c_attn, qkv.shape[-1]), q=q, k=k, v=v)
 
         mixed = yield from self.attend(run, i, q, k, v, cache)  # (b, t, d): the heads merged
         t = perf_counter()
         attn = self.conv1d(mixed, layer.attn.c_proj)  # (b, t, d)
-        yield run.event("attn_out", i, t, *self.linear_cost(mixed, layer.attn.c_proj.weight, attn.shape[-1]), out=attn)
+        yield run.event("attn_out", i, t, *self.linear_cost(mixed, layer.attn.c_proj, attn.shape[-1]), out=attn)
         x = yield from self.residual(run, i, "residual_attn", x, attn)
 
         t = perf_counter()
@@ -234,7 +243,7 @@ class GPT2(Architecture):
         yield run.event("norm_mlp", i, t, 5 * h.numel(), 0, out=h)
         t = perf_counter()
         up = self.conv1d(h, layer.mlp.c_fc)  # (b, t, 4d)
-        yield run.event("mlp_in", i, t, *self.linear_cost(h, layer.mlp.c_fc.weight, up.shape[-1]), out=up)
+        yield run.event("mlp_in", i, t, *self.linear_cost(h, layer.mlp.c_fc, up.shape[-1]), out=up)
         t = perf_counter()
         act = F.gelu(up, approximate=self.approximate)  # (b, t, 4d)
         yield run.event("act", i, t, 8 * act.numel(), 0, out=act)
@@ -242,7 +251,7 @@ class GPT2(Architecture):
         down = self.conv1d(act, layer.mlp.c_proj)  # (b, t, d)
         if i in run.ablation.mlps:
             down = torch.zeros_like(down)
-        yield run.event("mlp_out", i, t, *self.linear_cost(act, layer.mlp.c_proj.weight, down.shape[-1]), out=down)
+        yield run.event("mlp_out", i, t, *self.linear_cost(act, layer.mlp.c_proj, down.shape[-1]), out=down)
         return (yield from self.residual(run, i, "residual_mlp", x, down))
 
     def unembed(self, x, run=None):
@@ -251,9 +260,9 @@ class GPT2(Architecture):
         h = self.norm(x, self.body.ln_f)
         yield run.event("norm_final", None, t, 5 * h.numel(), 0, out=h)
         t = perf_counter()
-        weight = self.model.lm_head.weight
-        logits = h @ weight.T  # (b, t, vocab)
-        yield run.event("logits", None, t, *self.linear_cost(h, weight, weight.shape[0]), out=logits)
+        head = self.model.lm_head
+        logits = self.linear(h, head) if self.int8 else h @ head.weight.T  # (b, t, vocab)
+        yield run.event("logits", None, t, *self.linear_cost(h, head, logits.shape[-1]), out=logits)
         return logits
 
 
@@ -298,13 +307,12 @@ class Llama(Architecture):
         yield run.event("norm_attn", i, t, 4 * h.numel(), 0, out=h)
 
         t = perf_counter()
-        q = split_heads(F.linear(h, attn.q_proj.weight, attn.q_proj.bias), self.n_heads)  # (b, h, t, hd)
-        k = split_heads(F.linear(h, attn.k_proj.weight, attn.k_proj.bias), self.n_kv_heads)  # (b, kv_h, t, hd)
-        v = split_heads(F.linear(h, attn.v_proj.weight, attn.v_proj.bias), self.n_kv_heads)  # (b, kv_h, t, hd)
+        q = split_heads(self.linear(h, attn.q_proj), self.n_heads)  # (b, h, t, hd)
+        k = split_heads(self.linear(h, attn.k_proj), self.n_kv_heads)  # (b, kv_h, t, hd)
+        v = split_heads(self.linear(h, attn.v_proj), self.n_kv_heads)  # (b, kv_h, t, hd)
         n_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
-        weights = attn.q_proj.weight.numel() + attn.k_proj.weight.numel() + attn.v_proj.weight.numel()
-        flops, _ = self.linear_cost(h, attn.q_proj.weight, n_out)
-        nbytes = (weights + h.numel() + h.numel() // h.shape[-1] * n_out) * h.element_size()
+        flops, nbytes = self.linear_cost(h, attn.q_proj, n_out)
+        nbytes += matrix_bytes(attn.k_proj) + matrix_bytes(attn.v_proj)
         yield run.event("qkv", i, t, flops, nbytes, q=q, k=k, v=v)
 
         t = perf_counter()
@@ -314,25 +322,25 @@ class Llama(Architecture):
 
         mixed = yield from self.attend(run, i, q, k, v, cache)  # (b, t, d): the heads merged
         t = perf_counter()
-        out = F.linear(mixed, attn.o_proj.weight, attn.o_proj.bias)
-        yield run.event("attn_out", i, t, *self.linear_cost(mixed, attn.o_proj.weight, out.shape[-1]), out=out)
+        out = self.linear(mixed, attn.o_proj)
+        yield run.event("attn_out", i, t, *self.linear_cost(mixed, attn.o_proj, out.shape[-1]), out=out)
         x = yield from self.residual(run, i, "residual_attn", x, out)
 
         t = perf_counter()
         h = self.norm(x, layer.post_attention_layernorm.weight)  # (b, t, d)
         yield run.event("norm_mlp", i, t, 4 * h.numel(), 0, out=h)
         t = perf_counter()
-        gate, up = F.linear(h, mlp.gate_proj.weight), F.linear(h, mlp.up_proj.weight)  # (b, t, d_mlp) each
-        flops, nbytes = self.linear_cost(h, mlp.gate_proj.weight, 2 * gate.shape[-1])
-        yield run.event("mlp_in", i, t, flops, nbytes + mlp.up_proj.weight.numel() * h.element_size(), gate=gate, up=up)
+        gate, up = self.linear(h, mlp.gate_proj), self.linear(h, mlp.up_proj)  # (b, t, d_mlp) each
+        flops, nbytes = self.linear_cost(h, mlp.gate_proj, 2 * gate.shape[-1])
+        yield run.event("mlp_in", i, t, flops, nbytes + matrix_bytes(mlp.up_proj), gate=gate, up=up)
         t = perf_counter()
         act = F.silu(gate) * up  # (b, t, d_mlp)
         yield run.event("act", i, t, 6 * act.numel(), 0, out=act)
         t = perf_counter()
-        down = F.linear(act, mlp.down_proj.weight)  # (b, t, d)
+        down = self.linear(act, mlp.down_proj)  # (b, t, d)
         if i in run.ablation.mlps:
             down = torch.zeros_like(down)
-        yield run.event("mlp_out", i, t, *self.linear_cost(act, mlp.down_proj.weight, down.shape[-1]), out=down)
+        yield run.event("mlp_out", i, t, *self.linear_cost(act, mlp.down_proj, down.shape[-1]), out=down)
         return (yield from self.residual(run, i, "residual_mlp", x, down))
 
     def unembed(self, x, run=None):
@@ -341,10 +349,17 @@ class Llama(Architecture):
         h = self.norm(x, self.body.norm.weight)
         yield run.event("norm_final", None, t, 4 * h.numel(), 0, out=h)
         t = perf_counter()
-        weight = self.model.lm_head.weight
-        logits = h @ weight.T  # (b, t, vocab)
-        yield run.event("logits", None, t, *self.linear_cost(h, weight, weight.shape[0]), out=logits)
+        head = self.model.lm_head
+        logits = self.linear(h, head) if self.int8 else h @ head.weight.T  # (b, t, vocab)
+        yield run.event("logits", None, t, *self.linear_cost(h, head, logits.shape[-1]), out=logits)
         return logits
+
+
+def matrix_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a Linear's or Conv1D's weight as stored: float elements, or int8 codes plus a float32 scale per row."""
+    if is_int8(module):
+        return module.in_features * module.out_features + 4 * module.out_features
+    return module.weight.numel() * module.weight.element_size()
 
 
 def architecture_for(model: torch.nn.Module) -> Architecture:

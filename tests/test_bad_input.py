@@ -3,7 +3,7 @@ that names the problem (the argument, file or field). No row may pass silently o
 
 The rows are grouped by category (the README's Reliability section counts them):
 prompts, lengths, sampling, run options, forced tokens and branches, ablation, trace files,
-constructors and the debugger's commands.
+quantization, constructors and the debugger's commands.
 """
 
 import copy
@@ -14,10 +14,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cyclelab import Debugger, Engine, Loaded, Sampling, Trace, ablation
+from cyclelab import Debugger, Engine, Loaded, Sampling, Trace, ablation, load
 from cyclelab.decode import apply_repetition_penalty, apply_temperature, as_sampling
 from cyclelab.decode import sample as decode_sample
 from cyclelab.engine import drain, fingerprint
+from cyclelab.quantize import int8_linear_of, to_int8
 from cyclelab.transformer import Ablation
 
 PROMPT = "ROMEO:"
@@ -277,6 +278,19 @@ ROWS = [
     R(lambda c: trace_file(c, setter("settings", "surprise", 1)), ValueError, FILE + r".*settings has unknown field\(s\) \['surprise'\]", id="file-settings-unknown"),
     R(lambda c: trace_file(c, setter("fingerprint", "weights", "abc")), ValueError, FILE + r".*fingerprint\.weights must be a sha256 digest", id="file-fingerprint-short"),
     R(lambda c: trace_file(c, setter("fingerprint", [])), ValueError, FILE + r".*fingerprint must be an object", id="file-fingerprint-list"),
+    # ---------------------------------------------------------------- quantization (int8 weights)
+    R(lambda c: load("tiny", quantize="int4"), ValueError, r"unknown quantize='int4': the choices are None \(float weights\) and 'int8'.*simulate", id="load-quantize-int4"),
+    R(lambda c: load("tiny", quantize="INT8 "), ValueError, r"unknown quantize='INT8 '", id="load-quantize-misspelt"),
+    R(lambda c: load("tiny", quantize=8), TypeError, r"quantize must be None or 'int8' \(a string\), got 8", id="load-quantize-int"),
+    R(lambda c: load("tiny", quantize=True), TypeError, r"quantize must be None or 'int8'.*got True", id="load-quantize-bool"),
+    R(lambda c: load("tiny", quantize="int8", dtype=torch.bfloat16), ValueError, r"quantize='int8' .*load with dtype=torch\.float32 and device='cpu' \(got dtype=torch\.bfloat16", id="load-quantize-bfloat16"),
+    R(lambda c: to_int8(None), TypeError, r"to_int8 converts a torch\.nn\.Module.*got NoneType", id="to-int8-none"),
+    R(lambda c: to_int8(load("tiny", quantize="int8").model), ValueError, r"the model is already int8", id="to-int8-twice"),
+    R(lambda c: to_int8(torch.nn.Linear(2, 2).bfloat16()), ValueError, r"to_int8 needs a float32 model on the CPU.*got torch\.bfloat16 on cpu", id="to-int8-bfloat16"),
+    R(lambda c: int8_linear_of(torch.ones(2, 3), None)(torch.ones(1, 3, dtype=torch.bfloat16)), TypeError, r"an int8 Linear takes float32 inputs, got torch\.bfloat16", id="int8-linear-bfloat16-input"),
+    R(lambda c: int8_linear_of(torch.ones(2, 3), None)(torch.ones(1, 4)), ValueError, r"int8 Linear of 3 inputs got a tensor of shape \(1, 4\): its last dimension must be 3", id="int8-linear-wrong-width"),
+    R(lambda c: int8_linear_of(torch.ones(2, 3), None)(torch.tensor(1.0)), ValueError, r"got a tensor of shape \(\)", id="int8-linear-scalar-input"),
+    R(lambda c: int8_linear_of(torch.tensor([[1.0, float("nan")]]), None), ValueError, r"quantize_int8: the weight holds inf or NaN", id="int8-linear-nan-weight"),
     # ---------------------------------------------------------------- constructors
     R(lambda c: Engine(None), TypeError, r"Engine needs a model: a Loaded from cyclelab\.load.*got NoneType", id="engine-none"),
     R(lambda c: Engine(42), TypeError, r"Engine needs a model.*got int", id="engine-int"),
