@@ -6,7 +6,7 @@ from the page and compared with the engine; a screenshot is kept as a test artif
 
 Needs ``/usr/bin/chromium`` (``apt-get install -y chromium``) and Playwright for Python
 (``pip install playwright``); no browser is ever downloaded. ``bash scripts/dev.sh test``
-installs both where it can; without them the test is skipped.
+installs both where it can; without them the test is skipped. It is a ``slow`` test (``CYCLELAB_SLOW=1``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ import pytest
 if TYPE_CHECKING:
     from playwright.sync_api import Locator, Page
 
-pytestmark = pytest.mark.browser
+# slow: the whole chapter run in Lab costs about a minute; tests/test_browser_view.py keeps the debugger's
+# clicks in Lab and Notebook 7 in the test command.
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = "00_the_clock_cycle.ipynb"
