@@ -152,6 +152,14 @@ class Int8Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight, float32 scale per row"
 
 
+def quantize_symmetric(w: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes in [-levels, levels] and one scale per row of ``w`` (a zero row gets scale 1)."""
+    absmax = w.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(absmax > 0, absmax / levels, torch.ones_like(absmax))
+    q = torch.round(w / scale).clamp(-levels, levels).to(torch.int8)
+    return q, scale
+
+
 def is_int8(module: torch.nn.Module) -> bool:
     """True for a Linear whose weight is stored as int8 (:class:`Int8Linear`)."""
     return isinstance(module, Int8Linear)
@@ -161,7 +169,7 @@ def to_int8(model: torch.nn.Module) -> torch.nn.Module:
     """Replace every Linear (and GPT-2 ``Conv1D``) of ``model``, in place, by an :class:`Int8Linear`; return ``model``.
 
     Each weight is quantized per output row, symmetric (``scale = max|w| / 127``, codes
-    ``round(w / scale)``: :func:`cyclelab.quantize.quantize_int8`, the chapter-07 recipe); the float weight
+    ``round(w / scale)``: :func:`quantize_symmetric`, the chapter-07 recipe); the float weight
     is dropped. Embeddings and norms stay float32. A tied unembedding (GPT-2's and SmolLM2's ``lm_head``
     shares the embedding's matrix) gets int8 codes of its own, a quarter of the float matrix's bytes,
     and the embedding keeps the float matrix for its row lookups.
@@ -190,6 +198,4 @@ def _rows_to_int8(w: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
     """``w`` ``(out, in)`` quantized per row, symmetric, as an :class:`Int8Linear` (a zero row gets scale 1)."""
     if not torch.isfinite(w).all():
         raise ValueError("to_int8: a weight holds inf or NaN, which no scale can represent")
-    absmax = w.abs().amax(dim=1, keepdim=True)
-    scale = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
-    return Int8Linear(torch.round(w / scale).clamp(-127, 127).to(torch.int8), scale, bias)
+    return Int8Linear(*quantize_symmetric(w, 127), bias)

@@ -24,8 +24,8 @@ import torch
 
 from .checksums import ModelFileError, model_files, verify_folder, write_sums
 from .device import pick_device
-from .paths import REPO_DATA
 from .fetch import asset_path, fetch, fetch_command, replace_folder, smollm2_cache, verify_asset, writing_cache
+from .paths import REPO_DATA
 
 KNOWN = {
     "tiny": "GPT-2-style model trained on Shakespeare by this project (data/tiny)",

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .int8kernel import Int8Linear, is_int8, to_int8  # noqa: F401 - real int8 lives with the loaders
+from .int8kernel import Int8Linear, is_int8, quantize_symmetric, to_int8  # noqa: F401 - real int8 lives with the loaders
 
 Q4_1_BLOCK = 32  #: values per Q4_1 block
 Q4_1_BYTES = 20  #: bytes per Q4_1 block: 2 (d) + 2 (m) + 16 (codes)
@@ -39,14 +39,6 @@ def _check_weight(w, what: str) -> None:
                          f"{w.dim()}-D {w.dtype}")
     if not torch.isfinite(w).all():
         raise ValueError(f"{what}: the weight holds inf or NaN, which no scale can represent")
-
-
-def quantize_symmetric(w: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes in [-levels, levels] and one scale per row of ``w`` (a zero row gets scale 1)."""
-    absmax = w.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(absmax > 0, absmax / levels, torch.ones_like(absmax))
-    q = torch.round(w / scale).clamp(-levels, levels).to(torch.int8)
-    return q, scale
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -261,7 +261,7 @@ class GPT2(Architecture):
         yield run.event("norm_final", None, t, 5 * h.numel(), 0, out=h)
         t = perf_counter()
         head = self.model.lm_head
-        logits = self.linear(h, head) if self.int8 else h @ head.weight.T  # (b, t, vocab)
+        logits = self.linear(h, head)  # (b, t, vocab)
         yield run.event("logits", None, t, *self.linear_cost(h, head, logits.shape[-1]), out=logits)
         return logits
 
