@@ -122,7 +122,7 @@ def _check_logits(logits: torch.Tensor, one_row: bool = False) -> None:
         raise ValueError(f"logits must have shape {shapes}, got {tuple(logits.shape)}")
     if logits.numel() == 0:
         raise ValueError(f"logits are empty (shape {tuple(logits.shape)})")
-    if torch.isnan(logits).any():
+    if torch.isnan(logits.sum()) and torch.isnan(logits).any():  # the sum first: one cheap pass when there is none
         raise ValueError("logits contain NaN")
 
 
@@ -319,17 +319,18 @@ def choose(logits: torch.Tensor, previous_ids: Ids, sampling: Sampling,
     if sampling.do_sample:
         token, draw = sample(final, generator or make_generator(sampling.seed))
     else:
-        token, draw = greedy(final), None
+        token, draw = int(torch.argmax(final)), None
     probs = torch.softmax(final.float(), dim=-1)
+    raw = probs if final is logits else torch.softmax(logits.float(), dim=-1)
     best = torch.topk(probs, min(5, probs.numel()))
     return Choice(
         token_id=token,
         prob=float(probs[token]),
-        raw_prob=float(torch.softmax(logits.float(), dim=-1)[token]),
+        raw_prob=float(raw[token]),
         entropy=float(torch.special.entr(probs).sum()),
         top=[(int(i), float(q)) for q, i in zip(best.values, best.indices) if q > 0],
         draw=draw,
-        greedy_id=greedy(logits),
+        greedy_id=int(torch.argmax(logits)),
     )
 
 

@@ -248,11 +248,11 @@ class Engine:
                       {"choice": choice, "token_id": token, "forced": forced is not None})
         totals.add(event)
         yield event
-        probs = torch.softmax(logits.float(), -1)
+        raw_prob = choice.raw_prob if token == choice.token_id else float(torch.softmax(logits.float(), -1)[token])
         record = CycleRecord(
             cycle=cycle, token_id=token, token=self.token_text(token),
-            prob=choice.prob if forced is None else _prob_after(choice, token, probs),
-            raw_prob=float(probs[token]), entropy=choice.entropy,
+            prob=choice.prob if forced is None else _prob_after(choice, token, raw_prob),
+            raw_prob=raw_prob, entropy=choice.entropy,
             top=[(i, self.token_text(i), round(p, 6)) for i, p in choice.top],
             greedy_id=choice.greedy_id, draw=choice.draw, forced=forced is not None,
             n_inputs=n_inputs, cache_len=cache_len, seconds=perf_counter() - start, flops=totals.flops, bytes=totals.bytes)
@@ -505,12 +505,12 @@ def _without_grad(steps: Generator[Event, None, object]) -> Generator[Event, Non
         yield event
 
 
-def _prob_after(choice, token: int, raw: torch.Tensor) -> float:
+def _prob_after(choice, token: int, raw_prob: float) -> float:
     """Probability of a forced token: from the processed top list if there, else the raw one."""
     for i, p in choice.top:
         if i == token:
             return p
-    return float(raw[token])
+    return raw_prob
 
 
 def _ablation_of(trace: Trace) -> Ablation:

@@ -70,7 +70,7 @@ def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: s
     engine agrees with the model exactly; ``"sdpa"`` is the fused kernel, faster and
     equal up to float rounding.
     ``quantize="int8"`` stores every Linear weight as int8 and multiplies with an int8 kernel
-    (:func:`cyclelab.int8kernel.to_int8`: float32 on the CPU only); the engine runs such a model.
+    (:func:`cyclelab.kernels.to_int8`: float32 on the CPU only); the engine runs such a model.
     Results are cached in memory per (name, dtype, device, attn, quantize): loading twice is free.
     Unknown names raise ``ValueError`` listing the valid ones; missing or corrupt files
     raise :class:`ModelFileError` naming the file and the repair.
@@ -86,7 +86,7 @@ def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: s
     loaded = _load_folder(str(name_or_path), folder, repair, dtype, attn)
     loaded.model.to(dev).eval()
     if quantize == "int8":
-        from .int8kernel import to_int8
+        from .kernels import to_int8
 
         to_int8(loaded.model)
     if cache:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .int8kernel import Int8Linear, is_int8, quantize_symmetric, to_int8  # noqa: F401 - real int8 lives with the loaders
+from .kernels import Int8Linear, is_int8, quantize_symmetric, to_int8  # noqa: F401 - real int8 lives with the loaders
 
 Q4_1_BLOCK = 32  #: values per Q4_1 block
 Q4_1_BYTES = 20  #: bytes per Q4_1 block: 2 (d) + 2 (m) + 16 (codes)
@@ -155,5 +155,5 @@ def gguf_block(path: str | Path, tensor: str, index: int = 0) -> np.ndarray:
 
 
 def int8_linear_of(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
-    """An :class:`~cyclelab.int8kernel.Int8Linear` holding ``weight`` ``(out, in)`` quantized per row (:func:`quantize_int8`)."""
+    """An :class:`~cyclelab.kernels.Int8Linear` holding ``weight`` ``(out, in)`` quantized per row (:func:`quantize_int8`)."""
     return Int8Linear(*quantize_int8(weight), bias)

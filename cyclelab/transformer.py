@@ -23,7 +23,7 @@ from .attend import KVCache, attention_mix, attention_scores, merge_heads, split
 from .cycle import Event
 from .ops import REGISTRY
 from .norms import rms_norm
-from .int8kernel import is_int8
+from .kernels import f32_conv1d, f32_linear, is_int8
 from .rope import apply_rope, rope_cos_sin
 
 SUPPORTED = {"gpt2": "GPT-2", "llama": "Llama"}
@@ -115,19 +115,26 @@ class Architecture:
         self.config = model.config
         # int8 Linears (cyclelab.quantize.to_int8) are called as modules: their weights are packed for the kernel
         self.int8 = any(is_int8(m) for m in model.modules())
+        self._weight_bytes: dict[torch.nn.Module, int] = {}
 
     def linear(self, x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
-        """``x @ W.T + b`` for a Linear, float32 or int8."""
-        return module(x) if self.int8 else F.linear(x, module.weight, module.bias)
+        """``x @ W.T + b`` for a Linear, float32 or int8 (decode's few rows by the engine's own C kernels)."""
+        return module(x) if self.int8 else f32_linear(x, module.weight, module.bias)
 
     # --- bookkeeping -------------------------------------------------------------
-    @staticmethod
-    def linear_cost(x: torch.Tensor, module: torch.nn.Module, n_out: int) -> tuple[int, int]:
-        """FLOPs and bytes of ``x @ W.T`` for a Linear or Conv1D ``module`` (weight read once, input read,
-        output written)."""
+    def linear_cost(self, x: torch.Tensor, n_out: int, *modules: torch.nn.Module) -> tuple[int, int]:
+        """FLOPs and bytes of ``x @ W.T`` into ``n_out`` outputs for the Linears or Conv1Ds ``modules``
+        (each weight read once, the input read, the output written)."""
         rows = x.numel() // x.shape[-1]
         flops = 2 * rows * x.shape[-1] * n_out
-        return flops, matrix_bytes(module) + (x.numel() + rows * n_out) * x.element_size()
+        return flops, sum(map(self.weight_bytes, modules)) + (x.numel() + rows * n_out) * x.element_size()
+
+    def weight_bytes(self, module: torch.nn.Module) -> int:
+        """:func:`matrix_bytes` of ``module``, looked up once per module (decode asks every cycle)."""
+        nbytes = self._weight_bytes.get(module)
+        if nbytes is None:
+            nbytes = self._weight_bytes[module] = matrix_bytes(module)
+        return nbytes
 
     # --- shared attention ---------------------------------------------------------
     def attend(self, run: RunContext, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -208,9 +215,7 @@ class GPT2(Architecture):
 
     def conv1d(self, x: torch.Tensor, conv) -> torch.Tensor:
         """GPT-2's ``Conv1D`` is a linear layer with its weight stored as (in, out) (an int8 Linear once quantized)."""
-        if self.int8:
-            return conv(x)
-        return torch.addmm(conv.bias, x.reshape(-1, x.shape[-1]), conv.weight).view(*x.shape[:-1], -1)
+        return conv(x) if self.int8 else f32_conv1d(x, conv.weight, conv.bias)
 
     def embed(self, run, ids, positions):
         t = perf_counter()
@@ -229,13 +234,14 @@ class GPT2(Architecture):
 
         t = perf_counter()
         qkv = self.conv1d(h, layer.attn.c_attn)  # (b, t, 3d)
-        q, k, v = (split_heads(part, self.n_heads) for part in qkv.split(self.config.n_embd, dim=-1))  # (b, h, t, hd)
-        yield run.event("qkv", i, t, *self.linear_cost(h, layer.attn.c_attn, qkv.shape[-1]), q=q, k=k, v=v)
+        b, t_, _ = qkv.shape  # [q | k | v], each the heads side by side: one view splits all three
+        q, k, v = qkv.view(b, t_, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)  # (b, h, t, hd) each
+        yield run.event("qkv", i, t, *self.linear_cost(h, qkv.shape[-1], layer.attn.c_attn), q=q, k=k, v=v)
 
         mixed = yield from self.attend(run, i, q, k, v, cache)  # (b, t, d): the heads merged
         t = perf_counter()
         attn = self.conv1d(mixed, layer.attn.c_proj)  # (b, t, d)
-        yield run.event("attn_out", i, t, *self.linear_cost(mixed, layer.attn.c_proj, attn.shape[-1]), out=attn)
+        yield run.event("attn_out", i, t, *self.linear_cost(mixed, attn.shape[-1], layer.attn.c_proj), out=attn)
         x = yield from self.residual(run, i, "residual_attn", x, attn)
 
         t = perf_counter()
@@ -243,7 +249,7 @@ class GPT2(Architecture):
         yield run.event("norm_mlp", i, t, 5 * h.numel(), 0, out=h)
         t = perf_counter()
         up = self.conv1d(h, layer.mlp.c_fc)  # (b, t, 4d)
-        yield run.event("mlp_in", i, t, *self.linear_cost(h, layer.mlp.c_fc, up.shape[-1]), out=up)
+        yield run.event("mlp_in", i, t, *self.linear_cost(h, up.shape[-1], layer.mlp.c_fc), out=up)
         t = perf_counter()
         act = F.gelu(up, approximate=self.approximate)  # (b, t, 4d)
         yield run.event("act", i, t, 8 * act.numel(), 0, out=act)
@@ -251,7 +257,7 @@ class GPT2(Architecture):
         down = self.conv1d(act, layer.mlp.c_proj)  # (b, t, d)
         if i in run.ablation.mlps:
             down = torch.zeros_like(down)
-        yield run.event("mlp_out", i, t, *self.linear_cost(act, layer.mlp.c_proj, down.shape[-1]), out=down)
+        yield run.event("mlp_out", i, t, *self.linear_cost(act, down.shape[-1], layer.mlp.c_proj), out=down)
         return (yield from self.residual(run, i, "residual_mlp", x, down))
 
     def unembed(self, x, run=None):
@@ -262,7 +268,7 @@ class GPT2(Architecture):
         t = perf_counter()
         head = self.model.lm_head
         logits = self.linear(h, head)  # (b, t, vocab)
-        yield run.event("logits", None, t, *self.linear_cost(h, head, logits.shape[-1]), out=logits)
+        yield run.event("logits", None, t, *self.linear_cost(h, logits.shape[-1], head), out=logits)
         return logits
 
 
@@ -311,9 +317,7 @@ class Llama(Architecture):
         k = split_heads(self.linear(h, attn.k_proj), self.n_kv_heads)  # (b, kv_h, t, hd)
         v = split_heads(self.linear(h, attn.v_proj), self.n_kv_heads)  # (b, kv_h, t, hd)
         n_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
-        flops, nbytes = self.linear_cost(h, attn.q_proj, n_out)
-        nbytes += matrix_bytes(attn.k_proj) + matrix_bytes(attn.v_proj)
-        yield run.event("qkv", i, t, flops, nbytes, q=q, k=k, v=v)
+        yield run.event("qkv", i, t, *self.linear_cost(h, n_out, attn.q_proj, attn.k_proj, attn.v_proj), q=q, k=k, v=v)
 
         t = perf_counter()
         cos, sin = run.rope
@@ -323,7 +327,7 @@ class Llama(Architecture):
         mixed = yield from self.attend(run, i, q, k, v, cache)  # (b, t, d): the heads merged
         t = perf_counter()
         out = self.linear(mixed, attn.o_proj)
-        yield run.event("attn_out", i, t, *self.linear_cost(mixed, attn.o_proj, out.shape[-1]), out=out)
+        yield run.event("attn_out", i, t, *self.linear_cost(mixed, out.shape[-1], attn.o_proj), out=out)
         x = yield from self.residual(run, i, "residual_attn", x, out)
 
         t = perf_counter()
@@ -331,8 +335,7 @@ class Llama(Architecture):
         yield run.event("norm_mlp", i, t, 4 * h.numel(), 0, out=h)
         t = perf_counter()
         gate, up = self.linear(h, mlp.gate_proj), self.linear(h, mlp.up_proj)  # (b, t, d_mlp) each
-        flops, nbytes = self.linear_cost(h, mlp.gate_proj, 2 * gate.shape[-1])
-        yield run.event("mlp_in", i, t, flops, nbytes + matrix_bytes(mlp.up_proj), gate=gate, up=up)
+        yield run.event("mlp_in", i, t, *self.linear_cost(h, 2 * gate.shape[-1], mlp.gate_proj, mlp.up_proj), gate=gate, up=up)
         t = perf_counter()
         act = F.silu(gate) * up  # (b, t, d_mlp)
         yield run.event("act", i, t, 6 * act.numel(), 0, out=act)
@@ -340,7 +343,7 @@ class Llama(Architecture):
         down = self.linear(act, mlp.down_proj)  # (b, t, d)
         if i in run.ablation.mlps:
             down = torch.zeros_like(down)
-        yield run.event("mlp_out", i, t, *self.linear_cost(act, mlp.down_proj, down.shape[-1]), out=down)
+        yield run.event("mlp_out", i, t, *self.linear_cost(act, down.shape[-1], mlp.down_proj), out=down)
         return (yield from self.residual(run, i, "residual_mlp", x, down))
 
     def unembed(self, x, run=None):
@@ -350,8 +353,8 @@ class Llama(Architecture):
         yield run.event("norm_final", None, t, 4 * h.numel(), 0, out=h)
         t = perf_counter()
         head = self.model.lm_head
-        logits = self.linear(h, head) if self.int8 else h @ head.weight.T  # (b, t, vocab)
-        yield run.event("logits", None, t, *self.linear_cost(h, head, logits.shape[-1]), out=logits)
+        logits = self.linear(h, head)  # (b, t, vocab)
+        yield run.event("logits", None, t, *self.linear_cost(h, logits.shape[-1], head), out=logits)
         return logits
 
 

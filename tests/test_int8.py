@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from cyclelab import Engine, load
-from cyclelab import int8kernel
+from cyclelab import kernels
 from cyclelab.decoding_lab import encode_split
 from cyclelab.engine import fingerprint
 from cyclelab.metrics import perplexity_of_model
-from cyclelab.int8kernel import MANY_ROWS, Int8Linear, int8_linear, is_int8
+from cyclelab.kernels import MANY_ROWS, Int8Linear, int8_linear, is_int8
 from cyclelab.quantize import int8_linear_of, quantize_int8, to_int8
 
 PROMPTS = ["ROMEO:", "JULIET:\nO Romeo, Romeo", "KING HENRY:\nOnce more unto the breach"]
@@ -50,12 +50,12 @@ def test_kernel_agrees_with_torchs_weight_only_int8_op():
 
 def test_without_a_compiler_torchs_op_gives_the_answer(monkeypatch):
     x, q, scale, bias = _case(2, 96, 33, seed=4)
-    monkeypatch.setattr(int8kernel, "compiled", lambda: None)
+    monkeypatch.setattr(kernels, "compiled", lambda: None)
     torch.testing.assert_close(int8_linear(x, q, scale, bias), torch._weight_int8pack_mm(x, q, scale) + bias)
 
 
 def test_the_compiled_kernel_is_used_here():
-    assert int8kernel.compiled() is not None, "no C compiler or no AVX2: the int8 kernel falls back to torch's op"
+    assert kernels.compiled() is not None, "no C compiler or no AVX2: the int8 kernel falls back to torch's op"
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,338 @@
+"""The engine's two matrix-vector kernels, in C: float32 weights, and int8 weights with a float32 scale per row.
+
+Decode multiplies one vector by every weight matrix, so its time is the time to *read* the
+matrices. On this course's CPUs torch's own float32 GEMV (``torch.mv``, or ``F.linear`` with one row)
+reads weights at about half the speed a plain AVX2 loop does (chapter 07 measures both), and
+torch 2.13 ships no fast weight-only int8 kernel for x86 CPUs without AVX-512
+(``torch._weight_int8pack_mm`` is several times slower than a float32 GEMV there, and the fbgemm
+kernels behind ``quantize_dynamic`` also round the *activations* to 8 bits, which costs SmolLM2 far
+more perplexity than rounding its weights).
+
+So this module compiles about 70 lines of C (AVX2, FMA, OpenMP) with the system's C compiler on first
+use, into the temporary folder, and calls it through ``ctypes``. Each output is one thread's dot product,
+summed in a fixed order, so the result does not depend on the number of threads.
+
+* :func:`f32_linear`: four float32 accumulators of 8 lanes, fused multiply-adds.
+* :func:`int8_linear`: each input row is stored in 16 bits for the multiply (one scale per row:
+  ``max|x| / 32767``, a relative rounding of at most 1/65534 of the row's largest value, far below the
+  int8 weights' own), so the products are integer multiply-adds.
+
+Without a compiler (or on another CPU) both fall back to torch (``F.linear``,
+``torch._weight_int8pack_mm``): the same numbers, more slowly. Inputs of many rows (prefill,
+perplexity) are faster as torch's matrix-matrix product: both switch at :data:`MANY_ROWS`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+_OWN_F32 = [True]  # False inside torch_float32(): the float32 products go to torch
+MANY_ROWS = 8  #: from this many input rows on, use torch's float32 matmul (an int8 weight dequantized first)
+
+SOURCE = r"""
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+/* Weights are read once per token: prefetch them "non-temporal", so that streaming megabytes of them
+   does not evict from the caches what the rest of the step (torch's own code and data) keeps using. */
+static inline void ahead(const void *p, int bytes) {
+    for (int b = 0; b < bytes; b += 64) _mm_prefetch((const char *)p + b, _MM_HINT_NTA);
+}
+
+static float hsum(__m256 v) {  /* the 8 lanes added */
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_hadd_ps(h, h);
+    return _mm_cvtss_f32(_mm_hadd_ps(h, h));
+}
+
+/* y[m, n] = sum_k x[m, k] w[n, k] + bias[n] for float32 w stored (out, in), row-major. */
+void f32_linear(const float *x, const float *w, const float *bias, float *y,
+                int64_t rows, int64_t k, int64_t n, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t j = 0; j < n; j++) {
+        const float *r = w + j * k;
+        for (int64_t m = 0; m < rows; m++) {
+            const float *a = x + m * k;
+            __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+            int64_t i = 0;
+            for (; i + 32 <= k; i += 32) {
+                ahead(r + 2 * k + i, 128);  /* two rows on */
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(r + i), _mm256_loadu_ps(a + i), s0);
+                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(r + i + 8), _mm256_loadu_ps(a + i + 8), s1);
+                s2 = _mm256_fmadd_ps(_mm256_loadu_ps(r + i + 16), _mm256_loadu_ps(a + i + 16), s2);
+                s3 = _mm256_fmadd_ps(_mm256_loadu_ps(r + i + 24), _mm256_loadu_ps(a + i + 24), s3);
+            }
+            y[m * n + j] = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+            for (; i < k; i++) y[m * n + j] += a[i] * r[i];
+            if (bias) y[m * n + j] += bias[j];
+        }
+    }
+}
+
+/* y[m, n] = sum_k x[m, k] w[k, n] + bias[n] for float32 w stored (in, out): GPT-2's Conv1D layout.
+   Each thread owns blocks of 32 output columns and runs down the k rows of w for them. */
+void f32_conv1d(const float *x, const float *w, const float *bias, float *y,
+                int64_t rows, int64_t k, int64_t n, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t j = 0; j < n; j += 32) {
+        for (int64_t m = 0; m < rows; m++) {
+            const float *a = x + m * k;
+            float *out = y + m * n;
+            if (j + 32 > n) {  /* the last, narrower block */
+                for (int64_t c = j; c < n; c++) {
+                    float t = 0.0f;
+                    for (int64_t i = 0; i < k; i++) t += a[i] * w[i * n + c];
+                    out[c] = t + (bias ? bias[c] : 0.0f);
+                }
+                continue;
+            }
+            __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+            for (int64_t i = 0; i < k; i++) {
+                const float *r = w + i * n + j;
+                ahead(r + 4 * n, 128);  /* four rows on */
+                __m256 ai = _mm256_set1_ps(a[i]);
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(r), ai, s0);
+                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(r + 8), ai, s1);
+                s2 = _mm256_fmadd_ps(_mm256_loadu_ps(r + 16), ai, s2);
+                s3 = _mm256_fmadd_ps(_mm256_loadu_ps(r + 24), ai, s3);
+            }
+            __m256 sums[4] = {s0, s1, s2, s3};
+            for (int q = 0; q < 4; q++) {
+                __m256 b = bias ? _mm256_loadu_ps(bias + j + 8 * q) : _mm256_setzero_ps();
+                _mm256_storeu_ps(out + j + 8 * q, _mm256_add_ps(sums[q], b));
+            }
+        }
+    }
+}
+
+/* y[m, n] = xs[m] scale[n] sum_k xq[m, k] q[n, k] + bias[n], where xq = round(x / xs) is row m of x
+   in 16 bits (xs = max|x[m]| / 32767). int16 x int8 products are summed in int32 by vpmaddwd, 16 codes
+   a step; the int32 sums move to float every 2048 values, long before they could overflow. */
+void int8_linear(const float *x, const int8_t *q, const float *scale, const float *bias, float *y,
+                 int64_t rows, int64_t k, int64_t n, int threads) {
+    int16_t *xq = malloc(sizeof(int16_t) * rows * (k + 32));
+    float *xs = malloc(sizeof(float) * rows);
+    for (int64_t m = 0; m < rows; m++) {
+        float amax = 0.0f;
+        for (int64_t i = 0; i < k; i++) amax = fmaxf(amax, fabsf(x[m * k + i]));
+        xs[m] = amax > 0.0f ? amax / 32767.0f : 1.0f;
+        for (int64_t i = 0; i < k; i++) xq[m * (k + 32) + i] = (int16_t)lrintf(x[m * k + i] / xs[m]);
+    }
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t j = 0; j < n; j++) {
+        const int8_t *w = q + j * k;
+        for (int64_t m = 0; m < rows; m++) {
+            const int16_t *a = xq + m * (k + 32);
+            __m256 acc = _mm256_setzero_ps();
+            int64_t i = 0;
+            while (i + 32 <= k) {
+                __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+                int64_t end = i + 2048 < k ? i + 2048 : k;
+                for (; i + 32 <= end; i += 32) {
+                    ahead(w + 2 * k + i, 32);  /* two rows on */
+                    __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + i)));
+                    __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + i + 16)));
+                    s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)(a + i))));
+                    s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(a + i + 16))));
+                }
+                acc = _mm256_add_ps(acc, _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)));
+            }
+            float total = hsum(acc);
+            for (; i < k; i++) total += (float)a[i] * w[i];
+            y[m * n + j] = total * xs[m] * scale[j] + (bias ? bias[j] : 0.0f);
+        }
+    }
+    free(xq);
+    free(xs);
+}
+"""
+
+
+@lru_cache(maxsize=1)
+def compiled() -> ctypes.CDLL | None:
+    """The kernel, compiled once per source version into the temporary folder; None if it cannot be built here."""
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None or not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
+        return None
+    digest = hashlib.sha256(SOURCE.encode()).hexdigest()[:16]
+    library = Path(tempfile.gettempdir()) / f"cyclelab-kernels-{digest}-{os.getuid()}.so"
+    if not library.exists():
+        source = library.with_suffix(f".{os.getpid()}.c")
+        source.write_text(SOURCE)
+        partial = library.with_suffix(f".{os.getpid()}.partial")
+        try:
+            subprocess.run([compiler, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(source), "-lm",
+                            "-o", str(partial)], check=True, capture_output=True, timeout=120)
+            partial.replace(library)  # atomic: another process never loads half a file
+        except (OSError, subprocess.SubprocessError):
+            return None
+        finally:
+            source.unlink(missing_ok=True)
+            partial.unlink(missing_ok=True)
+    lib = ctypes.CDLL(str(library))
+    for kernel in (lib.int8_linear, lib.f32_linear, lib.f32_conv1d):
+        kernel.argtypes = [ctypes.c_void_p] * (5 if kernel is lib.int8_linear else 4) + [ctypes.c_int64] * 3 + [ctypes.c_int]
+        kernel.restype = None
+    return lib
+
+
+@contextmanager
+def torch_float32() -> Iterator[None]:
+    """Inside the block the float32 products run on torch's kernels instead of these (chapter 07 and the
+    benchmarks time the engine both ways)."""
+    before, _OWN_F32[0] = _OWN_F32[0], False
+    try:
+        yield
+    finally:
+        _OWN_F32[0] = before
+
+
+def f32_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ w.T + bias`` for a weight stored (out, in), as ``torch.nn.functional.linear`` computes it: by the
+    C kernel for fewer than :data:`MANY_ROWS` rows of float32 on the CPU when no gradient is wanted, else by torch."""
+    if not _fits_f32_kernel(x, w, bias, w.shape[-1]):
+        return torch.nn.functional.linear(x, w, bias)
+    return _run_f32("f32_linear", x, w, bias, w.shape[0])
+
+
+def f32_conv1d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``x @ w + bias`` for a weight stored (in, out), GPT-2's ``Conv1D``: by the C kernel where
+    :func:`f32_linear` would use it, else by ``torch.addmm``."""
+    if not _fits_f32_kernel(x, w, bias, w.shape[0]):
+        return torch.addmm(bias, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[-1])
+    return _run_f32("f32_conv1d", x, w, bias, w.shape[1])
+
+
+def _run_f32(kernel: str, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """Call a float32 C kernel on ``x``'s rows; the result has ``n`` columns."""
+    k, rows = x.shape[-1], x.numel() // x.shape[-1]
+    out = torch.empty(rows, n)
+    getattr(compiled(), kernel)(x.data_ptr(), w.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
+                                rows, k, n, torch.get_num_threads())
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
+
+
+def _fits_f32_kernel(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, width: int) -> bool:
+    """True where a float32 C kernel computes the product: it is compiled, and ``x`` is a few contiguous
+    float32 rows of ``width`` on the CPU, the weight a contiguous float32 matrix, no gradient to record and
+    no dispatch mode active.
+    (A few µs: it runs on every call of decode; torch raises the shape errors of the other calls.)"""
+    f32 = torch.float32
+    if not (x.dtype == f32 and w.dtype == f32 and x.is_cpu and w.is_cpu and x.is_contiguous() and w.is_contiguous()
+            and x.dim() >= 1 and w.dim() == 2 and x.shape[-1] == width and 0 < x.numel() < MANY_ROWS * width):
+        return False
+    n = w.numel() // width
+    if bias is not None and not (bias.dtype == f32 and bias.is_cpu and bias.is_contiguous() and bias.shape == (n,)):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)):
+        return False
+    if not _OWN_F32[0] or torch._C._len_torch_dispatch_stack():  # a mode watches torch's ops (FlopCounterMode, fake tensors): let it see one
+        return False
+    return compiled() is not None
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ (q × scale).T + bias`` for float32 ``x`` ``(..., in)``, int8 ``q`` ``(out, in)``, float32 ``scale`` ``(out,)``."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"an int8 Linear takes float32 inputs, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != q.shape[1]:
+        raise ValueError(f"an int8 Linear of {q.shape[1]} inputs got a tensor of shape {tuple(x.shape)}: "
+                         f"its last dimension must be {q.shape[1]}")
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.shape[0] >= MANY_ROWS:
+        out = torch.nn.functional.linear(flat, q.float() * scale[:, None], bias)
+    else:
+        out = _gemv(flat.contiguous(), q, scale, bias)
+    return out.view(*x.shape[:-1], q.shape[0])
+
+
+def _gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    lib = compiled()
+    if lib is None:
+        out = torch._weight_int8pack_mm(x, q, scale)
+        return out if bias is None else out + bias
+    out = torch.empty(x.shape[0], q.shape[0])
+    lib.int8_linear(x.data_ptr(), q.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),
+                    out.data_ptr(), x.shape[0], x.shape[1], q.shape[0], torch.get_num_threads())
+    return out
+
+
+class Int8Linear(torch.nn.Module):
+    """A Linear whose weight is stored as int8 codes ``q`` ``(out, in)`` with a float32 scale per row
+    (:func:`cyclelab.quantize.int8_linear_of` makes one from a float weight); it computes
+    ``x @ (q × scale).T + bias`` with :func:`int8_linear`, without a float copy of the weight."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("q", q.contiguous())
+        self.register_buffer("scale", scale.reshape(-1).float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.q, self.scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight, float32 scale per row"
+
+
+def quantize_symmetric(w: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes in [-levels, levels] and one scale per row of ``w`` (a zero row gets scale 1)."""
+    absmax = w.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(absmax > 0, absmax / levels, torch.ones_like(absmax))
+    q = torch.round(w / scale).clamp(-levels, levels).to(torch.int8)
+    return q, scale
+
+
+def is_int8(module: torch.nn.Module) -> bool:
+    """True for a Linear whose weight is stored as int8 (:class:`Int8Linear`)."""
+    return isinstance(module, Int8Linear)
+
+
+def to_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every Linear (and GPT-2 ``Conv1D``) of ``model``, in place, by an :class:`Int8Linear`; return ``model``.
+
+    Each weight is quantized per output row, symmetric (``scale = max|w| / 127``, codes
+    ``round(w / scale)``: :func:`quantize_symmetric`, the chapter-07 recipe); the float weight
+    is dropped. Embeddings and norms stay float32. A tied unembedding (GPT-2's and SmolLM2's ``lm_head``
+    shares the embedding's matrix) gets int8 codes of its own, a quarter of the float matrix's bytes,
+    and the embedding keeps the float matrix for its row lookups.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"to_int8 converts a torch.nn.Module (e.g. load('tiny').model), got {type(model).__name__}")
+    if any(is_int8(m) for m in model.modules()):
+        raise ValueError("the model is already int8: to_int8 converts a float32 model once")
+    params = list(model.parameters())
+    if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in params):
+        found = sorted({f"{p.dtype} on {p.device}" for p in params})
+        raise ValueError(f"to_int8 needs a float32 model on the CPU (the int8 kernel is a CPU kernel), "
+                         f"got {', '.join(found)}; load it with dtype=torch.float32, device='cpu'")
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            kind = type(child).__name__
+            if kind in ("Linear", "Conv1D"):
+                weight = child.weight.detach()
+                setattr(parent, name, _rows_to_int8(weight.t() if kind == "Conv1D" else weight, child.bias))  # Conv1D: (in, out)
+    for p in model.parameters():  # what stays float leaves the weights file's memory map, and the float
+        p.data = p.data.clone()   # matrices' pages go with the map instead of staying resident
+    return model
+
+
+def _rows_to_int8(w: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
+    """``w`` ``(out, in)`` quantized per row, symmetric, as an :class:`Int8Linear` (a zero row gets scale 1)."""
+    if not torch.isfinite(w).all():
+        raise ValueError("to_int8: a weight holds inf or NaN, which no scale can represent")
+    return Int8Linear(*quantize_symmetric(w, 127), bias)
