@@ -208,11 +208,13 @@ def f32_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     return _run_f32("f32_linear", x, w, bias, w.shape[0])
 
 
-def f32_conv1d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def f32_conv1d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ w + bias`` for a weight stored (in, out), GPT-2's ``Conv1D``: by the C kernel where
-    :func:`f32_linear` would use it, else by ``torch.addmm``."""
+    :func:`f32_linear` would use it, else by torch (``addmm``)."""
     if not _fits_f32_kernel(x, w, bias, w.shape[0]):
-        return torch.addmm(bias, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[-1])
+        flat = x.reshape(-1, x.shape[-1])
+        out = flat @ w if bias is None else torch.addmm(bias, flat, w)
+        return out.view(*x.shape[:-1], w.shape[-1])
     return _run_f32("f32_conv1d", x, w, bias, w.shape[1])
 
 
@@ -336,3 +338,16 @@ def _rows_to_int8(w: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
     if not torch.isfinite(w).all():
         raise ValueError("to_int8: a weight holds inf or NaN, which no scale can represent")
     return Int8Linear(*quantize_symmetric(w, 127), bias)
+
+
+def c_source(function: str):
+    """The C source of one kernel of this module (``"f32_linear"``, ``"f32_conv1d"``, ``"int8_linear"``) with
+    the comment above it, to display in a notebook as :func:`cyclelab.show` displays Python."""
+    from .show import Source
+
+    start = SOURCE.find(f"void {function}(")
+    if start < 0:
+        raise ValueError(f"no kernel {function!r}; the kernels are f32_linear, f32_conv1d and int8_linear")
+    comment = SOURCE.rfind("/*", 0, start)
+    end = SOURCE.index("\n}\n", start) + 3
+    return Source(function, "cyclelab/kernels.py (C, compiled on first use)", SOURCE[comment:end], language="c")

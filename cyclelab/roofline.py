@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .attend import KVCache
 from .cycle import Cost, Event
 from .engine import Engine, drain
+from .kernels import f32_conv1d, f32_linear
 
 ATTENTION = ("kv_cache", "scores", "softmax", "mix")  #: the ops read as one "attention" point
 
@@ -115,16 +116,24 @@ def weight_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
     return out
 
 
-def gemv_ceiling(model: torch.nn.Module, repeats: int = 3) -> dict:
-    """One ``torch.mv`` per weight matrix, all of them: the fastest a batch-1 decode step could read
-    its weights with this machine's matrix-vector kernel. Returns the ``bytes`` read, the
-    ``seconds`` of the best pass, the ``bandwidth`` it reached and the ``tokens_per_s`` ceiling."""
+def gemv_ceiling(model: torch.nn.Module, repeats: int = 3, kernel: str = "torch") -> dict:
+    """One matrix-vector product per weight matrix, all of them: the fastest a batch-1 decode step could
+    read its weights with that kernel — ``"torch"``: ``torch.mv``; ``"engine"``: the engine's own C loops
+    (:mod:`cyclelab.kernels`). Returns the ``bytes`` read, the ``seconds`` of the best pass, the
+    ``bandwidth`` it reached and the ``tokens_per_s`` ceiling."""
+    if kernel not in ("torch", "engine"):
+        raise ValueError(f"kernel must be 'torch' or 'engine', got {kernel!r}")
     matrices = weight_matrices(model)
     vectors = [torch.randn(w.shape[1], dtype=w.dtype) for w in matrices]
 
+    def product(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if kernel == "torch":
+            return torch.mv(w, v)
+        return f32_linear(v, w) if w.is_contiguous() else f32_conv1d(v, w.t())  # Conv1D's (in, out) as stored
+
     def one_pass():
         for w, v in zip(matrices, vectors):
-            torch.mv(w, v)
+            product(w, v)
 
     with torch.no_grad():
         one_pass()  # warm up

@@ -14,7 +14,7 @@ from typing import Any
 
 from pygments import highlight
 from pygments.formatters import HtmlFormatter
-from pygments.lexers import PythonLexer
+from pygments.lexers import get_lexer_by_name
 
 _STYLE = (
     "<style>.cyclelab-source .highlight pre{background:var(--jp-cell-editor-background,#f7f7f7);"
@@ -26,14 +26,14 @@ _STYLE = (
 class Source:
     """A piece of the package's source, ready to display."""
 
-    def __init__(self, name: str, location: str, code: str, *, open_: bool = True) -> None:
-        self.name, self.location, self.code, self.open = name, location, code, open_
+    def __init__(self, name: str, location: str, code: str, *, open_: bool = True, language: str = "python") -> None:
+        self.name, self.location, self.code, self.open, self.language = name, location, code, open_, language
 
     def __repr__(self) -> str:
         return f"# {self.name} — {self.location}\n{self.code}"
 
     def _repr_html_(self) -> str:
-        body = highlight(self.code, PythonLexer(), HtmlFormatter(nowrap=False, noclasses=True, style="default"))
+        body = highlight(self.code, get_lexer_by_name(self.language), HtmlFormatter(nowrap=False, noclasses=True, style="default"))
         summary = f"<summary><b>{html.escape(self.name)}</b> — <code>{html.escape(self.location)}</code></summary>"
         state = " open" if self.open else ""
         return f'{_STYLE}<details class="cyclelab-source"{state}>{summary}{body}</details>'

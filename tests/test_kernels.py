@@ -119,3 +119,17 @@ def test_the_engine_with_its_kernels_matches_the_engine_on_torchs(name, request)
         slow = engine.generate(ids, 12, stop_at_eos=False)
     assert fast.token_ids == slow.token_ids
     assert all(abs(a.raw_prob - b.raw_prob) < 1e-4 for a, b in zip(fast.records, slow.records))
+
+
+@pytest.mark.parametrize("name", ["f32_linear", "f32_conv1d", "int8_linear"])
+def test_c_source_shows_one_whole_kernel_with_its_comment(name):
+    code = kernels.c_source(name).code
+    assert code.startswith("/*") and f"void {name}(" in code and code in kernels.SOURCE
+    assert code.count("{") == code.count("}") and code.rstrip().endswith("}")
+    assert code.count("void ") == 1  # one kernel, not the next one too
+    assert "<span" in kernels.c_source(name)._repr_html_()  # highlighted
+
+
+def test_c_source_of_an_unknown_kernel_names_the_known_ones():
+    with pytest.raises(ValueError, match="no kernel 'f16_linear'; the kernels are f32_linear, f32_conv1d and int8_linear"):
+        kernels.c_source("f16_linear")

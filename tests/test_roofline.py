@@ -45,9 +45,12 @@ def test_weight_matrices_of_tiny_are_its_conv1d_weights_and_the_unembedding(tiny
     per_layer = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)]  # c_attn, attn c_proj, c_fc, mlp c_proj as (out, in)
     shapes = [tuple(w.shape) for w in weight_matrices(tiny.model)]
     assert sorted(shapes) == sorted(per_layer * layers + [(vocab, d)])
-    ceiling = gemv_ceiling(tiny.model, repeats=1)
-    assert ceiling["bytes"] == 4 * (layers * 12 * d * d + vocab * d)
-    assert ceiling["tokens_per_s"] == pytest.approx(1 / ceiling["seconds"])
+    for kernel in ("torch", "engine"):
+        ceiling = gemv_ceiling(tiny.model, repeats=1, kernel=kernel)
+        assert ceiling["bytes"] == 4 * (layers * 12 * d * d + vocab * d)
+        assert ceiling["tokens_per_s"] == pytest.approx(1 / ceiling["seconds"])
+    with pytest.raises(ValueError, match="kernel must be 'torch' or 'engine'"):
+        gemv_ceiling(tiny.model, kernel="mkl")
 
 
 def test_phase_costs_of_tiny(tiny_engine):
