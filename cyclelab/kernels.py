@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 _OWN_F32 = [True]  # False inside torch_float32(): the float32 products go to torch
+PER_THREAD = 1 << 16  #: multiply-adds a thread is worth waking for
 MANY_ROWS = 8  #: from this many input rows on, use torch's float32 matmul (an int8 weight dequantized first)
 
 SOURCE = r"""
@@ -223,8 +224,19 @@ def _run_f32(kernel: str, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor |
     k, rows = x.shape[-1], x.numel() // x.shape[-1]
     out = torch.empty(rows, n)
     getattr(compiled(), kernel)(x.data_ptr(), w.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
-                                rows, k, n, torch.get_num_threads())
+                                rows, k, n, _threads(rows * k * n))
     return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
+
+
+def _threads(multiply_adds: int) -> int:
+    """Threads for one kernel call: torch's setting, but never more than the cores this process may run on
+    (an extra thread would wait for a core at every call) nor than the work is worth."""
+    return max(1, min(torch.get_num_threads(), _cores(), multiply_adds // PER_THREAD))
+
+
+@lru_cache(maxsize=1)
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _fits_f32_kernel(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, width: int) -> bool:
@@ -268,7 +280,7 @@ def _gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Ten
         return out if bias is None else out + bias
     out = torch.empty(x.shape[0], q.shape[0])
     lib.int8_linear(x.data_ptr(), q.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),
-                    out.data_ptr(), x.shape[0], x.shape[1], q.shape[0], torch.get_num_threads())
+                    out.data_ptr(), x.shape[0], x.shape[1], q.shape[0], _threads(x.numel() * q.shape[0]))
     return out
 
 
