@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from . import norms, rope
+
 _OWN_F32 = [True]  # False inside torch_float32(): the float32 products go to torch
 PER_THREAD = 1 << 16  #: multiply-adds a thread is worth waking for
 MANY_ROWS = 8  #: from this many input rows on, use torch's float32 matmul (an int8 weight dequantized first)
@@ -119,6 +121,38 @@ void f32_conv1d(const float *x, const float *w, const float *bias, float *y,
     }
 }
 
+/* y[m, :] = w * (x[m, :] / sqrt(mean(x[m, :]^2) + eps)): RMSNorm of each row, in one call instead of
+   six torch ops (cyclelab/norms.py writes the same formula in torch). */
+void f32_rms_norm(const float *x, const float *w, float *y, int64_t rows, int64_t d, float eps) {
+    for (int64_t m = 0; m < rows; m++) {
+        const float *a = x + m * d;
+        float *out = y + m * d;
+        __m256 s = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= d; i += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(a + i), s);
+        float squares = hsum(s);
+        for (; i < d; i++) squares += a[i] * a[i];
+        float r = 1.0f / sqrtf(squares / (float)d + eps);
+        for (i = 0; i < d; i++) out[i] = w[i] * (a[i] * r);
+    }
+}
+
+/* y = x cos + rotate_half(x) sin for each of `heads` vectors of d values at one position: pairs (i, i + d/2)
+   turn by the angle of i (cyclelab/rope.py writes the same in torch; each value rounds as torch's ops do). */
+void f32_rope(const float *x, const float *cos, const float *sin, float *y, int64_t heads, int64_t d) {
+    int64_t half = d / 2;
+    for (int64_t h = 0; h < heads; h++) {
+        const float *a = x + h * d;
+        float *out = y + h * d;
+        for (int64_t i = 0; i < half; i++) {
+            float first = a[i] * cos[i], second = a[i + half] * cos[i + half];
+            float turn_first = -a[i + half] * sin[i], turn_second = a[i] * sin[i + half];
+            out[i] = first + turn_first;
+            out[i + half] = second + turn_second;
+        }
+    }
+}
+
 /* y[m, n] = xs[m] scale[n] sum_k xq[m, k] q[n, k] + bias[n], where xq = round(x / xs) is row m of x
    in 16 bits (xs = max|x[m]| / 32767). int16 x int8 products are summed in int32 by vpmaddwd, 16 codes
    a step; the int32 sums move to float every 2048 values, long before they could overflow. */
@@ -175,7 +209,7 @@ def compiled() -> ctypes.CDLL | None:
         source.write_text(SOURCE)
         partial = library.with_suffix(f".{os.getpid()}.partial")
         try:
-            subprocess.run([compiler, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(source), "-lm",
+            subprocess.run([compiler, "-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", str(source), "-lm",
                             "-o", str(partial)], check=True, capture_output=True, timeout=120)
             partial.replace(library)  # atomic: another process never loads half a file
         except (OSError, subprocess.SubprocessError):
@@ -186,6 +220,9 @@ def compiled() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(library))
     for kernel in (lib.int8_linear, lib.f32_linear, lib.f32_conv1d):
         kernel.argtypes = [ctypes.c_void_p] * (5 if kernel is lib.int8_linear else 4) + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.f32_rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+    lib.f32_rope.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
+    for kernel in (lib.int8_linear, lib.f32_linear, lib.f32_conv1d, lib.f32_rms_norm, lib.f32_rope):
         kernel.restype = None
     return lib
 
@@ -219,6 +256,28 @@ def f32_conv1d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     return _run_f32("f32_conv1d", x, w, bias, w.shape[1])
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`cyclelab.norms.rms_norm` in one C call for a few float32 rows (decode), that function otherwise."""
+    d = x.shape[-1] if x.dim() else 0
+    if not (weight.shape == (d,) and 0 < x.numel() < MANY_ROWS * d and _plain_f32(x, weight)):
+        return norms.rms_norm(x, weight, eps)
+    out = torch.empty_like(x)
+    compiled().f32_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // d, d, eps)
+    return out
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`cyclelab.rope.apply_rope` in one C call for one position of float32 heads (decode), that
+    function otherwise; the same values to the last bit (each product and sum rounds as torch's do)."""
+    d = x.shape[-1] if x.dim() else 0
+    one_position = x.dim() == 4 and x.shape[-2] == 1 and cos.shape == sin.shape == (1, d) and d % 2 == 0
+    if not (one_position and _plain_f32(x, cos, sin)):
+        return rope.apply_rope(x, cos, sin)
+    out = torch.empty_like(x)
+    compiled().f32_rope(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), x.numel() // d, d)
+    return out
+
+
 def _run_f32(kernel: str, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
     """Call a float32 C kernel on ``x``'s rows; the result has ``n`` columns."""
     k, rows = x.shape[-1], x.numel() // x.shape[-1]
@@ -240,22 +299,25 @@ def _cores() -> int:
 
 
 def _fits_f32_kernel(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, width: int) -> bool:
-    """True where a float32 C kernel computes the product: it is compiled, and ``x`` is a few contiguous
-    float32 rows of ``width`` on the CPU, the weight a contiguous float32 matrix, no gradient to record and
-    no dispatch mode active.
-    (A few µs: it runs on every call of decode; torch raises the shape errors of the other calls.)"""
-    f32 = torch.float32
-    if not (x.dtype == f32 and w.dtype == f32 and x.is_cpu and w.is_cpu and x.is_contiguous() and w.is_contiguous()
-            and x.dim() >= 1 and w.dim() == 2 and x.shape[-1] == width and 0 < x.numel() < MANY_ROWS * width):
+    """True where a float32 product's C kernel computes it: fewer than :data:`MANY_ROWS` rows of ``width``
+    and a matching weight (and bias), all :func:`_plain_f32`. (A few µs: it runs on every call of decode;
+    torch raises the shape errors of the other calls.)"""
+    if not (x.dim() >= 1 and w.dim() == 2 and x.shape[-1] == width and 0 < x.numel() < MANY_ROWS * width):
         return False
-    n = w.numel() // width
-    if bias is not None and not (bias.dtype == f32 and bias.is_cpu and bias.is_contiguous() and bias.shape == (n,)):
+    if bias is not None and bias.shape != (w.numel() // width,):
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)):
-        return False
-    if not _OWN_F32[0] or torch._C._len_torch_dispatch_stack():  # a mode watches torch's ops (FlopCounterMode, fake tensors): let it see one
-        return False
-    return compiled() is not None
+    return _plain_f32(x, w) and (bias is None or _plain_f32(bias))
+
+
+def _plain_f32(*tensors: torch.Tensor) -> bool:
+    """True if the C kernels may read these tensors' memory: contiguous float32 on the CPU, no gradient to
+    record, no dispatch mode watching torch's ops (FlopCounterMode, fake tensors), kernels compiled and on."""
+    for t in tensors:
+        if not (t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()):
+            return False
+        if t.requires_grad and torch.is_grad_enabled():
+            return False
+    return _OWN_F32[0] and not torch._C._len_torch_dispatch_stack() and compiled() is not None
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

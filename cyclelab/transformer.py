@@ -22,9 +22,8 @@ import torch.nn.functional as F
 from .attend import KVCache, attention_mix, attention_scores, merge_heads, split_heads
 from .cycle import Event
 from .ops import REGISTRY
-from .norms import rms_norm
-from .kernels import f32_conv1d, f32_linear, is_int8
-from .rope import apply_rope, rope_cos_sin
+from .kernels import apply_rope, f32_conv1d, f32_linear, is_int8, rms_norm
+from .rope import rope_cos_sin
 
 SUPPORTED = {"gpt2": "GPT-2", "llama": "Llama"}
 Ops = Generator[Event, None, torch.Tensor]
@@ -293,7 +292,8 @@ class Llama(Architecture):
         self.inv_freq, self.rope_scaling = rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0))
 
     def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """RMSNorm: divide by the root-mean-square (in float32), then the learned gain."""
+        """RMSNorm: divide by the root-mean-square (in float32), then the learned gain
+        (:func:`cyclelab.norms.rms_norm`; decode's few rows in one C call of the same formula)."""
         return rms_norm(x, weight, self.eps)
 
     def embed(self, run, ids, positions):
@@ -321,7 +321,7 @@ class Llama(Architecture):
 
         t = perf_counter()
         cos, sin = run.rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (b, h, t, d), (b, kv_h, t, d)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (b, h, t, d), (b, kv_h, t, d): rope.apply_rope's turn
         yield run.event("rope", i, t, 3 * (q.numel() + k.numel()), 0, q=q, k=k)
 
         mixed = yield from self.attend(run, i, q, k, v, cache)  # (b, t, d): the heads merged

@@ -133,3 +133,33 @@ def test_c_source_shows_one_whole_kernel_with_its_comment(name):
 def test_c_source_of_an_unknown_kernel_names_the_known_ones():
     with pytest.raises(ValueError, match="no kernel 'f16_linear'; the kernels are f32_linear, f32_conv1d and int8_linear"):
         kernels.c_source("f16_linear")
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 576), (1, 1, 37), (2, 1, 64), (1, 3, 16)], ids=["decode", "ragged", "batch", "rows"])
+def test_rms_norm_kernel_is_the_formula_within_rounding(shape):
+    g = torch.Generator().manual_seed(8)
+    x, w = torch.randn(*shape, generator=g) * 3, torch.randn(shape[-1], generator=g)
+    exact = w.double() * x.double() / (x.double().pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+    with torch.no_grad():
+        got = kernels.rms_norm(x, w, 1e-5)
+    torch.testing.assert_close(got.double(), exact, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, torch.nn.functional.rms_norm(x, (shape[-1],), w, 1e-5), atol=1e-5, rtol=1e-5)
+
+
+def test_rope_kernel_gives_torchs_values_to_the_last_bit():
+    from cyclelab.rope import apply_rope, rope_cos_sin
+    g = torch.Generator().manual_seed(9)
+    cos, sin = rope_cos_sin(torch.tensor([37]), 1 / 10000 ** (torch.arange(0, 64, 2) / 64))
+    for heads in (9, 3):
+        x = torch.randn(1, heads * 64, generator=g).view(1, 1, heads, 64).transpose(1, 2)  # split_heads' view
+        with torch.no_grad():
+            assert torch.equal(kernels.apply_rope(x, cos, sin), apply_rope(x, cos, sin))
+
+
+def test_norm_and_rope_of_a_prompt_stay_with_torch(monkeypatch):
+    monkeypatch.setattr(kernels, "compiled", lambda: pytest.fail("a prompt's rows went to the C kernel"))
+    from cyclelab.rope import rope_cos_sin
+    cos, sin = rope_cos_sin(torch.arange(5), torch.rand(8))
+    with torch.no_grad():
+        kernels.apply_rope(torch.randn(1, 2, 5, 16), cos, sin)
+        kernels.rms_norm(torch.randn(1, MANY_ROWS, 16), torch.ones(16), 1e-5)
