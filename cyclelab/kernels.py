@@ -37,8 +37,6 @@ from pathlib import Path
 
 import torch
 
-from . import norms, rope
-
 _OWN_F32 = [True]  # False inside torch_float32(): the float32 products go to torch
 PER_THREAD = 1 << 16  #: multiply-adds a thread is worth waking for
 MANY_ROWS = 8  #: from this many input rows on, use torch's float32 matmul (an int8 weight dequantized first)
@@ -256,23 +254,24 @@ def f32_conv1d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     return _run_f32("f32_conv1d", x, w, bias, w.shape[1])
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """:func:`cyclelab.norms.rms_norm` in one C call for a few float32 rows (decode), that function otherwise."""
+def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """:func:`cyclelab.norms.rms_norm`'s formula in one C call for a few float32 rows (decode); None where
+    the kernel does not apply (the caller runs that function)."""
     d = x.shape[-1] if x.dim() else 0
     if not (weight.shape == (d,) and 0 < x.numel() < MANY_ROWS * d and _plain_f32(x, weight)):
-        return norms.rms_norm(x, weight, eps)
+        return None
     out = torch.empty_like(x)
     compiled().f32_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // d, d, eps)
     return out
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """:func:`cyclelab.rope.apply_rope` in one C call for one position of float32 heads (decode), that
-    function otherwise; the same values to the last bit (each product and sum rounds as torch's do)."""
+def fused_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """:func:`cyclelab.rope.apply_rope` in one C call for float32 heads at one position (decode), to the last
+    bit (each product and sum rounds as torch's do); None where the kernel does not apply."""
     d = x.shape[-1] if x.dim() else 0
     one_position = x.dim() == 4 and x.shape[-2] == 1 and cos.shape == sin.shape == (1, d) and d % 2 == 0
     if not (one_position and _plain_f32(x, cos, sin)):
-        return rope.apply_rope(x, cos, sin)
+        return None
     out = torch.empty_like(x)
     compiled().f32_rope(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), x.numel() // d, d)
     return out
@@ -413,15 +412,3 @@ def _rows_to_int8(w: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
         raise ValueError("to_int8: a weight holds inf or NaN, which no scale can represent")
     return Int8Linear(*quantize_symmetric(w, 127), bias)
 
-
-def c_source(function: str):
-    """The C source of one kernel of this module (``"f32_linear"``, ``"f32_conv1d"``, ``"int8_linear"``) with
-    the comment above it, to display in a notebook as :func:`cyclelab.show` displays Python."""
-    from .show import Source
-
-    start = SOURCE.find(f"void {function}(")
-    if start < 0:
-        raise ValueError(f"no kernel {function!r}; the kernels are f32_linear, f32_conv1d and int8_linear")
-    comment = SOURCE.rfind("/*", 0, start)
-    end = SOURCE.index("\n}\n", start) + 3
-    return Source(function, "cyclelab/kernels.py (C, compiled on first use)", SOURCE[comment:end], language="c")

@@ -1,6 +1,7 @@
 """LayerNorm and RMSNorm written out (core): the engine's Llama blocks run :func:`rms_norm`.
 
-Chapter 04 (:mod:`cyclelab.forward`) teaches both and imports them from here.
+Chapter 04 (:mod:`cyclelab.forward`) teaches both and imports them from here. (For a decode step's one
+row the engine runs the same RMSNorm formula in one C call: :func:`cyclelab.kernels.fused_rms_norm`.)
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Rotary position embedding as the engine runs it (core): angles, and the rotation of each pair.
 
-Chapter 02 (:mod:`cyclelab.embed`) teaches RoPE and imports these from here.
+Chapter 02 (:mod:`cyclelab.embed`) teaches RoPE and imports these from here. (For a decode step's one
+position the engine turns the pairs in one C call, to the same bits: :func:`cyclelab.kernels.fused_rope`.)
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import inspect
+import re
 import textwrap
 from typing import Any
 
@@ -66,3 +67,18 @@ def show(obj: Any, *, collapsed: bool = False) -> Source:
         raise TypeError(f"show(): no Python source for {target!r} ({err})") from err
     name = getattr(target, "__qualname__", getattr(target, "__name__", "?"))
     return Source(name, _location(target), code, open_=not collapsed)
+
+
+def show_kernel(function: str, *, collapsed: bool = False) -> Source:
+    """The C source of one of the engine's kernels (:mod:`cyclelab.kernels`: ``"f32_linear"``,
+    ``"f32_conv1d"``, ``"f32_rms_norm"``, ``"f32_rope"``, ``"int8_linear"``) with the comment above it."""
+    from .kernels import SOURCE
+
+    start = SOURCE.find(f"void {function}(")
+    if start < 0:
+        names = ", ".join(re.findall(r"^void (\w+)\(", SOURCE, flags=re.MULTILINE))
+        raise ValueError(f"no kernel {function!r}; the kernels are {names}")
+    comment = SOURCE.rfind("/*", 0, start)
+    end = SOURCE.index("\n}\n", start) + 3
+    return Source(function, "cyclelab/kernels.py (C, compiled on first use)", SOURCE[comment:end],
+                  open_=not collapsed, language="c")

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from .attend import KVCache, attention_mix, attention_scores, merge_heads, split_heads
 from .cycle import Event
 from .ops import REGISTRY
-from .kernels import apply_rope, f32_conv1d, f32_linear, is_int8, rms_norm
-from .rope import rope_cos_sin
+from .kernels import f32_conv1d, f32_linear, fused_rms_norm, fused_rope, is_int8
+from .norms import rms_norm
+from .rope import apply_rope, rope_cos_sin
 
 SUPPORTED = {"gpt2": "GPT-2", "llama": "Llama"}
 Ops = Generator[Event, None, torch.Tensor]
@@ -294,7 +295,14 @@ class Llama(Architecture):
     def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm: divide by the root-mean-square (in float32), then the learned gain
         (:func:`cyclelab.norms.rms_norm`; decode's few rows in one C call of the same formula)."""
-        return rms_norm(x, weight, self.eps)
+        fused = fused_rms_norm(x, weight, self.eps)
+        return rms_norm(x, weight, self.eps) if fused is None else fused
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE (:func:`cyclelab.rope.apply_rope`; one decode position in one C call, to the same bits)."""
+        fused = fused_rope(x, cos, sin)
+        return apply_rope(x, cos, sin) if fused is None else fused
 
     def embed(self, run, ids, positions):
         t = perf_counter()
@@ -321,7 +329,7 @@ class Llama(Architecture):
 
         t = perf_counter()
         cos, sin = run.rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (b, h, t, d), (b, kv_h, t, d): rope.apply_rope's turn
+        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)  # (b, h, t, d), (b, kv_h, t, d)
         yield run.event("rope", i, t, 3 * (q.numel() + k.numel()), 0, q=q, k=k)
 
         mixed = yield from self.attend(run, i, q, k, v, cache)  # (b, t, d): the heads merged

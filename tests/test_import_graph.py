@@ -97,7 +97,7 @@ def test_the_graph_sees_function_level_and_relative_imports():
 
 
 CORE = {"engine", "cycle", "ops", "transformer", "attend", "rope", "norms", "decode"}
-LOAD = {"models", "fetch", "checksums", "data", "device", "paths", "kernels"}  # kernels: the int8 weight format load() makes
+LOAD = {"models", "fetch", "checksums", "data", "device", "paths", "kernels"}  # kernels: the int8 weight format load() makes, and the C loops
 
 
 @pytest.mark.parametrize("module", sorted(CORE))

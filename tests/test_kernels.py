@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cyclelab import Engine, kernels
 from cyclelab.kernels import MANY_ROWS, f32_conv1d, f32_linear, torch_float32
+from cyclelab.show import show_kernel
 
 SHAPES = [((1, 576), 1536), ((1, 1, 192), 576), ((3, 37), 45), ((2, 1, 1536), 576), ((MANY_ROWS - 1, 64), 9),
           ((1, 5), 3), ((1, 49152 // 64), 70)]
@@ -121,18 +122,18 @@ def test_the_engine_with_its_kernels_matches_the_engine_on_torchs(name, request)
     assert all(abs(a.raw_prob - b.raw_prob) < 1e-4 for a, b in zip(fast.records, slow.records))
 
 
-@pytest.mark.parametrize("name", ["f32_linear", "f32_conv1d", "int8_linear"])
-def test_c_source_shows_one_whole_kernel_with_its_comment(name):
-    code = kernels.c_source(name).code
+@pytest.mark.parametrize("name", ["f32_linear", "f32_conv1d", "f32_rms_norm", "f32_rope", "int8_linear"])
+def test_show_kernel_shows_one_whole_kernel_with_its_comment(name):
+    code = show_kernel(name).code
     assert code.startswith("/*") and f"void {name}(" in code and code in kernels.SOURCE
     assert code.count("{") == code.count("}") and code.rstrip().endswith("}")
     assert code.count("void ") == 1  # one kernel, not the next one too
-    assert "<span" in kernels.c_source(name)._repr_html_()  # highlighted
+    assert "<span" in show_kernel(name)._repr_html_()  # highlighted
 
 
-def test_c_source_of_an_unknown_kernel_names_the_known_ones():
-    with pytest.raises(ValueError, match="no kernel 'f16_linear'; the kernels are f32_linear, f32_conv1d and int8_linear"):
-        kernels.c_source("f16_linear")
+def test_show_kernel_of_an_unknown_kernel_names_the_known_ones():
+    with pytest.raises(ValueError, match="no kernel 'f16_linear'; the kernels are f32_linear, f32_conv1d, .*int8_linear"):
+        show_kernel("f16_linear")
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 576), (1, 1, 37), (2, 1, 64), (1, 3, 16)], ids=["decode", "ragged", "batch", "rows"])
@@ -141,7 +142,7 @@ def test_rms_norm_kernel_is_the_formula_within_rounding(shape):
     x, w = torch.randn(*shape, generator=g) * 3, torch.randn(shape[-1], generator=g)
     exact = w.double() * x.double() / (x.double().pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
     with torch.no_grad():
-        got = kernels.rms_norm(x, w, 1e-5)
+        got = kernels.fused_rms_norm(x, w, 1e-5)
     torch.testing.assert_close(got.double(), exact, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got, torch.nn.functional.rms_norm(x, (shape[-1],), w, 1e-5), atol=1e-5, rtol=1e-5)
 
@@ -153,7 +154,7 @@ def test_rope_kernel_gives_torchs_values_to_the_last_bit():
     for heads in (9, 3):
         x = torch.randn(1, heads * 64, generator=g).view(1, 1, heads, 64).transpose(1, 2)  # split_heads' view
         with torch.no_grad():
-            assert torch.equal(kernels.apply_rope(x, cos, sin), apply_rope(x, cos, sin))
+            assert torch.equal(kernels.fused_rope(x, cos, sin), apply_rope(x, cos, sin))
 
 
 def test_norm_and_rope_of_a_prompt_stay_with_torch(monkeypatch):
@@ -161,5 +162,5 @@ def test_norm_and_rope_of_a_prompt_stay_with_torch(monkeypatch):
     from cyclelab.rope import rope_cos_sin
     cos, sin = rope_cos_sin(torch.arange(5), torch.rand(8))
     with torch.no_grad():
-        kernels.apply_rope(torch.randn(1, 2, 5, 16), cos, sin)
-        kernels.rms_norm(torch.randn(1, MANY_ROWS, 16), torch.ones(16), 1e-5)
+        assert kernels.fused_rope(torch.randn(1, 2, 5, 16), cos, sin) is None
+        assert kernels.fused_rms_norm(torch.randn(1, MANY_ROWS, 16), torch.ones(16), 1e-5) is None
