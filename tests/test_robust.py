@@ -187,12 +187,18 @@ def test_the_first_swap_is_the_largest_score(small) -> None:
     assert int(attack.ids[0, position]) == token and int(attack.edits[0]) == 1
 
 
-def test_pooled_features_and_the_head(small) -> None:
-    model, examples, _ = small
+def _pooled_by_hand(model, examples) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The examples' ids and mask stacked, and their pooled vectors from one plain forward pass."""
     ids = torch.stack([e["input_ids"] for e in examples])
     mask = torch.stack([e["attention_mask"] for e in examples])
     with torch.no_grad():
-        want = model.pool(ids, mask)
+        return ids, mask, model.pool(ids, mask)
+
+
+def test_pooled_features_and_the_head(small) -> None:
+    model, examples, _ = small
+    ids, mask, want = _pooled_by_hand(model, examples)
+    with torch.no_grad():
         assert torch.allclose(pooled_features(model, examples, batch_size=5), want, atol=1e-6)
         assert head_predict(model, examples) == model(ids, mask).argmax(-1).tolist()
     encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
@@ -206,10 +212,7 @@ def test_pooled_features_and_the_head(small) -> None:
 
 def test_the_feature_cache_encodes_each_line_once(small) -> None:
     model, examples, _ = small
-    ids = torch.stack([e["input_ids"] for e in examples])
-    mask = torch.stack([e["attention_mask"] for e in examples])
-    with torch.no_grad():
-        want = model.pool(ids, mask)
+    ids, mask, want = _pooled_by_hand(model, examples)
     padded = {**examples[0], "input_ids": torch.cat([ids[0], torch.zeros(3, dtype=ids.dtype)]),
               "attention_mask": torch.cat([mask[0], torch.zeros(3, dtype=mask.dtype)])}  # the same line, more padding
     runs = []
