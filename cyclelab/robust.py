@@ -32,37 +32,50 @@ from .tasks.folio import align_words
 # --- a classifier whose head alone trains ------------------------------------------------------------
 
 
+def _line_key(example: dict) -> tuple[int, ...]:
+    """An example's real tokens (padding dropped): two examples with the same key pool to the same vector."""
+    return tuple(example["input_ids"][example["attention_mask"].bool()].tolist())
+
+
 @torch.no_grad()
-def pooled_features(model: nn.Module, examples: Sequence[dict], batch_size: int = 64) -> torch.Tensor:
+def pooled_features(model: nn.Module, examples: Sequence[dict], batch_size: int = 64,
+                    cache: dict | None = None) -> torch.Tensor:
     """The pooled encoder vectors the classifier's head reads, one row per example (n, width); examples are
-    batched by length and each batch cut to its longest row, so padding costs nothing."""
+    batched by length and each batch cut to its longest row, so padding costs nothing. ``cache`` (a dict
+    kept by the caller for ONE frozen encoder) holds each line's vector by its tokens: a line met again,
+    by another head or another call, is not encoded again."""
     if not examples:
         raise ValueError("examples is empty: nothing to encode")
-    model.eval()
-    device = next(model.parameters()).device
-    order = sorted(range(len(examples)), key=lambda i: int(examples[i]["attention_mask"].sum()))
-    out = torch.empty(len(examples), model.head.in_features)
-    for i in range(0, len(order), batch_size):
-        rows = order[i:i + batch_size]
-        ids, mask = stack_batch([examples[j] for j in rows], device)
-        width = int(mask.sum(1).max())
-        out[rows] = model.pool(ids[:, :width], mask[:, :width]).float().cpu()
-    return out
+    cache = {} if cache is None else cache
+    keys = [_line_key(e) for e in examples]
+    new = {k: e for k, e in zip(keys, examples) if k not in cache}  # each new line once
+    if new:
+        model.eval()
+        device = next(model.parameters()).device
+        todo = sorted(new, key=len)
+        for i in range(0, len(todo), batch_size):
+            rows = todo[i:i + batch_size]
+            ids, mask = stack_batch([new[k] for k in rows], device)
+            width = int(mask.sum(1).max())
+            cache.update(zip(rows, model.pool(ids[:, :width], mask[:, :width]).float().cpu()))
+    return torch.stack([cache[k] for k in keys])
 
 
-def fit_head(model: nn.Module, examples: Sequence[dict], cfg: TrainConfig) -> History:
-    """Train only ``model.head`` (the encoder stays as it is) on the pooled vectors of ``examples``."""
-    x = pooled_features(model, examples)
+def fit_head(model: nn.Module, examples: Sequence[dict], cfg: TrainConfig, cache: dict | None = None) -> History:
+    """Train only ``model.head`` (the encoder stays as it is) on the pooled vectors of ``examples``
+    (``cache``: see :func:`pooled_features`)."""
+    x = pooled_features(model, examples, cache=cache)
     rows = [{"x": x[i], "labels": e["labels"]} for i, e in enumerate(examples)]
     history = train(model.head, rows, lambda head, b: F.cross_entropy(head(b["x"]), b["labels"]), cfg)
     model.head.to(next(model.encoder.parameters()).device)  # back beside the encoder, wherever cfg trained it
     return history
 
 
-def head_predict(model: nn.Module, examples: Sequence[dict]) -> list[int]:
+def head_predict(model: nn.Module, examples: Sequence[dict], cache: dict | None = None) -> list[int]:
     """The classifier's predictions, computed as :func:`pooled_features` then the head."""
     with torch.no_grad():
-        return model.head(pooled_features(model, examples).to(model.head.weight.device)).argmax(-1).tolist()
+        x = pooled_features(model, examples, cache=cache)
+        return model.head(x.to(model.head.weight.device)).argmax(-1).tolist()
 
 
 # --- noise --------------------------------------------------------------------------------------------

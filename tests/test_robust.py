@@ -187,12 +187,18 @@ def test_the_first_swap_is_the_largest_score(small) -> None:
     assert int(attack.ids[0, position]) == token and int(attack.edits[0]) == 1
 
 
-def test_pooled_features_and_the_head(small) -> None:
-    model, examples, _ = small
+def _pooled_by_hand(model, examples) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The examples' ids and mask stacked, and their pooled vectors from one plain forward pass."""
     ids = torch.stack([e["input_ids"] for e in examples])
     mask = torch.stack([e["attention_mask"] for e in examples])
     with torch.no_grad():
-        want = model.pool(ids, mask)
+        return ids, mask, model.pool(ids, mask)
+
+
+def test_pooled_features_and_the_head(small) -> None:
+    model, examples, _ = small
+    ids, mask, want = _pooled_by_hand(model, examples)
+    with torch.no_grad():
         assert torch.allclose(pooled_features(model, examples, batch_size=5), want, atol=1e-6)
         assert head_predict(model, examples) == model(ids, mask).argmax(-1).tolist()
     encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
@@ -202,6 +208,28 @@ def test_pooled_features_and_the_head(small) -> None:
     assert all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in encoder_before.items())
     accuracy = sum(p == int(e["labels"]) for p, e in zip(head_predict(clone, flipped), flipped)) / 12
     assert accuracy > 0.5  # the head alone learned labels the old head got all wrong
+
+
+def test_the_feature_cache_encodes_each_line_once(small) -> None:
+    model, examples, _ = small
+    ids, mask, want = _pooled_by_hand(model, examples)
+    padded = {**examples[0], "input_ids": torch.cat([ids[0], torch.zeros(3, dtype=ids.dtype)]),
+              "attention_mask": torch.cat([mask[0], torch.zeros(3, dtype=mask.dtype)])}  # the same line, more padding
+    runs = []
+    handle = model.encoder.register_forward_hook(lambda module, args, kwargs, out: runs.append(len(kwargs["input_ids"])),
+                                                 with_kwargs=True)
+    try:
+        cache: dict = {}
+        first = pooled_features(model, examples[:8] + examples[:2], batch_size=4, cache=cache)
+        assert sum(runs) == 8  # ten examples, eight distinct lines: each encoded once
+        again = pooled_features(model, examples + [padded], batch_size=4, cache=cache)
+        assert sum(runs) == 12  # only the four lines not seen before
+        assert head_predict(model, examples, cache=cache) == model.head(want).argmax(-1).tolist()
+        assert sum(runs) == 12
+    finally:
+        handle.remove()
+    assert torch.allclose(first, torch.cat([want[:8], want[:2]]), atol=1e-6)
+    assert torch.allclose(again, torch.cat([want, want[:1]]), atol=1e-6)
 
 
 def test_word_candidates_of_minilm(minilm) -> None:

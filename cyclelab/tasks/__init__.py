@@ -19,3 +19,12 @@ def stack_batch(examples: Sequence[dict], device: torch.device) -> tuple[torch.T
     ids = torch.stack([e["input_ids"] for e in examples]).to(device)
     mask = torch.stack([e["attention_mask"] for e in examples]).to(device)
     return ids, mask
+
+
+def unpadded(mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``mask`` and ``tensors`` (batch × T each) cut after the last column where any row of ``mask``
+    is 1: on a right-padded batch the positions dropped are padding in every row, so a causal or a
+    masked model computes the same thing for the real tokens, on fewer positions."""
+    real = mask.any(0).nonzero()
+    n = int(real.max()) + 1 if len(real) else 1
+    return tuple(t[:, :n] for t in (mask, *tensors))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import data
-from . import stack_batch
+from . import stack_batch, unpadded
 
 
 def _spelling_key(line: str) -> str:
@@ -123,9 +123,10 @@ def edit_vocabulary(pairs: Sequence[tuple[str, str]], min_count: int = 3) -> lis
 
 def _word_ids(tokenizer, line: str) -> tuple[list[int], list[int]]:
     """Token ids of ``line`` built word by word, and the position of each word's last token."""
+    words = line.split()
     ids, last = [], []
-    for i, word in enumerate(line.split()):
-        ids += tokenizer(word if i == 0 else " " + word)["input_ids"]
+    for word_ids in tokenizer(words[:1] + [" " + w for w in words[1:]])["input_ids"] if words else []:
+        ids += word_ids
         last.append(len(ids) - 1)
     return ids, last
 
@@ -167,8 +168,9 @@ class EditTagger(nn.Module):
 
 def tagging_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """Cross-entropy of the edit tags at the labelled positions (each word's last token)."""
-    logits = model(batch["input_ids"], batch["attention_mask"])
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1), ignore_index=-100)
+    mask, ids, labels = unpadded(batch["attention_mask"], batch["input_ids"], batch["labels"])
+    logits = model(ids, mask)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
 
 @torch.no_grad()
@@ -183,6 +185,7 @@ def modernise(model: nn.Module, tokenizer, edits: Sequence[str], lines: Sequence
         chunk = lines[i:i + batch_size]
         encoded = tagging_data(tokenizer, [(line, line) for line in chunk], edits, max_len)
         ids, mask = stack_batch(encoded, device)
+        mask, ids = unpadded(mask, ids)
         best = model(ids, mask).argmax(-1).tolist()
         for line, tags in zip(chunk, best):
             _, last = _word_ids(tokenizer, line)

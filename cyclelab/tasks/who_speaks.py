@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import data
-from . import stack_batch
+from . import stack_batch, unpadded
 
 
 def speaker_questions(plays: Sequence[str], n: int, k: int = 3, seed: int = 0, min_words: int = 4,
@@ -114,7 +114,8 @@ class SpanExtractor(nn.Module):
 
 def span_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """Mean of the cross-entropies of the start and the end position."""
-    start, end = model(batch["input_ids"], batch["attention_mask"])
+    mask, ids = unpadded(batch["attention_mask"], batch["input_ids"])
+    start, end = model(ids, mask)
     return (F.cross_entropy(start, batch["start"]) + F.cross_entropy(end, batch["end"])) / 2
 
 
@@ -129,8 +130,9 @@ def predict_spans(model: nn.Module, encoded: Sequence[dict], examples: Sequence[
     out = []
     for i in range(0, len(encoded), batch_size):
         chunk = encoded[i:i + batch_size]
-        start, end = model(*stack_batch(chunk, device))
-        mask = torch.stack([e["context_mask"] for e in chunk]).to(device)
+        ids, attention = stack_batch(chunk, device)
+        attention, ids, mask = unpadded(attention, ids, torch.stack([e["context_mask"] for e in chunk]).to(device))
+        start, end = model(ids, attention)
         start, end = start.masked_fill(~mask, -1e9), end.masked_fill(~mask, -1e9)
         n = start.shape[1]
         allowed = torch.triu(torch.ones(n, n, dtype=torch.bool, device=device)) & ~torch.triu(
