@@ -25,6 +25,11 @@ PY="$VENV/bin/python"
 STAMP="$VENV/.cyclelab-setup"
 SANITIZE="notebooks/nbval_sanitize.cfg"
 
+# Packages install without byte-code (--no-compile: a faster setup), so every process must be allowed to
+# write it on first import: with PYTHONDONTWRITEBYTECODE set, each notebook kernel, worker and subprocess
+# would compile torch and transformers again (about 12 s each).
+unset PYTHONDONTWRITEBYTECODE
+
 say() { printf '[dev.sh] %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
