@@ -1,4 +1,5 @@
-"""The engine's two matrix-vector kernels, in C: float32 weights, and int8 weights with a float32 scale per row.
+"""The engine's own kernels, in C: decode's matrix-vector products (float32 weights, and int8 weights
+with a float32 scale per row) and two fused elementwise steps (RMSNorm, RoPE).
 
 Decode multiplies one vector by every weight matrix, so its time is the time to *read* the
 matrices. On this course's CPUs torch's own float32 GEMV (``torch.mv``, or ``F.linear`` with one row)
@@ -8,18 +9,21 @@ torch 2.13 ships no fast weight-only int8 kernel for x86 CPUs without AVX-512
 kernels behind ``quantize_dynamic`` also round the *activations* to 8 bits, which costs SmolLM2 far
 more perplexity than rounding its weights).
 
-So this module compiles about 70 lines of C (AVX2, FMA, OpenMP) with the system's C compiler on first
+So this module compiles about 150 lines of C (AVX2, FMA, OpenMP) with the system's C compiler on first
 use, into the temporary folder, and calls it through ``ctypes``. Each output is one thread's dot product,
 summed in a fixed order, so the result does not depend on the number of threads.
 
-* :func:`f32_linear`: four float32 accumulators of 8 lanes, fused multiply-adds.
+* :func:`f32_linear`, :func:`f32_conv1d`: four float32 accumulators of 8 lanes, fused multiply-adds,
+  for a weight stored (out, in) and GPT-2's (in, out).
 * :func:`int8_linear`: each input row is stored in 16 bits for the multiply (one scale per row:
   ``max|x| / 32767``, a relative rounding of at most 1/65534 of the row's largest value, far below the
   int8 weights' own), so the products are integer multiply-adds.
+* :func:`fused_rms_norm`, :func:`fused_rope`: one call each instead of several torch ops, the same formulas
+  as :mod:`cyclelab.norms` and :mod:`cyclelab.rope` (which run wherever these do not apply).
 
-Without a compiler (or on another CPU) both fall back to torch (``F.linear``,
-``torch._weight_int8pack_mm``): the same numbers, more slowly. Inputs of many rows (prefill,
-perplexity) are faster as torch's matrix-matrix product: both switch at :data:`MANY_ROWS`.
+Without a compiler (or on another CPU) everything falls back to torch (``F.linear``,
+``torch._weight_int8pack_mm``, the torch formulas): the same numbers, more slowly. Inputs of many rows
+(prefill, perplexity) are faster as torch's matrix-matrix product: the kernels stop at :data:`MANY_ROWS`.
 """
 
 from __future__ import annotations
@@ -194,9 +198,19 @@ void int8_linear(const float *x, const int8_t *q, const float *scale, const floa
 """
 
 
+_PTR, _I64 = ctypes.c_void_p, ctypes.c_int64
+_SIGNATURES = {  # each kernel's C arguments: pointers, sizes, then threads (or eps)
+    "f32_linear": [_PTR] * 4 + [_I64] * 3 + [ctypes.c_int],
+    "f32_conv1d": [_PTR] * 4 + [_I64] * 3 + [ctypes.c_int],
+    "int8_linear": [_PTR] * 5 + [_I64] * 3 + [ctypes.c_int],
+    "f32_rms_norm": [_PTR] * 3 + [_I64] * 2 + [ctypes.c_float],
+    "f32_rope": [_PTR] * 4 + [_I64] * 2,
+}
+
+
 @lru_cache(maxsize=1)
 def compiled() -> ctypes.CDLL | None:
-    """The kernel, compiled once per source version into the temporary folder; None if it cannot be built here."""
+    """The kernels, compiled once per source version into the temporary folder; None if they cannot be built here."""
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None or not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
         return None
@@ -207,8 +221,9 @@ def compiled() -> ctypes.CDLL | None:
         source.write_text(SOURCE)
         partial = library.with_suffix(f".{os.getpid()}.partial")
         try:
-            subprocess.run([compiler, "-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", str(source), "-lm",
-                            "-o", str(partial)], check=True, capture_output=True, timeout=120)
+            flags = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+            subprocess.run([compiler, *flags, str(source), "-lm", "-o", str(partial)], check=True, capture_output=True,
+                           timeout=120)
             partial.replace(library)  # atomic: another process never loads half a file
         except (OSError, subprocess.SubprocessError):
             return None
@@ -216,12 +231,9 @@ def compiled() -> ctypes.CDLL | None:
             source.unlink(missing_ok=True)
             partial.unlink(missing_ok=True)
     lib = ctypes.CDLL(str(library))
-    for kernel in (lib.int8_linear, lib.f32_linear, lib.f32_conv1d):
-        kernel.argtypes = [ctypes.c_void_p] * (5 if kernel is lib.int8_linear else 4) + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    lib.f32_rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
-    lib.f32_rope.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
-    for kernel in (lib.int8_linear, lib.f32_linear, lib.f32_conv1d, lib.f32_rms_norm, lib.f32_rope):
-        kernel.restype = None
+    for name, arguments in _SIGNATURES.items():
+        kernel = getattr(lib, name)
+        kernel.argtypes, kernel.restype = arguments, None
     return lib
 
 
@@ -303,9 +315,9 @@ def _fits_f32_kernel(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
     torch raises the shape errors of the other calls.)"""
     if not (x.dim() >= 1 and w.dim() == 2 and x.shape[-1] == width and 0 < x.numel() < MANY_ROWS * width):
         return False
-    if bias is not None and bias.shape != (w.numel() // width,):
-        return False
-    return _plain_f32(x, w) and (bias is None or _plain_f32(bias))
+    if bias is None:
+        return _plain_f32(x, w)
+    return bias.shape == (w.numel() // width,) and _plain_f32(x, w, bias)
 
 
 def _plain_f32(*tensors: torch.Tensor) -> bool:

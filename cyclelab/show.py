@@ -34,7 +34,8 @@ class Source:
         return f"# {self.name} — {self.location}\n{self.code}"
 
     def _repr_html_(self) -> str:
-        body = highlight(self.code, get_lexer_by_name(self.language), HtmlFormatter(nowrap=False, noclasses=True, style="default"))
+        formatter = HtmlFormatter(nowrap=False, noclasses=True, style="default")
+        body = highlight(self.code, get_lexer_by_name(self.language), formatter)
         summary = f"<summary><b>{html.escape(self.name)}</b> — <code>{html.escape(self.location)}</code></summary>"
         state = " open" if self.open else ""
         return f'{_STYLE}<details class="cyclelab-source"{state}>{summary}{body}</details>'

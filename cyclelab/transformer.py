@@ -343,7 +343,8 @@ class Llama(Architecture):
         yield run.event("norm_mlp", i, t, 4 * h.numel(), 0, out=h)
         t = perf_counter()
         gate, up = self.linear(h, mlp.gate_proj), self.linear(h, mlp.up_proj)  # (b, t, d_mlp) each
-        yield run.event("mlp_in", i, t, *self.linear_cost(h, 2 * gate.shape[-1], mlp.gate_proj, mlp.up_proj), gate=gate, up=up)
+        cost = self.linear_cost(h, 2 * gate.shape[-1], mlp.gate_proj, mlp.up_proj)
+        yield run.event("mlp_in", i, t, *cost, gate=gate, up=up)
         t = perf_counter()
         act = F.silu(gate) * up  # (b, t, d_mlp)
         yield run.event("act", i, t, 6 * act.numel(), 0, out=act)
