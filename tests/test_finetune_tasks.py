@@ -275,3 +275,29 @@ def test_play_perplexity_reads_the_opening_of_the_held_out_plays(tiny) -> None:
     assert play_perplexity(tiny.model, tiny.tokenizer, 512) == pytest.approx(perplexity_of_model(tiny.model, ids, 128))
     with pytest.raises(ValueError, match="fewer than n_tokens"):
         play_perplexity(tiny.model, tiny.tokenizer, 10**8)
+
+
+@pytest.mark.parametrize("mask,width", [
+    ([[1, 1, 0, 0], [1, 0, 0, 0]], 2),   # the longest row ends at column 2
+    ([[1, 1, 1, 1], [1, 0, 0, 0]], 4),   # nothing to cut
+    ([[0, 0, 0], [0, 0, 0]], 1),         # no real token: one column stays, never an empty batch
+], ids=["cut-after-longest-row", "full-row", "all-padding"])
+def test_unpadded_cuts_every_tensor_after_the_last_real_column(mask, width):
+    from cyclelab.tasks import unpadded
+    mask = torch.tensor(mask)
+    ids = torch.arange(mask.numel()).view(mask.shape)
+    cut_mask, cut_ids = unpadded(mask, ids)
+    assert torch.equal(cut_mask, mask[:, :width]) and torch.equal(cut_ids, ids[:, :width])
+
+
+def test_unpadded_batch_gives_a_causal_model_the_same_logits_for_the_real_tokens(tiny):
+    from cyclelab.tasks import unpadded
+    ids = torch.tensor([[5, 6, 7, 0, 0, 0], [8, 9, 0, 0, 0, 0]])
+    mask = (torch.arange(6) < torch.tensor([[3], [2]])).long()
+    with torch.no_grad():
+        full = tiny.model(input_ids=ids, attention_mask=mask).logits
+        cut_mask, cut_ids = unpadded(mask, ids)
+        cut = tiny.model(input_ids=cut_ids, attention_mask=cut_mask).logits
+    assert cut.shape[1] == 3
+    torch.testing.assert_close(cut[0], full[0, :3], atol=1e-5, rtol=0)
+    torch.testing.assert_close(cut[1, :2], full[1, :2], atol=1e-5, rtol=0)
