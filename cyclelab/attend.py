@@ -18,12 +18,16 @@ def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     b, t, width = x.shape
     if width % n_heads:
         raise ValueError(f"width {width} is not divisible by {n_heads} heads")
+    if t == 1:  # one position (decode): the same memory either way, so one view instead of two ops
+        return x.view(b, n_heads, 1, width // n_heads)
     return x.view(b, t, n_heads, width // n_heads).transpose(1, 2)
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """``(batch, heads, positions, d)`` -> ``(batch, positions, heads * d)``."""
     b, h, t, d = x.shape
+    if t == 1 and x.is_contiguous():  # one position: already in that order
+        return x.view(b, 1, h * d)
     return x.transpose(1, 2).reshape(b, t, h * d)
 
 

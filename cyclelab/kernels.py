@@ -1,5 +1,5 @@
 """The engine's own kernels, in C: decode's matrix-vector products (float32 weights, and int8 weights
-with a float32 scale per row) and two fused elementwise steps (RMSNorm, RoPE).
+with a float32 scale per row), attention for one query position, and two fused elementwise steps.
 
 Decode multiplies one vector by every weight matrix, so its time is the time to *read* the
 matrices. On this course's CPUs torch's own float32 GEMV (``torch.mv``, or ``F.linear`` with one row)
@@ -7,23 +7,28 @@ reads weights at about half the speed a plain AVX2 loop does (chapter 07 measure
 torch 2.13 ships no fast weight-only int8 kernel for x86 CPUs without AVX-512
 (``torch._weight_int8pack_mm`` is several times slower than a float32 GEMV there, and the fbgemm
 kernels behind ``quantize_dynamic`` also round the *activations* to 8 bits, which costs SmolLM2 far
-more perplexity than rounding its weights).
+more perplexity than rounding its weights). The rest of a decode step is small arithmetic on a few
+vectors, where each torch op costs more in dispatch than in work, so there fewer calls are the gain.
 
-So this module compiles about 150 lines of C (AVX2, FMA, OpenMP) with the system's C compiler on first
+So this module compiles about 220 lines of C (AVX2, FMA, OpenMP) with the system's C compiler on first
 use, into the temporary folder, and calls it through ``ctypes``. Each output is one thread's dot product,
 summed in a fixed order, so the result does not depend on the number of threads.
 
-* :func:`f32_linear`, :func:`f32_conv1d`: four float32 accumulators of 8 lanes, fused multiply-adds,
-  for a weight stored (out, in) and GPT-2's (in, out).
-* :func:`int8_linear`: each input row is stored in 16 bits for the multiply (one scale per row:
+* :func:`f32_linears`, :func:`f32_conv1d`: four float32 accumulators of 8 lanes, fused multiply-adds, for
+  weights stored (out, in) and GPT-2's (in, out); one call reads several matrices (Llama's q, k and v).
+* :func:`int8_linears`: each input row is stored in 16 bits for the multiply (one scale per row:
   ``max|x| / 32767``, a relative rounding of at most 1/65534 of the row's largest value, far below the
   int8 weights' own), so the products are integer multiply-adds.
+* :func:`fused_scores`, :func:`fused_softmax`, :func:`fused_mix`: attention of one new position against
+  the KV cache, one call per op instead of several torch ops each (grouped-query heads read their key
+  head in place, as :mod:`cyclelab.attend` does).
 * :func:`fused_rms_norm`, :func:`fused_rope`: one call each instead of several torch ops, the same formulas
-  as :mod:`cyclelab.norms` and :mod:`cyclelab.rope` (which run wherever these do not apply).
+  as :mod:`cyclelab.norms` and :mod:`cyclelab.rope`.
 
-Without a compiler (or on another CPU) everything falls back to torch (``F.linear``,
-``torch._weight_int8pack_mm``, the torch formulas): the same numbers, more slowly. Inputs of many rows
-(prefill, perplexity) are faster as torch's matrix-matrix product: the kernels stop at :data:`MANY_ROWS`.
+Wherever a kernel does not apply (no compiler, another CPU, gradients, other dtypes or devices), the torch
+formula runs instead (``F.linear``, ``torch._weight_int8pack_mm``, :mod:`cyclelab.attend`…): the same
+numbers, more slowly. Inputs of many rows (prefill, perplexity) are faster as torch's matrix-matrix product:
+the kernels stop at :data:`MANY_ROWS`.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -63,26 +68,38 @@ static float hsum(__m256 v) {  /* the 8 lanes added */
     return _mm_cvtss_f32(_mm_hadd_ps(h, h));
 }
 
-/* y[m, n] = sum_k x[m, k] w[n, k] + bias[n] for float32 w stored (out, in), row-major. */
-void f32_linear(const float *x, const float *w, const float *bias, float *y,
-                int64_t rows, int64_t k, int64_t n, int threads) {
+/* Output j of `count` matrices side by side: which matrix (*i), and its row in that matrix (the return value). */
+static int64_t locate(int64_t j, const int64_t *n, int *i) {
+    for (*i = 0; j >= n[*i]; ++*i) j -= n[*i];
+    return j;
+}
+
+/* y[i] = x @ w[i].T + bias[i] (rows x n[i]) for each of `count` float32 weights w[i] stored (out, in),
+   row-major. One parallel loop runs over the outputs of all of them, so decode's q, k and v (or gate and up)
+   cost one call and one wake-up of the threads. */
+void f32_linear(const float *x, const float *const *w, const float *const *bias, const int64_t *n, int count,
+                float *const *y, int64_t rows, int64_t k, int threads) {
+    int64_t total = 0;
+    for (int i = 0; i < count; i++) total += n[i];
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t j = 0; j < n; j++) {
-        const float *r = w + j * k;
+    for (int64_t j = 0; j < total; j++) {
+        int i;
+        int64_t c = locate(j, n, &i);
+        const float *r = w[i] + c * k;
         for (int64_t m = 0; m < rows; m++) {
             const float *a = x + m * k;
             __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
-            int64_t i = 0;
-            for (; i + 32 <= k; i += 32) {
-                ahead(r + 2 * k + i, 128);  /* two rows on */
-                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(r + i), _mm256_loadu_ps(a + i), s0);
-                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(r + i + 8), _mm256_loadu_ps(a + i + 8), s1);
-                s2 = _mm256_fmadd_ps(_mm256_loadu_ps(r + i + 16), _mm256_loadu_ps(a + i + 16), s2);
-                s3 = _mm256_fmadd_ps(_mm256_loadu_ps(r + i + 24), _mm256_loadu_ps(a + i + 24), s3);
+            int64_t e = 0;
+            for (; e + 32 <= k; e += 32) {
+                ahead(r + 2 * k + e, 128);  /* two rows on */
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(r + e), _mm256_loadu_ps(a + e), s0);
+                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(r + e + 8), _mm256_loadu_ps(a + e + 8), s1);
+                s2 = _mm256_fmadd_ps(_mm256_loadu_ps(r + e + 16), _mm256_loadu_ps(a + e + 16), s2);
+                s3 = _mm256_fmadd_ps(_mm256_loadu_ps(r + e + 24), _mm256_loadu_ps(a + e + 24), s3);
             }
-            y[m * n + j] = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
-            for (; i < k; i++) y[m * n + j] += a[i] * r[i];
-            if (bias) y[m * n + j] += bias[j];
+            float dot = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+            for (; e < k; e++) dot += a[e] * r[e];
+            y[i][m * n[i] + c] = dot + (bias[i] ? bias[i][c] : 0.0f);
         }
     }
 }
@@ -155,56 +172,111 @@ void f32_rope(const float *x, const float *cos, const float *sin, float *y, int6
     }
 }
 
-/* y[m, n] = xs[m] scale[n] sum_k xq[m, k] q[n, k] + bias[n], where xq = round(x / xs) is row m of x
-   in 16 bits (xs = max|x[m]| / 32767). int16 x int8 products are summed in int32 by vpmaddwd, 16 codes
-   a step; the int32 sums move to float every 2048 values, long before they could overflow. */
-void int8_linear(const float *x, const int8_t *q, const float *scale, const float *bias, float *y,
-                 int64_t rows, int64_t k, int64_t n, int threads) {
+/* For each of `count` int8 weights q[i] (out, in) with a float32 scale per row:
+   y[i][m, c] = xs[m] scale[i][c] sum_k xq[m, k] q[i][c, k] + bias[i][c], where xq = round(x / xs) is row m of x in
+   16 bits (xs = max|x[m]| / 32767). int16 x int8 products are summed in int32 by vpmaddwd, 16 codes a step;
+   the int32 sums move to float every 2048 values, long before they could overflow. As in f32_linear, all
+   the matrices' outputs share one parallel loop. */
+void int8_linear(const float *x, const int8_t *const *q, const float *const *scale, const float *const *bias,
+                 const int64_t *n, int count, float *const *y, int64_t rows, int64_t k, int threads) {
     int16_t *xq = malloc(sizeof(int16_t) * rows * (k + 32));
     float *xs = malloc(sizeof(float) * rows);
     for (int64_t m = 0; m < rows; m++) {
         float amax = 0.0f;
-        for (int64_t i = 0; i < k; i++) amax = fmaxf(amax, fabsf(x[m * k + i]));
+        for (int64_t e = 0; e < k; e++) amax = fmaxf(amax, fabsf(x[m * k + e]));
         xs[m] = amax > 0.0f ? amax / 32767.0f : 1.0f;
-        for (int64_t i = 0; i < k; i++) xq[m * (k + 32) + i] = (int16_t)lrintf(x[m * k + i] / xs[m]);
+        for (int64_t e = 0; e < k; e++) xq[m * (k + 32) + e] = (int16_t)lrintf(x[m * k + e] / xs[m]);
     }
+    int64_t total = 0;
+    for (int i = 0; i < count; i++) total += n[i];
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t j = 0; j < n; j++) {
-        const int8_t *w = q + j * k;
+    for (int64_t j = 0; j < total; j++) {
+        int i;
+        int64_t c = locate(j, n, &i);
+        const int8_t *w = q[i] + c * k;
         for (int64_t m = 0; m < rows; m++) {
             const int16_t *a = xq + m * (k + 32);
             __m256 acc = _mm256_setzero_ps();
-            int64_t i = 0;
-            while (i + 32 <= k) {
+            int64_t e = 0;
+            while (e + 32 <= k) {
                 __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
-                int64_t end = i + 2048 < k ? i + 2048 : k;
-                for (; i + 32 <= end; i += 32) {
-                    ahead(w + 2 * k + i, 32);  /* two rows on */
-                    __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + i)));
-                    __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + i + 16)));
-                    s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)(a + i))));
-                    s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(a + i + 16))));
+                int64_t end = e + 2048 < k ? e + 2048 : k;
+                for (; e + 32 <= end; e += 32) {
+                    ahead(w + 2 * k + e, 32);  /* two rows on */
+                    __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + e)));
+                    __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + e + 16)));
+                    s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)(a + e))));
+                    s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(a + e + 16))));
                 }
                 acc = _mm256_add_ps(acc, _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)));
             }
-            float total = hsum(acc);
-            for (; i < k; i++) total += (float)a[i] * w[i];
-            y[m * n + j] = total * xs[m] * scale[j] + (bias ? bias[j] : 0.0f);
+            float sum = hsum(acc);
+            for (; e < k; e++) sum += (float)a[e] * w[e];
+            y[i][m * n[i] + c] = sum * xs[m] * scale[i][c] + (bias[i] ? bias[i][c] : 0.0f);
         }
     }
     free(xq);
     free(xs);
 }
+
+/* scores[b, h, t] = q[b, h] . keys[b, h / group, t] / sqrt(d) for one query position of `heads` heads, where
+   `group` query heads share a key head (grouped-query attention; 1 for multi-head). The keys of key head g
+   start at keys + b * batch_stride + g * head_stride, one row of d values per position. */
+void f32_scores(const float *q, const float *keys, float *scores, int64_t batch, int64_t heads, int64_t group,
+                int64_t t, int64_t d, int64_t batch_stride, int64_t head_stride) {
+    float root = (float)sqrt((double)d);
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t h = 0; h < heads; h++) {
+            const float *a = q + (b * heads + h) * d, *key = keys + b * batch_stride + (h / group) * head_stride;
+            float *out = scores + (b * heads + h) * t;
+            for (int64_t p = 0; p < t; p++, key += d) {
+                __m256 s = _mm256_setzero_ps();
+                int64_t e = 0;
+                for (; e + 8 <= d; e += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + e), _mm256_loadu_ps(key + e), s);
+                float dot = hsum(s);
+                for (; e < d; e++) dot += a[e] * key[e];
+                out[p] = dot / root;
+            }
+        }
+}
+
+/* y[r, :] = softmax(x[r, :]) for each of `rows` rows of n values: exp(x - max) / sum. */
+void f32_softmax(const float *x, float *y, int64_t rows, int64_t n) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *a = x + r * n;
+        float *out = y + r * n, top = -INFINITY, sum = 0.0f;
+        for (int64_t p = 0; p < n; p++) top = fmaxf(top, a[p]);
+        for (int64_t p = 0; p < n; p++) sum += out[p] = expf(a[p] - top);
+        for (int64_t p = 0; p < n; p++) out[p] /= sum;
+    }
+}
+
+/* out[b, h] = sum_t probs[b, h, t] values[b, h / group, t] for one query position: each head's weighted
+   average of its key head's values (laid out as in f32_scores). */
+void f32_mix(const float *probs, const float *values, float *out, int64_t batch, int64_t heads, int64_t group,
+             int64_t t, int64_t d, int64_t batch_stride, int64_t head_stride) {
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t h = 0; h < heads; h++) {
+            const float *p = probs + (b * heads + h) * t, *v = values + b * batch_stride + (h / group) * head_stride;
+            float *o = out + (b * heads + h) * d;
+            for (int64_t e = 0; e < d; e++) o[e] = 0.0f;
+            for (int64_t s = 0; s < t; s++, v += d)
+                for (int64_t e = 0; e < d; e++) o[e] += p[s] * v[e];
+        }
+}
 """
 
 
-_PTR, _I64 = ctypes.c_void_p, ctypes.c_int64
-_SIGNATURES = {  # each kernel's C arguments: pointers, sizes, then threads (or eps)
-    "f32_linear": [_PTR] * 4 + [_I64] * 3 + [ctypes.c_int],
-    "f32_conv1d": [_PTR] * 4 + [_I64] * 3 + [ctypes.c_int],
-    "int8_linear": [_PTR] * 5 + [_I64] * 3 + [ctypes.c_int],
+_PTR, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_SIGNATURES = {  # each kernel's C arguments (a matrix kernel's "count" and "threads" are ints)
+    "f32_linear": [_PTR] * 4 + [_INT, _PTR, _I64, _I64, _INT],  # x, w[], bias[], n[], count, y[], rows, k, threads
+    "f32_conv1d": [_PTR] * 4 + [_I64] * 3 + [_INT],
+    "int8_linear": [_PTR] * 5 + [_INT, _PTR, _I64, _I64, _INT],
     "f32_rms_norm": [_PTR] * 3 + [_I64] * 2 + [ctypes.c_float],
     "f32_rope": [_PTR] * 4 + [_I64] * 2,
+    "f32_scores": [_PTR] * 3 + [_I64] * 7,
+    "f32_softmax": [_PTR] * 2 + [_I64] * 2,
+    "f32_mix": [_PTR] * 3 + [_I64] * 7,
 }
 
 
@@ -251,19 +323,33 @@ def torch_float32() -> Iterator[None]:
 def f32_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ w.T + bias`` for a weight stored (out, in), as ``torch.nn.functional.linear`` computes it: by the
     C kernel for fewer than :data:`MANY_ROWS` rows of float32 on the CPU when no gradient is wanted, else by torch."""
-    if not _fits_f32_kernel(x, w, bias, w.shape[-1]):
-        return torch.nn.functional.linear(x, w, bias)
-    return _run_f32("f32_linear", x, w, bias, w.shape[0])
+    return f32_linears(x, [(w, bias)])[0]
+
+
+def f32_linears(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> list[torch.Tensor]:
+    """:func:`f32_linear` of ``x`` with each ``(weight, bias)`` of ``layers``: one C call reads all the weights
+    (decode's q, k and v) where the kernel applies to every one of them, else torch computes each."""
+    if not _fits_f32_kernel(x, layers, 1):
+        return [torch.nn.functional.linear(x, w, b) for w, b in layers]
+    ns = [w.shape[0] for w, _ in layers]
+    outs = [torch.empty(*x.shape[:-1], n) for n in ns]
+    compiled().f32_linear(x.data_ptr(), _pointers(w for w, _ in layers), _pointers(b for _, b in layers), _sizes(ns),
+                          len(ns), _pointers(outs), x.numel() // x.shape[-1], x.shape[-1], _threads(x.numel() * sum(ns)))
+    return outs
 
 
 def f32_conv1d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ w + bias`` for a weight stored (in, out), GPT-2's ``Conv1D``: by the C kernel where
     :func:`f32_linear` would use it, else by torch (``addmm``)."""
-    if not _fits_f32_kernel(x, w, bias, w.shape[0]):
+    if not _fits_f32_kernel(x, [(w, bias)], 0):
         flat = x.reshape(-1, x.shape[-1])
         out = flat @ w if bias is None else torch.addmm(bias, flat, w)
         return out.view(*x.shape[:-1], w.shape[-1])
-    return _run_f32("f32_conv1d", x, w, bias, w.shape[1])
+    rows, (k, n) = x.numel() // x.shape[-1], w.shape
+    out = torch.empty(rows * n)
+    compiled().f32_conv1d(x.data_ptr(), w.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
+                          rows, k, n, _threads(x.numel() * n))
+    return out.view(*x.shape[:-1], n)
 
 
 def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -289,13 +375,61 @@ def fused_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out
 
 
-def _run_f32(kernel: str, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
-    """Call a float32 C kernel on ``x``'s rows; the result has ``n`` columns."""
-    k, rows = x.shape[-1], x.numel() // x.shape[-1]
-    out = torch.empty(rows, n)
-    getattr(compiled(), kernel)(x.data_ptr(), w.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
-                                rows, k, n, _threads(rows * k * n))
-    return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
+def fused_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:
+    """:func:`cyclelab.attend.attention_scores` for one query position (decode) in one C call: ``q``
+    ``(b, h, 1, d)``, ``keys`` ``(b, kv_h, t, d)`` as the KV cache hands them out; None where it does not apply."""
+    if not _one_query(q, keys):
+        return None
+    b, h, _, d = q.shape
+    scores = torch.empty(b, h, 1, keys.shape[-2])
+    compiled().f32_scores(q.data_ptr(), keys.data_ptr(), scores.data_ptr(), b, h, h // keys.shape[1],
+                          keys.shape[-2], d, keys.stride(0), keys.stride(1))
+    return scores
+
+
+def fused_softmax(scores: torch.Tensor) -> torch.Tensor | None:
+    """The softmax over the last dimension of one query position's float32 scores ``(b, h, 1, t)`` in one C
+    call; None where it does not apply."""
+    if not (scores.dim() == 4 and scores.shape[-2] == 1 and scores.shape[-1] > 0 and _plain_f32(scores)):
+        return None
+    probs = torch.empty_like(scores)
+    compiled().f32_softmax(scores.data_ptr(), probs.data_ptr(), scores.numel() // scores.shape[-1], scores.shape[-1])
+    return probs
+
+
+def fused_mix(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
+    """:func:`cyclelab.attend.attention_mix` for one query position in one C call: ``probs`` ``(b, h, 1, t)``,
+    ``values`` ``(b, kv_h, t, d)`` as the KV cache hands them out; None where it does not apply."""
+    b, h, _, t = probs.shape if probs.dim() == 4 else (0, 0, 0, 0)
+    if not (values.dim() == 4 and values.shape[-2] == t and _one_query(probs, values, width=t)):
+        return None
+    d = values.shape[-1]
+    out = torch.empty(b, h, 1, d)
+    compiled().f32_mix(probs.data_ptr(), values.data_ptr(), out.data_ptr(), b, h, h // values.shape[1], t, d,
+                       values.stride(0), values.stride(1))
+    return out
+
+
+def _one_query(q: torch.Tensor, kv: torch.Tensor, width: int | None = None) -> bool:
+    """True where the attention kernels read ``q`` ``(b, h, 1, width)`` against a cache slice ``kv``
+    ``(b, kv_h, t, d)``: kv_h divides h, ``q`` is :func:`_plain_f32`, and ``kv``'s rows are float32 d values apart."""
+    if not (q.dim() == kv.dim() == 4 and q.shape[-2] == 1 and q.shape[0] == kv.shape[0] and kv.shape[1]):
+        return False
+    d = kv.shape[-1]
+    if q.shape[1] % kv.shape[1] or q.shape[-1] != (d if width is None else width) or kv.shape[-2] == 0:
+        return False
+    rows_packed = kv.stride(-1) == 1 and kv.stride(-2) == d and kv.dtype == torch.float32 and kv.is_cpu
+    return rows_packed and not (kv.requires_grad and torch.is_grad_enabled()) and _plain_f32(q)
+
+
+def _pointers(tensors: Iterable[torch.Tensor | None]) -> ctypes.Array:
+    """The tensors' data pointers as a C array (None for a missing bias)."""
+    addresses = [None if t is None else t.data_ptr() for t in tensors]
+    return (_PTR * len(addresses))(*addresses)
+
+
+def _sizes(sizes: Sequence[int]) -> ctypes.Array:
+    return (_I64 * len(sizes))(*sizes)
 
 
 def _threads(multiply_adds: int) -> int:
@@ -309,15 +443,24 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _fits_f32_kernel(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, width: int) -> bool:
-    """True where a float32 product's C kernel computes it: fewer than :data:`MANY_ROWS` rows of ``width``
-    and a matching weight (and bias), all :func:`_plain_f32`. (A few µs: it runs on every call of decode;
-    torch raises the shape errors of the other calls.)"""
-    if not (x.dim() >= 1 and w.dim() == 2 and x.shape[-1] == width and 0 < x.numel() < MANY_ROWS * width):
+def _fits_f32_kernel(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor | None]], in_dim: int) -> bool:
+    """True where a float32 product's C kernel computes ``x`` times every ``(weight, bias)`` of ``layers``: fewer than
+    :data:`MANY_ROWS` rows of ``x``, each weight's dimension ``in_dim`` as wide as a row and its bias as long as its
+    other, all :func:`_plain_f32`. (A few µs: it runs on every call of decode; torch raises the shape errors of the
+    other calls.)"""
+    width = x.shape[-1] if x.dim() else 0
+    if not (layers and 0 < x.numel() < MANY_ROWS * width):
         return False
-    if bias is None:
-        return _plain_f32(x, w)
-    return bias.shape == (w.numel() // width,) and _plain_f32(x, w, bias)
+    tensors = [x]
+    for w, bias in layers:
+        if not (w.dim() == 2 and w.shape[in_dim] == width):
+            return False
+        if bias is not None:
+            if bias.shape != (w.shape[1 - in_dim],):
+                return False
+            tensors.append(bias)
+        tensors.append(w)
+    return _plain_f32(*tensors)
 
 
 def _plain_f32(*tensors: torch.Tensor) -> bool:
@@ -333,28 +476,36 @@ def _plain_f32(*tensors: torch.Tensor) -> bool:
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ (q × scale).T + bias`` for float32 ``x`` ``(..., in)``, int8 ``q`` ``(out, in)``, float32 ``scale`` ``(out,)``."""
+    return int8_linears(x, [(q, scale, bias)])[0]
+
+
+def int8_linears(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+                 ) -> list[torch.Tensor]:
+    """:func:`int8_linear` of ``x`` with each ``(q, scale, bias)`` of ``layers``, all the weights read by one C call
+    for a few rows (decode); many rows dequantize each weight for torch's matrix product."""
+    width = layers[0][0].shape[1]
     if x.dtype != torch.float32:
         raise TypeError(f"an int8 Linear takes float32 inputs, got {x.dtype}")
-    if x.dim() == 0 or x.shape[-1] != q.shape[1]:
-        raise ValueError(f"an int8 Linear of {q.shape[1]} inputs got a tensor of shape {tuple(x.shape)}: "
-                         f"its last dimension must be {q.shape[1]}")
-    flat = x.reshape(-1, x.shape[-1])
-    if flat.shape[0] >= MANY_ROWS:
-        out = torch.nn.functional.linear(flat, q.float() * scale[:, None], bias)
-    else:
-        out = _gemv(flat.contiguous(), q, scale, bias)
-    return out.view(*x.shape[:-1], q.shape[0])
+    if x.dim() == 0 or x.shape[-1] != width:
+        raise ValueError(f"an int8 Linear of {width} inputs got a tensor of shape {tuple(x.shape)}: "
+                         f"its last dimension must be {width}")
+    flat = x.reshape(-1, width)
+    lib, ns = compiled(), [q.shape[0] for q, _, _ in layers]
+    if flat.shape[0] >= MANY_ROWS or lib is None:
+        many = flat.shape[0] >= MANY_ROWS
+        outs = [torch.nn.functional.linear(flat, q.float() * scale[:, None], b) if many else
+                _plus(torch._weight_int8pack_mm(flat, q, scale), b) for q, scale, b in layers]
+        return [out.view(*x.shape[:-1], n) for out, n in zip(outs, ns)]
+    flat = flat.contiguous()
+    outs = [torch.empty(*x.shape[:-1], n) for n in ns]
+    lib.int8_linear(flat.data_ptr(), _pointers(q for q, _, _ in layers), _pointers(s for _, s, _ in layers),
+                    _pointers(b for _, _, b in layers), _sizes(ns), len(ns), _pointers(outs), flat.shape[0], width,
+                    _threads(flat.numel() * sum(ns)))
+    return outs
 
 
-def _gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    lib = compiled()
-    if lib is None:
-        out = torch._weight_int8pack_mm(x, q, scale)
-        return out if bias is None else out + bias
-    out = torch.empty(x.shape[0], q.shape[0])
-    lib.int8_linear(x.data_ptr(), q.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),
-                    out.data_ptr(), x.shape[0], x.shape[1], q.shape[0], _threads(x.numel() * q.shape[0]))
-    return out
+def _plus(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return out if bias is None else out + bias
 
 
 class Int8Linear(torch.nn.Module):

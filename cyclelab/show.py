@@ -72,7 +72,8 @@ def show(obj: Any, *, collapsed: bool = False) -> Source:
 
 def show_kernel(function: str, *, collapsed: bool = False) -> Source:
     """The C source of one of the engine's kernels (:mod:`cyclelab.kernels`: ``"f32_linear"``,
-    ``"f32_conv1d"``, ``"f32_rms_norm"``, ``"f32_rope"``, ``"int8_linear"``) with the comment above it."""
+    ``"f32_conv1d"``, ``"f32_rms_norm"``, ``"f32_rope"``, ``"int8_linear"``, ``"f32_scores"``, ``"f32_softmax"``,
+    ``"f32_mix"``) with the comment above it."""
     from .kernels import SOURCE
 
     start = SOURCE.find(f"void {function}(")

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from .attend import KVCache, attention_mix, attention_scores, merge_heads, split_heads
 from .cycle import Event
 from .ops import REGISTRY
-from .kernels import f32_conv1d, f32_linear, fused_rms_norm, fused_rope, is_int8
+from .kernels import (f32_conv1d, f32_linears, fused_mix, fused_rms_norm, fused_rope, fused_scores, fused_softmax,
+                      int8_linears, is_int8)
 from .norms import rms_norm
 from .rope import apply_rope, rope_cos_sin
 
@@ -119,7 +120,13 @@ class Architecture:
 
     def linear(self, x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
         """``x @ W.T + b`` for a Linear, float32 or int8 (decode's few rows by the engine's own C kernels)."""
-        return module(x) if self.int8 else f32_linear(x, module.weight, module.bias)
+        return self.linears(x, module)[0]
+
+    def linears(self, x: torch.Tensor, *modules: torch.nn.Module) -> list[torch.Tensor]:
+        """:meth:`linear` of ``x`` with each of ``modules``: for decode, one C call reads all their weights."""
+        if self.int8:
+            return int8_linears(x, [(m.q, m.scale, m.bias) for m in modules])
+        return f32_linears(x, [(m.weight, m.bias) for m in modules])
 
     # --- bookkeeping -------------------------------------------------------------
     def linear_cost(self, x: torch.Tensor, n_out: int, *modules: torch.nn.Module) -> tuple[int, int]:
@@ -148,13 +155,13 @@ class Architecture:
         tk = keys.shape[-2]
 
         t = perf_counter()
-        scores = attention_scores(q, keys)  # (b, h, t, t_past + t)
+        scores = fused(fused_scores, attention_scores, q, keys)  # (b, h, t, t_past + t)
         yield run.event("scores", layer, t, 2 * b * h * tq * tk * d, 0, scores=scores)
         t = perf_counter()
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # (b, h, t, t_past + t)
+        probs = fused(fused_softmax, softmax, scores)  # (b, h, t, t_past + t)
         yield run.event("softmax", layer, t, 5 * b * h * tq * tk, 0, probs=probs)
         t = perf_counter()
-        mixed = attention_mix(probs, values)  # (b, h, t, hd)
+        mixed = fused(fused_mix, attention_mix, probs, values)  # (b, h, t, hd)
         for lay, head in run.ablation.heads:
             if lay == layer:
                 mixed[:, head] = 0
@@ -295,14 +302,12 @@ class Llama(Architecture):
     def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm: divide by the root-mean-square (in float32), then the learned gain
         (:func:`cyclelab.norms.rms_norm`; decode's few rows in one C call of the same formula)."""
-        fused = fused_rms_norm(x, weight, self.eps)
-        return rms_norm(x, weight, self.eps) if fused is None else fused
+        return fused(fused_rms_norm, rms_norm, x, weight, self.eps)
 
     @staticmethod
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """RoPE (:func:`cyclelab.rope.apply_rope`; one decode position in one C call, to the same bits)."""
-        fused = fused_rope(x, cos, sin)
-        return apply_rope(x, cos, sin) if fused is None else fused
+        return fused(fused_rope, apply_rope, x, cos, sin)
 
     def embed(self, run, ids, positions):
         t = perf_counter()
@@ -321,9 +326,9 @@ class Llama(Architecture):
         yield run.event("norm_attn", i, t, 4 * h.numel(), 0, out=h)
 
         t = perf_counter()
-        q = split_heads(self.linear(h, attn.q_proj), self.n_heads)  # (b, h, t, hd)
-        k = split_heads(self.linear(h, attn.k_proj), self.n_kv_heads)  # (b, kv_h, t, hd)
-        v = split_heads(self.linear(h, attn.v_proj), self.n_kv_heads)  # (b, kv_h, t, hd)
+        q, k, v = self.linears(h, attn.q_proj, attn.k_proj, attn.v_proj)  # decode: one C call reads all three
+        q = split_heads(q, self.n_heads)  # (b, h, t, hd)
+        k, v = split_heads(k, self.n_kv_heads), split_heads(v, self.n_kv_heads)  # (b, kv_h, t, hd) each
         n_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
         yield run.event("qkv", i, t, *self.linear_cost(h, n_out, attn.q_proj, attn.k_proj, attn.v_proj), q=q, k=k, v=v)
 
@@ -342,7 +347,7 @@ class Llama(Architecture):
         h = self.norm(x, layer.post_attention_layernorm.weight)  # (b, t, d)
         yield run.event("norm_mlp", i, t, 4 * h.numel(), 0, out=h)
         t = perf_counter()
-        gate, up = self.linear(h, mlp.gate_proj), self.linear(h, mlp.up_proj)  # (b, t, d_mlp) each
+        gate, up = self.linears(h, mlp.gate_proj, mlp.up_proj)  # (b, t, d_mlp) each
         cost = self.linear_cost(h, 2 * gate.shape[-1], mlp.gate_proj, mlp.up_proj)
         yield run.event("mlp_in", i, t, *cost, gate=gate, up=up)
         t = perf_counter()
@@ -365,6 +370,18 @@ class Llama(Architecture):
         logits = self.linear(h, head)  # (b, t, vocab)
         yield run.event("logits", None, t, *self.linear_cost(h, logits.shape[-1], head), out=logits)
         return logits
+
+
+def fused(kernel: Callable[..., torch.Tensor | None], formula: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    """``kernel(*args)``, one of the engine's C kernels for decode (:mod:`cyclelab.kernels`), or ``formula(*args)``
+    where the kernel does not apply (prompts, gradients, other dtypes and devices): the same formula in torch."""
+    out = kernel(*args)
+    return formula(*args) if out is None else out
+
+
+def softmax(scores: torch.Tensor) -> torch.Tensor:
+    """Attention's softmax over the keys, computed in float32."""
+    return torch.softmax(scores.float(), dim=-1).to(scores.dtype)
 
 
 def matrix_bytes(module: torch.nn.Module) -> int:

@@ -100,15 +100,75 @@ def test_a_wrong_width_is_torchs_clear_shape_error():
         f32_linear(x[:, :39], w, b)
 
 
+class _Recorder:
+    """Stands in for the compiled library: records which kernels are called (and computes nothing)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return lambda *args: self.calls.append(name)
+
+
 def test_torch_float32_switches_the_kernels_off_inside_the_block_only(monkeypatch):
-    calls = []
-    monkeypatch.setattr(kernels, "_run_f32", lambda *args: calls.append(args[0]))
+    library = _Recorder()
+    monkeypatch.setattr(kernels, "compiled", lambda: library)
     x, w, b = _case((1, 40), 24, seed=7)
     with torch.no_grad():
         with torch_float32():
             assert torch.equal(f32_linear(x, w, b), F.linear(x, w, b))
         f32_linear(x, w, b)
-    assert calls == ["f32_linear"]
+    assert library.calls == ["f32_linear"]
+
+
+def _layers(seed: int, k: int = 64, ns=(576, 192, 192)):
+    """Weights of q, k and v sizes (out, in), the second without a bias."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, k, generator=g), None if i == 1 else torch.randn(n, generator=g)) for i, n in enumerate(ns)]
+
+
+@pytest.mark.parametrize("x_shape", [(1, 1, 64), (3, 64)], ids=["decode-vector", "three-rows"])
+def test_several_matrices_in_one_call_give_each_matrix_its_own_product(x_shape, monkeypatch):
+    x, layers = torch.randn(*x_shape), _layers(10)
+    with torch.no_grad():
+        one_by_one = [f32_linear(x, w, b) for w, b in layers]
+        library, calls = kernels.compiled(), []
+        monkeypatch.setattr(kernels, "compiled", lambda: calls.append(1) or library)
+        together = kernels.f32_linears(x, layers)
+    assert len(calls) == 2  # the check that the kernels are there, then the one call for all three
+    assert [t.shape for t in together] == [(*x_shape[:-1], w.shape[0]) for w, _ in layers]
+    assert all(torch.equal(a, b) for a, b in zip(together, one_by_one))  # each output: the same dot product
+
+
+def test_several_matrices_go_to_torch_together_when_one_does_not_fit():
+    x, layers = torch.randn(1, 64), _layers(11)
+    layers[2] = (layers[2][0].T.contiguous().T, None)  # a transposed view: not contiguous
+    with torch.no_grad():
+        outs = kernels.f32_linears(x, layers)
+    assert all(torch.equal(o, F.linear(x, w, b)) for o, (w, b) in zip(outs, layers))
+
+
+def test_int8_matrices_in_one_call_give_each_matrix_its_own_product():
+    from cyclelab.quantize import quantize_int8
+    x = torch.randn(1, 1, 64)
+    packed = [(*(lambda q, s: (q, s.reshape(-1)))(*quantize_int8(w)), b) for w, b in _layers(12)]
+    together = kernels.int8_linears(x, packed)
+    assert all(torch.equal(t, kernels.int8_linear(x, q, s, b)) for t, (q, s, b) in zip(together, packed))
+
+
+def test_threads_do_not_change_several_matrices_or_int8():
+    from cyclelab.quantize import quantize_int8
+    x, layers = torch.randn(2, 64), _layers(13)
+    packed = [(*(lambda q, s: (q, s.reshape(-1)))(*quantize_int8(w)), b) for w, b in layers]
+    threads, outs = torch.get_num_threads(), []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                outs.append(kernels.f32_linears(x, layers) + kernels.int8_linears(x, packed))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for run in outs[1:] for a, b in zip(run, outs[0]))
 
 
 @pytest.mark.parametrize("name", ["tiny", "smollm2"])
@@ -122,7 +182,8 @@ def test_the_engine_with_its_kernels_matches_the_engine_on_torchs(name, request)
     assert all(abs(a.raw_prob - b.raw_prob) < 1e-4 for a, b in zip(fast.records, slow.records))
 
 
-@pytest.mark.parametrize("name", ["f32_linear", "f32_conv1d", "f32_rms_norm", "f32_rope", "int8_linear"])
+@pytest.mark.parametrize("name", ["f32_linear", "f32_conv1d", "f32_rms_norm", "f32_rope", "int8_linear", "f32_scores",
+                                  "f32_softmax", "f32_mix"])
 def test_show_kernel_shows_one_whole_kernel_with_its_comment(name):
     code = show_kernel(name).code
     assert code.startswith("/*") and f"void {name}(" in code and code in kernels.SOURCE
@@ -164,3 +225,62 @@ def test_norm_and_rope_of_a_prompt_stay_with_torch(monkeypatch):
     with torch.no_grad():
         assert kernels.fused_rope(torch.randn(1, 2, 5, 16), cos, sin) is None
         assert kernels.fused_rms_norm(torch.randn(1, MANY_ROWS, 16), torch.ones(16), 1e-5) is None
+
+
+def _attention_case(batch: int, heads: int, kv_heads: int, d: int, length: int, seed: int = 14):
+    """A query for one new position and a KV cache of ``length`` positions (of a larger capacity)."""
+    from cyclelab.attend import KVCache
+    g = torch.Generator().manual_seed(seed)
+    cache = KVCache(1, length + 5)
+    keys, values = cache.append(0, *torch.randn(2, batch, kv_heads, length, d, generator=g))
+    return torch.randn(batch, heads, 1, d, generator=g), keys, values
+
+
+ATTENTION = [(1, 9, 3, 64, 40), (2, 4, 4, 20, 7), (1, 2, 1, 8, 1)]
+ATTENTION_IDS = ["smollm2-gqa", "multi-head-ragged-d", "one-position"]
+
+
+@pytest.mark.parametrize("shape", ATTENTION, ids=ATTENTION_IDS)
+def test_attention_kernels_are_the_attend_formulas_in_float64_within_rounding(shape):
+    q, keys, values = _attention_case(*shape)
+    group = shape[1] // shape[2]  # query heads per key head: each key head repeated for its group
+    k64, v64 = (t.repeat_interleave(group, dim=1).double() for t in (keys, values))
+    with torch.no_grad():
+        scores = kernels.fused_scores(q, keys)
+        probs = kernels.fused_softmax(scores)
+        mixed = kernels.fused_mix(probs, values)
+    torch.testing.assert_close(scores.double(), q.double() @ k64.transpose(-1, -2) / shape[3] ** 0.5, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(probs.double(), torch.softmax(scores.double(), -1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(mixed.double(), probs.double() @ v64, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_kernels_agree_with_the_engines_torch_attention():
+    from cyclelab.attend import attention_mix, attention_scores
+    q, keys, values = _attention_case(1, 9, 3, 64, 40, seed=15)
+    with torch.no_grad():
+        scores = kernels.fused_scores(q, keys)
+        torch.testing.assert_close(scores, attention_scores(q, keys), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(kernels.fused_softmax(scores), torch.softmax(scores, -1), atol=1e-6, rtol=1e-5)
+        probs = torch.softmax(scores, -1)
+        torch.testing.assert_close(kernels.fused_mix(probs, values), attention_mix(probs, values), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_of_a_prompt_or_with_gradients_stays_with_torch(monkeypatch):
+    q, keys, values = _attention_case(1, 4, 2, 16, 6, seed=16)
+    monkeypatch.setattr(kernels, "compiled", lambda: pytest.fail("the C kernel was called"))
+    prompt = torch.randn(1, 4, 3, 16)  # three query positions: the causal mask is torch's
+    probs = torch.softmax(torch.randn(1, 4, 1, 6), -1)
+    assert kernels.fused_scores(prompt, keys) is None and kernels.fused_softmax(torch.randn(1, 4, 3, 6)) is None
+    assert kernels.fused_scores(q.double(), keys.double()) is None
+    assert kernels.fused_scores(q, keys.transpose(-1, -2).contiguous().transpose(-1, -2)) is None  # rows not packed
+    assert kernels.fused_scores(q.requires_grad_(True), keys) is None
+    assert kernels.fused_mix(probs, values[..., :5, :]) is None  # 6 weights, 5 values
+    assert kernels.fused_scores(torch.randn(1, 3, 1, 16), keys) is None  # 3 heads cannot share 2 key heads
+
+
+def test_one_position_splits_and_merges_heads_as_the_general_case():
+    from cyclelab.attend import merge_heads, split_heads
+    x = torch.randn(2, 1, 12)
+    general = x.view(2, 1, 3, 4).transpose(1, 2)
+    assert torch.equal(split_heads(x, 3), general) and split_heads(x, 3).shape == (2, 3, 1, 4)
+    assert torch.equal(merge_heads(general.contiguous()), general.transpose(1, 2).reshape(2, 1, 12))
