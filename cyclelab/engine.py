@@ -232,9 +232,9 @@ class Engine:
                                                  len(cache), start, totals, capture)
             trace.records.append(record)
             ids.append(record.token_id)
-            trace.text = self.tokenizer.decode(trace.token_ids, skip_special_tokens=True)
             if stop_at_eos and record.token_id == self.tokenizer.eos_token_id and forced is None:
                 break
+        trace.text = self.tokenizer.decode(trace.token_ids, skip_special_tokens=True)  # once: the run is over
         return trace
 
     def _write_back(self, cycle, logits, ids, sampling, generator, forced, n_inputs, cache_len, start, totals, capture):

@@ -53,6 +53,7 @@ MANY_ROWS = 8  #: from this many input rows on, use torch's float32 matmul (an i
 SOURCE = r"""
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -104,39 +105,33 @@ void f32_linear(const float *x, const float *const *w, const float *const *bias,
     }
 }
 
-/* y[m, n] = sum_k x[m, k] w[k, n] + bias[n] for float32 w stored (in, out): GPT-2's Conv1D layout.
-   Each thread owns blocks of 32 output columns and runs down the k rows of w for them. */
+/* y[m, n] = sum_k x[m, k] w[k, n] + bias[n] for float32 w stored (in, out): GPT-2's Conv1D layout. Each thread
+   owns a range of output columns and walks down the k rows of w, adding x[m, i] * w[i, its columns] into its
+   outputs, so the weights are read in the order they are stored (each output still sums over k in order). */
 void f32_conv1d(const float *x, const float *w, const float *bias, float *y,
                 int64_t rows, int64_t k, int64_t n, int threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t j = 0; j < n; j += 32) {
-        for (int64_t m = 0; m < rows; m++) {
-            const float *a = x + m * k;
-            float *out = y + m * n;
-            if (j + 32 > n) {  /* the last, narrower block */
-                for (int64_t c = j; c < n; c++) {
-                    float t = 0.0f;
-                    for (int64_t i = 0; i < k; i++) t += a[i] * w[i * n + c];
-                    out[c] = t + (bias ? bias[c] : 0.0f);
-                }
-                continue;
-            }
-            __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
-            for (int64_t i = 0; i < k; i++) {
-                const float *r = w + i * n + j;
-                ahead(r + 4 * n, 128);  /* four rows on */
-                __m256 ai = _mm256_set1_ps(a[i]);
-                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(r), ai, s0);
-                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(r + 8), ai, s1);
-                s2 = _mm256_fmadd_ps(_mm256_loadu_ps(r + 16), ai, s2);
-                s3 = _mm256_fmadd_ps(_mm256_loadu_ps(r + 24), ai, s3);
-            }
-            __m256 sums[4] = {s0, s1, s2, s3};
-            for (int q = 0; q < 4; q++) {
-                __m256 b = bias ? _mm256_loadu_ps(bias + j + 8 * q) : _mm256_setzero_ps();
-                _mm256_storeu_ps(out + j + 8 * q, _mm256_add_ps(sums[q], b));
+    int64_t blocks = (n + 7) / 8;
+    #pragma omp parallel num_threads(threads)
+    {
+        int id = omp_get_thread_num(), parts = omp_get_num_threads();
+        int64_t first = 8 * (blocks * id / parts), end = 8 * (blocks * (id + 1) / parts);
+        if (end > n) end = n;
+        for (int64_t m = 0; m < rows; m++)
+            for (int64_t c = first; c < end; c++) y[m * n + c] = 0.0f;
+        for (int64_t i = 0; i < k; i++) {
+            const float *r = w + i * n;
+            ahead(r + 2 * n + first, (int)(4 * (end - first)));  /* two rows on */
+            for (int64_t m = 0; m < rows; m++) {
+                float *out = y + m * n;
+                __m256 a = _mm256_set1_ps(x[m * k + i]);
+                int64_t c = first;
+                for (; c + 8 <= end; c += 8)
+                    _mm256_storeu_ps(out + c, _mm256_fmadd_ps(_mm256_loadu_ps(r + c), a, _mm256_loadu_ps(out + c)));
+                for (; c < end; c++) out[c] = fmaf(r[c], x[m * k + i], out[c]);
             }
         }
+        for (int64_t m = 0; m < rows && bias; m++)
+            for (int64_t c = first; c < end; c++) y[m * n + c] += bias[c];
     }
 }
 
@@ -345,11 +340,11 @@ def f32_conv1d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
         flat = x.reshape(-1, x.shape[-1])
         out = flat @ w if bias is None else torch.addmm(bias, flat, w)
         return out.view(*x.shape[:-1], w.shape[-1])
-    rows, (k, n) = x.numel() // x.shape[-1], w.shape
-    out = torch.empty(rows * n)
+    k, n = w.shape
+    out = torch.empty(*x.shape[:-1], n)
     compiled().f32_conv1d(x.data_ptr(), w.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
-                          rows, k, n, _threads(x.numel() * n))
-    return out.view(*x.shape[:-1], n)
+                          x.numel() // k, k, n, _threads(x.numel() * n))
+    return out
 
 
 def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -467,7 +462,7 @@ def _plain_f32(*tensors: torch.Tensor) -> bool:
     """True if the C kernels may read these tensors' memory: contiguous float32 on the CPU, no gradient to
     record, no dispatch mode watching torch's ops (FlopCounterMode, fake tensors), kernels compiled and on."""
     for t in tensors:
-        if not (t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()):
+        if t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous():
             return False
         if t.requires_grad and torch.is_grad_enabled():
             return False
