@@ -69,19 +69,17 @@ static float hsum(__m256 v) {  /* the 8 lanes added */
     return _mm_cvtss_f32(_mm_hadd_ps(h, h));
 }
 
-/* Output j of `count` matrices side by side: which matrix (*i), and its row in that matrix (the return value). */
+/* Output j of the matrices side by side: which matrix (*i), and its row in that matrix (the return value). */
 static int64_t locate(int64_t j, const int64_t *n, int *i) {
     for (*i = 0; j >= n[*i]; ++*i) j -= n[*i];
     return j;
 }
 
-/* y[i] = x @ w[i].T + bias[i] (rows x n[i]) for each of `count` float32 weights w[i] stored (out, in),
-   row-major. One parallel loop runs over the outputs of all of them, so decode's q, k and v (or gate and up)
-   cost one call and one wake-up of the threads. */
-void f32_linear(const float *x, const float *const *w, const float *const *bias, const int64_t *n, int count,
+/* y[i] = x @ w[i].T + bias[i] (rows x n[i]) for float32 weights w[i] stored (out, in), row-major, of
+   n[0] + n[1] + ... = total outputs. One parallel loop runs over the outputs of all of them, so decode's q, k
+   and v (or gate and up) cost one call and one wake-up of the threads. */
+void f32_linear(const float *x, const float *const *w, const float *const *bias, const int64_t *n, int64_t total,
                 float *const *y, int64_t rows, int64_t k, int threads) {
-    int64_t total = 0;
-    for (int i = 0; i < count; i++) total += n[i];
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t j = 0; j < total; j++) {
         int i;
@@ -167,13 +165,13 @@ void f32_rope(const float *x, const float *cos, const float *sin, float *y, int6
     }
 }
 
-/* For each of `count` int8 weights q[i] (out, in) with a float32 scale per row:
+/* For int8 weights q[i] (out, in) with a float32 scale per row, of n[0] + n[1] + ... = total outputs:
    y[i][m, c] = xs[m] scale[i][c] sum_k xq[m, k] q[i][c, k] + bias[i][c], where xq = round(x / xs) is row m of x in
    16 bits (xs = max|x[m]| / 32767). int16 x int8 products are summed in int32 by vpmaddwd, 16 codes a step;
    the int32 sums move to float every 2048 values, long before they could overflow. As in f32_linear, all
    the matrices' outputs share one parallel loop. */
 void int8_linear(const float *x, const int8_t *const *q, const float *const *scale, const float *const *bias,
-                 const int64_t *n, int count, float *const *y, int64_t rows, int64_t k, int threads) {
+                 const int64_t *n, int64_t total, float *const *y, int64_t rows, int64_t k, int threads) {
     int16_t *xq = malloc(sizeof(int16_t) * rows * (k + 32));
     float *xs = malloc(sizeof(float) * rows);
     for (int64_t m = 0; m < rows; m++) {
@@ -182,8 +180,6 @@ void int8_linear(const float *x, const int8_t *const *q, const float *const *sca
         xs[m] = amax > 0.0f ? amax / 32767.0f : 1.0f;
         for (int64_t e = 0; e < k; e++) xq[m * (k + 32) + e] = (int16_t)lrintf(x[m * k + e] / xs[m]);
     }
-    int64_t total = 0;
-    for (int i = 0; i < count; i++) total += n[i];
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t j = 0; j < total; j++) {
         int i;
@@ -263,10 +259,10 @@ void f32_mix(const float *probs, const float *values, float *out, int64_t batch,
 
 
 _PTR, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-_SIGNATURES = {  # each kernel's C arguments (a matrix kernel's "count" and "threads" are ints)
-    "f32_linear": [_PTR] * 4 + [_INT, _PTR, _I64, _I64, _INT],  # x, w[], bias[], n[], count, y[], rows, k, threads
+_SIGNATURES = {  # each kernel's C arguments (a matrix kernel's "threads" is an int)
+    "f32_linear": [_PTR] * 4 + [_I64, _PTR, _I64, _I64, _INT],  # x, w[], bias[], n[], total, y[], rows, k, threads
     "f32_conv1d": [_PTR] * 4 + [_I64] * 3 + [_INT],
-    "int8_linear": [_PTR] * 5 + [_INT, _PTR, _I64, _I64, _INT],
+    "int8_linear": [_PTR] * 5 + [_I64, _PTR, _I64, _I64, _INT],
     "f32_rms_norm": [_PTR] * 3 + [_I64] * 2 + [ctypes.c_float],
     "f32_rope": [_PTR] * 4 + [_I64] * 2,
     "f32_scores": [_PTR] * 3 + [_I64] * 7,
@@ -327,9 +323,9 @@ def f32_linears(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tens
     if not _fits_f32_kernel(x, layers, 1):
         return [torch.nn.functional.linear(x, w, b) for w, b in layers]
     ns = [w.shape[0] for w, _ in layers]
-    outs = [torch.empty(*x.shape[:-1], n) for n in ns]
+    outs, total = [torch.empty(*x.shape[:-1], n) for n in ns], sum(ns)
     compiled().f32_linear(x.data_ptr(), _pointers(w for w, _ in layers), _pointers(b for _, b in layers), _sizes(ns),
-                          len(ns), _pointers(outs), x.numel() // x.shape[-1], x.shape[-1], _threads(x.numel() * sum(ns)))
+                          total, _pointers(outs), x.numel() // x.shape[-1], x.shape[-1], _threads(x.numel() * total))
     return outs
 
 
@@ -395,10 +391,10 @@ def fused_softmax(scores: torch.Tensor) -> torch.Tensor | None:
 def fused_mix(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
     """:func:`cyclelab.attend.attention_mix` for one query position in one C call: ``probs`` ``(b, h, 1, t)``,
     ``values`` ``(b, kv_h, t, d)`` as the KV cache hands them out; None where it does not apply."""
-    b, h, _, t = probs.shape if probs.dim() == 4 else (0, 0, 0, 0)
-    if not (values.dim() == 4 and values.shape[-2] == t and _one_query(probs, values, width=t)):
+    t = values.shape[-2] if values.dim() == 4 else -1
+    if not _one_query(probs, values, width=t):  # a weight for each of the t values
         return None
-    d = values.shape[-1]
+    (b, h), d = probs.shape[:2], values.shape[-1]
     out = torch.empty(b, h, 1, d)
     compiled().f32_mix(probs.data_ptr(), values.data_ptr(), out.data_ptr(), b, h, h // values.shape[1], t, d,
                        values.stride(0), values.stride(1))
@@ -413,8 +409,8 @@ def _one_query(q: torch.Tensor, kv: torch.Tensor, width: int | None = None) -> b
     d = kv.shape[-1]
     if q.shape[1] % kv.shape[1] or q.shape[-1] != (d if width is None else width) or kv.shape[-2] == 0:
         return False
-    rows_packed = kv.stride(-1) == 1 and kv.stride(-2) == d and kv.dtype == torch.float32 and kv.is_cpu
-    return rows_packed and not (kv.requires_grad and torch.is_grad_enabled()) and _plain_f32(q)
+    rows_packed = kv.stride(-1) == 1 and kv.stride(-2) == d
+    return rows_packed and _plain_f32(q) and _plain_f32(kv, contiguous=False)
 
 
 def _pointers(tensors: Iterable[torch.Tensor | None]) -> ctypes.Array:
@@ -458,11 +454,12 @@ def _fits_f32_kernel(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch
     return _plain_f32(*tensors)
 
 
-def _plain_f32(*tensors: torch.Tensor) -> bool:
-    """True if the C kernels may read these tensors' memory: contiguous float32 on the CPU, no gradient to
-    record, no dispatch mode watching torch's ops (FlopCounterMode, fake tensors), kernels compiled and on."""
+def _plain_f32(*tensors: torch.Tensor, contiguous: bool = True) -> bool:
+    """True if the C kernels may read these tensors' memory: contiguous (unless told otherwise) float32 on the
+    CPU, no gradient to record, no dispatch mode watching torch's ops (FlopCounterMode, fake tensors), kernels
+    compiled and on."""
     for t in tensors:
-        if t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous():
+        if t.dtype is not torch.float32 or not t.is_cpu or (contiguous and not t.is_contiguous()):
             return False
         if t.requires_grad and torch.is_grad_enabled():
             return False
@@ -484,23 +481,19 @@ def int8_linears(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Ten
     if x.dim() == 0 or x.shape[-1] != width:
         raise ValueError(f"an int8 Linear of {width} inputs got a tensor of shape {tuple(x.shape)}: "
                          f"its last dimension must be {width}")
-    flat = x.reshape(-1, width)
-    lib, ns = compiled(), [q.shape[0] for q, _, _ in layers]
-    if flat.shape[0] >= MANY_ROWS or lib is None:
-        many = flat.shape[0] >= MANY_ROWS
-        outs = [torch.nn.functional.linear(flat, q.float() * scale[:, None], b) if many else
-                _plus(torch._weight_int8pack_mm(flat, q, scale), b) for q, scale, b in layers]
-        return [out.view(*x.shape[:-1], n) for out, n in zip(outs, ns)]
-    flat = flat.contiguous()
-    outs = [torch.empty(*x.shape[:-1], n) for n in ns]
-    lib.int8_linear(flat.data_ptr(), _pointers(q for q, _, _ in layers), _pointers(s for _, s, _ in layers),
-                    _pointers(b for _, _, b in layers), _sizes(ns), len(ns), _pointers(outs), flat.shape[0], width,
-                    _threads(flat.numel() * sum(ns)))
-    return outs
-
-
-def _plus(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return out if bias is None else out + bias
+    flat, ns = x.reshape(-1, width), [q.shape[0] for q, _, _ in layers]
+    if flat.shape[0] < MANY_ROWS and compiled() is not None:
+        flat, outs, total = flat.contiguous(), [torch.empty(*x.shape[:-1], n) for n in ns], sum(ns)
+        compiled().int8_linear(flat.data_ptr(), _pointers(q for q, _, _ in layers), _pointers(s for _, s, _ in layers),
+                               _pointers(b for _, _, b in layers), _sizes(ns), total, _pointers(outs), flat.shape[0],
+                               width, _threads(flat.numel() * total))
+        return outs
+    if flat.shape[0] >= MANY_ROWS:  # many rows: torch's matrix product, each weight dequantized
+        outs = [torch.nn.functional.linear(flat, q.float() * scale[:, None], b) for q, scale, b in layers]
+    else:  # no compiler: torch's own weight-only int8 op
+        outs = [torch._weight_int8pack_mm(flat, q, scale) for q, scale, _ in layers]
+        outs = [out if b is None else out + b for out, (_, _, b) in zip(outs, layers)]
+    return [out.view(*x.shape[:-1], n) for out, n in zip(outs, ns)]
 
 
 class Int8Linear(torch.nn.Module):

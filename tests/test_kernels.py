@@ -148,18 +148,20 @@ def test_several_matrices_go_to_torch_together_when_one_does_not_fit():
     assert all(torch.equal(o, F.linear(x, w, b)) for o, (w, b) in zip(outs, layers))
 
 
+def _int8_layers(seed: int):
+    """:func:`_layers` quantized to int8: ``(codes, scale per row, bias)`` each."""
+    from cyclelab.quantize import int8_linear_of
+    return [(m.q, m.scale, m.bias) for m in (int8_linear_of(w, b) for w, b in _layers(seed))]
+
+
 def test_int8_matrices_in_one_call_give_each_matrix_its_own_product():
-    from cyclelab.quantize import quantize_int8
-    x = torch.randn(1, 1, 64)
-    packed = [(*(lambda q, s: (q, s.reshape(-1)))(*quantize_int8(w)), b) for w, b in _layers(12)]
+    x, packed = torch.randn(1, 1, 64), _int8_layers(12)
     together = kernels.int8_linears(x, packed)
     assert all(torch.equal(t, kernels.int8_linear(x, q, s, b)) for t, (q, s, b) in zip(together, packed))
 
 
 def test_threads_do_not_change_several_matrices_or_int8():
-    from cyclelab.quantize import quantize_int8
-    x, layers = torch.randn(2, 64), _layers(13)
-    packed = [(*(lambda q, s: (q, s.reshape(-1)))(*quantize_int8(w)), b) for w, b in layers]
+    x, layers, packed = torch.randn(2, 64), _layers(13), _int8_layers(13)
     threads, outs = torch.get_num_threads(), []
     try:
         for n in (1, 2, 3):
