@@ -223,15 +223,17 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, -math.inf)
 
 
-def pipeline(logits: torch.Tensor, previous_ids: Ids, sampling: Sampling) -> list[tuple[str, torch.Tensor]]:
+def pipeline(logits: torch.Tensor, previous_ids: Ids, sampling: Sampling,
+             one_row: bool = False) -> list[tuple[str, torch.Tensor]]:
     """All the stages from raw logits to the logits that are actually sampled, in order.
 
     Returns ``[("logits", raw), ("repetition_penalty", ...), ("temperature", ...),
     ("top_k", ...), ("top_p", ...), ("min_p", ...)]`` with only the active stages: the penalty
     when it is not 1, and, when sampling, a temperature other than 1, any ``top_k``, a
     ``top_p`` below 1 and a ``min_p`` above 0. The last entry is what :func:`greedy` or :func:`sample` sees.
+    ``one_row=True`` accepts only ``(vocab,)`` logits.
     """
-    _check_logits(logits)
+    _check_logits(logits, one_row)
     stages = [("logits", logits)]
     if sampling.repetition_penalty != 1.0:
         stages.append(("repetition_penalty",
@@ -314,23 +316,23 @@ def choose(logits: torch.Tensor, previous_ids: Ids, sampling: Sampling,
     generate many tokens reproducibly, make one generator and pass it to every call:
     a fresh generator with the same seed would draw the same ``u`` every time.
     """
-    _check_logits(logits, one_row=True)
-    final = pipeline(logits, previous_ids, sampling)[-1][1]
+    final = pipeline(logits, previous_ids, sampling, one_row=True)[-1][1]
+    greedy_id = int(torch.argmax(logits))
     if sampling.do_sample:
         token, draw = sample(final, generator or make_generator(sampling.seed))
     else:
-        token, draw = int(torch.argmax(final)), None
+        token, draw = (greedy_id if final is logits else int(torch.argmax(final))), None
     probs = torch.softmax(final.float(), dim=-1)
     raw = probs if final is logits else torch.softmax(logits.float(), dim=-1)
     best = torch.topk(probs, min(5, probs.numel()))
     return Choice(
         token_id=token,
-        prob=float(probs[token]),
-        raw_prob=float(raw[token]),
-        entropy=float(torch.special.entr(probs).sum()),
-        top=[(int(i), float(q)) for q, i in zip(best.values, best.indices) if q > 0],
+        prob=probs[token].item(),
+        raw_prob=raw[token].item(),
+        entropy=torch.special.entr(probs).sum().item(),
+        top=[(i, q) for q, i in zip(best.values.tolist(), best.indices.tolist()) if q > 0],
         draw=draw,
-        greedy_id=int(torch.argmax(logits)),
+        greedy_id=greedy_id,
     )
 
 

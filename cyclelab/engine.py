@@ -48,6 +48,7 @@ class Engine:
         self.device = loaded.device
         # the KV cache of the run started last, for learners to inspect; each run keeps its own
         self.cache: KVCache | None = None
+        self._token_texts: dict[int, str] = {}
 
     @property
     def context_window(self) -> int:
@@ -107,8 +108,11 @@ class Engine:
             raise ValueError(f"{what}: {bad[:5]} outside the vocabulary (ids 0..{vocab - 1})")
 
     def token_text(self, token_id: int) -> str:
-        """The text of one token (a partial UTF-8 character shows as �)."""
-        return self.tokenizer.decode([token_id])
+        """The text of one token (a partial UTF-8 character shows as �); each id decoded once per engine."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     # --- the forward pass ---------------------------------------------------------
     def forward(self, ids: torch.Tensor, cache: KVCache, cycle: int = 0, capture=None,
@@ -240,8 +244,7 @@ class Engine:
     def _write_back(self, cycle, logits, ids, sampling, generator, forced, n_inputs, cache_len, start, totals, capture):
         """WRITEBACK: logits processors and the choice, then the append; returns the record."""
         t = perf_counter()
-        previous = torch.tensor(ids, device=logits.device)
-        choice = choose(logits, previous, sampling, generator if sampling.do_sample else None)
+        choice = choose(logits, ids, sampling, generator if sampling.do_sample else None)
         token = choice.token_id if forced is None else int(forced)
         keep = {"logits": logits} if capture_rule(capture)("choose", None) else {}
         event = Event(cycle, Stage.WRITEBACK, None, "choose", perf_counter() - t, 5 * logits.numel(), 0, keep,

@@ -324,8 +324,9 @@ def f32_linears(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tens
         return [torch.nn.functional.linear(x, w, b) for w, b in layers]
     ns = [w.shape[0] for w, _ in layers]
     outs, total = [torch.empty(*x.shape[:-1], n) for n in ns], sum(ns)
-    compiled().f32_linear(x.data_ptr(), _pointers(w for w, _ in layers), _pointers(b for _, b in layers), _sizes(ns),
-                          total, _pointers(outs), x.numel() // x.shape[-1], x.shape[-1], _threads(x.numel() * total))
+    weights, biases, sizes = _weight_arrays(ns, *zip(*layers))
+    compiled().f32_linear(x.data_ptr(), weights, biases, sizes, total, _pointers(outs), x.numel() // x.shape[-1],
+                          x.shape[-1], _threads(x.numel() * total))
     return outs
 
 
@@ -419,8 +420,20 @@ def _pointers(tensors: Iterable[torch.Tensor | None]) -> ctypes.Array:
     return (_PTR * len(addresses))(*addresses)
 
 
-def _sizes(sizes: Sequence[int]) -> ctypes.Array:
-    return (_I64 * len(sizes))(*sizes)
+_WEIGHT_ARRAYS: dict[tuple, tuple[ctypes.Array, ...]] = {}  # sizes and addresses -> the C arrays of them
+
+
+def _weight_arrays(sizes: Sequence[int], *columns: Sequence[torch.Tensor | None]) -> tuple[ctypes.Array, ...]:
+    """The C arrays of a product's weights: the addresses of each column of tensors (weights, scales, biases),
+    then the matrices' output sizes. Decode passes the same weights every cycle, so each set of addresses
+    and sizes is turned into arrays once (building a C array costs microseconds)."""
+    key = (*sizes, *(None if t is None else t.data_ptr() for column in columns for t in column))
+    arrays = _WEIGHT_ARRAYS.get(key)
+    if arrays is None:
+        if len(_WEIGHT_ARRAYS) >= 4096:  # weights that keep moving (a training loop's new tensors): start over
+            _WEIGHT_ARRAYS.clear()
+        arrays = _WEIGHT_ARRAYS[key] = (*map(_pointers, columns), (_I64 * len(sizes))(*sizes))
+    return arrays
 
 
 def _threads(multiply_adds: int) -> int:
@@ -481,13 +494,13 @@ def int8_linears(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Ten
     if x.dim() == 0 or x.shape[-1] != width:
         raise ValueError(f"an int8 Linear of {width} inputs got a tensor of shape {tuple(x.shape)}: "
                          f"its last dimension must be {width}")
-    flat, ns = x.reshape(-1, width), [q.shape[0] for q, _, _ in layers]
-    if flat.shape[0] < MANY_ROWS and compiled() is not None:
-        flat, outs, total = flat.contiguous(), [torch.empty(*x.shape[:-1], n) for n in ns], sum(ns)
-        compiled().int8_linear(flat.data_ptr(), _pointers(q for q, _, _ in layers), _pointers(s for _, s, _ in layers),
-                               _pointers(b for _, _, b in layers), _sizes(ns), total, _pointers(outs), flat.shape[0],
-                               width, _threads(flat.numel() * total))
+    rows, ns = x.numel() // width, [q.shape[0] for q, _, _ in layers]
+    if rows < MANY_ROWS and compiled() is not None:
+        x, outs, total = x.contiguous(), [torch.empty(*x.shape[:-1], n) for n in ns], sum(ns)
+        compiled().int8_linear(x.data_ptr(), *_weight_arrays(ns, *zip(*layers)), total, _pointers(outs), rows, width,
+                               _threads(x.numel() * total))
         return outs
+    flat = x.reshape(-1, width)
     if flat.shape[0] >= MANY_ROWS:  # many rows: torch's matrix product, each weight dequantized
         outs = [torch.nn.functional.linear(flat, q.float() * scale[:, None], b) for q, scale, b in layers]
     else:  # no compiler: torch's own weight-only int8 op

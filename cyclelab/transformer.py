@@ -125,8 +125,8 @@ class Architecture:
     def linears(self, x: torch.Tensor, *modules: torch.nn.Module) -> list[torch.Tensor]:
         """:meth:`linear` of ``x`` with each of ``modules``: for decode, one C call reads all their weights."""
         if self.int8:
-            return int8_linears(x, [(m.q, m.scale, m.bias) for m in modules])
-        return f32_linears(x, [(m.weight, m.bias) for m in modules])
+            return int8_linears(x, [tensors(m, "q", "scale", "bias") for m in modules])
+        return f32_linears(x, [tensors(m, "weight", "bias") for m in modules])
 
     # --- bookkeeping -------------------------------------------------------------
     def linear_cost(self, x: torch.Tensor, n_out: int, *modules: torch.nn.Module) -> tuple[int, int]:
@@ -370,6 +370,13 @@ class Llama(Architecture):
         logits = self.linear(h, head)  # (b, t, vocab)
         yield run.event("logits", None, t, *self.linear_cost(h, logits.shape[-1], head), out=logits)
         return logits
+
+
+def tensors(module: torch.nn.Module, *names: str) -> tuple[torch.Tensor | None, ...]:
+    """``module``'s parameters or buffers ``names``, read from its own tables: ``module.weight`` goes through
+    ``nn.Module.__getattr__``'s slow path, microseconds that decode would pay hundreds of times a token."""
+    found = module._parameters | module._buffers
+    return tuple(found[name] if name in found else getattr(module, name) for name in names)
 
 
 def fused(kernel: Callable[..., torch.Tensor | None], formula: Callable[..., torch.Tensor], *args) -> torch.Tensor:

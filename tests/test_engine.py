@@ -327,3 +327,20 @@ def _run_args(options: dict) -> dict:
     names = set(Sampling.__dataclass_fields__)
     rest = {k: v for k, v in options.items() if k not in names}
     return {**rest, "sampling": Sampling(**{k: v for k, v in options.items() if k in names})}
+
+
+def test_token_text_is_the_tokenizers_decoding_each_time(smollm2_engine):
+    ids = [0, 1, 42, 9000, 42, 49151]  # 42 twice: the second answer comes from the engine's memo
+    assert [smollm2_engine.token_text(i) for i in ids] == [smollm2_engine.tokenizer.decode([i]) for i in ids]
+
+
+def test_module_tensors_are_read_as_attributes_give_them(tiny):
+    from cyclelab.quantize import int8_linear_of
+    from cyclelab.transformer import tensors
+    conv = tiny.model.transformer.h[0].attn.c_attn
+    assert all(a is b for a, b in zip(tensors(conv, "weight", "bias"), (conv.weight, conv.bias)))
+    no_bias = torch.nn.Linear(4, 3, bias=False)
+    assert tensors(no_bias, "weight", "bias") == (no_bias.weight, None)
+    packed = int8_linear_of(torch.randn(3, 4), torch.randn(3))
+    assert all(a is b for a, b in zip(tensors(packed, "q", "scale", "bias", "in_features"),
+                                      (packed.q, packed.scale, packed.bias, 4)))

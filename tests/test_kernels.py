@@ -210,6 +210,23 @@ def test_rms_norm_kernel_is_the_formula_within_rounding(shape):
     torch.testing.assert_close(got, torch.nn.functional.rms_norm(x, (shape[-1],), w, 1e-5), atol=1e-5, rtol=1e-5)
 
 
+def test_a_weight_moved_or_changed_in_place_is_read_where_it_is_now():
+    """The C arrays of weight addresses are kept between calls: a weight replaced by a copy elsewhere, or
+    changed in place, must give the product with its values of now."""
+    x, w, b = _case((1, 64), 48, seed=11)
+    with torch.no_grad():
+        first = f32_linear(x, w, b)
+        w.mul_(2)  # in place: same address, new values
+        torch.testing.assert_close(f32_linear(x, w, b), 2 * first - b, atol=1e-4, rtol=1e-5)
+        moved = w.clone()  # another address
+        w.zero_()
+        torch.testing.assert_close(f32_linear(x, moved, b), 2 * first - b, atol=1e-4, rtol=1e-5)
+        assert torch.equal(f32_linear(x, w, b), b.expand(1, 48))  # the zeroed original, not a stale copy
+        q, scale = kernels.quantize_symmetric(moved, 127)
+        before = kernels.int8_linear(x, q, scale.flatten(), None)
+        assert torch.equal(kernels.int8_linear(x, q, scale.flatten() * 2, None), 2 * before)  # new scales, new arrays
+
+
 def test_rope_kernel_gives_torchs_values_to_the_last_bit():
     from cyclelab.rope import apply_rope, rope_cos_sin
     g = torch.Generator().manual_seed(9)
