@@ -125,8 +125,8 @@ class Architecture:
     def linears(self, x: torch.Tensor, *modules: torch.nn.Module) -> list[torch.Tensor]:
         """:meth:`linear` of ``x`` with each of ``modules``: for decode, one C call reads all their weights."""
         if self.int8:
-            return int8_linears(x, [tensors(m, "q", "scale", "bias") for m in modules])
-        return f32_linears(x, [tensors(m, "weight", "bias") for m in modules])
+            return int8_linears(x, [parts(m, "q", "scale", "bias") for m in modules])
+        return f32_linears(x, [parts(m, "weight", "bias") for m in modules])
 
     # --- bookkeeping -------------------------------------------------------------
     def linear_cost(self, x: torch.Tensor, n_out: int, *modules: torch.nn.Module) -> tuple[int, int]:
@@ -180,18 +180,19 @@ class Architecture:
         start = len(cache)
         positions = torch.arange(start, start + ids.shape[1], device=ids.device)  # (t,)
         x = yield from self.embed(run, ids, positions)  # (b, t, d)
-        for i in range(self.n_layers):
-            x = yield from self.block(run, i, x, positions, cache)  # (b, t, d)
+        for i, layer in enumerate(self.layers):
+            x = yield from self.block(run, i, layer, x, positions, cache)  # (b, t, d)
         return (yield from self.unembed(x, run))  # (b, t, vocab)
 
     # --- per family ---------------------------------------------------------------
     n_layers: int
     context_window: int
+    layers: torch.nn.ModuleList  # the model's blocks
 
     def embed(self, run: RunContext, ids: torch.Tensor, positions: torch.Tensor) -> Ops:  # pragma: no cover
         raise NotImplementedError
 
-    def block(self, run: RunContext, i: int, x: torch.Tensor, positions: torch.Tensor,
+    def block(self, run: RunContext, i: int, layer: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor,
               cache: KVCache) -> Ops:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -207,6 +208,7 @@ class GPT2(Architecture):
     def __init__(self, model):
         super().__init__(model)
         self.body = model.transformer
+        self.layers = self.body.h
         self.n_layers = self.config.n_layer
         self.n_heads = self.n_kv_heads = self.config.n_head
         self.context_window = self.config.n_positions
@@ -218,11 +220,11 @@ class GPT2(Architecture):
 
     def norm(self, x: torch.Tensor, ln: torch.nn.LayerNorm) -> torch.Tensor:
         """LayerNorm: centre, scale to unit variance, then the learned gain and bias."""
-        return F.layer_norm(x, (x.shape[-1],), ln.weight, ln.bias, self.eps)
+        return F.layer_norm(x, (x.shape[-1],), *parts(ln, "weight", "bias"), self.eps)
 
     def conv1d(self, x: torch.Tensor, conv) -> torch.Tensor:
         """GPT-2's ``Conv1D`` is a linear layer with its weight stored as (in, out) (an int8 Linear once quantized)."""
-        return conv(x) if self.int8 else f32_conv1d(x, conv.weight, conv.bias)
+        return self.linear(x, conv) if self.int8 else f32_conv1d(x, *parts(conv, "weight", "bias"))
 
     def embed(self, run, ids, positions):
         t = perf_counter()
@@ -233,38 +235,39 @@ class GPT2(Architecture):
         yield run.event("positions", None, t, x.numel(), tokens.numel() * tokens.element_size(), out=x)
         return x
 
-    def block(self, run, i, x, positions, cache):
-        layer = self.body.h[i]
+    def block(self, run, i, layer, x, positions, cache):
+        ln_1, attn, ln_2, mlp = parts(layer, "ln_1", "attn", "ln_2", "mlp")
+        (c_attn, c_proj), (c_fc, mlp_proj) = parts(attn, "c_attn", "c_proj"), parts(mlp, "c_fc", "c_proj")
         t = perf_counter()
-        h = self.norm(x, layer.ln_1)  # (b, t, d)
+        h = self.norm(x, ln_1)  # (b, t, d)
         yield run.event("norm_attn", i, t, 5 * h.numel(), 0, out=h)
 
         t = perf_counter()
-        qkv = self.conv1d(h, layer.attn.c_attn)  # (b, t, 3d)
+        qkv = self.conv1d(h, c_attn)  # (b, t, 3d)
         b, t_, _ = qkv.shape  # [q | k | v], each the heads side by side: one view splits all three
-        q, k, v = qkv.view(b, t_, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)  # (b, h, t, hd) each
-        yield run.event("qkv", i, t, *self.linear_cost(h, qkv.shape[-1], layer.attn.c_attn), q=q, k=k, v=v)
+        q, k, v = qkv.view(b, t_, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4).unbind()  # (b, h, t, hd) each
+        yield run.event("qkv", i, t, *self.linear_cost(h, qkv.shape[-1], c_attn), q=q, k=k, v=v)
 
         mixed = yield from self.attend(run, i, q, k, v, cache)  # (b, t, d): the heads merged
         t = perf_counter()
-        attn = self.conv1d(mixed, layer.attn.c_proj)  # (b, t, d)
-        yield run.event("attn_out", i, t, *self.linear_cost(mixed, attn.shape[-1], layer.attn.c_proj), out=attn)
-        x = yield from self.residual(run, i, "residual_attn", x, attn)
+        out = self.conv1d(mixed, c_proj)  # (b, t, d)
+        yield run.event("attn_out", i, t, *self.linear_cost(mixed, out.shape[-1], c_proj), out=out)
+        x = yield from self.residual(run, i, "residual_attn", x, out)
 
         t = perf_counter()
-        h = self.norm(x, layer.ln_2)  # (b, t, d)
+        h = self.norm(x, ln_2)  # (b, t, d)
         yield run.event("norm_mlp", i, t, 5 * h.numel(), 0, out=h)
         t = perf_counter()
-        up = self.conv1d(h, layer.mlp.c_fc)  # (b, t, 4d)
-        yield run.event("mlp_in", i, t, *self.linear_cost(h, up.shape[-1], layer.mlp.c_fc), out=up)
+        up = self.conv1d(h, c_fc)  # (b, t, 4d)
+        yield run.event("mlp_in", i, t, *self.linear_cost(h, up.shape[-1], c_fc), out=up)
         t = perf_counter()
         act = F.gelu(up, approximate=self.approximate)  # (b, t, 4d)
         yield run.event("act", i, t, 8 * act.numel(), 0, out=act)
         t = perf_counter()
-        down = self.conv1d(act, layer.mlp.c_proj)  # (b, t, d)
+        down = self.conv1d(act, mlp_proj)  # (b, t, d)
         if i in run.ablation.mlps:
             down = torch.zeros_like(down)
-        yield run.event("mlp_out", i, t, *self.linear_cost(act, down.shape[-1], layer.mlp.c_proj), out=down)
+        yield run.event("mlp_out", i, t, *self.linear_cost(act, down.shape[-1], mlp_proj), out=down)
         return (yield from self.residual(run, i, "residual_mlp", x, down))
 
     def unembed(self, x, run=None):
@@ -287,6 +290,7 @@ class Llama(Architecture):
     def __init__(self, model):
         super().__init__(model)
         self.body = model.model
+        self.layers = self.body.layers
         cfg = self.config
         self.n_layers = cfg.num_hidden_layers
         self.n_heads = cfg.num_attention_heads
@@ -318,19 +322,20 @@ class Llama(Architecture):
         yield run.event("positions", None, t, 2 * cos.numel(), 0, cos=cos, sin=sin)
         return x
 
-    def block(self, run, i, x, positions, cache):
-        layer = self.body.layers[i]
-        attn, mlp = layer.self_attn, layer.mlp
+    def block(self, run, i, layer, x, positions, cache):
+        attn, mlp, norm_attn, norm_mlp = parts(layer, "self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+        q_proj, k_proj, v_proj, o_proj = parts(attn, "q_proj", "k_proj", "v_proj", "o_proj")
+        gate_proj, up_proj, down_proj = parts(mlp, "gate_proj", "up_proj", "down_proj")
         t = perf_counter()
-        h = self.norm(x, layer.input_layernorm.weight)  # (b, t, d)
+        h = self.norm(x, *parts(norm_attn, "weight"))  # (b, t, d)
         yield run.event("norm_attn", i, t, 4 * h.numel(), 0, out=h)
 
         t = perf_counter()
-        q, k, v = self.linears(h, attn.q_proj, attn.k_proj, attn.v_proj)  # decode: one C call reads all three
+        q, k, v = self.linears(h, q_proj, k_proj, v_proj)  # decode: one C call reads all three
         q = split_heads(q, self.n_heads)  # (b, h, t, hd)
         k, v = split_heads(k, self.n_kv_heads), split_heads(v, self.n_kv_heads)  # (b, kv_h, t, hd) each
         n_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
-        yield run.event("qkv", i, t, *self.linear_cost(h, n_out, attn.q_proj, attn.k_proj, attn.v_proj), q=q, k=k, v=v)
+        yield run.event("qkv", i, t, *self.linear_cost(h, n_out, q_proj, k_proj, v_proj), q=q, k=k, v=v)
 
         t = perf_counter()
         cos, sin = run.rope
@@ -339,25 +344,25 @@ class Llama(Architecture):
 
         mixed = yield from self.attend(run, i, q, k, v, cache)  # (b, t, d): the heads merged
         t = perf_counter()
-        out = self.linear(mixed, attn.o_proj)
-        yield run.event("attn_out", i, t, *self.linear_cost(mixed, out.shape[-1], attn.o_proj), out=out)
+        out = self.linear(mixed, o_proj)
+        yield run.event("attn_out", i, t, *self.linear_cost(mixed, out.shape[-1], o_proj), out=out)
         x = yield from self.residual(run, i, "residual_attn", x, out)
 
         t = perf_counter()
-        h = self.norm(x, layer.post_attention_layernorm.weight)  # (b, t, d)
+        h = self.norm(x, *parts(norm_mlp, "weight"))  # (b, t, d)
         yield run.event("norm_mlp", i, t, 4 * h.numel(), 0, out=h)
         t = perf_counter()
-        gate, up = self.linears(h, mlp.gate_proj, mlp.up_proj)  # (b, t, d_mlp) each
-        cost = self.linear_cost(h, 2 * gate.shape[-1], mlp.gate_proj, mlp.up_proj)
+        gate, up = self.linears(h, gate_proj, up_proj)  # (b, t, d_mlp) each
+        cost = self.linear_cost(h, 2 * gate.shape[-1], gate_proj, up_proj)
         yield run.event("mlp_in", i, t, *cost, gate=gate, up=up)
         t = perf_counter()
         act = F.silu(gate) * up  # (b, t, d_mlp)
         yield run.event("act", i, t, 6 * act.numel(), 0, out=act)
         t = perf_counter()
-        down = self.linear(act, mlp.down_proj)  # (b, t, d)
+        down = self.linear(act, down_proj)  # (b, t, d)
         if i in run.ablation.mlps:
             down = torch.zeros_like(down)
-        yield run.event("mlp_out", i, t, *self.linear_cost(act, down.shape[-1], mlp.down_proj), out=down)
+        yield run.event("mlp_out", i, t, *self.linear_cost(act, down.shape[-1], down_proj), out=down)
         return (yield from self.residual(run, i, "residual_mlp", x, down))
 
     def unembed(self, x, run=None):
@@ -372,11 +377,18 @@ class Llama(Architecture):
         return logits
 
 
-def tensors(module: torch.nn.Module, *names: str) -> tuple[torch.Tensor | None, ...]:
-    """``module``'s parameters or buffers ``names``, read from its own tables: ``module.weight`` goes through
-    ``nn.Module.__getattr__``'s slow path, microseconds that decode would pay hundreds of times a token."""
-    found = module._parameters | module._buffers
-    return tuple(found[name] if name in found else getattr(module, name) for name in names)
+def parts(module: torch.nn.Module, *names: str) -> tuple:
+    """``module``'s submodules, parameters or buffers ``names``, read from its own tables: ``module.weight`` goes
+    through ``nn.Module.__getattr__``'s slow path (a failed lookup first), microseconds that decode would pay
+    hundreds of times a token. Any other attribute is read as usual."""
+    return tuple(_part(module, name) for name in names)
+
+
+def _part(module: torch.nn.Module, name: str):
+    for table in (module._modules, module._parameters, module._buffers):
+        if name in table:
+            return table[name]
+    return getattr(module, name)
 
 
 def fused(kernel: Callable[..., torch.Tensor | None], formula: Callable[..., torch.Tensor], *args) -> torch.Tensor:

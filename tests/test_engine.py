@@ -334,13 +334,15 @@ def test_token_text_is_the_tokenizers_decoding_each_time(smollm2_engine):
     assert [smollm2_engine.token_text(i) for i in ids] == [smollm2_engine.tokenizer.decode([i]) for i in ids]
 
 
-def test_module_tensors_are_read_as_attributes_give_them(tiny):
+def test_module_parts_are_what_attributes_give(tiny):
     from cyclelab.quantize import int8_linear_of
-    from cyclelab.transformer import tensors
-    conv = tiny.model.transformer.h[0].attn.c_attn
-    assert all(a is b for a, b in zip(tensors(conv, "weight", "bias"), (conv.weight, conv.bias)))
+    from cyclelab.transformer import parts
+    block = tiny.model.transformer.h[0]
+    assert all(a is b for a, b in zip(parts(block, "attn", "ln_1"), (block.attn, block.ln_1)))
+    conv = block.attn.c_attn
+    assert all(a is b for a, b in zip(parts(conv, "weight", "bias"), (conv.weight, conv.bias)))
     no_bias = torch.nn.Linear(4, 3, bias=False)
-    assert tensors(no_bias, "weight", "bias") == (no_bias.weight, None)
+    assert parts(no_bias, "weight", "bias") == (no_bias.weight, None)
     packed = int8_linear_of(torch.randn(3, 4), torch.randn(3))
-    assert all(a is b for a, b in zip(tensors(packed, "q", "scale", "bias", "in_features"),
+    assert all(a is b for a, b in zip(parts(packed, "q", "scale", "bias", "in_features"),
                                       (packed.q, packed.scale, packed.bias, 4)))
