@@ -96,7 +96,6 @@ class Debugger(StateViews):
         self.faith: float | None = None
         self._live = LiveRun()  # the engine run feeding the end of the history
         weakref.finalize(self, self._live.close)  # a paused run must not outlive the debugger
-        self._texts: dict[int, str] = {}
         self._ui = None  # the DebuggerUI, once built
         self._listeners: list[Callable[[], None]] = []  # called after every command
 
@@ -341,15 +340,16 @@ class Debugger(StateViews):
             token_id = int(torch.topk(event.tensors["logits"], rank + 1).indices[rank])
         _check_int(token_id, 0, vocab - 1, "token_id")
         if token_id == event.info["token_id"]:
-            self.message = f"{self._text(token_id)!r} is already the token of #{event.cycle}"
+            self.message = f"{self.engine.token_text(token_id)!r} is already the token of #{event.cycle}"
             return self.current_event
         start = self.now.start_of(event.cycle)
         self._cut(start)
         self.now.forced[event.cycle] = token_id
-        self.now.log.append(f"#{event.cycle}: forced {self._text(token_id)!r}")
+        self.now.log.append(f"#{event.cycle}: forced {self.engine.token_text(token_id)!r}")
         self.position = start - 1
         self._advance(lambda e: e.op == "choose")
-        self.message = f"token #{event.cycle} forced to {self._text(token_id)!r}; the old timeline is branch {len(self._branches) - 1}"
+        self.message = (f"token #{event.cycle} forced to {self.engine.token_text(token_id)!r}; "
+                        f"the old timeline is branch {len(self._branches) - 1}")
         return self.current_event
 
     @command

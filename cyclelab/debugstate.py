@@ -90,11 +90,6 @@ class StateViews:
         finally:
             self.position, self.message, self.error = kept
 
-    def _text(self, token_id: int) -> str:
-        if token_id not in self._texts:
-            self._texts[token_id] = self.engine.token_text(token_id)
-        return self._texts[token_id]
-
     def _backwards(self) -> Iterator[tuple[int, Event]]:
         """(index, event) from the current position back to the first event."""
         for i in range(self.position, -1, -1):
@@ -127,7 +122,7 @@ class StateViews:
             return None
         weights = self.history[index].tensors["probs"][self.watch_head].tolist()
         ids = (self.prompt_ids + self.token_ids)[:len(weights)]
-        return Attention(self.watch_layer, self.watch_head, [self._text(i) for i in ids], weights)
+        return Attention(self.watch_layer, self.watch_head, [self.engine.token_text(i) for i in ids], weights)
 
     def _output(self) -> Output | None:
         index = self._last_index("choose")
@@ -135,10 +130,10 @@ class StateViews:
             return None
         event = self.history[index]
         top = torch.topk(torch.softmax(event.tensors["logits"], -1), self.top)
-        raw = [(int(i), self._text(int(i)), float(p)) for p, i in zip(top.values, top.indices)]
-        after = [(i, self._text(i), p) for i, p in event.info["choice"].top]
+        raw = [(int(i), self.engine.token_text(int(i)), float(p)) for p, i in zip(top.values, top.indices)]
+        after = [(i, self.engine.token_text(i), p) for i, p in event.info["choice"].top]
         token = event.info["token_id"]
-        return Output(event.cycle, self._text(token), token, event.info["forced"], raw, after)
+        return Output(event.cycle, self.engine.token_text(token), token, event.info["forced"], raw, after)
 
     def _sampler(self, index: int | None) -> tuple[list[SamplerStage], Draw | None]:
         """The current sampler settings run on the logits of the last choice (no model recompute)."""
@@ -153,7 +148,7 @@ class StateViews:
             probs = torch.softmax(logits, -1)
             kept = torch.isfinite(logits)
             mass = None if before is None else float(before[kept].sum())
-            cells = [(self._text(i), float(probs[i]) if kept[i] else None) for i in watched]
+            cells = [(self.engine.token_text(i), float(probs[i]) if kept[i] else None) for i in watched]
             stages.append(SamplerStage(name, int(kept.sum()), self._top(probs, 3), mass, cells))
             before = probs
         last = stages[-1]
@@ -165,13 +160,13 @@ class StateViews:
         probs = torch.softmax(logits.double(), -1)
         kept = int((probs > 0).sum())
         if u is None or not self.now.sampling.do_sample:
-            return Draw(None, self._text(int(probs.argmax())), 0.0, 0.0, kept)
+            return Draw(None, self.engine.token_text(int(probs.argmax())), 0.0, 0.0, kept)
         token, low, high = slice_of(probs, u)
-        return Draw(u, self._text(token), low, high, kept)
+        return Draw(u, self.engine.token_text(token), low, high, kept)
 
     def _top(self, probs: torch.Tensor, k: int) -> list[tuple[str, float]]:
         top = torch.topk(probs, k)
-        return [(self._text(int(i)), float(p)) for p, i in zip(top.values, top.indices) if p > 0]
+        return [(self.engine.token_text(int(i)), float(p)) for p, i in zip(top.values, top.indices) if p > 0]
 
     def _notes(self) -> list[str]:
         notes = [str(b) for b in self.breakpoints]
