@@ -24,7 +24,8 @@ class Check(NamedTuple):
 def run_checks() -> list[Check]:
     """Run every check; a check that crashes is reported as failed, never raised."""
     checks: list[Check] = []
-    for probe in (_python, _torch, _transformers, _device, _cache, _assets, _smollm2_cache, _tiny, _kernel):
+    for probe in (_python, _torch, _transformers, _device, _cache, _assets, _smollm2_cache, _tiny, _kernel,
+                  _own_kernels):
         try:
             result = probe()
         except Exception as err:  # a broken install must still give a report
@@ -162,3 +163,15 @@ def _kernel() -> Check:
     if "python3" in specs:
         return Check("jupyter kernel", True, f"python3 at {specs['python3']}")
     return Check("jupyter kernel", False, f"no 'python3' kernel; {SETUP}")
+
+
+def _own_kernels() -> Check:
+    """Whether the engine's own C kernels are built and loaded, where, and if not, why (the engine then runs on
+    torch's kernels: the same numbers, more slowly)."""
+    from .kernels import build
+
+    found = build.status()
+    if found.library is not None or build.mode() == "torch":
+        return Check("own kernels", True, found.line().removeprefix("own C kernels: "))
+    return Check("own kernels", False, f"{found.reason}; the engine runs on torch's kernels. Install a C compiler "
+                                       "(apt-get install gcc), or set CYCLELAB_KERNELS=torch to choose torch's")

@@ -82,5 +82,5 @@ def show_kernel(function: str, *, collapsed: bool = False) -> Source:
         raise ValueError(f"no kernel {function!r}; the kernels are {names}")
     comment = SOURCE.rfind("/*", 0, start)
     end = SOURCE.index("\n}\n", start) + 3
-    return Source(function, "cyclelab/kernels.py (C, compiled on first use)", SOURCE[comment:end],
+    return Source(function, "cyclelab/kernels/kernels.c (compiled on first use)", SOURCE[comment:end],
                   open_=not collapsed, language="c")

@@ -50,7 +50,7 @@ def test_kernel_agrees_with_torchs_weight_only_int8_op():
 
 def test_without_a_compiler_torchs_op_gives_the_answer(monkeypatch):
     x, q, scale, bias = _case(2, 96, 33, seed=4)
-    monkeypatch.setattr(kernels, "compiled", lambda: None)
+    monkeypatch.setattr(kernels.build, "compiled", lambda: None)
     torch.testing.assert_close(int8_linear(x, q, scale, bias), torch._weight_int8pack_mm(x, q, scale) + bias)
 
 

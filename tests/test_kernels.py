@@ -112,7 +112,7 @@ class _Recorder:
 
 def test_torch_float32_switches_the_kernels_off_inside_the_block_only(monkeypatch):
     library = _Recorder()
-    monkeypatch.setattr(kernels, "compiled", lambda: library)
+    monkeypatch.setattr(kernels.build, "compiled", lambda: library)
     x, w, b = _case((1, 40), 24, seed=7)
     with torch.no_grad():
         with torch_float32():
@@ -133,7 +133,7 @@ def test_several_matrices_in_one_call_give_each_matrix_its_own_product(x_shape, 
     with torch.no_grad():
         one_by_one = [f32_linear(x, w, b) for w, b in layers]
         library, calls = kernels.compiled(), []
-        monkeypatch.setattr(kernels, "compiled", lambda: calls.append(1) or library)
+        monkeypatch.setattr(kernels.build, "compiled", lambda: calls.append(1) or library)
         together = kernels.f32_linears(x, layers)
     assert len(calls) == 2  # the check that the kernels are there, then the one call for all three
     assert [t.shape for t in together] == [(*x_shape[:-1], w.shape[0]) for w, _ in layers]
@@ -238,7 +238,7 @@ def test_rope_kernel_gives_torchs_values_to_the_last_bit():
 
 
 def test_norm_and_rope_of_a_prompt_stay_with_torch(monkeypatch):
-    monkeypatch.setattr(kernels, "compiled", lambda: pytest.fail("a prompt's rows went to the C kernel"))
+    monkeypatch.setattr(kernels.build, "compiled", lambda: pytest.fail("a prompt's rows went to the C kernel"))
     from cyclelab.rope import rope_cos_sin
     cos, sin = rope_cos_sin(torch.arange(5), torch.rand(8))
     with torch.no_grad():
@@ -286,7 +286,7 @@ def test_attention_kernels_agree_with_the_engines_torch_attention():
 
 def test_attention_of_a_prompt_or_with_gradients_stays_with_torch(monkeypatch):
     q, keys, values = _attention_case(1, 4, 2, 16, 6, seed=16)
-    monkeypatch.setattr(kernels, "compiled", lambda: pytest.fail("the C kernel was called"))
+    monkeypatch.setattr(kernels.build, "compiled", lambda: pytest.fail("the C kernel was called"))
     prompt = torch.randn(1, 4, 3, 16)  # three query positions: the causal mask is torch's
     probs = torch.softmax(torch.randn(1, 4, 1, 6), -1)
     assert kernels.fused_scores(prompt, keys) is None and kernels.fused_softmax(torch.randn(1, 4, 3, 6)) is None

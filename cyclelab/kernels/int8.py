@@ -1,0 +1,77 @@
+"""Weights stored as int8 codes with a float32 scale per row: the layer, the quantizer, and the conversion of a
+whole model (the format ``load(..., dtype="int8")`` makes)."""
+
+from __future__ import annotations
+
+import torch
+
+from .products import int8_linear
+
+
+class Int8Linear(torch.nn.Module):
+    """A Linear whose weight is stored as int8 codes ``q`` ``(out, in)`` with a float32 scale per row
+    (:func:`cyclelab.quantize.int8_linear_of` makes one from a float weight); it computes
+    ``x @ (q × scale).T + bias`` with :func:`int8_linear`, without a float copy of the weight."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("q", q.contiguous())
+        self.register_buffer("scale", scale.reshape(-1).float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.q, self.scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight, float32 scale per row"
+
+
+def quantize_symmetric(w: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes in [-levels, levels] and one scale per row of ``w`` (a zero row gets scale 1)."""
+    absmax = w.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(absmax > 0, absmax / levels, torch.ones_like(absmax))
+    q = torch.round(w / scale).clamp(-levels, levels).to(torch.int8)
+    return q, scale
+
+
+def is_int8(module: torch.nn.Module) -> bool:
+    """True for a Linear whose weight is stored as int8 (:class:`Int8Linear`)."""
+    return isinstance(module, Int8Linear)
+
+
+def to_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every Linear (and GPT-2 ``Conv1D``) of ``model``, in place, by an :class:`Int8Linear`; return ``model``.
+
+    Each weight is quantized per output row, symmetric (``scale = max|w| / 127``, codes
+    ``round(w / scale)``: :func:`quantize_symmetric`, the chapter-07 recipe); the float weight
+    is dropped. Embeddings and norms stay float32. A tied unembedding (GPT-2's and SmolLM2's ``lm_head``
+    shares the embedding's matrix) gets int8 codes of its own, a quarter of the float matrix's bytes,
+    and the embedding keeps the float matrix for its row lookups.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"to_int8 converts a torch.nn.Module (e.g. load('tiny').model), got {type(model).__name__}")
+    if any(is_int8(m) for m in model.modules()):
+        raise ValueError("the model is already int8: to_int8 converts a float32 model once")
+    params = list(model.parameters())
+    if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in params):
+        found = sorted({f"{p.dtype} on {p.device}" for p in params})
+        raise ValueError(f"to_int8 needs a float32 model on the CPU (the int8 kernel is a CPU kernel), "
+                         f"got {', '.join(found)}; load it with dtype=torch.float32, device='cpu'")
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            kind = type(child).__name__
+            if kind in ("Linear", "Conv1D"):
+                weight = child.weight.detach()
+                setattr(parent, name, _rows_to_int8(weight.t() if kind == "Conv1D" else weight, child.bias))  # Conv1D: (in, out)
+    for p in model.parameters():  # what stays float leaves the weights file's memory map, and the float
+        p.data = p.data.clone()   # matrices' pages go with the map instead of staying resident
+    return model
+
+
+def _rows_to_int8(w: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
+    """``w`` ``(out, in)`` quantized per row, symmetric, as an :class:`Int8Linear` (a zero row gets scale 1)."""
+    if not torch.isfinite(w).all():
+        raise ValueError("to_int8: a weight holds inf or NaN, which no scale can represent")
+    return Int8Linear(*quantize_symmetric(w, 127), bias)
+
