@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from cyclelab import Engine, load
-from cyclelab import throughput
+from cyclelab.lab import throughput
 from cyclelab.kernels import torch_float32
-from cyclelab.roofline import best_of, gemv_ceiling
+from cyclelab.lab.roofline import best_of, gemv_ceiling
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "The history of the Roman Empire begins"

@@ -5,7 +5,7 @@ prompt-lookup drafts, for the engine and for ``transformers``' ``prompt_lookup_n
 from __future__ import annotations
 
 from cyclelab import Engine, load
-from cyclelab.speculative import copy_question, greedy_with_lookup, plain_greedy, transformers_greedy
+from cyclelab.lab.speculative import copy_question, greedy_with_lookup, plain_greedy, transformers_greedy
 
 from .bench_engine import interleaved_best
 

@@ -5,13 +5,13 @@
 >>> print(engine.generate("ROMEO:", max_new_tokens=20).table())
 """
 
-from .cycle import CycleRecord, Event, Stage, Trace
-from .debugger import Debugger
-from .decode import Sampling
-from .device import pick_device
-from .engine import Engine, ablation
-from .models import KNOWN, Loaded, ModelFileError, load
-from .show import show
+from cyclelab.core.events import CycleRecord, Event, Stage, Trace
+from cyclelab.debugger.session import Debugger
+from cyclelab.core.sampling import Sampling
+from cyclelab.load.device import pick_device
+from cyclelab.core.engine import Engine, ablation
+from cyclelab.load.loader import KNOWN, Loaded, ModelFileError, load
+from cyclelab.show import show
 
 __version__ = "0.1.0"
 __all__ = ["CycleRecord", "Debugger", "Engine", "Event", "KNOWN", "Loaded", "ModelFileError", "Sampling", "Stage", "Trace",

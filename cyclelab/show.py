@@ -61,7 +61,7 @@ def show(obj: Any, *, collapsed: bool = False) -> Source:
     target = obj.fget if isinstance(obj, property) else obj
     if not (inspect.isfunction(target) or inspect.isclass(target) or inspect.ismethod(target)):
         raise TypeError(f"show() takes a function, class or method, not {type(obj).__name__}: "
-                        "pass the object itself, e.g. show(cyclelab.decode.top_p_filter)")
+                        "pass the object itself, e.g. show(cyclelab.core.sampling.top_p_filter)")
     try:
         code = textwrap.dedent(inspect.getsource(target)).rstrip() + "\n"
     except (OSError, TypeError) as err:
@@ -74,7 +74,7 @@ def show_kernel(function: str, *, collapsed: bool = False) -> Source:
     """The C source of one of the engine's kernels (:mod:`cyclelab.kernels`: ``"f32_linear"``,
     ``"f32_conv1d"``, ``"f32_rms_norm"``, ``"f32_rope"``, ``"int8_linear"``, ``"f32_scores"``, ``"f32_softmax"``,
     ``"f32_mix"``) with the comment above it."""
-    from .kernels import SOURCE
+    from cyclelab.kernels import SOURCE
 
     start = SOURCE.find(f"void {function}(")
     if start < 0:

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from cyclelab.lesson import LESSONS, Intervention, Pause, record
+from cyclelab.workshop.lessons import LESSONS, Intervention, Pause, record
 
 SPACE = " (type the token exactly, with its leading space if it has one: ' be', not 'be')"
 

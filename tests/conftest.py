@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 
 from cyclelab import load
-from cyclelab.engine import Engine
+from cyclelab.core.engine import Engine
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,4 +1,4 @@
-"""READ/EXECUTE helpers (cyclelab.attention) against independent references: torch's fused attention,
+"""READ/EXECUTE helpers (cyclelab.lab.attention_heads) against independent references: torch's fused attention,
 the engine's captured tensors, transformers' output_attentions and repeat_kv, hand-computed cases;
 and the chapter-03 checker."""
 
@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cyclelab.attention import (KVCache, attention_entropy, attention_maps, attention_mix, attention_scores,
+from cyclelab.lab.attention_heads import (KVCache, attention_entropy, attention_maps, attention_mix, attention_scores,
                                 entropy_vs_scale, find_heads, first_token_score, kv_bytes_per_token,
                                 kv_cache_growth, kv_head_of, previous_token_score, repeat_kv,
                                 scaled_dot_product_attention, split_heads)
-from cyclelab.check import check_causal_attention
-from cyclelab.engine import Engine
+from cyclelab.checks import check_causal_attention
+from cyclelab.core.engine import Engine
 
 PROMPT = "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from captum.attr import InputXGradient, IntegratedGradients, Occlusion
 
-from cyclelab.attribution import (embeddings_of, gradient_x_input, integrated_gradients, occlusion, shaded_text,
+from cyclelab.lab.attribution import (embeddings_of, gradient_x_input, integrated_gradients, occlusion, shaded_text,
                                   target_prob)
 
 PROMPT = "KING RICHARD:\nNow, my lord of"

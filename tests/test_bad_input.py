@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from cyclelab import Debugger, Engine, Loaded, Sampling, Trace, ablation, load
-from cyclelab.decode import apply_repetition_penalty, apply_temperature, as_sampling
-from cyclelab.decode import sample as decode_sample
-from cyclelab.engine import drain, fingerprint
-from cyclelab.quantize import int8_linear_of, to_int8
-from cyclelab.transformer import Ablation
+from cyclelab.core.sampling import apply_repetition_penalty, apply_temperature, as_sampling
+from cyclelab.core.sampling import sample as decode_sample
+from cyclelab.core.engine import drain, fingerprint
+from cyclelab.lab.quantize import int8_linear_of, to_int8
+from cyclelab.core.blocks import Ablation
 
 PROMPT = "ROMEO:"
 

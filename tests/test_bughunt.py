@@ -1,4 +1,4 @@
-"""The bug hunt (cyclelab.bughunt): the fixed GPT equals transformers, each planted bug shows its symptom
+"""The bug hunt (cyclelab.workshop.bughunt): the fixed GPT equals transformers, each planted bug shows its symptom
 (measured here against transformers or by hand) and the check of its piece names that symptom."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import re
 import pytest
 import torch
 
-from cyclelab import bughunt as bh
-from cyclelab.check import Result
-from cyclelab.rope import rotate_half
+from cyclelab.workshop import bughunt as bh
+from cyclelab.checks import Result
+from cyclelab.core.rope import rotate_half
 
 PROMPT = "ROMEO: But soft, what light through yonder window breaks?"
 
@@ -173,7 +173,7 @@ def test_the_bugs_table_covers_the_six_bugs_of_the_issue():
 
 @pytest.fixture(scope="module")
 def characters():
-    from cyclelab.data import read_work
+    from cyclelab.load.corpus import read_work
 
     return bh.char_tokens(read_work("romeo_and_juliet")[5000:25000])
 

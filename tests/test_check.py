@@ -18,11 +18,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cyclelab import check
-from cyclelab.check import Result
-from cyclelab.decode import top_p_filter
-from cyclelab.attention import scaled_dot_product_attention
-from cyclelab.forward import gelu_mlp, layer_norm, rms_norm, self_attention
+from cyclelab import checks as check
+from cyclelab.checks import Result
+from cyclelab.core.sampling import top_p_filter
+from cyclelab.lab.attention_heads import scaled_dot_product_attention
+from cyclelab.lab.forward_by_hand import gelu_mlp, layer_norm, rms_norm, self_attention
 
 # --- chapter 00: greedy step -------------------------------------------------------------------------
 
@@ -908,8 +908,8 @@ def test_the_roofline_reference_by_hand():
 def stream_patch(op="residual_mlp", at=lambda layer: layer, where=lambda position: position, read=-1,
                  score=lambda logits, target: float(torch.softmax(logits, -1)[target]), copy=False):
     """A learner's patched_prob built on the event stream, with one thing possibly changed."""
-    from cyclelab.attend import KVCache
-    from cyclelab.engine import drain
+    from cyclelab.core.attention import KVCache
+    from cyclelab.core.engine import drain
 
     def fn(engine, ids, layer, position, vector, target):
         def write(event):
@@ -924,7 +924,7 @@ def stream_patch(op="residual_mlp", at=lambda layer: layer, where=lambda positio
 
 
 def patched_by_hand_loop(engine, ids, layer, position, vector, target):
-    from cyclelab.attend import KVCache
+    from cyclelab.core.attention import KVCache
 
     steps = engine.forward(torch.tensor([ids]), KVCache(engine.arch.n_layers, len(ids)), capture="all")
     with torch.no_grad():
@@ -938,7 +938,7 @@ def patched_by_hand_loop(engine, ids, layer, position, vector, target):
 
 
 def patched_with_the_package(engine, ids, layer, position, vector, target):
-    from cyclelab.patching import patch_layer
+    from cyclelab.lab.patching import patch_layer
 
     logits = patch_layer(engine, ids, layer, vector.expand(len(ids), -1), [position])
     return float(F.softmax(logits[0], -1)[target])

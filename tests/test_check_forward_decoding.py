@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from cyclelab.check import check_block, check_masked_prediction, check_top_p_filter
-from cyclelab.decode import top_p_filter
-from cyclelab.forward import gelu_mlp, layer_norm, self_attention
+from cyclelab.checks import check_block, check_masked_prediction, check_top_p_filter
+from cyclelab.core.sampling import top_p_filter
+from cyclelab.lab.forward_by_hand import gelu_mlp, layer_norm, self_attention
 
 
 # --- check_block --------------------------------------------------------------------------------

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from cyclelab import Engine
-from cyclelab.compare import before_after, compare_runs, cycle_logits, format_shifts, plot_shifts
-from cyclelab.finetune import add_lora, merge_lora
-from cyclelab.models import Loaded
+from cyclelab.lab.compare import before_after, compare_runs, cycle_logits, format_shifts, plot_shifts
+from cyclelab.train.finetune import add_lora, merge_lora
+from cyclelab.load.loader import Loaded
 
 PROMPT = "My love is"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from cyclelab import course
+from cyclelab.workshop import course
 from cyclelab.cli import main
 
 KERNEL = {"name": "python3", "display_name": "Python 3", "language": "python"}

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cyclelab import data
+from cyclelab.load import corpus as data
 
 
 def test_speaker_tags_are_normalised():

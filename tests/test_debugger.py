@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cyclelab import Debugger, Sampling, Trace, ablation
-from cyclelab.debugview import to_text
+from cyclelab.debugger.views import to_text
 
 TINY = Path(__file__).resolve().parent.parent / "data" / "tiny" / "config.json"
 PROMPT = "ROMEO:"

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from cyclelab.cycle import Cost, CycleRecord, Stage
-from cyclelab.debugreplay import VIEWS, replay_page
-from cyclelab.debugview import (STYLE, Attention, CacheRow, Draw, Output, Register, SamplerStage, State, render_all,
+from cyclelab.core.events import Cost, CycleRecord, Stage
+from cyclelab.debugger.replay import VIEWS, replay_page
+from cyclelab.debugger.views import (STYLE, Attention, CacheRow, Draw, Output, Register, SamplerStage, State, render_all,
                                 render_branches, render_memory, render_output, render_pipeline, render_registers,
                                 render_sampler, to_text)
 

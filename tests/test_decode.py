@@ -1,4 +1,4 @@
-"""Tests for cyclelab.decode, against transformers' own processors and beam search."""
+"""Tests for cyclelab.core.sampling, against transformers' own processors and beam search."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from cyclelab import decode
-from cyclelab.decode import Sampling
+from cyclelab.core import sampling as decode
+from cyclelab.core.sampling import Sampling
 
 CASES = [(seed, vocab) for seed, vocab in zip(range(6), (50, 97, 200, 333, 640, 1000))]
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from cyclelab.decoding_lab import encode_split, pick_k
-from cyclelab.metrics import perplexity_of_model
-from cyclelab.ngram import NGramLM
+from cyclelab.lab.decoding_by_hand import encode_split, pick_k
+from cyclelab.train.metrics import perplexity_of_model
+from cyclelab.lab.ngram import NGramLM
 
 VALID_TOKENS = 8192  # the first held-out tokens (Macbeth): enough to separate the models, quick to score
 

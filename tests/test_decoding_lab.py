@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from cyclelab.decode import Sampling, pipeline
-from cyclelab.decoding_lab import (bits_per_token, encode_split, entropy_nats, fill_mask, pick_k, plot_pipeline,
+from cyclelab.core.sampling import Sampling, pipeline
+from cyclelab.lab.decoding_by_hand import (bits_per_token, encode_split, entropy_nats, fill_mask, pick_k, plot_pipeline,
                                    plot_visibility, sample_ngram_text)
-from cyclelab.ngram import NGramLM
+from cyclelab.lab.ngram import NGramLM
 
 matplotlib.use("Agg")
 
@@ -84,10 +84,10 @@ def test_pick_k_prefers_little_smoothing_on_repetitive_data():
 
 
 def test_encode_split_matches_encode_plays_and_caches(tiny, tmp_path, monkeypatch):
-    from cyclelab import data
-    from cyclelab.train_tiny import encode_plays
+    from cyclelab.load import corpus as data
+    from cyclelab.train.tiny import encode_plays
 
-    monkeypatch.setattr("cyclelab.decoding_lab.token_cache", lambda: tmp_path / "tokens")
+    monkeypatch.setattr("cyclelab.lab.decoding_by_hand.token_cache", lambda: tmp_path / "tokens")
     want = encode_plays(tiny.tokenizer, data.plays("valid")).tolist()
     assert encode_split(tiny.tokenizer, "valid", cache=False) == want
     assert not (tmp_path / "tokens").exists()
@@ -101,7 +101,7 @@ def test_encode_split_matches_encode_plays_and_caches(tiny, tmp_path, monkeypatc
 def test_encode_split_cache_is_keyed_by_the_tokenizer(tiny, tmp_path, monkeypatch):
     from cyclelab import load
 
-    monkeypatch.setattr("cyclelab.decoding_lab.token_cache", lambda: tmp_path / "tokens")
+    monkeypatch.setattr("cyclelab.lab.decoding_by_hand.token_cache", lambda: tmp_path / "tokens")
     encode_split(tiny.tokenizer, "valid", limit=10)
     encode_split(load("tiny-mlm").tokenizer, "valid", limit=10)  # one more (mask) token: another key
     assert len(list((tmp_path / "tokens").glob("valid-*.npy"))) == 2
@@ -135,7 +135,7 @@ def test_figures_draw(tiny_engine):
 
 
 def test_masked_vs_causal_matches_a_plain_loop(tiny, tiny_mlm):
-    from cyclelab.decoding_lab import masked_vs_causal
+    from cyclelab.lab.decoding_by_hand import masked_vs_causal
 
     ids = encode_split(tiny.tokenizer, "valid", limit=80)
     got = masked_vs_causal(tiny, tiny_mlm, ids, window=40, every=10)
@@ -160,7 +160,7 @@ def test_masked_vs_causal_matches_a_plain_loop(tiny, tiny_mlm):
 
 
 def test_masked_vs_causal_errors(tiny, tiny_mlm):
-    from cyclelab.decoding_lab import masked_vs_causal
+    from cyclelab.lab.decoding_by_hand import masked_vs_causal
 
     with pytest.raises(ValueError, match="no mask token"):
         masked_vs_causal(tiny, tiny, list(range(100)))

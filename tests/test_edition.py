@@ -16,10 +16,10 @@ import pytest
 import torch
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from cyclelab import edition
-from cyclelab.check import check_attainable
+from cyclelab.workshop import edition
+from cyclelab.checks import check_attainable
 from cyclelab.cli import main
-from cyclelab.course import list_notebooks, notebooks_dir
+from cyclelab.workshop.course import list_notebooks, notebooks_dir
 
 CHAPTERS = list_notebooks()
 # exercises (the functions learners write), read from the chapters by hand

@@ -1,4 +1,4 @@
-"""FETCH helpers (cyclelab.embed) against independent references: indexing, transformers' RoPE,
+"""FETCH helpers (cyclelab.lab.embedding) against independent references: indexing, transformers' RoPE,
 scikit-learn's cosine similarity and PCA, hand-computed cases; and the chapter-02 checkers."""
 
 import math
@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from cyclelab.check import check_embed_lookup, check_rope_pair
-from cyclelab.embed import (analogy, cosine_matrix, embedding_matrix, lookup_bytes, mean_pool, nearest_tokens,
+from cyclelab.checks import check_embed_lookup, check_rope_pair
+from cyclelab.lab.embedding import (analogy, cosine_matrix, embedding_matrix, lookup_bytes, mean_pool, nearest_tokens,
                             nearest_to_vector, one_hot_lookup, pca_2d, rope_angles, rope_cos_sin, rope_dot,
                             rope_inv_freq, rope_pair_permutation, rope_rotate, rope_rotate_interleaved,
                             sentence_embeddings, sinusoidal_positions, token_id)
-from cyclelab.engine import Engine
+from cyclelab.core.engine import Engine
 
 
 # --- the lookup ---------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cyclelab import Engine, Stage, Trace, ablation, load
-from cyclelab.attention import KVCache
-from cyclelab.engine import drain
+from cyclelab.lab.attention_heads import KVCache
+from cyclelab.core.engine import drain
 
 PROMPTS = ["ROMEO:", "What light through yonder window breaks?", "To be, or not to be: that is the question"]
 
@@ -335,8 +335,8 @@ def test_token_text_is_the_tokenizers_decoding_each_time(smollm2_engine):
 
 
 def test_module_parts_are_what_attributes_give(tiny):
-    from cyclelab.quantize import int8_linear_of
-    from cyclelab.transformer import parts
+    from cyclelab.lab.quantize import int8_linear_of
+    from cyclelab.core.blocks import parts
     block = tiny.model.transformer.h[0]
     assert all(a is b for a, b in zip(parts(block, "attn", "ln_1"), (block.attn, block.ln_1)))
     conv = block.attn.c_attn

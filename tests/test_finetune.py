@@ -8,9 +8,9 @@ import warnings
 import pytest
 import torch
 
-from cyclelab.finetune import (Adapter, LoRALinear, PrefixTuning, PromptTuning, TrainConfig, add_adapters, add_lora,
+from cyclelab.train.finetune import (Adapter, LoRALinear, PrefixTuning, PromptTuning, TrainConfig, add_adapters, add_lora,
                                count_trainable, freeze, lm_loss, merge_lora, schedule, train)
-from cyclelab.metrics import bleu
+from cyclelab.train.metrics import bleu
 
 
 @pytest.fixture()

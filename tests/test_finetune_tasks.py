@@ -13,9 +13,9 @@ import copy
 import pytest
 import torch
 
-from cyclelab.finetune import TrainConfig, add_lora, lm_loss, train
-from cyclelab.tasks.sonnets import lm_windows, sonnet_perplexity, sonnets
-from cyclelab.tasks.which_play import classification_data, play_lines
+from cyclelab.train.finetune import TrainConfig, add_lora, lm_loss, train
+from cyclelab.train.tasks.sonnets import lm_windows, sonnet_perplexity, sonnets
+from cyclelab.train.tasks.which_play import classification_data, play_lines
 
 
 def test_sonnets_are_154_poems() -> None:
@@ -48,7 +48,7 @@ def test_classification_bad_input(minilm) -> None:
 
 
 def test_speaker_questions_point_at_the_speaker(minilm) -> None:
-    from cyclelab.tasks.who_speaks import span_data, speaker_questions
+    from cyclelab.train.tasks.who_speaks import span_data, speaker_questions
 
     examples = speaker_questions(["tempest"], 20, k=3, seed=1, lines_per_speech=2)
     for ex in examples:
@@ -65,7 +65,7 @@ def test_speaker_questions_point_at_the_speaker(minilm) -> None:
 
 
 def test_question_blind_baselines() -> None:
-    from cyclelab.tasks.who_speaks import baseline_answers
+    from cyclelab.train.tasks.who_speaks import baseline_answers
 
     ex = [{"context": "BRUTUS: Peace, ho!\nCASSIUS: Good night.\nBRUTUS: Farewell.\n"},
           {"context": "FIRST CITIZEN: You are all resolved?\nALL: Resolved.\nSECOND CITIZEN: One word.\n"}]
@@ -77,7 +77,7 @@ def test_question_blind_baselines() -> None:
 
 
 def test_speaker_questions_bad_input() -> None:
-    from cyclelab.tasks.who_speaks import speaker_questions
+    from cyclelab.train.tasks.who_speaks import speaker_questions
 
     with pytest.raises(ValueError, match="k >= 2"):
         speaker_questions(["tempest"], 5, k=1)
@@ -86,7 +86,7 @@ def test_speaker_questions_bad_input() -> None:
 
 
 def test_exact_match_and_f1() -> None:
-    from cyclelab.tasks.who_speaks import exact_match_f1
+    from cyclelab.train.tasks.who_speaks import exact_match_f1
 
     assert exact_match_f1(["Brutus", "first citizen"], ["BRUTUS", "second citizen"]) == pytest.approx((50.0, 75.0))
     with pytest.raises(ValueError):
@@ -97,7 +97,7 @@ def test_exact_match_and_f1() -> None:
 
 
 def test_align_words_pairs_one_to_one_and_leaves_uneven_changes_out() -> None:
-    from cyclelab.tasks.folio import align_words
+    from cyclelab.train.tasks.folio import align_words
 
     assert align_words("Fly further off my Lord: flye further off,", "Fly further off, my lord, fly further off;") == [
         ("Fly", "Fly"), ("further", "further"), ("off", "off,"), ("my", "my"), ("Lord:", "lord,"),
@@ -112,14 +112,14 @@ def test_align_words_pairs_one_to_one_and_leaves_uneven_changes_out() -> None:
     ("vpon", "upon", "vpon→upon"), ("me,", "me", ",→"), ("speake", "speak", "e→"), ("rome", "Rome", "upper"),
     ("heart", "heart", "KEEP")])
 def test_word_edit_by_hand(old, new, edit) -> None:
-    from cyclelab.tasks.folio import apply_edit, word_edit
+    from cyclelab.train.tasks.folio import apply_edit, word_edit
 
     assert word_edit(old, new) == edit
     assert apply_edit(old, edit) == new
 
 
 def test_edits_are_shared_and_never_misapplied() -> None:
-    from cyclelab.tasks.folio import apply_edit
+    from cyclelab.train.tasks.folio import apply_edit
 
     assert apply_edit("loue", "ue→ve") == "love" and apply_edit("Liue,", "ue→ve") == "Liue,"  # ending does not fit
     assert apply_edit("Lord:", "lower :→,") == "lord,"
@@ -127,7 +127,7 @@ def test_edits_are_shared_and_never_misapplied() -> None:
 
 
 def test_every_aligned_word_of_a_play_is_rebuilt_by_its_edit() -> None:
-    from cyclelab.tasks.folio import align_words, apply_edit, folio_pairs, word_edit
+    from cyclelab.train.tasks.folio import align_words, apply_edit, folio_pairs, word_edit
 
     pairs = folio_pairs("julius_caesar")
     words = [(o, n) for old, new in pairs[:300] for o, n in align_words(old, new) if n is not None]
@@ -136,7 +136,7 @@ def test_every_aligned_word_of_a_play_is_rebuilt_by_its_edit() -> None:
 
 
 def test_edit_bad_input(tiny) -> None:
-    from cyclelab.tasks.folio import apply_edit, edit_vocabulary, tagging_data, word_edit
+    from cyclelab.train.tasks.folio import apply_edit, edit_vocabulary, tagging_data, word_edit
 
     with pytest.raises(ValueError, match="single words"):
         word_edit("to morrow", "to-morrow")
@@ -151,7 +151,7 @@ def test_edit_bad_input(tiny) -> None:
 
 
 def test_tagging_data_labels_each_words_last_token(tiny) -> None:
-    from cyclelab.tasks.folio import tagging_data
+    from cyclelab.train.tasks.folio import tagging_data
 
     edits = ["KEEP", "e→", "lower", "lower →.", "→,"]
     (example,) = tagging_data(tiny.tokenizer, [("Heere my Lord", "Here, my lord.")], edits, max_len=12)
@@ -164,7 +164,7 @@ def test_tagging_data_labels_each_words_last_token(tiny) -> None:
 
 
 def test_lookup_table_keeps_the_most_frequent_form() -> None:
-    from cyclelab.tasks.folio import lookup_table, modernise_by_lookup
+    from cyclelab.train.tasks.folio import lookup_table, modernise_by_lookup
 
     table = lookup_table([("I haue it", "I have it"), ("Then haue at thee", "Then have at thee"),
                           ("No more then this", "No more than this"), ("and then", "and then"), ("then go", "then go")])
@@ -173,8 +173,8 @@ def test_lookup_table_keeps_the_most_frequent_form() -> None:
 
 
 def test_folio_pairs_copy_is_a_strong_baseline() -> None:
-    from cyclelab.tasks.folio import folio_pairs
-    from cyclelab.metrics import bleu
+    from cyclelab.train.tasks.folio import folio_pairs
+    from cyclelab.train.metrics import bleu
 
     pairs = folio_pairs("julius_caesar")
     assert len(pairs) > 1000 and all(old != new for old, new in pairs)
@@ -182,7 +182,7 @@ def test_folio_pairs_copy_is_a_strong_baseline() -> None:
 
 
 def test_the_edit_vocabulary_starts_with_the_common_edits() -> None:
-    from cyclelab.tasks.folio import edit_vocabulary, folio_pairs
+    from cyclelab.train.tasks.folio import edit_vocabulary, folio_pairs
 
     edits = edit_vocabulary(folio_pairs("hamlet") + folio_pairs("othello"))
     assert edits[0] == "KEEP" and {"lower", "ue→ve", "e→"} <= set(edits[:20])
@@ -192,7 +192,7 @@ def test_the_edit_vocabulary_starts_with_the_common_edits() -> None:
 
 import math  # noqa: E402
 
-from cyclelab.tasks.instructions import (answer_logprob, answer_scores, choose, instruction_examples,  # noqa: E402
+from cyclelab.train.tasks.instructions import (answer_logprob, answer_scores, choose, instruction_examples,  # noqa: E402
                                          instruction_pairs, title)
 
 PAIRS = [("Which play is this line from?\nO, pardon me, thou bleeding piece of earth,\nAnswer:", " Julius Caesar\n"),
@@ -213,7 +213,7 @@ def test_instruction_labels_score_the_answer_only(tiny) -> None:
 
 def test_the_masked_loss_is_the_answers_cross_entropy(tiny) -> None:
     """Reference: the answer tokens' log-probabilities gathered by hand from a plain forward pass."""
-    from cyclelab.finetune import lm_loss
+    from cyclelab.train.finetune import lm_loss
 
     tok, model = tiny.tokenizer, tiny.model
     examples = instruction_examples(tok, PAIRS, max_len=40)
@@ -267,9 +267,9 @@ def test_answer_scores_bad_input(tiny, pairs, answers, message) -> None:
 
 
 def test_play_perplexity_reads_the_opening_of_the_held_out_plays(tiny) -> None:
-    from cyclelab import data
-    from cyclelab.metrics import perplexity_of_model
-    from cyclelab.tasks.sonnets import play_perplexity
+    from cyclelab.load import corpus as data
+    from cyclelab.train.metrics import perplexity_of_model
+    from cyclelab.train.tasks.sonnets import play_perplexity
 
     ids = tiny.tokenizer(data.corpus("valid"))["input_ids"][:512]  # reference: encode everything, then cut
     assert play_perplexity(tiny.model, tiny.tokenizer, 512) == pytest.approx(perplexity_of_model(tiny.model, ids, 128))
@@ -283,7 +283,7 @@ def test_play_perplexity_reads_the_opening_of_the_held_out_plays(tiny) -> None:
     ([[0, 0, 0], [0, 0, 0]], 1),         # no real token: one column stays, never an empty batch
 ], ids=["cut-after-longest-row", "full-row", "all-padding"])
 def test_unpadded_cuts_every_tensor_after_the_last_real_column(mask, width):
-    from cyclelab.tasks import unpadded
+    from cyclelab.train.tasks import unpadded
     mask = torch.tensor(mask)
     ids = torch.arange(mask.numel()).view(mask.shape)
     cut_mask, cut_ids = unpadded(mask, ids)
@@ -291,7 +291,7 @@ def test_unpadded_cuts_every_tensor_after_the_last_real_column(mask, width):
 
 
 def test_unpadded_batch_gives_a_causal_model_the_same_logits_for_the_real_tokens(tiny):
-    from cyclelab.tasks import unpadded
+    from cyclelab.train.tasks import unpadded
     ids = torch.tensor([[5, 6, 7, 0, 0, 0], [8, 9, 0, 0, 0, 0]])
     mask = (torch.arange(6) < torch.tensor([[3], [2]])).long()
     with torch.no_grad():

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cyclelab.engine import drain
-from cyclelab.forward import (cost_table, format_cost_table, gelu, gelu_mlp, layer_norm, logit_lens,
+from cyclelab.core.engine import drain
+from cyclelab.lab.forward_by_hand import (cost_table, format_cost_table, gelu, gelu_mlp, layer_norm, logit_lens,
                               matmul_parameters, per_token_costs, plot_cost_breakdown, plot_logit_lens,
                               plot_residual_norms, residual_stream, rms_norm, self_attention, silu, stack_gradients,
                               sublayer, swiglu_mlp)

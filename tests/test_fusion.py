@@ -2,8 +2,8 @@
 
 import torch
 
-from cyclelab.fusion import gelu_by_ops, gelu_fused, try_compile
-from cyclelab.roofline import count_torch_ops
+from cyclelab.lab.fusion import gelu_by_ops, gelu_fused, try_compile
+from cyclelab.lab.roofline import count_torch_ops
 
 
 def test_gelu_by_ops_equals_torch_gelu():

@@ -1,7 +1,7 @@
 """``cyclelab grade`` on a synthetic class.
 
 The course is a two-exercise notebook written here in the chapters' conventions, with real
-checkers from cyclelab.check (greedy step, roofline: both cheap). Its student edition is handed
+checkers from cyclelab.checks (greedy step, roofline: both cheap). Its student edition is handed
 to the class; each learner edits the exercise cells the way learners do: right, a typical mistake
 per exercise, untouched, and raising. The whole class runs once (one kernel per learner) and the
 tests read the CSV it wrote; the timeout runs a light notebook of its own, and edited or deleted
@@ -19,7 +19,8 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from cyclelab import edition, grade
+from cyclelab.workshop import edition
+from cyclelab.workshop import grade
 from cyclelab.cli import main
 
 CHAPTER = "00_mini.ipynb"
@@ -54,7 +55,7 @@ def mini_course(folder: Path) -> Path:
     cells = [
         new_markdown_cell("# Mini chapter"),
         new_code_cell("n = 3", metadata={"tags": ["parameters"]}),
-        new_code_cell("import torch\n\nfrom cyclelab.check import check_attainable, check_greedy_step"),
+        new_code_cell("import torch\n\nfrom cyclelab.checks import check_attainable, check_greedy_step"),
         new_markdown_cell("## Exercise 1: greedy"),
         new_code_cell(GREEDY_STUB),
         new_code_cell("# NBVAL_IGNORE_OUTPUT\ncheck_greedy_step(greedy_step)"),

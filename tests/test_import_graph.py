@@ -91,27 +91,37 @@ def test_find_cycle_finds_a_cycle_and_none_where_there_is_none():
 
 def test_the_graph_sees_function_level_and_relative_imports():
     graph = package_graph()
-    assert "cyclelab.debugwidget" in graph["cyclelab.debugger"]  # imported inside Debugger.widget()
-    assert "cyclelab.data" in graph["cyclelab.tasks.sonnets"]  # from .. import data
-    assert "cyclelab.debugger" not in graph["cyclelab.debugwidget"]  # only under TYPE_CHECKING
+    assert "cyclelab.debugger.widget" in graph["cyclelab.debugger.session"]  # imported inside Debugger.widget()
+    assert "cyclelab.load.corpus" in graph["cyclelab.train.tasks.sonnets"]
+    assert "cyclelab.kernels.build" in graph["cyclelab.kernels.products"]  # from . import build
+    assert "cyclelab.debugger.session" not in graph["cyclelab.debugger.widget"]  # only under TYPE_CHECKING
 
 
-CORE = {"engine", "cycle", "ops", "transformer", "attend", "rope", "norms", "decode"}
-LOAD = {"models", "fetch", "checksums", "data", "device", "paths", "kernels"}  # kernels: the int8 weight format load() makes, and the C loops
+LAYERS = ["kernels", "load", "core", "train", "debugger", "lab", "checks", "workshop", "face"]
+"""The package's layers, lowest first: a module may import its own layer and the layers before it. The face is
+the top-level modules (``cyclelab``, ``cli``, ``doctor``, ``show``); every other module sits in the subpackage
+named after its layer."""
 
 
-@pytest.mark.parametrize("module", sorted(CORE))
-def test_the_core_imports_only_the_core_and_the_loaders(module):
-    allowed = {f"cyclelab.{m}" for m in CORE | LOAD}
-    assert {_layer_of(m) for m in package_graph()[f"cyclelab.{module}"]} <= allowed, "the core must not import chapter, view or train modules"
+def layer_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in LAYERS) else "face"
 
 
-@pytest.mark.parametrize("module", sorted(LOAD))
-def test_the_loaders_import_no_core_chapter_or_view_module(module):
-    allowed = {f"cyclelab.{m}" for m in LOAD}
-    assert {_layer_of(m) for m in package_graph()[f"cyclelab.{module}"] if not m.startswith(f"cyclelab.{module}.")} <= allowed
+def test_every_module_sits_in_a_named_layer():
+    assert {layer_of(m) for m in package_graph()} == set(LAYERS)
+    faces = sorted(m for m in package_graph() if layer_of(m) == "face")
+    assert faces == ["cyclelab", "cyclelab.cli", "cyclelab.doctor", "cyclelab.show"]
 
 
-def _layer_of(module: str) -> str:
-    """cyclelab.kernels.build -> cyclelab.kernels (a subpackage is one layer)."""
-    return "cyclelab.kernels" if module.startswith("cyclelab.kernels") else module
+@pytest.mark.parametrize("module", sorted(modules()))
+def test_each_module_imports_only_its_layer_and_those_below(module):
+    rank = LAYERS.index(layer_of(module))
+    above = sorted(m for m in package_graph()[module] if LAYERS.index(layer_of(m)) > rank)
+    assert not above, f"{module} ({LAYERS[rank]}) imports from a higher layer: {above}"
+
+
+def test_no_layer_lists_more_modules_than_a_screen_holds():
+    for layer in LAYERS:
+        flat = [m for m in package_graph() if layer_of(m) == layer and m.count(".") <= 2]
+        assert len(flat) <= 30, f"{layer}: {len(flat)} modules"

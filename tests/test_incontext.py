@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cyclelab.incontext import LABELS, accuracy, few_shot_prefix, first_tokens, instruction, label_probs, query, sample_shots
+from cyclelab.lab.in_context import LABELS, accuracy, few_shot_prefix, first_tokens, instruction, label_probs, query, sample_shots
 
 POOL = [("BANQUO", "macbeth"), ("IAGO", "othello"), ("ARIEL", "tempest"), ("CASSIUS", "julius_caesar"),
         ("MALVOLIO", "twelfth_night"), ("MERCUTIO", "romeo_and_juliet")]

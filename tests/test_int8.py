@@ -6,11 +6,11 @@ import torch
 
 from cyclelab import Engine, load
 from cyclelab import kernels
-from cyclelab.decoding_lab import encode_split
-from cyclelab.engine import fingerprint
-from cyclelab.metrics import perplexity_of_model
+from cyclelab.lab.decoding_by_hand import encode_split
+from cyclelab.core.engine import fingerprint
+from cyclelab.train.metrics import perplexity_of_model
 from cyclelab.kernels import MANY_ROWS, Int8Linear, int8_linear, is_int8
-from cyclelab.quantize import int8_linear_of, quantize_int8, to_int8
+from cyclelab.lab.quantize import int8_linear_of, quantize_int8, to_int8
 
 PROMPTS = ["ROMEO:", "JULIET:\nO Romeo, Romeo", "KING HENRY:\nOnce more unto the breach"]
 

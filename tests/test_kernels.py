@@ -150,7 +150,7 @@ def test_several_matrices_go_to_torch_together_when_one_does_not_fit():
 
 def _int8_layers(seed: int):
     """:func:`_layers` quantized to int8: ``(codes, scale per row, bias)`` each."""
-    from cyclelab.quantize import int8_linear_of
+    from cyclelab.lab.quantize import int8_linear_of
     return [(m.q, m.scale, m.bias) for m in (int8_linear_of(w, b) for w, b in _layers(seed))]
 
 
@@ -228,7 +228,7 @@ def test_a_weight_moved_or_changed_in_place_is_read_where_it_is_now():
 
 
 def test_rope_kernel_gives_torchs_values_to_the_last_bit():
-    from cyclelab.rope import apply_rope, rope_cos_sin
+    from cyclelab.core.rope import apply_rope, rope_cos_sin
     g = torch.Generator().manual_seed(9)
     cos, sin = rope_cos_sin(torch.tensor([37]), 1 / 10000 ** (torch.arange(0, 64, 2) / 64))
     for heads in (9, 3):
@@ -239,7 +239,7 @@ def test_rope_kernel_gives_torchs_values_to_the_last_bit():
 
 def test_norm_and_rope_of_a_prompt_stay_with_torch(monkeypatch):
     monkeypatch.setattr(kernels.build, "compiled", lambda: pytest.fail("a prompt's rows went to the C kernel"))
-    from cyclelab.rope import rope_cos_sin
+    from cyclelab.core.rope import rope_cos_sin
     cos, sin = rope_cos_sin(torch.arange(5), torch.rand(8))
     with torch.no_grad():
         assert kernels.fused_rope(torch.randn(1, 2, 5, 16), cos, sin) is None
@@ -248,7 +248,7 @@ def test_norm_and_rope_of_a_prompt_stay_with_torch(monkeypatch):
 
 def _attention_case(batch: int, heads: int, kv_heads: int, d: int, length: int, seed: int = 14):
     """A query for one new position and a KV cache of ``length`` positions (of a larger capacity)."""
-    from cyclelab.attend import KVCache
+    from cyclelab.core.attention import KVCache
     g = torch.Generator().manual_seed(seed)
     cache = KVCache(1, length + 5)
     keys, values = cache.append(0, *torch.randn(2, batch, kv_heads, length, d, generator=g))
@@ -274,7 +274,7 @@ def test_attention_kernels_are_the_attend_formulas_in_float64_within_rounding(sh
 
 
 def test_attention_kernels_agree_with_the_engines_torch_attention():
-    from cyclelab.attend import attention_mix, attention_scores
+    from cyclelab.core.attention import attention_mix, attention_scores
     q, keys, values = _attention_case(1, 9, 3, 64, 40, seed=15)
     with torch.no_grad():
         scores = kernels.fused_scores(q, keys)
@@ -298,7 +298,7 @@ def test_attention_of_a_prompt_or_with_gradients_stays_with_torch(monkeypatch):
 
 
 def test_one_position_splits_and_merges_heads_as_the_general_case():
-    from cyclelab.attend import merge_heads, split_heads
+    from cyclelab.core.attention import merge_heads, split_heads
     x = torch.randn(2, 1, 12)
     general = x.view(2, 1, 3, 4).transpose(1, 2)
     assert torch.equal(split_heads(x, 3), general) and split_heads(x, 3).shape == (2, 3, 1, 4)

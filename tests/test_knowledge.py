@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cyclelab import data
-from cyclelab.embed import sentence_embeddings
-from cyclelab.incontext import label_probs
-from cyclelab.knowledge import (TITLES, character_graph, fact_sentence, facts_about, facts_prompt,
+from cyclelab.load import corpus as data
+from cyclelab.lab.embedding import sentence_embeddings
+from cyclelab.lab.in_context import label_probs
+from cyclelab.lab.knowledge import (TITLES, character_graph, fact_sentence, facts_about, facts_prompt,
                                 is_character, lookup, nearest_facts, play_edges, question_for)
 
 # Macbeth's speaking characters, from the play's cast list (dramatis personae), by hand: the named ones, and the

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from cyclelab.debugger import Debugger
-from cyclelab.engine import Engine
-from cyclelab.lesson import LESSONS, Intervention, Lesson, LessonRun, Pause, record
+from cyclelab.debugger.session import Debugger
+from cyclelab.core.engine import Engine
+from cyclelab.workshop.lessons import LESSONS, Intervention, Lesson, LessonRun, Pause, record
 
 PROMPT, N = "ROMEO:", 8
 

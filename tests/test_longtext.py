@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cyclelab.embed import sentence_embeddings
-from cyclelab.longtext import chunk_embeddings, chunk_spans, loss_by_position, nearest_centroid, scenes, window_nll
+from cyclelab.lab.embedding import sentence_embeddings
+from cyclelab.lab.long_text import chunk_embeddings, chunk_spans, loss_by_position, nearest_centroid, scenes, window_nll
 
 
 @pytest.mark.parametrize("n, size, overlap, spans", [

@@ -1,4 +1,4 @@
-"""Tests for cyclelab.metrics, against transformers' own loss computation."""
+"""Tests for cyclelab.train.metrics, against transformers' own loss computation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from cyclelab.metrics import perplexity, perplexity_of_model, windows
+from cyclelab.train.metrics import perplexity, perplexity_of_model, windows
 
 
 

@@ -1,4 +1,4 @@
-"""Tests for cyclelab.ngram: counts checked against hand computation with fractions."""
+"""Tests for cyclelab.lab.ngram: counts checked against hand computation with fractions."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from fractions import Fraction
 import pytest
 import torch
 
-from cyclelab.decode import make_generator
-from cyclelab.ngram import NGramLM
+from cyclelab.core.sampling import make_generator
+from cyclelab.lab.ngram import NGramLM
 
 CORPUS = [0, 1, 0, 1, 1, 2]  # bigrams: 0>1, 1>0, 0>1, 1>1, 1>2
 

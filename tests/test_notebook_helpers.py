@@ -11,13 +11,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from cyclelab.attention import causal_mask, plot_attention  # noqa: E402
-from cyclelab.cycle import Event, Stage, format_events  # noqa: E402
-from cyclelab.embed import plot_rope_angles, plot_similarity  # noqa: E402
-from cyclelab.finetune import History, plot_schedule  # noqa: E402
-from cyclelab.tasks.sonnets import best_per_method, compare_methods, plot_losses, sonnets  # noqa: E402
-from cyclelab.tasks.which_play import plot_confusion  # noqa: E402
-from cyclelab.tokenize import BPE, train_timed  # noqa: E402
+from cyclelab.lab.attention_heads import causal_mask, plot_attention  # noqa: E402
+from cyclelab.core.events import Event, Stage, format_events  # noqa: E402
+from cyclelab.lab.embedding import plot_rope_angles, plot_similarity  # noqa: E402
+from cyclelab.train.finetune import History, plot_schedule  # noqa: E402
+from cyclelab.train.tasks.sonnets import best_per_method, compare_methods, plot_losses, sonnets  # noqa: E402
+from cyclelab.train.tasks.which_play import plot_confusion  # noqa: E402
+from cyclelab.lab.tokenization import BPE, train_timed  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from cyclelab.course import cyclelab_metadata, list_notebooks, run_notebook
+from cyclelab.workshop.course import cyclelab_metadata, list_notebooks, run_notebook
 
 NOTEBOOKS = list_notebooks()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cyclelab.patching import patch_layer, patching_grid, residual_stream, token_id
+from cyclelab.lab.patching import patch_layer, patching_grid, residual_stream, token_id
 
 CLEAN, CORRUPT, TARGET = "KING RICHARD:\nNow, my lord of", "KING HENRY:\nNow, my lord of", " York"
 

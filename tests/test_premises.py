@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cyclelab.patching import residual_stream
-from cyclelab.premises import answer_probs, first_tokens, lens_probs, settles_at
+from cyclelab.lab.patching import residual_stream
+from cyclelab.lab.premises import answer_probs, first_tokens, lens_probs, settles_at
 
 PROMPT, ANSWERS = "KING RICHARD:\nNow, my lord of", [" York", " your grace"]
 

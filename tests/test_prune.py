@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn.utils import prune
 
-from cyclelab.prune import magnitude_mask, mlp_matrices, prune_mlp, sparsity_of
+from cyclelab.lab.prune import magnitude_mask, mlp_matrices, prune_mlp, sparsity_of
 
 
 def test_mask_by_hand():

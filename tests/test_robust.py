@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertModel
 
-from cyclelab.robust import (attacked_examples, embedding_gradient, fit_head, folio_table, head_predict,
+from cyclelab.lab.robust import (attacked_examples, embedding_gradient, fit_head, folio_table, head_predict,
                              hotflip_attack, hotflip_scores, noisy_examples, pooled_features, typos, word_candidates)
-from cyclelab.finetune import TrainConfig
-from cyclelab.tasks.which_play import EncoderClassifier
+from cyclelab.train.finetune import TrainConfig
+from cyclelab.train.tasks.which_play import EncoderClassifier
 
 # --- typos ------------------------------------------------------------------------------------------
 

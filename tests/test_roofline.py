@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cyclelab.attend import KVCache
-from cyclelab.engine import drain
-from cyclelab.roofline import (Machine, best_of, count_torch_ops, gemv_ceiling, op_costs, phase_costs,
+from cyclelab.core.attention import KVCache
+from cyclelab.core.engine import drain
+from cyclelab.lab.roofline import (Machine, best_of, count_torch_ops, gemv_ceiling, op_costs, phase_costs,
                                weight_matrices)
-from cyclelab.throughput import batch_decode, cache_scaling
+from cyclelab.lab.throughput import batch_decode, cache_scaling
 
 MATMUL_OPS = ("qkv", "scores", "mix", "attn_out", "mlp_in", "mlp_out", "logits")
 
@@ -68,7 +68,7 @@ def test_phase_costs_of_tiny(tiny_engine):
 
 
 def test_op_costs_groups_attention():
-    from cyclelab.cycle import Event, Stage
+    from cyclelab.core.events import Event, Stage
     events = [Event(0, Stage.READ, 0, "kv_cache", 0.1, 0, 8), Event(0, Stage.EXECUTE, 0, "scores", 0.2, 4, 0),
               Event(0, Stage.READ, 0, "qkv", 0.3, 10, 20), Event(0, Stage.READ, 1, "qkv", 0.3, 10, 20)]
     costs = op_costs(events)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cyclelab.ops import REGISTRY, alias_table, hook_names, stage_of
+from cyclelab.core.ops import REGISTRY, alias_table, hook_names, stage_of
 
 PROMPT = "ROMEO: But soft, what light through yonder window breaks?"
 

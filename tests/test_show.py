@@ -5,14 +5,14 @@ import inspect
 import pytest
 
 from cyclelab import show
-from cyclelab.decode import Sampling
-from cyclelab.rope import rotate_half
+from cyclelab.core.sampling import Sampling
+from cyclelab.core.rope import rotate_half
 
 
 def test_plain_text_is_the_exact_source() -> None:
     shown = show(rotate_half)
     assert inspect.getsource(rotate_half).strip() in repr(shown)
-    assert repr(shown).startswith("# rotate_half — cyclelab/rope.py:")
+    assert repr(shown).startswith("# rotate_half — cyclelab/core/rope.py:")
 
 
 def test_html_is_collapsible_highlighted_and_escaped() -> None:

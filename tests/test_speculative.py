@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cyclelab.speculative import copy_question, greedy_with_lookup, lookup_draft, plain_greedy, transformers_greedy
+from cyclelab.lab.speculative import copy_question, greedy_with_lookup, lookup_draft, plain_greedy, transformers_greedy
 
 ECHO = "ROMEO:\nO, she doth teach the torches to burn bright!\nROMEO:\nO, she doth"
 PLAIN = "JULIET:\nWhat light"

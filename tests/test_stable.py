@@ -1,9 +1,9 @@
-"""cyclelab.stable: rounding for checked notebook outputs (hand-computed cases)."""
+"""cyclelab.lab.rounding: rounding for checked notebook outputs (hand-computed cases)."""
 
 import pytest
 import torch
 
-from cyclelab.stable import round_sig, sig, signed
+from cyclelab.lab.rounding import round_sig, sig, signed
 
 
 @pytest.mark.parametrize("value, digits, expected", [

@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from cyclelab import data
-from cyclelab.metrics import perplexity_of_model
-from cyclelab.models import REPO_DATA
-from cyclelab.train_tiny import encode_plays
+from cyclelab.load import corpus as data
+from cyclelab.train.metrics import perplexity_of_model
+from cyclelab.load.loader import REPO_DATA
+from cyclelab.train.tiny import encode_plays
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from cyclelab import data
-from cyclelab.train_tiny import TinyConfig, lr_at, mask_tokens, train
+from cyclelab.load import corpus as data
+from cyclelab.train.tiny import TinyConfig, lr_at, mask_tokens, train
 
 
 def test_masking_follows_bert_proportions():

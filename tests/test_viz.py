@@ -6,8 +6,8 @@ matplotlib.use("Agg")
 
 import pytest
 
-from cyclelab.cycle import Stage
-from cyclelab.viz import op_times, plot_stage_times, stage_times
+from cyclelab.core.events import Stage
+from cyclelab.debugger.shading import op_times, plot_stage_times, stage_times
 
 
 def test_stage_times_add_up_to_the_events(smollm2_engine):

@@ -10,7 +10,7 @@ from .products import int8_linear
 
 class Int8Linear(torch.nn.Module):
     """A Linear whose weight is stored as int8 codes ``q`` ``(out, in)`` with a float32 scale per row
-    (:func:`cyclelab.quantize.int8_linear_of` makes one from a float weight); it computes
+    (:func:`cyclelab.lab.quantize.int8_linear_of` makes one from a float weight); it computes
     ``x @ (q × scale).T + bias`` with :func:`int8_linear`, without a float copy of the weight."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):

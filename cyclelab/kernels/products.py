@@ -65,7 +65,7 @@ def f32_conv1d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
 
 
 def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """:func:`cyclelab.norms.rms_norm`'s formula in one C call for a few float32 rows (decode); None where
+    """:func:`cyclelab.core.norms.rms_norm`'s formula in one C call for a few float32 rows (decode); None where
     the kernel does not apply (the caller runs that function)."""
     d = x.shape[-1] if x.dim() else 0
     if not (weight.shape == (d,) and 0 < x.numel() < MANY_ROWS * d and _plain_f32(x, weight)):
@@ -76,7 +76,7 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 
 def fused_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
-    """:func:`cyclelab.rope.apply_rope` in one C call for float32 heads at one position (decode), to the last
+    """:func:`cyclelab.core.rope.apply_rope` in one C call for float32 heads at one position (decode), to the last
     bit (each product and sum rounds as torch's do); None where the kernel does not apply."""
     d = x.shape[-1] if x.dim() else 0
     one_position = x.dim() == 4 and x.shape[-2] == 1 and cos.shape == sin.shape == (1, d) and d % 2 == 0
@@ -88,7 +88,7 @@ def fused_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def fused_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:
-    """:func:`cyclelab.attend.attention_scores` for one query position (decode) in one C call: ``q``
+    """:func:`cyclelab.core.attention.attention_scores` for one query position (decode) in one C call: ``q``
     ``(b, h, 1, d)``, ``keys`` ``(b, kv_h, t, d)`` as the KV cache hands them out; None where it does not apply."""
     if not _one_query(q, keys):
         return None
@@ -110,7 +110,7 @@ def fused_softmax(scores: torch.Tensor) -> torch.Tensor | None:
 
 
 def fused_mix(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
-    """:func:`cyclelab.attend.attention_mix` for one query position in one C call: ``probs`` ``(b, h, 1, t)``,
+    """:func:`cyclelab.core.attention.attention_mix` for one query position in one C call: ``probs`` ``(b, h, 1, t)``,
     ``values`` ``(b, kv_h, t, d)`` as the KV cache hands them out; None where it does not apply."""
     t = values.shape[-2] if values.dim() == 4 else -1
     if not _one_query(probs, values, width=t):  # a weight for each of the t values

@@ -1,0 +1,278 @@
+"""The clock cycle: stages, events and traces.
+
+Every generated token is one *cycle*, and every cycle passes four stages:
+
+* ``FETCH`` — token ids become vectors (embedding lookup, positions);
+* ``READ`` — each layer reads its weights (Q/K/V projections) and its memory (KV cache);
+* ``EXECUTE`` — attention, MLP, norms and residual adds: the arithmetic;
+* ``WRITEBACK`` — final norm, logits, the choice of a token, appended to the sequence.
+
+The engine yields one :class:`Event` per micro-op; a :class:`Trace` keeps one
+:class:`CycleRecord` per generated token (and the events a consumer chose to keep).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from cyclelab.core.sampling import as_sampling
+
+from cyclelab.core.ops import OPS, Stage  # the op registry: each op's stage, tensors and TransformerLens names
+
+
+@dataclass(slots=True)
+class Event:
+    """One micro-op of one cycle: what ran, where, what it produced and what it cost.
+
+    ``tensors`` holds only what the consumer asked to capture (often nothing).
+    ``flops`` and ``bytes`` follow from the shapes: multiply-adds count as 2 FLOPs;
+    bytes are the weights read plus the activations read and written.
+    """
+
+    cycle: int
+    stage: Stage
+    layer: int | None
+    op: str
+    seconds: float = 0.0
+    flops: int = 0
+    bytes: int = 0
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        where = f"L{self.layer}" if self.layer is not None else "--"
+        return f"<cycle {self.cycle} {self.stage.value:<9} {where:>4} {self.op:<14} {self.seconds * 1e3:7.3f} ms>"
+
+
+@dataclass(slots=True)
+class Cost:
+    """Wall time, FLOPs and bytes moved, summed over events."""
+
+    seconds: float = 0.0
+    flops: int = 0
+    bytes: int = 0
+
+    def add(self, event: Event) -> None:
+        """Count ``event``'s cost in."""
+        self.seconds += event.seconds
+        self.flops += event.flops
+        self.bytes += event.bytes
+
+    @classmethod
+    def of(cls, events) -> "Cost":
+        """The summed cost of ``events``."""
+        total = cls()
+        for event in events:
+            total.add(event)
+        return total
+
+
+@dataclass
+class CycleRecord:
+    """What one cycle produced: the chosen token, its rivals, and the cost of the cycle."""
+
+    cycle: int
+    token_id: int
+    token: str  # the token's own text (may be a partial UTF-8 character, shown with �)
+    prob: float  # probability of the chosen token after the logits processors
+    raw_prob: float  # its probability under the plain softmax of the logits
+    entropy: float  # of the processed distribution, in nats
+    top: list[tuple[int, str, float]]  # (id, text, probability) of the leading candidates
+    greedy_id: int
+    draw: float | None  # the uniform number drawn when sampling; None for greedy
+    forced: bool  # True when the token was imposed (replay, branch) rather than chosen
+    n_inputs: int  # tokens fed this cycle: the whole prompt at cycle 0 (prefill), then 1
+    cache_len: int  # KV cache length after the cycle
+    seconds: float
+    flops: int
+    bytes: int
+
+    @property
+    def prefill(self) -> bool:
+        """True for the cycle that read the whole prompt."""
+        return self.n_inputs > 1
+
+
+@dataclass
+class Trace:
+    """A generation, cycle by cycle: enough to show it, save it, replay it and branch from it."""
+
+    model: str
+    prompt_ids: list[int]
+    records: list[CycleRecord] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)  # sampling, interventions, cache use
+    text: str = ""  # the generated text, decoded
+    events: list[Event] = field(default_factory=list)  # only those a consumer kept
+    fingerprint: dict[str, str] = field(default_factory=dict)  # the model's: see engine.fingerprint
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The generated token ids (without the prompt)."""
+        return [r.token_id for r in self.records]
+
+    @property
+    def all_ids(self) -> list[int]:
+        """Prompt followed by the generated tokens."""
+        return self.prompt_ids + self.token_ids
+
+    def table(self, top: int = 3, digits: int = 3, times: bool = True) -> str:
+        """The trace as a fixed-width text table: cycle, token, top candidates, time."""
+        header = f"{'cycle':>5}  {'token':<14} {'top candidates':<{top * 20}}" + ("  ms" if times else "")
+        lines = [header.rstrip()]
+        for r in self.records:
+            cands = "  ".join(f"{show_token(t)}:{p:.{digits}f}" for _, t, p in r.top[:top])
+            row = f"{r.cycle:>5}  {show_token(r.token):<14} {cands:<{top * 20}}"
+            lines.append((row + (f"  {r.seconds * 1e3:.1f}" if times else "")).rstrip())
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """Plain data (no tensors, no events) for JSON."""
+        return {"model": self.model, "fingerprint": self.fingerprint, "prompt_ids": self.prompt_ids,
+                "settings": self.settings, "text": self.text, "records": [asdict(r) for r in self.records]}
+
+    def save(self, path: str | Path) -> None:
+        """Write the trace as JSON (never pickle)."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Trace":
+        """Read a trace written by :meth:`save`, checking every field.
+
+        A file that is not such a trace (empty, truncated, not JSON, nested too deeply, a field
+        missing, unknown or of the wrong type or range) raises one ``ValueError`` naming the
+        file and the field. Files saved before traces recorded their model's fingerprint load
+        with an empty :attr:`fingerprint`; replaying them then only checks the model's name.
+        """
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as err:
+            problem = "nested too deeply" if isinstance(err, RecursionError) else f"not JSON ({err})"
+            raise ValueError(f"{path} is not a trace file: {problem}; "
+                             "it may be empty or truncated: save the trace again with Trace.save") from None
+        return _TraceFile(path).trace(raw)
+
+
+class _TraceFile:
+    """Checks the parsed JSON of a trace file; the first problem raises a ValueError naming the file and field."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, field: str, expected: str, value) -> None:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise ValueError(f"{self.path} is not a valid trace file: {field or 'the file'} must be {expected}, "
+                         f"got {shown} (write traces with Trace.save)")
+
+    def check(self, value, field: str, rule: tuple[Callable[[object], bool], str]):
+        if not rule[0](value):
+            self.fail(field, rule[1], value)
+        return value
+
+    def fields(self, value, field: str, required: dict, optional: dict | None = None) -> dict:
+        """An object with the ``required`` keys and maybe some ``optional`` ones, each checked by its rule:
+        a ``(predicate, what it expects)`` pair, or a function ``(value, field)`` returning the value read."""
+        if not isinstance(value, dict):
+            self.fail(field, "an object ({...})", value)
+        rules = {**required, **(optional or {})}
+        missing, unknown = sorted(set(required) - set(value)), sorted(set(value) - set(rules))
+        if missing or unknown:
+            problem = f"lacks the field(s) {missing}" if missing else f"has unknown field(s) {unknown}"
+            raise ValueError(f"{self.path} is not a valid trace file: {field or 'the file'} {problem} "
+                             "(write traces with Trace.save)")
+        named = {k: f"{field}.{k}" if field else k for k in value}
+        return {k: self.check(v, named[k], rules[k]) if isinstance(rules[k], tuple) else rules[k](v, named[k])
+                for k, v in value.items()}
+
+    def items(self, value, field: str, each: Callable) -> list:
+        if not isinstance(value, list):
+            self.fail(field, "a list ([...])", value)
+        return [each(v, f"{field}[{i}]") for i, v in enumerate(value)]
+
+    def trace(self, raw) -> Trace:
+        top = self.fields(raw, "", {
+            "model": (lambda v: isinstance(v, str) and v != "", "a model name"),
+            "prompt_ids": (lambda v: isinstance(v, list) and v != [] and all(map(_natural, v)),
+                           "a non-empty list of token ids (integers >= 0)"),
+            "settings": self.settings, "text": STR, "records": lambda v, f: self.items(v, f, self.record)},
+            {"fingerprint": self.fingerprint})
+        for i, record in enumerate(top["records"]):
+            if record.cycle != i:
+                self.fail(f"records[{i}].cycle", f"{i} (cycles are numbered from 0 in order)", record.cycle)
+        return Trace(top["model"], top["prompt_ids"], top["records"], top["settings"], top["text"],
+                     fingerprint=top.get("fingerprint", {}))
+
+    def record(self, value, field: str) -> CycleRecord:
+        r = self.fields(value, field, {**{k: NATURAL for k in ("cycle", "token_id", "greedy_id", "cache_len", "flops", "bytes")},
+                                       "token": STR, "prob": PROB, "raw_prob": PROB, "entropy": NON_NEGATIVE,
+                                       "top": lambda v, f: self.items(v, f, self.candidate), "forced": BOOL,
+                                       "draw": (lambda v: v is None or PROB[0](v) and v < 1, "null or a number in [0, 1)"),
+                                       "n_inputs": (lambda v: _natural(v) and v >= 1, "an integer >= 1"),
+                                       "seconds": NON_NEGATIVE})
+        return CycleRecord(**r)
+
+    def candidate(self, value, field: str) -> tuple[int, str, float]:
+        return tuple(self.check(value, field, (lambda v: isinstance(v, list) and len(v) == 3 and _natural(v[0])
+                                               and isinstance(v[1], str) and PROB[0](v[2]),
+                                               "[token id, token text, probability]")))
+
+    def settings(self, value, field: str) -> dict:
+        pairs = (lambda v: isinstance(v, list) and all(isinstance(h, list) and len(h) == 2 and all(map(_natural, h))
+                                                       for h in v), "a list of [layer, head] pairs")
+        ablation = lambda v, f: self.fields(v, f, {"heads": pairs, "mlps": (  # noqa: E731
+            lambda v: isinstance(v, list) and all(map(_natural, v)), "a list of layer numbers")})
+        return self.fields(value, field, {}, {
+            "sampling": self.sampling, "use_cache": BOOL, "chat": BOOL, "ablation": ablation,
+            "interventions": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "a list of strings"),
+            "branched_from": lambda v, f: self.fields(v, f, {"at_cycle": NATURAL, "token": (
+                lambda t: t is None or _natural(t), "null or a token id")})})
+
+    def sampling(self, value, field: str) -> dict:
+        self.check(value, field, (lambda v: isinstance(v, dict), "an object of sampling settings"))
+        try:
+            as_sampling(value)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{self.path} is not a valid trace file: {field}: {err}") from None
+        return value
+
+    def fingerprint(self, value, field: str) -> dict:
+        digest = (lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v),
+                  "a sha256 digest (64 hex digits)")
+        return self.fields(value, field, {}, {"weights": digest, "tokenizer": digest})
+
+
+def _natural(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+NATURAL = (_natural, "an integer >= 0")
+STR = (lambda v: isinstance(v, str), "a string")
+BOOL = (lambda v: isinstance(v, bool), "true or false")
+PROB = (lambda v: _number(v) and 0 <= v <= 1, "a probability (a number from 0 to 1)")
+NON_NEGATIVE = (lambda v: _number(v) and v >= 0, "a number >= 0")
+
+
+def show_token(token: str) -> str:
+    """A token made visible: spaces as ␣, newlines as ⏎."""
+    return token.replace(" ", "␣").replace("\n", "⏎")
+
+
+def format_events(events: list[Event], times: bool = True) -> str:
+    """A text table of events: cycle, stage, layer, op, the shapes of captured tensors, and ms."""
+    lines = [f"{'cycle':>5} {'stage':<9} {'layer':>5}  {'op':<14} {'tensors':<40}" + ("  ms" if times else "")]
+    for e in events:
+        shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in e.tensors.items())
+        layer = "" if e.layer is None else str(e.layer)
+        row = f"{e.cycle:>5} {e.stage.value:<9} {layer:>5}  {e.op:<14} {shapes:<40}"
+        lines.append((row + (f"  {e.seconds * 1e3:.3f}" if times else "")).rstrip())
+    return "\n".join(lines)

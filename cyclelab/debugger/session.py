@@ -1,0 +1,523 @@
+"""A single-step debugger for generation: a thin view over the engine's event stream.
+
+>>> dbg = Debugger(Engine(load("tiny")), "ROMEO:", max_new_tokens=20)
+>>> dbg.next(); dbg.next()            # two cycles (tokens)
+>>> dbg.back_cycle()                  # time travel: from the recorded history, no recompute
+>>> dbg.break_below(0.2); dbg.cont()  # run until a token is chosen with p < 0.2
+>>> print(dbg)                        # text mode
+>>> dbg.widget()                      # the same commands as buttons (ipywidgets)
+>>> dbg.export_html("run.html")       # a page replaying the run in any browser, offline
+
+The debugger keeps a *history* of the events it has seen, slimmed to what its views
+read (the last position only), and a *position* in it. Stepping forward inside the
+history replays it; past its end the next event comes from a live ``engine.run``.
+Changing the sampler, forcing a token or ablating a head cuts the history at the first
+cycle it affects (the old timeline stays in :attr:`Debugger.branches`), and the engine
+restarts there, lazily, with the prompt and the tokens so far as its input.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from bisect import bisect_right
+from collections.abc import Callable
+from dataclasses import fields, replace
+from pathlib import Path
+
+import torch
+
+from cyclelab.core.events import OPS, CycleRecord, Event, Trace
+from cyclelab.debugger.state import StateViews, describe, lens_tops
+from cyclelab.debugger.timeline import Breakpoint, LiveRun, Timeline, capture_for_views, slim
+from cyclelab.debugger.replay import replay_page
+from cyclelab.debugger.views import render_text
+from cyclelab.core.sampling import Sampling, as_sampling
+from cyclelab.core.engine import Engine, as_loaded, trace_settings
+from cyclelab.load.loader import Loaded
+from cyclelab.core.blocks import Ablation
+
+UNIT_ENDS = frozenset({"positions", "residual_mlp", "logits", "choose", "append"})  # where "Step layer" stops
+
+
+def command(method: Callable) -> Callable:
+    """A user command: clears the last error, records a new one, and tells the listeners (the widget)."""
+
+    @functools.wraps(method)
+    def run(self: Debugger, *args, **kwargs):
+        self.error = ""
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            for listener in self._listeners:
+                listener()
+
+    return run
+
+
+def _check_int(value, low: int, high: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer from {low} to {high}, got {value!r}")
+    return value
+
+
+# ------------------------------------------------------------------ the debugger
+
+
+class Debugger(StateViews):
+    """Step through generation micro-op by micro-op; break on conditions; go back; branch; intervene.
+
+    Moving: :meth:`step`, :meth:`step_layer`, :meth:`next`, :meth:`cont`, :meth:`run_to`,
+    :meth:`back`, :meth:`back_cycle`, :meth:`reset`. ``step``, ``step_layer`` and ``next`` ignore
+    breakpoints; ``cont`` and ``run_to`` stop at them.
+    Value breakpoints (token, probability, entropy, not greedy) fire at the ``append`` event of
+    the cycle, when the chosen token is written back; op breakpoints fire on that op.
+    """
+
+    def __init__(self, engine: Engine | Loaded | str, prompt, max_new_tokens: int = 20,
+                 sampling: Sampling | dict | None = None, *, chat: bool = False, ablation: Ablation | None = None,
+                 top: int = 5):
+        """``engine`` is an :class:`Engine`, a :class:`Loaded` model (wrapped in an Engine) or a model
+        name (loaded); ``sampling`` a :class:`Sampling` or a dict of its settings. Each is checked here."""
+        self.engine = engine = engine if isinstance(engine, Engine) else Engine(as_loaded(engine, "Debugger"))
+        self.prompt_ids = engine.encode(prompt, chat=chat)
+        self.prompt_text = engine.tokenizer.decode(self.prompt_ids)
+        engine.check_lengths(len(self.prompt_ids), max_new_tokens)
+        self.max_new_tokens, self.chat, self.top = max_new_tokens, chat, _check_int(top, 1, 100, "top")
+        self.now = Timeline(as_sampling(sampling), engine._check_ablation(ablation))
+        self._branches: list[Timeline] = []
+        self.breakpoints: list[Breakpoint] = []
+        self.position = -1  # index of the current event in the history; -1 before the first
+        self.watch_layer, self.watch_head = 0, 0  # the head whose attention the memory view shows
+        self.message, self.error = "", ""
+        self.faith: float | None = None
+        self._live = LiveRun()  # the engine run feeding the end of the history
+        weakref.finalize(self, self._live.close)  # a paused run must not outlive the debugger
+        self._ui = None  # the DebuggerUI, once built
+        self._listeners: list[Callable[[], None]] = []  # called after every command
+
+    # --- where we are ---------------------------------------------------------------
+    @property
+    def history(self) -> list[Event]:
+        """Every event seen on the current timeline (slimmed), possibly beyond the position."""
+        return self.now.history
+
+    @property
+    def cycle(self) -> int:
+        """Cycles (tokens) completed at the current position."""
+        return bisect_right(self.now.ends, self.position)
+
+    @property
+    def current_event(self) -> Event | None:
+        """The event at the current position (None before the first step)."""
+        return self.history[self.position] if self.position >= 0 else None
+
+    @property
+    def records(self) -> list[CycleRecord]:
+        """One record per completed cycle at the current position."""
+        return self.now.records(self.position)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The generated token ids so far."""
+        return [r.token_id for r in self.records]
+
+    @property
+    def tokens(self) -> list[str]:
+        """The generated tokens so far, as text."""
+        return [r.token for r in self.records]
+
+    @property
+    def trace(self) -> Trace:
+        """The current timeline up to the position, as a :class:`Trace` (text so far, records, settings)."""
+        return self._trace(self.now, self.records)
+
+    @property
+    def branches(self) -> list[Trace]:
+        """The timelines left behind by interventions, each as a full :class:`Trace`."""
+        return [self._trace(t, t.records()) for t in self._branches]
+
+    @property
+    def sampling(self) -> Sampling:
+        """The sampler settings of the cycles to come."""
+        return self.now.sampling
+
+    @property
+    def ablation(self) -> Ablation:
+        """The heads and MLPs switched off for the cycles to come."""
+        return self.now.ablation
+
+    def __repr__(self) -> str:
+        return f"<Debugger {self.engine.loaded.name}: cycle {self.cycle} of {self.max_new_tokens}, at {self.current_event!r}>"
+
+    def __str__(self) -> str:
+        return render_text(self.state())
+
+    # --- moving -----------------------------------------------------------------------
+    @command
+    def step(self) -> Event | None:
+        """One micro-op forward."""
+        return self._advance(lambda e: True)
+
+    @command
+    def step_layer(self) -> Event | None:
+        """Forward to the end of the current unit: FETCH, a layer, the unembedding, the choice or the append."""
+        return self._advance(lambda e: e.op in UNIT_ENDS)
+
+    @command
+    def next(self) -> Event | None:
+        """Forward to the end of the cycle: one more token."""
+        return self._advance(lambda e: e.op == "append")
+
+    @command
+    def cont(self) -> Event | None:
+        """Forward to the next breakpoint, or to the end of generation."""
+        return self._advance(lambda e: False, breakpoints=True)
+
+    @command
+    def run_to(self, n: int, stop_at_breakpoints: bool = True) -> Event | None:
+        """To the end of cycle ``n`` (``n`` tokens done): back through the history, or forward."""
+        _check_int(n, 0, self.max_new_tokens, "cycle")
+        if n <= self.cycle:
+            self.position, self.message = self.now.start_of(n) - 1, ""
+            return self.current_event
+        return self._advance(lambda e: self.cycle >= n, breakpoints=stop_at_breakpoints)
+
+    @command
+    def back(self) -> Event | None:
+        """One micro-op back, from the history (no recompute)."""
+        if self.position < 0:
+            self.message = "already at the start"
+        else:
+            self.position, self.message = self.position - 1, ""
+        return self.current_event
+
+    @command
+    def back_cycle(self) -> Event | None:
+        """Back to the start of this cycle, or of the previous one when at a cycle's end (no recompute)."""
+        target = self.cycle - 1 if self._at_boundary() else self.cycle
+        if target < 0:
+            self.message = "already at the start"
+        else:
+            self.position, self.message = self.now.start_of(target) - 1, ""
+        return self.current_event
+
+    @command
+    def reset(self) -> None:
+        """Back to the start; the history is kept, so stepping forward replays it."""
+        self.position, self.message = -1, "back at the start"
+
+    def _at_boundary(self) -> bool:
+        return self.position < 0 or self.history[self.position].op == "append"
+
+    def _advance(self, done: Callable[[Event], bool], breakpoints: bool = False) -> Event | None:
+        """Step forward until ``done(event)`` (at least one step), a breakpoint, or the end."""
+        self.message = ""
+        while self._forward():
+            event = self.current_event
+            hit = next((b for b in self.breakpoints if self._hits(b, event)), None) if breakpoints else None
+            if hit is not None:
+                self.message = f"stopped: {hit} (token #{event.cycle}, {event.op})"
+                break
+            if done(event):
+                break
+        return self.current_event
+
+    def _hits(self, breakpoint: Breakpoint, event: Event) -> bool:
+        """``breakpoint.hit(event)``; a logit-lens breakpoint also compares with the layer below."""
+        if breakpoint.kind != "lens":
+            return breakpoint.hit(event)
+        if event.op != "residual_mlp" or event.layer != breakpoint.layer or "x" not in event.tensors:
+            return False
+        below = next((e for _, e in self._backwards() if e.op == "residual_mlp" and e.cycle == event.cycle
+                      and e.layer == breakpoint.layer - 1), None)
+        return below is not None and self._lens_top1(below) != self._lens_top1(event)
+
+    def _lens_top1(self, event: Event) -> str:
+        if "lens" not in event.info:
+            event.info["lens"] = lens_tops(self.engine, event.tensors["x"][None])[0]
+        return event.info["lens"][0][0]
+
+    def _forward(self) -> bool:
+        if not self._ensure(self.position + 1):
+            self.message = f"end of generation: {self.cycle} tokens"
+            return False
+        self.position += 1
+        return True
+
+    # --- the live engine ------------------------------------------------------------------
+    def _ensure(self, index: int) -> bool:
+        """Pull events from the engine until the history reaches ``index``; False if it ends first."""
+        while len(self.history) <= index:
+            if not self._pull():
+                return False
+        return True
+
+    def _pull(self) -> bool:
+        """Append the engine's next event to the history (a choice always with its append)."""
+        if self._live.steps is None and not self._start():
+            return False
+        while True:
+            try:
+                event = slim(self._live.next(), self._live.offset)
+            except StopIteration:
+                self._live.close()
+                self.now.finished = True
+                return False
+            except Exception:  # the run is dead; the next pull restarts it
+                self._live.close()
+                raise
+            if event.op == "append":
+                self.now.ends.append(len(self.history))
+            self.history.append(event)
+            if event.op != "choose":
+                return True
+
+    def _start(self) -> bool:
+        """Start the engine at the first cycle not completed in the history (a partial one is recomputed)."""
+        self._live.close()
+        tl = self.now
+        if tl.finished:
+            return False
+        k = len(tl.ends)
+        del tl.history[tl.start_of(k):]
+        records = tl.records()
+        eos = bool(records) and records[-1].token_id == self.engine.tokenizer.eos_token_id and not records[-1].forced
+        if eos or k >= self.max_new_tokens:
+            tl.finished = True
+            return False
+        remaining = self.max_new_tokens - k
+        self._live.start(self.engine.run(
+            self.prompt_ids + [r.token_id for r in records], remaining, tl.sampling, capture=capture_for_views,
+            force=[tl.forced.get(k + i) for i in range(remaining)], ablation=tl.ablation,
+            draws=sum(r.draw is not None for r in records)), offset=k)
+        return True
+
+    # --- interventions ----------------------------------------------------------------------
+    def _cut(self, index: int) -> None:
+        """Forget the history from ``index`` on, keeping the old timeline as a branch if it loses a token."""
+        self._live.close()
+        lost = any(e.op in ("choose", "append") for e in self.history[index:])
+        old = self.now.cut(index)
+        if lost:
+            self._branches.append(old)
+
+    def _invalidate(self, cycle: int) -> None:
+        """The future from ``cycle`` on no longer holds; recomputed when stepped into (nothing before the position)."""
+        self._cut(max(self.position + 1, self.now.start_of(cycle)))
+
+    @command
+    def set_sampling(self, sampling: Sampling | None = None, **changes) -> Sampling:
+        """New sampler settings (a :class:`Sampling`, or some of its fields) for the tokens not yet chosen."""
+        unknown = set(changes) - {f.name for f in fields(Sampling)}
+        if unknown:
+            raise ValueError(f"unknown sampling setting(s) {sorted(unknown)}")
+        new = replace(self.now.sampling if sampling is None else as_sampling(sampling), **changes)  # validates
+        if new != self.now.sampling:
+            k = self.cycle + (self.current_event is not None and self.current_event.op == "choose")
+            self._invalidate(k)
+            self.now.sampling = new
+            self.now.log.append(f"#{k}: {describe(new)}")
+            self.message = f"sampler: {describe(new)} from token #{k} on"
+        return new
+
+    @command
+    def choose(self, rank: int | None = None, *, token_id: int | None = None) -> Event | None:
+        """Impose another token at the last choice shown: the ``rank``-th best of the logits, or ``token_id``.
+
+        The run branches there; the old timeline stays in :attr:`branches`.
+        """
+        index = self._last_index("choose")
+        if index is None:
+            raise ValueError("no token has been chosen yet: press Next token first")
+        event = self.history[index]
+        vocab = event.tensors["logits"].numel()
+        if token_id is None:
+            rank = _check_int(rank if rank is not None else 1, 0, vocab - 1, "rank")
+            token_id = int(torch.topk(event.tensors["logits"], rank + 1).indices[rank])
+        _check_int(token_id, 0, vocab - 1, "token_id")
+        if token_id == event.info["token_id"]:
+            self.message = f"{self.engine.token_text(token_id)!r} is already the token of #{event.cycle}"
+            return self.current_event
+        start = self.now.start_of(event.cycle)
+        self._cut(start)
+        self.now.forced[event.cycle] = token_id
+        self.now.log.append(f"#{event.cycle}: forced {self.engine.token_text(token_id)!r}")
+        self.position = start - 1
+        self._advance(lambda e: e.op == "choose")
+        self.message = (f"token #{event.cycle} forced to {self.engine.token_text(token_id)!r}; "
+                        f"the old timeline is branch {len(self._branches) - 1}")
+        return self.current_event
+
+    @command
+    def ablate_head(self, layer: int, head: int) -> Ablation:
+        """Switch off one attention head from the cycle in progress on (the context is recomputed with it)."""
+        _check_int(layer, 0, self.engine.arch.n_layers - 1, "layer")
+        _check_int(head, 0, self.engine.arch.n_heads - 1, "head")
+        return self._set_ablation(Ablation(self.now.ablation.heads | {(layer, head)}, self.now.ablation.mlps),
+                                  f"head {layer}.{head} off")
+
+    @command
+    def clear_ablation(self) -> Ablation:
+        """Switch every head and MLP back on, from the cycle in progress on."""
+        return self._set_ablation(Ablation(), "ablation cleared")
+
+    def _set_ablation(self, new: Ablation, what: str) -> Ablation:
+        if new != self.now.ablation:
+            self._invalidate(self.cycle)
+            self.now.ablation = new
+            self.now.log.append(f"#{self.cycle}: {what}")
+            self.message = f"{what} from token #{self.cycle} on"
+        return new
+
+    @command
+    def switch_branch(self, index: int) -> None:
+        """Make branch ``index`` the current timeline (the current one becomes that branch)."""
+        _check_int(index, 0, len(self._branches) - 1, "branch")
+        self._live.close()
+        self._branches[index], self.now = self.now, self._branches[index]
+        self.position = min(self.position, len(self.history) - 1)
+        self.message = f"switched to branch {index}"
+
+    # --- breakpoints -------------------------------------------------------------------------
+    @command
+    def break_on_token(self, token: str | int) -> Breakpoint:
+        """Stop when this token (its text, spaces around it ignored, or its id) is chosen."""
+        if isinstance(token, int):
+            _check_int(token, 0, self.engine.vocab_size - 1, "token id")
+        elif not isinstance(token, str) or not token:
+            raise ValueError(f"give a token's text or id, got {token!r}")
+        return self._add(Breakpoint("token", token))
+
+    @command
+    def break_below(self, p: float) -> Breakpoint:
+        """Stop when the chosen token's probability (after the processors) is below ``p``."""
+        if not isinstance(p, (int, float)) or not 0 < p <= 1:
+            raise ValueError(f"p must be in (0, 1], got {p!r}")
+        return self._add(Breakpoint("prob", float(p)))
+
+    @command
+    def break_entropy_above(self, h: float) -> Breakpoint:
+        """Stop when the entropy of the distribution the token was chosen from exceeds ``h`` nats."""
+        if not isinstance(h, (int, float)) or h < 0:
+            raise ValueError(f"entropy threshold must be >= 0 nats, got {h!r}")
+        return self._add(Breakpoint("entropy", float(h)))
+
+    @command
+    def break_when_not_greedy(self) -> Breakpoint:
+        """Stop when the token written back is not the most likely one."""
+        return self._add(Breakpoint("not_greedy"))
+
+    @command
+    def break_at(self, layer: int | None = None, op: str | None = None) -> Breakpoint:
+        """Stop at an op (any layer), at a layer (any op), or at one op of one layer."""
+        if layer is None and op is None:
+            raise ValueError("give a layer, an op, or both")
+        if layer is not None:
+            _check_int(layer, 0, self.engine.arch.n_layers - 1, "layer")
+        if op is not None and op not in OPS:
+            raise ValueError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
+        return self._add(Breakpoint("op", layer=layer, op=op))
+
+    @command
+    def break_on_lens_change(self, layer: int) -> Breakpoint:
+        """Stop after ``layer`` when it changes the logit-lens top-1 token (what the model would say
+        if it stopped there) from the one after ``layer - 1``: where the model changes its mind."""
+        _check_int(layer, 1, self.engine.arch.n_layers - 1, "layer (from 1: it is compared with the one below)")
+        return self._add(Breakpoint("lens", layer=layer))
+
+    @command
+    def clear_breakpoints(self) -> None:
+        """Remove every breakpoint."""
+        self.breakpoints.clear()
+        self.message = "breakpoints cleared"
+
+    def _add(self, breakpoint: Breakpoint) -> Breakpoint:
+        if breakpoint not in self.breakpoints:
+            self.breakpoints.append(breakpoint)
+        self.message = f"set: {breakpoint}"
+        return breakpoint
+
+    # --- views, export, faithfulness -------------------------------------------------------------
+    @command
+    def watch(self, layer: int, head: int) -> None:
+        """Choose the layer and head whose attention the memory view shows."""
+        self.watch_layer = _check_int(layer, 0, self.engine.arch.n_layers - 1, "layer")
+        self.watch_head = _check_int(head, 0, self.engine.arch.n_heads - 1, "head")
+
+    @command
+    def export(self, path: str | Path) -> Path:
+        """Save the trace so far as JSON (read it back with ``Trace.load``)."""
+        path = Path(path)
+        self.trace.save(path)
+        self.message = f"saved {len(self.records)} cycles to {path}"
+        return path
+
+    @command
+    def export_html(self, path: str | Path) -> Path:
+        """Save one self-contained HTML page that replays the run so far token by token, with the same
+        panels and Back/Next controls: it needs no kernel, network or CDN (mail it, open it on a phone)."""
+        path = Path(path)
+        frames = self.frames()
+        path.write_text(replay_page(frames, f"cyclelab debugger: {self.engine.loaded.name}, "
+                                            f"{len(frames) - 1} tokens"), encoding="utf-8")
+        self.message = f"saved a replay of {len(frames) - 1} tokens to {path}"
+        return path
+
+    @command
+    def faithfulness(self) -> float:
+        """Largest |logit difference| between the logits shown so far and a plain ``transformers`` forward."""
+        chooses = [e for e in self.history[:self.position + 1] if e.op == "choose" and "logits" in e.tensors]
+        if not chooses:
+            raise ValueError("no logits yet: run at least one cycle (Next token) first")
+        ids = self.prompt_ids + self.token_ids[:chooses[-1].cycle]
+        with torch.no_grad():
+            ref = self.engine.loaded.model(torch.tensor([ids], device=self.engine.device)).logits[0].float()
+        start = len(self.prompt_ids) - 1
+        self.faith = max(float((e.tensors["logits"] - ref[start + e.cycle]).abs().max()) for e in chooses)
+        note = " (an ablation is active: a difference is expected)" if self.now.ablation else ""
+        self.message = f"max |engine − transformers| logit difference over {len(chooses)} tokens: {self.faith:.2e}{note}"
+        return self.faith
+
+    def _trace(self, timeline: Timeline, records: list[CycleRecord]) -> Trace:
+        ids = [r.token_id for r in records]
+        settings = {**trace_settings(timeline.sampling, timeline.ablation, use_cache=True, chat=self.chat),
+                    "interventions": list(timeline.log)}
+        return Trace(self.engine.loaded.name, list(self.prompt_ids), list(records), settings,
+                     self.engine.tokenizer.decode(ids, skip_special_tokens=True), fingerprint=self.engine.fingerprint)
+
+    # --- widget ------------------------------------------------------------------------------
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after every command (the widget redraws itself so)."""
+        self._listeners.append(listener)
+
+    def widget(self):
+        """The ipywidgets UI (built once): buttons call the same commands as text mode."""
+        if self._ui is None:
+            from cyclelab.debugger.widget import DebuggerUI
+
+            self._ui = DebuggerUI(self)
+        return self._ui.box
+
+    @property
+    def controls(self) -> dict:
+        """The widget's controls by name (buttons by their description)."""
+        self.widget()
+        return self._ui.controls
+
+    @property
+    def views(self) -> dict:
+        """The widget's view widgets by name: HTML views, plus the ``counter``, ``message`` and ``error`` labels."""
+        self.widget()
+        return self._ui.views
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget())
+
+
+__all__ = ["Breakpoint", "Debugger", "Timeline", "lens_tops"]

@@ -1,0 +1,469 @@
+"""The debugger's views: small pure functions from plain data to HTML pictures.
+
+Widget mode puts each HTML string in an ``ipywidgets.HTML``, the replay page
+(:mod:`cyclelab.debugger.replay`) in a ``div``, and text mode turns the same string into plain
+text with :func:`to_text`. The pictures are plain HTML and CSS (:data:`STYLE`), coloured
+from JupyterLab's theme variables (``--jp-…``) so they read in light and dark themes;
+labels drawn only in the picture sit in ``data-t`` attributes, out of the text. Nothing
+here touches the model.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from dataclasses import dataclass, field
+
+from cyclelab.core.events import Cost, CycleRecord, Stage, show_token
+from cyclelab.debugger.shading import STAGE_COLOURS
+
+
+
+@dataclass(frozen=True)
+class Register:
+    """One layer's output in the residual stream at the current position."""
+
+    layer: int
+    norm: float
+    lens: list[tuple[str, float]]  # logit-lens top tokens with probabilities
+
+
+@dataclass(frozen=True)
+class CacheRow:
+    """The KV cache of one layer: positions stored and bytes held."""
+
+    layer: int
+    length: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Attention:
+    """Where the current query of one head looks: a weight per earlier token."""
+
+    layer: int
+    head: int
+    tokens: list[str]
+    weights: list[float]
+
+
+@dataclass(frozen=True)
+class Output:
+    """One cycle's choice: candidates before and after the logits processors."""
+
+    cycle: int
+    token: str
+    token_id: int
+    forced: bool
+    raw_top: list[tuple[int, str, float]]  # softmax of the plain logits
+    top: list[tuple[int, str, float]]  # after the processors
+
+
+@dataclass(frozen=True)
+class SamplerStage:
+    """One stage of the sampler pipeline: how many tokens survive and the leaders."""
+
+    name: str
+    kept: int
+    top: list[tuple[str, float]]
+    mass: float | None = None  # probability the kept tokens had before this stage (renormalised to 1 after)
+    cells: list[tuple[str, float | None]] = field(default_factory=list)  # fixed candidates: p here, None = removed
+
+
+@dataclass(frozen=True)
+class Draw:
+    """The random draw against the cumulative distribution (token ids in order)."""
+
+    u: float | None  # None: greedy (argmax)
+    token: str
+    low: float  # the picked token's slice [low, high) of [0, 1)
+    high: float
+    n_kept: int
+
+
+@dataclass(frozen=True)
+class State:
+    """Everything the views show at one position of the debugger."""
+
+    model: str
+    cycle: int  # cycles completed
+    max_cycles: int
+    stage: Stage | None
+    layer: int | None
+    op: str | None
+    n_layers: int
+    n_inputs: int | None  # tokens fed in this cycle (many: prefill, 1: decode)
+    this_op: Cost
+    this_cycle: Cost
+    total: Cost
+    prefill: Cost  # the part of ``total`` spent in cycles that read many tokens at once
+    registers: list[Register] = field(default_factory=list)
+    memory: list[CacheRow] = field(default_factory=list)
+    attention: Attention | None = None
+    output: Output | None = None
+    sampler: list[SamplerStage] = field(default_factory=list)
+    draw: Draw | None = None
+    sampling: str = ""
+    prompt: str = ""
+    records: list[CycleRecord] = field(default_factory=list)
+    message: str = ""
+    error: str = ""
+    notes: list[str] = field(default_factory=list)  # breakpoints, ablation, branches
+    timeline: list[CycleRecord] = field(default_factory=list)  # every cycle computed on this timeline
+    branches: list[list[CycleRecord]] = field(default_factory=list)  # the cycles of each earlier branch
+    max_positions: int = 0  # prompt + max_cycles: the KV cache's size when full
+
+
+# ------------------------------------------------------------------ look
+
+_FG, _FG2 = "var(--jp-ui-font-color1,#212121)", "var(--jp-ui-font-color2,#616161)"
+_BG2, _LINE = "var(--jp-layout-color2,#eeeeee)", "var(--jp-border-color2,#e0e0e0)"
+_BRAND, _GREY = "var(--jp-brand-color1,#1976d2)", "var(--jp-ui-font-color3,#9e9e9e)"
+STYLE = f"""<style>
+.cld{{color:{_FG};font-family:var(--jp-ui-font-family,system-ui,sans-serif);font-size:12px;line-height:1.4;min-width:0}}
+.cld-h{{font-weight:600;font-size:13px;margin:0 0 4px}}
+.cld-dim{{color:{_FG2}}} .cld-err{{color:var(--jp-error-color1,#d32f2f)}}
+.cld-tok{{font-family:var(--jp-code-font-family,monospace);white-space:pre}}
+.cld-strip{{display:flex;flex-wrap:nowrap;align-items:center;gap:4px;white-space:nowrap;overflow:hidden}}
+.cld-box{{flex:0 1 auto;min-width:0;overflow:hidden;text-overflow:ellipsis;padding:2px 7px;border-radius:4px;
+ background:{_BG2};color:{_FG}}}
+.cld-box.cld-on{{color:#fff;font-weight:600}}
+.cld-t{{border-collapse:collapse}} .cld-t th{{text-align:left;font-weight:normal;color:{_FG2};padding:0 5px}}
+.cld-t td{{padding:1px 5px;white-space:nowrap}}
+.cld-bar{{display:inline-block;height:9px;border-radius:2px;background:{_BRAND};vertical-align:middle;margin-right:4px}}
+.cld-bar.cld-raw{{background:{_GREY}}}
+.cld-stack{{display:flex;height:16px;width:100%;background:{_BG2};border-radius:3px;overflow:hidden;margin:1px 0 5px}}
+.cld-seg{{flex:0 0 auto;overflow:hidden;border-right:1px solid var(--jp-layout-color1,#fff);background:{_BRAND};
+ color:{_FG};font-size:11px;line-height:16px;padding-left:2px;white-space:pre}}
+.cld-seg::after,.cld-kv::before,.cld-u::after{{content:attr(data-t)}}
+.cld-seg.cld-gone{{background:{_GREY};opacity:.45;color:{_FG};text-decoration:line-through}}
+.cld-cum{{position:relative;height:16px;background:{_BG2};border-radius:3px;margin:14px 0 4px}}
+.cld-slice{{position:absolute;top:0;bottom:0;min-width:2px;background:{_BRAND}}}
+.cld-u{{position:absolute;top:-3px;bottom:-3px;width:2px;background:var(--jp-error-color1,#d32f2f)}}
+.cld-u::after{{position:absolute;top:-14px;left:-3px;font-size:10px;color:var(--jp-error-color1,#d32f2f)}}
+.cld-kv{{display:flex;align-items:center;gap:4px;height:8px;margin:1px 0;font-size:9px;color:{_FG2}}}
+.cld-kv::before{{flex:0 0 26px;text-align:right}}
+.cld-kv>span{{height:6px;min-width:1px;background:#DD8452;border-radius:1px}}
+.cld-chip{{display:inline-block;padding:1px 4px;margin:1px;border-radius:3px;border:1px solid transparent}}
+.cld-fork{{border-color:var(--jp-error-color1,#d32f2f)}}
+.cld-t .cld-chip{{max-width:10em;overflow:hidden;text-overflow:ellipsis;vertical-align:middle}}
+.cld-panel{{border:1px solid {_LINE};border-radius:4px;padding:6px;overflow:hidden}}
+.cld-wrap,.cld-wrap .widget-label{{white-space:normal !important;overflow:visible !important;
+ height:auto !important}}
+.cld-lanes{{display:inline-table;vertical-align:top;margin:0 8px 4px 0}} .cld-lanes td{{padding:0 1px}}
+</style>"""
+# Translucent fixed hues: they shade the theme's own background, light or dark.
+_BLUE, _ORANGE = "33,150,243", "221,132,82"
+
+
+def _shade(p: float, hue: str = _BLUE) -> str:
+    return f"background:rgba({hue},{0.08 + 0.72 * max(0.0, min(1.0, p)):.2f})"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * max(0.0, min(1.0, x)):.1f}%"
+
+
+# ------------------------------------------------------------------ formatting
+
+
+def human(value: float, unit: str) -> str:
+    """1234567 -> '1.23 M' + unit."""
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f} {prefix}{unit}"
+    return f"{value:.0f} {unit}"
+
+
+def cost_text(cost: Cost) -> str:
+    """'12.3 ms · 1.20 GFLOP · 540.00 MB'."""
+    return f"{cost.seconds * 1e3:.1f} ms · {human(cost.flops, 'FLOP')} · {human(cost.bytes, 'B')}"
+
+
+def _esc(token: str) -> str:
+    return html.escape(show_token(token))
+
+
+def _panel(title: str, body: str) -> str:
+    return f"<div class='cld'><div class='cld-h'>{html.escape(title)}</div>{body}</div>"
+
+
+def _note(text: str) -> str:
+    return f"<div class='cld-dim'>{text}</div>"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table class='cld-t'><tr>{head}</tr>{body}</table>"
+
+
+def _tokens(pairs: list[tuple[str, float]]) -> str:
+    return " ".join(f"{_esc(t)} {p:.3f}" for t, p in pairs)
+
+
+def _bar(p: float, width: int = 70, raw: bool = False) -> str:
+    """A probability bar ``p`` of ``width`` px, then the number."""
+    kind = " cld-raw" if raw else ""
+    return f"<span class='cld-bar{kind}' style='width:{max(1.0, p * width):.0f}px'></span>{p:.3f}"
+
+
+# ------------------------------------------------------------------ the views
+
+
+def render_pipeline(state: State) -> str:
+    """The strip FETCH → READ → EXECUTE → WRITEBACK (never wrapping) with the current stage and op lit,
+    the cost counters, and a stacked bar of the time spent in prefill and in decode."""
+    boxes = []
+    for stage in Stage:
+        if stage == state.stage:
+            where = f" L{state.layer}" if state.layer is not None else ""
+            op = f" · {html.escape(state.op)}" if state.op else ""
+            boxes.append(f"<span class='cld-box cld-on' style='background:{STAGE_COLOURS[stage]}'>"
+                         f"▶ {stage.value}{where}{op}</span>")
+        else:
+            boxes.append(f"<span class='cld-box'>{stage.value}</span>")
+    op = html.escape(state.op) if state.op else "(not started)"
+    kind = "" if state.n_inputs is None else (
+        f" · prefill: {state.n_inputs} tokens in" if state.n_inputs > 1 else " · decode: 1 token in")
+    decode = Cost(state.total.seconds - state.prefill.seconds, state.total.flops - state.prefill.flops,
+                  state.total.bytes - state.prefill.bytes)
+    total = state.total.seconds or 1.0
+    stack = (f"<div class='cld-stack' style='width:240px;height:10px' title='time: prefill vs decode'>"
+             f"<span class='cld-seg' style='width:{_pct(state.prefill.seconds / total)};background:#4C72B0'></span>"
+             f"<span class='cld-seg' style='width:{_pct(decode.seconds / total)};background:#55A868'></span></div>")
+    return (f"<div class='cld'><div class='cld-strip'>{'<span> → </span>'.join(boxes)}</div>"
+            f"<div>op <b>{op}</b>: {cost_text(state.this_op)}<br>"
+            f"done {state.cycle} of {state.max_cycles} tokens{kind}</div>"
+            f"<div class='cld-dim'>this cycle so far: {cost_text(state.this_cycle)}<br>"
+            f"total: {cost_text(state.total)}<br>"
+            f"<span style='color:#4C72B0'>■</span> prefill (prompt read at once): {cost_text(state.prefill)}<br>"
+            f"<span style='color:#55A868'>■</span> decode (one token per cycle): {cost_text(decode)}</div>"
+            f"{stack}</div>")
+
+
+def render_registers(registers: list[Register]) -> str:
+    """The logit lens as a layers × top-tokens grid, each cell shaded by its probability; ↻ marks a
+    layer whose top-1 differs from the layer below (where the model changes its mind)."""
+    title = "Registers: logit lens of the residual stream after each layer"
+    if not registers:
+        return _panel(title, _note("(no layer has run yet in this cycle)"))
+    rows, below = [], None
+    for r in registers:
+        cells = [f"L{r.layer}", f"{r.norm:.1f}"]
+        for k, (token, p) in enumerate(r.lens):
+            mark = "↻ " if k == 0 and below is not None and token != below else ""
+            cells.append(f"<span class='cld-chip cld-tok' style='{_shade(p)}'>{mark}{_esc(token)}</span>"
+                         f" <span class='cld-dim'>{p:.3f}</span>")
+        below = r.lens[0][0] if r.lens else None
+        rows.append(cells)
+    header = ["layer", "‖x‖"] + [f"top-{k + 1}" for k in range(len(registers[0].lens))]
+    return _panel(title, _table(rows, header) + _note("shade = probability; ↻ = top-1 changed from the layer below"))
+
+
+def _layer_groups(memory: list[CacheRow]) -> list[tuple[int, int, CacheRow]]:
+    """Runs of consecutive layers holding the same number of positions."""
+    groups: list[tuple[int, int, CacheRow]] = []
+    for row in memory:
+        if groups and groups[-1][2].length == row.length and groups[-1][2].nbytes == row.nbytes:
+            groups[-1] = (groups[-1][0], row.layer, row)
+        else:
+            groups.append((row.layer, row.layer, row))
+    return groups
+
+
+def _cache_blocks(memory: list[CacheRow], max_positions: int) -> str:
+    """One block per layer, as wide as its bytes against the cache when full (``max_positions``)."""
+    per_position = max((r.nbytes / r.length for r in memory if r.length), default=0.0)
+    full = per_position * max(max_positions, max((r.length for r in memory), default=0))
+    return "".join(f"<div class='cld-kv' data-t='L{r.layer}'><span style='width:{_pct(r.nbytes / full if full else 0)}'>"
+                   "</span></div>" for r in memory)
+
+
+def render_memory(memory: list[CacheRow], attention: Attention | None, max_positions: int = 0) -> str:
+    """The KV cache (one block per layer, sized by bytes) and what one head of the current query reads."""
+    total = sum(r.nbytes for r in memory)
+    rows = [[f"L{a}" if a == b else f"L{a}–L{b}", str(r.length), f"{human(r.nbytes, 'B')} each"]
+            for a, b, r in _layer_groups(memory)]
+    parts = [_table(rows, ["layers", "positions", "bytes"]), _cache_blocks(memory, max_positions)]
+    if attention is None:
+        parts.append(_note("(no attention read yet)"))
+    else:
+        parts.append(f"<div style='margin-top:6px'>layer {attention.layer}, head {attention.head}: "
+                     "what the current token reads (darker = more weight)</div><div>")
+        parts += [f"<span class='cld-chip cld-tok' style='{_shade(w, _ORANGE)}' title='{w:.4f}'>{_esc(token)}"
+                  f" <sub>{w:.2f}</sub></span> " for token, w in zip(attention.tokens, attention.weights)]
+        parts.append("</div>")
+    return _panel(f"Memory: KV cache {human(total, 'B')} in {len(memory)} layers", "".join(parts))
+
+
+def render_output(output: Output | None) -> str:
+    """The top candidates as probability bars before (grey) and after (blue) the logits processors."""
+    title = "Output: next-token candidates"
+    if output is None:
+        return _panel(title, _note("(no token chosen yet)"))
+    after = {i: p for i, _, p in output.top}
+    rows = []
+    for rank, (i, text, p) in enumerate(output.raw_top):
+        mark = "✔" if i == output.token_id else ""
+        q = _bar(after[i]) if i in after else "0 (filtered)"
+        rows.append([str(rank), f"{mark}<span class='cld-tok'>{_esc(text)}</span>", _bar(p, raw=True), q])
+    how = "forced" if output.forced else "chosen"
+    chosen = f"<div>#{output.cycle}: {how} <b class='cld-tok'>{_esc(output.token)}</b> (id {output.token_id})</div>"
+    return _panel(title, _table(rows, ["rank", "token", "p before", "p after"]) + chosen)
+
+
+def _stage_bar(cells: list[tuple[str, float | None]], before: list[tuple[str, float | None]] | None) -> str:
+    """A stacked bar of the fixed candidates at one stage; those it removed greyed, as wide as they were,
+    and listed struck through."""
+    segs, removed = [], []
+    for k, (token, p) in enumerate(cells):
+        was = before[k][1] if before else None
+        if p is None and was:
+            removed.append(f"<s class='cld-tok'>{_esc(token)}</s>")
+            segs.append(f"<span class='cld-seg cld-gone' style='width:{_pct(was)}' data-t='{_esc(token)}'></span>")
+        elif p:
+            segs.append(f"<span class='cld-seg' style='width:{_pct(p)};{_shade(p)}' data-t='{_esc(token)}' "
+                        f"title='{_esc(token)} p={p:.4f}'></span>")
+    gone = f"<div class='cld-dim'>removed here: {' '.join(removed)}</div>" if removed else ""
+    return f"<div class='cld-stack'>{''.join(segs)}</div>{gone}"
+
+
+def _draw_bar(draw: Draw) -> str:
+    """The cumulative bar [0, 1) (token ids in order): the chosen token's slice, and where ``u`` fell."""
+    return (f"<div class='cld-cum' title='cumulative probability, tokens in id order'>"
+            f"<span class='cld-slice' style='left:{_pct(draw.low)};width:{_pct(draw.high - draw.low)}'></span>"
+            f"<span class='cld-u' style='left:{_pct(draw.u)}' data-t='u'></span></div>")
+
+
+def render_sampler(stages: list[SamplerStage], draw: Draw | None, sampling: str = "") -> str:
+    """logits → penalties → temperature → top-k → top-p → renormalise → the draw: one bar row per stage
+    (the tokens a stage removes greyed), and the draw ``u`` on the cumulative bar."""
+    title = f"Sampler pipeline ({sampling})" if sampling else "Sampler pipeline"
+    if not stages:
+        return _panel(title, _note("(no logits yet)"))
+    rows, before = [], None
+    for s in stages:
+        had = f" (had p={s.mass:.3f})" if s.mass is not None and s.mass < 0.9995 else ""
+        rows.append(f"<div><b>{html.escape(s.name)}</b> <span class='cld-dim'>{s.kept} kept{had} · "
+                    f"top {_tokens(s.top)}</span></div>" + (_stage_bar(s.cells, before) if s.cells else ""))
+        before = s.cells or before
+    if draw is None:
+        return _panel(title, "".join(rows))
+    if draw.u is None:
+        pick = f"<div>greedy: argmax → <b class='cld-tok'>{_esc(draw.token)}</b></div>"
+    else:
+        pick = (f"<div>draw u = {draw.u:.4f} falls in the slice [{draw.low:.4f}, {draw.high:.4f}) of "
+                f"<b class='cld-tok'>{_esc(draw.token)}</b> (cumulative over {draw.n_kept} tokens, in id order)</div>"
+                + _draw_bar(draw))
+    return _panel(title, "".join(rows) + pick)
+
+
+def _visible(text: str) -> str:
+    """HTML for running text: escaped, newlines shown as ⏎ and broken."""
+    return html.escape(text).replace("\n", "⏎<br>")
+
+
+def render_text_so_far(records: list[CycleRecord], prompt: str = "") -> str:
+    """The prompt, then each generated token shaded by the probability it had when chosen."""
+    spans = [f"<span class='cld-dim'>{_visible(prompt)}</span>"] if prompt else []
+    for r in records:
+        partial = "\ufffd" in r.token
+        border = "border-bottom:2px dotted #c00;" if partial else ""
+        tip = f"#{r.cycle} p={r.prob:.3f}" + (" (partial UTF-8 character)" if partial else "") + (" forced" if r.forced else "")
+        spans.append(f"<span title='{tip}' style='{_shade(r.prob)};{border}'>{_visible(r.token)}</span>")
+    legend = _note("shade = probability of the token when chosen; dotted = partial UTF-8")
+    return _panel("Text so far", f"<div style='white-space:pre-wrap;font-family:monospace'>{''.join(spans)}</div>"
+                  + legend)
+
+
+def _fork(a: list[CycleRecord], b: list[CycleRecord]) -> tuple[int, int]:
+    """(fork, divergence): the first cycle whose record differs at all, and the first whose token differs."""
+    same = lambda x, y: x.token_id == y.token_id and abs(x.prob - y.prob) < 1e-6 and x.forced == y.forced  # noqa: E731
+    fork = next((k for k, (x, y) in enumerate(zip(a, b)) if not same(x, y)), min(len(a), len(b)))
+    split = next((k for k, (x, y) in enumerate(zip(a, b)) if x.token_id != y.token_id), min(len(a), len(b)))
+    return fork, split
+
+
+def _chip(r: CycleRecord | None, split: int) -> str:
+    if r is None:
+        return "<span class='cld-chip'>&nbsp;</span>"
+    mark = " cld-fork" if r.cycle == split else ""
+    tip = f"#{r.cycle} p={r.prob:.3f}" + (" forced" if r.forced else "") + (" first divergence" if mark else "")
+    return f"<span class='cld-chip cld-tok{mark}' style='{_shade(r.prob)}' title='{tip}'>{_esc(r.token)}</span>"
+
+
+def _lanes(timeline: list[CycleRecord], old: list[CycleRecord], index: int, cycles: range, split: int) -> str:
+    """Two rows, now and branch ``index``, one column per cycle of ``cycles``."""
+    rows = [[f"<span class='cld-dim'>{label}</span>"] + [_chip(recs[k] if k < len(recs) else None, split)
+                                                         for k in cycles]
+            for label, recs in (("now", timeline), (f"branch {index}", old))]
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
+    return f"<table class='cld-t cld-lanes'>{body}</table>"
+
+
+def render_branches(timeline: list[CycleRecord], branches: list[list[CycleRecord]], columns: int = 8) -> str:
+    """Each earlier branch under the current timeline, aligned at their fork (in blocks of ``columns``
+    cycles that wrap), tokens shaded by probability; the first token that differs is outlined in red."""
+    title = "Branches side by side"
+    if not branches:
+        return _panel(title, _note("(no branch yet: Choose another token or Ablate a head)"))
+    parts = []
+    for index, old in list(enumerate(branches))[-3:]:
+        fork, split = _fork(timeline, old)
+        shared = "".join(r.token for r in timeline[:fork])
+        n = max(len(timeline), len(old))
+        blocks = "".join(_lanes(timeline, old, index, range(start, min(n, start + columns)), split)
+                         for start in range(fork, n, columns))
+        where = f"first different token: #{split}" if split < n else "same tokens so far"
+        parts.append(f"<div class='cld-dim'>branch {index}: fork at token #{fork} after "
+                     f"<span class='cld-tok'>{html.escape(show_token(shared[-40:]))}</span> · {where}</div>"
+                     f"<div style='margin-bottom:6px'>{blocks}</div>")
+    return _panel(title, "".join(parts))
+
+
+def render_status(message: str, error: str, notes: list[str]) -> str:
+    """What just happened, the last error, and the active breakpoints, ablations and branches."""
+    parts = []
+    if error:
+        parts.append(f"<div class='cld-err'>⚠ {html.escape(error)}</div>")
+    if message:
+        parts.append(f"<div>{html.escape(message)}</div>")
+    parts += [f"<div class='cld-dim'>{html.escape(n)}</div>" for n in notes]
+    return f"<div class='cld'>{''.join(parts)}</div>" if parts else ""
+
+
+# ------------------------------------------------------------------ text mode
+
+_BREAKS = re.compile(r"<br\s*/?>|</div>|</tr>|</table>", re.I)
+_CELLS = re.compile(r"</t[dh]>", re.I)
+_TAGS = re.compile(r"<[^>]+>")
+
+
+def to_text(markup: str) -> str:
+    """The plain text of a view's HTML: rows and blocks on their own lines."""
+    text = _CELLS.sub("  ", _BREAKS.sub("\n", markup.replace("\n", "")))
+    text = html.unescape(_TAGS.sub("", text))
+    lines = [line.rstrip() for line in text.split("\n")]
+    return "\n".join(line for line in lines if line.strip())
+
+
+def render_all(state: State) -> dict[str, str]:
+    """Every view of ``state`` as HTML, by name."""
+    return {
+        "pipeline": render_pipeline(state),
+        "registers": render_registers(state.registers),
+        "memory": render_memory(state.memory, state.attention, state.max_positions),
+        "output": render_output(state.output),
+        "sampler": render_sampler(state.sampler, state.draw, state.sampling),
+        "text": render_text_so_far(state.records, state.prompt),
+        "branches": render_branches(state.timeline, state.branches),
+        "status": render_status(state.message, state.error, state.notes),
+    }
+
+
+def render_text(state: State) -> str:
+    """The whole debugger as plain text (text mode)."""
+    views = render_all(state)
+    order = ["pipeline", "status", "text", "output", "sampler", "registers", "memory", "branches"]
+    return "\n\n".join([f"cycle {state.cycle}"] + [to_text(views[k]) for k in order if to_text(views[k])])
