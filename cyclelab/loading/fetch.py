@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from cyclelab.load.checksums import SUMS, ModelFileError, read_sums, sha256_file, verify, write_sums
+from cyclelab.loading.checksums import SUMS, ModelFileError, read_sums, sha256_file, verify, write_sums
 
 CACHE_ENV = "CYCLELAB_CACHE"
 _READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
@@ -121,7 +121,7 @@ def writing_cache(problem: str, key: str) -> Iterator[None]:
 
 
 def smollm2_cache() -> Path:
-    """The float32 safetensors folder converted from SmolLM2's GGUF (see :func:`cyclelab.load.loader.smollm2_folder`)."""
+    """The float32 safetensors folder converted from SmolLM2's GGUF (see :func:`cyclelab.loading.loader.smollm2_folder`)."""
     return cache_dir() / "models" / "smollm2"
 
 
