@@ -5,6 +5,7 @@ outside CHANGELOG.md, and the README's Python example runs."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import re
@@ -12,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import report
-
 ROOT = Path(__file__).resolve().parents[1]
+# benchmarks/report.py by its path: the repository's benchmarks folder is not an installed package.
+_SPEC = importlib.util.spec_from_file_location("benchmarks_report", ROOT / "benchmarks" / "report.py")
+report = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(report)
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 # Written by tools that record when they ran (scripts/compat.py), not prose.
