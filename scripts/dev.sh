@@ -157,7 +157,17 @@ ensure_chromium() {
     return 0
 }
 
+# The house rules the tools check: ruff (lint and format, pyproject's [tool.ruff]) on the code, and mypy on
+# the layers that carry the engine (pyproject's [tool.mypy] files).
+lint() {
+    say "ruff check, ruff format --check, mypy"
+    "$VENV/bin/ruff" check --quiet . || die "ruff check failed (see above; 'ruff check --fix .' fixes the simple ones)"
+    "$VENV/bin/ruff" format --check --quiet . || die "ruff format --check failed: run '.venv/bin/ruff format .'"
+    "$VENV/bin/mypy" --no-error-summary || die "mypy failed (see above)"
+}
+
 cmd_test() {
+    lint
     ensure_chromium
     # Two workers share the cores: one torch thread pool each, or they spin against each other.
     local cores
