@@ -208,9 +208,10 @@ def cmd_edition(args: argparse.Namespace, _: list[str]) -> int:
 
 def cmd_grade(args: argparse.Namespace, _: list[str]) -> int:
     """Grade a class into a CSV; 0 once grading finished (whatever the grades), 2 on bad input."""
-    from cyclelab.workshop.grade import grade_class, summary, write_csv
+    from cyclelab.workshop.grade import check_out, grade_class, summary, write_csv
 
     try:
+        check_out(args.out)
         rows = grade_class(args.submissions, args.course, args.executed, args.timeout, args.jobs)
         write_csv(rows, args.out)
     except (ValueError, OSError) as err:
