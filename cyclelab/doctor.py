@@ -76,7 +76,7 @@ _transformers = _version_check("transformers", "transformers")
 
 
 def _device() -> Check:
-    from cyclelab.load.device import pick_device
+    from cyclelab.loading.device import pick_device
 
     try:
         device = pick_device()
@@ -87,7 +87,7 @@ def _device() -> Check:
 
 
 def _cache() -> Check:
-    from cyclelab.load.fetch import cache_dir, cache_writable
+    from cyclelab.loading.fetch import cache_dir, cache_writable
 
     try:
         root = cache_dir()
@@ -97,8 +97,8 @@ def _cache() -> Check:
 
 
 def _assets() -> list[Check]:
-    from cyclelab.load.checksums import ModelFileError
-    from cyclelab.load.fetch import PACKAGES, asset_path, cache_dir, fetch_command, is_fetched, verify_asset
+    from cyclelab.loading.checksums import ModelFileError
+    from cyclelab.loading.fetch import PACKAGES, asset_path, cache_dir, fetch_command, is_fetched, verify_asset
 
     try:
         cache_dir()
@@ -118,9 +118,9 @@ def _assets() -> list[Check]:
 
 
 def _smollm2_cache() -> Check:
-    from cyclelab.load.checksums import ModelFileError, verify_folder
-    from cyclelab.load.fetch import smollm2_cache
-    from cyclelab.load.fetch import fetch_command
+    from cyclelab.loading.checksums import ModelFileError, verify_folder
+    from cyclelab.loading.fetch import smollm2_cache
+    from cyclelab.loading.fetch import fetch_command
 
     name = "smollm2 safetensors"
     try:
@@ -139,8 +139,8 @@ def _smollm2_cache() -> Check:
 
 
 def _tiny() -> list[Check]:
-    from cyclelab.load.checksums import ModelFileError, verify_folder
-    from cyclelab.load.loader import REPO_DATA
+    from cyclelab.loading.checksums import ModelFileError, verify_folder
+    from cyclelab.loading.loader import REPO_DATA
 
     checks = []
     for name in ("tiny", "tiny-mlm"):

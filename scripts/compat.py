@@ -56,9 +56,10 @@ class Check:
 
 
 def declared() -> list[Requirement]:
-    """The dependencies of pyproject.toml and of its ``dev`` extra."""
+    """The dependencies of pyproject.toml and of its ``course`` and ``dev`` extras."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]]
+    extras = project["optional-dependencies"]
+    return [Requirement(r) for r in project["dependencies"] + extras["course"] + extras["dev"]]
 
 
 def floor(req: Requirement) -> str:
@@ -134,8 +135,8 @@ def build(env: Env, profile: str, base_python: str, local_torch: str) -> str:
     # Hold the torch just installed, so resolving the rest can never swap in a (CUDA) build from PyPI.
     constraints = env.dir / "constraints.txt"
     constraints.write_text(f"torch=={installed(env, ['torch'])['torch']}\n")
-    say(f"{profile}: installing cyclelab[dev]" + (" with every dependency at its floor" if profile == "oldest" else ""))
-    env.pip("-c", constraints, "-e", f"{ROOT}[dev]", *pins(profile, reqs))
+    say(f"{profile}: installing cyclelab[course,dev]" + (" with every dependency at its floor" if profile == "oldest" else ""))
+    env.pip("-c", constraints, "-e", f"{ROOT}[course,dev]", *pins(profile, reqs))
     env.run(env.python, "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3", log=env.log)
     say(f"{profile}: fetching the assets (nothing to do when the cache is complete)")
     if env.run(env.venv / "bin" / "cyclelab", "fetch", log=env.log).returncode:

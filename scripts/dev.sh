@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up, run and test cyclelab on a machine with only Python (3.10+, 3.11 preferred).
+# Set up, run and test cyclelab on a machine with only Python (3.11 or newer).
 #
 #   bash scripts/dev.sh setup          .venv + packages + Jupyter kernel + offline assets
 #   bash scripts/dev.sh lab [ARGS]     JupyterLab on notebooks/ (headless server: --no-browser;
@@ -38,17 +38,17 @@ usage() {
     exit "${1:-2}"
 }
 
-# A Python >= 3.10 to build the venv with: python3.11 first, else python3.
+# A Python >= 3.11 to build the venv with: python3.11 first, else python3.
 base_python() {
     local candidate
     for candidate in python3.11 python3; do
         if command -v "$candidate" >/dev/null 2>&1 &&
-            "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+            "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
             echo "$candidate"
             return 0
         fi
     done
-    die "need python3.11 (or python3 >= 3.10) on PATH"
+    die "need python3.11 (or a newer python3) on PATH"
 }
 
 # pip, quiet, without this machine's flood of "WARNING: Location ... is ignored" lines.
@@ -87,13 +87,13 @@ install_packages() {
 # in seconds where pip takes minutes. The torch installed above satisfies pyproject.toml's range,
 # so uv leaves it alone. Without uv (no network to PyPI, say), pip does the same job.
 install_dependencies() {
-    say "installing cyclelab and its dependencies (-e '.[dev]')"
+    say "installing cyclelab and its dependencies (-e '.[course,dev]')"
     if "$PY" -m pip -q install --no-compile uv >/dev/null 2>&1 &&
-        "$VENV/bin/uv" pip install --quiet --python "$PY" -e "$ROOT[dev]"; then
+        "$VENV/bin/uv" pip install --quiet --python "$PY" -e "$ROOT[course,dev]"; then
         return 0
     fi
     say "uv could not install them; falling back to pip"
-    pip_q install --no-compile -e "$ROOT[dev]"
+    pip_q install --no-compile -e "$ROOT[course,dev]"
 }
 
 setup() {
@@ -157,7 +157,17 @@ ensure_chromium() {
     return 0
 }
 
+# The house rules the tools check: ruff (lint and format, pyproject's [tool.ruff]) on the code, and mypy on
+# the layers that carry the engine (pyproject's [tool.mypy] files).
+lint() {
+    say "ruff check, ruff format --check, mypy"
+    "$VENV/bin/ruff" check --quiet . || die "ruff check failed (see above; 'ruff check --fix .' fixes the simple ones)"
+    "$VENV/bin/ruff" format --check --quiet . || die "ruff format --check failed: run '.venv/bin/ruff format .'"
+    "$VENV/bin/mypy" --no-error-summary || die "mypy failed (see above)"
+}
+
 cmd_test() {
+    lint
     ensure_chromium
     # Two workers share the cores: one torch thread pool each, or they spin against each other.
     local cores

@@ -1,7 +1,7 @@
 """Bad input gets a clear error: one row per case, asserting the exception type and a message
 that names the problem (the argument, file or field). No row may pass silently or fail deep inside.
 
-The rows are grouped by category (the README's Reliability section counts them):
+The rows are grouped by category (docs/testing.md's Reliability section counts them):
 prompts, lengths, sampling, run options, forced tokens and branches, ablation, trace files,
 quantization, constructors and the debugger's commands.
 """

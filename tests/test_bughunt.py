@@ -173,7 +173,7 @@ def test_the_bugs_table_covers_the_six_bugs_of_the_issue():
 
 @pytest.fixture(scope="module")
 def characters():
-    from cyclelab.load.corpus import read_work
+    from cyclelab.loading.corpus import read_work
 
     return bh.char_tokens(read_work("romeo_and_juliet")[5000:25000])
 

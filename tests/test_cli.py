@@ -8,7 +8,7 @@ import pytest
 
 from cyclelab import doctor
 from cyclelab.cli import main, parse_value
-from cyclelab.load.fetch import asset_path, is_fetched
+from cyclelab.loading.fetch import asset_path, is_fetched
 
 
 def test_doctor_checks() -> None:

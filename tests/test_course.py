@@ -73,13 +73,13 @@ def test_peak_memory_is_plausible(runs: list[course.NotebookRun]) -> None:
     assert runs[0].peak_rss_mb is not None and 10 < runs[0].peak_rss_mb < 100_000
 
 
-def test_format_table(runs: list[course.NotebookRun]) -> None:
-    table = course.format_table(runs).splitlines()
+def test_runs_table(runs: list[course.NotebookRun]) -> None:
+    table = course.runs_table(runs).splitlines()
     assert table[0].split()[:4] == ["notebook", "profile", "status", "seconds"]
     assert table[2].split()[:3] == ["01_ok.ipynb", "fast", "ok"]
     assert table[3].split()[:3] == ["02_fails.ipynb", "fast", "failed"]
     assert re.match(r"02_fails\.ipynb: cell \d+: ValueError: boom", table[-1])
-    assert course.format_table([]) == "no notebooks to run"
+    assert course.runs_table([]) == "no notebooks to run"
 
 
 def test_cli_course_without_matches_succeeds(capsys: pytest.CaptureFixture[str]) -> None:

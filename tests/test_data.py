@@ -2,7 +2,7 @@
 
 import pytest
 
-from cyclelab.load import corpus as data
+from cyclelab.loading import corpus as data
 
 
 def test_speaker_tags_are_normalised():

@@ -84,7 +84,7 @@ def test_pick_k_prefers_little_smoothing_on_repetitive_data():
 
 
 def test_encode_split_matches_encode_plays_and_caches(tiny, tmp_path, monkeypatch):
-    from cyclelab.load import corpus as data
+    from cyclelab.loading import corpus as data
     from cyclelab.train.tiny import encode_plays
 
     monkeypatch.setattr("cyclelab.lab.decoding_by_hand.token_cache", lambda: tmp_path / "tokens")

@@ -42,7 +42,7 @@ def test_smollm2_logits_agree_with_transformers(smollm2, smollm2_engine, prompt)
 
 def test_smollm2_logits_agree_on_a_long_prompt(smollm2, smollm2_sdpa, smollm2_engine):
     """512 tokens, far past every other test's prompt (the full 8192-token window would take minutes
-    on CPU: see the README)."""
+    on CPU: see docs/benchmarks.md)."""
     ids = long_prompt_ids(smollm2_engine, 512)
     ours = smollm2_engine.logits(ids)[0]
     torch.testing.assert_close(ours, reference_logits(smollm2, ids), atol=1e-4, rtol=0)

@@ -23,11 +23,11 @@ from typing import Callable, Iterator
 import pytest
 
 from cyclelab import ModelFileError, doctor, load
-from cyclelab.load import fetch
-from cyclelab.load import loader as models
-from cyclelab.load.checksums import SUMS
+from cyclelab.loading import fetch
+from cyclelab.loading import loader as models
+from cyclelab.loading.checksums import SUMS
 from cyclelab.cli import main
-from cyclelab.load.corpus import read_work, texts_dir
+from cyclelab.loading.corpus import read_work, texts_dir
 
 REAL_CACHE = fetch.cache_dir()
 REAL_DATA = models.REPO_DATA
@@ -122,7 +122,7 @@ def base_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     link_tree(REAL_CACHE / "assets", base / "assets")
     link_tree(folder, base / "models" / "smollm2")
     if not (base / "models" / "smollm2" / SUMS).exists():
-        from cyclelab.load.checksums import model_files, write_sums
+        from cyclelab.loading.checksums import model_files, write_sums
 
         write_sums(base / "models" / "smollm2", model_files(base / "models" / "smollm2"))
     return base
@@ -259,7 +259,7 @@ def test_the_shipped_checksums_match_the_shipped_files():
 def test_verifying_tiny_costs_well_under_a_second(data_copy):
     import time
 
-    from cyclelab.load.checksums import _VERIFIED, verify_folder
+    from cyclelab.loading.checksums import _VERIFIED, verify_folder
 
     _VERIFIED.clear()
     start = time.perf_counter()
@@ -657,7 +657,7 @@ def test_cyclelab_fetch_smollm2_converts_again_when_needed(cache, fake_dequantiz
     assert main(["fetch", "smollm2"]) == 0
     assert len(fake_dequantize) == 1
     assert "converting it again now" in capsys.readouterr().out
-    from cyclelab.load.checksums import verify_folder
+    from cyclelab.loading.checksums import verify_folder
 
     assert verify_folder(cache / "models" / "smollm2", "x")
     assert main(["fetch", "smollm2"]) == 0 and len(fake_dequantize) == 1, "an intact cache is not converted again"

@@ -192,7 +192,7 @@ def test_the_edit_vocabulary_starts_with_the_common_edits() -> None:
 
 import math  # noqa: E402
 
-from cyclelab.train.tasks.instructions import (answer_logprob, answer_scores, choose, instruction_examples,  # noqa: E402
+from cyclelab.train.tasks.instructions import (answer_logprob, answer_scores, best_answer, instruction_examples,  # noqa: E402
                                          instruction_pairs, title)
 
 PAIRS = [("Which play is this line from?\nO, pardon me, thou bleeding piece of earth,\nAnswer:", " Julius Caesar\n"),
@@ -234,7 +234,7 @@ def test_the_masked_loss_is_the_answers_cross_entropy(tiny) -> None:
 def test_answer_scores_pick_the_likelier_answer(tiny) -> None:
     answers = [a for _, a in PAIRS]
     by_one = [[answer_logprob(tiny.model, tiny.tokenizer, p, a) for a in answers] for p, _ in PAIRS]
-    assert [choose(tiny.model, tiny.tokenizer, p, answers) for p, _ in PAIRS] == [
+    assert [best_answer(tiny.model, tiny.tokenizer, p, answers) for p, _ in PAIRS] == [
         max(range(2), key=s.__getitem__) for s in by_one]  # batched candidates = one at a time
     prob, acc = answer_scores(tiny.model, tiny.tokenizer, PAIRS, answers)
     assert acc == sum(max(range(2), key=s.__getitem__) == k for k, s in enumerate(by_one)) / 2
@@ -267,7 +267,7 @@ def test_answer_scores_bad_input(tiny, pairs, answers, message) -> None:
 
 
 def test_play_perplexity_reads_the_opening_of_the_held_out_plays(tiny) -> None:
-    from cyclelab.load import corpus as data
+    from cyclelab.loading import corpus as data
     from cyclelab.train.metrics import perplexity_of_model
     from cyclelab.train.tasks.sonnets import play_perplexity
 

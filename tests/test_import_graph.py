@@ -92,12 +92,12 @@ def test_find_cycle_finds_a_cycle_and_none_where_there_is_none():
 def test_the_graph_sees_function_level_and_relative_imports():
     graph = package_graph()
     assert "cyclelab.debugger.widget" in graph["cyclelab.debugger.session"]  # imported inside Debugger.widget()
-    assert "cyclelab.load.corpus" in graph["cyclelab.train.tasks.sonnets"]
+    assert "cyclelab.loading.corpus" in graph["cyclelab.train.tasks.sonnets"]
     assert "cyclelab.kernels.build" in graph["cyclelab.kernels.products"]  # from . import build
     assert "cyclelab.debugger.session" not in graph["cyclelab.debugger.widget"]  # only under TYPE_CHECKING
 
 
-LAYERS = ["kernels", "load", "core", "train", "debugger", "lab", "checks", "workshop", "face"]
+LAYERS = ["kernels", "loading", "core", "train", "debugger", "lab", "checks", "workshop", "face"]
 """The package's layers, lowest first: a module may import its own layer and the layers before it. The face is
 the top-level modules (``cyclelab``, ``cli``, ``doctor``, ``show``); every other module sits in the subpackage
 named after its layer."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cyclelab.load import corpus as data
+from cyclelab.loading import corpus as data
 from cyclelab.lab.embedding import sentence_embeddings
 from cyclelab.lab.in_context import label_probs
 from cyclelab.lab.knowledge import (TITLES, character_graph, fact_sentence, facts_about, facts_prompt,

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from cyclelab.lab.embedding import sentence_embeddings
-from cyclelab.lab.long_text import chunk_embeddings, chunk_spans, loss_by_position, nearest_centroid, scenes, window_nll
+from cyclelab.lab.long_text import chunk_embeddings, chunk_spans, loss_by_position, nearest_centroid, play_scenes, window_nll
 
 
 @pytest.mark.parametrize("n, size, overlap, spans", [
@@ -30,7 +30,7 @@ def test_chunk_spans_by_hand(n, size, overlap, spans) -> None:
 
 
 def test_scenes_of_macbeth() -> None:
-    found = scenes("macbeth")
+    found = play_scenes("macbeth")
     # counted by hand in the text's headings: acts of 7, 2, 6, 3 and 8 scenes (this edition cuts Act II in two)
     assert len(found) == 7 + 2 + 6 + 3 + 8
     assert found[0].startswith("When shall we three meet again")

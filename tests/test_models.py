@@ -7,8 +7,8 @@ import torch
 
 from cyclelab import ModelFileError, load
 from cyclelab.lab.embedding import sentence_embeddings
-from cyclelab.load.fetch import CACHE_ENV, cache_dir
-from cyclelab.load.loader import REPO_DATA, smollm2_folder
+from cyclelab.loading.fetch import CACHE_ENV, cache_dir
+from cyclelab.loading.loader import REPO_DATA, smollm2_folder
 
 
 def test_unknown_name_lists_the_valid_ones():
@@ -120,7 +120,7 @@ def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
 
 
 def test_device_choice_rejects_unknown_devices():
-    from cyclelab.load.device import pick_device
+    from cyclelab.loading.device import pick_device
 
     assert pick_device("cpu").type == "cpu"
     with pytest.raises(ValueError, match="unknown device"):

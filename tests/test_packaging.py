@@ -41,7 +41,7 @@ def pyproject() -> dict:
 
 def pip_requirements() -> dict[str, str]:
     project = pyproject()["project"]
-    reqs = project["dependencies"] + project["optional-dependencies"]["dev"]
+    reqs = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
     return dict(parse(r) for r in reqs)
 
 
@@ -107,9 +107,10 @@ def test_dev_script_is_valid_bash_and_rejects_unknown_commands() -> None:
 
 
 @pytest.mark.parametrize("folders, extras", [
-    (["cyclelab"], []),
-    (["tests", "scripts", "benchmarks"], ["dev"]),
-], ids=["package-imports-in-dependencies", "test-and-script-imports-in-dependencies-or-dev"])
+    (["cyclelab/kernels", "cyclelab/loading", "cyclelab/core"], []),
+    (["cyclelab"], ["course"]),
+    (["tests", "scripts", "benchmarks"], ["course", "dev"]),
+], ids=["engine-layers-import-only-runtime-dependencies", "package-imports-in-dependencies-or-course", "test-and-script-imports-in-dependencies-or-dev"])
 def test_every_third_party_import_is_declared(folders: list[str], extras: list[str]) -> None:
     project = pyproject()["project"]
     declared = {parse(r)[0] for r in project["dependencies"]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cyclelab.lab.patching import patch_layer, patching_grid, residual_stream, token_id
+from cyclelab.lab.patching import patch_layer, patching_grid, resid_post, target_token_id
 
 CLEAN, CORRUPT, TARGET = "KING RICHARD:\nNow, my lord of", "KING HENRY:\nNow, my lord of", " York"
 
@@ -41,7 +41,7 @@ def hooked_prob(model, clean_ids, corrupt_ids, layer, position, target):
 def test_a_cell_of_the_grid_matches_a_transformers_hook(tiny_engine, layer, position):
     grid = patching_grid(tiny_engine, CLEAN, CORRUPT, TARGET, layers=[layer], positions=[position])
     ids = tiny_engine.encode(CLEAN), tiny_engine.encode(CORRUPT)
-    want = hooked_prob(tiny_engine.loaded.model, *ids, layer, position, token_id(tiny_engine, TARGET))
+    want = hooked_prob(tiny_engine.loaded.model, *ids, layer, position, target_token_id(tiny_engine, TARGET))
     assert float(grid.probs[0, 0]) == pytest.approx(want, abs=1e-5)
 
 
@@ -59,7 +59,7 @@ def test_positions_before_the_change_restore_nothing(tiny_engine):
 
 
 def test_a_batched_layer_equals_one_run_per_position(tiny_engine):
-    ids, stream = tiny_engine.encode(CORRUPT), residual_stream(tiny_engine, CLEAN)
+    ids, stream = tiny_engine.encode(CORRUPT), resid_post(tiny_engine, CLEAN)
     both = patch_layer(tiny_engine, ids, 1, stream[1], [1, 5])
     one = torch.cat([patch_layer(tiny_engine, ids, 1, stream[1], [p]) for p in (1, 5)])
     assert torch.allclose(both, one, atol=1e-5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cyclelab.lab.patching import residual_stream
+from cyclelab.lab.patching import resid_post
 from cyclelab.lab.premises import answer_probs, first_tokens, lens_probs, settles_at
 
 PROMPT, ANSWERS = "KING RICHARD:\nNow, my lord of", [" York", " your grace"]
@@ -30,7 +30,7 @@ def test_the_lens_matches_transformers_hidden_states(tiny, tiny_engine):
     got = lens_probs(tiny_engine, PROMPT, ANSWERS)
     assert torch.allclose(got[:-1], want, atol=1e-5)
     assert got[-1].tolist() == pytest.approx(answer_probs(tiny_engine, PROMPT, ANSWERS), abs=1e-5)
-    stream = residual_stream(tiny_engine, PROMPT)
+    stream = resid_post(tiny_engine, PROMPT)
     assert torch.equal(lens_probs(tiny_engine, PROMPT, ANSWERS, stream), got)
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cyclelab.load.fetch import asset_path, is_fetched
+from cyclelab.loading.fetch import asset_path, is_fetched
 from cyclelab.lab.quantize import (decode_q4_1_block, dequantize_int4, dequantize_int8, gguf_block, quantize_int4,
                                quantize_int8, round_trip, simulate, weight_bytes)
 

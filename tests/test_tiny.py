@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from cyclelab.load import corpus as data
+from cyclelab.loading import corpus as data
 from cyclelab.train.metrics import perplexity_of_model
-from cyclelab.load.loader import REPO_DATA
+from cyclelab.loading.loader import REPO_DATA
 from cyclelab.train.tiny import encode_plays
 
 

@@ -5,7 +5,7 @@ import random
 import pytest
 from tokenizers.pre_tokenizers import ByteLevel
 
-from cyclelab.load import corpus as data
+from cyclelab.loading import corpus as data
 from cyclelab.lab.tokenization import (
     BPE, GPT2_PATTERN_PARTS, bytes_to_unicode, compare_tokenizers, compression_curve, count_tokens, explain_pretokens,
     format_table, hf_merges, language_costs, load_tokenizer, piece_text, pieces, plot_compression, plot_language_costs, pretokenize,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cyclelab.load import corpus as data
+from cyclelab.loading import corpus as data
 from cyclelab.train.tiny import TinyConfig, lr_at, mask_tokens, train
 
 

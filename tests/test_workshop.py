@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from cyclelab.workshop import planning as workshop
-from cyclelab.load.fetch import PACKAGES
+from cyclelab.loading.fetch import PACKAGES
 from cyclelab.workshop.planning import Chapter, chapter_minutes, learner_mb, learners_per_server, pack_agenda, sizing_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +53,7 @@ def test_dev_sh_setup_installs_the_settings_with_that_command() -> None:
     setup = re.search(r"^setup\(\) \{\n(.*?)^\}\n", script, re.M | re.S).group(1)
     function = re.search(r"^install_lab_settings\(\) \{\n(.*?)^\}\n", script, re.M | re.S).group(1)
     assert re.search(r"^    install_lab_settings$", setup, re.M)
-    assert '"$PY" -m cyclelab.workshop.planning lab-settings' in function
+    assert '"$PY" -m cyclelab.workshop lab-settings' in function
 
 
 def test_install_keeps_other_settings_in_an_existing_overrides_file(tmp_path: Path) -> None:
@@ -186,7 +186,7 @@ def _overrides_dir(folder: Path, text: str) -> Path:
 
 
 def test_docs_tables_are_the_ones_the_command_prints() -> None:
-    """docs/workshop.md carries `python -m cyclelab.workshop.planning tables` output verbatim (not typed by hand)."""
+    """docs/workshop.md carries `python -m cyclelab.workshop tables` output verbatim (not typed by hand)."""
     from cyclelab.workshop.course import list_notebooks
 
     doc = (ROOT / "docs/workshop.md").read_text()
@@ -251,7 +251,7 @@ def _link_copy(src: Path, dest: Path) -> None:
 
 
 def _has_fetched_cache() -> bool:
-    from cyclelab.load.fetch import is_fetched
+    from cyclelab.loading.fetch import is_fetched
 
     return all(is_fetched(k) for k in PACKAGES) and (HOME_CACHE / "models/smollm2/.complete").exists()
 
@@ -341,17 +341,17 @@ def hook(event, args):
 
 sys.addaudithook(hook)
 import cyclelab
-import cyclelab.load.fetch
-from cyclelab.load import corpus as data
+import cyclelab.loading.fetch
+from cyclelab.loading import corpus as data
 from cyclelab.doctor import run_checks
-from cyclelab.load.fetch import cache_writable
+from cyclelab.loading.fetch import cache_writable
 for name in sys.argv[1:]:
     cyclelab.load(name)
 plays = len(data.plays("valid"))
 checks = [[c.check, c.ok, c.detail] for c in run_checks()]
 reading = list(attempts)
 try:  # the control: a forced re-fetch must try to write, be refused, and say who can repair it
-    cyclelab.load.fetch.fetch("minilm", force=True)
+    cyclelab.loading.fetch.fetch("minilm", force=True)
     forced = "no error"
 except cyclelab.ModelFileError as err:
     forced = str(err)

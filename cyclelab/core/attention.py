@@ -92,15 +92,15 @@ class KVCache:
         start, new = self.lengths[layer], k.shape[-2]
         if start + new > self.capacity:
             raise ValueError(f"KV cache is full: {start} + {new} positions > capacity {self.capacity}")
-        if self.keys[layer] is None:
+        keys, values = self.keys[layer], self.values[layer]
+        if keys is None or values is None:
             shape = (*k.shape[:-2], self.capacity, k.shape[-1])
-            self.keys[layer] = k.new_zeros(shape)
-            self.values[layer] = v.new_zeros(shape)
-        self.keys[layer][..., start : start + new, :] = k
-        self.values[layer][..., start : start + new, :] = v
-        self.lengths[layer] = start + new
-        end = self.lengths[layer]
-        return self.keys[layer][..., :end, :], self.values[layer][..., :end, :]
+            keys = self.keys[layer] = k.new_zeros(shape)
+            values = self.values[layer] = v.new_zeros(shape)
+        keys[..., start : start + new, :] = k
+        values[..., start : start + new, :] = v
+        end = self.lengths[layer] = start + new
+        return keys[..., :end, :], values[..., :end, :]
 
     def __len__(self) -> int:
         """Number of positions stored (in layer 0)."""

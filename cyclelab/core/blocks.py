@@ -220,7 +220,8 @@ class GPT2(Architecture):
 
     def norm(self, x: torch.Tensor, ln: torch.nn.LayerNorm) -> torch.Tensor:
         """LayerNorm: centre, scale to unit variance, then the learned gain and bias."""
-        return F.layer_norm(x, (x.shape[-1],), *parts(ln, "weight", "bias"), self.eps)
+        weight, bias = parts(ln, "weight", "bias")
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, self.eps)
 
     def conv1d(self, x: torch.Tensor, conv) -> torch.Tensor:
         """GPT-2's ``Conv1D`` is a linear layer with its weight stored as (in, out) (an int8 Linear once quantized)."""
@@ -406,8 +407,10 @@ def softmax(scores: torch.Tensor) -> torch.Tensor:
 def matrix_bytes(module: torch.nn.Module) -> int:
     """Bytes of a Linear's or Conv1D's weight as stored: float elements, or int8 codes plus a float32 scale per row."""
     if is_int8(module):
-        return module.in_features * module.out_features + 4 * module.out_features
-    return module.weight.numel() * module.weight.element_size()
+        rows, columns = getattr(module, "out_features"), getattr(module, "in_features")  # plain ints
+        return rows * columns + 4 * rows
+    weight = module.get_parameter("weight")
+    return weight.numel() * weight.element_size()
 
 
 def architecture_for(model: torch.nn.Module) -> Architecture:

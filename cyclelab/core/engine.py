@@ -25,7 +25,7 @@ import torch
 from cyclelab.core.attention import KVCache
 from cyclelab.core.events import OPS, Cost, CycleRecord, Event, Stage, Trace
 from cyclelab.core.sampling import Sampling, as_sampling, check_int, choose, make_generator
-from cyclelab.load.loader import Loaded, load
+from cyclelab.loading.loader import Loaded, load
 from cyclelab.core.ops import hook_names, registry_entry
 from cyclelab.core.blocks import Ablation, RunContext, architecture_for, capture_rule
 

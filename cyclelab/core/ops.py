@@ -53,7 +53,7 @@ class Op:
         """The op's tensors in a model family (``"gpt2"`` or ``"llama"``)."""
         return self.llama if family == "llama" and self.llama is not None else self.tensors
 
-    def hook_name(self, key: str, layer: int | None, family: str = "gpt2") -> str:
+    def hook_name(self, key: str, layer: int | str | None, family: str = "gpt2") -> str:
         """The name of tensor ``key`` of this op at ``layer``: TransformerLens's where it has one."""
         tensors = self.tensors_for(family)
         if key not in tensors:

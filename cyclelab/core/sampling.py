@@ -403,7 +403,7 @@ def beam_search(next_logits: Callable[[torch.Tensor], torch.Tensor], input_ids: 
         # Enough candidates that num_beams of them do not end in an end-of-sequence token.
         top = torch.topk(scores.flatten(), min(scores.numel(), (1 + max(1, len(eos))) * num_beams))
         last_step = step == max_new_tokens - 1
-        running_next = []
+        running_next: list[tuple[list[int], float]] = []
         for rank, (score, index) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
             beam, token = divmod(index, vocab)
             ids = running[beam][0] + [token]
@@ -415,6 +415,6 @@ def beam_search(next_logits: Callable[[torch.Tensor], torch.Tensor], input_ids: 
         finished = sorted(finished, key=lambda h: h[1], reverse=True)[:num_beams]
         running = running_next
         best_running = running[0][1] / (step + 1) ** length_penalty if running else None
-        if not running or (len(finished) == num_beams and best_running <= finished[-1][1]):
+        if best_running is None or (len(finished) == num_beams and best_running <= finished[-1][1]):
             break
     return finished

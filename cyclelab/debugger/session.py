@@ -34,7 +34,7 @@ from cyclelab.debugger.replay import replay_page
 from cyclelab.debugger.views import render_text
 from cyclelab.core.sampling import Sampling, as_sampling
 from cyclelab.core.engine import Engine, as_loaded, trace_settings
-from cyclelab.load.loader import Loaded
+from cyclelab.loading.loader import Loaded
 from cyclelab.core.blocks import Ablation
 
 UNIT_ENDS = frozenset({"positions", "residual_mlp", "logits", "choose", "append"})  # where "Step layer" stops

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from cyclelab.load.loader import Loaded
+from cyclelab.loading.loader import Loaded
 
 ProbFn = Callable[[torch.Tensor], torch.Tensor]
 

@@ -63,7 +63,7 @@ def entropy_nats(logits: torch.Tensor) -> float:
 
 def token_cache() -> Path:
     """Where :func:`encode_split` keeps encoded splits: ``tokens/`` in the cyclelab cache folder."""
-    from cyclelab.load.fetch import cache_dir
+    from cyclelab.loading.fetch import cache_dir
 
     return cache_dir() / "tokens"
 
@@ -78,8 +78,8 @@ def encode_split(tokenizer, split: str, limit: int | None = None, cache: bool = 
     """
     import hashlib
 
-    from cyclelab.load import corpus as data
-    from cyclelab.load.fetch import cache_writable
+    from cyclelab.loading import corpus as data
+    from cyclelab.loading.fetch import cache_writable
     from cyclelab.train.tiny import encode_plays
 
     plays = data.plays(split)

@@ -1,8 +1,8 @@
 """A knowledge graph of the plays as the missing background: facts looked up, or found by embedding search,
 and put in a prompt.
 
-:func:`character_graph` reads who speaks in each play (:func:`cyclelab.load.corpus.speeches`) into edges
-``CHARACTER -> {plays}``; :func:`play_edges` adds, scene by scene (:func:`cyclelab.load.corpus.scenes`), who appears
+:func:`character_graph` reads who speaks in each play (:func:`cyclelab.loading.corpus.speeches`) into edges
+``CHARACTER -> {plays}``; :func:`play_edges` adds, scene by scene (:func:`cyclelab.loading.corpus.scenes`), who appears
 in which scene and who speaks to whom, as ``(head, relation, tail)`` triples; :func:`facts_about` is the graph
 lookup, :func:`nearest_facts` the embedding search; :func:`fact_sentence` and :func:`facts_prompt` write the
 facts found in front of a question (:func:`cyclelab.lab.in_context.label_probs` scores the answer).
@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from cyclelab.load import corpus as data
+from cyclelab.loading import corpus as data
 from cyclelab.lab.embedding import sentence_embeddings
 
 #: Speaker tags that name a role, not a character (a crowd, a stage function): left out of the graph.
@@ -35,7 +35,7 @@ def is_character(name: str) -> bool:
 
 
 def character_graph(plays: Iterable[str]) -> dict[str, set[str]]:
-    """``CHARACTER -> {plays they speak in}`` over ``plays`` (names as :func:`cyclelab.load.corpus.play_names` gives them)."""
+    """``CHARACTER -> {plays they speak in}`` over ``plays`` (names as :func:`cyclelab.loading.corpus.play_names` gives them)."""
     plays = list(plays)
     if not plays or isinstance(plays, str):
         raise ValueError(f"give a list of play names, e.g. ['macbeth'], got {plays!r}")

@@ -2,7 +2,7 @@
 
 * ``minilm`` reads at most 512 tokens. :func:`chunk_spans` cuts a long token sequence into windows that
   overlap; :func:`chunk_embeddings` embeds each (mean-pooled, as chapter 02), so a whole scene becomes the
-  mean of its chunks' vectors; the first chunk alone is what truncation keeps. :func:`scenes` reads a
+  mean of its chunks' vectors; the first chunk alone is what truncation keeps. :func:`play_scenes` reads a
   play's scenes and :func:`nearest_centroid` classifies them, leaving each scene out of its own centroid.
 * ``tiny`` reads at most 256 tokens. :func:`window_nll` scores a long passage window by window: with
   ``stride == window`` the windows are independent blocks, each starting with no context; a smaller stride
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cyclelab.load import corpus as data
+from cyclelab.loading import corpus as data
 from cyclelab.lab.embedding import mean_pool
 
 
@@ -49,7 +49,7 @@ def chunk_spans(n: int, size: int, overlap: int) -> list[tuple[int, int]]:
 _SCENE = re.compile(r"^\s*SCENE\s+[IVXL]+\b")
 
 
-def scenes(play: str) -> list[str]:
+def play_scenes(play: str) -> list[str]:
     """The spoken lines of each scene of ``play`` (speaker tags and stage directions dropped), one text
     per scene, in order; a scene starts at a heading ``SCENE I.``, ``SCENE II.``, ..."""
     out: list[list[str]] = []

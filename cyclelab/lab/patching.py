@@ -22,8 +22,8 @@ from cyclelab.core.attention import KVCache
 from cyclelab.core.engine import Engine, drain
 
 
-def residual_stream(engine: Engine, prompt) -> torch.Tensor:
-    """The residual stream after each layer, ``(layers, positions, width)``, from one run of ``prompt``."""
+def resid_post(engine: Engine, prompt) -> torch.Tensor:
+    """The residual stream after each layer (``blocks.{L}.hook_resid_post``; :func:`cyclelab.lab.forward_by_hand.residual_stream` also has the embedding before layer 0), ``(layers, positions, width)``, from one run of ``prompt``."""
     names = [f"blocks.{layer}.hook_resid_post" for layer in range(engine.arch.n_layers)]
     _, found = engine.run_with_cache(prompt, names)
     return torch.stack([found[name][0] for name in names])
@@ -70,10 +70,10 @@ def patching_grid(engine: Engine, clean_prompt, corrupt_prompt, target: str | in
     if len(clean_ids) != len(corrupt_ids):
         raise ValueError(f"the clean prompt has {len(clean_ids)} tokens and the corrupted one {len(corrupt_ids)}: "
                          "patching pairs positions one to one, so give prompts of the same length in tokens")
-    target_id = token_id(engine, target)
+    target_id = target_token_id(engine, target)
     layers = _indices(layers, engine.arch.n_layers, "layers")
     positions = _indices(positions, len(corrupt_ids), "positions")
-    stream = residual_stream(engine, clean_ids)
+    stream = resid_post(engine, clean_ids)
 
     def prob(logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits.float(), -1)[..., target_id]
@@ -83,7 +83,7 @@ def patching_grid(engine: Engine, clean_prompt, corrupt_prompt, target: str | in
                      float(prob(engine.logits(clean_ids)[0, -1])), float(prob(engine.logits(corrupt_ids)[0, -1])))
 
 
-def token_id(engine: Engine, token: str | int) -> int:
+def target_token_id(engine: Engine, token: str | int) -> int:
     """The id of one token given as its text (leading space included) or id; else a ValueError saying why."""
     if isinstance(token, bool) or not isinstance(token, (str, int)):
         raise TypeError(f"give the target token as its text (' Paris') or id, got {type(token).__name__}")
@@ -123,4 +123,4 @@ def plot_patching(grid: PatchGrid, ax=None, title: str = ""):
     return ax
 
 
-__all__ = ["PatchGrid", "patch_layer", "patching_grid", "plot_patching", "residual_stream", "token_id"]
+__all__ = ["PatchGrid", "patch_layer", "patching_grid", "plot_patching", "resid_post", "target_token_id"]

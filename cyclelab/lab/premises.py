@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from cyclelab.core.engine import Engine
-from cyclelab.lab.patching import residual_stream
+from cyclelab.lab.patching import resid_post
 
 #: The false premise of issue #15 and its variants; each ends where the answer's first word goes.
 QUESTION = "Q: What did Shakespeare write?\nA: He wrote"
@@ -46,9 +46,9 @@ def answer_probs(engine: Engine, prompt, answers: Sequence[str]) -> list[float]:
 def lens_probs(engine: Engine, prompt, answers: Sequence[str], stream: torch.Tensor | None = None) -> torch.Tensor:
     """``(layers, answers)``: the logit lens's probability of each answer's first token at the last position,
     read from the residual stream after each layer (``stream``, ``(layers, positions, width)``, if already
-    computed by :func:`~cyclelab.lab.patching.residual_stream` for ``prompt``)."""
+    computed by :func:`~cyclelab.lab.patching.resid_post` for ``prompt``)."""
     ids = first_tokens(engine, answers)
-    stream = residual_stream(engine, prompt) if stream is None else stream
+    stream = resid_post(engine, prompt) if stream is None else stream
     return torch.softmax(engine.read_out(stream[:, -1]).float(), -1)[:, ids]  # read_out: (layers, vocab)
 
 

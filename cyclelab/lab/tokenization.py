@@ -454,7 +454,7 @@ def load_tokenizer(name: str):
 
     from pathlib import Path
 
-    from cyclelab.load.loader import ModelFileError, _resolve, quiet_transformers
+    from cyclelab.loading.loader import ModelFileError, _resolve, quiet_transformers
 
     quiet_transformers()
     folder, repair = _resolve(name)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cyclelab.load.device import pick_device
+from cyclelab.loading.device import pick_device
 
 
 # --- the training loop -------------------------------------------------------------------------

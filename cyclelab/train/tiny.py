@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cyclelab.load import corpus as data
-from cyclelab.load.checksums import model_files, write_sums
-from cyclelab.load.device import pick_device
+from cyclelab.loading import corpus as data
+from cyclelab.loading.checksums import model_files, write_sums
+from cyclelab.loading.device import pick_device
 from cyclelab.train.finetune import schedule
-from cyclelab.load.paths import REPO_DATA
+from cyclelab.loading.paths import REPO_DATA
 
 MASKED_LR = 1e-3  # post-LayerNorm BERT stalls at the causal model's 3e-3
 MASKED_STEPS = 2000  # only the hidden 15% of positions teach: a masked LM needs more steps
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="model folder (default: data/<name>)")
     parser.add_argument("--work", type=Path, default=None, help="checkpoint folder (default: cache)")
     args = parser.parse_args(argv)
-    from cyclelab.load.fetch import cache_dir
+    from cyclelab.loading.fetch import cache_dir
 
     lr = args.lr or (MASKED_LR if args.objective == "masked" else TinyConfig.lr)
     steps = args.steps or (MASKED_STEPS if args.objective == "masked" else TinyConfig.steps)

@@ -199,7 +199,7 @@ def write_cost_label(path: Path, run: NotebookRun, profile: str) -> None:
     nbformat.write(notebook, str(path))
 
 
-def format_table(runs: list[NotebookRun]) -> str:
+def runs_table(runs: list[NotebookRun]) -> str:
     """A plain-text table: notebook, profile, status, seconds, peak memory, key results; errors below."""
     if not runs:
         return "no notebooks to run"

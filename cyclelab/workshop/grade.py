@@ -1,35 +1,46 @@
-"""Grade a class: run each learner's notebooks headless and read the course's own checks.
+"""Grade a class: run each learner's notebooks headless, then judge each check in a process of its own.
 
-Layout: ``SUBMISSIONS/<learner>/<chapter>.ipynb``, one folder per learner holding the chapter
-notebooks they hand in, named as in the course (``00_the_clock_cycle.ipynb``). Each notebook is
-compared with the course notebook of the same name (its exercises and check cells, found by
-:mod:`cyclelab.workshop.edition`): the check cells are restored from the course before running, so an
-edited check cannot pass; the notebook runs with papermill in the fast profile, cells that raise
-do not stop it (each exercise is graded on its own), and a deadline bounds the whole notebook.
-Each exercise gets one row: passed, failed (with the check's hint), or error (with the reason).
+Layout: ``SUBMISSIONS/<learner>/<chapter>.ipynb``, one folder per learner holding the chapter notebooks they
+hand in. A notebook is matched to the course notebook by its ``NN_`` prefix (a browser's
+``01_tokenizing (1).ipynb`` is chapter 01); notebooks in a learner's subfolders are found too. The check cells
+are restored from the course, and the notebook runs with papermill (cells that raise do not stop it) in a
+limited process (:mod:`cyclelab.workshop.sandbox`) under a deadline scaled by the chapter's cost label. Then
+each ``check_xxx(...)`` call of each check cell is judged in a fresh process that gets only the learner's
+definitions and cyclelab's own check (:mod:`cyclelab.workshop.verdict`): nothing printed in the learner's
+kernel counts. Each call gets one row: passed, failed (with the check's hint), or error (with the reason);
+a notebook that cannot be read gets rows "malformed: <reason>", and no notebook stops the run.
 
     cyclelab grade SUBMISSIONS/ --out grades.csv [--timeout SECONDS] [--course DIR]
 """
 
 from __future__ import annotations
 
+import ast
 import csv
-import time
+import json
+import os
+import re
+import sys
+import warnings
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
 import nbformat
 from nbformat import NotebookNode
 
-from cyclelab.workshop.edition import CHECK, Exercise, annotate, checked_function, read_notebook
+from cyclelab.workshop.edition import CHECK, annotate, checked_function, read_notebook
+from cyclelab.workshop.sandbox import Limits, hand_over, run_limited
 
 LAYOUT = "SUBMISSIONS/<learner>/<chapter>.ipynb"
 PASSED, FAILED, ERROR = "passed", "failed", "error"
+CHAPTER = re.compile(r"^(\d\d)_")
+FORMULA = ("=", "+", "-", "@", "\t", "\r")
+LABEL_FACTOR, LABEL_SLACK = 3, 60  # a labelled chapter may take 3x its measured seconds, plus a minute
 
 
 @dataclass
 class Grade:
-    """One row of the grades table: a learner's result on one exercise."""
+    """One row of the grades table: a learner's result on one check call."""
 
     learner: str
     notebook: str
@@ -43,9 +54,14 @@ class Grade:
 # ------------------------------------------------------------------ finding the submissions
 
 
+def _visible(path: Path, root: Path) -> bool:
+    return not any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
 def find_submissions(root: Path) -> list[tuple[str, Path]]:
-    """(learner, notebook) pairs under ``root`` in the layout ``SUBMISSIONS/<learner>/<chapter>.ipynb``;
-    FileNotFoundError or ValueError (naming the layout) when there are none or files are misplaced."""
+    """(learner, notebook) pairs under ``root`` in the layout ``SUBMISSIONS/<learner>/<chapter>.ipynb``
+    (notebooks in a learner's subfolders count, with a warning); FileNotFoundError or ValueError (naming the
+    layout) when there are none or files are misplaced."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"no submissions folder {root}: expected the layout {LAYOUT}")
@@ -53,9 +69,13 @@ def find_submissions(root: Path) -> list[tuple[str, Path]]:
     if loose:
         raise ValueError(f"{', '.join(loose)} in {root} belong in a folder per learner: the layout is {LAYOUT} "
                          f"(e.g. {root / 'ada' / loose[0]})")
-    found = [(folder.name, path) for folder in sorted(root.iterdir())
-             if folder.is_dir() and not folder.name.startswith(".")
-             for path in sorted(folder.glob("*.ipynb")) if not path.name.startswith(".")]
+    found = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for path in sorted(p for p in folder.rglob("*.ipynb") if p.is_file() and _visible(p, folder)):
+            if path.parent != folder:
+                warnings.warn(f"{path} is in a subfolder of {folder.name}'s folder: graded as {folder.name}'s "
+                              f"(the layout is {LAYOUT})", stacklevel=2)
+            found.append((folder.name, path))
     if not found:
         raise ValueError(f"no notebooks in {root}: expected the layout {LAYOUT}")
     return found
@@ -64,33 +84,89 @@ def find_submissions(root: Path) -> list[tuple[str, Path]]:
 # ------------------------------------------------------------------ the course's reference
 
 
+@dataclass(frozen=True)
+class Call:
+    """One ``check_xxx(function, ...)`` call of a course check cell: one row per learner."""
+
+    check_id: str  # the check cell's grade_id
+    check: str  # the check function's name in cyclelab.checks
+    function: str  # the learner's function it checks
+    args: tuple[str, ...]  # the call's argument expressions
+    points: float
+
+
 @dataclass
 class Reference:
-    """A course notebook's exercises and the source of each check cell, by grade_id."""
+    """A course notebook: its name, the source of each check cell by grade_id, each check call, its deadline."""
 
-    exercises: list[Exercise]
+    name: str
     checks: dict[str, tuple[str, dict]]  # grade_id -> (source, nbgrader metadata)
+    calls: list[Call]
+    label_seconds: float | None  # the fast profile's cost label, when the chapter has one
+
+
+def check_calls(grade_id: str, source: str, points: float) -> list[Call]:
+    """The ``check_xxx(...)`` calls of a check cell's source, in order."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id.startswith("check_")
+                and node.args and not node.keywords):
+            args = tuple(ast.unparse(a) for a in node.args)
+            found.append((node.lineno, node.col_offset, Call(grade_id, node.func.id, args[0], args, points)))
+    return [call for *_, call in sorted(found, key=lambda f: f[:2])]
+
+
+def _label_seconds(nb: NotebookNode) -> float | None:
+    from cyclelab.workshop.planning import COST
+
+    first = nb.cells[0].source if nb.cells else ""
+    labels = {m["profile"]: float(m["seconds"]) for m in COST.finditer(first)}
+    return labels.get("fast")
+
+
+def course_notebook(course: Path, name: str) -> Path | None:
+    """The course notebook a submitted file ``name`` is: the same name, else the same ``NN_`` prefix."""
+    if (Path(course) / name).is_file():
+        return Path(course) / name
+    prefix = CHAPTER.match(name)
+    matches = sorted(Path(course).glob(f"{prefix.group(1)}_*.ipynb")) if prefix else []
+    return matches[0] if len(matches) == 1 else None
 
 
 def reference(course: Path, name: str) -> Reference | None:
-    """The exercises of the course notebook ``course/name``, or None when the course has no such notebook."""
-    path = Path(course) / name
-    if not path.is_file():
+    """The checks of the course notebook for ``name``, or None when the course has no such notebook."""
+    path = course_notebook(course, name)
+    if path is None:
         return None
     nb = read_notebook(path)
-    found = annotate(nb)
+    annotate(nb)
     checks = {c.metadata["nbgrader"]["grade_id"]: (c.source, dict(c.metadata["nbgrader"]))
               for c in nb.cells if CHECK in c.metadata.get("tags", [])}
-    return Reference(found, checks)
+    calls = [call for grade_id, (source, meta) in checks.items()
+             for call in check_calls(grade_id, source, meta.get("points", 1))]
+    return Reference(path.name, checks, calls, _label_seconds(nb))
+
+
+def deadline(ref: Reference, timeout: float) -> tuple[float, str]:
+    """Seconds the notebook may run, and why: scaled from the chapter's cost label, at most ``timeout``."""
+    if ref.label_seconds is None:
+        return timeout, f"--timeout {timeout:g} s"
+    scaled = LABEL_FACTOR * ref.label_seconds + LABEL_SLACK
+    if scaled >= timeout:
+        return timeout, f"--timeout {timeout:g} s"
+    return scaled, (f"{scaled:g} s: {LABEL_FACTOR}x the chapter's cost label of {ref.label_seconds:g} s "
+                    f"+ {LABEL_SLACK} s")
 
 
 def _check_id(cell: NotebookNode, ref: Reference) -> str | None:
     """The grade_id of the course check a submitted cell holds: from its nbgrader metadata (the
     student edition's), else from the ``check_xxx(function)`` call it makes; None for other cells."""
+    if cell.cell_type != "code":
+        return None
     grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
     if grade_id in ref.checks:
         return grade_id
-    name = checked_function(cell.source) if cell.cell_type == "code" else None
+    name = checked_function(cell.source)
     return f"check_{name}" if f"check_{name}" in ref.checks else None
 
 
@@ -109,14 +185,21 @@ def prepare(nb: NotebookNode, ref: Reference) -> set[str]:
     return set(ref.checks) - present
 
 
-# ------------------------------------------------------------------ reading the executed checks
+def load_submission(path: Path) -> NotebookNode:
+    """The submitted notebook, validated; ValueError "malformed: <reason>" when it is not one."""
+    try:
+        nb = nbformat.reads(Path(path).read_text(encoding="utf-8"), as_version=4)
+        nbformat.validate(nb)
+        for cell in nb.cells:
+            if not (isinstance(cell.get("source"), str) and isinstance(cell.get("metadata"), dict)):
+                raise ValueError("a cell has no text source or metadata")
+    except Exception as err:  # noqa: BLE001 - any shape of broken file is a row, not a crash
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"malformed: {type(err).__name__}: {reason[:200]}") from None
+    return nb
 
 
-def _text(cell: NotebookNode) -> str:
-    """What a cell printed or displayed, as text."""
-    parts = [o.get("text", "") if o.get("output_type") == "stream" else o.get("data", {}).get("text/plain", "")
-             for o in cell.get("outputs", [])]
-    return "\n".join("".join(p) if isinstance(p, list) else p for p in parts)
+# ------------------------------------------------------------------ reading the executed notebook
 
 
 def _error(cell: NotebookNode) -> str:
@@ -137,84 +220,95 @@ def first_error(nb: NotebookNode) -> str:
     return ""
 
 
-def check_status(cell: NotebookNode, stopped: str, first: str) -> tuple[str, str]:
-    """(status, hint) of an executed check cell: its ✓ or ✗ line, the error it raised, or why it did not run."""
-    for line in _text(cell).splitlines():
-        if line.startswith("✓"):
-            return PASSED, ""
-        if line.startswith("✗"):
-            return FAILED, line[1:].strip()
-    error = _error(cell)
-    if error:
-        before = f" (the notebook's first error: {first})" if first and not first.endswith(error) else ""
-        return ERROR, f"the check raised {error}{before}"
-    if cell.get("execution_count") is None and not cell.get("outputs"):
-        return ERROR, f"the check did not run: {stopped or 'the notebook stopped before it'}"
-    return ERROR, "the check printed no ✓ or ✗ line"
-
-
 # ------------------------------------------------------------------ grading
 
 
 def _rows(learner: str, name: str, ref: Reference, status: str, hint: str) -> list[Grade]:
-    """One row per exercise of ``ref``, all with the same status and hint."""
-    return [Grade(learner, name, e.name, status, hint, 0, e.points) for e in ref.exercises]
+    """One row per check call of ``ref``, all with the same status and hint."""
+    return [Grade(learner, name, c.function, status, hint, 0, c.points) for c in ref.calls]
 
 
-def _deadline(seconds: float):
-    """A nbclient ``timeout_func``: each cell may use what is left of ``seconds`` from now."""
-    end = time.monotonic() + seconds
-    return lambda cell: max(1, int(end - time.monotonic() + 0.999))
+def _child_env() -> dict:
+    """The environment of the grader's children: this one, with cyclelab importable as here."""
+    here = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": here + (os.pathsep + path if path else "")}
 
 
-def _timed_out(error: str) -> bool:
-    """True when a run stopped on the deadline (not when a learner's cell raised a TimeoutError)."""
-    return not error.startswith("cell ") and error.split(":")[0].endswith("TimeoutError")
+def _child(mode: str, spec: dict, timeout: float, cwd: Path) -> tuple[dict | None, str]:
+    """Run ``python -m cyclelab.workshop.verdict MODE`` limited; its JSON answer (None on a timeout) or why not."""
+    cores = os.cpu_count() or 1
+    limits = Limits(cpu_seconds=int(timeout * cores) + 120)
+    done = run_limited([sys.executable, "-m", "cyclelab.workshop.verdict", mode], timeout, json.dumps(spec),
+                       limits, _child_env(), cwd)
+    if done.timed_out:
+        return None, "timed out"
+    lines = done.stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1]), ""
+    except (IndexError, ValueError):
+        tail = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+        return {}, f"the grader's {mode} process ended without an answer ({tail[0][:200]})"
 
 
-def grade_notebook(learner: str, path: Path, course: Path, work: Path, timeout: float) -> list[Grade]:
+def grade_notebook(learner: str, path: Path, course: Path, work: Path, timeout: float,
+                   root: Path | None = None) -> list[Grade]:
     """The rows of one learner's notebook; every problem becomes an ``error`` row, never an exception."""
-    from cyclelab.workshop.course import run_notebook
+    name = path.name if root is None else str(path.relative_to(root / learner))
+    try:
+        return _grade(learner, name, path, course, work, timeout)
+    except Exception as err:  # noqa: BLE001 - one notebook never stops the class
+        return [Grade(learner, name, "", ERROR, f"the grader failed on this notebook: {type(err).__name__}: {err}",
+                      0, 0)]
 
+
+def _grade(learner: str, name: str, path: Path, course: Path, work: Path, timeout: float) -> list[Grade]:
     ref = reference(course, path.name)
     if ref is None:
-        return [Grade(learner, path.name, "", ERROR, f"the course has no notebook {path.name} (in {course}): "
-                      "name it as in the course", 0, 0)]
+        return [Grade(learner, name, "", ERROR, f"the course has no notebook {path.name} (in {course}): "
+                      "name it as in the course (its NN_ prefix)", 0, 0)]
     try:
-        nb = read_notebook(path)
+        nb = load_submission(path)
     except ValueError as err:
-        return _rows(learner, path.name, ref, ERROR, f"cannot read the notebook: {err}")
+        return _rows(learner, name, ref, ERROR, str(err))
     missing = prepare(nb, ref)
-    prepared = work / learner / "submitted" / path.name
+    folder = work / learner / Path(name).with_suffix("").name
+    prepared = folder / "submitted" / ref.name
     prepared.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, str(prepared))
-    run = run_notebook(prepared, work / learner, allow_errors=True, timeout_func=_deadline(timeout),
-                       cwd=None, resources={"metadata": {"path": str(prepared.parent)}})  # the kernel's folder
-    # (papermill's cwd would change this process's folder, which other grading threads share)
-    if _timed_out(run.error):
-        return _rows(learner, path.name, ref, ERROR, f"timed out: the notebook ran past --timeout {timeout:g} s")
-    return _read_checks(learner, path.name, ref, missing, run.output, run.error)
+    hand_over(folder)
+    seconds, why = deadline(ref, timeout)
+    answer, problem = _child("notebook", {"notebook": str(prepared), "out_dir": str(folder), "timeout": seconds},
+                             seconds + 60, prepared.parent)
+    error = (answer or {}).get("error", "")
+    if answer is None or (not error.startswith("cell ") and error.split(":")[0].endswith("TimeoutError")):
+        return _rows(learner, name, ref, ERROR, f"timed out: the notebook ran past {why}")
+    if problem:
+        return _rows(learner, name, ref, ERROR, problem)
+    if error and not error.startswith("cell "):
+        return _rows(learner, name, ref, ERROR, f"the check did not run: {error}")
+    return [_judge(learner, name, nb, ref, call, missing, seconds, prepared.parent) for call in ref.calls]
 
 
-def _read_checks(learner: str, name: str, ref: Reference, missing: set[str], output: Path,
-                 run_error: str) -> list[Grade]:
-    """The rows read from the executed notebook at ``output``."""
-    try:
-        executed = nbformat.read(str(output), as_version=4)
-    except (OSError, ValueError) as err:
-        return _rows(learner, name, ref, ERROR, f"the notebook did not run: {run_error or err}")
-    cells = {c.metadata.get("nbgrader", {}).get("grade_id"): c for c in executed.cells}
-    first = first_error(executed)
-    stopped = "" if run_error.startswith("cell ") else run_error
-    rows = []
-    for exercise in ref.exercises:
-        if exercise.check_id in missing or exercise.check_id not in cells:
-            status, hint = ERROR, f"the check cell {exercise.check_id} is missing from the notebook"
-        else:
-            status, hint = check_status(cells[exercise.check_id], stopped, first)
-        earned = exercise.points if status == PASSED else 0
-        rows.append(Grade(learner, name, exercise.name, status, hint, earned, exercise.points))
-    return rows
+def _judge(learner: str, name: str, nb: NotebookNode, ref: Reference, call: Call, missing: set[str],
+           seconds: float, cwd: Path) -> Grade:
+    """The row of one check call, judged in a fresh process."""
+    if call.check_id in missing:
+        return Grade(learner, name, call.function, ERROR, f"the check cell {call.check_id} is missing from the "
+                     "notebook", 0, call.points)
+    cells = []
+    for number, cell in enumerate(nb.cells, 1):
+        if cell.metadata.get("nbgrader", {}).get("grade_id") == call.check_id:
+            break
+        if cell.cell_type == "code" and not _check_id(cell, ref):
+            cells.append([number, cell.source])
+    spec = {"cells": cells, "check": call.check, "function": call.function, "args": list(call.args)}
+    answer, problem = _child("check", spec, seconds + 60, cwd)
+    if answer is None:
+        status, hint = ERROR, f"timed out: the check of {call.function} ran past {seconds + 60:g} s"
+    else:
+        status, hint = (ERROR, problem) if problem else (answer["status"], answer["hint"])
+    return Grade(learner, name, call.function, status, hint, call.points if status == PASSED else 0, call.points)
 
 
 def grade_class(submissions: Path, course: Path | None = None, work: Path = Path("outputs/graded"),
@@ -232,10 +326,28 @@ def grade_class(submissions: Path, course: Path | None = None, work: Path = Path
     course, work = Path(course or notebooks_dir()).resolve(), Path(work).resolve()
     if not course.is_dir():
         raise FileNotFoundError(f"no course folder {course}: give --course the folder of the chapter notebooks")
-    pairs = find_submissions(submissions)
-    with ThreadPoolExecutor(max_workers=jobs) as pool:  # each notebook runs in its own kernel process
-        graded = pool.map(lambda pair: grade_notebook(*pair, course, work, timeout), pairs)
+    root = Path(submissions)
+    pairs = find_submissions(root)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # each notebook runs in processes of its own
+        graded = pool.map(lambda pair: grade_notebook(*pair, course, work, timeout, root), pairs)
         return [row for rows in graded for row in rows]
+
+
+def check_out(path: Path) -> None:
+    """ValueError unless the CSV can be written at ``path`` (checked before any grading starts)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a folder: give the CSV file to write, e.g. {path / 'grades.csv'}")
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise ValueError(f"--out {path}: {parent} is a file, not a folder")
+    if not os.access(path if path.exists() else parent, os.W_OK):
+        raise ValueError(f"--out {path} cannot be written (permission denied)")
+
+
+def cell(value) -> str | float:
+    """A CSV cell a spreadsheet shows as text: one starting with = + - @, a tab or CR gets a ' in front."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA) else value
 
 
 def write_csv(rows: list[Grade], path: Path) -> None:
@@ -244,11 +356,11 @@ def write_csv(rows: list[Grade], path: Path) -> None:
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow([f.name for f in fields(Grade)])
-        writer.writerows(astuple(row) for row in rows)
+        writer.writerows([cell(v) for v in astuple(row)] for row in rows)
 
 
 def summary(rows: list[Grade]) -> str:
-    """One line per learner: points earned of possible, and how many exercises passed, failed, errored."""
+    """One line per learner: points earned of possible, and how many checks passed, failed, errored."""
     lines = []
     for learner in dict.fromkeys(r.learner for r in rows):
         mine = [r for r in rows if r.learner == learner]

@@ -37,7 +37,7 @@ from cyclelab.core.events import CycleRecord, show_token
 from cyclelab.debugger.session import Debugger
 from cyclelab.core.sampling import Sampling, as_sampling
 from cyclelab.core.engine import Engine, as_loaded
-from cyclelab.load.paths import LESSONS
+from cyclelab.loading.paths import LESSONS
 
 VERSION = 1
 KINDS = ("predict", "number", "discuss")

@@ -1,7 +1,7 @@
 """Running a workshop: a quiet JupyterLab, server sizing and agendas from the measured chapters.
 
-    python -m cyclelab.workshop.planning lab-settings [--settings-dir DIR]   install the JupyterLab overrides
-    python -m cyclelab.workshop.planning tables [--profile fast|full]        sizing table and agendas (markdown)
+    python -m cyclelab.workshop lab-settings [--settings-dir DIR]   install the JupyterLab overrides
+    python -m cyclelab.workshop tables [--profile fast|full]        sizing table and agendas (markdown)
 
 The numbers come from each chapter's cost label (``cyclelab course --label PROFILE`` writes it:
 seconds and peak memory of the chapter's kernel), from the chapter's text and from the exercises
@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cyclelab.load.paths import LAB_OVERRIDES, LESSONS
+from cyclelab.loading.paths import LAB_OVERRIDES, LESSONS
 
 COST = re.compile(r"<!-- cost:(?P<profile>[\w-]+) --> \*\*Cost, [\w-]+ profile:\*\* (?P<seconds>\d+(?:\.\d+)?) s"
                   r", peak memory (?P<gb>\d+(?:\.\d+)?) GB")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cyclelab.load import corpus as data
+from cyclelab.loading import corpus as data
 from cyclelab.train.tasks import stack_batch, unpadded
 
 

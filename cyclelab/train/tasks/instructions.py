@@ -3,7 +3,7 @@
 Each example is a *prompt* (an instruction and a line) and an *answer* (the play's title). The
 model trains on the whole sequence but is scored on the answer only: every prompt position gets
 the label -100, which the loss skips (:func:`instruction_examples`). :func:`answer_logprob` and
-:func:`choose` measure the effect: how likely the right answer is, and whether the model prefers it
+:func:`best_answer` measure the effect: how likely the right answer is, and whether the model prefers it
 to the other titles.
 """
 
@@ -72,7 +72,7 @@ def answer_logprob(model: nn.Module, tokenizer, prompt: str, answer: str) -> flo
     return answer_logprobs(model, tokenizer, prompt, [answer])[0]
 
 
-def choose(model: nn.Module, tokenizer, prompt: str, answers: Sequence[str]) -> int:
+def best_answer(model: nn.Module, tokenizer, prompt: str, answers: Sequence[str]) -> int:
     """Index of the most likely of ``answers`` after ``prompt``."""
     scores = answer_logprobs(model, tokenizer, prompt, answers)
     return max(range(len(answers)), key=scores.__getitem__)

