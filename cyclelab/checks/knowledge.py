@@ -59,12 +59,12 @@ def _stream_patch(engine, ids: list[int], layer: int, op: str, position: int, ve
 
 def _patch_cases(engine) -> list[tuple[list[int], int, int, torch.Tensor, int]]:
     """(corrupted ids, layer, position, clean vector, target) cells to try on ``engine``'s model."""
-    from cyclelab.lab.patching import residual_stream
+    from cyclelab.lab.patching import resid_post
 
     pairs = {"gpt2": ("KING RICHARD:\nNow, my lord of", "KING HENRY:\nNow, my lord of"),
              "llama": ("The capital of France is", "The capital of Italy is")}[engine.arch.family]
     clean, corrupt = (engine.encode(p) for p in pairs)
-    stream = residual_stream(engine, clean)
+    stream = resid_post(engine, clean)
     last, diff = engine.arch.n_layers - 1, next(i for i, (a, b) in enumerate(zip(clean, corrupt)) if a != b)
     target = int(engine.logits(clean)[0, -1].argmax())
     return [(corrupt, layer, pos, stream[layer, pos], target)

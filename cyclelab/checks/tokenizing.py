@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-
 from cyclelab.checks.harness import Failed, call, checker
 
 
