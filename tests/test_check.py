@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from cyclelab import checks as check
 from cyclelab.checks import Result
+from cyclelab.checks.robustness import swap_reference
 from cyclelab.core.sampling import top_p_filter
 from cyclelab.lab.attention_heads import scaled_dot_product_attention
 from cyclelab.lab.forward_by_hand import gelu_mlp, layer_norm, rms_norm, self_attention
@@ -1051,7 +1052,7 @@ SWAP_WRONG = [
 def test_the_swap_reference_by_hand():
     # one position holding token 0, E = [[1, 0], [0, 2]], grad = [3, 1]: swapping to token 1 moves x by (-1, 2)
     grad, emb = torch.tensor([[3.0, 1.0]]), torch.tensor([[1.0, 0.0], [0.0, 2.0]])
-    assert check._swap_reference(grad, emb, torch.tensor([0])).tolist() == [[0.0, -1.0]]
+    assert swap_reference(grad, emb, torch.tensor([0])).tolist() == [[0.0, -1.0]]
 
 
 def overlapping_spans(n, size, overlap):

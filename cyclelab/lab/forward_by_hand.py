@@ -43,14 +43,14 @@ def silu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(x)
 
 
-def _conv1d(x: torch.Tensor, conv) -> torch.Tensor:
+def conv1d(x: torch.Tensor, conv) -> torch.Tensor:
     """GPT-2's ``Conv1D`` is a linear layer whose weight is stored as (in, out): ``x @ W + b``."""
     return x @ conv.weight + conv.bias
 
 
 def gelu_mlp(h: torch.Tensor, mlp, approximate: str = "tanh") -> torch.Tensor:
     """GPT-2's MLP on normalised input ``h``: widen 4× (``c_fc``), GELU, narrow back (``c_proj``)."""
-    return _conv1d(gelu(_conv1d(h, mlp.c_fc), approximate), mlp.c_proj)
+    return conv1d(gelu(conv1d(h, mlp.c_fc), approximate), mlp.c_proj)
 
 
 def swiglu_mlp(h: torch.Tensor, mlp) -> torch.Tensor:
@@ -67,10 +67,21 @@ def self_attention(h: torch.Tensor, attn, causal: bool = True) -> torch.Tensor:
     causal unless ``causal=False``, as an encoder's is), the heads merged, the output projection
     (``c_proj``).
     """
-    width = h.shape[-1]
-    q, k, v = (split_heads(part, attn.num_heads) for part in _conv1d(h, attn.c_attn).split(width, dim=-1))
-    out, _ = scaled_dot_product_attention(q, k, v, causal=causal)
-    return _conv1d(merge_heads(out), attn.c_proj)
+    out, _ = scaled_dot_product_attention(*project_qkv(h, attn), causal=causal)
+    return project_out(out, attn)
+
+
+def project_qkv(h: torch.Tensor, attn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A GPT-2 layer's queries, keys and values ``(batch, heads, T, head_dim)`` of normalised ``h``
+    ``(batch, T, width)``: one projection (``c_attn``), cut in three, each split into heads."""
+    q, k, v = conv1d(h, attn.c_attn).split(h.shape[-1], dim=-1)
+    return split_heads(q, attn.num_heads), split_heads(k, attn.num_heads), split_heads(v, attn.num_heads)
+
+
+def project_out(out: torch.Tensor, attn) -> torch.Tensor:
+    """The heads' outputs ``(batch, heads, T, head_dim)`` merged and projected back (``c_proj``): the
+    GPT-2 layer's attention result ``(batch, T, width)``, to add to the stream."""
+    return conv1d(merge_heads(out), attn.c_proj)
 
 
 
@@ -337,7 +348,7 @@ def plot_cost_breakdown(trace: Trace, axes=None):
     return axes
 
 
-__all__ = ["CostRow", "LensRow", "cost_table", "figure_token", "format_cost_table", "gelu", "gelu_mlp", "layer_norm",
-           "logit_lens", "matmul_parameters", "per_token_costs", "plot_cost_breakdown", "plot_logit_lens",
-           "plot_residual_norms", "residual_stream", "rms_norm", "self_attention", "silu", "stack_gradients", "sublayer",
-           "swiglu_mlp"]
+__all__ = ["CostRow", "LensRow", "conv1d", "cost_table", "figure_token", "format_cost_table", "gelu", "gelu_mlp",
+           "layer_norm", "logit_lens", "matmul_parameters", "per_token_costs", "plot_cost_breakdown", "plot_logit_lens",
+           "plot_residual_norms", "project_out", "project_qkv", "residual_stream", "rms_norm", "self_attention", "silu",
+           "stack_gradients", "sublayer", "swiglu_mlp"]

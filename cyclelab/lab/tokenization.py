@@ -279,7 +279,7 @@ class BPE:
             # 4. merge in every word that holds the pair; update neighbouring pair counts
             created: dict[tuple[int, int], set[int]] = defaultdict(set)
             for i in pos:
-                for changed, delta in _merge_word(words[i], pair, new_id):
+                for changed, delta in merge_word(words[i], pair, new_id):
                     pair_counts[changed] += delta * counts[i]
                     if delta > 0:
                         created[changed].add(i)
@@ -347,7 +347,7 @@ class BPE:
         return out.decode("utf-8", errors="replace")
 
 
-def _merge_word(symbols: list[int], pair: tuple[int, int], new_id: int) -> list[tuple[tuple[int, int], int]]:
+def merge_word(symbols: list[int], pair: tuple[int, int], new_id: int) -> list[tuple[tuple[int, int], int]]:
     """Merge ``pair`` in ``symbols`` in place, left to right; return the pair-count changes.
 
     Mirrors ``Word::merge`` in ``tokenizers``: for each merge, the pairs with the left and

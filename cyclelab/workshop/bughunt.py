@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from cyclelab.lab.attention_heads import attention_entropy, causal_mask, merge_heads, repeat_kv, scaled_dot_product_attention, split_heads
-from cyclelab.checks import Result, _call, _guarded
-from cyclelab.lab.forward_by_hand import _conv1d, gelu_mlp, swiglu_mlp
+from cyclelab.checks.harness import Failed, Result, call, checker
+from cyclelab.checks.models import random_gpt2
+from cyclelab.lab.forward_by_hand import gelu_mlp, project_out, project_qkv, swiglu_mlp
 from cyclelab.core.norms import layer_norm, rms_norm
 from cyclelab.core.rope import apply_rope, rope_cos_sin
 
@@ -184,9 +185,8 @@ def _gpt2_layers(model, ids, parts, cache, positions):
     maps = []
     for i, layer in enumerate(gpt.h):
         h = layer_norm(x, layer.ln_1.weight, layer.ln_1.bias, layer.ln_1.eps)
-        q, k, v = (split_heads(p, layer.attn.num_heads) for p in _conv1d(h, layer.attn.c_attn).split(x.shape[-1], -1))
-        out, probs = _attention(parts, cache, i, q, k, v)
-        x = x + _conv1d(merge_heads(out), layer.attn.c_proj)
+        out, probs = _attention(parts, cache, i, *project_qkv(h, layer.attn))
+        x = x + project_out(out, layer.attn)
         x = x + gelu_mlp(layer_norm(x, layer.ln_2.weight, layer.ln_2.bias, layer.ln_2.eps), layer.mlp)
         maps.append(probs)
     x = layer_norm(x, gpt.ln_f.weight, gpt.ln_f.bias, gpt.ln_f.eps)
@@ -350,120 +350,111 @@ def faithfulness(model: torch.nn.Module, ids: torch.Tensor, n_prompt: int, parts
 def _tiny_case(model: torch.nn.Module | None) -> tuple[torch.nn.Module, torch.Tensor]:
     """The model a check runs on (``model``, or a small random GPT-2) and some token ids for it."""
     if model is None:
-        from cyclelab.checks import _random_gpt2
-
-        model = _random_gpt2()
+        model = random_gpt2()
     vocab = model.get_input_embeddings().weight.shape[0]
     return model, torch.randint(0, vocab, (1, 12), generator=torch.Generator().manual_seed(11))
 
 
-def _pair_of_tensors(value, names: str) -> Result | None:
-    """None when ``value`` is a pair of tensors, else the ✗ line."""
+def _pair_of_tensors(value, names: str) -> None:
+    """Raise :class:`Failed` unless ``value`` is a pair of tensors."""
     if isinstance(value, tuple) and len(value) == 2 and all(isinstance(t, torch.Tensor) for t in value):
-        return None
+        return
     got = f"a tuple of {len(value)}" if isinstance(value, tuple) else type(value).__name__
-    return Result(False, f"return the pair {names} as two tensors, got {got}")
+    raise Failed(f"return the pair {names} as two tensors, got {got}")
 
 
-@_guarded
-def check_attend(fn: Callable, model: torch.nn.Module | None = None) -> Result:
+@checker
+def check_attend(fn: Callable, model: torch.nn.Module | None = None) -> str:
     """Check ``fn(q, k, v) -> (out, probs)``, causal scaled dot-product attention, inside the GPT:
     on ``model`` (e.g. ``tiny.model``; a small random GPT-2 when None) against ``transformers``."""
     model, ids = _tiny_case(model)
     with torch.no_grad():
-        value, error = _call(fn, *(torch.randn(1, 2, 5, 8, generator=torch.Generator().manual_seed(0)) for _ in "qkv"))
-        if error is not None or (error := _pair_of_tensors(value, "(out, probs)")) is not None:
-            return error
+        qkv = (torch.randn(1, 2, 5, 8, generator=torch.Generator().manual_seed(0)) for _ in "qkv")
+        _pair_of_tensors(call(fn, *qkv), "(out, probs)")
         logits, maps = forward(model, ids, with_piece("attend", fn))
         _, right = forward(model, ids)
     if (ahead := lookahead(maps)) > 1e-6:
-        return Result(False, f"attention looks ahead: a query puts up to {ahead:.2f} of its weight on LATER "
-                             "tokens (the upper triangle of the attention map is not zero), so training loss falls too "
-                             "low — set the scores of keys j > i to -inf before the softmax (a causal mask)")
+        raise Failed(f"attention looks ahead: a query puts up to {ahead:.2f} of its weight on LATER "
+                     "tokens (the upper triangle of the attention map is not zero), so training loss falls too "
+                     "low — set the scores of keys j > i to -inf before the softmax (a causal mask)")
     mine, want = mean_entropy(maps), mean_entropy(right)
     if mine < 0.8 * want:
-        return Result(False, f"attention entropy collapses: {mine:.2f} nats against {want:.2f} for the reference — "
-                             "the softmax saturates on one key; divide the scores by sqrt(d), the head size")
+        raise Failed(f"attention entropy collapses: {mine:.2f} nats against {want:.2f} for the reference — "
+                     "the softmax saturates on one key; divide the scores by sqrt(d), the head size")
     drift = float((logits - reference_logits(model, ids)).abs().max())
     if drift > 1e-4:
-        return Result(False, f"the logits differ from transformers' by up to {drift:.3g}: "
-                             "out must be softmax(q kᵀ / sqrt(d), future masked) @ v")
-    return Result(True, "correct: no look-ahead, the entropy of the reference, and transformers' logits")
+        raise Failed(f"the logits differ from transformers' by up to {drift:.3g}: "
+                     "out must be softmax(q kᵀ / sqrt(d), future masked) @ v")
+    return "correct: no look-ahead, the entropy of the reference, and transformers' logits"
 
 
-@_guarded
-def check_lm_loss(fn: Callable) -> Result:
+@checker
+def check_lm_loss(fn: Callable) -> str:
     """Check ``fn(logits, ids, mask) -> loss``: the mean cross-entropy of position i's logits against token
     i + 1, over the targets whose ``mask`` is 1 (padding left out)."""
     gen = torch.Generator().manual_seed(2)
     logits, ids = torch.randn(3, 10, 50, generator=gen), torch.randint(1, 50, (3, 10), generator=gen)
     mask = (torch.arange(10) < torch.tensor([[10], [7], [4]])).long()
     ids = ids.masked_fill(mask == 0, 0)  # pad id 0 where the mask is 0
-    value, error = _call(fn, logits, ids, mask)
-    if error is not None:
-        return error
+    value = call(fn, logits, ids, mask)
     if not isinstance(value, torch.Tensor) or value.numel() != 1:
-        return Result(False, f"return the loss as a one-number tensor, got {type(value).__name__} "
-                             f"{tuple(getattr(value, 'shape', ()))}")
+        raise Failed(f"return the loss as a one-number tensor, got {type(value).__name__} "
+                     f"{tuple(getattr(value, 'shape', ()))}")
     if (copier := copy_loss(fn)) < 1.0:
-        return Result(False, f"the loss is too good: a model that copies its input scores {copier:.2f} — "
-                             "the targets are not shifted; the logits at position i predict token i + 1")
+        raise Failed(f"the loss is too good: a model that copies its input scores {copier:.2f} — "
+                     "the targets are not shifted; the logits at position i predict token i + 1")
     before, after = padding_shift(fn, logits, ids, mask)
     if abs(before - after) > 1e-4:
-        return Result(False, f"the loss changes with the amount of padding ({before:.3f} → {after:.3f} with 8 more "
-                             "pad tokens): pad targets count — average over the targets whose mask is 1")
+        raise Failed(f"the loss changes with the amount of padding ({before:.3f} → {after:.3f} with 8 more "
+                     "pad tokens): pad targets count — average over the targets whose mask is 1")
     want = float(lm_loss(logits, ids, mask))
     if abs(float(value) - want) > 1e-4:
-        return Result(False, f"the loss should be {want:.4f}, got {float(value):.4f}: the mean cross-entropy "
-                             "of logits[:, :-1] against ids[:, 1:], over unpadded targets")
-    return Result(True, "correct: next-token targets, padding left out, whatever its amount")
+        raise Failed(f"the loss should be {want:.4f}, got {float(value):.4f}: the mean cross-entropy "
+                     "of logits[:, :-1] against ids[:, 1:], over unpadded targets")
+    return "correct: next-token targets, padding left out, whatever its amount"
 
 
-@_guarded
-def check_apply_rope(fn: Callable, model: torch.nn.Module | None = None) -> Result:
+@checker
+def check_apply_rope(fn: Callable, model: torch.nn.Module | None = None) -> str:
     """Check ``fn(x, cos, sin) -> x``, the rotary embedding of q or k, inside the GPT: on ``model`` (a
     small random Llama when None) against ``transformers``, position by position."""
     model = model if model is not None else random_llama()
     ids = torch.randint(0, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(5))
     cos, sin = rope_cos_sin(torch.arange(4), model.model.rotary_emb.inv_freq)
     x = torch.randn(1, 2, 4, cos.shape[-1], generator=torch.Generator().manual_seed(6))
-    value, error = _call(fn, x, cos, sin)
-    if error is not None:
-        return error
+    value = call(fn, x, cos, sin)
     if not isinstance(value, torch.Tensor) or value.shape != x.shape:
-        return Result(False, f"return the rotated x, a tensor of x's shape {tuple(x.shape)}")
+        raise Failed(f"return the rotated x, a tensor of x's shape {tuple(x.shape)}")
     drift = drift_by_position(model, ids, with_piece("apply_rope", fn))
     if max(drift) <= 1e-4:
-        return Result(True, "correct: every position matches transformers — pairs (i, i + d/2), turned by the table")
+        return "correct: every position matches transformers — pairs (i, i + d/2), turned by the table"
     if not drift[0] <= 1e-4:  # position 0 reads only itself: no rotation can move it, but NaN can
-        return Result(False, f"the outputs differ from the reference at every position ({drift[0]:.3g} at position 0): "
-                             "x * cos + rotate_half(x) * sin")
+        raise Failed(f"the outputs differ from the reference at every position ({drift[0]:.3g} at position 0): "
+                     "x * cos + rotate_half(x) * sin")
     worst = max(range(len(drift)), key=drift.__getitem__)
     symptom = (f"the outputs match the reference at position 0 and drift after it (up to {drift[worst]:.2f} at "
                f"position {worst})")
     if torch.allclose(value, apply_rope(x, cos, -sin), atol=1e-5):
-        return Result(False, f"{symptom}: the rotation turns the wrong way — x * cos + rotate_half(x) * sin")
-    return Result(False, f"{symptom}: the rotation pairs the wrong dimensions — the cos/sin tables are laid out for "
-                         "pairs (i, i + d/2), the pairing of rotate_half")
+        raise Failed(f"{symptom}: the rotation turns the wrong way — x * cos + rotate_half(x) * sin")
+    raise Failed(f"{symptom}: the rotation pairs the wrong dimensions — the cos/sin tables are laid out for "
+                 "pairs (i, i + d/2), the pairing of rotate_half")
 
 
-@_guarded
-def check_append_kv(fn: Callable, model: torch.nn.Module | None = None) -> Result:
+@checker
+def check_append_kv(fn: Callable, model: torch.nn.Module | None = None) -> str:
     """Check ``fn(cache, layer, k, v) -> (keys, values)``, the KV cache, inside the GPT: a cached run on
     ``model`` (a small random GPT-2 when None) against ``transformers``' full recompute, cycle by cycle."""
     model, ids = _tiny_case(model)
     k = torch.randn(1, 2, 3, 4, generator=torch.Generator().manual_seed(8))
-    value, error = _call(fn, {}, 0, k, k.clone())
-    if error is not None or (error := _pair_of_tensors(value, "(keys, values)")) is not None:
-        return error
+    _pair_of_tensors(call(fn, {}, 0, k, k.clone()), "(keys, values)")
     readout = faithfulness(model, ids[0], 4, with_piece("append_kv", fn))
     if max(readout) <= 1e-4:
-        return Result(True, "correct: the cached run matches the full recompute at every cycle")
+        return "correct: the cached run matches the full recompute at every cycle"
     first_bad = next(c for c, d in enumerate(readout) if d > 1e-4)
     where = "after its first cycle" if first_bad else "from its first cycle on"
-    return Result(False, f"the cached run drifts from a full recompute {where} (faithfulness {max(readout):.2f}, "
-                         f"first at cycle {first_bad}): each cycle must store its keys and values in the cache "
-                         "exactly once and return all of them so far")
+    raise Failed(f"the cached run drifts from a full recompute {where} (faithfulness {max(readout):.2f}, "
+                 f"first at cycle {first_bad}): each cycle must store its keys and values in the cache "
+                 "exactly once and return all of them so far")
 
 
 #: The check of each piece, by piece name.
