@@ -6,10 +6,10 @@ import pytest
 from tokenizers.pre_tokenizers import ByteLevel
 
 from cyclelab.loading import corpus as data
-from cyclelab.lab.tokenization import (
-    BPE, GPT2_PATTERN_PARTS, bytes_to_unicode, compare_tokenizers, compression_curve, count_tokens, explain_pretokens,
-    format_table, hf_merges, language_costs, load_tokenizer, piece_text, pieces, plot_compression, plot_language_costs, pretokenize,
-    same_as_hf, show_tokens, to_byte_chars, tokens_per_word, train_hf, train_unigram, visible,
+from cyclelab.lab.tokenization import BPE, GPT2_PATTERN_PARTS, bytes_to_unicode, explain_pretokens, pretokenize, to_byte_chars, visible
+from cyclelab.lab.tokenizer_compare import (
+    compare_tokenizers, compression_curve, count_tokens, format_table, hf_merges, language_costs, load_tokenizer, piece_text,
+    pieces, plot_compression, plot_language_costs, same_as_hf, show_tokens, tokens_per_word, train_hf, train_unigram,
 )
 
 EOS = "<|endoftext|>"
