@@ -4,7 +4,8 @@
    target and whether it is met: tiny float32 engine vs ``transformers.generate``; smollm2 float32 engine
    vs the GEMV ceiling and vs ``transformers``; smollm2 int8 engine vs float32 ``transformers`` and vs
    ``transformers`` running the same int8 model; full capture vs no capture; then, without targets, the engine
-   against its own kernels' GEMV ceiling and what the engine's own float32 kernels buy (the engine on torch's).
+   against its own kernels' GEMV ceiling and what the own kernels buy, forced on and as chosen by ``auto``,
+   each side by side with the engine on torch's kernels.
 2. Memory (RSS after load, after generate, peak), engine vs ``transformers``, each in a subprocess of its own.
 3. Cost per token as the context grows, with and without the KV cache (table + figure).
 4. Decode speed as a fraction of the memory-bandwidth limit.
@@ -60,6 +61,22 @@ def _on_torch_kernels(run):
     return without_lever
 
 
+def _on_own_kernels(run):
+    """``run`` with the own kernels forced wherever they apply (``CYCLELAB_KERNELS=own``), not only where the
+    ``auto`` choice measured them faster."""
+    def forced():
+        before = os.environ.get("CYCLELAB_KERNELS")
+        os.environ["CYCLELAB_KERNELS"] = "own"
+        try:
+            run()
+        finally:
+            if before is None:
+                del os.environ["CYCLELAB_KERNELS"]
+            else:
+                os.environ["CYCLELAB_KERNELS"] = before
+    return forced
+
+
 def target_row(what: str, speed: float, against: str, other: float, target: float | None) -> dict:
     """One comparison: tokens/s of both runs, their ratio, the target (None: a lever's gain, no target) and
     whether it is met."""
@@ -77,6 +94,8 @@ def decode_targets(new_tokens: int = 128, repeats: int = 3) -> list[dict]:
     runs = {"tiny engine": _generate(tiny, tiny_ids, new_tokens),
             "tiny engine, torch kernels": _on_torch_kernels(_generate(tiny, tiny_ids, new_tokens)),
             "engine, torch kernels": _on_torch_kernels(_generate(smol, ids, new_tokens)),
+            "tiny engine, own kernels": _on_own_kernels(_generate(tiny, tiny_ids, new_tokens)),
+            "engine, own kernels": _on_own_kernels(_generate(smol, ids, new_tokens)),
             "tiny transformers": _generate(("transformers", load("tiny", attn="sdpa")), tiny_ids, new_tokens),
             "engine": _generate(smol, ids, new_tokens),
             "engine, full capture": _generate(smol, ids, new_tokens, capture="all"),
@@ -102,9 +121,13 @@ def decode_targets(new_tokens: int = 128, repeats: int = 3) -> list[dict]:
                    speed["engine"], 0.5),
         target_row("smollm2 float32: engine, no capture", speed["engine"],
                    "GEMV ceiling of the engine's own kernels", own_ceiling, None),
-        target_row("lever, tiny: own float32 kernels", speed["tiny engine"], "engine on torch's kernels",
+        target_row("lever, tiny: own kernels forced", speed["tiny engine, own kernels"], "engine on torch's kernels",
                    speed["tiny engine, torch kernels"], None),
-        target_row("lever, smollm2: own float32 kernels", speed["engine"], "engine on torch's kernels",
+        target_row("lever, tiny: kernels chosen (auto)", speed["tiny engine"], "engine on torch's kernels",
+                   speed["tiny engine, torch kernels"], None),
+        target_row("lever, smollm2: own kernels forced", speed["engine, own kernels"], "engine on torch's kernels",
+                   speed["engine, torch kernels"], None),
+        target_row("lever, smollm2: kernels chosen (auto)", speed["engine"], "engine on torch's kernels",
                    speed["engine, torch kernels"], None),
     ]
 

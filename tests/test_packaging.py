@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -186,3 +187,19 @@ def _compare(a: tuple[int, ...], op: str, b: tuple[int, ...]) -> bool:
     width = max(len(a), len(b))
     a, b = a + (0,) * (width - len(a)), b + (0,) * (width - len(b))
     return {"<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b, "==": a == b, "!=": a != b}[op]
+
+
+def test_benchmark_results_record_the_machine(tmp_path) -> None:
+    """Timings mean little without the machine: the results JSON starts with its CPU, features, cores and torch."""
+    import torch
+
+    from benchmarks.__main__ import cpu_flags, write_results
+
+    out = tmp_path / "results" / "latest.json"
+    write_results([{"benchmark": "decode", "tokens_per_s": 1.0}], out)
+    machine, row = json.loads(out.read_text())
+    assert machine["benchmark"] == "machine" and row == {"benchmark": "decode", "tokens_per_s": 1.0}
+    assert machine["torch"] == torch.__version__ and machine["cpus"] == os.cpu_count() and machine["cpu"]
+    assert set(machine) >= {"cpu_flags", "cores_usable", "gpu", "kernels", "torch_cpu_capability"}
+    info = "processor\t: 0\nflags\t\t: fpu sse4_2 avx avx2 fma avx512f\n"
+    assert cpu_flags(info) == ["sse4_2", "avx", "avx2", "fma", "avx512f"] and cpu_flags("") == []
