@@ -23,6 +23,7 @@ import torch
 from cyclelab import Engine, load
 from cyclelab.lab import throughput
 from cyclelab.kernels import torch_float32
+from cyclelab.kernels.choice import forced
 from cyclelab.lab.roofline import best_of, gemv_ceiling
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -64,17 +65,10 @@ def _on_torch_kernels(run):
 def _on_own_kernels(run):
     """``run`` with the own kernels forced wherever they apply (``CYCLELAB_KERNELS=own``), not only where the
     ``auto`` choice measured them faster."""
-    def forced():
-        before = os.environ.get("CYCLELAB_KERNELS")
-        os.environ["CYCLELAB_KERNELS"] = "own"
-        try:
+    def own():
+        with forced("own"):
             run()
-        finally:
-            if before is None:
-                del os.environ["CYCLELAB_KERNELS"]
-            else:
-                os.environ["CYCLELAB_KERNELS"] = before
-    return forced
+    return own
 
 
 def target_row(what: str, speed: float, against: str, other: float, target: float | None) -> dict:

@@ -119,8 +119,22 @@ def test_own_mode_forces_the_own_kernels_without_timing(recorder, monkeypatch):
     assert recorder.calls == ["f32_linear"]
 
 
+def test_forced_own_skips_the_timing_and_keeps_the_decisions(recorder):
+    chooser = choice.Chooser(None, fake_timer(2.0, 1.0), key=KEY)
+    choice.reset(chooser)
+    assert choice.use_own("f32", (1, 2), None, None) is False
+    chooser.timer = never
+    with choice.forced("own"):
+        assert choice.use_own("f32", (1, 2), None, None) is True
+    assert choice.use_own("f32", (1, 2), None, None) is False  # the measured decision, kept
+    with pytest.raises(ValueError, match="forced\\(\\) takes 'own' or 'auto', got 'torch'"):
+        with choice.forced("torch"):
+            pass
+
+
 def test_torch_float32_turns_every_own_kernel_off_in_its_thread_only(recorder, monkeypatch):
     monkeypatch.setenv("CYCLELAB_KERNELS", "own")
+    choice.reset()  # the mode is read again at the next product
     x, w = torch.randn(1, 40), torch.randn(24, 40)
     q, scale = quantize_symmetric(w, 127)
     inside, outside, errors = threading.Barrier(2), {}, []

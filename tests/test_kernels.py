@@ -17,7 +17,7 @@ from float_bounds import EPS32, assert_within, dot_bound, logit_bound, own_kerne
 @pytest.fixture(autouse=True)
 def _own_kernels_forced(monkeypatch):
     """These tests are about the own kernels: force them on (``auto`` would time each shape and might keep torch's)."""
-    monkeypatch.setenv("CYCLELAB_KERNELS", "own")
+    monkeypatch.setattr(kernels.choice, "_MODE", ["own"])  # CYCLELAB_KERNELS=own, as read at the first product
 
 SHAPES = [((1, 576), 1536), ((1, 1, 192), 576), ((3, 37), 45), ((2, 1, 1536), 576), ((MANY_ROWS - 1, 64), 9),
           ((1, 5), 3), ((1, 49152 // 64), 70)]

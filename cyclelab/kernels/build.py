@@ -72,10 +72,10 @@ class KernelStatus:
 
     def choice(self) -> str:
         """Which kernels run where (``CYCLELAB_KERNELS``), and why: the measured own/torch speed ratios."""
-        if mode() == "own":
-            return "CYCLELAB_KERNELS=own: the own kernels run wherever they apply"
-        from .choice import chooser  # the chooser builds on this module
+        from .choice import _MODE, chooser  # the chooser builds on this module
 
+        if (_MODE[0] or mode()) == "own":
+            return "CYCLELAB_KERNELS=own: the own kernels run wherever they apply"
         return f"CYCLELAB_KERNELS=auto, the faster per shape: {chooser().summary()}"
 
 

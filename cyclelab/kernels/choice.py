@@ -22,7 +22,8 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -183,6 +184,7 @@ def read_cache(folder: Path | None) -> dict | None:
 
 
 _CHOOSER: list[Chooser] = []  # the process's chooser, made at first use
+_MODE: list[str | None] = [None]  # CYCLELAB_KERNELS, read at the first product (as build.status reads it once)
 
 
 def chooser() -> Chooser:
@@ -193,21 +195,40 @@ def chooser() -> Chooser:
 
 
 def reset(new: Chooser | None = None) -> None:
-    """Forget the process's decisions (or put ``new`` in place: tests)."""
+    """Forget the process's decisions and the mode read (or put ``new`` in place: tests)."""
     _CHOOSER[:] = [] if new is None else [new]
+    _MODE[0] = None
+
+
+@contextmanager
+def forced(mode: str) -> Iterator[None]:
+    """Inside the block (every thread), ``"own"`` runs the own kernels wherever they apply, ``"auto"`` the faster;
+    the decisions measured are kept (the benchmarks time the engine both ways in turns)."""
+    if mode not in ("own", "auto"):
+        raise ValueError(f"forced() takes 'own' or 'auto', got {mode!r} (torch_float32() turns the kernels off)")
+    before, _MODE[0] = _MODE[0], mode
+    try:
+        yield
+    finally:
+        _MODE[0] = before
 
 
 def use_own(family: str, shape: tuple, own: Callable[[], object], theirs: Callable[[], object]) -> bool:
     """True where the own kernel should run: always under ``CYCLELAB_KERNELS=own``, else (``auto``) where it
     measured faster than torch for this family and shape. (Called only where the own kernel applies and is built.)"""
-    if os.environ.get("CYCLELAB_KERNELS") == "own":
+    if (_MODE[0] or _read_mode()) == "own":
         return True
     return (_CHOOSER[0] if _CHOOSER else chooser()).use_own(family, shape, own, theirs)
 
 
+def _read_mode() -> str:
+    _MODE[0] = build.mode()
+    return _MODE[0]
+
+
 def choice_report() -> str:
     """What chapter 07 prints: the mode, the machine, and each shape's timings and choice."""
-    status, mode = build.status(), build.mode()
+    status, mode = build.status(), _MODE[0] or build.mode()
     key = machine_key()
     head = (f"kernels: CYCLELAB_KERNELS={mode}; {key['cpu']}, torch {key['torch']}, {key['threads']} threads; "
             f"own kernels {'built' if status.library is not None else 'not used: ' + status.reason}")
