@@ -68,15 +68,7 @@ class KernelStatus:
         """One line for ``cyclelab doctor``."""
         if self.library is None:
             return f"own C kernels: not used ({self.reason}); the engine runs on torch's kernels"
-        return f"own C kernels: {self.reason}: {self.path}; {self.choice()}"
-
-    def choice(self) -> str:
-        """Which kernels run where (``CYCLELAB_KERNELS``), and why: the measured own/torch speed ratios."""
-        from .choice import _MODE, chooser  # the chooser builds on this module
-
-        if (_MODE[0] or mode()) == "own":
-            return "CYCLELAB_KERNELS=own: the own kernels run wherever they apply"
-        return f"CYCLELAB_KERNELS=auto, the faster per shape: {chooser().summary()}"
+        return f"own C kernels: {self.reason}: {self.path}"
 
 
 SOURCE = SOURCE_FILE.read_text()

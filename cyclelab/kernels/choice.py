@@ -221,6 +221,13 @@ def use_own(family: str, shape: tuple, own: Callable[[], object], theirs: Callab
     return (_CHOOSER[0] if _CHOOSER else chooser()).use_own(family, shape, own, theirs)
 
 
+def status_line() -> str:
+    """Which kernels run where (``CYCLELAB_KERNELS``), and why: the measured own/torch speed ratios (doctor)."""
+    if (_MODE[0] or build.mode()) == "own":
+        return "CYCLELAB_KERNELS=own: the own kernels run wherever they apply"
+    return f"CYCLELAB_KERNELS=auto, the faster per shape: {chooser().summary()}"
+
+
 def _read_mode() -> str:
     _MODE[0] = build.mode()
     return _MODE[0]
