@@ -55,7 +55,7 @@ def _generate(loaded, ids: list[int], new_tokens: int, capture=None):
 
 
 def _on_torch_kernels(run):
-    """``run`` with the engine's float32 products on torch's kernels instead of its own (the lever, switched off)."""
+    """``run`` with every product on torch's kernels instead of the own ones (the lever, switched off)."""
     def without_lever():
         with torch_float32():
             run()

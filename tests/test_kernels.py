@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cyclelab import Engine, kernels
 from cyclelab.kernels import MANY_ROWS, f32_conv1d, f32_linear, torch_float32
 from cyclelab.show import show_kernel
-from float_bounds import EPS32, assert_within, dot_bound, logit_bound, own_kernels  # noqa: F401 - own_kernels: a fixture
+from float_bounds import EPS32, assert_within, dot_bound, logit_bound, own_kernels  # noqa: F401 - a fixture
 
 
 @pytest.fixture(autouse=True)
@@ -315,7 +315,8 @@ def test_attention_kernels_agree_with_the_engines_torch_attention():
     k64, v64 = (t.repeat_interleave(3, dim=1).double() for t in (keys, values))
     with torch.no_grad():
         scores = kernels.fused_scores(q, keys)
-        assert_within(scores, attention_scores(q, keys), 2 * 65 * EPS32 * (q.double().abs() @ k64.abs().transpose(-1, -2)) / 8)
+        products = q.double().abs() @ k64.abs().transpose(-1, -2)
+        assert_within(scores, attention_scores(q, keys), 2 * 65 * EPS32 * products / 8)  # (d + 1) eps, d = 64
         probs = torch.softmax(scores, -1)
         spread = (scores.double() - scores.double().amax(-1, keepdim=True)).abs()
         assert_within(kernels.fused_softmax(scores), probs, 2 * (spread + 44) * EPS32 * probs.double() + 1e-30)

@@ -169,7 +169,8 @@ def _third_party_imports(folder: Path) -> set[str]:
                 names |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names.add(node.module.split(".")[0])
-    local = {path.stem for path in folder.rglob("*.py")} | {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    local = {path.stem for path in folder.rglob("*.py")}
+    local |= {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
     return names - set(sys.stdlib_module_names) - {"cyclelab", "__future__"} - local
 
 

@@ -49,9 +49,10 @@ def f32_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
 def f32_linears(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> list[torch.Tensor]:
     """:func:`f32_linear` of ``x`` with each ``(weight, bias)`` of ``layers``: one C call reads all the weights
     (decode's q, k and v) where the kernel applies to every one of them, else torch computes each."""
-    if not (_fits_f32_kernel(x, layers, 1) and use_own("f32", (x.numel() // x.shape[-1], x.shape[-1],
-                                                                  *(w.shape[0] for w, _ in layers)),
-                                                     lambda: _own_f32_linears(x, layers), lambda: _torch_linears(x, layers))):
+    if not _fits_f32_kernel(x, layers, 1):
+        return _torch_linears(x, layers)
+    shape = (x.numel() // x.shape[-1], x.shape[-1], *[w.shape[0] for w, _ in layers])
+    if not use_own("f32", shape, lambda: _own_f32_linears(x, layers), lambda: _torch_linears(x, layers)):
         return _torch_linears(x, layers)
     return _own_f32_linears(x, layers)
 
@@ -72,8 +73,10 @@ def _own_f32_linears(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch
 def f32_conv1d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ w + bias`` for a weight stored (in, out), GPT-2's ``Conv1D``: by the C kernel where
     :func:`f32_linear` would use it, else by torch (``addmm``)."""
-    if not (_fits_f32_kernel(x, [(w, bias)], 0) and use_own("f32", ("conv1d", x.numel() // w.shape[0], *w.shape),
-                                                             lambda: _own_conv1d(x, w, bias), lambda: _torch_conv1d(x, w, bias))):
+    if not _fits_f32_kernel(x, [(w, bias)], 0):
+        return _torch_conv1d(x, w, bias)
+    shape = ("conv1d", x.numel() // w.shape[0], *w.shape)
+    if not use_own("f32", shape, lambda: _own_conv1d(x, w, bias), lambda: _torch_conv1d(x, w, bias)):
         return _torch_conv1d(x, w, bias)
     return _own_conv1d(x, w, bias)
 
