@@ -4,7 +4,8 @@
    target and whether it is met: tiny float32 engine vs ``transformers.generate``; smollm2 float32 engine
    vs the GEMV ceiling and vs ``transformers``; smollm2 int8 engine vs float32 ``transformers`` and vs
    ``transformers`` running the same int8 model; full capture vs no capture; then, without targets, the engine
-   against its own kernels' GEMV ceiling and what the engine's own float32 kernels buy (the engine on torch's).
+   against its own kernels' GEMV ceiling and what the own kernels buy, forced on and as chosen by ``auto``,
+   each side by side with the engine on torch's kernels.
 2. Memory (RSS after load, after generate, peak), engine vs ``transformers``, each in a subprocess of its own.
 3. Cost per token as the context grows, with and without the KV cache (table + figure).
 4. Decode speed as a fraction of the memory-bandwidth limit.
@@ -22,6 +23,7 @@ import torch
 from cyclelab import Engine, load
 from cyclelab.lab import throughput
 from cyclelab.kernels import torch_float32
+from cyclelab.kernels.choice import forced
 from cyclelab.lab.roofline import best_of, gemv_ceiling
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -53,11 +55,20 @@ def _generate(loaded, ids: list[int], new_tokens: int, capture=None):
 
 
 def _on_torch_kernels(run):
-    """``run`` with the engine's float32 products on torch's kernels instead of its own (the lever, switched off)."""
+    """``run`` with every product on torch's kernels instead of the own ones (the lever, switched off)."""
     def without_lever():
         with torch_float32():
             run()
     return without_lever
+
+
+def _on_own_kernels(run):
+    """``run`` with the own kernels forced wherever they apply (``CYCLELAB_KERNELS=own``), not only where the
+    ``auto`` choice measured them faster."""
+    def own():
+        with forced("own"):
+            run()
+    return own
 
 
 def target_row(what: str, speed: float, against: str, other: float, target: float | None) -> dict:
@@ -77,6 +88,8 @@ def decode_targets(new_tokens: int = 128, repeats: int = 3) -> list[dict]:
     runs = {"tiny engine": _generate(tiny, tiny_ids, new_tokens),
             "tiny engine, torch kernels": _on_torch_kernels(_generate(tiny, tiny_ids, new_tokens)),
             "engine, torch kernels": _on_torch_kernels(_generate(smol, ids, new_tokens)),
+            "tiny engine, own kernels": _on_own_kernels(_generate(tiny, tiny_ids, new_tokens)),
+            "engine, own kernels": _on_own_kernels(_generate(smol, ids, new_tokens)),
             "tiny transformers": _generate(("transformers", load("tiny", attn="sdpa")), tiny_ids, new_tokens),
             "engine": _generate(smol, ids, new_tokens),
             "engine, full capture": _generate(smol, ids, new_tokens, capture="all"),
@@ -102,9 +115,13 @@ def decode_targets(new_tokens: int = 128, repeats: int = 3) -> list[dict]:
                    speed["engine"], 0.5),
         target_row("smollm2 float32: engine, no capture", speed["engine"],
                    "GEMV ceiling of the engine's own kernels", own_ceiling, None),
-        target_row("lever, tiny: own float32 kernels", speed["tiny engine"], "engine on torch's kernels",
+        target_row("lever, tiny: own kernels forced", speed["tiny engine, own kernels"], "engine on torch's kernels",
                    speed["tiny engine, torch kernels"], None),
-        target_row("lever, smollm2: own float32 kernels", speed["engine"], "engine on torch's kernels",
+        target_row("lever, tiny: kernels chosen (auto)", speed["tiny engine"], "engine on torch's kernels",
+                   speed["tiny engine, torch kernels"], None),
+        target_row("lever, smollm2: own kernels forced", speed["engine, own kernels"], "engine on torch's kernels",
+                   speed["engine, torch kernels"], None),
+        target_row("lever, smollm2: kernels chosen (auto)", speed["engine"], "engine on torch's kernels",
                    speed["engine, torch kernels"], None),
     ]
 

@@ -168,10 +168,12 @@ def _kernel() -> Check:
 def _own_kernels() -> Check:
     """Whether the engine's own C kernels are built and loaded, where, and if not, why (the engine then runs on
     torch's kernels: the same numbers, more slowly)."""
-    from cyclelab.kernels import build
+    from cyclelab.kernels import build, choice
 
     found = build.status()
-    if found.library is not None or build.mode() == "torch":
+    if found.library is not None:
+        return Check("own kernels", True, f"{found.line().removeprefix('own C kernels: ')}; {choice.status_line()}")
+    if build.mode() == "torch":
         return Check("own kernels", True, found.line().removeprefix("own C kernels: "))
     return Check("own kernels", False, f"{found.reason}; the engine runs on torch's kernels. Install a C compiler "
                                        "(apt-get install gcc), or set CYCLELAB_KERNELS=torch to choose torch's")

@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cyclelab import Engine, Stage, Trace, ablation, load
 from cyclelab.lab.attention_heads import KVCache
 from cyclelab.core.engine import drain
+from float_bounds import assert_within, logit_bound, own_kernels  # noqa: F401 - own_kernels: a fixture
 
 PROMPTS = ["ROMEO:", "What light through yonder window breaks?", "To be, or not to be: that is the question"]
 
@@ -24,20 +25,21 @@ def long_prompt_ids(engine, n):
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_tiny_logits_agree_with_transformers(tiny, tiny_engine, prompt):
+def test_tiny_logits_agree_with_transformers(tiny, tiny_engine, prompt, own_kernels):
+    """Equal within float32 rounding, whichever kernels sum the products (the bound: float_bounds.logit_bound)."""
     ids = tiny_engine.encode(prompt)
-    torch.testing.assert_close(tiny_engine.logits(ids)[0], reference_logits(tiny, ids), atol=1e-4, rtol=0)
+    assert_within(tiny_engine.logits(ids)[0], reference_logits(tiny, ids), logit_bound(tiny, ids))
 
 
 def test_tiny_logits_agree_on_a_prompt_filling_the_context(tiny, tiny_engine):
     ids = long_prompt_ids(tiny_engine, tiny_engine.context_window - 6)
-    torch.testing.assert_close(tiny_engine.logits(ids)[0], reference_logits(tiny, ids), atol=1e-4, rtol=0)
+    assert_within(tiny_engine.logits(ids)[0], reference_logits(tiny, ids), logit_bound(tiny, ids))
 
 
 @pytest.mark.parametrize("prompt", PROMPTS[1:])
-def test_smollm2_logits_agree_with_transformers(smollm2, smollm2_engine, prompt):
+def test_smollm2_logits_agree_with_transformers(smollm2, smollm2_engine, prompt, own_kernels):
     ids = smollm2_engine.encode(prompt)
-    torch.testing.assert_close(smollm2_engine.logits(ids)[0], reference_logits(smollm2, ids), atol=1e-4, rtol=0)
+    assert_within(smollm2_engine.logits(ids)[0], reference_logits(smollm2, ids), logit_bound(smollm2, ids))
 
 
 def test_smollm2_logits_agree_on_a_long_prompt(smollm2, smollm2_sdpa, smollm2_engine):
@@ -45,9 +47,10 @@ def test_smollm2_logits_agree_on_a_long_prompt(smollm2, smollm2_sdpa, smollm2_en
     on CPU: see docs/benchmarks.md)."""
     ids = long_prompt_ids(smollm2_engine, 512)
     ours = smollm2_engine.logits(ids)[0]
-    torch.testing.assert_close(ours, reference_logits(smollm2, ids), atol=1e-4, rtol=0)
+    bound = logit_bound(smollm2, ids)  # 512 rows: torch's kernels on both sides, the bound still holds
+    assert_within(ours, reference_logits(smollm2, ids), bound)
     # the fused SDPA kernel sums in another order: equal up to float32 rounding
-    torch.testing.assert_close(ours, reference_logits(smollm2_sdpa, ids), atol=2e-3, rtol=1e-4)
+    assert_within(ours, reference_logits(smollm2_sdpa, ids), bound)
 
 
 @pytest.mark.parametrize("use_cache", [True, False])

@@ -1,6 +1,8 @@
 """The float32 C kernels (decode's matrix-vector products) against a float64 product, and the cases
 they hand back to torch: the same numbers as torch's own op there, exactly."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from cyclelab import Engine, kernels
 from cyclelab.kernels import MANY_ROWS, f32_conv1d, f32_linear, torch_float32
 from cyclelab.show import show_kernel
+from float_bounds import EPS32, assert_within, dot_bound, logit_bound, own_kernels  # noqa: F401 - a fixture
+
+
+@pytest.fixture(autouse=True)
+def _own_kernels_forced(monkeypatch):
+    """These tests are about the own kernels: force them on (``auto`` would time each shape and might keep torch's)."""
+    monkeypatch.setattr(kernels.choice, "_MODE", ["own"])  # CYCLELAB_KERNELS=own, as read at the first product
 
 SHAPES = [((1, 576), 1536), ((1, 1, 192), 576), ((3, 37), 45), ((2, 1, 1536), 576), ((MANY_ROWS - 1, 64), 9),
           ((1, 5), 3), ((1, 49152 // 64), 70)]
@@ -181,7 +190,10 @@ def test_the_engine_with_its_kernels_matches_the_engine_on_torchs(name, request)
     with torch_float32():
         slow = engine.generate(ids, 12, stop_at_eos=False)
     assert fast.token_ids == slow.token_ids
-    assert all(abs(a.raw_prob - b.raw_prob) < 1e-4 for a, b in zip(fast.records, slow.records))
+    # a probability is a softmax of logits that are within float_bounds.logit_bound B of each other: it moves by a
+    # factor of at most exp(2 B) (its own logit and the normalizer's each by B)
+    slack = math.expm1(2 * logit_bound(engine.loaded, ids).max().item())
+    assert all(abs(a.raw_prob - b.raw_prob) <= slack * b.raw_prob for a, b in zip(fast.records, slow.records))
 
 
 @pytest.mark.parametrize("name", ["f32_linear", "f32_conv1d", "f32_rms_norm", "f32_rope", "int8_linear", "f32_scores",
@@ -200,14 +212,20 @@ def test_show_kernel_of_an_unknown_kernel_names_the_known_ones():
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 576), (1, 1, 37), (2, 1, 64), (1, 3, 16)], ids=["decode", "ragged", "batch", "rows"])
-def test_rms_norm_kernel_is_the_formula_within_rounding(shape):
+def test_rms_norm_kernel_is_the_formula_within_rounding(shape, own_kernels):
+    """The own kernel (or, with it off, the engine's torch formula) against float64. Bound: the mean of d squares
+    rounds by at most d * eps32 relative (positive terms), the square root halves that, and the rsqrt and the two
+    products add a few eps32 each: (d + 4) * eps32 relative to each output."""
+    from cyclelab.core.norms import rms_norm
     g = torch.Generator().manual_seed(8)
     x, w = torch.randn(*shape, generator=g) * 3, torch.randn(shape[-1], generator=g)
     exact = w.double() * x.double() / (x.double().pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
     with torch.no_grad():
-        got = kernels.fused_rms_norm(x, w, 1e-5)
-    torch.testing.assert_close(got.double(), exact, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got, torch.nn.functional.rms_norm(x, (shape[-1],), w, 1e-5), atol=1e-5, rtol=1e-5)
+        got = kernels.fused_rms_norm(x, w, 1e-5) if own_kernels else rms_norm(x, w, 1e-5)
+        assert (kernels.fused_rms_norm(x, w, 1e-5) is None) is not own_kernels
+    assert_within(got, exact, (shape[-1] + 4) * EPS32 * exact.abs())
+    torch_ = torch.nn.functional.rms_norm(x, (shape[-1],), w, 1e-5)
+    assert_within(torch_, exact, (shape[-1] + 4) * EPS32 * exact.abs())
 
 
 def test_a_weight_moved_or_changed_in_place_is_read_where_it_is_now():
@@ -217,10 +235,11 @@ def test_a_weight_moved_or_changed_in_place_is_read_where_it_is_now():
     with torch.no_grad():
         first = f32_linear(x, w, b)
         w.mul_(2)  # in place: same address, new values
-        torch.testing.assert_close(f32_linear(x, w, b), 2 * first - b, atol=1e-4, rtol=1e-5)
+        exact = x.double() @ w.double().T + b.double()  # the doubled weight, exactly
+        assert_within(f32_linear(x, w, b), exact, dot_bound(x, w) + 1e-6)  # k * eps32 * sum|x||w| (float_bounds)
         moved = w.clone()  # another address
         w.zero_()
-        torch.testing.assert_close(f32_linear(x, moved, b), 2 * first - b, atol=1e-4, rtol=1e-5)
+        assert_within(f32_linear(x, moved, b), exact, dot_bound(x, moved) + 1e-6)
         assert torch.equal(f32_linear(x, w, b), b.expand(1, 48))  # the zeroed original, not a stale copy
         q, scale = kernels.quantize_symmetric(moved, 127)
         before = kernels.int8_linear(x, q, scale.flatten(), None)
@@ -260,28 +279,49 @@ ATTENTION_IDS = ["smollm2-gqa", "multi-head-ragged-d", "one-position"]
 
 
 @pytest.mark.parametrize("shape", ATTENTION, ids=ATTENTION_IDS)
-def test_attention_kernels_are_the_attend_formulas_in_float64_within_rounding(shape):
+def test_attention_kernels_are_the_attend_formulas_in_float64_within_rounding(shape, own_kernels):
+    """The own kernels (or, with them off, the engine's torch formulas) against float64, each step from the
+    previous step's float32 output. Bounds: scores and mix are dot products (k * eps32 * sum|a||b|, plus one
+    eps32 for the scaling); a softmax output p_i rounds by at most (|s_i - max| + t + 4) * eps32 * p_i (the
+    subtraction, moved through exp, the sum of t terms, exp and the division)."""
+    from cyclelab.core.attention import attention_mix, attention_scores
     q, keys, values = _attention_case(*shape)
     group = shape[1] // shape[2]  # query heads per key head: each key head repeated for its group
     k64, v64 = (t.repeat_interleave(group, dim=1).double() for t in (keys, values))
     with torch.no_grad():
-        scores = kernels.fused_scores(q, keys)
-        probs = kernels.fused_softmax(scores)
-        mixed = kernels.fused_mix(probs, values)
-    torch.testing.assert_close(scores.double(), q.double() @ k64.transpose(-1, -2) / shape[3] ** 0.5, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(probs.double(), torch.softmax(scores.double(), -1), atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(mixed.double(), probs.double() @ v64, atol=1e-5, rtol=1e-5)
+        if own_kernels:
+            scores = kernels.fused_scores(q, keys)
+            probs = kernels.fused_softmax(scores)
+            mixed = kernels.fused_mix(probs, values)
+        else:
+            assert kernels.fused_scores(q, keys) is None
+            scores = attention_scores(q, keys)
+            probs = torch.softmax(scores, -1)
+            mixed = attention_mix(probs, values)
+    d, t = shape[3], shape[4]
+    exact_scores = q.double() @ k64.transpose(-1, -2) / d ** 0.5
+    assert_within(scores, exact_scores, (d + 1) * EPS32 * (q.double().abs() @ k64.abs().transpose(-1, -2)) / d ** 0.5)
+    s64 = scores.double()
+    exact_probs = torch.softmax(s64, -1)
+    spread = (s64 - s64.amax(-1, keepdim=True)).abs()
+    assert_within(probs, exact_probs, (spread + t + 4) * EPS32 * exact_probs + 1e-30)
+    assert_within(mixed, probs.double() @ v64, t * EPS32 * (probs.double().abs() @ v64.abs()))
 
 
 def test_attention_kernels_agree_with_the_engines_torch_attention():
+    """Kernel against torch formula: each within its float64 bound (the test above), so within twice it."""
     from cyclelab.core.attention import attention_mix, attention_scores
     q, keys, values = _attention_case(1, 9, 3, 64, 40, seed=15)
+    k64, v64 = (t.repeat_interleave(3, dim=1).double() for t in (keys, values))
     with torch.no_grad():
         scores = kernels.fused_scores(q, keys)
-        torch.testing.assert_close(scores, attention_scores(q, keys), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(kernels.fused_softmax(scores), torch.softmax(scores, -1), atol=1e-6, rtol=1e-5)
+        products = q.double().abs() @ k64.abs().transpose(-1, -2)
+        assert_within(scores, attention_scores(q, keys), 2 * 65 * EPS32 * products / 8)  # (d + 1) eps, d = 64
         probs = torch.softmax(scores, -1)
-        torch.testing.assert_close(kernels.fused_mix(probs, values), attention_mix(probs, values), atol=1e-5, rtol=1e-5)
+        spread = (scores.double() - scores.double().amax(-1, keepdim=True)).abs()
+        assert_within(kernels.fused_softmax(scores), probs, 2 * (spread + 44) * EPS32 * probs.double() + 1e-30)
+        assert_within(kernels.fused_mix(probs, values), attention_mix(probs, values),
+                      2 * 40 * EPS32 * (probs.double().abs() @ v64.abs()))
 
 
 def test_attention_of_a_prompt_or_with_gradients_stays_with_torch(monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -160,8 +161,8 @@ def _compat_script():
 
 
 def _third_party_imports(folder: Path) -> set[str]:
-    """Top-level names of the absolute imports under ``folder``, less the standard library, cyclelab and
-    the folder's own modules (a test importing a sibling's helpers)."""
+    """Top-level names of the absolute imports under ``folder``, less the standard library, cyclelab, the folder's
+    own modules (a test importing a sibling's helpers) and the repository's own packages (``benchmarks``)."""
     names = set()
     for path in folder.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -170,6 +171,7 @@ def _third_party_imports(folder: Path) -> set[str]:
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names.add(node.module.split(".")[0])
     local = {path.stem for path in folder.rglob("*.py")}
+    local |= {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
     return names - set(sys.stdlib_module_names) - {"cyclelab", "__future__"} - local
 
 
@@ -187,3 +189,58 @@ def _compare(a: tuple[int, ...], op: str, b: tuple[int, ...]) -> bool:
     width = max(len(a), len(b))
     a, b = a + (0,) * (width - len(a)), b + (0,) * (width - len(b))
     return {"<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b, "==": a == b, "!=": a != b}[op]
+
+
+def test_benchmark_results_record_the_machine(tmp_path) -> None:
+    """Timings mean little without the machine: the results JSON starts with its CPU, features, cores and torch."""
+    import torch
+
+    from benchmarks.__main__ import cpu_flags, write_results
+
+    out = tmp_path / "results" / "latest.json"
+    write_results([{"benchmark": "decode", "tokens_per_s": 1.0}], out)
+    machine, row = json.loads(out.read_text())
+    assert machine["benchmark"] == "machine" and row == {"benchmark": "decode", "tokens_per_s": 1.0}
+    assert machine["torch"] == torch.__version__ and machine["cpus"] == os.cpu_count() and machine["cpu"]
+    assert set(machine) >= {"cpu_flags", "cores_usable", "gpu", "kernels", "torch_cpu_capability"}
+    info = "processor\t: 0\nflags\t\t: fpu sse4_2 avx avx2 fma avx512f\n"
+    assert cpu_flags(info) == ["sse4_2", "avx", "avx2", "fma", "avx512f"] and cpu_flags("") == []
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """A wheel built from a copy of the tracked files (the build's scratch folders stay out of the checkout)."""
+    source, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheel")
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        if (ROOT / name).is_file() and not name.startswith(("notebooks/", "docs/")):
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            (source / name).write_bytes((ROOT / name).read_bytes())
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
+                    str(source)], check=True, capture_output=True, timeout=600)
+    (found,) = out.glob("cyclelab-*.whl")
+    return found
+
+
+def test_the_wheel_ships_the_kernels_source_and_the_tiny_models(wheel: Path) -> None:
+    import zipfile
+
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "cyclelab/kernels/kernels.c" in names
+    shipped = {n.split(".data/data/share/cyclelab/", 1)[1] for n in names if ".data/data/share/cyclelab/" in n}
+    for model in ("tiny", "tiny-mlm"):
+        want = {p.name for p in (ROOT / "data" / model).iterdir() if p.is_file()}
+        assert {f"{model}/{name}" for name in want} <= shipped, model
+    assert not any(n.startswith("data/") for n in names)  # not as a top-level package
+
+
+def test_an_installed_copy_finds_the_shipped_data(tmp_path: Path) -> None:
+    from cyclelab.load.paths import CHECKOUT_DATA, find_data
+
+    installed = tmp_path / "share" / "cyclelab"
+    (installed / "tiny").mkdir(parents=True)
+    (installed / "tiny" / "config.json").write_text("{}")
+    site = tmp_path / "site-packages" / "data"  # an install: no pyproject.toml next to it
+    assert find_data(site, [tmp_path / "nowhere", installed]) == installed
+    assert find_data(site, [tmp_path / "nowhere"]) == site  # nothing installed: the lookup names the usual place
+    assert find_data(CHECKOUT_DATA, [installed]) == CHECKOUT_DATA  # a checkout uses its own data/

@@ -5,20 +5,28 @@ from __future__ import annotations
 
 import torch
 
-from .products import int8_linear
+from .products import check_int8_layers, int8_linear
 
 
 class Int8Linear(torch.nn.Module):
     """A Linear whose weight is stored as int8 codes ``q`` ``(out, in)`` with a float32 scale per row
     (:func:`cyclelab.lab.quantize.int8_linear_of` makes one from a float weight); it computes
-    ``x @ (q × scale).T + bias`` with :func:`int8_linear`, without a float copy of the weight."""
+    ``x @ (q × scale).T + bias`` with :func:`int8_linear`, without a float copy of the weight.
+
+    ``q`` must be contiguous int8, ``scale`` float32 with one value per row (``(out,)`` or ``(out, 1)``), ``bias``
+    None or one float value per row; anything else raises a TypeError or ValueError here, once."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
+        if isinstance(scale, torch.Tensor) and scale.dim() == 2 and scale.shape[1:] == (1,):
+            scale = scale.reshape(-1)  # quantize_symmetric's (out, 1)
+        if isinstance(bias, torch.Tensor) and bias.is_floating_point():
+            bias = bias.detach().float().contiguous()
+        check_int8_layers([(q, scale, bias)])
         self.out_features, self.in_features = q.shape
-        self.register_buffer("q", q.contiguous())
-        self.register_buffer("scale", scale.reshape(-1).float().contiguous())
-        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int8_linear(x, self.q, self.scale, self.bias)
@@ -28,10 +36,18 @@ class Int8Linear(torch.nn.Module):
 
 
 def quantize_symmetric(w: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes in [-levels, levels] and one scale per row of ``w`` (a zero row gets scale 1)."""
+    """Codes in [-levels, levels] and one scale per row of ``w`` (a zero row gets scale 1); the codes contiguous.
+    A row holding NaN or inf has no scale: ValueError."""
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        raise TypeError(f"quantize_symmetric quantizes a float tensor, got {getattr(w, 'dtype', type(w).__name__)}")
+    finite = torch.isfinite(w)
+    if not finite.all():
+        rows = (~finite).reshape(-1, w.shape[-1]).any(dim=-1).nonzero().flatten().tolist() if w.dim() else [0]
+        raise ValueError(f"quantize_symmetric: {len(rows)} row(s) hold NaN or inf (the first: row {rows[0]}), "
+                         "which no scale can represent; fix the weights first")
     absmax = w.abs().amax(dim=-1, keepdim=True)
     scale = torch.where(absmax > 0, absmax / levels, torch.ones_like(absmax))
-    q = torch.round(w / scale).clamp(-levels, levels).to(torch.int8)
+    q = torch.round(w / scale).clamp(-levels, levels).to(torch.int8).contiguous()
     return q, scale
 
 

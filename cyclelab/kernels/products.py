@@ -5,7 +5,9 @@ steps, so the caller runs its torch formula). The numbers are the same either wa
 from __future__ import annotations
 
 import ctypes
+import math
 import os
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
@@ -13,22 +15,29 @@ from functools import lru_cache
 import torch
 
 from . import build as _build
+from .choice import use_own
 
 _PTR, _I64 = ctypes.c_void_p, ctypes.c_int64
-_OWN_F32 = [True]  # False inside torch_float32(): the float32 products go to torch
+
+
+class _Switch(threading.local):
+    own = True  # False inside torch_float32() (this thread only): every product goes to torch
+
+
+_SWITCH = _Switch()
 PER_THREAD = 1 << 16  #: multiply-adds a thread is worth waking for
 MANY_ROWS = 8  #: from this many input rows on, use torch's float32 matmul (an int8 weight dequantized first)
 
 
 @contextmanager
 def torch_float32() -> Iterator[None]:
-    """Inside the block the float32 products run on torch's kernels instead of these (chapter 07 and the
-    benchmarks time the engine both ways)."""
-    before, _OWN_F32[0] = _OWN_F32[0], False
+    """Inside the block every product of this thread (float32, int8 and the fused steps) runs on torch's
+    kernels instead of these (chapter 07 and the benchmarks time the engine both ways); other threads keep theirs."""
+    before, _SWITCH.own = _SWITCH.own, False
     try:
         yield
     finally:
-        _OWN_F32[0] = before
+        _SWITCH.own = before
 
 
 def f32_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -41,7 +50,18 @@ def f32_linears(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tens
     """:func:`f32_linear` of ``x`` with each ``(weight, bias)`` of ``layers``: one C call reads all the weights
     (decode's q, k and v) where the kernel applies to every one of them, else torch computes each."""
     if not _fits_f32_kernel(x, layers, 1):
-        return [torch.nn.functional.linear(x, w, b) for w, b in layers]
+        return _torch_linears(x, layers)
+    shape = (x.numel() // x.shape[-1], x.shape[-1], *[w.shape[0] for w, _ in layers])
+    if not use_own("f32", shape, lambda: _own_f32_linears(x, layers), lambda: _torch_linears(x, layers)):
+        return _torch_linears(x, layers)
+    return _own_f32_linears(x, layers)
+
+
+def _torch_linears(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> list[torch.Tensor]:
+    return [torch.nn.functional.linear(x, w, b) for w, b in layers]
+
+
+def _own_f32_linears(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> list[torch.Tensor]:
     ns = [w.shape[0] for w, _ in layers]
     outs, total = [torch.empty(*x.shape[:-1], n) for n in ns], sum(ns)
     weights, biases, sizes = _weight_arrays(ns, *zip(*layers))
@@ -54,9 +74,20 @@ def f32_conv1d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     """``x @ w + bias`` for a weight stored (in, out), GPT-2's ``Conv1D``: by the C kernel where
     :func:`f32_linear` would use it, else by torch (``addmm``)."""
     if not _fits_f32_kernel(x, [(w, bias)], 0):
-        flat = x.reshape(-1, x.shape[-1])
-        out = flat @ w if bias is None else torch.addmm(bias, flat, w)
-        return out.view(*x.shape[:-1], w.shape[-1])
+        return _torch_conv1d(x, w, bias)
+    shape = ("conv1d", x.numel() // w.shape[0], *w.shape)
+    if not use_own("f32", shape, lambda: _own_conv1d(x, w, bias), lambda: _torch_conv1d(x, w, bias)):
+        return _torch_conv1d(x, w, bias)
+    return _own_conv1d(x, w, bias)
+
+
+def _torch_conv1d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    out = flat @ w if bias is None else torch.addmm(bias, flat, w)
+    return out.view(*x.shape[:-1], w.shape[-1])
+
+
+def _own_conv1d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     k, n = w.shape
     out = torch.empty(*x.shape[:-1], n)
     _build.compiled().f32_conv1d(x.data_ptr(), w.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
@@ -70,6 +101,17 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     d = x.shape[-1] if x.dim() else 0
     if not (weight.shape == (d,) and 0 < x.numel() < MANY_ROWS * d and _plain_f32(x, weight)):
         return None
+    if not _fused_chosen(("rms_norm", *x.shape), _own_rms_norm, _torch_rms_norm, x, weight, eps):
+        return None
+    return _own_rms_norm(x, weight, eps)
+
+
+def _torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * (x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps))
+
+
+def _own_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    d = x.shape[-1]
     out = torch.empty_like(x)
     _build.compiled().f32_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // d, d, eps)
     return out
@@ -82,6 +124,18 @@ def fused_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     one_position = x.dim() == 4 and x.shape[-2] == 1 and cos.shape == sin.shape == (1, d) and d % 2 == 0
     if not (one_position and _plain_f32(x, cos, sin)):
         return None
+    if not _fused_chosen(("rope", *x.shape), _own_rope, _torch_rope, x, cos, sin):
+        return None
+    return _own_rope(x, cos, sin)
+
+
+def _torch_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _own_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1]
     out = torch.empty_like(x)
     _build.compiled().f32_rope(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), x.numel() // d, d)
     return out
@@ -92,6 +146,17 @@ def fused_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:
     ``(b, h, 1, d)``, ``keys`` ``(b, kv_h, t, d)`` as the KV cache hands them out; None where it does not apply."""
     if not _one_query(q, keys):
         return None
+    if not _fused_chosen(("scores", *q.shape, keys.shape[1]), _own_scores, _torch_scores, q, keys):
+        return None  # keyed without the context length, which grows every cycle
+    return _own_scores(q, keys)
+
+
+def _torch_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    (b, h, _, d), kv = q.shape, keys.shape[1]
+    return (q.reshape(b, kv, -1, d) @ keys.transpose(-1, -2)).view(b, h, 1, keys.shape[-2]) / math.sqrt(d)
+
+
+def _own_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     b, h, _, d = q.shape
     scores = torch.empty(b, h, 1, keys.shape[-2])
     _build.compiled().f32_scores(q.data_ptr(), keys.data_ptr(), scores.data_ptr(), b, h, h // keys.shape[1],
@@ -104,6 +169,16 @@ def fused_softmax(scores: torch.Tensor) -> torch.Tensor | None:
     call; None where it does not apply."""
     if not (scores.dim() == 4 and scores.shape[-2] == 1 and scores.shape[-1] > 0 and _plain_f32(scores)):
         return None
+    if not _fused_chosen(("softmax", *scores.shape[:3]), _own_softmax, _torch_softmax, scores):
+        return None
+    return _own_softmax(scores)
+
+
+def _torch_softmax(scores: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(scores, dim=-1)
+
+
+def _own_softmax(scores: torch.Tensor) -> torch.Tensor:
     probs = torch.empty_like(scores)
     _build.compiled().f32_softmax(scores.data_ptr(), probs.data_ptr(), scores.numel() // scores.shape[-1], scores.shape[-1])
     return probs
@@ -115,11 +190,28 @@ def fused_mix(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
     t = values.shape[-2] if values.dim() == 4 else -1
     if not _one_query(probs, values, width=t):  # a weight for each of the t values
         return None
+    if not _fused_chosen(("mix", *probs.shape[:3], *values.shape[1::2]), _own_mix, _torch_mix, probs, values):
+        return None
+    return _own_mix(probs, values)
+
+
+def _torch_mix(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    (b, h), kv = probs.shape[:2], values.shape[1]
+    return (probs.reshape(b, kv, -1, values.shape[-2]) @ values).view(b, h, 1, values.shape[-1])
+
+
+def _own_mix(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    t = values.shape[-2]
     (b, h), d = probs.shape[:2], values.shape[-1]
     out = torch.empty(b, h, 1, d)
     _build.compiled().f32_mix(probs.data_ptr(), values.data_ptr(), out.data_ptr(), b, h, h // values.shape[1], t, d,
                        values.stride(0), values.stride(1))
     return out
+
+
+def _fused_chosen(shape: tuple, own, theirs, *args) -> bool:
+    """True where the own fused kernel should run for this shape (see :func:`use_own`)."""
+    return use_own("fused", shape, lambda: own(*args), lambda: theirs(*args))
 
 
 def _one_query(q: torch.Tensor, kv: torch.Tensor, width: int | None = None) -> bool:
@@ -196,7 +288,7 @@ def _plain_f32(*tensors: torch.Tensor, contiguous: bool = True) -> bool:
             return False
         if t.requires_grad and torch.is_grad_enabled():
             return False
-    return _OWN_F32[0] and not torch._C._len_torch_dispatch_stack() and _build.compiled() is not None
+    return _SWITCH.own and not torch._C._len_torch_dispatch_stack() and _build.compiled() is not None
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -207,23 +299,63 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
 def int8_linears(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
                  ) -> list[torch.Tensor]:
     """:func:`int8_linear` of ``x`` with each ``(q, scale, bias)`` of ``layers``, all the weights read by one C call
-    for a few rows (decode); many rows dequantize each weight for torch's matrix product."""
-    width = layers[0][0].shape[1]
-    if x.dtype != torch.float32:
-        raise TypeError(f"an int8 Linear takes float32 inputs, got {x.dtype}")
+    for a few rows (decode) where the own kernel is on and chosen; else torch's weight-only int8 op, and for many
+    rows torch's matrix product, each weight dequantized. Bad layers or inputs raise TypeError/ValueError."""
+    if not layers:
+        raise ValueError("int8_linears needs at least one (q, scale, bias) layer")
+    width = check_int8_layers(layers)
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
+        raise TypeError(f"an int8 Linear takes float32 inputs, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() == 0 or x.shape[-1] != width:
         raise ValueError(f"an int8 Linear of {width} inputs got a tensor of shape {tuple(x.shape)}: "
                          f"its last dimension must be {width}")
     rows, ns = x.numel() // width, [q.shape[0] for q, _, _ in layers]
-    if rows < MANY_ROWS and _build.compiled() is not None:
-        x, outs, total = x.contiguous(), [torch.empty(*x.shape[:-1], n) for n in ns], sum(ns)
-        _build.compiled().int8_linear(x.data_ptr(), *_weight_arrays(ns, *zip(*layers)), total, _pointers(outs), rows, width,
-                               _threads(x.numel() * total))
-        return outs
-    flat = x.reshape(-1, width)
+    x = x.contiguous()
+    if rows < MANY_ROWS and _SWITCH.own and x.is_cpu and _build.compiled() is not None and use_own(
+            "int8", (rows, width, *ns), lambda: _own_int8(x, layers, rows), lambda: _torch_int8(x, layers)):
+        return _own_int8(x, layers, rows)
+    return _torch_int8(x, layers)
+
+
+def _own_int8(x: torch.Tensor, layers: Sequence, rows: int) -> list[torch.Tensor]:
+    ns = [q.shape[0] for q, _, _ in layers]
+    outs, total = [torch.empty(*x.shape[:-1], n) for n in ns], sum(ns)
+    _build.compiled().int8_linear(x.data_ptr(), *_weight_arrays(ns, *zip(*layers)), total, _pointers(outs), rows,
+                                  x.shape[-1], _threads(x.numel() * total))
+    return outs
+
+
+def _torch_int8(x: torch.Tensor, layers: Sequence) -> list[torch.Tensor]:
+    flat = x.reshape(-1, x.shape[-1])
     if flat.shape[0] >= MANY_ROWS:  # many rows: torch's matrix product, each weight dequantized
         outs = [torch.nn.functional.linear(flat, q.float() * scale[:, None], b) for q, scale, b in layers]
-    else:  # no compiler: torch's own weight-only int8 op
+    else:  # few rows: torch's own weight-only int8 op
         outs = [torch._weight_int8pack_mm(flat, q, scale) for q, scale, _ in layers]
         outs = [out if b is None else out + b for out, (_, _, b) in zip(outs, layers)]
-    return [out.view(*x.shape[:-1], n) for out, n in zip(outs, ns)]
+    return [out.view(*x.shape[:-1], q.shape[0]) for out, (q, _, _) in zip(outs, layers)]
+
+
+def check_int8_layers(layers: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> int:
+    """The common input width of int8 layers ``(q, scale, bias)``, once each is proven what the C kernel reads:
+    ``q`` contiguous int8 ``(out, in)``, ``scale`` float32 ``(out,)``, ``bias`` None or float32 ``(out,)``; else a
+    TypeError or ValueError that says which. (About a microsecond a layer: it runs on every decode call.)"""
+    width = None
+    for i, (q, scale, bias) in enumerate(layers):
+        if not isinstance(q, torch.Tensor) or q.dtype is not torch.int8:
+            raise TypeError(f"int8 layer {i}: the codes q must be an int8 tensor, got "
+                            f"{getattr(q, 'dtype', type(q).__name__)} (quantize float weights with to_int8 or "
+                            "quantize_symmetric first)")
+        if q.dim() != 2 or not q.is_contiguous():
+            raise ValueError(f"int8 layer {i}: the codes q must be a contiguous (out, in) matrix, got shape "
+                             f"{tuple(q.shape)}{'' if q.is_contiguous() else ', not contiguous (call .contiguous())'}")
+        if not isinstance(scale, torch.Tensor) or scale.dtype is not torch.float32:
+            raise TypeError(f"int8 layer {i}: the scale must be a float32 tensor, got "
+                            f"{getattr(scale, 'dtype', type(scale).__name__)}")
+        for name, t in (("scale", scale), ("bias", bias)):
+            if t is not None and (t.shape != (q.shape[0],) or not t.is_contiguous() or t.dtype is not torch.float32):
+                raise ValueError(f"int8 layer {i}: the {name} must be a contiguous float32 vector of {q.shape[0]} "
+                                 f"values (one per output row), got {t.dtype} of shape {tuple(t.shape)}")
+        if width is not None and q.shape[1] != width:
+            raise ValueError(f"int8 layer {i} takes {q.shape[1]} inputs, layer 0 takes {width}")
+        width = q.shape[1]
+    return width

@@ -1,0 +1,246 @@
+"""Which kernels run, chosen by measurement: the own C kernel or torch's, per kernel family and shape.
+
+An own kernel is only worth using where it is faster than torch's *on this machine*: a plain AVX2 loop beats
+torch's GEMV on some CPUs (an AMD EPYC) and loses on others (an AVX-512 Xeon). So in ``CYCLELAB_KERNELS=auto``
+(the default) the first call of each shape times both (the median of a few runs each, taking turns: a few ms)
+and keeps the faster; the engine is thus never slower than on torch's kernels, to the timing's noise. Each later
+call is one dict lookup. ``own`` forces the own kernels, ``torch`` forces torch's.
+
+The timings are kept in ``choices.json`` in the private kernels folder (:func:`build.private_folder`, proven
+private as the library is), keyed by the CPU model, torch's version and thread count, and the kernels' source
+digest: when any of them changes, everything is measured again. A damaged file, or one another user could have
+written, is ignored (and replaced).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import stat
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from . import build
+
+FAMILIES = {"f32": "float32 GEMV", "int8": "int8 GEMV", "fused": "fused attention/norm/rope"}
+REPEATS = 5  #: timed runs of each side (the median counts), after one warm-up run each
+CACHE_NAME = "choices.json"
+Timer = Callable[[str, Callable[[], object]], float]  # (side: "own" | "torch", run) -> seconds of one run
+
+
+def wall_timer(side: str, run: Callable[[], object]) -> float:
+    """Seconds of one call of ``run`` (``side`` names it, for a test's stand-in)."""
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+@lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` says."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_key() -> dict:
+    """What the timings depend on; a cache made under another key is measured again."""
+    return {"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "source": build.source_digest()}
+
+
+class Chooser:
+    """Decides own vs torch per ``(family, shape)`` by timing both once; remembers it in memory and in ``folder``
+    (None: in memory only). ``timer`` is injectable (tests pass a fake one)."""
+
+    def __init__(self, folder: Path | None, timer: Timer = wall_timer, key: dict | None = None):
+        self.folder, self.timer, self.key = folder, timer, key
+        self.decided: dict[tuple, bool] = {}
+        self.timings: dict[str, tuple[float, float]] = {}  # str(family, shape) -> (own s, torch s)
+        self._loaded, self._lock = False, threading.Lock()
+
+    def use_own(self, family: str, shape: tuple, own: Callable[[], object], theirs: Callable[[], object]) -> bool:
+        """True where the own kernel is faster for this shape: measured (``own()`` vs ``theirs()``) at first use."""
+        found = self.decided.get((family, shape))
+        if found is None:
+            found = self._decide(family, shape, own, theirs)
+        return found
+
+    def _decide(self, family: str, shape: tuple, own: Callable, theirs: Callable) -> bool:
+        with self._lock:
+            self._load()
+            name = _name(family, shape)
+            if name not in self.timings:
+                self.timings[name] = self.measure(own, theirs)
+                self._save()
+            own_s, torch_s = self.timings[name]
+            self.decided[(family, shape)] = own_s < torch_s
+            return own_s < torch_s
+
+    def measure(self, own: Callable, theirs: Callable) -> tuple[float, float]:
+        """Median seconds of ``own`` and of ``theirs``, run in turns after a warm-up each (fewer runs for slow ones)."""
+        warm = self.timer("own", own) + self.timer("torch", theirs)
+        repeats = REPEATS if warm < 0.02 else 3
+        own_s, torch_s = [], []
+        for _ in range(repeats):
+            own_s.append(self.timer("own", own))
+            torch_s.append(self.timer("torch", theirs))
+        return statistics.median(own_s), statistics.median(torch_s)
+
+    # --- the cache file ----------------------------------------------------------
+    def _key(self) -> dict:
+        if self.key is None:
+            self.key = machine_key()
+        return self.key
+
+    def _load(self) -> None:
+        """Read the cache file once (the timings of an earlier process on this machine), if it is sound and ours."""
+        if self._loaded:
+            return
+        self._loaded = True
+        data = read_cache(self.folder)
+        if data is not None and data.get("key") == self._key():
+            self.timings.update(data["timings"])
+
+    def _save(self) -> None:
+        if self.folder is None:
+            return
+        try:
+            folder = build.verified_folder(self.folder, create=True)
+            earlier = read_cache(folder)
+            timings = dict(earlier["timings"]) if earlier and earlier.get("key") == self._key() else {}
+            timings.update(self.timings)
+            text = json.dumps({"key": self._key(), "timings": {k: list(v) for k, v in timings.items()}}, indent=1)
+            fd, scratch = tempfile.mkstemp(prefix="choices-", dir=folder)
+            with os.fdopen(fd, "w") as out:
+                out.write(text)
+            os.replace(scratch, folder / CACHE_NAME)
+        except (OSError, build.UnsafeKernels):
+            pass  # no cache: the next process measures again
+
+    def report_lines(self) -> list[str]:
+        """One line per measured shape: both timings and the choice."""
+        self._load()
+        lines = []
+        for name, (own_s, torch_s) in sorted(self.timings.items()):
+            pick = "own" if own_s < torch_s else "torch"
+            lines.append(f"  {name}: own {own_s * 1e3:.3f} ms, torch {torch_s * 1e3:.3f} ms -> {pick} "
+                         f"(own is {torch_s / own_s:.2f}x torch's speed)" if own_s > 0 else f"  {name}: {pick}")
+        return lines
+
+    def summary(self) -> str:
+        """Per family: how many measured shapes use the own kernel, and the own kernels' speed ratio."""
+        self._load()
+        parts = []
+        for family, label in FAMILIES.items():
+            ratios = [t / o for name, (o, t) in self.timings.items() if name.startswith(family + " ") and o > 0]
+            if ratios:
+                own = sum(r > 1 for r in ratios)
+                parts.append(f"{label}: own on {own}/{len(ratios)} shapes (own/torch speed "
+                             f"{min(ratios):.2f}x to {max(ratios):.2f}x)")
+        return "; ".join(parts) if parts else "nothing measured yet (each shape is timed at its first use)"
+
+
+def _name(family: str, shape: tuple) -> str:
+    return f"{family} {shape}"
+
+
+def read_cache(folder: Path | None) -> dict | None:
+    """The cache file's content if it is a regular file of this user's that no one else can write, in a private
+    folder, and well formed; else None."""
+    if folder is None:
+        return None
+    try:
+        path = build.verified_folder(folder) / CACHE_NAME
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                return None
+            build._check_owned(path, info, os.getuid(), "file")
+            data = json.loads(os.read(fd, 1 << 22).decode("utf-8"))
+        finally:
+            os.close(fd)
+        timings = {str(k): (float(v[0]), float(v[1])) for k, v in data["timings"].items()}
+        if not isinstance(data["key"], dict) or any(o < 0 or t < 0 for o, t in timings.values()):
+            return None
+        return {"key": data["key"], "timings": timings}
+    except (OSError, build.UnsafeKernels, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None
+
+
+_CHOOSER: list[Chooser] = []  # the process's chooser, made at first use
+_MODE: list[str | None] = [None]  # CYCLELAB_KERNELS, read at the first product (as build.status reads it once)
+
+
+def chooser() -> Chooser:
+    """The process's :class:`Chooser`, caching in the private kernels folder."""
+    if not _CHOOSER:
+        _CHOOSER.append(Chooser(build.private_folder()))
+    return _CHOOSER[0]
+
+
+def reset(new: Chooser | None = None) -> None:
+    """Forget the process's decisions and the mode read (or put ``new`` in place: tests)."""
+    _CHOOSER[:] = [] if new is None else [new]
+    _MODE[0] = None
+
+
+@contextmanager
+def forced(mode: str) -> Iterator[None]:
+    """Inside the block (every thread), ``"own"`` runs the own kernels wherever they apply, ``"auto"`` the faster;
+    the decisions measured are kept (the benchmarks time the engine both ways in turns)."""
+    if mode not in ("own", "auto"):
+        raise ValueError(f"forced() takes 'own' or 'auto', got {mode!r} (torch_float32() turns the kernels off)")
+    before, _MODE[0] = _MODE[0], mode
+    try:
+        yield
+    finally:
+        _MODE[0] = before
+
+
+def use_own(family: str, shape: tuple, own: Callable[[], object], theirs: Callable[[], object]) -> bool:
+    """True where the own kernel should run: always under ``CYCLELAB_KERNELS=own``, else (``auto``) where it
+    measured faster than torch for this family and shape. (Called only where the own kernel applies and is built.)"""
+    if (_MODE[0] or _read_mode()) == "own":
+        return True
+    return (_CHOOSER[0] if _CHOOSER else chooser()).use_own(family, shape, own, theirs)
+
+
+def status_line() -> str:
+    """Which kernels run where (``CYCLELAB_KERNELS``), and why: the measured own/torch speed ratios (doctor)."""
+    if (_MODE[0] or build.mode()) == "own":
+        return "CYCLELAB_KERNELS=own: the own kernels run wherever they apply"
+    return f"CYCLELAB_KERNELS=auto, the faster per shape: {chooser().summary()}"
+
+
+def _read_mode() -> str:
+    _MODE[0] = build.mode()
+    return _MODE[0]
+
+
+def choice_report() -> str:
+    """What chapter 07 prints: the mode, the machine, and each shape's timings and choice."""
+    status, mode = build.status(), _MODE[0] or build.mode()
+    key = machine_key()
+    head = (f"kernels: CYCLELAB_KERNELS={mode}; {key['cpu']}, torch {key['torch']}, {key['threads']} threads; "
+            f"own kernels {'built' if status.library is not None else 'not used: ' + status.reason}")
+    if mode != "auto" or status.library is None:
+        return head + ("\n  every product runs on the own kernels" if mode == "own" and status.library else
+                       "\n  every product runs on torch's kernels" if status.library is None or mode == "torch" else "")
+    lines = chooser().report_lines() or ["  nothing measured yet: each shape is timed at its first use"]
+    return "\n".join([head + "; each shape timed once, the faster kept:", *lines])
