@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from cyclelab.load.checksums import ModelFileError, model_files, verify_folder, write_sums
+from cyclelab.load.checksums import ModelFileError, model_files, shipped_hashes, verify_folder, write_sums
 from cyclelab.load.device import pick_device
 from cyclelab.load.fetch import asset_path, fetch, fetch_command, replace_folder, smollm2_cache, verify_asset, writing_cache
 from cyclelab.load.paths import REPO_DATA
@@ -58,6 +58,8 @@ class Loaded:
 
 
 QUANTIZE = (None, "int8")  #: what ``load(..., quantize=)`` accepts
+ATTN = ("eager", "sdpa")  #: what ``load(..., attn=)`` accepts
+VERIFIED = ("tiny", "tiny-mlm", "smollm2")  #: models whose folder must carry a complete SHA256SUMS
 
 
 def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None,
@@ -72,18 +74,20 @@ def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: s
     ``quantize="int8"`` stores every Linear weight as int8 and multiplies with an int8 kernel
     (:func:`cyclelab.kernels.to_int8`: float32 on the CPU only); the engine runs such a model.
     Results are cached in memory per (name, dtype, device, attn, quantize): loading twice is free.
+    With ``cache=False`` the files are loaded and hashed again, even if this process verified them.
     Unknown names raise ``ValueError`` listing the valid ones; missing or corrupt files
     raise :class:`ModelFileError` naming the file and the repair.
     """
     if not isinstance(name_or_path, (str, Path)) or not str(name_or_path).strip():
         raise ValueError(f"model name must be a non-empty string; choose one of {', '.join(KNOWN)}")
+    _check_dtype_attn(dtype, attn)
     dev = pick_device(device)
     _check_quantize(quantize, dtype, dev)
     key = (str(name_or_path), dtype, str(dev), attn, quantize)
     if cache and key in _CACHE:
         return _CACHE[key]
     folder, repair = _resolve(str(name_or_path))
-    loaded = _load_folder(str(name_or_path), folder, repair, dtype, attn)
+    loaded = _load_folder(str(name_or_path), folder, repair, dtype, attn, rehash=not cache)
     loaded.model.to(dev).eval()
     if quantize == "int8":
         from cyclelab.kernels import to_int8
@@ -92,6 +96,20 @@ def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: s
     if cache:
         _CACHE[key] = loaded
     return loaded
+
+
+def _check_dtype_attn(dtype, attn) -> None:
+    """TypeError/ValueError unless ``dtype`` is a floating torch dtype and ``attn`` one of :data:`ATTN`."""
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch dtype such as torch.float32, got {dtype!r}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype (torch.float32, torch.float16, torch.bfloat16), "
+                         f"got {dtype}; for int8 weights use quantize='int8'")
+    if not isinstance(attn, str):
+        raise TypeError(f"attn must be one of {ATTN} (a string), got {attn!r}")
+    if attn not in ATTN:
+        raise ValueError(f"unknown attn={attn!r}: the choices are 'eager' (attention as in the textbook) and "
+                         f"'sdpa' (the fused kernel)")
 
 
 def _check_quantize(quantize, dtype: torch.dtype, device: torch.device) -> None:
@@ -134,26 +152,65 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def _load_folder(name: str, folder: str | Path, repair: str, dtype: torch.dtype, attn: str) -> Loaded:
+def _load_folder(name: str, folder: str | Path, repair: str, dtype: torch.dtype, attn: str,
+                 rehash: bool = False) -> Loaded:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
-    checksummed = isinstance(folder, Path) and check_model_files(folder, repair)
+    checksummed = isinstance(folder, Path) and check_model_files(folder, repair, name in VERIFIED, rehash,
+                                                                 shipped_hashes(name) if name in KNOWN else None)
     try:
         config = AutoConfig.from_pretrained(folder)
         causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in config.architectures or [])
         auto = AutoModelForCausalLM if causal else AutoModel
         if name == "tiny-mlm":
             from transformers import AutoModelForMaskedLM as auto
+        if isinstance(folder, Path):
+            _check_size_agrees(auto, config, folder, repair)
         model, info = auto.from_pretrained(folder, dtype=dtype, attn_implementation=attn,
                                           output_loading_info=True, ignore_mismatched_sizes=True)
         tokenizer = AutoTokenizer.from_pretrained(folder)
+    except ModelFileError:
+        raise
     except (OSError, ValueError, RuntimeError) as err:
         raise ModelFileError(f"could not load {name!r} from {folder}: {err}. To repair: {repair}.") from err
     _check_weights_used(model, info, folder, repair)
     if not checksummed:  # no recorded checksum: at least catch NaN/inf from damaged bytes
         _check_finite(model, folder, repair)
     return Loaded(name=name, model=model, tokenizer=tokenizer, source=str(folder))
+
+
+def _check_size_agrees(auto, config, folder: Path, repair: str) -> None:
+    """Refuse, before allocating anything, a config that would build a model far larger than its weights.
+
+    The config's model is built on the ``meta`` device (shapes only, no memory) and its parameters
+    counted; the weights' are read from the safetensors headers. A model with more than twice the
+    parameters of its weights, and over 50 million more, is refused (a smaller mismatch is named
+    tensor by tensor after loading).
+    """
+    in_weights = sum(_header_numel(path) for path in sorted(folder.glob("*.safetensors")))
+    try:
+        with torch.device("meta"):
+            meta = auto.from_config(config)
+    except Exception as err:  # transformers raises many types for impossible sizes
+        raise ModelFileError(f"{folder}/config.json does not describe a model that can be built ({err}). "
+                             f"To repair: {repair}.") from err
+    in_config = sum(p.numel() for p in meta.parameters())
+    if in_config > 2 * in_weights and in_config - in_weights > 50_000_000:
+        raise ModelFileError(f"{folder}/config.json does not match the weights in {folder}: the config describes a "
+                             f"{type(meta).__name__} of {in_config:,} parameters, the weights hold {in_weights:,} "
+                             f"(nothing was allocated). To repair: {repair}.")
+
+
+def _header_numel(path: Path) -> int:
+    """How many numbers the tensors of a safetensors file hold, from its header alone."""
+    import math
+    import struct
+
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
 
 
 def _check_weights_used(model: torch.nn.Module, info: dict, folder: str | Path, repair: str) -> None:
@@ -188,23 +245,29 @@ def _check_finite(model: torch.nn.Module, folder: str | Path, repair: str) -> No
                              f"To repair: {repair}.")
 
 
-def check_model_files(folder: Path, repair: str) -> bool:
+def check_model_files(folder: Path, repair: str, required: bool = False, rehash: bool = False,
+                      shipped: dict[str, str] | None = None) -> bool:
     """Raise :class:`ModelFileError` if config, weights or tokenizer are missing, or a file is corrupt.
 
-    Files listed in the folder's ``SHA256SUMS`` must match it (hashed once per process);
+    Files listed in the folder's ``SHA256SUMS`` must match it (hashed once per process, or again
+    when ``rehash``); the list must name every model file, and must exist when ``required``;
     a safetensors header must match the file's size; a tokenizer file must be present.
     Returns True when the folder has checksums (and they matched).
     """
     from safetensors import safe_open
 
-    checksummed = verify_folder(folder, repair)
+    checksummed = verify_folder(folder, repair, required=required, rehash=rehash, shipped=shipped)
     config = folder / "config.json"
+    if config.is_dir():
+        raise ModelFileError(f"{config} is a directory, not a file. To repair: {repair}.")
     if not config.is_file():
         raise ModelFileError(f"{config} is missing. To repair: {repair}.")
     try:
         json.loads(config.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelFileError(f"{config} is corrupt ({err}). To repair: {repair}.") from err
+    except OSError as err:
+        raise ModelFileError(f"{config} cannot be read ({err.strerror or err}). To repair: {repair}.") from None
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         raise ModelFileError(f"no weights (*.safetensors) in {folder}. To repair: {repair}.")
