@@ -376,6 +376,22 @@ class Engine:
                    else "replay it on a model with the same tokenizer")
             raise ValueError(f"this trace was made by {trace.model!r}; its {part} fingerprint differs from that of "
                              f"this engine's model {self.loaded.name!r}: {use}")
+        self._check_texts(trace)
+
+    def _check_texts(self, trace: Trace) -> None:
+        """ValueError unless the trace's token texts and ``text`` are what this tokenizer makes of its ids."""
+        vocab = self.vocab_size
+        for r in trace.records:
+            for token_id, text, where in [(r.token_id, r.token, "token"), *((c[0], c[1], "top") for c in r.top)]:
+                if token_id < vocab and text != self.token_text(token_id):
+                    raise ValueError(f"this trace's cycle {r.cycle} gives token {token_id} ({where}) the text {text!r}, "
+                                     f"but the tokenizer decodes it as {self.token_text(token_id)!r}: the trace was "
+                                     "edited or damaged; make it again with generate")
+        if all(i < vocab for i in trace.token_ids):
+            text = self.tokenizer.decode(trace.token_ids, skip_special_tokens=True)
+            if trace.text != text:
+                raise ValueError(f"this trace's text {trace.text[:40]!r} is not what its token ids decode to "
+                                 f"({text[:40]!r}): the trace was edited or damaged; make it again with generate")
 
     @staticmethod
     def _sampling_of(trace: Trace) -> Sampling:

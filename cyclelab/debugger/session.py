@@ -34,6 +34,7 @@ from cyclelab.debugger.replay import replay_page
 from cyclelab.debugger.views import render_text
 from cyclelab.core.sampling import Sampling, as_sampling
 from cyclelab.core.engine import Engine, as_loaded, trace_settings
+from cyclelab.load.atomic import write_atomic
 from cyclelab.load.loader import Loaded
 from cyclelab.core.blocks import Ablation
 
@@ -462,8 +463,7 @@ class Debugger(StateViews):
         panels and Back/Next controls: it needs no kernel, network or CDN (mail it, open it on a phone)."""
         path = Path(path)
         frames = self.frames()
-        path.write_text(replay_page(frames, f"cyclelab debugger: {self.engine.loaded.name}, "
-                                            f"{len(frames) - 1} tokens"), encoding="utf-8")
+        write_atomic(path, replay_page(frames, f"cyclelab debugger: {self.engine.loaded.name}, {len(frames) - 1} tokens"))
         self.message = f"saved a replay of {len(frames) - 1} tokens to {path}"
         return path
 

@@ -19,6 +19,8 @@ import os
 import re
 from pathlib import Path
 
+from cyclelab.load.atomic import write_atomic
+
 SUMS = "SHA256SUMS"
 # what ``from_pretrained`` reads: corruption in any of these changes the model
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -71,30 +73,6 @@ def write_sums(folder: Path, names: list[str]) -> None:
     """Record the sha256 of ``names`` (relative to ``folder``) in ``folder/SHA256SUMS``, atomically."""
     lines = "".join(f"{sha256_file(folder / name)}  {name}\n" for name in names)
     write_atomic(folder / SUMS, lines)
-
-
-def write_atomic(path: str | Path, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` so that a crash or a full disk leaves the old file whole.
-
-    The bytes go to a temporary file beside ``path``, are flushed and fsynced, and only then
-    renamed over ``path`` (``os.replace``); on any error the temporary file is removed and
-    the error raised, with ``path`` untouched.
-    """
-    path = Path(path)
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _stat(path: Path, repair: str) -> os.stat_result:

@@ -37,6 +37,7 @@ from cyclelab.core.events import CycleRecord, show_token
 from cyclelab.debugger.session import Debugger
 from cyclelab.core.sampling import Sampling, as_sampling
 from cyclelab.core.engine import Engine, as_loaded
+from cyclelab.load.atomic import strict_json, write_atomic
 from cyclelab.load.paths import LESSONS
 
 VERSION = 1
@@ -116,9 +117,9 @@ class Lesson:
         return copy.deepcopy({"version": out.pop("version"), **out})
 
     def save(self, path: str | Path) -> Path:
-        """Write the lesson as JSON (never pickle)."""
+        """Write the lesson as standard JSON (never pickle), atomically: a failed save leaves the old file whole."""
         path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_atomic(path, strict_json(self.to_dict(), f"the lesson for {path}", indent=1, ensure_ascii=False) + "\n")
         return path
 
     @classmethod
