@@ -380,18 +380,57 @@ def test_fingerprint_follows_weights_changed_in_place(tiny):
     assert fingerprint(loaded)["weights"] != before
 
 
-def test_fingerprint_is_cheap(tiny):
-    import time
-
+def test_fingerprint_sees_an_edit_through_data_anywhere(tiny):
+    """``.data`` bypasses the tensor's version counter; the digest hashes every byte, so it still changes."""
     loaded = Loaded("tiny", copy.deepcopy(tiny.model), tiny.tokenizer, "test")
-    start = time.perf_counter()
-    fingerprint(loaded)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    fingerprint(loaded)
-    again = time.perf_counter() - start
-    print(f"fingerprint of tiny: {first * 1e3:.1f} ms, memoised {again * 1e3:.2f} ms")
-    assert first < 0.5 and again < 0.01
+    before = fingerprint(loaded)["weights"]
+    loaded.model.lm_head.weight.data[7, 5] += 1e-3  # not in the old strided sample of ~1,000 values
+    after = fingerprint(loaded)["weights"]
+    assert after != before
+    loaded.model.lm_head.weight.data[7, 5] -= 1e-3
+    assert fingerprint(loaded)["weights"] in (before, after)  # float rounding may leave it one ulp off
+
+
+def test_a_run_hashes_the_weights_once_not_per_token(tiny_engine, monkeypatch):
+    from cyclelab.core import engine as engine_module
+
+    calls = []
+    real = engine_module.weights_sha256
+    monkeypatch.setattr(engine_module, "weights_sha256", lambda model: calls.append(1) or real(model))
+    tiny_engine.generate(PROMPT, 6)
+    assert len(calls) == 1
+
+
+def test_load_never_hands_out_a_model_edited_in_place():
+    from cyclelab import load
+    from cyclelab.load import loader
+
+    first = load("tiny")
+    saved = dict(loader._CACHE)
+    weight = first.model.lm_head.weight
+    original = weight.data[3, 4].item()
+    try:
+        weight.data[3, 4] = original + 1.0
+        again = load("tiny")
+        assert again is not first and again.model.lm_head.weight[3, 4].item() == original
+        assert load("tiny") is again  # the fresh copy is cached in its place
+    finally:
+        weight.data[3, 4] = original
+        loader._CACHE.clear()
+        loader._CACHE.update(saved)  # later tests get the session's model object again
+
+
+def test_old_lessons_and_traces_with_the_sampled_digest_still_open(tiny_engine, base):
+    from cyclelab.core.engine import legacy_weights_digest
+
+    old = legacy_weights_digest(tiny_engine.loaded.model)
+    assert old != tiny_engine.fingerprint["weights"]
+    trace = copy.deepcopy(base)
+    trace.fingerprint = {**trace.fingerprint, "weights": old}
+    tiny_engine.check_trace(trace, "weights")  # accepted: recorded before full-byte hashing
+    trace.fingerprint["weights"] = "0" * 64
+    with pytest.raises(ValueError, match="weights fingerprint differs"):
+        tiny_engine.check_trace(trace, "weights")
 
 
 def test_a_trace_file_round_trips_with_its_fingerprint_and_replays(tiny_engine, base, tmp_path):
@@ -435,3 +474,36 @@ def test_generate_accepts_every_run_option_by_name(tiny_engine):
     trace = tiny_engine.generate(PROMPT, 2, use_cache=False, capture={"logits"}, keep_events=True, force=[5],
                                  ablation=None, stop_at_eos=False, draws=0, chat=False)
     assert trace.token_ids[0] == 5 and any(e.op == "logits" for e in trace.events)
+
+
+def test_seeds_above_2_to_the_32_are_streams_of_their_own(tiny_engine):
+    """torch's CPU twister reads 32 bits of a seed; seeds < 2**32 keep today's stream, larger ones get their own."""
+    import numpy as np
+
+    from cyclelab.core.sampling import make_generator
+    from cyclelab.core.seeds import _init_by_array
+
+    def draws(seed):
+        return torch.rand(4, generator=make_generator(seed)).tolist()
+
+    reference = torch.Generator().manual_seed(1)
+    assert draws(1) == torch.rand(4, generator=reference).tolist()  # unchanged below 2**32
+    assert draws(1 + 2**32) != draws(1) and draws(1 + 2**32) == draws(1 + 2**32)
+    assert len({tuple(draws(s)) for s in (2**32, 2**33, 2**63, 2**64 - 1, 2**32 + 2**63)}) == 5
+    key = [7, 5]  # the seeding is MT19937's init_by_array, as numpy's RandomState does it
+    assert _init_by_array(key) == list(np.random.RandomState(key).get_state()[1])
+    tokens = [tiny_engine.generate(PROMPT, 8, do_sample=True, seed=s).token_ids for s in (3, 3 + 2**32)]
+    assert tokens[0] != tokens[1]
+
+
+def test_numpy_scalars_are_numbers_like_floats(tiny_engine, tmp_path):
+    import numpy as np
+
+    for value in (np.float32(0.7), np.float64(0.7), np.float16(0.7)):
+        sampling = Sampling(do_sample=True, temperature=value, seed=1)
+        assert type(sampling.temperature) is float and abs(sampling.temperature - 0.7) < 1e-3
+    trace = tiny_engine.generate(PROMPT, 2, do_sample=True, temperature=np.float32(0.5), seed=1)
+    trace.save(tmp_path / "t.json")  # plain floats: JSON can hold them
+    assert Trace.load(tmp_path / "t.json").settings["sampling"]["temperature"] == 0.5
+    with pytest.raises(TypeError, match=r"temperature must be a number, got np.True_ \(bool\)"):
+        Sampling(temperature=np.bool_(True))
