@@ -255,7 +255,7 @@ ROWS = [
     R(lambda c: trace_file(c, setter("records", 1, "prob", 1.5)), ValueError, FILE + r".*records\[1\]\.prob must be a probability", id="file-prob-above-one"),
     R(lambda c: trace_file(c, setter("records", 0, "raw_prob", None)), ValueError, FILE + r".*records\[0\]\.raw_prob must be a probability", id="file-raw-prob-null"),
     R(lambda c: trace_file(c, setter("records", 0, "entropy", math.nan)), ValueError, r"is not a trace file: not JSON \(NaN is not a JSON number\)", id="file-entropy-nan"),
-    R(lambda c: trace_file(c, setter("records", 0, "entropy", math.inf)), ValueError, FILE + r".*records\[0\]\.entropy must be a number >= 0", id="file-entropy-infinity"),
+    R(lambda c: trace_file(c, setter("records", 0, "entropy", math.inf)), ValueError, r"is not a trace file: not JSON \(Infinity is not a JSON number\)", id="file-entropy-infinity"),
     R(lambda c: trace_file(c, setter("prompt_ids", "5 6 7")), ValueError, FILE + r".*prompt_ids must be a non-empty list of token ids.*'5 6 7'", id="file-prompt-ids-string"),
     R(lambda c: trace_file(c, setter("prompt_ids", [])), ValueError, FILE + r".*prompt_ids must be a non-empty list", id="file-prompt-ids-empty"),
     R(lambda c: trace_file(c, setter("prompt_ids", [5, 6.5])), ValueError, FILE + r".*prompt_ids must be a non-empty list of token ids", id="file-prompt-ids-float"),
@@ -313,7 +313,78 @@ ROWS = [
     R(lambda c: Debugger(c.e, PROMPT).set_sampling(seed=-3), ValueError, r"seed must be an integer from 0", id="debugger-set-seed-negative"),
     R(lambda c: Debugger(c.e, PROMPT).ablate_head(0, 6), ValueError, r"head must be an integer from 0 to 5", id="debugger-ablate-missing-head"),
     R(lambda c: Debugger(c.e, PROMPT).run_to(2.5), ValueError, r"cycle must be an integer from 0 to 20", id="debugger-run-to-float"),
+    R(lambda c: Debugger(c.e, PROMPT).break_entropy_above(math.nan), ValueError, r"entropy threshold must be a finite number >= 0 nats, got nan", id="debugger-entropy-nan"),
+    R(lambda c: Debugger(c.e, PROMPT).break_entropy_above(math.inf), ValueError, r"entropy threshold must be a finite number >= 0 nats, got inf", id="debugger-entropy-inf"),
+    R(lambda c: Debugger(c.e, PROMPT).break_entropy_above(True), TypeError, r"entropy threshold must be a number of nats, got True \(bool\)", id="debugger-entropy-bool"),
+    R(lambda c: Debugger(c.e, PROMPT).break_below(True), TypeError, r"p must be a probability \(a number in \(0, 1\]\), got True \(bool\)", id="debugger-break-below-bool"),
+    R(lambda c: Debugger(c.e, PROMPT).break_below(math.nan), ValueError, r"p must be in \(0, 1\], got nan", id="debugger-break-below-nan"),
+    # ---------------------------------------------------------------- one-pass iterators, numpy, the lab helpers
+    R(lambda c: gen(c, capture=(op for op in ["logits"])), TypeError, r"capture must be a set, list or tuple of op names, not a one-pass generator", id="option-capture-generator"),
+    R(lambda c: gen(c, capture=iter(["logits"])), TypeError, r"not a one-pass list_iterator", id="option-capture-iterator"),
+    R(lambda c: _patching(c, PROMPT, PROMPT), ValueError, r"the clean and corrupted prompts are the same tokens", id="patching-identical-prompts"),
+    R(lambda c: _shade(["a", "b"], [0.5, math.nan]), ValueError, r"score 1 is nan: shading needs finite scores", id="shaded-text-nan"),
+    R(lambda c: _shade(["a"], [math.inf]), ValueError, r"score 0 is inf", id="shaded-text-inf"),
+    R(lambda c: _weight_bytes(c, group=-32), ValueError, r"group must be >= 1 \(values per int4 scale, e.g. 32\), got -32", id="weight-bytes-group-negative"),
+    R(lambda c: _weight_bytes(c, group=0), ValueError, r"group must be >= 1", id="weight-bytes-group-zero"),
+    R(lambda c: _weight_bytes(c, group=32.0), TypeError, r"group must be an integer .*got 32\.0 \(float\)", id="weight-bytes-group-float"),
+    R(lambda c: _q4_1(np_array([300] + [0] * 19)), ValueError, r"must hold bytes \(integers 0\.\.255\), got dtype int64 from 0 to 300", id="q4-1-above-255"),
+    R(lambda c: _q4_1(np_array([-1] + [0] * 19)), ValueError, r"must hold bytes \(integers 0\.\.255\), got dtype int64 from -1 to 0", id="q4-1-negative"),
+    R(lambda c: _q4_1(np_array([0.5] * 20)), ValueError, r"must hold bytes \(integers 0\.\.255\), got dtype float64", id="q4-1-floats"),
+    R(lambda c: load("tiny", attn="flash"), ValueError, r"unknown attn='flash': the choices are 'eager' .* and 'sdpa'", id="load-attn-flash"),
+    R(lambda c: load("tiny", attn=None), TypeError, r"attn must be one of \('eager', 'sdpa'\)", id="load-attn-none"),
+    R(lambda c: load("tiny", dtype=torch.int8), ValueError, r"dtype must be a floating-point dtype .*got torch\.int8; for int8 weights use quantize='int8'", id="load-dtype-int8"),
+    R(lambda c: load("tiny", dtype="float32"), TypeError, r"dtype must be a torch dtype such as torch\.float32, got 'float32'", id="load-dtype-string"),
+    R(lambda c: _nan_trace_save(c), ValueError, r"cannot save the trace for .*t\.json as JSON: settings\.sampling\.temperature is nan", id="trace-save-nan"),
+    R(lambda c: trace_file(c, setter("records", 0, "token", "FORGED")), ValueError, FILE + r".*records\[0\]\.top\[0\] must be the text of token .*'FORGED'", id="file-token-text-disagrees"),
+    R(lambda c: c.e.replay(_edited(c, text="forged text")), ValueError, r"this trace's text 'forged text' is not what its token ids decode to", id="replay-text-forged"),
+    R(lambda c: c.e.replay(_edited(c, token="FORGED")), ValueError, r"cycle 0 gives token \d+ \(token\) the text 'FORGED', but the tokenizer decodes it as", id="replay-token-text-forged"),
 ]
+
+
+def np_array(values):
+    import numpy as np
+
+    return np.array(values)
+
+
+def _patching(c, clean, corrupt):
+    from cyclelab.lab.patching import patching_grid
+
+    return patching_grid(c.e, clean, corrupt, c.trace.records[0].token_id)
+
+
+def _shade(tokens, scores):
+    from cyclelab.lab.attribution import shaded_text
+
+    return shaded_text(tokens, scores)
+
+
+def _weight_bytes(c, group):
+    from cyclelab.lab.quantize import weight_bytes
+
+    return weight_bytes(c.e.loaded.model, "int4", group=group)
+
+
+def _q4_1(block):
+    from cyclelab.lab.quantize import decode_q4_1_block
+
+    return decode_q4_1_block(block)
+
+
+def _nan_trace_save(c):
+    trace = c.e.generate(PROMPT, 1, temperature=math.nan)  # greedy ignores the temperature, JSON cannot hold it
+    trace.save(c.tmp / "t.json")
+
+
+def _edited(c, text=None, token=None) -> Trace:
+    """A copy of the base trace with its text, or the text of its first token alone (the candidates kept), forged."""
+    trace = copy.deepcopy(c.trace)
+    if text is not None:
+        trace.text = text
+    if token is not None:
+        trace.records[0].token = token
+        trace.records[0].top = [(i, token if i == trace.records[0].token_id else t, p) for i, t, p in trace.records[0].top]
+    return trace
 
 
 @pytest.mark.parametrize("action,error,message", ROWS)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import weakref
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from time import perf_counter
@@ -480,6 +480,9 @@ def _check_capture(capture) -> None:
     """TypeError/ValueError unless ``capture`` is None, "all", a function, or a collection of op names."""
     if capture is None or callable(capture) or (isinstance(capture, str) and capture == "all"):
         return
+    if isinstance(capture, Iterator):
+        raise TypeError(f"capture must be a set, list or tuple of op names, not a one-pass {type(capture).__name__} "
+                        "(it would be used up by the first check): write capture={...} or capture=list(...)")
     if isinstance(capture, (str, bytes)) or not isinstance(capture, Iterable) or not all(isinstance(op, str) for op in capture):
         raise TypeError(f'capture must be None, "all", a set of op names or a function (op, layer) -> bool, got {capture!r}')
     unknown = sorted(set(capture) - set(OPS))
