@@ -745,3 +745,50 @@ def test_cyclelab_fetch_smollm2_converts_again_when_needed(cache, fake_dequantiz
 
     assert verify_folder(cache / "models" / "smollm2", "x")
     assert main(["fetch", "smollm2"]) == 0 and len(fake_dequantize) == 1, "an intact cache is not converted again"
+
+
+# ---------------------------------------------------------------- 3. saves: a full disk never truncates the old file
+def _disk_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cyclelab.load import atomic
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", full)
+
+
+def _saves(tiny_engine) -> dict[str, Callable[[Path], object]]:
+    from cyclelab import Debugger
+    from cyclelab.workshop.lessons import Lesson
+
+    trace = tiny_engine.generate("ROMEO:", 3)
+    dbg = Debugger(tiny_engine, "ROMEO:", max_new_tokens=2)
+    dbg.run_to(1)
+    lesson = Lesson.load("fetch")
+    return {"trace": trace.save, "html": dbg.export_html, "lesson": lesson.save, "debugger-export": dbg.export}
+
+
+@pytest.mark.parametrize("kind", ["trace", "html", "lesson", "debugger-export"])
+def test_a_save_on_a_full_disk_keeps_the_previous_file(tiny_engine, tmp_path, monkeypatch, kind):
+    save = _saves(tiny_engine)[kind]
+    path = tmp_path / "saved.out"
+    save(path)
+    good = path.read_bytes()
+    assert good
+    _disk_full(monkeypatch)
+    with pytest.raises(OSError, match="No space left on device"):
+        save(path)
+    assert path.read_bytes() == good, "the previous good file must survive a failed save"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved.out"], "no temporary file may be left behind"
+
+
+def test_write_atomic_keeps_the_mode_and_replaces_whole(tmp_path):
+    from cyclelab.load.atomic import strict_json, write_atomic
+
+    path = tmp_path / "f.json"
+    path.write_text("old")
+    path.chmod(0o640)
+    write_atomic(path, strict_json({"a": [1, 2.5, None]}, "f"))
+    assert json.loads(path.read_text()) == {"a": [1, 2.5, None]} and (path.stat().st_mode & 0o777) == 0o640
+    with pytest.raises(ValueError, match=r"cannot save x as JSON: a\[1\]\.b is inf"):
+        strict_json({"a": [0, {"b": float("inf")}]}, "x")
