@@ -30,6 +30,11 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
         if path.exists():
             os.chmod(tmp, path.stat().st_mode & 0o7777)
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.filename == str(tmp):  # name the file the caller asked for, not the temporary one
+            raise type(err)(err.errno, err.strerror, str(path)) from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
