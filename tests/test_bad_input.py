@@ -383,7 +383,8 @@ def _edited(c, text=None, token=None) -> Trace:
         trace.text = text
     if token is not None:
         trace.records[0].token = token
-        trace.records[0].top = [(i, token if i == trace.records[0].token_id else t, p) for i, t, p in trace.records[0].top]
+        first = trace.records[0]
+        first.top = [(i, token if i == first.token_id else t, p) for i, t, p in first.top]
     return trace
 
 

@@ -386,7 +386,8 @@ class Engine:
         for r in trace.records:
             for token_id, text, where in [(r.token_id, r.token, "token"), *((c[0], c[1], "top") for c in r.top)]:
                 if token_id < vocab and text != self.token_text(token_id):
-                    raise ValueError(f"this trace's cycle {r.cycle} gives token {token_id} ({where}) the text {text!r}, "
+                    raise ValueError(f"this trace's cycle {r.cycle} gives token {token_id} ({where}) the text "
+                                     f"{text!r}, "
                                      f"but the tokenizer decodes it as {self.token_text(token_id)!r}: the trace was "
                                      "edited or damaged; make it again with generate")
         if all(i < vocab for i in trace.token_ids):

@@ -219,10 +219,10 @@ class _TraceFile:
         for i, r in enumerate(records):
             pairs = [(r.token_id, r.token, f"records[{i}].token")]
             pairs += [(c[0], c[1], f"records[{i}].top[{j}]") for j, c in enumerate(r.top)]
-            for token_id, text, field in pairs:
-                first = seen.setdefault(token_id, (text, field))
+            for token_id, text, where in pairs:
+                first = seen.setdefault(token_id, (text, where))
                 if first[0] != text:
-                    self.fail(field, f"the text of token {token_id}, {first[0]!r} (as in {first[1]})", text)
+                    self.fail(where, f"the text of token {token_id}, {first[0]!r} (as in {first[1]})", text)
 
     def record(self, value, field: str) -> CycleRecord:
         r = self.fields(value, field, {**{k: NATURAL for k in ("cycle", "token_id", "greedy_id", "cache_len", "flops", "bytes")},

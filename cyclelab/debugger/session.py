@@ -467,7 +467,8 @@ class Debugger(StateViews):
         panels and Back/Next controls: it needs no kernel, network or CDN (mail it, open it on a phone)."""
         path = Path(path)
         frames = self.frames()
-        write_atomic(path, replay_page(frames, f"cyclelab debugger: {self.engine.loaded.name}, {len(frames) - 1} tokens"))
+        title = f"cyclelab debugger: {self.engine.loaded.name}, {len(frames) - 1} tokens"
+        write_atomic(path, replay_page(frames, title))
         self.message = f"saved a replay of {len(frames) - 1} tokens to {path}"
         return path
 
