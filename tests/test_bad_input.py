@@ -254,8 +254,8 @@ ROWS = [
     R(lambda c: trace_file(c, setter("records", 0, "prob", "high")), ValueError, FILE + r".*records\[0\]\.prob must be a probability.*'high'", id="file-prob-string"),
     R(lambda c: trace_file(c, setter("records", 1, "prob", 1.5)), ValueError, FILE + r".*records\[1\]\.prob must be a probability", id="file-prob-above-one"),
     R(lambda c: trace_file(c, setter("records", 0, "raw_prob", None)), ValueError, FILE + r".*records\[0\]\.raw_prob must be a probability", id="file-raw-prob-null"),
-    R(lambda c: trace_file(c, setter("records", 0, "entropy", math.nan)), ValueError, FILE + r".*records\[0\]\.entropy must be a number >= 0.*nan", id="file-entropy-nan"),
-    R(lambda c: trace_file(c, setter("records", 0, "entropy", math.inf)), ValueError, FILE + r".*records\[0\]\.entropy must be a number >= 0", id="file-entropy-infinity"),
+    R(lambda c: trace_file(c, setter("records", 0, "entropy", math.nan)), ValueError, r"is not a trace file: not JSON \(NaN is not a JSON number\)", id="file-entropy-nan"),
+    R(lambda c: trace_file(c, setter("records", 0, "entropy", math.inf)), ValueError, r"is not a trace file: not JSON \(Infinity is not a JSON number\)", id="file-entropy-infinity"),
     R(lambda c: trace_file(c, setter("prompt_ids", "5 6 7")), ValueError, FILE + r".*prompt_ids must be a non-empty list of token ids.*'5 6 7'", id="file-prompt-ids-string"),
     R(lambda c: trace_file(c, setter("prompt_ids", [])), ValueError, FILE + r".*prompt_ids must be a non-empty list", id="file-prompt-ids-empty"),
     R(lambda c: trace_file(c, setter("prompt_ids", [5, 6.5])), ValueError, FILE + r".*prompt_ids must be a non-empty list of token ids", id="file-prompt-ids-float"),
@@ -313,7 +313,79 @@ ROWS = [
     R(lambda c: Debugger(c.e, PROMPT).set_sampling(seed=-3), ValueError, r"seed must be an integer from 0", id="debugger-set-seed-negative"),
     R(lambda c: Debugger(c.e, PROMPT).ablate_head(0, 6), ValueError, r"head must be an integer from 0 to 5", id="debugger-ablate-missing-head"),
     R(lambda c: Debugger(c.e, PROMPT).run_to(2.5), ValueError, r"cycle must be an integer from 0 to 20", id="debugger-run-to-float"),
+    R(lambda c: Debugger(c.e, PROMPT).break_entropy_above(math.nan), ValueError, r"entropy threshold must be a finite number >= 0 nats, got nan", id="debugger-entropy-nan"),
+    R(lambda c: Debugger(c.e, PROMPT).break_entropy_above(math.inf), ValueError, r"entropy threshold must be a finite number >= 0 nats, got inf", id="debugger-entropy-inf"),
+    R(lambda c: Debugger(c.e, PROMPT).break_entropy_above(True), TypeError, r"entropy threshold must be a number of nats, got True \(bool\)", id="debugger-entropy-bool"),
+    R(lambda c: Debugger(c.e, PROMPT).break_below(True), TypeError, r"p must be a probability \(a number in \(0, 1\]\), got True \(bool\)", id="debugger-break-below-bool"),
+    R(lambda c: Debugger(c.e, PROMPT).break_below(math.nan), ValueError, r"p must be in \(0, 1\], got nan", id="debugger-break-below-nan"),
+    # ---------------------------------------------------------------- one-pass iterators, numpy, the lab helpers
+    R(lambda c: gen(c, capture=(op for op in ["logits"])), TypeError, r"capture must be a set, list or tuple of op names, not a one-pass generator", id="option-capture-generator"),
+    R(lambda c: gen(c, capture=iter(["logits"])), TypeError, r"not a one-pass list_iterator", id="option-capture-iterator"),
+    R(lambda c: _patching(c, PROMPT, PROMPT), ValueError, r"the clean and corrupted prompts are the same tokens", id="patching-identical-prompts"),
+    R(lambda c: _shade(["a", "b"], [0.5, math.nan]), ValueError, r"score 1 is nan: shading needs finite scores", id="shaded-text-nan"),
+    R(lambda c: _shade(["a"], [math.inf]), ValueError, r"score 0 is inf", id="shaded-text-inf"),
+    R(lambda c: _weight_bytes(c, group=-32), ValueError, r"group must be >= 1 \(values per int4 scale, e.g. 32\), got -32", id="weight-bytes-group-negative"),
+    R(lambda c: _weight_bytes(c, group=0), ValueError, r"group must be >= 1", id="weight-bytes-group-zero"),
+    R(lambda c: _weight_bytes(c, group=32.0), TypeError, r"group must be an integer .*got 32\.0 \(float\)", id="weight-bytes-group-float"),
+    R(lambda c: _q4_1(np_array([300] + [0] * 19)), ValueError, r"must hold bytes \(integers 0\.\.255\), got dtype int64 from 0 to 300", id="q4-1-above-255"),
+    R(lambda c: _q4_1(np_array([-1] + [0] * 19)), ValueError, r"must hold bytes \(integers 0\.\.255\), got dtype int64 from -1 to 0", id="q4-1-negative"),
+    R(lambda c: _q4_1(np_array([0.5] * 20)), ValueError, r"must hold bytes \(integers 0\.\.255\), got dtype float64", id="q4-1-floats"),
+    R(lambda c: load("tiny", attn="flash"), ValueError, r"unknown attn='flash': the choices are 'eager' .* and 'sdpa'", id="load-attn-flash"),
+    R(lambda c: load("tiny", attn=None), TypeError, r"attn must be one of \('eager', 'sdpa'\)", id="load-attn-none"),
+    R(lambda c: load("tiny", dtype=torch.int8), ValueError, r"dtype must be a floating-point dtype .*got torch\.int8; for int8 weights use quantize='int8'", id="load-dtype-int8"),
+    R(lambda c: load("tiny", dtype="float32"), TypeError, r"dtype must be a torch dtype such as torch\.float32, got 'float32'", id="load-dtype-string"),
+    R(lambda c: _nan_trace_save(c), ValueError, r"cannot save the trace for .*t\.json as JSON: settings\.sampling\.temperature is nan", id="trace-save-nan"),
+    R(lambda c: trace_file(c, setter("records", 0, "token", "FORGED")), ValueError, FILE + r".*records\[0\]\.top\[0\] must be the text of token .*'FORGED'", id="file-token-text-disagrees"),
+    R(lambda c: c.e.replay(_edited(c, text="forged text")), ValueError, r"this trace's text 'forged text' is not what its token ids decode to", id="replay-text-forged"),
+    R(lambda c: c.e.replay(_edited(c, token="FORGED")), ValueError, r"cycle 0 gives token \d+ \(token\) the text 'FORGED', but the tokenizer decodes it as", id="replay-token-text-forged"),
 ]
+
+
+def np_array(values):
+    import numpy as np
+
+    return np.array(values)
+
+
+def _patching(c, clean, corrupt):
+    from cyclelab.lab.patching import patching_grid
+
+    return patching_grid(c.e, clean, corrupt, c.trace.records[0].token_id)
+
+
+def _shade(tokens, scores):
+    from cyclelab.lab.attribution import shaded_text
+
+    return shaded_text(tokens, scores)
+
+
+def _weight_bytes(c, group):
+    from cyclelab.lab.quantize import weight_bytes
+
+    return weight_bytes(c.e.loaded.model, "int4", group=group)
+
+
+def _q4_1(block):
+    from cyclelab.lab.quantize import decode_q4_1_block
+
+    return decode_q4_1_block(block)
+
+
+def _nan_trace_save(c):
+    trace = c.e.generate(PROMPT, 1, temperature=math.nan)  # greedy ignores the temperature, JSON cannot hold it
+    trace.save(c.tmp / "t.json")
+
+
+def _edited(c, text=None, token=None) -> Trace:
+    """A copy of the base trace with its text, or the text of its first token alone (the candidates kept), forged."""
+    trace = copy.deepcopy(c.trace)
+    if text is not None:
+        trace.text = text
+    if token is not None:
+        trace.records[0].token = token
+        first = trace.records[0]
+        first.top = [(i, token if i == first.token_id else t, p) for i, t, p in first.top]
+    return trace
 
 
 @pytest.mark.parametrize("action,error,message", ROWS)
@@ -380,18 +452,57 @@ def test_fingerprint_follows_weights_changed_in_place(tiny):
     assert fingerprint(loaded)["weights"] != before
 
 
-def test_fingerprint_is_cheap(tiny):
-    import time
-
+def test_fingerprint_sees_an_edit_through_data_anywhere(tiny):
+    """``.data`` bypasses the tensor's version counter; the digest hashes every byte, so it still changes."""
     loaded = Loaded("tiny", copy.deepcopy(tiny.model), tiny.tokenizer, "test")
-    start = time.perf_counter()
-    fingerprint(loaded)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    fingerprint(loaded)
-    again = time.perf_counter() - start
-    print(f"fingerprint of tiny: {first * 1e3:.1f} ms, memoised {again * 1e3:.2f} ms")
-    assert first < 0.5 and again < 0.01
+    before = fingerprint(loaded)["weights"]
+    loaded.model.lm_head.weight.data[7, 5] += 1e-3  # not in the old strided sample of ~1,000 values
+    after = fingerprint(loaded)["weights"]
+    assert after != before
+    loaded.model.lm_head.weight.data[7, 5] -= 1e-3
+    assert fingerprint(loaded)["weights"] in (before, after)  # float rounding may leave it one ulp off
+
+
+def test_a_run_hashes_the_weights_once_not_per_token(tiny_engine, monkeypatch):
+    from cyclelab.core import engine as engine_module
+
+    calls = []
+    real = engine_module.weights_sha256
+    monkeypatch.setattr(engine_module, "weights_sha256", lambda model: calls.append(1) or real(model))
+    tiny_engine.generate(PROMPT, 6)
+    assert len(calls) == 1
+
+
+def test_load_never_hands_out_a_model_edited_in_place():
+    from cyclelab import load
+    from cyclelab.loading import loader
+
+    first = load("tiny")
+    saved = dict(loader._CACHE)
+    weight = first.model.lm_head.weight
+    original = weight.data[3, 4].item()
+    try:
+        weight.data[3, 4] = original + 1.0
+        again = load("tiny")
+        assert again is not first and again.model.lm_head.weight[3, 4].item() == original
+        assert load("tiny") is again  # the fresh copy is cached in its place
+    finally:
+        weight.data[3, 4] = original
+        loader._CACHE.clear()
+        loader._CACHE.update(saved)  # later tests get the session's model object again
+
+
+def test_old_lessons_and_traces_with_the_sampled_digest_still_open(tiny_engine, base):
+    from cyclelab.core.engine import legacy_weights_digest
+
+    old = legacy_weights_digest(tiny_engine.loaded.model)
+    assert old != tiny_engine.fingerprint["weights"]
+    trace = copy.deepcopy(base)
+    trace.fingerprint = {**trace.fingerprint, "weights": old}
+    tiny_engine.check_trace(trace, "weights")  # accepted: recorded before full-byte hashing
+    trace.fingerprint["weights"] = "0" * 64
+    with pytest.raises(ValueError, match="weights fingerprint differs"):
+        tiny_engine.check_trace(trace, "weights")
 
 
 def test_a_trace_file_round_trips_with_its_fingerprint_and_replays(tiny_engine, base, tmp_path):
@@ -435,3 +546,36 @@ def test_generate_accepts_every_run_option_by_name(tiny_engine):
     trace = tiny_engine.generate(PROMPT, 2, use_cache=False, capture={"logits"}, keep_events=True, force=[5],
                                  ablation=None, stop_at_eos=False, draws=0, chat=False)
     assert trace.token_ids[0] == 5 and any(e.op == "logits" for e in trace.events)
+
+
+def test_seeds_above_2_to_the_32_are_streams_of_their_own(tiny_engine):
+    """torch's CPU twister reads 32 bits of a seed; seeds < 2**32 keep today's stream, larger ones get their own."""
+    import numpy as np
+
+    from cyclelab.core.sampling import make_generator
+    from cyclelab.core.seeds import _init_by_array
+
+    def draws(seed):
+        return torch.rand(4, generator=make_generator(seed)).tolist()
+
+    reference = torch.Generator().manual_seed(1)
+    assert draws(1) == torch.rand(4, generator=reference).tolist()  # unchanged below 2**32
+    assert draws(1 + 2**32) != draws(1) and draws(1 + 2**32) == draws(1 + 2**32)
+    assert len({tuple(draws(s)) for s in (2**32, 2**33, 2**63, 2**64 - 1, 2**32 + 2**63)}) == 5
+    key = [7, 5]  # the seeding is MT19937's init_by_array, as numpy's RandomState does it
+    assert _init_by_array(key) == list(np.random.RandomState(key).get_state()[1])
+    tokens = [tiny_engine.generate(PROMPT, 8, do_sample=True, seed=s).token_ids for s in (3, 3 + 2**32)]
+    assert tokens[0] != tokens[1]
+
+
+def test_numpy_scalars_are_numbers_like_floats(tiny_engine, tmp_path):
+    import numpy as np
+
+    for value in (np.float32(0.7), np.float64(0.7), np.float16(0.7)):
+        sampling = Sampling(do_sample=True, temperature=value, seed=1)
+        assert type(sampling.temperature) is float and abs(sampling.temperature - 0.7) < 1e-3
+    trace = tiny_engine.generate(PROMPT, 2, do_sample=True, temperature=np.float32(0.5), seed=1)
+    trace.save(tmp_path / "t.json")  # plain floats: JSON can hold them
+    assert Trace.load(tmp_path / "t.json").settings["sampling"]["temperature"] == 0.5
+    with pytest.raises(TypeError, match=r"temperature must be a number, got np.True_ \(bool\)"):
+        Sampling(temperature=np.bool_(True))

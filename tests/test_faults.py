@@ -97,6 +97,31 @@ def garble_sums(folder: Path) -> None:
     (folder / SUMS).write_text("not a checksum line\n")
 
 
+def keep_sums(*names: str) -> Callable[[Path], None]:
+    """SHA256SUMS cut down to the lines of ``names`` (none: an empty file)."""
+    def damage(folder: Path) -> None:
+        lines = (folder / SUMS).read_text().splitlines()
+        (folder / SUMS).write_text("".join(f"{line}\n" for line in lines if line.split("  ")[1] in names))
+    return damage
+
+
+def both(*damages: Callable[[Path], None]) -> Callable[[Path], None]:
+    return lambda folder: [d(folder) for d in damages] and None
+
+
+def as_directory(name: str) -> Callable[[Path], None]:
+    def damage(folder: Path) -> None:
+        (folder / name).unlink()
+        (folder / name).mkdir()
+    return damage
+
+
+def absurd_llama(folder: Path) -> None:
+    """A config claiming a Llama whose sizes transformers ignores: it would build a default 6.7B model."""
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                                                    "hidden_sizes": 10**9}))
+
+
 # ---------------------------------------------------------------- copies of data/ and of the cache
 @pytest.fixture
 def data_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -216,6 +241,26 @@ FOLDER_FAULTS = [
      r"tiny/model\.safetensors is missing"),
     ("tiny-checksums-garbled", "tiny", garble_sums, ModelFileError,
      r"tiny/SHA256SUMS is corrupt \(line 1 .*git checkout data/tiny"),
+    ("tiny-sums-missing-weights-damaged", "tiny", both(delete(SUMS), flip("model.safetensors")), ModelFileError,
+     r"tiny/SHA256SUMS is missing, so the model files in .*tiny cannot be verified\. To repair: .*git checkout"),
+    ("tiny-sums-empty-weights-damaged", "tiny", both(keep_sums(), flip("model.safetensors", 0xFF, 64)),
+     ModelFileError, r"tiny/SHA256SUMS is empty, so the model files .*git checkout data/tiny"),
+    ("tiny-sums-partial-tokenizer-damaged", "tiny", both(keep_sums("model.safetensors"), flip("tokenizer.json")),
+     ModelFileError, r"tiny/SHA256SUMS is incomplete: it does not list config\.json, generation_config\.json, "
+                     r"tokenizer\.json, tokenizer_config\.json"),
+    ("tiny-mlm-sums-missing", "tiny-mlm", delete(SUMS), ModelFileError,
+     r"tiny-mlm/SHA256SUMS is missing.*git checkout data/tiny-mlm"),
+    ("tiny-sums-and-a-shipped-file-deleted", "tiny", both(delete("tokenizer_config.json"),
+                                                          keep_sums("config.json", "generation_config.json",
+                                                                    "model.safetensors", "tokenizer.json")),
+     ModelFileError, r"tiny/SHA256SUMS is incomplete: it does not list tokenizer_config\.json"),
+    ("tiny-tokenizer-is-a-directory", "tiny", as_directory("tokenizer.json"), ModelFileError,
+     r"tiny/tokenizer\.json is a directory, not a file\. To repair: .*git checkout data/tiny"),
+    ("folder-config-is-a-directory", "folder", without_checksums(as_directory("config.json")), ModelFileError,
+     r"folder/config\.json is a directory, not a file"),
+    ("folder-absurd-llama", "folder", without_checksums(absurd_llama), ModelFileError,
+     r"folder/config\.json does not match the weights in .*folder: the config describes a LlamaForCausalLM of "
+     r"6,738,415,616 parameters, the weights hold 2,615,424 \(nothing was allocated\)"),
     ("folder-n_layer-2", "folder", without_checksums(edit_config(n_layer=2)), ModelFileError,
      r"config\.json does not match the weights .*: 22 tensors in the weights but unused by the config "
      r"\(transformer\.h\.2\."),
@@ -256,6 +301,43 @@ def test_the_shipped_checksums_match_the_shipped_files():
             assert hashlib.sha256((REAL_DATA / name / file).read_bytes()).hexdigest() == digest
 
 
+def test_the_package_records_the_shipped_checksums():
+    """cyclelab/loading/shipped_hashes.json agrees with data/*/SHA256SUMS, line for line."""
+    from cyclelab.loading.checksums import read_sums, shipped_hashes
+
+    for name in ("tiny", "tiny-mlm"):
+        assert shipped_hashes(name) == read_sums(REAL_DATA / name, "x") and len(shipped_hashes(name)) >= 4
+    assert shipped_hashes("smollm2") == {}
+
+
+def test_a_file_damaged_in_place_is_caught_by_load_without_cache(data_copy):
+    """Same size, same mtime, other bytes: ``load(cache=False)`` hashes again instead of trusting the memo."""
+    load("tiny", cache=False)
+    path = own(data_copy / "tiny" / "model.safetensors")
+    stat = path.stat()
+    flip("model.safetensors")(data_copy / "tiny")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    with pytest.raises(ModelFileError, match=r"model\.safetensors is corrupt: its sha256"):
+        load("tiny", cache=False)
+
+
+def test_an_unreadable_model_file_is_named(data_copy, monkeypatch):
+    import builtins
+
+    real_open = builtins.open
+
+    def refuse(file, *args, **kwargs):
+        if str(file).endswith("tiny/model.safetensors"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refuse)
+    with pytest.raises(ModelFileError, match=r"tiny/model\.safetensors cannot be read \(Permission denied\)\. "
+                                             r"To repair: .*git checkout data/tiny"):
+        load("tiny", cache=False)
+
+
 def test_verifying_tiny_costs_well_under_a_second(data_copy):
     import time
 
@@ -289,6 +371,8 @@ CACHE_FAULTS = [
      r"models/smollm2/model\.safetensors is corrupt: its sha256 .*run `cyclelab fetch smollm2`"),
     ("smollm2-tokenizer-truncated", "smollm2", in_cache("models/smollm2/tokenizer.json", truncate), ModelFileError,
      r"models/smollm2/tokenizer\.json is corrupt.*cyclelab fetch smollm2"),
+    ("smollm2-sums-missing", "smollm2", in_cache("models/smollm2/SHA256SUMS", delete), ModelFileError,
+     r"models/smollm2/SHA256SUMS is missing, so .*cannot be verified\. To repair: run `cyclelab fetch smollm2`"),
     ("smollm2-config-missing", "smollm2", in_cache("models/smollm2/config.json", delete), ModelFileError,
      r"models/smollm2/config\.json is missing\. To repair: run `cyclelab fetch smollm2`"),
     ("gguf-flipped-is-not-converted", "smollm2",
@@ -661,3 +745,50 @@ def test_cyclelab_fetch_smollm2_converts_again_when_needed(cache, fake_dequantiz
 
     assert verify_folder(cache / "models" / "smollm2", "x")
     assert main(["fetch", "smollm2"]) == 0 and len(fake_dequantize) == 1, "an intact cache is not converted again"
+
+
+# ---------------------------------------------------------------- 3. saves: a full disk never truncates the old file
+def _disk_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cyclelab.loading import atomic
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", full)
+
+
+def _saves(tiny_engine) -> dict[str, Callable[[Path], object]]:
+    from cyclelab import Debugger
+    from cyclelab.workshop.lessons import Lesson
+
+    trace = tiny_engine.generate("ROMEO:", 3)
+    dbg = Debugger(tiny_engine, "ROMEO:", max_new_tokens=2)
+    dbg.run_to(1)
+    lesson = Lesson.load("fetch")
+    return {"trace": trace.save, "html": dbg.export_html, "lesson": lesson.save, "debugger-export": dbg.export}
+
+
+@pytest.mark.parametrize("kind", ["trace", "html", "lesson", "debugger-export"])
+def test_a_save_on_a_full_disk_keeps_the_previous_file(tiny_engine, tmp_path, monkeypatch, kind):
+    save = _saves(tiny_engine)[kind]
+    path = tmp_path / "saved.out"
+    save(path)
+    good = path.read_bytes()
+    assert good
+    _disk_full(monkeypatch)
+    with pytest.raises(OSError, match="No space left on device"):
+        save(path)
+    assert path.read_bytes() == good, "the previous good file must survive a failed save"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved.out"], "no temporary file may be left behind"
+
+
+def test_write_atomic_keeps_the_mode_and_replaces_whole(tmp_path):
+    from cyclelab.loading.atomic import strict_json, write_atomic
+
+    path = tmp_path / "f.json"
+    path.write_text("old")
+    path.chmod(0o640)
+    write_atomic(path, strict_json({"a": [1, 2.5, None]}, "f"))
+    assert json.loads(path.read_text()) == {"a": [1, 2.5, None]} and (path.stat().st_mode & 0o777) == 0o640
+    with pytest.raises(ValueError, match=r"cannot save x as JSON: a\[1\]\.b is inf"):
+        strict_json({"a": [0, {"b": float("inf")}]}, "x")

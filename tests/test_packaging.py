@@ -235,7 +235,7 @@ def test_the_wheel_ships_the_kernels_source_and_the_tiny_models(wheel: Path) -> 
 
 
 def test_an_installed_copy_finds_the_shipped_data(tmp_path: Path) -> None:
-    from cyclelab.load.paths import CHECKOUT_DATA, find_data
+    from cyclelab.loading.paths import CHECKOUT_DATA, find_data
 
     installed = tmp_path / "share" / "cyclelab"
     (installed / "tiny").mkdir(parents=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import weakref
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from time import perf_counter
@@ -25,7 +25,8 @@ import torch
 from cyclelab.core.attention import KVCache
 from cyclelab.core.events import OPS, Cost, CycleRecord, Event, Stage, Trace
 from cyclelab.core.sampling import Sampling, as_sampling, check_int, choose, make_generator
-from cyclelab.loading.loader import Loaded, load
+from cyclelab.loading.loader import Loaded, load, weights_sha256
+from cyclelab.loading.loader import weight_tensors as _weight_tensors
 from cyclelab.core.ops import hook_names, registry_entry
 from cyclelab.core.blocks import Ablation, RunContext, architecture_for, capture_rule
 
@@ -371,11 +372,29 @@ class Engine:
                 raise ValueError(f"this trace was made by {trace.model!r}, not by this engine's model "
                                  f"{self.loaded.name!r}: use an engine of {trace.model!r}")
             return
-        if trace.fingerprint.get(part) != self.fingerprint[part]:
+        if trace.fingerprint.get(part) != self.fingerprint[part] and not (
+                part == "weights" and trace.fingerprint.get(part) == legacy_weights_digest(self.loaded.model)):
             use = ("branch on an engine of the model that made it" if part == "weights"
                    else "replay it on a model with the same tokenizer")
             raise ValueError(f"this trace was made by {trace.model!r}; its {part} fingerprint differs from that of "
                              f"this engine's model {self.loaded.name!r}: {use}")
+        self._check_texts(trace)
+
+    def _check_texts(self, trace: Trace) -> None:
+        """ValueError unless the trace's token texts and ``text`` are what this tokenizer makes of its ids."""
+        vocab = self.vocab_size
+        for r in trace.records:
+            for token_id, text, where in [(r.token_id, r.token, "token"), *((c[0], c[1], "top") for c in r.top)]:
+                if token_id < vocab and text != self.token_text(token_id):
+                    raise ValueError(f"this trace's cycle {r.cycle} gives token {token_id} ({where}) the text "
+                                     f"{text!r}, "
+                                     f"but the tokenizer decodes it as {self.token_text(token_id)!r}: the trace was "
+                                     "edited or damaged; make it again with generate")
+        if all(i < vocab for i in trace.token_ids):
+            text = self.tokenizer.decode(trace.token_ids, skip_special_tokens=True)
+            if trace.text != text:
+                raise ValueError(f"this trace's text {trace.text[:40]!r} is not what its token ids decode to "
+                                 f"({text[:40]!r}): the trace was edited or damaged; make it again with generate")
 
     @staticmethod
     def _sampling_of(trace: Trace) -> Sampling:
@@ -392,33 +411,27 @@ def as_loaded(model: Loaded | str | Path, who: str) -> Loaded:
                     f"got {type(model).__name__}")
 
 
-_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (tensor versions, digest)
 _TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> digest
 
 
 def fingerprint(loaded: Loaded) -> dict[str, str]:
-    """sha256 digests that tell models apart: ``weights`` (every parameter's name, shape, dtype and a
-    strided sample of about 1,000 of its values; an int8 Linear's codes and scales likewise) and ``tokenizer`` (its vocabulary).
+    """sha256 digests that tell models apart: ``weights`` (every parameter's name, shape, dtype and all of
+    its bytes; an int8 Linear's codes and scales likewise) and ``tokenizer`` (its vocabulary).
 
-    Computed once per model and tokenizer object (a few ms for tiny); the weights' digest is
-    recomputed when a parameter has been changed in place since (training, ``load_state_dict``).
+    The weights are hashed on every call (about 10 ms for tiny, 0.4 s for SmolLM2), so any change
+    shows, even one made through ``.data``; a run computes it once, never per token.
     """
-    return {"weights": _weights_digest(loaded.model), "tokenizer": _tokenizer_digest(loaded.tokenizer)}
+    return {"weights": weights_sha256(loaded.model), "tokenizer": _tokenizer_digest(loaded.tokenizer)}
 
 
-def _weights_digest(model: torch.nn.Module) -> str:
-    params = list(model.named_parameters())
-    params += [(name, b) for name, b in model.named_buffers() if name.endswith((".q", ".scale"))]  # int8 weights
-    versions = tuple((p.data_ptr(), p._version) for _, p in params)
-    memo = _WEIGHTS.get(model)
-    if memo is not None and memo[0] == versions:
-        return memo[1]
+def legacy_weights_digest(model: torch.nn.Module) -> str:
+    """The weights digest of cyclelab before full-byte hashing (a strided sample of ~1,000 values per
+    parameter): lessons and trace files recorded then carry it, and still open on their model."""
     h = hashlib.sha256()
-    for name, p in params:
+    for name, p in _weight_tensors(model):
         flat = p.detach().reshape(-1)
         h.update(f"{name} {tuple(p.shape)} {p.dtype};".encode())
         h.update(flat[::max(1, flat.numel() // 1024)].float().cpu().numpy().tobytes())
-    _WEIGHTS[model] = (versions, h.hexdigest())
     return h.hexdigest()
 
 
@@ -468,6 +481,9 @@ def _check_capture(capture) -> None:
     """TypeError/ValueError unless ``capture`` is None, "all", a function, or a collection of op names."""
     if capture is None or callable(capture) or (isinstance(capture, str) and capture == "all"):
         return
+    if isinstance(capture, Iterator):
+        raise TypeError(f"capture must be a set, list or tuple of op names, not a one-pass {type(capture).__name__} "
+                        "(it would be used up by the first check): write capture={...} or capture=list(...)")
     if isinstance(capture, (str, bytes)) or not isinstance(capture, Iterable) or not all(isinstance(op, str) for op in capture):
         raise TypeError(f'capture must be None, "all", a set of op names or a function (op, layer) -> bool, got {capture!r}')
     unknown = sorted(set(capture) - set(OPS))

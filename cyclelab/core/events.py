@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from cyclelab.core.sampling import as_sampling
+from cyclelab.loading.atomic import strict_json, write_atomic
 
 from cyclelab.core.ops import OPS, Stage  # the op registry: each op's stage, tensors and TransformerLens names
 
@@ -137,8 +138,11 @@ class Trace:
                 "settings": self.settings, "text": self.text, "records": [asdict(r) for r in self.records]}
 
     def save(self, path: str | Path) -> None:
-        """Write the trace as JSON (never pickle)."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+        """Write the trace as standard JSON (never pickle), atomically: a failed save leaves the old file whole.
+
+        A NaN or infinite number (e.g. ``temperature=nan`` on a greedy run) is a ``ValueError`` naming the field.
+        """
+        write_atomic(path, strict_json(self.to_dict(), f"the trace for {path}", indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> "Trace":
@@ -151,7 +155,7 @@ class Trace:
         """
         path = Path(path)
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            raw = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
         except (UnicodeDecodeError, ValueError, RecursionError) as err:
             problem = "nested too deeply" if isinstance(err, RecursionError) else f"not JSON ({err})"
             raise ValueError(f"{path} is not a trace file: {problem}; "
@@ -205,8 +209,20 @@ class _TraceFile:
         for i, record in enumerate(top["records"]):
             if record.cycle != i:
                 self.fail(f"records[{i}].cycle", f"{i} (cycles are numbered from 0 in order)", record.cycle)
+        self.texts_agree(top["records"])
         return Trace(top["model"], top["prompt_ids"], top["records"], top["settings"], top["text"],
                      fingerprint=top.get("fingerprint", {}))
+
+    def texts_agree(self, records: list[CycleRecord]) -> None:
+        """Each token id has one text throughout the file (as a chosen token and as a candidate)."""
+        seen: dict[int, tuple[str, str]] = {}
+        for i, r in enumerate(records):
+            pairs = [(r.token_id, r.token, f"records[{i}].token")]
+            pairs += [(c[0], c[1], f"records[{i}].top[{j}]") for j, c in enumerate(r.top)]
+            for token_id, text, where in pairs:
+                first = seen.setdefault(token_id, (text, where))
+                if first[0] != text:
+                    self.fail(where, f"the text of token {token_id}, {first[0]!r} (as in {first[1]})", text)
 
     def record(self, value, field: str) -> CycleRecord:
         r = self.fields(value, field, {**{k: NATURAL for k in ("cycle", "token_id", "greedy_id", "cache_len", "flops", "bytes")},
@@ -245,6 +261,10 @@ class _TraceFile:
         digest = (lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v),
                   "a sha256 digest (64 hex digits)")
         return self.fields(value, field, {}, {"weights": digest, "tokenizer": digest})
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _natural(v) -> bool:

@@ -22,7 +22,10 @@ import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from cyclelab.core.seeds import seed_generator
 
 Ids = Sequence[int] | torch.Tensor
 
@@ -56,6 +59,10 @@ class Sampling:
     min_p: float | None = None
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):  # numpy scalars as plain numbers
+            value = getattr(self, name)
+            if isinstance(value, (np.floating, np.integer)):
+                object.__setattr__(self, name, value.item())
         if not isinstance(self.do_sample, bool):
             raise TypeError(f"do_sample must be True or False, got {self.do_sample!r}")
         t = _number(self.temperature, "temperature")
@@ -104,7 +111,7 @@ def check_int(value, name: str) -> int:
 
 def _number(value, name: str) -> float:
     """``value`` if it is an int or float (a bool is not); else a TypeError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
     return value
 
@@ -264,7 +271,7 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     if seed is None:
         generator.seed()
     else:
-        generator.manual_seed(seed)
+        seed_generator(generator, seed)  # the whole 0..2**64 - 1: seed + 2**32 is another stream
     return generator
 
 

@@ -34,6 +34,7 @@ from cyclelab.debugger.replay import replay_page
 from cyclelab.debugger.views import render_text
 from cyclelab.core.sampling import Sampling, as_sampling
 from cyclelab.core.engine import Engine, as_loaded, trace_settings
+from cyclelab.loading.atomic import write_atomic
 from cyclelab.loading.loader import Loaded
 from cyclelab.core.blocks import Ablation
 
@@ -395,15 +396,19 @@ class Debugger(StateViews):
     @command
     def break_below(self, p: float) -> Breakpoint:
         """Stop when the chosen token's probability (after the processors) is below ``p``."""
-        if not isinstance(p, (int, float)) or not 0 < p <= 1:
+        if isinstance(p, bool) or not isinstance(p, (int, float)):
+            raise TypeError(f"p must be a probability (a number in (0, 1]), got {p!r} ({type(p).__name__})")
+        if not 0 < p <= 1:
             raise ValueError(f"p must be in (0, 1], got {p!r}")
         return self._add(Breakpoint("prob", float(p)))
 
     @command
     def break_entropy_above(self, h: float) -> Breakpoint:
         """Stop when the entropy of the distribution the token was chosen from exceeds ``h`` nats."""
-        if not isinstance(h, (int, float)) or h < 0:
-            raise ValueError(f"entropy threshold must be >= 0 nats, got {h!r}")
+        if isinstance(h, bool) or not isinstance(h, (int, float)):
+            raise TypeError(f"entropy threshold must be a number of nats, got {h!r} ({type(h).__name__})")
+        if not (h >= 0 and h != float("inf")):  # NaN fails every comparison: it would never fire
+            raise ValueError(f"entropy threshold must be a finite number >= 0 nats, got {h!r}")
         return self._add(Breakpoint("entropy", float(h)))
 
     @command
@@ -462,8 +467,8 @@ class Debugger(StateViews):
         panels and Back/Next controls: it needs no kernel, network or CDN (mail it, open it on a phone)."""
         path = Path(path)
         frames = self.frames()
-        path.write_text(replay_page(frames, f"cyclelab debugger: {self.engine.loaded.name}, "
-                                            f"{len(frames) - 1} tokens"), encoding="utf-8")
+        title = f"cyclelab debugger: {self.engine.loaded.name}, {len(frames) - 1} tokens"
+        write_atomic(path, replay_page(frames, title))
         self.message = f"saved a replay of {len(frames) - 1} tokens to {path}"
         return path
 

@@ -15,6 +15,7 @@ position and embedding dimension; sum the last axis for a score per token).
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -98,6 +99,10 @@ def shaded_text(tokens: Sequence[str], scores: torch.Tensor | Sequence[float], l
     scores = [float(s) for s in scores]
     if len(scores) != len(tokens):
         raise ValueError(f"{len(tokens)} tokens but {len(scores)} scores: give one score per token")
+    bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
+    if bad:
+        raise ValueError(f"score {bad[0]} is {scores[bad[0]]}: shading needs finite scores (a NaN or infinity "
+                         "usually means the attribution overflowed; check the model and the target)")
     top = max(map(abs, scores), default=0.0) or 1.0
     spans = []
     for token, s in zip(tokens, scores):

