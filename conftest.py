@@ -14,8 +14,14 @@ from pathlib import Path
 import pytest
 
 #: Test modules that take long for their number of tests: browsers, subprocesses, smollm2 runs.
-SLOW_MODULES = ("test_browser_view.py", "test_browser.py", "test_workshop.py", "test_grade.py",
-                "test_engine.py", "test_notebooks_papermill.py")
+SLOW_MODULES = (
+    "test_browser_view.py",
+    "test_browser.py",
+    "test_workshop.py",
+    "test_grade.py",
+    "test_engine.py",
+    "test_notebooks_papermill.py",
+)
 COST = re.compile(r"cost:fast -->.*?([\d.]+) s")
 
 

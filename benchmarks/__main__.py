@@ -17,11 +17,27 @@ import time
 from itertools import groupby
 from pathlib import Path
 
-MODULES = ["benchmarks.bench_engine", "benchmarks.bench_debugger", "benchmarks.bench_device",
-           "benchmarks.bench_speculative"]
+MODULES = [
+    "benchmarks.bench_engine",
+    "benchmarks.bench_debugger",
+    "benchmarks.bench_device",
+    "benchmarks.bench_speculative",
+]
 RESULTS = Path(__file__).resolve().parent / "results"
-FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile",
-         "asimd", "sve")  #: the CPU features that decide which kernels are fast
+FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "asimd",
+    "sve",
+)  #: the CPU features that decide which kernels are fast
 
 
 def cpu_flags(cpuinfo: str | None = None) -> list[str]:
@@ -46,12 +62,20 @@ def machine_record() -> dict:
     from cyclelab.kernels import build, choice
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"benchmark": "machine", "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-            "cpu": choice.cpu_model(), "cpu_flags": " ".join(cpu_flags()) or "-", "cpus": os.cpu_count(),
-            "cores_usable": cores, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-",
-            "kernels": f"CYCLELAB_KERNELS={build.mode()}", "load_1min_at_start": round(os.getloadavg()[0], 2)}
+    return {
+        "benchmark": "machine",
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "cpu": choice.cpu_model(),
+        "cpu_flags": " ".join(cpu_flags()) or "-",
+        "cpus": os.cpu_count(),
+        "cores_usable": cores,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-",
+        "kernels": f"CYCLELAB_KERNELS={build.mode()}",
+        "load_1min_at_start": round(os.getloadavg()[0], 2),
+    }
 
 
 def write_results(rows: list[dict], path: Path) -> None:

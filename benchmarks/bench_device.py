@@ -29,10 +29,17 @@ def run(quick: bool = False) -> list[dict]:
         torch.cuda.synchronize()
         speed[device] = n / (time.perf_counter() - start)
         logits[device] = engine.logits(traces["cpu"].all_ids[:200]).cpu()
-    same_top5 = sum({t[0] for t in a.top} == {t[0] for t in b.top}
-                    for a, b in zip(traces["cpu"].records, traces["cuda"].records))
-    return [{"benchmark": "tiny on CPU vs GPU", "cycles": n,
-             "same_tokens": traces["cpu"].token_ids == traces["cuda"].token_ids,
-             "cycles_with_same_top5": same_top5,
-             "max_logit_diff": f"{(logits['cpu'] - logits['cuda']).abs().max().item():.2e}",
-             "cpu_tokens_per_s": round(speed["cpu"], 1), "gpu_tokens_per_s": round(speed["cuda"], 1)}]
+    same_top5 = sum(
+        {t[0] for t in a.top} == {t[0] for t in b.top} for a, b in zip(traces["cpu"].records, traces["cuda"].records)
+    )
+    return [
+        {
+            "benchmark": "tiny on CPU vs GPU",
+            "cycles": n,
+            "same_tokens": traces["cpu"].token_ids == traces["cuda"].token_ids,
+            "cycles_with_same_top5": same_top5,
+            "max_logit_diff": f"{(logits['cpu'] - logits['cuda']).abs().max().item():.2e}",
+            "cpu_tokens_per_s": round(speed["cpu"], 1),
+            "gpu_tokens_per_s": round(speed["cuda"], 1),
+        }
+    ]

@@ -27,46 +27,63 @@ SKIPPED = {"quick.json"}
 
 # The headings of known columns; any other key is shown as it is.
 HEADINGS = {
-    "row": "row", "tokens_per_s": "tokens/s", "against": "against", "against_tokens_per_s": "its tokens/s",
-    "ratio": "ratio", "target": "target", "met": "met", "weights": "weights", "runner": "runner",
-    "after_load_MB": "after load (MB)", "after_generate_MB": "after generate (MB)", "peak_MB": "peak (MB)",
-    "ratio_vs_transformers": "peak vs transformers", "context": "context", "kv_cache_ms": "with KV cache (ms)",
-    "no_cache_ms": "without (ms)", "speedup": "speed-up", "weights_read_MB": "weights read (MB)",
-    "copy_bandwidth_GBps": "copy bandwidth (GB/s)", "limit_tokens_per_s": "limit (tokens/s)",
-    "measured_tokens_per_s": "measured (tokens/s)", "fraction_of_limit": "fraction of the limit",
-    "model": "model", "target_ms": "target (ms)", "ms": "in Python (ms)", "clicks": "clicks",
-    "browser_ms": "in the browser (ms)", "run": "run", "tokens": "tokens", "forward_passes": "forward passes",
-    "tokens_per_pass": "tokens per pass", "speedup_vs_plain": "vs its plain run", "same_tokens": "same tokens",
+    "row": "row",
+    "tokens_per_s": "tokens/s",
+    "against": "against",
+    "against_tokens_per_s": "its tokens/s",
+    "ratio": "ratio",
+    "target": "target",
+    "met": "met",
+    "weights": "weights",
+    "runner": "runner",
+    "after_load_MB": "after load (MB)",
+    "after_generate_MB": "after generate (MB)",
+    "peak_MB": "peak (MB)",
+    "ratio_vs_transformers": "peak vs transformers",
+    "context": "context",
+    "kv_cache_ms": "with KV cache (ms)",
+    "no_cache_ms": "without (ms)",
+    "speedup": "speed-up",
+    "weights_read_MB": "weights read (MB)",
+    "copy_bandwidth_GBps": "copy bandwidth (GB/s)",
+    "limit_tokens_per_s": "limit (tokens/s)",
+    "measured_tokens_per_s": "measured (tokens/s)",
+    "fraction_of_limit": "fraction of the limit",
+    "model": "model",
+    "target_ms": "target (ms)",
+    "ms": "in Python (ms)",
+    "clicks": "clicks",
+    "browser_ms": "in the browser (ms)",
+    "run": "run",
+    "tokens": "tokens",
+    "forward_passes": "forward passes",
+    "tokens_per_pass": "tokens per pass",
+    "speedup_vs_plain": "vs its plain run",
+    "same_tokens": "same tokens",
 }
 
 TITLES = {"ms per new token vs context": "milliseconds per new token vs context"}
 
 # What each benchmark measures, said once above its table.
 ABOUT = {
-    "decode targets (greedy, batch 1)":
-        "Greedy decoding, batch 1, with the KV cache, 128 new tokens. Each ratio compares two runners "
-        "timed in the same run, taking turns. The GEMV ceiling is one matrix-vector pass over all of the "
-        "model's matrices per token, the most a decoder that reads every weight once can reach. The "
-        "`lever` rows time the engine against itself with its own kernels switched off "
-        "(`cyclelab.kernels.torch_float32()`).",
-    "memory, smollm2 load + generate (RSS, MB)":
-        "Resident memory of one process loading `smollm2` and generating, each runner in its own "
-        "process. The int8 peak is the conversion, while the float32 file is read; the engine's kernels "
-        "read the weights where they are, with no second copy.",
-    "ms per new token vs context":
-        "Milliseconds per new `smollm2` token as the context grows, with the KV cache and recomputing "
-        "every position (figure: `benchmarks/results/kv_cache_scaling.png`).",
-    "decode vs memory bandwidth, smollm2 float32":
-        "Every decode step reads all of `smollm2`'s weight matrices once; a large tensor copy gives the "
-        "machine's bandwidth, and so a limit in tokens per second (this row times 64 tokens).",
-    "debugger next-token latency":
-        "Median time of 10 **Next token** steps after the prefill: in Python, to every view re-rendered; "
-        "in the browser (the last record of `tests/test_browser_view.py`, JupyterLab under Chromium), "
-        "from the click to the updated panel.",
-    "prompt lookup, smollm2 chat, Folio to modern spelling, <= 64 tokens":
-        "Prompt-lookup speculative decoding (`benchmarks/bench_speculative.py`): drafts of 5 tokens copied "
-        "from the prompt, verified in one forward pass; `same tokens` says the output equals the plain "
-        "greedy run's.",
+    "decode targets (greedy, batch 1)": "Greedy decoding, batch 1, with the KV cache, 128 new tokens. Each ratio compares two runners "
+    "timed in the same run, taking turns. The GEMV ceiling is one matrix-vector pass over all of the "
+    "model's matrices per token, the most a decoder that reads every weight once can reach. The "
+    "`lever` rows time the engine against itself with its own kernels switched off "
+    "(`cyclelab.kernels.torch_float32()`).",
+    "memory, smollm2 load + generate (RSS, MB)": "Resident memory of one process loading `smollm2` and generating, each runner in its own "
+    "process. The int8 peak is the conversion, while the float32 file is read; the engine's kernels "
+    "read the weights where they are, with no second copy.",
+    "ms per new token vs context": "Milliseconds per new `smollm2` token as the context grows, with the KV cache and recomputing "
+    "every position (figure: `benchmarks/results/kv_cache_scaling.png`).",
+    "decode vs memory bandwidth, smollm2 float32": "Every decode step reads all of `smollm2`'s weight matrices once; a large tensor copy gives the "
+    "machine's bandwidth, and so a limit in tokens per second (this row times 64 tokens).",
+    "debugger next-token latency": "Median time of 10 **Next token** steps after the prefill: in Python, to every view re-rendered; "
+    "in the browser (the last record of `tests/test_browser_view.py`, JupyterLab under Chromium), "
+    "from the click to the updated panel.",
+    "prompt lookup, smollm2 chat, Folio to modern spelling, <= 64 tokens": "Prompt-lookup speculative decoding (`benchmarks/bench_speculative.py`): drafts of 5 tokens copied "
+    "from the prompt, verified in one forward pass; `same tokens` says the output equals the plain "
+    "greedy run's.",
 }
 
 
@@ -154,10 +171,20 @@ def render(runs: list[tuple[str, list[dict]]] | None = None) -> str:
     for name, rows in chosen:
         m = machine(rows)
         load = f"{cell(m.get('load_1min_at_start'))} → {cell(m.get('load_1min_at_end'))}"
-        run_rows.append([cpu_model(rows), cpu_flags(rows), f"`{name}`", cell(m.get("cpus")),
-                         cell(m.get("torch_threads")), cell(m.get("torch")), load])
-    out += table(["CPU", "flags", "results file", "cores", "torch threads", "torch", "load (1 min) start → end"],
-                 run_rows)
+        run_rows.append(
+            [
+                cpu_model(rows),
+                cpu_flags(rows),
+                f"`{name}`",
+                cell(m.get("cpus")),
+                cell(m.get("torch_threads")),
+                cell(m.get("torch")),
+                load,
+            ]
+        )
+    out += table(
+        ["CPU", "flags", "results file", "cores", "torch threads", "torch", "load (1 min) start → end"], run_rows
+    )
     out += ["", "## Decode speed, one row per CPU", ""]
     out += summary(chosen)
     benchmarks = list(dict.fromkeys(r["benchmark"] for _, rows in chosen for r in rows if r["benchmark"] != "machine"))
@@ -166,10 +193,17 @@ def render(runs: list[tuple[str, list[dict]]] | None = None) -> str:
         out += ["", f"## {title[0].upper()}{title[1:]}", ""]
         if bench in ABOUT:
             out += [ABOUT[bench], ""]
-        keys = list(dict.fromkeys(k for _, rows in chosen for r in rows if r["benchmark"] == bench
-                                  for k in r if k != "benchmark"))
-        body = [[cpu_model(rows)] + [cell(r.get(k)) for k in keys]
-                for _, rows in chosen for r in rows if r["benchmark"] == bench]
+        keys = list(
+            dict.fromkeys(
+                k for _, rows in chosen for r in rows if r["benchmark"] == bench for k in r if k != "benchmark"
+            )
+        )
+        body = [
+            [cpu_model(rows)] + [cell(r.get(k)) for k in keys]
+            for _, rows in chosen
+            for r in rows
+            if r["benchmark"] == bench
+        ]
         out += table(["CPU"] + [HEADINGS.get(k, k) for k in keys], body)
         if bench == "ms per new token vs context" and (RESULTS / "kv_cache_scaling.png").exists():
             out += ["", "![ms per new token with and without the KV cache](../benchmarks/results/kv_cache_scaling.png)"]
@@ -178,9 +212,11 @@ def render(runs: list[tuple[str, list[dict]]] | None = None) -> str:
 
 def summary(chosen: list[tuple[str, list[dict]]]) -> list[str]:
     """tokens/s of the engine's main decode rows, one row per CPU."""
-    wanted = [("tiny float32: engine, no capture", "transformers.generate", "`tiny` float32"),
-              ("smollm2 float32: engine, no capture", "transformers.generate", "`smollm2` float32"),
-              ("smollm2 int8: engine", "float32 transformers.generate", "`smollm2` int8")]
+    wanted = [
+        ("tiny float32: engine, no capture", "transformers.generate", "`tiny` float32"),
+        ("smollm2 float32: engine, no capture", "transformers.generate", "`smollm2` float32"),
+        ("smollm2 int8: engine", "float32 transformers.generate", "`smollm2` int8"),
+    ]
     header = ["CPU"]
     for _, _, label in wanted:
         header += [f"{label} tokens/s", "vs `transformers`"]
@@ -191,8 +227,9 @@ def summary(chosen: list[tuple[str, list[dict]]]) -> list[str]:
             hit = next((r for r in rows if r.get("row") == row and r.get("against") == against), None)
             line += [cell(hit["tokens_per_s"]), f"{cell(hit['ratio'])}×"] if hit else ["—", "—"]
         body.append(line)
-    note = ("`vs transformers`: against `transformers.generate` in the same run (for int8, against the "
-            "float32 `generate`).")
+    note = (
+        "`vs transformers`: against `transformers.generate` in the same run (for int8, against the float32 `generate`)."
+    )
     return table(header, body) + ["", note]
 
 

@@ -5,14 +5,28 @@
 >>> print(engine.generate("ROMEO:", max_new_tokens=20).table())
 """
 
-from cyclelab.core.events import CycleRecord, Event, Stage, Trace
-from cyclelab.debugger.session import Debugger
-from cyclelab.core.sampling import Sampling
-from cyclelab.loading.device import pick_device
 from cyclelab.core.engine import Engine, ablation
+from cyclelab.core.events import CycleRecord, Event, Stage, Trace
+from cyclelab.core.sampling import Sampling
+from cyclelab.debugger.session import Debugger
+from cyclelab.loading.device import pick_device
 from cyclelab.loading.loader import KNOWN, Loaded, ModelFileError, load
 from cyclelab.show import show
 
 __version__ = "0.1.0"
-__all__ = ["CycleRecord", "Debugger", "Engine", "Event", "KNOWN", "Loaded", "ModelFileError", "Sampling", "Stage", "Trace",
-           "ablation", "load", "pick_device", "show"]
+__all__ = [
+    "CycleRecord",
+    "Debugger",
+    "Engine",
+    "Event",
+    "KNOWN",
+    "Loaded",
+    "ModelFileError",
+    "Sampling",
+    "Stage",
+    "Trace",
+    "ablation",
+    "load",
+    "pick_device",
+    "show",
+]

@@ -1,22 +1,23 @@
 """The ``cyclelab`` command: fetch, course, edition, grade, lab, train-tiny, doctor.
 
-    cyclelab fetch [KEY ...] [--force]   offline assets into the cache (all by default)
-    cyclelab course [--profile fast|full|gpu] [--out DIR] [--only PATTERN ...] [-p NAME VALUE ...]
-                    [--label] [--results FILE]
-                                         execute every notebook headless, print a table
-    cyclelab edition annotate [NOTEBOOK ...]   tag exercises, checks, solutions; nbgrader metadata
-    cyclelab edition student OUT [--nbgrader]  the student copy of the course, without solutions
-    cyclelab grade SUBMISSIONS [--out grades.csv] [--timeout S] [--jobs N] [--course DIR]
-                                         run each learner's notebooks, one CSV row per exercise
-    cyclelab lab [JUPYTER ARGS ...]      JupyterLab on notebooks/ (e.g. --no-browser)
-    cyclelab train-tiny [ARGS ...]       train the course's tiny model (see --help)
-    cyclelab doctor                      check the environment; each problem with its fix
+cyclelab fetch [KEY ...] [--force]   offline assets into the cache (all by default)
+cyclelab course [--profile fast|full|gpu] [--out DIR] [--only PATTERN ...] [-p NAME VALUE ...]
+                [--label] [--results FILE]
+                                     execute every notebook headless, print a table
+cyclelab edition annotate [NOTEBOOK ...]   tag exercises, checks, solutions; nbgrader metadata
+cyclelab edition student OUT [--nbgrader]  the student copy of the course, without solutions
+cyclelab grade SUBMISSIONS [--out grades.csv] [--timeout S] [--jobs N] [--course DIR]
+                                     run each learner's notebooks, one CSV row per exercise
+cyclelab lab [JUPYTER ARGS ...]      JupyterLab on notebooks/ (e.g. --no-browser)
+cyclelab train-tiny [ARGS ...]       train the course's tiny model (see --help)
+cyclelab doctor                      check the environment; each problem with its fix
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,8 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "fetch":
         _check_keys(parser, args.keys)
     handlers: dict[str, Callable[[argparse.Namespace, list[str]], int]] = {
-        "fetch": cmd_fetch, "course": cmd_course, "edition": cmd_edition, "grade": cmd_grade, "lab": cmd_lab,
-        "train-tiny": cmd_train_tiny, "doctor": cmd_doctor,
+        "fetch": cmd_fetch,
+        "course": cmd_course,
+        "edition": cmd_edition,
+        "grade": cmd_grade,
+        "lab": cmd_lab,
+        "train-tiny": cmd_train_tiny,
+        "doctor": cmd_doctor,
     }
     return handlers[args.command](args, extra)
 
@@ -52,15 +58,36 @@ def build_parser() -> argparse.ArgumentParser:
     course = sub.add_parser("course", help="execute every notebook headless and print a table")
     course.add_argument("--out", type=Path, default=Path("outputs/course"), help="folder for executed notebooks")
     course.add_argument("--only", nargs="+", action="extend", metavar="PATTERN", help="glob or substring of names")
-    course.add_argument("--profile", default=None, metavar="NAME",
-                        help="the notebooks' declared parameter values: fast (default, what CI runs), full, gpu")
-    course.add_argument("--label", nargs="?", const=True, default=None, metavar="PROFILE",
-                        help="write each notebook's measured time and memory into its top cell, as the cost "
-                             "label of the profile that ran")
-    course.add_argument("--results", type=Path, metavar="FILE",
-                        help="also write a markdown table of each chapter's key results, seconds and memory")
-    course.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
-                        help="papermill parameter for every notebook (value read as a Python literal)")
+    course.add_argument(
+        "--profile",
+        default=None,
+        metavar="NAME",
+        help="the notebooks' declared parameter values: fast (default, what CI runs), full, gpu",
+    )
+    course.add_argument(
+        "--label",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="PROFILE",
+        help="write each notebook's measured time and memory into its top cell, as the cost "
+        "label of the profile that ran",
+    )
+    course.add_argument(
+        "--results",
+        type=Path,
+        metavar="FILE",
+        help="also write a markdown table of each chapter's key results, seconds and memory",
+    )
+    course.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        metavar=("NAME", "VALUE"),
+        default=[],
+        help="papermill parameter for every notebook (value read as a Python literal)",
+    )
     _add_edition(sub)
     _add_grade(sub)
     sub.add_parser("lab", help="start JupyterLab on notebooks/ (extra args go to jupyter lab)", add_help=False)
@@ -72,33 +99,54 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_edition(sub: argparse._SubParsersAction) -> None:
     edition = sub.add_parser("edition", help="annotate exercises for nbgrader, or write the student edition")
     action = edition.add_subparsers(dest="action", required=True, metavar="ACTION")
-    annotate = action.add_parser("annotate", help="tag exercise, check and solution cells and write nbgrader "
-                                                  "metadata, in place (outputs untouched)")
-    annotate.add_argument("notebooks", nargs="*", type=Path, metavar="NOTEBOOK",
-                          help="notebooks to annotate (default: every chapter)")
+    annotate = action.add_parser(
+        "annotate",
+        help="tag exercise, check and solution cells and write nbgrader metadata, in place (outputs untouched)",
+    )
+    annotate.add_argument(
+        "notebooks", nargs="*", type=Path, metavar="NOTEBOOK", help="notebooks to annotate (default: every chapter)"
+    )
     student = action.add_parser("student", help="write the student copy of the course: no solutions")
     student.add_argument("out", type=Path, metavar="OUT", help="folder for the student notebooks")
-    student.add_argument("--nbgrader", action="store_true",
-                         help="failing checks raise AssertionError, so nbgrader's autograder scores them 0")
+    student.add_argument(
+        "--nbgrader",
+        action="store_true",
+        help="failing checks raise AssertionError, so nbgrader's autograder scores them 0",
+    )
 
 
 def _add_grade(sub: argparse._SubParsersAction) -> None:
     from cyclelab.workshop.grade import LAYOUT
 
-    grade = sub.add_parser("grade", help="run each learner's notebooks and write one CSV row per exercise",
-                           description=f"Layout: {LAYOUT}, a folder per learner holding notebooks named as in "
-                                       "the course. Each runs headless (fast profile); rows say passed, failed "
-                                       "(with the check's hint) or error (with the reason).")
+    grade = sub.add_parser(
+        "grade",
+        help="run each learner's notebooks and write one CSV row per exercise",
+        description=f"Layout: {LAYOUT}, a folder per learner holding notebooks named as in "
+        "the course. Each runs headless (fast profile); rows say passed, failed "
+        "(with the check's hint) or error (with the reason).",
+    )
     grade.add_argument("submissions", type=Path, metavar="SUBMISSIONS", help=f"the class's folder: {LAYOUT}")
     grade.add_argument("--out", type=Path, default=Path("grades.csv"), help="the CSV to write (default grades.csv)")
-    grade.add_argument("--timeout", type=float, default=600, metavar="SECONDS",
-                       help="the most one notebook may run (default 600)")
-    grade.add_argument("--jobs", type=int, default=1, metavar="N",
-                       help="notebooks graded at once, each in its own kernel (default 1)")
-    grade.add_argument("--course", type=Path, default=None, metavar="DIR",
-                       help="the course notebooks the submissions answer (default: this course's notebooks/)")
-    grade.add_argument("--executed", type=Path, default=Path("outputs/graded"), metavar="DIR",
-                       help="folder for the executed notebooks (default outputs/graded)")
+    grade.add_argument(
+        "--timeout", type=float, default=600, metavar="SECONDS", help="the most one notebook may run (default 600)"
+    )
+    grade.add_argument(
+        "--jobs", type=int, default=1, metavar="N", help="notebooks graded at once, each in its own kernel (default 1)"
+    )
+    grade.add_argument(
+        "--course",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the course notebooks the submissions answer (default: this course's notebooks/)",
+    )
+    grade.add_argument(
+        "--executed",
+        type=Path,
+        default=Path("outputs/graded"),
+        metavar="DIR",
+        help="folder for the executed notebooks (default outputs/graded)",
+    )
 
 
 def _check_keys(parser: argparse.ArgumentParser, keys: list[str]) -> None:
@@ -152,6 +200,8 @@ def cmd_course(args: argparse.Namespace, _: list[str]) -> int:
         return 0
     profile = _profile(args)
     parameters = {name: parse_value(value) for name, value in args.parameter}
+    # The kernels run as the test command's do: transformers' warnings off, so stored and checked stderr agree.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         runs = run_course(args.out, only=args.only, parameters=parameters, profile=profile)
     except ValueError as err:  # an unknown profile: nothing ran

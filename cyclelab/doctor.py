@@ -24,8 +24,18 @@ class Check(NamedTuple):
 def run_checks() -> list[Check]:
     """Run every check; a check that crashes is reported as failed, never raised."""
     checks: list[Check] = []
-    for probe in (_python, _torch, _transformers, _device, _cache, _assets, _smollm2_cache, _tiny, _kernel,
-                  _own_kernels):
+    for probe in (
+        _python,
+        _torch,
+        _transformers,
+        _device,
+        _cache,
+        _assets,
+        _smollm2_cache,
+        _tiny,
+        _kernel,
+        _own_kernels,
+    ):
         try:
             result = probe()
         except Exception as err:  # a broken install must still give a report
@@ -119,8 +129,7 @@ def _assets() -> list[Check]:
 
 def _smollm2_cache() -> Check:
     from cyclelab.loading.checksums import ModelFileError, verify_folder
-    from cyclelab.loading.fetch import smollm2_cache
-    from cyclelab.loading.fetch import fetch_command
+    from cyclelab.loading.fetch import fetch_command, smollm2_cache
 
     name = "smollm2 safetensors"
     try:
@@ -134,8 +143,12 @@ def _smollm2_cache() -> Check:
             return Check(name, True, f"{folder} (checksums match)")
     except ModelFileError as err:
         return Check(name, False, str(err))
-    return Check(name, False, f"{folder} has no checksums (converted by an older cyclelab), so damage would go "
-                              f"unnoticed; to convert it again and record them, {fetch_command('smollm2')}")
+    return Check(
+        name,
+        False,
+        f"{folder} has no checksums (converted by an older cyclelab), so damage would go "
+        f"unnoticed; to convert it again and record them, {fetch_command('smollm2')}",
+    )
 
 
 def _tiny() -> list[Check]:
@@ -175,5 +188,9 @@ def _own_kernels() -> Check:
         return Check("own kernels", True, f"{found.line().removeprefix('own C kernels: ')}; {choice.status_line()}")
     if build.mode() == "torch":
         return Check("own kernels", True, found.line().removeprefix("own C kernels: "))
-    return Check("own kernels", False, f"{found.reason}; the engine runs on torch's kernels. Install a C compiler "
-                                       "(apt-get install gcc), or set CYCLELAB_KERNELS=torch to choose torch's")
+    return Check(
+        "own kernels",
+        False,
+        f"{found.reason}; the engine runs on torch's kernels. Install a C compiler "
+        "(apt-get install gcc), or set CYCLELAB_KERNELS=torch to choose torch's",
+    )

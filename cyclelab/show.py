@@ -60,8 +60,10 @@ def show(obj: Any, *, collapsed: bool = False) -> Source:
     """
     target = obj.fget if isinstance(obj, property) else obj
     if not (inspect.isfunction(target) or inspect.isclass(target) or inspect.ismethod(target)):
-        raise TypeError(f"show() takes a function, class or method, not {type(obj).__name__}: "
-                        "pass the object itself, e.g. show(cyclelab.core.sampling.top_p_filter)")
+        raise TypeError(
+            f"show() takes a function, class or method, not {type(obj).__name__}: "
+            "pass the object itself, e.g. show(cyclelab.core.sampling.top_p_filter)"
+        )
     try:
         code = textwrap.dedent(inspect.getsource(target)).rstrip() + "\n"
     except (OSError, TypeError) as err:
@@ -82,5 +84,10 @@ def show_kernel(function: str, *, collapsed: bool = False) -> Source:
         raise ValueError(f"no kernel {function!r}; the kernels are {names}")
     comment = SOURCE.rfind("/*", 0, start)
     end = SOURCE.index("\n}\n", start) + 3
-    return Source(function, "cyclelab/kernels/kernels.c (compiled on first use)", SOURCE[comment:end],
-                  open_=not collapsed, language="c")
+    return Source(
+        function,
+        "cyclelab/kernels/kernels.c (compiled on first use)",
+        SOURCE[comment:end],
+        open_=not collapsed,
+        language="c",
+    )

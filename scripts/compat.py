@@ -101,9 +101,15 @@ class Env:
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
         cores = os.cpu_count() or 2
         env.setdefault("OMP_NUM_THREADS", str(max(1, cores // 2)))
-        env.update(PATH=f"{self.venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", VIRTUAL_ENV=str(self.venv),
-                   JUPYTER_PATH=str(self.venv / "share" / "jupyter"), TQDM_DISABLE="1",
-                   TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", PYDEVD_DISABLE_FILE_VALIDATION="1")
+        env.update(
+            PATH=f"{self.venv / 'bin'}{os.pathsep}{env.get('PATH', '')}",
+            VIRTUAL_ENV=str(self.venv),
+            JUPYTER_PATH=str(self.venv / "share" / "jupyter"),
+            TQDM_DISABLE="1",
+            TRANSFORMERS_VERBOSITY="error",
+            HF_HUB_OFFLINE="1",
+            PYDEVD_DISABLE_FILE_VALIDATION="1",
+        )
         return env
 
     def run(self, *args: str | Path, log: Path | None = None) -> subprocess.CompletedProcess:
@@ -135,7 +141,10 @@ def build(env: Env, profile: str, base_python: str, local_torch: str) -> str:
     # Hold the torch just installed, so resolving the rest can never swap in a (CUDA) build from PyPI.
     constraints = env.dir / "constraints.txt"
     constraints.write_text(f"torch=={installed(env, ['torch'])['torch']}\n")
-    say(f"{profile}: installing cyclelab[course,dev]" + (" with every dependency at its floor" if profile == "oldest" else ""))
+    say(
+        f"{profile}: installing cyclelab[course,dev]"
+        + (" with every dependency at its floor" if profile == "oldest" else "")
+    )
     env.pip("-c", constraints, "-e", f"{ROOT}[course,dev]", *pins(profile, reqs))
     env.run(env.python, "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3", log=env.log)
     say(f"{profile}: fetching the assets (nothing to do when the cache is complete)")
@@ -146,9 +155,11 @@ def build(env: Env, profile: str, base_python: str, local_torch: str) -> str:
 
 def installed(env: Env, names: list[str]) -> dict[str, str]:
     """The installed version of each distribution (``-`` when absent)."""
-    code = ("import json, sys; from importlib import metadata as m\n"
-            "def v(n):\n try: return m.version(n)\n except m.PackageNotFoundError: return '-'\n"
-            "print(json.dumps({n: v(n) for n in sys.argv[1:]}))")
+    code = (
+        "import json, sys; from importlib import metadata as m\n"
+        "def v(n):\n try: return m.version(n)\n except m.PackageNotFoundError: return '-'\n"
+        "print(json.dumps({n: v(n) for n in sys.argv[1:]}))"
+    )
     done = env.run(env.python, "-c", code, *names)
     return json.loads(done.stdout)
 
@@ -175,8 +186,13 @@ def junit_summary(path: Path) -> tuple[dict[str, int], list[str]]:
     failed = []
     for case in ET.parse(path).getroot().iter("testcase"):
         kinds = {child.tag for child in case}
-        kind = "failed" if "failure" in kinds else "errors" if "error" in kinds else (
-            "skipped" if "skipped" in kinds else "passed")
+        kind = (
+            "failed"
+            if "failure" in kinds
+            else "errors"
+            if "error" in kinds
+            else ("skipped" if "skipped" in kinds else "passed")
+        )
         counts[kind] += 1
         if kind in ("failed", "errors"):
             failed.append(f"{case.get('classname')}::{case.get('name')}")
@@ -192,15 +208,24 @@ def run_course(env: Env) -> list[Check]:
     text = log.read_text()
     errors = dict(re.findall(r"^(\d\d_\S+\.ipynb): (.+)$", text, re.M))
     matches = (COURSE_ROW.match(line) for line in text.splitlines())
-    rows = [Check(name, status == "ok", status, float(sec), [errors[name]] if name in errors else [])
-            for name, status, sec in (m.groups() for m in matches if m)]
+    rows = [
+        Check(name, status == "ok", status, float(sec), [errors[name]] if name in errors else [])
+        for name, status, sec in (m.groups() for m in matches if m)
+    ]
     if not rows or (done.returncode and all(r.ok for r in rows)):
         rows.append(Check("course", False, f"cyclelab course exited {done.returncode} (see course.log)", 0.0))
     return rows
 
 
-def table(profile: str, python: str, versions: dict[str, str], reqs: list[Requirement], torch_note: str,
-          checks: list[Check], minutes: float) -> str:
+def table(
+    profile: str,
+    python: str,
+    versions: dict[str, str],
+    reqs: list[Requirement],
+    torch_note: str,
+    checks: list[Check],
+    minutes: float,
+) -> str:
     """The Markdown report: environment, packages, checks, and what failed."""
     passed = sum(c.ok for c in checks)
     lines = [
@@ -246,8 +271,11 @@ def say(text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("profile", nargs="?", choices=PROFILES, default="newest")
-    parser.add_argument("--python", default=shutil.which("python3.11") or sys.executable,
-                        help="the Python to build the scratch venv with")
+    parser.add_argument(
+        "--python",
+        default=shutil.which("python3.11") or sys.executable,
+        help="the Python to build the scratch venv with",
+    )
     parser.add_argument("--local-torch", default="2.13.0", help="torch to install without CYCLELAB_TORCH_INDEX")
     parser.add_argument("--out", type=Path, help="where to write the table (default docs/compat-PROFILE.md)")
     parser.add_argument("--reuse", action="store_true", help="keep the venv of an earlier run (while iterating)")

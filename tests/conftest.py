@@ -7,6 +7,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
+from float_bounds import own_kernels  # noqa: F401 - a fixture: the test runs with the own kernels on and off
 
 from cyclelab import load
 from cyclelab.core.engine import Engine
@@ -20,8 +21,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
-
-
 
 
 @pytest.fixture(scope="session")

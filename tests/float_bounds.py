@@ -59,6 +59,7 @@ def assert_within(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor | f
 def own_kernels(request, monkeypatch):
     """Runs a test twice: with the own kernels forced on (``CYCLELAB_KERNELS=own``), and with none compiled."""
     from cyclelab.kernels import build, choice
+
     if request.param == "own kernels":
         monkeypatch.setattr(choice, "_MODE", ["own"])  # CYCLELAB_KERNELS=own, as read at the first product
         if build.compiled() is None:

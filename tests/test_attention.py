@@ -8,12 +8,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cyclelab.lab.attention_heads import (KVCache, attention_entropy, attention_maps, attention_mix, attention_scores,
-                                entropy_vs_scale, find_heads, first_token_score, kv_bytes_per_token,
-                                kv_cache_growth, kv_head_of, previous_token_score, repeat_kv,
-                                scaled_dot_product_attention, split_heads)
 from cyclelab.checks import check_causal_attention
 from cyclelab.core.engine import Engine
+from cyclelab.lab.attention_heads import (
+    KVCache,
+    attention_entropy,
+    attention_maps,
+    attention_mix,
+    attention_scores,
+    entropy_vs_scale,
+    find_heads,
+    first_token_score,
+    kv_bytes_per_token,
+    kv_cache_growth,
+    kv_head_of,
+    previous_token_score,
+    repeat_kv,
+    scaled_dot_product_attention,
+    split_heads,
+)
 
 PROMPT = "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
 
@@ -45,26 +58,35 @@ def test_matches_torch_fused_attention(shape):
 
 def test_queries_after_a_cache_see_every_earlier_key():
     gen = torch.Generator().manual_seed(1)
-    q, k, v = torch.randn(1, 2, 3, 8, generator=gen), torch.randn(1, 2, 7, 8, generator=gen), torch.randn(1, 2, 7, 8, generator=gen)
+    q, k, v = (
+        torch.randn(1, 2, 3, 8, generator=gen),
+        torch.randn(1, 2, 7, 8, generator=gen),
+        torch.randn(1, 2, 7, 8, generator=gen),
+    )
     allowed = torch.ones(3, 7, dtype=torch.bool).tril(diagonal=4)
     out, _ = scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=allowed), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("q,k,v,message", [
-    (torch.zeros(1, 4, 8), torch.zeros(1, 4, 6), torch.zeros(1, 4, 6), "same head_dim"),
-    (torch.zeros(1, 4, 8), torch.zeros(1, 4, 8), torch.zeros(1, 5, 8), "same number of positions"),
-    (torch.zeros(1, 0, 8), torch.zeros(1, 0, 8), torch.zeros(1, 0, 8), "empty"),
-    (torch.zeros(8), torch.zeros(8), torch.zeros(8), r"\(\.\.\., positions, head_dim\)"),
-    (torch.zeros(1, 9, 4, 8), torch.zeros(1, 3, 4, 8), torch.zeros(1, 3, 4, 8), "repeat_kv"),
-])
+@pytest.mark.parametrize(
+    "q,k,v,message",
+    [
+        (torch.zeros(1, 4, 8), torch.zeros(1, 4, 6), torch.zeros(1, 4, 6), "same head_dim"),
+        (torch.zeros(1, 4, 8), torch.zeros(1, 4, 8), torch.zeros(1, 5, 8), "same number of positions"),
+        (torch.zeros(1, 0, 8), torch.zeros(1, 0, 8), torch.zeros(1, 0, 8), "empty"),
+        (torch.zeros(8), torch.zeros(8), torch.zeros(8), r"\(\.\.\., positions, head_dim\)"),
+        (torch.zeros(1, 9, 4, 8), torch.zeros(1, 3, 4, 8), torch.zeros(1, 3, 4, 8), "repeat_kv"),
+    ],
+)
 def test_bad_shapes_get_clear_errors(q, k, v, message):
     with pytest.raises(ValueError, match=message):
         scaled_dot_product_attention(q, k, v)
 
 
 def captured(engine, ids, layer):
-    events = [e for e in engine.run(ids, max_new_tokens=1, capture={"norm_attn", "qkv", "softmax", "mix"}) if e.layer == layer]
+    events = [
+        e for e in engine.run(ids, max_new_tokens=1, capture={"norm_attn", "qkv", "softmax", "mix"}) if e.layer == layer
+    ]
     return {e.op: e.tensors for e in events}
 
 
@@ -119,7 +141,9 @@ def test_kv_head_of_agrees_with_repeat_kv_and_transformers():
 
 
 def test_entropy_by_hand():
-    torch.testing.assert_close(attention_entropy(torch.full((2, 4), 0.25)), torch.full((2,), math.log(4), dtype=torch.float64))
+    torch.testing.assert_close(
+        attention_entropy(torch.full((2, 4), 0.25)), torch.full((2,), math.log(4), dtype=torch.float64)
+    )
     torch.testing.assert_close(attention_entropy(torch.tensor([1.0, 0.0, 0.0])), torch.tensor(0.0, dtype=torch.float64))
     with pytest.raises(ValueError):
         attention_entropy(torch.zeros(3, 0))
@@ -194,7 +218,9 @@ def test_head_scores_by_hand():
     torch.testing.assert_close(previous_token_score(both), torch.tensor([1.0, 0.25]))
 
 
-@pytest.mark.parametrize("probs,message", [(torch.zeros(3, 4), "T, T"), (torch.ones(1, 1), "at least 2"), (torch.zeros(3), "T, T")])
+@pytest.mark.parametrize(
+    "probs,message", [(torch.zeros(3, 4), "T, T"), (torch.ones(1, 1), "at least 2"), (torch.zeros(3), "T, T")]
+)
 def test_head_scores_reject_bad_shapes(probs, message):
     with pytest.raises(ValueError, match=message):
         previous_token_score(probs)
@@ -212,7 +238,9 @@ def test_find_heads_ranks_every_head_by_the_reference_attention(tiny):
         ref = tiny.model(torch.tensor([ids]), output_attentions=True).attentions
     layer, head, score = ranked[0]
     assert score == pytest.approx(float(previous_token_score(ref[layer][0, head])), abs=1e-5)
-    best = max(((l, h) for l in range(4) for h in range(6)), key=lambda lh: float(previous_token_score(ref[lh[0]][0, lh[1]])))
+    best = max(
+        ((l, h) for l in range(4) for h in range(6)), key=lambda lh: float(previous_token_score(ref[lh[0]][0, lh[1]]))
+    )
     assert (layer, head) == best
     assert find_heads(engine, ids, first_token_score, top=3) == find_heads(engine, ids, first_token_score)[:3]
     with pytest.raises(ValueError, match="one score per head"):
@@ -239,7 +267,9 @@ def test_find_heads_ties_at_the_decimals_asked_for(tiny):
 
 
 def test_smollm2_has_a_first_token_head(smollm2):
-    layer, head, score = find_heads(Engine(smollm2), "The quick brown fox jumps over the lazy dog.", first_token_score, top=1)[0]
+    layer, head, score = find_heads(
+        Engine(smollm2), "The quick brown fox jumps over the lazy dog.", first_token_score, top=1
+    )[0]
     assert score > 0.8
 
 
@@ -269,18 +299,24 @@ def _attention(q, k, v, scale=None, mask="causal", dim=-1):
     return torch.softmax(scores, dim=dim) @ v
 
 
-@pytest.mark.parametrize("wrong,hint", [
-    (lambda q, k, v: _attention(q, k, v, mask=None), "row 0 attends to future tokens"),
-    (lambda q, k, v: _attention(q, k, v, scale=1.0), "not divided by sqrt(d)"),
-    (lambda q, k, v: _attention(q, k, v, dim=-2), "softmax over the wrong axis"),
-    (lambda q, k, v: _attention(q, k, v, scale=1 / q.shape[-1]), "divided by d instead"),
-    (lambda q, k, v: _attention(q, k, v, mask="strict"), "attend to itself"),
-    (lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1).tril() @ v, "BEFORE the softmax"),
-    (lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2), -1), "attention weights"),
-    (lambda q, k, v: (_attention(q, k, v), None), "not a tuple"),
-    (lambda q, k, v: v * 0, "row 0 of the output should equal"),
-    (lambda q, k, v: 1 / 0, "ZeroDivisionError"),
-])
+@pytest.mark.parametrize(
+    "wrong,hint",
+    [
+        (lambda q, k, v: _attention(q, k, v, mask=None), "row 0 attends to future tokens"),
+        (lambda q, k, v: _attention(q, k, v, scale=1.0), "not divided by sqrt(d)"),
+        (lambda q, k, v: _attention(q, k, v, dim=-2), "softmax over the wrong axis"),
+        (lambda q, k, v: _attention(q, k, v, scale=1 / q.shape[-1]), "divided by d instead"),
+        (lambda q, k, v: _attention(q, k, v, mask="strict"), "attend to itself"),
+        (
+            lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1).tril() @ v,
+            "BEFORE the softmax",
+        ),
+        (lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2), -1), "attention weights"),
+        (lambda q, k, v: (_attention(q, k, v), None), "not a tuple"),
+        (lambda q, k, v: v * 0, "row 0 of the output should equal"),
+        (lambda q, k, v: 1 / 0, "ZeroDivisionError"),
+    ],
+)
 def test_causal_attention_checker_names_the_symptom(wrong, hint):
     result = check_causal_attention(wrong)
     assert not result and hint in result.message, result.message

@@ -6,8 +6,14 @@ import pytest
 import torch
 from captum.attr import InputXGradient, IntegratedGradients, Occlusion
 
-from cyclelab.lab.attribution import (embeddings_of, gradient_x_input, integrated_gradients, occlusion, shaded_text,
-                                  target_prob)
+from cyclelab.lab.attribution import (
+    embeddings_of,
+    gradient_x_input,
+    integrated_gradients,
+    occlusion,
+    shaded_text,
+    target_prob,
+)
 
 PROMPT = "KING RICHARD:\nNow, my lord of"
 
@@ -70,8 +76,12 @@ BAD = [
     ("a batch of two", lambda f, x: occlusion(f, x.repeat(2, 1, 1)), ValueError, r"\(1, positions, width\)"),
     ("integer input", lambda f, x: gradient_x_input(f, x.long()), ValueError, r"float tensor"),
     ("zero steps", lambda f, x: integrated_gradients(f, x, steps=0), ValueError, r"steps must be a positive integer"),
-    ("baseline of another shape", lambda f, x: integrated_gradients(f, x, torch.zeros(1, 2, x.shape[-1])),
-     ValueError, r"baseline's shape .* must equal the input's"),
+    (
+        "baseline of another shape",
+        lambda f, x: integrated_gradients(f, x, torch.zeros(1, 2, x.shape[-1])),
+        ValueError,
+        r"baseline's shape .* must equal the input's",
+    ),
     ("scores and tokens differ", lambda f, x: shaded_text(["a", "b"], [1.0]), ValueError, r"2 tokens but 1 scores"),
 ]
 
@@ -83,7 +93,12 @@ def test_bad_input_is_explained(setup, call, error, message):
 
 
 LOADED_BAD = [
-    ("target out of range", lambda tiny: target_prob(tiny, 10**6), ValueError, r"target must be one token id in 0\.\.4095"),
+    (
+        "target out of range",
+        lambda tiny: target_prob(tiny, 10**6),
+        ValueError,
+        r"target must be one token id in 0\.\.4095",
+    ),
     ("target a string", lambda tiny: target_prob(tiny, " York"), ValueError, r"one token id"),
     ("no ids", lambda tiny: embeddings_of(tiny, []), ValueError, r"non-empty list of token ids"),
     ("id out of range", lambda tiny: embeddings_of(tiny, [1, 5000]), ValueError, r"token ids in 0\.\.4095"),

@@ -42,8 +42,14 @@ NOTEBOOK = "00_the_clock_cycle.ipynb"
 CHROMIUM = Path("/usr/bin/chromium")
 TINY = ROOT / "data" / "tiny" / "config.json"
 ARTIFACTS = ROOT / "tests" / "artifacts" / "browser"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 # Lab settings for a quiet, complete page: no news toast, every cell attached to the DOM.
 LAB_SETTINGS = {
     "@jupyterlab/apputils-extension/notification": {"fetchNews": "false", "checkForUpdates": False},
@@ -103,13 +109,17 @@ def collapsed(text: str) -> str:
 def browser_api():
     """Playwright's sync API, or a skip that says how to get it and Chromium."""
     if not CHROMIUM.exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}: as root, `apt-get update && apt-get install -y chromium` "
-                    "(bash scripts/dev.sh test does it when it can)")
+        pytest.skip(
+            f"no Chromium at {CHROMIUM}: as root, `apt-get update && apt-get install -y chromium` "
+            "(bash scripts/dev.sh test does it when it can)"
+        )
     try:
         from playwright import sync_api
     except ImportError:
-        pytest.skip("Playwright for Python is missing: `.venv/bin/python -m pip install playwright` "
-                    "(it is in the dev extra; no browser download is needed)")
+        pytest.skip(
+            "Playwright for Python is missing: `.venv/bin/python -m pip install playwright` "
+            "(it is in the dev extra; no browser download is needed)"
+        )
     if not TINY.exists():
         pytest.skip("the tiny model is not trained yet (data/tiny/config.json): run `cyclelab train-tiny`")
     return sync_api
@@ -140,18 +150,30 @@ def running_lab(root: Path, tmp: Path) -> Iterator[Lab]:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(values))
     port, token = free_port(), secrets.token_hex(16)
-    command = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
-               f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
-               f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True",
-               "--JupyterNotebookApp.expose_app_in_browser=True",  # Notebook 7's pages, where it is installed
-               f"--LabApp.user_settings_dir={settings}", f"--LabApp.workspaces_dir={tmp / 'workspaces'}"]
+    command = [
+        sys.executable,
+        "-m",
+        "jupyter",
+        "lab",
+        "--no-browser",
+        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={root}",
+        "--LabApp.expose_app_in_browser=True",
+        "--JupyterNotebookApp.expose_app_in_browser=True",  # Notebook 7's pages, where it is installed
+        f"--LabApp.user_settings_dir={settings}",
+        f"--LabApp.workspaces_dir={tmp / 'workspaces'}",
+    ]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         command.append("--allow-root")
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp / "runtime"), "PYTHONUNBUFFERED": "1"}
     log = tmp / "jupyter-lab.log"
     with log.open("wb") as out:
-        server = subprocess.Popen(command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        server = subprocess.Popen(
+            command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     lab = Lab(f"http://127.0.0.1:{port}", token, root, log)
     try:
         wait_for_server(lab, server)
@@ -198,8 +220,12 @@ def test_chapter00_debugger_next_token_three_times(playwright_api, lab: Lab, tin
     started = time.monotonic()
     with playwright_api.sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
-            viewport={"width": 1400, "height": 1800})  # tall: the whole widget in view
+            str(tmp_path / "chromium-profile"),
+            executable_path=str(CHROMIUM),
+            args=CHROMIUM_ARGS,
+            headless=True,
+            viewport={"width": 1400, "height": 1800},
+        )  # tall: the whole widget in view
         try:
             page = context.pages[0] if context.pages else context.new_page()
             page.set_default_timeout(TIMEOUT_MS)

@@ -21,8 +21,18 @@ from statistics import median
 
 import nbformat
 import pytest
-from test_browser import (ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, KERNEL_READY, ROOT, Lab, browser_api, collapsed,
-                          running_lab, shown)
+from test_browser import (
+    ARTIFACTS,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    KERNEL_READY,
+    ROOT,
+    Lab,
+    browser_api,
+    collapsed,
+    running_lab,
+    shown,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -90,8 +100,9 @@ def server(browser, tmp_path_factory) -> Iterator[Lab]:
     root = tmp / "notebooks"
     root.mkdir()
     for name, model in (("lab", "tiny"), ("nb7", "tiny"), ("smollm2", "smollm2")):
-        book = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(NOTEBOOK_CELL.format(model=model,
-                                                                                              prompt=PROMPT))])
+        book = nbformat.v4.new_notebook(
+            cells=[nbformat.v4.new_code_cell(NOTEBOOK_CELL.format(model=model, prompt=PROMPT))]
+        )
         book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         nbformat.write(book, root / f"{name}.ipynb")
     with running_lab(root, tmp) as lab:
@@ -187,8 +198,10 @@ def record_latency(model: str, times: list[float]) -> float:
     found = json.loads(path.read_text()) if path.exists() else {}
     found[model] = {"median_ms": round(ms, 1), "clicks": len(times), "measured": time.strftime("%Y-%m-%d")}
     path.write_text(json.dumps(found, indent=1) + "\n")
-    print(f"\n{model}: click on Next token -> updated panel, median of {len(times)}: {ms:.0f} ms "
-          f"(all: {[round(t) for t in times]})")
+    print(
+        f"\n{model}: click on Next token -> updated panel, median of {len(times)}: {ms:.0f} ms "
+        f"(all: {[round(t) for t in times]})"
+    )
     return ms
 
 
@@ -216,8 +229,10 @@ def test_lab_layout_themes_branch_and_latency(browser, server: Lab, tiny_engine)
         assert collapsed(text.inner_text()) == shown(PROMPT + "".join(texts(branched)))
         fork = root.locator(".cld-fork")
         expect(fork).to_have_count(2)  # the first different token, in the new timeline and in the old
-        assert [collapsed(f.inner_text()) for f in fork.all()] == [collapsed(texts(branched)[2].replace(" ", "␣")),
-                                                                   collapsed(texts(base)[2].replace(" ", "␣"))]
+        assert [collapsed(f.inner_text()) for f in fork.all()] == [
+            collapsed(texts(branched)[2].replace(" ", "␣")),
+            collapsed(texts(base)[2].replace(" ", "␣")),
+        ]
         expect(root.get_by_text("⚠")).to_have_count(0)
         times = page.evaluate(CLICK_TO_PANEL, [root.element_handle(), CLICKS])
         expect(counter).to_have_text(f"cycle {4 + CLICKS}")
@@ -267,8 +282,13 @@ def test_replay_page_steps_offline_like_the_debugger(browser, tiny_engine, tmp_p
     path = dbg.export_html(tmp_path / "replay.html")
     context = browser.new_context(offline=True, viewport={"width": 390, "height": 2400})  # a phone's width
     asked = []
-    context.route("**/*", lambda route: (asked.append(route.request.url), route.continue_() if
-                                         route.request.url.startswith("file:") else route.abort()))
+    context.route(
+        "**/*",
+        lambda route: (
+            asked.append(route.request.url),
+            route.continue_() if route.request.url.startswith("file:") else route.abort(),
+        ),
+    )
     page = context.new_page()
     try:
         page.goto(path.as_uri())
@@ -281,8 +301,10 @@ def test_replay_page_steps_offline_like_the_debugger(browser, tiny_engine, tmp_p
             expect(counter).to_have_text(f"cycle {k}")
             assert collapsed(text.inner_text()) == shown(PROMPT + "".join(expected[:k])), k
         fork = page.locator("#v-branches .cld-fork")
-        assert [collapsed(f.inner_text()) for f in fork.all()] == [expected[4].replace(" ", "␣").strip(),
-                                                                   texts(base)[4].replace(" ", "␣").strip()]
+        assert [collapsed(f.inner_text()) for f in fork.all()] == [
+            expected[4].replace(" ", "␣").strip(),
+            texts(base)[4].replace(" ", "␣").strip(),
+        ]
         assert all(url.startswith("file:") for url in asked), asked
         assert page.evaluate("document.scrollingElement.scrollWidth <= document.scrollingElement.clientWidth")
     finally:

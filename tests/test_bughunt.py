@@ -8,9 +8,9 @@ import re
 import pytest
 import torch
 
-from cyclelab.workshop import bughunt as bh
 from cyclelab.checks import Result
 from cyclelab.core.rope import rotate_half
+from cyclelab.workshop import bughunt as bh
 
 PROMPT = "ROMEO: But soft, what light through yonder window breaks?"
 
@@ -101,8 +101,9 @@ def _copier_scores_zero(tiny, ids, llama, fn):
 def _entropy_collapses(tiny, ids, llama, fn):
     with torch.no_grad():
         _, maps = bh.forward(tiny.model, ids, bh.with_piece("attend", fn))
-    reference = float(torch.stack([-(a * a.clamp_min(1e-30).log()).sum(-1).mean()
-                                   for a in hf_attentions(tiny.model, ids)]).mean())
+    reference = float(
+        torch.stack([-(a * a.clamp_min(1e-30).log()).sum(-1).mean() for a in hf_attentions(tiny.model, ids)]).mean()
+    )
     assert bh.mean_entropy(maps) < 0.7 * reference
 
 
@@ -139,15 +140,28 @@ def _cache_drifts_after_prefill(tiny, ids, llama, fn):
 
 SYMPTOMS = [
     pytest.param("no_causal_mask", _looks_ahead, r"attention looks ahead.*upper triangle", id="no_causal_mask"),
-    pytest.param("unshifted_targets", _copier_scores_zero, r"loss is too good.*copies its input.*not shifted",
-                 id="unshifted_targets"),
+    pytest.param(
+        "unshifted_targets",
+        _copier_scores_zero,
+        r"loss is too good.*copies its input.*not shifted",
+        id="unshifted_targets",
+    ),
     pytest.param("no_scale", _entropy_collapses, r"attention entropy collapses.*saturates.*sqrt\(d\)", id="no_scale"),
-    pytest.param("rope_pairing", _drifts_after_position_0, r"match the reference at position 0 and drift after it",
-                 id="rope_pairing"),
-    pytest.param("padding_in_loss", _loss_moves_with_padding, r"loss changes with the amount of padding",
-                 id="padding_in_loss"),
-    pytest.param("kv_cache_twice", _cache_drifts_after_prefill,
-                 r"cached run drifts from a full recompute after its first cycle \(faithfulness", id="kv_cache_twice"),
+    pytest.param(
+        "rope_pairing",
+        _drifts_after_position_0,
+        r"match the reference at position 0 and drift after it",
+        id="rope_pairing",
+    ),
+    pytest.param(
+        "padding_in_loss", _loss_moves_with_padding, r"loss changes with the amount of padding", id="padding_in_loss"
+    ),
+    pytest.param(
+        "kv_cache_twice",
+        _cache_drifts_after_prefill,
+        r"cached run drifts from a full recompute after its first cycle \(faithfulness",
+        id="kv_cache_twice",
+    ),
 ]
 
 
@@ -157,14 +171,20 @@ def test_a_planted_bug_shows_its_symptom_and_the_check_names_it(bug, symptom, hi
     planted = getattr(bh.pieces(bug), piece)
     assert planted is bh.BUGS[bug].planted and getattr(bh.Pieces(), piece) is not planted
     symptom(tiny, ids, llama, planted)
-    for model in ((None, tiny.model) if piece in ("attend", "append_kv") else (None,)):
+    for model in (None, tiny.model) if piece in ("attend", "append_kv") else (None,):
         result = bh.CHECKS[piece](planted) if model is None else bh.CHECKS[piece](planted, model)
         assert not result.passed and re.search(hint, result.message), result.message
 
 
 def test_the_bugs_table_covers_the_six_bugs_of_the_issue():
-    assert set(bh.BUGS) == {"no_causal_mask", "unshifted_targets", "no_scale", "rope_pairing", "padding_in_loss",
-                            "kv_cache_twice"}
+    assert set(bh.BUGS) == {
+        "no_causal_mask",
+        "unshifted_targets",
+        "no_scale",
+        "rope_pairing",
+        "padding_in_loss",
+        "kv_cache_twice",
+    }
     assert {b.piece for b in bh.BUGS.values()} == set(bh.CHECKS)
 
 
@@ -192,35 +212,76 @@ def test_the_correct_model_stays_above_it(characters):
 # ------------------------------------------------------------------ bad input and bad answers
 
 BAD_INPUT = [
-    pytest.param(lambda m: bh.pieces("no_such_bug"), ValueError,
-                 r"unknown bug 'no_such_bug'; the bugs are: no_causal_mask", id="unknown-bug"),
+    pytest.param(
+        lambda m: bh.pieces("no_such_bug"),
+        ValueError,
+        r"unknown bug 'no_such_bug'; the bugs are: no_causal_mask",
+        id="unknown-bug",
+    ),
     pytest.param(lambda m: bh.pieces(3), TypeError, r"a bug is named by a string, got int", id="bug-not-a-string"),
-    pytest.param(lambda m: bh.pieces("no_causal_mask", "no_scale"), ValueError,
-                 r"two bugs in the piece 'attend' \(no_causal_mask, no_scale\): plant one bug per piece",
-                 id="two-bugs-one-piece"),
-    pytest.param(lambda m: bh.with_piece("attention", bh.append_kv), ValueError,
-                 r"unknown piece 'attention'; the pieces are: attend, apply_rope, append_kv, lm_loss",
-                 id="unknown-piece"),
-    pytest.param(lambda m: bh.with_piece("attend", "q @ k"), TypeError,
-                 r"the piece 'attend' must be a function, got str", id="piece-not-callable"),
-    pytest.param(lambda m: bh.forward(m, [[1, 2, 3]]), ValueError,
-                 r"ids must be an integer tensor \(batch, positions\)", id="ids-a-list"),
-    pytest.param(lambda m: bh.forward(m, torch.tensor([1, 2, 3])), ValueError, r"ids must be an integer tensor",
-                 id="ids-1d"),
-    pytest.param(lambda m: bh.forward(m, torch.ones(1, 3)), ValueError, r"ids must be an integer tensor",
-                 id="ids-float"),
-    pytest.param(lambda m: bh.forward(torch.nn.Linear(2, 2), torch.ones(1, 3, dtype=torch.long)), TypeError,
-                 r"forward runs a transformers GPT2LMHeadModel or LlamaForCausalLM, got Linear", id="not-a-gpt"),
-    pytest.param(lambda m: bh.cached_logits(m, torch.tensor([[1, 2, 3]]), 1), ValueError,
-                 r"ids must be a 1-D tensor of token ids", id="cached-ids-2d"),
-    pytest.param(lambda m: bh.cached_logits(m, torch.tensor([1, 2, 3]), 0), ValueError,
-                 r"n_prompt must be an integer from 1 to len\(ids\) = 3, got 0", id="n-prompt-zero"),
-    pytest.param(lambda m: bh.faithfulness(m, torch.tensor([1, 2, 3]), 4), ValueError,
-                 r"n_prompt must be an integer from 1 to len\(ids\) = 3, got 4", id="n-prompt-too-long"),
-    pytest.param(lambda m: bh.char_tokens("aaaa"), ValueError, r"at least two different characters",
-                 id="text-one-char"),
-    pytest.param(lambda m: bh.training_curve(bh.Pieces(), torch.arange(5), 5), ValueError,
-                 r"need more than length=8 tokens to train on, got 5", id="text-too-short"),
+    pytest.param(
+        lambda m: bh.pieces("no_causal_mask", "no_scale"),
+        ValueError,
+        r"two bugs in the piece 'attend' \(no_causal_mask, no_scale\): plant one bug per piece",
+        id="two-bugs-one-piece",
+    ),
+    pytest.param(
+        lambda m: bh.with_piece("attention", bh.append_kv),
+        ValueError,
+        r"unknown piece 'attention'; the pieces are: attend, apply_rope, append_kv, lm_loss",
+        id="unknown-piece",
+    ),
+    pytest.param(
+        lambda m: bh.with_piece("attend", "q @ k"),
+        TypeError,
+        r"the piece 'attend' must be a function, got str",
+        id="piece-not-callable",
+    ),
+    pytest.param(
+        lambda m: bh.forward(m, [[1, 2, 3]]),
+        ValueError,
+        r"ids must be an integer tensor \(batch, positions\)",
+        id="ids-a-list",
+    ),
+    pytest.param(
+        lambda m: bh.forward(m, torch.tensor([1, 2, 3])), ValueError, r"ids must be an integer tensor", id="ids-1d"
+    ),
+    pytest.param(
+        lambda m: bh.forward(m, torch.ones(1, 3)), ValueError, r"ids must be an integer tensor", id="ids-float"
+    ),
+    pytest.param(
+        lambda m: bh.forward(torch.nn.Linear(2, 2), torch.ones(1, 3, dtype=torch.long)),
+        TypeError,
+        r"forward runs a transformers GPT2LMHeadModel or LlamaForCausalLM, got Linear",
+        id="not-a-gpt",
+    ),
+    pytest.param(
+        lambda m: bh.cached_logits(m, torch.tensor([[1, 2, 3]]), 1),
+        ValueError,
+        r"ids must be a 1-D tensor of token ids",
+        id="cached-ids-2d",
+    ),
+    pytest.param(
+        lambda m: bh.cached_logits(m, torch.tensor([1, 2, 3]), 0),
+        ValueError,
+        r"n_prompt must be an integer from 1 to len\(ids\) = 3, got 0",
+        id="n-prompt-zero",
+    ),
+    pytest.param(
+        lambda m: bh.faithfulness(m, torch.tensor([1, 2, 3]), 4),
+        ValueError,
+        r"n_prompt must be an integer from 1 to len\(ids\) = 3, got 4",
+        id="n-prompt-too-long",
+    ),
+    pytest.param(
+        lambda m: bh.char_tokens("aaaa"), ValueError, r"at least two different characters", id="text-one-char"
+    ),
+    pytest.param(
+        lambda m: bh.training_curve(bh.Pieces(), torch.arange(5), 5),
+        ValueError,
+        r"need more than length=8 tokens to train on, got 5",
+        id="text-too-short",
+    ),
 ]
 
 
@@ -236,21 +297,49 @@ def _raises(*args):
 
 BAD_ANSWERS = [
     pytest.param(bh.check_attend, "attend", r"pass your function itself", id="attend-not-a-function"),
-    pytest.param(bh.check_attend, lambda q, k, v: q, r"return the pair \(out, probs\) as two tensors, got Tensor",
-                 id="attend-one-tensor"),
+    pytest.param(
+        bh.check_attend,
+        lambda q, k, v: q,
+        r"return the pair \(out, probs\) as two tensors, got Tensor",
+        id="attend-one-tensor",
+    ),
     pytest.param(bh.check_attend, _raises, r"your function raised RuntimeError: boom", id="attend-raises"),
-    pytest.param(bh.check_lm_loss, lambda logits, ids, mask: [1.0], r"return the loss as a one-number tensor, got list",
-                 id="loss-a-list"),
-    pytest.param(bh.check_lm_loss, lambda logits, ids, mask: logits.sum() * 0 + 1.0, r"the loss should be \d",
-                 id="loss-a-constant"),
-    pytest.param(bh.check_apply_rope, lambda x, cos, sin: x[..., :2], r"return the rotated x, a tensor of x's shape",
-                 id="rope-wrong-shape"),
-    pytest.param(bh.check_apply_rope, lambda x, cos, sin: x * cos - rotate_half(x) * sin,
-                 r"drift after it .*turns the wrong way", id="rope-backwards"),
-    pytest.param(bh.check_apply_rope, lambda x, cos, sin: x * float("nan"),
-                 r"differ from the reference at every position", id="rope-nan"),
-    pytest.param(bh.check_append_kv, lambda cache, layer, k, v: (k, v),
-                 r"cached run drifts from a full recompute after", id="cache-forgets"),
+    pytest.param(
+        bh.check_lm_loss,
+        lambda logits, ids, mask: [1.0],
+        r"return the loss as a one-number tensor, got list",
+        id="loss-a-list",
+    ),
+    pytest.param(
+        bh.check_lm_loss,
+        lambda logits, ids, mask: logits.sum() * 0 + 1.0,
+        r"the loss should be \d",
+        id="loss-a-constant",
+    ),
+    pytest.param(
+        bh.check_apply_rope,
+        lambda x, cos, sin: x[..., :2],
+        r"return the rotated x, a tensor of x's shape",
+        id="rope-wrong-shape",
+    ),
+    pytest.param(
+        bh.check_apply_rope,
+        lambda x, cos, sin: x * cos - rotate_half(x) * sin,
+        r"drift after it .*turns the wrong way",
+        id="rope-backwards",
+    ),
+    pytest.param(
+        bh.check_apply_rope,
+        lambda x, cos, sin: x * float("nan"),
+        r"differ from the reference at every position",
+        id="rope-nan",
+    ),
+    pytest.param(
+        bh.check_append_kv,
+        lambda cache, layer, k, v: (k, v),
+        r"cached run drifts from a full recompute after",
+        id="cache-forgets",
+    ),
     pytest.param(bh.check_append_kv, _raises, r"your function raised RuntimeError: boom", id="cache-raises"),
 ]
 

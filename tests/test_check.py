@@ -94,7 +94,7 @@ def merge_no_skip(ids, pair, new_id):
 def merge_first_only(ids, pair, new_id):
     for i in range(len(ids) - 1):
         if (ids[i], ids[i + 1]) == pair:
-            return ids[:i] + [new_id] + ids[i + 2:]
+            return ids[:i] + [new_id] + ids[i + 2 :]
     return list(ids)
 
 
@@ -165,7 +165,11 @@ def pairs_first_raises(ids):
 COUNT_RIGHT = [lambda ids: dict(Counter(zip(ids, ids[1:]))), pairs_by_hand]
 COUNT_WRONG = [
     ("nothing counted", lambda ids: {}, "nothing was counted"),
-    ("one pair too few", lambda ids: dict(Counter((ids[i], ids[i + 1]) for i in range(max(1, len(ids) - 1)))), "no pairs"),
+    (
+        "one pair too few",
+        lambda ids: dict(Counter((ids[i], ids[i + 1]) for i in range(max(1, len(ids) - 1)))),
+        "no pairs",
+    ),
     ("every other pair", lambda ids: dict(Counter(zip(ids[::2], ids[1::2]))), "every other"),
     ("last pair missing", lambda ids: dict(Counter(zip(ids[:-1], ids[1:-1]))), "last pair"),
     ("counted once", lambda ids: {p: 1 for p in zip(ids, ids[1:])}, "counted once"),
@@ -174,7 +178,6 @@ COUNT_WRONG = [
     ("a list", lambda ids: list(zip(ids, ids[1:])), "dict"),
     ("string keys", lambda ids: {f"{a},{b}": 1 for a, b in zip(ids, ids[1:])}, "keys must be pairs"),
 ]
-
 
 
 def encode_gpt2(word, ranks):  # GPT-2's encoder.py: the lowest-ranked pair, every occurrence at once
@@ -200,7 +203,7 @@ def encode_greedy(word, ranks, pick=min, glue=lambda a, b: a + b, once=False):
         if not known:
             return parts
         i = pick(known, key=lambda i: ranks[parts[i], parts[i + 1]])
-        parts[i:i + 2] = [glue(parts[i], parts[i + 1])]
+        parts[i : i + 2] = [glue(parts[i], parts[i + 1])]
         if once:
             return parts
 
@@ -219,7 +222,7 @@ def encode_first_occurrence(word, ranks):
     for a, b in sorted(ranks, key=ranks.get):
         for i in range(len(parts) - 1):
             if (parts[i], parts[i + 1]) == (a, b):
-                parts[i:i + 2] = [a + b]
+                parts[i : i + 2] = [a + b]
                 break
     return parts
 
@@ -285,13 +288,18 @@ ROPE_WRONG = [
     ("degrees", lambda x, y, p, f: rope(x, y, 1, math.radians(p * f)), "radians"),
     ("swapped", lambda x, y, p, f: rope(x, y, p, f)[::-1], "swapped"),
     ("unchanged", lambda x, y, p, f: (x, y), "unchanged"),
-    ("sign", lambda x, y, p, f: (x * math.cos(p * f) + y * math.sin(p * f), x * math.sin(p * f) + y * math.cos(p * f)),
-     "sign"),
-    ("two angles", lambda x, y, p, f: (x * math.cos(p * f) - y * math.sin(p * f), x * math.sin(p) + y * math.cos(p)),
-     "length"),
+    (
+        "sign",
+        lambda x, y, p, f: (x * math.cos(p * f) + y * math.sin(p * f), x * math.sin(p * f) + y * math.cos(p * f)),
+        "sign",
+    ),
+    (
+        "two angles",
+        lambda x, y, p, f: (x * math.cos(p * f) - y * math.sin(p * f), x * math.sin(p) + y * math.cos(p)),
+        "length",
+    ),
     ("raises", lambda x, y, p, f: 1 / 0, "ZeroDivisionError"),
 ]
-
 
 
 def pool_loop(hidden, mask):
@@ -340,8 +348,8 @@ def attention(q, k, v, scale=True, causal=True, axis=-1):
 def attention_by_rows(q, k, v):
     rows = []
     for i in range(q.shape[-2]):  # query i reads keys 0..i
-        w = torch.softmax(q[..., i:i + 1, :] @ k[..., :i + 1, :].transpose(-1, -2) / q.shape[-1] ** 0.5, -1)
-        rows.append(w @ v[..., :i + 1, :])
+        w = torch.softmax(q[..., i : i + 1, :] @ k[..., : i + 1, :].transpose(-1, -2) / q.shape[-1] ** 0.5, -1)
+        rows.append(w @ v[..., : i + 1, :])
     return torch.cat(rows, -2)
 
 
@@ -356,7 +364,11 @@ def attention_zeroed_after(q, k, v):
     return w.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), 0.0) @ v
 
 
-ATTENTION_RIGHT = [attention, attention_by_rows, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)]
+ATTENTION_RIGHT = [
+    attention,
+    attention_by_rows,
+    lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+]
 ATTENTION_WRONG = [
     ("no mask", lambda q, k, v: attention(q, k, v, causal=False), "future"),
     ("no scale", lambda q, k, v: attention(q, k, v, scale=False), "sqrt(d)"),
@@ -366,10 +378,14 @@ ATTENTION_WRONG = [
     ("mixes keys", lambda q, k, v: attention(q, k, k), "KEYS"),
     ("transposed scores", lambda q, k, v: attention(k, q, v), "transposed"),
     ("in place", attention_in_place, "in place"),
-    ("the weights", lambda q, k, v: attention(q, k, torch.eye(q.shape[-2]).expand(*q.shape[:-1], q.shape[-2])),
-     "attention weights"),
+    (
+        "the weights",
+        lambda q, k, v: attention(q, k, torch.eye(q.shape[-2]).expand(*q.shape[:-1], q.shape[-2])),
+        "attention weights",
+    ),
     ("a tuple", lambda q, k, v: (attention(q, k, v), None), "tuple"),
 ]
+
 
 def decode_step(q, k, v, k_cache, v_cache):
     keys, values = torch.cat([k_cache, k], -2), torch.cat([v_cache, v], -2)
@@ -402,6 +418,7 @@ def _decode_with(keys_of, values_of, scale=None, dim=-1):
         keys, values = keys_of(k, v, k_cache, v_cache), values_of(k, v, k_cache, v_cache)
         s = 1 / math.sqrt(q.shape[-1]) if scale is None else scale(q.shape[-1])
         return torch.softmax(q @ keys.transpose(-1, -2) * s, dim) @ values
+
     return fn
 
 
@@ -413,20 +430,32 @@ def _all_values(k, v, kc, vc):
     return torch.cat([vc, v], -2)
 
 
-DECODE_RIGHT = [decode_step, decode_step_by_loop, decode_step_by_recomputation,
-                lambda q, k, v, kc, vc: F.scaled_dot_product_attention(q, torch.cat([k, kc], -2), torch.cat([v, vc], -2))]
+DECODE_RIGHT = [
+    decode_step,
+    decode_step_by_loop,
+    decode_step_by_recomputation,
+    lambda q, k, v, kc, vc: F.scaled_dot_product_attention(q, torch.cat([k, kc], -2), torch.cat([v, vc], -2)),
+]
 DECODE_WRONG = [
     ("cache only", _decode_with(lambda k, v, kc, vc: kc, lambda k, v, kc, vc: vc), "did not read itself"),
     ("new position only", _decode_with(lambda k, v, kc, vc: k, lambda k, v, kc, vc: v), "only its own value"),
-    ("mask of position 0", lambda q, k, v, kc, vc: F.scaled_dot_product_attention(
-        q, torch.cat([kc, k], -2), torch.cat([vc, v], -2), is_causal=True), "mask of position 0"),
+    (
+        "mask of position 0",
+        lambda q, k, v, kc, vc: F.scaled_dot_product_attention(
+            q, torch.cat([kc, k], -2), torch.cat([vc, v], -2), is_causal=True
+        ),
+        "mask of position 0",
+    ),
     ("no scale", _decode_with(_all_keys, _all_values, scale=lambda d: 1.0), "sqrt(d)"),
     ("divided by d", _decode_with(_all_keys, _all_values, scale=lambda d: 1 / d), "instead of sqrt(d)"),
     ("wrong axis", _decode_with(_all_keys, _all_values, dim=-2), "wrong axis"),
     ("mixes keys", _decode_with(_all_keys, _all_keys), "KEYS"),
     ("scores against values", _decode_with(_all_values, _all_values), "against the VALUES"),
-    ("keys and values out of step", _decode_with(_all_keys, lambda k, v, kc, vc: torch.cat([v, vc], -2)),
-     "out of step"),
+    (
+        "keys and values out of step",
+        _decode_with(_all_keys, lambda k, v, kc, vc: torch.cat([v, vc], -2)),
+        "out of step",
+    ),
     ("the weights", lambda q, k, v, kc, vc: torch.softmax(q @ torch.cat([kc, k], -2).transpose(-1, -2), -1), "weights"),
     ("squeezed", lambda q, k, v, kc, vc: decode_step(q, k, v, kc, vc)[..., 0, :], "one new position"),
     ("in place", decode_step_in_place, "in place"),
@@ -467,21 +496,37 @@ def block_in_place(x, layer):
 
 BLOCK_RIGHT = [block, block_by_torch]
 BLOCK_WRONG = [
-    ("no attention residual", lambda x, L: (lambda a: a + gelu_mlp(ln(a, L.ln_2), L.mlp))(
-        self_attention(ln(x, L.ln_1), L.attn)), "attention result replaced the stream"),
-    ("no MLP residual", lambda x, L: gelu_mlp(ln(x + self_attention(ln(x, L.ln_1), L.attn), L.ln_2), L.mlp),
-     "MLP result replaced the stream"),
-    ("post-norm", lambda x, L: (lambda a: ln(a + gelu_mlp(a, L.mlp), L.ln_2))(ln(x + self_attention(x, L.attn), L.ln_1)),
-     "after the residual add"),
-    ("swapped norms", lambda x, L: (lambda a: a + gelu_mlp(ln(a, L.ln_1), L.mlp))(x + self_attention(ln(x, L.ln_2), L.attn)),
-     "swapped"),
-    ("parallel", lambda x, L: x + self_attention(ln(x, L.ln_1), L.attn) + gelu_mlp(ln(x, L.ln_2), L.mlp),
-     "BEFORE attention wrote"),
+    (
+        "no attention residual",
+        lambda x, L: (lambda a: a + gelu_mlp(ln(a, L.ln_2), L.mlp))(self_attention(ln(x, L.ln_1), L.attn)),
+        "attention result replaced the stream",
+    ),
+    (
+        "no MLP residual",
+        lambda x, L: gelu_mlp(ln(x + self_attention(ln(x, L.ln_1), L.attn), L.ln_2), L.mlp),
+        "MLP result replaced the stream",
+    ),
+    (
+        "post-norm",
+        lambda x, L: (lambda a: ln(a + gelu_mlp(a, L.mlp), L.ln_2))(ln(x + self_attention(x, L.attn), L.ln_1)),
+        "after the residual add",
+    ),
+    (
+        "swapped norms",
+        lambda x, L: (lambda a: a + gelu_mlp(ln(a, L.ln_1), L.mlp))(x + self_attention(ln(x, L.ln_2), L.attn)),
+        "swapped",
+    ),
+    (
+        "parallel",
+        lambda x, L: x + self_attention(ln(x, L.ln_1), L.attn) + gelu_mlp(ln(x, L.ln_2), L.mlp),
+        "BEFORE attention wrote",
+    ),
     ("no MLP", lambda x, L: x + self_attention(ln(x, L.ln_1), L.attn), "MLP sublayer is missing"),
     ("not causal", block_maskless, "not causal"),
     ("in place", block_in_place, "in place"),
     ("identity", lambda x, L: x, "unchanged"),
 ]
+
 
 def layer_norm_two_lines(x, weight, bias, eps):
     mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
@@ -528,8 +573,13 @@ LAYER_NORM_WRONG = [
     ("no gain, no bias", lambda x, w, b, eps: F.layer_norm(x, x.shape[-1:], eps=eps), "gain and bias are missing"),
     ("no bias", lambda x, w, b, eps: F.layer_norm(x, x.shape[-1:], w, None, eps), "bias is missing"),
     ("bias before gain", lambda x, w, b, eps: (F.layer_norm(x, x.shape[-1:], eps=eps) + b) * w, "before the gain"),
-    ("wrong axis", lambda x, w, b, eps: _ln(x.transpose(-1, -2), 1.0, 0.0, eps).transpose(-1, -2) * w + b
-     if x.dim() > 1 else _ln(x, w, b, eps), "wrong axis"),
+    (
+        "wrong axis",
+        lambda x, w, b, eps: (
+            _ln(x.transpose(-1, -2), 1.0, 0.0, eps).transpose(-1, -2) * w + b if x.dim() > 1 else _ln(x, w, b, eps)
+        ),
+        "wrong axis",
+    ),
     ("reduced", lambda x, w, b, eps: x.mean(-1), "keeps the shape"),
     ("in place", layer_norm_in_place, "in place"),
 ]
@@ -556,8 +606,12 @@ def _rms(x, weight, eps, root=True, total=False, eps_out=False):
     return x / (torch.sqrt(ms + eps) if root else ms + eps) * weight
 
 
-RMS_NORM_RIGHT = [rms_norm_two_lines, rms_norm, rms_norm_llama_module,
-                  lambda x, w, eps: x * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + eps) * w]
+RMS_NORM_RIGHT = [
+    rms_norm_two_lines,
+    rms_norm,
+    rms_norm_llama_module,
+    lambda x, w, eps: x * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + eps) * w,
+]
 RMS_NORM_WRONG = [
     ("centred", lambda x, w, eps: F.layer_norm(x, x.shape[-1:], eps=eps) * w, "subtracted the mean"),
     ("sum of squares", lambda x, w, eps: _rms(x, w, eps, total=True), "SUM of squares"),
@@ -567,9 +621,18 @@ RMS_NORM_WRONG = [
     ("no gain", lambda x, w, eps: _rms(x, 1.0, eps), "gain is missing"),
     ("Gemma's 1 + weight", lambda x, w, eps: _rms(x, 1 + w, eps), "Gemma"),
     ("mean absolute value", lambda x, w, eps: x / (x.abs().mean(-1, keepdim=True) + eps) * w, "ABSOLUTE"),
-    ("wrong axis", lambda x, w, eps: (x.transpose(-1, -2) / torch.sqrt(x.transpose(-1, -2).pow(2).mean(-1, keepdim=True)
-                                                                      + eps)).transpose(-1, -2) * w
-     if x.dim() > 1 else _rms(x, w, eps), "wrong axis"),
+    (
+        "wrong axis",
+        lambda x, w, eps: (
+            (x.transpose(-1, -2) / torch.sqrt(x.transpose(-1, -2).pow(2).mean(-1, keepdim=True) + eps)).transpose(
+                -1, -2
+            )
+            * w
+            if x.dim() > 1
+            else _rms(x, w, eps)
+        ),
+        "wrong axis",
+    ),
 ]
 
 
@@ -617,19 +680,34 @@ def top_p_keep(z, p, rule):
 
 TOP_P_RIGHT = [top_p, top_p_by_loop, top_p_filter]
 TOP_P_WRONG = [
-    ("one too many", lambda z, p: top_p_keep(z, p, lambda c, r: torch.cat([torch.tensor([True, True]), (c < p)[:-2]])),
-     "after the cumulative probability passed p"),
-    ("crossing token dropped", lambda z, p: top_p_keep(z, p, lambda c, r: (c <= p) | (torch.arange(len(c)) == 0)),
-     "the token that crosses p"),
-    ("best dropped", lambda z, p: top_p(z, p) if float(torch.softmax(z, -1).max()) <= p else torch.full_like(z, -math.inf),
-     "most likely token was dropped"),
+    (
+        "one too many",
+        lambda z, p: top_p_keep(z, p, lambda c, r: torch.cat([torch.tensor([True, True]), (c < p)[:-2]])),
+        "after the cumulative probability passed p",
+    ),
+    (
+        "crossing token dropped",
+        lambda z, p: top_p_keep(z, p, lambda c, r: (c <= p) | (torch.arange(len(c)) == 0)),
+        "the token that crosses p",
+    ),
+    (
+        "best dropped",
+        lambda z, p: top_p(z, p) if float(torch.softmax(z, -1).max()) <= p else torch.full_like(z, -math.inf),
+        "most likely token was dropped",
+    ),
     ("probabilities", lambda z, p: torch.softmax(z, -1).masked_fill(top_p(z, p).isinf(), -math.inf), "probabilities"),
     ("zeros", lambda z, p: torch.where(top_p(z, p).isinf(), torch.zeros_like(z), z), "-inf"),
     ("sorted order", lambda z, p: top_p(z, p).sort(descending=True).values, "sorted order"),
     ("gather", top_p_gather, "gather"),
-    ("ascending", lambda z, p: (lambda pr, o: z.masked_fill(torch.zeros_like(pr, dtype=torch.bool).scatter(
-        -1, o, pr[o].cumsum(-1) > p), -math.inf))(torch.softmax(z, -1), torch.argsort(torch.softmax(z, -1))),
-     "DESCENDING"),
+    (
+        "ascending",
+        lambda z, p: (
+            lambda pr, o: z.masked_fill(
+                torch.zeros_like(pr, dtype=torch.bool).scatter(-1, o, pr[o].cumsum(-1) > p), -math.inf
+            )
+        )(torch.softmax(z, -1), torch.argsort(torch.softmax(z, -1))),
+        "DESCENDING",
+    ),
     ("in place", top_p_in_place, "in place"),
 ]
 
@@ -643,7 +721,7 @@ def masked(model, ids, position, mask_id):
 
 
 def masked_by_log(model, ids, position, mask_id):
-    ids = ids[:position] + [mask_id] + ids[position + 1:]
+    ids = ids[:position] + [mask_id] + ids[position + 1 :]
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids])).logits.double(), -1)[0, position]
     return int(logp.argmax()), math.exp(float(logp.max()))
@@ -655,14 +733,14 @@ def masked_mutating(model, ids, position, mask_id):
 
 
 def masked_flat_argmax(model, ids, position, mask_id):
-    ids = ids[:position] + [mask_id] + ids[position + 1:]
+    ids = ids[:position] + [mask_id] + ids[position + 1 :]
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0]
     return int(logits.argmax()), float(torch.softmax(logits[position], -1).max())
 
 
 def masked_logits_of(model, ids, position, mask_id):
-    ids = ids[:position] + [mask_id] + ids[position + 1:]
+    ids = ids[:position] + [mask_id] + ids[position + 1 :]
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0, position]
 
@@ -670,21 +748,39 @@ def masked_logits_of(model, ids, position, mask_id):
 MASKED_RIGHT = [masked, masked_by_log]
 MASKED_WRONG = [
     ("unmasked", lambda m, ids, pos, mid: masked(m, ids, pos, ids[pos]), "saw the answer"),
-    ("one early", lambda m, ids, pos, mid: (lambda z: (int(z[max(pos - 1, 0)].argmax()), 0.5))(
-        masked_logits_all(m, ids, pos, mid)), "one position"),
-    ("the logit", lambda m, ids, pos, mid: (lambda z: (int(z.argmax()), float(z.max())))(masked_logits_of(m, ids, pos, mid)),
-     "logit"),
-    ("log-probability", lambda m, ids, pos, mid: (lambda z: (int(z.argmax()), float(torch.log_softmax(z, -1).max())))(
-        masked_logits_of(m, ids, pos, mid)), "LOG-probability"),
+    (
+        "one early",
+        lambda m, ids, pos, mid: (lambda z: (int(z[max(pos - 1, 0)].argmax()), 0.5))(
+            masked_logits_all(m, ids, pos, mid)
+        ),
+        "one position",
+    ),
+    (
+        "the logit",
+        lambda m, ids, pos, mid: (lambda z: (int(z.argmax()), float(z.max())))(masked_logits_of(m, ids, pos, mid)),
+        "logit",
+    ),
+    (
+        "log-probability",
+        lambda m, ids, pos, mid: (lambda z: (int(z.argmax()), float(torch.log_softmax(z, -1).max())))(
+            masked_logits_of(m, ids, pos, mid)
+        ),
+        "LOG-probability",
+    ),
     ("mutates ids", masked_mutating, "caller's list"),
     ("flat argmax", masked_flat_argmax, "you returned the argmax index of the whole sequence"),
-    ("probability vector", lambda m, ids, pos, mid: (lambda z: (int(z.argmax()), torch.softmax(z, -1)))(
-        masked_logits_of(m, ids, pos, mid)), "ONE number"),
+    (
+        "probability vector",
+        lambda m, ids, pos, mid: (lambda z: (int(z.argmax()), torch.softmax(z, -1)))(
+            masked_logits_of(m, ids, pos, mid)
+        ),
+        "ONE number",
+    ),
 ]
 
 
 def masked_logits_all(model, ids, position, mask_id):
-    ids = ids[:position] + [mask_id] + ids[position + 1:]
+    ids = ids[:position] + [mask_id] + ids[position + 1 :]
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0]
 
@@ -722,15 +818,24 @@ PERPLEXITY_WRONG = [
     ("shift the wrong way", lambda z, ids: math.exp(float(ppl_nlls(z, ids, shift=-1).mean())), "other way"),
     ("sum", lambda z, ids: math.exp(min(float(ppl_nlls(z, ids).sum()), 700)), "MEAN"),
     ("all positions", lambda z, ids: math.exp(float(ppl_nlls(z, ids).sum()) / len(ids)), "n - 1"),
-    ("raw logits", lambda z, ids: math.exp(min(-float(z[:-1].double().gather(-1, ids[1:, None]).mean()), 700)),
-     "log_softmax"),
-    ("probabilities", lambda z, ids: math.exp(-float(torch.softmax(z.double(), -1)[:-1].gather(-1, ids[1:, None]).mean())),
-     "LOG-probabilities"),
+    (
+        "raw logits",
+        lambda z, ids: math.exp(min(-float(z[:-1].double().gather(-1, ids[1:, None]).mean()), 700)),
+        "log_softmax",
+    ),
+    (
+        "probabilities",
+        lambda z, ids: math.exp(-float(torch.softmax(z.double(), -1)[:-1].gather(-1, ids[1:, None]).mean())),
+        "LOG-probabilities",
+    ),
     ("no minus", lambda z, ids: math.exp(-float(ppl_nlls(z, ids).mean())), "minus sign"),
     ("mean of exp", lambda z, ids: float(ppl_nlls(z, ids).exp().mean()), "geometric mean"),
     ("base 2", lambda z, ids: 2 ** float(ppl_nlls(z, ids).mean()), "bits"),
-    ("argmax", lambda z, ids: math.exp(-float(torch.log_softmax(z.double(), -1)[:-1].max(-1).values.mean())),
-     "actually comes next"),
+    (
+        "argmax",
+        lambda z, ids: math.exp(-float(torch.log_softmax(z.double(), -1)[:-1].max(-1).values.mean())),
+        "actually comes next",
+    ),
     ("a vector", lambda z, ids: ppl_nlls(z, ids).exp(), "ONE number"),
 ]
 
@@ -752,7 +857,7 @@ def lora_in_place(x, W, A, B, alpha, r):
 LORA_RIGHT = [
     lambda x, W, A, B, alpha, r: x @ W + (x @ A) @ B * alpha / r,
     lambda x, W, A, B, alpha, r: x @ (W + A @ B * (alpha / r)),  # merged: the same map
-    lambda x, W, A, B, alpha, r: (x.double() @ W.double() + x.double() @ A.double() @ B.double() * alpha / r),
+    lambda x, W, A, B, alpha, r: x.double() @ W.double() + x.double() @ A.double() @ B.double() * alpha / r,
 ]
 LORA_WRONG = [
     ("frozen only", lambda x, W, A, B, alpha, r: x @ W, "frozen layer alone"),
@@ -765,6 +870,7 @@ LORA_WRONG = [
     ("in place", lora_in_place, "in place"),
     ("raises", lambda x, W, A, B, alpha, r: x @ B, "matrix shapes do not fit"),
 ]
+
 
 def step_by_hand(model, ids, optimizer, scheduler, clip):
     logits = model(ids).logits[:, :-1]
@@ -798,9 +904,18 @@ def step_log_softmax(model, ids, optimizer, scheduler, clip):
     return float(loss.detach())
 
 
-def step_variant(*, shift=(slice(None, -1), slice(1, None)), reduction="mean", zero=True, clip_it=True,
-                 step_it=True, schedule="after", give=lambda loss: loss.item()):
+def step_variant(
+    *,
+    shift=(slice(None, -1), slice(1, None)),
+    reduction="mean",
+    zero=True,
+    clip_it=True,
+    step_it=True,
+    schedule="after",
+    give=lambda loss: loss.item(),
+):
     """A training step with one thing changed, the way a learner might get it wrong."""
+
     def step(model, ids, optimizer, scheduler, clip):
         logits = model(ids).logits[:, shift[0]]
         target = ids[:, shift[1]]
@@ -819,6 +934,7 @@ def step_variant(*, shift=(slice(None, -1), slice(1, None)), reduction="mean", z
             if schedule == "after":
                 scheduler.step()
         return give(loss)
+
     return step
 
 
@@ -856,9 +972,11 @@ def int8_float_codes(x):
 
 def int8_with_scale(scale_of, codes=torch.round):
     """int8 codes from a (possibly wrong) scale; a zero row gets codes 0 and scale 1."""
+
     def fn(x):
         scale = float(scale_of(x))
         return (codes(x / scale), scale) if scale else (torch.zeros_like(x), 1.0)
+
     return fn
 
 
@@ -866,12 +984,22 @@ INT8_RIGHT = [int8, int8_float_codes]
 INT8_WRONG = [
     ("scale over 128", int8_with_scale(lambda x: x.abs().max() / 128), "127"),
     ("max, not max abs", int8_with_scale(lambda x: x.max() / 127 if x.max() > 0 else -x.abs().max() / 127), "ABSOLUTE"),
-    ("upside down", lambda x: (torch.round(x * (127 / x.abs().max())), float(127 / x.abs().max()))
-     if x.abs().max() > 0 else (torch.zeros_like(x), 1.0), "upside down"),
+    (
+        "upside down",
+        lambda x: (
+            (torch.round(x * (127 / x.abs().max())), float(127 / x.abs().max()))
+            if x.abs().max() > 0
+            else (torch.zeros_like(x), 1.0)
+        ),
+        "upside down",
+    ),
     ("truncates", int8_with_scale(lambda x: x.abs().max() / 127, torch.trunc), "ROUND"),
     ("dequantized values", lambda x: (lambda q, s: (q * s, s))(*int8(x)), "whole numbers"),
-    ("zero row divided by zero", lambda x: (torch.round(x / (x.abs().max() / 127)), float(x.abs().max() / 127)),
-     "zeros"),
+    (
+        "zero row divided by zero",
+        lambda x: (torch.round(x / (x.abs().max() / 127)), float(x.abs().max() / 127)),
+        "zeros",
+    ),
     ("the row itself", lambda x: (x, 1.0), "whole numbers"),
     ("flattened to 2-d", lambda x: (int8(x)[0].reshape(1, -1), int8(x)[1]), "shape"),
 ]
@@ -906,8 +1034,14 @@ def test_the_roofline_reference_by_hand():
 # --- chapter 08: a patched cell and an integrated-gradients sum -------------------------------------------
 
 
-def stream_patch(op="residual_mlp", at=lambda layer: layer, where=lambda position: position, read=-1,
-                 score=lambda logits, target: float(torch.softmax(logits, -1)[target]), copy=False):
+def stream_patch(
+    op="residual_mlp",
+    at=lambda layer: layer,
+    where=lambda position: position,
+    read=-1,
+    score=lambda logits, target: float(torch.softmax(logits, -1)[target]),
+    copy=False,
+):
     """A learner's patched_prob built on the event stream, with one thing possibly changed."""
     from cyclelab.core.attention import KVCache
     from cyclelab.core.engine import drain
@@ -921,6 +1055,7 @@ def stream_patch(op="residual_mlp", at=lambda layer: layer, where=lambda positio
         steps = engine.forward(torch.tensor([ids]), KVCache(engine.arch.n_layers, len(ids)), capture={op})
         logits = drain(steps, write)
         return score(logits[0, read if read == -1 else position], target)
+
     return fn
 
 
@@ -976,6 +1111,7 @@ def ig_with(alpha=lambda k, n: (k + 0.5) / n, reduce=lambda g: g.mean(0), times=
         b = start(baseline)
         grads = reduce(torch.stack([grad_fn(b + alpha(k, steps) * (x - b)) for k in range(steps)]))
         return (x - baseline) * grads if times else grads
+
     return fn
 
 
@@ -1000,21 +1136,28 @@ def lookup_loop(edges, name):
     return found
 
 
-def lookup_with(match=lambda key, edge: key in (edge[0], edge[2]), key=lambda name: name.strip().upper(),
-                out=lambda found: found):
+def lookup_with(
+    match=lambda key, edge: key in (edge[0], edge[2]), key=lambda name: name.strip().upper(), out=lambda found: found
+):
     return lambda edges, name: out([edge for edge in edges if match(key(name), edge)])
 
 
-LOOKUP_RIGHT = [lookup_loop, lookup_with(), lookup_with(key=lambda name: name.upper().strip(),
-                                                       out=lambda found: [list(edge) for edge in found])]
+LOOKUP_RIGHT = [
+    lookup_loop,
+    lookup_with(),
+    lookup_with(key=lambda name: name.upper().strip(), out=lambda found: [list(edge) for edge in found]),
+]
 LOOKUP_WRONG = [
     ("head only", lookup_with(match=lambda key, edge: edge[0] == key), "TAIL too"),
     ("tail only", lookup_with(match=lambda key, edge: edge[2] == key), "HEAD counts too"),
     ("case-sensitive", lookup_with(key=lambda name: name.strip()), "upper case"),
     ("spaces kept", lookup_with(key=lambda name: name.upper()), "strip"),
     ("substring", lookup_with(match=lambda key, edge: key in edge[0] or key in edge[2]), "whole names"),
-    ("lower case both sides", lookup_with(match=lambda key, edge: key.lower() in (edge[0].lower(), edge[2].lower())),
-     "play 'macbeth' matched"),
+    (
+        "lower case both sides",
+        lookup_with(match=lambda key, edge: key.lower() in (edge[0].lower(), edge[2].lower())),
+        "play 'macbeth' matched",
+    ),
     ("names only", lookup_with(out=lambda found: [edge[0] for edge in found]), "whole facts"),
     ("sorted", lookup_with(out=sorted), "order"),
     ("first only", lookup_with(out=lambda found: found[:1]), "EVERY edge"),
@@ -1041,10 +1184,17 @@ SWAP_WRONG = [
     ("no current token", lambda g, e, i: g @ e.T, "left out the current token"),
     ("whole input subtracted", lambda g, e, i: g @ e.T - (g * e[i]).sum(), "whole input's term"),
     ("distances", lambda g, e, i: -torch.cdist(e[i], e), "gradient is missing"),
-    ("lengths, not vectors", lambda g, e, i: (e.norm(dim=-1)[None] - e[i].norm(dim=-1)[:, None]) * g.norm(dim=-1, keepdim=True),
-     "dot product"),
+    (
+        "lengths, not vectors",
+        lambda g, e, i: (e.norm(dim=-1)[None] - e[i].norm(dim=-1)[:, None]) * g.norm(dim=-1, keepdim=True),
+        "dot product",
+    ),
     ("transposed", lambda g, e, i: swap_scores(g, e, i).T, "transposed"),
-    ("the best swap only", lambda g, e, i: torch.tensor(divmod(int(swap_scores(g, e, i).argmax()), len(e))), "not the best swap"),
+    (
+        "the best swap only",
+        lambda g, e, i: torch.tensor(divmod(int(swap_scores(g, e, i).argmax()), len(e))),
+        "not the best swap",
+    ),
     ("in place", lambda g, e, i: g.mul_(2) @ e.T, "in place"),
 ]
 
@@ -1068,8 +1218,11 @@ def overlapping_spans_by_count(n, size, overlap):
     return [[k * step, min(k * step + size, n)] for k in range(count)]  # lists, not tuples: also fine
 
 
-def spans_with(step=lambda size, overlap: size - overlap, stop=lambda start, size, n: start + size >= n,
-               end=lambda start, size, n: min(start + size, n)):
+def spans_with(
+    step=lambda size, overlap: size - overlap,
+    stop=lambda start, size, n: start + size >= n,
+    end=lambda start, size, n: min(start + size, n),
+):
     def fn(n, size, overlap):
         spans, start = [], 0
         while start < n:
@@ -1078,6 +1231,7 @@ def spans_with(step=lambda size, overlap: size - overlap, stop=lambda start, siz
                 break
             start += step(size, overlap)
         return spans
+
     return fn
 
 
@@ -1085,8 +1239,11 @@ SPANS_RIGHT = [overlapping_spans, overlapping_spans_by_count, spans_with()]
 SPANS_WRONG = [
     ("no overlap", spans_with(step=lambda size, overlap: size), "do not overlap"),
     ("step is the overlap", spans_with(step=lambda size, overlap: max(1, overlap)), "not overlap"),
-    ("tail missing", lambda n, size, overlap: [(s, s + size) for s in range(0, n - size + 1, size - overlap)],
-     "end of the text is missing"),
+    (
+        "tail missing",
+        lambda n, size, overlap: [(s, s + size) for s in range(0, n - size + 1, size - overlap)],
+        "end of the text is missing",
+    ),
     ("a span too many", spans_with(stop=lambda start, size, n: False), "a span too many"),
     ("end not clipped", spans_with(end=lambda start, size, n: start + size), "runs past the end"),
     ("inclusive ends", spans_with(end=lambda start, size, n: min(start + size, n) - 1), "half-open"),
@@ -1124,9 +1281,14 @@ CHECKS = {
     "overlapping_spans": (check.check_overlapping_spans, SPANS_RIGHT, SPANS_WRONG),
 }
 
-RIGHT = [pytest.param(name, fn, id=f"{name}-{i}") for name, (_, right, _) in CHECKS.items() for i, fn in enumerate(right)]
-WRONG = [pytest.param(name, fn, hint, id=f"{name}-{label}")
-         for name, (_, _, wrong) in CHECKS.items() for label, fn, hint in wrong]
+RIGHT = [
+    pytest.param(name, fn, id=f"{name}-{i}") for name, (_, right, _) in CHECKS.items() for i, fn in enumerate(right)
+]
+WRONG = [
+    pytest.param(name, fn, hint, id=f"{name}-{label}")
+    for name, (_, _, wrong) in CHECKS.items()
+    for label, fn, hint in wrong
+]
 
 
 def test_every_exercise_has_its_table():

@@ -9,8 +9,8 @@ from cyclelab.checks import check_block, check_masked_prediction, check_top_p_fi
 from cyclelab.core.sampling import top_p_filter
 from cyclelab.lab.forward_by_hand import gelu_mlp, layer_norm, self_attention
 
-
 # --- check_block --------------------------------------------------------------------------------
+
 
 def ln(x, norm):
     return layer_norm(x, norm.weight, norm.bias, norm.eps)
@@ -68,6 +68,7 @@ def test_check_block_accepts_transformers_own_block(tiny):
 
 # --- check_top_p_filter -------------------------------------------------------------------------
 
+
 def good_top_p(logits, p):
     probs = torch.softmax(logits, -1)
     order = torch.argsort(probs, descending=True)
@@ -83,6 +84,7 @@ def test_top_p_solutions_pass():
 
 
 # --- check_masked_prediction ----------------------------------------------------------------------
+
 
 def good_masked(model, ids, position, mask_id):
     masked = list(ids)

@@ -60,7 +60,9 @@ def test_train_tiny_passes_its_arguments_through(capsys: pytest.CaptureFixture[s
     assert "--steps" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("text, value", [("3", 3), ("0.5", 0.5), ("True", True), ("None", None),
-                                         ("'x'", "x"), ("smollm2", "smollm2"), ("[1, 2]", [1, 2])])
+@pytest.mark.parametrize(
+    "text, value",
+    [("3", 3), ("0.5", 0.5), ("True", True), ("None", None), ("'x'", "x"), ("smollm2", "smollm2"), ("[1, 2]", [1, 2])],
+)
 def test_parameter_values(text: str, value: object) -> None:
     assert parse_value(text) == value

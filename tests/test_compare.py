@@ -10,8 +10,8 @@ import torch
 
 from cyclelab import Engine
 from cyclelab.lab.compare import before_after, compare_runs, cycle_logits, format_shifts, plot_shifts
-from cyclelab.train.finetune import add_lora, merge_lora
 from cyclelab.loading.loader import Loaded
+from cyclelab.train.finetune import add_lora, merge_lora
 
 PROMPT = "My love is"
 

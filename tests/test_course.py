@@ -9,8 +9,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from cyclelab.workshop import course
 from cyclelab.cli import main
+from cyclelab.workshop import course
 
 KERNEL = {"name": "python3", "display_name": "Python 3", "language": "python"}
 
@@ -119,7 +119,9 @@ def test_cost_label_needs_a_markdown_top_cell(tmp_path: Path) -> None:
 def profiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A chapter declaring fast and full, with a key-results cell."""
     root = tmp_path_factory.mktemp("profiled")
-    params = nbformat.v4.new_code_cell("steps = 1\nname: str = 'x'\nlow, high = 0, 9", metadata={"tags": ["parameters"]})
+    params = nbformat.v4.new_code_cell(
+        "steps = 1\nname: str = 'x'\nlow, high = 0, 9", metadata={"tags": ["parameters"]}
+    )
     key = nbformat.v4.new_code_cell("print(f'steps {steps}')\nprint('loss 0.5')", metadata={"tags": ["key-results"]})
     path = _write(root / "01_p.ipynb", params, key)
     nb = nbformat.read(path, as_version=4)

@@ -47,8 +47,10 @@ def view(dbg, name):
 
 def no_model(monkeypatch, engine):
     """Any model computation from here on fails the test."""
+
     def forbidden(*args, **kwargs):
         raise AssertionError("the model was called")
+
     monkeypatch.setattr(engine, "forward", forbidden)
     monkeypatch.setattr(engine.arch, "forward", forbidden)
     monkeypatch.setattr(engine, "run", forbidden)
@@ -101,7 +103,10 @@ def test_step_and_step_layer_walk_the_micro_ops(engine):
 
 
 def test_run_to_and_end_of_generation(engine, base):
-    dbg = make(engine, n=5, )
+    dbg = make(
+        engine,
+        n=5,
+    )
     dbg.controls["cycle n"].value = 4
     click(dbg, "Run to cycle")
     assert dbg.cycle == 4
@@ -115,7 +120,9 @@ def test_text_mode_shows_every_view(engine):
     dbg = Debugger(engine, PROMPT, max_new_tokens=6)
     dbg.next(), dbg.next()
     text = str(dbg)
-    assert "cycle 2" in text and text.index("FETCH") < text.index("READ") < text.index("EXECUTE") < text.index("WRITEBACK")
+    assert "cycle 2" in text and text.index("FETCH") < text.index("READ") < text.index("EXECUTE") < text.index(
+        "WRITEBACK"
+    )
     for heading in ("Registers", "Memory", "Output", "Sampler", "Text so far"):
         assert heading in text
     assert "".join(dbg.tokens).strip()[:3] in text.replace("␣", " ")
@@ -218,13 +225,14 @@ def test_choose_the_runner_up_branches_and_keeps_the_old_branch(engine, base):
     expected = engine.branch(base, at_cycle=2, token=runner_up, max_new_tokens=8)
     assert dbg.token_ids == expected.token_ids and dbg.records[2].forced
     dbg.switch_branch(0)  # the old timeline is still reachable
-    assert dbg.token_ids == base.token_ids[:dbg.cycle]
+    assert dbg.token_ids == base.token_ids[: dbg.cycle]
 
 
 def test_ablating_a_head_changes_the_following_tokens(engine, base):
     heads = [(layer, head) for layer in range(engine.arch.n_layers) for head in range(engine.arch.n_heads)]
-    changed = next(h for h in heads
-                   if engine.branch(base, at_cycle=2, ablation=ablation(heads=[h])).token_ids != base.token_ids)
+    changed = next(
+        h for h in heads if engine.branch(base, at_cycle=2, ablation=ablation(heads=[h])).token_ids != base.token_ids
+    )
     expected = engine.branch(base, at_cycle=2, ablation=ablation(heads=[changed]))
     dbg = make(engine)
     dbg.run_to(2)
@@ -340,14 +348,18 @@ def test_logit_lens_agrees_with_transformers_hidden_states(name, prompt, request
         tokens, probs = transformers_lens(engine.loaded, list(dbg.prompt_ids) + dbg.token_ids[:-1])
         assert [r.layer for r in registers] == list(range(engine.arch.n_layers))
         assert [[t for t, _ in r.lens] for r in registers] == tokens
-        torch.testing.assert_close(torch.tensor([[p for _, p in r.lens] for r in registers]), probs,
-                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor([[p for _, p in r.lens] for r in registers]), probs, atol=1e-4, rtol=0)
 
 
 def test_each_click_lands_where_it_should_and_its_latency_is_printed(engine, base):
     dbg = make(engine)
-    expected = {"Step": (0, "embed"), "Step layer": (0, "positions"), "Next token": (1, "append"),
-                "Back cycle": (0, None), "Next token again": (1, "append")}
+    expected = {
+        "Step": (0, "embed"),
+        "Step layer": (0, "positions"),
+        "Next token": (1, "append"),
+        "Back cycle": (0, None),
+        "Next token again": (1, "append"),
+    }
     times = []
     for name, (cycle, op) in expected.items():
         start = time.perf_counter()
@@ -370,6 +382,7 @@ def raise_once(monkeypatch, owner, name):
         if len(calls) == 1:
             raise RuntimeError("injected fault")
         return original(*args, **kwargs)
+
     monkeypatch.setattr(owner, name, faulty)
 
 
@@ -415,18 +428,25 @@ def fault_writing_the_replay(dbg, monkeypatch):
     click(dbg, "Export HTML")
 
 
-@pytest.mark.parametrize("inject,shown", [pytest.param(inject, shown, id=inject.__name__.replace("_", "-")) for inject, shown in [
-    (fault_in_the_forward_pass, "RuntimeError: injected fault"),
-    (fault_mid_cycle, "RuntimeError: injected fault"),
-    (fault_in_the_views, "cannot draw the views: RuntimeError: injected fault"),
-    (fault_in_the_logit_lens, "cannot draw the views: RuntimeError: injected fault"),
-    (fault_in_the_sampler_controls, "RuntimeError: injected fault"),
-    (fault_in_the_reference_model, "RuntimeError: injected fault"),
-    (fault_writing_the_export, "FileNotFoundError: .*nonexistent-folder"),
-    (fault_writing_the_replay, "FileNotFoundError: .*nonexistent-folder/trace.html"),
-]])
-def test_a_fault_in_a_button_handler_shows_in_the_status_line_and_the_widget_keeps_working(engine, base, monkeypatch,
-                                                                                            inject, shown):
+@pytest.mark.parametrize(
+    "inject,shown",
+    [
+        pytest.param(inject, shown, id=inject.__name__.replace("_", "-"))
+        for inject, shown in [
+            (fault_in_the_forward_pass, "RuntimeError: injected fault"),
+            (fault_mid_cycle, "RuntimeError: injected fault"),
+            (fault_in_the_views, "cannot draw the views: RuntimeError: injected fault"),
+            (fault_in_the_logit_lens, "cannot draw the views: RuntimeError: injected fault"),
+            (fault_in_the_sampler_controls, "RuntimeError: injected fault"),
+            (fault_in_the_reference_model, "RuntimeError: injected fault"),
+            (fault_writing_the_export, "FileNotFoundError: .*nonexistent-folder"),
+            (fault_writing_the_replay, "FileNotFoundError: .*nonexistent-folder/trace.html"),
+        ]
+    ],
+)
+def test_a_fault_in_a_button_handler_shows_in_the_status_line_and_the_widget_keeps_working(
+    engine, base, monkeypatch, inject, shown
+):
     """The exception never reaches the kernel (a click returns normally); the next click works."""
     dbg = make(engine)
     click(dbg, "Next token", 2)

@@ -15,9 +15,24 @@ import pytest
 
 from cyclelab.core.events import Cost, CycleRecord, Stage
 from cyclelab.debugger.replay import VIEWS, replay_page
-from cyclelab.debugger.views import (STYLE, Attention, CacheRow, Draw, Output, Register, SamplerStage, State, render_all,
-                                render_branches, render_memory, render_output, render_pipeline, render_registers,
-                                render_sampler, to_text)
+from cyclelab.debugger.views import (
+    STYLE,
+    Attention,
+    CacheRow,
+    Draw,
+    Output,
+    Register,
+    SamplerStage,
+    State,
+    render_all,
+    render_branches,
+    render_memory,
+    render_output,
+    render_pipeline,
+    render_registers,
+    render_sampler,
+    to_text,
+)
 
 TINY = Path(__file__).resolve().parent.parent / "data" / "tiny" / "config.json"
 
@@ -54,17 +69,37 @@ def alpha(element: dict) -> float:
 
 
 def record(cycle: int, token: str, prob: float, token_id: int | None = None, forced: bool = False) -> CycleRecord:
-    return CycleRecord(cycle, token_id if token_id is not None else hash(token) % 1000, token, prob, prob, 1.0, [], 0,
-                       None, forced, 1, cycle + 3, 0.01, 10, 10)
+    return CycleRecord(
+        cycle,
+        token_id if token_id is not None else hash(token) % 1000,
+        token,
+        prob,
+        prob,
+        1.0,
+        [],
+        0,
+        None,
+        forced,
+        1,
+        cycle + 3,
+        0.01,
+        10,
+        10,
+    )
 
 
 # ---------------------------------------------------------------- candidates, sampler, lens
 
 
 def test_candidates_are_bars_before_and_after_the_processors():
-    output = Output(cycle=2, token=" the", token_id=7, forced=False,
-                    raw_top=[(7, " the", 0.5), (9, " a", 0.25), (4, "x", 0.125)],
-                    top=[(7, " the", 0.625), (9, " a", 0.375)])
+    output = Output(
+        cycle=2,
+        token=" the",
+        token_id=7,
+        forced=False,
+        raw_top=[(7, " the", 0.5), (9, " a", 0.25), (4, "x", 0.125)],
+        top=[(7, " the", 0.625), (9, " a", 0.375)],
+    )
     html = render_output(output)
     bars = Elements(html).having("cld-bar")
     before, after = [b for b in bars if "cld-raw" in b["class"]], [b for b in bars if "cld-raw" not in b["class"]]
@@ -75,9 +110,11 @@ def test_candidates_are_bars_before_and_after_the_processors():
 
 
 def test_sampler_rows_grey_what_each_stage_removes_and_mark_the_draw():
-    cells = {"logits": [("a", 0.5), ("b", 0.3), ("c", 0.2)],
-             "top_k": [("a", 0.625), ("b", 0.375), ("c", None)],  # top-k 2 removes c
-             "top_p": [("a", 1.0), ("b", None), ("c", None)]}  # then top-p removes b
+    cells = {
+        "logits": [("a", 0.5), ("b", 0.3), ("c", 0.2)],
+        "top_k": [("a", 0.625), ("b", 0.375), ("c", None)],  # top-k 2 removes c
+        "top_p": [("a", 1.0), ("b", None), ("c", None)],
+    }  # then top-p removes b
     stages = [SamplerStage(name, sum(p is not None for _, p in row), [], None, row) for name, row in cells.items()]
     html = render_sampler(stages, Draw(u=0.3, token="a", low=0.25, high=0.75, n_kept=1), "sample T=1")
     rows = re.split(r"<div><b>", html)[1:]
@@ -90,7 +127,9 @@ def test_sampler_rows_grey_what_each_stage_removes_and_mark_the_draw():
     assert percent(marks.having("cld-u")[0], "left") == 30.0
     assert (percent(marks.having("cld-slice")[0], "left"), percent(marks.having("cld-slice")[0])) == (25.0, 50.0)
     assert [line for line in to_text(html).splitlines() if line.startswith("removed")] == [
-        "removed here: c", "removed here: b"]
+        "removed here: c",
+        "removed here: b",
+    ]
     assert "draw u = 0.3000" in to_text(html) and "data-t" not in to_text(html)
 
 
@@ -101,8 +140,11 @@ def test_greedy_sampler_has_no_draw_mark():
 
 
 def test_logit_lens_is_a_grid_shaded_by_probability_marking_a_change_of_mind():
-    registers = [Register(0, 3.0, [("x", 0.9), ("y", 0.05)]), Register(1, 4.0, [("x", 0.4), ("z", 0.3)]),
-                 Register(2, 5.0, [("z", 0.6), ("x", 0.2)])]
+    registers = [
+        Register(0, 3.0, [("x", 0.9), ("y", 0.05)]),
+        Register(1, 4.0, [("x", 0.4), ("z", 0.3)]),
+        Register(2, 5.0, [("z", 0.6), ("x", 0.2)]),
+    ]
     html = render_registers(registers)
     chips = Elements(html).having("cld-chip")
     assert len(chips) == 6  # layers × top tokens
@@ -132,9 +174,20 @@ def test_attention_strip_shades_each_earlier_token_by_its_weight():
 
 
 def state(**changes) -> State:
-    base = dict(model="m", cycle=3, max_cycles=8, stage=Stage.EXECUTE, layer=1, op="attention", n_layers=2, n_inputs=1,
-                this_op=Cost(0.001, 1, 1), this_cycle=Cost(0.01, 1, 1), total=Cost(0.4, 10, 10),
-                prefill=Cost(0.1, 4, 4))
+    base = dict(
+        model="m",
+        cycle=3,
+        max_cycles=8,
+        stage=Stage.EXECUTE,
+        layer=1,
+        op="attention",
+        n_layers=2,
+        n_inputs=1,
+        this_op=Cost(0.001, 1, 1),
+        this_cycle=Cost(0.01, 1, 1),
+        total=Cost(0.4, 10, 10),
+        prefill=Cost(0.1, 4, 4),
+    )
     return State(**{**base, **changes})
 
 
@@ -164,12 +217,23 @@ def test_long_branches_wrap_in_blocks_that_keep_the_columns_aligned():
     now = [record(k, f"n{k}", 0.5, k) for k in range(20)]
     old = [record(0, "n0", 0.5, 0)] + [record(k, f"o{k}", 0.5, 100 + k) for k in range(1, 12)]
     html = render_branches(now, [old], columns=8)
-    rows = [line.split() for line in to_text(html).splitlines() if line.startswith(("now", "branch 0 ")) or
-            line == "branch 0"]  # an empty cell is a no-break space: split() drops it
+    rows = [
+        line.split()
+        for line in to_text(html).splitlines()
+        if line.startswith(("now", "branch 0 ")) or line == "branch 0"
+    ]  # an empty cell is a no-break space: split() drops it
     n, o = [f"n{k}" for k in range(20)], [f"o{k}" for k in range(12)]
-    assert rows == [["now", *n[1:9]], ["branch", "0", *o[1:9]],  # cycles 1-8 (the fork is #1)
-                    ["now", *n[9:17]], ["branch", "0", *o[9:12]],  # 9-16: the old branch ends at 11
-                    ["now", *n[17:20]], ["branch", "0"]]
+    assert (
+        rows
+        == [
+            ["now", *n[1:9]],
+            ["branch", "0", *o[1:9]],  # cycles 1-8 (the fork is #1)
+            ["now", *n[9:17]],
+            ["branch", "0", *o[9:12]],  # 9-16: the old branch ends at 11
+            ["now", *n[17:20]],
+            ["branch", "0"],
+        ]
+    )
 
 
 def test_no_branch_says_how_to_make_one():
@@ -196,7 +260,8 @@ def test_replay_page_holds_each_view_once_and_reaches_nothing_outside():
     data = json.loads(re.search(r'id="replay-data">(.*?)</script>', page, re.S).group(1))
     assert len(data["frames"]) == 3 and len(data["parts"]) == len(VIEWS) - 1 + 3  # text differs, the rest shared
     assert [data["parts"][f[data["views"].index("text")]] for f in data["frames"]] == [
-        f"<div>text {k}</div>" for k in range(3)]
+        f"<div>text {k}</div>" for k in range(3)
+    ]
     assert not re.search(r"""(src|href)=|@import|url\(|https?://""", page)
     assert "<title>t &lt;1&gt;</title>" in page
 
@@ -206,10 +271,13 @@ def test_replay_page_escapes_a_closing_script_tag_inside_a_view():
     assert page.count("</script>") == 2  # the data block's and the code's own
 
 
-@pytest.mark.parametrize("given,error", [
-    pytest.param([], "no frames to replay", id="no-frames"),
-    pytest.param([{"pipeline": "x"}], r"frames lack the view\(s\) \['branches', 'memory'", id="views-missing"),
-])
+@pytest.mark.parametrize(
+    "given,error",
+    [
+        pytest.param([], "no frames to replay", id="no-frames"),
+        pytest.param([{"pipeline": "x"}], r"frames lack the view\(s\) \['branches', 'memory'", id="views-missing"),
+    ],
+)
 def test_replay_page_bad_input(given, error):
     with pytest.raises(ValueError, match=error):
         replay_page(given, "t")

@@ -73,13 +73,16 @@ def test_top_k_keeps_ties_like_transformers():
     assert torch.isfinite(mine).sum() == 4  # 3, 3, 2, 2: the tie at the 3rd place is kept
 
 
-FILTERS = [(decode.top_p_filter, TopPLogitsWarper, (0.05, 0.5, 0.9, 0.99, 1.0)),
-           (decode.min_p_filter, MinPLogitsWarper, (0.0, 0.01, 0.1, 0.5, 1.0))]
+FILTERS = [
+    (decode.top_p_filter, TopPLogitsWarper, (0.05, 0.5, 0.9, 0.99, 1.0)),
+    (decode.min_p_filter, MinPLogitsWarper, (0.0, 0.01, 0.1, 0.5, 1.0)),
+]
 
 
 @pytest.mark.parametrize("seed,vocab", CASES)
-@pytest.mark.parametrize("mine,warper,value", [pytest.param(f, w, v, id=f"{f.__name__}-{v}")
-                                               for f, w, values in FILTERS for v in values])
+@pytest.mark.parametrize(
+    "mine,warper,value", [pytest.param(f, w, v, id=f"{f.__name__}-{v}") for f, w, values in FILTERS for v in values]
+)
 def test_top_p_and_min_p_match_transformers(seed, vocab, mine, warper, value):
     logits, previous = random_case(seed, vocab)
     theirs = warper(value)(previous, logits.clone())
@@ -125,8 +128,13 @@ def test_pipeline_stages_in_transformers_order():
     names = [name for name, _ in decode.pipeline(logits[0], previous[0], s)]
     assert names == ["logits", "repetition_penalty", "temperature", "top_k", "top_p", "min_p"]
     expected = logits.clone()
-    for processor in (RepetitionPenaltyLogitsProcessor(1.2), TemperatureLogitsWarper(0.7),
-                      TopKLogitsWarper(50), TopPLogitsWarper(0.9), MinPLogitsWarper(0.05)):
+    for processor in (
+        RepetitionPenaltyLogitsProcessor(1.2),
+        TemperatureLogitsWarper(0.7),
+        TopKLogitsWarper(50),
+        TopPLogitsWarper(0.9),
+        MinPLogitsWarper(0.05),
+    ):
         expected = processor(previous, expected)
     assert_same(decode.pipeline(logits[0], previous[0], s)[-1][1], expected[0])
 
@@ -181,8 +189,17 @@ def test_sample_is_inverse_cdf():
         assert token == (0 if u < 0.25 else 2 if u < 0.75 else 3)
 
 
-@pytest.mark.parametrize("u, expected", [(0.0, (0, 0.0, 0.25)), (0.2499, (0, 0.0, 0.25)), (0.25, (2, 0.25, 0.75)),
-                                         (0.7, (2, 0.25, 0.75)), (0.75, (3, 0.75, 1.0)), (0.9999, (3, 0.75, 1.0))])
+@pytest.mark.parametrize(
+    "u, expected",
+    [
+        (0.0, (0, 0.0, 0.25)),
+        (0.2499, (0, 0.0, 0.25)),
+        (0.25, (2, 0.25, 0.75)),
+        (0.7, (2, 0.25, 0.75)),
+        (0.75, (3, 0.75, 1.0)),
+        (0.9999, (3, 0.75, 1.0)),
+    ],
+)
 def test_slice_of_finds_the_slice_holding_u(u, expected):
     token, low, high = decode.slice_of(torch.tensor([0.25, 0.0, 0.5, 0.25]), u)  # token 1 has an empty slice
     assert (token, low, high) == (expected[0], pytest.approx(expected[1]), pytest.approx(expected[2]))
@@ -203,30 +220,36 @@ def test_sample_frequencies_match_softmax():
 # ---------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize("kwargs,name", [
-    (dict(do_sample=True, temperature=0), "temperature"),
-    (dict(do_sample=True, temperature=-1.0), "temperature"),
-    (dict(do_sample=True, temperature=float("inf")), "temperature"),
-    (dict(do_sample=True, temperature=float("nan")), "temperature"),
-    (dict(top_p=0), "top_p"),
-    (dict(top_p=1.5), "top_p"),
-    (dict(top_p=-0.1), "top_p"),
-    (dict(top_k=0), "top_k"),
-    (dict(min_p=-0.1), "min_p"),
-    (dict(min_p=1.5), "min_p"),
-    (dict(repetition_penalty=0), "repetition_penalty"),
-    (dict(repetition_penalty=-1.0), "repetition_penalty"),
-])
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(do_sample=True, temperature=0), "temperature"),
+        (dict(do_sample=True, temperature=-1.0), "temperature"),
+        (dict(do_sample=True, temperature=float("inf")), "temperature"),
+        (dict(do_sample=True, temperature=float("nan")), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_p=-0.1), "top_p"),
+        (dict(top_k=0), "top_k"),
+        (dict(min_p=-0.1), "min_p"),
+        (dict(min_p=1.5), "min_p"),
+        (dict(repetition_penalty=0), "repetition_penalty"),
+        (dict(repetition_penalty=-1.0), "repetition_penalty"),
+    ],
+)
 def test_sampling_rejects_bad_settings(kwargs, name):
     with pytest.raises(ValueError, match=name):
         Sampling(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs,name", [
-    (dict(top_k=2.5), "top_k"),
-    (dict(do_sample="no"), "do_sample"),
-    (dict(seed=1.5), "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(top_k=2.5), "top_k"),
+        (dict(do_sample="no"), "do_sample"),
+        (dict(seed=1.5), "seed"),
+    ],
+)
 def test_sampling_rejects_wrong_types(kwargs, name):
     with pytest.raises(TypeError, match=name):
         Sampling(**kwargs)
@@ -237,12 +260,17 @@ def test_sampling_accepts_greedy_with_zero_temperature():
     assert Sampling(do_sample=True, top_p=1.0, top_k=1).top_p == 1.0
 
 
-@pytest.mark.parametrize("bad", [torch.empty(0), torch.zeros(2, 3, 4), torch.tensor([1, 2, 3]),
-                                 torch.tensor([0.0, float("nan")])])
+@pytest.mark.parametrize(
+    "bad", [torch.empty(0), torch.zeros(2, 3, 4), torch.tensor([1, 2, 3]), torch.tensor([0.0, float("nan")])]
+)
 def test_bad_logits_raise(bad):
-    for call in (lambda: decode.top_k_filter(bad, 2), lambda: decode.top_p_filter(bad, 0.5),
-                 lambda: decode.apply_temperature(bad, 1.0), lambda: decode.greedy(bad),
-                 lambda: decode.pipeline(bad, [], Sampling())):
+    for call in (
+        lambda: decode.top_k_filter(bad, 2),
+        lambda: decode.top_p_filter(bad, 0.5),
+        lambda: decode.apply_temperature(bad, 1.0),
+        lambda: decode.greedy(bad),
+        lambda: decode.pipeline(bad, [], Sampling()),
+    ):
         with pytest.raises(ValueError, match="logits"):
             call()
 
@@ -269,8 +297,17 @@ def test_bad_processor_arguments_raise():
 def tiny_gpt2(seed: int) -> GPT2LMHeadModel:
     """A small random GPT-2 whose logits are spread enough to avoid near-ties."""
     torch.manual_seed(seed)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=64,
-                        initializer_range=0.3, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=50,
+        n_positions=64,
+        initializer_range=0.3,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     return GPT2LMHeadModel(config).eval()
 
 
@@ -278,6 +315,7 @@ def logits_fn(model: GPT2LMHeadModel):
     def next_logits(ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return model(ids).logits[:, -1]
+
     return next_logits
 
 
@@ -289,7 +327,7 @@ def greedy_reference(next_logits, prompt: list[int], steps: int) -> tuple[list[i
         token = int(logprobs.argmax())
         ids.append(token)
         total += float(logprobs[token])
-    return ids[len(prompt):], total
+    return ids[len(prompt) :], total
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -305,18 +343,28 @@ def test_beam_width_one_is_greedy_and_wider_is_no_worse(seed):
     assert results[0][1] >= score - 1e-5
 
 
-def hf_beams(model, prompt: torch.Tensor, eos, num_beams: int, steps: int,
-             length_penalty: float = 0.0) -> list[tuple[list[int], float]]:
+def hf_beams(
+    model, prompt: torch.Tensor, eos, num_beams: int, steps: int, length_penalty: float = 0.0
+) -> list[tuple[list[int], float]]:
     """transformers' beam search, generated ids cut after the first end-of-sequence token."""
-    config = GenerationConfig(num_beams=num_beams, num_return_sequences=num_beams, do_sample=False,
-                              length_penalty=length_penalty, early_stopping=False, max_new_tokens=steps,
-                              eos_token_id=eos, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    config = GenerationConfig(
+        num_beams=num_beams,
+        num_return_sequences=num_beams,
+        do_sample=False,
+        length_penalty=length_penalty,
+        early_stopping=False,
+        max_new_tokens=steps,
+        eos_token_id=eos,
+        pad_token_id=0,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     with torch.no_grad():
         out = model.generate(prompt[None], generation_config=config, attention_mask=torch.ones(1, len(prompt)))
     stops = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
     results = []
     for seq, score in zip(out.sequences, out.sequences_scores):
-        ids = seq[len(prompt):].tolist()
+        ids = seq[len(prompt) :].tolist()
         end = next((i + 1 for i, t in enumerate(ids) if t in stops), len(ids))
         results.append((ids[:end], float(score)))
     return results
@@ -384,7 +432,7 @@ def test_beam_search_scores_are_log_probabilities():
     for ids, score in decode.beam_search(logits_fn(model), prompt, 4, 5):
         seq = torch.tensor([prompt + ids])
         with torch.no_grad():
-            logprobs = torch.log_softmax(model(seq).logits[0, len(prompt) - 1:-1], dim=-1)
+            logprobs = torch.log_softmax(model(seq).logits[0, len(prompt) - 1 : -1], dim=-1)
         assert score == pytest.approx(float(logprobs.gather(1, torch.tensor(ids)[:, None]).sum()), abs=1e-4)
 
 
@@ -409,8 +457,11 @@ def test_sampling_without_top_k_keeps_the_whole_vocabulary_unlike_transformers_d
     """Documented in Sampling: transformers' generate() fills an unset top_k with 50, Sampling keeps no top-k."""
     from transformers import GenerationConfig
 
-    defaults = getattr(GenerationConfig, "_get_default_generation_params",  # transformers 5: filled in by generate()
-                       lambda: {"top_k": GenerationConfig().top_k})()  # transformers 4: the config's own default
+    defaults = getattr(
+        GenerationConfig,
+        "_get_default_generation_params",  # transformers 5: filled in by generate()
+        lambda: {"top_k": GenerationConfig().top_k},
+    )()  # transformers 4: the config's own default
     assert defaults["top_k"] == 50
     assert Sampling(do_sample=True).top_k is None
     logits = torch.linspace(-30.0, 5.0, 1000)

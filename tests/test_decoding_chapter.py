@@ -3,8 +3,8 @@
 import pytest
 
 from cyclelab.lab.decoding_by_hand import encode_split, pick_k
-from cyclelab.train.metrics import perplexity_of_model
 from cyclelab.lab.ngram import NGramLM
+from cyclelab.train.metrics import perplexity_of_model
 
 VALID_TOKENS = 8192  # the first held-out tokens (Macbeth): enough to separate the models, quick to score
 

@@ -8,8 +8,16 @@ import pytest
 import torch
 
 from cyclelab.core.sampling import Sampling, pipeline
-from cyclelab.lab.decoding_by_hand import (bits_per_token, encode_split, entropy_nats, fill_mask, pick_k, plot_pipeline,
-                                   plot_visibility, sample_ngram_text)
+from cyclelab.lab.decoding_by_hand import (
+    bits_per_token,
+    encode_split,
+    entropy_nats,
+    fill_mask,
+    pick_k,
+    plot_pipeline,
+    plot_visibility,
+    sample_ngram_text,
+)
 from cyclelab.lab.ngram import NGramLM
 
 matplotlib.use("Agg")
@@ -22,8 +30,9 @@ def tiny_mlm():
     return load("tiny-mlm")
 
 
-@pytest.mark.parametrize("text", ["To be, or not to<|mask|>, that is the question.",
-                                  "<|mask|>:\nO Romeo, Romeo! wherefore art thou Romeo?"])
+@pytest.mark.parametrize(
+    "text", ["To be, or not to<|mask|>, that is the question.", "<|mask|>:\nO Romeo, Romeo! wherefore art thou Romeo?"]
+)
 def test_fill_mask_matches_the_transformers_pipeline(tiny_mlm, text):
     from transformers import pipeline as hf_pipeline
 
@@ -36,7 +45,9 @@ def test_fill_mask_matches_the_transformers_pipeline(tiny_mlm, text):
 
 def test_fill_mask_absorbs_the_space_before_the_mask(tiny_mlm):
     assert fill_mask(tiny_mlm, "not to <|mask|>, that", 3) == fill_mask(tiny_mlm, "not to<|mask|>, that", 3)
-    assert fill_mask(tiny_mlm, "not to <|mask|>, that", 3, absorb_space=False) != fill_mask(tiny_mlm, "not to<|mask|>, that", 3)
+    assert fill_mask(tiny_mlm, "not to <|mask|>, that", 3, absorb_space=False) != fill_mask(
+        tiny_mlm, "not to<|mask|>, that", 3
+    )
 
 
 def test_fill_mask_several_masks_in_one_pass(tiny_mlm):
@@ -142,7 +153,7 @@ def test_masked_vs_causal_matches_a_plain_loop(tiny, tiny_mlm):
     hits = {"causal": 0, "masked": 0}
     nll = {"causal": 0.0, "masked": 0.0}
     for start in (0, 40):
-        chunk = ids[start:start + 40]
+        chunk = ids[start : start + 40]
         with torch.no_grad():
             causal = torch.log_softmax(tiny.model(torch.tensor([chunk])).logits[0], -1)
         for pos in (10, 20, 30):

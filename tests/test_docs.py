@@ -26,15 +26,20 @@ GENERATED_WITH_DATES = {"compat-oldest.md", "compat-newest.md"}
 
 def _package_files() -> list[str]:
     package = ROOT / "cyclelab"
-    return sorted(p.relative_to(ROOT).as_posix() for p in package.rglob("*")
-                  if p.suffix in {".py", ".c"} and "__pycache__" not in p.parts)
+    return sorted(
+        p.relative_to(ROOT).as_posix()
+        for p in package.rglob("*")
+        if p.suffix in {".py", ".c"} and "__pycache__" not in p.parts
+    )
 
 
 def test_architecture_names_every_module() -> None:
     page = (DOCS / "architecture.md").read_text()
     missing = [path for path in _package_files() if f"`{path}`" not in page]
-    assert not missing, ("docs/architecture.md has no line for these modules; add a row "
-                         "`| `cyclelab/...` | what it holds |` to their layer's table:\n" + "\n".join(missing))
+    assert not missing, (
+        "docs/architecture.md has no line for these modules; add a row "
+        "`| `cyclelab/...` | what it holds |` to their layer's table:\n" + "\n".join(missing)
+    )
 
 
 def test_architecture_names_no_module_that_is_gone() -> None:
@@ -45,18 +50,27 @@ def test_architecture_names_no_module_that_is_gone() -> None:
 
 
 def test_benchmarks_page_is_the_generated_report() -> None:
-    assert (DOCS / "benchmarks.md").read_text() == report.render(), \
+    assert (DOCS / "benchmarks.md").read_text() == report.render(), (
         "docs/benchmarks.md is stale: run python -m benchmarks.report --write"
+    )
 
 
 def test_benchmark_report_states_each_cpu(tmp_path: Path) -> None:
     machine = {"benchmark": "machine", "cpus": 2, "torch_threads": 2, "torch": "2.13.0+cpu"}
-    row = {"benchmark": "decode targets (greedy, batch 1)", "row": "tiny float32: engine, no capture",
-           "tokens_per_s": 100.0, "against": "transformers.generate", "against_tokens_per_s": 50.0, "ratio": 2.0}
-    (tmp_path / "a.json").write_text(json.dumps([machine | {"cpu_model": "Chip A", "cpu_flags": ["avx2", "fma"],
-                                                            "date_utc": "1"}, row]))
-    (tmp_path / "b.json").write_text(json.dumps([machine | {"cpu_model": "Chip A", "date_utc": "2"},
-                                                 row | {"tokens_per_s": 120.0}]))
+    row = {
+        "benchmark": "decode targets (greedy, batch 1)",
+        "row": "tiny float32: engine, no capture",
+        "tokens_per_s": 100.0,
+        "against": "transformers.generate",
+        "against_tokens_per_s": 50.0,
+        "ratio": 2.0,
+    }
+    (tmp_path / "a.json").write_text(
+        json.dumps([machine | {"cpu_model": "Chip A", "cpu_flags": ["avx2", "fma"], "date_utc": "1"}, row])
+    )
+    (tmp_path / "b.json").write_text(
+        json.dumps([machine | {"cpu_model": "Chip A", "date_utc": "2"}, row | {"tokens_per_s": 120.0}])
+    )
     (tmp_path / "c.json").write_text(json.dumps([machine, row | {"tokens_per_s": 7.0}]))
     (tmp_path / "quick.json").write_text(json.dumps([machine | {"cpu_model": "Smoke"}, row]))
     page = report.render(report.load_runs(tmp_path))
@@ -84,8 +98,11 @@ def test_relative_links_resolve(page: Path) -> None:
     assert not broken, f"{page.name}: links to missing files: {broken}"
 
 
-@pytest.mark.parametrize("page", [README, *sorted(p for p in DOCS.glob("*.md") if p.name not in GENERATED_WITH_DATES)],
-                         ids=lambda p: p.relative_to(ROOT).as_posix())
+@pytest.mark.parametrize(
+    "page",
+    [README, *sorted(p for p in DOCS.glob("*.md") if p.name not in GENERATED_WITH_DATES)],
+    ids=lambda p: p.relative_to(ROOT).as_posix(),
+)
 def test_no_lab_log_outside_the_changelog(page: Path) -> None:
     """Dates, clock times and issue numbers belong in CHANGELOG.md; elsewhere the docs state facts."""
     text = page.read_text()

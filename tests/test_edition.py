@@ -16,16 +16,24 @@ import pytest
 import torch
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from cyclelab.workshop import edition
 from cyclelab.checks import check_attainable
 from cyclelab.cli import main
+from cyclelab.workshop import edition
 from cyclelab.workshop.course import list_notebooks, notebooks_dir
 
 CHAPTERS = list_notebooks()
 # exercises (the functions learners write), read from the chapters by hand
-EXPECTED = {"00": {"greedy_step"}, "01": {"merge_pair", "count_pairs"}, "02": {"embed_lookup", "rope_pair"},
-            "03": {"causal_attention"}, "04": {"block"}, "05": {"top_p_filter", "predict_masked"},
-            "06": {"lora_forward"}, "07": {"attainable", "int8_row"}, "09": {"swap_scores", "overlapping_spans"}}
+EXPECTED = {
+    "00": {"greedy_step"},
+    "01": {"merge_pair", "count_pairs"},
+    "02": {"embed_lookup", "rope_pair"},
+    "03": {"causal_attention"},
+    "04": {"block"},
+    "05": {"top_p_filter", "predict_masked"},
+    "06": {"lora_forward"},
+    "07": {"attainable", "int8_row"},
+    "09": {"swap_scores", "overlapping_spans"},
+}
 OURS = ("nbgrader", "tags")
 
 
@@ -108,16 +116,23 @@ def test_the_student_edition_of_the_course(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_solution_regions_become_nbgrader_stubs() -> None:
-    source = ("import math\n\ndef f(x):\n    y = 1\n    ### BEGIN SOLUTION\n    return math.sqrt(x)\n"
-              "    ### END SOLUTION\n\nprint(f)")
+    source = (
+        "import math\n\ndef f(x):\n    y = 1\n    ### BEGIN SOLUTION\n    return math.sqrt(x)\n"
+        "    ### END SOLUTION\n\nprint(f)"
+    )
     assert edition.strip_solution_regions(source) == (
-        "import math\n\ndef f(x):\n    y = 1\n    # YOUR CODE HERE\n    raise NotImplementedError()\n\nprint(f)")
+        "import math\n\ndef f(x):\n    y = 1\n    # YOUR CODE HERE\n    raise NotImplementedError()\n\nprint(f)"
+    )
 
 
 def test_points_set_by_an_instructor_stay_and_stale_annotations_go() -> None:
-    nb = new_notebook(cells=[new_code_cell("def f(x):\n    # your code here\n    return 0"),
-                             new_code_cell("check_attainable(f)"),
-                             new_markdown_cell("### Solution (open after trying)")])
+    nb = new_notebook(
+        cells=[
+            new_code_cell("def f(x):\n    # your code here\n    return 0"),
+            new_code_cell("check_attainable(f)"),
+            new_markdown_cell("### Solution (open after trying)"),
+        ]
+    )
     edition.annotate(nb)
     nb.cells[1].metadata["nbgrader"]["points"] = 3
     assert edition.annotate(nb) == [edition.Exercise("f", "check_f", 3)]
@@ -135,24 +150,46 @@ def test_nbgrader_mode_checks_raise_when_they_fail() -> None:
         exec(source, {"check_attainable": check_attainable, "attainable": lambda f, b, p, w: p, "torch": torch})
 
 
-META = {"grade": True, "grade_id": "check_f", "locked": True, "points": 1, "schema_version": 3, "solution": False,
-        "task": False}
+META = {
+    "grade": True,
+    "grade_id": "check_f",
+    "locked": True,
+    "points": 1,
+    "schema_version": 3,
+    "solution": False,
+    "task": False,
+}
 
 
-@pytest.mark.parametrize("change, cell_type, pattern", [
-    ({"grade_id": None}, "code", r"needs a non-empty grade_id"),
-    ({"grade_id": "check f!"}, "code", r"grade_id 'check f!' may hold only letters, digits"),
-    ({"schema_version": 2}, "code", r"schema_version is 2, expected 3"),
-    ({"points": None}, "code", r"a graded cell needs points"),
-    ({"points": -1}, "code", r"a graded cell needs points >= 0"),
-    ({"points": True}, "code", r"wrong type \['points'\]"),
-    ({"locked": "yes"}, "code", r"wrong type \['locked'\]"),
-    ({"solution": None}, "code", r"missing \['solution'\]"),
-    ({"hint": "x"}, "code", r"unknown \['hint'\]"),
-    ({}, "markdown", r"markdown answer must be both grade and solution"),
-    ({"task": True}, "code", r"task cell must be markdown"),
-], ids=["no-grade-id", "bad-grade-id", "old-schema", "no-points", "negative-points", "bool-points",
-        "string-flag", "missing-field", "unknown-field", "markdown-grade-only", "task-on-code"])
+@pytest.mark.parametrize(
+    "change, cell_type, pattern",
+    [
+        ({"grade_id": None}, "code", r"needs a non-empty grade_id"),
+        ({"grade_id": "check f!"}, "code", r"grade_id 'check f!' may hold only letters, digits"),
+        ({"schema_version": 2}, "code", r"schema_version is 2, expected 3"),
+        ({"points": None}, "code", r"a graded cell needs points"),
+        ({"points": -1}, "code", r"a graded cell needs points >= 0"),
+        ({"points": True}, "code", r"wrong type \['points'\]"),
+        ({"locked": "yes"}, "code", r"wrong type \['locked'\]"),
+        ({"solution": None}, "code", r"missing \['solution'\]"),
+        ({"hint": "x"}, "code", r"unknown \['hint'\]"),
+        ({}, "markdown", r"markdown answer must be both grade and solution"),
+        ({"task": True}, "code", r"task cell must be markdown"),
+    ],
+    ids=[
+        "no-grade-id",
+        "bad-grade-id",
+        "old-schema",
+        "no-points",
+        "negative-points",
+        "bool-points",
+        "string-flag",
+        "missing-field",
+        "unknown-field",
+        "markdown-grade-only",
+        "task-on-code",
+    ],
+)
 def test_bad_nbgrader_metadata_is_named(change: dict, cell_type: str, pattern: str) -> None:
     meta = {k: v for k, v in {**META, **change}.items() if v is not None}
     cell = new_code_cell("check_f(f)") if cell_type == "code" else new_markdown_cell("answer")
@@ -181,11 +218,15 @@ def _course_copy(tmp_path: Path) -> Path:
     return course
 
 
-@pytest.mark.parametrize("case, error, pattern", [
-    ("out-is-the-course", ValueError, r"is the course's own notebooks folder: .*overwrite the instructor's"),
-    ("out-is-a-file", ValueError, r"OUT \(.*\) is a file: give a folder"),
-    ("no-chapters", FileNotFoundError, r"no chapter notebooks \(NN_\*\.ipynb\) in"),
-], ids=["out-is-the-course", "out-is-a-file", "no-chapters"])
+@pytest.mark.parametrize(
+    "case, error, pattern",
+    [
+        ("out-is-the-course", ValueError, r"is the course's own notebooks folder: .*overwrite the instructor's"),
+        ("out-is-a-file", ValueError, r"OUT \(.*\) is a file: give a folder"),
+        ("no-chapters", FileNotFoundError, r"no chapter notebooks \(NN_\*\.ipynb\) in"),
+    ],
+    ids=["out-is-the-course", "out-is-a-file", "no-chapters"],
+)
 def test_bad_student_edition_target_is_named(tmp_path: Path, case: str, error: type, pattern: str) -> None:
     course = _course_copy(tmp_path)
     out = {"out-is-the-course": course, "out-is-a-file": course / CHAPTERS[0].name}.get(case, tmp_path / "out")
@@ -197,13 +238,18 @@ def test_bad_student_edition_target_is_named(tmp_path: Path, case: str, error: t
     assert (course / CHAPTERS[0].name).read_bytes() == before
 
 
-@pytest.mark.parametrize("content, pattern", [
-    (None, r"^error: no notebook at .*missing\.ipynb$"),
-    ('{"cells": [', r"^error: .*bad\.ipynb is not a readable notebook \(NotJSONError"),
-    ("[1, 2]", r"^error: .*bad\.ipynb is not a readable notebook"),
-], ids=["missing-file", "corrupt-json", "json-not-a-notebook"])
-def test_annotate_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None,
-                                    pattern: str) -> None:
+@pytest.mark.parametrize(
+    "content, pattern",
+    [
+        (None, r"^error: no notebook at .*missing\.ipynb$"),
+        ('{"cells": [', r"^error: .*bad\.ipynb is not a readable notebook \(NotJSONError"),
+        ("[1, 2]", r"^error: .*bad\.ipynb is not a readable notebook"),
+    ],
+    ids=["missing-file", "corrupt-json", "json-not-a-notebook"],
+)
+def test_annotate_bad_input_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, pattern: str
+) -> None:
     path = tmp_path / ("missing.ipynb" if content is None else "bad.ipynb")
     if content is not None:
         path.write_text(content, encoding="utf-8")

@@ -8,12 +8,28 @@ import pytest
 import torch
 
 from cyclelab.checks import check_embed_lookup, check_rope_pair
-from cyclelab.lab.embedding import (analogy, cosine_matrix, embedding_matrix, lookup_bytes, mean_pool, nearest_tokens,
-                            nearest_to_vector, one_hot_lookup, pca_2d, rope_angles, rope_cos_sin, rope_dot,
-                            rope_inv_freq, rope_pair_permutation, rope_rotate, rope_rotate_interleaved,
-                            sentence_embeddings, sinusoidal_positions, token_id)
 from cyclelab.core.engine import Engine
-
+from cyclelab.lab.embedding import (
+    analogy,
+    cosine_matrix,
+    embedding_matrix,
+    lookup_bytes,
+    mean_pool,
+    nearest_to_vector,
+    nearest_tokens,
+    one_hot_lookup,
+    pca_2d,
+    rope_angles,
+    rope_cos_sin,
+    rope_dot,
+    rope_inv_freq,
+    rope_pair_permutation,
+    rope_rotate,
+    rope_rotate_interleaved,
+    sentence_embeddings,
+    sinusoidal_positions,
+    token_id,
+)
 
 # --- the lookup ---------------------------------------------------------------------------------
 
@@ -28,13 +44,16 @@ def test_one_hot_lookup_equals_indexing_and_torch_embedding(ids):
     torch.testing.assert_close(out, torch.nn.functional.embedding(ids, weight))
 
 
-@pytest.mark.parametrize("weight,ids,message", [
-    (torch.zeros(10), [1], "2-D"),
-    (torch.zeros(10, 4), [], "no token ids"),
-    (torch.zeros(10, 4), [1.5], "integers"),
-    (torch.zeros(10, 4), [10], "0..9"),
-    (torch.zeros(10, 4), [-1], "0..9"),
-])
+@pytest.mark.parametrize(
+    "weight,ids,message",
+    [
+        (torch.zeros(10), [1], "2-D"),
+        (torch.zeros(10, 4), [], "no token ids"),
+        (torch.zeros(10, 4), [1.5], "integers"),
+        (torch.zeros(10, 4), [10], "0..9"),
+        (torch.zeros(10, 4), [-1], "0..9"),
+    ],
+)
 def test_lookup_rejects_bad_input(weight, ids, message):
     with pytest.raises(ValueError, match=message):
         one_hot_lookup(weight, ids)
@@ -77,7 +96,9 @@ def test_cosine_matrix_matches_scikit_learn():
     np.testing.assert_allclose(cosine_matrix(x).numpy(), cosine_similarity(x.numpy()), atol=1e-6)
 
 
-@pytest.mark.parametrize("x,y", [(torch.zeros(3, 4), torch.zeros(3, 5)), (torch.zeros(3), None), (torch.zeros(0, 4), None)])
+@pytest.mark.parametrize(
+    "x,y", [(torch.zeros(3, 4), torch.zeros(3, 5)), (torch.zeros(3), None), (torch.zeros(0, 4), None)]
+)
 def test_cosine_matrix_rejects_bad_shapes(x, y):
     with pytest.raises(ValueError):
         cosine_matrix(x, y)
@@ -122,7 +143,9 @@ def test_rope_keeps_lengths_and_scores_depend_only_on_distance():
         values = [rope_dot(q, k, shift + distance, shift, inv_freq) for shift in (0, 7, 1000, 5000)]
         assert max(values) - min(values) < 1e-8
     assert rope_dot(q, k, 9, 9, inv_freq) == pytest.approx(float(q.double() @ k.double()))
-    assert abs(rope_dot(q, k, 3, 0, inv_freq) - rope_dot(q, k, 0, 3, inv_freq)) > 1e-3  # the sign of the distance counts
+    assert (
+        abs(rope_dot(q, k, 3, 0, inv_freq) - rope_dot(q, k, 0, 3, inv_freq)) > 1e-3
+    )  # the sign of the distance counts
 
 
 def test_rope_interleaved_by_hand_and_as_complex_numbers():
@@ -132,9 +155,14 @@ def test_rope_interleaved_by_hand_and_as_complex_numbers():
     expected = [math.cos(1), math.sin(1), -2 * math.sin(0.5), 2 * math.cos(0.5)]
     torch.testing.assert_close(out, torch.tensor([expected]))
     gen = torch.Generator().manual_seed(3)
-    x, inv_freq, positions = torch.randn(2, 7, 16, generator=gen, dtype=torch.float64), rope_inv_freq(16), torch.arange(7)
+    x, inv_freq, positions = (
+        torch.randn(2, 7, 16, generator=gen, dtype=torch.float64),
+        rope_inv_freq(16),
+        torch.arange(7),
+    )
     turned = torch.view_as_complex(x.reshape(2, 7, 8, 2).contiguous()) * torch.polar(
-        torch.ones(7, 8, dtype=torch.float64), positions[:, None].double() * inv_freq.double())
+        torch.ones(7, 8, dtype=torch.float64), positions[:, None].double() * inv_freq.double()
+    )
     torch.testing.assert_close(rope_rotate_interleaved(x, positions, inv_freq), torch.view_as_real(turned).flatten(-2))
 
 
@@ -143,8 +171,12 @@ def test_the_two_rope_layouts_are_one_rotation_up_to_a_permutation():
     gen = torch.Generator().manual_seed(4)
     x, inv_freq, positions = torch.randn(3, 5, 32, generator=gen), rope_inv_freq(32), torch.arange(5) * 9
     perm = rope_pair_permutation(32)
-    torch.testing.assert_close(rope_rotate_interleaved(x[..., perm], positions, inv_freq),
-                               rope_rotate(x, positions, inv_freq)[..., perm], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        rope_rotate_interleaved(x[..., perm], positions, inv_freq),
+        rope_rotate(x, positions, inv_freq)[..., perm],
+        atol=1e-5,
+        rtol=1e-5,
+    )
     assert not torch.allclose(rope_rotate_interleaved(x, positions, inv_freq), rope_rotate(x, positions, inv_freq))
 
 
@@ -170,7 +202,10 @@ def test_sinusoidal_dot_products_depend_only_on_distance():
 
 def test_mean_pool_against_a_loop_and_ignores_padding():
     gen = torch.Generator().manual_seed(6)
-    hidden, mask = torch.randn(3, 5, 4, generator=gen), torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    hidden, mask = (
+        torch.randn(3, 5, 4, generator=gen),
+        torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1], [1, 0, 0, 0, 0]]),
+    )
     want = torch.stack([hidden[0, :3].mean(0), hidden[1, 1:].mean(0), hidden[2, 0]])
     torch.testing.assert_close(mean_pool(hidden, mask), want)
     noisy = hidden.clone()
@@ -178,19 +213,33 @@ def test_mean_pool_against_a_loop_and_ignores_padding():
     torch.testing.assert_close(mean_pool(noisy, mask), want)
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: mean_pool(torch.zeros(2, 3), torch.ones(2, 3)), "batch, tokens, width"),
-    (lambda: mean_pool(torch.zeros(2, 3, 4), torch.ones(2, 4)), "mask .batch, tokens."),
-    (lambda: rope_pair_permutation(7), "even"),
-    (lambda: rope_pair_permutation(0), "even"),
-    (lambda: rope_rotate_interleaved(torch.zeros(2, 6), [0, 1], rope_inv_freq(8)), "head_dim = 6|need head_dim"),
-    (lambda: rope_rotate_interleaved(torch.zeros(3, 8), [0, 1], rope_inv_freq(8)), "2 positions"),
-    (lambda: sinusoidal_positions(0, 8), "n_positions"),
-    (lambda: sinusoidal_positions(10, 7), "even"),
-    (lambda: sinusoidal_positions(10.5, 8), "n_positions"),
-    (lambda: nearest_to_vector(None, torch.zeros(4), 0), "k must be a positive integer"),
-], ids=["pool hidden 2-D", "pool mask shape", "odd head_dim", "zero head_dim", "interleaved size", "interleaved positions",
-        "no positions", "odd width", "float positions", "k zero"])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: mean_pool(torch.zeros(2, 3), torch.ones(2, 3)), "batch, tokens, width"),
+        (lambda: mean_pool(torch.zeros(2, 3, 4), torch.ones(2, 4)), "mask .batch, tokens."),
+        (lambda: rope_pair_permutation(7), "even"),
+        (lambda: rope_pair_permutation(0), "even"),
+        (lambda: rope_rotate_interleaved(torch.zeros(2, 6), [0, 1], rope_inv_freq(8)), "head_dim = 6|need head_dim"),
+        (lambda: rope_rotate_interleaved(torch.zeros(3, 8), [0, 1], rope_inv_freq(8)), "2 positions"),
+        (lambda: sinusoidal_positions(0, 8), "n_positions"),
+        (lambda: sinusoidal_positions(10, 7), "even"),
+        (lambda: sinusoidal_positions(10.5, 8), "n_positions"),
+        (lambda: nearest_to_vector(None, torch.zeros(4), 0), "k must be a positive integer"),
+    ],
+    ids=[
+        "pool hidden 2-D",
+        "pool mask shape",
+        "odd head_dim",
+        "zero head_dim",
+        "interleaved size",
+        "interleaved positions",
+        "no positions",
+        "odd width",
+        "float positions",
+        "k zero",
+    ],
+)
 def test_new_fetch_helpers_reject_bad_input(call, message):
     with pytest.raises(ValueError, match=message):
         call()
@@ -303,8 +352,11 @@ def test_rope_pair_checker():
         return x * math.cos(a) - y * math.sin(a), x * math.sin(a) + y * math.cos(a)
 
     assert check_rope_pair(right)
-    assert check_rope_pair(lambda x, y, p, f: tuple(rope_rotate(torch.tensor([[x, y]], dtype=torch.float64), [p],
-                                                                   torch.tensor([f], dtype=torch.float64))[0]))
+    assert check_rope_pair(
+        lambda x, y, p, f: tuple(
+            rope_rotate(torch.tensor([[x, y]], dtype=torch.float64), [p], torch.tensor([f], dtype=torch.float64))[0]
+        )
+    )
     assert not check_rope_pair(lambda x, y, p, f: (x, y))
     clockwise = check_rope_pair(lambda x, y, p, f: right(x, y, -p, f))
     assert not clockwise and "wrong way" in clockwise.message
@@ -312,7 +364,9 @@ def test_rope_pair_checker():
     assert not no_position and "grow with the position" in no_position.message
     degrees = check_rope_pair(lambda x, y, p, f: right(x, y, 1, math.radians(p * f)))
     assert not degrees and "radians" in degrees.message
-    mixed = check_rope_pair(lambda x, y, p, f: (x * math.cos(p * f) - y * math.sin(p * f), x * math.sin(p) + y * math.cos(p)))
+    mixed = check_rope_pair(
+        lambda x, y, p, f: (x * math.cos(p * f) - y * math.sin(p * f), x * math.sin(p) + y * math.cos(p))
+    )
     assert not mixed and "length" in mixed.message
     broken = check_rope_pair(lambda x, y, p, f: 1 / 0)
     assert not broken and "ZeroDivisionError" in broken.message

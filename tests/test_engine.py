@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from float_bounds import assert_within, logit_bound
 from torch.utils.flop_counter import FlopCounterMode
 
 from cyclelab import Engine, Stage, Trace, ablation, load
-from cyclelab.lab.attention_heads import KVCache
 from cyclelab.core.engine import drain
-from float_bounds import assert_within, logit_bound, own_kernels  # noqa: F401 - own_kernels: a fixture
+from cyclelab.lab.attention_heads import KVCache
 
 PROMPTS = ["ROMEO:", "What light through yonder window breaks?", "To be, or not to be: that is the question"]
 
@@ -63,7 +63,7 @@ def test_greedy_generation_equals_transformers_generate(name, prompt, use_cache)
     ids = torch.tensor([trace.prompt_ids])
     with torch.no_grad():
         ref = loaded.model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=loaded.tokenizer.eos_token_id)
-    assert trace.token_ids == ref[0, ids.shape[1]:].tolist()
+    assert trace.token_ids == ref[0, ids.shape[1] :].tolist()
 
 
 def test_events_follow_the_four_stages(tiny_engine):
@@ -179,8 +179,7 @@ def test_ablation_changes_the_continuation_and_removing_it_restores(smollm2_engi
 
 def forward_outputs(engine, ids, off=None) -> dict:
     """Every op's output tensors of one forward pass over ``ids``, keyed by (layer, op, tensor name)."""
-    steps = engine.forward(torch.tensor([ids]), KVCache(engine.arch.n_layers, len(ids)), capture="all",
-                           ablation=off)
+    steps = engine.forward(torch.tensor([ids]), KVCache(engine.arch.n_layers, len(ids)), capture="all", ablation=off)
     outputs = {}
     while True:
         try:
@@ -191,8 +190,9 @@ def forward_outputs(engine, ids, off=None) -> dict:
         outputs.update({(event.layer, event.op, key): t.clone() for key, t in event.tensors.items()})
 
 
-@pytest.mark.parametrize("off,layer", [(ablation(heads=[(2, 1)]), 2), (ablation(mlps=[1]), 1)],
-                         ids=["head 2.1", "mlp 1"])
+@pytest.mark.parametrize(
+    "off,layer", [(ablation(heads=[(2, 1)]), 2), (ablation(mlps=[1]), 1)], ids=["head 2.1", "mlp 1"]
+)
 def test_ablation_changes_only_what_lies_downstream(tiny_engine, off, layer):
     """Every tensor before the ablated part is bit-identical to the plain run's; its own output,
     every later layer's residual stream and the logits all change; undoing it restores the logits."""
@@ -206,7 +206,7 @@ def test_ablation_changes_only_what_lies_downstream(tiny_engine, off, layer):
     assert [k for k in upstream if not torch.equal(plain[k], ablated[k])] == []
     assert (layer - 1, "residual_mlp", "out") in upstream  # the layers before it are all compared
     if off.heads:
-        (_, head), = off.heads
+        ((_, head),) = off.heads
         mixed, plain_mixed = ablated[(layer, "mix", "out")], plain[(layer, "mix", "out")]
         assert torch.all(mixed[:, head] == 0) and plain_mixed[:, head].abs().sum() > 0
         others = [h for h in range(tiny_engine.arch.n_heads) if h != head]
@@ -245,17 +245,20 @@ def test_trace_table_has_a_header_and_a_row_per_cycle(tiny_engine):
         assert row.endswith(f"{record.seconds * 1e3:.1f}")
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"prompt": ""}, "empty"),
-    ({"prompt": "   "}, "empty"),
-    ({"max_new_tokens": 0}, "max_new_tokens"),
-    ({"do_sample": True, "temperature": 0.0}, "temperature"),
-    ({"do_sample": True, "top_p": 0.0}, "top_p"),
-    ({"do_sample": True, "top_p": 1.5}, "top_p"),
-    ({"do_sample": True, "top_k": 0}, "top_k"),
-    ({"max_new_tokens": 250, "prompt": "ROMEO: " * 40}, "context window"),
-    ({"bogus_setting": 1}, "unknown option"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"prompt": ""}, "empty"),
+        ({"prompt": "   "}, "empty"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"do_sample": True, "temperature": 0.0}, "temperature"),
+        ({"do_sample": True, "top_p": 0.0}, "top_p"),
+        ({"do_sample": True, "top_p": 1.5}, "top_p"),
+        ({"do_sample": True, "top_k": 0}, "top_k"),
+        ({"max_new_tokens": 250, "prompt": "ROMEO: " * 40}, "context window"),
+        ({"bogus_setting": 1}, "unknown option"),
+    ],
+)
 def test_bad_input_gets_a_clear_error(tiny_engine, kwargs, message):
     kwargs = {"prompt": "ROMEO:", "max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=message):
@@ -268,7 +271,7 @@ def test_logits_rejects_over_long_and_empty_input(tiny_engine):
     with pytest.raises(ValueError, match="at least one position"):
         tiny_engine.logits([])
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        tiny_engine.encode([10 ** 7])
+        tiny_engine.encode([10**7])
 
 
 def test_unsupported_architecture_names_the_supported_families(minilm):
@@ -309,15 +312,23 @@ def _alternate(*runs):
 def test_two_runs_interleaved_event_by_event_equal_two_separate_runs(model, tiny_engine, smollm2_engine):
     engine = tiny_engine if model == "tiny" else smollm2_engine
     first = dict(prompt="ROMEO:", max_new_tokens=4, capture={"softmax", "positions"}, ablation=ablation(heads=[(1, 0)]))
-    second = dict(prompt="What light through yonder window breaks? It is", max_new_tokens=5, capture={"mix"},
-                  do_sample=True, temperature=0.8, seed=3)
+    second = dict(
+        prompt="What light through yonder window breaks? It is",
+        max_new_tokens=5,
+        capture={"mix"},
+        do_sample=True,
+        temperature=0.8,
+        seed=3,
+    )
     (a, b), events = _alternate(engine.run(**_run_args(first)), engine.run(**_run_args(second)))
     alone_a, alone_b = engine.generate(**first, keep_events=True), engine.generate(**second, keep_events=True)
     for mixed, alone, evs in ((a, alone_a, events[0]), (b, alone_b, events[1])):
         assert mixed.token_ids == alone.token_ids
         assert [r.prob for r in mixed.records] == pytest.approx([r.prob for r in alone.records], abs=1e-6)
         captured = [e for e in evs if e.tensors]
-        assert [(e.cycle, e.layer, e.op) for e in captured] == [(e.cycle, e.layer, e.op) for e in alone.events if e.tensors]
+        assert [(e.cycle, e.layer, e.op) for e in captured] == [
+            (e.cycle, e.layer, e.op) for e in alone.events if e.tensors
+        ]
         for got, want in zip(captured, (e for e in alone.events if e.tensors)):
             for key in want.tensors:
                 torch.testing.assert_close(got.tensors[key], want.tensors[key])
@@ -338,8 +349,9 @@ def test_token_text_is_the_tokenizers_decoding_each_time(smollm2_engine):
 
 
 def test_module_parts_are_what_attributes_give(tiny):
-    from cyclelab.lab.quantize import int8_linear_of
     from cyclelab.core.blocks import parts
+    from cyclelab.lab.quantize import int8_linear_of
+
     block = tiny.model.transformer.h[0]
     assert all(a is b for a, b in zip(parts(block, "attn", "ln_1"), (block.attn, block.ln_1)))
     conv = block.attn.c_attn
@@ -347,5 +359,7 @@ def test_module_parts_are_what_attributes_give(tiny):
     no_bias = torch.nn.Linear(4, 3, bias=False)
     assert parts(no_bias, "weight", "bias") == (no_bias.weight, None)
     packed = int8_linear_of(torch.randn(3, 4), torch.randn(3))
-    assert all(a is b for a, b in zip(parts(packed, "q", "scale", "bias", "in_features"),
-                                      (packed.q, packed.scale, packed.bias, 4)))
+    assert all(
+        a is b
+        for a, b in zip(parts(packed, "q", "scale", "bias", "in_features"), (packed.q, packed.scale, packed.bias, 4))
+    )

@@ -22,13 +22,26 @@ class NoTokenizer:
 def random_model(family: str) -> Loaded:
     torch.manual_seed(0)  # weights made on the CPU after seeding, then moved
     if family == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=97, n_positions=64,
-                                           bos_token_id=None, eos_token_id=None))
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                n_layer=2, n_embd=64, n_head=4, vocab_size=97, n_positions=64, bos_token_id=None, eos_token_id=None
+            )
+        )
     else:
-        model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
-                                             max_position_embeddings=64, bos_token_id=None, eos_token_id=None,
-                                             pad_token_id=None))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=64,
+                intermediate_size=96,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=97,
+                max_position_embeddings=64,
+                bos_token_id=None,
+                eos_token_id=None,
+                pad_token_id=None,
+            )
+        )
     model.config._attn_implementation = "eager"
     return Loaded(family, model.to(pick_device()).eval(), NoTokenizer(), "random")
 
@@ -48,8 +61,9 @@ def test_random_models_generate_like_transformers_on_the_device(family):
     loaded = random_model(family)
     trace = Engine(loaded).generate([5, 6, 7], max_new_tokens=20, stop_at_eos=False)
     with torch.no_grad():
-        ref = loaded.model.generate(torch.tensor([[5, 6, 7]], device=loaded.device), max_new_tokens=20,
-                                    do_sample=False, pad_token_id=0)
+        ref = loaded.model.generate(
+            torch.tensor([[5, 6, 7]], device=loaded.device), max_new_tokens=20, do_sample=False, pad_token_id=0
+        )
     assert trace.token_ids == ref[0, 3:].tolist()
 
 

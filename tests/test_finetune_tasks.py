@@ -30,7 +30,12 @@ def test_lora_toward_the_sonnets_lowers_held_out_perplexity(tiny) -> None:
     before = sonnet_perplexity(tiny.model, tiny.tokenizer, held_out)
     torch.manual_seed(0)
     model = add_lora(copy.deepcopy(tiny.model), ["c_attn", "c_fc"], r=8, alpha=16)
-    train(model, lm_windows(tiny.tokenizer, poems[:30], 64), lm_loss, TrainConfig(steps=15, batch_size=8, lr=3e-3, warmup=2))
+    train(
+        model,
+        lm_windows(tiny.tokenizer, poems[:30], 64),
+        lm_loss,
+        TrainConfig(steps=15, batch_size=8, lr=3e-3, warmup=2),
+    )
     after = sonnet_perplexity(model, tiny.tokenizer, held_out)
     assert after < 0.95 * before
 
@@ -52,7 +57,7 @@ def test_speaker_questions_point_at_the_speaker(minilm) -> None:
 
     examples = speaker_questions(["tempest"], 20, k=3, seed=1, lines_per_speech=2)
     for ex in examples:
-        assert ex["context"][ex["answer_start"]:ex["answer_start"] + len(ex["answer"]) + 1] == ex["answer"] + ":"
+        assert ex["context"][ex["answer_start"] : ex["answer_start"] + len(ex["answer"]) + 1] == ex["answer"] + ":"
         assert ex["question"] in ex["context"]
         assert len({line.split(":")[0] for line in ex["context"].splitlines()}) >= 2
     encoded, kept = span_data(minilm.tokenizer, examples, max_len=128)
@@ -67,8 +72,10 @@ def test_speaker_questions_point_at_the_speaker(minilm) -> None:
 def test_question_blind_baselines() -> None:
     from cyclelab.train.tasks.who_speaks import baseline_answers
 
-    ex = [{"context": "BRUTUS: Peace, ho!\nCASSIUS: Good night.\nBRUTUS: Farewell.\n"},
-          {"context": "FIRST CITIZEN: You are all resolved?\nALL: Resolved.\nSECOND CITIZEN: One word.\n"}]
+    ex = [
+        {"context": "BRUTUS: Peace, ho!\nCASSIUS: Good night.\nBRUTUS: Farewell.\n"},
+        {"context": "FIRST CITIZEN: You are all resolved?\nALL: Resolved.\nSECOND CITIZEN: One word.\n"},
+    ]
     assert baseline_answers(ex, "first") == ["BRUTUS", "FIRST CITIZEN"]
     assert baseline_answers(ex, "last") == ["BRUTUS", "SECOND CITIZEN"]
     assert baseline_answers(ex, "most") == ["BRUTUS", "FIRST CITIZEN"]  # a tie goes to the earliest
@@ -100,17 +107,39 @@ def test_align_words_pairs_one_to_one_and_leaves_uneven_changes_out() -> None:
     from cyclelab.train.tasks.folio import align_words
 
     assert align_words("Fly further off my Lord: flye further off,", "Fly further off, my lord, fly further off;") == [
-        ("Fly", "Fly"), ("further", "further"), ("off", "off,"), ("my", "my"), ("Lord:", "lord,"),
-        ("flye", "fly"), ("further", "further"), ("off,", "off;")]
+        ("Fly", "Fly"),
+        ("further", "further"),
+        ("off", "off,"),
+        ("my", "my"),
+        ("Lord:", "lord,"),
+        ("flye", "fly"),
+        ("further", "further"),
+        ("off,", "off;"),
+    ]
     # "to morrow," became one word: neither Folio word has a single modern counterpart
     assert align_words("Come to morrow, good Sir", "Come to-morrow, good sir.") == [
-        ("Come", "Come"), ("to", None), ("morrow,", None), ("good", "good"), ("Sir", "sir.")]
+        ("Come", "Come"),
+        ("to", None),
+        ("morrow,", None),
+        ("good", "good"),
+        ("Sir", "sir."),
+    ]
 
 
-@pytest.mark.parametrize("old, new, edit", [
-    ("haue", "have", "ue→ve"), ("giue", "give", "ue→ve"), ("Lord", "lord,", "lower →,"), ("Noble", "noble", "lower"),
-    ("vpon", "upon", "vpon→upon"), ("me,", "me", ",→"), ("speake", "speak", "e→"), ("rome", "Rome", "upper"),
-    ("heart", "heart", "KEEP")])
+@pytest.mark.parametrize(
+    "old, new, edit",
+    [
+        ("haue", "have", "ue→ve"),
+        ("giue", "give", "ue→ve"),
+        ("Lord", "lord,", "lower →,"),
+        ("Noble", "noble", "lower"),
+        ("vpon", "upon", "vpon→upon"),
+        ("me,", "me", ",→"),
+        ("speake", "speak", "e→"),
+        ("rome", "Rome", "upper"),
+        ("heart", "heart", "KEEP"),
+    ],
+)
 def test_word_edit_by_hand(old, new, edit) -> None:
     from cyclelab.train.tasks.folio import apply_edit, word_edit
 
@@ -156,7 +185,7 @@ def test_tagging_data_labels_each_words_last_token(tiny) -> None:
     edits = ["KEEP", "e→", "lower", "lower →.", "→,"]
     (example,) = tagging_data(tiny.tokenizer, [("Heere my Lord", "Here, my lord.")], edits, max_len=12)
     ids, labels = example["input_ids"].tolist(), example["labels"].tolist()
-    marked = [(tiny.tokenizer.decode(ids[:i + 1]), edits[label]) for i, label in enumerate(labels) if label != -100]
+    marked = [(tiny.tokenizer.decode(ids[: i + 1]), edits[label]) for i, label in enumerate(labels) if label != -100]
     # "Heere" -> "Here," rewrites the ending after the common "He": "ere→re,", not in this vocabulary,
     # so that word is unlabelled; "my" is kept; "Lord" -> "lord." is "lower →."
     assert marked == [("Heere my", "KEEP"), ("Heere my Lord", "lower →.")]
@@ -166,15 +195,22 @@ def test_tagging_data_labels_each_words_last_token(tiny) -> None:
 def test_lookup_table_keeps_the_most_frequent_form() -> None:
     from cyclelab.train.tasks.folio import lookup_table, modernise_by_lookup
 
-    table = lookup_table([("I haue it", "I have it"), ("Then haue at thee", "Then have at thee"),
-                          ("No more then this", "No more than this"), ("and then", "and then"), ("then go", "then go")])
+    table = lookup_table(
+        [
+            ("I haue it", "I have it"),
+            ("Then haue at thee", "Then have at thee"),
+            ("No more then this", "No more than this"),
+            ("and then", "and then"),
+            ("then go", "then go"),
+        ]
+    )
     assert table["haue"] == "have" and table["I"] == "I"
     assert modernise_by_lookup(table, ["haue you then"]) == ["have you then"]
 
 
 def test_folio_pairs_copy_is_a_strong_baseline() -> None:
-    from cyclelab.train.tasks.folio import folio_pairs
     from cyclelab.train.metrics import bleu
+    from cyclelab.train.tasks.folio import folio_pairs
 
     pairs = folio_pairs("julius_caesar")
     assert len(pairs) > 1000 and all(old != new for old, new in pairs)
@@ -192,12 +228,22 @@ def test_the_edit_vocabulary_starts_with_the_common_edits() -> None:
 
 import math  # noqa: E402
 
-from cyclelab.train.tasks.instructions import (answer_logprob, answer_scores, best_answer, instruction_examples,  # noqa: E402
-                                         instruction_pairs, title)
+from cyclelab.train.tasks.instructions import (  # noqa: E402
+    answer_logprob,
+    answer_scores,
+    best_answer,
+    instruction_examples,
+    instruction_pairs,
+    title,
+)
 
-PAIRS = [("Which play is this line from?\nO, pardon me, thou bleeding piece of earth,\nAnswer:", " Julius Caesar\n"),
-         ("Which play is this line from?\nThe course of true love never did run smooth.\nAnswer:",
-          " Midsummer Nights Dream\n")]
+PAIRS = [
+    ("Which play is this line from?\nO, pardon me, thou bleeding piece of earth,\nAnswer:", " Julius Caesar\n"),
+    (
+        "Which play is this line from?\nThe course of true love never did run smooth.\nAnswer:",
+        " Midsummer Nights Dream\n",
+    ),
+]
 
 
 def test_instruction_labels_score_the_answer_only(tiny) -> None:
@@ -227,7 +273,8 @@ def test_the_masked_loss_is_the_answers_cross_entropy(tiny) -> None:
             nll -= sum(float(logp[len(p) - 1 + i, t]) for i, t in enumerate(a))
             n += len(a)
             assert answer_logprob(model, tok, prompt, answer) == pytest.approx(
-                sum(float(logp[len(p) - 1 + i, t]) for i, t in enumerate(a)), abs=1e-3)
+                sum(float(logp[len(p) - 1 + i, t]) for i, t in enumerate(a)), abs=1e-3
+            )
     assert got == pytest.approx(nll / n, abs=1e-4)
 
 
@@ -235,7 +282,8 @@ def test_answer_scores_pick_the_likelier_answer(tiny) -> None:
     answers = [a for _, a in PAIRS]
     by_one = [[answer_logprob(tiny.model, tiny.tokenizer, p, a) for a in answers] for p, _ in PAIRS]
     assert [best_answer(tiny.model, tiny.tokenizer, p, answers) for p, _ in PAIRS] == [
-        max(range(2), key=s.__getitem__) for s in by_one]  # batched candidates = one at a time
+        max(range(2), key=s.__getitem__) for s in by_one
+    ]  # batched candidates = one at a time
     prob, acc = answer_scores(tiny.model, tiny.tokenizer, PAIRS, answers)
     assert acc == sum(max(range(2), key=s.__getitem__) == k for k, s in enumerate(by_one)) / 2
     assert prob == pytest.approx(sum(math.exp(s[k]) for k, s in enumerate(by_one)) / 2, rel=1e-4)
@@ -248,19 +296,25 @@ def test_instruction_pairs_ask_about_the_plays() -> None:
     assert title("merry_wives_of_windsor") == "Merry Wives Of Windsor"
 
 
-@pytest.mark.parametrize("pairs, max_len, error, message", [
-    pytest.param([], 40, ValueError, "no \\(prompt, answer\\) pairs", id="no pairs"),
-    pytest.param(PAIRS, 8, ValueError, "more than max_len=8", id="prompt longer than max_len"),
-])
+@pytest.mark.parametrize(
+    "pairs, max_len, error, message",
+    [
+        pytest.param([], 40, ValueError, "no \\(prompt, answer\\) pairs", id="no pairs"),
+        pytest.param(PAIRS, 8, ValueError, "more than max_len=8", id="prompt longer than max_len"),
+    ],
+)
 def test_instruction_examples_bad_input(tiny, pairs, max_len, error, message) -> None:
     with pytest.raises(error, match=message):
         instruction_examples(tiny.tokenizer, pairs, max_len=max_len)
 
 
-@pytest.mark.parametrize("pairs, answers, message", [
-    pytest.param([], [" A\n"], "no \\(prompt, answer\\) pairs to score", id="no pairs to score"),
-    pytest.param(PAIRS, [" Tempest\n"], "is not one of the candidates", id="answer not a candidate"),
-])
+@pytest.mark.parametrize(
+    "pairs, answers, message",
+    [
+        pytest.param([], [" A\n"], "no \\(prompt, answer\\) pairs to score", id="no pairs to score"),
+        pytest.param(PAIRS, [" Tempest\n"], "is not one of the candidates", id="answer not a candidate"),
+    ],
+)
 def test_answer_scores_bad_input(tiny, pairs, answers, message) -> None:
     with pytest.raises(ValueError, match=message):
         answer_scores(tiny.model, tiny.tokenizer, pairs, answers)
@@ -277,13 +331,18 @@ def test_play_perplexity_reads_the_opening_of_the_held_out_plays(tiny) -> None:
         play_perplexity(tiny.model, tiny.tokenizer, 10**8)
 
 
-@pytest.mark.parametrize("mask,width", [
-    ([[1, 1, 0, 0], [1, 0, 0, 0]], 2),   # the longest row ends at column 2
-    ([[1, 1, 1, 1], [1, 0, 0, 0]], 4),   # nothing to cut
-    ([[0, 0, 0], [0, 0, 0]], 1),         # no real token: one column stays, never an empty batch
-], ids=["cut-after-longest-row", "full-row", "all-padding"])
+@pytest.mark.parametrize(
+    "mask,width",
+    [
+        ([[1, 1, 0, 0], [1, 0, 0, 0]], 2),  # the longest row ends at column 2
+        ([[1, 1, 1, 1], [1, 0, 0, 0]], 4),  # nothing to cut
+        ([[0, 0, 0], [0, 0, 0]], 1),  # no real token: one column stays, never an empty batch
+    ],
+    ids=["cut-after-longest-row", "full-row", "all-padding"],
+)
 def test_unpadded_cuts_every_tensor_after_the_last_real_column(mask, width):
     from cyclelab.train.tasks import unpadded
+
     mask = torch.tensor(mask)
     ids = torch.arange(mask.numel()).view(mask.shape)
     cut_mask, cut_ids = unpadded(mask, ids)
@@ -292,6 +351,7 @@ def test_unpadded_cuts_every_tensor_after_the_last_real_column(mask, width):
 
 def test_unpadded_batch_gives_a_causal_model_the_same_logits_for_the_real_tokens(tiny):
     from cyclelab.train.tasks import unpadded
+
     ids = torch.tensor([[5, 6, 7, 0, 0, 0], [8, 9, 0, 0, 0, 0]])
     mask = (torch.arange(6) < torch.tensor([[3], [2]])).long()
     with torch.no_grad():

@@ -8,10 +8,26 @@ import torch
 import torch.nn.functional as F
 
 from cyclelab.core.engine import drain
-from cyclelab.lab.forward_by_hand import (cost_table, format_cost_table, gelu, gelu_mlp, layer_norm, logit_lens,
-                              matmul_parameters, per_token_costs, plot_cost_breakdown, plot_logit_lens,
-                              plot_residual_norms, residual_stream, rms_norm, self_attention, silu, stack_gradients,
-                              sublayer, swiglu_mlp)
+from cyclelab.lab.forward_by_hand import (
+    cost_table,
+    format_cost_table,
+    gelu,
+    gelu_mlp,
+    layer_norm,
+    logit_lens,
+    matmul_parameters,
+    per_token_costs,
+    plot_cost_breakdown,
+    plot_logit_lens,
+    plot_residual_norms,
+    residual_stream,
+    rms_norm,
+    self_attention,
+    silu,
+    stack_gradients,
+    sublayer,
+    swiglu_mlp,
+)
 
 matplotlib.use("Agg")
 PROMPT = "ROMEO: But soft, what light through yonder window breaks?"
@@ -88,7 +104,11 @@ def test_swiglu_mlp_matches_llama_module():
     from transformers.models.llama.modeling_llama import LlamaMLP
 
     torch.manual_seed(0)
-    mlp = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=40, num_attention_heads=2, num_key_value_heads=2, hidden_act="silu"))
+    mlp = LlamaMLP(
+        LlamaConfig(
+            hidden_size=16, intermediate_size=40, num_attention_heads=2, num_key_value_heads=2, hidden_act="silu"
+        )
+    )
     h = torch.randn(2, 3, 16)
     with torch.no_grad():
         torch.testing.assert_close(swiglu_mlp(h, mlp), mlp(h), atol=1e-6, rtol=1e-5)
@@ -222,8 +242,9 @@ def test_pre_ln_sublayers_are_a_gpt2_block(tiny):
     with torch.no_grad():
         mid = sublayer(x, lambda h: self_attention(h, layer.attn), layer.ln_1)
         out = sublayer(mid, layer.mlp, layer.ln_2)
-        want = tiny.model.transformer(inputs_embeds=x - tiny.model.transformer.wpe.weight[:5],
-                                      output_hidden_states=True).hidden_states[1]
+        want = tiny.model.transformer(
+            inputs_embeds=x - tiny.model.transformer.wpe.weight[:5], output_hidden_states=True
+        ).hidden_states[1]
     assert torch.allclose(out, want, atol=1e-5)
 
 
@@ -265,13 +286,23 @@ def test_without_the_residual_path_the_first_layer_gradient_drifts_with_depth():
     assert drift("none") > 3 * drift("pre")
 
 
-@pytest.mark.parametrize("call, message", [
-    pytest.param(lambda: sublayer(torch.ones(2), abs, abs, "middle"), r"order must be one of 'pre', 'post', 'none'",
-                 id="sublayer-unknown-order"),
-    pytest.param(lambda: stack_gradients("sideways", 2), r"order must be one of", id="stack-unknown-order"),
-    pytest.param(lambda: stack_gradients("pre", 0), r"depth must be a positive integer, got 0", id="stack-depth-zero"),
-    pytest.param(lambda: stack_gradients("pre", 2.5), r"depth must be a positive integer, got 2.5", id="stack-depth-float"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        pytest.param(
+            lambda: sublayer(torch.ones(2), abs, abs, "middle"),
+            r"order must be one of 'pre', 'post', 'none'",
+            id="sublayer-unknown-order",
+        ),
+        pytest.param(lambda: stack_gradients("sideways", 2), r"order must be one of", id="stack-unknown-order"),
+        pytest.param(
+            lambda: stack_gradients("pre", 0), r"depth must be a positive integer, got 0", id="stack-depth-zero"
+        ),
+        pytest.param(
+            lambda: stack_gradients("pre", 2.5), r"depth must be a positive integer, got 2.5", id="stack-depth-float"
+        ),
+    ],
+)
 def test_bad_orders_and_depths_are_explained(call, message):
     with pytest.raises(ValueError, match=message):
         call()

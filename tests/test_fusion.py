@@ -22,5 +22,6 @@ def test_the_fused_gelu_is_one_op_the_composite_many():
 def test_try_compile_reports_a_failure_instead_of_raising():
     def broken(x):
         raise RuntimeError("no kernel here")
+
     compiled, seconds, why = try_compile(broken, torch.ones(2))
     assert compiled is None and seconds == 0.0 and "no kernel here" in why

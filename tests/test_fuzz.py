@@ -16,15 +16,24 @@ from hypothesis import strategies as st
 
 from cyclelab import Sampling
 
-FUZZ = settings(max_examples=50, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=50, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 VOCAB = 4096  # tiny's vocabulary
 
 any_text = st.text(st.characters(exclude_categories=()), max_size=40)  # lone surrogates included
-ids = st.lists(st.integers(-3, VOCAB + 3) | st.integers(-2**70, 2**70), max_size=8)
-anything = (any_text | ids | st.none() | st.booleans() | st.integers() | st.floats() | st.binary(max_size=8)
-            | st.lists(st.floats() | st.booleans() | st.text(max_size=3), min_size=1, max_size=3)
-            | st.lists(ids, min_size=1, max_size=2).map(lambda rows: torch.tensor([r[:1] or [0] for r in rows])))
+ids = st.lists(st.integers(-3, VOCAB + 3) | st.integers(-(2**70), 2**70), max_size=8)
+anything = (
+    any_text
+    | ids
+    | st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.binary(max_size=8)
+    | st.lists(st.floats() | st.booleans() | st.text(max_size=3), min_size=1, max_size=3)
+    | st.lists(ids, min_size=1, max_size=2).map(lambda rows: torch.tensor([r[:1] or [0] for r in rows]))
+)
 
 
 def refused(error: Exception, *names: str) -> None:
@@ -80,15 +89,30 @@ def test_any_python_value_as_a_prompt_is_ids_or_refused(tiny_engine, prompt):
 
 
 @FUZZ
-@given(temperature=st.floats(allow_nan=True) | st.sampled_from([1e-300, 1e-45, 1e-8, 1e300]),
-       top_p=st.none() | st.floats(0, 1) | st.floats(), top_k=st.none() | st.integers(-2, 10**7),
-       repetition_penalty=st.floats(-2, 3) | st.sampled_from([0.0, 1e-300, 1e300]), seed=st.integers(-5, 2**65),
-       min_p=st.none() | st.floats(0, 1) | st.floats())
-def test_sampling_at_its_edges_gives_valid_tokens_or_names_the_setting(tiny_engine, temperature, top_p, top_k,
-                                                                       repetition_penalty, seed, min_p):
+@given(
+    temperature=st.floats(allow_nan=True) | st.sampled_from([1e-300, 1e-45, 1e-8, 1e300]),
+    top_p=st.none() | st.floats(0, 1) | st.floats(),
+    top_k=st.none() | st.integers(-2, 10**7),
+    repetition_penalty=st.floats(-2, 3) | st.sampled_from([0.0, 1e-300, 1e300]),
+    seed=st.integers(-5, 2**65),
+    min_p=st.none() | st.floats(0, 1) | st.floats(),
+)
+def test_sampling_at_its_edges_gives_valid_tokens_or_names_the_setting(
+    tiny_engine, temperature, top_p, top_k, repetition_penalty, seed, min_p
+):
     try:
-        trace = tiny_engine.generate("ROMEO:", 2, do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k,
-                                     repetition_penalty=repetition_penalty, seed=seed, min_p=min_p, stop_at_eos=False)
+        trace = tiny_engine.generate(
+            "ROMEO:",
+            2,
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            min_p=min_p,
+            stop_at_eos=False,
+        )
     except Exception as error:  # noqa: BLE001
         refused(error, "temperature", "top_p", "top_k", "repetition_penalty", "seed", "min_p")
         return
@@ -99,8 +123,12 @@ def test_sampling_at_its_edges_gives_valid_tokens_or_names_the_setting(tiny_engi
 @given(penalty=st.floats(1e-300, 1e300), greedy=st.booleans())
 def test_any_positive_repetition_penalty_keeps_probabilities_valid(tiny_engine, penalty, greedy):
     try:
-        trace = tiny_engine.generate("ROMEO: O Romeo, Romeo", 2, sampling=Sampling(
-            do_sample=not greedy, seed=0, repetition_penalty=penalty), stop_at_eos=False)
+        trace = tiny_engine.generate(
+            "ROMEO: O Romeo, Romeo",
+            2,
+            sampling=Sampling(do_sample=not greedy, seed=0, repetition_penalty=penalty),
+            stop_at_eos=False,
+        )
     except ValueError as error:  # a penalty so small that the penalised logits overflow
         assert penalty < 1e-30 and "repetition_penalty" in str(error) and "overflows" in str(error)
         return
@@ -113,8 +141,11 @@ def base(tiny_engine):
 
 
 @FUZZ
-@given(at=st.integers(-2, 6) | st.floats(-1, 5) | st.booleans(), token=st.none() | st.integers(-3, VOCAB + 3)
-       | st.integers(-2**64, 2**64) | st.floats(0, VOCAB), n=st.none() | st.integers(-1, 6))
+@given(
+    at=st.integers(-2, 6) | st.floats(-1, 5) | st.booleans(),
+    token=st.none() | st.integers(-3, VOCAB + 3) | st.integers(-(2**64), 2**64) | st.floats(0, VOCAB),
+    n=st.none() | st.integers(-1, 6),
+)
 def test_branching_anywhere_with_any_token_is_valid_or_refused(tiny_engine, base, at, token, n):
     try:
         branch = tiny_engine.branch(base, at, token=token, max_new_tokens=n)

@@ -19,33 +19,36 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from cyclelab.workshop import edition
-from cyclelab.workshop import grade
 from cyclelab.cli import main
+from cyclelab.workshop import edition, grade
 
 CHAPTER = "00_mini.ipynb"
 GREEDY_STUB = '''def greedy_step(logits):
     """Return (token_id, probability) of the greedy choice."""
     # your code here — replace the line below
     return 0, 0.0'''
-ATTAINABLE = '''def attainable(flops, nbytes, peak, bandwidth):
+ATTAINABLE = """def attainable(flops, nbytes, peak, bandwidth):
     ### BEGIN SOLUTION
     return min(peak, flops / nbytes * bandwidth)
-    ### END SOLUTION'''
-GREEDY_RIGHT = '''def greedy_step(logits):
+    ### END SOLUTION"""
+GREEDY_RIGHT = """def greedy_step(logits):
     p = torch.softmax(logits.double(), -1)
-    return int(p.argmax()), float(p.max())'''
-ATTAINABLE_RIGHT = '''def attainable(flops, nbytes, peak, bandwidth):
+    return int(p.argmax()), float(p.max())"""
+ATTAINABLE_RIGHT = """def attainable(flops, nbytes, peak, bandwidth):
     roof = bandwidth * flops / nbytes
-    return peak if roof > peak else roof'''
+    return peak if roof > peak else roof"""
 # what each learner writes in the two exercise cells
 ANSWERS = {
     "ada": (GREEDY_RIGHT, ATTAINABLE_RIGHT),
-    "ben": ("def greedy_step(logits):\n    return int(logits.argmax()), float(logits.max())",  # the logit, not p
-            "def attainable(flops, nbytes, peak, bandwidth):\n    return max(peak, flops / nbytes * bandwidth)"),
+    "ben": (
+        "def greedy_step(logits):\n    return int(logits.argmax()), float(logits.max())",  # the logit, not p
+        "def attainable(flops, nbytes, peak, bandwidth):\n    return max(peak, flops / nbytes * bandwidth)",
+    ),
     "cy": (None, None),  # blank: the student edition's stubs
-    "dee": ("def greedy_step(logits):\n    return 1 // 0",
-            "oops = undefined_name + 1\n\n" + ATTAINABLE_RIGHT),  # the cell raises before its def
+    "dee": (
+        "def greedy_step(logits):\n    return 1 // 0",
+        "oops = undefined_name + 1\n\n" + ATTAINABLE_RIGHT,
+    ),  # the cell raises before its def
 }
 
 
@@ -97,8 +100,20 @@ def classroom(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def grades(classroom: dict[str, Path]) -> dict[tuple[str, str], dict[str, str]]:
     """The CSV of ``cyclelab grade`` over the class, by (learner, exercise)."""
     out, here = classroom["root"] / "grades.csv", os.getcwd()
-    status = main(["grade", str(classroom["submissions"]), "--out", str(out), "--course", str(classroom["course"]),
-                   "--executed", str(classroom["root"] / "executed"), "--jobs", "2"])
+    status = main(
+        [
+            "grade",
+            str(classroom["submissions"]),
+            "--out",
+            str(out),
+            "--course",
+            str(classroom["course"]),
+            "--executed",
+            str(classroom["root"] / "executed"),
+            "--jobs",
+            "2",
+        ]
+    )
     assert status == 0 and os.getcwd() == here, "two notebooks at a time, and this process stays in its folder"
     assert sorted(p.name for p in (classroom["root"] / "executed").iterdir()) == sorted(ANSWERS)
     with open(out, newline="", encoding="utf-8") as handle:
@@ -115,7 +130,11 @@ def test_the_student_edition_of_the_course(classroom: dict[str, Path]) -> None:
     assert "softmax" not in text and "open after trying" not in text, "the hidden solution and its heading are gone"
     assert "## What next\nMore chapters." in text, "the rest of the heading's cell stays"
     assert [c.metadata.get("tags") for c in nb.cells if c.metadata.get("tags") not in (None, ["parameters"])] == [
-        ["exercise"], ["check"], ["exercise"], ["check"]]
+        ["exercise"],
+        ["check"],
+        ["exercise"],
+        ["check"],
+    ]
 
 
 def test_one_row_per_learner_and_exercise(grades: dict) -> None:
@@ -123,18 +142,35 @@ def test_one_row_per_learner_and_exercise(grades: dict) -> None:
     assert all(r["notebook"] == CHAPTER and r["points_possible"] == "1" for r in grades.values())
 
 
-@pytest.mark.parametrize("learner, exercise, status, hint", [
-    ("ada", "greedy_step", "passed", r"^$"),
-    ("ada", "attainable", "passed", r"^$"),
-    ("ben", "greedy_step", "failed", r"returned the logit itself"),
-    ("ben", "attainable", "failed", r"memory is the limit.*take min\(peak"),
-    ("cy", "greedy_step", "failed", r"chose token 0|probability"),
-    ("cy", "attainable", "failed", r"raised NotImplementedError"),
-    ("dee", "greedy_step", "failed", r"raised ZeroDivisionError"),
-    ("dee", "attainable", "error", r"NameError: name 'attainable' is not defined.*first error: cell 8: "
-                                   r"NameError: name 'undefined_name'"),
-], ids=["right-1", "right-2", "mistake-logit", "mistake-max", "blank-stub", "blank-nbgrader-stub",
-        "raises-in-function", "raises-at-top-level"])
+@pytest.mark.parametrize(
+    "learner, exercise, status, hint",
+    [
+        ("ada", "greedy_step", "passed", r"^$"),
+        ("ada", "attainable", "passed", r"^$"),
+        ("ben", "greedy_step", "failed", r"returned the logit itself"),
+        ("ben", "attainable", "failed", r"memory is the limit.*take min\(peak"),
+        ("cy", "greedy_step", "failed", r"chose token 0|probability"),
+        ("cy", "attainable", "failed", r"raised NotImplementedError"),
+        ("dee", "greedy_step", "failed", r"raised ZeroDivisionError"),
+        (
+            "dee",
+            "attainable",
+            "error",
+            r"NameError: name 'attainable' is not defined.*first error: cell 8: "
+            r"NameError: name 'undefined_name'",
+        ),
+    ],
+    ids=[
+        "right-1",
+        "right-2",
+        "mistake-logit",
+        "mistake-max",
+        "blank-stub",
+        "blank-nbgrader-stub",
+        "raises-in-function",
+        "raises-at-top-level",
+    ],
+)
 def test_each_learner_gets_a_clear_row(grades: dict, learner: str, exercise: str, status: str, hint: str) -> None:
     row = grades[(learner, exercise)]
     assert row["status"] == status
@@ -142,12 +178,17 @@ def test_each_learner_gets_a_clear_row(grades: dict, learner: str, exercise: str
     assert row["points"] == ("1" if status == "passed" else "0")
 
 
-@pytest.mark.parametrize("first_cell, timeout, pattern", [
-    ("import time\ntime.sleep(120)", 2, r"timed out: the notebook ran past --timeout 2 s"),
-    ("import os\nos._exit(1)", 60, r"the check did not run: DeadKernelError: Kernel died"),
-], ids=["timeout", "kernel-dies"])
-def test_a_notebook_that_hangs_or_crashes_gets_error_rows(classroom: dict[str, Path], tmp_path: Path,
-                                                          first_cell: str, timeout: float, pattern: str) -> None:
+@pytest.mark.parametrize(
+    "first_cell, timeout, pattern",
+    [
+        ("import time\ntime.sleep(120)", 2, r"timed out: the notebook ran past --timeout 2 s"),
+        ("import os\nos._exit(1)", 60, r"the check did not run: DeadKernelError: Kernel died"),
+    ],
+    ids=["timeout", "kernel-dies"],
+)
+def test_a_notebook_that_hangs_or_crashes_gets_error_rows(
+    classroom: dict[str, Path], tmp_path: Path, first_cell: str, timeout: float, pattern: str
+) -> None:
     nb = nbformat.read(str(classroom["student"] / CHAPTER), as_version=4)
     nb.cells.insert(0, new_code_cell(first_cell))  # before torch: a light kernel
     (tmp_path / "subs" / "zed").mkdir(parents=True)
@@ -190,27 +231,54 @@ def _bad(tmp_path: Path, case: str) -> list[str]:
         (subs / "ada").mkdir(parents=True)
         name = "99_other.ipynb" if case == "unknown-chapter" else CHAPTER
         (subs / "ada" / name).write_text('{"cells": [', encoding="utf-8")
-        extra = {"bad-timeout": ["--timeout", "0"], "no-course": ["--course", str(tmp_path / "nowhere")],
-                 "bad-jobs": ["--jobs", "0"]}.get(case, [])
-    return ["grade", str(subs), "--out", str(tmp_path / "g.csv"), "--course", str(course),
-            "--executed", str(tmp_path / "executed"), *extra]
+        extra = {
+            "bad-timeout": ["--timeout", "0"],
+            "no-course": ["--course", str(tmp_path / "nowhere")],
+            "bad-jobs": ["--jobs", "0"],
+        }.get(case, [])
+    return [
+        "grade",
+        str(subs),
+        "--out",
+        str(tmp_path / "g.csv"),
+        "--course",
+        str(course),
+        "--executed",
+        str(tmp_path / "executed"),
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize("case, code, pattern", [
-    ("missing", 2, r"no submissions folder .*subs: expected the layout SUBMISSIONS/<learner>/<chapter>\.ipynb"),
-    ("empty", 2, r"no notebooks in .*subs: expected the layout"),
-    ("no-notebooks", 2, r"no notebooks in .*subs"),
-    ("loose-notebook", 2, r"00_mini\.ipynb in .* belong in a folder per learner"),
-    ("bad-timeout", 2, r"--timeout must be a positive number of seconds, got 0"),
-    ("no-course", 2, r"no course folder .*nowhere: give --course"),
-    ("bad-jobs", 2, r"--jobs must be a whole number >= 1, got 0"),
-    ("corrupt-json", 0, r'ada,00_mini\.ipynb,greedy_step,error,"malformed: NotJSONError'),
-    ("unknown-chapter", 0, r"ada,99_other\.ipynb,,error,the course has no notebook 99_other\.ipynb"),
-    ("out-is-a-folder", 2, r"--out .*g\.csv is a folder: give the CSV file"),
-], ids=["missing-folder", "empty-folder", "no-notebooks", "loose-notebook", "bad-timeout", "no-course",
-        "bad-jobs", "corrupt-json", "unknown-chapter", "out-is-a-folder"])
-def test_bad_input_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, code: int,
-                            pattern: str) -> None:
+@pytest.mark.parametrize(
+    "case, code, pattern",
+    [
+        ("missing", 2, r"no submissions folder .*subs: expected the layout SUBMISSIONS/<learner>/<chapter>\.ipynb"),
+        ("empty", 2, r"no notebooks in .*subs: expected the layout"),
+        ("no-notebooks", 2, r"no notebooks in .*subs"),
+        ("loose-notebook", 2, r"00_mini\.ipynb in .* belong in a folder per learner"),
+        ("bad-timeout", 2, r"--timeout must be a positive number of seconds, got 0"),
+        ("no-course", 2, r"no course folder .*nowhere: give --course"),
+        ("bad-jobs", 2, r"--jobs must be a whole number >= 1, got 0"),
+        ("corrupt-json", 0, r'ada,00_mini\.ipynb,greedy_step,error,"malformed: NotJSONError'),
+        ("unknown-chapter", 0, r"ada,99_other\.ipynb,,error,the course has no notebook 99_other\.ipynb"),
+        ("out-is-a-folder", 2, r"--out .*g\.csv is a folder: give the CSV file"),
+    ],
+    ids=[
+        "missing-folder",
+        "empty-folder",
+        "no-notebooks",
+        "loose-notebook",
+        "bad-timeout",
+        "no-course",
+        "bad-jobs",
+        "corrupt-json",
+        "unknown-chapter",
+        "out-is-a-folder",
+    ],
+)
+def test_bad_input_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, code: int, pattern: str
+) -> None:
     """Layout problems stop the grader with exit 2 and a message; a bad notebook is a row, exit 0."""
     assert main(_bad(tmp_path, case)) == code
     text = capsys.readouterr().err if code else (tmp_path / "g.csv").read_text(encoding="utf-8")

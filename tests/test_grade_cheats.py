@@ -37,14 +37,18 @@ ANSWERS = {
     "crash": "def greedy_step(logits):\n    return 1 // 0",
     "=1+2": GREEDY_RIGHT,
     "leaves-a-process": f"import subprocess\nsubprocess.Popen(['sleep', '{MARK}'], start_new_session=True)\n\n"
-                        + GREEDY_RIGHT,
+    + GREEDY_RIGHT,
     **CHEATS,
 }
 EXPECTED = {  # (learner, notebook) -> [(exercise, status, points)], in the CSV's order
-    **{(who, CHAPTER): [("greedy_step", "passed", "1"), ("attainable", "passed", "1")]
-       for who in ("right", "'=1+2", "leaves-a-process")},
-    **{(who, CHAPTER): [("greedy_step", "failed", "0"), ("attainable", "passed", "1")]
-       for who in ("stub", "wrong", "crash", *CHEATS)},
+    **{
+        (who, CHAPTER): [("greedy_step", "passed", "1"), ("attainable", "passed", "1")]
+        for who in ("right", "'=1+2", "leaves-a-process")
+    },
+    **{
+        (who, CHAPTER): [("greedy_step", "failed", "0"), ("attainable", "passed", "1")]
+        for who in ("stub", "wrong", "crash", *CHEATS)
+    },
     ("looping", CHAPTER): [("greedy_step", "error", "0"), ("attainable", "error", "0")],
     ("malformed", CHAPTER): [("greedy_step", "error", "0"), ("attainable", "error", "0")],
     ("renamed", "00_mini (1).ipynb"): [("greedy_step", "passed", "1"), ("attainable", "passed", "1")],
@@ -87,8 +91,22 @@ def rows(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
     (subs / "malformed" / CHAPTER).write_text(json.dumps({"cells": 3, "nbformat": 4}))
     out = root / "grades.csv"
     with pytest.warns(UserWarning, match=r"inner/00_mini\.ipynb is in a subfolder of deeper's folder"):
-        status = main(["grade", str(subs), "--out", str(out), "--course", str(course), "--executed",
-                       str(root / "executed"), "--jobs", "2", "--timeout", "40"])
+        status = main(
+            [
+                "grade",
+                str(subs),
+                "--out",
+                str(out),
+                "--course",
+                str(course),
+                "--executed",
+                str(root / "executed"),
+                "--jobs",
+                "2",
+                "--timeout",
+                "40",
+            ]
+        )
     assert status == 0
     with open(out, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
@@ -101,16 +119,22 @@ def test_the_whole_csv(rows: list[dict[str, str]]) -> None:
     assert got == EXPECTED
 
 
-@pytest.mark.parametrize("learner, pattern", [
-    ("stub", r"^the probability should be"), ("wrong", "returned the logit itself"),
-    ("crash", "raised ZeroDivisionError"), ("prints", r"^the probability should be"),
-    ("rebind", r"^the probability should be"), ("str-patch", r"^the probability should be"),
-    ("hook", r"^the probability should be"),
-    ("copied", r"^copied from the package: greedy_step is not yours \(its code is cyclelab's own"),
-    ("wraps-ref", r"^copied from the package: greedy_step is not yours \(it calls the package's reference _ref_"),
-    ("looping", r"^timed out: the notebook ran past --timeout 40 s$"),
-    ("malformed", r"^malformed: "),
-])
+@pytest.mark.parametrize(
+    "learner, pattern",
+    [
+        ("stub", r"^the probability should be"),
+        ("wrong", "returned the logit itself"),
+        ("crash", "raised ZeroDivisionError"),
+        ("prints", r"^the probability should be"),
+        ("rebind", r"^the probability should be"),
+        ("str-patch", r"^the probability should be"),
+        ("hook", r"^the probability should be"),
+        ("copied", r"^copied from the package: greedy_step is not yours \(its code is cyclelab's own"),
+        ("wraps-ref", r"^copied from the package: greedy_step is not yours \(it calls the package's reference _ref_"),
+        ("looping", r"^timed out: the notebook ran past --timeout 40 s$"),
+        ("malformed", r"^malformed: "),
+    ],
+)
 def test_each_row_says_why(rows: list[dict[str, str]], learner: str, pattern: str) -> None:
     import re
 
@@ -123,21 +147,36 @@ def test_no_process_is_left_behind(rows: list[dict[str, str]]) -> None:
 
 
 def test_two_checks_in_one_cell_are_two_rows() -> None:
-    calls = grade.check_calls("check_my_layer_norm", "# x\nprint(check_layer_norm(my_layer_norm))\n"
-                              "print(check_rms_norm(my_rms_norm))", 2)
+    calls = grade.check_calls(
+        "check_my_layer_norm", "# x\nprint(check_layer_norm(my_layer_norm))\nprint(check_rms_norm(my_rms_norm))", 2
+    )
     assert [(c.check, c.function, c.args, c.points) for c in calls] == [
         ("check_layer_norm", "my_layer_norm", ("my_layer_norm",), 2),
-        ("check_rms_norm", "my_rms_norm", ("my_rms_norm",), 2)]
+        ("check_rms_norm", "my_rms_norm", ("my_rms_norm",), 2),
+    ]
 
 
-@pytest.mark.parametrize("value, cell", [("=1+2", "'=1+2"), ("+x", "'+x"), ("-1", "'-1"), ("@a", "'@a"),
-                                         ("\tx", "'\tx"), ("\rx", "'\rx"), ("ada", "ada"), (1.0, 1.0)])
+@pytest.mark.parametrize(
+    "value, cell",
+    [
+        ("=1+2", "'=1+2"),
+        ("+x", "'+x"),
+        ("-1", "'-1"),
+        ("@a", "'@a"),
+        ("\tx", "'\tx"),
+        ("\rx", "'\rx"),
+        ("ada", "ada"),
+        (1.0, 1.0),
+    ],
+)
 def test_csv_cells_cannot_be_formulas(value, cell) -> None:
     assert grade.cell(value) == cell
 
 
-@pytest.mark.parametrize("name, chapter", [("00_mini (1).ipynb", CHAPTER), ("00_mini.ipynb", CHAPTER),
-                                           ("99_x.ipynb", None), ("mini.ipynb", None)])
+@pytest.mark.parametrize(
+    "name, chapter",
+    [("00_mini (1).ipynb", CHAPTER), ("00_mini.ipynb", CHAPTER), ("99_x.ipynb", None), ("mini.ipynb", None)],
+)
 def test_chapters_match_by_prefix(tmp_path: Path, name: str, chapter: str | None) -> None:
     course = mini_course(tmp_path / "course")
     found = grade.course_notebook(course, name)

@@ -6,19 +6,36 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cyclelab.lab.in_context import LABELS, accuracy, few_shot_prefix, first_tokens, instruction, label_probs, query, sample_shots
+from cyclelab.lab.in_context import (
+    LABELS,
+    accuracy,
+    few_shot_prefix,
+    first_tokens,
+    instruction,
+    label_probs,
+    query,
+    sample_shots,
+)
 
-POOL = [("BANQUO", "macbeth"), ("IAGO", "othello"), ("ARIEL", "tempest"), ("CASSIUS", "julius_caesar"),
-        ("MALVOLIO", "twelfth_night"), ("MERCUTIO", "romeo_and_juliet")]
+POOL = [
+    ("BANQUO", "macbeth"),
+    ("IAGO", "othello"),
+    ("ARIEL", "tempest"),
+    ("CASSIUS", "julius_caesar"),
+    ("MALVOLIO", "twelfth_night"),
+    ("MERCUTIO", "romeo_and_juliet"),
+]
 
 
 def test_a_two_shot_prompt_by_hand():
     prompt = few_shot_prefix([("BANQUO", "macbeth"), ("IAGO", "othello")], LABELS["title"]) + query("SEYTON")
-    assert prompt == ("Which play is each character from? Macbeth, Othello, The Tempest, Julius Caesar, Twelfth Night, "
-                      "Romeo and Juliet?\n\n"
-                      "Character: Banquo\nPlay: Macbeth\n\n"
-                      "Character: Iago\nPlay: Othello\n\n"
-                      "Character: Seyton\nPlay:")
+    assert prompt == (
+        "Which play is each character from? Macbeth, Othello, The Tempest, Julius Caesar, Twelfth Night, "
+        "Romeo and Juliet?\n\n"
+        "Character: Banquo\nPlay: Macbeth\n\n"
+        "Character: Iago\nPlay: Othello\n\n"
+        "Character: Seyton\nPlay:"
+    )
 
 
 def test_zero_shots_is_the_instruction_alone():
@@ -54,8 +71,12 @@ def test_batched_prefix_scores_match_one_plain_forward_per_prompt(tiny_engine):
     firsts = [tiny_engine.tokenizer.encode(" " + label)[0] for label in labels]
     model = tiny_engine.loaded.model
     with torch.no_grad():
-        want = torch.stack([torch.softmax(model(torch.tensor([tiny_engine.encode(prefix + q)])).logits[0, -1], -1)[firsts]
-                            for q in queries])
+        want = torch.stack(
+            [
+                torch.softmax(model(torch.tensor([tiny_engine.encode(prefix + q)])).logits[0, -1], -1)[firsts]
+                for q in queries
+            ]
+        )
     assert got.shape == (3, 3)
     assert torch.allclose(got, want, atol=1e-5)
 
@@ -66,24 +87,46 @@ def test_no_shared_prefix_and_one_query(tiny_engine):
         got = label_probs(tiny_engine, "", prompts, ["lord", "king"])
         with torch.no_grad():
             firsts = first_tokens(tiny_engine, ["lord", "king"])
-            want = torch.stack([torch.softmax(model(torch.tensor([tiny_engine.encode(p)])).logits[0, -1], -1)[firsts]
-                                for p in prompts])
+            want = torch.stack(
+                [torch.softmax(model(torch.tensor([tiny_engine.encode(p)])).logits[0, -1], -1)[firsts] for p in prompts]
+            )
         assert torch.allclose(got, want, atol=1e-5)
 
 
 BAD = [
-    ("label missing", lambda e: few_shot_prefix([("IAGO", "othello")], {"macbeth": "Macbeth"}), ValueError,
-     r"no label for play\(s\) \['othello'\]"),
-    ("k too large", lambda e: sample_shots(POOL, 7, 0), ValueError, r"k must be an integer from 0 to the pool's size 6"),
+    (
+        "label missing",
+        lambda e: few_shot_prefix([("IAGO", "othello")], {"macbeth": "Macbeth"}),
+        ValueError,
+        r"no label for play\(s\) \['othello'\]",
+    ),
+    (
+        "k too large",
+        lambda e: sample_shots(POOL, 7, 0),
+        ValueError,
+        r"k must be an integer from 0 to the pool's size 6",
+    ),
     ("k negative", lambda e: sample_shots(POOL, -1, 0), ValueError, r"k must be an integer"),
     ("k a bool", lambda e: sample_shots(POOL, True, 0), ValueError, r"k must be an integer"),
-    ("labels share a first token", lambda e: first_tokens(e, ["The Tempest", "The Tempest"]), ValueError,
-     r"start with the same token"),
+    (
+        "labels share a first token",
+        lambda e: first_tokens(e, ["The Tempest", "The Tempest"]),
+        ValueError,
+        r"start with the same token",
+    ),
     ("no queries", lambda e: label_probs(e, "x", [], ["a", "b"]), ValueError, r"non-empty list of queries"),
-    ("one query as a string", lambda e: label_probs(e, "x", "Character: A\nPlay:", ["a", "b"]), ValueError,
-     r"non-empty list of queries"),
-    ("truth of the wrong length", lambda e: accuracy(torch.zeros(3, 2), [0, 1]), ValueError,
-     r"one right label per query"),
+    (
+        "one query as a string",
+        lambda e: label_probs(e, "x", "Character: A\nPlay:", ["a", "b"]),
+        ValueError,
+        r"non-empty list of queries",
+    ),
+    (
+        "truth of the wrong length",
+        lambda e: accuracy(torch.zeros(3, 2), [0, 1]),
+        ValueError,
+        r"one right label per query",
+    ),
 ]
 
 

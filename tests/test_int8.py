@@ -3,15 +3,14 @@ converted model against ``transformers`` running the same int8 model, and the pe
 
 import pytest
 import torch
+from float_bounds import assert_within, logit_bound
 
-from cyclelab import Engine, load
-from cyclelab import kernels
-from cyclelab.lab.decoding_by_hand import encode_split
+from cyclelab import Engine, kernels, load
 from cyclelab.core.engine import fingerprint
-from cyclelab.train.metrics import perplexity_of_model
 from cyclelab.kernels import MANY_ROWS, Int8Linear, int8_linear, is_int8
+from cyclelab.lab.decoding_by_hand import encode_split
 from cyclelab.lab.quantize import int8_linear_of, quantize_int8, to_int8
-from float_bounds import assert_within, logit_bound, own_kernels  # noqa: F401 - own_kernels: a fixture
+from cyclelab.train.metrics import perplexity_of_model
 
 PROMPTS = ["ROMEO:", "JULIET:\nO Romeo, Romeo", "KING HENRY:\nOnce more unto the breach"]
 
@@ -35,8 +34,11 @@ def _bound(x, q, scale, exact):
     return step / 2 * (q.abs().float() * scale[:, None]).sum(dim=1) + 1e-5 * exact.abs() + 1e-5
 
 
-@pytest.mark.parametrize("rows,k,n", [(1, 576, 1536), (1, 37, 5), (3, 2100, 7), (MANY_ROWS, 64, 9), (20, 40, 3)],
-                         ids=["decode-vector", "ragged-tail", "rows-past-2048", "many-rows", "prefill"])
+@pytest.mark.parametrize(
+    "rows,k,n",
+    [(1, 576, 1536), (1, 37, 5), (3, 2100, 7), (MANY_ROWS, 64, 9), (20, 40, 3)],
+    ids=["decode-vector", "ragged-tail", "rows-past-2048", "many-rows", "prefill"],
+)
 def test_kernel_is_within_its_activation_rounding_of_the_exact_product(rows, k, n):
     x, q, scale, bias = _case(rows, k, n)
     exact = _exact(x, q, scale, bias)
@@ -89,8 +91,13 @@ def test_engine_matches_transformers_running_the_same_int8_model(tiny8, prompt, 
     ids = engine.encode(prompt)
     with torch.no_grad():
         want = tiny8.model(torch.tensor([ids])).logits
-        hf = tiny8.model.generate(torch.tensor([ids]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
-                                  pad_token_id=tiny8.tokenizer.eos_token_id)[0, len(ids):].tolist()
+        hf = tiny8.model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=20,
+            min_new_tokens=20,
+            do_sample=False,
+            pad_token_id=tiny8.tokenizer.eos_token_id,
+        )[0, len(ids) :].tolist()
     assert_within(engine.logits(ids)[0], want[0], logit_bound(tiny8, ids, int8=True))
     assert engine.generate(ids, 20, stop_at_eos=False).token_ids == hf
 
@@ -115,13 +122,16 @@ def test_int8_perplexity_is_within_3_percent_of_float32(tiny, tiny8):
 def test_smollm2_int8_perplexity_and_greedy_tokens(smollm2):
     quantized = load("smollm2", quantize="int8", cache=False)
     ids = encode_split(smollm2.tokenizer, "valid", limit=1024, cache=False)
-    ratio = perplexity_of_model(quantized.model, ids, context=256) / perplexity_of_model(smollm2.model, ids, context=256)
+    ratio = perplexity_of_model(quantized.model, ids, context=256) / perplexity_of_model(
+        smollm2.model, ids, context=256
+    )
     assert abs(ratio - 1) < 0.03, ratio
     engine = Engine(quantized)
     prompt = engine.encode("The history of the Roman Empire begins")
     with torch.no_grad():
-        hf = quantized.model.generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
-                                      pad_token_id=0)[0, len(prompt):].tolist()
+        hf = quantized.model.generate(
+            torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0
+        )[0, len(prompt) :].tolist()
     assert engine.generate(prompt, 16, stop_at_eos=False).token_ids == hf
 
 

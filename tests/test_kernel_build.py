@@ -158,8 +158,12 @@ def _build_in_another_process(folder: Path) -> Path:
 def test_a_noexec_folder_is_a_reason(tmp_path):
     mount = tmp_path / "noexec"
     mount.mkdir(mode=0o700)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "noexec,mode=0700", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "noexec,mode=0700", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("this sandbox cannot mount a tmpfs")
     try:
         probe = mount / "probe"
@@ -201,8 +205,10 @@ def test_the_environment_switch_chooses_and_doctor_says_which(choice, expected, 
 def test_a_failed_build_warns_once_and_the_engine_still_runs(tmp_path):
     env = {**os.environ, "CC": "false", "CYCLELAB_KERNELS_DIR": str(tmp_path / "k"), "PYTHONWARNINGS": "default"}
     tmp_path.chmod(0o700)
-    code = ("import cyclelab; lm = cyclelab.load('tiny'); "
-            "print(len(cyclelab.Engine(lm).generate('ROMEO:', max_new_tokens=3).token_ids))")
+    code = (
+        "import cyclelab; lm = cyclelab.load('tiny'); "
+        "print(len(cyclelab.Engine(lm).generate('ROMEO:', max_new_tokens=3).token_ids))"
+    )
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert int(run.stdout) == 3
@@ -227,8 +233,10 @@ def test_a_second_user_who_plants_a_library_in_a_shared_folder_never_gets_it_loa
     shared.chmod(0o1777)
     built = _build_in_another_process(tmp_path / "mine")
     planted = shared / "cyclelab-kernels"
-    script = (f"mkdir -m 700 {planted} && cp {built} {planted}/ && "
-              f"cp {built.parent}/*.current {planted}/ && chmod 700 {planted}/*")
+    script = (
+        f"mkdir -m 700 {planted} && cp {built} {planted}/ && "
+        f"cp {built.parent}/*.current {planted}/ && chmod 700 {planted}/*"
+    )
     (tmp_path / "mine").chmod(0o755)
     for p in (tmp_path / "mine").iterdir():
         p.chmod(0o755)

@@ -16,10 +16,12 @@ KEY = {"cpu": "Test CPU", "torch": "0.0", "threads": 1, "source": "abc"}
 
 def fake_timer(own_s: float, torch_s: float, calls: list | None = None):
     """A timer that reports fixed seconds for each side (and records which side it was asked to time)."""
+
     def timer(side, run):
         if calls is not None:
             calls.append(side)
         return own_s if side == "own" else torch_s
+
     return timer
 
 
@@ -27,8 +29,9 @@ def never(side, run):
     pytest.fail("the choice was measured again instead of read from the cache")
 
 
-@pytest.mark.parametrize("own_s,torch_s,want", [(1.0, 2.0, True), (2.0, 1.0, False)],
-                         ids=["own-faster", "torch-faster"])
+@pytest.mark.parametrize(
+    "own_s,torch_s,want", [(1.0, 2.0, True), (2.0, 1.0, False)], ids=["own-faster", "torch-faster"]
+)
 def test_the_choice_follows_the_timer_both_ways(own_s, torch_s, want, tmp_path):
     calls = []
     chooser = choice.Chooser(tmp_path / "k", fake_timer(own_s, torch_s, calls), key=KEY)
@@ -95,8 +98,9 @@ def recorder(monkeypatch):
     choice.reset()
 
 
-@pytest.mark.parametrize("own_s,torch_s,called", [(1.0, 2.0, True), (2.0, 1.0, False)],
-                         ids=["own-faster", "torch-faster"])
+@pytest.mark.parametrize(
+    "own_s,torch_s,called", [(1.0, 2.0, True), (2.0, 1.0, False)], ids=["own-faster", "torch-faster"]
+)
 def test_the_products_run_the_chosen_kernel(own_s, torch_s, called, recorder):
     choice.reset(choice.Chooser(None, fake_timer(own_s, torch_s), key=KEY))
     x, w = torch.randn(1, 40), torch.randn(24, 40)
@@ -170,6 +174,7 @@ def test_torch_float32_turns_every_own_kernel_off_in_its_thread_only(recorder, m
 
 def test_doctor_reports_the_choice(monkeypatch):
     from cyclelab.doctor import _own_kernels
+
     if kernels.compiled() is None:
         pytest.skip("the own kernels are not built here")
     monkeypatch.delenv("CYCLELAB_KERNELS", raising=False)
@@ -189,11 +194,17 @@ def _int8_parts(out: int = 4, k: int = 8):
 BAD_INT8 = {
     "float codes": (lambda q, s, b: (q.float(), s, b), TypeError, "codes q must be an int8 tensor, got torch.float32"),
     "non-contiguous q": (lambda q, s, b: (torch.cat([q, q], 1)[:, ::2], s, b), ValueError, "not contiguous"),
-    "float64 scale": (lambda q, s, b: (q, s.double(), b), TypeError,
-                      "scale must be a float32 tensor, got torch.float64"),
+    "float64 scale": (
+        lambda q, s, b: (q, s.double(), b),
+        TypeError,
+        "scale must be a float32 tensor, got torch.float64",
+    ),
     "short scale": (lambda q, s, b: (q, s[:3], b), ValueError, "the scale must be a contiguous float32 vector of 4"),
-    "long bias": (lambda q, s, b: (q, s, torch.zeros(5)), ValueError,
-                  "the bias must be a contiguous float32 vector of 4"),
+    "long bias": (
+        lambda q, s, b: (q, s, torch.zeros(5)),
+        ValueError,
+        "the bias must be a contiguous float32 vector of 4",
+    ),
 }
 
 

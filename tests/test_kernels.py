@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from float_bounds import EPS32, assert_within, dot_bound, logit_bound
 from torch.utils.flop_counter import FlopCounterMode
 
 from cyclelab import Engine, kernels
 from cyclelab.kernels import MANY_ROWS, f32_conv1d, f32_linear, torch_float32
 from cyclelab.show import show_kernel
-from float_bounds import EPS32, assert_within, dot_bound, logit_bound, own_kernels  # noqa: F401 - a fixture
 
 
 @pytest.fixture(autouse=True)
@@ -19,8 +19,16 @@ def _own_kernels_forced(monkeypatch):
     """These tests are about the own kernels: force them on (``auto`` would time each shape and might keep torch's)."""
     monkeypatch.setattr(kernels.choice, "_MODE", ["own"])  # CYCLELAB_KERNELS=own, as read at the first product
 
-SHAPES = [((1, 576), 1536), ((1, 1, 192), 576), ((3, 37), 45), ((2, 1, 1536), 576), ((MANY_ROWS - 1, 64), 9),
-          ((1, 5), 3), ((1, 49152 // 64), 70)]
+
+SHAPES = [
+    ((1, 576), 1536),
+    ((1, 1, 192), 576),
+    ((3, 37), 45),
+    ((2, 1, 1536), 576),
+    ((MANY_ROWS - 1, 64), 9),
+    ((1, 5), 3),
+    ((1, 49152 // 64), 70),
+]
 IDS = ["decode-vector", "gpt2-qkv", "ragged-tail", "batch-of-2", "most-rows", "narrower-than-a-block", "wide-k"]
 
 
@@ -74,14 +82,17 @@ def test_the_result_does_not_depend_on_the_number_of_threads():
 
 
 def _handed_back(x, w, b):
-    return {"many rows (prefill)": (x.expand(MANY_ROWS, -1).contiguous(), w, b),
-            "float64": (x.double(), w.double(), b.double()),
-            "a transposed (non-contiguous) weight": (x, w.T.contiguous().T, b),
-            "a non-contiguous input": (torch.cat([x, x], -1)[:, ::2], w, b)}
+    return {
+        "many rows (prefill)": (x.expand(MANY_ROWS, -1).contiguous(), w, b),
+        "float64": (x.double(), w.double(), b.double()),
+        "a transposed (non-contiguous) weight": (x, w.T.contiguous().T, b),
+        "a non-contiguous input": (torch.cat([x, x], -1)[:, ::2], w, b),
+    }
 
 
-@pytest.mark.parametrize("case", ["many rows (prefill)", "float64", "a transposed (non-contiguous) weight",
-                                  "a non-contiguous input"])
+@pytest.mark.parametrize(
+    "case", ["many rows (prefill)", "float64", "a transposed (non-contiguous) weight", "a non-contiguous input"]
+)
 def test_what_the_kernel_does_not_take_is_torchs_own_linear(case):
     x, w, b = _handed_back(*_case((1, 40), 24, seed=3))[case]
     with torch.no_grad():
@@ -160,6 +171,7 @@ def test_several_matrices_go_to_torch_together_when_one_does_not_fit():
 def _int8_layers(seed: int):
     """:func:`_layers` quantized to int8: ``(codes, scale per row, bias)`` each."""
     from cyclelab.lab.quantize import int8_linear_of
+
     return [(m.q, m.scale, m.bias) for m in (int8_linear_of(w, b) for w, b in _layers(seed))]
 
 
@@ -196,8 +208,10 @@ def test_the_engine_with_its_kernels_matches_the_engine_on_torchs(name, request)
     assert all(abs(a.raw_prob - b.raw_prob) <= slack * b.raw_prob for a, b in zip(fast.records, slow.records))
 
 
-@pytest.mark.parametrize("name", ["f32_linear", "f32_conv1d", "f32_rms_norm", "f32_rope", "int8_linear", "f32_scores",
-                                  "f32_softmax", "f32_mix"])
+@pytest.mark.parametrize(
+    "name",
+    ["f32_linear", "f32_conv1d", "f32_rms_norm", "f32_rope", "int8_linear", "f32_scores", "f32_softmax", "f32_mix"],
+)
 def test_show_kernel_shows_one_whole_kernel_with_its_comment(name):
     code = show_kernel(name).code
     assert code.startswith("/*") and f"void {name}(" in code and code in kernels.SOURCE
@@ -207,16 +221,21 @@ def test_show_kernel_shows_one_whole_kernel_with_its_comment(name):
 
 
 def test_show_kernel_of_an_unknown_kernel_names_the_known_ones():
-    with pytest.raises(ValueError, match="no kernel 'f16_linear'; the kernels are f32_linear, f32_conv1d, .*int8_linear"):
+    with pytest.raises(
+        ValueError, match="no kernel 'f16_linear'; the kernels are f32_linear, f32_conv1d, .*int8_linear"
+    ):
         show_kernel("f16_linear")
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 576), (1, 1, 37), (2, 1, 64), (1, 3, 16)], ids=["decode", "ragged", "batch", "rows"])
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 576), (1, 1, 37), (2, 1, 64), (1, 3, 16)], ids=["decode", "ragged", "batch", "rows"]
+)
 def test_rms_norm_kernel_is_the_formula_within_rounding(shape, own_kernels):
     """The own kernel (or, with it off, the engine's torch formula) against float64. Bound: the mean of d squares
     rounds by at most d * eps32 relative (positive terms), the square root halves that, and the rsqrt and the two
     products add a few eps32 each: (d + 4) * eps32 relative to each output."""
     from cyclelab.core.norms import rms_norm
+
     g = torch.Generator().manual_seed(8)
     x, w = torch.randn(*shape, generator=g) * 3, torch.randn(shape[-1], generator=g)
     exact = w.double() * x.double() / (x.double().pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
@@ -233,7 +252,7 @@ def test_a_weight_moved_or_changed_in_place_is_read_where_it_is_now():
     changed in place, must give the product with its values of now."""
     x, w, b = _case((1, 64), 48, seed=11)
     with torch.no_grad():
-        first = f32_linear(x, w, b)
+        f32_linear(x, w, b)  # the C arrays of these addresses are built and kept
         w.mul_(2)  # in place: same address, new values
         exact = x.double() @ w.double().T + b.double()  # the doubled weight, exactly
         assert_within(f32_linear(x, w, b), exact, dot_bound(x, w) + 1e-6)  # k * eps32 * sum|x||w| (float_bounds)
@@ -248,6 +267,7 @@ def test_a_weight_moved_or_changed_in_place_is_read_where_it_is_now():
 
 def test_rope_kernel_gives_torchs_values_to_the_last_bit():
     from cyclelab.core.rope import apply_rope, rope_cos_sin
+
     g = torch.Generator().manual_seed(9)
     cos, sin = rope_cos_sin(torch.tensor([37]), 1 / 10000 ** (torch.arange(0, 64, 2) / 64))
     for heads in (9, 3):
@@ -259,6 +279,7 @@ def test_rope_kernel_gives_torchs_values_to_the_last_bit():
 def test_norm_and_rope_of_a_prompt_stay_with_torch(monkeypatch):
     monkeypatch.setattr(kernels.build, "compiled", lambda: pytest.fail("a prompt's rows went to the C kernel"))
     from cyclelab.core.rope import rope_cos_sin
+
     cos, sin = rope_cos_sin(torch.arange(5), torch.rand(8))
     with torch.no_grad():
         assert kernels.fused_rope(torch.randn(1, 2, 5, 16), cos, sin) is None
@@ -268,6 +289,7 @@ def test_norm_and_rope_of_a_prompt_stay_with_torch(monkeypatch):
 def _attention_case(batch: int, heads: int, kv_heads: int, d: int, length: int, seed: int = 14):
     """A query for one new position and a KV cache of ``length`` positions (of a larger capacity)."""
     from cyclelab.core.attention import KVCache
+
     g = torch.Generator().manual_seed(seed)
     cache = KVCache(1, length + 5)
     keys, values = cache.append(0, *torch.randn(2, batch, kv_heads, length, d, generator=g))
@@ -285,6 +307,7 @@ def test_attention_kernels_are_the_attend_formulas_in_float64_within_rounding(sh
     eps32 for the scaling); a softmax output p_i rounds by at most (|s_i - max| + t + 4) * eps32 * p_i (the
     subtraction, moved through exp, the sum of t terms, exp and the division)."""
     from cyclelab.core.attention import attention_mix, attention_scores
+
     q, keys, values = _attention_case(*shape)
     group = shape[1] // shape[2]  # query heads per key head: each key head repeated for its group
     k64, v64 = (t.repeat_interleave(group, dim=1).double() for t in (keys, values))
@@ -299,8 +322,8 @@ def test_attention_kernels_are_the_attend_formulas_in_float64_within_rounding(sh
             probs = torch.softmax(scores, -1)
             mixed = attention_mix(probs, values)
     d, t = shape[3], shape[4]
-    exact_scores = q.double() @ k64.transpose(-1, -2) / d ** 0.5
-    assert_within(scores, exact_scores, (d + 1) * EPS32 * (q.double().abs() @ k64.abs().transpose(-1, -2)) / d ** 0.5)
+    exact_scores = q.double() @ k64.transpose(-1, -2) / d**0.5
+    assert_within(scores, exact_scores, (d + 1) * EPS32 * (q.double().abs() @ k64.abs().transpose(-1, -2)) / d**0.5)
     s64 = scores.double()
     exact_probs = torch.softmax(s64, -1)
     spread = (s64 - s64.amax(-1, keepdim=True)).abs()
@@ -311,6 +334,7 @@ def test_attention_kernels_are_the_attend_formulas_in_float64_within_rounding(sh
 def test_attention_kernels_agree_with_the_engines_torch_attention():
     """Kernel against torch formula: each within its float64 bound (the test above), so within twice it."""
     from cyclelab.core.attention import attention_mix, attention_scores
+
     q, keys, values = _attention_case(1, 9, 3, 64, 40, seed=15)
     k64, v64 = (t.repeat_interleave(3, dim=1).double() for t in (keys, values))
     with torch.no_grad():
@@ -320,8 +344,11 @@ def test_attention_kernels_agree_with_the_engines_torch_attention():
         probs = torch.softmax(scores, -1)
         spread = (scores.double() - scores.double().amax(-1, keepdim=True)).abs()
         assert_within(kernels.fused_softmax(scores), probs, 2 * (spread + 44) * EPS32 * probs.double() + 1e-30)
-        assert_within(kernels.fused_mix(probs, values), attention_mix(probs, values),
-                      2 * 40 * EPS32 * (probs.double().abs() @ v64.abs()))
+        assert_within(
+            kernels.fused_mix(probs, values),
+            attention_mix(probs, values),
+            2 * 40 * EPS32 * (probs.double().abs() @ v64.abs()),
+        )
 
 
 def test_attention_of_a_prompt_or_with_gradients_stays_with_torch(monkeypatch):
@@ -339,6 +366,7 @@ def test_attention_of_a_prompt_or_with_gradients_stays_with_torch(monkeypatch):
 
 def test_one_position_splits_and_merges_heads_as_the_general_case():
     from cyclelab.core.attention import merge_heads, split_heads
+
     x = torch.randn(2, 1, 12)
     general = x.view(2, 1, 3, 4).transpose(1, 2)
     assert torch.equal(split_heads(x, 3), general) and split_heads(x, 3).shape == (2, 3, 1, 4)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from cyclelab.debugger.session import Debugger
 from cyclelab.core.engine import Engine
+from cyclelab.debugger.session import Debugger
 from cyclelab.workshop.lessons import LESSONS, Intervention, Lesson, LessonRun, Pause, record
 
 PROMPT, N = "ROMEO:", 8
@@ -17,17 +17,29 @@ PROMPT, N = "ROMEO:", 8
 @pytest.fixture(scope="module")
 def lesson(tiny_engine):
     """A small lesson on tiny with one pause of each kind and no interventions."""
-    return record(tiny_engine, PROMPT, N, title="test", pauses=[
-        Pause(0, "number", "How many tokens is 'ROMEO:'?", "n_inputs"),
-        Pause(2, "predict", "Next token?"),
-        Pause(4, "discuss", "Why?")])
+    return record(
+        tiny_engine,
+        PROMPT,
+        N,
+        title="test",
+        pauses=[
+            Pause(0, "number", "How many tokens is 'ROMEO:'?", "n_inputs"),
+            Pause(2, "predict", "Next token?"),
+            Pause(4, "discuss", "Why?"),
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
 def steered(tiny_engine):
     """A lesson with a head ablated from cycle 3 and a token forced at cycle 5."""
-    return record(tiny_engine, PROMPT, N, pauses=[Pause(3, "predict", "?"), Pause(6, "predict", "?")],
-                  interventions=[Intervention(3, "ablate_head", layer=0, head=1), Intervention(5, "choose", token=" the")])
+    return record(
+        tiny_engine,
+        PROMPT,
+        N,
+        pauses=[Pause(3, "predict", "?"), Pause(6, "predict", "?")],
+        interventions=[Intervention(3, "ablate_head", layer=0, head=1), Intervention(5, "choose", token=" the")],
+    )
 
 
 def reference_probs(tiny, ids: list[int]) -> torch.Tensor:
@@ -93,7 +105,7 @@ def test_replay_stops_at_each_pause_with_the_recorded_tokens(steered, tiny_engin
     for pause in steered.pauses:
         assert run.next_pause() == pause
         assert run.debugger.cycle == pause.cycle
-        assert run.debugger.token_ids == steered.tokens[:pause.cycle]
+        assert run.debugger.token_ids == steered.tokens[: pause.cycle]
     assert run.next_pause() is None and run.finished
     assert run.debugger.token_ids == steered.tokens
 
@@ -152,9 +164,12 @@ def test_changed_weights_are_refused(lesson, tiny):
     with torch.no_grad():
         next(changed.model.parameters()).mul_(1.01)  # as if the weights file had been retrained
     engine = Engine(changed)
-    with pytest.raises(ValueError, match=rf"recorded on 'tiny' with weights sha256 {lesson.weights_sha256[:12]}…, "
-                                         rf"but this 'tiny' has weights sha256 {engine.fingerprint['weights'][:12]}…"
-                                         r".*record the lesson again"):
+    with pytest.raises(
+        ValueError,
+        match=rf"recorded on 'tiny' with weights sha256 {lesson.weights_sha256[:12]}…, "
+        rf"but this 'tiny' has weights sha256 {engine.fingerprint['weights'][:12]}…"
+        r".*record the lesson again",
+    ):
         lesson.open(engine)
 
 
@@ -181,12 +196,14 @@ def test_one_shipped_lesson_per_stage():
 
 def edited(change):
     """A case that saves the test lesson with ``change`` applied to its JSON data, then loads it."""
+
     def case(lesson, engine, tmp_path):
         data = lesson.to_dict()
         change(data)
         path = tmp_path / "bad.json"
         path.write_text(json.dumps(data), encoding="utf-8")
         return Lesson.load(path)
+
     return case
 
 
@@ -194,80 +211,163 @@ def raw_file(text):
     def case(lesson, engine, tmp_path):
         (tmp_path / "bad.json").write_text(text, encoding="utf-8")
         return Lesson.load(tmp_path / "bad.json")
+
     return case
 
 
 def opened(change, pauses=0):
     """A case that opens the lesson (with ``change`` applied to its data) on tiny and goes to pause ``pauses``."""
+
     def case(lesson, engine, tmp_path):
         data = lesson.to_dict()
         change(data)
         run = Lesson.from_dict(data).open(engine)
         for _ in range(pauses):
             run.next_pause()
+
     return case
 
 
 def answering(*answers):
     """A case that answers the first pauses with ``answers`` (the last one is the bad one)."""
+
     def case(lesson, engine, tmp_path):
         run = lesson.open(engine)
         for value in answers:
             run.next_pause()
             run.answer(value)
+
     return case
 
 
 BAD = [
-    ("wrong-model", opened(lambda d: d.update(model="smollm2")), ValueError,
-     r"recorded on model 'smollm2', not 'tiny': open it with Lesson\.open\('smollm2'\)"),
-    ("changed-weights-hash", opened(lambda d: d.update(weights_sha256="0" * 64)), ValueError,
-     r"weights sha256 000000000000…, but this 'tiny' has weights sha256 [0-9a-f]{12}….*Restore the original model"),
-    ("unknown-version", edited(lambda d: d.update(version=2)), ValueError,
-     r"bad\.json is not a valid lesson file: unknown lesson version 2; this cyclelab reads version 1"),
+    (
+        "wrong-model",
+        opened(lambda d: d.update(model="smollm2")),
+        ValueError,
+        r"recorded on model 'smollm2', not 'tiny': open it with Lesson\.open\('smollm2'\)",
+    ),
+    (
+        "changed-weights-hash",
+        opened(lambda d: d.update(weights_sha256="0" * 64)),
+        ValueError,
+        r"weights sha256 000000000000…, but this 'tiny' has weights sha256 [0-9a-f]{12}….*Restore the original model",
+    ),
+    (
+        "unknown-version",
+        edited(lambda d: d.update(version=2)),
+        ValueError,
+        r"bad\.json is not a valid lesson file: unknown lesson version 2; this cyclelab reads version 1",
+    ),
     ("no-version", edited(lambda d: d.pop("version")), ValueError, r"bad\.json .* has no 'version' field"),
     ("corrupt-json", raw_file('{"version": 1, "model": "ti'), ValueError, r"bad\.json is not a lesson file: not JSON"),
     ("not-an-object", raw_file("[1, 2]"), ValueError, r"must be a JSON object, got list"),
     ("missing-field", edited(lambda d: d.pop("prompt")), ValueError, r"the lesson lacks the field\(s\) \['prompt'\]"),
     ("unknown-field", edited(lambda d: d.update(colour="red")), ValueError, r"unknown field\(s\) \['colour'\]"),
-    ("pause-missing-question", edited(lambda d: d["pauses"][0].pop("question")), ValueError,
-     r"pauses\[0\] lacks the field\(s\) \['question'\]"),
-    ("pause-beyond-max-new-tokens", edited(lambda d: d["pauses"][2].update(cycle=N)), ValueError,
-     rf"pauses\[2\]\.cycle must be an integer from 0 to {N - 1}, got {N}"),
-    ("pause-cycle-a-string", edited(lambda d: d["pauses"][0].update(cycle="0")), ValueError,
-     r"pauses\[0\]\.cycle must be an integer from 0 to 7, got '0'"),
-    ("pauses-out-of-order", edited(lambda d: d["pauses"][0].update(cycle=5)), ValueError,
-     r"pauses\[1\]\.cycle must be in order"),
-    ("unknown-pause-kind", edited(lambda d: d["pauses"][2].update(kind="essay")), ValueError,
-     r"pauses\[2\]\.kind must be one of \('predict', 'number', 'discuss'\)"),
-    ("unknown-quantity", edited(lambda d: d["pauses"][0].update(quantity="speed")), ValueError,
-     r"pauses\[0\]\.quantity must be one of \['cache_len', 'chosen_percent', 'n_inputs'\]"),
-    ("max-new-tokens-a-string", edited(lambda d: d.update(max_new_tokens="8")), ValueError,
-     r"max_new_tokens must be an integer from 1 to 10000, got '8'"),
-    ("bad-weights-hash", edited(lambda d: d.update(weights_sha256="abc")), ValueError,
-     r"weights_sha256 must be a sha256 digest \(64 hex digits\), got 'abc'"),
-    ("bad-sampling", edited(lambda d: d.update(sampling={"temprature": 0.5})), ValueError,
-     r"sampling: unknown sampling setting\(s\) \['temprature'\]"),
-    ("intervention-without-head", edited(lambda d: d["interventions"].append(
-        {"cycle": 1, "kind": "ablate_head", "layer": 0})), ValueError,
-     r"interventions\[0\]\.head must be given for a ablate_head intervention"),
-    ("record-pause-beyond-max-new-tokens",
-     lambda lesson, engine, tmp_path: record(engine, PROMPT, 4, pauses=[Pause(4, "predict", "?")]), ValueError,
-     r"pauses\[0\]\.cycle must be an integer from 0 to 3, got 4"),
-    ("no-such-file", lambda lesson, engine, tmp_path: Lesson.load(tmp_path / "none.json"), FileNotFoundError,
-     r"no lesson file at .*none\.json.*the course's lessons are \['execute', 'fetch', 'read', 'writeback'\]"),
-    ("replay-leaves-the-recording", opened(lambda d: d["tokens"].__setitem__(1, 5), pauses=2), ValueError,
-     r"the replay left the lesson's recorded run at token #1"),
-    ("answer-before-next-pause", lambda lesson, engine, tmp_path: lesson.open(engine).answer(2), ValueError,
-     r"no question to answer: call next_pause\(\) first"),
+    (
+        "pause-missing-question",
+        edited(lambda d: d["pauses"][0].pop("question")),
+        ValueError,
+        r"pauses\[0\] lacks the field\(s\) \['question'\]",
+    ),
+    (
+        "pause-beyond-max-new-tokens",
+        edited(lambda d: d["pauses"][2].update(cycle=N)),
+        ValueError,
+        rf"pauses\[2\]\.cycle must be an integer from 0 to {N - 1}, got {N}",
+    ),
+    (
+        "pause-cycle-a-string",
+        edited(lambda d: d["pauses"][0].update(cycle="0")),
+        ValueError,
+        r"pauses\[0\]\.cycle must be an integer from 0 to 7, got '0'",
+    ),
+    (
+        "pauses-out-of-order",
+        edited(lambda d: d["pauses"][0].update(cycle=5)),
+        ValueError,
+        r"pauses\[1\]\.cycle must be in order",
+    ),
+    (
+        "unknown-pause-kind",
+        edited(lambda d: d["pauses"][2].update(kind="essay")),
+        ValueError,
+        r"pauses\[2\]\.kind must be one of \('predict', 'number', 'discuss'\)",
+    ),
+    (
+        "unknown-quantity",
+        edited(lambda d: d["pauses"][0].update(quantity="speed")),
+        ValueError,
+        r"pauses\[0\]\.quantity must be one of \['cache_len', 'chosen_percent', 'n_inputs'\]",
+    ),
+    (
+        "max-new-tokens-a-string",
+        edited(lambda d: d.update(max_new_tokens="8")),
+        ValueError,
+        r"max_new_tokens must be an integer from 1 to 10000, got '8'",
+    ),
+    (
+        "bad-weights-hash",
+        edited(lambda d: d.update(weights_sha256="abc")),
+        ValueError,
+        r"weights_sha256 must be a sha256 digest \(64 hex digits\), got 'abc'",
+    ),
+    (
+        "bad-sampling",
+        edited(lambda d: d.update(sampling={"temprature": 0.5})),
+        ValueError,
+        r"sampling: unknown sampling setting\(s\) \['temprature'\]",
+    ),
+    (
+        "intervention-without-head",
+        edited(lambda d: d["interventions"].append({"cycle": 1, "kind": "ablate_head", "layer": 0})),
+        ValueError,
+        r"interventions\[0\]\.head must be given for a ablate_head intervention",
+    ),
+    (
+        "record-pause-beyond-max-new-tokens",
+        lambda lesson, engine, tmp_path: record(engine, PROMPT, 4, pauses=[Pause(4, "predict", "?")]),
+        ValueError,
+        r"pauses\[0\]\.cycle must be an integer from 0 to 3, got 4",
+    ),
+    (
+        "no-such-file",
+        lambda lesson, engine, tmp_path: Lesson.load(tmp_path / "none.json"),
+        FileNotFoundError,
+        r"no lesson file at .*none\.json.*the course's lessons are \['execute', 'fetch', 'read', 'writeback'\]",
+    ),
+    (
+        "replay-leaves-the-recording",
+        opened(lambda d: d["tokens"].__setitem__(1, 5), pauses=2),
+        ValueError,
+        r"the replay left the lesson's recorded run at token #1",
+    ),
+    (
+        "answer-before-next-pause",
+        lambda lesson, engine, tmp_path: lesson.open(engine).answer(2),
+        ValueError,
+        r"no question to answer: call next_pause\(\) first",
+    ),
     ("number-answer-a-string", answering("two"), TypeError, r"this number question takes a number, got 'two' \(str\)"),
     ("number-answer-a-bool", answering(True), TypeError, r"takes a number, got True \(bool\)"),
-    ("predict-answer-a-float", answering(2, 3.5), TypeError,
-     r"this predict question takes a token's text \(str\) or id \(int\), got 3\.5 \(float\)"),
-    ("predict-answer-two-tokens", answering(2, "ROMEO:"), ValueError,
-     r"'ROMEO:' is 2 tokens for 'tiny' \('ROMEO', ':'\): guess one token"),
-    ("predict-answer-id-outside-vocab", answering(2, 4096), ValueError,
-     r"token id 4096 is not in 'tiny''s vocabulary \(0\.\.4095\)"),
+    (
+        "predict-answer-a-float",
+        answering(2, 3.5),
+        TypeError,
+        r"this predict question takes a token's text \(str\) or id \(int\), got 3\.5 \(float\)",
+    ),
+    (
+        "predict-answer-two-tokens",
+        answering(2, "ROMEO:"),
+        ValueError,
+        r"'ROMEO:' is 2 tokens for 'tiny' \('ROMEO', ':'\): guess one token",
+    ),
+    (
+        "predict-answer-id-outside-vocab",
+        answering(2, 4096),
+        ValueError,
+        r"token id 4096 is not in 'tiny''s vocabulary \(0\.\.4095\)",
+    ),
 ]
 
 

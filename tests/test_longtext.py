@@ -12,19 +12,29 @@ import torch
 import torch.nn.functional as F
 
 from cyclelab.lab.embedding import sentence_embeddings
-from cyclelab.lab.long_text import chunk_embeddings, chunk_spans, loss_by_position, nearest_centroid, play_scenes, window_nll
+from cyclelab.lab.long_text import (
+    chunk_embeddings,
+    chunk_spans,
+    loss_by_position,
+    nearest_centroid,
+    play_scenes,
+    window_nll,
+)
 
 
-@pytest.mark.parametrize("n, size, overlap, spans", [
-    (10, 4, 1, [(0, 4), (3, 7), (6, 10)]),
-    (10, 4, 2, [(0, 4), (2, 6), (4, 8), (6, 10)]),
-    (11, 4, 1, [(0, 4), (3, 7), (6, 10), (9, 11)]),
-    (8, 4, 0, [(0, 4), (4, 8)]),
-    (9, 4, 0, [(0, 4), (4, 8), (8, 9)]),
-    (3, 4, 1, [(0, 3)]),
-    (4, 4, 3, [(0, 4)]),
-    (1, 1, 0, [(0, 1)]),
-])
+@pytest.mark.parametrize(
+    "n, size, overlap, spans",
+    [
+        (10, 4, 1, [(0, 4), (3, 7), (6, 10)]),
+        (10, 4, 2, [(0, 4), (2, 6), (4, 8), (6, 10)]),
+        (11, 4, 1, [(0, 4), (3, 7), (6, 10), (9, 11)]),
+        (8, 4, 0, [(0, 4), (4, 8)]),
+        (9, 4, 0, [(0, 4), (4, 8), (8, 9)]),
+        (3, 4, 1, [(0, 3)]),
+        (4, 4, 3, [(0, 4)]),
+        (1, 1, 0, [(0, 1)]),
+    ],
+)
 def test_chunk_spans_by_hand(n, size, overlap, spans) -> None:
     assert chunk_spans(n, size, overlap) == spans
 
@@ -53,7 +63,7 @@ def test_chunks_are_the_encoder_on_each_window(minilm) -> None:
     starts = starts[: next(i for i, s in enumerate(starts) if s + 38 >= len(ids)) + 1]
     assert len(vectors) == len(starts)
     for row, start in zip(vectors, starts):
-        window = torch.tensor([[tok.cls_token_id, *ids[start:start + 38], tok.sep_token_id]])
+        window = torch.tensor([[tok.cls_token_id, *ids[start : start + 38], tok.sep_token_id]])
         with torch.no_grad():
             want = minilm.model(input_ids=window).last_hidden_state.mean(1)[0]
         assert torch.allclose(row, F.normalize(want, dim=-1), atol=1e-5)
@@ -79,7 +89,9 @@ def _hf_nll(model, ids: torch.Tensor, spans_and_firsts) -> tuple[float, int]:
 
 
 def test_sliding_window_matches_transformers_loss(tiny) -> None:
-    ids = torch.tensor(tiny.tokenizer("Tomorrow, and tomorrow, and tomorrow, creeps in this petty pace " * 30)["input_ids"][:300])
+    ids = torch.tensor(
+        tiny.tokenizer("Tomorrow, and tomorrow, and tomorrow, creeps in this petty pace " * 30)["input_ids"][:300]
+    )
     # window 100, stride 40: spans (0,100) (40,140) ... (200,300); each scores what the last did not
     spans = [(s, min(s + 100, 300)) for s in range(0, 201, 40)]
     firsts = [1] + [e for _, e in spans[:-1]]
@@ -105,22 +117,36 @@ def test_loss_by_position_is_the_blocks_loss_per_position(tiny) -> None:
     got = loss_by_position(tiny.model, ids, 20)
     assert got.shape == (19,)
     with torch.no_grad():
-        per_block = [F.cross_entropy(tiny.model(ids[s:s + 20][None]).logits[0, :-1], ids[s + 1:s + 20], reduction="none")
-                     for s in (0, 20, 40)]
+        per_block = [
+            F.cross_entropy(tiny.model(ids[s : s + 20][None]).logits[0, :-1], ids[s + 1 : s + 20], reduction="none")
+            for s in (0, 20, 40)
+        ]
     assert torch.allclose(got, torch.stack(per_block).mean(0), atol=1e-5)
 
 
 BAD = [
-    pytest.param(lambda m: chunk_spans(0, 4, 1), ValueError, r"n \(the number of tokens\) must be a positive int, not 0",
-                 id="spans-no-tokens"),
+    pytest.param(
+        lambda m: chunk_spans(0, 4, 1),
+        ValueError,
+        r"n \(the number of tokens\) must be a positive int, not 0",
+        id="spans-no-tokens",
+    ),
     pytest.param(lambda m: chunk_spans(10, 0, 0), ValueError, r"size must be a positive int", id="spans-size-0"),
-    pytest.param(lambda m: chunk_spans(10, 4, 4), ValueError, r"overlap must be an int in \[0, size\) = \[0, 4\)",
-                 id="spans-full-overlap"),
+    pytest.param(
+        lambda m: chunk_spans(10, 4, 4),
+        ValueError,
+        r"overlap must be an int in \[0, size\) = \[0, 4\)",
+        id="spans-full-overlap",
+    ),
     pytest.param(lambda m: chunk_spans(10, 4, -1), ValueError, r"overlap must be", id="spans-negative-overlap"),
     pytest.param(lambda m: chunk_spans(10.0, 4, 1), ValueError, r"must be a positive int", id="spans-float-n"),
     pytest.param(lambda m: nearest_centroid(torch.zeros(3, 2), [0, 1]), ValueError, r"n labels", id="centroid-lengths"),
-    pytest.param(lambda m: nearest_centroid(torch.zeros(3, 2), [0, 0, 1]), ValueError, r"at least two rows",
-                 id="centroid-lonely-class"),
+    pytest.param(
+        lambda m: nearest_centroid(torch.zeros(3, 2), [0, 0, 1]),
+        ValueError,
+        r"at least two rows",
+        id="centroid-lonely-class",
+    ),
 ]
 
 
@@ -130,24 +156,34 @@ def test_bad_input_is_named(call, error, message) -> None:
         call(None)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    pytest.param({"window": 300}, r"window must be an int in \[stride, 256\]", id="window-past-context"),
-    pytest.param({"window": 32, "stride": 64}, r"window must be an int in \[stride", id="window-below-stride"),
-    pytest.param({"stride": 0}, r"stride must be a positive int, not 0", id="window-stride-0"),
-    pytest.param({"ids": torch.tensor([5])}, r"at least 2 tokens", id="window-one-token"),
-    pytest.param({"ids": torch.zeros(2, 5, dtype=torch.long)}, r"one sequence", id="window-2d-ids"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        pytest.param({"window": 300}, r"window must be an int in \[stride, 256\]", id="window-past-context"),
+        pytest.param({"window": 32, "stride": 64}, r"window must be an int in \[stride", id="window-below-stride"),
+        pytest.param({"stride": 0}, r"stride must be a positive int, not 0", id="window-stride-0"),
+        pytest.param({"ids": torch.tensor([5])}, r"at least 2 tokens", id="window-one-token"),
+        pytest.param({"ids": torch.zeros(2, 5, dtype=torch.long)}, r"one sequence", id="window-2d-ids"),
+    ],
+)
 def test_bad_window_arguments(tiny, kwargs, message) -> None:
     args = {"ids": torch.arange(50), "window": 64, "stride": 32, **kwargs}
     with pytest.raises(ValueError, match=message):
         window_nll(tiny.model, **args)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    pytest.param({"size": 600}, r"size must be in \[3, 512\]: minilm reads at most 512 tokens", id="chunk-past-limit"),
-    pytest.param({"text": ""}, r"text has no tokens", id="chunk-empty-text"),
-    pytest.param({"size": 64, "overlap": 62}, r"overlap must be an int in \[0, size\) = \[0, 62\)", id="chunk-overlap"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        pytest.param(
+            {"size": 600}, r"size must be in \[3, 512\]: minilm reads at most 512 tokens", id="chunk-past-limit"
+        ),
+        pytest.param({"text": ""}, r"text has no tokens", id="chunk-empty-text"),
+        pytest.param(
+            {"size": 64, "overlap": 62}, r"overlap must be an int in \[0, size\) = \[0, 62\)", id="chunk-overlap"
+        ),
+    ],
+)
 def test_bad_chunk_arguments(minilm, kwargs, message) -> None:
     args = {"text": "a short text", "size": 128, "overlap": 16, **kwargs}
     with pytest.raises(ValueError, match=message):

@@ -11,7 +11,6 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from cyclelab.train.metrics import perplexity, perplexity_of_model, windows
 
 
-
 @pytest.fixture(scope="module")
 def model() -> GPT2LMHeadModel:
     torch.manual_seed(0)
@@ -42,13 +41,16 @@ def reference(model, ids: torch.Tensor, context: int, stride: int) -> float:
     return math.exp(nll / count)
 
 
-@pytest.mark.parametrize("length,context,stride,batch_size", [
-    (200, 32, None, 8),   # 6 full windows and a shorter last one
-    (192, 32, None, 4),   # windows fit exactly
-    (150, 64, 16, 3),     # overlapping windows
-    (41, 40, None, 8),    # the last window has a single token: nothing to score there
-    (10, 64, None, 8),    # shorter than one window
-])
+@pytest.mark.parametrize(
+    "length,context,stride,batch_size",
+    [
+        (200, 32, None, 8),  # 6 full windows and a shorter last one
+        (192, 32, None, 4),  # windows fit exactly
+        (150, 64, 16, 3),  # overlapping windows
+        (41, 40, None, 8),  # the last window has a single token: nothing to score there
+        (10, 64, None, 8),  # shorter than one window
+    ],
+)
 def test_matches_transformers_loss(model, length, context, stride, batch_size):
     ids = ids_of(length)
     mine = perplexity_of_model(model, ids, context, stride=stride, batch_size=batch_size)
@@ -59,7 +61,7 @@ def test_default_stride_scores_all_but_window_starts(model):
     ids = ids_of(64, seed=1)
     with torch.no_grad():
         logprobs = torch.log_softmax(model(ids[None]).logits[0], dim=-1)  # one window of 64
-        halves = [torch.log_softmax(model(ids[None, a:a + 32]).logits[0], dim=-1) for a in (0, 32)]
+        halves = [torch.log_softmax(model(ids[None, a : a + 32]).logits[0], dim=-1) for a in (0, 32)]
     nll = -sum(float(logprobs[i - 1, ids[i]]) for i in range(1, 64))
     assert perplexity_of_model(model, ids.tolist(), 64) == pytest.approx(math.exp(nll / 63), rel=1e-5)
     # two windows of 32: token 32 starts the second window and is not scored
@@ -96,18 +98,21 @@ def test_perplexity_helper():
         perplexity(1.0, 0)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(ids=[1]), "ids"),
-    (dict(ids=[]), "ids"),
-    (dict(ids=[1, 2, 50]), "ids"),
-    (dict(ids=[1, -2, 3]), "ids"),
-    (dict(context=1), "context"),
-    (dict(context=65), "context"),
-    (dict(context=0), "context"),
-    (dict(stride=0), "stride"),
-    (dict(stride=33), "stride"),
-    (dict(batch_size=0), "batch_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(ids=[1]), "ids"),
+        (dict(ids=[]), "ids"),
+        (dict(ids=[1, 2, 50]), "ids"),
+        (dict(ids=[1, -2, 3]), "ids"),
+        (dict(context=1), "context"),
+        (dict(context=65), "context"),
+        (dict(context=0), "context"),
+        (dict(stride=0), "stride"),
+        (dict(stride=33), "stride"),
+        (dict(batch_size=0), "batch_size"),
+    ],
+)
 def test_bad_inputs_raise(model, kwargs, match):
     args = dict(ids=list(range(40)), context=32) | kwargs
     with pytest.raises(ValueError, match=match):

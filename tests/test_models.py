@@ -26,17 +26,18 @@ def test_empty_or_non_string_name_is_rejected(bad):
 
 def test_smollm2_knows_the_capital_of_france(smollm2):
     tok = smollm2.tokenizer
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                  add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_tensors="pt"
+    )["input_ids"]
     out = smollm2.model.generate(ids, max_new_tokens=20, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+    assert "Paris" in tok.decode(out[0, ids.shape[1] :])
 
 
 def test_minilm_puts_a_paraphrase_closer_than_an_unrelated_sentence(minilm):
-    a, para, other = sentence_embeddings(minilm, [
-        "The king was murdered in his sleep.",
-        "Someone killed the sleeping king.",
-        "Bananas are rich in potassium."])
+    a, para, other = sentence_embeddings(
+        minilm,
+        ["The king was murdered in his sleep.", "Someone killed the sleeping king.", "Bananas are rich in potassium."],
+    )
     assert torch.dot(a, para) > torch.dot(a, other) + 0.2
 
 
@@ -125,3 +126,18 @@ def test_device_choice_rejects_unknown_devices():
     assert pick_device("cpu").type == "cpu"
     with pytest.raises(ValueError, match="unknown device"):
         pick_device("abacus")
+
+
+def test_load_leaves_transformers_logging_as_the_user_set_it() -> None:
+    from transformers.utils import logging
+
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_info()
+    logging.enable_progress_bar()
+    try:
+        load("tiny", cache=False)
+        assert logging.get_verbosity() == logging.INFO and logging.is_progress_bar_enabled()
+    finally:
+        logging.set_verbosity(level)
+        if not bars:
+            logging.disable_progress_bar()

@@ -18,9 +18,15 @@ def test_bigram_probabilities_by_hand():
     lm = NGramLM(2, vocab_size=3, k=1.0).fit(CORPUS)
     # after 0: token 1 seen twice, 2 transitions in all: (count + 1) / (2 + 3)
     by_hand = {
-        (0, 0): Fraction(1, 5), (0, 1): Fraction(3, 5), (0, 2): Fraction(1, 5),
-        (1, 0): Fraction(2, 6), (1, 1): Fraction(2, 6), (1, 2): Fraction(2, 6),
-        (2, 0): Fraction(1, 3), (2, 1): Fraction(1, 3), (2, 2): Fraction(1, 3),  # 2 is never followed
+        (0, 0): Fraction(1, 5),
+        (0, 1): Fraction(3, 5),
+        (0, 2): Fraction(1, 5),
+        (1, 0): Fraction(2, 6),
+        (1, 1): Fraction(2, 6),
+        (1, 2): Fraction(2, 6),
+        (2, 0): Fraction(1, 3),
+        (2, 1): Fraction(1, 3),
+        (2, 2): Fraction(1, 3),  # 2 is never followed
     }
     for (context, token), p in by_hand.items():
         assert lm.prob([context], token) == pytest.approx(float(p))
@@ -70,8 +76,13 @@ def test_sample_follows_the_counts():
 
 
 def test_validation():
-    for bad in (dict(n=0, vocab_size=3), dict(n=2, vocab_size=0), dict(n=2, vocab_size=3, k=0),
-                dict(n=2, vocab_size=3, k=-1.0), dict(n=1.5, vocab_size=3)):
+    for bad in (
+        dict(n=0, vocab_size=3),
+        dict(n=2, vocab_size=0),
+        dict(n=2, vocab_size=3, k=0),
+        dict(n=2, vocab_size=3, k=-1.0),
+        dict(n=1.5, vocab_size=3),
+    ):
         with pytest.raises(ValueError):
             NGramLM(**bad)
     lm = NGramLM(2, vocab_size=3)

@@ -45,17 +45,20 @@ def test_no_pickle_in_the_package(path):
     assert pickle_uses(path.read_text()) == []
 
 
-@pytest.mark.parametrize("source", [
-    "import pickle",
-    "import cPickle as p",
-    "from joblib import dump",
-    "import torch\nstate = torch.load(path)",
-    "import torch\nstate = torch.load(path, weights_only=False)",
-    "from torch import load\nstate = load(path)",
-    "from torch import load as read\nstate = read(path, map_location='cpu')",
-    "import numpy as np\nx = np.load(path, allow_pickle=True)",
-    "import pandas as pd\nframe = pd.read_pickle(path)",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import pickle",
+        "import cPickle as p",
+        "from joblib import dump",
+        "import torch\nstate = torch.load(path)",
+        "import torch\nstate = torch.load(path, weights_only=False)",
+        "from torch import load\nstate = load(path)",
+        "from torch import load as read\nstate = read(path, map_location='cpu')",
+        "import numpy as np\nx = np.load(path, allow_pickle=True)",
+        "import pandas as pd\nframe = pd.read_pickle(path)",
+    ],
+)
 def test_the_checker_catches_each_kind_of_pickle(source):
     assert pickle_uses(source)
 

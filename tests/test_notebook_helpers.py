@@ -11,13 +11,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from cyclelab.lab.attention_heads import causal_mask, plot_attention  # noqa: E402
 from cyclelab.core.events import Event, Stage, format_events  # noqa: E402
+from cyclelab.lab.attention_heads import causal_mask, plot_attention  # noqa: E402
 from cyclelab.lab.embedding import plot_rope_angles, plot_similarity  # noqa: E402
+from cyclelab.lab.tokenization import BPE, train_timed  # noqa: E402
 from cyclelab.train.finetune import History, plot_schedule  # noqa: E402
 from cyclelab.train.tasks.sonnets import best_per_method, compare_methods, plot_losses, sonnets  # noqa: E402
 from cyclelab.train.tasks.which_play import plot_confusion  # noqa: E402
-from cyclelab.lab.tokenization import BPE, train_timed  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -35,8 +35,10 @@ def test_causal_mask_hides_the_future_of_the_last_queries():
 
 
 def test_format_events_lists_shapes_and_optional_times():
-    events = [Event(0, Stage.READ, 1, "qkv", 0.0025, tensors={"q": torch.zeros(1, 6, 3, 32)}),
-              Event(0, Stage.WRITEBACK, None, "choose", 0.001)]
+    events = [
+        Event(0, Stage.READ, 1, "qkv", 0.0025, tensors={"q": torch.zeros(1, 6, 3, 32)}),
+        Event(0, Stage.WRITEBACK, None, "choose", 0.001),
+    ]
     lines = format_events(events).splitlines()
     assert lines[0].split() == ["cycle", "stage", "layer", "op", "tensors", "ms"]
     assert lines[1].split() == ["0", "READ", "1", "qkv", "q(1,", "6,", "3,", "32)", "2.500"]
@@ -90,8 +92,10 @@ def test_plot_confusion_counts_each_true_and_predicted_pair():
 
 
 def test_plot_losses_one_curve_per_method():
-    rows = [{"method": "full", "lr": 0.001, "history": History(loss=[3.0, 2.0, 1.5])},
-            {"method": "lora", "lr": 0.01, "history": History(loss=[3.0, 2.5])}]
+    rows = [
+        {"method": "full", "lr": 0.001, "history": History(loss=[3.0, 2.0, 1.5])},
+        {"method": "lora", "lr": 0.01, "history": History(loss=[3.0, 2.5])},
+    ]
     ax = plot_losses(rows).axes[0]
     assert [line.get_label() for line in ax.get_lines()] == ["full (lr 0.001)", "lora (lr 0.01)"]
     assert ax.get_lines()[0].get_ydata().tolist() == [3.0, 2.0, 1.5]
@@ -107,8 +111,16 @@ def test_train_timed_is_the_trainer_with_its_time():
 def test_compare_methods_rows(tiny):
     poems = sonnets()
     before = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
-    rows = compare_methods(tiny.model, tiny.tokenizer, poems[:4], poems[-2:], lrs=[1e-3, 1e-2], steps=2,
-                           batch_size=2, methods=("full", "lora"))
+    rows = compare_methods(
+        tiny.model,
+        tiny.tokenizer,
+        poems[:4],
+        poems[-2:],
+        lrs=[1e-3, 1e-2],
+        steps=2,
+        batch_size=2,
+        methods=("full", "lora"),
+    )
     assert [(r["method"], r["lr"]) for r in rows] == [("full", 1e-3), ("full", 1e-2), ("lora", 1e-3), ("lora", 1e-2)]
     full, _, lora, _ = rows
     total = sum(p.numel() for p in tiny.model.parameters())

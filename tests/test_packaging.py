@@ -107,11 +107,19 @@ def test_dev_script_is_valid_bash_and_rejects_unknown_commands() -> None:
     assert done.returncode == 2 and "unknown command: no-such-command" in done.stderr
 
 
-@pytest.mark.parametrize("folders, extras", [
-    (["cyclelab/kernels", "cyclelab/loading", "cyclelab/core"], []),
-    (["cyclelab"], ["course"]),
-    (["tests", "scripts", "benchmarks"], ["course", "dev"]),
-], ids=["engine-layers-import-only-runtime-dependencies", "package-imports-in-dependencies-or-course", "test-and-script-imports-in-dependencies-or-dev"])
+@pytest.mark.parametrize(
+    "folders, extras",
+    [
+        (["cyclelab/kernels", "cyclelab/loading", "cyclelab/core"], []),
+        (["cyclelab"], ["course"]),
+        (["tests", "scripts", "benchmarks"], ["course", "dev"]),
+    ],
+    ids=[
+        "engine-layers-import-only-runtime-dependencies",
+        "package-imports-in-dependencies-or-course",
+        "test-and-script-imports-in-dependencies-or-dev",
+    ],
+)
 def test_every_third_party_import_is_declared(folders: list[str], extras: list[str]) -> None:
     project = pyproject()["project"]
     declared = {parse(r)[0] for r in project["dependencies"]}
@@ -120,17 +128,22 @@ def test_every_third_party_import_is_declared(folders: list[str], extras: list[s
     modules = set().union(*(_third_party_imports(ROOT / f) for f in folders))
     unknown = sorted(m for m in modules if m not in owners)
     assert not unknown, f"imported but not installed, so its distribution is unknown: {unknown}"
-    undeclared = sorted(f"{m} ({', '.join(owners[m])})" for m in modules
-                        if not declared & {normalise(d) for d in owners[m]})
+    undeclared = sorted(
+        f"{m} ({', '.join(owners[m])})" for m in modules if not declared & {normalise(d) for d in owners[m]}
+    )
     assert not undeclared, f"imported in {folders} but not declared in pyproject.toml: {undeclared}"
 
 
-@pytest.mark.parametrize("requirement, expected", [
-    ("torch>=2.13,<2.15", "2.13"),
-    ("numpy >= 1.26", "1.26"),
-    ("gguf==0.10", "0.10"),
-    ("regex~=2023.12", "2023.12"),
-], ids=["floor-and-cap", "spaces", "exact-pin", "compatible-release"])
+@pytest.mark.parametrize(
+    "requirement, expected",
+    [
+        ("torch>=2.13,<2.15", "2.13"),
+        ("numpy >= 1.26", "1.26"),
+        ("gguf==0.10", "0.10"),
+        ("regex~=2023.12", "2023.12"),
+    ],
+    ids=["floor-and-cap", "spaces", "exact-pin", "compatible-release"],
+)
 def test_compat_oldest_installs_the_lower_bound(requirement: str, expected: str) -> None:
     compat = _compat_script()
     assert compat.floor(compat.Requirement(requirement)) == expected
@@ -216,8 +229,12 @@ def wheel(tmp_path_factory) -> Path:
         if (ROOT / name).is_file() and not name.startswith(("notebooks/", "docs/")):
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             (source / name).write_bytes((ROOT / name).read_bytes())
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
-                    str(source)], check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     (found,) = out.glob("cyclelab-*.whl")
     return found
 

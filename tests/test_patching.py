@@ -37,7 +37,9 @@ def hooked_prob(model, clean_ids, corrupt_ids, layer, position, target):
     return float(torch.softmax(logits[0, -1], -1)[target])
 
 
-@pytest.mark.parametrize("layer, position", [(0, 1), (2, 8), (3, 1)], ids=["first-layer", "middle-last-pos", "last-layer"])
+@pytest.mark.parametrize(
+    "layer, position", [(0, 1), (2, 8), (3, 1)], ids=["first-layer", "middle-last-pos", "last-layer"]
+)
 def test_a_cell_of_the_grid_matches_a_transformers_hook(tiny_engine, layer, position):
     grid = patching_grid(tiny_engine, CLEAN, CORRUPT, TARGET, layers=[layer], positions=[position])
     ids = tiny_engine.encode(CLEAN), tiny_engine.encode(CORRUPT)

@@ -34,8 +34,11 @@ def test_the_lens_matches_transformers_hidden_states(tiny, tiny_engine):
     assert torch.equal(lens_probs(tiny_engine, PROMPT, ANSWERS, stream), got)
 
 
-@pytest.mark.parametrize("preferred, layer", [([0, 1, 1, 1], 1), ([1, 1, 1], 0), ([1, 0, 1, 0], 3), ([2], 0)],
-                         ids=["settles-at-1", "never-changes", "changes-at-the-end", "one-layer"])
+@pytest.mark.parametrize(
+    "preferred, layer",
+    [([0, 1, 1, 1], 1), ([1, 1, 1], 0), ([1, 0, 1, 0], 3), ([2], 0)],
+    ids=["settles-at-1", "never-changes", "changes-at-the-end", "one-layer"],
+)
 def test_settles_at_by_hand(preferred, layer):
     assert settles_at(preferred) == layer
 

@@ -28,8 +28,17 @@ NOTEBOOKS = sorted(Path(__file__).resolve().parents[1].joinpath("notebooks").rgl
 
 _GROUPED = r"\d{1,3}(?:[,\u202f\u2009 ]\d{3})+(?![\d])"
 _NUMBER = re.compile(rf"(?<![\w.,/^\-])({_GROUPED}|\d+)(\.\d+)?(%?)(?![\w])")
-_HIDDEN = [r"^[^\n]*<!-- cost:\w+ -->[^\n]*$", r"```.*?```", r"`[^`]*`", r"\$\$.*?\$\$", r"\$[^$\n]*\$", r"\]\([^)]*\)",
-           r"<[^>]+>", r"^#+\s+[\d.]+", r"(?i)(?:\bexercise|\bsection|§)\s*\d+(?:\.\d+)*"]
+_HIDDEN = [
+    r"^[^\n]*<!-- cost:\w+ -->[^\n]*$",
+    r"```.*?```",
+    r"`[^`]*`",
+    r"\$\$.*?\$\$",
+    r"\$[^$\n]*\$",
+    r"\]\([^)]*\)",
+    r"<[^>]+>",
+    r"^#+\s+[\d.]+",
+    r"(?i)(?:\bexercise|\bsection|§)\s*\d+(?:\.\d+)*",
+]
 
 
 def _plain(number: str) -> str:
@@ -72,8 +81,11 @@ def unsupported(notebook: dict) -> list[str]:
             continue
         cited = figures("".join(cell["source"]))
         external = cell.get("metadata", {}).get("cyclelab", {}).get("external_numbers", {})
-        problems += [f"cell {index}: {f!r} is printed by no output" for f in cited
-                     if f not in external and _plain(f).rstrip("%") not in run]
+        problems += [
+            f"cell {index}: {f!r} is printed by no output"
+            for f in cited
+            if f not in external and _plain(f).rstrip("%") not in run
+        ]
         problems += [f"cell {index}: external number {f!r} is no longer cited" for f in external if f not in cited]
     return problems
 
@@ -84,34 +96,53 @@ def test_prose_cites_only_numbers_of_its_own_run(path: Path) -> None:
     assert not problems, f"{path.name}: " + "; ".join(problems)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("decode runs at 2.7 GB/s", ["2.7"]),
-    ("95% of the time, 12 heads", ["95%"]),
-    ("a vocabulary of 49,152 tokens and 110 592 weights", ["49,152", "110 592"]),
-    ("GPT-2 in 2019, chapter 07, 3 layers", []),
-    ("`lr = 3e-4` and $d^{0.5}$ and [link](https://x.org/1234)", []),
-    ("<!-- cost:fast --> **Cost:** 16 s, peak memory 0.9 GB", []),
-    ("```\nprint(12345)\n```", []),
-    ("### 7.3 · Exercise 2.1, see section 4.2 and § 1.5", []),
-], ids=["decimal", "percent", "grouped", "small-and-years", "code-math-links", "cost-label", "fenced", "section-numbers"])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("decode runs at 2.7 GB/s", ["2.7"]),
+        ("95% of the time, 12 heads", ["95%"]),
+        ("a vocabulary of 49,152 tokens and 110 592 weights", ["49,152", "110 592"]),
+        ("GPT-2 in 2019, chapter 07, 3 layers", []),
+        ("`lr = 3e-4` and $d^{0.5}$ and [link](https://x.org/1234)", []),
+        ("<!-- cost:fast --> **Cost:** 16 s, peak memory 0.9 GB", []),
+        ("```\nprint(12345)\n```", []),
+        ("### 7.3 · Exercise 2.1, see section 4.2 and § 1.5", []),
+    ],
+    ids=[
+        "decimal",
+        "percent",
+        "grouped",
+        "small-and-years",
+        "code-math-links",
+        "cost-label",
+        "fenced",
+        "section-numbers",
+    ],
+)
 def test_rule_finds_figures(text: str, expected: list[str]) -> None:
     assert figures(text) == expected
 
 
 def _notebook(markdown: str, output: str, external: dict | None = None) -> dict:
     meta = {"cyclelab": {"external_numbers": external}} if external else {}
-    return {"cells": [
-        {"cell_type": "code", "source": ["print(x)"], "outputs": [{"output_type": "stream", "text": [output]}]},
-        {"cell_type": "markdown", "source": [markdown], "metadata": meta},
-    ]}
+    return {
+        "cells": [
+            {"cell_type": "code", "source": ["print(x)"], "outputs": [{"output_type": "stream", "text": [output]}]},
+            {"cell_type": "markdown", "source": [markdown], "metadata": meta},
+        ]
+    }
 
 
-@pytest.mark.parametrize("markdown, output, external, ok", [
-    ("loss fell to 2.31", "loss 2.31\n", None, True),
-    ("loss fell to 2.31", "loss 2.35\n", None, False),
-    ("4096 rows", "vocab 4,096\n", None, True),
-    ("about 4.5× in other languages", "", {"4.5": "Petrov et al. 2023"}, True),
-    ("nothing cited here", "", {"4.5": "Petrov et al. 2023"}, False),
-], ids=["printed", "not-printed", "separators", "declared-external", "stale-declaration"])
+@pytest.mark.parametrize(
+    "markdown, output, external, ok",
+    [
+        ("loss fell to 2.31", "loss 2.31\n", None, True),
+        ("loss fell to 2.31", "loss 2.35\n", None, False),
+        ("4096 rows", "vocab 4,096\n", None, True),
+        ("about 4.5× in other languages", "", {"4.5": "Petrov et al. 2023"}, True),
+        ("nothing cited here", "", {"4.5": "Petrov et al. 2023"}, False),
+    ],
+    ids=["printed", "not-printed", "separators", "declared-external", "stale-declaration"],
+)
 def test_rule_against_outputs(markdown: str, output: str, external: dict | None, ok: bool) -> None:
     assert (unsupported(_notebook(markdown, output, external)) == []) is ok

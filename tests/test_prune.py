@@ -42,13 +42,17 @@ def test_pruned_tiny_reaches_the_target_and_keeps_the_largest(tiny, sparsity):
     assert sparsity_of(before[next(iter(before))]) < 0.01  # the original model is untouched
 
 
-@pytest.mark.parametrize("model, sparsity, error, message", [
-    ("tiny", 1.0, ValueError, r"sparsity .* in \[0, 1\)"),
-    ("tiny", -0.1, ValueError, r"sparsity .* in \[0, 1\)"),
-    ("tiny", "half", ValueError, r"sparsity .* got 'half'"),
-    ("tiny", True, ValueError, r"sparsity .* got True"),
-    ("no-mlp", 0.5, ValueError, r"no Linear/Conv1D layer inside a module named 'mlp'"),
-], ids=["all-pruned", "negative", "string", "bool", "model-without-mlp"])
+@pytest.mark.parametrize(
+    "model, sparsity, error, message",
+    [
+        ("tiny", 1.0, ValueError, r"sparsity .* in \[0, 1\)"),
+        ("tiny", -0.1, ValueError, r"sparsity .* in \[0, 1\)"),
+        ("tiny", "half", ValueError, r"sparsity .* got 'half'"),
+        ("tiny", True, ValueError, r"sparsity .* got True"),
+        ("no-mlp", 0.5, ValueError, r"no Linear/Conv1D layer inside a module named 'mlp'"),
+    ],
+    ids=["all-pruned", "negative", "string", "bool", "model-without-mlp"],
+)
 def test_bad_input(tiny, model, sparsity, error, message):
     target = tiny.model if model == "tiny" else torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(error, match=message):

@@ -5,9 +5,18 @@ import numpy as np
 import pytest
 import torch
 
+from cyclelab.lab.quantize import (
+    decode_q4_1_block,
+    dequantize_int4,
+    dequantize_int8,
+    gguf_block,
+    quantize_int4,
+    quantize_int8,
+    round_trip,
+    simulate,
+    weight_bytes,
+)
 from cyclelab.loading.fetch import asset_path, is_fetched
-from cyclelab.lab.quantize import (decode_q4_1_block, dequantize_int4, dequantize_int8, gguf_block, quantize_int4,
-                               quantize_int8, round_trip, simulate, weight_bytes)
 
 
 def test_int8_by_hand():
@@ -102,7 +111,11 @@ def test_q4_1_blocks_of_smollm2_match_the_gguf_library():
 GGUF_CASES = {
     "unknown tensor": (("no.such.tensor", 0), ValueError, r"no tensor 'no.such.tensor'"),
     "a float32 tensor": (("blk.0.attn_norm.weight", 0), ValueError, r"is F32, not Q4_1"),
-    "block index past the end": (("blk.0.attn_k.weight", 10**9), ValueError, r"block index must be an integer in \[0, "),
+    "block index past the end": (
+        ("blk.0.attn_k.weight", 10**9),
+        ValueError,
+        r"block index must be an integer in \[0, ",
+    ),
 }
 
 
@@ -119,8 +132,11 @@ BAD = {
     "int8 of a vector": (lambda: quantize_int8(torch.ones(4)), ValueError, r"2-D floating-point weight.*got 1-D"),
     "int8 of integers": (lambda: quantize_int8(torch.ones(2, 2, dtype=torch.long)), ValueError, r"floating-point"),
     "int8 of NaN": (lambda: quantize_int8(torch.tensor([[1.0, float("nan")]])), ValueError, r"inf or NaN"),
-    "int4 group not dividing": (lambda: quantize_int4(torch.ones(2, 10), group=4), ValueError,
-                                r"group must be a positive integer dividing the row length 10, got 4"),
+    "int4 group not dividing": (
+        lambda: quantize_int4(torch.ones(2, 10), group=4),
+        ValueError,
+        r"group must be a positive integer dividing the row length 10, got 4",
+    ),
     "int4 group zero": (lambda: quantize_int4(torch.ones(2, 8), group=0), ValueError, r"group must be"),
     "unknown round-trip method": (lambda: round_trip(torch.ones(2, 2), "int3"), ValueError, r"unknown method 'int3'"),
     "unknown bytes method": (lambda: weight_bytes(torch.nn.Linear(2, 2), "fp8"), ValueError, r"unknown method 'fp8'"),

@@ -15,8 +15,19 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertModel
 
-from cyclelab.lab.robust import (attacked_examples, embedding_gradient, fit_head, folio_table, head_predict,
-                             hotflip_attack, hotflip_scores, noisy_examples, pooled_features, typos, word_candidates)
+from cyclelab.lab.robust import (
+    attacked_examples,
+    embedding_gradient,
+    fit_head,
+    folio_table,
+    head_predict,
+    hotflip_attack,
+    hotflip_scores,
+    noisy_examples,
+    pooled_features,
+    typos,
+    word_candidates,
+)
 from cyclelab.train.finetune import TrainConfig
 from cyclelab.train.tasks.which_play import EncoderClassifier
 
@@ -60,7 +71,7 @@ def test_typos_follow_the_documented_process(seed: int) -> None:
 
 def test_the_share_of_edited_letters_follows_the_rate() -> None:
     text = "abcdefghij" * 200  # 2000 letters; a dropped, doubled or replaced letter changes the string
-    changed = sum(typos(text[i:i + 10], 0.2, seed=i) != text[i:i + 10] for i in range(0, len(text), 10))
+    changed = sum(typos(text[i : i + 10], 0.2, seed=i) != text[i : i + 10] for i in range(0, len(text), 10))
     # P(a 10-letter word keeps all letters) = 0.8**10 = 0.107 (a swap with an equal letter cannot happen here)
     assert 0.80 < changed / 200 < 0.97
 
@@ -76,10 +87,12 @@ def test_noisy_examples_draw_their_rates_from_the_list() -> None:
 
 
 def test_folio_table_by_hand() -> None:
-    pairs = [("I haue it vpon me", "I have it upon me"),
-             ("You haue it", "You have it"),
-             ("Haue at you", "Have at you"),
-             ("Then I haue done", "Then I have done")]
+    pairs = [
+        ("I haue it vpon me", "I have it upon me"),
+        ("You haue it", "You have it"),
+        ("Haue at you", "Have at you"),
+        ("Then I haue done", "Then I have done"),
+    ]
     # have <- haue three times; Have <- Haue once; upon <- vpon; identical words are left out
     assert folio_table(pairs) == {"have": "haue", "Have": "Haue", "upon": "vpon"}
 
@@ -100,7 +113,10 @@ def _brute_force(grad: torch.Tensor, emb: torch.Tensor, ids: torch.Tensor) -> to
 
 def test_scores_are_the_gradient_dotted_with_each_swap() -> None:
     gen = torch.Generator().manual_seed(0)
-    grad, emb = torch.randn(5, 4, generator=gen, dtype=torch.float64), torch.randn(9, 4, generator=gen, dtype=torch.float64)
+    grad, emb = (
+        torch.randn(5, 4, generator=gen, dtype=torch.float64),
+        torch.randn(9, 4, generator=gen, dtype=torch.float64),
+    )
     ids = torch.tensor([3, 0, 3, 8, 1])
     scores = hotflip_scores(grad, emb, ids)
     assert torch.allclose(scores, _brute_force(grad, emb, ids))
@@ -114,8 +130,11 @@ def test_on_a_linear_loss_the_first_order_choice_is_the_best_swap() -> None:
     x = emb[ids].requires_grad_(True)
     (grad,) = torch.autograd.grad((w * x).sum(), x)
     loss = lambda tokens: float((w * emb[tokens]).sum())  # noqa: E731
-    changes = {(i, v): loss(torch.cat([ids[:i], torch.tensor([v]), ids[i + 1:]])) - loss(ids)
-               for i in range(4) for v in range(6)}
+    changes = {
+        (i, v): loss(torch.cat([ids[:i], torch.tensor([v]), ids[i + 1 :]])) - loss(ids)
+        for i in range(4)
+        for v in range(6)
+    }
     best = int(hotflip_scores(grad, emb, ids).argmax())
     assert divmod(best, 6) == max(changes, key=changes.get)
 
@@ -127,8 +146,16 @@ def test_on_a_linear_loss_the_first_order_choice_is_the_best_swap() -> None:
 def small():
     """A 2-class EncoderClassifier on a one-layer random BERT with 20 tokens, and a few examples."""
     torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=16, max_position_embeddings=16))
+    bert = BertModel(
+        BertConfig(
+            vocab_size=20,
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=16,
+            max_position_embeddings=16,
+        )
+    )
     model = EncoderClassifier(bert, 2, dropout=0.0).eval()
     ids = torch.randint(4, 20, (12, 6))
     ids[:, 0], ids[3:, 5] = 1, 0  # token 1 plays [CLS]; rows 3.. have one position of padding (token 0)
@@ -171,14 +198,17 @@ def test_the_attack_flips_only_by_allowed_swaps(small) -> None:
     assert bool((attack.edits[~attack.flipped] == 3).all())  # an attack that failed used every swap it had
     assert attack.success_rate == float(attack.flipped.sum()) / 12
     kept = attacked_examples(examples, attack)
-    assert len(kept) == int(attack.flipped.sum()) and all(torch.equal(k["labels"], e["labels"])
-                                                         for k, e in zip(kept, [e for e, f in zip(examples, attack.flipped) if f]))
+    assert len(kept) == int(attack.flipped.sum()) and all(
+        torch.equal(k["labels"], e["labels"]) for k, e in zip(kept, [e for e, f in zip(examples, attack.flipped) if f])
+    )
 
 
 def test_the_first_swap_is_the_largest_score(small) -> None:
     model, examples, candidates = small
     one = examples[:1]
-    _, grad = embedding_gradient(model, one[0]["input_ids"][None], one[0]["attention_mask"][None], one[0]["labels"][None])
+    _, grad = embedding_gradient(
+        model, one[0]["input_ids"][None], one[0]["attention_mask"][None], one[0]["labels"][None]
+    )
     scores = hotflip_scores(grad[0], model.encoder.get_input_embeddings().weight.detach(), one[0]["input_ids"])
     scores[0] = -torch.inf  # [CLS] is not a candidate
     scores[:, ~candidates] = -torch.inf
@@ -213,11 +243,15 @@ def test_pooled_features_and_the_head(small) -> None:
 def test_the_feature_cache_encodes_each_line_once(small) -> None:
     model, examples, _ = small
     ids, mask, want = _pooled_by_hand(model, examples)
-    padded = {**examples[0], "input_ids": torch.cat([ids[0], torch.zeros(3, dtype=ids.dtype)]),
-              "attention_mask": torch.cat([mask[0], torch.zeros(3, dtype=mask.dtype)])}  # the same line, more padding
+    padded = {
+        **examples[0],
+        "input_ids": torch.cat([ids[0], torch.zeros(3, dtype=ids.dtype)]),
+        "attention_mask": torch.cat([mask[0], torch.zeros(3, dtype=mask.dtype)]),
+    }  # the same line, more padding
     runs = []
-    handle = model.encoder.register_forward_hook(lambda module, args, kwargs, out: runs.append(len(kwargs["input_ids"])),
-                                                 with_kwargs=True)
+    handle = model.encoder.register_forward_hook(
+        lambda module, args, kwargs, out: runs.append(len(kwargs["input_ids"])), with_kwargs=True
+    )
     try:
         cache: dict = {}
         first = pooled_features(model, examples[:8] + examples[:2], batch_size=4, cache=cache)
@@ -243,20 +277,38 @@ def test_word_candidates_of_minilm(minilm) -> None:
 
 E = torch.zeros(5, 3)
 BAD = [
-    pytest.param(lambda: typos("a line", 1.5), ValueError, r"rate must be a number between 0 and 1", id="typos-rate-above-1"),
+    pytest.param(
+        lambda: typos("a line", 1.5), ValueError, r"rate must be a number between 0 and 1", id="typos-rate-above-1"
+    ),
     pytest.param(lambda: typos("a line", -0.1), ValueError, r"rate must be", id="typos-negative-rate"),
     pytest.param(lambda: typos("a line", True), ValueError, r"rate must be", id="typos-bool-rate"),
     pytest.param(lambda: typos(["a line"], 0.1), TypeError, r"text must be a str, not list", id="typos-list"),
     pytest.param(lambda: noisy_examples(["a"], []), ValueError, r"rates is empty", id="noisy-no-rates"),
     pytest.param(lambda: noisy_examples(["a"], [0.1, 2]), ValueError, r"rate must be", id="noisy-bad-rate"),
-    pytest.param(lambda: hotflip_scores(torch.zeros(2, 4), E, torch.tensor([0, 1])), ValueError,
-                 r"same width.*\(2, 4\) and \(5, 3\)", id="scores-width"),
-    pytest.param(lambda: hotflip_scores(torch.zeros(2, 3), E, torch.tensor([0, 1, 2])), ValueError,
-                 r"one token per row of grad", id="scores-ids-length"),
-    pytest.param(lambda: hotflip_scores(torch.zeros(2, 3), E, torch.tensor([0, 5])), ValueError,
-                 r"ids must lie in \[0, 5\)", id="scores-id-out-of-range"),
-    pytest.param(lambda: hotflip_scores(torch.zeros(3), E, torch.tensor([0])), ValueError,
-                 r"need grad \(tokens, width\)", id="scores-1d-grad"),
+    pytest.param(
+        lambda: hotflip_scores(torch.zeros(2, 4), E, torch.tensor([0, 1])),
+        ValueError,
+        r"same width.*\(2, 4\) and \(5, 3\)",
+        id="scores-width",
+    ),
+    pytest.param(
+        lambda: hotflip_scores(torch.zeros(2, 3), E, torch.tensor([0, 1, 2])),
+        ValueError,
+        r"one token per row of grad",
+        id="scores-ids-length",
+    ),
+    pytest.param(
+        lambda: hotflip_scores(torch.zeros(2, 3), E, torch.tensor([0, 5])),
+        ValueError,
+        r"ids must lie in \[0, 5\)",
+        id="scores-id-out-of-range",
+    ),
+    pytest.param(
+        lambda: hotflip_scores(torch.zeros(3), E, torch.tensor([0])),
+        ValueError,
+        r"need grad \(tokens, width\)",
+        id="scores-1d-grad",
+    ),
 ]
 
 
@@ -266,14 +318,20 @@ def test_bad_input_is_named(call, error, message) -> None:
         call()
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    pytest.param({"max_edits": 0}, r"max_edits must be a positive int, not 0", id="attack-zero-edits"),
-    pytest.param({"max_edits": 1.5}, r"max_edits must be a positive int", id="attack-float-edits"),
-    pytest.param({"candidates": torch.ones(19, dtype=torch.bool)}, r"one entry per token \(20\).*\(19,\)",
-                 id="attack-candidates-length"),
-    pytest.param({"candidates": torch.ones(20)}, r"candidates must be a bool tensor", id="attack-candidates-float"),
-    pytest.param({"examples": []}, r"examples is empty", id="attack-no-examples"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        pytest.param({"max_edits": 0}, r"max_edits must be a positive int, not 0", id="attack-zero-edits"),
+        pytest.param({"max_edits": 1.5}, r"max_edits must be a positive int", id="attack-float-edits"),
+        pytest.param(
+            {"candidates": torch.ones(19, dtype=torch.bool)},
+            r"one entry per token \(20\).*\(19,\)",
+            id="attack-candidates-length",
+        ),
+        pytest.param({"candidates": torch.ones(20)}, r"candidates must be a bool tensor", id="attack-candidates-float"),
+        pytest.param({"examples": []}, r"examples is empty", id="attack-no-examples"),
+    ],
+)
 def test_bad_attack_arguments(small, kwargs, message) -> None:
     model, examples, candidates = small
     args = {"examples": examples, "candidates": candidates, "max_edits": 2, **kwargs}

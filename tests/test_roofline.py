@@ -8,8 +8,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cyclelab.core.attention import KVCache
 from cyclelab.core.engine import drain
-from cyclelab.lab.roofline import (Machine, best_of, count_torch_ops, gemv_ceiling, op_costs, phase_costs,
-                               weight_matrices)
+from cyclelab.lab.roofline import (
+    Machine,
+    best_of,
+    count_torch_ops,
+    gemv_ceiling,
+    op_costs,
+    phase_costs,
+    weight_matrices,
+)
 from cyclelab.lab.throughput import batch_decode, cache_scaling
 
 MATMUL_OPS = ("qkv", "scores", "mix", "attn_out", "mlp_in", "mlp_out", "logits")
@@ -57,7 +64,12 @@ def test_phase_costs_of_tiny(tiny_engine):
     machine = Machine(50e9, 20e9, 5e-6)
     ids = tiny_engine.encode("ROMEO:\nBut soft, what light")
     prefill, decode = phase_costs(tiny_engine, ids, machine, repeats=1)
-    assert (prefill["phase"], prefill["tokens"], decode["phase"], decode["tokens"]) == ("prefill", len(ids) - 1, "decode", 1)
+    assert (prefill["phase"], prefill["tokens"], decode["phase"], decode["tokens"]) == (
+        "prefill",
+        len(ids) - 1,
+        "decode",
+        1,
+    )
     weights = gemv_ceiling(tiny_engine.loaded.model, repeats=1)["bytes"]
     assert decode["bytes"] >= weights  # a decode step reads every weight matrix
     assert prefill["flops"] > decode["flops"] * (len(ids) - 2)  # prefill does the matmuls for every position
@@ -69,19 +81,26 @@ def test_phase_costs_of_tiny(tiny_engine):
 
 def test_op_costs_groups_attention():
     from cyclelab.core.events import Event, Stage
-    events = [Event(0, Stage.READ, 0, "kv_cache", 0.1, 0, 8), Event(0, Stage.EXECUTE, 0, "scores", 0.2, 4, 0),
-              Event(0, Stage.READ, 0, "qkv", 0.3, 10, 20), Event(0, Stage.READ, 1, "qkv", 0.3, 10, 20)]
+
+    events = [
+        Event(0, Stage.READ, 0, "kv_cache", 0.1, 0, 8),
+        Event(0, Stage.EXECUTE, 0, "scores", 0.2, 4, 0),
+        Event(0, Stage.READ, 0, "qkv", 0.3, 10, 20),
+        Event(0, Stage.READ, 1, "qkv", 0.3, 10, 20),
+    ]
     costs = op_costs(events)
     assert (costs["attention"].flops, costs["attention"].bytes) == (4, 8)
     assert (costs["qkv"].flops, costs["qkv"].bytes) == (20, 40)
 
 
 def test_batched_decode_equals_one_sequence_at_a_time(tiny_engine):
-    ids = torch.tensor([tiny_engine.encode(text)[:6] for text in ("ROMEO:\nBut soft, what light", "JULIET:\nO Romeo, Romeo!")])
+    ids = torch.tensor(
+        [tiny_engine.encode(text)[:6] for text in ("ROMEO:\nBut soft, what light", "JULIET:\nO Romeo, Romeo!")]
+    )
     n = tiny_engine.arch.n_layers
     batched = drain(tiny_engine.forward(ids, KVCache(n, 6)))
     for row in range(2):
-        alone = drain(tiny_engine.forward(ids[row:row + 1], KVCache(n, 6)))
+        alone = drain(tiny_engine.forward(ids[row : row + 1], KVCache(n, 6)))
         torch.testing.assert_close(batched[row], alone[0], atol=1e-4, rtol=0)
 
 
@@ -95,7 +114,11 @@ def test_throughput_rows(tiny_engine):
 
 
 BAD = {
-    "best_of zero repeats": (lambda e: best_of(lambda: None, 0), ValueError, r"repeats must be a positive integer, got 0"),
+    "best_of zero repeats": (
+        lambda e: best_of(lambda: None, 0),
+        ValueError,
+        r"repeats must be a positive integer, got 0",
+    ),
     "phase_costs one id": (lambda e: phase_costs(e, [5], Machine(1, 1, 1)), ValueError, r"at least 2 token ids"),
     "batch sizes empty": (lambda e: batch_decode(e, []), ValueError, r"batch_sizes must be a non-empty list"),
     "batch size zero": (lambda e: batch_decode(e, [1, 0]), ValueError, r"batch_sizes must be .*positive integers"),

@@ -23,11 +23,13 @@ def test_run_with_cache_equals_transformers_activations(which, tiny, smollm2, ti
     torch.testing.assert_close(logits[0], ref.logits[0], atol=1e-4, rtol=0)
     torch.testing.assert_close(cache["blocks.0.hook_resid_pre"][0], ref.hidden_states[0][0], atol=1e-5, rtol=0)
     for layer in range(n - 1):  # transformers' last hidden state has the final norm applied
-        torch.testing.assert_close(cache[f"blocks.{layer}.hook_resid_post"][0], ref.hidden_states[layer + 1][0],
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            cache[f"blocks.{layer}.hook_resid_post"][0], ref.hidden_states[layer + 1][0], atol=1e-4, rtol=1e-4
+        )
     for layer in range(n):
-        torch.testing.assert_close(cache[f"blocks.{layer}.attn.hook_pattern"][0], ref.attentions[layer][0],
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            cache[f"blocks.{layer}.attn.hook_pattern"][0], ref.attentions[layer][0], atol=1e-5, rtol=0
+        )
     final = cache[f"blocks.{n - 1}.hook_resid_post"]
     torch.testing.assert_close(cache["ln_final.hook_normalized"][0], ref.hidden_states[n][0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(engine.read_out(final)[0], ref.logits[0], atol=1e-4, rtol=0)
@@ -42,22 +44,31 @@ def test_run_with_cache_keeps_only_what_is_asked(tiny_engine):
     assert cache["blocks.0.attn.hook_z"].shape[:2] == (1, 6)  # (batch, heads, positions, head_dim)
 
 
-@pytest.mark.parametrize("names, error, match", [
-    (["blocks.9.attn.hook_pattern"], ValueError, "unknown activation name"),
-    (["blocks.0.attn.hook_rot_q"], ValueError, "unknown activation name"),  # GPT-2 has no RoPE
-    ("blocks.0.attn.hook_pattern", TypeError, "collection of activation names"),
-    (3, TypeError, "collection of activation names"),
-])
+@pytest.mark.parametrize(
+    "names, error, match",
+    [
+        (["blocks.9.attn.hook_pattern"], ValueError, "unknown activation name"),
+        (["blocks.0.attn.hook_rot_q"], ValueError, "unknown activation name"),  # GPT-2 has no RoPE
+        ("blocks.0.attn.hook_pattern", TypeError, "collection of activation names"),
+        (3, TypeError, "collection of activation names"),
+    ],
+)
 def test_run_with_cache_names_a_bad_request(tiny_engine, names, error, match):
     with pytest.raises(error, match=match):
         tiny_engine.run_with_cache(PROMPT, names=names)
 
 
 def test_llama_names_include_rope_and_the_gated_mlp(smollm2_engine):
-    _, cache = smollm2_engine.run_with_cache("The capital of France is",
-                                             names=["blocks.2.attn.hook_rot_q", "blocks.2.mlp.hook_pre",
-                                                    "blocks.2.mlp.hook_pre_linear", "hook_embed",
-                                                    "blocks.0.hook_resid_pre"])
+    _, cache = smollm2_engine.run_with_cache(
+        "The capital of France is",
+        names=[
+            "blocks.2.attn.hook_rot_q",
+            "blocks.2.mlp.hook_pre",
+            "blocks.2.mlp.hook_pre_linear",
+            "hook_embed",
+            "blocks.0.hook_resid_pre",
+        ],
+    )
     torch.testing.assert_close(cache["hook_embed"], cache["blocks.0.hook_resid_pre"])  # no positions added
     mlp = smollm2_engine.loaded.model.model.layers[2].mlp
     x = torch.nn.functional.silu(cache["blocks.2.mlp.hook_pre"]) * cache["blocks.2.mlp.hook_pre_linear"]

@@ -5,8 +5,8 @@ import inspect
 import pytest
 
 from cyclelab import show
-from cyclelab.core.sampling import Sampling
 from cyclelab.core.rope import rotate_half
+from cyclelab.core.sampling import Sampling
 
 
 def test_plain_text_is_the_exact_source() -> None:

@@ -9,13 +9,17 @@ ECHO = "ROMEO:\nO, she doth teach the torches to burn bright!\nROMEO:\nO, she do
 PLAIN = "JULIET:\nWhat light"
 
 
-@pytest.mark.parametrize("ids, ngram, k, expected", [
-    ([1, 2, 3, 4, 1, 2], 2, 3, [3, 4, 1]),     # bigram (1, 2) seen at 0: what followed it
-    ([1, 2, 3, 1, 2, 9, 1, 2], 2, 2, [9, 1]),  # the latest earlier match wins
-    ([5, 6], 3, 2, []),                        # nothing repeats
-    ([7, 8, 7], 3, 5, [8, 7]),                 # falls back to a unigram match
-    ([1, 2, 3, 4], 1, 2, []),
-], ids=["bigram", "latest", "none", "unigram-fallback", "no-repeat"])
+@pytest.mark.parametrize(
+    "ids, ngram, k, expected",
+    [
+        ([1, 2, 3, 4, 1, 2], 2, 3, [3, 4, 1]),  # bigram (1, 2) seen at 0: what followed it
+        ([1, 2, 3, 1, 2, 9, 1, 2], 2, 2, [9, 1]),  # the latest earlier match wins
+        ([5, 6], 3, 2, []),  # nothing repeats
+        ([7, 8, 7], 3, 5, [8, 7]),  # falls back to a unigram match
+        ([1, 2, 3, 4], 1, 2, []),
+    ],
+    ids=["bigram", "latest", "none", "unigram-fallback", "no-repeat"],
+)
 def test_lookup_draft_by_hand(ids, ngram, k, expected):
     assert lookup_draft(ids, ngram, k) == expected
 
@@ -41,9 +45,15 @@ def test_same_tokens_as_plain_greedy_smollm2(smollm2_engine):
 def test_matches_transformers_prompt_lookup(tiny_engine):
     ids = tiny_engine.encode(ECHO)
     model = tiny_engine.loaded.model
-    out = model.generate(torch.tensor([ids]), max_new_tokens=30, do_sample=False, prompt_lookup_num_tokens=5,
-                         attention_mask=torch.ones(1, len(ids), dtype=torch.long), pad_token_id=0)
-    assert greedy_with_lookup(tiny_engine, ECHO, 30, stop_at_eos=False).token_ids == out[0, len(ids):].tolist()
+    out = model.generate(
+        torch.tensor([ids]),
+        max_new_tokens=30,
+        do_sample=False,
+        prompt_lookup_num_tokens=5,
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        pad_token_id=0,
+    )
+    assert greedy_with_lookup(tiny_engine, ECHO, 30, stop_at_eos=False).token_ids == out[0, len(ids) :].tolist()
 
 
 @pytest.mark.parametrize("lookup", [None, 4], ids=["plain", "prompt-lookup"])
@@ -60,8 +70,11 @@ def test_transformers_greedy_matches_the_engine(tiny_engine, lookup):
 
 def test_copy_question_holds_folio_lines():
     question = copy_question(2)
-    assert question.splitlines()[1:] == ["In Thunder, Lightning, or in Raine?", "When the Battaile's lost, and wonne",
-                                         "Modern spelling:"]  # the Folio's spelling, read in the text itself
+    assert question.splitlines()[1:] == [
+        "In Thunder, Lightning, or in Raine?",
+        "When the Battaile's lost, and wonne",
+        "Modern spelling:",
+    ]  # the Folio's spelling, read in the text itself
 
 
 class _WithEos:
@@ -81,17 +94,21 @@ def test_stops_at_end_of_sequence_like_plain_greedy(tiny_engine, monkeypatch):
     tokens = tiny_engine.generate(ECHO, max_new_tokens=30, stop_at_eos=False).token_ids
     monkeypatch.setattr(tiny_engine, "tokenizer", _WithEos(tiny_engine.tokenizer, tokens[12]))
     expected = tiny_engine.generate(ECHO, max_new_tokens=30).token_ids
-    assert greedy_with_lookup(tiny_engine, ECHO, 30).token_ids == expected == tokens[:tokens.index(tokens[12]) + 1]
+    assert greedy_with_lookup(tiny_engine, ECHO, 30).token_ids == expected == tokens[: tokens.index(tokens[12]) + 1]
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    ({"max_new_tokens": 0}, ValueError, "max_new_tokens must be at least 1"),
-    ({"ngram": 0}, ValueError, "ngram must be at least 1"),
-    ({"draft_len": -2}, ValueError, "draft_len must be at least 1"),
-    ({"draft_len": "3"}, TypeError, "draft_len"),
-    ({"prompt": ""}, ValueError, "empty"),
-    ({"prompt": "to be " * 400}, ValueError, "context window"),
-], ids=["no-tokens", "ngram-0", "negative-draft", "draft-as-string", "empty-prompt", "prompt-too-long"])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"max_new_tokens": 0}, ValueError, "max_new_tokens must be at least 1"),
+        ({"ngram": 0}, ValueError, "ngram must be at least 1"),
+        ({"draft_len": -2}, ValueError, "draft_len must be at least 1"),
+        ({"draft_len": "3"}, TypeError, "draft_len"),
+        ({"prompt": ""}, ValueError, "empty"),
+        ({"prompt": "to be " * 400}, ValueError, "context window"),
+    ],
+    ids=["no-tokens", "ngram-0", "negative-draft", "draft-as-string", "empty-prompt", "prompt-too-long"],
+)
 def test_bad_settings_are_refused(tiny_engine, kwargs, error, message):
     args = {"prompt": PLAIN, "max_new_tokens": 8, **kwargs}
     with pytest.raises(error, match=message):

@@ -6,10 +6,19 @@ import torch
 from cyclelab.lab.rounding import round_sig, sig, signed
 
 
-@pytest.mark.parametrize("value, digits, expected", [
-    (22712.3, 2, 23000.0), (22712.3, 3, 22700.0), (619.4, 2, 620.0), (3.2, 2, 3.2),
-    (0.012345, 2, 0.012), (-487.0, 2, -490.0), (0.0, 2, 0.0), (95.0, 1, 100.0),
-])
+@pytest.mark.parametrize(
+    "value, digits, expected",
+    [
+        (22712.3, 2, 23000.0),
+        (22712.3, 3, 22700.0),
+        (619.4, 2, 620.0),
+        (3.2, 2, 3.2),
+        (0.012345, 2, 0.012),
+        (-487.0, 2, -490.0),
+        (0.0, 2, 0.0),
+        (95.0, 1, 100.0),
+    ],
+)
 def test_round_sig_keeps_the_leading_digits(value, digits, expected):
     assert round_sig(value, digits) == expected
 

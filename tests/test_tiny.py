@@ -7,8 +7,8 @@ import re
 import pytest
 
 from cyclelab.loading import corpus as data
-from cyclelab.train.metrics import perplexity_of_model
 from cyclelab.loading.loader import REPO_DATA
+from cyclelab.train.metrics import perplexity_of_model
 from cyclelab.train.tiny import encode_plays
 
 

@@ -5,12 +5,34 @@ import random
 import pytest
 from tokenizers.pre_tokenizers import ByteLevel
 
-from cyclelab.loading import corpus as data
-from cyclelab.lab.tokenization import BPE, GPT2_PATTERN_PARTS, bytes_to_unicode, explain_pretokens, pretokenize, to_byte_chars, visible
-from cyclelab.lab.tokenizer_compare import (
-    compare_tokenizers, compression_curve, count_tokens, format_table, hf_merges, language_costs, load_tokenizer, piece_text,
-    pieces, plot_compression, plot_language_costs, same_as_hf, show_tokens, tokens_per_word, train_hf, train_unigram,
+from cyclelab.lab.tokenization import (
+    BPE,
+    GPT2_PATTERN_PARTS,
+    bytes_to_unicode,
+    explain_pretokens,
+    pretokenize,
+    to_byte_chars,
+    visible,
 )
+from cyclelab.lab.tokenizer_compare import (
+    compare_tokenizers,
+    compression_curve,
+    count_tokens,
+    format_table,
+    hf_merges,
+    language_costs,
+    load_tokenizer,
+    piece_text,
+    pieces,
+    plot_compression,
+    plot_language_costs,
+    same_as_hf,
+    show_tokens,
+    tokens_per_word,
+    train_hf,
+    train_unigram,
+)
+from cyclelab.loading import corpus as data
 
 EOS = "<|endoftext|>"
 MIXED = [
@@ -42,10 +64,35 @@ def bpe(shakespeare):
 
 def multilingual_corpus() -> list[str]:
     rng = random.Random(7)
-    words = ["der", "die", "das", "und", "chat", "chien", "maison", "été", "über", "straße", "naïve", "数据",
-             "模型", "こんにちは", "नमस्ते", "123", "4567", "🙂", "the", "then", "there", "'s", "'ll"]
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 15))) + rng.choice([".", "!", "?\n"])
-            for _ in range(400)]
+    words = [
+        "der",
+        "die",
+        "das",
+        "und",
+        "chat",
+        "chien",
+        "maison",
+        "été",
+        "über",
+        "straße",
+        "naïve",
+        "数据",
+        "模型",
+        "こんにちは",
+        "नमस्ते",
+        "123",
+        "4567",
+        "🙂",
+        "the",
+        "then",
+        "there",
+        "'s",
+        "'ll",
+    ]
+    return [
+        " ".join(rng.choice(words) for _ in range(rng.randint(3, 15))) + rng.choice([".", "!", "?\n"])
+        for _ in range(400)
+    ]
 
 
 # ---------------------------------------------------------------- bytes and pre-tokens
@@ -75,8 +122,16 @@ def test_explaining_the_pattern_part_by_part_cuts_like_tokenizers(text):
 def test_each_part_of_the_pattern_by_hand():
     parts = [part for part, _ in GPT2_PATTERN_PARTS]
     assert explain_pretokens("I'll pay 1,000!\n\n  Go") == [
-        ("I", parts[1]), ("'ll", parts[0]), (" pay", parts[1]), (" 1", parts[2]), (",", parts[3]), ("000", parts[2]),
-        ("!", parts[3]), ("\n\n ", parts[4]), (" Go", parts[1])]
+        ("I", parts[1]),
+        ("'ll", parts[0]),
+        (" pay", parts[1]),
+        (" 1", parts[2]),
+        (",", parts[3]),
+        ("000", parts[2]),
+        ("!", parts[3]),
+        ("\n\n ", parts[4]),
+        (" Go", parts[1]),
+    ]
     assert explain_pretokens("a\nb  ") == [("a", parts[1]), ("\n", parts[5]), ("b", parts[1]), ("  ", parts[4])]
 
 
@@ -175,8 +230,14 @@ def test_on_merge_sees_every_merge_in_order(shakespeare):
     assert all(trained.vocab[s.token] == s.id for s in seen)
     counts = [s.count for s in seen]
     assert counts == sorted(counts, reverse=True)  # a merged pair never beats the pair merged before it
-    assert seen[0].row() == {"rank": 0, "left": visible(seen[0].left, True), "right": visible(seen[0].right, True),
-                             "token": visible(seen[0].token, True), "id": 257, "count": counts[0]}
+    assert seen[0].row() == {
+        "rank": 0,
+        "left": visible(seen[0].left, True),
+        "right": visible(seen[0].right, True),
+        "token": visible(seen[0].token, True),
+        "id": 257,
+        "count": counts[0],
+    }
 
 
 def test_vocab_ids_specials_then_alphabet_then_merges(bpe):
@@ -193,8 +254,23 @@ def test_a_merge_list_rebuilds_the_same_tokenizer(bpe, held_out):
 
 
 # ---------------------------------------------------------------- encode, decode
-ROUND_TRIP = MIXED + ["", " ", "\n\n\n", "🙂", "é", "中文字符", "日本語のテキスト", "ñ" * 50, "x" * 500,
-                      "\x00\x01\x7f", "\u200b\ufeff", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "Ａ全角", "ﷺ", "a\r\nb"]
+ROUND_TRIP = MIXED + [
+    "",
+    " ",
+    "\n\n\n",
+    "🙂",
+    "é",
+    "中文字符",
+    "日本語のテキスト",
+    "ñ" * 50,
+    "x" * 500,
+    "\x00\x01\x7f",
+    "\u200b\ufeff",
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+    "Ａ全角",
+    "ﷺ",
+    "a\r\nb",
+]
 
 
 @pytest.mark.parametrize("text", ROUND_TRIP)
@@ -363,9 +439,15 @@ def test_unigram_picks_the_most_probable_segmentation(unigram):
 
     scores = {piece: score for piece, score in json.loads(unigram.to_str())["model"]["vocab"]}
     for word in ["▁thou", "▁mother", "▁lords", "▁brother"]:
-        best = max((cuts for n in range(len(word)) for cuts in itertools.combinations(range(1, len(word)), n)
-                    if all(word[a:b] in scores for a, b in zip((0, *cuts), (*cuts, len(word))))),
-                   key=lambda cuts: sum(scores[word[a:b]] for a, b in zip((0, *cuts), (*cuts, len(word)))))
+        best = max(
+            (
+                cuts
+                for n in range(len(word))
+                for cuts in itertools.combinations(range(1, len(word)), n)
+                if all(word[a:b] in scores for a, b in zip((0, *cuts), (*cuts, len(word))))
+            ),
+            key=lambda cuts: sum(scores[word[a:b]] for a, b in zip((0, *cuts), (*cuts, len(word)))),
+        )
         want = [word[a:b] for a, b in zip((0, *best), (*best, len(word)))]
         assert unigram.encode(word[1:]).tokens == want
 
@@ -375,10 +457,17 @@ def test_unigram_without_byte_fallback_meets_unknown_characters(shakespeare):
     assert plain.decode(plain.encode("a 🙂").ids) != "a 🙂"
 
 
-@pytest.mark.parametrize("text, size, message", [
-    ("", 100, "empty"), (["", ""], 100, "empty"), (b"bytes", 100, "must be a str"), ("text", 1, "vocab_size"),
-    ("text", "100", "vocab_size"),
-], ids=["empty text", "empty list", "bytes", "vocab too small", "vocab not an int"])
+@pytest.mark.parametrize(
+    "text, size, message",
+    [
+        ("", 100, "empty"),
+        (["", ""], 100, "empty"),
+        (b"bytes", 100, "must be a str"),
+        ("text", 1, "vocab_size"),
+        ("text", "100", "vocab_size"),
+    ],
+    ids=["empty text", "empty list", "bytes", "vocab too small", "vocab not an int"],
+)
 def test_unigram_bad_input(text, size, message):
     with pytest.raises(ValueError, match=message):
         train_unigram(text, size)

@@ -39,8 +39,19 @@ def short_plays(monkeypatch):
 
 @pytest.mark.parametrize("objective", ["causal", "masked"])
 def test_resuming_from_a_checkpoint_gives_the_uninterrupted_result(tmp_path, objective, short_plays):
-    small = dict(vocab_size=300, n_positions=32, n_embd=32, n_layer=1, n_head=2, batch_size=2, warmup=2,
-                 eval_every=2, eval_batches=1, threads=1, objective=objective)
+    small = dict(
+        vocab_size=300,
+        n_positions=32,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        batch_size=2,
+        warmup=2,
+        eval_every=2,
+        eval_batches=1,
+        threads=1,
+        objective=objective,
+    )
     straight = train(TinyConfig(steps=4, **small), tmp_path / "a-out", tmp_path / "a-work")
     train(TinyConfig(steps=2, **small), tmp_path / "b-out", tmp_path / "b-work")
     resumed = train(TinyConfig(steps=4, **small), tmp_path / "b-out", tmp_path / "b-work")

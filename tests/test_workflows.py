@@ -54,12 +54,21 @@ def test_actionlint_finds_nothing_in_the_workflows() -> None:
     assert done.returncode == 0 and not done.stdout.strip(), done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("body, finding", [
-    ("on: push\njobs:\n  t:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo ${{ github.nope }}\n",
-     r"property \"nope\" is not defined"),
-    ("on: pish\njobs:\n  t:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo\n", r"unknown Webhook event \"pish\""),
-    ("on: push\njobs:\n  t:\n    steps:\n      - run: echo\n", r"\"runs-on\" section is missing"),
-], ids=["undefined-context-property", "unknown-event", "missing-runs-on"])
+@pytest.mark.parametrize(
+    "body, finding",
+    [
+        (
+            "on: push\njobs:\n  t:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo ${{ github.nope }}\n",
+            r"property \"nope\" is not defined",
+        ),
+        (
+            "on: pish\njobs:\n  t:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo\n",
+            r"unknown Webhook event \"pish\"",
+        ),
+        ("on: push\njobs:\n  t:\n    steps:\n      - run: echo\n", r"\"runs-on\" section is missing"),
+    ],
+    ids=["undefined-context-property", "unknown-event", "missing-runs-on"],
+)
 def test_actionlint_reports_a_broken_workflow(tmp_path: Path, body: str, finding: str) -> None:
     broken = tmp_path / "broken.yml"
     broken.write_text(body)
@@ -80,7 +89,9 @@ def test_workflow_takes_cpu_torch_python_311_and_caches_pip_and_the_assets(name:
     workflow = load(name)
     envs = [job.get("env", {}) for job in workflow["jobs"].values()]
     assert all(env.get("CYCLELAB_TORCH_INDEX") == CPU_INDEX for env in envs), "pip must never pull a CUDA torch"
-    pythons = [s["with"]["python-version"] for s in steps(workflow) if s.get("uses", "").startswith("actions/setup-python")]
+    pythons = [
+        s["with"]["python-version"] for s in steps(workflow) if s.get("uses", "").startswith("actions/setup-python")
+    ]
     assert pythons == ["3.11"]
     cached = {s["with"]["path"] for s in steps(workflow) if s.get("uses", "").startswith("actions/cache")}
     assert cached == {"~/.cache/pip", "~/.cache/cyclelab"}

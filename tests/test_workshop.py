@@ -16,9 +16,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cyclelab.workshop import planning as workshop
 from cyclelab.loading.fetch import PACKAGES
-from cyclelab.workshop.planning import Chapter, chapter_minutes, learner_mb, learners_per_server, pack_agenda, sizing_table
+from cyclelab.workshop import planning as workshop
+from cyclelab.workshop.planning import (
+    Chapter,
+    chapter_minutes,
+    learner_mb,
+    learners_per_server,
+    pack_agenda,
+    sizing_table,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 HOME_CACHE = Path.home() / ".cache" / "cyclelab"
@@ -58,12 +65,19 @@ def test_dev_sh_setup_installs_the_settings_with_that_command() -> None:
 
 def test_install_keeps_other_settings_in_an_existing_overrides_file(tmp_path: Path) -> None:
     target = tmp_path / "overrides.json"
-    target.write_text(json.dumps({"@jupyterlab/apputils-extension:themes": {"theme": "JupyterLab Dark"},
-                                  NOTIFICATION: {"doNotDisturbMode": True, "fetchNews": "true"}}))
+    target.write_text(
+        json.dumps(
+            {
+                "@jupyterlab/apputils-extension:themes": {"theme": "JupyterLab Dark"},
+                NOTIFICATION: {"doNotDisturbMode": True, "fetchNews": "true"},
+            }
+        )
+    )
     workshop.install_lab_settings(tmp_path)
     assert json.loads(target.read_text()) == {
         "@jupyterlab/apputils-extension:themes": {"theme": "JupyterLab Dark"},
-        NOTIFICATION: {"doNotDisturbMode": True, "fetchNews": "false", "checkForUpdates": False}}
+        NOTIFICATION: {"doNotDisturbMode": True, "fetchNews": "false", "checkForUpdates": False},
+    }
 
 
 # ------------------------------------------------------------------ sizing and agendas
@@ -123,52 +137,104 @@ def test_pack_agenda_leaves_later_chapters_over_once_one_does_not_fit() -> None:
 
 
 def test_read_chapter_takes_the_cost_label_words_and_exercises(tmp_path: Path) -> None:
-    label = ("<!-- cost:fast --> **Cost, fast profile:** 36 s, peak memory 1.2 GB on 2 CPU cores "
-             "(measured by `cyclelab course --label fast` on 2026-11-29)")
-    cells = [{"cell_type": "markdown", "source": ["# Title words\n", label], "metadata": {}},
-             {"cell_type": "code", "source": ["check.check_a(f)\ncheck_b(g); check_a(h)"], "metadata": {}}]
+    label = (
+        "<!-- cost:fast --> **Cost, fast profile:** 36 s, peak memory 1.2 GB on 2 CPU cores "
+        "(measured by `cyclelab course --label fast` on 2026-11-29)"
+    )
+    cells = [
+        {"cell_type": "markdown", "source": ["# Title words\n", label], "metadata": {}},
+        {"cell_type": "code", "source": ["check.check_a(f)\ncheck_b(g); check_a(h)"], "metadata": {}},
+    ]
     path = tmp_path / "05_x.ipynb"
     path.write_text(json.dumps({"cells": cells}))
     chapter = workshop.read_chapter(path, "fast")
-    assert (chapter.seconds, chapter.peak_mb, chapter.exercises) == (36, pytest.approx(1.2 * 1024), ("check_a", "check_b"))
+    assert (chapter.seconds, chapter.peak_mb, chapter.exercises) == (
+        36,
+        pytest.approx(1.2 * 1024),
+        ("check_a", "check_b"),
+    )
     # words: "Title words" 2 + the label's words
     assert chapter.words == 2 + len(re.findall(r"\w+", label))
 
 
-@pytest.mark.parametrize("first_cell, stages", [
-    ("# 03\n*Stages covered: **READ** (weights) and the first\nhalf of **EXECUTE** (attention).*\n", ("READ", "EXECUTE")),
-    ("*Stage covered: FETCH (input decode).*\n\nLater the READ stage ...", ("FETCH",)),
-    ("*Stage covered: all four — the map; 06 changes what READ reads.*", ()),
-    ("no stage line at all", ()),
-], ids=["two-stages-with-bold", "stops-at-the-closing-star", "all-four", "none"])
+@pytest.mark.parametrize(
+    "first_cell, stages",
+    [
+        (
+            "# 03\n*Stages covered: **READ** (weights) and the first\nhalf of **EXECUTE** (attention).*\n",
+            ("READ", "EXECUTE"),
+        ),
+        ("*Stage covered: FETCH (input decode).*\n\nLater the READ stage ...", ("FETCH",)),
+        ("*Stage covered: all four — the map; 06 changes what READ reads.*", ()),
+        ("no stage line at all", ()),
+    ],
+    ids=["two-stages-with-bold", "stops-at-the-closing-star", "all-four", "none"],
+)
 def test_chapter_stages_from_the_first_cell(first_cell: str, stages: tuple) -> None:
     assert workshop.chapter_stages(first_cell) == stages
 
 
 def test_each_lesson_goes_with_the_first_chapter_of_its_stage() -> None:
-    chapters = [workshop.Chapter(name, 1, 1, 1, (), stages) for name, stages in
-                [("00", ()), ("01", ("FETCH",)), ("02", ("FETCH",)), ("03", ("READ", "EXECUTE")), ("06", ("READ",))]]
+    chapters = [
+        workshop.Chapter(name, 1, 1, 1, (), stages)
+        for name, stages in [
+            ("00", ()),
+            ("01", ("FETCH",)),
+            ("02", ("FETCH",)),
+            ("03", ("READ", "EXECUTE")),
+            ("06", ("READ",)),
+        ]
+    ]
     lessons = {"FETCH": "fetch", "READ": "read", "EXECUTE": "execute", "WRITEBACK": "writeback"}
-    assert workshop.lessons_by_chapter(chapters, lessons) == {"00": [], "01": ["fetch"], "02": [],
-                                                             "03": ["read", "execute"], "06": []}
+    assert workshop.lessons_by_chapter(chapters, lessons) == {
+        "00": [],
+        "01": ["fetch"],
+        "02": [],
+        "03": ["read", "execute"],
+        "06": [],
+    }
     assert set(workshop.course_lessons()) == {"FETCH", "READ", "EXECUTE", "WRITEBACK"}
 
 
-@pytest.mark.parametrize("call, error, message", [
-    (lambda tmp: workshop.read_chapter(_notebook_without_label(tmp), "full"), ValueError,
-     r"no cost label for the 'full' profile .*cyclelab course --profile full --label"),
-    (lambda tmp: sizing_table({}), ValueError, r"peaks_mb is empty"),
-    (lambda tmp: learner_mb(-1), ValueError, r"kernel_mb must be a number >= 0"),
-    (lambda tmp: learners_per_server(16, 0), ValueError, r"per_learner_mb must be positive"),
-    (lambda tmp: pack_agenda([("a", 10)], ()), ValueError, r"sessions must be positive lengths"),
-    (lambda tmp: pack_agenda([("long", 120)], (90,), slack=15), ValueError,
-     r"chapter long takes 120 min, longer than a session of 90 min \(\+15 min slack\)"),
-    (lambda tmp: workshop.install_lab_settings(_overrides_dir(tmp, "{not json")), ValueError,
-     r"overrides.json is not valid JSON .*fix or remove it"),
-    (lambda tmp: workshop.install_lab_settings(_overrides_dir(tmp, '{"plugin": 3}')), ValueError,
-     r"overrides.json must map plugin ids to objects"),
-], ids=["chapter-without-label", "sizing-no-chapters", "negative-kernel-memory", "zero-per-learner",
-        "no-sessions", "chapter-longer-than-session", "overrides-not-json", "overrides-not-objects"])
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (
+            lambda tmp: workshop.read_chapter(_notebook_without_label(tmp), "full"),
+            ValueError,
+            r"no cost label for the 'full' profile .*cyclelab course --profile full --label",
+        ),
+        (lambda tmp: sizing_table({}), ValueError, r"peaks_mb is empty"),
+        (lambda tmp: learner_mb(-1), ValueError, r"kernel_mb must be a number >= 0"),
+        (lambda tmp: learners_per_server(16, 0), ValueError, r"per_learner_mb must be positive"),
+        (lambda tmp: pack_agenda([("a", 10)], ()), ValueError, r"sessions must be positive lengths"),
+        (
+            lambda tmp: pack_agenda([("long", 120)], (90,), slack=15),
+            ValueError,
+            r"chapter long takes 120 min, longer than a session of 90 min \(\+15 min slack\)",
+        ),
+        (
+            lambda tmp: workshop.install_lab_settings(_overrides_dir(tmp, "{not json")),
+            ValueError,
+            r"overrides.json is not valid JSON .*fix or remove it",
+        ),
+        (
+            lambda tmp: workshop.install_lab_settings(_overrides_dir(tmp, '{"plugin": 3}')),
+            ValueError,
+            r"overrides.json must map plugin ids to objects",
+        ),
+    ],
+    ids=[
+        "chapter-without-label",
+        "sizing-no-chapters",
+        "negative-kernel-memory",
+        "zero-per-learner",
+        "no-sessions",
+        "chapter-longer-than-session",
+        "overrides-not-json",
+        "overrides-not-objects",
+    ],
+)
 def test_bad_input_is_refused_clearly(call, error, message, tmp_path: Path) -> None:
     with pytest.raises(error, match=message):
         call(tmp_path)
@@ -196,11 +262,15 @@ def test_docs_tables_are_the_ones_the_command_prints() -> None:
 
 def test_update_doc_replaces_both_tables_and_keeps_the_rest(tmp_path: Path) -> None:
     doc = tmp_path / "workshop.md"
-    old = ("# Title\n\nSizing from the `fast` profile's cost labels:\n\n| a |\n|---|\n| whole course | 1 |\n\nprose\n\n"
-           "## Agendas\n\nMinutes per chapter: x 1\n\n**Half day**\n\nold agenda\n\n## Next section\nkept\n")
+    old = (
+        "# Title\n\nSizing from the `fast` profile's cost labels:\n\n| a |\n|---|\n| whole course | 1 |\n\nprose\n\n"
+        "## Agendas\n\nMinutes per chapter: x 1\n\n**Half day**\n\nold agenda\n\n## Next section\nkept\n"
+    )
     doc.write_text(old)
-    printed = ("Sizing from the `fast` profile's cost labels:\n\n| new |\n| whole course | 2 |\n\n"
-               "Minutes per chapter: y 2\n\n**Half day**\n\nnew agenda")
+    printed = (
+        "Sizing from the `fast` profile's cost labels:\n\n| new |\n| whole course | 2 |\n\n"
+        "Minutes per chapter: y 2\n\n**Half day**\n\nnew agenda"
+    )
     workshop.update_doc(doc, printed)
     text = doc.read_text()
     assert "| whole course | 2 |" in text and "new agenda" in text and "old agenda" not in text
@@ -233,8 +303,9 @@ def test_environment_yml_is_repo2docker_ready() -> None:
     assert any(isinstance(d, str) and d.startswith("pytorch") for d in deps)
     assert not [r for r in pip_section if re.match(r"torch\b", r)]
     assert "-e ." in pip_section  # repo2docker then copies the repository before the install
-    assert not (ROOT / "binder").exists() and not (ROOT / ".binder").exists(), \
+    assert not (ROOT / "binder").exists() and not (ROOT / ".binder").exists(), (
         "repo2docker reads binder/ instead of the root files: keep environment.yml and postBuild at the root"
+    )
 
 
 def test_postbuild_is_an_executable_bash_script_that_stops_on_error() -> None:
@@ -258,8 +329,11 @@ def _has_fetched_cache() -> bool:
 
 needs_cache = pytest.mark.skipif(not HOME_CACHE.is_dir(), reason=f"no fetched cache in {HOME_CACHE}")
 # No network but loopback (kernels talk to Jupyter over 127.0.0.1): a new network namespace, as root.
-offline = (["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "offline"]
-           if os.geteuid() == 0 and shutil.which("unshare") and shutil.which("ip") else [])
+offline = (
+    ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "offline"]
+    if os.geteuid() == 0 and shutil.which("unshare") and shutil.which("ip")
+    else []
+)
 
 
 @pytest.mark.slow  # three processes importing torch and hashing 1.3 GB: half a minute; CYCLELAB_SLOW=1 runs it
@@ -272,11 +346,17 @@ def test_postbuild_steps_offline_with_a_seeded_cache(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     for part in ("assets", "models"):
         _link_copy(HOME_CACHE / part, cache / part)
-    env = {**os.environ, "CYCLELAB_CACHE": str(cache), "JUPYTERLAB_DIR": str(tmp_path / "lab"),
-           "PYTHONPATH": str(ROOT), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([*offline, "bash", str(ROOT / "postBuild")], env=env, capture_output=True, text=True,
-                          timeout=300)
+    env = {
+        **os.environ,
+        "CYCLELAB_CACHE": str(cache),
+        "JUPYTERLAB_DIR": str(tmp_path / "lab"),
+        "PYTHONPATH": str(ROOT),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "HF_HUB_OFFLINE": "1",
+    }
+    done = subprocess.run(
+        [*offline, "bash", str(ROOT / "postBuild")], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "all checks passed" in done.stdout and "read-only" not in done.stdout
     assert json.loads((tmp_path / "lab/settings/overrides.json").read_text())[NOTIFICATION]["checkForUpdates"] is False
@@ -289,27 +369,39 @@ def test_postbuild_in_a_clean_environment_then_the_course_runs_offline(tmp_path:
     PyPI), then, with the network cut, the doctor, every model and chapter 00."""
     base = shutil.which("python3.11") or shutil.which("python3")
     repo, venv, cache = tmp_path / "repo", tmp_path / "venv", tmp_path / "cache"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
-                           capture_output=True, text=True).stdout.split("\0")
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.split("\0")
     for name in filter(None, files):
         if (ROOT / name).is_file():
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, repo / name)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env |= {"CYCLELAB_CACHE": str(cache), "HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1",
-            "PATH": f"{venv / 'bin'}:{env['PATH']}"}
+    env |= {
+        "CYCLELAB_CACHE": str(cache),
+        "HOME": str(tmp_path / "home"),
+        "HF_HUB_OFFLINE": "1",
+        "PATH": f"{venv / 'bin'}:{env['PATH']}",
+    }
     torch = re.search(r"^TORCH_VERSION=(\S+)$", (ROOT / "scripts/dev.sh").read_text(), re.M).group(1)
     index = ["--index-url", os.environ["CYCLELAB_TORCH_INDEX"]] if os.environ.get("CYCLELAB_TORCH_INDEX") else []
     pip = [str(venv / "bin/python"), "-m", "pip", "install", "-q"]
-    for command in ([base, "-m", "venv", str(venv)], [*pip, *index, f"torch=={torch}"], [*pip, "-e", ".[dev]"],
-                    ["bash", "postBuild"]):
+    for command in (
+        [base, "-m", "venv", str(venv)],
+        [*pip, *index, f"torch=={torch}"],
+        [*pip, "-e", ".[dev]"],
+        ["bash", "postBuild"],
+    ):
         done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=1800)
         assert done.returncode == 0, f"{command}: {done.stdout[-3000:]}{done.stderr[-3000:]}"
     assert "all checks passed" in done.stdout
     assert (venv / "share/jupyter/lab/settings/overrides.json").is_file()
     loads = "import cyclelab\nfor n in ('tiny', 'tiny-mlm', 'smollm2', 'minilm'): print(cyclelab.load(n))"
-    for command in (["cyclelab", "doctor"], ["python", "-c", loads],
-                    ["cyclelab", "course", "--only", "00", "--out", str(tmp_path / "out")]):
+    for command in (
+        ["cyclelab", "doctor"],
+        ["python", "-c", loads],
+        ["cyclelab", "course", "--only", "00", "--out", str(tmp_path / "out")],
+    ):
         done = subprocess.run([*offline, *command], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, f"{command}: {done.stdout[-3000:]}{done.stderr[-3000:]}"
 
@@ -318,7 +410,7 @@ def test_postbuild_in_a_clean_environment_then_the_course_runs_offline(tmp_path:
 
 # Runs as the learner: records every attempt to write under the cache (audit hook), loads the
 # models named on the command line, reads the plays, runs the doctor; prints one JSON line.
-LEARNER = r'''
+LEARNER = r"""
 import json, os, sys
 root = os.path.realpath(os.environ["CYCLELAB_CACHE"])
 WRITES = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -358,7 +450,7 @@ except cyclelab.ModelFileError as err:
 capabilities = int(open("/proc/self/status").read().split("CapEff:")[1].split()[0], 16)
 print(json.dumps({"writable": cache_writable(), "plays": plays, "checks": checks, "attempts": reading,
                   "forced": forced, "forced_attempts": attempts[len(reading):], "capabilities": capabilities}))
-'''
+"""
 
 
 def _as_learner() -> list[str]:
@@ -367,18 +459,28 @@ def _as_learner() -> list[str]:
     if os.geteuid() != 0:
         return []
     if not shutil.which("setpriv"):
-        pytest.skip("running as root without setpriv: cannot drop to an unprivileged user, and root ignores "
-                    "permission bits, so a read-only cache cannot be tested")
-    closed = [str(d) for path in (Path(sys.prefix).resolve(), ROOT) for d in (path, *path.parents)
-              if not d.stat().st_mode & stat.S_IXOTH]
+        pytest.skip(
+            "running as root without setpriv: cannot drop to an unprivileged user, and root ignores "
+            "permission bits, so a read-only cache cannot be tested"
+        )
+    closed = [
+        str(d)
+        for path in (Path(sys.prefix).resolve(), ROOT)
+        for d in (path, *path.parents)
+        if not d.stat().st_mode & stat.S_IXOTH
+    ]
     if closed:
-        pytest.skip(f"user nobody cannot reach the venv or the repository: {', '.join(closed)} not searchable by others")
+        pytest.skip(
+            f"user nobody cannot reach the venv or the repository: {', '.join(closed)} not searchable by others"
+        )
     return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
-    return {str(p.relative_to(root)): (p.stat().st_mode, p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): (p.stat().st_mode, p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def _read_only_cache_run(models: tuple[str, ...]) -> None:
@@ -396,10 +498,22 @@ def _read_only_cache_run(models: tuple[str, ...]) -> None:
         for folder in [shared, *(p for p in shared.rglob("*") if p.is_dir())]:
             os.chmod(folder, 0o555)  # our own new folders: the hard-linked files are left alone
         before = _snapshot(shared)
-        env = {**os.environ, "CYCLELAB_CACHE": str(shared), "HOME": str(home), "PYTHONPATH": str(ROOT),
-               "HF_HUB_OFFLINE": "1", "MPLCONFIGDIR": str(home / ".mpl")}
-        done = subprocess.run([*_as_learner(), sys.executable, "-c", LEARNER, *models], cwd=home, env=env,
-                              capture_output=True, text=True, timeout=600)
+        env = {
+            **os.environ,
+            "CYCLELAB_CACHE": str(shared),
+            "HOME": str(home),
+            "PYTHONPATH": str(ROOT),
+            "HF_HUB_OFFLINE": "1",
+            "MPLCONFIGDIR": str(home / ".mpl"),
+        }
+        done = subprocess.run(
+            [*_as_learner(), sys.executable, "-c", LEARNER, *models],
+            cwd=home,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         report = json.loads(done.stdout.strip().splitlines()[-1])
         assert report["writable"] is False and report["plays"] > 0 and report["capabilities"] == 0
@@ -407,8 +521,11 @@ def _read_only_cache_run(models: tuple[str, ...]) -> None:
         failed = [c for c in report["checks"] if not c[1]]
         assert not failed, failed
         assert next(c for c in report["checks"] if c[0] == "cache")[2].endswith("(read-only for you)")
-        assert re.search(r"read-only for you \(Permission denied.*an admin must run `CYCLELAB_CACHE=\S+ cyclelab fetch "
-                         r"minilm`", report["forced"]), report["forced"]
+        assert re.search(
+            r"read-only for you \(Permission denied.*an admin must run `CYCLELAB_CACHE=\S+ cyclelab fetch "
+            r"minilm`",
+            report["forced"],
+        ), report["forced"]
         assert report["forced_attempts"], "the audit hook saw no write attempt in the control"
         assert _snapshot(shared) == before
     finally:

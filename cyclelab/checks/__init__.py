@@ -18,8 +18,30 @@ from cyclelab.checks.knowledge import check_graph_lookup, check_ig_sum, check_pa
 from cyclelab.checks.robustness import check_overlapping_spans, check_swap_scores
 from cyclelab.checks.tokenizing import check_apply_merges, check_count_pairs, check_merge_pair
 
-__all__ = ["Result", "check_apply_merges", "check_attainable", "check_block", "check_causal_attention",
-           "check_count_pairs", "check_decode_step", "check_embed_lookup", "check_graph_lookup", "check_greedy_step",
-           "check_ig_sum", "check_int8_row", "check_layer_norm", "check_lora_forward", "check_masked_prediction",
-           "check_mean_pool", "check_merge_pair", "check_overlapping_spans", "check_patched_prob", "check_perplexity",
-           "check_rms_norm", "check_rope_pair", "check_swap_scores", "check_top_p_filter", "check_training_step"]
+__all__ = [
+    "Result",
+    "check_apply_merges",
+    "check_attainable",
+    "check_block",
+    "check_causal_attention",
+    "check_count_pairs",
+    "check_decode_step",
+    "check_embed_lookup",
+    "check_graph_lookup",
+    "check_greedy_step",
+    "check_ig_sum",
+    "check_int8_row",
+    "check_layer_norm",
+    "check_lora_forward",
+    "check_masked_prediction",
+    "check_mean_pool",
+    "check_merge_pair",
+    "check_overlapping_spans",
+    "check_patched_prob",
+    "check_perplexity",
+    "check_rms_norm",
+    "check_rope_pair",
+    "check_swap_scores",
+    "check_top_p_filter",
+    "check_training_step",
+]

@@ -17,8 +17,14 @@ def _cases(seed: int = 0) -> list[torch.Tensor]:
     spike = torch.full((10,), -2.0)
     spike[7] = 4.0
     strided = torch.randn(12, 2, generator=gen)[:, 1]
-    return cases + [spike, torch.tensor([1000.0, 999.0, -1000.0]), -torch.rand(8, generator=gen) - 5,
-                    torch.tensor([0.5, 2.0, 2.0, -1.0]), torch.randn(30, generator=gen, dtype=torch.float64), strided]
+    return cases + [
+        spike,
+        torch.tensor([1000.0, 999.0, -1000.0]),
+        -torch.rand(8, generator=gen) - 5,
+        torch.tensor([0.5, 2.0, 2.0, -1.0]),
+        torch.randn(30, generator=gen, dtype=torch.float64),
+        strided,
+    ]
 
 
 def _greedy_hint(logits: torch.Tensor, token: int, prob: float) -> str | None:
@@ -44,8 +50,10 @@ def _greedy_hint(logits: torch.Tensor, token: int, prob: float) -> str | None:
         return "you returned exp(logit) without normalising: divide by the sum of exp over ALL tokens"
     if prob > 1 or prob < 0:
         return f"a probability lies between 0 and 1, got {prob:.4g}: softmax(logits)[token]"
-    return (f"the probability should be {want_prob:.4f}, got {prob:.4f}: softmax divides exp(logit) by the sum "
-            "over ALL tokens")
+    return (
+        f"the probability should be {want_prob:.4f}, got {prob:.4f}: softmax divides exp(logit) by the sum "
+        "over ALL tokens"
+    )
 
 
 def _flipped(answer) -> tuple[int, float] | None:

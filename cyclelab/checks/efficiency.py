@@ -14,8 +14,14 @@ def _int8_rows(seed: int = 7) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     outlier = torch.randn(16, generator=gen) * 0.1
     outlier[5] = 3.0
-    return [torch.randn(32, generator=gen), torch.randn(64, generator=gen) * 0.02, outlier,
-            -torch.rand(8, generator=gen) - 0.5, torch.tensor([0.3]), torch.zeros(6)]
+    return [
+        torch.randn(32, generator=gen),
+        torch.randn(64, generator=gen) * 0.02,
+        outlier,
+        -torch.rand(8, generator=gen) - 0.5,
+        torch.tensor([0.3]),
+        torch.zeros(6),
+    ]
 
 
 def _int8_hint(row: torch.Tensor, q: torch.Tensor, scale: float) -> str | None:
@@ -57,21 +63,23 @@ def check_int8_row(fn: Callable[[torch.Tensor], tuple[torch.Tensor, float]]) -> 
                 raise TypeError(f"codes of dtype {q.dtype}")
             q = q.float()
         except (TypeError, ValueError, IndexError, RuntimeError):
-            raise Failed(f"return (q, scale): the codes as a tensor and the scale as a number, "
-                         f"got {answer!r:.80}")
+            raise Failed(f"return (q, scale): the codes as a tensor and the scale as a number, got {answer!r:.80}")
         if q.shape != row.shape:
             raise Failed(f"q should have the row's shape {tuple(row.shape)}, got {tuple(q.shape)}")
         hint = _int8_hint(row, q, scale)
         if hint is not None:
             raise Failed(f"on a row of {len(row)} values: {hint}")
-    return ("correct: one scale max|x| / 127 per row, codes round(x / scale); each value comes back "
-            "within scale / 2")
+    return "correct: one scale max|x| / 127 per row, codes round(x / scale); each value comes back within scale / 2"
 
 
 def _roofline_cases() -> list[tuple[float, float, float, float]]:
     """(flops, bytes, peak FLOP/s, bandwidth bytes/s): memory-bound, compute-bound, at the ridge, a GEMV."""
-    return [(2e6, 4e6, 50e9, 20e9), (2e9, 3e6, 50e9, 20e9), (5e6, 2e6, 50e9, 20e9),
-            (2 * 576 * 576, 4 * 576 * 576, 33e9, 12e9)]
+    return [
+        (2e6, 4e6, 50e9, 20e9),
+        (2e9, 3e6, 50e9, 20e9),
+        (5e6, 2e6, 50e9, 20e9),
+        (2 * 576 * 576, 4 * 576 * 576, 33e9, 12e9),
+    ]
 
 
 @checker
@@ -96,8 +104,9 @@ def check_attainable(fn: Callable[[float, float, float, float], float]) -> str:
         if near(intensity * bw):
             raise Failed(f"for {case} you exceed the peak: the roof is flat at peak FLOP/s — take min(peak, ...)")
         if near(peak):
-            raise Failed(f"for {case} memory is the limit: intensity × bandwidth is below the peak "
-                         "— take min(peak, ...)")
+            raise Failed(
+                f"for {case} memory is the limit: intensity × bandwidth is below the peak — take min(peak, ...)"
+            )
         if near(max(peak, intensity * bw)):
             raise Failed("the roof is the LOWER of the two limits: min, not max")
         if near(min(peak, nbytes / flops * bw)):

@@ -34,15 +34,21 @@ def check_embed_lookup(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor])
     shaped ``ids.shape + (width,)``; tried in float32 and float64, on a non-contiguous matrix too."""
     gen = torch.Generator().manual_seed(2)
     weights = [torch.randn(40, 6, generator=gen), torch.randn(6, 40, generator=gen, dtype=torch.float64).T]
-    cases = [(weights[0], torch.tensor([3, 1, 3])), (weights[0], torch.tensor([[0, 5, 2], [39, 7, 7]])),
-             (weights[1], torch.tensor([39])), (weights[1], torch.tensor([[12, 0], [4, 4]]))]
+    cases = [
+        (weights[0], torch.tensor([3, 1, 3])),
+        (weights[0], torch.tensor([[0, 5, 2], [39, 7, 7]])),
+        (weights[1], torch.tensor([39])),
+        (weights[1], torch.tensor([[12, 0], [4, 4]])),
+    ]
     for weight, ids in cases:
         try:
             out = tensor_answer(fn, weight, ids.clone(), noun="the vectors")
         except Failed as failed:
             if "out of bounds" in failed.message or "out of range" in failed.message:
-                raise Failed(failed.message + " (a token's vector is a ROW of the (vocab, width) matrix: index rows, "
-                             "not columns)") from None
+                raise Failed(
+                    failed.message + " (a token's vector is a ROW of the (vocab, width) matrix: index rows, "
+                    "not columns)"
+                ) from None
             raise
         variants = _embed_variants(weight, ids)
         want = variants.pop("ok")
@@ -52,8 +58,10 @@ def check_embed_lookup(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor])
             if close(out, wrong, 1e-6):
                 raise Failed(hint)
         if out.shape != want.shape:
-            raise Failed(f"for ids of shape {tuple(ids.shape)} the result should have shape "
-                         f"{tuple(want.shape)} (ids.shape + (width,)), got {tuple(out.shape)}")
+            raise Failed(
+                f"for ids of shape {tuple(ids.shape)} the result should have shape "
+                f"{tuple(want.shape)} (ids.shape + (width,)), got {tuple(out.shape)}"
+            )
         raise Failed(f"for ids {ids.tolist()} the vectors are not the matrix rows weight[ids]")
     return "correct: the lookup reads one row per token — a memory read, no arithmetic"
 
@@ -94,10 +102,14 @@ def check_rope_pair(fn: Callable[[float, float, int, float], tuple[float, float]
         if close((x * math.cos(angle) + y * math.sin(angle), x * math.sin(angle) + y * math.cos(angle))):
             raise Failed("a sign is wrong: x' = x·cos − y·sin (minus), y' = x·sin + y·cos (plus)")
         if abs(math.hypot(xr, yr) - math.hypot(x, y)) > 1e-4:
-            raise Failed(f"the length of the pair changed ({math.hypot(x, y):.3f} → {math.hypot(xr, yr):.3f}): "
-                         "a rotation keeps the length — use cos and sin of the SAME angle")
-        raise Failed(f"rotating ({x}, {y}) at position {pos} with freq {freq} should give "
-                     f"({rot(angle)[0]:.4f}, {rot(angle)[1]:.4f}), got ({xr:.4f}, {yr:.4f})")
+            raise Failed(
+                f"the length of the pair changed ({math.hypot(x, y):.3f} → {math.hypot(xr, yr):.3f}): "
+                "a rotation keeps the length — use cos and sin of the SAME angle"
+            )
+        raise Failed(
+            f"rotating ({x}, {y}) at position {pos} with freq {freq} should give "
+            f"({rot(angle)[0]:.4f}, {rot(angle)[1]:.4f}), got ({xr:.4f}, {yr:.4f})"
+        )
     return "correct: RoPE turns each pair by position × freq; the length is unchanged"
 
 
@@ -118,12 +130,13 @@ def _pool_variants(hidden: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.
         "the padding was averaged in: multiply by the mask (mask.unsqueeze(-1)) before summing, "
         "and divide by the number of REAL tokens": hidden.mean(1),
         "you returned the sum: divide by the number of real tokens, mask.sum(1)": total,
-        "you divided by the padded length: divide each sentence by ITS number of real tokens, mask.sum(1)":
-            total / hidden.shape[1],
-        "you divided by the real tokens of the whole batch: each sentence by its own count, mask.sum(1)":
-            total / mask.sum(),
-        "your vectors have length 1: return the plain average (the package normalizes afterwards)":
-            torch.nn.functional.normalize(right, dim=-1),
+        "you divided by the padded length: divide each sentence by ITS number of real tokens, mask.sum(1)": total
+        / hidden.shape[1],
+        "you divided by the real tokens of the whole batch: each sentence by its own count, mask.sum(1)": total
+        / mask.sum(),
+        "your vectors have length 1: return the plain average (the package normalizes afterwards)": torch.nn.functional.normalize(
+            right, dim=-1
+        ),
         "you took the first token's vector ([CLS] pooling): average over all real tokens": hidden[:, 0],
         "you averaged over the batch (dim 0): average over the tokens of each sentence, dim 1": hidden.mean(0),
         "you averaged over the width (the last dim): average over the tokens, dim 1": (hidden * m).mean(-1),
@@ -135,15 +148,23 @@ def check_mean_pool(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) ->
     """Check ``fn(hidden, mask) -> (batch, width)``: each sentence's mean over its real tokens,
     against a loop over the sentences, on right and left padding and in float64."""
     for hidden, mask in _pool_cases():
-        out = tensor_answer(fn, hidden.clone(), mask.clone(), noun="the pooled vectors",
-                            in_place="you changed hidden or mask in place: work on new tensors (x = x * m)")
+        out = tensor_answer(
+            fn,
+            hidden.clone(),
+            mask.clone(),
+            noun="the pooled vectors",
+            in_place="you changed hidden or mask in place: work on new tensors (x = x * m)",
+        )
         want = torch.stack([h[row.bool()].mean(0) for h, row in zip(hidden.double(), mask)])
         if close(out, want, 1e-5):
             continue
         hint = next((h for h, wrong in _pool_variants(hidden, mask).items() if close(out, wrong.double(), 1e-5)), "")
         if not hint and out.shape != want.shape:
-            hint = (f"for hidden of shape {tuple(hidden.shape)} the result should have shape {tuple(want.shape)} "
-                    f"(batch, width), got {tuple(out.shape)}")
-        raise Failed(hint or f"for the mask {mask.tolist()} the result is not each sentence's mean over its "
-                             "real tokens")
+            hint = (
+                f"for hidden of shape {tuple(hidden.shape)} the result should have shape {tuple(want.shape)} "
+                f"(batch, width), got {tuple(out.shape)}"
+            )
+        raise Failed(
+            hint or f"for the mask {mask.tolist()} the result is not each sentence's mean over its real tokens"
+        )
     return "correct: each sentence is the mean of its real tokens, padding ignored"

@@ -15,8 +15,8 @@ def _lora_variants(x, W, A, B, alpha: float, r: int) -> dict[str, torch.Tensor]:
     base, update = x @ W, (x @ A) @ B
     return {
         "ok": base + update * alpha / r,
-        f"the scale is alpha // r = {alpha // r:g} (floor division): use alpha / r = {alpha / r:g}":
-            base + update * (alpha // r),
+        f"the scale is alpha // r = {alpha // r:g} (floor division): use alpha / r = {alpha / r:g}": base
+        + update * (alpha // r),
         "you returned the frozen layer alone: add the low-rank path (x @ A) @ B, scaled by alpha / r": base,
         "you returned only the low-rank update: LoRA ADDS it to the frozen output x @ W": update * alpha / r,
         f"the update is not scaled (alpha={alpha:g}, r={r}): multiply it by alpha / r": base + update,
@@ -33,8 +33,12 @@ def check_lora_forward(fn: Callable[..., torch.Tensor]) -> str:
     """Check ``fn(x, W, A, B, alpha, r) -> y``: LoRA's output ``x @ W + (x @ A) @ B * alpha / r``
     for ``x`` (batch, in), ``W`` (in, out), ``A`` (in, r), ``B`` (r, out); in float32 and float64."""
     gen = torch.Generator().manual_seed(6)
-    for n_in, n_out, r, alpha, dtype in [(8, 5, 2, 4.0, torch.float32), (12, 12, 3, 1.0, torch.float32),
-                                         (6, 10, 1, 16.0, torch.float64), (16, 4, 4, 6.0, torch.float32)]:
+    for n_in, n_out, r, alpha, dtype in [
+        (8, 5, 2, 4.0, torch.float32),
+        (12, 12, 3, 1.0, torch.float32),
+        (6, 10, 1, 16.0, torch.float64),
+        (16, 4, 4, 6.0, torch.float32),
+    ]:
         x, W = torch.randn(4, n_in, generator=gen), torch.randn(n_in, n_out, generator=gen)
         A, B = torch.randn(n_in, r, generator=gen), torch.randn(r, n_out, generator=gen)
         x, W, A, B = (t.to(dtype) for t in (x, W, A, B))
@@ -62,13 +66,24 @@ def _step_setup():
     from cyclelab.train.finetune import TrainConfig
 
     torch.manual_seed(6)
-    config = GPT2Config(vocab_size=48, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=0,
-                        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(
+        vocab_size=48,
+        n_positions=16,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     model = GPT2LMHeadModel(config)
     model.loss_type = "ForCausalLM"  # GPT-2's class name names no loss: say which, or transformers warns
     data = list(torch.randint(0, 48, (12, 10), generator=torch.Generator().manual_seed(6)))
-    cfg = TrainConfig(steps=4, batch_size=3, lr=2e-2, warmup=2, min_lr_ratio=0.1, clip=0.05, weight_decay=0.01,
-                      seed=6, device="cpu")
+    cfg = TrainConfig(
+        steps=4, batch_size=3, lr=2e-2, warmup=2, min_lr_ratio=0.1, clip=0.05, weight_decay=0.01, seed=6, device="cpu"
+    )
     return model, data, cfg
 
 
@@ -86,6 +101,7 @@ def _step_loss(model, ids, how: str = "ok") -> torch.Tensor:
 
 def _mistaken_step(how: str):
     """A training step with one typical mistake ``how``, to tell which one a learner made."""
+
     def step(model, ids, opt, scheduler, clip):
         if how != "no zero_grad":
             opt.zero_grad()
@@ -102,20 +118,21 @@ def _mistaken_step(how: str):
         if how not in ("no scheduler", "scheduler first"):
             scheduler.step()
         return loss.item()
+
     return step
 
 
 _STEP_HINTS = {
     "unshifted": "the logits at position t were scored against token t itself: predict the NEXT token, "
-                 "logits[:, :-1] against ids[:, 1:]",
+    "logits[:, :-1] against ids[:, 1:]",
     "backwards": "the shift goes the wrong way: logits[:, :-1] (every position but the last) predict ids[:, 1:]",
     "sum": "the loss is summed over tokens: take the mean (cross_entropy's default), or the step size depends "
-           "on the batch",
+    "on the batch",
     "no zero_grad": "gradients add up from one step to the next: call optimizer.zero_grad() in every step",
     "no clip": "the gradient norm is not clipped: torch.nn.utils.clip_grad_norm_(model.parameters(), clip) "
-               "after backward, before optimizer.step()",
+    "after backward, before optimizer.step()",
     "no optimizer step": "the weights never change: call optimizer.step() after loss.backward() (and do not "
-                         "zero the gradients in between)",
+    "zero the gradients in between)",
     "no scheduler": "the learning rate never changes: call scheduler.step() after optimizer.step()",
     "scheduler first": "the schedule runs one step ahead: call scheduler.step() AFTER optimizer.step()",
 }
@@ -161,8 +178,11 @@ def check_training_step(fn: Callable[..., float]) -> str:
         want_loss = float(model(input_ids=ids0, labels=ids0).loss)  # transformers shifts the labels itself
     losses = _run_steps(fn, learner, data, cfg)
     first = losses[0]
-    if first is None or isinstance(first, (str, bytes, tuple, list, dict)) or (
-            isinstance(first, torch.Tensor) and first.numel() != 1):
+    if (
+        first is None
+        or isinstance(first, (str, bytes, tuple, list, dict))
+        or (isinstance(first, torch.Tensor) and first.numel() != 1)
+    ):
         raise Failed(f"return the batch's loss as a number (loss.item()), got {first!r:.60}")
     first = float(first.detach() if isinstance(first, torch.Tensor) else first)
     if abs(first - want_loss) > 1e-4 * max(1.0, abs(want_loss)):
@@ -170,13 +190,17 @@ def check_training_step(fn: Callable[..., float]) -> str:
             for how in ("unshifted", "backwards", "sum"):
                 if abs(first - float(_step_loss(model, ids0, how))) <= 1e-4 * max(1.0, abs(first)):
                     raise Failed(_STEP_HINTS[how])
-        raise Failed(f"the first step's loss is {first:.4f}, but the mean next-token cross-entropy of the "
-                     f"batch is {want_loss:.4f}: return the loss computed before the weights change")
+        raise Failed(
+            f"the first step's loss is {first:.4f}, but the mean next-token cross-entropy of the "
+            f"batch is {want_loss:.4f}: return the loss computed before the weights change"
+        )
     reference = copy.deepcopy(model)
     train(reference, data, lm_loss, cfg)
     if _same_weights(learner, reference):
-        return ("correct: the same weights as cyclelab.train.finetune.train after 4 steps, and the first loss "
-                "equals transformers' model(ids, labels=ids).loss")
+        return (
+            "correct: the same weights as cyclelab.train.finetune.train after 4 steps, and the first loss "
+            "equals transformers' model(ids, labels=ids).loss"
+        )
     for how, hint in _STEP_HINTS.items():
         wrong = copy.deepcopy(model)
         with warnings.catch_warnings():  # torch warns about the mistake "scheduler first": that is the point
@@ -185,5 +209,7 @@ def check_training_step(fn: Callable[..., float]) -> str:
                 _run_steps(_mistaken_step(how), wrong, data, cfg)
         if _same_weights(learner, wrong):
             raise Failed(hint)
-    raise Failed("the loss is right, but after 4 steps the weights differ from the package loop's: "
-                 "zero_grad, backward, clip_grad_norm_(…, clip), optimizer.step(), scheduler.step()")
+    raise Failed(
+        "the loss is right, but after 4 steps the weights differ from the package loop's: "
+        "zero_grad, backward, clip_grad_norm_(…, clip), optimizer.step(), scheduler.step()"
+    )

@@ -51,15 +51,19 @@ def checker(check: Callable[..., str]) -> Callable[..., Result]:
     @functools.wraps(check)
     def run(fn, *args, **kwargs) -> Result:
         if not callable(fn):
-            return Result(False, f"pass your function itself, e.g. {check.__name__}(my_function), "
-                                 f"not a {type(fn).__name__}")
+            return Result(
+                False, f"pass your function itself, e.g. {check.__name__}(my_function), not a {type(fn).__name__}"
+            )
         try:
             return Result(True, check(fn, *args, **kwargs))
         except Failed as failed:
             return Result(False, failed.message)
         except Exception as err:  # the answer's shape or type tripped the comparison
-            return Result(False, f"your answer could not be compared ({type(err).__name__}: {err}): return what "
-                                 "the exercise asks, with the shape and type of its example")
+            return Result(
+                False,
+                f"your answer could not be compared ({type(err).__name__}: {err}): return what "
+                "the exercise asks, with the shape and type of its example",
+            )
 
     return run
 
@@ -68,11 +72,15 @@ def checker(check: Callable[..., str]) -> Callable[..., Result]:
 
 # Exception texts a learner's bug typically raises, and what to do about each.
 _CAUSES = [
-    (("did not match", "expected scalar type", "expected m1 and m2 to have the same dtype", "dtype"),
-     "two tensors of different dtypes met (float32 and float64?): convert one with .to(other.dtype)"),
+    (
+        ("did not match", "expected scalar type", "expected m1 and m2 to have the same dtype", "dtype"),
+        "two tensors of different dtypes met (float32 and float64?): convert one with .to(other.dtype)",
+    ),
     (("cannot be multiplied",), "the matrix shapes do not fit (a, b) @ (b, c): print the .shape of each side"),
-    (("must match the size of tensor", "size of tensor a"),
-     "two shapes do not broadcast: print the .shape of each tensor on that line"),
+    (
+        ("must match the size of tensor", "size of tensor a"),
+        "two shapes do not broadcast: print the .shape of each tensor on that line",
+    ),
     (("view size is not compatible",), "the tensor is not contiguous: use .reshape(...) instead of .view(...)"),
     (("out of bounds", "out of range"), "an index runs past the end of an axis: check which axis you index"),
     (("only one element tensors",), "a whole tensor was used where one number belongs: pick the element first"),
@@ -104,8 +112,10 @@ def raised(err: Exception, case: str = "", hint: str = "") -> Failed:
     """The :class:`Failed` for an exception from the learner's function: where, what, and a likely cause."""
     where = f"{case}: " if case else ""
     cause = hint or _likely_cause(err)
-    return Failed(f"{where}your function raised {type(err).__name__}: {err}{_learner_line(err)}"
-                  + (f" — {cause}" if cause else ""))
+    return Failed(
+        f"{where}your function raised {type(err).__name__}: {err}{_learner_line(err)}"
+        + (f" — {cause}" if cause else "")
+    )
 
 
 # --- calling the learner's function -------------------------------------------------------------------
@@ -151,9 +161,15 @@ def call(fn, *args, case: str = "", hint: str = "", in_place: str = ""):
     for i, (arg, copy) in enumerate(zip(args, before)):
         if copy is not None and not _unchanged(arg, copy):
             where = f"{case}: " if case else ""
-            raise Failed(where + (in_place or f"you changed `{_argument_name(fn, i)}` in place "
-                                               "(x += …, x /= …, x[...] = …): the caller still uses it, so "
-                                               "work on a new tensor (x = x + …)"))
+            raise Failed(
+                where
+                + (
+                    in_place
+                    or f"you changed `{_argument_name(fn, i)}` in place "
+                    "(x += …, x /= …, x[...] = …): the caller still uses it, so "
+                    "work on a new tensor (x = x + …)"
+                )
+            )
     return value
 
 
@@ -175,8 +191,10 @@ def pair(answer, names: str = "(token_id, probability)") -> tuple[int, float]:
     try:
         first, second = answer
         if isinstance(second, torch.Tensor) and second.numel() != 1:
-            raise Failed(f"return {names}: the second item should be ONE number, got a tensor of shape "
-                         f"{tuple(second.shape)} (pick the element, e.g. probs[token])")
+            raise Failed(
+                f"return {names}: the second item should be ONE number, got a tensor of shape "
+                f"{tuple(second.shape)} (pick the element, e.g. probs[token])"
+            )
         return int(first), float(second)
     except (TypeError, ValueError, IndexError, RuntimeError):
         raise Failed(f"return a pair {names}, got {answer!r:.80}") from None

@@ -52,8 +52,9 @@ def _stream_patch(engine, ids: list[int], layer: int, op: str, position: int, ve
         if event.op == op and event.layer == layer:
             event.tensors["out"][0, position] = vector
 
-    steps = engine.forward(torch.tensor([ids]), KVCache(engine.arch.n_layers, len(ids)),
-                           capture=lambda o, at: o == op and at == layer)
+    steps = engine.forward(
+        torch.tensor([ids]), KVCache(engine.arch.n_layers, len(ids)), capture=lambda o, at: o == op and at == layer
+    )
     return drain(steps, write)[0].double()
 
 
@@ -61,14 +62,18 @@ def _patch_cases(engine) -> list[tuple[list[int], int, int, torch.Tensor, int]]:
     """(corrupted ids, layer, position, clean vector, target) cells to try on ``engine``'s model."""
     from cyclelab.lab.patching import resid_post
 
-    pairs = {"gpt2": ("KING RICHARD:\nNow, my lord of", "KING HENRY:\nNow, my lord of"),
-             "llama": ("The capital of France is", "The capital of Italy is")}[engine.arch.family]
+    pairs = {
+        "gpt2": ("KING RICHARD:\nNow, my lord of", "KING HENRY:\nNow, my lord of"),
+        "llama": ("The capital of France is", "The capital of Italy is"),
+    }[engine.arch.family]
     clean, corrupt = (engine.encode(p) for p in pairs)
     stream = resid_post(engine, clean)
     last, diff = engine.arch.n_layers - 1, next(i for i, (a, b) in enumerate(zip(clean, corrupt)) if a != b)
     target = int(engine.logits(clean)[0, -1].argmax())
-    return [(corrupt, layer, pos, stream[layer, pos], target)
-            for layer, pos in ((1, diff), (last // 2, len(clean) - 1), (0, len(clean) - 1), (last, diff))]
+    return [
+        (corrupt, layer, pos, stream[layer, pos], target)
+        for layer, pos in ((1, diff), (last // 2, len(clean) - 1), (0, len(clean) - 1), (last, diff))
+    ]
 
 
 def _patch_slips(engine, ids, layer, position, vector, target) -> list[tuple[str, Callable[[], float]]]:
@@ -85,20 +90,39 @@ def _patch_slips(engine, ids, layer, position, vector, target) -> list[tuple[str
         return float(torch.softmax(z, -1)[target])
 
     return [
-        ("that is the target's LOGIT: take the softmax over the vocabulary first", lambda: float(patched()[-1, target])),
-        ("that is a LOG-probability: softmax, not log_softmax",
-         lambda: float(torch.log_softmax(patched()[-1], -1)[target])),
-        ("you read the prediction at the patched position: the answer is read at the LAST position (logits[0, -1])",
-         lambda: prob(patched()[position])),
-        ("off by one layer: match event.layer to `layer` exactly (layers count from 0)", lambda: prob(patched(layer - 1)[-1])),
-        ("off by one layer: match event.layer to `layer` exactly (layers count from 0)", lambda: prob(patched(layer + 1)[-1])),
-        ("nothing changed: the patch never reached the run. Capture the op (capture={'residual_mlp'}) and write into "
-         "event.tensors['out'] while the engine is paused at that event, before asking for the next one",
-         lambda: prob(patched(n)[-1])),
-        ("you patched the stream after ATTENTION (residual_attn): the stream after the whole layer is residual_mlp",
-         lambda: prob(_stream_patch(engine, ids, layer, "residual_attn", position, vector)[-1])),
-        ("you overwrote EVERY position with the vector: write only [0, position]",
-         lambda: prob(patched(where=slice(None))[-1])),
+        (
+            "that is the target's LOGIT: take the softmax over the vocabulary first",
+            lambda: float(patched()[-1, target]),
+        ),
+        (
+            "that is a LOG-probability: softmax, not log_softmax",
+            lambda: float(torch.log_softmax(patched()[-1], -1)[target]),
+        ),
+        (
+            "you read the prediction at the patched position: the answer is read at the LAST position (logits[0, -1])",
+            lambda: prob(patched()[position]),
+        ),
+        (
+            "off by one layer: match event.layer to `layer` exactly (layers count from 0)",
+            lambda: prob(patched(layer - 1)[-1]),
+        ),
+        (
+            "off by one layer: match event.layer to `layer` exactly (layers count from 0)",
+            lambda: prob(patched(layer + 1)[-1]),
+        ),
+        (
+            "nothing changed: the patch never reached the run. Capture the op (capture={'residual_mlp'}) and write into "
+            "event.tensors['out'] while the engine is paused at that event, before asking for the next one",
+            lambda: prob(patched(n)[-1]),
+        ),
+        (
+            "you patched the stream after ATTENTION (residual_attn): the stream after the whole layer is residual_mlp",
+            lambda: prob(_stream_patch(engine, ids, layer, "residual_attn", position, vector)[-1]),
+        ),
+        (
+            "you overwrote EVERY position with the vector: write only [0, position]",
+            lambda: prob(patched(where=slice(None))[-1]),
+        ),
     ]
 
 
@@ -119,9 +143,18 @@ def check_patched_prob(fn: Callable, engine=None) -> str:
     answers = []
     for ids, layer, position, vector, target in _patch_cases(engine):
         case = f"layer {layer}, position {position}"
-        answer = call(fn, engine, list(ids), layer, position, vector.clone(), target, case=case,
-                      in_place="your function changed the clean vector or the ids it was given: "
-                               "write a copy of the vector into the run's tensor")
+        answer = call(
+            fn,
+            engine,
+            list(ids),
+            layer,
+            position,
+            vector.clone(),
+            target,
+            case=case,
+            in_place="your function changed the clean vector or the ids it was given: "
+            "write a copy of the vector into the run's tensor",
+        )
         try:
             answers.append((case, float(answer), (ids, layer, position, vector, target)))
         except (TypeError, ValueError, RuntimeError):
@@ -132,8 +165,10 @@ def check_patched_prob(fn: Callable, engine=None) -> str:
         if not _near(got, want):
             wrong.append(f"{case}: the patched probability should be {want:.6g}, got {got:.6g}")
     if not wrong:
-        return ("correct: the engine paused after the layer, you wrote the clean vector into its output, "
-                "and the rest of the run read it — the same probability as a transformers forward hook")
+        return (
+            "correct: the engine paused after the layer, you wrote the clean vector into its output, "
+            "and the rest of the run read it — the same probability as a transformers forward hook"
+        )
     slips = [_patch_slips(engine, *args) for _, _, args in answers]
     for i, (hint, _) in enumerate(slips[0]):  # all() stops at the first cell the mistake does not explain
         if all(_near(got, cell[i][1]()) for (_, got, _), cell in zip(answers, slips)):
@@ -146,9 +181,11 @@ def _ig_cases() -> list[tuple[Callable, torch.Tensor, torch.Tensor, int]]:
     gen = torch.Generator().manual_seed(8)
     w = torch.randn(3, 4, generator=gen, dtype=torch.float64)
     x = torch.randn(3, 4, generator=gen, dtype=torch.float64) * 2
-    return [(lambda p: torch.cos(p) * w, x, torch.zeros_like(x), 8),  # f = sum(w sin x)
-            (lambda p: 3 * p ** 2, x[0], torch.full((4,), 0.5, dtype=torch.float64), 5),  # f = sum(x^3)
-            (lambda p: torch.exp(p) * w[1:], x[1:], torch.zeros_like(x[1:]), 12)]  # f = sum(w e^x)
+    return [
+        (lambda p: torch.cos(p) * w, x, torch.zeros_like(x), 8),  # f = sum(w sin x)
+        (lambda p: 3 * p**2, x[0], torch.full((4,), 0.5, dtype=torch.float64), 5),  # f = sum(x^3)
+        (lambda p: torch.exp(p) * w[1:], x[1:], torch.zeros_like(x[1:]), 12),
+    ]  # f = sum(w e^x)
 
 
 def _ig_reference(grad_fn, x, baseline, steps: int, alphas=None, scale: float = 1.0) -> torch.Tensor:
@@ -164,43 +201,65 @@ def check_ig_sum(fn: Callable) -> str:
     ``(x - baseline) × mean_k grad_fn(baseline + (k + ½)/steps · (x - baseline))``, shaped like ``x``."""
     for grad_fn, x, baseline, steps in _ig_cases():
         case = f"an input of shape {tuple(x.shape)}, {steps} steps"
-        got = tensor_answer(fn, grad_fn, x.clone(), baseline.clone(), steps, noun="the attributions",
-                            case=case)
+        got = tensor_answer(fn, grad_fn, x.clone(), baseline.clone(), steps, noun="the attributions", case=case)
         if got.shape != x.shape:
-            raise Failed(f"{case}: return one attribution per input value, shape {tuple(x.shape)}, "
-                         f"got {tuple(got.shape)} (average over the steps, do not stack them)")
+            raise Failed(
+                f"{case}: return one attribution per input value, shape {tuple(x.shape)}, "
+                f"got {tuple(got.shape)} (average over the steps, do not stack them)"
+            )
         if close(got, _ig_reference(grad_fn, x, baseline, steps)):
             continue
         slips = [
-            (_ig_reference(grad_fn, x, baseline, steps, [k / steps for k in range(steps)]),
-             "you used the LEFT end of each step (k / steps): use the midpoints (k + 0.5) / steps"),
-            (_ig_reference(grad_fn, x, baseline, steps, [(k + 1) / steps for k in range(steps)]),
-             "you used the RIGHT end of each step ((k + 1) / steps): use the midpoints (k + 0.5) / steps"),
-            (_ig_reference(grad_fn, x, baseline, steps, scale=steps), "you summed the gradients: take their MEAN "
-                                                                      "(divide by steps)"),
-            (_ig_reference(grad_fn, x, baseline, steps) / (x - baseline), "that is the average gradient alone: "
-                                                                          "multiply it by (x - baseline)"),
+            (
+                _ig_reference(grad_fn, x, baseline, steps, [k / steps for k in range(steps)]),
+                "you used the LEFT end of each step (k / steps): use the midpoints (k + 0.5) / steps",
+            ),
+            (
+                _ig_reference(grad_fn, x, baseline, steps, [(k + 1) / steps for k in range(steps)]),
+                "you used the RIGHT end of each step ((k + 1) / steps): use the midpoints (k + 0.5) / steps",
+            ),
+            (
+                _ig_reference(grad_fn, x, baseline, steps, scale=steps),
+                "you summed the gradients: take their MEAN (divide by steps)",
+            ),
+            (
+                _ig_reference(grad_fn, x, baseline, steps) / (x - baseline),
+                "that is the average gradient alone: multiply it by (x - baseline)",
+            ),
             (grad_fn(x) * x, "that is gradient × input: average the gradient ALONG THE PATH from the baseline to x"),
-            ((x - baseline) * sum(grad_fn((k + 0.5) / steps * x) for k in range(steps)) / steps,
-             "the path ignores the baseline: the points are baseline + alpha · (x - baseline)"),
+            (
+                (x - baseline) * sum(grad_fn((k + 0.5) / steps * x) for k in range(steps)) / steps,
+                "the path ignores the baseline: the points are baseline + alpha · (x - baseline)",
+            ),
         ]
         for value, hint in slips:
             if close(got, value):
                 raise Failed(f"{case}: {hint}")
-        raise Failed(f"{case}: the attributions differ from (x - baseline) × the mean gradient at the "
-                     "midpoints; print your alphas (they should be (k + 0.5) / steps)")
-    return ("correct: the midpoint Riemann sum of the gradient along the straight path, times "
-            "(x - baseline) — captum's IntegratedGradients with method='riemann_middle'")
+        raise Failed(
+            f"{case}: the attributions differ from (x - baseline) × the mean gradient at the "
+            "midpoints; print your alphas (they should be (k + 0.5) / steps)"
+        )
+    return (
+        "correct: the midpoint Riemann sum of the gradient along the straight path, times "
+        "(x - baseline) — captum's IntegratedGradients with method='riemann_middle'"
+    )
 
 
 # --- chapter 08: the knowledge graph's lookup ----------------------------------------------------------------
 
 #: A small graph written out by hand: upper-case characters, lower-case plays, "LADY MACBETH" beside "MACBETH".
-_KG_EDGES = [("BANQUO", "character in", "macbeth"), ("MACBETH", "character in", "macbeth"),
-             ("LADY MACBETH", "character in", "macbeth"), ("BANQUO", "appears in", "macbeth 1.3"),
-             ("MACBETH", "appears in", "macbeth 1.3"), ("BANQUO", "speaks to", "MACBETH"),
-             ("LADY MACBETH", "speaks to", "MACBETH"), ("MACBETH", "speaks to", "ROSS"), ("IAGO", "character in", "othello"),
-             ("ANGUS", "speaks to", "BANQUO")]
+_KG_EDGES = [
+    ("BANQUO", "character in", "macbeth"),
+    ("MACBETH", "character in", "macbeth"),
+    ("LADY MACBETH", "character in", "macbeth"),
+    ("BANQUO", "appears in", "macbeth 1.3"),
+    ("MACBETH", "appears in", "macbeth 1.3"),
+    ("BANQUO", "speaks to", "MACBETH"),
+    ("LADY MACBETH", "speaks to", "MACBETH"),
+    ("MACBETH", "speaks to", "ROSS"),
+    ("IAGO", "character in", "othello"),
+    ("ANGUS", "speaks to", "BANQUO"),
+]
 #: Each question's facts, by hand: (name as asked, the indices into _KG_EDGES of the facts that name them).
 _KG_CASES = [("Macbeth", [1, 4, 5, 6, 7]), (" banquo ", [0, 3, 5, 9]), ("ROSS", [7]), ("iago", [8]), ("Hamlet", [])]
 
@@ -209,20 +268,37 @@ def _lookup_slips(edges: list, name: str) -> list[tuple[str, object]]:
     """(hint, the answer that mistake gives) for the typical mistakes of a graph lookup."""
     key = name.strip().upper()
     return [
-        ("a fact can name them as its TAIL too: ('BANQUO', 'speaks to', 'MACBETH') is a fact about Macbeth",
-         [e for e in edges if e[0] == key]),
+        (
+            "a fact can name them as its TAIL too: ('BANQUO', 'speaks to', 'MACBETH') is a fact about Macbeth",
+            [e for e in edges if e[0] == key],
+        ),
         ("you kept only the facts that name them as the TAIL: the HEAD counts too", [e for e in edges if e[2] == key]),
-        ("strip the spaces around the name first (' banquo ' is Banquo)", [e for e in edges if name.upper() in (e[0], e[2])]),
-        ("no facts came back: compare in upper case — the graph's names are upper case ('BANQUO'), the name asked "
-         "may not be",
-         [e for e in edges if name.strip() in (e[0], e[2])]),
-        ("'MACBETH' is inside 'LADY MACBETH': compare whole names (==), not `in`",
-         [e for e in edges if key in e[0] or key in e[2]]),
-        ("you compared in lower case on both sides, so the play 'macbeth' matched too: upper-case the name and "
-         "compare it with the names as the graph stores them", [e for e in edges if key.lower() in (e[0].lower(), e[2].lower())]),
-        ("keep the edges' order (the play fact comes first, and the prompt keeps that order): do not sort",
-         sorted(e for e in edges if key in (e[0], e[2]))),
-        ("you stopped at the first fact: collect EVERY edge that names them", [e for e in edges if key in (e[0], e[2])][:1]),
+        (
+            "strip the spaces around the name first (' banquo ' is Banquo)",
+            [e for e in edges if name.upper() in (e[0], e[2])],
+        ),
+        (
+            "no facts came back: compare in upper case — the graph's names are upper case ('BANQUO'), the name asked "
+            "may not be",
+            [e for e in edges if name.strip() in (e[0], e[2])],
+        ),
+        (
+            "'MACBETH' is inside 'LADY MACBETH': compare whole names (==), not `in`",
+            [e for e in edges if key in e[0] or key in e[2]],
+        ),
+        (
+            "you compared in lower case on both sides, so the play 'macbeth' matched too: upper-case the name and "
+            "compare it with the names as the graph stores them",
+            [e for e in edges if key.lower() in (e[0].lower(), e[2].lower())],
+        ),
+        (
+            "keep the edges' order (the play fact comes first, and the prompt keeps that order): do not sort",
+            sorted(e for e in edges if key in (e[0], e[2])),
+        ),
+        (
+            "you stopped at the first fact: collect EVERY edge that names them",
+            [e for e in edges if key in (e[0], e[2])][:1],
+        ),
     ]
 
 
@@ -241,8 +317,13 @@ def check_graph_lookup(fn: Callable[[list, str], list]) -> str:
     for name, picked in _KG_CASES:
         edges = list(_KG_EDGES)
         case = f"the facts about {name!r}"
-        answer = call(fn, edges, name, case=case, in_place="your function changed the list of edges: "
-                                                           "build a new list of the facts it keeps")
+        answer = call(
+            fn,
+            edges,
+            name,
+            case=case,
+            in_place="your function changed the list of edges: build a new list of the facts it keeps",
+        )
         got, want = _as_facts(answer), [_KG_EDGES[i] for i in picked]
         if got is None:
             raise Failed(f"{case}: return a list of facts (head, relation, tail), got {type(answer).__name__}")
@@ -254,5 +335,7 @@ def check_graph_lookup(fn: Callable[[list, str], list]) -> str:
             if got == value:
                 raise Failed(f"{case}: {hint}")
         raise Failed(f"{case}: expected {want}, got {got!r:.200}")
-    return ("correct: every edge whose head or tail is the whole name, in the graph's order — "
-            "the facts the prompt will carry")
+    return (
+        "correct: every edge whose head or tail is the whole name, in the graph's order — "
+        "the facts the prompt will carry"
+    )

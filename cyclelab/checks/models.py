@@ -11,8 +11,18 @@ def random_gpt2(seed: int = 4):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=50, n_positions=16, n_embd=24, n_layer=2, n_head=4, bos_token_id=0,
-                        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(
+        vocab_size=50,
+        n_positions=16,
+        n_embd=24,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     # eager attention, as tiny's: a fused kernel would make a maskless call causal on its own
     model = GPT2LMHeadModel._from_config(config, attn_implementation="eager").eval()
     gen = torch.Generator().manual_seed(seed)
@@ -23,7 +33,7 @@ def random_gpt2(seed: int = 4):
                 module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=gen))
             elif type(module).__name__ == "Conv1D":  # weights (in, out) of unit gain: every sublayer counts
                 fan_in = module.weight.shape[0]
-                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) / fan_in ** 0.5)
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) / fan_in**0.5)
                 module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=gen))
     return model
 
@@ -33,7 +43,17 @@ def random_bert(seed: int = 6):
     from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(seed)
-    model = BertForMaskedLM(BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                       intermediate_size=64, max_position_embeddings=32, type_vocab_size=1,
-                                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+    model = BertForMaskedLM(
+        BertConfig(
+            vocab_size=60,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=32,
+            type_vocab_size=1,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    ).eval()
     return model, 59

@@ -12,10 +12,15 @@ from cyclelab.checks.harness import Failed, call, checker, close, tensor_answer
 def _swap_cases() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(grad, embeddings, ids): a few positions and a small vocabulary, a repeated token, a single position."""
     gen = torch.Generator().manual_seed(9)
-    return [(torch.randn(4, 3, generator=gen, dtype=torch.float64), torch.randn(7, 3, generator=gen, dtype=torch.float64),
-             torch.tensor([2, 5, 2, 0])),
-            (torch.randn(1, 5, generator=gen), torch.randn(6, 5, generator=gen), torch.tensor([3])),
-            (torch.randn(3, 2, generator=gen), torch.randn(4, 2, generator=gen), torch.tensor([1, 1, 3]))]
+    return [
+        (
+            torch.randn(4, 3, generator=gen, dtype=torch.float64),
+            torch.randn(7, 3, generator=gen, dtype=torch.float64),
+            torch.tensor([2, 5, 2, 0]),
+        ),
+        (torch.randn(1, 5, generator=gen), torch.randn(6, 5, generator=gen), torch.tensor([3])),
+        (torch.randn(3, 2, generator=gen), torch.randn(4, 2, generator=gen), torch.tensor([1, 1, 3])),
+    ]
 
 
 def swap_reference(grad: torch.Tensor, embeddings: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -39,35 +44,53 @@ def check_swap_scores(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], t
         got = tensor_answer(fn, grad.clone(), emb.clone(), ids.clone(), noun="the scores", case=case)
         want = swap_reference(grad, emb, ids)
         if got.numel() == 2 or got.dim() == 0:
-            raise Failed(f"{case}: return the whole (tokens, vocab) matrix of scores, not the best swap "
-                         "(the attack picks it afterwards)")
+            raise Failed(
+                f"{case}: return the whole (tokens, vocab) matrix of scores, not the best swap "
+                "(the attack picks it afterwards)"
+            )
         if got.shape == want.T.shape and got.shape != want.shape:
-            raise Failed(f"{case}: the scores are transposed: one row per POSITION, one column per token "
-                         f"of the vocabulary, shape {tuple(want.shape)}")
+            raise Failed(
+                f"{case}: the scores are transposed: one row per POSITION, one column per token "
+                f"of the vocabulary, shape {tuple(want.shape)}"
+            )
         if got.shape != want.shape:
-            raise Failed(f"{case}: return one score per (position, token): shape {tuple(want.shape)}, "
-                         f"got {tuple(got.shape)}")
+            raise Failed(
+                f"{case}: return one score per (position, token): shape {tuple(want.shape)}, got {tuple(got.shape)}"
+            )
         if close(got, want):
             continue
         g, e = grad.double(), emb.double()
         slips = [
             (-want, "the sign is flipped: the score is the RISE of the loss, (E[v] − E[ids[i]]) · grad[i]"),
-            (g @ e.T, "you left out the current token: subtract grad[i] · E[ids[i]], so that keeping the token "
-                      "scores 0"),
-            (g @ e.T - (g * e[ids]).sum(), "you subtracted the whole input's term: row i subtracts only its "
-                                          "own position's grad[i] · E[ids[i]]"),
-            (-torch.cdist(e[ids], e), "the gradient is missing: a swap scores its change E[v] − E[ids[i]] dotted "
-                                      "with grad[i], not its distance"),
-            ((e.norm(dim=-1)[None] - e[ids].norm(dim=-1)[:, None]) * g.norm(dim=-1, keepdim=True),
-             "multiply the vectors, not their lengths: a dot product (E[v] − E[ids[i]]) · grad[i]"),
+            (
+                g @ e.T,
+                "you left out the current token: subtract grad[i] · E[ids[i]], so that keeping the token scores 0",
+            ),
+            (
+                g @ e.T - (g * e[ids]).sum(),
+                "you subtracted the whole input's term: row i subtracts only its own position's grad[i] · E[ids[i]]",
+            ),
+            (
+                -torch.cdist(e[ids], e),
+                "the gradient is missing: a swap scores its change E[v] − E[ids[i]] dotted "
+                "with grad[i], not its distance",
+            ),
+            (
+                (e.norm(dim=-1)[None] - e[ids].norm(dim=-1)[:, None]) * g.norm(dim=-1, keepdim=True),
+                "multiply the vectors, not their lengths: a dot product (E[v] − E[ids[i]]) · grad[i]",
+            ),
         ]
         for value, hint in slips:
             if value.shape == got.shape and close(got, value):
                 raise Failed(f"{case}: {hint}")
-        raise Failed(f"{case}: the scores differ from (E[v] − E[ids[i]]) · grad[i]; compare row 0 with "
-                     "grad[0] @ E.T − grad[0] @ E[ids[0]]")
-    return ("correct: one matrix product scores every swap at once, the first-order (HotFlip) "
-            "estimate of how much each would raise the loss")
+        raise Failed(
+            f"{case}: the scores differ from (E[v] − E[ids[i]]) · grad[i]; compare row 0 with "
+            "grad[0] @ E.T − grad[0] @ E[ids[0]]"
+        )
+    return (
+        "correct: one matrix product scores every swap at once, the first-order (HotFlip) "
+        "estimate of how much each would raise the loss"
+    )
 
 
 _SPAN_CASES = {  # (n, size, overlap): the spans, written out by hand
@@ -96,7 +119,7 @@ def _spans_hint(got: list, want: list, n: int, size: int, overlap: int) -> str:
         return "the step between starts is size − overlap, not overlap"
     if not got or got[-1][1] < n:
         return "the end of the text is missing: keep going until a span reaches n"
-    if len(got) > len(want) and got[:len(want)] == want:
+    if len(got) > len(want) and got[: len(want)] == want:
         return "a span too many: stop at the first span that reaches n (the next would lie inside it)"
     return f"for n={n}, size={size}, overlap={overlap} the spans are {want}"
 
@@ -112,7 +135,11 @@ def check_overlapping_spans(fn: Callable[[int, int, int], list[tuple[int, int]]]
         except (TypeError, ValueError):
             raise Failed(f"return a list of (start, end) pairs, got {answer!r:.80}")
         if got != want:
-            raise Failed(f"n={n}, size={size}, overlap={overlap}: you returned {got}; "
-                         + _spans_hint(got, want, n, size, overlap))
-    return ("correct: every token lies in a span, neighbours share `overlap` tokens, and no span "
-            "is wasted — the same spans serve minilm's chunks and tiny's sliding window")
+            raise Failed(
+                f"n={n}, size={size}, overlap={overlap}: you returned {got}; "
+                + _spans_hint(got, want, n, size, overlap)
+            )
+    return (
+        "correct: every token lies in a span, neighbours share `overlap` tokens, and no span "
+        "is wasted — the same spans serve minilm's chunks and tiny's sliding window"
+    )

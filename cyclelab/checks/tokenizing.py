@@ -21,9 +21,20 @@ def _merge_pair_cases(seed: int = 0) -> list[tuple[list[int], tuple[int, int], i
     """Hand-picked cases (plain, overlapping, at the end, absent, reversed, tiny) then random ones."""
     import random
 
-    cases = [([1, 2, 3, 2, 1, 2, 4], (1, 2), 99), ([7, 5, 5, 5, 8], (5, 5), 9), ([5, 5, 5, 5], (5, 5), 9),
-             ([3, 1, 2], (1, 2), 7), ([2, 1, 2, 1], (1, 2), 7), ([1, 3, 4], (1, 2), 7), ([], (1, 2), 7), ([1], (1, 2), 7),
-             ([11, 2], (1, 2), 7), ([1, 21, 2], (1, 2), 9), ([12, 1, 2, 3], (1, 2), 40), ([10, 11, 2, 1, 2], (1, 2), 5)]
+    cases = [
+        ([1, 2, 3, 2, 1, 2, 4], (1, 2), 99),
+        ([7, 5, 5, 5, 8], (5, 5), 9),
+        ([5, 5, 5, 5], (5, 5), 9),
+        ([3, 1, 2], (1, 2), 7),
+        ([2, 1, 2, 1], (1, 2), 7),
+        ([1, 3, 4], (1, 2), 7),
+        ([], (1, 2), 7),
+        ([1], (1, 2), 7),
+        ([11, 2], (1, 2), 7),
+        ([1, 21, 2], (1, 2), 9),
+        ([12, 1, 2, 3], (1, 2), 40),
+        ([10, 11, 2, 1, 2], (1, 2), 5),
+    ]
     rng = random.Random(seed)
     for _ in range(200):
         ids = [rng.choice((0, 1, 2, 11, 12, 21, 120)) for _ in range(rng.randint(2, 30))]
@@ -46,21 +57,24 @@ def _merge_pair_hint(ids: list[int], pair: tuple[int, int], new_id: int, got: li
     if want != ids and got == list(ids):
         return f"nothing was merged ({case}): look for ids[i] == pair[0] and ids[i + 1] == pair[1]"
     if got == no_skip:
-        return (f"the second token of each pair is still there ({case}): after a merge, jump over both "
-                f"tokens (i += 2)")
+        return f"the second token of each pair is still there ({case}): after a merge, jump over both tokens (i += 2)"
     if got == _ref_merge_pair(ids, (b, a), new_id) and got != want:
         return f"you merged the pair the wrong way round ({case}): order matters, (a, b) is not (b, a)"
     if got == first_only and got != want:
         return f"only the first occurrence was merged ({case}): replace every occurrence"
     strangers = sorted(set(got) - set(ids) - {new_id})
     if strangers:
-        return (f"your result holds ids that were in neither the input nor the merge ({strangers}; {case}): "
-                "did you merge digits of a string? Compare whole ids, ids[i] == a and ids[i + 1] == b")
+        return (
+            f"your result holds ids that were in neither the input nor the merge ({strangers}; {case}): "
+            "did you merge digits of a string? Compare whole ids, ids[i] == a and ids[i + 1] == b"
+        )
     if a == b:
         if got.count(new_id) > want.count(new_id) or len(got) < len(want):
-            return (f"overlapping pairs ({case}): one token was used by two merges. In [{a}, {a}, {a}] the "
-                    f"pair ({a}, {a}) starts at 0 and at 1, but after merging at 0 the middle {a} is gone: "
-                    "skip past both tokens and scan left to right")
+            return (
+                f"overlapping pairs ({case}): one token was used by two merges. In [{a}, {a}, {a}] the "
+                f"pair ({a}, {a}) starts at 0 and at 1, but after merging at 0 the middle {a} is gone: "
+                "skip past both tokens and scan left to right"
+            )
         rev = _ref_merge_pair(ids[::-1], pair, new_id)[::-1]
         if got == rev:
             return f"overlapping pairs ({case}): you merged from the right; BPE merges left to right"
@@ -76,8 +90,14 @@ def _merge_pair_hint(ids: list[int], pair: tuple[int, int], new_id: int, got: li
 def check_merge_pair(fn: Callable[[list[int], tuple[int, int], int], list[int]]) -> str:
     """Check ``fn(ids, pair, new_id) -> list``: one BPE merge step (left to right, no overlaps)."""
     for ids, pair, new_id in _merge_pair_cases():
-        got = call(fn, list(ids), pair, new_id, case=f"merging {pair} in {ids}",
-                   in_place="your function changed its input list: build and return a new list")
+        got = call(
+            fn,
+            list(ids),
+            pair,
+            new_id,
+            case=f"merging {pair} in {ids}",
+            in_place="your function changed its input list: build and return a new list",
+        )
         if got is None:
             raise Failed("your function returned None: build and return the new list of ids")
         try:
@@ -120,8 +140,9 @@ def check_count_pairs(fn: Callable[[list[int]], dict]) -> str:
         if len(ids) > 2 and got == dict(Counter(zip(ids[:-1], ids[1:-1]))):
             raise Failed(f"the last pair is missing ({case}): n ids have n - 1 adjacent pairs")
         if got == dict(Counter(zip(ids[::2], ids[1::2]))):
-            raise Failed(f"you skipped every other pair ({case}): pairs overlap — in [a, b, c] both "
-                         "(a, b) and (b, c) count")
+            raise Failed(
+                f"you skipped every other pair ({case}): pairs overlap — in [a, b, c] both (a, b) and (b, c) count"
+            )
         if set(got) == set(want) and all(v == 1 for v in got.values()):
             raise Failed(f"each pair was counted once ({case}): count every occurrence")
         if set(got) <= {tuple(sorted(k)) for k in want} and set(got) != set(want):
@@ -175,26 +196,58 @@ def _merge_variants(word: list[str], ranks: dict[tuple[str, str], int]) -> dict[
 
     return {
         "nothing was merged: while some neighbour pair (parts[i], parts[i + 1]) is in ranks, merge one": list(word),
-        "you stopped after one merge: keep merging until no neighbour pair is in ranks":
-            replay(lambda known, parts: min(known, key=lambda i: rank(parts, i)), once=True),
+        "you stopped after one merge: keep merging until no neighbour pair is in ranks": replay(
+            lambda known, parts: min(known, key=lambda i: rank(parts, i)), once=True
+        ),
         "you merged the leftmost pair that has a rank; BPE merges the pair with the LOWEST rank first, "
         "wherever it is in the word": replay(lambda known, parts: known[0]),
-        "you merged the pair with the HIGHEST rank first: rank 0 is the merge learned first, and it goes first":
-            replay(lambda known, parts: max(known, key=lambda i: rank(parts, i))),
-        "you glued a pair the wrong way round: the new token is left + right":
-            replay(lambda known, parts: min(known, key=lambda i: rank(parts, i)), glue=lambda a, b: b + a),
-        "only the first occurrence of each pair was merged: a pair can occur twice in a word (an in banana)":
-            first_occurrence_each(),
-        "you matched the longest known piece from the left, WordPiece's rule: BPE replays its merges by rank":
-            longest_first(),
+        "you merged the pair with the HIGHEST rank first: rank 0 is the merge learned first, and it goes first": replay(
+            lambda known, parts: max(known, key=lambda i: rank(parts, i))
+        ),
+        "you glued a pair the wrong way round: the new token is left + right": replay(
+            lambda known, parts: min(known, key=lambda i: rank(parts, i)), glue=lambda a, b: b + a
+        ),
+        "only the first occurrence of each pair was merged: a pair can occur twice in a word (an in banana)": first_occurrence_each(),
+        "you matched the longest known piece from the left, WordPiece's rule: BPE replays its merges by rank": longest_first(),
     }
 
 
 #: Merges (earliest first) and words for :func:`check_apply_merges`, in byte characters (Ġ is a space).
-_MERGE_RULES = [("e", "r"), ("h", "e"), ("a", "n"), ("Ġ", "t"), ("Ġt", "he"), ("an", "a"), ("b", "an"), ("Ġthe", "r"),
-                ("Ġ", "b"), ("n", "a"), ("Ġb", "ana"), ("o", "u"), ("e", "e"), ("ee", "r"), ("o", "n"), ("i", "on"),
-                ("t", "i"), ("t", "ion")]
-_MERGE_WORDS = ["her", "Ġthe", "banana", "Ġbanana", "Ġthere", "Ġbeer", "Ġyou", "eee", "x", "", "ĠROMEO", "nanana", "tion"]
+_MERGE_RULES = [
+    ("e", "r"),
+    ("h", "e"),
+    ("a", "n"),
+    ("Ġ", "t"),
+    ("Ġt", "he"),
+    ("an", "a"),
+    ("b", "an"),
+    ("Ġthe", "r"),
+    ("Ġ", "b"),
+    ("n", "a"),
+    ("Ġb", "ana"),
+    ("o", "u"),
+    ("e", "e"),
+    ("ee", "r"),
+    ("o", "n"),
+    ("i", "on"),
+    ("t", "i"),
+    ("t", "ion"),
+]
+_MERGE_WORDS = [
+    "her",
+    "Ġthe",
+    "banana",
+    "Ġbanana",
+    "Ġthere",
+    "Ġbeer",
+    "Ġyou",
+    "eee",
+    "x",
+    "",
+    "ĠROMEO",
+    "nanana",
+    "tion",
+]
 
 
 @checker
@@ -205,8 +258,13 @@ def check_apply_merges(fn: Callable[[list[str], dict[tuple[str, str], int]], lis
     ranks = {pair: rank for rank, pair in enumerate(_MERGE_RULES)}
     answers = {}
     for word in _MERGE_WORDS:
-        got = call(fn, list(word), dict(ranks), case=f"encoding {list(word)}",
-                   in_place="your function changed its input list: work on a copy, list(word)")
+        got = call(
+            fn,
+            list(word),
+            dict(ranks),
+            case=f"encoding {list(word)}",
+            in_place="your function changed its input list: work on a copy, list(word)",
+        )
         if isinstance(got, str):
             raise Failed(f"return a list of token strings, not one string ({got!r})")
         if not isinstance(got, (list, tuple)) or not all(isinstance(t, str) for t in got):
@@ -218,6 +276,8 @@ def check_apply_merges(fn: Callable[[list[str], dict[tuple[str, str], int]], lis
     variants = {w: _merge_variants(list(w), ranks) for w in _MERGE_WORDS}
     hints = [h for h in variants[wrong[0]] if all(variants[w][h] == answers[w] for w in _MERGE_WORDS)]
     hints = hints or [h for h, tokens in variants[wrong[0]].items() if tokens == answers[wrong[0]]]
-    case = (f"encoding {list(wrong[0])} with the merges {_MERGE_RULES[:3]}…: expected "
-            f"{_ref_apply_merges(list(wrong[0]), _MERGE_RULES)}, got {answers[wrong[0]]}")
+    case = (
+        f"encoding {list(wrong[0])} with the merges {_MERGE_RULES[:3]}…: expected "
+        f"{_ref_apply_merges(list(wrong[0]), _MERGE_RULES)}, got {answers[wrong[0]]}"
+    )
     raise Failed(f"{hints[0]} ({case})" if hints else case)

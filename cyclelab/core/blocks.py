@@ -21,11 +21,20 @@ import torch.nn.functional as F
 
 from cyclelab.core.attention import KVCache, attention_mix, attention_scores, merge_heads, split_heads
 from cyclelab.core.events import Event
-from cyclelab.core.ops import REGISTRY
-from cyclelab.kernels import (f32_conv1d, f32_linears, fused_mix, fused_rms_norm, fused_rope, fused_scores, fused_softmax,
-                      int8_linears, is_int8)
 from cyclelab.core.norms import rms_norm
+from cyclelab.core.ops import REGISTRY
 from cyclelab.core.rope import apply_rope, rope_cos_sin
+from cyclelab.kernels import (
+    f32_conv1d,
+    f32_linears,
+    fused_mix,
+    fused_rms_norm,
+    fused_rope,
+    fused_scores,
+    fused_softmax,
+    int8_linears,
+    is_int8,
+)
 
 SUPPORTED = {"gpt2": "GPT-2", "llama": "Llama"}
 Ops = Generator[Event, None, torch.Tensor]
@@ -51,6 +60,7 @@ class Ablation:
 
 def _int_collection(items, name: str, pairs: bool = False) -> frozenset:
     """``items`` as a frozenset of ints (of (int, int) tuples if ``pairs``); else a TypeError naming ``name``."""
+
     def is_int(x) -> bool:
         return isinstance(x, int) and not isinstance(x, bool)
 
@@ -98,8 +108,9 @@ class RunContext:
     ablation: Ablation = field(default_factory=Ablation)
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin), set by Llama's embed
 
-    def event(self, op: str, layer: int | None, start: float, flops: int = 0, nbytes: int = 0,
-              **tensors: torch.Tensor) -> Event:
+    def event(
+        self, op: str, layer: int | None, start: float, flops: int = 0, nbytes: int = 0, **tensors: torch.Tensor
+    ) -> Event:
         """An event for ``op`` (its stage from the op registry) that began at ``start``;
         tensors kept only if captured."""
         keep = tensors if self.capture(op, layer) else {}
@@ -144,13 +155,13 @@ class Architecture:
         return nbytes
 
     # --- shared attention ---------------------------------------------------------
-    def attend(self, run: RunContext, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               cache: KVCache) -> Ops:
+    def attend(
+        self, run: RunContext, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache
+    ) -> Ops:
         """KV-cache read, scores, softmax and the weighted mix of values; returns merged heads."""
         t = perf_counter()
         keys, values = cache.append(layer, k, v)  # (b, kv_h, t_past + t, hd): all positions so far
-        yield run.event("kv_cache", layer, t, 0, 2 * keys.numel() * keys.element_size(),
-                         keys=keys, values=values)
+        yield run.event("kv_cache", layer, t, 0, 2 * keys.numel() * keys.element_size(), keys=keys, values=values)
         b, h, tq, d = q.shape
         tk = keys.shape[-2]
 
@@ -192,8 +203,9 @@ class Architecture:
     def embed(self, run: RunContext, ids: torch.Tensor, positions: torch.Tensor) -> Ops:  # pragma: no cover
         raise NotImplementedError
 
-    def block(self, run: RunContext, i: int, layer: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor,
-              cache: KVCache) -> Ops:  # pragma: no cover - abstract
+    def block(
+        self, run: RunContext, i: int, layer: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor, cache: KVCache
+    ) -> Ops:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def unembed(self, x: torch.Tensor, run: RunContext | None = None) -> Ops:  # pragma: no cover - abstract
@@ -417,8 +429,10 @@ def architecture_for(model: torch.nn.Module) -> Architecture:
     """The op-by-op forward for ``model``, or a clear error naming the supported families."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if any(type(m).__name__ == "LoRALinear" for m in model.modules()):
-        raise ValueError("the model holds LoRA layers (a frozen weight plus A @ B): the engine reads plain weight "
-                         "matrices, so fold them in first with cyclelab.train.finetune.merge_lora(model)")
+        raise ValueError(
+            "the model holds LoRA layers (a frozen weight plus A @ B): the engine reads plain weight "
+            "matrices, so fold them in first with cyclelab.train.finetune.merge_lora(model)"
+        )
     if model_type == "gpt2" and hasattr(model, "lm_head"):
         return GPT2(model)
     if model_type == "llama" and hasattr(model, "lm_head"):

@@ -23,12 +23,12 @@ from time import perf_counter
 import torch
 
 from cyclelab.core.attention import KVCache
-from cyclelab.core.events import OPS, Cost, CycleRecord, Event, Stage, Trace
+from cyclelab.core.blocks import Ablation, RunContext, architecture_for, capture_rule
+from cyclelab.core.events import Cost, CycleRecord, Event, Stage, Trace
+from cyclelab.core.ops import OPS, hook_names, registry_entry
 from cyclelab.core.sampling import Sampling, as_sampling, check_int, choose, make_generator
 from cyclelab.loading.loader import Loaded, load, weights_sha256
 from cyclelab.loading.loader import weight_tensors as _weight_tensors
-from cyclelab.core.ops import hook_names, registry_entry
-from cyclelab.core.blocks import Ablation, RunContext, architecture_for, capture_rule
 
 PROMPT_TYPES = "a prompt is a str, a list or tuple of token ids (ints), or a 1-D integer torch tensor"
 
@@ -77,7 +77,9 @@ class Engine:
         if isinstance(prompt, str):
             ids = self._encode_text(prompt, chat)
         elif chat:
-            raise ValueError("chat=True wraps a question in the chat template: give the question as text, not token ids")
+            raise ValueError(
+                "chat=True wraps a question in the chat template: give the question as text, not token ids"
+            )
         else:
             ids = _ids_of(prompt)
         if not ids:
@@ -91,14 +93,17 @@ class Engine:
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError as err:
-            raise ValueError(f"the prompt is not valid Unicode text: character {err.start} is {prompt[err.start]!r} "
-                             f"({err.reason}); remove it") from None
+            raise ValueError(
+                f"the prompt is not valid Unicode text: character {err.start} is {prompt[err.start]!r} "
+                f"({err.reason}); remove it"
+            ) from None
         if not chat:
             return list(self.tokenizer(prompt)["input_ids"])
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"{self.loaded.name!r} has no chat template; use chat=False")
-        ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                 tokenize=True)
+        ids = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
         return list(ids if isinstance(ids, list) else ids["input_ids"])
 
     def _check_ids(self, ids: Sequence[int], what: str) -> None:
@@ -116,8 +121,9 @@ class Engine:
         return text
 
     # --- the forward pass ---------------------------------------------------------
-    def forward(self, ids: torch.Tensor, cache: KVCache, cycle: int = 0, capture=None,
-                ablation: Ablation | None = None) -> Generator[Event, None, torch.Tensor]:
+    def forward(
+        self, ids: torch.Tensor, cache: KVCache, cycle: int = 0, capture=None, ablation: Ablation | None = None
+    ) -> Generator[Event, None, torch.Tensor]:
         """One forward pass as events; returns logits ``(batch, positions, vocab)``.
 
         Its cycle, capture rule and ablation live in a :class:`RunContext` of its own, so
@@ -137,8 +143,9 @@ class Engine:
         cache = KVCache(self.arch.n_layers, ids.shape[1])
         return drain(self.forward(ids.to(self.device), cache, ablation=self._check_ablation(ablation)))
 
-    def run_with_cache(self, prompt, names=None, ablation: Ablation | None = None
-                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def run_with_cache(
+        self, prompt, names=None, ablation: Ablation | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One forward pass over ``prompt`` (text or token ids), keeping the activations asked for.
 
         Returns the logits ``(1, positions, vocab)`` and a dict of tensors keyed by
@@ -152,8 +159,12 @@ class Engine:
             raise ValueError(f"{len(ids)} tokens exceed the context window of {self.context_window}")
         wanted = self._hooks_wanted(names)
         rule = {(op, layer) for op, layer, _ in wanted}
-        steps = self.forward(torch.tensor([ids], device=self.device), KVCache(self.arch.n_layers, len(ids)),
-                             capture=lambda op, layer: (op, layer) in rule, ablation=self._check_ablation(ablation))
+        steps = self.forward(
+            torch.tensor([ids], device=self.device),
+            KVCache(self.arch.n_layers, len(ids)),
+            capture=lambda op, layer: (op, layer) in rule,
+            ablation=self._check_ablation(ablation),
+        )
         found: dict[str, torch.Tensor] = {}
 
         def keep(event: Event) -> None:
@@ -174,14 +185,17 @@ class Engine:
         elif callable(names):
             chosen = [n for n in every if names(n)]
         elif isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
-            raise TypeError(f"names must be a collection of activation names, a predicate or None, "
-                            f"got {type(names).__name__}")
+            raise TypeError(
+                f"names must be a collection of activation names, a predicate or None, got {type(names).__name__}"
+            )
         else:
             chosen = list(names)
             unknown = [n for n in chosen if n not in every]
             if unknown:
-                raise ValueError(f"unknown activation name(s) {unknown[:3]} for {self.loaded.name!r}; names look "
-                                 f"like {', '.join(list(every)[:2])} (cyclelab.core.ops.alias_table() lists them)")
+                raise ValueError(
+                    f"unknown activation name(s) {unknown[:3]} for {self.loaded.name!r}; names look "
+                    f"like {', '.join(list(every)[:2])} (cyclelab.core.ops.alias_table() lists them)"
+                )
         wanted: dict[tuple[str, int | None, str], list[str]] = {}
         for name in chosen:
             wanted.setdefault(every[name], []).append(name)
@@ -194,9 +208,21 @@ class Engine:
         return drain(self.arch.unembed(flat)).reshape(*x.shape[:-1], -1)
 
     # --- cycles ---------------------------------------------------------------------
-    def run(self, prompt, max_new_tokens: int = 32, sampling: Sampling | None = None, *, chat: bool = False,
-            use_cache: bool = True, capture=None, keep_events: bool = False, force: Sequence[int | None] = (),
-            ablation: Ablation | None = None, stop_at_eos: bool = True, draws: int = 0) -> Generator[Event, None, Trace]:
+    def run(
+        self,
+        prompt,
+        max_new_tokens: int = 32,
+        sampling: Sampling | None = None,
+        *,
+        chat: bool = False,
+        use_cache: bool = True,
+        capture=None,
+        keep_events: bool = False,
+        force: Sequence[int | None] = (),
+        ablation: Ablation | None = None,
+        stop_at_eos: bool = True,
+        draws: int = 0,
+    ) -> Generator[Event, None, Trace]:
         """Generate token by token, yielding every event; returns the :class:`Trace`.
 
         ``force[c]``, when given and not None, imposes the token of cycle ``c``.
@@ -209,8 +235,12 @@ class Engine:
         prompt_ids = self.encode(prompt, chat=chat)
         self.check_lengths(len(prompt_ids), max_new_tokens)
         ablation = self._check_run_options(use_cache, capture, keep_events, force, ablation, stop_at_eos, draws)
-        trace = Trace(self.loaded.name, prompt_ids, settings=trace_settings(sampling, ablation, use_cache, chat),
-                      fingerprint=self.fingerprint)
+        trace = Trace(
+            self.loaded.name,
+            prompt_ids,
+            settings=trace_settings(sampling, ablation, use_cache, chat),
+            fingerprint=self.fingerprint,
+        )
         generator = make_generator(sampling.seed)
         for _ in range(draws):
             torch.rand(1, generator=generator)
@@ -219,7 +249,7 @@ class Engine:
         self.cache = memory
         for cycle in range(max_new_tokens):
             start, totals = perf_counter(), Cost()
-            fed = ids[len(memory):] if use_cache else ids
+            fed = ids[len(memory) :] if use_cache else ids
             cache = memory if use_cache else KVCache(self.arch.n_layers, len(ids))
             step = self.forward(torch.tensor([fed], device=self.device), cache, cycle, capture, ablation)
             while True:
@@ -233,8 +263,9 @@ class Engine:
                     trace.events.append(event)
                 yield event
             forced = force[cycle] if cycle < len(force) else None
-            record = yield from self._write_back(cycle, logits, ids, sampling, generator, forced, len(fed),
-                                                 len(cache), start, totals, capture)
+            record = yield from self._write_back(
+                cycle, logits, ids, sampling, generator, forced, len(fed), len(cache), start, totals, capture
+            )
             trace.records.append(record)
             ids.append(record.token_id)
             if stop_at_eos and record.token_id == self.tokenizer.eos_token_id and forced is None:
@@ -248,18 +279,37 @@ class Engine:
         choice = choose(logits, ids, sampling, generator if sampling.do_sample else None)
         token = choice.token_id if forced is None else int(forced)
         keep = {"logits": logits} if capture_rule(capture)("choose", None) else {}
-        event = Event(cycle, Stage.WRITEBACK, None, "choose", perf_counter() - t, 5 * logits.numel(), 0, keep,
-                      {"choice": choice, "token_id": token, "forced": forced is not None})
+        event = Event(
+            cycle,
+            Stage.WRITEBACK,
+            None,
+            "choose",
+            perf_counter() - t,
+            5 * logits.numel(),
+            0,
+            keep,
+            {"choice": choice, "token_id": token, "forced": forced is not None},
+        )
         totals.add(event)
         yield event
         raw_prob = choice.raw_prob if token == choice.token_id else float(torch.softmax(logits.float(), -1)[token])
         record = CycleRecord(
-            cycle=cycle, token_id=token, token=self.token_text(token),
+            cycle=cycle,
+            token_id=token,
+            token=self.token_text(token),
             prob=choice.prob if forced is None else _prob_after(choice, token, raw_prob),
-            raw_prob=raw_prob, entropy=choice.entropy,
+            raw_prob=raw_prob,
+            entropy=choice.entropy,
             top=[(i, self.token_text(i), round(p, 6)) for i, p in choice.top],
-            greedy_id=choice.greedy_id, draw=choice.draw, forced=forced is not None,
-            n_inputs=n_inputs, cache_len=cache_len, seconds=perf_counter() - start, flops=totals.flops, bytes=totals.bytes)
+            greedy_id=choice.greedy_id,
+            draw=choice.draw,
+            forced=forced is not None,
+            n_inputs=n_inputs,
+            cache_len=cache_len,
+            seconds=perf_counter() - start,
+            flops=totals.flops,
+            bytes=totals.bytes,
+        )
         yield Event(cycle, Stage.WRITEBACK, None, "append", 0.0, 0, 0, {}, {"record": record})
         return record
 
@@ -288,12 +338,28 @@ class Engine:
         tokenizer: the trace's token ids must mean the same text (``ValueError`` otherwise).
         """
         self.check_trace(trace, "tokenizer")
-        return drain(self.run(trace.prompt_ids, len(trace.records), self._sampling_of(trace),
-                              use_cache=trace.settings.get("use_cache", True), capture=capture,
-                              keep_events=keep_events, force=trace.token_ids, ablation=_ablation_of(trace)))
+        return drain(
+            self.run(
+                trace.prompt_ids,
+                len(trace.records),
+                self._sampling_of(trace),
+                use_cache=trace.settings.get("use_cache", True),
+                capture=capture,
+                keep_events=keep_events,
+                force=trace.token_ids,
+                ablation=_ablation_of(trace),
+            )
+        )
 
-    def branch(self, trace: Trace, at_cycle: int, token: int | None = None, sampling: Sampling | dict | None = None,
-               ablation: Ablation | None = None, max_new_tokens: int | None = None) -> Trace:
+    def branch(
+        self,
+        trace: Trace,
+        at_cycle: int,
+        token: int | None = None,
+        sampling: Sampling | dict | None = None,
+        ablation: Ablation | None = None,
+        max_new_tokens: int | None = None,
+    ) -> Trace:
         """A new timeline: cycles before ``at_cycle`` as in ``trace``, then ``token`` forced there
         (if given) and the model free to continue, with other sampling or an ablation if given,
         up to ``max_new_tokens`` cycles in all (the trace's length by default).
@@ -309,14 +375,28 @@ class Engine:
         sampling = self._sampling_of(trace) if sampling is None else as_sampling(sampling)
         n = len(trace.records) if max_new_tokens is None else check_int(max_new_tokens, "max_new_tokens")
         if n <= at_cycle:
-            raise ValueError(f"max_new_tokens ({n}) must exceed at_cycle ({at_cycle}): "
-                             "the branch generates the cycles from at_cycle up to max_new_tokens")
+            raise ValueError(
+                f"max_new_tokens ({n}) must exceed at_cycle ({at_cycle}): "
+                "the branch generates the cycles from at_cycle up to max_new_tokens"
+            )
         force: list[int | None] = list(trace.token_ids[:at_cycle]) + [token]
-        draws = 0 if sampling.seed != self._sampling_of(trace).seed else sum(1 for r in trace.records[:at_cycle] if r.draw is not None)
+        draws = (
+            0
+            if sampling.seed != self._sampling_of(trace).seed
+            else sum(1 for r in trace.records[:at_cycle] if r.draw is not None)
+        )
         force_prefix = trace.token_ids[:at_cycle]
-        result = drain(self.run(trace.prompt_ids + force_prefix, n - at_cycle, sampling, force=force[at_cycle:],
-                                ablation=ablation if ablation is not None else _ablation_of(trace),
-                                use_cache=trace.settings.get("use_cache", True), draws=draws))
+        result = drain(
+            self.run(
+                trace.prompt_ids + force_prefix,
+                n - at_cycle,
+                sampling,
+                force=force[at_cycle:],
+                ablation=ablation if ablation is not None else _ablation_of(trace),
+                use_cache=trace.settings.get("use_cache", True),
+                draws=draws,
+            )
+        )
         result.prompt_ids = trace.prompt_ids
         result.records = trace.records[:at_cycle] + [replace(r, cycle=r.cycle + at_cycle) for r in result.records]
         result.text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
@@ -331,7 +411,8 @@ class Engine:
         if n_prompt + max_new_tokens > self.context_window:
             raise ValueError(
                 f"the prompt ({n_prompt} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
-                f"{self.loaded.name!r}'s context window of {self.context_window} tokens; shorten one of them")
+                f"{self.loaded.name!r}'s context window of {self.context_window} tokens; shorten one of them"
+            )
 
     def _check_run_options(self, use_cache, capture, keep_events, force, ablation, stop_at_eos, draws) -> Ablation:
         """Check :meth:`run`'s options (TypeError or ValueError naming the argument); return the ablation."""
@@ -341,7 +422,9 @@ class Engine:
             raise ValueError(f"draws must be >= 0, got {draws}")
         _check_capture(capture)
         if not isinstance(force, (list, tuple)):
-            raise TypeError(f"force must be a list of token ids (None where the model chooses), got {type(force).__name__}")
+            raise TypeError(
+                f"force must be a list of token ids (None where the model chooses), got {type(force).__name__}"
+            )
         self._check_ids([check_int(t, "force[...]") for t in force if t is not None], "forced token ids")
         return self._check_ablation(ablation)
 
@@ -350,17 +433,21 @@ class Engine:
         if ablation is None:
             return Ablation()
         if not isinstance(ablation, Ablation):
-            raise TypeError(f"ablation must be an Ablation, e.g. ablation(heads=[(0, 3)], mlps=[1]), "
-                            f"got {type(ablation).__name__}")
+            raise TypeError(
+                f"ablation must be an Ablation, e.g. ablation(heads=[(0, 3)], mlps=[1]), got {type(ablation).__name__}"
+            )
         n_layers, n_heads = self.arch.n_layers, self.arch.n_heads
         for layer, head in sorted(ablation.heads):
             if not (0 <= layer < n_layers and 0 <= head < n_heads):
-                raise ValueError(f"ablation head ({layer}, {head}) does not exist in {self.loaded.name!r}: "
-                                 f"layers are 0..{n_layers - 1}, heads 0..{n_heads - 1}")
+                raise ValueError(
+                    f"ablation head ({layer}, {head}) does not exist in {self.loaded.name!r}: "
+                    f"layers are 0..{n_layers - 1}, heads 0..{n_heads - 1}"
+                )
         bad = [m for m in sorted(ablation.mlps) if not 0 <= m < n_layers]
         if bad:
-            raise ValueError(f"ablation MLP layer {bad[0]} does not exist in {self.loaded.name!r}: "
-                             f"layers are 0..{n_layers - 1}")
+            raise ValueError(
+                f"ablation MLP layer {bad[0]} does not exist in {self.loaded.name!r}: layers are 0..{n_layers - 1}"
+            )
         return ablation
 
     def check_trace(self, trace: Trace, part: str) -> None:
@@ -369,15 +456,23 @@ class Engine:
             raise TypeError(f"expected a Trace (from generate or Trace.load), got {type(trace).__name__}")
         if not trace.fingerprint:  # a file saved before traces recorded fingerprints
             if trace.model != self.loaded.name:
-                raise ValueError(f"this trace was made by {trace.model!r}, not by this engine's model "
-                                 f"{self.loaded.name!r}: use an engine of {trace.model!r}")
+                raise ValueError(
+                    f"this trace was made by {trace.model!r}, not by this engine's model "
+                    f"{self.loaded.name!r}: use an engine of {trace.model!r}"
+                )
             return
         if trace.fingerprint.get(part) != self.fingerprint[part] and not (
-                part == "weights" and trace.fingerprint.get(part) == legacy_weights_digest(self.loaded.model)):
-            use = ("branch on an engine of the model that made it" if part == "weights"
-                   else "replay it on a model with the same tokenizer")
-            raise ValueError(f"this trace was made by {trace.model!r}; its {part} fingerprint differs from that of "
-                             f"this engine's model {self.loaded.name!r}: {use}")
+            part == "weights" and trace.fingerprint.get(part) == legacy_weights_digest(self.loaded.model)
+        ):
+            use = (
+                "branch on an engine of the model that made it"
+                if part == "weights"
+                else "replay it on a model with the same tokenizer"
+            )
+            raise ValueError(
+                f"this trace was made by {trace.model!r}; its {part} fingerprint differs from that of "
+                f"this engine's model {self.loaded.name!r}: {use}"
+            )
         self._check_texts(trace)
 
     def _check_texts(self, trace: Trace) -> None:
@@ -386,15 +481,19 @@ class Engine:
         for r in trace.records:
             for token_id, text, where in [(r.token_id, r.token, "token"), *((c[0], c[1], "top") for c in r.top)]:
                 if token_id < vocab and text != self.token_text(token_id):
-                    raise ValueError(f"this trace's cycle {r.cycle} gives token {token_id} ({where}) the text "
-                                     f"{text!r}, "
-                                     f"but the tokenizer decodes it as {self.token_text(token_id)!r}: the trace was "
-                                     "edited or damaged; make it again with generate")
+                    raise ValueError(
+                        f"this trace's cycle {r.cycle} gives token {token_id} ({where}) the text "
+                        f"{text!r}, "
+                        f"but the tokenizer decodes it as {self.token_text(token_id)!r}: the trace was "
+                        "edited or damaged; make it again with generate"
+                    )
         if all(i < vocab for i in trace.token_ids):
             text = self.tokenizer.decode(trace.token_ids, skip_special_tokens=True)
             if trace.text != text:
-                raise ValueError(f"this trace's text {trace.text[:40]!r} is not what its token ids decode to "
-                                 f"({text[:40]!r}): the trace was edited or damaged; make it again with generate")
+                raise ValueError(
+                    f"this trace's text {trace.text[:40]!r} is not what its token ids decode to "
+                    f"({text[:40]!r}): the trace was edited or damaged; make it again with generate"
+                )
 
     @staticmethod
     def _sampling_of(trace: Trace) -> Sampling:
@@ -407,8 +506,10 @@ def as_loaded(model: Loaded | str | Path, who: str) -> Loaded:
         return model
     if isinstance(model, (str, Path)):
         return load(model)
-    raise TypeError(f"{who} needs a model: a Loaded from cyclelab.load(...) or a model name such as 'tiny', "
-                    f"got {type(model).__name__}")
+    raise TypeError(
+        f"{who} needs a model: a Loaded from cyclelab.load(...) or a model name such as 'tiny', "
+        f"got {type(model).__name__}"
+    )
 
 
 _TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> digest
@@ -431,7 +532,7 @@ def legacy_weights_digest(model: torch.nn.Module) -> str:
     for name, p in _weight_tensors(model):
         flat = p.detach().reshape(-1)
         h.update(f"{name} {tuple(p.shape)} {p.dtype};".encode())
-        h.update(flat[::max(1, flat.numel() // 1024)].float().cpu().numpy().tobytes())
+        h.update(flat[:: max(1, flat.numel() // 1024)].float().cpu().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -482,10 +583,18 @@ def _check_capture(capture) -> None:
     if capture is None or callable(capture) or (isinstance(capture, str) and capture == "all"):
         return
     if isinstance(capture, Iterator):
-        raise TypeError(f"capture must be a set, list or tuple of op names, not a one-pass {type(capture).__name__} "
-                        "(it would be used up by the first check): write capture={...} or capture=list(...)")
-    if isinstance(capture, (str, bytes)) or not isinstance(capture, Iterable) or not all(isinstance(op, str) for op in capture):
-        raise TypeError(f'capture must be None, "all", a set of op names or a function (op, layer) -> bool, got {capture!r}')
+        raise TypeError(
+            f"capture must be a set, list or tuple of op names, not a one-pass {type(capture).__name__} "
+            "(it would be used up by the first check): write capture={...} or capture=list(...)"
+        )
+    if (
+        isinstance(capture, (str, bytes))
+        or not isinstance(capture, Iterable)
+        or not all(isinstance(op, str) for op in capture)
+    ):
+        raise TypeError(
+            f'capture must be None, "all", a set of op names or a function (op, layer) -> bool, got {capture!r}'
+        )
     unknown = sorted(set(capture) - set(OPS))
     if unknown:
         raise ValueError(f"capture names unknown op(s) {unknown}; ops are {', '.join(OPS)}")
@@ -493,8 +602,12 @@ def _check_capture(capture) -> None:
 
 def trace_settings(sampling: Sampling, ablation: Ablation, use_cache: bool, chat: bool) -> dict:
     """How a run was made, as a trace records it (plain data for JSON)."""
-    return {"sampling": asdict(sampling), "use_cache": use_cache, "chat": chat,
-            "ablation": {"heads": sorted(map(list, ablation.heads)), "mlps": sorted(ablation.mlps)}}
+    return {
+        "sampling": asdict(sampling),
+        "use_cache": use_cache,
+        "chat": chat,
+        "ablation": {"heads": sorted(map(list, ablation.heads)), "mlps": sorted(ablation.mlps)},
+    }
 
 
 def drain(steps: Generator[Event, None, object], on_event: Callable[[Event], None] | None = None):

@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 
+from cyclelab.core.ops import Stage  # the op registry: each op's stage, tensors and TransformerLens names
 from cyclelab.core.sampling import as_sampling
 from cyclelab.loading.atomic import strict_json, write_atomic
-
-from cyclelab.core.ops import OPS, Stage  # the op registry: each op's stage, tensors and TransformerLens names
 
 
 @dataclass(slots=True)
@@ -134,8 +133,14 @@ class Trace:
 
     def to_dict(self) -> dict:
         """Plain data (no tensors, no events) for JSON."""
-        return {"model": self.model, "fingerprint": self.fingerprint, "prompt_ids": self.prompt_ids,
-                "settings": self.settings, "text": self.text, "records": [asdict(r) for r in self.records]}
+        return {
+            "model": self.model,
+            "fingerprint": self.fingerprint,
+            "prompt_ids": self.prompt_ids,
+            "settings": self.settings,
+            "text": self.text,
+            "records": [asdict(r) for r in self.records],
+        }
 
     def save(self, path: str | Path) -> None:
         """Write the trace as standard JSON (never pickle), atomically: a failed save leaves the old file whole.
@@ -158,8 +163,10 @@ class Trace:
             raw = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
         except (UnicodeDecodeError, ValueError, RecursionError) as err:
             problem = "nested too deeply" if isinstance(err, RecursionError) else f"not JSON ({err})"
-            raise ValueError(f"{path} is not a trace file: {problem}; "
-                             "it may be empty or truncated: save the trace again with Trace.save") from None
+            raise ValueError(
+                f"{path} is not a trace file: {problem}; "
+                "it may be empty or truncated: save the trace again with Trace.save"
+            ) from None
         return _TraceFile(path).trace(raw)
 
 
@@ -171,8 +178,10 @@ class _TraceFile:
 
     def fail(self, field: str, expected: str, value) -> None:
         shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-        raise ValueError(f"{self.path} is not a valid trace file: {field or 'the file'} must be {expected}, "
-                         f"got {shown} (write traces with Trace.save)")
+        raise ValueError(
+            f"{self.path} is not a valid trace file: {field or 'the file'} must be {expected}, "
+            f"got {shown} (write traces with Trace.save)"
+        )
 
     def check(self, value, field: str, rule: tuple[Callable[[object], bool], str]):
         if not rule[0](value):
@@ -188,11 +197,14 @@ class _TraceFile:
         missing, unknown = sorted(set(required) - set(value)), sorted(set(value) - set(rules))
         if missing or unknown:
             problem = f"lacks the field(s) {missing}" if missing else f"has unknown field(s) {unknown}"
-            raise ValueError(f"{self.path} is not a valid trace file: {field or 'the file'} {problem} "
-                             "(write traces with Trace.save)")
+            raise ValueError(
+                f"{self.path} is not a valid trace file: {field or 'the file'} {problem} (write traces with Trace.save)"
+            )
         named = {k: f"{field}.{k}" if field else k for k in value}
-        return {k: self.check(v, named[k], rules[k]) if isinstance(rules[k], tuple) else rules[k](v, named[k])
-                for k, v in value.items()}
+        return {
+            k: self.check(v, named[k], rules[k]) if isinstance(rules[k], tuple) else rules[k](v, named[k])
+            for k, v in value.items()
+        }
 
     def items(self, value, field: str, each: Callable) -> list:
         if not isinstance(value, list):
@@ -200,18 +212,33 @@ class _TraceFile:
         return [each(v, f"{field}[{i}]") for i, v in enumerate(value)]
 
     def trace(self, raw) -> Trace:
-        top = self.fields(raw, "", {
-            "model": (lambda v: isinstance(v, str) and v != "", "a model name"),
-            "prompt_ids": (lambda v: isinstance(v, list) and v != [] and all(map(_natural, v)),
-                           "a non-empty list of token ids (integers >= 0)"),
-            "settings": self.settings, "text": STR, "records": lambda v, f: self.items(v, f, self.record)},
-            {"fingerprint": self.fingerprint})
+        top = self.fields(
+            raw,
+            "",
+            {
+                "model": (lambda v: isinstance(v, str) and v != "", "a model name"),
+                "prompt_ids": (
+                    lambda v: isinstance(v, list) and v != [] and all(map(_natural, v)),
+                    "a non-empty list of token ids (integers >= 0)",
+                ),
+                "settings": self.settings,
+                "text": STR,
+                "records": lambda v, f: self.items(v, f, self.record),
+            },
+            {"fingerprint": self.fingerprint},
+        )
         for i, record in enumerate(top["records"]):
             if record.cycle != i:
                 self.fail(f"records[{i}].cycle", f"{i} (cycles are numbered from 0 in order)", record.cycle)
         self.texts_agree(top["records"])
-        return Trace(top["model"], top["prompt_ids"], top["records"], top["settings"], top["text"],
-                     fingerprint=top.get("fingerprint", {}))
+        return Trace(
+            top["model"],
+            top["prompt_ids"],
+            top["records"],
+            top["settings"],
+            top["text"],
+            fingerprint=top.get("fingerprint", {}),
+        )
 
     def texts_agree(self, records: list[CycleRecord]) -> None:
         """Each token id has one text throughout the file (as a chosen token and as a candidate)."""
@@ -225,29 +252,72 @@ class _TraceFile:
                     self.fail(where, f"the text of token {token_id}, {first[0]!r} (as in {first[1]})", text)
 
     def record(self, value, field: str) -> CycleRecord:
-        r = self.fields(value, field, {**{k: NATURAL for k in ("cycle", "token_id", "greedy_id", "cache_len", "flops", "bytes")},
-                                       "token": STR, "prob": PROB, "raw_prob": PROB, "entropy": NON_NEGATIVE,
-                                       "top": lambda v, f: self.items(v, f, self.candidate), "forced": BOOL,
-                                       "draw": (lambda v: v is None or PROB[0](v) and v < 1, "null or a number in [0, 1)"),
-                                       "n_inputs": (lambda v: _natural(v) and v >= 1, "an integer >= 1"),
-                                       "seconds": NON_NEGATIVE})
+        r = self.fields(
+            value,
+            field,
+            {
+                **{k: NATURAL for k in ("cycle", "token_id", "greedy_id", "cache_len", "flops", "bytes")},
+                "token": STR,
+                "prob": PROB,
+                "raw_prob": PROB,
+                "entropy": NON_NEGATIVE,
+                "top": lambda v, f: self.items(v, f, self.candidate),
+                "forced": BOOL,
+                "draw": (lambda v: v is None or PROB[0](v) and v < 1, "null or a number in [0, 1)"),
+                "n_inputs": (lambda v: _natural(v) and v >= 1, "an integer >= 1"),
+                "seconds": NON_NEGATIVE,
+            },
+        )
         return CycleRecord(**r)
 
     def candidate(self, value, field: str) -> tuple[int, str, float]:
-        return tuple(self.check(value, field, (lambda v: isinstance(v, list) and len(v) == 3 and _natural(v[0])
-                                               and isinstance(v[1], str) and PROB[0](v[2]),
-                                               "[token id, token text, probability]")))
+        return tuple(
+            self.check(
+                value,
+                field,
+                (
+                    lambda v: (
+                        isinstance(v, list)
+                        and len(v) == 3
+                        and _natural(v[0])
+                        and isinstance(v[1], str)
+                        and PROB[0](v[2])
+                    ),
+                    "[token id, token text, probability]",
+                ),
+            )
+        )
 
     def settings(self, value, field: str) -> dict:
-        pairs = (lambda v: isinstance(v, list) and all(isinstance(h, list) and len(h) == 2 and all(map(_natural, h))
-                                                       for h in v), "a list of [layer, head] pairs")
-        ablation = lambda v, f: self.fields(v, f, {"heads": pairs, "mlps": (  # noqa: E731
-            lambda v: isinstance(v, list) and all(map(_natural, v)), "a list of layer numbers")})
-        return self.fields(value, field, {}, {
-            "sampling": self.sampling, "use_cache": BOOL, "chat": BOOL, "ablation": ablation,
-            "interventions": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "a list of strings"),
-            "branched_from": lambda v, f: self.fields(v, f, {"at_cycle": NATURAL, "token": (
-                lambda t: t is None or _natural(t), "null or a token id")})})
+        pairs = (
+            lambda v: (
+                isinstance(v, list) and all(isinstance(h, list) and len(h) == 2 and all(map(_natural, h)) for h in v)
+            ),
+            "a list of [layer, head] pairs",
+        )
+        layers = (lambda v: isinstance(v, list) and all(map(_natural, v)), "a list of layer numbers")
+
+        def ablation(v, f):
+            return self.fields(v, f, {"heads": pairs, "mlps": layers})
+
+        return self.fields(
+            value,
+            field,
+            {},
+            {
+                "sampling": self.sampling,
+                "use_cache": BOOL,
+                "chat": BOOL,
+                "ablation": ablation,
+                "interventions": (
+                    lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
+                    "a list of strings",
+                ),
+                "branched_from": lambda v, f: self.fields(
+                    v, f, {"at_cycle": NATURAL, "token": (lambda t: t is None or _natural(t), "null or a token id")}
+                ),
+            },
+        )
 
     def sampling(self, value, field: str) -> dict:
         self.check(value, field, (lambda v: isinstance(v, dict), "an object of sampling settings"))
@@ -258,8 +328,10 @@ class _TraceFile:
         return value
 
     def fingerprint(self, value, field: str) -> dict:
-        digest = (lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v),
-                  "a sha256 digest (64 hex digits)")
+        digest = (
+            lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v),
+            "a sha256 digest (64 hex digits)",
+        )
         return self.fields(value, field, {}, {"weights": digest, "tokenizer": digest})
 
 

@@ -65,29 +65,42 @@ class Op:
 
 
 _F, _R, _E, _W = Stage.FETCH, Stage.READ, Stage.EXECUTE, Stage.WRITEBACK
-REGISTRY: dict[str, Op] = {op.name: op for op in [
-    Op("embed", _F, False, {"out": "hook_embed"}),
-    Op("positions", _F, False, {"out": "blocks.0.hook_resid_pre"}, llama={"cos": None, "sin": None}),
-    Op("norm_attn", _E, True, {"out": "blocks.{L}.ln1.hook_normalized"}),
-    Op("qkv", _R, True, {"q": "blocks.{L}.attn.hook_q", "k": "blocks.{L}.attn.hook_k", "v": "blocks.{L}.attn.hook_v"}),
-    Op("rope", _E, True, {}, llama={"q": "blocks.{L}.attn.hook_rot_q", "k": "blocks.{L}.attn.hook_rot_k"}),
-    Op("kv_cache", _R, True, {"keys": None, "values": None}),
-    Op("scores", _E, True, {"scores": "blocks.{L}.attn.hook_attn_scores"}),
-    Op("softmax", _E, True, {"probs": "blocks.{L}.attn.hook_pattern"}),
-    Op("mix", _E, True, {"out": "blocks.{L}.attn.hook_z"}),
-    Op("attn_out", _E, True, {"out": "blocks.{L}.hook_attn_out"}),
-    Op("residual_attn", _E, True, {"out": "blocks.{L}.hook_resid_mid"}),
-    Op("norm_mlp", _E, True, {"out": "blocks.{L}.ln2.hook_normalized"}),
-    Op("mlp_in", _E, True, {"out": "blocks.{L}.mlp.hook_pre"},
-       llama={"gate": "blocks.{L}.mlp.hook_pre", "up": "blocks.{L}.mlp.hook_pre_linear"}),
-    Op("act", _E, True, {"out": "blocks.{L}.mlp.hook_post"}),
-    Op("mlp_out", _E, True, {"out": "blocks.{L}.hook_mlp_out"}),
-    Op("residual_mlp", _E, True, {"out": "blocks.{L}.hook_resid_post"}),
-    Op("norm_final", _W, False, {"out": "ln_final.hook_normalized"}),
-    Op("logits", _W, False, {"out": None}),
-    Op("choose", _W, False, {"logits": None}),
-    Op("append", _W, False, {}),
-]}
+REGISTRY: dict[str, Op] = {
+    op.name: op
+    for op in [
+        Op("embed", _F, False, {"out": "hook_embed"}),
+        Op("positions", _F, False, {"out": "blocks.0.hook_resid_pre"}, llama={"cos": None, "sin": None}),
+        Op("norm_attn", _E, True, {"out": "blocks.{L}.ln1.hook_normalized"}),
+        Op(
+            "qkv",
+            _R,
+            True,
+            {"q": "blocks.{L}.attn.hook_q", "k": "blocks.{L}.attn.hook_k", "v": "blocks.{L}.attn.hook_v"},
+        ),
+        Op("rope", _E, True, {}, llama={"q": "blocks.{L}.attn.hook_rot_q", "k": "blocks.{L}.attn.hook_rot_k"}),
+        Op("kv_cache", _R, True, {"keys": None, "values": None}),
+        Op("scores", _E, True, {"scores": "blocks.{L}.attn.hook_attn_scores"}),
+        Op("softmax", _E, True, {"probs": "blocks.{L}.attn.hook_pattern"}),
+        Op("mix", _E, True, {"out": "blocks.{L}.attn.hook_z"}),
+        Op("attn_out", _E, True, {"out": "blocks.{L}.hook_attn_out"}),
+        Op("residual_attn", _E, True, {"out": "blocks.{L}.hook_resid_mid"}),
+        Op("norm_mlp", _E, True, {"out": "blocks.{L}.ln2.hook_normalized"}),
+        Op(
+            "mlp_in",
+            _E,
+            True,
+            {"out": "blocks.{L}.mlp.hook_pre"},
+            llama={"gate": "blocks.{L}.mlp.hook_pre", "up": "blocks.{L}.mlp.hook_pre_linear"},
+        ),
+        Op("act", _E, True, {"out": "blocks.{L}.mlp.hook_post"}),
+        Op("mlp_out", _E, True, {"out": "blocks.{L}.hook_mlp_out"}),
+        Op("residual_mlp", _E, True, {"out": "blocks.{L}.hook_resid_post"}),
+        Op("norm_final", _W, False, {"out": "ln_final.hook_normalized"}),
+        Op("logits", _W, False, {"out": None}),
+        Op("choose", _W, False, {"logits": None}),
+        Op("append", _W, False, {}),
+    ]
+}
 OPS = list(REGISTRY)  #: every op an engine run yields, in order ("rope" only for Llama)
 
 
@@ -108,8 +121,12 @@ def hook_names(family: str) -> dict[str, tuple[str, str]]:
     layer, mapped to ``(op, tensor key)``: the alias table."""
     if family not in ("gpt2", "llama"):
         raise ValueError(f"unknown model family {family!r}; the engine runs 'gpt2' and 'llama'")
-    names = {op.hook_name(key, "{L}" if op.per_layer else None, family): (op.name, key)
-             for op in REGISTRY.values() if op.name not in ("choose", "append") for key in op.tensors_for(family)}
+    names = {
+        op.hook_name(key, "{L}" if op.per_layer else None, family): (op.name, key)
+        for op in REGISTRY.values()
+        if op.name not in ("choose", "append")
+        for key in op.tensors_for(family)
+    }
     if family == "llama":  # no positions are added: the stream entering block 0 is the embedding
         names["blocks.0.hook_resid_pre"] = ("embed", "out")
     return names

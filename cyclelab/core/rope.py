@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosines and sines of the rotation angles, shape ``(len(positions), head_dim)``."""
     angles = positions.float()[:, None] * inv_freq.float()[None, :]
     angles = torch.cat([angles, angles], dim=-1)

@@ -67,8 +67,10 @@ class Sampling:
             raise TypeError(f"do_sample must be True or False, got {self.do_sample!r}")
         t = _number(self.temperature, "temperature")
         if self.do_sample and not (math.isfinite(t) and t > 0):
-            raise ValueError(f"temperature must be a finite number > 0 when sampling, got {t!r} "
-                             "(use do_sample=False for greedy decoding)")
+            raise ValueError(
+                f"temperature must be a finite number > 0 when sampling, got {t!r} "
+                "(use do_sample=False for greedy decoding)"
+            )
         if self.top_k is not None and not (check_int(self.top_k, "top_k") >= 1):
             raise ValueError(f"top_k must be an integer >= 1 (or None for no top-k), got {self.top_k!r}")
         p = self.top_p if self.top_p is None else _number(self.top_p, "top_p")
@@ -76,15 +78,17 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1] (or None for no top-p), got {p!r}")
         m = self.min_p if self.min_p is None else _number(self.min_p, "min_p")
         if m is not None and not 0 <= m <= 1:
-            raise ValueError(f"min_p must be in [0, 1] (a fraction of the top token's probability; None for no "
-                             f"min-p), got {m!r}")
+            raise ValueError(
+                f"min_p must be in [0, 1] (a fraction of the top token's probability; None for no min-p), got {m!r}"
+            )
         r = _number(self.repetition_penalty, "repetition_penalty")
         if not (math.isfinite(r) and r > 0):
             raise ValueError(f"repetition_penalty must be a finite number > 0 (1.0 = off), got {r!r}")
         low, high = SEED_RANGE
         if self.seed is not None and not low <= check_int(self.seed, "seed") <= high:
-            raise ValueError(f"seed must be an integer from {low} to 2**64 - 1 (or None for a random seed), "
-                             f"got {self.seed!r}")
+            raise ValueError(
+                f"seed must be an integer from {low} to 2**64 - 1 (or None for a random seed), got {self.seed!r}"
+            )
 
 
 def as_sampling(value: Sampling | dict | None) -> Sampling:
@@ -96,8 +100,9 @@ def as_sampling(value: Sampling | dict | None) -> Sampling:
     if isinstance(value, dict):
         unknown = sorted(set(value) - set(Sampling.__dataclass_fields__))
         if unknown:
-            raise ValueError(f"unknown sampling setting(s) {unknown}; the settings are "
-                             f"{sorted(Sampling.__dataclass_fields__)}")
+            raise ValueError(
+                f"unknown sampling setting(s) {unknown}; the settings are {sorted(Sampling.__dataclass_fields__)}"
+            )
         return Sampling(**value)
     raise TypeError(f"sampling must be a Sampling, a dict of its settings or None, got {type(value).__name__}")
 
@@ -159,15 +164,16 @@ def apply_repetition_penalty(logits: torch.Tensor, previous_ids: Ids, penalty: f
     if ids.numel() == 0:
         return logits.clone()
     if ids.dim() != logits.dim() or (ids.dim() == 2 and ids.shape[0] != logits.shape[0]):
-        raise ValueError(f"previous_ids of shape {tuple(ids.shape)} do not match logits of shape "
-                         f"{tuple(logits.shape)}")
+        raise ValueError(f"previous_ids of shape {tuple(ids.shape)} do not match logits of shape {tuple(logits.shape)}")
     if ids.min() < 0 or ids.max() >= logits.shape[-1]:
         raise ValueError(f"previous_ids must be token ids in [0, {logits.shape[-1]})")
     seen = logits.gather(-1, ids)
     penalised = torch.where(seen < 0, seen * penalty, seen / penalty)
     if torch.isposinf(penalised).any():
-        raise ValueError(f"repetition_penalty {penalty!r} is too small for these logits: dividing by it overflows "
-                         f"{logits.dtype}; use a penalty closer to 1 (1.0 = off)")
+        raise ValueError(
+            f"repetition_penalty {penalty!r} is too small for these logits: dividing by it overflows "
+            f"{logits.dtype}; use a penalty closer to 1 (1.0 = off)"
+        )
     return logits.scatter(-1, ids, penalised)
 
 
@@ -178,8 +184,10 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     out = logits / temperature
     if not torch.isfinite(out.amax(dim=-1)).all():
-        raise ValueError(f"temperature {temperature!r} is too small for these logits: dividing by it overflows "
-                         f"{logits.dtype}; use a larger temperature, or do_sample=False for greedy decoding")
+        raise ValueError(
+            f"temperature {temperature!r} is too small for these logits: dividing by it overflows "
+            f"{logits.dtype}; use a larger temperature, or do_sample=False for greedy decoding"
+        )
     return out
 
 
@@ -230,8 +238,9 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, -math.inf)
 
 
-def pipeline(logits: torch.Tensor, previous_ids: Ids, sampling: Sampling,
-             one_row: bool = False) -> list[tuple[str, torch.Tensor]]:
+def pipeline(
+    logits: torch.Tensor, previous_ids: Ids, sampling: Sampling, one_row: bool = False
+) -> list[tuple[str, torch.Tensor]]:
     """All the stages from raw logits to the logits that are actually sampled, in order.
 
     Returns ``[("logits", raw), ("repetition_penalty", ...), ("temperature", ...),
@@ -243,8 +252,9 @@ def pipeline(logits: torch.Tensor, previous_ids: Ids, sampling: Sampling,
     _check_logits(logits, one_row)
     stages = [("logits", logits)]
     if sampling.repetition_penalty != 1.0:
-        stages.append(("repetition_penalty",
-                       apply_repetition_penalty(stages[-1][1], previous_ids, sampling.repetition_penalty)))
+        stages.append(
+            ("repetition_penalty", apply_repetition_penalty(stages[-1][1], previous_ids, sampling.repetition_penalty))
+        )
     if sampling.do_sample and sampling.temperature != 1.0:
         stages.append(("temperature", apply_temperature(stages[-1][1], sampling.temperature)))
     if sampling.do_sample and sampling.top_k is not None:
@@ -315,8 +325,9 @@ class Choice:
     greedy_id: int  #: argmax of the raw logits (what plain greedy decoding would pick)
 
 
-def choose(logits: torch.Tensor, previous_ids: Ids, sampling: Sampling,
-           generator: torch.Generator | None = None) -> Choice:
+def choose(
+    logits: torch.Tensor, previous_ids: Ids, sampling: Sampling, generator: torch.Generator | None = None
+) -> Choice:
     """Run :func:`pipeline` on one position's logits, then pick a token greedily or by sampling.
 
     When sampling without a ``generator``, one is made from ``sampling.seed``. To
@@ -356,9 +367,14 @@ def _eos_ids(eos_token_id: int | Collection[int] | None) -> set[int]:
     return ids
 
 
-def beam_search(next_logits: Callable[[torch.Tensor], torch.Tensor], input_ids: Ids, num_beams: int,
-                max_new_tokens: int, eos_token_id: int | Collection[int] | None = None,
-                length_penalty: float = 0.0) -> list[tuple[list[int], float]]:
+def beam_search(
+    next_logits: Callable[[torch.Tensor], torch.Tensor],
+    input_ids: Ids,
+    num_beams: int,
+    max_new_tokens: int,
+    eos_token_id: int | Collection[int] | None = None,
+    length_penalty: float = 0.0,
+) -> list[tuple[list[int], float]]:
     """Keep the ``num_beams`` best partial continuations at every step; return the best finished ones.
 
     ``next_logits`` maps a CPU LongTensor ``(beams, seq)`` (prompt plus generated ids)
@@ -397,8 +413,14 @@ def beam_search(next_logits: Callable[[torch.Tensor], torch.Tensor], input_ids: 
     if not prompt:
         raise ValueError("input_ids is empty: beam search needs at least one prompt token")
     eos = _eos_ids(eos_token_id)
-    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) or not math.isfinite(length_penalty):
-        raise ValueError(f"length_penalty must be a finite number (0.0 = none, 1.0 = per-token mean), got {length_penalty!r}")
+    if (
+        isinstance(length_penalty, bool)
+        or not isinstance(length_penalty, (int, float))
+        or not math.isfinite(length_penalty)
+    ):
+        raise ValueError(
+            f"length_penalty must be a finite number (0.0 = none, 1.0 = per-token mean), got {length_penalty!r}"
+        )
     running: list[tuple[list[int], float]] = [([], 0.0)]
     finished: list[tuple[list[int], float]] = []
     for step in range(max_new_tokens):

@@ -30,7 +30,7 @@ def seed_generator(generator: torch.Generator, seed: int) -> torch.Generator:
         return generator.manual_seed(int.from_bytes(digest[:4], "little"))
     state = generator.get_state().clone()
     words = struct.pack(f"<{_N}Q", *_init_by_array([seed & _MASK, seed >> 32]))
-    state[_STATE_AT:_STATE_AT + len(words)] = torch.frombuffer(bytearray(words), dtype=torch.uint8)
+    state[_STATE_AT : _STATE_AT + len(words)] = torch.frombuffer(bytearray(words), dtype=torch.uint8)
     generator.set_state(state)
     return generator
 
@@ -39,7 +39,7 @@ def seed_generator(generator: torch.Generator, seed: int) -> torch.Generator:
 def layout_ok() -> bool:
     """True when this torch's CPU generator state has the layout :func:`seed_generator` writes into."""
     generator = torch.Generator().manual_seed(5)
-    head = bytes(generator.get_state()[:_STATE_AT + 16].tolist())
+    head = bytes(generator.get_state()[: _STATE_AT + 16].tolist())
     return struct.unpack_from("<2Q", head, _STATE_AT) == tuple(_init_genrand(5)[:2])
 
 

@@ -14,12 +14,26 @@ from cyclelab.debugger.views import STYLE
 
 PANELS = ("output", "sampler", "text", "branches", "registers", "memory")
 VIEWS = ("pipeline", "status") + PANELS
-_LIGHT = {"ui-font-color1": "#212121", "ui-font-color2": "#616161", "ui-font-color3": "#9e9e9e",
-          "layout-color1": "#ffffff", "layout-color2": "#eeeeee", "border-color2": "#e0e0e0",
-          "brand-color1": "#1976d2", "error-color1": "#d32f2f"}
-_DARK = {"ui-font-color1": "#e0e0e0", "ui-font-color2": "#bdbdbd", "ui-font-color3": "#8a8a8a",
-         "layout-color1": "#111111", "layout-color2": "#2a2a2a", "border-color2": "#3a3a3a",
-         "brand-color1": "#64b5f6", "error-color1": "#ef5350"}
+_LIGHT = {
+    "ui-font-color1": "#212121",
+    "ui-font-color2": "#616161",
+    "ui-font-color3": "#9e9e9e",
+    "layout-color1": "#ffffff",
+    "layout-color2": "#eeeeee",
+    "border-color2": "#e0e0e0",
+    "brand-color1": "#1976d2",
+    "error-color1": "#d32f2f",
+}
+_DARK = {
+    "ui-font-color1": "#e0e0e0",
+    "ui-font-color2": "#bdbdbd",
+    "ui-font-color3": "#8a8a8a",
+    "layout-color1": "#111111",
+    "layout-color2": "#2a2a2a",
+    "border-color2": "#3a3a3a",
+    "brand-color1": "#64b5f6",
+    "error-color1": "#ef5350",
+}
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>{title}</title>
@@ -77,8 +91,15 @@ def replay_page(frames: list[dict[str, str]], title: str) -> str:
         raise ValueError(f"frames lack the view(s) {missing}; give every view of render_all")
     parts: dict[str, int] = {}
     table = [[parts.setdefault(frame[name], len(parts)) for name in VIEWS] for frame in frames]
-    data = json.dumps({"views": VIEWS, "parts": list(parts), "frames": table}, ensure_ascii=False,
-                      separators=(",", ":")).replace("</", "<\\/")
+    data = json.dumps(
+        {"views": VIEWS, "parts": list(parts), "frames": table}, ensure_ascii=False, separators=(",", ":")
+    ).replace("</", "<\\/")
     panels = "".join(f'<div class="cld-panel" id="v-{name}"></div>' for name in PANELS)
-    return _PAGE.format(title=html.escape(title), light=_variables(_LIGHT), dark=_variables(_DARK), style=STYLE,
-                        panels=panels, data=data)
+    return _PAGE.format(
+        title=html.escape(title),
+        light=_variables(_LIGHT),
+        dark=_variables(_DARK),
+        style=STYLE,
+        panels=panels,
+        data=data,
+    )

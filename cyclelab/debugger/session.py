@@ -27,16 +27,17 @@ from pathlib import Path
 
 import torch
 
-from cyclelab.core.events import OPS, CycleRecord, Event, Trace
+from cyclelab.core.blocks import Ablation
+from cyclelab.core.engine import Engine, as_loaded, trace_settings
+from cyclelab.core.events import CycleRecord, Event, Trace
+from cyclelab.core.ops import OPS
+from cyclelab.core.sampling import Sampling, as_sampling
+from cyclelab.debugger.replay import replay_page
 from cyclelab.debugger.state import StateViews, describe, lens_tops
 from cyclelab.debugger.timeline import Breakpoint, LiveRun, Timeline, capture_for_views, slim
-from cyclelab.debugger.replay import replay_page
 from cyclelab.debugger.views import render_text
-from cyclelab.core.sampling import Sampling, as_sampling
-from cyclelab.core.engine import Engine, as_loaded, trace_settings
 from cyclelab.loading.atomic import write_atomic
 from cyclelab.loading.loader import Loaded
-from cyclelab.core.blocks import Ablation
 
 UNIT_ENDS = frozenset({"positions", "residual_mlp", "logits", "choose", "append"})  # where "Step layer" stops
 
@@ -78,9 +79,17 @@ class Debugger(StateViews):
     the cycle, when the chosen token is written back; op breakpoints fire on that op.
     """
 
-    def __init__(self, engine: Engine | Loaded | str, prompt, max_new_tokens: int = 20,
-                 sampling: Sampling | dict | None = None, *, chat: bool = False, ablation: Ablation | None = None,
-                 top: int = 5):
+    def __init__(
+        self,
+        engine: Engine | Loaded | str,
+        prompt,
+        max_new_tokens: int = 20,
+        sampling: Sampling | dict | None = None,
+        *,
+        chat: bool = False,
+        ablation: Ablation | None = None,
+        top: int = 5,
+    ):
         """``engine`` is an :class:`Engine`, a :class:`Loaded` model (wrapped in an Engine) or a model
         name (loaded); ``sampling`` a :class:`Sampling` or a dict of its settings. Each is checked here."""
         self.engine = engine = engine if isinstance(engine, Engine) else Engine(as_loaded(engine, "Debugger"))
@@ -233,8 +242,14 @@ class Debugger(StateViews):
             return breakpoint.hit(event)
         if event.op != "residual_mlp" or event.layer != breakpoint.layer or "x" not in event.tensors:
             return False
-        below = next((e for _, e in self._backwards() if e.op == "residual_mlp" and e.cycle == event.cycle
-                      and e.layer == breakpoint.layer - 1), None)
+        below = next(
+            (
+                e
+                for _, e in self._backwards()
+                if e.op == "residual_mlp" and e.cycle == event.cycle and e.layer == breakpoint.layer - 1
+            ),
+            None,
+        )
         return below is not None and self._lens_top1(below) != self._lens_top1(event)
 
     def _lens_top1(self, event: Event) -> str:
@@ -284,17 +299,25 @@ class Debugger(StateViews):
         if tl.finished:
             return False
         k = len(tl.ends)
-        del tl.history[tl.start_of(k):]
+        del tl.history[tl.start_of(k) :]
         records = tl.records()
         eos = bool(records) and records[-1].token_id == self.engine.tokenizer.eos_token_id and not records[-1].forced
         if eos or k >= self.max_new_tokens:
             tl.finished = True
             return False
         remaining = self.max_new_tokens - k
-        self._live.start(self.engine.run(
-            self.prompt_ids + [r.token_id for r in records], remaining, tl.sampling, capture=capture_for_views,
-            force=[tl.forced.get(k + i) for i in range(remaining)], ablation=tl.ablation,
-            draws=sum(r.draw is not None for r in records)), offset=k)
+        self._live.start(
+            self.engine.run(
+                self.prompt_ids + [r.token_id for r in records],
+                remaining,
+                tl.sampling,
+                capture=capture_for_views,
+                force=[tl.forced.get(k + i) for i in range(remaining)],
+                ablation=tl.ablation,
+                draws=sum(r.draw is not None for r in records),
+            ),
+            offset=k,
+        )
         return True
 
     # --- interventions ----------------------------------------------------------------------
@@ -349,8 +372,10 @@ class Debugger(StateViews):
         self.now.log.append(f"#{event.cycle}: forced {self.engine.token_text(token_id)!r}")
         self.position = start - 1
         self._advance(lambda e: e.op == "choose")
-        self.message = (f"token #{event.cycle} forced to {self.engine.token_text(token_id)!r}; "
-                        f"the old timeline is branch {len(self._branches) - 1}")
+        self.message = (
+            f"token #{event.cycle} forced to {self.engine.token_text(token_id)!r}; "
+            f"the old timeline is branch {len(self._branches) - 1}"
+        )
         return self.current_event
 
     @command
@@ -358,8 +383,9 @@ class Debugger(StateViews):
         """Switch off one attention head from the cycle in progress on (the context is recomputed with it)."""
         _check_int(layer, 0, self.engine.arch.n_layers - 1, "layer")
         _check_int(head, 0, self.engine.arch.n_heads - 1, "head")
-        return self._set_ablation(Ablation(self.now.ablation.heads | {(layer, head)}, self.now.ablation.mlps),
-                                  f"head {layer}.{head} off")
+        return self._set_ablation(
+            Ablation(self.now.ablation.heads | {(layer, head)}, self.now.ablation.mlps), f"head {layer}.{head} off"
+        )
 
     @command
     def clear_ablation(self) -> Ablation:
@@ -475,24 +501,34 @@ class Debugger(StateViews):
     @command
     def faithfulness(self) -> float:
         """Largest |logit difference| between the logits shown so far and a plain ``transformers`` forward."""
-        chooses = [e for e in self.history[:self.position + 1] if e.op == "choose" and "logits" in e.tensors]
+        chooses = [e for e in self.history[: self.position + 1] if e.op == "choose" and "logits" in e.tensors]
         if not chooses:
             raise ValueError("no logits yet: run at least one cycle (Next token) first")
-        ids = self.prompt_ids + self.token_ids[:chooses[-1].cycle]
+        ids = self.prompt_ids + self.token_ids[: chooses[-1].cycle]
         with torch.no_grad():
             ref = self.engine.loaded.model(torch.tensor([ids], device=self.engine.device)).logits[0].float()
         start = len(self.prompt_ids) - 1
         self.faith = max(float((e.tensors["logits"] - ref[start + e.cycle]).abs().max()) for e in chooses)
         note = " (an ablation is active: a difference is expected)" if self.now.ablation else ""
-        self.message = f"max |engine − transformers| logit difference over {len(chooses)} tokens: {self.faith:.2e}{note}"
+        self.message = (
+            f"max |engine − transformers| logit difference over {len(chooses)} tokens: {self.faith:.2e}{note}"
+        )
         return self.faith
 
     def _trace(self, timeline: Timeline, records: list[CycleRecord]) -> Trace:
         ids = [r.token_id for r in records]
-        settings = {**trace_settings(timeline.sampling, timeline.ablation, use_cache=True, chat=self.chat),
-                    "interventions": list(timeline.log)}
-        return Trace(self.engine.loaded.name, list(self.prompt_ids), list(records), settings,
-                     self.engine.tokenizer.decode(ids, skip_special_tokens=True), fingerprint=self.engine.fingerprint)
+        settings = {
+            **trace_settings(timeline.sampling, timeline.ablation, use_cache=True, chat=self.chat),
+            "interventions": list(timeline.log),
+        }
+        return Trace(
+            self.engine.loaded.name,
+            list(self.prompt_ids),
+            list(records),
+            settings,
+            self.engine.tokenizer.decode(ids, skip_special_tokens=True),
+            fingerprint=self.engine.fingerprint,
+        )
 
     # --- widget ------------------------------------------------------------------------------
     def subscribe(self, listener: Callable[[], None]) -> None:

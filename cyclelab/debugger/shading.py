@@ -43,7 +43,10 @@ def plot_stage_times(trace: Trace, ax=None, title: str | None = None):
     for stage in Stage:
         ax.bar(cycles, times[stage], bottom=bottom, color=STAGE_COLOURS[stage], label=stage.value)
         bottom = [b + t for b, t in zip(bottom, times[stage])]
-    ax.set(xlabel="cycle (one generated token each)", ylabel="milliseconds",
-           title=title or f"{trace.model}: time per cycle by stage (cycle 0 = prompt)")
+    ax.set(
+        xlabel="cycle (one generated token each)",
+        ylabel="milliseconds",
+        title=title or f"{trace.model}: time per cycle by stage (cycle 0 = prompt)",
+    )
     ax.legend(ncols=4, fontsize=8, loc="upper right")
     return ax

@@ -12,9 +12,18 @@ from collections.abc import Iterator
 import torch
 
 from cyclelab.core.events import Cost, Event
-from cyclelab.debugger.views import Attention, CacheRow, Draw, Output, Register, SamplerStage, State, render_all, show_token
 from cyclelab.core.sampling import Sampling, pipeline, slice_of
-
+from cyclelab.debugger.views import (
+    Attention,
+    CacheRow,
+    Draw,
+    Output,
+    Register,
+    SamplerStage,
+    State,
+    render_all,
+    show_token,
+)
 
 SAMPLER_CANDIDATES = 8  # tokens drawn in each row of the sampler pipeline's picture
 
@@ -23,8 +32,9 @@ def lens_tops(engine, residuals: torch.Tensor, k: int = 3) -> list[list[tuple[st
     """The logit lens's top-``k`` tokens, with probabilities, for each residual vector of ``residuals``
     ``(n, d)``: what the model would say if the stream went straight to WRITEBACK (``engine.read_out``)."""
     top = torch.topk(torch.softmax(engine.read_out(residuals).float(), -1), k)
-    return [[(engine.token_text(int(i)), float(p)) for p, i in zip(ps, ids)]
-            for ps, ids in zip(top.values, top.indices)]
+    return [
+        [(engine.token_text(int(i)), float(p)) for p, i in zip(ps, ids)] for ps, ids in zip(top.values, top.indices)
+    ]
 
 
 def describe(sampling: Sampling) -> str:
@@ -61,20 +71,38 @@ class StateViews:
     def state(self) -> State:
         """Everything the views show at the current position."""
         event = self.current_event
-        here = self.history[self.now.start_of(event.cycle if event else 0):self.position + 1]
+        here = self.history[self.now.start_of(event.cycle if event else 0) : self.position + 1]
         choice_index = self._last_index("choose")
         stages, draw = self._sampler(choice_index)
         return State(
-            model=self.engine.loaded.name, cycle=self.cycle, max_cycles=self.max_new_tokens,
-            stage=event.stage if event else None, layer=event.layer if event else None, op=event.op if event else None,
-            n_layers=self.engine.arch.n_layers, n_inputs=next((e.info["n_inputs"] for e in here if "n_inputs" in e.info), None),
-            this_op=Cost.of([event] if event else []), this_cycle=Cost.of(here), total=Cost.of(self.history[:self.position + 1]),
-            prefill=Cost.of(_prefill_events(self.history[:self.position + 1])), registers=self._registers(here),
-            memory=self._memory(), attention=self._attention(), output=self._output(), sampler=stages, draw=draw,
-            sampling=describe(self.now.sampling), prompt=self.prompt_text,
-            records=self.records, message=self.message, error=self.error, notes=self._notes(),
-            timeline=self.now.records(), branches=[b.records() for b in self._branches],
-            max_positions=len(self.prompt_ids) + self.max_new_tokens)
+            model=self.engine.loaded.name,
+            cycle=self.cycle,
+            max_cycles=self.max_new_tokens,
+            stage=event.stage if event else None,
+            layer=event.layer if event else None,
+            op=event.op if event else None,
+            n_layers=self.engine.arch.n_layers,
+            n_inputs=next((e.info["n_inputs"] for e in here if "n_inputs" in e.info), None),
+            this_op=Cost.of([event] if event else []),
+            this_cycle=Cost.of(here),
+            total=Cost.of(self.history[: self.position + 1]),
+            prefill=Cost.of(_prefill_events(self.history[: self.position + 1])),
+            registers=self._registers(here),
+            memory=self._memory(),
+            attention=self._attention(),
+            output=self._output(),
+            sampler=stages,
+            draw=draw,
+            sampling=describe(self.now.sampling),
+            prompt=self.prompt_text,
+            records=self.records,
+            message=self.message,
+            error=self.error,
+            notes=self._notes(),
+            timeline=self.now.records(),
+            branches=[b.records() for b in self._branches],
+            max_positions=len(self.prompt_ids) + self.max_new_tokens,
+        )
 
     def frames(self) -> list[dict[str, str]]:
         """Every view's HTML at the end of each cycle done so far (0: before the first), from the history;
@@ -113,15 +141,17 @@ class StateViews:
                 found[e.layer] = e
                 if len(found) == n:
                     break
-        return [CacheRow(i, found[i].info.get("length", 0), found[i].bytes) if i in found else CacheRow(i, 0, 0)
-                for i in range(n)]
+        return [
+            CacheRow(i, found[i].info.get("length", 0), found[i].bytes) if i in found else CacheRow(i, 0, 0)
+            for i in range(n)
+        ]
 
     def _attention(self) -> Attention | None:
         index = self._last_index("softmax", self.watch_layer)
         if index is None or "probs" not in self.history[index].tensors:
             return None
         weights = self.history[index].tensors["probs"][self.watch_head].tolist()
-        ids = (self.prompt_ids + self.token_ids)[:len(weights)]
+        ids = (self.prompt_ids + self.token_ids)[: len(weights)]
         return Attention(self.watch_layer, self.watch_head, [self.engine.token_text(i) for i in ids], weights)
 
     def _output(self) -> Output | None:
@@ -140,7 +170,7 @@ class StateViews:
         if index is None:
             return [], None
         event = self.history[index]
-        previous = self.prompt_ids + self.token_ids[:event.cycle]
+        previous = self.prompt_ids + self.token_ids[: event.cycle]
         steps = pipeline(event.tensors["logits"], previous, self.now.sampling)
         watched = torch.topk(steps[0][1], SAMPLER_CANDIDATES).indices.tolist()  # the same tokens in every row
         stages, before = [], None
@@ -173,7 +203,9 @@ class StateViews:
         if self.now.ablation.heads:
             notes.append("ablated heads: " + ", ".join(f"{a}.{b}" for a, b in sorted(self.now.ablation.heads)))
         if self._branches:
-            notes.append(f"{len(self._branches)} earlier branch(es): " + " | ".join(
-                repr(show_token(b.text[:30])) for b in self.branches))
+            notes.append(
+                f"{len(self._branches)} earlier branch(es): "
+                + " | ".join(repr(show_token(b.text[:30])) for b in self.branches)
+            )
         notes += [f"intervention {line}" for line in self.now.log]
         return notes

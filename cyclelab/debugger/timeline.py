@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from cyclelab.core.blocks import Ablation
 from cyclelab.core.events import CycleRecord, Event
 from cyclelab.core.sampling import Sampling
-from cyclelab.core.blocks import Ablation
 
 VIEW_OPS = frozenset({"embed", "kv_cache", "softmax", "residual_mlp", "choose"})
 
@@ -97,11 +97,13 @@ class Breakpoint:
         if self.kind == "op":
             where = "any layer" if self.layer is None else f"layer {self.layer}"
             return f"break at {where}, op {self.op or 'any'}"
-        return {"token": f"break when token {self.value!r} is chosen",
-                "prob": f"break when p(chosen) < {self.value}",
-                "entropy": f"break when entropy > {self.value} nats",
-                "not_greedy": "break when the sampled token is not the greedy one",
-                "lens": f"break when layer {self.layer} changes the logit-lens top-1"}[self.kind]
+        return {
+            "token": f"break when token {self.value!r} is chosen",
+            "prob": f"break when p(chosen) < {self.value}",
+            "entropy": f"break when entropy > {self.value} nats",
+            "not_greedy": "break when the sampled token is not the greedy one",
+            "lens": f"break when layer {self.layer} changes the logit-lens top-1",
+        }[self.kind]
 
 
 def _same_token(record: CycleRecord, token: int | str) -> bool:

@@ -18,7 +18,6 @@ from cyclelab.core.events import Cost, CycleRecord, Stage, show_token
 from cyclelab.debugger.shading import STAGE_COLOURS
 
 
-
 @dataclass(frozen=True)
 class Register:
     """One layer's output in the residual stream at the current position."""
@@ -219,27 +218,39 @@ def render_pipeline(state: State) -> str:
         if stage == state.stage:
             where = f" L{state.layer}" if state.layer is not None else ""
             op = f" · {html.escape(state.op)}" if state.op else ""
-            boxes.append(f"<span class='cld-box cld-on' style='background:{STAGE_COLOURS[stage]}'>"
-                         f"▶ {stage.value}{where}{op}</span>")
+            boxes.append(
+                f"<span class='cld-box cld-on' style='background:{STAGE_COLOURS[stage]}'>"
+                f"▶ {stage.value}{where}{op}</span>"
+            )
         else:
             boxes.append(f"<span class='cld-box'>{stage.value}</span>")
     op = html.escape(state.op) if state.op else "(not started)"
-    kind = "" if state.n_inputs is None else (
-        f" · prefill: {state.n_inputs} tokens in" if state.n_inputs > 1 else " · decode: 1 token in")
-    decode = Cost(state.total.seconds - state.prefill.seconds, state.total.flops - state.prefill.flops,
-                  state.total.bytes - state.prefill.bytes)
+    kind = (
+        ""
+        if state.n_inputs is None
+        else (f" · prefill: {state.n_inputs} tokens in" if state.n_inputs > 1 else " · decode: 1 token in")
+    )
+    decode = Cost(
+        state.total.seconds - state.prefill.seconds,
+        state.total.flops - state.prefill.flops,
+        state.total.bytes - state.prefill.bytes,
+    )
     total = state.total.seconds or 1.0
-    stack = (f"<div class='cld-stack' style='width:240px;height:10px' title='time: prefill vs decode'>"
-             f"<span class='cld-seg' style='width:{_pct(state.prefill.seconds / total)};background:#4C72B0'></span>"
-             f"<span class='cld-seg' style='width:{_pct(decode.seconds / total)};background:#55A868'></span></div>")
-    return (f"<div class='cld'><div class='cld-strip'>{'<span> → </span>'.join(boxes)}</div>"
-            f"<div>op <b>{op}</b>: {cost_text(state.this_op)}<br>"
-            f"done {state.cycle} of {state.max_cycles} tokens{kind}</div>"
-            f"<div class='cld-dim'>this cycle so far: {cost_text(state.this_cycle)}<br>"
-            f"total: {cost_text(state.total)}<br>"
-            f"<span style='color:#4C72B0'>■</span> prefill (prompt read at once): {cost_text(state.prefill)}<br>"
-            f"<span style='color:#55A868'>■</span> decode (one token per cycle): {cost_text(decode)}</div>"
-            f"{stack}</div>")
+    stack = (
+        f"<div class='cld-stack' style='width:240px;height:10px' title='time: prefill vs decode'>"
+        f"<span class='cld-seg' style='width:{_pct(state.prefill.seconds / total)};background:#4C72B0'></span>"
+        f"<span class='cld-seg' style='width:{_pct(decode.seconds / total)};background:#55A868'></span></div>"
+    )
+    return (
+        f"<div class='cld'><div class='cld-strip'>{'<span> → </span>'.join(boxes)}</div>"
+        f"<div>op <b>{op}</b>: {cost_text(state.this_op)}<br>"
+        f"done {state.cycle} of {state.max_cycles} tokens{kind}</div>"
+        f"<div class='cld-dim'>this cycle so far: {cost_text(state.this_cycle)}<br>"
+        f"total: {cost_text(state.total)}<br>"
+        f"<span style='color:#4C72B0'>■</span> prefill (prompt read at once): {cost_text(state.prefill)}<br>"
+        f"<span style='color:#55A868'>■</span> decode (one token per cycle): {cost_text(decode)}</div>"
+        f"{stack}</div>"
+    )
 
 
 def render_registers(registers: list[Register]) -> str:
@@ -253,8 +264,10 @@ def render_registers(registers: list[Register]) -> str:
         cells = [f"L{r.layer}", f"{r.norm:.1f}"]
         for k, (token, p) in enumerate(r.lens):
             mark = "↻ " if k == 0 and below is not None and token != below else ""
-            cells.append(f"<span class='cld-chip cld-tok' style='{_shade(p)}'>{mark}{_esc(token)}</span>"
-                         f" <span class='cld-dim'>{p:.3f}</span>")
+            cells.append(
+                f"<span class='cld-chip cld-tok' style='{_shade(p)}'>{mark}{_esc(token)}</span>"
+                f" <span class='cld-dim'>{p:.3f}</span>"
+            )
         below = r.lens[0][0] if r.lens else None
         rows.append(cells)
     header = ["layer", "‖x‖"] + [f"top-{k + 1}" for k in range(len(registers[0].lens))]
@@ -276,23 +289,33 @@ def _cache_blocks(memory: list[CacheRow], max_positions: int) -> str:
     """One block per layer, as wide as its bytes against the cache when full (``max_positions``)."""
     per_position = max((r.nbytes / r.length for r in memory if r.length), default=0.0)
     full = per_position * max(max_positions, max((r.length for r in memory), default=0))
-    return "".join(f"<div class='cld-kv' data-t='L{r.layer}'><span style='width:{_pct(r.nbytes / full if full else 0)}'>"
-                   "</span></div>" for r in memory)
+    return "".join(
+        f"<div class='cld-kv' data-t='L{r.layer}'><span style='width:{_pct(r.nbytes / full if full else 0)}'>"
+        "</span></div>"
+        for r in memory
+    )
 
 
 def render_memory(memory: list[CacheRow], attention: Attention | None, max_positions: int = 0) -> str:
     """The KV cache (one block per layer, sized by bytes) and what one head of the current query reads."""
     total = sum(r.nbytes for r in memory)
-    rows = [[f"L{a}" if a == b else f"L{a}–L{b}", str(r.length), f"{human(r.nbytes, 'B')} each"]
-            for a, b, r in _layer_groups(memory)]
+    rows = [
+        [f"L{a}" if a == b else f"L{a}–L{b}", str(r.length), f"{human(r.nbytes, 'B')} each"]
+        for a, b, r in _layer_groups(memory)
+    ]
     parts = [_table(rows, ["layers", "positions", "bytes"]), _cache_blocks(memory, max_positions)]
     if attention is None:
         parts.append(_note("(no attention read yet)"))
     else:
-        parts.append(f"<div style='margin-top:6px'>layer {attention.layer}, head {attention.head}: "
-                     "what the current token reads (darker = more weight)</div><div>")
-        parts += [f"<span class='cld-chip cld-tok' style='{_shade(w, _ORANGE)}' title='{w:.4f}'>{_esc(token)}"
-                  f" <sub>{w:.2f}</sub></span> " for token, w in zip(attention.tokens, attention.weights)]
+        parts.append(
+            f"<div style='margin-top:6px'>layer {attention.layer}, head {attention.head}: "
+            "what the current token reads (darker = more weight)</div><div>"
+        )
+        parts += [
+            f"<span class='cld-chip cld-tok' style='{_shade(w, _ORANGE)}' title='{w:.4f}'>{_esc(token)}"
+            f" <sub>{w:.2f}</sub></span> "
+            for token, w in zip(attention.tokens, attention.weights)
+        ]
         parts.append("</div>")
     return _panel(f"Memory: KV cache {human(total, 'B')} in {len(memory)} layers", "".join(parts))
 
@@ -323,17 +346,21 @@ def _stage_bar(cells: list[tuple[str, float | None]], before: list[tuple[str, fl
             removed.append(f"<s class='cld-tok'>{_esc(token)}</s>")
             segs.append(f"<span class='cld-seg cld-gone' style='width:{_pct(was)}' data-t='{_esc(token)}'></span>")
         elif p:
-            segs.append(f"<span class='cld-seg' style='width:{_pct(p)};{_shade(p)}' data-t='{_esc(token)}' "
-                        f"title='{_esc(token)} p={p:.4f}'></span>")
+            segs.append(
+                f"<span class='cld-seg' style='width:{_pct(p)};{_shade(p)}' data-t='{_esc(token)}' "
+                f"title='{_esc(token)} p={p:.4f}'></span>"
+            )
     gone = f"<div class='cld-dim'>removed here: {' '.join(removed)}</div>" if removed else ""
     return f"<div class='cld-stack'>{''.join(segs)}</div>{gone}"
 
 
 def _draw_bar(draw: Draw) -> str:
     """The cumulative bar [0, 1) (token ids in order): the chosen token's slice, and where ``u`` fell."""
-    return (f"<div class='cld-cum' title='cumulative probability, tokens in id order'>"
-            f"<span class='cld-slice' style='left:{_pct(draw.low)};width:{_pct(draw.high - draw.low)}'></span>"
-            f"<span class='cld-u' style='left:{_pct(draw.u)}' data-t='u'></span></div>")
+    return (
+        f"<div class='cld-cum' title='cumulative probability, tokens in id order'>"
+        f"<span class='cld-slice' style='left:{_pct(draw.low)};width:{_pct(draw.high - draw.low)}'></span>"
+        f"<span class='cld-u' style='left:{_pct(draw.u)}' data-t='u'></span></div>"
+    )
 
 
 def render_sampler(stages: list[SamplerStage], draw: Draw | None, sampling: str = "") -> str:
@@ -345,17 +372,21 @@ def render_sampler(stages: list[SamplerStage], draw: Draw | None, sampling: str 
     rows, before = [], None
     for s in stages:
         had = f" (had p={s.mass:.3f})" if s.mass is not None and s.mass < 0.9995 else ""
-        rows.append(f"<div><b>{html.escape(s.name)}</b> <span class='cld-dim'>{s.kept} kept{had} · "
-                    f"top {_tokens(s.top)}</span></div>" + (_stage_bar(s.cells, before) if s.cells else ""))
+        rows.append(
+            f"<div><b>{html.escape(s.name)}</b> <span class='cld-dim'>{s.kept} kept{had} · "
+            f"top {_tokens(s.top)}</span></div>" + (_stage_bar(s.cells, before) if s.cells else "")
+        )
         before = s.cells or before
     if draw is None:
         return _panel(title, "".join(rows))
     if draw.u is None:
         pick = f"<div>greedy: argmax → <b class='cld-tok'>{_esc(draw.token)}</b></div>"
     else:
-        pick = (f"<div>draw u = {draw.u:.4f} falls in the slice [{draw.low:.4f}, {draw.high:.4f}) of "
-                f"<b class='cld-tok'>{_esc(draw.token)}</b> (cumulative over {draw.n_kept} tokens, in id order)</div>"
-                + _draw_bar(draw))
+        pick = (
+            f"<div>draw u = {draw.u:.4f} falls in the slice [{draw.low:.4f}, {draw.high:.4f}) of "
+            f"<b class='cld-tok'>{_esc(draw.token)}</b> (cumulative over {draw.n_kept} tokens, in id order)</div>"
+            + _draw_bar(draw)
+        )
     return _panel(title, "".join(rows) + pick)
 
 
@@ -370,11 +401,16 @@ def render_text_so_far(records: list[CycleRecord], prompt: str = "") -> str:
     for r in records:
         partial = "\ufffd" in r.token
         border = "border-bottom:2px dotted #c00;" if partial else ""
-        tip = f"#{r.cycle} p={r.prob:.3f}" + (" (partial UTF-8 character)" if partial else "") + (" forced" if r.forced else "")
+        tip = (
+            f"#{r.cycle} p={r.prob:.3f}"
+            + (" (partial UTF-8 character)" if partial else "")
+            + (" forced" if r.forced else "")
+        )
         spans.append(f"<span title='{tip}' style='{_shade(r.prob)};{border}'>{_visible(r.token)}</span>")
     legend = _note("shade = probability of the token when chosen; dotted = partial UTF-8")
-    return _panel("Text so far", f"<div style='white-space:pre-wrap;font-family:monospace'>{''.join(spans)}</div>"
-                  + legend)
+    return _panel(
+        "Text so far", f"<div style='white-space:pre-wrap;font-family:monospace'>{''.join(spans)}</div>" + legend
+    )
 
 
 def _fork(a: list[CycleRecord], b: list[CycleRecord]) -> tuple[int, int]:
@@ -395,9 +431,10 @@ def _chip(r: CycleRecord | None, split: int) -> str:
 
 def _lanes(timeline: list[CycleRecord], old: list[CycleRecord], index: int, cycles: range, split: int) -> str:
     """Two rows, now and branch ``index``, one column per cycle of ``cycles``."""
-    rows = [[f"<span class='cld-dim'>{label}</span>"] + [_chip(recs[k] if k < len(recs) else None, split)
-                                                         for k in cycles]
-            for label, recs in (("now", timeline), (f"branch {index}", old))]
+    rows = [
+        [f"<span class='cld-dim'>{label}</span>"] + [_chip(recs[k] if k < len(recs) else None, split) for k in cycles]
+        for label, recs in (("now", timeline), (f"branch {index}", old))
+    ]
     body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
     return f"<table class='cld-t cld-lanes'>{body}</table>"
 
@@ -413,12 +450,16 @@ def render_branches(timeline: list[CycleRecord], branches: list[list[CycleRecord
         fork, split = _fork(timeline, old)
         shared = "".join(r.token for r in timeline[:fork])
         n = max(len(timeline), len(old))
-        blocks = "".join(_lanes(timeline, old, index, range(start, min(n, start + columns)), split)
-                         for start in range(fork, n, columns))
+        blocks = "".join(
+            _lanes(timeline, old, index, range(start, min(n, start + columns)), split)
+            for start in range(fork, n, columns)
+        )
         where = f"first different token: #{split}" if split < n else "same tokens so far"
-        parts.append(f"<div class='cld-dim'>branch {index}: fork at token #{fork} after "
-                     f"<span class='cld-tok'>{html.escape(show_token(shared[-40:]))}</span> · {where}</div>"
-                     f"<div style='margin-bottom:6px'>{blocks}</div>")
+        parts.append(
+            f"<div class='cld-dim'>branch {index}: fork at token #{fork} after "
+            f"<span class='cld-tok'>{html.escape(show_token(shared[-40:]))}</span> · {where}</div>"
+            f"<div style='margin-bottom:6px'>{blocks}</div>"
+        )
     return _panel(title, "".join(parts))
 
 

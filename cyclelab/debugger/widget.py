@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 import ipywidgets as w
 
-from cyclelab.core.events import OPS, show_token
+from cyclelab.core.events import show_token
+from cyclelab.core.ops import OPS
 from cyclelab.debugger.views import STYLE, render_all, render_status
 
 if TYPE_CHECKING:  # for the annotation only: the debugger imports this module, never the reverse
@@ -32,39 +33,51 @@ class DebuggerUI:
         dbg.subscribe(self._changed)
         arch = dbg.engine.arch
         c = self.controls = {}
-        for name, method in zip(self.MOVES, (dbg.step, dbg.step_layer, dbg.next, dbg.cont, dbg.back,
-                                             dbg.back_cycle, dbg.reset)):
+        for name, method in zip(
+            self.MOVES, (dbg.step, dbg.step_layer, dbg.next, dbg.cont, dbg.back, dbg.back_cycle, dbg.reset)
+        ):
             c[name] = self._button(name, method)
         c["cycle n"] = w.IntText(value=dbg.max_new_tokens, description="n", **_fixed(110))
         c["Run to cycle"] = self._button("Run to cycle", lambda: dbg.run_to(c["cycle n"].value))
         # sampler
         c["sample"] = w.Checkbox(description="sample (off: greedy)", indent=False, **_fixed(170))
-        c["temperature"] = w.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.05, description="temperature",
-                                         continuous_update=False, **_fixed(330))
+        c["temperature"] = w.FloatSlider(
+            value=1.0, min=0.0, max=2.0, step=0.05, description="temperature", continuous_update=False, **_fixed(330)
+        )
         c["top-k"] = w.IntText(value=0, description="top-k (0: off)", **_fixed(200))
-        c["top-p"] = w.FloatSlider(value=1.0, min=0.0, max=1.0, step=0.01, description="top-p",
-                                   continuous_update=False, **_fixed(300))
-        c["min-p"] = w.FloatSlider(value=0.0, min=0.0, max=1.0, step=0.01, description="min-p (0: off)",
-                                   continuous_update=False, **_fixed(330))
+        c["top-p"] = w.FloatSlider(
+            value=1.0, min=0.0, max=1.0, step=0.01, description="top-p", continuous_update=False, **_fixed(300)
+        )
+        c["min-p"] = w.FloatSlider(
+            value=0.0, min=0.0, max=1.0, step=0.01, description="min-p (0: off)", continuous_update=False, **_fixed(330)
+        )
         c["seed"] = w.IntText(value=-1, description="seed (-1: random)", **_fixed(220))
         c["repetition penalty"] = w.FloatText(value=1.0, description="repetition penalty", **_fixed(230))
         for name in ("sample", "temperature", "top-k", "top-p", "min-p", "seed", "repetition penalty"):
             c[name].observe(self._on_sampling, names="value")
         # breakpoints
         c["break token"] = w.Text(placeholder="token text, or an id", description="token", **_fixed(240))
-        c["Break on token"] = self._button("Break on token", lambda: dbg.break_on_token(_token_arg(c["break token"].value)))
+        c["Break on token"] = self._button(
+            "Break on token", lambda: dbg.break_on_token(_token_arg(c["break token"].value))
+        )
         c["break p"] = w.FloatText(value=0.1, description="p <", **_fixed(140))
         c["Break below p"] = self._button("Break below p", lambda: dbg.break_below(c["break p"].value))
         c["break entropy"] = w.FloatText(value=3.0, description="entropy >", **_fixed(170))
-        c["Break above entropy"] = self._button("Break above entropy",
-                                                lambda: dbg.break_entropy_above(c["break entropy"].value))
+        c["Break above entropy"] = self._button(
+            "Break above entropy", lambda: dbg.break_entropy_above(c["break entropy"].value)
+        )
         c["break layer"] = w.IntText(value=-1, description="layer (-1: any)", **_fixed(190))
         c["break op"] = w.Dropdown(options=["(any)"] + OPS, value="(any)", description="op", **_fixed(200))
-        c["Break at op"] = self._button("Break at op", lambda: dbg.break_at(
-            None if c["break layer"].value < 0 else c["break layer"].value,
-            None if c["break op"].value == "(any)" else c["break op"].value))
-        c["Break on lens change"] = self._button("Break on lens change",
-                                                 lambda: dbg.break_on_lens_change(c["break layer"].value))
+        c["Break at op"] = self._button(
+            "Break at op",
+            lambda: dbg.break_at(
+                None if c["break layer"].value < 0 else c["break layer"].value,
+                None if c["break op"].value == "(any)" else c["break op"].value,
+            ),
+        )
+        c["Break on lens change"] = self._button(
+            "Break on lens change", lambda: dbg.break_on_lens_change(c["break layer"].value)
+        )
         c["Break if not greedy"] = self._button("Break if not greedy", dbg.break_when_not_greedy)
         c["Clear breakpoints"] = self._button("Clear breakpoints", dbg.clear_breakpoints)
         # interventions
@@ -72,8 +85,9 @@ class DebuggerUI:
         c["Choose"] = self._button("Choose", lambda: dbg.choose(c["candidates"].value))
         c["ablate layer"] = w.IntText(value=0, description="layer", **_fixed(120))
         c["ablate head"] = w.IntText(value=0, description="head", **_fixed(120))
-        c["Ablate head"] = self._button("Ablate head", lambda: dbg.ablate_head(c["ablate layer"].value,
-                                                                               c["ablate head"].value))
+        c["Ablate head"] = self._button(
+            "Ablate head", lambda: dbg.ablate_head(c["ablate layer"].value, c["ablate head"].value)
+        )
         c["Clear ablation"] = self._button("Clear ablation", dbg.clear_ablation)
         c["branch"] = w.Dropdown(options=[], description="branch", **_fixed(260))
         c["Switch to branch"] = self._button("Switch to branch", lambda: dbg.switch_branch(c["branch"].value))
@@ -102,23 +116,56 @@ class DebuggerUI:
         """Moves on top; the panels in a grid that reflows from one to three columns; settings in tabs."""
         c, v = self.controls, self.views
         row = lambda *names: _row([c[n] for n in names])  # noqa: E731
-        panels = w.GridBox([
-            _panel(v["output"], row("candidates", "Choose")), _panel(v["sampler"]),
-            _panel(v["text"], v["branches"], row("branch", "Switch to branch")), _panel(v["registers"]),
-            _panel(v["memory"], row("watch layer", "watch head"))],
-            layout=w.Layout(grid_template_columns="repeat(auto-fill, minmax(380px, 1fr))", grid_gap="8px"))
-        tabs = w.Tab([
-            row("sample", "temperature", "top-k", "top-p", "min-p", "seed", "repetition penalty"),
-            w.VBox([row("break token", "Break on token", "break p", "Break below p", "break entropy",
-                        "Break above entropy"),
-                    row("break layer", "break op", "Break at op", "Break on lens change", "Break if not greedy",
-                        "Clear breakpoints")]),
-            row("ablate layer", "ablate head", "Ablate head", "Clear ablation"),
-            row("export path", "Export", "Export HTML", "Check vs transformers")],
-            titles=("Sampler", "Breakpoints", "Ablation", "Save & check"))
-        box = w.VBox([w.HTML(STYLE), v["pipeline"], row(*self.MOVES, "cycle n", "Run to cycle", "jump"),
-                      _row([v["counter"], v["message"], v["error"]]), panels, tabs, v["status"]],
-                     layout=w.Layout(min_width="0"))
+        panels = w.GridBox(
+            [
+                _panel(v["output"], row("candidates", "Choose")),
+                _panel(v["sampler"]),
+                _panel(v["text"], v["branches"], row("branch", "Switch to branch")),
+                _panel(v["registers"]),
+                _panel(v["memory"], row("watch layer", "watch head")),
+            ],
+            layout=w.Layout(grid_template_columns="repeat(auto-fill, minmax(380px, 1fr))", grid_gap="8px"),
+        )
+        tabs = w.Tab(
+            [
+                row("sample", "temperature", "top-k", "top-p", "min-p", "seed", "repetition penalty"),
+                w.VBox(
+                    [
+                        row(
+                            "break token",
+                            "Break on token",
+                            "break p",
+                            "Break below p",
+                            "break entropy",
+                            "Break above entropy",
+                        ),
+                        row(
+                            "break layer",
+                            "break op",
+                            "Break at op",
+                            "Break on lens change",
+                            "Break if not greedy",
+                            "Clear breakpoints",
+                        ),
+                    ]
+                ),
+                row("ablate layer", "ablate head", "Ablate head", "Clear ablation"),
+                row("export path", "Export", "Export HTML", "Check vs transformers"),
+            ],
+            titles=("Sampler", "Breakpoints", "Ablation", "Save & check"),
+        )
+        box = w.VBox(
+            [
+                w.HTML(STYLE),
+                v["pipeline"],
+                row(*self.MOVES, "cycle n", "Run to cycle", "jump"),
+                _row([v["counter"], v["message"], v["error"]]),
+                panels,
+                tabs,
+                v["status"],
+            ],
+            layout=w.Layout(min_width="0"),
+        )
         box.add_class("cld-root")
         return box
 
@@ -142,11 +189,17 @@ class DebuggerUI:
         if self._syncing:
             return
         c = self.controls
-        self._call(lambda: self.dbg.set_sampling(
-            do_sample=c["sample"].value, temperature=c["temperature"].value, top_k=c["top-k"].value or None,
-            top_p=None if c["top-p"].value >= 1 else c["top-p"].value, min_p=c["min-p"].value or None,
-            seed=None if c["seed"].value < 0 else c["seed"].value,
-            repetition_penalty=c["repetition penalty"].value))
+        self._call(
+            lambda: self.dbg.set_sampling(
+                do_sample=c["sample"].value,
+                temperature=c["temperature"].value,
+                top_k=c["top-k"].value or None,
+                top_p=None if c["top-p"].value >= 1 else c["top-p"].value,
+                min_p=c["min-p"].value or None,
+                seed=None if c["seed"].value < 0 else c["seed"].value,
+                repetition_penalty=c["repetition penalty"].value,
+            )
+        )
 
     def _on_watch(self, change) -> None:
         if not self._syncing:
@@ -178,15 +231,22 @@ class DebuggerUI:
         self._syncing = True
         try:
             s = dbg.sampling
-            for name, value in (("sample", s.do_sample), ("temperature", s.temperature), ("top-k", s.top_k or 0),
-                                ("top-p", 1.0 if s.top_p is None else s.top_p), ("min-p", s.min_p or 0.0),
-                                ("seed", -1 if s.seed is None else s.seed), ("repetition penalty", s.repetition_penalty)):
+            for name, value in (
+                ("sample", s.do_sample),
+                ("temperature", s.temperature),
+                ("top-k", s.top_k or 0),
+                ("top-p", 1.0 if s.top_p is None else s.top_p),
+                ("min-p", s.min_p or 0.0),
+                ("seed", -1 if s.seed is None else s.seed),
+                ("repetition penalty", s.repetition_penalty),
+            ):
                 c[name].value = value
             options = [(f"{r}: {show_token(t)} ({p:.3f})", r) for r, t, p in dbg.candidates()]
             c["candidates"].options = options
             c["candidates"].value = options[min(1, len(options) - 1)][1] if options else None  # the runner-up
             c["jump"].options = [("jump to…", -1), ("start", 0)] + [
-                (f"{r.cycle + 1}: {show_token(r.token)}", r.cycle + 1) for r in dbg.now.records()]
+                (f"{r.cycle + 1}: {show_token(r.token)}", r.cycle + 1) for r in dbg.now.records()
+            ]
             c["jump"].value = -1
             branches = [(f"{i}: {show_token(b.text[:40])}", i) for i, b in enumerate(dbg.branches)]
             c["branch"].options = branches

@@ -17,10 +17,44 @@ int8 kernel for x86 CPUs without AVX-512; on others torch is faster. So:
 from .build import SOURCE, KernelStatus, KernelsWarning, compiled, status
 from .choice import choice_report
 from .int8 import Int8Linear, is_int8, quantize_symmetric, to_int8
-from .products import (MANY_ROWS, PER_THREAD, f32_conv1d, f32_linear, f32_linears, fused_mix, fused_rms_norm,
-                       fused_rope, fused_scores, fused_softmax, int8_linear, int8_linears, torch_float32)
+from .products import (
+    MANY_ROWS,
+    PER_THREAD,
+    f32_conv1d,
+    f32_linear,
+    f32_linears,
+    fused_mix,
+    fused_rms_norm,
+    fused_rope,
+    fused_scores,
+    fused_softmax,
+    int8_linear,
+    int8_linears,
+    torch_float32,
+)
 
-__all__ = ["SOURCE", "KernelStatus", "KernelsWarning", "choice_report", "compiled", "status", "Int8Linear", "is_int8",
-           "quantize_symmetric", "to_int8", "MANY_ROWS", "PER_THREAD", "f32_conv1d", "f32_linear", "f32_linears",
-           "fused_mix", "fused_rms_norm", "fused_rope", "fused_scores", "fused_softmax", "int8_linear",
-           "int8_linears", "torch_float32"]
+__all__ = [
+    "SOURCE",
+    "KernelStatus",
+    "KernelsWarning",
+    "choice_report",
+    "compiled",
+    "status",
+    "Int8Linear",
+    "is_int8",
+    "quantize_symmetric",
+    "to_int8",
+    "MANY_ROWS",
+    "PER_THREAD",
+    "f32_conv1d",
+    "f32_linear",
+    "f32_linears",
+    "fused_mix",
+    "fused_rms_norm",
+    "fused_rope",
+    "fused_scores",
+    "fused_softmax",
+    "int8_linear",
+    "int8_linears",
+    "torch_float32",
+]

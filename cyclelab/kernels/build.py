@@ -78,8 +78,9 @@ def mode() -> str:
     """``CYCLELAB_KERNELS``: ``auto`` (default), ``own`` or ``torch``."""
     value = os.environ.get("CYCLELAB_KERNELS", "auto").strip().lower() or "auto"
     if value not in MODES:
-        warnings.warn(f"CYCLELAB_KERNELS={value!r} is not one of {', '.join(MODES)}; using 'auto'", KernelsWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"CYCLELAB_KERNELS={value!r} is not one of {', '.join(MODES)}; using 'auto'", KernelsWarning, stacklevel=3
+        )
         return "auto"
     return value
 
@@ -104,9 +105,12 @@ def status() -> KernelStatus:
         return KernelStatus(None, None, "CYCLELAB_KERNELS=torch")
     found = load_or_build(private_folder(), os.environ.get("CC", "cc"))
     if found.library is None:
-        warnings.warn(f"cyclelab's own C kernels are not used: {found.reason}. The engine runs on torch's kernels "
-                      "(the same numbers, more slowly); `cyclelab doctor` shows this again.", KernelsWarning,
-                      stacklevel=2)
+        warnings.warn(
+            f"cyclelab's own C kernels are not used: {found.reason}. The engine runs on torch's kernels "
+            "(the same numbers, more slowly); `cyclelab doctor` shows this again.",
+            KernelsWarning,
+            stacklevel=2,
+        )
     return found
 
 
@@ -116,7 +120,9 @@ def load_or_build(folder: Path, compiler: str) -> KernelStatus:
     if os.name != "posix" or not hasattr(os, "getuid"):
         return KernelStatus(None, None, "no build on this operating system (the kernels are built on Linux and macOS)")
     if not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
-        return KernelStatus(None, None, f"no AVX2 on this CPU (torch reports {torch.backends.cpu.get_cpu_capability()})")
+        return KernelStatus(
+            None, None, f"no AVX2 on this CPU (torch reports {torch.backends.cpu.get_cpu_capability()})"
+        )
     command = shlex.split(compiler)
     if not command or shutil.which(command[0]) is None:
         return KernelStatus(None, None, f"no C compiler ({compiler!r} is not on the PATH; set CC)")
@@ -159,11 +165,15 @@ def verified_folder(folder: Path, *, create: bool = False) -> Path:
     for above in folder.parents:
         info = os.stat(above)
         if info.st_uid not in (uid, 0):
-            raise UnsafeKernels(f"{above}, above the kernels' folder, belongs to uid {info.st_uid}, not to you "
-                                f"(uid {uid}) or root; set CYCLELAB_KERNELS_DIR to a folder of your own")
+            raise UnsafeKernels(
+                f"{above}, above the kernels' folder, belongs to uid {info.st_uid}, not to you "
+                f"(uid {uid}) or root; set CYCLELAB_KERNELS_DIR to a folder of your own"
+            )
         if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
-            raise UnsafeKernels(f"{above}, above the kernels' folder, can be written by other users "
-                                f"(mode {stat.filemode(info.st_mode)}); set CYCLELAB_KERNELS_DIR to a private folder")
+            raise UnsafeKernels(
+                f"{above}, above the kernels' folder, can be written by other users "
+                f"(mode {stat.filemode(info.st_mode)}); set CYCLELAB_KERNELS_DIR to a private folder"
+            )
     return folder
 
 
@@ -253,8 +263,12 @@ def _build(folder: Path, command: list[str], pointer: Path) -> tuple[ctypes.CDLL
         source.write_text(SOURCE)
         errors = []
         for openmp in (["-fopenmp"], []):  # Apple clang has no -fopenmp: one thread, the same sums
-            run = subprocess.run([*command, *FLAGS, *openmp, str(source), "-lm", "-o", str(output)],
-                                 capture_output=True, text=True, timeout=180)
+            run = subprocess.run(
+                [*command, *FLAGS, *openmp, str(source), "-lm", "-o", str(output)],
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
             if run.returncode == 0 and output.exists():
                 break
             errors.append((run.stderr or run.stdout or f"exit {run.returncode}").strip().splitlines()[-1:])

@@ -2,7 +2,8 @@
 
 An own kernel is only worth using where it is faster than torch's *on this machine*: a plain AVX2 loop beats
 torch's GEMV on some CPUs (an AMD EPYC) and loses on others (an AVX-512 Xeon). So in ``CYCLELAB_KERNELS=auto``
-(the default) the first call of each shape times both (the median of a few runs each, taking turns: a few ms)
+(the default) the first call of each shape times both (the fastest of a few runs each, taking turns: a few ms;
+the fastest, not the median, since another process on a shared machine only ever adds time)
 and keeps the faster; the engine is thus never slower than on torch's kernels, to the timing's noise. Each later
 call is one dict lookup. ``own`` forces the own kernels, ``torch`` forces torch's.
 
@@ -18,7 +19,6 @@ import json
 import os
 import platform
 import stat
-import statistics
 import tempfile
 import threading
 import time
@@ -32,7 +32,7 @@ import torch
 from . import build
 
 FAMILIES = {"f32": "float32 GEMV", "int8": "int8 GEMV", "fused": "fused attention/norm/rope"}
-REPEATS = 5  #: timed runs of each side (the median counts), after one warm-up run each
+REPEATS = 7  #: timed runs of each side (the fastest counts), after one warm-up run each
 CACHE_NAME = "choices.json"
 Timer = Callable[[str, Callable[[], object]], float]  # (side: "own" | "torch", run) -> seconds of one run
 
@@ -59,8 +59,12 @@ def cpu_model() -> str:
 
 def machine_key() -> dict:
     """What the timings depend on; a cache made under another key is measured again."""
-    return {"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "source": build.source_digest()}
+    return {
+        "cpu": cpu_model(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "source": build.source_digest(),
+    }
 
 
 class Chooser:
@@ -92,14 +96,15 @@ class Chooser:
             return own_s < torch_s
 
     def measure(self, own: Callable, theirs: Callable) -> tuple[float, float]:
-        """Median seconds of ``own`` and of ``theirs``, run in turns after a warm-up each (fewer runs for slow ones)."""
+        """The fastest seconds of ``own`` and of ``theirs``, run in turns after a warm-up each (fewer runs for slow ones):
+        interference from other processes only ever adds time, so the minimum is the least noisy estimate."""
         warm = self.timer("own", own) + self.timer("torch", theirs)
         repeats = REPEATS if warm < 0.02 else 3
         own_s, torch_s = [], []
         for _ in range(repeats):
             own_s.append(self.timer("own", own))
             torch_s.append(self.timer("torch", theirs))
-        return statistics.median(own_s), statistics.median(torch_s)
+        return min(own_s), min(torch_s)
 
     # --- the cache file ----------------------------------------------------------
     def _key(self) -> dict:
@@ -138,8 +143,12 @@ class Chooser:
         lines = []
         for name, (own_s, torch_s) in sorted(self.timings.items()):
             pick = "own" if own_s < torch_s else "torch"
-            lines.append(f"  {name}: own {own_s * 1e3:.3f} ms, torch {torch_s * 1e3:.3f} ms -> {pick} "
-                         f"(own is {torch_s / own_s:.2f}x torch's speed)" if own_s > 0 else f"  {name}: {pick}")
+            lines.append(
+                f"  {name}: own {own_s * 1e3:.3f} ms, torch {torch_s * 1e3:.3f} ms -> {pick} "
+                f"(own is {torch_s / own_s:.2f}x torch's speed)"
+                if own_s > 0
+                else f"  {name}: {pick}"
+            )
         return lines
 
     def summary(self) -> str:
@@ -150,8 +159,10 @@ class Chooser:
             ratios = [t / o for name, (o, t) in self.timings.items() if name.startswith(family + " ") and o > 0]
             if ratios:
                 own = sum(r > 1 for r in ratios)
-                parts.append(f"{label}: own on {own}/{len(ratios)} shapes (own/torch speed "
-                             f"{min(ratios):.2f}x to {max(ratios):.2f}x)")
+                parts.append(
+                    f"{label}: own on {own}/{len(ratios)} shapes (own/torch speed "
+                    f"{min(ratios):.2f}x to {max(ratios):.2f}x)"
+                )
         return "; ".join(parts) if parts else "nothing measured yet (each shape is timed at its first use)"
 
 
@@ -237,10 +248,17 @@ def choice_report() -> str:
     """What chapter 07 prints: the mode, the machine, and each shape's timings and choice."""
     status, mode = build.status(), _MODE[0] or build.mode()
     key = machine_key()
-    head = (f"kernels: CYCLELAB_KERNELS={mode}; {key['cpu']}, torch {key['torch']}, {key['threads']} threads; "
-            f"own kernels {'built' if status.library is not None else 'not used: ' + status.reason}")
+    head = (
+        f"kernels: CYCLELAB_KERNELS={mode}; {key['cpu']}, torch {key['torch']}, {key['threads']} threads; "
+        f"own kernels {'built' if status.library is not None else 'not used: ' + status.reason}"
+    )
     if mode != "auto" or status.library is None:
-        return head + ("\n  every product runs on the own kernels" if mode == "own" and status.library else
-                       "\n  every product runs on torch's kernels" if status.library is None or mode == "torch" else "")
+        return head + (
+            "\n  every product runs on the own kernels"
+            if mode == "own" and status.library
+            else "\n  every product runs on torch's kernels"
+            if status.library is None or mode == "torch"
+            else ""
+        )
     lines = chooser().report_lines() or ["  nothing measured yet: each shape is timed at its first use"]
     return "\n".join([head + "; each shape timed once, the faster kept:", *lines])

@@ -43,8 +43,10 @@ def quantize_symmetric(w: torch.Tensor, levels: int) -> tuple[torch.Tensor, torc
     finite = torch.isfinite(w)
     if not finite.all():
         rows = (~finite).reshape(-1, w.shape[-1]).any(dim=-1).nonzero().flatten().tolist() if w.dim() else [0]
-        raise ValueError(f"quantize_symmetric: {len(rows)} row(s) hold NaN or inf (the first: row {rows[0]}), "
-                         "which no scale can represent; fix the weights first")
+        raise ValueError(
+            f"quantize_symmetric: {len(rows)} row(s) hold NaN or inf (the first: row {rows[0]}), "
+            "which no scale can represent; fix the weights first"
+        )
     absmax = w.abs().amax(dim=-1, keepdim=True)
     scale = torch.where(absmax > 0, absmax / levels, torch.ones_like(absmax))
     q = torch.round(w / scale).clamp(-levels, levels).to(torch.int8).contiguous()
@@ -72,16 +74,20 @@ def to_int8(model: torch.nn.Module) -> torch.nn.Module:
     params = list(model.parameters())
     if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in params):
         found = sorted({f"{p.dtype} on {p.device}" for p in params})
-        raise ValueError(f"to_int8 needs a float32 model on the CPU (the int8 kernel is a CPU kernel), "
-                         f"got {', '.join(found)}; load it with dtype=torch.float32, device='cpu'")
+        raise ValueError(
+            f"to_int8 needs a float32 model on the CPU (the int8 kernel is a CPU kernel), "
+            f"got {', '.join(found)}; load it with dtype=torch.float32, device='cpu'"
+        )
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             kind = type(child).__name__
             if kind in ("Linear", "Conv1D"):
                 weight = child.weight.detach()
-                setattr(parent, name, _rows_to_int8(weight.t() if kind == "Conv1D" else weight, child.bias))  # Conv1D: (in, out)
+                setattr(
+                    parent, name, _rows_to_int8(weight.t() if kind == "Conv1D" else weight, child.bias)
+                )  # Conv1D: (in, out)
     for p in model.parameters():  # what stays float leaves the weights file's memory map, and the float
-        p.data = p.data.clone()   # matrices' pages go with the map instead of staying resident
+        p.data = p.data.clone()  # matrices' pages go with the map instead of staying resident
     return model
 
 
@@ -90,4 +96,3 @@ def _rows_to_int8(w: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
     if not torch.isfinite(w).all():
         raise ValueError("to_int8: a weight holds inf or NaN, which no scale can represent")
     return Int8Linear(*quantize_symmetric(w, 127), bias)
-

@@ -65,8 +65,17 @@ def _own_f32_linears(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch
     ns = [w.shape[0] for w, _ in layers]
     outs, total = [torch.empty(*x.shape[:-1], n) for n in ns], sum(ns)
     weights, biases, sizes = _weight_arrays(ns, *zip(*layers))
-    _build.compiled().f32_linear(x.data_ptr(), weights, biases, sizes, total, _pointers(outs), x.numel() // x.shape[-1],
-                          x.shape[-1], _threads(x.numel() * total))
+    _build.compiled().f32_linear(
+        x.data_ptr(),
+        weights,
+        biases,
+        sizes,
+        total,
+        _pointers(outs),
+        x.numel() // x.shape[-1],
+        x.shape[-1],
+        _threads(x.numel() * total),
+    )
     return outs
 
 
@@ -90,8 +99,16 @@ def _torch_conv1d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -
 def _own_conv1d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     k, n = w.shape
     out = torch.empty(*x.shape[:-1], n)
-    _build.compiled().f32_conv1d(x.data_ptr(), w.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
-                          x.numel() // k, k, n, _threads(x.numel() * n))
+    _build.compiled().f32_conv1d(
+        x.data_ptr(),
+        w.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        x.numel() // k,
+        k,
+        n,
+        _threads(x.numel() * n),
+    )
     return out
 
 
@@ -159,8 +176,18 @@ def _torch_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 def _own_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     b, h, _, d = q.shape
     scores = torch.empty(b, h, 1, keys.shape[-2])
-    _build.compiled().f32_scores(q.data_ptr(), keys.data_ptr(), scores.data_ptr(), b, h, h // keys.shape[1],
-                          keys.shape[-2], d, keys.stride(0), keys.stride(1))
+    _build.compiled().f32_scores(
+        q.data_ptr(),
+        keys.data_ptr(),
+        scores.data_ptr(),
+        b,
+        h,
+        h // keys.shape[1],
+        keys.shape[-2],
+        d,
+        keys.stride(0),
+        keys.stride(1),
+    )
     return scores
 
 
@@ -180,7 +207,9 @@ def _torch_softmax(scores: torch.Tensor) -> torch.Tensor:
 
 def _own_softmax(scores: torch.Tensor) -> torch.Tensor:
     probs = torch.empty_like(scores)
-    _build.compiled().f32_softmax(scores.data_ptr(), probs.data_ptr(), scores.numel() // scores.shape[-1], scores.shape[-1])
+    _build.compiled().f32_softmax(
+        scores.data_ptr(), probs.data_ptr(), scores.numel() // scores.shape[-1], scores.shape[-1]
+    )
     return probs
 
 
@@ -204,8 +233,18 @@ def _own_mix(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     t = values.shape[-2]
     (b, h), d = probs.shape[:2], values.shape[-1]
     out = torch.empty(b, h, 1, d)
-    _build.compiled().f32_mix(probs.data_ptr(), values.data_ptr(), out.data_ptr(), b, h, h // values.shape[1], t, d,
-                       values.stride(0), values.stride(1))
+    _build.compiled().f32_mix(
+        probs.data_ptr(),
+        values.data_ptr(),
+        out.data_ptr(),
+        b,
+        h,
+        h // values.shape[1],
+        t,
+        d,
+        values.stride(0),
+        values.stride(1),
+    )
     return out
 
 
@@ -296,8 +335,9 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     return int8_linears(x, [(q, scale, bias)])[0]
 
 
-def int8_linears(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
-                 ) -> list[torch.Tensor]:
+def int8_linears(
+    x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+) -> list[torch.Tensor]:
     """:func:`int8_linear` of ``x`` with each ``(q, scale, bias)`` of ``layers``, all the weights read by one C call
     for a few rows (decode) where the own kernel is on and chosen; else torch's weight-only int8 op, and for many
     rows torch's matrix product, each weight dequantized. Bad layers or inputs raise TypeError/ValueError."""
@@ -307,12 +347,19 @@ def int8_linears(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Ten
     if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
         raise TypeError(f"an int8 Linear takes float32 inputs, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() == 0 or x.shape[-1] != width:
-        raise ValueError(f"an int8 Linear of {width} inputs got a tensor of shape {tuple(x.shape)}: "
-                         f"its last dimension must be {width}")
+        raise ValueError(
+            f"an int8 Linear of {width} inputs got a tensor of shape {tuple(x.shape)}: "
+            f"its last dimension must be {width}"
+        )
     rows, ns = x.numel() // width, [q.shape[0] for q, _, _ in layers]
     x = x.contiguous()
-    if rows < MANY_ROWS and _SWITCH.own and x.is_cpu and _build.compiled() is not None and use_own(
-            "int8", (rows, width, *ns), lambda: _own_int8(x, layers, rows), lambda: _torch_int8(x, layers)):
+    if (
+        rows < MANY_ROWS
+        and _SWITCH.own
+        and x.is_cpu
+        and _build.compiled() is not None
+        and use_own("int8", (rows, width, *ns), lambda: _own_int8(x, layers, rows), lambda: _torch_int8(x, layers))
+    ):
         return _own_int8(x, layers, rows)
     return _torch_int8(x, layers)
 
@@ -320,8 +367,15 @@ def int8_linears(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Ten
 def _own_int8(x: torch.Tensor, layers: Sequence, rows: int) -> list[torch.Tensor]:
     ns = [q.shape[0] for q, _, _ in layers]
     outs, total = [torch.empty(*x.shape[:-1], n) for n in ns], sum(ns)
-    _build.compiled().int8_linear(x.data_ptr(), *_weight_arrays(ns, *zip(*layers)), total, _pointers(outs), rows,
-                                  x.shape[-1], _threads(x.numel() * total))
+    _build.compiled().int8_linear(
+        x.data_ptr(),
+        *_weight_arrays(ns, *zip(*layers)),
+        total,
+        _pointers(outs),
+        rows,
+        x.shape[-1],
+        _threads(x.numel() * total),
+    )
     return outs
 
 
@@ -342,19 +396,27 @@ def check_int8_layers(layers: Sequence[tuple[torch.Tensor, torch.Tensor, torch.T
     width = None
     for i, (q, scale, bias) in enumerate(layers):
         if not isinstance(q, torch.Tensor) or q.dtype is not torch.int8:
-            raise TypeError(f"int8 layer {i}: the codes q must be an int8 tensor, got "
-                            f"{getattr(q, 'dtype', type(q).__name__)} (quantize float weights with to_int8 or "
-                            "quantize_symmetric first)")
+            raise TypeError(
+                f"int8 layer {i}: the codes q must be an int8 tensor, got "
+                f"{getattr(q, 'dtype', type(q).__name__)} (quantize float weights with to_int8 or "
+                "quantize_symmetric first)"
+            )
         if q.dim() != 2 or not q.is_contiguous():
-            raise ValueError(f"int8 layer {i}: the codes q must be a contiguous (out, in) matrix, got shape "
-                             f"{tuple(q.shape)}{'' if q.is_contiguous() else ', not contiguous (call .contiguous())'}")
+            raise ValueError(
+                f"int8 layer {i}: the codes q must be a contiguous (out, in) matrix, got shape "
+                f"{tuple(q.shape)}{'' if q.is_contiguous() else ', not contiguous (call .contiguous())'}"
+            )
         if not isinstance(scale, torch.Tensor) or scale.dtype is not torch.float32:
-            raise TypeError(f"int8 layer {i}: the scale must be a float32 tensor, got "
-                            f"{getattr(scale, 'dtype', type(scale).__name__)}")
+            raise TypeError(
+                f"int8 layer {i}: the scale must be a float32 tensor, got "
+                f"{getattr(scale, 'dtype', type(scale).__name__)}"
+            )
         for name, t in (("scale", scale), ("bias", bias)):
             if t is not None and (t.shape != (q.shape[0],) or not t.is_contiguous() or t.dtype is not torch.float32):
-                raise ValueError(f"int8 layer {i}: the {name} must be a contiguous float32 vector of {q.shape[0]} "
-                                 f"values (one per output row), got {t.dtype} of shape {tuple(t.shape)}")
+                raise ValueError(
+                    f"int8 layer {i}: the {name} must be a contiguous float32 vector of {q.shape[0]} "
+                    f"values (one per output row), got {t.dtype} of shape {tuple(t.shape)}"
+                )
         if width is not None and q.shape[1] != width:
             raise ValueError(f"int8 layer {i} takes {q.shape[1]} inputs, layer 0 takes {width}")
         width = q.shape[1]

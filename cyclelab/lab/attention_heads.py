@@ -12,8 +12,7 @@ import math
 
 import torch
 
-from cyclelab.core.attention import (KVCache, attention_mix, attention_scores, causal_mask, merge_heads,  # noqa: F401 (re-exported)
-                     split_heads)
+from cyclelab.core.attention import KVCache, attention_mix, attention_scores, causal_mask, merge_heads, split_heads  # noqa: F401 (re-exported)
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -28,8 +27,10 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) 
     """Shapes ``(…, positions, d)``: q and k share d, k and v share the positions."""
     for name, t in (("q", q), ("k", k)) + ((("v", v),) if v is not None else ()):
         if not isinstance(t, torch.Tensor) or t.dim() < 2:
-            raise ValueError(f"{name} must be a tensor of shape (..., positions, head_dim), got {type(t).__name__} "
-                             f"{tuple(getattr(t, 'shape', ()))}")
+            raise ValueError(
+                f"{name} must be a tensor of shape (..., positions, head_dim), got {type(t).__name__} "
+                f"{tuple(getattr(t, 'shape', ()))}"
+            )
         if t.shape[-2] == 0 or t.shape[-1] == 0:
             raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): attention needs at least one position")
     if q.shape[-1] != k.shape[-1]:
@@ -37,13 +38,17 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) 
     if v is not None and v.shape[-2] != k.shape[-2]:
         raise ValueError(f"k and v must have the same number of positions, got {k.shape[-2]} and {v.shape[-2]}")
     if q.shape[:-2] != k.shape[:-2] or (v is not None and v.shape[:-2] != k.shape[:-2]):
-        raise ValueError(f"q, k and v must share their leading (batch, heads) dimensions, got {tuple(q.shape[:-2])}, "
-                         f"{tuple(k.shape[:-2])}" + (f" and {tuple(v.shape[:-2])}" if v is not None else "")
-                         + " (for grouped-query attention, repeat_kv the keys and values first)")
+        raise ValueError(
+            f"q, k and v must share their leading (batch, heads) dimensions, got {tuple(q.shape[:-2])}, "
+            f"{tuple(k.shape[:-2])}"
+            + (f" and {tuple(v.shape[:-2])}" if v is not None else "")
+            + " (for grouped-query attention, repeat_kv the keys and values first)"
+        )
 
 
-def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                                 scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def scaled_dot_product_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention in its four textbook steps; returns ``(output, probs)``.
 
     1. scores ``q @ kᵀ`` (one per query-key pair), 2. times ``scale`` (default ``1/sqrt(d)``),
@@ -123,8 +128,15 @@ def kv_cache_growth(engine, prompt, max_new_tokens: int = 8) -> list[dict]:
     for event in engine.run(prompt, max_new_tokens=max_new_tokens, stop_at_eos=False):
         if event.op == "append":
             record = event.info["record"]
-            rows.append({"cycle": event.cycle, "token": record.token, "fed": record.n_inputs,
-                         "positions": len(engine.cache), "bytes": engine.cache.nbytes()})
+            rows.append(
+                {
+                    "cycle": event.cycle,
+                    "token": record.token,
+                    "fed": record.n_inputs,
+                    "positions": len(engine.cache),
+                    "bytes": engine.cache.nbytes(),
+                }
+            )
     return rows
 
 
@@ -144,8 +156,10 @@ def attention_maps(engine, ids) -> list[torch.Tensor]:
 
 def _square_probs(probs: torch.Tensor) -> torch.Tensor:
     if not isinstance(probs, torch.Tensor) or probs.dim() < 2 or probs.shape[-1] != probs.shape[-2]:
-        raise ValueError(f"probs must be (..., T, T) attention of T queries over the same T keys, "
-                         f"got {tuple(getattr(probs, 'shape', ()))}")
+        raise ValueError(
+            f"probs must be (..., T, T) attention of T queries over the same T keys, "
+            f"got {tuple(getattr(probs, 'shape', ()))}"
+        )
     if probs.shape[-1] < 2:
         raise ValueError("a score needs at least 2 positions (row 0 can only attend to itself)")
     return probs.float()

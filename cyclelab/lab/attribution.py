@@ -50,8 +50,10 @@ def target_prob(loaded: Loaded, target: int) -> ProbFn:
 
 def _check_input(x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[0] != 1 or not x.is_floating_point():
-        raise ValueError(f"the input must be ONE sequence of embeddings, a float tensor (1, positions, width); got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        raise ValueError(
+            f"the input must be ONE sequence of embeddings, a float tensor (1, positions, width); got "
+            f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+        )
 
 
 def occlusion(f: ProbFn, x: torch.Tensor) -> torch.Tensor:
@@ -78,8 +80,9 @@ def gradient_x_input(f: ProbFn, x: torch.Tensor) -> torch.Tensor:
     return (_gradient(f, x) * x)[0].sum(-1)
 
 
-def integrated_gradients(f: ProbFn, x: torch.Tensor, baseline: torch.Tensor | None = None,
-                         steps: int = 16) -> torch.Tensor:
+def integrated_gradients(
+    f: ProbFn, x: torch.Tensor, baseline: torch.Tensor | None = None, steps: int = 16
+) -> torch.Tensor:
     """``(x - baseline) ×`` the mean gradient at the midpoints ``baseline + (k + ½)/steps · (x - baseline)``,
     ``(positions, width)`` (captum's ``riemann_middle``). Baseline: zeros."""
     _check_input(x)
@@ -101,14 +104,18 @@ def shaded_text(tokens: Sequence[str], scores: torch.Tensor | Sequence[float], l
         raise ValueError(f"{len(tokens)} tokens but {len(scores)} scores: give one score per token")
     bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
     if bad:
-        raise ValueError(f"score {bad[0]} is {scores[bad[0]]}: shading needs finite scores (a NaN or infinity "
-                         "usually means the attribution overflowed; check the model and the target)")
+        raise ValueError(
+            f"score {bad[0]} is {scores[bad[0]]}: shading needs finite scores (a NaN or infinity "
+            "usually means the attribution overflowed; check the model and the target)"
+        )
     top = max(map(abs, scores), default=0.0) or 1.0
     spans = []
     for token, s in zip(tokens, scores):
         rgb = "214,39,40" if s >= 0 else "31,119,180"
-        spans.append(f'<span title="{s:+.4g}" style="background:rgba({rgb},{abs(s) / top:.2f});white-space:pre;'
-                     f'padding:1px 0;border-radius:2px">{html.escape(token)}</span>')
+        spans.append(
+            f'<span title="{s:+.4g}" style="background:rgba({rgb},{abs(s) / top:.2f});white-space:pre;'
+            f'padding:1px 0;border-radius:2px">{html.escape(token)}</span>'
+        )
     head = f'<b style="display:inline-block;min-width:11em">{html.escape(label)}</b>' if label else ""
     return f'<div style="font-family:monospace;line-height:1.9">{head}{"".join(spans)}</div>'
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cyclelab.core.events import Trace, show_token
 from cyclelab.core.engine import Engine
+from cyclelab.core.events import Trace, show_token
 
 
 @dataclass
@@ -45,7 +45,7 @@ def cycle_logits(engine: Engine, trace: Trace) -> torch.Tensor:
     if not trace.records:
         raise ValueError("the trace has no generated tokens to compare")
     logits, _ = engine.run_with_cache(trace.all_ids[:-1], names=())  # (1, positions, vocab)
-    return logits[0, len(trace.prompt_ids) - 1:]
+    return logits[0, len(trace.prompt_ids) - 1 :]
 
 
 def compare_runs(before: Engine, after: Engine, trace: Trace, movers: int = 3) -> list[Shift]:
@@ -55,8 +55,10 @@ def compare_runs(before: Engine, after: Engine, trace: Trace, movers: int = 3) -
     if movers < 1:
         raise ValueError(f"movers must be at least 1, got {movers}")
     if before.vocab_size != after.vocab_size:
-        raise ValueError(f"the models' vocabularies differ ({before.vocab_size} vs {after.vocab_size} tokens): "
-                         "compare two versions of one model (same tokenizer and vocabulary)")
+        raise ValueError(
+            f"the models' vocabularies differ ({before.vocab_size} vs {after.vocab_size} tokens): "
+            "compare two versions of one model (same tokenizer and vocabulary)"
+        )
     before.check_trace(trace, "tokenizer")
     after.check_trace(trace, "tokenizer")
     p_before = torch.softmax(cycle_logits(before, trace).float(), -1)  # (cycles, vocab)
@@ -64,8 +66,16 @@ def compare_runs(before: Engine, after: Engine, trace: Trace, movers: int = 3) -
     moved = torch.topk((p_after - p_before).abs(), min(movers, p_before.shape[-1]), dim=-1).indices
     shifts, text = [], before.token_text
     for record, old, new, top in zip(trace.records, p_before, p_after, moved.tolist()):
-        shifts.append(Shift(record.cycle, record.token, float(old[record.token_id]), float(new[record.token_id]),
-                            text(int(new.argmax())), [(text(i), float(old[i]), float(new[i])) for i in top]))
+        shifts.append(
+            Shift(
+                record.cycle,
+                record.token,
+                float(old[record.token_id]),
+                float(new[record.token_id]),
+                text(int(new.argmax())),
+                [(text(i), float(old[i]), float(new[i])) for i in top],
+            )
+        )
     return shifts
 
 
@@ -80,8 +90,10 @@ def format_shifts(shifts: list[Shift], digits: int = 3) -> str:
     lines = [f"{'cycle':>5}  {'token':<12} {'before':>7} {'after':>7}  {'after picks':<12} most moved"]
     for s in shifts:
         moved = "  ".join(f"{show_token(t)} {b:.{digits}f}→{a:.{digits}f}" for t, b, a in s.movers)
-        lines.append(f"{s.cycle:>5}  {show_token(s.token):<12} {s.before:>7.{digits}f} {s.after:>7.{digits}f}  "
-                     f"{show_token(s.after_choice):<12} {moved}")
+        lines.append(
+            f"{s.cycle:>5}  {show_token(s.token):<12} {s.before:>7.{digits}f} {s.after:>7.{digits}f}  "
+            f"{show_token(s.after_choice):<12} {moved}"
+        )
     return "\n".join(lines)
 
 

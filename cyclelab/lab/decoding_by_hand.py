@@ -19,7 +19,6 @@ import torch
 from cyclelab.lab.forward_by_hand import figure_token as _show
 from cyclelab.lab.ngram import NGramLM
 
-
 # ------------------------------------------------------------------ the sampler, stage by stage
 
 
@@ -99,8 +98,9 @@ def encode_split(tokenizer, split: str, limit: int | None = None, cache: bool = 
     return [int(i) for i in (ids if limit is None else ids[:limit])]
 
 
-def pick_k(n: int, train_ids: Sequence[int], vocab_size: int, ks: Sequence[float],
-           tune_fraction: float = 0.1) -> tuple[float, dict[float, float]]:
+def pick_k(
+    n: int, train_ids: Sequence[int], vocab_size: int, ks: Sequence[float], tune_fraction: float = 0.1
+) -> tuple[float, dict[float, float]]:
     """Choose the add-k constant of an ``n``-gram model without touching held-out data.
 
     The model is fitted on the first ``1 - tune_fraction`` of ``train_ids`` and scored on the rest
@@ -169,7 +169,7 @@ def masked_vs_causal(causal, masked, ids: Sequence[int], window: int = 64, every
     ids = list(ids)
     stats = {name: {"hits": 0, "nll": 0.0, "tokens": 0} for name in ("causal", "masked")}
     for start in range(0, len(ids) - window + 1, window):
-        chunk = torch.tensor(ids[start:start + window])
+        chunk = torch.tensor(ids[start : start + window])
         positions = list(range(every, window, every))
         targets = chunk[positions]
         hidden = chunk.repeat(len(positions), 1)
@@ -177,15 +177,23 @@ def masked_vs_causal(causal, masked, ids: Sequence[int], window: int = 64, every
         with torch.no_grad():
             left = torch.log_softmax(causal.model(chunk[None].to(causal.device)).logits[0].float().cpu(), -1)
             both = torch.log_softmax(masked.model(hidden.to(masked.device)).logits.float().cpu(), -1)
-        for name, logp in (("causal", left[[p - 1 for p in positions]]),  # position p is predicted at p - 1
-                           ("masked", both[range(len(positions)), positions])):
+        for name, logp in (
+            ("causal", left[[p - 1 for p in positions]]),  # position p is predicted at p - 1
+            ("masked", both[range(len(positions)), positions]),
+        ):
             stats[name]["hits"] += int((logp.argmax(-1) == targets).sum())
             stats[name]["nll"] -= float(logp.gather(-1, targets[:, None]).sum())
             stats[name]["tokens"] += len(positions)
     if not stats["causal"]["tokens"]:
         raise ValueError(f"need at least one window of {window} tokens, got {len(ids)} ids")
-    return {name: {"accuracy": s["hits"] / s["tokens"], "perplexity": math.exp(s["nll"] / s["tokens"]),
-                   "tokens": s["tokens"]} for name, s in stats.items()}
+    return {
+        name: {
+            "accuracy": s["hits"] / s["tokens"],
+            "perplexity": math.exp(s["nll"] / s["tokens"]),
+            "tokens": s["tokens"],
+        }
+        for name, s in stats.items()
+    }
 
 
 def plot_visibility(tokens: Sequence[str], causal: bool, ax=None, hidden: int | None = None, title: str = ""):
@@ -219,5 +227,14 @@ def bits_per_token(perplexity: float) -> float:
     return math.log2(perplexity)
 
 
-__all__ = ["bits_per_token", "encode_split", "entropy_nats", "fill_mask", "masked_vs_causal", "pick_k", "plot_pipeline",
-           "plot_visibility", "sample_ngram_text"]
+__all__ = [
+    "bits_per_token",
+    "encode_split",
+    "entropy_nats",
+    "fill_mask",
+    "masked_vs_causal",
+    "pick_k",
+    "plot_pipeline",
+    "plot_visibility",
+    "sample_ngram_text",
+]

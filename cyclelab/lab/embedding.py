@@ -28,8 +28,10 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     and 0 for padding; the result is (batch, width).
     """
     if hidden.dim() != 3 or mask.shape != hidden.shape[:2]:
-        raise ValueError(f"need hidden (batch, tokens, width) and mask (batch, tokens), got {tuple(hidden.shape)} "
-                         f"and {tuple(mask.shape)}")
+        raise ValueError(
+            f"need hidden (batch, tokens, width) and mask (batch, tokens), got {tuple(hidden.shape)} "
+            f"and {tuple(mask.shape)}"
+        )
     weights = mask.unsqueeze(-1).to(hidden.dtype)  # (batch, tokens, 1): 0 silences the padding
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
 
@@ -56,7 +58,9 @@ def embedding_matrix(loaded) -> torch.Tensor:
 def _check_lookup(weight: torch.Tensor, ids) -> torch.Tensor:
     """Validate ``weight`` (vocab, width) and integer ``ids``; return ids as a long tensor."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"the embedding matrix must be 2-D (vocab, width), got shape {tuple(getattr(weight, 'shape', ()))}")
+        raise ValueError(
+            f"the embedding matrix must be 2-D (vocab, width), got shape {tuple(getattr(weight, 'shape', ()))}"
+        )
     ids = torch.as_tensor(ids)
     if ids.numel() == 0:
         raise ValueError("no token ids given: look up at least one id")
@@ -116,10 +120,14 @@ def _rope_angles_for(x: torch.Tensor, positions, inv_freq: torch.Tensor) -> torc
     """Check ``x`` (…, positions, head_dim) against ``positions`` and ``inv_freq``; return the angles (float64)."""
     positions = torch.as_tensor(positions)
     if x.shape[-1] != 2 * inv_freq.shape[0]:
-        raise ValueError(f"vectors of size {x.shape[-1]} do not match {inv_freq.shape[0]} RoPE frequencies "
-                         f"(need head_dim = {2 * inv_freq.shape[0]})")
+        raise ValueError(
+            f"vectors of size {x.shape[-1]} do not match {inv_freq.shape[0]} RoPE frequencies "
+            f"(need head_dim = {2 * inv_freq.shape[0]})"
+        )
     if positions.dim() != 1 or x.dim() < 2 or x.shape[-2] != positions.numel():
-        raise ValueError(f"x must be (..., positions, head_dim) with {positions.numel()} positions, got {tuple(x.shape)}")
+        raise ValueError(
+            f"x must be (..., positions, head_dim) with {positions.numel()} positions, got {tuple(x.shape)}"
+        )
     return rope_angles(positions, inv_freq).to(x.device)  # float64: exact enough for far positions
 
 
@@ -186,20 +194,38 @@ def plot_rope_angles(inv_freq: torch.Tensor, n_positions: int = 64, pairs=(0, 4,
     angles = rope_angles(torch.arange(n_positions), inv_freq)
     for i in pairs:
         a = angles[:, i]
-        line, = ax[0].plot(a.cos(), a.sin(), "o-", ms=3, lw=0.6, label=f"pair {i}")
+        (line,) = ax[0].plot(a.cos(), a.sin(), "o-", ms=3, lw=0.6, label=f"pair {i}")
         ax[0].plot(a.cos()[:1], a.sin()[:1], "k*", ms=10)
         wrapped = torch.atan2(a.sin(), a.cos())
-        ax[1].plot(range(n_positions), wrapped, ".", ms=4, color=line.get_color(),
-                   label=f"pair {i}: {float(inv_freq[i]):.3g} rad/position")
-    ax[0].set(aspect="equal", title="a pair's point as the position grows (★ = position 0)", xlabel="x[i]", ylabel="x[i + d/2]")
+        ax[1].plot(
+            range(n_positions),
+            wrapped,
+            ".",
+            ms=4,
+            color=line.get_color(),
+            label=f"pair {i}: {float(inv_freq[i]):.3g} rad/position",
+        )
+    ax[0].set(
+        aspect="equal",
+        title="a pair's point as the position grows (★ = position 0)",
+        xlabel="x[i]",
+        ylabel="x[i + d/2]",
+    )
     ax[1].set(xlabel="position", ylabel="angle (radians, wrapped)", title="angle of each pair against position")
     ax[0].legend(fontsize=7, loc="center")
     ax[1].legend(fontsize=7, loc="lower right")
     return ax
 
 
-def plot_similarity(matrix: torch.Tensor, labels=None, ax=None, title: str = "", vmin: float | None = None,
-                    vmax: float | None = None, cmap: str = "viridis"):
+def plot_similarity(
+    matrix: torch.Tensor,
+    labels=None,
+    ax=None,
+    title: str = "",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    cmap: str = "viridis",
+):
     """A heatmap of a square similarity matrix, with optional row/column labels."""
     import matplotlib.pyplot as plt
 

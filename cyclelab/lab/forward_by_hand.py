@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from cyclelab.lab.attention_heads import merge_heads, scaled_dot_product_attention, split_heads
 from cyclelab.core.events import Trace, show_token
 from cyclelab.core.norms import layer_norm, rms_norm  # noqa: F401 (the norms the engine runs, re-exported for the chapter)
+from cyclelab.lab.attention_heads import merge_heads, scaled_dot_product_attention, split_heads
 
 # ------------------------------------------------------------------ activations and MLPs
 
@@ -84,7 +84,6 @@ def project_out(out: torch.Tensor, attn) -> torch.Tensor:
     return conv1d(merge_heads(out), attn.c_proj)
 
 
-
 ORDERS = ("pre", "post", "none")  #: where a sublayer's norm sits, and whether it has a residual path
 
 
@@ -122,6 +121,7 @@ def stack_gradients(order: str, depth: int, width: int = 64, batch: int = 16, se
         x = sublayer(x, lambda h, w=w: torch.nn.functional.gelu(h @ w.T), norm, order)
     ((x * target).sum() / batch).backward()
     return [float(w.grad.norm()) for w in weights]
+
 
 # ------------------------------------------------------------------ the residual stream and the logit lens
 
@@ -169,8 +169,11 @@ def logit_lens(engine, prompt, k: int = 3, embedding: bool = True) -> list[LensR
     for li in range(stream.shape[0]):
         for pos in range(stream.shape[1]):
             ids = [int(i) for i in top.indices[li, pos]]
-            rows.append(LensRow(li + first, pos, ids, [engine.token_text(i) for i in ids],
-                                [float(p) for p in top.values[li, pos]]))
+            rows.append(
+                LensRow(
+                    li + first, pos, ids, [engine.token_text(i) for i in ids], [float(p) for p in top.values[li, pos]]
+                )
+            )
     return rows
 
 
@@ -197,8 +200,15 @@ def plot_logit_lens(rows: list[LensRow], tokens: list[str], ax=None, title: str 
     image = ax.imshow(grid, cmap="Greens", vmin=0, vmax=1, aspect="auto", origin="lower")
     for r in rows:
         y = layers.index(r.layer)
-        ax.text(r.position, y, figure_token(r.tokens[0])[:8], ha="center", va="center", fontsize=fontsize,
-                color="white" if r.probs[0] > 0.6 else "black")
+        ax.text(
+            r.position,
+            y,
+            figure_token(r.tokens[0])[:8],
+            ha="center",
+            va="center",
+            fontsize=fontsize,
+            color="white" if r.probs[0] > 0.6 else "black",
+        )
         if r.position + 1 < len(tokens) and r.tokens[0] == tokens[r.position + 1]:
             ax.add_patch(plt.Rectangle((r.position - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="#C44E52", lw=1.2))
     ax.set_xticks(range(n_pos), [figure_token(t) for t in tokens[:n_pos]], rotation=60, fontsize=fontsize)
@@ -226,8 +236,11 @@ def plot_residual_norms(norms: dict[str, torch.Tensor], ax=None):
         ax.plot(depth, median, "o-", color=colour, ms=3, label=f"{name} ({norm.shape[0] - 1} layers): median position")
         ax.plot(depth, norm[:, 0], "--", color=colour, label=f"{name}: position 0")
     ax.set_yscale("log")
-    ax.set(xlabel="depth (0 = embedding, 1 = after the last block)", ylabel="‖x‖ (log scale)",
-           title="The residual stream grows as the layers write into it")
+    ax.set(
+        xlabel="depth (0 = embedding, 1 = after the last block)",
+        ylabel="‖x‖ (log scale)",
+        title="The residual stream grows as the layers write into it",
+    )
     ax.legend(fontsize=7)
     return ax
 
@@ -283,13 +296,21 @@ def per_token_costs(trace: Trace) -> dict[str, dict[str, float]]:
     (the later cycles: one token each), and their arithmetic intensity (FLOPs per byte)."""
     out = {}
     n_prompt = len(trace.prompt_ids)
-    for name, cycles, tokens in (("prefill", slice(0, 1), n_prompt), ("decode", slice(1, None), len(trace.records) - 1)):
+    for name, cycles, tokens in (
+        ("prefill", slice(0, 1), n_prompt),
+        ("decode", slice(1, None), len(trace.records) - 1),
+    ):
         if tokens < 1:
             continue
         rows = cost_table(trace, cycles, by_layer=False)
         flops, nbytes = sum(r.flops for r in rows), sum(r.bytes for r in rows)
-        out[name] = {"tokens": tokens, "flops": flops / tokens, "bytes": nbytes / tokens,
-                     "seconds": sum(r.seconds for r in rows) / tokens, "flops_per_byte": flops / max(nbytes, 1)}
+        out[name] = {
+            "tokens": tokens,
+            "flops": flops / tokens,
+            "bytes": nbytes / tokens,
+            "seconds": sum(r.seconds for r in rows) / tokens,
+            "flops_per_byte": flops / max(nbytes, 1),
+        }
     return out
 
 
@@ -312,8 +333,10 @@ def format_cost_table(rows: list[CostRow], per: int = 1, times: bool = True) -> 
     lines = [head + (f" {'ms':>7} {'share':>6}" if times else "")]
     for r in rows:
         layer = "all" if r.layer is None else str(r.layer)
-        line = (f"{r.op:<14} {layer:>5} {r.stage:<9} {r.flops / per / 1e6:>9.3f} {r.flops / total_f:>6.1%} "
-                f"{r.bytes / per / 1e3:>9.1f}")
+        line = (
+            f"{r.op:<14} {layer:>5} {r.stage:<9} {r.flops / per / 1e6:>9.3f} {r.flops / total_f:>6.1%} "
+            f"{r.bytes / per / 1e3:>9.1f}"
+        )
         if times:
             line += f" {r.seconds / per * 1e3:>7.3f} {r.seconds / total_s:>6.1%}"
         lines.append(line)
@@ -335,8 +358,13 @@ def plot_cost_breakdown(trace: Trace, axes=None):
             rows = {r.op: r for r in cost_table(trace, cycles, by_layer=False)}
             total = sum(getattr(rows[o], what) for o in ops if o in rows) or 1
             shares = [getattr(rows[o], what) / total if o in rows else 0 for o in ops]
-            ax.barh([i + (j - (len(phases) - 1) / 2) * width for i in range(len(ops))], shares, height=width,
-                    label=phase, color=("#4C72B0", "#C44E52")[j])
+            ax.barh(
+                [i + (j - (len(phases) - 1) / 2) * width for i in range(len(ops))],
+                shares,
+                height=width,
+                label=phase,
+                color=("#4C72B0", "#C44E52")[j],
+            )
         ax.set_yticks(range(len(ops)), ops, fontsize=8)
         ax.set(xlabel=label)
         ax.xaxis.set_major_locator(plt.matplotlib.ticker.MaxNLocator(nbins=6, steps=[1, 2, 5, 10]))
@@ -348,7 +376,29 @@ def plot_cost_breakdown(trace: Trace, axes=None):
     return axes
 
 
-__all__ = ["CostRow", "LensRow", "conv1d", "cost_table", "figure_token", "format_cost_table", "gelu", "gelu_mlp",
-           "layer_norm", "logit_lens", "matmul_parameters", "per_token_costs", "plot_cost_breakdown", "plot_logit_lens",
-           "plot_residual_norms", "project_out", "project_qkv", "residual_stream", "rms_norm", "self_attention", "silu",
-           "stack_gradients", "sublayer", "swiglu_mlp"]
+__all__ = [
+    "CostRow",
+    "LensRow",
+    "conv1d",
+    "cost_table",
+    "figure_token",
+    "format_cost_table",
+    "gelu",
+    "gelu_mlp",
+    "layer_norm",
+    "logit_lens",
+    "matmul_parameters",
+    "per_token_costs",
+    "plot_cost_breakdown",
+    "plot_logit_lens",
+    "plot_residual_norms",
+    "project_out",
+    "project_qkv",
+    "residual_stream",
+    "rms_norm",
+    "self_attention",
+    "silu",
+    "stack_gradients",
+    "sublayer",
+    "swiglu_mlp",
+]

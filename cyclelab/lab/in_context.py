@@ -28,8 +28,10 @@ LABELS: dict[str, dict[str, str]] = {
 
 def instruction(labels: Mapping[str, str]) -> str:
     """The task's first line, naming the answers allowed (with the play each stands for when it is not the title)."""
-    names = [label if label.lower() == TITLES.get(play, label).lower() else f"{label} ({TITLES.get(play, play)})"
-             for play, label in labels.items()]
+    names = [
+        label if label.lower() == TITLES.get(play, label).lower() else f"{label} ({TITLES.get(play, play)})"
+        for play, label in labels.items()
+    ]
     return "Which play is each character from? " + ", ".join(names) + "?\n\n"
 
 
@@ -57,7 +59,9 @@ def first_tokens(engine: Engine, labels: Sequence[str]) -> list[int]:
     """The first token of each label as it follows ``"Play:"`` (with its leading space); distinct or ValueError."""
     firsts = [engine.tokenizer.encode(" " + label, add_special_tokens=False)[0] for label in labels]
     if len(set(firsts)) < len(firsts):
-        raise ValueError(f"two labels of {list(labels)} start with the same token: the first token cannot tell them apart")
+        raise ValueError(
+            f"two labels of {list(labels)} start with the same token: the first token cannot tell them apart"
+        )
     return firsts
 
 
@@ -95,10 +99,20 @@ def _shared_length(rows: list[list[int]]) -> int:
 def accuracy(probs: torch.Tensor, truth: Sequence[int]) -> int:
     """How many rows of ``probs`` have their largest value at the right column ``truth[row]`` (a count)."""
     if probs.dim() != 2 or len(truth) != probs.shape[0]:
-        raise ValueError(f"need probs (queries, labels) and one right label per query, got {tuple(probs.shape)} "
-                         f"and {len(truth)} labels")
+        raise ValueError(
+            f"need probs (queries, labels) and one right label per query, got {tuple(probs.shape)} "
+            f"and {len(truth)} labels"
+        )
     return int((probs.argmax(-1) == torch.as_tensor(list(truth))).sum())
 
 
-__all__ = ["LABELS", "accuracy", "few_shot_prefix", "first_tokens", "instruction", "label_probs", "query",
-           "sample_shots"]
+__all__ = [
+    "LABELS",
+    "accuracy",
+    "few_shot_prefix",
+    "first_tokens",
+    "instruction",
+    "label_probs",
+    "query",
+    "sample_shots",
+]

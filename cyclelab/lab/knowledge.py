@@ -14,24 +14,57 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from cyclelab.loading import corpus as data
 from cyclelab.lab.embedding import sentence_embeddings
+from cyclelab.loading import corpus as data
 
 #: Speaker tags that name a role, not a character (a crowd, a stage function): left out of the graph.
-GENERIC = frozenset({"ALL", "BOTH", "LORD", "LORDS", "SERVANT", "SERVANTS", "MESSENGER", "SOLDIER", "SOLDIERS",
-                     "ATTENDANT", "GENTLEMAN", "GENTLEWOMAN", "OFFICER", "CITIZEN", "SONG", "PAGE", "BOY", "SON",
-                     "MURDERER", "MURDERERS", "WITCH", "WITCHES"})
+GENERIC = frozenset(
+    {
+        "ALL",
+        "BOTH",
+        "LORD",
+        "LORDS",
+        "SERVANT",
+        "SERVANTS",
+        "MESSENGER",
+        "SOLDIER",
+        "SOLDIERS",
+        "ATTENDANT",
+        "GENTLEMAN",
+        "GENTLEWOMAN",
+        "OFFICER",
+        "CITIZEN",
+        "SONG",
+        "PAGE",
+        "BOY",
+        "SON",
+        "MURDERER",
+        "MURDERERS",
+        "WITCH",
+        "WITCHES",
+    }
+)
 #: How the plays are called in a sentence, for the ones the chapter asks about (each title starts with its own
 #: token). Hamlet and King Lear are left out: their texts tag speakers by abbreviations ("HAM.", "GLOU.").
-TITLES = {"macbeth": "Macbeth", "othello": "Othello", "tempest": "The Tempest", "julius_caesar": "Julius Caesar",
-          "twelfth_night": "Twelfth Night", "romeo_and_juliet": "Romeo and Juliet"}
+TITLES = {
+    "macbeth": "Macbeth",
+    "othello": "Othello",
+    "tempest": "The Tempest",
+    "julius_caesar": "Julius Caesar",
+    "twelfth_night": "Twelfth Night",
+    "romeo_and_juliet": "Romeo and Juliet",
+}
 
 
 def is_character(name: str) -> bool:
     """False for crowds and stage roles ("ALL", "FIRST MURDERER", "SERVANT"): names no one is called by."""
     words = name.split()
-    return bool(words) and name not in GENERIC and words[-1] not in GENERIC and not (
-        words[0] in {"FIRST", "SECOND", "THIRD", "FOURTH", "1", "2", "3", "4", "BOTH"})
+    return (
+        bool(words)
+        and name not in GENERIC
+        and words[-1] not in GENERIC
+        and words[0] not in {"FIRST", "SECOND", "THIRD", "FOURTH", "1", "2", "3", "4", "BOTH"}
+    )
 
 
 def character_graph(plays: Iterable[str]) -> dict[str, set[str]]:
@@ -70,8 +103,11 @@ def play_edges(plays: Iterable[str]) -> list[Edge]:
         for label, speeches in data.scenes(play):
             order = [name for name, _ in speeches]
             edges += [(name, "appears in", f"{play} {label}") for name in dict.fromkeys(order) if is_character(name)]
-            pairs += [(min(a, b), "speaks to", max(a, b)) for a, b in zip(order, order[1:])
-                      if a != b and is_character(a) and is_character(b)]
+            pairs += [
+                (min(a, b), "speaks to", max(a, b))
+                for a, b in zip(order, order[1:])
+                if a != b and is_character(a) and is_character(b)
+            ]
         edges += list(dict.fromkeys(pairs))
     return edges
 
@@ -119,5 +155,17 @@ def question_for(character: str) -> str:
     return f"Q: In which Shakespeare play does {character.title()} appear?\nA: In"
 
 
-__all__ = ["GENERIC", "TITLES", "Edge", "character_graph", "fact_sentence", "facts_about",
-           "facts_prompt", "is_character", "lookup", "nearest_facts", "play_edges", "question_for"]
+__all__ = [
+    "GENERIC",
+    "TITLES",
+    "Edge",
+    "character_graph",
+    "fact_sentence",
+    "facts_about",
+    "facts_prompt",
+    "is_character",
+    "lookup",
+    "nearest_facts",
+    "play_edges",
+    "question_for",
+]

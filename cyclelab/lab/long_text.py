@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cyclelab.loading import corpus as data
 from cyclelab.lab.embedding import mean_pool
+from cyclelab.loading import corpus as data
 
 
 def _positive_int(value, name: str) -> None:
@@ -34,8 +34,10 @@ def chunk_spans(n: int, size: int, overlap: int) -> list[tuple[int, int]]:
     _positive_int(n, "n (the number of tokens)")
     _positive_int(size, "size")
     if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < size:
-        raise ValueError(f"overlap must be an int in [0, size) = [0, {size}), not {overlap!r}: "
-                         "windows that overlap fully would never move")
+        raise ValueError(
+            f"overlap must be an int in [0, size) = [0, {size}), not {overlap!r}: "
+            "windows that overlap fully would never move"
+        )
     spans, start = [], 0
     while True:
         spans.append((start, min(start + size, n)))
@@ -68,15 +70,16 @@ def chunk_embeddings(loaded, text: str, size: int = 512, overlap: int = 64, batc
     tok = loaded.tokenizer
     limit = loaded.model.config.max_position_embeddings
     if not 3 <= size <= limit:
-        raise ValueError(f"size must be in [3, {limit}]: {loaded.name} reads at most {limit} tokens, "
-                         "two of them [CLS] and [SEP]")
+        raise ValueError(
+            f"size must be in [3, {limit}]: {loaded.name} reads at most {limit} tokens, two of them [CLS] and [SEP]"
+        )
     ids = tok(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError("text has no tokens: give a non-empty text")
     pieces = [[tok.cls_token_id, *ids[s:e], tok.sep_token_id] for s, e in chunk_spans(len(ids), size - 2, overlap)]
     vectors = []
     for i in range(0, len(pieces), batch):
-        enc = tok.pad({"input_ids": pieces[i:i + batch]}, return_tensors="pt").to(loaded.device)
+        enc = tok.pad({"input_ids": pieces[i : i + batch]}, return_tensors="pt").to(loaded.device)
         hidden = loaded.model(**enc).last_hidden_state
         vectors.append(F.normalize(mean_pool(hidden, enc["attention_mask"]), dim=-1))
     return torch.cat(vectors).cpu()
@@ -127,15 +130,16 @@ def window_nll(model: nn.Module, ids: torch.Tensor, window: int, stride: int) ->
         raise ValueError(f"ids must be one sequence of at least 2 tokens, got shape {tuple(ids.shape)}")
     _positive_int(stride, "stride")
     if isinstance(window, bool) or not isinstance(window, int) or not stride <= window <= model.config.n_positions:
-        raise ValueError(f"window must be an int in [stride, {model.config.n_positions}] (the model's context), "
-                         f"not {window!r}")
+        raise ValueError(
+            f"window must be an int in [stride, {model.config.n_positions}] (the model's context), not {window!r}"
+        )
     ids = ids.to(next(model.parameters()).device)
     nll, scored, computed, done = 0.0, 0, 0, 1  # token 0 has nothing before it
     for start, end in chunk_spans(len(ids), window, window - stride):
         first = max(done, start + 1)  # the first token this window predicts
         if first < end:
             logits = model(ids[start:end][None]).logits[0].float()
-            logp = F.log_softmax(logits[first - start - 1:end - start - 1], -1)
+            logp = F.log_softmax(logits[first - start - 1 : end - start - 1], -1)
             nll -= float(logp.gather(-1, ids[first:end, None]).sum())
             scored, computed = scored + end - first, computed + end - start
         done = end

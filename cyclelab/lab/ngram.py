@@ -60,7 +60,7 @@ class NGramLM:
         self._check_ids(ids, "context")
         if len(ids) < self.n - 1:
             raise ValueError(f"a {self.n}-gram model needs at least {self.n - 1} context tokens, got {len(ids)}")
-        return tuple(ids[len(ids) - (self.n - 1):])
+        return tuple(ids[len(ids) - (self.n - 1) :])
 
     def fit(self, ids: Sequence[int] | torch.Tensor) -> NGramLM:
         """Count every n-gram in ``ids`` (replacing earlier counts); returns the model itself."""
@@ -115,15 +115,14 @@ class NGramLM:
         self._check_fitted()
         ids = self._scored(ids)
         c = self.n - 1
-        return sum(math.log(self._prob(tuple(ids[i - c:i]), ids[i])) for i in range(c, len(ids)))
+        return sum(math.log(self._prob(tuple(ids[i - c : i]), ids[i])) for i in range(c, len(ids)))
 
     def perplexity(self, ids: Sequence[int] | torch.Tensor) -> float:
         """exp(mean negative log-probability) over the same positions as :meth:`logprob_sequence`."""
         ids = _as_list(ids)
         return perplexity(-self.logprob_sequence(ids), len(ids) - (self.n - 1))
 
-    def sample(self, context: Sequence[int] | torch.Tensor, length: int,
-               generator: torch.Generator) -> list[int]:
+    def sample(self, context: Sequence[int] | torch.Tensor, length: int, generator: torch.Generator) -> list[int]:
         """Generate ``length`` new tokens after ``context`` (which must hold >= n-1 tokens)."""
         if isinstance(length, bool) or not isinstance(length, int) or length < 0:
             raise ValueError(f"length must be an integer >= 0, got {length!r}")
@@ -131,4 +130,4 @@ class NGramLM:
         for _ in range(length):
             token, _ = sample_token(torch.log(self.distribution(ids)), generator)
             ids.append(token)
-        return ids[len(ids) - length:] if length else []
+        return ids[len(ids) - length :] if length else []

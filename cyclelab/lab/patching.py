@@ -29,8 +29,9 @@ def resid_post(engine: Engine, prompt) -> torch.Tensor:
     return torch.stack([found[name][0] for name in names])
 
 
-def patch_layer(engine: Engine, ids: Sequence[int], layer: int, clean: torch.Tensor,
-                positions: Sequence[int]) -> torch.Tensor:
+def patch_layer(
+    engine: Engine, ids: Sequence[int], layer: int, clean: torch.Tensor, positions: Sequence[int]
+) -> torch.Tensor:
     """Run ``ids`` once per position of ``positions`` (as one batch), writing ``clean[p]`` (the clean
     run's stream after ``layer``, ``(positions, width)``) over the stream at position ``p`` after
     ``layer``. Returns the last position's logits of each patched run, ``(len(positions), vocab)``."""
@@ -41,8 +42,9 @@ def patch_layer(engine: Engine, ids: Sequence[int], layer: int, clean: torch.Ten
             event.tensors["out"][rows, cols] = clean[cols].to(event.tensors["out"].dtype)
 
     batch = torch.tensor([list(ids)] * len(positions), device=engine.device)
-    steps = engine.forward(batch, KVCache(engine.arch.n_layers, len(ids)),
-                           capture=lambda op, at: op == "residual_mlp" and at == layer)
+    steps = engine.forward(
+        batch, KVCache(engine.arch.n_layers, len(ids)), capture=lambda op, at: op == "residual_mlp" and at == layer
+    )
     return drain(steps, write)[:, -1]
 
 
@@ -62,17 +64,27 @@ class PatchGrid:
         return (self.probs - self.corrupt) / (self.clean - self.corrupt)
 
 
-def patching_grid(engine: Engine, clean_prompt, corrupt_prompt, target: str | int,
-                  layers: Sequence[int] | None = None, positions: Sequence[int] | None = None) -> PatchGrid:
+def patching_grid(
+    engine: Engine,
+    clean_prompt,
+    corrupt_prompt,
+    target: str | int,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+) -> PatchGrid:
     """Patch the clean run's stream into the corrupted run at every (layer, position) asked for
     (default: all) and measure the probability of ``target`` (one token: its text or id) at the end."""
     clean_ids, corrupt_ids = engine.encode(clean_prompt), engine.encode(corrupt_prompt)
     if len(clean_ids) != len(corrupt_ids):
-        raise ValueError(f"the clean prompt has {len(clean_ids)} tokens and the corrupted one {len(corrupt_ids)}: "
-                         "patching pairs positions one to one, so give prompts of the same length in tokens")
+        raise ValueError(
+            f"the clean prompt has {len(clean_ids)} tokens and the corrupted one {len(corrupt_ids)}: "
+            "patching pairs positions one to one, so give prompts of the same length in tokens"
+        )
     if clean_ids == corrupt_ids:
-        raise ValueError("the clean and corrupted prompts are the same tokens: patching measures how much of the "
-                         "difference a patch restores, so change the corrupted prompt (e.g. swap the key word)")
+        raise ValueError(
+            "the clean and corrupted prompts are the same tokens: patching measures how much of the "
+            "difference a patch restores, so change the corrupted prompt (e.g. swap the key word)"
+        )
     target_id = target_token_id(engine, target)
     layers = _indices(layers, engine.arch.n_layers, "layers")
     positions = _indices(positions, len(corrupt_ids), "positions")
@@ -82,8 +94,14 @@ def patching_grid(engine: Engine, clean_prompt, corrupt_prompt, target: str | in
         return torch.softmax(logits.float(), -1)[..., target_id]
 
     probs = torch.stack([prob(patch_layer(engine, corrupt_ids, layer, stream[layer], positions)) for layer in layers])
-    return PatchGrid(probs, layers, positions, [engine.token_text(i) for i in corrupt_ids],
-                     float(prob(engine.logits(clean_ids)[0, -1])), float(prob(engine.logits(corrupt_ids)[0, -1])))
+    return PatchGrid(
+        probs,
+        layers,
+        positions,
+        [engine.token_text(i) for i in corrupt_ids],
+        float(prob(engine.logits(clean_ids)[0, -1])),
+        float(prob(engine.logits(corrupt_ids)[0, -1])),
+    )
 
 
 def target_token_id(engine: Engine, token: str | int) -> int:
@@ -95,8 +113,10 @@ def target_token_id(engine: Engine, token: str | int) -> int:
         return token
     ids = engine.tokenizer.encode(token, add_special_tokens=False) if token else []
     if len(ids) != 1:
-        raise ValueError(f"the target {token!r} is {len(ids)} tokens for {engine.loaded.name!r}, not one: "
-                         "give a single token (with its leading space, ' Paris')")
+        raise ValueError(
+            f"the target {token!r} is {len(ids)} tokens for {engine.loaded.name!r}, not one: "
+            "give a single token (with its leading space, ' Paris')"
+        )
     return ids[0]
 
 
@@ -108,7 +128,9 @@ def _indices(given: Sequence[int] | None, n: int, name: str) -> list[int]:
         raise TypeError(f"{name} must be a list of integers, got {given!r}")
     bad = [i for i in given if not -n <= i < n]
     if bad or not given:
-        raise ValueError(f"{name} {bad or 'list is empty'}: there are {n} {name} (0..{n - 1}, or negative from the end)")
+        raise ValueError(
+            f"{name} {bad or 'list is empty'}: there are {n} {name} (0..{n - 1}, or negative from the end)"
+        )
     return [i % n for i in given]
 
 
@@ -120,8 +142,11 @@ def plot_patching(grid: PatchGrid, ax=None, title: str = ""):
     image = ax.imshow(grid.restored().numpy(), aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1)
     ax.set_xticks(range(len(grid.positions)), [repr(grid.tokens[p]) for p in grid.positions], rotation=30)
     ax.set_yticks(range(len(grid.layers)), [str(layer) for layer in grid.layers], fontsize=7)
-    ax.set(xlabel="position patched (the corrupted prompt's token)", ylabel="layer patched (stream after it)",
-           title=title or "fraction of the clean probability restored")
+    ax.set(
+        xlabel="position patched (the corrupted prompt's token)",
+        ylabel="layer patched (stream after it)",
+        title=title or "fraction of the clean probability restored",
+    )
     ax.figure.colorbar(image, ax=ax, fraction=0.05)
     return ax
 

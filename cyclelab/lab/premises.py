@@ -69,13 +69,25 @@ def plot_premises(names: Sequence[str], probs: Sequence[Sequence[float]], answer
     ax = ax or plt.subplots(figsize=(9, 3.4))[1]
     width = 0.8 / len(answers)
     for j, answer in enumerate(answers):
-        ax.bar([i + (j - (len(answers) - 1) / 2) * width for i in range(len(names))], [p[j] for p in probs], width,
-               label=f"P({answer!r})")
+        ax.bar(
+            [i + (j - (len(answers) - 1) / 2) * width for i in range(len(names))],
+            [p[j] for p in probs],
+            width,
+            label=f"P({answer!r})",
+        )
     ax.set_xticks(range(len(names)), names, rotation=15)
     ax.set(ylabel="probability of the first token", title="the memorised answer against the premise's")
     ax.legend(fontsize=8)
     return ax
 
 
-__all__ = ["ANSWERS", "PREMISE_VARIANTS", "QUESTION", "answer_probs", "first_tokens", "lens_probs", "plot_premises",
-           "settles_at"]
+__all__ = [
+    "ANSWERS",
+    "PREMISE_VARIANTS",
+    "QUESTION",
+    "answer_probs",
+    "first_tokens",
+    "lens_probs",
+    "plot_premises",
+    "settles_at",
+]

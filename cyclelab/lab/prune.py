@@ -20,8 +20,11 @@ def mlp_matrices(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The weight of every Linear/Conv1D inside an MLP block (``...mlp...`` in its name), by name."""
     mlp = {name for name, _ in model.named_modules() if name.split(".")[-1] == "mlp"}
     kinds = {id(m) for m, _ in _matrices(model)}
-    return {f"{name}.weight": m.weight for name, m in model.named_modules()
-            if id(m) in kinds and name.rsplit(".", 1)[0] in mlp}
+    return {
+        f"{name}.weight": m.weight
+        for name, m in model.named_modules()
+        if id(m) in kinds and name.rsplit(".", 1)[0] in mlp
+    }
 
 
 def magnitude_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:

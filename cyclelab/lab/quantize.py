@@ -35,8 +35,7 @@ def _check_weight(w, what: str) -> None:
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"{what} quantizes a tensor, got {type(w).__name__}")
     if w.dim() != 2 or not w.is_floating_point():
-        raise ValueError(f"{what} quantizes a 2-D floating-point weight (rows × columns), got "
-                         f"{w.dim()}-D {w.dtype}")
+        raise ValueError(f"{what} quantizes a 2-D floating-point weight (rows × columns), got {w.dim()}-D {w.dtype}")
     if not torch.isfinite(w).all():
         raise ValueError(f"{what}: the weight holds inf or NaN, which no scale can represent")
 
@@ -126,8 +125,9 @@ def decode_q4_1_block(block: bytes | np.ndarray) -> torch.Tensor:
     if isinstance(block, np.ndarray):
         if block.dtype.kind not in "iu" or (block.size and not 0 <= block.min() <= block.max() <= 255):
             span = f" from {block.min()} to {block.max()}" if block.size and block.dtype.kind in "iuf" else ""
-            raise ValueError(f"a Q4_1 block given as an array must hold bytes (integers 0..255), got dtype "
-                             f"{block.dtype}{span}")
+            raise ValueError(
+                f"a Q4_1 block given as an array must hold bytes (integers 0..255), got dtype {block.dtype}{span}"
+            )
     raw = np.frombuffer(bytes(block), dtype=np.uint8) if not isinstance(block, np.ndarray) else block.astype(np.uint8)
     if raw.size != Q4_1_BYTES:
         raise ValueError(f"a Q4_1 block is {Q4_1_BYTES} bytes (fp16 d, fp16 m, 16 bytes of codes), got {raw.size}")
@@ -157,7 +157,7 @@ def gguf_block(path: str | Path, tensor: str, index: int = 0) -> np.ndarray:
     n_blocks = flat.size // Q4_1_BYTES
     if not isinstance(index, int) or not 0 <= index < n_blocks:
         raise ValueError(f"block index must be an integer in [0, {n_blocks}) for {tensor!r}, got {index!r}")
-    return flat[index * Q4_1_BYTES:(index + 1) * Q4_1_BYTES].copy()
+    return flat[index * Q4_1_BYTES : (index + 1) * Q4_1_BYTES].copy()
 
 
 # --- real int8: the weights stored as int8 and multiplied as int8 ------------------------------------

@@ -28,7 +28,6 @@ from cyclelab.train.finetune import History, TrainConfig, train
 from cyclelab.train.tasks import stack_batch
 from cyclelab.train.tasks.folio import align_words
 
-
 # --- a classifier whose head alone trains ------------------------------------------------------------
 
 
@@ -38,8 +37,9 @@ def _line_key(example: dict) -> tuple[int, ...]:
 
 
 @torch.no_grad()
-def pooled_features(model: nn.Module, examples: Sequence[dict], batch_size: int = 64,
-                    cache: dict | None = None) -> torch.Tensor:
+def pooled_features(
+    model: nn.Module, examples: Sequence[dict], batch_size: int = 64, cache: dict | None = None
+) -> torch.Tensor:
     """The pooled encoder vectors the classifier's head reads, one row per example (n, width); examples are
     batched by length and each batch cut to its longest row, so padding costs nothing. ``cache`` (a dict
     kept by the caller for ONE frozen encoder) holds each line's vector by its tokens: a line met again,
@@ -54,7 +54,7 @@ def pooled_features(model: nn.Module, examples: Sequence[dict], batch_size: int 
         device = next(model.parameters()).device
         todo = sorted(new, key=len)
         for i in range(0, len(todo), batch_size):
-            rows = todo[i:i + batch_size]
+            rows = todo[i : i + batch_size]
             ids, mask = stack_batch([new[k] for k in rows], device)
             width = int(mask.sum(1).max())
             cache.update(zip(rows, model.pool(ids[:, :width], mask[:, :width]).float().cpu()))
@@ -135,8 +135,9 @@ def noisy_examples(texts: Sequence[str], rates: Sequence[float], seed: int = 0) 
 # --- HotFlip ----------------------------------------------------------------------------------------
 
 
-def embedding_gradient(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
-                       labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def embedding_gradient(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logits, gradient)``: the classifier's logits (batch, classes) and the gradient of each example's
     cross-entropy with respect to its token vectors, the output of the encoder's input embedding (batch,
     tokens, width). A forward hook swaps that output for a leaf tensor, so frozen weights need no gradient."""
@@ -162,10 +163,14 @@ def hotflip_scores(grad: torch.Tensor, embeddings: torch.Tensor, ids: torch.Tens
     ``(E[v] − E[ids[i]]) · grad[i]``. ``grad`` is (tokens, width), ``embeddings`` (vocab, width),
     ``ids`` (tokens,); the result is (tokens, vocab). The largest entry is HotFlip's swap."""
     if grad.dim() != 2 or embeddings.dim() != 2 or grad.shape[1] != embeddings.shape[1]:
-        raise ValueError(f"need grad (tokens, width) and embeddings (vocab, width) of the same width, got "
-                         f"{tuple(grad.shape)} and {tuple(embeddings.shape)}")
+        raise ValueError(
+            f"need grad (tokens, width) and embeddings (vocab, width) of the same width, got "
+            f"{tuple(grad.shape)} and {tuple(embeddings.shape)}"
+        )
     if ids.shape != grad.shape[:1]:
-        raise ValueError(f"ids must hold one token per row of grad: shape {tuple(grad.shape[:1])}, got {tuple(ids.shape)}")
+        raise ValueError(
+            f"ids must hold one token per row of grad: shape {tuple(grad.shape[:1])}, got {tuple(ids.shape)}"
+        )
     if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < embeddings.shape[0]:
         raise ValueError(f"ids must lie in [0, {embeddings.shape[0]}) (rows of embeddings), got {ids.tolist()}")
     now = (grad * embeddings[ids]).sum(-1, keepdim=True)  # (tokens, 1): the current tokens' term
@@ -200,8 +205,7 @@ def _best_swaps(grad, emb, ids, editable, candidates) -> tuple[torch.Tensor, tor
     return torch.tensor(pos), torch.tensor(tok)
 
 
-def hotflip_attack(model: nn.Module, examples: Sequence[dict], candidates: torch.Tensor,
-                   max_edits: int = 3) -> Attack:
+def hotflip_attack(model: nn.Module, examples: Sequence[dict], candidates: torch.Tensor, max_edits: int = 3) -> Attack:
     """Swap tokens of each rightly classified example, one per step, each time the swap with the largest
     :func:`hotflip_scores` (the largest estimated rise of the true label's loss), until the prediction
     changes or ``max_edits`` swaps are made. Only positions whose token is a candidate are edited, each
@@ -212,8 +216,10 @@ def hotflip_attack(model: nn.Module, examples: Sequence[dict], candidates: torch
         raise ValueError("examples is empty: nothing to attack")
     emb = model.encoder.get_input_embeddings().weight.detach()
     if candidates.dtype != torch.bool or candidates.shape != emb.shape[:1]:
-        raise ValueError(f"candidates must be a bool tensor with one entry per token ({emb.shape[0]}), got "
-                         f"{candidates.dtype} of shape {tuple(candidates.shape)}")
+        raise ValueError(
+            f"candidates must be a bool tensor with one entry per token ({emb.shape[0]}), got "
+            f"{candidates.dtype} of shape {tuple(candidates.shape)}"
+        )
     model.eval()
     candidates = candidates.to(emb.device)
     padded, full_mask = stack_batch(examples, emb.device)

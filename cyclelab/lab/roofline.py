@@ -24,8 +24,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cyclelab.core.attention import KVCache
-from cyclelab.core.events import Cost, Event
 from cyclelab.core.engine import Engine, drain
+from cyclelab.core.events import Cost, Event
 from cyclelab.kernels import f32_conv1d, f32_linear
 
 ATTENTION = ("kv_cache", "scores", "softmax", "mix")  #: the ops read as one "attention" point
@@ -89,8 +89,9 @@ def dispatch_overhead(calls: int = 2000, repeats: int = 3) -> float:
 
 def measure(matmul_size: int = 1024, megabytes: int = 256, repeats: int = 3) -> Machine:
     """Measure this machine's :class:`Machine` limits (a few seconds)."""
-    return Machine(matmul_flops(matmul_size, repeats), read_bandwidth(megabytes, repeats),
-                   dispatch_overhead(repeats=repeats))
+    return Machine(
+        matmul_flops(matmul_size, repeats), read_bandwidth(megabytes, repeats), dispatch_overhead(repeats=repeats)
+    )
 
 
 # --- the GEMV ceiling -----------------------------------------------------------------------------
@@ -199,11 +200,24 @@ def phase_costs(engine: Engine, ids: list[int] | torch.Tensor, machine: Machine,
         ops = count_torch_ops(lambda: _forward(engine, step_ids, caches.pop()))
         seconds = best_of(lambda: _forward(engine, step_ids, caches.pop()), repeats)
         total = Cost.of(events)
-        floors = {"compute": total.flops / machine.peak_flops, "memory": total.bytes / machine.bandwidth,
-                  "overhead": ops * machine.dispatch}
-        rows.append({"phase": phase, "tokens": step_ids.shape[1], "flops": total.flops, "bytes": total.bytes,
-                     "torch_ops": ops, "seconds": seconds, **{f"{k}_s": v for k, v in floors.items()},
-                     "bound": max(floors, key=floors.get), "ops": op_costs(events)})
+        floors = {
+            "compute": total.flops / machine.peak_flops,
+            "memory": total.bytes / machine.bandwidth,
+            "overhead": ops * machine.dispatch,
+        }
+        rows.append(
+            {
+                "phase": phase,
+                "tokens": step_ids.shape[1],
+                "flops": total.flops,
+                "bytes": total.bytes,
+                "torch_ops": ops,
+                "seconds": seconds,
+                **{f"{k}_s": v for k, v in floors.items()},
+                "bound": max(floors, key=floors.get),
+                "ops": op_costs(events),
+            }
+        )
     return rows
 
 
@@ -217,12 +231,19 @@ def plot_roofline(machine: Machine, points: dict[str, tuple[float, float]], ax=N
     low = min([machine.ridge / 100] + [i for i, _ in points.values()]) / 2
     high = max([machine.ridge * 100] + [i for i, _ in points.values()]) * 2
     x = np.logspace(np.log10(low), np.log10(high), 200)
-    ax.plot(x, np.minimum(machine.peak_flops, x * machine.bandwidth), "k-", lw=2, label="roof: min(peak, I × bandwidth)")
+    ax.plot(
+        x, np.minimum(machine.peak_flops, x * machine.bandwidth), "k-", lw=2, label="roof: min(peak, I × bandwidth)"
+    )
     ax.axvline(machine.ridge, color="grey", ls=":", lw=1)
     for name, (intensity, achieved) in points.items():
         ax.scatter(intensity, achieved, s=30, zorder=3)
         ax.annotate(name, (intensity, achieved), fontsize=7, xytext=(4, 2), textcoords="offset points")
-    ax.set(xscale="log", yscale="log", xlabel="arithmetic intensity (FLOPs per byte)", ylabel="FLOP/s",
-           title=title or "roofline of this machine")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="arithmetic intensity (FLOPs per byte)",
+        ylabel="FLOP/s",
+        title=title or "roofline of this machine",
+    )
     ax.legend(fontsize=8, loc="lower right")
     return ax

@@ -17,8 +17,8 @@ from typing import Sequence
 import torch
 
 from cyclelab.core.attention import KVCache
-from cyclelab.core.sampling import check_int
 from cyclelab.core.engine import Engine, drain
+from cyclelab.core.sampling import check_int
 
 
 @dataclass
@@ -51,8 +51,11 @@ def copy_question(n_lines: int = 4, play: str = "macbeth") -> str:
     if check_int(n_lines, "n_lines") < 1:
         raise ValueError(f"n_lines must be at least 1, got {n_lines}")
     lines = [folio for folio, _ in folio_pairs(play) if not folio[0].isdigit()][:n_lines]
-    return ("Rewrite these lines in modern English spelling, changing nothing else. Lines:\n" + "\n".join(lines)
-            + "\nModern spelling:")
+    return (
+        "Rewrite these lines in modern English spelling, changing nothing else. Lines:\n"
+        + "\n".join(lines)
+        + "\nModern spelling:"
+    )
 
 
 def lookup_draft(ids: Sequence[int], ngram: int = 3, k: int = 5) -> list[int]:
@@ -83,8 +86,16 @@ def _accepted(draft: list[int], predictions: list[int]) -> int:
     return n
 
 
-def greedy_with_lookup(engine: Engine, prompt, max_new_tokens: int = 32, *, ngram: int = 3, draft_len: int = 5,
-                       chat: bool = False, stop_at_eos: bool = True) -> LookupRun:
+def greedy_with_lookup(
+    engine: Engine,
+    prompt,
+    max_new_tokens: int = 32,
+    *,
+    ngram: int = 3,
+    draft_len: int = 5,
+    chat: bool = False,
+    stop_at_eos: bool = True,
+) -> LookupRun:
     """Greedy decoding that verifies prompt-lookup drafts: one forward pass per accepted run of tokens."""
     _check_settings(max_new_tokens, ngram, draft_len)
     ids = engine.encode(prompt, chat=chat)
@@ -99,12 +110,16 @@ def greedy_with_lookup(engine: Engine, prompt, max_new_tokens: int = 32, *, ngra
         draft = lookup_draft(ids + out, ngram, min(draft_len, max_new_tokens - len(out)))
         predictions = _predictions(engine, [out[-1], *draft], cache)  # [i]: the model's choice after feed[:i+1]
         n_ok = _accepted(draft, predictions)
-        run.forward_passes, run.drafted, run.accepted = run.forward_passes + 1, run.drafted + len(draft), run.accepted + n_ok
+        run.forward_passes, run.drafted, run.accepted = (
+            run.forward_passes + 1,
+            run.drafted + len(draft),
+            run.accepted + n_ok,
+        )
         out.extend([*draft[:n_ok], predictions[n_ok]])
         cache.truncate(len(ids) + len(out) - 1)  # every chosen token but the newest has been fed
     del out[max_new_tokens:]
     if eos in out:
-        del out[out.index(eos) + 1:]
+        del out[out.index(eos) + 1 :]
     run.seconds = perf_counter() - start
     return run
 
@@ -123,8 +138,9 @@ def plain_greedy(engine: Engine, prompt, max_new_tokens: int = 32, *, chat: bool
     return LookupRun(list(trace.prompt_ids), list(trace.token_ids), len(trace.token_ids), seconds=seconds)
 
 
-def transformers_greedy(engine: Engine, prompt, max_new_tokens: int = 32, *, chat: bool = False,
-                        prompt_lookup_num_tokens: int | None = None) -> LookupRun:
+def transformers_greedy(
+    engine: Engine, prompt, max_new_tokens: int = 32, *, chat: bool = False, prompt_lookup_num_tokens: int | None = None
+) -> LookupRun:
     """The same greedy run by ``transformers``' own ``generate`` on the engine's model, timed, with its
     prompt-lookup drafts of ``prompt_lookup_num_tokens`` tokens when given. Forward passes are counted
     by a hook on the model; ``drafted`` and ``accepted`` stay 0 (``generate`` does not report them)."""
@@ -136,10 +152,16 @@ def transformers_greedy(engine: Engine, prompt, max_new_tokens: int = 32, *, cha
     hook = model.register_forward_hook(lambda *_: setattr(run, "forward_passes", run.forward_passes + 1))
     try:
         start = perf_counter()
-        out = model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=engine.tokenizer.eos_token_id, **lookup)
+        out = model.generate(
+            batch,
+            attention_mask=torch.ones_like(batch),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=engine.tokenizer.eos_token_id,
+            **lookup,
+        )
         run.seconds = perf_counter() - start
     finally:
         hook.remove()
-    run.token_ids = out[0, len(ids):].tolist()
+    run.token_ids = out[0, len(ids) :].tolist()
     return run

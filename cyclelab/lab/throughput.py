@@ -51,7 +51,9 @@ def cache_scaling(engine: Engine, lengths: Sequence[int] = (32, 64, 128, 256), d
             drain(engine.forward(all_ids[:, n + i : n + i + 1], cache))
         cached_ms = (time.perf_counter() - start) / decode_steps * 1e3
         no_cache_ms = best_of(lambda: drain(engine.forward(all_ids[:, : n + 1], KVCache(n_layers, n + 1))), 1) * 1e3
-        rows.append({"context": n, "kv_cache_ms": cached_ms, "no_cache_ms": no_cache_ms, "speedup": no_cache_ms / cached_ms})
+        rows.append(
+            {"context": n, "kv_cache_ms": cached_ms, "no_cache_ms": no_cache_ms, "speedup": no_cache_ms / cached_ms}
+        )
     return rows
 
 
@@ -69,8 +71,9 @@ def plot_cache_scaling(rows: list[dict], title: str = "cost of one cycle", ax=No
     return ax
 
 
-def batch_decode(engine: Engine, batch_sizes: Sequence[int] = (1, 2, 4, 8, 16), prompt_len: int = 16,
-                 steps: int = 4) -> list[dict]:
+def batch_decode(
+    engine: Engine, batch_sizes: Sequence[int] = (1, 2, 4, 8, 16), prompt_len: int = 16, steps: int = 4
+) -> list[dict]:
     """Greedy decode of ``batch`` sequences at once for each batch size: ms per step (one token for
     every sequence) and tokens/s over all sequences. Each sequence starts from a different offset
     of the same text, so the rows of the batch differ."""

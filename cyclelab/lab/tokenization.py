@@ -69,7 +69,9 @@ def bytes_to_unicode() -> dict[int, str]:
     order, so a space (byte 32) becomes ``Ġ`` (U+0120) and a newline (byte 10) ``Ċ``.
     Every token can then be stored and printed as an ordinary string.
     """
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     mapping, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -92,8 +94,10 @@ def require_text(text, what: str = "text") -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:  # only a lone surrogate (U+D800..U+DFFF) has no UTF-8 bytes
-        raise ValueError(f"{what} has a lone surrogate U+{ord(text[err.start]):04X} at position {err.start}: it is "
-                         "no character and has no UTF-8 bytes; decode the source with errors='replace' first") from None
+        raise ValueError(
+            f"{what} has a lone surrogate U+{ord(text[err.start]):04X} at position {err.start}: it is "
+            "no character and has no UTF-8 bytes; decode the source with errors='replace' first"
+        ) from None
     return text
 
 
@@ -158,8 +162,14 @@ class MergeStep:
 
     def row(self) -> dict:
         """The merge as a table row, with spaces and newlines made visible."""
-        return {"rank": self.rank, "left": visible(self.left, True), "right": visible(self.right, True),
-                "token": visible(self.token, True), "id": self.id, "count": self.count}
+        return {
+            "rank": self.rank,
+            "left": visible(self.left, True),
+            "right": visible(self.right, True),
+            "token": visible(self.token, True),
+            "id": self.id,
+            "count": self.count,
+        }
 
 
 class BPE:
@@ -173,8 +183,13 @@ class BPE:
     * ``history`` — one :class:`MergeStep` per merge performed in training (with counts).
     """
 
-    def __init__(self, merges: Sequence[tuple[str, str]], special_tokens: Sequence[str] = ("<|endoftext|>",),
-                 vocab: dict[str, int] | None = None, history: Sequence[MergeStep] = ()) -> None:
+    def __init__(
+        self,
+        merges: Sequence[tuple[str, str]],
+        special_tokens: Sequence[str] = ("<|endoftext|>",),
+        vocab: dict[str, int] | None = None,
+        history: Sequence[MergeStep] = (),
+    ) -> None:
         self.special_tokens = tuple(special_tokens)
         self.merges = [tuple(m) for m in merges]
         self.vocab = dict(vocab) if vocab is not None else self._build_vocab()
@@ -182,8 +197,11 @@ class BPE:
         self.id_to_token = {i: t for t, i in self.vocab.items()}
         self._ranks = {pair: rank for rank, pair in enumerate(self.merges)}
         self._cache: dict[str, list[str]] = {}
-        self._special_split = (re.compile("(" + "|".join(re.escape(s) for s in sorted(self.special_tokens, key=len, reverse=True)) + ")")
-                               if self.special_tokens else None)
+        self._special_split = (
+            re.compile("(" + "|".join(re.escape(s) for s in sorted(self.special_tokens, key=len, reverse=True)) + ")")
+            if self.special_tokens
+            else None
+        )
 
     def _build_vocab(self) -> dict[str, int]:
         vocab: dict[str, int] = {}
@@ -199,9 +217,14 @@ class BPE:
 
     # ------------------------------------------------------------------ training
     @classmethod
-    def train(cls, text_or_iterable: str | Iterable[str], vocab_size: int, min_frequency: int = 2,
-              special_tokens: Sequence[str] = ("<|endoftext|>",),
-              on_merge: Callable[[MergeStep], None] | None = None) -> BPE:
+    def train(
+        cls,
+        text_or_iterable: str | Iterable[str],
+        vocab_size: int,
+        min_frequency: int = 2,
+        special_tokens: Sequence[str] = ("<|endoftext|>",),
+        on_merge: Callable[[MergeStep], None] | None = None,
+    ) -> BPE:
         """Learn merges from text until the vocabulary holds ``vocab_size`` tokens.
 
         ``text_or_iterable`` is one string or an iterable of strings (each pre-tokenized on
@@ -227,15 +250,19 @@ class BPE:
         elif isinstance(text_or_iterable, Iterable):
             texts = list(text_or_iterable)
         else:
-            raise ValueError(f"training text must be a str or an iterable of str, not {type(text_or_iterable).__name__}")
+            raise ValueError(
+                f"training text must be a str or an iterable of str, not {type(text_or_iterable).__name__}"
+            )
         for t in texts:
             require_text(t, "each training text")
         if not any(texts):
             raise ValueError("the training text is empty: give BPE.train some text to learn merges from")
         special_tokens = tuple(special_tokens)
         if not isinstance(vocab_size, int) or vocab_size <= 256 + len(special_tokens):
-            raise ValueError(f"vocab_size must be an int above {256 + len(special_tokens)}: byte-level BPE starts with "
-                             f"the 256 bytes and {len(special_tokens)} special token(s), got {vocab_size!r}")
+            raise ValueError(
+                f"vocab_size must be an int above {256 + len(special_tokens)}: byte-level BPE starts with "
+                f"the 256 bytes and {len(special_tokens)} special token(s), got {vocab_size!r}"
+            )
         if not isinstance(min_frequency, int) or min_frequency < 0:
             raise ValueError(f"min_frequency must be a non-negative int, got {min_frequency!r}")
 

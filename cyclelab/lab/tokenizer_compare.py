@@ -6,19 +6,27 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from cyclelab.lab.tokenization import (BPE, DIVIDER, require_text, unicode_to_bytes,
-                                       visible)
+from cyclelab.lab.tokenization import BPE, DIVIDER, require_text, unicode_to_bytes, visible
 
 
-def train_hf(text_or_iterable: str | Iterable[str], vocab_size: int, min_frequency: int = 2,
-             special_tokens: Sequence[str] = ("<|endoftext|>",)):
+def train_hf(
+    text_or_iterable: str | Iterable[str],
+    vocab_size: int,
+    min_frequency: int = 2,
+    special_tokens: Sequence[str] = ("<|endoftext|>",),
+):
     """The reference: ``tokenizers``' ``ByteLevelBPETokenizer(add_prefix_space=False)`` trained the same way."""
     from tokenizers import ByteLevelBPETokenizer
 
     texts = [text_or_iterable] if isinstance(text_or_iterable, str) else list(text_or_iterable)
     hf = ByteLevelBPETokenizer(add_prefix_space=False)
-    hf.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
-                           special_tokens=list(special_tokens), show_progress=False)
+    hf.train_from_iterator(
+        texts,
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(special_tokens),
+        show_progress=False,
+    )
     return hf
 
 
@@ -63,8 +71,12 @@ def train_unigram(text_or_iterable: str | Iterable[str], vocab_size: int, byte_f
     if not isinstance(vocab_size, int) or vocab_size < 2:
         raise ValueError(f"vocab_size must be an int of at least 2, got {vocab_size!r}")
     trained = _sentencepiece_style(Tokenizer(models.Unigram()))
-    trained.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<unk>"],
-                                                               unk_token="<unk>", show_progress=False))
+    trained.train_from_iterator(
+        texts,
+        trainers.UnigramTrainer(
+            vocab_size=vocab_size, special_tokens=["<unk>"], unk_token="<unk>", show_progress=False
+        ),
+    )
     vocab = [tuple(v) for v in json.loads(trained.to_str())["model"]["vocab"]]
     if byte_fallback:
         vocab += [(f"<0x{b:02X}>", -100.0) for b in range(256)]
@@ -78,24 +90,25 @@ def _sentencepiece_style(tok):
 
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     return tok
 
 
 def load_tokenizer(name: str):
     """Only the tokenizer of a course model (``"tiny"``, ``"smollm2"``, ``"minilm"``), without its weights."""
-    from transformers import AutoTokenizer
-
     from pathlib import Path
 
-    from cyclelab.loading.loader import ModelFileError, _resolve, quiet_transformers
+    from transformers import AutoTokenizer
 
-    quiet_transformers()
-    folder, repair = _resolve(name)
+    from cyclelab.loading.loader import ModelFileError, quiet_transformers, resolve_name
+
+    folder, repair = resolve_name(name)
     if isinstance(folder, Path) and not (folder / "tokenizer.json").is_file():
         raise ModelFileError(f"no tokenizer in {folder}. To repair: {repair}.")
-    return AutoTokenizer.from_pretrained(folder)
+    with quiet_transformers():
+        return AutoTokenizer.from_pretrained(folder)
 
 
 # ---------------------------------------------------------------------- comparing tokenizers
@@ -146,7 +159,9 @@ def piece_text(token: str, byte_level: bool = True, special: Sequence[str] = ())
 def pieces(tokenizer, text: str) -> list[str]:
     """The tokens of ``text`` as readable pieces (see :func:`piece_text`)."""
     byte_level = _is_byte_level(tokenizer)
-    special = tokenizer.special_tokens if isinstance(tokenizer, BPE) else tuple(getattr(tokenizer, "all_special_tokens", ()))
+    special = (
+        tokenizer.special_tokens if isinstance(tokenizer, BPE) else tuple(getattr(tokenizer, "all_special_tokens", ()))
+    )
     return [piece_text(t, byte_level, special) for t in raw_tokens(tokenizer, text)]
 
 
@@ -207,14 +222,17 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None, wid
     columns = list(columns or rows[0].keys())
 
     def cell(value) -> str:
-        text = DIVIDER.join(value) if isinstance(value, list) else (f"{value:.2f}" if isinstance(value, float) else str(value))
+        text = (
+            DIVIDER.join(value)
+            if isinstance(value, list)
+            else (f"{value:.2f}" if isinstance(value, float) else str(value))
+        )
         text = text.replace("\n", "↵")
         return text if len(text) <= width else text[: width - 1] + "…"
 
     cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(line[k]) for line in cells)) for k, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)),
-             "  ".join("-" * w for w in widths)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in cells]
     return "\n".join(line.rstrip() for line in lines)
 
@@ -226,8 +244,9 @@ def compression_curve(bpe: BPE, text: str, steps: Sequence[int]) -> list[tuple[i
     return [(n, len(bpe.truncated(n).encode(text)) / len(text)) for n in steps]
 
 
-
-def language_costs(tokenizers: dict[str, object], translations: dict[str, str], reference: str = "English") -> list[dict]:
+def language_costs(
+    tokenizers: dict[str, object], translations: dict[str, str], reference: str = "English"
+) -> list[dict]:
     """Tokens per word of the same text in several languages, one row per language.
 
     Words are counted once, in the ``reference`` translation (whitespace-separated), so
@@ -237,11 +256,15 @@ def language_costs(tokenizers: dict[str, object], translations: dict[str, str], 
     if reference not in translations:
         raise ValueError(f"the reference language {reference!r} is not among {list(translations)}")
     words = len(translations[reference].split())
-    return [{"language": lang, **{name: tokens_per_word(tok, text, words=words) for name, tok in tokenizers.items()}}
-            for lang, text in translations.items()]
+    return [
+        {"language": lang, **{name: tokens_per_word(tok, text, words=words) for name, tok in tokenizers.items()}}
+        for lang, text in translations.items()
+    ]
 
 
-def plot_language_costs(rows: Sequence[dict], ax=None, title: str = "The same meaning costs more cycles in some languages"):
+def plot_language_costs(
+    rows: Sequence[dict], ax=None, title: str = "The same meaning costs more cycles in some languages"
+):
     """Grouped bars of :func:`language_costs`: tokens per (English) word, per language and tokenizer."""
     import matplotlib.pyplot as plt
 
@@ -271,8 +294,11 @@ def plot_compression(curve: Sequence[tuple[int, float]], references: dict[str, f
     ax.plot([n for n, _ in curve], [r for _, r in curve], marker="o", label="our BPE, truncated")
     for k, (name, rate) in enumerate((references or {}).items()):
         ax.axhline(rate, ls="--", lw=1, color=f"C{k + 1}", label=name)
-    ax.set(xlabel="merges learned", ylabel="tokens per character",
-           title="Each merge saves cycles: tokens per character of a held-out passage")
+    ax.set(
+        xlabel="merges learned",
+        ylabel="tokens per character",
+        title="Each merge saves cycles: tokens per character of a held-out passage",
+    )
     ax.set_ylim(0, None)
     ax.legend(fontsize=8)
     return ax

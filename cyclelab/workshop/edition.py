@@ -104,8 +104,14 @@ def classify(nb: NotebookNode) -> list[str]:
 
 def _nbgrader(grade_id: str, *, grade: bool, solution: bool, points: float | None = None) -> dict:
     """nbgrader's cell metadata, schema version 3: an answer (solution) or a locked test (grade)."""
-    meta = {"grade": grade, "grade_id": grade_id, "locked": grade, "schema_version": SCHEMA_VERSION,
-            "solution": solution, "task": False}
+    meta = {
+        "grade": grade,
+        "grade_id": grade_id,
+        "locked": grade,
+        "schema_version": SCHEMA_VERSION,
+        "solution": solution,
+        "task": False,
+    }
     if grade:
         meta["points"] = points
     return meta
@@ -180,8 +186,17 @@ def exercises_of(nb: NotebookNode) -> list[Exercise]:
 
 # ------------------------------------------------------------------ nbgrader's schema, version 3
 
-_FIELDS = {"schema_version": int, "grade": bool, "locked": bool, "solution": bool, "task": bool,
-           "grade_id": str, "points": (int, float), "checksum": str, "cell_type": str}
+_FIELDS = {
+    "schema_version": int,
+    "grade": bool,
+    "locked": bool,
+    "solution": bool,
+    "task": bool,
+    "grade_id": str,
+    "points": (int, float),
+    "checksum": str,
+    "cell_type": str,
+}
 _REQUIRED = ("schema_version", "grade", "locked", "solution")
 _GRADE_ID = re.compile(r"^[A-Za-z0-9_\-]*$")
 
@@ -192,8 +207,11 @@ def _schema_problem(meta: dict, cell_type: str) -> str | None:
         return f"metadata must be a dict, got {type(meta).__name__}"
     missing = [k for k in _REQUIRED if k not in meta]
     extra = sorted(set(meta) - set(_FIELDS))
-    wrong = [k for k, v in meta.items() if k in _FIELDS and (not isinstance(v, _FIELDS[k])
-                                                            or (_FIELDS[k] is not bool and isinstance(v, bool)))]
+    wrong = [
+        k
+        for k, v in meta.items()
+        if k in _FIELDS and (not isinstance(v, _FIELDS[k]) or (_FIELDS[k] is not bool and isinstance(v, bool)))
+    ]
     if missing or extra or wrong:
         return f"missing {missing}, unknown {extra}, wrong type {wrong}"
     if meta["schema_version"] != SCHEMA_VERSION:
@@ -234,6 +252,7 @@ def validate(nb: NotebookNode, name: str = "notebook") -> None:
 def strip_solution_regions(source: str) -> str:
     """``source`` with each ``### BEGIN SOLUTION`` … ``### END SOLUTION`` region replaced by nbgrader's
     stub, indented like the region's first line."""
+
     def stub(match: re.Match) -> str:
         indent = match.group(1)
         return "\n".join(indent + line for line in CODE_STUB.split("\n")) + match.group(2)
@@ -258,8 +277,10 @@ def assert_on_failure(source: str) -> str:
     lines = source.rstrip().split("\n")
     if not lines or not CHECK_CALL.match(lines[-1].strip()):
         return source
-    return "\n".join(lines[:-1] + [f"check_result = {lines[-1].strip()}", "print(check_result)",
-                                   "assert check_result, check_result.message"])
+    return "\n".join(
+        lines[:-1]
+        + [f"check_result = {lines[-1].strip()}", "print(check_result)", "assert check_result, check_result.message"]
+    )
 
 
 def student_notebook(nb: NotebookNode, raising_checks: bool = False) -> NotebookNode:
@@ -294,8 +315,10 @@ def write_student_edition(out: Path, root: Path | None = None, raising_checks: b
 
     root, out = Path(root or notebooks_dir()), Path(out)
     if out.resolve() == root.resolve():
-        raise ValueError(f"OUT ({out}) is the course's own notebooks folder: the student edition would "
-                         "overwrite the instructor's; choose another folder")
+        raise ValueError(
+            f"OUT ({out}) is the course's own notebooks folder: the student edition would "
+            "overwrite the instructor's; choose another folder"
+        )
     if out.exists() and not out.is_dir():
         raise ValueError(f"OUT ({out}) is a file: give a folder for the student edition")
     sources = list_notebooks(root=root)

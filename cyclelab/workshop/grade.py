@@ -67,14 +67,19 @@ def find_submissions(root: Path) -> list[tuple[str, Path]]:
         raise FileNotFoundError(f"no submissions folder {root}: expected the layout {LAYOUT}")
     loose = sorted(p.name for p in root.glob("*.ipynb"))
     if loose:
-        raise ValueError(f"{', '.join(loose)} in {root} belong in a folder per learner: the layout is {LAYOUT} "
-                         f"(e.g. {root / 'ada' / loose[0]})")
+        raise ValueError(
+            f"{', '.join(loose)} in {root} belong in a folder per learner: the layout is {LAYOUT} "
+            f"(e.g. {root / 'ada' / loose[0]})"
+        )
     found = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for path in sorted(p for p in folder.rglob("*.ipynb") if p.is_file() and _visible(p, folder)):
             if path.parent != folder:
-                warnings.warn(f"{path} is in a subfolder of {folder.name}'s folder: graded as {folder.name}'s "
-                              f"(the layout is {LAYOUT})", stacklevel=2)
+                warnings.warn(
+                    f"{path} is in a subfolder of {folder.name}'s folder: graded as {folder.name}'s "
+                    f"(the layout is {LAYOUT})",
+                    stacklevel=2,
+                )
             found.append((folder.name, path))
     if not found:
         raise ValueError(f"no notebooks in {root}: expected the layout {LAYOUT}")
@@ -109,8 +114,13 @@ def check_calls(grade_id: str, source: str, points: float) -> list[Call]:
     """The ``check_xxx(...)`` calls of a check cell's source, in order."""
     found = []
     for node in ast.walk(ast.parse(source)):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id.startswith("check_")
-                and node.args and not node.keywords):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id.startswith("check_")
+            and node.args
+            and not node.keywords
+        ):
             args = tuple(ast.unparse(a) for a in node.args)
             found.append((node.lineno, node.col_offset, Call(grade_id, node.func.id, args[0], args, points)))
     return [call for *_, call in sorted(found, key=lambda f: f[:2])]
@@ -140,10 +150,16 @@ def reference(course: Path, name: str) -> Reference | None:
         return None
     nb = read_notebook(path)
     annotate(nb)
-    checks = {c.metadata["nbgrader"]["grade_id"]: (c.source, dict(c.metadata["nbgrader"]))
-              for c in nb.cells if CHECK in c.metadata.get("tags", [])}
-    calls = [call for grade_id, (source, meta) in checks.items()
-             for call in check_calls(grade_id, source, meta.get("points", 1))]
+    checks = {
+        c.metadata["nbgrader"]["grade_id"]: (c.source, dict(c.metadata["nbgrader"]))
+        for c in nb.cells
+        if CHECK in c.metadata.get("tags", [])
+    }
+    calls = [
+        call
+        for grade_id, (source, meta) in checks.items()
+        for call in check_calls(grade_id, source, meta.get("points", 1))
+    ]
     return Reference(path.name, checks, calls, _label_seconds(nb))
 
 
@@ -154,8 +170,9 @@ def deadline(ref: Reference, timeout: float) -> tuple[float, str]:
     scaled = LABEL_FACTOR * ref.label_seconds + LABEL_SLACK
     if scaled >= timeout:
         return timeout, f"--timeout {timeout:g} s"
-    return scaled, (f"{scaled:g} s: {LABEL_FACTOR}x the chapter's cost label of {ref.label_seconds:g} s "
-                    f"+ {LABEL_SLACK} s")
+    return scaled, (
+        f"{scaled:g} s: {LABEL_FACTOR}x the chapter's cost label of {ref.label_seconds:g} s + {LABEL_SLACK} s"
+    )
 
 
 def _check_id(cell: NotebookNode, ref: Reference) -> str | None:
@@ -239,8 +256,9 @@ def _child(mode: str, spec: dict, timeout: float, cwd: Path) -> tuple[dict | Non
     """Run ``python -m cyclelab.workshop.verdict MODE`` limited; its JSON answer (None on a timeout) or why not."""
     cores = os.cpu_count() or 1
     limits = Limits(cpu_seconds=int(timeout * cores) + 120)
-    done = run_limited([sys.executable, "-m", "cyclelab.workshop.verdict", mode], timeout, json.dumps(spec),
-                       limits, _child_env(), cwd)
+    done = run_limited(
+        [sys.executable, "-m", "cyclelab.workshop.verdict", mode], timeout, json.dumps(spec), limits, _child_env(), cwd
+    )
     if done.timed_out:
         return None, "timed out"
     lines = done.stdout.strip().splitlines()
@@ -251,22 +269,33 @@ def _child(mode: str, spec: dict, timeout: float, cwd: Path) -> tuple[dict | Non
         return {}, f"the grader's {mode} process ended without an answer ({tail[0][:200]})"
 
 
-def grade_notebook(learner: str, path: Path, course: Path, work: Path, timeout: float,
-                   root: Path | None = None) -> list[Grade]:
+def grade_notebook(
+    learner: str, path: Path, course: Path, work: Path, timeout: float, root: Path | None = None
+) -> list[Grade]:
     """The rows of one learner's notebook; every problem becomes an ``error`` row, never an exception."""
     name = path.name if root is None else str(path.relative_to(root / learner))
     try:
         return _grade(learner, name, path, course, work, timeout)
     except Exception as err:  # noqa: BLE001 - one notebook never stops the class
-        return [Grade(learner, name, "", ERROR, f"the grader failed on this notebook: {type(err).__name__}: {err}",
-                      0, 0)]
+        return [
+            Grade(learner, name, "", ERROR, f"the grader failed on this notebook: {type(err).__name__}: {err}", 0, 0)
+        ]
 
 
 def _grade(learner: str, name: str, path: Path, course: Path, work: Path, timeout: float) -> list[Grade]:
     ref = reference(course, path.name)
     if ref is None:
-        return [Grade(learner, name, "", ERROR, f"the course has no notebook {path.name} (in {course}): "
-                      "name it as in the course (its NN_ prefix)", 0, 0)]
+        return [
+            Grade(
+                learner,
+                name,
+                "",
+                ERROR,
+                f"the course has no notebook {path.name} (in {course}): name it as in the course (its NN_ prefix)",
+                0,
+                0,
+            )
+        ]
     try:
         nb = load_submission(path)
     except ValueError as err:
@@ -278,8 +307,12 @@ def _grade(learner: str, name: str, path: Path, course: Path, work: Path, timeou
     nbformat.write(nb, str(prepared))
     hand_over(folder)
     seconds, why = deadline(ref, timeout)
-    answer, problem = _child("notebook", {"notebook": str(prepared), "out_dir": str(folder), "timeout": seconds},
-                             seconds + 60, prepared.parent)
+    answer, problem = _child(
+        "notebook",
+        {"notebook": str(prepared), "out_dir": str(folder), "timeout": seconds},
+        seconds + 60,
+        prepared.parent,
+    )
     error = (answer or {}).get("error", "")
     if answer is None or (not error.startswith("cell ") and error.split(":")[0].endswith("TimeoutError")):
         return _rows(learner, name, ref, ERROR, f"timed out: the notebook ran past {why}")
@@ -290,12 +323,20 @@ def _grade(learner: str, name: str, path: Path, course: Path, work: Path, timeou
     return [_judge(learner, name, nb, ref, call, missing, seconds, prepared.parent) for call in ref.calls]
 
 
-def _judge(learner: str, name: str, nb: NotebookNode, ref: Reference, call: Call, missing: set[str],
-           seconds: float, cwd: Path) -> Grade:
+def _judge(
+    learner: str, name: str, nb: NotebookNode, ref: Reference, call: Call, missing: set[str], seconds: float, cwd: Path
+) -> Grade:
     """The row of one check call, judged in a fresh process."""
     if call.check_id in missing:
-        return Grade(learner, name, call.function, ERROR, f"the check cell {call.check_id} is missing from the "
-                     "notebook", 0, call.points)
+        return Grade(
+            learner,
+            name,
+            call.function,
+            ERROR,
+            f"the check cell {call.check_id} is missing from the notebook",
+            0,
+            call.points,
+        )
     cells = []
     for number, cell in enumerate(nb.cells, 1):
         if cell.metadata.get("nbgrader", {}).get("grade_id") == call.check_id:
@@ -311,8 +352,13 @@ def _judge(learner: str, name: str, nb: NotebookNode, ref: Reference, call: Call
     return Grade(learner, name, call.function, status, hint, call.points if status == PASSED else 0, call.points)
 
 
-def grade_class(submissions: Path, course: Path | None = None, work: Path = Path("outputs/graded"),
-                timeout: float = 600, jobs: int = 1) -> list[Grade]:
+def grade_class(
+    submissions: Path,
+    course: Path | None = None,
+    work: Path = Path("outputs/graded"),
+    timeout: float = 600,
+    jobs: int = 1,
+) -> list[Grade]:
     """Grade every notebook under ``submissions`` (layout ``SUBMISSIONS/<learner>/<chapter>.ipynb``),
     ``jobs`` notebooks at a time; rows in the order of learners and notebooks."""
     from concurrent.futures import ThreadPoolExecutor
@@ -365,6 +411,7 @@ def summary(rows: list[Grade]) -> str:
     for learner in dict.fromkeys(r.learner for r in rows):
         mine = [r for r in rows if r.learner == learner]
         counts = ", ".join(f"{sum(r.status == s for r in mine)} {s}" for s in (PASSED, FAILED, ERROR))
-        lines.append(f"{learner}: {sum(r.points for r in mine):g}/{sum(r.points_possible for r in mine):g} "
-                     f"points ({counts})")
+        lines.append(
+            f"{learner}: {sum(r.points for r in mine):g}/{sum(r.points_possible for r in mine):g} points ({counts})"
+        )
     return "\n".join(lines)

@@ -33,10 +33,10 @@ from pathlib import Path
 
 import torch
 
-from cyclelab.core.events import CycleRecord, show_token
-from cyclelab.debugger.session import Debugger
-from cyclelab.core.sampling import Sampling, as_sampling
 from cyclelab.core.engine import Engine, as_loaded, legacy_weights_digest
+from cyclelab.core.events import CycleRecord, show_token
+from cyclelab.core.sampling import Sampling, as_sampling
+from cyclelab.debugger.session import Debugger
 from cyclelab.loading.atomic import strict_json, write_atomic
 from cyclelab.loading.paths import LESSONS
 
@@ -64,7 +64,9 @@ class Pause:
     question: str
     quantity: str | None = None  # for "number": a key of QUANTITIES
     tolerance: float = 0.0  # for "number": how far an answer may be off and still count
-    answer: float | dict | None = None  # the key: a number, or the model's top token {"token_id", "token", "probability"}
+    answer: float | dict | None = (
+        None  # the key: a number, or the model's top token {"token_id", "token", "probability"}
+    )
 
 
 @dataclass(frozen=True)
@@ -110,10 +112,14 @@ class Lesson:
 
     def to_dict(self) -> dict:
         """Plain data for JSON (empty optional fields left out)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("source", "interventions", "pauses")}
+        out = {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("source", "interventions", "pauses")
+        }
         out["interventions"] = [{k: v for k, v in asdict(i).items() if v not in (None, "")} for i in self.interventions]
-        out["pauses"] = [{k: v for k, v in asdict(p).items() if v is not None and (k != "tolerance" or p.kind == "number")}
-                         for p in self.pauses]
+        out["pauses"] = [
+            {k: v for k, v in asdict(p).items() if v is not None and (k != "tolerance" or p.kind == "number")}
+            for p in self.pauses
+        ]
         return copy.deepcopy({"version": out.pop("version"), **out})
 
     def save(self, path: str | Path) -> Path:
@@ -130,12 +136,16 @@ class Lesson:
         if not path.suffix and not path.exists() and (LESSONS / f"{path}.json").is_file():
             path = LESSONS / f"{path}.json"  # a course lesson by name: "fetch", "read", ...
         if not path.is_file():
-            raise FileNotFoundError(f"no lesson file at {path}: check the path; the course's lessons are "
-                                    f"{sorted(p.stem for p in LESSONS.glob('*.json'))}")
+            raise FileNotFoundError(
+                f"no lesson file at {path}: check the path; the course's lessons are "
+                f"{sorted(p.stem for p in LESSONS.glob('*.json'))}"
+            )
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as err:
-            raise ValueError(f"{path} is not a lesson file: not JSON ({err}); it may be truncated: {FIX_FILE}") from None
+            raise ValueError(
+                f"{path} is not a lesson file: not JSON ({err}); it may be truncated: {FIX_FILE}"
+            ) from None
         return cls.from_dict(raw, str(path))
 
     @classmethod
@@ -147,13 +157,20 @@ class Lesson:
         if "version" not in raw:
             raise ValueError(f"{where}: it has no 'version' field; {FIX_FILE}")
         if raw["version"] != VERSION:
-            raise ValueError(f"{where}: unknown lesson version {raw['version']!r}; this cyclelab reads version "
-                             f"{VERSION}: update cyclelab, or record the lesson again")
+            raise ValueError(
+                f"{where}: unknown lesson version {raw['version']!r}; this cyclelab reads version "
+                f"{VERSION}: update cyclelab, or record the lesson again"
+            )
         try:
             _keys(raw, cls, "the lesson", frozenset({"source"}))
-            return cls(**{**raw, "source": source, "interventions": _items(raw.get("interventions", []), Intervention,
-                                                                           "interventions"),
-                          "pauses": _items(raw.get("pauses", []), Pause, "pauses")})
+            return cls(
+                **{
+                    **raw,
+                    "source": source,
+                    "interventions": _items(raw.get("interventions", []), Intervention, "interventions"),
+                    "pauses": _items(raw.get("pauses", []), Pause, "pauses"),
+                }
+            )
         except (TypeError, ValueError) as err:
             raise ValueError(f"{where}: {err}; {FIX_FILE}") from None
 
@@ -163,13 +180,16 @@ class Lesson:
         name, found = engine.loaded.name, engine.fingerprint["weights"]
         what = f"lesson {self.title or self.source!r}" if self.title or self.source else "this lesson"
         if name != self.model:
-            raise ValueError(f"{what} was recorded on model {self.model!r}, not {name!r}: open it with "
-                             f"Lesson.open({self.model!r})")
+            raise ValueError(
+                f"{what} was recorded on model {self.model!r}, not {name!r}: open it with Lesson.open({self.model!r})"
+            )
         if found != self.weights_sha256 and legacy_weights_digest(engine.loaded.model) != self.weights_sha256:
-            raise ValueError(f"{what} was recorded on {self.model!r} with weights sha256 {self.weights_sha256[:12]}…, "
-                             f"but this {name!r} has weights sha256 {found[:12]}…: the weights changed since (retrained "
-                             f"or replaced). Restore the original model (cyclelab fetch; git checkout data/{name} for "
-                             "tiny) or record the lesson again (scripts/record_lessons.py)")
+            raise ValueError(
+                f"{what} was recorded on {self.model!r} with weights sha256 {self.weights_sha256[:12]}…, "
+                f"but this {name!r} has weights sha256 {found[:12]}…: the weights changed since (retrained "
+                f"or replaced). Restore the original model (cyclelab fetch; git checkout data/{name} for "
+                "tiny) or record the lesson again (scripts/record_lessons.py)"
+            )
         return LessonRun(self, Debugger(engine, self.prompt, self.max_new_tokens, self.sampling, top=top))
 
 
@@ -179,7 +199,9 @@ def _keys(raw: dict, cls: type, name: str, skip: frozenset[str] = frozenset()) -
     required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING} - skip
     missing, unknown = sorted(required - set(raw)), sorted(set(raw) - known)
     if missing or unknown:
-        raise ValueError(f"{name} lacks the field(s) {missing}" if missing else f"{name} has unknown field(s) {unknown}")
+        raise ValueError(
+            f"{name} lacks the field(s) {missing}" if missing else f"{name} has unknown field(s) {unknown}"
+        )
 
 
 def _items(raw, cls: type, name: str) -> list:
@@ -215,8 +237,11 @@ def _validate(lesson: Lesson) -> None:
     """ValueError naming the first field that is wrong."""
     _int(lesson.version, "version", VERSION, VERSION)
     _text(lesson.model, "model", empty=False)
-    if not (isinstance(lesson.weights_sha256, str) and len(lesson.weights_sha256) == 64
-            and all(c in "0123456789abcdef" for c in lesson.weights_sha256)):
+    if not (
+        isinstance(lesson.weights_sha256, str)
+        and len(lesson.weights_sha256) == 64
+        and all(c in "0123456789abcdef" for c in lesson.weights_sha256)
+    ):
         _fail("weights_sha256", "a sha256 digest (64 hex digits)", lesson.weights_sha256)
     _text(lesson.prompt, "prompt", empty=False)
     _int(lesson.max_new_tokens, "max_new_tokens", 1, 10_000)
@@ -227,13 +252,20 @@ def _validate(lesson: Lesson) -> None:
         _fail("sampling", "an object of sampling settings", lesson.sampling)
     _sampling(lesson.sampling, "sampling")
     n = lesson.max_new_tokens
-    if not isinstance(lesson.tokens, list) or len(lesson.tokens) > n or any(
-            isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in lesson.tokens):
+    if (
+        not isinstance(lesson.tokens, list)
+        or len(lesson.tokens) > n
+        or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in lesson.tokens)
+    ):
         _fail("tokens", f"a list of at most {n} token ids", lesson.tokens)
     for i, p in enumerate(lesson.pauses):
         _pause(p, f"pauses[{i}]", n)
         if i and p.cycle < lesson.pauses[i - 1].cycle:
-            _fail(f"pauses[{i}].cycle", f"in order: >= the cycle of the pause before ({lesson.pauses[i - 1].cycle})", p.cycle)
+            _fail(
+                f"pauses[{i}].cycle",
+                f"in order: >= the cycle of the pause before ({lesson.pauses[i - 1].cycle})",
+                p.cycle,
+            )
     for i, iv in enumerate(lesson.interventions):
         _intervention(iv, f"interventions[{i}]", n)
 
@@ -358,14 +390,16 @@ class LessonRun:
     def _check_tokens(self) -> None:
         if not self.verify:
             return
-        got, want = self.debugger.token_ids, self.lesson.tokens[:len(self.debugger.token_ids)]
+        got, want = self.debugger.token_ids, self.lesson.tokens[: len(self.debugger.token_ids)]
         if got != want:
             i = next(i for i, (a, b) in enumerate(zip(got + [-1], want + [-1])) if a != b)
             text = self.debugger.engine.token_text
-            raise ValueError(f"the replay left the lesson's recorded run at token #{i}: recorded "
-                             f"{_said(text(want[i])) if i < len(want) else 'nothing'}, got "
-                             f"{_said(text(got[i])) if i < len(got) else 'nothing'}. If you changed the run in the "
-                             "debugger, open the lesson again; otherwise record the lesson again on this machine")
+            raise ValueError(
+                f"the replay left the lesson's recorded run at token #{i}: recorded "
+                f"{_said(text(want[i])) if i < len(want) else 'nothing'}, got "
+                f"{_said(text(got[i])) if i < len(got) else 'nothing'}. If you changed the run in the "
+                "debugger, open the lesson again; otherwise record the lesson again on this machine"
+            )
 
     def answer(self, value: str | int | float) -> Result:
         """Score ``value`` for the current pause and run its cycle (the token is then shown in the debugger).
@@ -375,12 +409,16 @@ class LessonRun:
         """
         pause = self.pause
         if pause is None:
-            raise ValueError("no question to answer: call next_pause() first" if self.index < 0
-                             else "the lesson is over: there are no more pauses")
+            raise ValueError(
+                "no question to answer: call next_pause() first"
+                if self.index < 0
+                else "the lesson is over: there are no more pauses"
+            )
         check = {"predict": (str, int), "number": (int, float), "discuss": (str,)}[pause.kind]
         if isinstance(value, bool) or not isinstance(value, check):
-            expected = {"predict": "a token's text (str) or id (int)", "number": "a number",
-                        "discuss": "text"}[pause.kind]
+            expected = {"predict": "a token's text (str) or id (int)", "number": "a number", "discuss": "text"}[
+                pause.kind
+            ]
             raise TypeError(f"this {pause.kind} question takes {expected}, got {value!r} ({type(value).__name__})")
         token_id = self._token_id(value) if pause.kind == "predict" else None
         record, logits = self._reveal(pause.cycle)
@@ -397,13 +435,17 @@ class LessonRun:
         engine = self.debugger.engine
         if isinstance(guess, int):
             if not 0 <= guess < engine.vocab_size:
-                raise ValueError(f"token id {guess} is not in {engine.loaded.name!r}'s vocabulary (0..{engine.vocab_size - 1})")
+                raise ValueError(
+                    f"token id {guess} is not in {engine.loaded.name!r}'s vocabulary (0..{engine.vocab_size - 1})"
+                )
             return guess
         ids = engine.tokenizer.encode(guess, add_special_tokens=False) if guess else []
         if len(ids) != 1:
             parts = ", ".join(_said(engine.token_text(i)) for i in ids) or "nothing"
-            raise ValueError(f"{guess!r} is {len(ids)} tokens for {engine.loaded.name!r} ({parts}): guess one token, "
-                             "with its leading space if it has one (' be', not 'be')")
+            raise ValueError(
+                f"{guess!r} is {len(ids)} tokens for {engine.loaded.name!r} ({parts}): guess one token, "
+                "with its leading space if it has one (' be', not 'be')"
+            )
         return ids[0]
 
     def _reveal(self, cycle: int) -> tuple[CycleRecord, torch.Tensor]:
@@ -411,8 +453,10 @@ class LessonRun:
         dbg = self.debugger
         dbg.run_to(cycle + 1, stop_at_breakpoints=False)
         if len(dbg.records) <= cycle:
-            raise ValueError(f"the run ended after {len(dbg.records)} tokens (end of text), before the pause at token "
-                             f"#{cycle}: move the pause earlier")
+            raise ValueError(
+                f"the run ended after {len(dbg.records)} tokens (end of text), before the pause at token "
+                f"#{cycle}: move the pause earlier"
+            )
         choice = next(e for e in reversed(dbg.history) if e.op == "choose" and e.cycle == cycle)
         return dbg.records[cycle], choice.tensors["logits"]
 
@@ -423,8 +467,10 @@ class LessonRun:
         if rank == 1:
             line = f"Spot on: {_said(text(token_id))} is the model's first choice (p = {p:.3f}, {bits:.1f} bits of surprise)."
         else:
-            line = (f"{_said(text(token_id))} is the model's #{rank} (p = {p:.3g}, {bits:.1f} bits of surprise); "
-                    f"its first choice was {_said(text(top))} (p = {score_guess(logits, top)[0]:.3f}).")
+            line = (
+                f"{_said(text(token_id))} is the model's #{rank} (p = {p:.3g}, {bits:.1f} bits of surprise); "
+                f"its first choice was {_said(text(top))} (p = {score_guess(logits, top)[0]:.3f})."
+            )
         return Result(rank == 1, line + self._space_hint(guess, logits, rank), p, rank, bits, text(top))
 
     def _space_hint(self, guess: str | int, logits: torch.Tensor, rank: int) -> str:
@@ -439,12 +485,16 @@ class LessonRun:
     def __str__(self) -> str:
         lesson, dbg, pause = self.lesson, self.debugger, self.pause
         head = f"Lesson: {lesson.title or lesson.source or 'untitled'} ({lesson.model})"
-        text = dbg.prompt_text + "".join(dbg.tokens[:pause.cycle] if pause else dbg.tokens)
+        text = dbg.prompt_text + "".join(dbg.tokens[: pause.cycle] if pause else dbg.tokens)
         if pause is None:
             where = "finished" if self.finished else f"{len(lesson.pauses)} pauses ahead: call next_pause()"
             return f"{head}\n{where}\ntext: {text!r}"
-        lines = [head, f"pause {self.index + 1} of {len(lesson.pauses)}, before token #{pause.cycle} ({pause.kind})",
-                 f"text so far: {text!r}", f"Q: {pause.question}"]
+        lines = [
+            head,
+            f"pause {self.index + 1} of {len(lesson.pauses)}, before token #{pause.cycle} ({pause.kind})",
+            f"text so far: {text!r}",
+            f"Q: {pause.question}",
+        ]
         return "\n".join(lines)
 
     def play(self, answers: Sequence[str | int | float | None], out: Callable[[str], None] = print) -> list[Result]:
@@ -480,15 +530,29 @@ class LessonPanel:
         import ipywidgets as w
 
         self.run = run
-        self.controls = {"answer": w.Text(placeholder="your answer"), "Submit": w.Button(description="Submit"),
-                         "Next pause": w.Button(description="Next pause", button_style="primary")}
-        self.views = {"title": w.HTML(f"<b>Lesson: {html.escape(run.lesson.title or run.lesson.source)}</b>"),
-                      "question": w.HTML(), "feedback": w.HTML()}
+        self.controls = {
+            "answer": w.Text(placeholder="your answer"),
+            "Submit": w.Button(description="Submit"),
+            "Next pause": w.Button(description="Next pause", button_style="primary"),
+        }
+        self.views = {
+            "title": w.HTML(f"<b>Lesson: {html.escape(run.lesson.title or run.lesson.source)}</b>"),
+            "question": w.HTML(),
+            "feedback": w.HTML(),
+        }
         self.controls["Submit"].on_click(lambda _: self.submit())
         self.controls["Next pause"].on_click(lambda _: self.next())
         c, v = self.controls, self.views
-        self.box = w.VBox([v["title"], v["question"], w.HBox([c["answer"], c["Submit"]]), v["feedback"],
-                           c["Next pause"], run.debugger.widget()])
+        self.box = w.VBox(
+            [
+                v["title"],
+                v["question"],
+                w.HBox([c["answer"], c["Submit"]]),
+                v["feedback"],
+                c["Next pause"],
+                run.debugger.widget(),
+            ]
+        )
         self.redraw()
 
     def next(self) -> None:
@@ -522,9 +586,12 @@ class LessonPanel:
     def redraw(self) -> None:
         """Show the current pause's question and, once answered, its feedback."""
         run, pause = self.run, self.run.pause
-        self.views["question"].value = (f"<b>Pause {run.index + 1} of {len(run.lesson.pauses)}</b> (before token "
-                                        f"#{pause.cycle}): {html.escape(pause.question)}" if pause else
-                                        ("The lesson is over." if run.finished else "Press Next pause to start."))
+        self.views["question"].value = (
+            f"<b>Pause {run.index + 1} of {len(run.lesson.pauses)}</b> (before token "
+            f"#{pause.cycle}): {html.escape(pause.question)}"
+            if pause
+            else ("The lesson is over." if run.finished else "Press Next pause to start.")
+        )
         result = run.results.get(run.index)
         self.views["feedback"].value = html.escape(result.feedback) if result else ""
         self.controls["Submit"].disabled = pause is None or run.index in run.results
@@ -533,27 +600,50 @@ class LessonPanel:
 # ------------------------------------------------------------------ recording
 
 
-def record(engine: Engine | str, prompt: str, max_new_tokens: int, *, pauses: Sequence[Pause | dict],
-           interventions: Sequence[Intervention | dict] = (), sampling: Sampling | dict | None = None,
-           title: str = "", stage: str = "") -> Lesson:
+def record(
+    engine: Engine | str,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    pauses: Sequence[Pause | dict],
+    interventions: Sequence[Intervention | dict] = (),
+    sampling: Sampling | dict | None = None,
+    title: str = "",
+    stage: str = "",
+) -> Lesson:
     """Run the lesson once in a :class:`Debugger` and return it with its recorded tokens and answer key.
 
     A ``choose`` intervention may name its token by text (``token=" go"``) instead of ``token_id``.
     """
     engine = engine if isinstance(engine, Engine) else Engine(as_loaded(engine, "record"))
     settings = {k: v for k, v in asdict(as_sampling(sampling)).items() if v != getattr(Sampling(), k)}
-    draft = Lesson(engine.loaded.name, engine.fingerprint["weights"], prompt, max_new_tokens, settings,
-                   [_resolve(engine, iv) for iv in _as(interventions, Intervention)],
-                   sorted(_as(pauses, Pause), key=lambda p: p.cycle),
-                   title=title, stage=stage)
+    draft = Lesson(
+        engine.loaded.name,
+        engine.fingerprint["weights"],
+        prompt,
+        max_new_tokens,
+        settings,
+        [_resolve(engine, iv) for iv in _as(interventions, Intervention)],
+        sorted(_as(pauses, Pause), key=lambda p: p.cycle),
+        title=title,
+        stage=stage,
+    )
     run = LessonRun(draft, Debugger(engine, prompt, max_new_tokens, settings), verify=False)
     keyed = []
     while (pause := run.next_pause()) is not None:
         rec, logits = run._reveal(pause.cycle)
         top = int(logits.argmax())
-        key = (QUANTITIES[pause.quantity][1](rec) if pause.kind == "number" else
-               {"token_id": top, "token": engine.token_text(top), "probability": round(score_guess(logits, top)[0], 6)}
-               if pause.kind == "predict" else None)
+        key = (
+            QUANTITIES[pause.quantity][1](rec)
+            if pause.kind == "number"
+            else {
+                "token_id": top,
+                "token": engine.token_text(top),
+                "probability": round(score_guess(logits, top)[0], 6),
+            }
+            if pause.kind == "predict"
+            else None
+        )
         keyed.append(replace(pause, answer=key))
     return replace(draft, pauses=keyed, tokens=run.debugger.token_ids)
 
@@ -569,10 +659,21 @@ def _resolve(engine: Engine, iv: Intervention) -> Intervention:
     if iv.token_id is None:
         ids = engine.tokenizer.encode(iv.token, add_special_tokens=False) if iv.token else []
         if len(ids) != 1:
-            raise ValueError(f"choose: token {iv.token!r} must be exactly one token of {engine.loaded.name!r}, "
-                             f"it is {len(ids)}")
+            raise ValueError(
+                f"choose: token {iv.token!r} must be exactly one token of {engine.loaded.name!r}, it is {len(ids)}"
+            )
         iv = replace(iv, token_id=ids[0])
     return replace(iv, token=engine.token_text(iv.token_id))
 
 
-__all__ = ["Intervention", "Lesson", "LessonPanel", "LessonRun", "Pause", "QUANTITIES", "Result", "record", "score_guess"]
+__all__ = [
+    "Intervention",
+    "Lesson",
+    "LessonPanel",
+    "LessonRun",
+    "Pause",
+    "QUANTITIES",
+    "Result",
+    "record",
+    "score_guess",
+]

@@ -20,8 +20,10 @@ from pathlib import Path
 
 from cyclelab.loading.paths import LAB_OVERRIDES, LESSONS
 
-COST = re.compile(r"<!-- cost:(?P<profile>[\w-]+) --> \*\*Cost, [\w-]+ profile:\*\* (?P<seconds>\d+(?:\.\d+)?) s"
-                  r", peak memory (?P<gb>\d+(?:\.\d+)?) GB")
+COST = re.compile(
+    r"<!-- cost:(?P<profile>[\w-]+) --> \*\*Cost, [\w-]+ profile:\*\* (?P<seconds>\d+(?:\.\d+)?) s"
+    r", peak memory (?P<gb>\d+(?:\.\d+)?) GB"
+)
 EXERCISE = re.compile(r"\bcheck_\w+(?=\()")
 STAGES_LINE = re.compile(r"\*Stages? covered:((?:\*\*[^*]+\*\*|[^*])*)\*")
 STAGE_NAMES = ("FETCH", "READ", "EXECUTE", "WRITEBACK")
@@ -72,8 +74,10 @@ def _read_json(path: Path) -> dict:
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err}); fix or remove it, then run this again") from err
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise ValueError(f"{path} must map plugin ids to objects of settings, "
-                         f"e.g. {{\"@jupyterlab/apputils-extension:notification\": {{...}}}}")
+        raise ValueError(
+            f"{path} must map plugin ids to objects of settings, "
+            f'e.g. {{"@jupyterlab/apputils-extension:notification": {{...}}}}'
+        )
     return data
 
 
@@ -95,17 +99,20 @@ class Chapter:
 def read_chapter(path: Path, profile: str = "fast") -> Chapter:
     """The chapter's cost label for ``profile``, its markdown word count and its checked exercises."""
     cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
-    text = {kind: [''.join(c["source"]) for c in cells if c["cell_type"] == kind] for kind in ("markdown", "code")}
+    text = {kind: ["".join(c["source"]) for c in cells if c["cell_type"] == kind] for kind in ("markdown", "code")}
     first = text["markdown"][0] if cells and cells[0]["cell_type"] == "markdown" else ""
     labels = {m["profile"]: m for m in COST.finditer(first)}
     if profile not in labels:
-        raise ValueError(f"{path.name} has no cost label for the {profile!r} profile (it has: "
-                         f"{', '.join(labels) or 'none'}); run `cyclelab course --profile {profile} --label`")
+        raise ValueError(
+            f"{path.name} has no cost label for the {profile!r} profile (it has: "
+            f"{', '.join(labels) or 'none'}); run `cyclelab course --profile {profile} --label`"
+        )
     label = labels[profile]
     words = sum(len(re.findall(r"\w+", s)) for s in text["markdown"])
     exercises = tuple(dict.fromkeys(EXERCISE.findall("\n".join(text["code"]))))
-    return Chapter(path.stem, float(label["seconds"]), float(label["gb"]) * 1024, words, exercises,
-                   chapter_stages(first))
+    return Chapter(
+        path.stem, float(label["seconds"]), float(label["gb"]) * 1024, words, exercises, chapter_stages(first)
+    )
 
 
 def chapter_stages(first_cell: str) -> tuple[str, ...]:
@@ -158,8 +165,14 @@ def learners_per_server(server_gb: float, per_learner_mb: float, hub_mb: float =
     return max(0, math.floor((server_gb * 1024 - hub_mb - os_mb) / per_learner_mb))
 
 
-def sizing_table(peaks_mb: dict[str, float], servers_gb: tuple[int, ...] = SERVERS_GB, hub_mb: float = HUB_MB,
-                 os_mb: float = OS_MB, server_mb: float = LAB_SERVER_MB, headroom: float = HEADROOM) -> list[Sizing]:
+def sizing_table(
+    peaks_mb: dict[str, float],
+    servers_gb: tuple[int, ...] = SERVERS_GB,
+    hub_mb: float = HUB_MB,
+    os_mb: float = OS_MB,
+    server_mb: float = LAB_SERVER_MB,
+    headroom: float = HEADROOM,
+) -> list[Sizing]:
     """One row per chapter (kernel peak memory in MB), and a last row "whole course" for the largest peak."""
     if not peaks_mb:
         raise ValueError("peaks_mb is empty: give each chapter's peak memory in MB")
@@ -167,7 +180,9 @@ def sizing_table(peaks_mb: dict[str, float], servers_gb: tuple[int, ...] = SERVE
     table = []
     for chapter, kernel in rows.items():
         need = learner_mb(kernel, server_mb, headroom)
-        table.append(Sizing(chapter, kernel, need, {gb: learners_per_server(gb, need, hub_mb, os_mb) for gb in servers_gb}))
+        table.append(
+            Sizing(chapter, kernel, need, {gb: learners_per_server(gb, need, hub_mb, os_mb) for gb in servers_gb})
+        )
     return table
 
 
@@ -180,13 +195,21 @@ def _check_non_negative(**values: float) -> None:
 # ------------------------------------------------------------------ agendas
 
 
-def chapter_minutes(chapter: Chapter, words_per_minute: float = WORDS_PER_MINUTE,
-                    exercise_minutes: float = EXERCISE_MINUTES, discussion_minutes: float = DISCUSSION_MINUTES) -> int:
+def chapter_minutes(
+    chapter: Chapter,
+    words_per_minute: float = WORDS_PER_MINUTE,
+    exercise_minutes: float = EXERCISE_MINUTES,
+    discussion_minutes: float = DISCUSSION_MINUTES,
+) -> int:
     """Minutes of class for a chapter: reading, its exercises, its measured run time, and discussion (rounded up)."""
     if words_per_minute <= 0:
         raise ValueError(f"words_per_minute must be positive, got {words_per_minute}")
-    minutes = (chapter.words / words_per_minute + len(chapter.exercises) * exercise_minutes
-               + chapter.seconds / 60 + discussion_minutes)
+    minutes = (
+        chapter.words / words_per_minute
+        + len(chapter.exercises) * exercise_minutes
+        + chapter.seconds / 60
+        + discussion_minutes
+    )
     return math.ceil(minutes - 1e-9)
 
 
@@ -215,8 +238,10 @@ def pack_agenda(chapters: list[tuple[str, int]], sessions: tuple[int, ...], slac
     for index, (name, minutes) in enumerate(chapters):
         while current < len(sessions) and not _fits(used[current], minutes, sessions[current], slack):
             if not packed[current]:
-                raise ValueError(f"chapter {name} takes {minutes} min, longer than a session of "
-                                 f"{sessions[current]} min (+{slack} min slack)")
+                raise ValueError(
+                    f"chapter {name} takes {minutes} min, longer than a session of "
+                    f"{sessions[current]} min (+{slack} min slack)"
+                )
             current += 1
         if current == len(sessions):
             return Agenda(packed, used, [n for n, _ in chapters[index:]])
@@ -236,19 +261,31 @@ def _fits(used: int, minutes: int, length: int, slack: int) -> bool:
 
 def sizing_markdown(table: list[Sizing]) -> str:
     gbs = list(table[0].learners)
-    lines = ["| chapter | kernel peak | per active learner | " + " | ".join(f"learners on {gb} GB" for gb in gbs) + " |",
-             "|---|---|---|" + "---|" * len(gbs)]
+    lines = [
+        "| chapter | kernel peak | per active learner | " + " | ".join(f"learners on {gb} GB" for gb in gbs) + " |",
+        "|---|---|---|" + "---|" * len(gbs),
+    ]
     for row in table:
         counts = " | ".join(str(row.learners[gb]) for gb in gbs)
         lines.append(f"| {row.chapter} | {row.kernel_mb / 1024:.1f} GB | {row.learner_mb / 1024:.2f} GB | {counts} |")
     return "\n".join(lines)
 
 
-def agenda_markdown(title: str, agenda: Agenda, chapters: list[Chapter], sessions: tuple[int, ...],
-                    minutes: dict[str, int], lessons: dict[str, list[str]] | None = None) -> str:
+def agenda_markdown(
+    title: str,
+    agenda: Agenda,
+    chapters: list[Chapter],
+    sessions: tuple[int, ...],
+    minutes: dict[str, int],
+    lessons: dict[str, list[str]] | None = None,
+) -> str:
     by_name, lessons = {c.name: c for c in chapters}, lessons or {}
-    lines = [f"**{title}** ({len(sessions)} sessions of {'/'.join(map(str, sessions))} min)", "",
-             "| session | chapters (minutes) | exercises | lessons | used |", "|---|---|---|---|---|"]
+    lines = [
+        f"**{title}** ({len(sessions)} sessions of {'/'.join(map(str, sessions))} min)",
+        "",
+        "| session | chapters (minutes) | exercises | lessons | used |",
+        "|---|---|---|---|---|",
+    ]
     for number, (names, used, length) in enumerate(zip(agenda.sessions, agenda.minutes, sessions), 1):
         listed = ", ".join(f"{n} ({minutes[n]})" for n in names) or "-"
         exercises = ", ".join(e for n in names for e in by_name[n].exercises) or "-"
@@ -266,12 +303,20 @@ def tables(paths: list[Path], profile: str = "fast") -> str:
     minutes = {c.name: chapter_minutes(c) for c in chapters}
     order = [(c.name, minutes[c.name]) for c in chapters]
     lessons = course_lessons()
-    parts = [f"Sizing from the `{profile}` profile's cost labels:", "", sizing_markdown(sizing), "",
-             "Minutes per chapter: " + ", ".join(f"{n} {m}" for n, m in minutes.items()), ""]
+    parts = [
+        f"Sizing from the `{profile}` profile's cost labels:",
+        "",
+        sizing_markdown(sizing),
+        "",
+        "Minutes per chapter: " + ", ".join(f"{n} {m}" for n, m in minutes.items()),
+        "",
+    ]
     for title, sessions in (("Half day", HALF_DAY), ("Full day", FULL_DAY)):
         agenda = pack_agenda(order, sessions)
-        parts += [agenda_markdown(title, agenda, chapters, sessions, minutes, lessons_by_chapter(chapters, lessons)),
-                  ""]
+        parts += [
+            agenda_markdown(title, agenda, chapters, sessions, minutes, lessons_by_chapter(chapters, lessons)),
+            "",
+        ]
     return "\n".join(parts).rstrip()
 
 

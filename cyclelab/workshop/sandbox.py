@@ -74,6 +74,7 @@ def _preexec(limits: Limits, user: pwd.struct_passwd | None):
             os.setgroups([])
             os.setgid(user.pw_gid)
             os.setuid(user.pw_uid)
+
     return apply
 
 
@@ -88,15 +89,22 @@ def unprivileged_user() -> pwd.struct_passwd | None:
         warnings.warn("grading as root: there is no user 'nobody' to run learners' notebooks as", stacklevel=2)
         return None
     try:
-        probe = subprocess.run([sys.executable, "-c", "import cyclelab.workshop.grade"], capture_output=True,
-                               preexec_fn=_preexec(Limits(), user), env=os.environ.copy(), cwd="/")
+        probe = subprocess.run(
+            [sys.executable, "-c", "import cyclelab.workshop.grade"],
+            capture_output=True,
+            preexec_fn=_preexec(Limits(), user),
+            env=os.environ.copy(),
+            cwd="/",
+        )
         refused = probe.returncode != 0
     except OSError:
         refused = True
     if refused:
-        warnings.warn("grading as root: the user 'nobody' cannot run cyclelab here (its files are not readable "
-                      "by others), so learners' notebooks run as root; see docs/workshop.md for a container recipe",
-                      stacklevel=2)
+        warnings.warn(
+            "grading as root: the user 'nobody' cannot run cyclelab here (its files are not readable "
+            "by others), so learners' notebooks run as root; see docs/workshop.md for a container recipe",
+            stacklevel=2,
+        )
         return None
     return user
 
@@ -109,13 +117,27 @@ def hand_over(folder: Path) -> None:
             os.chown(path, user.pw_uid, user.pw_gid)
 
 
-def run_limited(command: list[str], timeout: float, stdin: str = "", limits: Limits = Limits(),
-                env: dict | None = None, cwd: Path | None = None) -> Outcome:
+def run_limited(
+    command: list[str],
+    timeout: float,
+    stdin: str = "",
+    limits: Limits = Limits(),
+    env: dict | None = None,
+    cwd: Path | None = None,
+) -> Outcome:
     """Run ``command`` in its own session with ``limits`` (as ``nobody`` when root); after ``timeout`` seconds it
     gets SIGTERM, then SIGKILL; its whole process group is killed when it returns, whatever happened."""
-    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, env=env, cwd=cwd,
-                            preexec_fn=_preexec(limits, unprivileged_user()))
+    proc = subprocess.Popen(
+        command,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=env,
+        cwd=cwd,
+        preexec_fn=_preexec(limits, unprivileged_user()),
+    )
     try:
         out, err = proc.communicate(stdin, timeout=timeout)
         code: int | None = proc.returncode
@@ -190,4 +212,5 @@ def contain() -> None:
     def stop(signum, frame) -> None:
         kill_descendants()
         os._exit(124)
+
     signal.signal(signal.SIGTERM, stop)

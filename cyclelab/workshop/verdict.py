@@ -37,8 +37,10 @@ def definitions(source: str) -> ast.Module:
 
 def _plain_assignment(stmt: ast.stmt) -> bool:
     """``name = …`` or ``a, b = …`` (not ``obj.attr = …`` nor ``d[k] = …``: those patch what exists)."""
+
     def plain(target: ast.expr) -> bool:
         return isinstance(target, ast.Name) or (isinstance(target, ast.Tuple) and all(map(plain, target.elts)))
+
     if isinstance(stmt, ast.Assign):
         return all(plain(t) for t in stmt.targets)
     return isinstance(stmt, ast.AnnAssign) and stmt.value is not None and isinstance(stmt.target, ast.Name)
@@ -123,8 +125,12 @@ def _notebook_main() -> None:
     spec = json.loads(sys.stdin.read())
     end = time.monotonic() + spec["timeout"]
     prepared = Path(spec["notebook"])
-    run = run_notebook(prepared, Path(spec["out_dir"]), allow_errors=True,
-                       timeout_func=lambda cell: max(1, int(end - time.monotonic() + 0.999)))
+    run = run_notebook(
+        prepared,
+        Path(spec["out_dir"]),
+        allow_errors=True,
+        timeout_func=lambda cell: max(1, int(end - time.monotonic() + 0.999)),
+    )
     print(json.dumps({"error": run.error, "output": str(run.output)}))
 
 

@@ -108,7 +108,7 @@ def apply_edit(word: str, edit: str) -> str:
         cut, add = rule.split("→")
         if not out.endswith(cut):
             return word
-        out = out[:len(out) - len(cut)] + add
+        out = out[: len(out) - len(cut)] + add
     return out
 
 
@@ -147,9 +147,13 @@ def tagging_data(tokenizer, pairs: Sequence[tuple[str, str]], edits: Sequence[st
             if n is not None and pos < max_len:
                 labels[pos] = index.get(word_edit(o, n), -100)
         ids = ids[:max_len]
-        out.append({"input_ids": torch.tensor(ids + [pad] * (max_len - len(ids))),
-                    "attention_mask": torch.tensor([1] * len(ids) + [0] * (max_len - len(ids))),
-                    "labels": torch.tensor(labels)})
+        out.append(
+            {
+                "input_ids": torch.tensor(ids + [pad] * (max_len - len(ids))),
+                "attention_mask": torch.tensor([1] * len(ids) + [0] * (max_len - len(ids))),
+                "labels": torch.tensor(labels),
+            }
+        )
     return out
 
 
@@ -174,22 +178,25 @@ def tagging_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def modernise(model: nn.Module, tokenizer, edits: Sequence[str], lines: Sequence[str], max_len: int = 48,
-              batch_size: int = 64) -> list[str]:
+def modernise(
+    model: nn.Module, tokenizer, edits: Sequence[str], lines: Sequence[str], max_len: int = 48, batch_size: int = 64
+) -> list[str]:
     """Each Folio line with the tagger's most likely edit applied to every word (words past
     ``max_len`` tokens are kept as they are). A tagger that answers ``KEEP`` everywhere copies."""
     model.eval()
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(lines), batch_size):
-        chunk = lines[i:i + batch_size]
+        chunk = lines[i : i + batch_size]
         encoded = tagging_data(tokenizer, [(line, line) for line in chunk], edits, max_len)
         ids, mask = stack_batch(encoded, device)
         mask, ids = unpadded(mask, ids)
         best = model(ids, mask).argmax(-1).tolist()
         for line, tags in zip(chunk, best):
             _, last = _word_ids(tokenizer, line)
-            out.append(" ".join(apply_edit(w, edits[tags[p]]) if p < max_len else w for w, p in zip(line.split(), last)))
+            out.append(
+                " ".join(apply_edit(w, edits[tags[p]]) if p < max_len else w for w, p in zip(line.split(), last))
+            )
     return out
 
 

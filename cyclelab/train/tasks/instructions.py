@@ -43,8 +43,10 @@ def instruction_examples(tokenizer, pairs: Sequence[tuple[str, str]], max_len: i
     for prompt, answer in pairs:
         p, a = tokenizer(prompt)["input_ids"], tokenizer(answer)["input_ids"]
         if len(p) + len(a) > max_len:
-            raise ValueError(f"prompt and answer take {len(p) + len(a)} tokens, more than max_len={max_len}: "
-                             "raise max_len or use shorter lines")
+            raise ValueError(
+                f"prompt and answer take {len(p) + len(a)} tokens, more than max_len={max_len}: "
+                "raise max_len or use shorter lines"
+            )
         ids = p + a + [pad] * (max_len - len(p) - len(a))
         labels = [-100] * len(p) + a + [-100] * (max_len - len(p) - len(a))
         out.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)})
@@ -78,8 +80,9 @@ def best_answer(model: nn.Module, tokenizer, prompt: str, answers: Sequence[str]
     return max(range(len(answers)), key=scores.__getitem__)
 
 
-def answer_scores(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]],
-                  answers: Sequence[str]) -> tuple[float, float]:
+def answer_scores(
+    model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], answers: Sequence[str]
+) -> tuple[float, float]:
     """Over ``pairs`` (whose answers must be among ``answers``): the mean probability of the right
     answer, and the accuracy of choosing it among ``answers`` by likelihood."""
     if not pairs:

@@ -18,7 +18,16 @@ import torch
 from torch import nn
 
 from cyclelab.loading import corpus as data
-from cyclelab.train.finetune import PrefixTuning, PromptTuning, TrainConfig, add_adapters, add_lora, count_trainable, lm_loss, train
+from cyclelab.train.finetune import (
+    PrefixTuning,
+    PromptTuning,
+    TrainConfig,
+    add_adapters,
+    add_lora,
+    count_trainable,
+    lm_loss,
+    train,
+)
 from cyclelab.train.metrics import perplexity_of_model
 
 _ROMAN = re.compile(r"^\s*[IVXLC]+\s*$")
@@ -46,7 +55,7 @@ def sonnet_ids(tokenizer, texts: Sequence[str]) -> torch.Tensor:
 def lm_windows(tokenizer, texts: Sequence[str], length: int = 64) -> list[torch.Tensor]:
     """Training examples for a causal LM: consecutive windows of ``length`` tokens."""
     ids = sonnet_ids(tokenizer, texts)
-    windows = [ids[i:i + length] for i in range(0, len(ids) - length + 1, length // 2)]
+    windows = [ids[i : i + length] for i in range(0, len(ids) - length + 1, length // 2)]
     if not windows:
         raise ValueError(f"the texts hold {len(ids)} tokens, fewer than one window of {length}")
     return windows
@@ -81,15 +90,24 @@ def prepare(model: nn.Module, method: str, r: int = 8, bottleneck: int = 16, n_v
 def play_perplexity(model: nn.Module, tokenizer, n_tokens: int = 4096, context: int = 128) -> float:
     """Perplexity on the first ``n_tokens`` of the held-out plays (:data:`cyclelab.loading.corpus.VALID_PLAYS`,
     never trained on): what fine-tuning toward the sonnets may make the model forget."""
-    ids = tokenizer(data.corpus("valid")[:8 * n_tokens])["input_ids"]  # 8 characters hold at least a token
+    ids = tokenizer(data.corpus("valid")[: 8 * n_tokens])["input_ids"]  # 8 characters hold at least a token
     if len(ids) < n_tokens:
         raise ValueError(f"the held-out plays give {len(ids)} tokens, fewer than n_tokens={n_tokens}")
     return perplexity_of_model(model, ids[:n_tokens], context=context)
 
 
-def compare_methods(model: nn.Module, tokenizer, train_texts: Sequence[str], valid_texts: Sequence[str],
-                    lrs: Sequence[float], steps: int = 20, batch_size: int = 8, window: int = 64, seed: int = 0,
-                    methods: Sequence[str] = METHODS) -> list[dict]:
+def compare_methods(
+    model: nn.Module,
+    tokenizer,
+    train_texts: Sequence[str],
+    valid_texts: Sequence[str],
+    lrs: Sequence[float],
+    steps: int = 20,
+    batch_size: int = 8,
+    window: int = 64,
+    seed: int = 0,
+    methods: Sequence[str] = METHODS,
+) -> list[dict]:
     """Fine-tune a copy of ``model`` on ``train_texts`` with each method at each learning rate of
     ``lrs`` (the same grid for every method); one row per run: method, lr, trainable and total
     parameters, seconds per step, perplexity on ``valid_texts`` (to choose the rate by), the
@@ -105,9 +123,18 @@ def compare_methods(model: nn.Module, tokenizer, train_texts: Sequence[str], val
             cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=max(1, steps // 10), seed=seed)
             history = train(tuned, examples, lm_loss, cfg)
             trainable, total = count_trainable(tuned)
-            rows.append({"method": method, "lr": lr, "trainable": trainable, "total": total,
-                         "s_per_step": history.seconds_per_step, "history": history, "model": tuned,
-                         "valid": sonnet_perplexity(tuned, tokenizer, valid_texts)})
+            rows.append(
+                {
+                    "method": method,
+                    "lr": lr,
+                    "trainable": trainable,
+                    "total": total,
+                    "s_per_step": history.seconds_per_step,
+                    "history": history,
+                    "model": tuned,
+                    "valid": sonnet_perplexity(tuned, tokenizer, valid_texts),
+                }
+            )
     return rows
 
 

@@ -42,11 +42,19 @@ def classification_data(tokenizer, texts: Sequence[str], labels: Sequence[int], 
     if len(texts) != len(labels):
         raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
     if len(set(labels)) < 2:
-        raise ValueError(f"the labels hold a single class ({sorted(set(labels))}): a classifier needs at least "
-                         "two classes to tell apart (and would reach 100% by always answering the one)")
+        raise ValueError(
+            f"the labels hold a single class ({sorted(set(labels))}): a classifier needs at least "
+            "two classes to tell apart (and would reach 100% by always answering the one)"
+        )
     enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
-    return [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i],
-             "labels": torch.tensor(labels[i])} for i in range(len(texts))]
+    return [
+        {
+            "input_ids": enc["input_ids"][i],
+            "attention_mask": enc["attention_mask"][i],
+            "labels": torch.tensor(labels[i]),
+        }
+        for i in range(len(texts))
+    ]
 
 
 class EncoderClassifier(nn.Module):
@@ -81,7 +89,7 @@ def predict(model: nn.Module, examples: Sequence[dict], batch_size: int = 64) ->
     device = next(model.parameters()).device
     out: list[int] = []
     for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
+        chunk = examples[i : i + batch_size]
         ids, mask = stack_batch(chunk, device)
         out += model(ids, mask).argmax(-1).tolist()
     return out
@@ -106,8 +114,13 @@ def plot_confusion(y_true: Sequence[int], y_pred: Sequence[int], names: Sequence
     ax.imshow(matrix, cmap="Blues")
     for (i, j), v in np.ndenumerate(matrix):
         ax.text(j, i, str(v), ha="center", va="center", color="black")
-    ax.set(xticks=range(len(names)), yticks=range(len(names)), xlabel="predicted", ylabel="true",
-           title="which play is this line from?")
+    ax.set(
+        xticks=range(len(names)),
+        yticks=range(len(names)),
+        xlabel="predicted",
+        ylabel="true",
+        title="which play is this line from?",
+    )
     ax.set_xticklabels(names, rotation=30, ha="right")
     ax.set_yticklabels(names)
     fig.tight_layout()

@@ -21,14 +21,17 @@ from cyclelab.loading import corpus as data
 from cyclelab.train.tasks import stack_batch, unpadded
 
 
-def speaker_questions(plays: Sequence[str], n: int, k: int = 3, seed: int = 0, min_words: int = 4,
-                      lines_per_speech: int = 1) -> list[dict]:
+def speaker_questions(
+    plays: Sequence[str], n: int, k: int = 3, seed: int = 0, min_words: int = 4, lines_per_speech: int = 1
+) -> list[dict]:
     """``n`` span-extraction examples: a passage of ``k`` consecutive speeches by at least two
     speakers (the first ``lines_per_speech`` lines of each, introduced by ``NAME:``), a line of one
     of them as the question, and as the answer the speaker's name where it stands in the passage
     (``answer_start`` is a character offset)."""
     if n < 1 or k < 2 or lines_per_speech < 1:
-        raise ValueError(f"need n >= 1 questions, k >= 2 speeches and lines_per_speech >= 1; got {n}, {k}, {lines_per_speech}")
+        raise ValueError(
+            f"need n >= 1 questions, k >= 2 speeches and lines_per_speech >= 1; got {n}, {k}, {lines_per_speech}"
+        )
     rng = random.Random(seed)
     pool = [play for play in (data.speeches(p) for p in plays) if len(play) > k]
     if not pool:
@@ -39,7 +42,7 @@ def speaker_questions(plays: Sequence[str], n: int, k: int = 3, seed: int = 0, m
             break
         play = rng.choice(pool)
         i = rng.randrange(0, len(play) - k)
-        window = play[i:i + k]
+        window = play[i : i + k]
         if len({name for name, _ in window}) < 2:
             continue
         target = rng.randrange(k)
@@ -51,8 +54,9 @@ def speaker_questions(plays: Sequence[str], n: int, k: int = 3, seed: int = 0, m
             if j == target:
                 start = len(context)
             context += f"{name}: {' '.join(lines[:lines_per_speech])}\n"
-        out.append({"question": rng.choice(candidates), "context": context, "answer": window[target][0],
-                    "answer_start": start})
+        out.append(
+            {"question": rng.choice(candidates), "context": context, "answer": window[target][0], "answer_start": start}
+        )
     return out
 
 
@@ -83,18 +87,32 @@ def span_data(tokenizer, examples: Sequence[dict], max_len: int = 128) -> tuple[
         raise ValueError("no questions to encode")
     out, kept = [], []
     for ex in examples:
-        enc = tokenizer(ex["question"], ex["context"], truncation="only_second", max_length=max_len,
-                        padding="max_length", return_offsets_mapping=True)
+        enc = tokenizer(
+            ex["question"],
+            ex["context"],
+            truncation="only_second",
+            max_length=max_len,
+            padding="max_length",
+            return_offsets_mapping=True,
+        )
         first, last = ex["answer_start"], ex["answer_start"] + len(ex["answer"])
         seq = enc.sequence_ids()
-        tokens = [t for t, ((a, b), s) in enumerate(zip(enc["offset_mapping"], seq)) if s == 1 and a < last and b > first]
+        tokens = [
+            t for t, ((a, b), s) in enumerate(zip(enc["offset_mapping"], seq)) if s == 1 and a < last and b > first
+        ]
         if not tokens:  # the answer was truncated away
             continue
         kept.append(ex)
-        out.append({"input_ids": torch.tensor(enc["input_ids"]), "attention_mask": torch.tensor(enc["attention_mask"]),
-                    "start": torch.tensor(tokens[0]), "end": torch.tensor(tokens[-1]),
-                    "context_mask": torch.tensor([s == 1 for s in seq]),
-                    "offsets": torch.tensor(enc["offset_mapping"])})
+        out.append(
+            {
+                "input_ids": torch.tensor(enc["input_ids"]),
+                "attention_mask": torch.tensor(enc["attention_mask"]),
+                "start": torch.tensor(tokens[0]),
+                "end": torch.tensor(tokens[-1]),
+                "context_mask": torch.tensor([s == 1 for s in seq]),
+                "offsets": torch.tensor(enc["offset_mapping"]),
+            }
+        )
     return out, kept
 
 
@@ -120,8 +138,9 @@ def span_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_spans(model: nn.Module, encoded: Sequence[dict], examples: Sequence[dict], max_tokens: int = 12,
-                  batch_size: int = 64) -> list[str]:
+def predict_spans(
+    model: nn.Module, encoded: Sequence[dict], examples: Sequence[dict], max_tokens: int = 12, batch_size: int = 64
+) -> list[str]:
     """The best passage span (start <= end < start + ``max_tokens``) of each example, as text."""
     if len(encoded) != len(examples):
         raise ValueError(f"{len(encoded)} encoded examples but {len(examples)} examples")
@@ -129,23 +148,25 @@ def predict_spans(model: nn.Module, encoded: Sequence[dict], examples: Sequence[
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(encoded), batch_size):
-        chunk = encoded[i:i + batch_size]
+        chunk = encoded[i : i + batch_size]
         ids, attention = stack_batch(chunk, device)
         attention, ids, mask = unpadded(attention, ids, torch.stack([e["context_mask"] for e in chunk]).to(device))
         start, end = model(ids, attention)
         start, end = start.masked_fill(~mask, -1e9), end.masked_fill(~mask, -1e9)
         n = start.shape[1]
         allowed = torch.triu(torch.ones(n, n, dtype=torch.bool, device=device)) & ~torch.triu(
-            torch.ones(n, n, dtype=torch.bool, device=device), diagonal=max_tokens)
+            torch.ones(n, n, dtype=torch.bool, device=device), diagonal=max_tokens
+        )
         scores = (start[:, :, None] + end[:, None, :]).masked_fill(~allowed, -1e18)
-        for enc, ex, best in zip(chunk, examples[i:i + batch_size], scores.flatten(1).argmax(-1).tolist()):
+        for enc, ex, best in zip(chunk, examples[i : i + batch_size], scores.flatten(1).argmax(-1).tolist()):
             s, e = divmod(best, n)
-            out.append(ex["context"][int(enc["offsets"][s][0]):int(enc["offsets"][e][1])])
+            out.append(ex["context"][int(enc["offsets"][s][0]) : int(enc["offsets"][e][1])])
     return out
 
 
 def exact_match_f1(predictions: Sequence[str], answers: Sequence[str]) -> tuple[float, float]:
     """SQuAD-style exact match and mean token F1 (lowercased, punctuation dropped), in percent."""
+
     def words(s: str) -> list[str]:
         return re.sub(r"[^\w\s]", " ", s.lower()).split()
 
