@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from time import perf_counter
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -121,8 +122,11 @@ class Architecture:
     """What GPT-2 and Llama share: the clock, the event bookkeeping and attention itself."""
 
     family = ""
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: Any):  # a transformers PreTrainedModel (its config and methods are read)
         self.model = model
         self.config = model.config
         # int8 Linears (cyclelab.lab.quantize.to_int8) are called as modules: their weights are packed for the kernel
@@ -196,7 +200,6 @@ class Architecture:
         return (yield from self.unembed(x, run))  # (b, t, vocab)
 
     # --- per family ---------------------------------------------------------------
-    n_layers: int
     context_window: int
     layers: torch.nn.ModuleList  # the model's blocks
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from time import perf_counter
+from typing import TypeVar
 
 import torch
 
@@ -249,8 +250,8 @@ class Engine:
         self.cache = memory
         for cycle in range(max_new_tokens):
             start, totals = perf_counter(), Cost()
-            fed = ids[len(memory) :] if use_cache else ids
-            cache = memory if use_cache else KVCache(self.arch.n_layers, len(ids))
+            fed = ids[len(memory) :] if memory is not None else ids
+            cache = memory if memory is not None else KVCache(self.arch.n_layers, len(ids))
             step = self.forward(torch.tensor([fed], device=self.device), cache, cycle, capture, ablation)
             while True:
                 try:
@@ -379,7 +380,7 @@ class Engine:
                 f"max_new_tokens ({n}) must exceed at_cycle ({at_cycle}): "
                 "the branch generates the cycles from at_cycle up to max_new_tokens"
             )
-        force: list[int | None] = list(trace.token_ids[:at_cycle]) + [token]
+        force: list[int | None] = [*trace.token_ids[:at_cycle], token]
         draws = (
             0
             if sampling.seed != self._sampling_of(trace).seed
@@ -623,7 +624,10 @@ def drain(steps: Generator[Event, None, object], on_event: Callable[[Event], Non
                 on_event(event)
 
 
-def _without_grad(steps: Generator[Event, None, object]) -> Generator[Event, None, object]:
+R = TypeVar("R")  # what a generator of events returns
+
+
+def _without_grad(steps: Generator[Event, None, R]) -> Generator[Event, None, R]:
     """Drive ``steps`` with autograd off while it computes, and on again while it is paused,
     so a half-finished run never leaves the caller's code without gradients."""
     if not torch.is_grad_enabled():  # run to the end by drain(), or the caller turned them off
@@ -652,4 +656,4 @@ def _ablation_of(trace: Trace) -> Ablation:
 
 def ablation(heads: Iterable[tuple[int, int]] = (), mlps: Iterable[int] = ()) -> Ablation:
     """Convenience constructor: ``ablation(heads=[(0, 3)])`` switches off head 3 of layer 0."""
-    return Ablation(heads, mlps)
+    return Ablation(heads, mlps)  # type: ignore[arg-type]  # __post_init__ checks them and makes frozensets

@@ -240,8 +240,8 @@ def status_line() -> str:
 
 
 def _read_mode() -> str:
-    _MODE[0] = build.mode()
-    return _MODE[0]
+    mode = _MODE[0] = build.mode()
+    return mode
 
 
 def choice_report() -> str:

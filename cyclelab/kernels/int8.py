@@ -16,6 +16,10 @@ class Int8Linear(torch.nn.Module):
     ``q`` must be contiguous int8, ``scale`` float32 with one value per row (``(out,)`` or ``(out, 1)``), ``bias``
     None or one float value per row; anything else raises a TypeError or ValueError here, once."""
 
+    q: torch.Tensor  # buffers, declared for the type checker
+    scale: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         if isinstance(scale, torch.Tensor) and scale.dim() == 2 and scale.shape[1:] == (1,):
@@ -82,9 +86,9 @@ def to_int8(model: torch.nn.Module) -> torch.nn.Module:
         for name, child in list(parent.named_children()):
             kind = type(child).__name__
             if kind in ("Linear", "Conv1D"):
-                weight = child.weight.detach()
+                weight, bias = child.get_parameter("weight").detach(), getattr(child, "bias", None)
                 setattr(
-                    parent, name, _rows_to_int8(weight.t() if kind == "Conv1D" else weight, child.bias)
+                    parent, name, _rows_to_int8(weight.t() if kind == "Conv1D" else weight, bias)
                 )  # Conv1D: (in, out)
     for p in model.parameters():  # what stays float leaves the weights file's memory map, and the float
         p.data = p.data.clone()  # matrices' pages go with the map instead of staying resident

@@ -57,6 +57,13 @@ def f32_linears(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tens
     return _own_f32_linears(x, layers)
 
 
+def _library() -> ctypes.CDLL:
+    """The loaded kernels; called only where :func:`_build.compiled` was found not None."""
+    library = _build.compiled()
+    assert library is not None, "an own kernel was called without the kernels loaded"
+    return library
+
+
 def _torch_linears(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> list[torch.Tensor]:
     return [torch.nn.functional.linear(x, w, b) for w, b in layers]
 
@@ -65,7 +72,7 @@ def _own_f32_linears(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch
     ns = [w.shape[0] for w, _ in layers]
     outs, total = [torch.empty(*x.shape[:-1], n) for n in ns], sum(ns)
     weights, biases, sizes = _weight_arrays(ns, *zip(*layers))
-    _build.compiled().f32_linear(
+    _library().f32_linear(
         x.data_ptr(),
         weights,
         biases,
@@ -99,7 +106,7 @@ def _torch_conv1d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -
 def _own_conv1d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     k, n = w.shape
     out = torch.empty(*x.shape[:-1], n)
-    _build.compiled().f32_conv1d(
+    _library().f32_conv1d(
         x.data_ptr(),
         w.data_ptr(),
         None if bias is None else bias.data_ptr(),
@@ -130,7 +137,7 @@ def _torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 def _own_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     d = x.shape[-1]
     out = torch.empty_like(x)
-    _build.compiled().f32_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // d, d, eps)
+    _library().f32_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // d, d, eps)
     return out
 
 
@@ -154,7 +161,7 @@ def _torch_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 def _own_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     d = x.shape[-1]
     out = torch.empty_like(x)
-    _build.compiled().f32_rope(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), x.numel() // d, d)
+    _library().f32_rope(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), x.numel() // d, d)
     return out
 
 
@@ -176,7 +183,7 @@ def _torch_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 def _own_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     b, h, _, d = q.shape
     scores = torch.empty(b, h, 1, keys.shape[-2])
-    _build.compiled().f32_scores(
+    _library().f32_scores(
         q.data_ptr(),
         keys.data_ptr(),
         scores.data_ptr(),
@@ -207,9 +214,7 @@ def _torch_softmax(scores: torch.Tensor) -> torch.Tensor:
 
 def _own_softmax(scores: torch.Tensor) -> torch.Tensor:
     probs = torch.empty_like(scores)
-    _build.compiled().f32_softmax(
-        scores.data_ptr(), probs.data_ptr(), scores.numel() // scores.shape[-1], scores.shape[-1]
-    )
+    _library().f32_softmax(scores.data_ptr(), probs.data_ptr(), scores.numel() // scores.shape[-1], scores.shape[-1])
     return probs
 
 
@@ -233,7 +238,7 @@ def _own_mix(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     t = values.shape[-2]
     (b, h), d = probs.shape[:2], values.shape[-1]
     out = torch.empty(b, h, 1, d)
-    _build.compiled().f32_mix(
+    _library().f32_mix(
         probs.data_ptr(),
         values.data_ptr(),
         out.data_ptr(),
@@ -367,7 +372,7 @@ def int8_linears(
 def _own_int8(x: torch.Tensor, layers: Sequence, rows: int) -> list[torch.Tensor]:
     ns = [q.shape[0] for q, _, _ in layers]
     outs, total = [torch.empty(*x.shape[:-1], n) for n in ns], sum(ns)
-    _build.compiled().int8_linear(
+    _library().int8_linear(
         x.data_ptr(),
         *_weight_arrays(ns, *zip(*layers)),
         total,
@@ -420,4 +425,5 @@ def check_int8_layers(layers: Sequence[tuple[torch.Tensor, torch.Tensor, torch.T
         if width is not None and q.shape[1] != width:
             raise ValueError(f"int8 layer {i} takes {q.shape[1]} inputs, layer 0 takes {width}")
         width = q.shape[1]
+    assert width is not None  # layers is not empty
     return width

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -55,7 +56,7 @@ class Loaded:
 
     name: str
     model: torch.nn.Module
-    tokenizer: object
+    tokenizer: Any  # a transformers tokenizer
     source: str
 
     @property
@@ -132,7 +133,7 @@ def weights_sha256(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, p in weight_tensors(model):
         h.update(f"{name} {tuple(p.shape)} {p.dtype};".encode())
-        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 
@@ -219,9 +220,11 @@ def _load_folder(
     try:
         config = AutoConfig.from_pretrained(folder)
         causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in config.architectures or [])
-        auto = AutoModelForCausalLM if causal else AutoModel
+        auto: Any = AutoModelForCausalLM if causal else AutoModel
         if name == "tiny-mlm":
-            from transformers import AutoModelForMaskedLM as auto
+            from transformers import AutoModelForMaskedLM
+
+            auto = AutoModelForMaskedLM
         if isinstance(folder, Path):
             _check_size_agrees(auto, config, folder, repair)
         model, info = auto.from_pretrained(
@@ -274,7 +277,7 @@ def _header_numel(path: Path) -> int:
     return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
 
 
-def _check_weights_used(model: torch.nn.Module, info: dict, folder: str | Path, repair: str) -> None:
+def _check_weights_used(model: Any, info: dict, folder: str | Path, repair: str) -> None:
     """Refuse a model whose config does not match its weights: every tensor present and used, with its shape.
 
     A tied weight (sharing storage with a loaded one) may be absent; a checkpoint of another
@@ -415,7 +418,7 @@ def convert_gguf(gguf_path: Path, folder: Path) -> Path:
 
 
 @quiet_transformers()
-def _dequantize(gguf_path: Path) -> tuple[torch.nn.Module, object]:
+def _dequantize(gguf_path: Path) -> tuple[Any, Any]:  # a transformers model and tokenizer
     """The float32 model and tokenizer in a GGUF file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
