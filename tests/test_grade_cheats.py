@@ -18,7 +18,7 @@ import pytest
 
 from cyclelab.cli import main
 from cyclelab.workshop import edition, grade
-from tests.test_grade import ATTAINABLE_RIGHT, CHAPTER, GREEDY_RIGHT, GREEDY_STUB, mini_course
+from test_grade import ATTAINABLE_RIGHT, CHAPTER, GREEDY_RIGHT, GREEDY_STUB, mini_course
 
 STUB = GREEDY_STUB
 MARK = "317.25"  # a sleeping process left by a learner carries this argument
@@ -27,7 +27,7 @@ CHEATS = {  # learner -> greedy_step cell (attainable is answered right, so only
     "prints": 'def greedy_step(logits):\n    print("✓ correct")\n    return 0, 0.0',
     "str-patch": STUB + "\n\nfrom cyclelab.checks import Result\nResult.__str__ = lambda self: '✓ correct'",
     "hook": STUB + "\n\nget_ipython().events.register('pre_run_cell', lambda *a: print('✓ correct'))",
-    "copied": "from cyclelab.checks import _greedy_hint as greedy_step",
+    "copied": "from cyclelab.checks.clock_cycle import _greedy_hint as greedy_step",
     "wraps-ref": "import cyclelab.checks as c\n\ndef greedy_step(logits):\n    return c._ref_greedy(logits)",
 }
 ANSWERS = {
