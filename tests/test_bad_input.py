@@ -16,7 +16,8 @@ import torch
 
 from cyclelab import Debugger, Engine, Loaded, Sampling, Trace, ablation, load
 from cyclelab.core.blocks import Ablation
-from cyclelab.core.engine import drain, fingerprint
+from cyclelab.core.engine import drain
+from cyclelab.core.fingerprint import fingerprint
 from cyclelab.core.sampling import apply_repetition_penalty, apply_temperature, as_sampling
 from cyclelab.core.sampling import sample as decode_sample
 from cyclelab.lab.quantize import int8_linear_of, to_int8
@@ -1185,7 +1186,7 @@ def test_load_never_hands_out_a_model_edited_in_place():
 
 
 def test_old_lessons_and_traces_with_the_sampled_digest_still_open(tiny_engine, base):
-    from cyclelab.core.engine import legacy_weights_digest
+    from cyclelab.core.fingerprint import legacy_weights_digest
 
     old = legacy_weights_digest(tiny_engine.loaded.model)
     assert old != tiny_engine.fingerprint["weights"]

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from test_grade import ATTAINABLE_RIGHT, CHAPTER, GREEDY_RIGHT, GREEDY_STUB, mini_course
 
 from cyclelab.cli import main
 from cyclelab.workshop import edition, grade
-from test_grade import ATTAINABLE_RIGHT, CHAPTER, GREEDY_RIGHT, GREEDY_STUB, mini_course
 
 STUB = GREEDY_STUB
 MARK = "317.25"  # a sleeping process left by a learner carries this argument

@@ -6,7 +6,7 @@ import torch
 from float_bounds import assert_within, logit_bound
 
 from cyclelab import Engine, kernels, load
-from cyclelab.core.engine import fingerprint
+from cyclelab.core.fingerprint import fingerprint
 from cyclelab.kernels import MANY_ROWS, Int8Linear, int8_linear, is_int8
 from cyclelab.lab.decoding_by_hand import encode_split
 from cyclelab.lab.quantize import int8_linear_of, quantize_int8, to_int8

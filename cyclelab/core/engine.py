@@ -12,10 +12,8 @@ plus ``choose`` and ``append`` in the WRITEBACK stage of every cycle. Its return
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import weakref
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from time import perf_counter
@@ -26,12 +24,11 @@ import torch
 from cyclelab.core.attention import KVCache
 from cyclelab.core.blocks import Ablation, RunContext, architecture_for, capture_rule
 from cyclelab.core.events import Cost, CycleRecord, Event, Stage, Trace
-from cyclelab.core.ops import OPS, hook_names, registry_entry
+from cyclelab.core.fingerprint import fingerprint, legacy_weights_digest
+from cyclelab.core.inputs import check_capture, check_flag, id_tensor, ids_of
+from cyclelab.core.ops import hook_names, registry_entry
 from cyclelab.core.sampling import Sampling, as_sampling, check_int, choose, make_generator
-from cyclelab.loading.loader import Loaded, load, weights_sha256
-from cyclelab.loading.loader import weight_tensors as _weight_tensors
-
-PROMPT_TYPES = "a prompt is a str, a list or tuple of token ids (ints), or a 1-D integer torch tensor"
+from cyclelab.loading.loader import Loaded, load
 
 
 class Engine:
@@ -74,7 +71,7 @@ class Engine:
         ``prompt`` is a str, a list or tuple of ints, or a 1-D integer tensor; anything else
         (floats, bools, bytes, None, a 2-D tensor…) raises ``TypeError``, never a silent conversion.
         """
-        _check_flag(chat, "chat")
+        check_flag(chat, "chat")
         if isinstance(prompt, str):
             ids = self._encode_text(prompt, chat)
         elif chat:
@@ -82,7 +79,7 @@ class Engine:
                 "chat=True wraps a question in the chat template: give the question as text, not token ids"
             )
         else:
-            ids = _ids_of(prompt)
+            ids = ids_of(prompt)
         if not ids:
             raise ValueError("the prompt has no tokens")
         self._check_ids(ids, "prompt token ids")
@@ -134,7 +131,7 @@ class Engine:
 
     def logits(self, input_ids: torch.Tensor | Sequence[int], ablation: Ablation | None = None) -> torch.Tensor:
         """Logits at every position from the re-implemented forward pass (no events kept)."""
-        ids = _id_tensor(input_ids)
+        ids = id_tensor(input_ids)
         ids = ids[None] if ids.dim() == 1 else ids
         if ids.dim() != 2 or ids.shape[1] == 0:
             raise ValueError(f"input_ids must be (batch, positions) with at least one position, got {tuple(ids.shape)}")
@@ -418,10 +415,10 @@ class Engine:
     def _check_run_options(self, use_cache, capture, keep_events, force, ablation, stop_at_eos, draws) -> Ablation:
         """Check :meth:`run`'s options (TypeError or ValueError naming the argument); return the ablation."""
         for value, name in ((use_cache, "use_cache"), (keep_events, "keep_events"), (stop_at_eos, "stop_at_eos")):
-            _check_flag(value, name)
+            check_flag(value, name)
         if check_int(draws, "draws") < 0:
             raise ValueError(f"draws must be >= 0, got {draws}")
-        _check_capture(capture)
+        check_capture(capture)
         if not isinstance(force, (list, tuple)):
             raise TypeError(
                 f"force must be a list of token ids (None where the model chooses), got {type(force).__name__}"
@@ -511,94 +508,6 @@ def as_loaded(model: Loaded | str | Path, who: str) -> Loaded:
         f"{who} needs a model: a Loaded from cyclelab.load(...) or a model name such as 'tiny', "
         f"got {type(model).__name__}"
     )
-
-
-_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> digest
-
-
-def fingerprint(loaded: Loaded) -> dict[str, str]:
-    """sha256 digests that tell models apart: ``weights`` (every parameter's name, shape, dtype and all of
-    its bytes; an int8 Linear's codes and scales likewise) and ``tokenizer`` (its vocabulary).
-
-    The weights are hashed on every call (about 10 ms for tiny, 0.4 s for SmolLM2), so any change
-    shows, even one made through ``.data``; a run computes it once, never per token.
-    """
-    return {"weights": weights_sha256(loaded.model), "tokenizer": _tokenizer_digest(loaded.tokenizer)}
-
-
-def legacy_weights_digest(model: torch.nn.Module) -> str:
-    """The weights digest of cyclelab before full-byte hashing (a strided sample of ~1,000 values per
-    parameter): lessons and trace files recorded then carry it, and still open on their model."""
-    h = hashlib.sha256()
-    for name, p in _weight_tensors(model):
-        flat = p.detach().reshape(-1)
-        h.update(f"{name} {tuple(p.shape)} {p.dtype};".encode())
-        h.update(flat[:: max(1, flat.numel() // 1024)].float().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _tokenizer_digest(tokenizer) -> str:
-    """sha256 of the vocabulary (of the class name, for a stand-in tokenizer without one)."""
-    if tokenizer not in _TOKENIZERS:
-        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {type(tokenizer).__qualname__: 0}
-        text = "\n".join(f"{i} {token}" for token, i in sorted(vocab.items(), key=lambda item: item[1]))
-        _TOKENIZERS[tokenizer] = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-    return _TOKENIZERS[tokenizer]
-
-
-def _check_flag(value, name: str) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-
-
-def _ids_of(prompt) -> list[int]:
-    """Token ids given as a list or tuple of ints or a 1-D integer tensor; anything else is a TypeError."""
-    if isinstance(prompt, torch.Tensor):
-        if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
-            raise TypeError(f"{PROMPT_TYPES}; got a tensor of shape {tuple(prompt.shape)} and dtype {prompt.dtype}")
-        return prompt.tolist()
-    if not isinstance(prompt, (list, tuple)):
-        raise TypeError(f"{PROMPT_TYPES}; got {type(prompt).__name__}")
-    bad = [i for i in prompt if isinstance(i, bool) or not isinstance(i, int)]
-    if bad:
-        raise TypeError(f"{PROMPT_TYPES}; the prompt holds {bad[0]!r} ({type(bad[0]).__name__})")
-    return list(prompt)
-
-
-def _id_tensor(input_ids) -> torch.Tensor:
-    """``input_ids`` (ids, rows of ids, or a tensor) as an integer tensor; TypeError for anything else."""
-    if isinstance(input_ids, torch.Tensor):
-        ids = input_ids
-    else:
-        try:
-            ids = torch.tensor(input_ids)
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise TypeError(f"input_ids must be token ids (a list of ints, or of equal-length lists): {err}") from None
-    if ids.numel() and (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool):
-        raise TypeError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
-    return ids.long()
-
-
-def _check_capture(capture) -> None:
-    """TypeError/ValueError unless ``capture`` is None, "all", a function, or a collection of op names."""
-    if capture is None or callable(capture) or (isinstance(capture, str) and capture == "all"):
-        return
-    if isinstance(capture, Iterator):
-        raise TypeError(
-            f"capture must be a set, list or tuple of op names, not a one-pass {type(capture).__name__} "
-            "(it would be used up by the first check): write capture={...} or capture=list(...)"
-        )
-    if (
-        isinstance(capture, (str, bytes))
-        or not isinstance(capture, Iterable)
-        or not all(isinstance(op, str) for op in capture)
-    ):
-        raise TypeError(
-            f'capture must be None, "all", a set of op names or a function (op, layer) -> bool, got {capture!r}'
-        )
-    unknown = sorted(set(capture) - set(OPS))
-    if unknown:
-        raise ValueError(f"capture names unknown op(s) {unknown}; ops are {', '.join(OPS)}")
 
 
 def trace_settings(sampling: Sampling, ablation: Ablation, use_cache: bool, chat: bool) -> dict:
