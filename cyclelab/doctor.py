@@ -6,8 +6,10 @@ it failed, the one-line fix.
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 SETUP = "run `bash scripts/dev.sh setup` from the repository root"
@@ -38,6 +40,8 @@ def run_checks() -> list[Check]:
     ):
         try:
             result = probe()
+        except PermissionError as err:  # a shared cache written under a hardened umask, most likely
+            result = Check(probe.__name__.lstrip("_"), False, f"{type(err).__name__}: {err}; {_permission_fix()}")
         except Exception as err:  # a broken install must still give a report
             result = Check(probe.__name__.lstrip("_"), False, f"{type(err).__name__}: {err}; {SETUP}")
         checks.extend(result if isinstance(result, list) else [result])
@@ -103,7 +107,37 @@ def _cache() -> Check:
         root = cache_dir()
     except NotADirectoryError as err:
         return Check("cache", False, f"{err}: e.g. `export CYCLELAB_CACHE=~/.cache/cyclelab`")
+    closed = unreadable(root)
+    if closed:
+        first = closed[0]
+        return Check("cache", False, f"{len(closed)} entries unreadable for you, e.g. {first}; {_permission_fix()}")
     return Check("cache", True, f"{root} ({'writable' if cache_writable() else 'read-only for you'})")
+
+
+def unreadable(root: Path) -> list[Path]:
+    """The folders under ``root`` (itself included) this user cannot list or enter, and the files
+    it cannot open: what a cache written by an admin with umask 027 looks like to a learner."""
+    closed: list[Path] = []
+    if not root.exists():
+        return closed
+    for folder, _, files in os.walk(root, onerror=lambda err: closed.append(Path(err.filename))):
+        if not os.access(folder, os.R_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+            closed.append(Path(folder))
+            continue
+        for name in files:
+            try:
+                with open(os.path.join(folder, name), "rb"):
+                    pass
+            except PermissionError:
+                closed.append(Path(folder, name))
+    return sorted(set(closed))
+
+
+def _permission_fix() -> str:
+    """The fix for a cache this user may not read: one admin command."""
+    from cyclelab.loading.fetch import cache_dir
+
+    return f"an admin must make the shared cache readable: `sudo chmod -R a+rX {cache_dir()}`"
 
 
 def _assets() -> list[Check]:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -21,12 +25,39 @@ def test_doctor_checks() -> None:
 
 
 def test_the_report_writes_no_machine_paths() -> None:
-    from pathlib import Path
-
     repo, home = Path(doctor.__file__).resolve().parent.parent, Path.home()
     detail = f"{repo / 'data' / 'tiny'} and {home / '.cache' / 'x'}"
     assert doctor.short_paths(detail) == "<repo>/data/tiny and ~/.cache/x"
     assert str(repo) not in doctor.report()
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root: another uid's folder")
+def test_an_unreadable_shared_cache_is_diagnosed_with_chmod(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache written by an admin under umask 027 (mode 0700, another owner): the doctor, run as
+    nobody, names the one admin command that fixes it, not the developer's setup script."""
+    import cyclelab.loading.checksums  # noqa: F401  (imported while root: nobody may not read the venv)
+
+    base = Path(tempfile.mkdtemp(dir="/tmp"))
+    cache = base / "cyclelab"
+    try:
+        os.chmod(base, 0o755)
+        (cache / "models").mkdir(parents=True)
+        (cache / "models" / "weights.bin").write_bytes(b"x")
+        os.chown(cache, 4242, 4242)
+        os.chmod(cache, 0o700)
+        monkeypatch.setenv("CYCLELAB_CACHE", str(cache))
+        os.setegid(65534)
+        os.seteuid(65534)
+        try:
+            checks = {c.check: c for c in doctor.run_checks()}
+        finally:
+            os.seteuid(0)
+            os.setegid(0)
+    finally:
+        shutil.rmtree(base)
+    assert not checks["cache"].ok and f"chmod -R a+rX {cache}`" in checks["cache"].detail
+    cache_lines = [c for name, c in checks.items() if name == "cache" or "asset" in name or "smollm2" in name]
+    assert all("dev.sh" not in c.detail for c in cache_lines), [c.detail for c in cache_lines]
 
 
 def test_doctor_report_and_command(capsys: pytest.CaptureFixture[str]) -> None:

@@ -96,9 +96,9 @@ def test_nbgrader_own_validator_accepts_the_annotations(annotated: dict) -> None
 
 def test_the_student_edition_of_the_course(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["edition", "student", str(tmp_path / "student")]) == 0
-    assert f"{len(CHAPTERS)} notebooks" in capsys.readouterr().out
+    assert f"{len(CHAPTERS) + 1} notebooks" in capsys.readouterr().out
     written = sorted((tmp_path / "student").iterdir())
-    assert [p.name for p in written] == sorted([p.name for p in CHAPTERS] + ["README.md"])
+    assert [p.name for p in written] == sorted([p.name for p in CHAPTERS] + ["README.md", "workshop"])
     for path in CHAPTERS:
         original = nbformat.read(str(path), as_version=4)
         student = nbformat.read(str(tmp_path / "student" / path.name), as_version=4)
@@ -113,6 +113,40 @@ def test_the_student_edition_of_the_course(tmp_path: Path, capsys: pytest.Captur
         assert all(c.outputs == [] and c.execution_count is None for c in kept)
         stubs = [c.source for c in original.cells if c.cell_type == "code" and "# your code here" in c.source]
         assert stubs == [c.source for c in kept if "exercise" in c.metadata["tags"]], "stubs kept as they were"
+
+
+def test_the_student_bug_hunt_and_readme(tmp_path: Path) -> None:
+    edition.write_student_edition(tmp_path / "student")
+    hunt = nbformat.read(str(notebooks_dir() / "workshop" / "bug_hunt.ipynb"), as_version=4)
+    student = nbformat.read(str(tmp_path / "student" / "workshop" / "bug_hunt.ipynb"), as_version=4)
+    hidden = [c.source for c in hunt.cells if c.metadata.get("jupyter", {}).get("source_hidden")]
+    assert len(hidden) == 4 and not set(hidden) & {c.source for c in student.cells}, "its solutions are gone"
+    text = "\n".join(c.source for c in student.cells)
+    assert "bug 4: the pairing" not in text and "open after trying" not in text
+    assert len(student.cells) == len(hunt.cells) - len(hidden), "only the solutions (and their heading) go"
+    readme = (tmp_path / "student" / "README.md").read_text()
+    assert "solutions are **not** in this edition" in readme and "workshop/bug_hunt.ipynb" in readme
+    assert "Solutions in collapsed cells" not in readme, "not the instructor's house style"
+
+
+def test_nbgrader_mode_asserts_every_check_of_a_cell() -> None:
+    source = edition.assert_on_failure("# NBVAL_IGNORE_OUTPUT\nprint(check_attainable(f))\ncheck_attainable(g)")
+    assert source.count("assert check_result, check_result.message") == 2
+    right = {"check_attainable": check_attainable, "f": lambda f, b, p, w: min(p, f / b * w)}
+    with pytest.raises(AssertionError, match="take min"):  # the first check passes, the second fails
+        exec(source, {**right, "g": lambda f, b, p, w: p, "torch": torch})
+    exec(source, {**right, "g": right["f"]})
+
+
+def test_nbgrader_mode_wraps_stub_bodies_in_solution_regions() -> None:
+    stub = 'def f(x: int) -> int:\n    """Doc."""\n    # your code here\n    return 0\n\n\ndef g(y):\n    # your code here\n    return y'
+    assert edition.nbgrader_regions(stub) == (
+        'def f(x: int) -> int:\n    """Doc."""\n    ### BEGIN SOLUTION\n    # your code here\n    return 0\n'
+        "    ### END SOLUTION\n\n\ndef g(y):\n    ### BEGIN SOLUTION\n    # your code here\n    return y\n"
+        "    ### END SOLUTION"
+    )
+    region = "def f(x):\n    ### BEGIN SOLUTION\n    return x * 2\n    ### END SOLUTION"
+    assert "x * 2" not in edition.nbgrader_regions(region) and "### END SOLUTION" in edition.nbgrader_regions(region)
 
 
 def test_solution_regions_become_nbgrader_stubs() -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cyclelab.core.engine import Engine
+from cyclelab.core.events import show_token
 from cyclelab.debugger.session import Debugger
 from cyclelab.workshop.lessons import LESSONS, Intervention, Lesson, LessonRun, Pause, record
 
@@ -184,6 +185,37 @@ def test_shipped_lesson_replays_to_each_pause(path, tiny_engine):
         elif pause.kind == "number":
             assert run.answer(pause.answer).correct is True
     assert run.debugger.token_ids == lesson.tokens
+
+
+def giveaways(pause: Pause) -> list[str]:
+    """How a feedback line would spell ``pause``'s answer."""
+    if pause.kind == "predict":
+        return [repr(show_token(pause.answer["token"]))]
+    if pause.kind == "number" and pause.quantity == "chosen_percent":
+        p = pause.answer / 100
+        return [f"{pause.answer:g}", f"{p:.3f}", f"{p:.3g}", f"{-math.log2(p):.1f} bits"]
+    return []
+
+
+@pytest.mark.parametrize("path", sorted(LESSONS.glob("*.json")), ids=lambda p: p.stem)
+def test_feedback_does_not_answer_the_next_pause(path, tiny_engine):
+    """writeback asks for the first token, then how sure the model was of it: the first answer's
+    feedback, right or wrong, must not print that probability (nor its surprise in bits)."""
+    lesson = Lesson.load(path.stem)
+    run = lesson.open(tiny_engine)
+    while (pause := run.next_pause()) is not None:
+        ahead = lesson.pauses[run.index + 1] if run.index + 1 < len(lesson.pauses) else None
+        if pause.kind == "predict":
+            right = pause.answer["token_id"]
+            answers = [1 if right == 0 else 0, right]
+        else:
+            answers = [pause.answer if pause.kind == "number" else "no idea"]
+        for given in answers:
+            feedback = run.answer(given).feedback
+            leaked = [s for s in giveaways(ahead) if s in feedback] if ahead else []
+            assert not leaked, f"pause {run.index}'s feedback {feedback!r} answers the next pause"
+    if path.stem == "writeback":
+        assert lesson.pauses[1].quantity == "chosen_percent" and lesson.pauses[1].cycle == lesson.pauses[0].cycle
 
 
 def test_one_shipped_lesson_per_stage():

@@ -290,6 +290,33 @@ def test_docs_values_yaml_mounts_the_cache_read_only_where_cyclelab_cache_points
     assert "CYCLELAB_CACHE=/srv/data/cyclelab /opt/tljh/user/bin/cyclelab fetch" in doc
 
 
+def test_docs_hub_recipes_hand_out_the_student_edition_sized_from_the_labels() -> None:
+    """TLJH, Z2JH and Binder give learners the student edition, close the instructor's copy, and
+    use one memory limit: the sizing table's whole-course row, rounded up."""
+    from cyclelab.workshop.course import list_notebooks
+
+    doc = (ROOT / "docs/workshop.md").read_text()
+    values = yaml.safe_load(re.search(r"```yaml\n(.*?)```", doc, re.S).group(1))["singleuser"]
+    post_start = " ".join(values["lifecycleHooks"]["postStart"]["exec"]["command"])
+    assert "cp -r /srv/cyclelab-student ~/cyclelab" in post_start and "/notebooks" not in post_start
+    assert "cyclelab edition student /srv/cyclelab-student" in doc and "chmod 0700 /srv/cyclelab/notebooks" in doc
+    assert "cyclelab edition student /opt/cyclelab-student" in doc and "chmod 0700 /opt/cyclelab/notebooks" in doc
+    assert "cp -r /opt/cyclelab-student" in doc and "cp -r /opt/cyclelab/notebooks" not in doc
+    assert (
+        "urlpath=lab/tree/student/" in doc
+        and 'cyclelab edition student "${CYCLELAB_STUDENT_DIR:-student}"' in (ROOT / "postBuild").read_text()
+    )
+    chapters = [workshop.read_chapter(p) for p in list_notebooks()]
+    limit = workshop.memory_limit(workshop.sizing_table({c.name: c.peak_mb for c in chapters}))
+    assert values["memory"] == {"guarantee": limit, "limit": limit} and f"limits.memory {limit}" in doc
+    assert set(re.findall(r"limits\.memory (\S+)", doc)) == {limit}, "one number everywhere"
+    env = values["extraEnv"]
+    assert env["OMP_NUM_THREADS"] == "2" and values["cpu"]["limit"] == 2 and "limits.cpu 2" in doc
+    assert "c.SystemdSpawner.isolate_tmp = True" in doc and '"OMP_NUM_THREADS": "2"' in doc
+    assert env["TORCHINDUCTOR_CACHE_DIR"].startswith("/home/jovyan/") and doc.count("TORCHINDUCTOR_CACHE_DIR") >= 3
+    assert "chmod -R a+rX /srv/data/cyclelab" in doc
+
+
 # ------------------------------------------------------------------ Binder: environment.yml and postBuild
 
 

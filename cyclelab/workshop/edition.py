@@ -14,7 +14,7 @@ test (``grade``, ``locked``, worth ``points``). Solution cells carry only their 
 instructor's, and :func:`student_notebook` removes them. The instructor edition is the repository.
 
     cyclelab edition annotate [NOTEBOOK ...]   tags and metadata, in place (outputs untouched)
-    cyclelab edition student OUT/ [--nbgrader] the student copy of every chapter
+    cyclelab edition student OUT/ [--nbgrader] the student copy of every chapter and of the bug hunt
 
 nbgrader's autograder scores a test cell 0 only when it raises; the course's checks print ✗ instead,
 so ``--nbgrader`` rewrites each check cell to print the result and then assert it.
@@ -25,7 +25,6 @@ from __future__ import annotations
 import ast
 import copy
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,11 +252,7 @@ def strip_solution_regions(source: str) -> str:
     """``source`` with each ``### BEGIN SOLUTION`` … ``### END SOLUTION`` region replaced by nbgrader's
     stub, indented like the region's first line."""
 
-    def stub(match: re.Match) -> str:
-        indent = match.group(1)
-        return "\n".join(indent + line for line in CODE_STUB.split("\n")) + match.group(2)
-
-    return REGION.sub(stub, source)
+    return REGION.sub(lambda m: _indented(m.group(1), CODE_STUB) + m.group(2), source)
 
 
 def _without_heading(source: str) -> str:
@@ -271,22 +266,78 @@ def _clear_outputs(cell: NotebookNode) -> None:
     cell.metadata.pop("execution", None)
 
 
+def _check_statement(node: ast.stmt) -> ast.Call | None:
+    """The ``check_xxx(...)`` call a top-level statement makes, bare or inside ``print(...)``, or None."""
+    call = node.value if isinstance(node, ast.Expr) else None
+    if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "print" and call.args:
+        call = call.args[0] if len(call.args) == 1 else None
+    func = call.func if isinstance(call, ast.Call) else None
+    name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+    return call if name.startswith("check_") else None
+
+
 def assert_on_failure(source: str) -> str:
-    """A check cell's source whose last line, ``check_xxx(...)``, prints the result and raises
-    AssertionError when the check fails: how nbgrader's autograder sees a failing test."""
-    lines = source.rstrip().split("\n")
-    if not lines or not CHECK_CALL.match(lines[-1].strip()):
+    """A check cell's source where every ``check_xxx(...)`` statement (bare or printed) prints the
+    result and raises AssertionError when the check fails: how nbgrader's autograder sees a failing test."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
         return source
-    return "\n".join(
-        lines[:-1]
-        + [f"check_result = {lines[-1].strip()}", "print(check_result)", "assert check_result, check_result.message"]
-    )
+    lines = source.split("\n")
+    for node in reversed(tree.body):
+        call = _check_statement(node)
+        if call is None:
+            continue
+        expr = ast.get_source_segment(source, call)
+        block = [f"check_result = {expr}", "print(check_result)", "assert check_result, check_result.message"]
+        lines[node.lineno - 1 : node.end_lineno] = "\n".join(block).split("\n")
+    return "\n".join(lines).rstrip()
+
+
+def _body_start(source_lines: list[str], node: ast.FunctionDef) -> int:
+    """The index of the first line of ``node``'s body after its docstring, comments included."""
+    first = node.body[0]
+    doc = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str)
+    if doc:
+        return first.end_lineno  # type: ignore[return-value]
+    start = first.lineno - 1
+    while start - 1 > node.lineno - 1 and source_lines[start - 1].strip().startswith("#"):
+        start -= 1
+    return start
+
+
+def nbgrader_regions(source: str) -> str:
+    """An exercise cell's source for nbgrader's ``generate_assignment``: the body (after the
+    docstring) of each stub function between ``### BEGIN SOLUTION`` and ``### END SOLUTION``, so
+    the stub it writes keeps the signature; an instructor's region keeps only nbgrader's stub."""
+    if BEGIN in source:
+        return REGION.sub(lambda m: _indented(m.group(1), f"{BEGIN}\n{CODE_STUB}\n{END}") + m.group(2), source)
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return source
+    lines = source.split("\n")
+    stubs = [
+        n
+        for n in tree.body
+        if isinstance(n, ast.FunctionDef) and STUB_MARK.search(ast.get_source_segment(source, n) or "")
+    ]
+    for node in reversed(stubs):
+        start = _body_start(lines, node)
+        indent = re.match(r"[ \t]*", lines[node.body[-1].lineno - 1]).group(0)  # type: ignore[union-attr]
+        lines[start : node.end_lineno] = [indent + BEGIN, *lines[start : node.end_lineno], indent + END]
+    return "\n".join(lines)
+
+
+def _indented(indent: str, text: str) -> str:
+    return "\n".join(indent + line for line in text.split("\n"))
 
 
 def student_notebook(nb: NotebookNode, raising_checks: bool = False) -> NotebookNode:
     """The student copy of ``nb``: annotated, without solution cells, solution regions or the
     solution heading; exercise and check cells kept with their outputs cleared. With
-    ``raising_checks`` a failing check raises (for nbgrader's autograder, which counts errors)."""
+    ``raising_checks`` (nbgrader's source version) every check call raises when it fails, since
+    nbgrader's autograder counts errors, and each stub's body sits in a solution region."""
     nb = copy.deepcopy(nb)
     annotate(nb)
     cells = []
@@ -297,7 +348,9 @@ def student_notebook(nb: NotebookNode, raising_checks: bool = False) -> Notebook
             cell.source = _without_heading(cell.source) if SOLUTION_HEADING.search(cell.source) else cell.source
             if not cell.source.strip():
                 continue
-        if cell.cell_type == "code":
+        if kind == EXERCISE and raising_checks:
+            cell.source = nbgrader_regions(cell.source)
+        elif cell.cell_type == "code":
             cell.source = strip_solution_regions(cell.source)
         if kind in (EXERCISE, CHECK):
             _clear_outputs(cell)
@@ -308,9 +361,28 @@ def student_notebook(nb: NotebookNode, raising_checks: bool = False) -> Notebook
     return nb
 
 
+STUDENT_README = """# cyclelab: the student edition
+
+This is your copy of the course. Each chapter (`NN_topic.ipynb`) teaches one stage of the clock
+cycle and ends in exercises: a stub for you to fill in (it runs, returning a wrong answer), then a
+check cell that prints ✓ or ✗ with a hint naming the symptom. Run the chapter from the top, write
+each function, and rerun its check until it passes.
+
+The solutions are **not** in this edition: your instructor keeps them. The check cells and their
+hints are the feedback; ask your instructor when a hint is not enough.
+
+`workshop/bug_hunt.ipynb` is the bug hunt: a small GPT with planted bugs. Find each one from its
+symptom, fix the function, and a check confirms the fix. Its solutions are not here either.
+
+Shut down a chapter's kernel (Kernel → Shut Down Kernel) before opening the next: the hub gives
+each learner memory for one chapter at a time.
+"""
+
+
 def write_student_edition(out: Path, root: Path | None = None, raising_checks: bool = False) -> list[Path]:
-    """Write the student copy of every chapter notebook in ``root`` (the course's notebooks/) and
-    its README.md into ``out``; return the notebooks written. ``out`` must not be ``root``."""
+    """Write the student copy of every chapter notebook in ``root`` (the course's notebooks/), of
+    the workshop notebooks in its ``workshop/`` (the bug hunt) and a README for learners into
+    ``out``; return the notebooks written. ``out`` must not be ``root``."""
     from cyclelab.workshop.course import list_notebooks, notebooks_dir
 
     root, out = Path(root or notebooks_dir()), Path(out)
@@ -324,9 +396,13 @@ def write_student_edition(out: Path, root: Path | None = None, raising_checks: b
     sources = list_notebooks(root=root)
     if not sources:
         raise FileNotFoundError(f"no chapter notebooks (NN_*.ipynb) in {root}")
+    sources += sorted((root / "workshop").glob("*.ipynb"))
     out.mkdir(parents=True, exist_ok=True)
+    written = []
     for path in sources:
-        nbformat.write(student_notebook(read_notebook(path), raising_checks), str(out / path.name))
-    if (root / "README.md").is_file():
-        shutil.copyfile(root / "README.md", out / "README.md")
-    return [out / p.name for p in sources]
+        target = out / path.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        nbformat.write(student_notebook(read_notebook(path), raising_checks), str(target))
+        written.append(target)
+    (out / "README.md").write_text(STUDENT_README, encoding="utf-8")
+    return written

@@ -422,14 +422,24 @@ class LessonRun:
             raise TypeError(f"this {pause.kind} question takes {expected}, got {value!r} ({type(value).__name__})")
         token_id = self._token_id(value) if pause.kind == "predict" else None
         record, logits = self._reveal(pause.cycle)
+        ahead = self._next_at_same_cycle()
         if pause.kind == "predict":
-            result = self._score_predict(token_id, logits, value)
+            hide = ahead is not None and ahead.kind == "number" and ahead.quantity == "chosen_percent"
+            result = self._score_predict(token_id, logits, value, hide_top_p=hide)
         elif pause.kind == "number":
             result = _score_number(value, QUANTITIES[pause.quantity][1](record), pause.tolerance)
+        elif ahead is not None and ahead.kind == "predict":  # its token is the next question's answer
+            result = Result(None, "Noted.")
         else:
             result = Result(None, f"Noted. The model wrote {_said(record.token)} here.")
         self.results[self.index] = result
         return result
+
+    def _next_at_same_cycle(self) -> Pause | None:
+        """The next pause when it stops at the current pause's cycle: feedback must not answer it."""
+        pauses, here = self.lesson.pauses, self.pause
+        following = pauses[self.index + 1] if self.index + 1 < len(pauses) else None
+        return following if here and following and following.cycle == here.cycle else None
 
     def _token_id(self, guess: str | int) -> int:
         engine = self.debugger.engine
@@ -460,16 +470,20 @@ class LessonRun:
         choice = next(e for e in reversed(dbg.history) if e.op == "choose" and e.cycle == cycle)
         return dbg.records[cycle], choice.tensors["logits"]
 
-    def _score_predict(self, token_id: int, logits: torch.Tensor, guess: str | int) -> Result:
+    def _score_predict(self, token_id: int, logits: torch.Tensor, guess: str | int, hide_top_p: bool = False) -> Result:
+        """Score a guess; ``hide_top_p`` leaves out the first choice's probability (and its surprise),
+        when the next pause asks for it."""
         text = self.debugger.engine.token_text
         p, rank, bits = score_guess(logits, token_id)
         top = int(logits.argmax())
         if rank == 1:
-            line = f"Spot on: {_said(text(token_id))} is the model's first choice (p = {p:.3f}, {bits:.1f} bits of surprise)."
+            how = "" if hide_top_p else f" (p = {p:.3f}, {bits:.1f} bits of surprise)"
+            line = f"Spot on: {_said(text(token_id))} is the model's first choice{how}."
         else:
+            top_p = "" if hide_top_p else f" (p = {score_guess(logits, top)[0]:.3f})"
             line = (
                 f"{_said(text(token_id))} is the model's #{rank} (p = {p:.3g}, {bits:.1f} bits of surprise); "
-                f"its first choice was {_said(text(top))} (p = {score_guess(logits, top)[0]:.3f})."
+                f"its first choice was {_said(text(top))}{top_p}."
             )
         return Result(rank == 1, line + self._space_hint(guess, logits, rank), p, rank, bits, text(top))
 

@@ -186,6 +186,13 @@ def sizing_table(
     return table
 
 
+def memory_limit(table: list[Sizing], step_mb: int = 100) -> str:
+    """The hub's memory limit per learner, in JupyterHub's units (M = MiB): the "whole course" row's
+    need, rounded up to ``step_mb``. docs/workshop.md uses this one number in every recipe."""
+    need = next(row.learner_mb for row in table if row.chapter == "whole course")
+    return f"{math.ceil(need / step_mb) * step_mb}M"
+
+
 def _check_non_negative(**values: float) -> None:
     for name, value in values.items():
         if not isinstance(value, (int, float)) or value < 0:
