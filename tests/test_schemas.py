@@ -107,3 +107,12 @@ def test_lesson_schema_names_the_field(doc: dict, message: str) -> None:
     assert problem(validator("cyclelab.workshop", "lesson.schema.json"), doc, "the lesson", last_cycle=7) == message
     with pytest.raises(ValueError, match=re.escape(f"bad.json is not a valid lesson file: {message}; ")):
         Lesson.from_dict(doc, "bad.json")
+
+
+def test_nbgrader_metadata_refuses_a_nan_or_bool_points() -> None:
+    from cyclelab.workshop.edition import _nbgrader, _schema_problem
+
+    meta = _nbgrader("check_f", grade=True, solution=False, points=1)
+    assert _schema_problem(meta, "code") is None
+    for bad in (math.nan, True):
+        assert _schema_problem({**meta, "points": bad}, "code") == "missing [], unknown [], wrong type ['points']"
