@@ -30,6 +30,7 @@ from cyclelab.core.ops import OPS, hook_names, registry_entry
 from cyclelab.core.sampling import Sampling, as_sampling, check_int, choose, make_generator
 from cyclelab.loading.loader import Loaded, load, weights_sha256
 from cyclelab.loading.loader import weight_tensors as _weight_tensors
+from cyclelab.loading.schema import is_int
 
 PROMPT_TYPES = "a prompt is a str, a list or tuple of token ids (ints), or a 1-D integer torch tensor"
 
@@ -559,7 +560,7 @@ def _ids_of(prompt) -> list[int]:
         return prompt.tolist()
     if not isinstance(prompt, (list, tuple)):
         raise TypeError(f"{PROMPT_TYPES}; got {type(prompt).__name__}")
-    bad = [i for i in prompt if isinstance(i, bool) or not isinstance(i, int)]
+    bad = [i for i in prompt if not is_int(i)]
     if bad:
         raise TypeError(f"{PROMPT_TYPES}; the prompt holds {bad[0]!r} ({type(bad[0]).__name__})")
     return list(prompt)
