@@ -36,6 +36,7 @@ from cyclelab.kernels import (
     int8_linears,
     is_int8,
 )
+from cyclelab.loading.schema import is_int
 
 SUPPORTED = {"gpt2": "GPT-2", "llama": "Llama"}
 Ops = Generator[Event, None, torch.Tensor]
@@ -61,9 +62,6 @@ class Ablation:
 
 def _int_collection(items, name: str, pairs: bool = False) -> frozenset:
     """``items`` as a frozenset of ints (of (int, int) tuples if ``pairs``); else a TypeError naming ``name``."""
-
-    def is_int(x) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool)
 
     def valid(item) -> bool:
         return isinstance(item, (tuple, list)) and len(item) == 2 and all(map(is_int, item)) if pairs else is_int(item)

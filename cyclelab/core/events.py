@@ -14,8 +14,6 @@ The engine yields one :class:`Event` per micro-op; a :class:`Trace` keeps one
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import torch
 from cyclelab.core.ops import Stage  # the op registry: each op's stage, tensors and TransformerLens names
 from cyclelab.core.sampling import as_sampling
 from cyclelab.loading.atomic import strict_json, write_atomic
+from cyclelab.loading.schema import problem, shown, validator
 
 
 @dataclass(slots=True)
@@ -171,73 +170,37 @@ class Trace:
 
 
 class _TraceFile:
-    """Checks the parsed JSON of a trace file; the first problem raises a ValueError naming the file and field."""
+    """Checks the parsed JSON of a trace file against ``trace.schema.json``, then what a schema cannot say
+    (cycles numbered in order, one text per token id, the sampling settings); the first problem raises a
+    ValueError naming the file and the field."""
 
     def __init__(self, path: Path):
         self.path = path
 
-    def fail(self, field: str, expected: str, value) -> None:
-        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-        raise ValueError(
-            f"{self.path} is not a valid trace file: {field or 'the file'} must be {expected}, "
-            f"got {shown} (write traces with Trace.save)"
-        )
-
-    def check(self, value, field: str, rule: tuple[Callable[[object], bool], str]):
-        if not rule[0](value):
-            self.fail(field, rule[1], value)
-        return value
-
-    def fields(self, value, field: str, required: dict, optional: dict | None = None) -> dict:
-        """An object with the ``required`` keys and maybe some ``optional`` ones, each checked by its rule:
-        a ``(predicate, what it expects)`` pair, or a function ``(value, field)`` returning the value read."""
-        if not isinstance(value, dict):
-            self.fail(field, "an object ({...})", value)
-        rules = {**required, **(optional or {})}
-        missing, unknown = sorted(set(required) - set(value)), sorted(set(value) - set(rules))
-        if missing or unknown:
-            problem = f"lacks the field(s) {missing}" if missing else f"has unknown field(s) {unknown}"
-            raise ValueError(
-                f"{self.path} is not a valid trace file: {field or 'the file'} {problem} (write traces with Trace.save)"
-            )
-        named = {k: f"{field}.{k}" if field else k for k in value}
-        return {
-            k: self.check(v, named[k], rules[k]) if isinstance(rules[k], tuple) else rules[k](v, named[k])
-            for k, v in value.items()
-        }
-
-    def items(self, value, field: str, each: Callable) -> list:
-        if not isinstance(value, list):
-            self.fail(field, "a list ([...])", value)
-        return [each(v, f"{field}[{i}]") for i, v in enumerate(value)]
+    def fail(self, problem: str) -> None:
+        raise ValueError(f"{self.path} is not a valid trace file: {problem} (write traces with Trace.save)")
 
     def trace(self, raw) -> Trace:
-        top = self.fields(
-            raw,
-            "",
-            {
-                "model": (lambda v: isinstance(v, str) and v != "", "a model name"),
-                "prompt_ids": (
-                    lambda v: isinstance(v, list) and v != [] and all(map(_natural, v)),
-                    "a non-empty list of token ids (integers >= 0)",
-                ),
-                "settings": self.settings,
-                "text": STR,
-                "records": lambda v, f: self.items(v, f, self.record),
-            },
-            {"fingerprint": self.fingerprint},
-        )
-        for i, record in enumerate(top["records"]):
+        found = problem(validator("cyclelab.core", "trace.schema.json"), raw)
+        if found:
+            self.fail(found)
+        records = [CycleRecord(**{**r, "top": [tuple(c) for c in r["top"]]}) for r in raw["records"]]
+        for i, record in enumerate(records):
             if record.cycle != i:
-                self.fail(f"records[{i}].cycle", f"{i} (cycles are numbered from 0 in order)", record.cycle)
-        self.texts_agree(top["records"])
+                self.fail(f"records[{i}].cycle must be {i} (cycles are numbered from 0 in order), got {record.cycle}")
+        self.texts_agree(records)
+        if "sampling" in raw["settings"]:
+            try:
+                as_sampling(raw["settings"]["sampling"])
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{self.path} is not a valid trace file: settings.sampling: {err}") from None
         return Trace(
-            top["model"],
-            top["prompt_ids"],
-            top["records"],
-            top["settings"],
-            top["text"],
-            fingerprint=top.get("fingerprint", {}),
+            raw["model"],
+            raw["prompt_ids"],
+            records,
+            raw["settings"],
+            raw["text"],
+            fingerprint=raw.get("fingerprint", {}),
         )
 
     def texts_agree(self, records: list[CycleRecord]) -> None:
@@ -249,109 +212,13 @@ class _TraceFile:
             for token_id, text, where in pairs:
                 first = seen.setdefault(token_id, (text, where))
                 if first[0] != text:
-                    self.fail(where, f"the text of token {token_id}, {first[0]!r} (as in {first[1]})", text)
-
-    def record(self, value, field: str) -> CycleRecord:
-        r = self.fields(
-            value,
-            field,
-            {
-                **{k: NATURAL for k in ("cycle", "token_id", "greedy_id", "cache_len", "flops", "bytes")},
-                "token": STR,
-                "prob": PROB,
-                "raw_prob": PROB,
-                "entropy": NON_NEGATIVE,
-                "top": lambda v, f: self.items(v, f, self.candidate),
-                "forced": BOOL,
-                "draw": (lambda v: v is None or PROB[0](v) and v < 1, "null or a number in [0, 1)"),
-                "n_inputs": (lambda v: _natural(v) and v >= 1, "an integer >= 1"),
-                "seconds": NON_NEGATIVE,
-            },
-        )
-        return CycleRecord(**r)
-
-    def candidate(self, value, field: str) -> tuple[int, str, float]:
-        return tuple(
-            self.check(
-                value,
-                field,
-                (
-                    lambda v: (
-                        isinstance(v, list)
-                        and len(v) == 3
-                        and _natural(v[0])
-                        and isinstance(v[1], str)
-                        and PROB[0](v[2])
-                    ),
-                    "[token id, token text, probability]",
-                ),
-            )
-        )
-
-    def settings(self, value, field: str) -> dict:
-        pairs = (
-            lambda v: (
-                isinstance(v, list) and all(isinstance(h, list) and len(h) == 2 and all(map(_natural, h)) for h in v)
-            ),
-            "a list of [layer, head] pairs",
-        )
-        layers = (lambda v: isinstance(v, list) and all(map(_natural, v)), "a list of layer numbers")
-
-        def ablation(v, f):
-            return self.fields(v, f, {"heads": pairs, "mlps": layers})
-
-        return self.fields(
-            value,
-            field,
-            {},
-            {
-                "sampling": self.sampling,
-                "use_cache": BOOL,
-                "chat": BOOL,
-                "ablation": ablation,
-                "interventions": (
-                    lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
-                    "a list of strings",
-                ),
-                "branched_from": lambda v, f: self.fields(
-                    v, f, {"at_cycle": NATURAL, "token": (lambda t: t is None or _natural(t), "null or a token id")}
-                ),
-            },
-        )
-
-    def sampling(self, value, field: str) -> dict:
-        self.check(value, field, (lambda v: isinstance(v, dict), "an object of sampling settings"))
-        try:
-            as_sampling(value)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{self.path} is not a valid trace file: {field}: {err}") from None
-        return value
-
-    def fingerprint(self, value, field: str) -> dict:
-        digest = (
-            lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v),
-            "a sha256 digest (64 hex digits)",
-        )
-        return self.fields(value, field, {}, {"weights": digest, "tokenizer": digest})
+                    self.fail(
+                        f"{where} must be the text of token {token_id}, {first[0]!r} (as in {first[1]}), got {shown(text)}"
+                    )
 
 
 def _refuse_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
-
-
-def _natural(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-NATURAL = (_natural, "an integer >= 0")
-STR = (lambda v: isinstance(v, str), "a string")
-BOOL = (lambda v: isinstance(v, bool), "true or false")
-PROB = (lambda v: _number(v) and 0 <= v <= 1, "a probability (a number from 0 to 1)")
-NON_NEGATIVE = (lambda v: _number(v) and v >= 0, "a number >= 0")
 
 
 def show_token(token: str) -> str:

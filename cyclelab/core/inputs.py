@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from cyclelab.core.ops import OPS
+from cyclelab.loading.schema import is_int
 
 PROMPT_TYPES = "a prompt is a str, a list or tuple of token ids (ints), or a 1-D integer torch tensor"
 
@@ -24,7 +25,7 @@ def ids_of(prompt) -> list[int]:
         return prompt.tolist()
     if not isinstance(prompt, (list, tuple)):
         raise TypeError(f"{PROMPT_TYPES}; got {type(prompt).__name__}")
-    bad = [i for i in prompt if isinstance(i, bool) or not isinstance(i, int)]
+    bad = [i for i in prompt if not is_int(i)]
     if bad:
         raise TypeError(f"{PROMPT_TYPES}; the prompt holds {bad[0]!r} ({type(bad[0]).__name__})")
     return list(prompt)

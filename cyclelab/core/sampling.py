@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from cyclelab.core.seeds import seed_generator
+from cyclelab.loading.schema import is_int
 
 Ids = Sequence[int] | torch.Tensor
 
@@ -109,7 +110,7 @@ def as_sampling(value: Sampling | dict | None) -> Sampling:
 
 def check_int(value, name: str) -> int:
     """``value`` if it is an int (a bool is not); else a TypeError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     return value
 
@@ -198,7 +199,7 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     tokens may survive (as in transformers' ``TopKLogitsWarper``).
     """
     _check_logits(logits)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if not is_int(k) or k < 1:
         raise ValueError(f"top_k must be an integer >= 1, got {k!r}")
     kth_best = torch.topk(logits, min(k, logits.shape[-1])).values[..., -1:]
     return logits.masked_fill(logits < kth_best, -math.inf)
@@ -362,7 +363,7 @@ def _eos_ids(eos_token_id: int | Collection[int] | None) -> set[int]:
     if eos_token_id is None:
         return set()
     ids = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
-    if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+    if any(not is_int(i) or i < 0 for i in ids):
         raise ValueError(f"eos_token_id must be a token id >= 0 or a collection of them, got {eos_token_id!r}")
     return ids
 
@@ -405,9 +406,9 @@ def beam_search(
     log-probability when ``length_penalty`` is 0, as in transformers' ``sequences_scores``);
     the generated ids exclude the prompt and include the end-of-sequence token if any.
     """
-    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+    if not is_int(num_beams) or num_beams < 1:
         raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     prompt = _as_ids(input_ids).flatten().tolist()
     if not prompt:

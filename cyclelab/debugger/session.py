@@ -38,6 +38,7 @@ from cyclelab.debugger.timeline import Breakpoint, LiveRun, Timeline, capture_fo
 from cyclelab.debugger.views import render_text
 from cyclelab.loading.atomic import write_atomic
 from cyclelab.loading.loader import Loaded
+from cyclelab.loading.schema import is_int
 
 UNIT_ENDS = frozenset({"positions", "residual_mlp", "logits", "choose", "append"})  # where "Step layer" stops
 
@@ -61,7 +62,7 @@ def command(method: Callable) -> Callable:
 
 
 def _check_int(value, low: int, high: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+    if not is_int(value) or not low <= value <= high:
         raise ValueError(f"{name} must be an integer from {low} to {high}, got {value!r}")
     return value
 

@@ -13,6 +13,7 @@ import math
 import torch
 
 from cyclelab.core.attention import KVCache, attention_mix, attention_scores, causal_mask, merge_heads, split_heads  # noqa: F401 (re-exported)
+from cyclelab.loading.schema import is_int
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -111,7 +112,7 @@ def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, bytes_per_
     ``2 × n_layers × n_kv_heads × head_dim × bytes_per_value`` (2 bytes for fp16/bf16, 4 for fp32).
     """
     for name, value in (("n_layers", n_layers), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not isinstance(bytes_per_value, (int, float)) or bytes_per_value <= 0:
         raise ValueError(f"bytes_per_value must be positive (2 for fp16, 4 for fp32), got {bytes_per_value!r}")

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from cyclelab.loading.loader import Loaded
+from cyclelab.loading.schema import is_int
 
 ProbFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -38,7 +39,7 @@ def embeddings_of(loaded: Loaded, ids: Sequence[int]) -> torch.Tensor:
 def target_prob(loaded: Loaded, target: int) -> ProbFn:
     """``f(embeddings (batch, positions, width)) -> (batch,)``: P(``target``) at the last position."""
     vocab = loaded.model.get_input_embeddings().weight.shape[0]
-    if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < vocab:
+    if not is_int(target) or not 0 <= target < vocab:
         raise ValueError(f"target must be one token id in 0..{vocab - 1}, got {target!r}")
 
     def f(embeddings: torch.Tensor) -> torch.Tensor:
@@ -86,7 +87,7 @@ def integrated_gradients(
     """``(x - baseline) ×`` the mean gradient at the midpoints ``baseline + (k + ½)/steps · (x - baseline)``,
     ``(positions, width)`` (captum's ``riemann_middle``). Baseline: zeros."""
     _check_input(x)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not is_int(steps) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     baseline = torch.zeros_like(x) if baseline is None else baseline
     if baseline.shape != x.shape:

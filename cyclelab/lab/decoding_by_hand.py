@@ -18,6 +18,7 @@ import torch
 
 from cyclelab.lab.forward_by_hand import figure_token as _show
 from cyclelab.lab.ngram import NGramLM
+from cyclelab.loading.schema import is_int
 
 # ------------------------------------------------------------------ the sampler, stage by stage
 
@@ -135,7 +136,7 @@ def fill_mask(loaded, text: str, k: int = 5, absorb_space: bool = True) -> list[
     mask = getattr(tok, "mask_token", None)
     if not mask:
         raise ValueError(f"{loaded.name!r} has no mask token: fill_mask needs a masked LM such as 'tiny-mlm'")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if not is_int(k) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
     if absorb_space:
         text = text.replace(" " + mask, mask)

@@ -25,6 +25,7 @@ import torch
 from cyclelab.core.events import Trace, show_token
 from cyclelab.core.norms import layer_norm, rms_norm  # noqa: F401 (the norms the engine runs, re-exported for the chapter)
 from cyclelab.lab.attention_heads import merge_heads, scaled_dot_product_attention, split_heads
+from cyclelab.loading.schema import is_int
 
 # ------------------------------------------------------------------ activations and MLPs
 
@@ -107,7 +108,7 @@ def stack_gradients(order: str, depth: int, width: int = 64, batch: int = 16, se
     """Gradient norm reaching each layer's weight matrix in a random stack of ``depth`` sublayers
     (each ``gelu(h @ W.T)``, weights of unit gain, with a LayerNorm) put together in ``order``
     (:func:`sublayer`); the loss is a fixed random projection of the output. Entry 0 is the first layer."""
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+    if not is_int(depth) or depth < 1:
         raise ValueError(f"depth must be a positive integer, got {depth!r}")
     gen = torch.Generator().manual_seed(seed)
     weights = [(torch.randn(width, width, generator=gen) / math.sqrt(width)).requires_grad_() for _ in range(depth)]
@@ -157,7 +158,7 @@ def logit_lens(engine, prompt, k: int = 3, embedding: bool = True) -> list[LensR
     Returns one :class:`LensRow` per (layer, position), layers in order (the embedding first, as
     layer -1, when ``embedding``). The rows of the last layer are the model's real output.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if not is_int(k) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
     stream = residual_stream(engine, prompt)
     if not embedding:

@@ -15,6 +15,7 @@ import torch
 
 from cyclelab.core.engine import Engine
 from cyclelab.lab.knowledge import TITLES
+from cyclelab.loading.schema import is_int
 
 #: Three wordings of the same six labels: the titles, the Folger Shakespeare Library's abbreviations, and bare
 #: letters (the instruction says which play each abbreviation or letter stands for, so each carries the same
@@ -50,7 +51,7 @@ def few_shot_prefix(shots: Sequence[tuple[str, str]], labels: Mapping[str, str])
 
 def sample_shots(pool: Sequence[tuple[str, str]], k: int, seed: int) -> list[tuple[str, str]]:
     """``k`` examples drawn from ``pool`` without replacement, in a random order fixed by ``seed``."""
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= len(pool):
+    if not is_int(k) or not 0 <= k <= len(pool):
         raise ValueError(f"k must be an integer from 0 to the pool's size {len(pool)}, got {k!r}")
     return random.Random(seed).sample(list(pool), k)
 

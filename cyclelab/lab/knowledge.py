@@ -16,6 +16,7 @@ import torch
 
 from cyclelab.lab.embedding import sentence_embeddings
 from cyclelab.loading import corpus as data
+from cyclelab.loading.schema import is_int
 
 #: Speaker tags that name a role, not a character (a crowd, a stage function): left out of the graph.
 GENERIC = frozenset(
@@ -139,7 +140,7 @@ def nearest_facts(encoder, sentences: Sequence[str], vectors: torch.Tensor, ques
     whose vectors are closest in cosine to ``question``'s, closest first."""
     if vectors.dim() != 2 or vectors.shape[0] != len(sentences):
         raise ValueError(f"need one vector per sentence: {len(sentences)} sentences, vectors {tuple(vectors.shape)}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(sentences):
+    if not is_int(k) or not 1 <= k <= len(sentences):
         raise ValueError(f"k must be an integer from 1 to {len(sentences)}, got {k!r}")
     scores = vectors @ sentence_embeddings(encoder, [question])[0]
     return [sentences[i] for i in torch.topk(scores, k).indices.tolist()]

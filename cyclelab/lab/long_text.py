@@ -21,10 +21,11 @@ from torch import nn
 
 from cyclelab.lab.embedding import mean_pool
 from cyclelab.loading import corpus as data
+from cyclelab.loading.schema import is_int
 
 
 def _positive_int(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive int, not {value!r}")
 
 
@@ -33,7 +34,7 @@ def chunk_spans(n: int, size: int, overlap: int) -> list[tuple[int, int]]:
     ``size − overlap`` after the one before, and the last is the first to reach ``n``."""
     _positive_int(n, "n (the number of tokens)")
     _positive_int(size, "size")
-    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < size:
+    if not is_int(overlap) or not 0 <= overlap < size:
         raise ValueError(
             f"overlap must be an int in [0, size) = [0, {size}), not {overlap!r}: "
             "windows that overlap fully would never move"
@@ -129,7 +130,7 @@ def window_nll(model: nn.Module, ids: torch.Tensor, window: int, stride: int) ->
     if ids.dim() != 1 or len(ids) < 2:
         raise ValueError(f"ids must be one sequence of at least 2 tokens, got shape {tuple(ids.shape)}")
     _positive_int(stride, "stride")
-    if isinstance(window, bool) or not isinstance(window, int) or not stride <= window <= model.config.n_positions:
+    if not is_int(window) or not stride <= window <= model.config.n_positions:
         raise ValueError(
             f"window must be an int in [stride, {model.config.n_positions}] (the model's context), not {window!r}"
         )

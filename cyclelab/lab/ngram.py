@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from cyclelab.core.sampling import sample as sample_token
+from cyclelab.loading.schema import is_int
 from cyclelab.train.metrics import perplexity
 
 
@@ -32,9 +33,9 @@ class NGramLM:
     """An add-k smoothed n-gram model: ``NGramLM(2, vocab_size).fit(ids)`` is a bigram model."""
 
     def __init__(self, n: int, vocab_size: int, k: float = 1.0) -> None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if not is_int(n) or n < 1:
             raise ValueError(f"n must be an integer >= 1 (1 = unigram, 2 = bigram, ...), got {n!r}")
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        if not is_int(vocab_size) or vocab_size < 1:
             raise ValueError(f"vocab_size must be an integer >= 1, got {vocab_size!r}")
         if not (isinstance(k, (int, float)) and math.isfinite(k) and k > 0):
             raise ValueError(f"k (the add-k smoothing constant) must be a finite number > 0, got {k!r}")
@@ -124,7 +125,7 @@ class NGramLM:
 
     def sample(self, context: Sequence[int] | torch.Tensor, length: int, generator: torch.Generator) -> list[int]:
         """Generate ``length`` new tokens after ``context`` (which must hold >= n-1 tokens)."""
-        if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+        if not is_int(length) or length < 0:
             raise ValueError(f"length must be an integer >= 0, got {length!r}")
         ids = list(self._context(context))
         for _ in range(length):

@@ -20,6 +20,7 @@ import torch
 
 from cyclelab.core.attention import KVCache
 from cyclelab.core.engine import Engine, drain
+from cyclelab.loading.schema import is_int
 
 
 def resid_post(engine: Engine, prompt) -> torch.Tensor:
@@ -124,7 +125,7 @@ def _indices(given: Sequence[int] | None, n: int, name: str) -> list[int]:
     """``given`` (negative counts from the end; None: all of ``range(n)``) as a checked list of indices."""
     if given is None:
         return list(range(n))
-    if isinstance(given, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in given):
+    if isinstance(given, (str, bytes)) or not all(is_int(i) for i in given):
         raise TypeError(f"{name} must be a list of integers, got {given!r}")
     bad = [i for i in given if not -n <= i < n]
     if bad or not given:

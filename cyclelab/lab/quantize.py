@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from cyclelab.kernels import Int8Linear, is_int8, quantize_symmetric, to_int8  # noqa: F401 - real int8 lives with the loaders
+from cyclelab.loading.schema import is_int
 
 Q4_1_BLOCK = 32  #: values per Q4_1 block
 Q4_1_BYTES = 20  #: bytes per Q4_1 block: 2 (d) + 2 (m) + 16 (codes)
@@ -101,7 +102,7 @@ def weight_bytes(model: torch.nn.Module, method: str, group: int = 32) -> int:
     per row for int8, one per group for int4); each shared weight counted once."""
     if method not in BITS:
         raise ValueError(f"unknown method {method!r}; methods are {', '.join(BITS)}")
-    if isinstance(group, bool) or not isinstance(group, int):
+    if not is_int(group):
         raise TypeError(f"group must be an integer (values per int4 scale), got {group!r} ({type(group).__name__})")
     if group < 1:
         raise ValueError(f"group must be >= 1 (values per int4 scale, e.g. 32), got {group}")

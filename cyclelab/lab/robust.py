@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cyclelab.loading.schema import is_int
 from cyclelab.train.finetune import History, TrainConfig, train
 from cyclelab.train.tasks import stack_batch
 from cyclelab.train.tasks.folio import align_words
@@ -210,7 +211,7 @@ def hotflip_attack(model: nn.Module, examples: Sequence[dict], candidates: torch
     :func:`hotflip_scores` (the largest estimated rise of the true label's loss), until the prediction
     changes or ``max_edits`` swaps are made. Only positions whose token is a candidate are edited, each
     at most once; ``candidates`` (vocab,) bool says which tokens may be written."""
-    if isinstance(max_edits, bool) or not isinstance(max_edits, int) or max_edits < 1:
+    if not is_int(max_edits) or max_edits < 1:
         raise ValueError(f"max_edits must be a positive int, not {max_edits!r}")
     if not examples:
         raise ValueError("examples is empty: nothing to attack")

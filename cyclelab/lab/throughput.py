@@ -18,13 +18,14 @@ import torch
 from cyclelab.core.attention import KVCache
 from cyclelab.core.engine import Engine, drain
 from cyclelab.lab.roofline import best_of
+from cyclelab.loading.schema import is_int
 
 TEXT = "Now is the winter of our discontent made glorious summer by this sun of York. "
 
 
 def _check_sizes(values: Sequence[int], name: str) -> list[int]:
     values = list(values)
-    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+    if not values or not all(is_int(v) and v >= 1 for v in values):
         raise ValueError(f"{name} must be a non-empty list of positive integers, got {values!r}")
     return values
 

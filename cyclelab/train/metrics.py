@@ -18,10 +18,12 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from cyclelab.loading.schema import is_int
+
 
 def perplexity(nll_sum: float, count: int) -> float:
     """exp(nll_sum / count): the perplexity from a summed negative log-likelihood (nats) over ``count`` tokens."""
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+    if not is_int(count) or count < 1:
         raise ValueError(f"count (the number of scored tokens) must be an integer >= 1, got {count!r}")
     if math.isnan(nll_sum):
         raise ValueError(f"nll_sum must be a number, got {nll_sum!r}")
@@ -53,7 +55,7 @@ def _max_positions(model: torch.nn.Module) -> int | None:
 def _check(model: torch.nn.Module, ids: torch.Tensor, context: int, stride: int, batch_size: int) -> None:
     """Raise ValueError for settings or ids the model cannot score."""
     for name, value in (("context", context), ("stride", stride), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if context < 2:
         raise ValueError(f"context must be >= 2 (a window's first token is never scored), got {context}")

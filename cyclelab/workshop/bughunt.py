@@ -37,6 +37,7 @@ from cyclelab.lab.attention_heads import (
     split_heads,
 )
 from cyclelab.lab.forward_by_hand import gelu_mlp, project_out, project_qkv, swiglu_mlp
+from cyclelab.loading.schema import is_int
 
 # ------------------------------------------------------------------ the correct pieces
 
@@ -234,7 +235,7 @@ def cached_logits(model: torch.nn.Module, ids: torch.Tensor, n_prompt: int, part
     one prefill, then one token per cycle. Row ``c`` predicts the token after position ``n_prompt - 1 + c``."""
     if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
         raise ValueError(f"ids must be a 1-D tensor of token ids, got {getattr(ids, 'shape', type(ids))}")
-    if isinstance(n_prompt, bool) or not isinstance(n_prompt, int) or not 1 <= n_prompt <= len(ids):
+    if not is_int(n_prompt) or not 1 <= n_prompt <= len(ids):
         raise ValueError(f"n_prompt must be an integer from 1 to len(ids) = {len(ids)}, got {n_prompt!r}")
     cache: dict = {}
     logits, _ = forward(model, ids[None, :n_prompt], parts, cache)

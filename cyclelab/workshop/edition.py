@@ -31,6 +31,8 @@ from pathlib import Path
 import nbformat
 from nbformat import NotebookNode
 
+from cyclelab.loading.schema import StrictValidator
+
 EXERCISE, CHECK, SOLUTION, OTHER = "exercise", "check", "solution", "other"
 KIND_TAGS = (EXERCISE, CHECK, SOLUTION)
 SCHEMA_VERSION = 3
@@ -185,33 +187,28 @@ def exercises_of(nb: NotebookNode) -> list[Exercise]:
 
 # ------------------------------------------------------------------ nbgrader's schema, version 3
 
-_FIELDS = {
-    "schema_version": int,
-    "grade": bool,
-    "locked": bool,
-    "solution": bool,
-    "task": bool,
-    "grade_id": str,
-    "points": (int, float),
-    "checksum": str,
-    "cell_type": str,
+_TYPES = {"schema_version": "integer", "grade": "boolean", "locked": "boolean", "solution": "boolean"}
+_TYPES |= {"task": "boolean", "grade_id": "string", "points": "number", "checksum": "string", "cell_type": "string"}
+_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": ["schema_version", "grade", "locked", "solution"],
+    "additionalProperties": False,
+    "properties": {name: {"type": kind} for name, kind in _TYPES.items()},
 }
-_REQUIRED = ("schema_version", "grade", "locked", "solution")
+_CHECK = StrictValidator(_SCHEMA)
 _GRADE_ID = re.compile(r"^[A-Za-z0-9_\-]*$")
 
 
 def _schema_problem(meta: dict, cell_type: str) -> str | None:
-    """What breaks nbgrader's v3 cell schema and rules in ``meta``, or None."""
+    """What breaks nbgrader's v3 cell schema (``_SCHEMA``: strict ints, finite numbers) and rules in ``meta``, or None."""
     if not isinstance(meta, dict):
         return f"metadata must be a dict, got {type(meta).__name__}"
-    missing = [k for k in _REQUIRED if k not in meta]
-    extra = sorted(set(meta) - set(_FIELDS))
-    wrong = [
-        k
-        for k, v in meta.items()
-        if k in _FIELDS and (not isinstance(v, _FIELDS[k]) or (_FIELDS[k] is not bool and isinstance(v, bool)))
-    ]
-    if missing or extra or wrong:
+    errors = list(_CHECK.iter_errors(meta))
+    missing = [k for k in _SCHEMA["required"] if k not in meta]
+    extra = sorted(set(meta) - set(_TYPES))
+    wrong = sorted({e.path[0] for e in errors if e.validator == "type" and e.path})
+    if errors:
         return f"missing {missing}, unknown {extra}, wrong type {wrong}"
     if meta["schema_version"] != SCHEMA_VERSION:
         return f"schema_version is {meta['schema_version']}, expected {SCHEMA_VERSION}"

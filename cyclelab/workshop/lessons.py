@@ -28,7 +28,7 @@ import html
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ from cyclelab.core.sampling import Sampling, as_sampling
 from cyclelab.debugger.session import Debugger
 from cyclelab.loading.atomic import strict_json, write_atomic
 from cyclelab.loading.paths import LESSONS
+from cyclelab.loading.schema import is_int, problem, shown, validator
 
 VERSION = 1
 KINDS = ("predict", "number", "discuss")
@@ -162,13 +163,13 @@ class Lesson:
                 f"{VERSION}: update cyclelab, or record the lesson again"
             )
         try:
-            _keys(raw, cls, "the lesson", frozenset({"source"}))
+            _check(raw)
             return cls(
                 **{
                     **raw,
                     "source": source,
-                    "interventions": _items(raw.get("interventions", []), Intervention, "interventions"),
-                    "pauses": _items(raw.get("pauses", []), Pause, "pauses"),
+                    "interventions": [Intervention(**item) for item in raw.get("interventions", [])],
+                    "pauses": [Pause(**item) for item in raw.get("pauses", [])],
                 }
             )
         except (TypeError, ValueError) as err:
@@ -193,70 +194,34 @@ class Lesson:
         return LessonRun(self, Debugger(engine, self.prompt, self.max_new_tokens, self.sampling, top=top))
 
 
-def _keys(raw: dict, cls: type, name: str, skip: frozenset[str] = frozenset()) -> None:
-    """ValueError unless ``raw`` has every required field of ``cls`` and no unknown one."""
-    known = {f.name for f in fields(cls)} - skip
-    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING} - skip
-    missing, unknown = sorted(required - set(raw)), sorted(set(raw) - known)
-    if missing or unknown:
-        raise ValueError(
-            f"{name} lacks the field(s) {missing}" if missing else f"{name} has unknown field(s) {unknown}"
-        )
-
-
-def _items(raw, cls: type, name: str) -> list:
-    """``raw`` (a list of objects) as ``cls`` instances; ValueError naming ``name[i]``."""
-    if not isinstance(raw, list):
-        _fail(name, "a list", raw)
-    for i, item in enumerate(raw):
-        if not isinstance(item, dict):
-            _fail(f"{name}[{i}]", "an object ({...})", item)
-        _keys(item, cls, f"{name}[{i}]")
-    return [cls(**item) for item in raw]
-
-
 # ------------------------------------------------------------------ validation
 
 
+def _check(raw: dict) -> None:
+    """ValueError naming the first field of a lesson's JSON that breaks ``lesson.schema.json``."""
+    n = raw.get("max_new_tokens") if isinstance(raw, dict) else None
+    last = n - 1 if is_int(n) else "max_new_tokens - 1"
+    found = problem(validator("cyclelab.workshop", "lesson.schema.json"), raw, "the lesson", last_cycle=last)
+    if found:
+        raise ValueError(found)
+
+
 def _fail(name: str, expected: str, value) -> None:
-    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-    raise ValueError(f"{name} must be {expected}, got {shown}")
-
-
-def _int(value, name: str, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        _fail(name, f"an integer from {low} to {high}", value)
-
-
-def _text(value, name: str, empty: bool = True) -> None:
-    if not isinstance(value, str) or (not empty and not value.strip()):
-        _fail(name, "a string" if empty else "a non-empty string", value)
+    raise ValueError(f"{name} must be {expected}, got {shown(value)}")
 
 
 def _validate(lesson: Lesson) -> None:
-    """ValueError naming the first field that is wrong."""
-    _int(lesson.version, "version", VERSION, VERSION)
-    _text(lesson.model, "model", empty=False)
-    if not (
-        isinstance(lesson.weights_sha256, str)
-        and len(lesson.weights_sha256) == 64
-        and all(c in "0123456789abcdef" for c in lesson.weights_sha256)
-    ):
-        _fail("weights_sha256", "a sha256 digest (64 hex digits)", lesson.weights_sha256)
-    _text(lesson.prompt, "prompt", empty=False)
-    _int(lesson.max_new_tokens, "max_new_tokens", 1, 10_000)
-    _text(lesson.title, "title")
-    if lesson.stage not in STAGES:
-        _fail("stage", f"one of {STAGES}", lesson.stage)
-    if not isinstance(lesson.sampling, dict):
-        _fail("sampling", "an object of sampling settings", lesson.sampling)
-    _sampling(lesson.sampling, "sampling")
+    """ValueError naming the first field that is wrong: the schema's checks, then the rules across fields."""
+    for name, items, cls in (("pauses", lesson.pauses, Pause), ("interventions", lesson.interventions, Intervention)):
+        if not isinstance(items, list):
+            _fail(name, "a list", items)
+        for i, item in enumerate(items):
+            if not isinstance(item, cls):
+                _fail(f"{name}[{i}]", f"a {cls.__name__}", item)
+    _check(lesson.to_dict())
     n = lesson.max_new_tokens
-    if (
-        not isinstance(lesson.tokens, list)
-        or len(lesson.tokens) > n
-        or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in lesson.tokens)
-    ):
+    _sampling(lesson.sampling, "sampling")
+    if len(lesson.tokens) > n:
         _fail("tokens", f"a list of at most {n} token ids", lesson.tokens)
     for i, p in enumerate(lesson.pauses):
         _pause(p, f"pauses[{i}]", n)
@@ -278,34 +243,22 @@ def _sampling(settings, name: str) -> Sampling:
 
 
 def _pause(p: Pause, name: str, n: int) -> None:
-    if not isinstance(p, Pause):
-        _fail(name, "a Pause", p)
-    _int(p.cycle, f"{name}.cycle", 0, n - 1)  # the pause's cycle must run: before max_new_tokens
-    if p.kind not in KINDS:
-        _fail(f"{name}.kind", f"one of {KINDS}", p.kind)
-    _text(p.question, f"{name}.question", empty=False)
+    """What the schema cannot say of a pause: its cycle runs, and a number pause (only) names its quantity."""
+    if p.cycle >= n:
+        _fail(f"{name}.cycle", f"an integer from 0 to {n - 1}", p.cycle)
     if (p.kind == "number") != (p.quantity is not None):
         _fail(f"{name}.quantity", "given for a number pause (only)", p.quantity)
-    if p.kind == "number" and p.quantity not in QUANTITIES:
-        _fail(f"{name}.quantity", f"one of {sorted(QUANTITIES)}", p.quantity)
-    if isinstance(p.tolerance, bool) or not isinstance(p.tolerance, (int, float)) or not 0 <= p.tolerance < math.inf:
-        _fail(f"{name}.tolerance", "a number >= 0", p.tolerance)
 
 
 def _intervention(iv: Intervention, name: str, n: int) -> None:
-    if not isinstance(iv, Intervention):
-        _fail(name, "an Intervention", iv)
-    _int(iv.cycle, f"{name}.cycle", 0, n - 1)
-    if iv.kind not in INTERVENTIONS:
-        _fail(f"{name}.kind", f"one of {sorted(INTERVENTIONS)}", iv.kind)
+    """What the schema cannot say of an intervention: its cycle runs, and it has its kind's arguments."""
+    if iv.cycle >= n:
+        _fail(f"{name}.cycle", f"an integer from 0 to {n - 1}", iv.cycle)
     for arg in INTERVENTIONS[iv.kind]:
         if getattr(iv, arg) is None:
             _fail(f"{name}.{arg}", f"given for a {iv.kind} intervention", None)
     if iv.kind == "sampling":
         _sampling(iv.settings, f"{name}.settings")
-    for arg in ("token_id", "layer", "head"):
-        if getattr(iv, arg) is not None:
-            _int(getattr(iv, arg), f"{name}.{arg}", 0, 10**7)
 
 
 # ------------------------------------------------------------------ answers
