@@ -15,6 +15,7 @@ from cyclelab.lab.embedding import sentence_embeddings
 from cyclelab.lab.long_text import (
     chunk_embeddings,
     chunk_spans,
+    context_length,
     loss_by_position,
     nearest_centroid,
     play_scenes,
@@ -193,3 +194,17 @@ def test_bad_chunk_arguments(minilm, kwargs, message) -> None:
 def test_loss_by_position_needs_a_block(tiny) -> None:
     with pytest.raises(ValueError, match=r"at least one block of window >= 2 tokens, got 10 tokens and window 20"):
         loss_by_position(tiny.model, torch.arange(10), 20)
+
+
+def test_window_nll_reads_a_llama_config(smollm2) -> None:
+    """SmolLM2's config calls its context ``max_position_embeddings`` (8192), not ``n_positions``."""
+    ids = torch.tensor(smollm2.tokenizer("To be, or not to be, that is the question.")["input_ids"])
+    with torch.no_grad():
+        loss = float(smollm2.model(ids[None], labels=ids[None]).loss)
+    score = window_nll(smollm2.model, ids, len(ids), len(ids))
+    assert score.scored == len(ids) - 1 and score.nll / score.scored == pytest.approx(loss, rel=1e-4)
+    assert context_length(smollm2.model.config) == smollm2.model.config.max_position_embeddings == 8192
+    with pytest.raises(
+        ValueError, match=r"window must be an int in \[stride, 8192\] \(the model's context\), not 9000"
+    ):
+        window_nll(smollm2.model, ids, 9000, 4)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +122,18 @@ class WindowScore:
         return float(torch.exp(torch.tensor(self.nll / self.scored)))
 
 
+def context_length(config: Any) -> int:
+    """The most positions a model attends over: GPT-2 configs call it ``n_positions``, Llama and BERT
+    configs ``max_position_embeddings``."""
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ValueError(
+        f"{type(config).__name__} gives no context length (neither n_positions nor max_position_embeddings)"
+    )
+
+
 @torch.no_grad()
 def window_nll(model: nn.Module, ids: torch.Tensor, window: int, stride: int) -> WindowScore:
     """Score ``ids`` (1-d) with windows of ``window`` tokens moved by ``stride``: each window predicts only
@@ -130,10 +143,9 @@ def window_nll(model: nn.Module, ids: torch.Tensor, window: int, stride: int) ->
     if ids.dim() != 1 or len(ids) < 2:
         raise ValueError(f"ids must be one sequence of at least 2 tokens, got shape {tuple(ids.shape)}")
     _positive_int(stride, "stride")
-    if not is_int(window) or not stride <= window <= model.config.n_positions:
-        raise ValueError(
-            f"window must be an int in [stride, {model.config.n_positions}] (the model's context), not {window!r}"
-        )
+    context = context_length(model.config)
+    if not is_int(window) or not stride <= window <= context:
+        raise ValueError(f"window must be an int in [stride, {context}] (the model's context), not {window!r}")
     ids = ids.to(next(model.parameters()).device)
     nll, scored, computed, done = 0.0, 0, 0, 1  # token 0 has nothing before it
     for start, end in chunk_spans(len(ids), window, window - stride):
