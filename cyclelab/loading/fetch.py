@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import errno
 import io
 import os
 import shutil
@@ -34,10 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from cyclelab.loading.cache_guard import REFUSED, as_os_error, cache_lock, disk_message
 from cyclelab.loading.checksums import SUMS, ModelFileError, read_sums, sha256_file, verify, write_sums
 
 CACHE_ENV = "CYCLELAB_CACHE"
-_READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
+NEED_MB = {"smollm2": 200, "minilm": 180, "shakespeare": 20}  # archive + extracted asset, about
 
 
 @dataclass(frozen=True)
@@ -144,17 +144,26 @@ def _admin_command(key: str) -> str:
 
 
 @contextmanager
-def writing_cache(problem: str, key: str) -> Iterator[None]:
-    """Turn a refused write into the cache into a :class:`ModelFileError` saying who can repair it."""
+def writing_cache(problem: str, key: str, need_mb: int = 0, folder: Path | None = None) -> Iterator[None]:
+    """Turn a refused write or a full disk into a :class:`ModelFileError` naming the folder, cause and fix.
+
+    A cache read-only for this user names what an admin must run; a folder inside it that refuses
+    writes, or a full disk, is named by :func:`cyclelab.loading.cache_guard.disk_message` (with
+    ``folder``, default the cache, and ``need_mb``, default what fetching ``key`` takes).
+    """
     try:
         yield
     except OSError as err:
-        if err.errno not in _READ_ONLY:
+        if err.errno in REFUSED and not cache_writable():
+            raise ModelFileError(
+                f"{problem}, and the cache {cache_dir()} is read-only for you ({err.strerror}: "
+                f"{err.filename}), so {_admin_command(key)}."
+            ) from err
+        need = need_mb or NEED_MB.get(key, 10)
+        message = disk_message(err, folder or cache_dir(), need, f"run `cyclelab fetch {key}` again")
+        if message is None:
             raise
-        raise ModelFileError(
-            f"{problem}, and the cache {cache_dir()} is read-only for you ({err.strerror}: "
-            f"{err.filename}), so {_admin_command(key)}."
-        ) from err
+        raise ModelFileError(f"{problem}; {message}.") from err
 
 
 def smollm2_cache() -> Path:
@@ -202,15 +211,44 @@ def fetch(key: str, force: bool = False) -> Path:
     if is_fetched(key) and not force:
         try:
             verify_asset(key)
-            return asset_path(key)
         except ModelFileError as err:
             problem = str(err).split(". To repair")[0]
-    with writing_cache(problem, key):
+        else:
+            _clear_orphans(PACKAGES[key], only_if_left=True)
+            return asset_path(key)
+    with writing_cache(problem, key, NEED_MB.get(key, 10)), cache_lock(PACKAGES[key].folder):
+        if not force and _fetched_meanwhile(key):
+            return asset_path(key)
         try:
             _install(PACKAGES[key])
         except RuntimeError as err:  # ModelFileError included
             raise ModelFileError(f"{problem}; fetching it failed: {err}") from err
     return asset_path(key)
+
+
+def _fetched_meanwhile(key: str) -> bool:
+    """True when another process fetched ``key`` while this one waited for the lock (intact)."""
+    if not is_fetched(key):
+        return False
+    try:
+        verify_asset(key)
+    except ModelFileError:
+        return False
+    return True
+
+
+def _clear_orphans(pkg: Package, only_if_left: bool = False) -> None:
+    """Remove what a killed fetch left (its download folder, the asset's ``.old`` copy), under the lock.
+
+    With ``only_if_left`` nothing is locked or written unless something was left (a read-only cache stays untouched).
+    """
+    work = cache_dir() / "downloads" / f"{pkg.name}-{pkg.version}"
+    old = pkg.folder.with_name(pkg.folder.name + ".old")
+    if only_if_left and not (work.exists() or old.exists()):
+        return
+    with writing_cache(f"{pkg.folder} has leftovers of an interrupted fetch", pkg.key), cache_lock(pkg.folder):
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _install(pkg: Package) -> None:
@@ -257,6 +295,7 @@ def _download(pkg: Package, work: Path) -> Path:
     done = subprocess.run(_pip_command(pkg, work), capture_output=True, text=True, env=env)
     shutil.rmtree(work / "tmp", ignore_errors=True)
     if done.returncode != 0:
+        _disk_fault_in(done.stderr, work)
         raise RuntimeError(
             f"pip could not download {pkg.name}=={pkg.version} (exit status {done.returncode}); "
             f"check the network and run `cyclelab fetch {pkg.key}` again. pip said:\n{done.stderr[-2000:]}"
@@ -265,6 +304,13 @@ def _download(pkg: Package, work: Path) -> Path:
     if len(archives) != 1:
         raise RuntimeError(f"pip left {len(archives)} files in {work}, expected the one archive of {pkg.name}")
     return _pinned(pkg, archives[0])
+
+
+def _disk_fault_in(stderr: str, work: Path) -> None:
+    """Raise the OSError behind pip's failure when it was a full disk or a refused write, not the network."""
+    err = as_os_error(stderr, work)
+    if err is not None:
+        raise err
 
 
 def _pinned(pkg: Package, archive: Path) -> Path:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from cyclelab.loading.cache_guard import PARTIAL, as_os_error, cache_lock
 from cyclelab.loading.checksums import ModelFileError, model_files, shipped_hashes, verify_folder, write_sums
 from cyclelab.loading.device import pick_device
 from cyclelab.loading.fetch import (
@@ -374,13 +375,34 @@ def _check_size(path: Path) -> None:
         raise ValueError(f"file holds {actual} bytes of tensor data, its header promises {end}")
 
 
+CONVERTED_MB = 540  #: about what SmolLM2's float32 safetensors cache takes on disk
+
+
 def smollm2_folder(rebuild: bool = False) -> Path:
-    """The float32 safetensors cache of SmolLM2, made from the (verified) GGUF on first use or when ``rebuild``."""
+    """The float32 safetensors cache of SmolLM2, made from the (verified) GGUF on first use or when ``rebuild``.
+
+    One process converts at a time (:func:`cyclelab.loading.cache_guard.cache_lock`); one that waited for
+    another's conversion uses its result, and the staging folder of a killed conversion is removed.
+    """
     folder = smollm2_cache()
-    if rebuild or not (folder / ".complete").exists():
-        with writing_cache(f"{folder / 'model.safetensors'} is missing or out of date", "smollm2"):
+    done, staging = folder / ".complete", folder.with_name(folder.name + PARTIAL)
+    if not rebuild and done.exists() and not staging.exists():
+        return folder
+    stamp = _mtime(done)
+    with writing_cache(f"{folder / 'model.safetensors'} is missing or out of date", "smollm2", CONVERTED_MB):
+        with cache_lock(folder):
+            shutil.rmtree(staging, ignore_errors=True)  # left by a killed conversion
+            if done.exists() and (not rebuild or _mtime(done) != stamp):
+                return folder  # converted already, or by another process while this one waited
             convert_gguf(fetch("smollm2"), folder)
     return folder
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def convert_gguf(gguf_path: Path, folder: Path) -> Path:
@@ -391,18 +413,38 @@ def convert_gguf(gguf_path: Path, folder: Path) -> Path:
     ``quantization_config``; the result reloads as an ordinary model. The folder is built
     under a temporary name with its ``SHA256SUMS`` and ``.complete``, then renamed into place.
     The course's GGUF is checked against its pinned sha256 first, so a corrupt one is never converted.
+    One process converts into ``folder`` at a time; a failed conversion leaves no staging folder.
     """
-    from safetensors.torch import save_model
-
     if not gguf_path.is_file():
         raise ModelFileError(f"{gguf_path} is missing. To repair: {fetch_command('smollm2')}.")
     if gguf_path == asset_path("smollm2"):
         verify_asset("smollm2")
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted conversion
-    staging.mkdir(parents=True)  # fails early in a read-only cache
+    problem = f"converting {gguf_path.name} into {folder} failed"
+    with writing_cache(problem, "smollm2", CONVERTED_MB, folder.parent), cache_lock(folder):
+        staging = folder.with_name(folder.name + PARTIAL)
+        shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted conversion
+        staging.mkdir(parents=True)  # fails early in a read-only cache
+        try:
+            _write_folder(gguf_path, staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # a failed conversion leaves no orphan
+            raise
+        replace_folder(staging, folder)
+    return folder
+
+
+def _write_folder(gguf_path: Path, staging: Path) -> None:
+    """The converted model's files in ``staging``, with its ``SHA256SUMS`` and ``.complete``."""
+    from safetensors.torch import save_model
+
     model, tokenizer = _dequantize(gguf_path)
-    save_model(model, str(staging / "model.safetensors"))
+    try:
+        save_model(model, str(staging / "model.safetensors"))
+    except Exception as err:  # safetensors' own error type hides the OSError
+        cause = as_os_error(str(err), staging / "model.safetensors")
+        if cause is None:
+            raise
+        raise cause from err
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["architectures"] = [type(model).__name__]  # GGUF leaves it empty
@@ -413,8 +455,6 @@ def convert_gguf(gguf_path: Path, folder: Path) -> Path:
     shutil.copymode(staging / "config.json", staging / "model.safetensors")  # safetensors writes 0600
     write_sums(staging, model_files(staging))
     (staging / ".complete").touch()
-    replace_folder(staging, folder)
-    return folder
 
 
 @quiet_transformers()
