@@ -101,12 +101,16 @@ def _device() -> Check:
 
 
 def _cache() -> Check:
+    from cyclelab.loading.cache_guard import blocking
     from cyclelab.loading.fetch import cache_dir, cache_writable
 
     try:
         root = cache_dir()
     except NotADirectoryError as err:
         return Check("cache", False, f"{err}: e.g. `export CYCLELAB_CACHE=~/.cache/cyclelab`")
+    problem = blocking(root, "run `cyclelab fetch`")
+    if problem:
+        return Check("cache", False, problem)
     closed = unreadable(root)
     if closed:
         first = closed[0]
@@ -141,6 +145,7 @@ def _permission_fix() -> str:
 
 
 def _assets() -> list[Check]:
+    from cyclelab.loading.cache_guard import diagnose
     from cyclelab.loading.checksums import ModelFileError
     from cyclelab.loading.fetch import PACKAGES, asset_path, cache_dir, fetch_command, is_fetched, verify_asset
 
@@ -150,8 +155,9 @@ def _assets() -> list[Check]:
         return [Check("assets", False, "not checked: the cache is not a folder (see the `cache` line)")]
     checks = []
     for key in PACKAGES:
-        if not is_fetched(key):
-            checks.append(Check(f"asset {key}", False, f"missing; {fetch_command(key)}"))
+        problem = diagnose(PACKAGES[key].folder, fetch_command(key), cache_dir())
+        if problem or not is_fetched(key):
+            checks.append(Check(f"asset {key}", False, problem or f"missing; {fetch_command(key)}"))
             continue
         try:
             verify_asset(key)
@@ -162,16 +168,18 @@ def _assets() -> list[Check]:
 
 
 def _smollm2_cache() -> Check:
+    from cyclelab.loading.cache_guard import diagnose
     from cyclelab.loading.checksums import ModelFileError, verify_folder
-    from cyclelab.loading.fetch import fetch_command, smollm2_cache
+    from cyclelab.loading.fetch import cache_dir, fetch_command, smollm2_cache
 
     name = "smollm2 safetensors"
     try:
         folder = smollm2_cache()
     except NotADirectoryError:
         return Check(name, False, "not checked: the cache is not a folder (see the `cache` line)")
-    if not (folder / ".complete").exists():
-        return Check(name, False, f"not converted yet; {fetch_command('smollm2')}")
+    problem = diagnose(folder, fetch_command("smollm2"), cache_dir())
+    if problem:
+        return Check(name, False, problem.replace(" is missing:", " is not converted yet:"))
     try:
         if verify_folder(folder, fetch_command("smollm2")):
             return Check(name, True, f"{folder} (checksums match)")

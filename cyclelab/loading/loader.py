@@ -31,6 +31,7 @@ from cyclelab.loading.checksums import ModelFileError, model_files, shipped_hash
 from cyclelab.loading.device import pick_device
 from cyclelab.loading.fetch import (
     asset_path,
+    check_in_the_way,
     fetch,
     fetch_command,
     replace_folder,
@@ -385,6 +386,7 @@ def smollm2_folder(rebuild: bool = False) -> Path:
     another's conversion uses its result, and the staging folder of a killed conversion is removed.
     """
     folder = smollm2_cache()
+    check_in_the_way(folder, "smollm2")
     done, staging = folder / ".complete", folder.with_name(folder.name + PARTIAL)
     if not rebuild and done.exists() and not staging.exists():
         return folder
