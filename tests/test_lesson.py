@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -412,3 +413,31 @@ def test_bad_input_is_refused_clearly(case, error, message, lesson, tiny_engine,
 def test_run_is_a_lesson_run(lesson, tiny_engine):
     run = lesson.open(tiny_engine)
     assert isinstance(run, LessonRun) and run.pause is None and "3 pauses ahead" in str(run)
+
+
+@pytest.mark.parametrize(
+    "index, field, value, what",
+    [
+        (0, "layer", 99, "layers"),
+        (0, "head", 64, "heads per layer"),
+        (1, "token_id", 4096, "token ids"),
+    ],
+    ids=["layer-outside-the-model", "head-outside-the-model", "token-outside-the-vocabulary"],
+)
+def test_an_intervention_the_model_cannot_do_is_named_when_opened(
+    steered, tiny_engine, tmp_path, index, field, value, what
+):
+    data = steered.to_dict()
+    data["interventions"][index][field] = value
+    path = tmp_path / "steered.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    lesson = Lesson.load(path)  # the file's shape is fine: only the model can tell
+    size = {"layers": tiny_engine.arch.n_layers, "heads per layer": tiny_engine.arch.n_heads, "token ids": 4096}[what]
+    kind = data["interventions"][index]["kind"]
+    with pytest.raises(
+        ValueError,
+        match=rf"^{re.escape(str(path))}: interventions\[{index}\]\.{field} is {value}, but 'tiny' has {size} {what} "
+        rf"\(0 to {size - 1}\), so this {kind} intervention is outside .*: fix interventions\[{index}\] in the lesson "
+        rf"file, or record the lesson again",
+    ):
+        lesson.open(tiny_engine)

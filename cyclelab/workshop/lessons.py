@@ -40,6 +40,7 @@ from cyclelab.debugger.session import Debugger
 from cyclelab.loading.atomic import strict_json, write_atomic
 from cyclelab.loading.paths import LESSONS
 from cyclelab.loading.schema import is_int, problem, shown, validator
+from cyclelab.workshop.lesson_checks import check_interventions
 
 VERSION = 1
 KINDS = ("predict", "number", "discuss")
@@ -191,6 +192,7 @@ class Lesson:
                 f"or replaced). Restore the original model (cyclelab fetch; git checkout data/{name} for "
                 "tiny) or record the lesson again (scripts/record_lessons.py)"
             )
+        check_interventions(self, engine)
         return LessonRun(self, Debugger(engine, self.prompt, self.max_new_tokens, self.sampling, top=top))
 
 
