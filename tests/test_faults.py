@@ -1174,6 +1174,9 @@ def test_a_fetch_waiting_too_long_names_the_other_process(fake, monkeypatch):
             rf"set CYCLELAB_LOCK_TIMEOUT to wait longer than 0 s",
         ):
             fetch.fetch("fake")
+        line = {c.check: c for c in doctor.run_checks()}["asset fake"]
+        assert not line.ok and line.detail.startswith(f"{folder} is being written now by pid {holder.pid} (")
+        assert line.detail.endswith(": wait for it to finish, then `cyclelab doctor` again")
     finally:
         holder.kill()
         holder.wait()

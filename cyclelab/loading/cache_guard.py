@@ -171,6 +171,9 @@ def diagnose(folder: Path, repair: str, root: Path | None = None) -> str | None:
     ``repair`` is the command that (re)builds it (e.g. "run `cyclelab fetch smollm2`"): the fix for a
     missing or partly written folder; a file, a link or a permission in the way gets its own fix first.
     """
+    writer = holder(folder)
+    if writer:
+        return f"{folder} is being written now by {writer}: wait for it to finish, then `cyclelab doctor` again"
     above = [root / p for p in reversed(folder.relative_to(root).parents)] if root else []
     for path in [*above, folder]:
         problem = _structure(path, repair, path == folder)
