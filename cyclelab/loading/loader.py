@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from cyclelab.loading import fetch as fetching
 from cyclelab.loading.cache_guard import PARTIAL, as_os_error, cache_lock
 from cyclelab.loading.checksums import ModelFileError, model_files, shipped_hashes, verify_folder, write_sums
 from cyclelab.loading.device import pick_device
@@ -388,8 +389,8 @@ def smollm2_folder(rebuild: bool = False) -> Path:
     folder = smollm2_cache()
     check_in_the_way(folder, "smollm2")
     done, staging = folder / ".complete", folder.with_name(folder.name + PARTIAL)
-    if not rebuild and done.exists() and not staging.exists():
-        return folder
+    if not rebuild and done.exists() and not (staging.exists() and fetching.cache_writable()):
+        return folder  # complete (a leftover staging folder in a read-only cache is no reason to fail)
     stamp = _mtime(done)
     with writing_cache(f"{folder / 'model.safetensors'} is missing or out of date", "smollm2", CONVERTED_MB):
         with cache_lock(folder):
