@@ -1157,11 +1157,11 @@ def test_fingerprint_sees_an_edit_through_data_anywhere(tiny):
 
 
 def test_a_run_hashes_the_weights_once_not_per_token(tiny_engine, monkeypatch):
-    from cyclelab.core import engine as engine_module
+    from cyclelab.core import fingerprint as fingerprint_module
 
     calls = []
-    real = engine_module.weights_sha256
-    monkeypatch.setattr(engine_module, "weights_sha256", lambda model: calls.append(1) or real(model))
+    real = fingerprint_module.weights_sha256
+    monkeypatch.setattr(fingerprint_module, "weights_sha256", lambda model: calls.append(1) or real(model))
     tiny_engine.generate(PROMPT, 6)
     assert len(calls) == 1
 
