@@ -11,7 +11,8 @@ import torch
 from cyclelab.core.engine import Engine
 from cyclelab.core.events import show_token
 from cyclelab.debugger.session import Debugger
-from cyclelab.workshop.lessons import LESSONS, Intervention, Lesson, LessonRun, Pause, record
+from cyclelab.workshop.lesson_run import LessonRun
+from cyclelab.workshop.lessons import LESSONS, Intervention, Lesson, Pause, record
 
 PROMPT, N = "ROMEO:", 8
 
