@@ -5,6 +5,9 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The own kernels wherever they apply, not timed per shape: the same code paths on every run, and no timings taken
+# on a busy test machine written to the user's choice cache (tests/test_kernel_choice.py tests the choice itself).
+os.environ.setdefault("CYCLELAB_KERNELS", "own")
 
 import pytest
 from float_bounds import own_kernels  # noqa: F401 - a fixture: the test runs with the own kernels on and off
