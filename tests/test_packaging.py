@@ -261,3 +261,31 @@ def test_an_installed_copy_finds_the_shipped_data(tmp_path: Path) -> None:
     assert find_data(site, [tmp_path / "nowhere", installed]) == installed
     assert find_data(site, [tmp_path / "nowhere"]) == site  # nothing installed: the lookup names the usual place
     assert find_data(CHECKOUT_DATA, [installed]) == CHECKOUT_DATA  # a checkout uses its own data/
+
+
+def test_the_wheel_installed_outside_the_checkout_loads_tiny_and_builds_its_kernels(
+    wheel: Path, tmp_path: Path
+) -> None:
+    """`pip install .` without -e: the wheel, unpacked as pip would (`--target`), imported from another folder, loads
+    the shipped `tiny` (checksums verified) and builds the own kernels from the shipped `kernels.c`."""
+    import zipfile
+
+    target = tmp_path / "installed"
+    with zipfile.ZipFile(wheel) as archive:
+        for name in archive.namelist():
+            data = ".data/data/"  # a wheel's data files: pip installs them under the prefix (here: the target)
+            destination = target / name.split(data, 1)[1] if data in name else target / name
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            destination.write_bytes(archive.read(name))
+    tmp_path.chmod(0o700)
+    code = (
+        "import cyclelab, pathlib; from cyclelab.kernels import status; "
+        "assert pathlib.Path(cyclelab.__file__).is_relative_to(pathlib.Path.cwd()); "
+        "print(len(cyclelab.Engine(cyclelab.load('tiny')).generate('ROMEO:', max_new_tokens=3).token_ids)); "
+        "print(status().reason)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(target), "CYCLELAB_KERNELS_DIR": str(tmp_path / "kernels")}
+    run = subprocess.run([sys.executable, "-c", code], cwd=target, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.split()
+    assert lines[0] == "3" and "verified" in run.stdout

@@ -14,10 +14,12 @@ CHECKOUT_DATA = Path(__file__).resolve().parents[2] / "data"  # the repository's
 
 
 def installed_data() -> list[Path]:
-    """Where an installed wheel put the data: the environment's ``share/cyclelab``, then the user scheme's."""
+    """Where an installed wheel put the data: the environment's ``share/cyclelab``, the user scheme's, and the one
+    beside the package (``pip install --target DIR`` puts it in ``DIR/share/cyclelab``)."""
     folders = [Path(sysconfig.get_path("data")) / "share" / "cyclelab"]
     if f"{os.name}_user" in sysconfig.get_scheme_names():  # pip install --user
         folders.append(Path(sysconfig.get_path("data", f"{os.name}_user")) / "share" / "cyclelab")
+    folders.append(Path(__file__).resolve().parents[2] / "share" / "cyclelab")
     return folders
 
 
