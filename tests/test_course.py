@@ -98,7 +98,8 @@ def test_cost_label_is_written_once_per_profile_and_leaves_the_rest(tmp_path: Pa
     nb = nbformat.read(path, as_version=4)
     lines = nb.cells[0].source.split("\n")
     assert lines[:3] == intro.split("\n") and lines[3] == ""
-    labels = [line for line in lines if line.startswith("<!-- cost:")]
+    labels = [line for line in lines if "<!-- cost:" in line]
+    assert all(label.startswith("**Cost, ") for label in labels)  # Markdown renders it (no HTML block)
     assert len(labels) == 2 and "12 s, peak memory 1.5 GB" in labels[1] and "100 s on" in labels[0]
     assert nb.cells[1].source == "x = 1" and nb.cells[1].outputs[0].text == "kept\n"
 

@@ -104,7 +104,7 @@ def test_prose_cites_only_numbers_of_its_own_run(path: Path) -> None:
         ("a vocabulary of 49,152 tokens and 110 592 weights", ["49,152", "110 592"]),
         ("GPT-2 in 2019, chapter 07, 3 layers", []),
         ("`lr = 3e-4` and $d^{0.5}$ and [link](https://x.org/1234)", []),
-        ("<!-- cost:fast --> **Cost:** 16 s, peak memory 0.9 GB", []),
+        ("**Cost:** 16 s, peak memory 0.9 GB <!-- cost:fast -->", []),
         ("```\nprint(12345)\n```", []),
         ("### 7.3 · Exercise 2.1, see section 4.2 and § 1.5", []),
     ],

@@ -1,6 +1,7 @@
 """cyclelab.show renders the package's own source, so a notebook never copies code."""
 
 import inspect
+from pathlib import Path
 
 import pytest
 
@@ -33,3 +34,51 @@ def test_a_class_and_a_generated_method() -> None:
 def test_refuses_what_has_no_source(bad) -> None:
     with pytest.raises(TypeError, match=r"show\(\)"):
         show(bad)
+
+
+def _show_calls(source: str) -> int:
+    """Calls of show(...) or show_kernel(...) in a cell's code (comments and strings aside)."""
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:  # IPython magics: no show() in those cells
+        return 0
+    return sum(isinstance(node, ast.Call) and _is_show(node.func) for node in ast.walk(tree))
+
+
+def _is_show(func) -> bool:
+    """``show`` or ``show_kernel`` by name, or ``cyclelab.show`` (not ``plt.show``)."""
+    import ast
+
+    if isinstance(func, ast.Name):
+        return func.id in ("show", "show_kernel")
+    return isinstance(func, ast.Attribute) and func.attr == "show" and getattr(func.value, "id", "") == "cyclelab"
+
+
+def _rendered_sources(outputs: list) -> int:
+    """Outputs that are a rendered source block: their plain text starts with `# name — path`."""
+    count = 0
+    for out in outputs:
+        text = out.get("data", {}).get("text/plain", "")
+        text = "".join(text) if isinstance(text, list) else text
+        count += text.startswith("# ") and " — " in text.splitlines()[0]
+    return count
+
+
+@pytest.mark.parametrize(
+    "path", sorted(Path(__file__).resolve().parents[1].glob("notebooks/*.ipynb")), ids=lambda p: p.stem
+)
+def test_every_show_call_in_a_stored_notebook_rendered(path):
+    """A show(...) that is not the last expression of its cell renders nothing unless displayed: each call must
+    have left its source block in the stored outputs."""
+    import json
+
+    silent = []
+    for index, cell in enumerate(json.loads(path.read_text())["cells"]):
+        if cell["cell_type"] != "code":
+            continue
+        calls = _show_calls("".join(cell["source"]))
+        if calls and _rendered_sources(cell.get("outputs", [])) != calls:
+            silent.append(index)
+    assert not silent, f"{path.name}: cells {silent} call show() more often than a source block is stored"

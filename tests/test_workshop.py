@@ -138,8 +138,8 @@ def test_pack_agenda_leaves_later_chapters_over_once_one_does_not_fit() -> None:
 
 def test_read_chapter_takes_the_cost_label_words_and_exercises(tmp_path: Path) -> None:
     label = (
-        "<!-- cost:fast --> **Cost, fast profile:** 36 s, peak memory 1.2 GB on 2 CPU cores "
-        "(measured by `cyclelab course --label fast` on 2026-11-29)"
+        "**Cost, fast profile:** 36 s, peak memory 1.2 GB on 2 CPU cores "
+        "(measured by `cyclelab course --label fast` on 2026-11-29) <!-- cost:fast -->"
     )
     cells = [
         {"cell_type": "markdown", "source": ["# Title words\n", label], "metadata": {}},

@@ -187,12 +187,12 @@ def results_table(runs: list[NotebookRun]) -> str:
 
 
 def cost_label(run: NotebookRun, profile: str) -> str:
-    """The cost line for ``run``: profile, seconds, peak memory, cores and date."""
+    """The cost line for ``run``: profile, seconds, peak memory, cores and date; its marker comes last, since a
+    line that *starts* with an HTML comment is an HTML block in Markdown and its bold text would show raw."""
     memory = "" if run.peak_rss_mb is None else f", peak memory {run.peak_rss_mb / 1024:.1f} GB"
     return (
-        f"<!-- cost:{profile} --> **Cost, {profile} profile:** {run.seconds:.0f} s{memory} on "
-        f"{os.cpu_count()} CPU cores (measured by `cyclelab course --label {profile}` on "
-        f"{datetime.date.today().isoformat()})"
+        f"**Cost, {profile} profile:** {run.seconds:.0f} s{memory} on {os.cpu_count()} CPU cores (measured by "
+        f"`cyclelab course --label {profile}` on {datetime.date.today().isoformat()}) <!-- cost:{profile} -->"
     )
 
 
@@ -209,10 +209,10 @@ def write_cost_label(path: Path, run: NotebookRun, profile: str) -> None:
         raise ValueError(f"{path}: the first cell must be a markdown cell to hold the cost label")
     lines = cells[0].source.split("\n")
     marker = f"<!-- cost:{profile} -->"
-    kept = [line for line in lines if not line.startswith(marker)]
+    kept = [line for line in lines if marker not in line]
     while kept and not kept[-1].strip():
         kept.pop()
-    has_label = any(line.startswith("<!-- cost:") for line in kept)
+    has_label = any("<!-- cost:" in line for line in kept)
     kept += ([] if has_label else [""]) + [cost_label(run, profile)]
     cells[0].source = "\n".join(kept)
     nbformat.write(notebook, str(path))

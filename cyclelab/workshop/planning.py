@@ -21,7 +21,7 @@ from pathlib import Path
 from cyclelab.loading.paths import LAB_OVERRIDES, LESSONS
 
 COST = re.compile(
-    r"<!-- cost:(?P<profile>[\w-]+) --> \*\*Cost, [\w-]+ profile:\*\* (?P<seconds>\d+(?:\.\d+)?) s"
+    r"\*\*Cost, (?P<profile>[\w-]+) profile:\*\* (?P<seconds>\d+(?:\.\d+)?) s"
     r", peak memory (?P<gb>\d+(?:\.\d+)?) GB"
 )
 EXERCISE = re.compile(r"\bcheck_\w+(?=\()")
