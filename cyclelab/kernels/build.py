@@ -184,15 +184,38 @@ def _check_owned(path: Path, info: os.stat_result, uid: int, what: str) -> None:
         raise UnsafeKernels(f"the {what} {path} can be written by other users (mode {stat.filemode(info.st_mode)})")
 
 
-def _open_verified(path: Path, sha256: str) -> int:
-    """An open descriptor of ``path`` once it is proven a regular file of this user's that others cannot write,
-    whose bytes have the SHA-256 ``sha256``."""
+def open_private_file(path: Path) -> int:
+    """An open descriptor of ``path`` once it is proven a regular file (not a link) of this user's that others
+    cannot write; :class:`UnsafeKernels` otherwise."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise UnsafeKernels(f"{path} is not a regular file")
         _check_owned(path, info, os.getuid(), "file")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` in a verified private folder: a scratch file beside it, then a rename, so a reader
+    sees the old file or the whole new one."""
+    fd, scratch = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.replace(scratch, path)
+    except BaseException:
+        Path(scratch).unlink(missing_ok=True)
+        raise
+
+
+def _open_verified(path: Path, sha256: str) -> int:
+    """:func:`open_private_file` of ``path`` once its bytes are proven to have the SHA-256 ``sha256``."""
+    fd = open_private_file(path)
+    try:
         digest = hashlib.sha256()
         while chunk := os.read(fd, 1 << 20):
             digest.update(chunk)
@@ -223,7 +246,7 @@ def _dlopen(path: Path, sha256: str) -> ctypes.CDLL:
 
 def _load_published(folder: Path, pointer: Path) -> tuple[ctypes.CDLL, Path] | None:
     """The library the pointer file names, or None (and the pointer removed) if it is damaged or gone."""
-    fd = _open_verified_pointer(pointer)
+    fd = open_private_file(pointer)
     try:
         name, sha256 = os.read(fd, 4096).decode("ascii").split()
     except (UnicodeDecodeError, ValueError):
@@ -241,19 +264,6 @@ def _load_published(folder: Path, pointer: Path) -> tuple[ctypes.CDLL, Path] | N
         return None
 
 
-def _open_verified_pointer(pointer: Path) -> int:
-    fd = os.open(pointer, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    info = os.fstat(fd)
-    try:
-        if not stat.S_ISREG(info.st_mode):
-            raise UnsafeKernels(f"{pointer} is not a regular file")
-        _check_owned(pointer, info, os.getuid(), "file")
-    except UnsafeKernels:
-        os.close(fd)
-        raise
-    return fd
-
-
 def _build(folder: Path, command: list[str], pointer: Path) -> tuple[ctypes.CDLL, Path]:
     """Compile in a private scratch folder, load and check the result, then publish it under a name of its own
     bytes (two processes building at once each publish a complete library)."""
@@ -261,7 +271,7 @@ def _build(folder: Path, command: list[str], pointer: Path) -> tuple[ctypes.CDLL
     try:
         source, output = scratch / "kernels.c", scratch / "kernels.so"
         source.write_text(SOURCE)
-        errors = []
+        error = ""
         for openmp in (["-fopenmp"], []):  # Apple clang has no -fopenmp: one thread, the same sums
             run = subprocess.run(
                 [*command, *FLAGS, *openmp, str(source), "-lm", "-o", str(output)],
@@ -271,17 +281,15 @@ def _build(folder: Path, command: list[str], pointer: Path) -> tuple[ctypes.CDLL
             )
             if run.returncode == 0 and output.exists():
                 break
-            errors.append((run.stderr or run.stdout or f"exit {run.returncode}").strip().splitlines()[-1:])
+            error = ((run.stderr or run.stdout or f"exit {run.returncode}").strip().splitlines() or [""])[-1]
         else:
-            raise ValueError(f"the C compiler {' '.join(command)!r} failed: {errors[-1][0] if errors[-1] else ''}")
+            raise ValueError(f"the C compiler {' '.join(command)!r} failed: {error}")
         sha256 = hashlib.sha256(output.read_bytes()).hexdigest()
         final = folder / f"kernels-{source_digest()}-{sha256[:16]}.so"
         os.chmod(output, 0o700)
         os.replace(output, final)
         library = _dlopen(final, sha256)  # garbage from a broken compiler fails here, before it is published
-        ready = scratch / "current"
-        ready.write_text(f"{final.name} {sha256}\n")
-        os.replace(ready, pointer)
+        write_private(pointer, f"{final.name} {sha256}\n")
         return library, final
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import stat
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -136,10 +134,7 @@ class Chooser:
             timings = dict(earlier["timings"]) if earlier and earlier.get("key") == self._key() else {}
             timings.update(self.timings)
             text = json.dumps({"key": self._key(), "timings": {k: list(v) for k, v in timings.items()}}, indent=1)
-            fd, scratch = tempfile.mkstemp(prefix="choices-", dir=folder)
-            with os.fdopen(fd, "w") as out:
-                out.write(text)
-            os.replace(scratch, folder / CACHE_NAME)
+            build.write_private(folder / CACHE_NAME, text)
         except (OSError, build.UnsafeKernels):
             pass  # no cache: the next process measures again
 
@@ -187,13 +182,8 @@ def read_cache(folder: Path | None) -> dict | None:
     if folder is None:
         return None
     try:
-        path = build.verified_folder(folder) / CACHE_NAME
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = build.open_private_file(build.verified_folder(folder) / CACHE_NAME)
         try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                return None
-            build._check_owned(path, info, os.getuid(), "file")
             data = json.loads(os.read(fd, 1 << 22).decode("utf-8"))
         finally:
             os.close(fd)
@@ -263,13 +253,9 @@ def choice_report() -> str:
         f"kernels: CYCLELAB_KERNELS={mode}; {key['cpu']}, torch {key['torch']}, {key['threads']} threads; "
         f"own kernels {'built' if status.library is not None else 'not used: ' + status.reason}"
     )
-    if mode != "auto" or status.library is None:
-        return head + (
-            "\n  every product runs on the own kernels"
-            if mode == "own" and status.library
-            else "\n  every product runs on torch's kernels"
-            if status.library is None or mode == "torch"
-            else ""
-        )
+    if status.library is None or mode == "torch":
+        return head + "\n  every product runs on torch's kernels"
+    if mode == "own":
+        return head + "\n  every product runs on the own kernels"
     lines = chooser().report_lines() or ["  nothing measured yet: each shape is timed at its first use"]
     return "\n".join([head + "; each shape timed once, the faster kept:", *lines])
