@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cyclelab import kernels
+from cyclelab.core.norms import rms_norm
 from cyclelab.kernels import Int8Linear, choice, int8_linear, int8_linears, quantize_symmetric, torch_float32
 
 KEY = {"cpu": "Test CPU", "torch": "0.0", "threads": 1, "source": "abc"}
@@ -120,7 +121,7 @@ def test_the_products_run_the_chosen_kernel(own_s, torch_s, called, recorder):
     with torch.no_grad():
         out = kernels.f32_linear(x, w)
         int8_linear(x, q, scale.flatten(), None)
-        fused = kernels.fused_rms_norm(x, torch.ones(40), 1e-5)
+        fused = kernels.fused_rms_norm(x, torch.ones(40), 1e-5, formula=rms_norm)
     assert recorder.calls == (["f32_linear", "int8_linear", "f32_rms_norm"] if called else [])
     if not called:
         assert torch.equal(out, torch.nn.functional.linear(x, w)) and fused is None

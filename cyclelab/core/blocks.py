@@ -408,7 +408,7 @@ def _part(module: torch.nn.Module, name: str):
 def fused(kernel: Callable[..., torch.Tensor | None], formula: Callable[..., torch.Tensor], *args) -> torch.Tensor:
     """``kernel(*args)``, one of the engine's C kernels for decode (:mod:`cyclelab.kernels`), or ``formula(*args)``
     where the kernel does not apply (prompts, gradients, other dtypes and devices): the same formula in torch."""
-    out = kernel(*args)
+    out = kernel(*args, formula=formula)  # the kernel runs only where it is faster than the formula on this machine
     return formula(*args) if out is None else out
 
 

@@ -1,14 +1,14 @@
 """The Python side of the own kernels: each function checks that its tensors fit the C kernel (float32 on the
 CPU, no gradient, few rows, packed memory) and calls it, or returns what torch computes (or None, for the fused
-steps, so the caller runs its torch formula). The numbers are the same either way, to float rounding."""
+steps, so the caller runs its torch formula). The numbers are the same either way, to float rounding. A fused
+step is given the caller's torch formula (``formula=``): in ``auto`` the two are timed against each other."""
 
 from __future__ import annotations
 
 import ctypes
-import math
 import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 
@@ -18,6 +18,7 @@ from . import build as _build
 from .choice import use_own
 
 _PTR, _I64 = ctypes.c_void_p, ctypes.c_int64
+Formula = Callable[..., torch.Tensor] | None  # the torch formula a fused kernel stands in for
 
 
 class _Switch(threading.local):
@@ -119,19 +120,15 @@ def _own_conv1d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> 
     return out
 
 
-def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, formula: Formula = None) -> torch.Tensor | None:
     """:func:`cyclelab.core.norms.rms_norm`'s formula in one C call for a few float32 rows (decode); None where
     the kernel does not apply (the caller runs that function)."""
     d = x.shape[-1] if x.dim() else 0
     if not (weight.shape == (d,) and 0 < x.numel() < MANY_ROWS * d and _plain_f32(x, weight)):
         return None
-    if not _fused_chosen(("rms_norm", *x.shape), _own_rms_norm, _torch_rms_norm, x, weight, eps):
+    if not _fused_chosen(("rms_norm", *x.shape), _own_rms_norm, formula, x, weight, eps):
         return None
     return _own_rms_norm(x, weight, eps)
-
-
-def _torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return weight * (x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps))
 
 
 def _own_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -141,21 +138,16 @@ def _own_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     return out
 
 
-def fused_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+def fused_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, formula: Formula = None) -> torch.Tensor | None:
     """:func:`cyclelab.core.rope.apply_rope` in one C call for float32 heads at one position (decode), to the last
     bit (each product and sum rounds as torch's do); None where the kernel does not apply."""
     d = x.shape[-1] if x.dim() else 0
     one_position = x.dim() == 4 and x.shape[-2] == 1 and cos.shape == sin.shape == (1, d) and d % 2 == 0
     if not (one_position and _plain_f32(x, cos, sin)):
         return None
-    if not _fused_chosen(("rope", *x.shape), _own_rope, _torch_rope, x, cos, sin):
+    if not _fused_chosen(("rope", *x.shape), _own_rope, formula, x, cos, sin):
         return None
     return _own_rope(x, cos, sin)
-
-
-def _torch_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def _own_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -165,19 +157,14 @@ def _own_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     return out
 
 
-def fused_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:
+def fused_scores(q: torch.Tensor, keys: torch.Tensor, formula: Formula = None) -> torch.Tensor | None:
     """:func:`cyclelab.core.attention.attention_scores` for one query position (decode) in one C call: ``q``
     ``(b, h, 1, d)``, ``keys`` ``(b, kv_h, t, d)`` as the KV cache hands them out; None where it does not apply."""
     if not _one_query(q, keys):
         return None
-    if not _fused_chosen(("scores", *q.shape, keys.shape[1]), _own_scores, _torch_scores, q, keys):
+    if not _fused_chosen(("scores", *q.shape, keys.shape[1]), _own_scores, formula, q, keys):
         return None  # keyed without the context length, which grows every cycle
     return _own_scores(q, keys)
-
-
-def _torch_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    (b, h, _, d), kv = q.shape, keys.shape[1]
-    return (q.reshape(b, kv, -1, d) @ keys.transpose(-1, -2)).view(b, h, 1, keys.shape[-2]) / math.sqrt(d)
 
 
 def _own_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -198,18 +185,14 @@ def _own_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return scores
 
 
-def fused_softmax(scores: torch.Tensor) -> torch.Tensor | None:
+def fused_softmax(scores: torch.Tensor, formula: Formula = None) -> torch.Tensor | None:
     """The softmax over the last dimension of one query position's float32 scores ``(b, h, 1, t)`` in one C
     call; None where it does not apply."""
     if not (scores.dim() == 4 and scores.shape[-2] == 1 and scores.shape[-1] > 0 and _plain_f32(scores)):
         return None
-    if not _fused_chosen(("softmax", *scores.shape[:3]), _own_softmax, _torch_softmax, scores):
+    if not _fused_chosen(("softmax", *scores.shape[:3]), _own_softmax, formula, scores):
         return None
     return _own_softmax(scores)
-
-
-def _torch_softmax(scores: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(scores, dim=-1)
 
 
 def _own_softmax(scores: torch.Tensor) -> torch.Tensor:
@@ -218,20 +201,15 @@ def _own_softmax(scores: torch.Tensor) -> torch.Tensor:
     return probs
 
 
-def fused_mix(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
+def fused_mix(probs: torch.Tensor, values: torch.Tensor, formula: Formula = None) -> torch.Tensor | None:
     """:func:`cyclelab.core.attention.attention_mix` for one query position in one C call: ``probs`` ``(b, h, 1, t)``,
     ``values`` ``(b, kv_h, t, d)`` as the KV cache hands them out; None where it does not apply."""
     t = values.shape[-2] if values.dim() == 4 else -1
     if not _one_query(probs, values, width=t):  # a weight for each of the t values
         return None
-    if not _fused_chosen(("mix", *probs.shape[:3], *values.shape[1::2]), _own_mix, _torch_mix, probs, values):
+    if not _fused_chosen(("mix", *probs.shape[:3], *values.shape[1::2]), _own_mix, formula, probs, values):
         return None
     return _own_mix(probs, values)
-
-
-def _torch_mix(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    (b, h), kv = probs.shape[:2], values.shape[1]
-    return (probs.reshape(b, kv, -1, values.shape[-2]) @ values).view(b, h, 1, values.shape[-1])
 
 
 def _own_mix(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -253,9 +231,10 @@ def _own_mix(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _fused_chosen(shape: tuple, own, theirs, *args) -> bool:
-    """True where the own fused kernel should run for this shape (see :func:`use_own`)."""
-    return use_own("fused", shape, lambda: own(*args), lambda: theirs(*args))
+def _fused_chosen(shape: tuple, own: Callable[..., torch.Tensor], formula: Formula, *args) -> bool:
+    """True where the own fused kernel should run for this shape: timed against ``formula``, the torch formula the
+    caller runs instead (see :func:`use_own`); without one there is nothing to time against, and the kernel runs."""
+    return formula is None or use_own("fused", shape, lambda: own(*args), lambda: formula(*args))
 
 
 def _one_query(q: torch.Tensor, kv: torch.Tensor, width: int | None = None) -> bool:
