@@ -1028,17 +1028,29 @@ def _disk_full(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _saves(tiny_engine) -> dict[str, Callable[[Path], object]]:
+    import nbformat
+
     from cyclelab import Debugger
+    from cyclelab.workshop.edition import save_notebook
+    from cyclelab.workshop.grade import Grade, write_csv
     from cyclelab.workshop.lessons import Lesson
 
     trace = tiny_engine.generate("ROMEO:", 3)
     dbg = Debugger(tiny_engine, "ROMEO:", max_new_tokens=2)
     dbg.run_to(1)
     lesson = Lesson.load("fetch")
-    return {"trace": trace.save, "html": dbg.export_html, "lesson": lesson.save, "debugger-export": dbg.export}
+    row = Grade("ada", "01_tokenizing.ipynb", "merge_pair", "passed", "", 1.0, 1.0)
+    return {
+        "trace": trace.save,
+        "html": dbg.export_html,
+        "lesson": lesson.save,
+        "debugger-export": dbg.export,
+        "grades": lambda path: write_csv([row], path),
+        "edition-notebook": lambda path: save_notebook(nbformat.v4.new_notebook(), path),
+    }
 
 
-@pytest.mark.parametrize("kind", ["trace", "html", "lesson", "debugger-export"])
+@pytest.mark.parametrize("kind", ["trace", "html", "lesson", "debugger-export", "grades", "edition-notebook"])
 def test_a_save_on_a_full_disk_keeps_the_previous_file(tiny_engine, tmp_path, monkeypatch, kind):
     save = _saves(tiny_engine)[kind]
     path = tmp_path / "saved.out"

@@ -31,6 +31,7 @@ from pathlib import Path
 import nbformat
 from nbformat import NotebookNode
 
+from cyclelab.loading.atomic import write_atomic
 from cyclelab.loading.schema import StrictValidator
 
 EXERCISE, CHECK, SOLUTION, OTHER = "exercise", "check", "solution", "other"
@@ -160,8 +161,14 @@ def annotate_file(path: Path) -> tuple[list[Exercise], bool]:
     validate(nb, path.name)
     changed = nbformat.writes(nb) != before
     if changed:
-        nbformat.write(nb, str(path))
+        save_notebook(nb, path)
     return found, changed
+
+
+def save_notebook(nb: NotebookNode, path: Path) -> None:
+    """Write ``nb`` as ``nbformat.write`` does, atomically: a failed save keeps the previous file whole."""
+    text = nbformat.writes(nb)
+    write_atomic(path, text if text.endswith("\n") else text + "\n")
 
 
 def read_notebook(path: Path) -> NotebookNode:
@@ -399,7 +406,7 @@ def write_student_edition(out: Path, root: Path | None = None, raising_checks: b
     for path in sources:
         target = out / path.relative_to(root)
         target.parent.mkdir(parents=True, exist_ok=True)
-        nbformat.write(student_notebook(read_notebook(path), raising_checks), str(target))
+        save_notebook(student_notebook(read_notebook(path), raising_checks), target)
         written.append(target)
-    (out / "README.md").write_text(STUDENT_README, encoding="utf-8")
+    write_atomic(out / "README.md", STUDENT_README)
     return written

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import io
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from pathlib import Path
 import nbformat
 from nbformat import NotebookNode
 
+from cyclelab.loading.atomic import write_atomic
 from cyclelab.workshop.edition import CHECK, annotate, checked_function, read_notebook
 from cyclelab.workshop.sandbox import Limits, hand_over, run_limited
 
@@ -399,10 +401,11 @@ def cell(value) -> str | float:
 def write_csv(rows: list[Grade], path: Path) -> None:
     """The grades as CSV: learner, notebook, exercise, status, hint, points, points_possible."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow([f.name for f in fields(Grade)])
-        writer.writerows([cell(v) for v in astuple(row)] for row in rows)
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow([f.name for f in fields(Grade)])
+    writer.writerows([cell(v) for v in astuple(row)] for row in rows)
+    write_atomic(path, table.getvalue())  # a full disk keeps the previous grades.csv whole
 
 
 def summary(rows: list[Grade]) -> str:
