@@ -1,7 +1,7 @@
 """Chapter 06's tasks: their data, baselines and metrics.
 
 Whether each trained model beats its trivial baseline on held-out data is checked where the
-training runs: chapter 06's stored outputs (`NBVAL_CHECK_OUTPUT` cells: the classifier against the
+training runs: chapter 06's stored outputs (`nbval-check-output` cells: the classifier against the
 majority class, the span reader against the question-blind baselines by more than 10 points, the
 edit tagger against copying), so the test command trains each model once, not twice.
 """

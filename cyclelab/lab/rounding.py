@@ -1,6 +1,6 @@
 """Numbers that print the same on every machine.
 
-A notebook's checked outputs (``# NBVAL_CHECK_OUTPUT``) must not depend on the CPU, the
+A notebook's checked outputs (cells tagged ``nbval-check-output``) must not depend on the CPU, the
 thread count or the device. Float arithmetic does: the last bits of a sum change with the
 order in which threads add it up. So a checked cell prints a tolerance check (a boolean),
 an integer, a greedy token, or a value rounded well above that noise. These helpers do
