@@ -1362,3 +1362,14 @@ def test_an_exception_names_the_learners_line_and_a_likely_cause():
     assert check.check_lora_forward(mixed_dtypes)
     result = check.check_lora_forward(mixed_matmul)
     assert "RuntimeError" in result.message and "(x.double() @ A)" in result.message and "dtype" in result.message
+
+
+def test_an_untouched_top_p_stub_is_told_nothing_was_filtered() -> None:
+    result = check.check_top_p_filter(lambda logits, p: logits)
+    assert not result and result.message.startswith("nothing was filtered")
+
+
+def test_a_one_hot_lookup_in_the_wrong_dtype_is_told_to_use_the_weights_dtype() -> None:
+    result = check.check_embed_lookup(lambda w, ids: F.one_hot(ids, len(w)).float() @ w)
+    assert not result and "F.one_hot(ids, len(weight)).to(weight.dtype)" in result.message
+    assert check.check_embed_lookup(lambda w, ids: F.one_hot(ids, len(w)).to(w.dtype) @ w)

@@ -108,3 +108,22 @@ def test_alt_text_is_escaped_and_cannot_be_blank() -> None:
     with pytest.raises(ValueError, match="alt must say what the figure shows"):
         figures.figure_bundle(fig, alt="  ")
     plt.close(fig)
+
+
+def _integral_floats(value, path: str = "") -> list[str]:
+    if isinstance(value, float) and value.is_integer():
+        return [path]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _integral_floats(v, f"{path}.{k}")]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _integral_floats(v, f"{path}[{i}]")]
+    return []
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_saving_in_lab_leaves_the_metadata_as_it_is(path: Path) -> None:
+    """JupyterLab writes a float such as 0.0 back as 0: metadata holding one diffs on every save."""
+    nb = nbformat.read(path, as_version=4)
+    found = _integral_floats(nb.metadata, "metadata")
+    found += [p for i, c in enumerate(nb.cells) for p in _integral_floats(c.metadata, f"cell {i}")]
+    assert not found, f"write these as integers: {found}"

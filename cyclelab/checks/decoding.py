@@ -32,6 +32,8 @@ def _top_p_variants(logits: torch.Tensor, p: float) -> dict[str, torch.Tensor]:
     filtered_ranked = torch.where(keep, z[order], inf)
     return {
         "ok": back(keep),
+        "nothing was filtered: every logit came back as it was. Keep the most likely tokens until their "
+        "probabilities add up to p, and set the others to -inf": z.clone(),
         "the kept logits are in sorted order: put each back at its token's position (scatter by the sort "
         "order: out[order] = sorted_values)": filtered_ranked,
         "you put the kept logits back with gather (out = sorted[order]): the inverse of a sort is a scatter, "

@@ -44,6 +44,11 @@ def check_embed_lookup(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor])
         try:
             out = tensor_answer(fn, weight, ids.clone(), noun="the vectors")
         except Failed as failed:
+            if "dtype" in failed.message or "Double" in failed.message:
+                raise Failed(
+                    failed.message + f" (this weight is {weight.dtype}: build anything you multiply it by in the "
+                    "weight's own dtype, e.g. F.one_hot(ids, len(weight)).to(weight.dtype))"
+                ) from None
             if "out of bounds" in failed.message or "out of range" in failed.message:
                 raise Failed(
                     failed.message + " (a token's vector is a ROW of the (vocab, width) matrix: index rows, "
