@@ -127,3 +127,14 @@ def test_saving_in_lab_leaves_the_metadata_as_it_is(path: Path) -> None:
     found = _integral_floats(nb.metadata, "metadata")
     found += [p for i, c in enumerate(nb.cells) for p in _integral_floats(c.metadata, f"cell {i}")]
     assert not found, f"write these as integers: {found}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_code_cell_parses(path: Path) -> None:
+    nb = nbformat.read(path, as_version=4)
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code" and not cell.source.lstrip().startswith(("%", "!")):
+            try:
+                ast.parse(cell.source)
+            except SyntaxError as error:
+                pytest.fail(f"cell {i} does not parse: {error}")
