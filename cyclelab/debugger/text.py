@@ -11,12 +11,12 @@ import re
 
 from cyclelab.debugger.views import State, render_all, to_text
 
-# Pictures only: a line that is only a key to shades, colours or swatches, and the colour words in a
-# line, mean nothing in plain text (the numbers they stand for are printed beside them).
-_VISUAL = re.compile(
-    r"^\W*(shade|shaded|dotted|darker|lighter|grey|gr[ae]yed|blue|red|orange|outlined|colou?r)\b", re.I
-)
-_VISUAL_ASIDE = re.compile(r"\s*\((?:[^()]*\b(?:shade|darker|grey|blue|red|orange|colou?r)\b[^()]*)\)|[■▇█]\s?", re.I)
+# Pictures only: a key to shades, colours or swatches ("shade = probability", "(darker = more weight)")
+# and the swatches themselves mean nothing in plain text (the numbers they stand for are printed beside
+# them). A key is a colour word, then "=": the generated text, printed as is, is never taken for one.
+_WORDS = r"(?:shade|shaded|dotted|darker|lighter|grey|greyed|blue|red|orange|outlined|colou?r)"
+_VISUAL = re.compile(rf"^\W*{_WORDS}\b[^=]*=", re.I)
+_VISUAL_ASIDE = re.compile(rf"\s*\([^()=]*\b{_WORDS}\b[^()=]*=[^()]*\)|[■▇█]\s?", re.I)
 TEXT_KEY = (
     "key: cycle N = the N-th token's cycle (cycle 1 reads the prompt); "
     "p = probability after the sampler's settings (what the token was drawn from); "
