@@ -468,7 +468,9 @@ def test_smollm2_widget_views_and_faithfulness(smollm2_engine):
     assert view(dbg, "text").count("<span title='#") == 3
     assert to_text(view(dbg, "registers")).count("\nL") == smollm2_engine.arch.n_layers
     assert "L0–L29" in view(dbg, "memory")
-    assert "decode: 1 token in" in view(dbg, "pipeline") and "prefill (cycle 1 reads the prompt at once)" in view(dbg, "pipeline")
+    assert "decode: 1 token in" in view(dbg, "pipeline") and "prefill (cycle 1 reads the prompt at once)" in view(
+        dbg, "pipeline"
+    )
     click(dbg, "Check vs transformers")
     assert dbg.faith is not None and dbg.faith < 1e-3 and "transformers" in view(dbg, "message")
     dbg.watch(3, 8)
