@@ -219,7 +219,8 @@ def test_choose_the_runner_up_branches_and_keeps_the_old_branch(engine, base):
     runner_up = int(torch.topk(dbg.history[dbg.now.ends[2] - 1].tensors["logits"], 2).indices[1])
     dbg.controls["candidates"].value = 1
     click(dbg, "Choose")
-    assert dbg.current_event.op == "choose" and dbg.current_event.info["token_id"] == runner_up
+    assert dbg.current_event.op == "append" and dbg.records[-1].token_id == runner_up  # written back: still cycle 3
+    assert view(dbg, "counter") == "cycle 3" and view(dbg, "message").startswith("cycle 3: forced")
     assert len(dbg.branches) == 1 and dbg.branches[0].token_ids[:3] == base.token_ids[:3]
     dbg.run_to(8)
     expected = engine.branch(base, at_cycle=2, token=runner_up, max_new_tokens=8)
@@ -241,7 +242,7 @@ def test_ablating_a_head_changes_the_following_tokens(engine, base):
     dbg.run_to(12)
     assert dbg.token_ids[:2] == base.token_ids[:2]
     assert dbg.token_ids == expected.token_ids != base.token_ids
-    assert f"{changed[0]}.{changed[1]}" in view(dbg, "status")
+    assert f"L{changed[0]} H{changed[1]}" in view(dbg, "status")
 
 
 def test_sampling_from_the_widgets_matches_the_engine(engine):
@@ -289,8 +290,7 @@ def test_invalid_settings_show_an_error_instead_of_raising(engine):
 def test_export_writes_json_that_trace_load_reads(engine, tmp_path):
     dbg = make(engine)
     dbg.run_to(4)
-    dbg.choose(1)
-    dbg.next()
+    dbg.choose(1)  # writes the forced token back: still 4 tokens
     dbg.controls["export path"].value = str(tmp_path / "trace.json")
     click(dbg, "Export")
     raw = json.loads((tmp_path / "trace.json").read_text())
@@ -468,7 +468,9 @@ def test_smollm2_widget_views_and_faithfulness(smollm2_engine):
     assert view(dbg, "text").count("<span title='#") == 3
     assert to_text(view(dbg, "registers")).count("\nL") == smollm2_engine.arch.n_layers
     assert "L0–L29" in view(dbg, "memory")
-    assert "decode: 1 token in" in view(dbg, "pipeline") and "prefill (prompt read at once)" in view(dbg, "pipeline")
+    assert "decode: 1 token in" in view(dbg, "pipeline") and "prefill (cycle 1 reads the prompt at once)" in view(
+        dbg, "pipeline"
+    )
     click(dbg, "Check vs transformers")
     assert dbg.faith is not None and dbg.faith < 1e-3 and "transformers" in view(dbg, "message")
     dbg.watch(3, 8)

@@ -106,7 +106,7 @@ def test_candidates_are_bars_before_and_after_the_processors():
     assert [style_value(b, "width") for b in before] == ["35px", "18px", "9px"]  # 70 px for p = 1
     assert [style_value(b, "width") for b in after] == ["44px", "26px"]
     text = to_text(html)
-    assert "✔␣the" in text and "0 (filtered)" in text and "#2: chosen ␣the (id 7)" in text
+    assert "✔␣the" in text and "0 (filtered)" in text and "cycle 3: chosen ␣the (id 7)" in text
 
 
 def test_sampler_rows_grey_what_each_stage_removes_and_mark_the_draw():
@@ -207,7 +207,7 @@ def test_branches_align_at_the_fork_and_mark_the_first_divergence():
     html = render_branches(now, [old])
     lanes = [line.split() for line in to_text(html).splitlines() if line.startswith(("now", "branch 0 "))]
     assert lanes == [["now", "C", "D"], ["branch", "0", "C", "E"]]  # from the fork (#2) on, aligned
-    assert "fork at token #2 after AB · first different token: #3" in to_text(html)
+    assert "fork at cycle 3 after AB · first different token: cycle 4" in to_text(html)  # counted from 1
     forks = Elements(html).having("cld-fork")
     assert [f["text"] for f in forks] == ["D", "E"] and forks[0]["title"].endswith("first divergence")
     assert alpha(forks[1]) > alpha(forks[0])  # E was likelier (0.6) than D (0.3)

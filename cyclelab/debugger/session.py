@@ -18,7 +18,6 @@ restarts there, lazily, with the prompt and the tokens so far as its input.
 
 from __future__ import annotations
 
-import functools
 import weakref
 from bisect import bisect_right
 from collections.abc import Callable
@@ -30,47 +29,32 @@ import torch
 from cyclelab.core.blocks import Ablation
 from cyclelab.core.engine import Engine, as_loaded, trace_settings
 from cyclelab.core.events import CycleRecord, Event, Trace
-from cyclelab.core.ops import OPS
-from cyclelab.core.sampling import Sampling, as_sampling
+from cyclelab.core.sampling import Sampling, as_sampling, pipeline
+from cyclelab.debugger.breakpoints import Breakpoints
+from cyclelab.debugger.commands import check_int, command
+from cyclelab.debugger.narrate import HINT, cycle_words, op_words, plural, start_words
 from cyclelab.debugger.replay import replay_page
 from cyclelab.debugger.state import StateViews, describe, lens_tops
-from cyclelab.debugger.timeline import Breakpoint, LiveRun, Timeline, capture_for_views, slim
-from cyclelab.debugger.views import render_text
+from cyclelab.debugger.text import render_text
+from cyclelab.debugger.timeline import (
+    Breakpoint,
+    LiveRun,
+    Timeline,
+    capture_for_views,
+    sampler_probs,
+    slim,
+)
+from cyclelab.debugger.views import chosen_words, show_token
 from cyclelab.loading.atomic import write_atomic
 from cyclelab.loading.loader import Loaded
-from cyclelab.loading.schema import is_int
 
 UNIT_ENDS = frozenset({"positions", "residual_mlp", "logits", "choose", "append"})  # where "Step layer" stops
-
-
-def command(method: Callable) -> Callable:
-    """A user command: clears the last error, records a new one, and tells the listeners (the widget)."""
-
-    @functools.wraps(method)
-    def run(self: Debugger, *args, **kwargs):
-        self.error = ""
-        try:
-            return method(self, *args, **kwargs)
-        except Exception as exc:
-            self.error = f"{type(exc).__name__}: {exc}"
-            raise
-        finally:
-            for listener in self._listeners:
-                listener()
-
-    return run
-
-
-def _check_int(value, low: int, high: int, name: str) -> int:
-    if not is_int(value) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer from {low} to {high}, got {value!r}")
-    return value
 
 
 # ------------------------------------------------------------------ the debugger
 
 
-class Debugger(StateViews):
+class Debugger(Breakpoints, StateViews):
     """Step through generation micro-op by micro-op; break on conditions; go back; branch; intervene.
 
     Moving: :meth:`step`, :meth:`step_layer`, :meth:`next`, :meth:`cont`, :meth:`run_to`,
@@ -97,13 +81,14 @@ class Debugger(StateViews):
         self.prompt_ids = engine.encode(prompt, chat=chat)
         self.prompt_text = engine.tokenizer.decode(self.prompt_ids)
         engine.check_lengths(len(self.prompt_ids), max_new_tokens)
-        self.max_new_tokens, self.chat, self.top = max_new_tokens, chat, _check_int(top, 1, 100, "top")
+        self.max_new_tokens, self.chat, self.top = max_new_tokens, chat, check_int(top, 1, 100, "top")
         self.now = Timeline(as_sampling(sampling), engine._check_ablation(ablation))
         self._branches: list[Timeline] = []
         self.breakpoints: list[Breakpoint] = []
         self.position = -1  # index of the current event in the history; -1 before the first
         self.watch_layer, self.watch_head = 0, 0  # the head whose attention the memory view shows
-        self.message, self.error = "", ""
+        self.message, self.error = start_words(engine.loaded.name, self.prompt_text), ""
+        self._before = self._shown = None  # what the views showed (narrate.view_keys) before and after a command
         self.faith: float | None = None
         self._live = LiveRun()  # the engine run feeding the end of the history
         weakref.finalize(self, self._live.close)  # a paused run must not outlive the debugger
@@ -185,15 +170,18 @@ class Debugger(StateViews):
 
     @command
     def cont(self) -> Event | None:
-        """Forward to the next breakpoint, or to the end of generation."""
-        return self._advance(lambda e: False, breakpoints=True)
+        """Forward to the next breakpoint, or to the end of generation (which the message says when none is set)."""
+        event = self._advance(lambda e: False, breakpoints=True)
+        if not self.breakpoints:
+            self.message = f"no breakpoint is set, so Continue ran to the end (set one in Breakpoints). {self.message}"
+        return event
 
     @command
     def run_to(self, n: int, stop_at_breakpoints: bool = True) -> Event | None:
         """To the end of cycle ``n`` (``n`` tokens done): back through the history, or forward."""
-        _check_int(n, 0, self.max_new_tokens, "cycle")
+        check_int(n, 0, self.max_new_tokens, "cycle")
         if n <= self.cycle:
-            self.position, self.message = self.now.start_of(n) - 1, ""
+            self.position, self.message = self.now.start_of(n) - 1, f"back to cycle {n}"
             return self.current_event
         return self._advance(lambda e: self.cycle >= n, breakpoints=stop_at_breakpoints)
 
@@ -203,7 +191,8 @@ class Debugger(StateViews):
         if self.position < 0:
             self.message = "already at the start"
         else:
-            self.position, self.message = self.position - 1, ""
+            self.position -= 1
+            self.message = "back one op: " + (self._where() if self.position >= 0 else "at the start")
         return self.current_event
 
     @command
@@ -213,54 +202,46 @@ class Debugger(StateViews):
         if target < 0:
             self.message = "already at the start"
         else:
-            self.position, self.message = self.now.start_of(target) - 1, ""
+            self.position, self.message = self.now.start_of(target) - 1, f"back to cycle {target}"
         return self.current_event
 
     @command
     def reset(self) -> None:
         """Back to the start; the history is kept, so stepping forward replays it."""
-        self.position, self.message = -1, "back at the start"
+        self.position, self.message = -1, f"back at the start: {HINT}"
 
     def _at_boundary(self) -> bool:
         return self.position < 0 or self.history[self.position].op == "append"
 
     def _advance(self, done: Callable[[Event], bool], breakpoints: bool = False) -> Event | None:
-        """Step forward until ``done(event)`` (at least one step), a breakpoint, or the end."""
-        self.message = ""
+        """Step forward until ``done(event)`` (at least one step), a breakpoint, or the end; the message
+        says where it stopped and why."""
+        start = self.position
         while self._forward():
             event = self.current_event
             hit = next((b for b in self.breakpoints if self._hits(b, event)), None) if breakpoints else None
             if hit is not None:
-                self.message = f"stopped: {hit} (token #{event.cycle}, {event.op})"
-                break
+                self.message = f"stopped: {hit}. {self._where()}"
+                return event
             if done(event):
-                break
+                self.message = self._where()
+                return event
+        end = f"end of generation: {plural(self.cycle, 'token')}"
+        self.message = end if self.position == start else f"{end}. {self._where()}"
         return self.current_event
 
-    def _hits(self, breakpoint: Breakpoint, event: Event) -> bool:
-        """``breakpoint.hit(event)``; a logit-lens breakpoint also compares with the layer below."""
-        if breakpoint.kind != "lens":
-            return breakpoint.hit(event)
-        if event.op != "residual_mlp" or event.layer != breakpoint.layer or "x" not in event.tensors:
-            return False
-        below = next(
-            (
-                e
-                for _, e in self._backwards()
-                if e.op == "residual_mlp" and e.cycle == event.cycle and e.layer == breakpoint.layer - 1
-            ),
-            None,
-        )
-        return below is not None and self._lens_top1(below) != self._lens_top1(event)
-
-    def _lens_top1(self, event: Event) -> str:
-        if "lens" not in event.info:
-            event.info["lens"] = lens_tops(self.engine, event.tensors["x"][None])[0]
-        return event.info["lens"][0][0]
+    def _where(self) -> str:
+        """The status line for the current position, in words (see :mod:`cyclelab.debugger.narrate`)."""
+        event, index = self.current_event, self._last_index("choose")
+        if event is None:
+            return f"at the start: {HINT}"
+        chosen = self._choice_views(index)[3]
+        if event.op == "append" and chosen is not None:
+            return cycle_words(chosen, self.records)
+        return op_words(self.cycle + 1, event, chosen)
 
     def _forward(self) -> bool:
         if not self._ensure(self.position + 1):
-            self.message = f"end of generation: {self.cycle} tokens"
             return False
         self.position += 1
         return True
@@ -287,7 +268,10 @@ class Debugger(StateViews):
             except Exception:  # the run is dead; the next pull restarts it
                 self._live.close()
                 raise
+            if event.op == "choose":
+                event.info["sampling"] = self.now.sampling  # the settings this run chooses with
             if event.op == "append":
+                self._fix_forced_p(event)
                 self.now.ends.append(len(self.history))
             self.history.append(event)
             if event.op != "choose":
@@ -321,6 +305,18 @@ class Debugger(StateViews):
         )
         return True
 
+    def _fix_forced_p(self, append: Event) -> None:
+        """A forced token's record gets its ``p`` after the sampler's settings (0 if they filtered it out),
+        computed as the views compute it (the engine keeps the model's p for a token outside its top 5)."""
+        record, choice = append.info["record"], self.history[-1]
+        if record.forced and choice.op == "choose" and "logits" in choice.tensors:
+            steps = pipeline(
+                choice.tensors["logits"],
+                self.prompt_ids + [r.token_id for r in self.now.records()],
+                choice.info["sampling"],
+            )
+            append.info["record"] = replace(record, prob=float(sampler_probs(steps)[record.token_id]))
+
     # --- interventions ----------------------------------------------------------------------
     def _cut(self, index: int) -> None:
         """Forget the history from ``index`` on, keeping the old timeline as a branch if it loses a token."""
@@ -345,15 +341,16 @@ class Debugger(StateViews):
             k = self.cycle + (self.current_event is not None and self.current_event.op == "choose")
             self._invalidate(k)
             self.now.sampling = new
-            self.now.log.append(f"#{k}: {describe(new)}")
-            self.message = f"sampler: {describe(new)} from token #{k} on"
+            self.now.log.append(f"from cycle {k + 1}: sampler {describe(new)}")
+            self.message = f"sampler from cycle {k + 1} on: {describe(new)}"
         return new
 
     @command
     def choose(self, rank: int | None = None, *, token_id: int | None = None) -> Event | None:
         """Impose another token at the last choice shown: the ``rank``-th best of the logits, or ``token_id``.
 
-        The run branches there; the old timeline stays in :attr:`branches`.
+        The run branches there; the old timeline stays in :attr:`branches`. The debugger stops at the end
+        of that cycle, the forced token written back (the counter does not step back).
         """
         index = self._last_index("choose")
         if index is None:
@@ -361,31 +358,32 @@ class Debugger(StateViews):
         event = self.history[index]
         vocab = event.tensors["logits"].numel()
         if token_id is None:
-            rank = _check_int(rank if rank is not None else 1, 0, vocab - 1, "rank")
+            rank = check_int(rank if rank is not None else 1, 0, vocab - 1, "rank")
             token_id = int(torch.topk(event.tensors["logits"], rank + 1).indices[rank])
-        _check_int(token_id, 0, vocab - 1, "token_id")
+        check_int(token_id, 0, vocab - 1, "token_id")
         if token_id == event.info["token_id"]:
-            self.message = f"{self.engine.token_text(token_id)!r} is already the token of #{event.cycle}"
+            self.message = f"cycle {event.cycle + 1} already chose {show_token(self.engine.token_text(token_id))}"
             return self.current_event
         start = self.now.start_of(event.cycle)
         self._cut(start)
         self.now.forced[event.cycle] = token_id
-        self.now.log.append(f"#{event.cycle}: forced {self.engine.token_text(token_id)!r}")
+        self.now.log.append(f"cycle {event.cycle + 1}: forced {show_token(self.engine.token_text(token_id))}")
         self.position = start - 1
-        self._advance(lambda e: e.op == "choose")
-        self.message = (
-            f"token #{event.cycle} forced to {self.engine.token_text(token_id)!r}; "
-            f"the old timeline is branch {len(self._branches) - 1}"
-        )
+        self._advance(lambda e: e.op == "append")
+        chosen = self._choice_views(self._last_index("choose"))[3]
+        if chosen is not None and chosen.how == "forced":
+            self.message = (
+                f"cycle {chosen.cycle}: {chosen_words(chosen)}; the old timeline is branch {len(self._branches) - 1}"
+            )
         return self.current_event
 
     @command
     def ablate_head(self, layer: int, head: int) -> Ablation:
         """Switch off one attention head from the cycle in progress on (the context is recomputed with it)."""
-        _check_int(layer, 0, self.engine.arch.n_layers - 1, "layer")
-        _check_int(head, 0, self.engine.arch.n_heads - 1, "head")
+        check_int(layer, 0, self.engine.arch.n_layers - 1, "layer")
+        check_int(head, 0, self.engine.arch.n_heads - 1, "head")
         return self._set_ablation(
-            Ablation(self.now.ablation.heads | {(layer, head)}, self.now.ablation.mlps), f"head {layer}.{head} off"
+            Ablation(self.now.ablation.heads | {(layer, head)}, self.now.ablation.mlps), f"ablated L{layer} H{head}"
         )
 
     @command
@@ -397,88 +395,25 @@ class Debugger(StateViews):
         if new != self.now.ablation:
             self._invalidate(self.cycle)
             self.now.ablation = new
-            self.now.log.append(f"#{self.cycle}: {what}")
-            self.message = f"{what} from token #{self.cycle} on"
+            self.now.log.append(f"from cycle {self.cycle + 1}: {what}")
+            self.message = f"{what} from cycle {self.cycle + 1} on"
         return new
 
     @command
     def switch_branch(self, index: int) -> None:
         """Make branch ``index`` the current timeline (the current one becomes that branch)."""
-        _check_int(index, 0, len(self._branches) - 1, "branch")
+        check_int(index, 0, len(self._branches) - 1, "branch")
         self._live.close()
         self._branches[index], self.now = self.now, self._branches[index]
         self.position = min(self.position, len(self.history) - 1)
         self.message = f"switched to branch {index}"
 
-    # --- breakpoints -------------------------------------------------------------------------
-    @command
-    def break_on_token(self, token: str | int) -> Breakpoint:
-        """Stop when this token (its text, spaces around it ignored, or its id) is chosen."""
-        if isinstance(token, int):
-            _check_int(token, 0, self.engine.vocab_size - 1, "token id")
-        elif not isinstance(token, str) or not token:
-            raise ValueError(f"give a token's text or id, got {token!r}")
-        return self._add(Breakpoint("token", token))
-
-    @command
-    def break_below(self, p: float) -> Breakpoint:
-        """Stop when the chosen token's probability (after the processors) is below ``p``."""
-        if isinstance(p, bool) or not isinstance(p, (int, float)):
-            raise TypeError(f"p must be a probability (a number in (0, 1]), got {p!r} ({type(p).__name__})")
-        if not 0 < p <= 1:
-            raise ValueError(f"p must be in (0, 1], got {p!r}")
-        return self._add(Breakpoint("prob", float(p)))
-
-    @command
-    def break_entropy_above(self, h: float) -> Breakpoint:
-        """Stop when the entropy of the distribution the token was chosen from exceeds ``h`` nats."""
-        if isinstance(h, bool) or not isinstance(h, (int, float)):
-            raise TypeError(f"entropy threshold must be a number of nats, got {h!r} ({type(h).__name__})")
-        if not (h >= 0 and h != float("inf")):  # NaN fails every comparison: it would never fire
-            raise ValueError(f"entropy threshold must be a finite number >= 0 nats, got {h!r}")
-        return self._add(Breakpoint("entropy", float(h)))
-
-    @command
-    def break_when_not_greedy(self) -> Breakpoint:
-        """Stop when the token written back is not the most likely one."""
-        return self._add(Breakpoint("not_greedy"))
-
-    @command
-    def break_at(self, layer: int | None = None, op: str | None = None) -> Breakpoint:
-        """Stop at an op (any layer), at a layer (any op), or at one op of one layer."""
-        if layer is None and op is None:
-            raise ValueError("give a layer, an op, or both")
-        if layer is not None:
-            _check_int(layer, 0, self.engine.arch.n_layers - 1, "layer")
-        if op is not None and op not in OPS:
-            raise ValueError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
-        return self._add(Breakpoint("op", layer=layer, op=op))
-
-    @command
-    def break_on_lens_change(self, layer: int) -> Breakpoint:
-        """Stop after ``layer`` when it changes the logit-lens top-1 token (what the model would say
-        if it stopped there) from the one after ``layer - 1``: where the model changes its mind."""
-        _check_int(layer, 1, self.engine.arch.n_layers - 1, "layer (from 1: it is compared with the one below)")
-        return self._add(Breakpoint("lens", layer=layer))
-
-    @command
-    def clear_breakpoints(self) -> None:
-        """Remove every breakpoint."""
-        self.breakpoints.clear()
-        self.message = "breakpoints cleared"
-
-    def _add(self, breakpoint: Breakpoint) -> Breakpoint:
-        if breakpoint not in self.breakpoints:
-            self.breakpoints.append(breakpoint)
-        self.message = f"set: {breakpoint}"
-        return breakpoint
-
     # --- views, export, faithfulness -------------------------------------------------------------
     @command
     def watch(self, layer: int, head: int) -> None:
         """Choose the layer and head whose attention the memory view shows."""
-        self.watch_layer = _check_int(layer, 0, self.engine.arch.n_layers - 1, "layer")
-        self.watch_head = _check_int(head, 0, self.engine.arch.n_heads - 1, "head")
+        self.watch_layer = check_int(layer, 0, self.engine.arch.n_layers - 1, "layer")
+        self.watch_head = check_int(head, 0, self.engine.arch.n_heads - 1, "head")
 
     @command
     def export(self, path: str | Path) -> Path:

@@ -9,11 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+import torch
+
 from cyclelab.core.blocks import Ablation
 from cyclelab.core.events import CycleRecord, Event
 from cyclelab.core.sampling import Sampling
 
 VIEW_OPS = frozenset({"embed", "kv_cache", "softmax", "residual_mlp", "choose"})
+
+
+def sampler_probs(steps: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+    """The distribution a token is drawn from: the softmax of the sampler pipeline's last stage, computed
+    as ``sampling.choose`` does (every view and record reads its ``p`` from here)."""
+    return torch.softmax(steps[-1][1].float(), dim=-1)
 
 
 def capture_for_views(op: str, layer: int | None) -> bool:
@@ -104,6 +112,22 @@ class Breakpoint:
             "not_greedy": "break when the sampled token is not the greedy one",
             "lens": f"break when layer {self.layer} changes the logit-lens top-1",
         }[self.kind]
+
+
+def check_one_token(engine, text: str) -> None:
+    """``ValueError`` unless ``text`` (spaces around it ignored, as a token breakpoint matches) is one token
+    of ``engine``'s vocabulary: a breakpoint on a text the model never writes as one token cannot fire."""
+    for variant in dict.fromkeys((text, text.strip(), " " + text.strip())):
+        ids = engine.tokenizer.encode(variant, add_special_tokens=False) if variant else []
+        if len(ids) == 1 and engine.token_text(ids[0]).strip() == text.strip():
+            return
+    pieces = engine.tokenizer.encode(text, add_special_tokens=False)
+    reads = ", ".join(repr(engine.token_text(i)) for i in pieces)
+    raise ValueError(
+        f"{text!r} is not one token of {engine.loaded.name}'s vocabulary (it reads as {len(pieces)} tokens: "
+        f"{reads}), so a breakpoint on it could never fire; break on one token: a candidate the Output panel "
+        "lists, or a token id (engine.token_text(id) shows its text)"
+    )
 
 
 def _same_token(record: CycleRecord, token: int | str) -> bool:

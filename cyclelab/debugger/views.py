@@ -59,6 +59,29 @@ class Output:
 
 
 @dataclass(frozen=True)
+class Chosen:
+    """The token of the last choice shown: the one fact the output, sampler, text and status agree on.
+
+    ``p`` is the token's probability after the sampler's settings of its cycle (penalty, temperature,
+    top-k, top-p, min-p: the distribution it was drawn from); ``model_p`` its softmax under the plain
+    logits. Greedy decoding without a penalty has the two equal."""
+
+    cycle: int  # the cycle that chose it, counted from 1 (cycle 1 reads the prompt)
+    token_id: int
+    token: str
+    p: float
+    model_p: float
+    how: str  # "greedy", "sampled" or "forced"
+    instead: str | None = None  # when forced: the token the sampler had picked
+    written: bool = True  # appended to the text (False at the choose op, before the append)
+
+
+def p_text(p: float) -> str:
+    """A probability as every panel writes it (the same digits everywhere)."""
+    return f"{p:.3f}"
+
+
+@dataclass(frozen=True)
 class SamplerStage:
     """One stage of the sampler pipeline: how many tokens survive and the leaders."""
 
@@ -74,10 +97,11 @@ class Draw:
     """The random draw against the cumulative distribution (token ids in order)."""
 
     u: float | None  # None: greedy (argmax)
-    token: str
+    token: str  # the sampler's pick (a forced token replaces it: see Chosen)
     low: float  # the picked token's slice [low, high) of [0, 1)
     high: float
     n_kept: int
+    p: float | None = None  # the pick's probability after the sampler's settings
 
 
 @dataclass(frozen=True)
@@ -85,7 +109,7 @@ class State:
     """Everything the views show at one position of the debugger."""
 
     model: str
-    cycle: int  # cycles completed
+    cycle: int  # the cycle shown, counted from 1: in progress, or just written back (0 before the first)
     max_cycles: int
     stage: Stage | None
     layer: int | None
@@ -95,7 +119,11 @@ class State:
     this_op: Cost
     this_cycle: Cost
     total: Cost
-    prefill: Cost  # the part of ``total`` spent in cycles that read many tokens at once
+    prefill: Cost  # the part of ``total`` spent reading the prompt (cycle 1)
+    reread: Cost = field(default_factory=Cost)  # the part spent reading the context again after a branch (a restart)
+    done: int | None = None  # tokens written back (None: ``cycle``)
+    chosen: Chosen | None = None  # the last choice shown
+    preview: str = ""  # new sampler settings not yet used by any choice shown, and what they would keep
     registers: list[Register] = field(default_factory=list)
     memory: list[CacheRow] = field(default_factory=list)
     attention: Attention | None = None
@@ -111,6 +139,7 @@ class State:
     timeline: list[CycleRecord] = field(default_factory=list)  # every cycle computed on this timeline
     branches: list[list[CycleRecord]] = field(default_factory=list)  # the cycles of each earlier branch
     max_positions: int = 0  # prompt + max_cycles: the KV cache's size when full
+    changed: frozenset[str] = frozenset()  # views (names as in render_all) that differ from before the last command
 
 
 # ------------------------------------------------------------------ look
@@ -212,7 +241,7 @@ def _bar(p: float, width: int = 70, raw: bool = False) -> str:
 
 def render_pipeline(state: State) -> str:
     """The strip FETCH → READ → EXECUTE → WRITEBACK (never wrapping) with the current stage and op lit,
-    the cost counters, and a stacked bar of the time spent in prefill and in decode."""
+    the cost counters, and a stacked bar of the time spent in prefill, re-reads (after a branch) and decode."""
     boxes = []
     for stage in Stage:
         if stage == state.stage:
@@ -225,30 +254,39 @@ def render_pipeline(state: State) -> str:
         else:
             boxes.append(f"<span class='cld-box'>{stage.value}</span>")
     op = html.escape(state.op) if state.op else "(not started)"
-    kind = (
-        ""
-        if state.n_inputs is None
-        else (f" · prefill: {state.n_inputs} tokens in" if state.n_inputs > 1 else " · decode: 1 token in")
-    )
+    done = state.cycle if state.done is None else state.done
+    kind = ""
+    if state.n_inputs is not None:
+        kind = " · decode: 1 token in"
+        if state.n_inputs > 1:
+            kind = f" · {'prefill' if state.cycle <= 1 else 're-read'}: {state.n_inputs} tokens in"
     decode = Cost(
-        state.total.seconds - state.prefill.seconds,
-        state.total.flops - state.prefill.flops,
-        state.total.bytes - state.prefill.bytes,
+        state.total.seconds - state.prefill.seconds - state.reread.seconds,
+        state.total.flops - state.prefill.flops - state.reread.flops,
+        state.total.bytes - state.prefill.bytes - state.reread.bytes,
     )
+    parts = [("prefill (cycle 1 reads the prompt at once)", state.prefill, "#4C72B0")]
+    if state.reread.flops or state.reread.seconds:
+        parts.append(("re-read (a branch restarts: prompt and tokens so far read again)", state.reread, "#8172B3"))
+    parts.append(("decode (one token per cycle)", decode, "#55A868"))
     total = state.total.seconds or 1.0
     stack = (
-        f"<div class='cld-stack' style='width:240px;height:10px' title='time: prefill vs decode'>"
-        f"<span class='cld-seg' style='width:{_pct(state.prefill.seconds / total)};background:#4C72B0'></span>"
-        f"<span class='cld-seg' style='width:{_pct(decode.seconds / total)};background:#55A868'></span></div>"
+        "<div class='cld-stack' style='width:240px;height:10px' title='time: prefill, re-read and decode'>"
+        + "".join(
+            f"<span class='cld-seg' style='width:{_pct(cost.seconds / total)};background:{colour}'></span>"
+            for _, cost, colour in parts
+        )
+        + "</div>"
+    )
+    lines = "".join(
+        f"<br><span style='color:{colour}'>■</span> {name}: {cost_text(cost)}" for name, cost, colour in parts
     )
     return (
         f"<div class='cld'><div class='cld-strip'>{'<span> → </span>'.join(boxes)}</div>"
         f"<div>op <b>{op}</b>: {cost_text(state.this_op)}<br>"
-        f"done {state.cycle} of {state.max_cycles} tokens{kind}</div>"
+        f"cycle {state.cycle} of {state.max_cycles} · {done} tokens written{kind}</div>"
         f"<div class='cld-dim'>this cycle so far: {cost_text(state.this_cycle)}<br>"
-        f"total: {cost_text(state.total)}<br>"
-        f"<span style='color:#4C72B0'>■</span> prefill (prompt read at once): {cost_text(state.prefill)}<br>"
-        f"<span style='color:#55A868'>■</span> decode (one token per cycle): {cost_text(decode)}</div>"
+        f"total: {cost_text(state.total)}{lines}</div>"
         f"{stack}</div>"
     )
 
@@ -320,8 +358,17 @@ def render_memory(memory: list[CacheRow], attention: Attention | None, max_posit
     return _panel(f"Memory: KV cache {human(total, 'B')} in {len(memory)} layers", "".join(parts))
 
 
-def render_output(output: Output | None) -> str:
-    """The top candidates as probability bars before (grey) and after (blue) the logits processors."""
+def chosen_words(chosen: Chosen) -> str:
+    """'chose ␣art (p 0.074, greedy)', 'forced ␣hast (p 0.021) instead of ␣art': one choice, as every view says it."""
+    token = show_token(chosen.token)
+    if chosen.how == "forced":
+        return f"forced {token} (p {p_text(chosen.p)}) instead of {show_token(chosen.instead or '')}"
+    verb = "sampled" if chosen.how == "sampled" else "chose"
+    return f"{verb} {token} (p {p_text(chosen.p)}{', greedy' if chosen.how == 'greedy' else ''})"
+
+
+def render_output(output: Output | None, chosen: Chosen | None = None) -> str:
+    """The top candidates as probability bars: the model's (grey) and after the sampler's settings (blue)."""
     title = "Output: next-token candidates"
     if output is None:
         return _panel(title, _note("(no token chosen yet)"))
@@ -331,9 +378,19 @@ def render_output(output: Output | None) -> str:
         mark = "✔" if i == output.token_id else ""
         q = _bar(after[i]) if i in after else "0 (filtered)"
         rows.append([str(rank), f"{mark}<span class='cld-tok'>{_esc(text)}</span>", _bar(p, raw=True), q])
-    how = "forced" if output.forced else "chosen"
-    chosen = f"<div>#{output.cycle}: {how} <b class='cld-tok'>{_esc(output.token)}</b> (id {output.token_id})</div>"
-    return _panel(title, _table(rows, ["rank", "token", "p before", "p after"]) + chosen)
+    if chosen is None:
+        how = "forced" if output.forced else "chosen"
+        line = f"cycle {output.cycle + 1}: {how} <b class='cld-tok'>{_esc(output.token)}</b> (id {output.token_id})"
+    else:
+        if all(i != chosen.token_id for i, _, _ in output.raw_top):  # a forced token from further down
+            q = _bar(chosen.p) if chosen.p > 0 else "0 (filtered)"
+            rows.append(["…", f"✔<span class='cld-tok'>{_esc(chosen.token)}</span>", _bar(chosen.model_p, raw=True), q])
+        pending = "" if chosen.written else " (not yet written back)"
+        line = (
+            f"cycle {chosen.cycle}: {html.escape(chosen_words(chosen))}{pending} · id {chosen.token_id}"
+            f" · model p {p_text(chosen.model_p)}"
+        )
+    return _panel(title, _table(rows, ["rank", "token", "model p", "p"]) + f"<div>{line}</div>")
 
 
 def _stage_bar(cells: list[tuple[str, float | None]], before: list[tuple[str, float | None]] | None) -> str:
@@ -363,12 +420,20 @@ def _draw_bar(draw: Draw) -> str:
     )
 
 
-def render_sampler(stages: list[SamplerStage], draw: Draw | None, sampling: str = "") -> str:
+def render_sampler(
+    stages: list[SamplerStage],
+    draw: Draw | None,
+    sampling: str = "",
+    chosen: Chosen | None = None,
+    preview: str = "",
+) -> str:
     """logits → penalties → temperature → top-k → top-p → renormalise → the draw: one bar row per stage
-    (the tokens a stage removes greyed), and the draw ``u`` on the cumulative bar."""
+    (the tokens a stage removes greyed), and the draw ``u`` on the cumulative bar; a forced token is
+    named beside the sampler's own pick, and new settings not yet used are a preview line."""
     title = f"Sampler pipeline ({sampling})" if sampling else "Sampler pipeline"
+    after = f"<div class='cld-dim'>{html.escape(preview)}</div>" if preview else ""
     if not stages:
-        return _panel(title, _note("(no logits yet)"))
+        return _panel(title, _note("(no logits yet)") + after)
     rows, before = [], None
     for s in stages:
         had = f" (had p={s.mass:.3f})" if s.mass is not None and s.mass < 0.9995 else ""
@@ -378,16 +443,22 @@ def render_sampler(stages: list[SamplerStage], draw: Draw | None, sampling: str 
         )
         before = s.cells or before
     if draw is None:
-        return _panel(title, "".join(rows))
+        return _panel(title, "".join(rows) + after)
+    p = "" if draw.p is None else f" (p {p_text(draw.p)})"
     if draw.u is None:
-        pick = f"<div>greedy: argmax → <b class='cld-tok'>{_esc(draw.token)}</b></div>"
+        pick = f"<div>greedy: argmax → <b class='cld-tok'>{_esc(draw.token)}</b>{p}</div>"
     else:
         pick = (
             f"<div>draw u = {draw.u:.4f} falls in the slice [{draw.low:.4f}, {draw.high:.4f}) of "
-            f"<b class='cld-tok'>{_esc(draw.token)}</b> (cumulative over {draw.n_kept} tokens, in id order)</div>"
+            f"<b class='cld-tok'>{_esc(draw.token)}</b>{p} (cumulative over {draw.n_kept} tokens, in id order)</div>"
             + _draw_bar(draw)
         )
-    return _panel(title, "".join(rows) + pick)
+    if chosen is not None and chosen.how == "forced":
+        pick += (
+            f"<div>but cycle {chosen.cycle} {html.escape(chosen_words(chosen))}: "
+            "the sampler's pick was overridden</div>"
+        )
+    return _panel(title, "".join(rows) + pick + after)
 
 
 def _visible(text: str) -> str:
@@ -454,9 +525,9 @@ def render_branches(timeline: list[CycleRecord], branches: list[list[CycleRecord
             _lanes(timeline, old, index, range(start, min(n, start + columns)), split)
             for start in range(fork, n, columns)
         )
-        where = f"first different token: #{split}" if split < n else "same tokens so far"
+        where = f"first different token: cycle {split + 1}" if split < n else "same tokens so far"
         parts.append(
-            f"<div class='cld-dim'>branch {index}: fork at token #{fork} after "
+            f"<div class='cld-dim'>branch {index}: fork at cycle {fork + 1} after "
             f"<span class='cld-tok'>{html.escape(show_token(shared[-40:]))}</span> · {where}</div>"
             f"<div style='margin-bottom:6px'>{blocks}</div>"
         )
@@ -495,16 +566,9 @@ def render_all(state: State) -> dict[str, str]:
         "pipeline": render_pipeline(state),
         "registers": render_registers(state.registers),
         "memory": render_memory(state.memory, state.attention, state.max_positions),
-        "output": render_output(state.output),
-        "sampler": render_sampler(state.sampler, state.draw, state.sampling),
+        "output": render_output(state.output, state.chosen),
+        "sampler": render_sampler(state.sampler, state.draw, state.sampling, state.chosen, state.preview),
         "text": render_text_so_far(state.records, state.prompt),
         "branches": render_branches(state.timeline, state.branches),
         "status": render_status(state.message, state.error, state.notes),
     }
-
-
-def render_text(state: State) -> str:
-    """The whole debugger as plain text (text mode)."""
-    views = render_all(state)
-    order = ["pipeline", "status", "text", "output", "sampler", "registers", "memory", "branches"]
-    return "\n\n".join([f"cycle {state.cycle}"] + [to_text(views[k]) for k in order if to_text(views[k])])
