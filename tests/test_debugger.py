@@ -176,7 +176,7 @@ def test_layer_op_breakpoint_stops_on_that_op(engine):
     assert (event.cycle, event.layer, event.op) == (0, 1, "softmax")
     click(dbg, "Continue")
     assert (dbg.current_event.cycle, dbg.current_event.layer, dbg.current_event.op) == (1, 1, "softmax")
-    assert "layer 0, head 0" in view(dbg, "memory")
+    assert f"layer {dbg.watch_layer}, head {dbg.watch_head}" in view(dbg, "memory")
 
 
 def hf_lens_top1(loaded, ids: list[int], layer: int) -> int:
@@ -468,7 +468,7 @@ def test_smollm2_widget_views_and_faithfulness(smollm2_engine):
     assert view(dbg, "text").count("<span title='#") == 3
     assert to_text(view(dbg, "registers")).count("\nL") == smollm2_engine.arch.n_layers
     assert "L0–L29" in view(dbg, "memory")
-    assert "decode: 1 token in" in view(dbg, "pipeline") and "prefill (prompt read at once)" in view(dbg, "pipeline")
+    assert "decode: 1 token in" in view(dbg, "pipeline") and "prefill (prompt read at once)" in view(dbg, "cost")
     click(dbg, "Check vs transformers")
     assert dbg.faith is not None and dbg.faith < 1e-3 and "transformers" in view(dbg, "message")
     dbg.watch(3, 8)
