@@ -162,13 +162,14 @@ STYLE = f"""<style>
 .cld-lanes{{display:inline-table;vertical-align:top;margin:0 8px 4px 0}} .cld-lanes td{{padding:0 1px}}
 .cld-fill{{display:flex;flex-direction:column;height:100%}}
 .cld-prose{{flex:1 1 0;min-height:0;overflow:auto;display:flex;flex-direction:column-reverse}}
-.cld-prose>div{{white-space:pre-wrap;font-family:var(--jp-code-font-family,monospace)}}
+.cld-prose>div{{margin-bottom:auto;white-space:pre-wrap;font-family:var(--jp-code-font-family,monospace)}}
 .cld-msg{{min-height:2.9em}}
 .cld-root .widget-html-content{{font-size:14px}}
 .cld-root .cld-next{{font-weight:600}}
 .cld-out,.cld-text,.cld-tab{{overflow:auto !important}}
 .cld-out{{height:262px}} .cld-text{{height:196px}} .cld-tab{{height:330px}}
 .cld-main{{container:cld-main / inline-size}}
+.cld-main .cld-key{{white-space:nowrap;overflow:hidden;text-overflow:ellipsis}}
 @container cld-main (min-width:860px){{.cld-text{{height:262px}}}}
 .cld-text>.widget-html,.cld-text .widget-html-content{{height:100%}}
 @keyframes cld-flash0{{from{{box-shadow:0 0 0 3px {_BRAND}}}to{{box-shadow:0 0 0 3px transparent}}}}

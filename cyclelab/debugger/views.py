@@ -149,7 +149,7 @@ def _esc(token: str) -> str:
 
 def _panel(title: str, body: str, key: str = "", cls: str = "") -> str:
     """A panel: its title as a heading, a one-line key to its notation (if any), then ``body``."""
-    key = f"<p class='cld-key'>{key}</p>" if key else ""
+    key = f"<p class='cld-key' title='{html.escape(key)}'>{key}</p>" if key else ""
     return f"<div class='cld{cls}'><h3 class='cld-h'>{html.escape(title)}</h3>{key}{body}</div>"
 
 

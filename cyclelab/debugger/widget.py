@@ -255,7 +255,9 @@ class DebuggerUI:
         v["status"].value = render_status("", "", state.notes)
         v["counter"].value = f"cycle {state.cycle}"
         v["message"].value = render_status(state.message, "", [])
-        self.inspect.titles = tuple(f"{t} •" if n in changed else t for n, t in zip(INSPECT_VIEWS, INSPECT))
+        titles = tuple(f"{t} •" if n in changed else t for n, t in zip(INSPECT_VIEWS, INSPECT))
+        if titles != self.inspect.titles:  # one message fewer per click when nothing new is marked
+            self.inspect.titles = titles
         v["error"].value = f"⚠ {state.error}" if state.error else ""
         self._syncing = True
         try:
