@@ -80,6 +80,51 @@ CLICK_TO_PANEL = """async ([root, n]) => {
 }"""
 
 
+# Where the loop a learner repeats sits on the page: the pipeline, the moves, the candidates and the text so far.
+ESSENTIAL = """(root) => {
+    const box = e => e && e.getBoundingClientRect();
+    const button = name => [...root.querySelectorAll('button')].find(b => b.textContent.trim() === name);
+    const panel = h => [...root.querySelectorAll('.cld-panel')].find(p => p.querySelector('h3')?.textContent.startsWith(h));
+    const found = {pipeline: box(root.querySelector('.cld-strip')), 'Next token': box(button('Next token')),
+                   Choose: box(button('Choose')), Output: box(panel('Output')), 'Text so far': box(panel('Text so far'))};
+    return {viewport: innerHeight, found: Object.fromEntries(Object.entries(found).map(([k, r]) => [k, r && [r.top, r.bottom]]))};
+}"""
+# The WCAG contrast ratio of each element's computed text colour on its computed (blended) background.
+CONTRAST = """(elements) => {
+    const parse = c => {
+        let m = c.match(/^rgba?\\(([^)]+)\\)/);
+        if (m) { const p = m[1].split(/[ ,\\/]+/).filter(Boolean).map(Number); return [p[0], p[1], p[2], p.length > 3 ? p[3] : 1]; }
+        m = c.match(/^color\\(srgb ([^)]+)\\)/);
+        if (m) { const p = m[1].split(/[ \\/]+/).filter(Boolean).map(Number); return [p[0] * 255, p[1] * 255, p[2] * 255, p.length > 3 ? p[3] : 1]; }
+        throw new Error('cannot read the colour ' + c);
+    };
+    const over = (t, b) => [0, 1, 2].map(k => t[3] * t[k] + (1 - t[3]) * b[k]).concat([1]);
+    const lum = c => {
+        const l = [0, 1, 2].map(k => { const v = c[k] / 255; return v <= 0.04045 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
+        return 0.2126 * l[0] + 0.7152 * l[1] + 0.0722 * l[2];
+    };
+    const background = el => {
+        const layers = [];
+        for (let e = el; e; e = e.parentElement) {
+            const c = parse(getComputedStyle(e).backgroundColor);
+            if (c[3] > 0) { layers.push(c); if (c[3] >= 1) break; }
+        }
+        return layers.reverse().reduce((b, c) => over(c, b), [255, 255, 255, 1]);
+    };
+    return elements.map(el => {
+        const b = background(el), f = over(parse(getComputedStyle(el).color), b), x = lum(f), y = lum(b);
+        return (Math.max(x, y) + 0.05) / (Math.min(x, y) + 0.05);
+    });
+}"""
+CONTRAST_OF = {  # what a learner reads while stepping, by CSS selector inside the widget
+    "status line": "[role=status]",
+    "candidate labels": ".cld-panel .cld-t td",
+    "lit stage": ".cld-on",
+    "panel keys": ".cld-key",
+    "text so far": ".cld-prose .cld-sh",
+}
+
+
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory) -> Iterator:
     """One headless Chromium for the module (skipped, saying why, without Chromium or Playwright)."""
@@ -124,9 +169,9 @@ def share_kernel(server: Lab, source: str, target: str) -> None:
         urllib.request.urlopen(request, timeout=10).close()
 
 
-def open_debugger(browser, url: str, width: int):
+def open_debugger(browser, url: str, width: int, height: int = 2200):
     """A page at ``url`` with its notebook run; returns (page, widget root, counter)."""
-    page = browser.new_page(viewport={"width": width, "height": 2200})
+    page = browser.new_page(viewport={"width": width, "height": height})
     page.set_default_timeout(TIMEOUT_MS)
     page.goto(url)
     page.wait_for_function(KERNEL_READY)
@@ -158,6 +203,31 @@ def set_theme(page, dark: bool) -> None:
     page.evaluate(f"window.jupyterapp.commands.execute('apputils:change-theme', {{theme: '{theme}'}})")
     page.wait_for_function(f"document.body.dataset.jpThemeLight === '{str(not dark).lower()}'")
     page.wait_for_timeout(300)  # the new theme's stylesheet applies
+
+
+def low_contrast(page, root, where: str) -> list[str]:
+    """Each group of CONTRAST_OF whose weakest element is under 4.5:1 (or that is not on the page)."""
+    problems = []
+    for name, selector in CONTRAST_OF.items():
+        ratios = page.evaluate(CONTRAST, root.locator(selector).element_handles())
+        if not ratios or min(ratios) < 4.5:
+            problems.append(f"{where}: {name}: {min(ratios, default=0):.2f}:1 (of {len(ratios)})")
+    return problems
+
+
+def out_of_view(page, root, where: str) -> list[str]:
+    """Each element of the loop a learner repeats that is not wholly within the first screen."""
+    page.evaluate("document.querySelectorAll('.jp-WindowedPanel-outer').forEach(e => e.scrollTop = 0)")
+    seen = page.evaluate(ESSENTIAL, root.element_handle())
+    return [
+        f"{where}: {name} at {box} (screen: {seen['viewport']} px)"
+        for name, box in seen["found"].items()
+        if box is None or box[0] < 0 or box[1] > seen["viewport"]
+    ]
+
+
+def height(root) -> float:
+    return root.evaluate("r => r.getBoundingClientRect().height")
 
 
 def look_everywhere(page, root, stage: str, name: str, dark_too: bool) -> list[str]:
@@ -212,12 +282,29 @@ def test_lab_layout_themes_branch_and_latency(browser, server: Lab, tiny_engine)
     base = tiny_engine.generate(PROMPT, 4, stop_at_eos=False)
     runner_up = base.records[2].top[1][0]
     branched = tiny_engine.branch(base, at_cycle=2, token=runner_up, max_new_tokens=4)
-    page, root, counter = open_debugger(browser, server.page("lab/tree/lab.ipynb"), WIDTHS[-1])
+    page, root, counter = open_debugger(browser, server.page("lab/tree/lab.ipynb"), WIDTHS[0], 768)
     try:
-        page.evaluate("window.jupyterapp.shell.collapseLeft()")
+        # a learner's first screen: 1024 x 768 with the file browser open (Lab's default), then 1400 px
+        assert page.evaluate("window.jupyterapp.shell.leftCollapsed") is False
+        expect(root.get_by_role("button", name="Choose", exact=True)).to_be_disabled()  # no candidates yet
+        heights, problems = [height(root)], []
         for n in range(1, 4):
             click(root, "Next token", counter, n)
-        text = root.locator(".widget-html-content div[style*='pre-wrap']")
+            heights.append(height(root))
+        assert max(heights) - min(heights) <= 8, heights  # stepping never moves the tabs below
+        for dark in (False, True):
+            set_theme(page, dark)
+            for width in WIDTHS:
+                page.set_viewport_size({"width": width, "height": 768})
+                where = f"{'dark' if dark else 'light'}, {width} px, file browser open"
+                problems += out_of_view(page, root, where) + low_contrast(page, root, where)
+                ARTIFACTS.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(ARTIFACTS / f"first-screen-{'dark' if dark else 'light'}-{width}.png"))
+        assert problems == []
+        set_theme(page, False)
+        page.set_viewport_size({"width": WIDTHS[-1], "height": 2200})
+        page.evaluate("window.jupyterapp.shell.collapseLeft()")
+        text = root.locator(".cld-prose div[style*='pre-wrap']")
         assert collapsed(text.inner_text()) == shown(PROMPT + "".join(texts(base)[:3]))
         every = os.environ.get("CYCLELAB_DOCS_SCREENSHOTS") == "1"  # the docs want both themes at each stage
         problems = look_everywhere(page, root, "after three tokens", "debugger", dark_too=every)
@@ -245,13 +332,15 @@ def test_notebook7_runs_the_debugger(browser, server: Lab, tiny_engine) -> None:
     """The same widget in Jupyter Notebook 7: Next token works and nothing is cut at 1024 px."""
     pytest.importorskip("notebook", minversion="7", reason="Jupyter Notebook 7 is not installed (dev extra)")
     base = tiny_engine.generate(PROMPT, 2, stop_at_eos=False)
-    page, root, counter = open_debugger(browser, server.page("notebooks/nb7.ipynb"), WIDTHS[0])
+    page, root, counter = open_debugger(browser, server.page("notebooks/nb7.ipynb"), WIDTHS[0], 768)
     try:
         click(root, "Next token", counter, 1)
         click(root, "Next token", counter, 2)
-        text = root.locator(".widget-html-content div[style*='pre-wrap']")
+        text = root.locator(".cld-prose div[style*='pre-wrap']")
         assert collapsed(text.inner_text()) == shown(PROMPT + "".join(texts(base)))
-        assert cut_text(page, root, "Notebook 7, 1024 px") == []
+        problems = out_of_view(page, root, "Notebook 7, 1024 x 768") + low_contrast(page, root, "Notebook 7, light")
+        page.set_viewport_size({"width": WIDTHS[0], "height": 2200})
+        assert problems + cut_text(page, root, "Notebook 7, 1024 px") == []
     finally:
         page.close()
 
@@ -280,7 +369,7 @@ def test_replay_page_steps_offline_like_the_debugger(browser, tiny_engine, tmp_p
     dbg.choose(1)
     dbg.run_to(8)
     path = dbg.export_html(tmp_path / "replay.html")
-    context = browser.new_context(offline=True, viewport={"width": 390, "height": 2400})  # a phone's width
+    context = browser.new_context(offline=True, viewport={"width": 390, "height": 844})  # a phone
     asked = []
     context.route(
         "**/*",
@@ -293,7 +382,7 @@ def test_replay_page_steps_offline_like_the_debugger(browser, tiny_engine, tmp_p
     try:
         page.goto(path.as_uri())
         expect = browser_api().expect
-        counter, text = page.locator("#counter"), page.locator("#v-text div[style*='pre-wrap']")
+        counter, text = page.locator("#counter"), page.locator("#v-text .cld-prose div[style*='pre-wrap']")
         expect(counter).to_have_text("cycle 0")
         steps = [("#next", k) for k in range(1, 9)] + [("#next", 8), ("#back", 7), ("#back", 6)]  # the end holds
         for button, k in steps:
@@ -307,5 +396,28 @@ def test_replay_page_steps_offline_like_the_debugger(browser, tiny_engine, tmp_p
         ]
         assert all(url.startswith("file:") for url in asked), asked
         assert page.evaluate("document.scrollingElement.scrollWidth <= document.scrollingElement.clientWidth")
+        panels = page.locator(".cld-grid > .cld-panel").evaluate_all(  # a wide table scrolls inside its panel
+            "ps => ps.map(p => [p.id, getComputedStyle(p).overflowX, p.getBoundingClientRect().right])"
+        )
+        assert [p for p in panels if p[1] != "auto" or p[2] > 390] == [], panels
+        page.locator("#slider").focus()  # one key press on the focused slider: one cycle
+        page.keyboard.press("ArrowLeft")
+        expect(counter).to_have_text("cycle 5")
+        page.keyboard.press("ArrowRight")
+        expect(counter).to_have_text("cycle 6")
+        page.locator("#back").click()
+        page.locator("#back").click()
+        expect(counter).to_have_text("cycle 4")  # before the fork: Branches shows no token from after it
+        shown_cycles = [
+            int(t.split()[0][1:])
+            for t in page.locator("#v-branches [title^='#']").evaluate_all("chips => chips.map(c => c.title)")
+        ]
+        assert all(k < 4 for k in shown_cycles), shown_cycles
+        page.evaluate("window.scrollTo(0, document.body.scrollHeight)")  # scrolled down, Back/Next stay at hand
+        for button in ("#back", "#next"):
+            top, bottom = page.locator(button).evaluate(
+                "b => [b.getBoundingClientRect().top, b.getBoundingClientRect().bottom]"
+            )
+            assert 0 <= top and bottom <= 844, (button, top, bottom)
     finally:
         context.close()

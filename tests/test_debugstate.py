@@ -97,8 +97,8 @@ def test_choose_forces_a_token_keeps_the_cycle_and_counts_the_re_read_apart(engi
     assert s.message == f"cycle 7: {chosen_words(s.chosen)}; the old timeline is branch 0"
     assert re.fullmatch(r"forced \S+ \(p \d\.\d{3}\) instead of \S+", chosen_words(s.chosen))
     assert s.prefill == before.prefill and s.reread.flops > 0  # the branch's re-read is not prefill
-    pipeline = to_text(render_all(s)["pipeline"])
-    assert "re-read: " in pipeline and "re-read (a branch restarts" in pipeline
+    views = render_all(s)
+    assert "re-read: " in to_text(views["pipeline"]) and "re-read (a branch restarts" in to_text(views["cost"])
     assert {"output", "sampler", "text", "branches", "status"} <= s.changed
     dbg.next()
     agree(dbg, "greedy")

@@ -65,7 +65,9 @@ def percent(element: dict, prop: str = "width") -> float:
 
 
 def alpha(element: dict) -> float:
-    return float(re.search(r"rgba\([\d,]+,([\d.]+)\)", element["style"]).group(1))
+    """The strength of an element's probability shade (``--s``, 0 to 1; the stylesheet tints by it)."""
+    assert "cld-sh" in element["class"].split()
+    return float(re.search(r"--s:([\d.]+)", element["style"]).group(1))
 
 
 def record(cycle: int, token: str, prob: float, token_id: int | None = None, forced: bool = False) -> CycleRecord:
@@ -275,7 +277,9 @@ def test_replay_page_escapes_a_closing_script_tag_inside_a_view():
     "given,error",
     [
         pytest.param([], "no frames to replay", id="no-frames"),
-        pytest.param([{"pipeline": "x"}], r"frames lack the view\(s\) \['branches', 'memory'", id="views-missing"),
+        pytest.param(
+            [{"pipeline": "x"}], r"frames lack the view\(s\) \['branches', 'cost', 'memory'", id="views-missing"
+        ),
     ],
 )
 def test_replay_page_bad_input(given, error):

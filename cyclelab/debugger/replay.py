@@ -10,41 +10,25 @@ from __future__ import annotations
 import html
 import json
 
+from cyclelab.debugger.style import THEMES
 from cyclelab.debugger.views import STYLE
 
-PANELS = ("output", "sampler", "text", "branches", "registers", "memory")
+PANELS = ("output", "text", "sampler", "branches", "registers", "memory", "cost")
 VIEWS = ("pipeline", "status") + PANELS
-_LIGHT = {
-    "ui-font-color1": "#212121",
-    "ui-font-color2": "#616161",
-    "ui-font-color3": "#9e9e9e",
-    "layout-color1": "#ffffff",
-    "layout-color2": "#eeeeee",
-    "border-color2": "#e0e0e0",
-    "brand-color1": "#1976d2",
-    "error-color1": "#d32f2f",
-}
-_DARK = {
-    "ui-font-color1": "#e0e0e0",
-    "ui-font-color2": "#bdbdbd",
-    "ui-font-color3": "#8a8a8a",
-    "layout-color1": "#111111",
-    "layout-color2": "#2a2a2a",
-    "border-color2": "#3a3a3a",
-    "brand-color1": "#64b5f6",
-    "error-color1": "#ef5350",
-}
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>{title}</title>
 <style>:root{{{light}}} @media (prefers-color-scheme:dark){{:root{{{dark}}}}}
-body{{background:var(--jp-layout-color1);margin:10px}}
-.cld-grid{{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(380px,100%),1fr));gap:8px;margin-top:8px}}
-.cld-controls{{display:flex;flex-wrap:wrap;gap:6px;align-items:center;margin:6px 0}}
-.cld-controls button{{font:inherit;padding:4px 10px;color:var(--jp-ui-font-color1);background:var(--jp-layout-color2);
-border:1px solid var(--jp-border-color2);border-radius:4px}}</style>
+body{{background:var(--jp-layout-color0);margin:0 10px 10px}}
+.cld-grid{{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(420px,100%),1fr));gap:8px;margin-top:8px}}
+.cld-grid>.cld-panel{{overflow-x:auto;max-width:100%}}
+.cld-controls{{position:sticky;top:0;z-index:1;background:var(--jp-layout-color0);display:flex;flex-wrap:wrap;
+gap:6px;align-items:center;padding:6px 0;border-bottom:1px solid var(--jp-border-color1)}}
+.cld-controls button{{font:inherit;padding:6px 12px;min-height:36px;color:var(--jp-ui-font-color1);
+background:var(--jp-layout-color2);border:1px solid var(--jp-border-color1);border-radius:4px}}
+.cld-controls input{{flex:1 1 120px;min-width:0}}</style>
 {style}</head>
-<body class="cld"><div class="cld-h">{title}</div>
+<body class="cld cld-auto"><h1 class="cld-h" style="margin-top:10px">{title}</h1>
 <div id="v-pipeline"></div>
 <div class="cld-controls"><button id="back" type="button">◀ Back cycle</button>
 <button id="next" type="button">Next token ▶</button><b id="counter">cycle 0</b>
@@ -69,6 +53,7 @@ border:1px solid var(--jp-border-color2);border-radius:4px}}</style>
   document.getElementById("back").onclick = () => show(k - 1);
   slider.oninput = () => show(Number(slider.value));
   document.addEventListener("keydown", e => {{
+    if (e.target === slider) return;  // the slider moves itself (its input event shows the cycle)
     if (e.key === "ArrowRight") show(k + 1);
     if (e.key === "ArrowLeft") show(k - 1);
   }});
@@ -97,8 +82,8 @@ def replay_page(frames: list[dict[str, str]], title: str) -> str:
     panels = "".join(f'<div class="cld-panel" id="v-{name}"></div>' for name in PANELS)
     return _PAGE.format(
         title=html.escape(title),
-        light=_variables(_LIGHT),
-        dark=_variables(_DARK),
+        light=_variables(THEMES["light"]),
+        dark=_variables(THEMES["dark"]),
         style=STYLE,
         panels=panels,
         data=data,

@@ -17,6 +17,7 @@ from cyclelab.debugger.views import State, render_all, to_text
 _WORDS = r"(?:shade|shaded|dotted|darker|lighter|grey|greyed|blue|red|orange|outlined|colou?r)"
 _VISUAL = re.compile(rf"^\W*{_WORDS}\b[^=]*=", re.I)
 _VISUAL_ASIDE = re.compile(rf"\s*\([^()=]*\b{_WORDS}\b[^()=]*=[^()]*\)|[■▇█]\s?", re.I)
+_KEY_LINE = re.compile(r"<p class='cld-key'[^>]*>.*?</p>", re.S)  # a panel's key: TEXT_KEY stands for them all
 TEXT_KEY = (
     "key: cycle N = the N-th token's cycle (cycle 1 reads the prompt); "
     "p = probability after the sampler's settings (what the token was drawn from); "
@@ -40,8 +41,8 @@ def render_text(state: State) -> str:
     """The whole debugger as plain text (text mode): the same views without the pictures' keys, and one
     key line for the notation they use."""
     views = render_all(state)
-    order = ["pipeline", "status", "text", "output", "sampler", "registers", "memory", "branches"]
+    order = ["pipeline", "cost", "status", "text", "output", "sampler", "registers", "memory", "branches"]
     done = state.cycle if state.done is None else state.done
     head = f"cycle {state.cycle} of {state.max_cycles} · {done} tokens written · model {state.model}"
-    blocks = [plain(to_text(views[k])) for k in order]
+    blocks = [plain(to_text(_KEY_LINE.sub("", views[k]))) for k in order]
     return "\n\n".join([head] + [b for b in blocks if b] + [TEXT_KEY])

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 from cyclelab.core.events import Cost, CycleRecord, Stage, show_token
 from cyclelab.debugger.shading import STAGE_COLOURS
+from cyclelab.debugger.style import STAGE_TEXT, shade
+from cyclelab.debugger.style import STYLE as STYLE  # re-exported: the views and their stylesheet
 
 
 @dataclass(frozen=True)
@@ -142,50 +144,12 @@ class State:
     changed: frozenset[str] = frozenset()  # views (names as in render_all) that differ from before the last command
 
 
-# ------------------------------------------------------------------ look
-
-_FG, _FG2 = "var(--jp-ui-font-color1,#212121)", "var(--jp-ui-font-color2,#616161)"
-_BG2, _LINE = "var(--jp-layout-color2,#eeeeee)", "var(--jp-border-color2,#e0e0e0)"
-_BRAND, _GREY = "var(--jp-brand-color1,#1976d2)", "var(--jp-ui-font-color3,#9e9e9e)"
-STYLE = f"""<style>
-.cld{{color:{_FG};font-family:var(--jp-ui-font-family,system-ui,sans-serif);font-size:12px;line-height:1.4;min-width:0}}
-.cld-h{{font-weight:600;font-size:13px;margin:0 0 4px}}
-.cld-dim{{color:{_FG2}}} .cld-err{{color:var(--jp-error-color1,#d32f2f)}}
-.cld-tok{{font-family:var(--jp-code-font-family,monospace);white-space:pre}}
-.cld-strip{{display:flex;flex-wrap:nowrap;align-items:center;gap:4px;white-space:nowrap;overflow:hidden}}
-.cld-box{{flex:0 1 auto;min-width:0;overflow:hidden;text-overflow:ellipsis;padding:2px 7px;border-radius:4px;
- background:{_BG2};color:{_FG}}}
-.cld-box.cld-on{{color:#fff;font-weight:600}}
-.cld-t{{border-collapse:collapse}} .cld-t th{{text-align:left;font-weight:normal;color:{_FG2};padding:0 5px}}
-.cld-t td{{padding:1px 5px;white-space:nowrap}}
-.cld-bar{{display:inline-block;height:9px;border-radius:2px;background:{_BRAND};vertical-align:middle;margin-right:4px}}
-.cld-bar.cld-raw{{background:{_GREY}}}
-.cld-stack{{display:flex;height:16px;width:100%;background:{_BG2};border-radius:3px;overflow:hidden;margin:1px 0 5px}}
-.cld-seg{{flex:0 0 auto;overflow:hidden;border-right:1px solid var(--jp-layout-color1,#fff);background:{_BRAND};
- color:{_FG};font-size:11px;line-height:16px;padding-left:2px;white-space:pre}}
-.cld-seg::after,.cld-kv::before,.cld-u::after{{content:attr(data-t)}}
-.cld-seg.cld-gone{{background:{_GREY};opacity:.45;color:{_FG};text-decoration:line-through}}
-.cld-cum{{position:relative;height:16px;background:{_BG2};border-radius:3px;margin:14px 0 4px}}
-.cld-slice{{position:absolute;top:0;bottom:0;min-width:2px;background:{_BRAND}}}
-.cld-u{{position:absolute;top:-3px;bottom:-3px;width:2px;background:var(--jp-error-color1,#d32f2f)}}
-.cld-u::after{{position:absolute;top:-14px;left:-3px;font-size:10px;color:var(--jp-error-color1,#d32f2f)}}
-.cld-kv{{display:flex;align-items:center;gap:4px;height:8px;margin:1px 0;font-size:9px;color:{_FG2}}}
-.cld-kv::before{{flex:0 0 26px;text-align:right}}
-.cld-kv>span{{height:6px;min-width:1px;background:#DD8452;border-radius:1px}}
-.cld-chip{{display:inline-block;padding:1px 4px;margin:1px;border-radius:3px;border:1px solid transparent}}
-.cld-fork{{border-color:var(--jp-error-color1,#d32f2f)}}
-.cld-t .cld-chip{{max-width:10em;overflow:hidden;text-overflow:ellipsis;vertical-align:middle}}
-.cld-panel{{border:1px solid {_LINE};border-radius:4px;padding:6px;overflow:hidden}}
-.cld-wrap,.cld-wrap .widget-label{{white-space:normal !important;overflow:visible !important;
- height:auto !important}}
-.cld-lanes{{display:inline-table;vertical-align:top;margin:0 8px 4px 0}} .cld-lanes td{{padding:0 1px}}
-</style>"""
-# Translucent fixed hues: they shade the theme's own background, light or dark.
-_BLUE, _ORANGE = "33,150,243", "221,132,82"
+# ------------------------------------------------------------------ look (the stylesheet: style.py)
 
 
-def _shade(p: float, hue: str = _BLUE) -> str:
-    return f"background:rgba({hue},{0.08 + 0.72 * max(0.0, min(1.0, p)):.2f})"
+def _shade(p: float, hue: str = "blue") -> str:
+    """The style shading a ``cld-sh`` element by ``p`` (see :func:`cyclelab.debugger.style.shade`)."""
+    return shade(p, hue)
 
 
 def _pct(x: float) -> str:
@@ -212,8 +176,28 @@ def _esc(token: str) -> str:
     return html.escape(show_token(token))
 
 
-def _panel(title: str, body: str) -> str:
-    return f"<div class='cld'><div class='cld-h'>{html.escape(title)}</div>{body}</div>"
+def _panel(title: str, body: str, key: str = "", cls: str = "") -> str:
+    """A panel: its title as a heading, a one-line key to its notation (if any), then ``body``."""
+    key = f"<p class='cld-key' title='{html.escape(key)}'>{key}</p>" if key else ""
+    return f"<div class='cld{cls}'><h3 class='cld-h'>{html.escape(title)}</h3>{key}{body}</div>"
+
+
+# One-line keys to each panel's notation (shown under its title).
+KEYS = {
+    "registers": "‖x‖ = length (norm) of the layer's output vector · top-k = the tokens it would predict now, "
+    "stronger blue = likelier · ↻ = top-1 changed from the layer below",
+    "memory": "each layer keeps a key and a value per position · chips: how much the current token reads each "
+    "earlier one, stronger orange = more weight",
+    "output": "model p = softmax of the raw scores (grey bar) · p = after the sampler's settings (blue bar), "
+    "what the token is drawn from",
+    "sampler": "each row: the tokens a step keeps (struck through: removed) · T = temperature · u = the random "
+    "number the draw compares with the running total of p",
+    "text": "stronger blue = likelier when chosen (log scale: 1% none, 10% half, 100% full) · dotted underline = "
+    "part of a UTF-8 character",
+    "cost": "ms = milliseconds on this machine · FLOP = arithmetic operations counted · B = bytes of weights "
+    "and cache read and written",
+    "branches": "now = this timeline · red outline = the first token that differs",
+}
 
 
 def _note(text: str) -> str:
@@ -241,14 +225,15 @@ def _bar(p: float, width: int = 70, raw: bool = False) -> str:
 
 def render_pipeline(state: State) -> str:
     """The strip FETCH → READ → EXECUTE → WRITEBACK (never wrapping) with the current stage and op lit,
-    the cost counters, and a stacked bar of the time spent in prefill, re-reads (after a branch) and decode."""
+    one line of where the run is, and a stacked bar of the time spent in prefill, re-reads (after a branch)
+    and decode."""
     boxes = []
     for stage in Stage:
         if stage == state.stage:
             where = f" L{state.layer}" if state.layer is not None else ""
             op = f" · {html.escape(state.op)}" if state.op else ""
             boxes.append(
-                f"<span class='cld-box cld-on' style='background:{STAGE_COLOURS[stage]}'>"
+                f"<span class='cld-box cld-on' style='background:{STAGE_COLOURS[stage]};color:{STAGE_TEXT[stage]}'>"
                 f"▶ {stage.value}{where}{op}</span>"
             )
         else:
@@ -260,6 +245,24 @@ def render_pipeline(state: State) -> str:
         kind = " · decode: 1 token in"
         if state.n_inputs > 1:
             kind = f" · {'prefill' if state.cycle <= 1 else 're-read'}: {state.n_inputs} tokens in"
+    total = state.total.seconds or 1.0
+    segments = "".join(
+        f"<span class='cld-seg' style='width:{_pct(cost.seconds / total)};background:{colour}'></span>"
+        for _, cost, colour in _cost_parts(state)
+    )
+    stack = (
+        f"<div class='cld-stack' style='width:160px;height:10px;display:inline-flex;margin:0 0 0 8px' "
+        f"title='time so far: prefill (blue), re-read after a branch (purple), decode (green)'>{segments}</div>"
+    )
+    return (
+        f"<div class='cld'><div class='cld-strip'>{'<span> → </span>'.join(boxes)}</div>"
+        f"<div class='cld-line'>cycle {state.cycle} of {state.max_cycles} · {done} tokens written{kind} · "
+        f"op <b>{op}</b>{stack}</div></div>"
+    )
+
+
+def _cost_parts(state: State) -> list[tuple[str, Cost, str]]:
+    """The total split into prefill, re-reads (after a branch; only when there were any) and decode."""
     decode = Cost(
         state.total.seconds - state.prefill.seconds - state.reread.seconds,
         state.total.flops - state.prefill.flops - state.reread.flops,
@@ -269,25 +272,22 @@ def render_pipeline(state: State) -> str:
     if state.reread.flops or state.reread.seconds:
         parts.append(("re-read (a branch restarts: prompt and tokens so far read again)", state.reread, "#8172B3"))
     parts.append(("decode (one token per cycle)", decode, "#55A868"))
-    total = state.total.seconds or 1.0
-    stack = (
-        "<div class='cld-stack' style='width:240px;height:10px' title='time: prefill, re-read and decode'>"
-        + "".join(
-            f"<span class='cld-seg' style='width:{_pct(cost.seconds / total)};background:{colour}'></span>"
-            for _, cost, colour in parts
-        )
-        + "</div>"
-    )
+    return parts
+
+
+def render_cost(state: State) -> str:
+    """The cost counters: this op, this cycle, the total, and the total split into prefill, re-read and decode."""
+    op = html.escape(state.op) if state.op else "(not started)"
     lines = "".join(
-        f"<br><span style='color:{colour}'>■</span> {name}: {cost_text(cost)}" for name, cost, colour in parts
+        f"<div><span style='color:{colour}'>■</span> {name}: {cost_text(cost)}</div>"
+        for name, cost, colour in _cost_parts(state)
     )
-    return (
-        f"<div class='cld'><div class='cld-strip'>{'<span> → </span>'.join(boxes)}</div>"
-        f"<div>op <b>{op}</b>: {cost_text(state.this_op)}<br>"
-        f"cycle {state.cycle} of {state.max_cycles} · {done} tokens written{kind}</div>"
-        f"<div class='cld-dim'>this cycle so far: {cost_text(state.this_cycle)}<br>"
-        f"total: {cost_text(state.total)}{lines}</div>"
-        f"{stack}</div>"
+    return _panel(
+        "Cost: time, arithmetic and memory traffic",
+        f"<div>op <b>{op}</b>: {cost_text(state.this_op)}</div>"
+        f"<div>this cycle so far: {cost_text(state.this_cycle)}</div>"
+        f"<div>total: {cost_text(state.total)}</div>{lines}",
+        KEYS["cost"],
     )
 
 
@@ -296,20 +296,20 @@ def render_registers(registers: list[Register]) -> str:
     layer whose top-1 differs from the layer below (where the model changes its mind)."""
     title = "Registers: logit lens of the residual stream after each layer"
     if not registers:
-        return _panel(title, _note("(no layer has run yet in this cycle)"))
+        return _panel(title, _note("(no layer has run yet in this cycle)"), KEYS["registers"])
     rows, below = [], None
     for r in registers:
         cells = [f"L{r.layer}", f"{r.norm:.1f}"]
         for k, (token, p) in enumerate(r.lens):
             mark = "↻ " if k == 0 and below is not None and token != below else ""
             cells.append(
-                f"<span class='cld-chip cld-tok' style='{_shade(p)}'>{mark}{_esc(token)}</span>"
+                f"<span class='cld-chip cld-tok cld-sh' style='{_shade(p)}'>{mark}{_esc(token)}</span>"
                 f" <span class='cld-dim'>{p:.3f}</span>"
             )
         below = r.lens[0][0] if r.lens else None
         rows.append(cells)
     header = ["layer", "‖x‖"] + [f"top-{k + 1}" for k in range(len(registers[0].lens))]
-    return _panel(title, _table(rows, header) + _note("shade = probability; ↻ = top-1 changed from the layer below"))
+    return _panel(title, _table(rows, header), KEYS["registers"])
 
 
 def _layer_groups(memory: list[CacheRow]) -> list[tuple[int, int, CacheRow]]:
@@ -347,15 +347,15 @@ def render_memory(memory: list[CacheRow], attention: Attention | None, max_posit
     else:
         parts.append(
             f"<div style='margin-top:6px'>layer {attention.layer}, head {attention.head}: "
-            "what the current token reads (darker = more weight)</div><div>"
+            "what the current token reads</div><div>"
         )
         parts += [
-            f"<span class='cld-chip cld-tok' style='{_shade(w, _ORANGE)}' title='{w:.4f}'>{_esc(token)}"
+            f"<span class='cld-chip cld-tok cld-sh' style='{_shade(w, 'orange')}' title='weight {w:.4f}'>{_esc(token)}"
             f" <sub>{w:.2f}</sub></span> "
             for token, w in zip(attention.tokens, attention.weights)
         ]
         parts.append("</div>")
-    return _panel(f"Memory: KV cache {human(total, 'B')} in {len(memory)} layers", "".join(parts))
+    return _panel(f"Memory: KV cache {human(total, 'B')} in {len(memory)} layers", "".join(parts), KEYS["memory"])
 
 
 def chosen_words(chosen: Chosen) -> str:
@@ -371,7 +371,7 @@ def render_output(output: Output | None, chosen: Chosen | None = None) -> str:
     """The top candidates as probability bars: the model's (grey) and after the sampler's settings (blue)."""
     title = "Output: next-token candidates"
     if output is None:
-        return _panel(title, _note("(no token chosen yet)"))
+        return _panel(title, _note("(no token chosen yet)"), KEYS["output"])
     after = {i: p for i, _, p in output.top}
     rows = []
     for rank, (i, text, p) in enumerate(output.raw_top):
@@ -390,7 +390,7 @@ def render_output(output: Output | None, chosen: Chosen | None = None) -> str:
             f"cycle {chosen.cycle}: {html.escape(chosen_words(chosen))}{pending} · id {chosen.token_id}"
             f" · model p {p_text(chosen.model_p)}"
         )
-    return _panel(title, _table(rows, ["rank", "token", "model p", "p"]) + f"<div>{line}</div>")
+    return _panel(title, _table(rows, ["rank", "token", "model p", "p"]) + f"<div>{line}</div>", KEYS["output"])
 
 
 def _stage_bar(cells: list[tuple[str, float | None]], before: list[tuple[str, float | None]] | None) -> str:
@@ -404,7 +404,7 @@ def _stage_bar(cells: list[tuple[str, float | None]], before: list[tuple[str, fl
             segs.append(f"<span class='cld-seg cld-gone' style='width:{_pct(was)}' data-t='{_esc(token)}'></span>")
         elif p:
             segs.append(
-                f"<span class='cld-seg' style='width:{_pct(p)};{_shade(p)}' data-t='{_esc(token)}' "
+                f"<span class='cld-seg cld-sh' style='width:{_pct(p)};{_shade(p)}' data-t='{_esc(token)}' "
                 f"title='{_esc(token)} p={p:.4f}'></span>"
             )
     gone = f"<div class='cld-dim'>removed here: {' '.join(removed)}</div>" if removed else ""
@@ -433,7 +433,7 @@ def render_sampler(
     title = f"Sampler pipeline ({sampling})" if sampling else "Sampler pipeline"
     after = f"<div class='cld-dim'>{html.escape(preview)}</div>" if preview else ""
     if not stages:
-        return _panel(title, _note("(no logits yet)") + after)
+        return _panel(title, _note("(no logits yet)") + after, KEYS["sampler"])
     rows, before = [], None
     for s in stages:
         had = f" (had p={s.mass:.3f})" if s.mass is not None and s.mass < 0.9995 else ""
@@ -443,7 +443,7 @@ def render_sampler(
         )
         before = s.cells or before
     if draw is None:
-        return _panel(title, "".join(rows) + after)
+        return _panel(title, "".join(rows) + after, KEYS["sampler"])
     p = "" if draw.p is None else f" (p {p_text(draw.p)})"
     if draw.u is None:
         pick = f"<div>greedy: argmax → <b class='cld-tok'>{_esc(draw.token)}</b>{p}</div>"
@@ -458,7 +458,7 @@ def render_sampler(
             f"<div>but cycle {chosen.cycle} {html.escape(chosen_words(chosen))}: "
             "the sampler's pick was overridden</div>"
         )
-    return _panel(title, "".join(rows) + pick + after)
+    return _panel(title, "".join(rows) + pick + after, KEYS["sampler"])
 
 
 def _visible(text: str) -> str:
@@ -477,11 +477,9 @@ def render_text_so_far(records: list[CycleRecord], prompt: str = "") -> str:
             + (" (partial UTF-8 character)" if partial else "")
             + (" forced" if r.forced else "")
         )
-        spans.append(f"<span title='{tip}' style='{_shade(r.prob)};{border}'>{_visible(r.token)}</span>")
-    legend = _note("shade = probability of the token when chosen; dotted = partial UTF-8")
-    return _panel(
-        "Text so far", f"<div style='white-space:pre-wrap;font-family:monospace'>{''.join(spans)}</div>" + legend
-    )
+        spans.append(f"<span title='{tip}' class='cld-sh' style='{_shade(r.prob)};{border}'>{_visible(r.token)}</span>")
+    prose = f"<div class='cld-prose'><div style='white-space:pre-wrap'>{''.join(spans)}</div></div>"
+    return _panel("Text so far", prose, KEYS["text"], " cld-fill")
 
 
 def _fork(a: list[CycleRecord], b: list[CycleRecord]) -> tuple[int, int]:
@@ -497,7 +495,7 @@ def _chip(r: CycleRecord | None, split: int) -> str:
         return "<span class='cld-chip'>&nbsp;</span>"
     mark = " cld-fork" if r.cycle == split else ""
     tip = f"#{r.cycle} p={r.prob:.3f}" + (" forced" if r.forced else "") + (" first divergence" if mark else "")
-    return f"<span class='cld-chip cld-tok{mark}' style='{_shade(r.prob)}' title='{tip}'>{_esc(r.token)}</span>"
+    return f"<span class='cld-chip cld-tok cld-sh{mark}' style='{_shade(r.prob)}' title='{tip}'>{_esc(r.token)}</span>"
 
 
 def _lanes(timeline: list[CycleRecord], old: list[CycleRecord], index: int, cycles: range, split: int) -> str:
@@ -515,7 +513,7 @@ def render_branches(timeline: list[CycleRecord], branches: list[list[CycleRecord
     cycles that wrap), tokens shaded by probability; the first token that differs is outlined in red."""
     title = "Branches side by side"
     if not branches:
-        return _panel(title, _note("(no branch yet: Choose another token or Ablate a head)"))
+        return _panel(title, _note("(no branch yet: Choose another token or Ablate a head)"), KEYS["branches"])
     parts = []
     for index, old in list(enumerate(branches))[-3:]:
         fork, split = _fork(timeline, old)
@@ -531,7 +529,7 @@ def render_branches(timeline: list[CycleRecord], branches: list[list[CycleRecord
             f"<span class='cld-tok'>{html.escape(show_token(shared[-40:]))}</span> · {where}</div>"
             f"<div style='margin-bottom:6px'>{blocks}</div>"
         )
-    return _panel(title, "".join(parts))
+    return _panel(title, "".join(parts), KEYS["branches"])
 
 
 def render_status(message: str, error: str, notes: list[str]) -> str:
@@ -542,12 +540,12 @@ def render_status(message: str, error: str, notes: list[str]) -> str:
     if message:
         parts.append(f"<div>{html.escape(message)}</div>")
     parts += [f"<div class='cld-dim'>{html.escape(n)}</div>" for n in notes]
-    return f"<div class='cld'>{''.join(parts)}</div>" if parts else ""
+    return f"<div class='cld' role='status' aria-live='polite'>{''.join(parts)}</div>"
 
 
 # ------------------------------------------------------------------ text mode
 
-_BREAKS = re.compile(r"<br\s*/?>|</div>|</tr>|</table>", re.I)
+_BREAKS = re.compile(r"<br\s*/?>|</div>|</tr>|</table>|</h3>|</p>", re.I)
 _CELLS = re.compile(r"</t[dh]>", re.I)
 _TAGS = re.compile(r"<[^>]+>")
 
@@ -562,13 +560,16 @@ def to_text(markup: str) -> str:
 
 def render_all(state: State) -> dict[str, str]:
     """Every view of ``state`` as HTML, by name."""
+    written = state.cycle if state.done is None else state.done
     return {
         "pipeline": render_pipeline(state),
+        "cost": render_cost(state),
         "registers": render_registers(state.registers),
         "memory": render_memory(state.memory, state.attention, state.max_positions),
         "output": render_output(state.output, state.chosen),
         "sampler": render_sampler(state.sampler, state.draw, state.sampling, state.chosen, state.preview),
         "text": render_text_so_far(state.records, state.prompt),
-        "branches": render_branches(state.timeline, state.branches),
+        # only what is generated by this cycle: no token from after it (stepping back, or in a replay)
+        "branches": render_branches(state.timeline[:written], [b[:written] for b in state.branches]),
         "status": render_status(state.message, state.error, state.notes),
     }

@@ -10,10 +10,12 @@ and every control keeps its whole label (rows wrap instead of squeezing them).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import ipywidgets as w
+import torch
 
 from cyclelab.core.events import show_token
 from cyclelab.core.ops import OPS
@@ -105,69 +107,93 @@ class DebuggerUI:
 
         v = self.views = {name: w.HTML(layout=w.Layout(min_width="0")) for name in VIEWS}
         v["counter"] = w.Label("cycle 0", style={"font_weight": "bold"})
-        v["message"] = w.Label("")
+        v["message"] = w.HTML(layout=w.Layout(min_width="0", flex="1 1 300px"))  # role=status, aria-live
         v["error"] = w.Label("", style={"text_color": "var(--jp-error-color1, #c00)"})
         for name in ("message", "error"):
             v[name].add_class("cld-wrap")  # long messages wrap instead of being cut
+        c["Next token"].button_style = "primary"  # the one a learner presses most
+        if (dbg.watch_layer, dbg.watch_head) == (0, 0) and dbg.position < 0:
+            dbg.watch_layer, dbg.watch_head = previous_token_head(dbg.engine)
+        self._flash = 0  # alternates 0/1 so a panel changed twice in a row flashes twice
         self.box = self._layout()
         self.refresh()
 
     def _layout(self) -> w.VBox:
-        """Moves on top; the panels in a grid that reflows from one to three columns; settings in tabs."""
+        """The loop a learner repeats on top (pipeline, moves, status, candidates, text so far); the other
+        panels behind one row of tabs and the settings behind another, each of a fixed height."""
         c, v = self.controls, self.views
         row = lambda *names: _row([c[n] for n in names])  # noqa: E731
-        panels = w.GridBox(
+        main = w.GridBox(
             [
-                _panel(v["output"], row("candidates", "Choose")),
-                _panel(v["sampler"]),
-                _panel(v["text"], v["branches"], row("branch", "Switch to branch")),
-                _panel(v["registers"]),
-                _panel(v["memory"], row("watch layer", "watch head")),
+                _panel(v["output"], row("candidates", "Choose"), cls="cld-out"),
+                _panel(v["text"], cls="cld-text"),
             ],
-            layout=w.Layout(grid_template_columns="repeat(auto-fill, minmax(380px, 1fr))", grid_gap="8px"),
+            layout=w.Layout(grid_template_columns="repeat(auto-fit, minmax(min(420px, 100%), 1fr))", grid_gap="8px"),
         )
-        tabs = w.Tab(
+        main.add_class("cld-main")
+        self.inspect = w.Tab(
+            [
+                _panel(v["sampler"], cls="cld-tab"),
+                _panel(v["registers"], cls="cld-tab"),
+                _panel(v["memory"], row("watch layer", "watch head"), cls="cld-tab"),
+                _panel(v["branches"], row("branch", "Switch to branch"), cls="cld-tab"),
+                _panel(v["cost"], cls="cld-tab"),
+            ],
+            titles=INSPECT,
+        )
+        settings = w.Tab(
             [
                 row("sample", "temperature", "top-k", "top-p", "min-p", "seed", "repetition penalty"),
                 w.VBox(
                     [
-                        row(
-                            "break token",
-                            "Break on token",
-                            "break p",
-                            "Break below p",
-                            "break entropy",
-                            "Break above entropy",
-                        ),
-                        row(
-                            "break layer",
-                            "break op",
-                            "Break at op",
-                            "Break on lens change",
-                            "Break if not greedy",
-                            "Clear breakpoints",
-                        ),
+                        row("break token", "Break on token", "break p", "Break below p"),
+                        row("break entropy", "Break above entropy", "Break if not greedy", "Clear breakpoints"),
+                        row("break layer", "break op", "Break at op", "Break on lens change"),
                     ]
                 ),
                 row("ablate layer", "ablate head", "Ablate head", "Clear ablation"),
+                row("cycle n", "Run to cycle", "jump"),
                 row("export path", "Export", "Export HTML", "Check vs transformers"),
             ],
-            titles=("Sampler", "Breakpoints", "Ablation", "Save & check"),
+            titles=("Sampling", "Breakpoints", "Ablation", "Go to", "Save & check"),
         )
-        box = w.VBox(
+        moves = _row([c[n] for n in ("Next token", "Step", "Step layer", "Continue", "Back cycle", "Back", "Reset")])
+        box = DebuggerBox(
             [
                 w.HTML(STYLE),
                 v["pipeline"],
-                row(*self.MOVES, "cycle n", "Run to cycle", "jump"),
-                _row([v["counter"], v["message"], v["error"]]),
-                panels,
-                tabs,
+                _row([*moves.children, v["counter"]]),
+                _row([v["message"], v["error"]]),
+                main,
+                self.inspect,
+                settings,
                 v["status"],
             ],
             layout=w.Layout(min_width="0"),
         )
+        box.ui = self
         box.add_class("cld-root")
         return box
+
+    def _repr_mimebundle_(self, **kwargs) -> dict:
+        """The widget's view, a line of text and a still picture of the panels (no controls), so that a
+        notebook saved without its widget state shows what the debugger showed instead of a ``VBox(…)``."""
+        return self.box._repr_mimebundle_(**kwargs)
+
+    def picture(self) -> str:
+        """The panels of the current state as static HTML (with their stylesheet): no controls."""
+        try:
+            views = render_all(self.dbg.state())
+        except Exception as exc:  # the picture is a courtesy: never let it break the display
+            return f"<pre>{type(exc).__name__}: {exc}</pre>"
+        panels = "".join(
+            f"<div class='cld-panel'>{views[name]}</div>" for name in ("output", "text", "sampler") if views[name]
+        )
+        return (
+            f"{STYLE}<div class='cld-root cld-auto'>{views['pipeline']}{views['status']}"
+            f"<div style='display:grid;grid-template-columns:repeat(auto-fit,minmax(min(420px,100%),1fr));gap:8px'>"
+            f"{panels}</div></div>"
+        )
 
     def _button(self, name: str, action: Callable) -> w.Button:
         button = w.Button(description=name, layout=w.Layout(width="auto", flex="0 0 auto"))
@@ -222,11 +248,16 @@ class DebuggerUI:
         except Exception as exc:  # a view that cannot be drawn must not take the controls down with it
             v["error"].value = f"⚠ cannot draw the views: {type(exc).__name__}: {exc}"
             return
+        changed = set(getattr(state, "changed", ()))
+        self._flash = 1 - self._flash
         for name, markup in render_all(state).items():
-            v[name].value = markup
+            v[name].value = _flashing(markup, self._flash) if name in changed else markup
         v["status"].value = render_status("", "", state.notes)
         v["counter"].value = f"cycle {state.cycle}"
-        v["message"].value = state.message
+        v["message"].value = render_status(state.message, "", [])
+        titles = tuple(f"{t} •" if n in changed else t for n, t in zip(INSPECT_VIEWS, INSPECT))
+        if titles != self.inspect.titles:  # one message fewer per click when nothing new is marked
+            self.inspect.titles = titles
         v["error"].value = f"⚠ {state.error}" if state.error else ""
         self._syncing = True
         try:
@@ -244,6 +275,7 @@ class DebuggerUI:
             options = [(f"{r}: {show_token(t)} ({p:.3f})", r) for r, t, p in dbg.candidates()]
             c["candidates"].options = options
             c["candidates"].value = options[min(1, len(options) - 1)][1] if options else None  # the runner-up
+            c["Choose"].disabled = not options
             c["jump"].options = [("jump to…", -1), ("start", 0)] + [
                 (f"{r.cycle + 1}: {show_token(r.token)}", r.cycle + 1) for r in dbg.now.records()
             ]
@@ -251,12 +283,53 @@ class DebuggerUI:
             branches = [(f"{i}: {show_token(b.text[:40])}", i) for i, b in enumerate(dbg.branches)]
             c["branch"].options = branches
             c["branch"].value = branches[-1][1] if branches else None  # the latest
+            c["Switch to branch"].disabled = not branches
             c["watch layer"].value, c["watch head"].value = dbg.watch_layer, dbg.watch_head
         finally:
             self._syncing = False
 
 
-VIEWS = ("pipeline", "registers", "memory", "output", "sampler", "text", "branches", "status")
+VIEWS = ("pipeline", "cost", "registers", "memory", "output", "sampler", "text", "branches", "status")
+INSPECT_VIEWS = ("sampler", "registers", "memory", "branches", "cost")  # the panels behind tabs, in order
+INSPECT = ("Sampler", "Registers", "Memory", "Branches", "Cost")  # their tab titles (• when the last click changed it)
+
+
+class DebuggerBox(w.VBox):
+    """The widget's outer box: its display adds a line of text and a still picture of the panels."""
+
+    ui: DebuggerUI | None = None
+
+    def _repr_mimebundle_(self, **kwargs) -> dict:
+        data = super()._repr_mimebundle_(**kwargs) or {}
+        if self.ui is not None:
+            data["text/plain"] = f"Debugger for {self.ui.dbg.engine.loaded.name} — run this cell to start it"
+            data["text/html"] = self.ui.picture()
+        return data
+
+
+def _flashing(markup: str, parity: int) -> str:
+    """A view's HTML marked as changed by the last command (a brief highlight; two classes so it restarts)."""
+    return markup.replace("<div class='cld", f"<div class='cld-changed{parity} cld", 1)
+
+
+_PROBE = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak."
+_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def previous_token_head(engine) -> tuple[int, int]:
+    """The (layer, head) whose attention rests most on the token just before the query, measured once per
+    engine on a short probe text (position 0, where many heads park their attention, left out)."""
+    if engine not in _HEADS:
+        ids = engine.encode(_PROBE)
+        _, found = engine.run_with_cache(ids, names=lambda name: name.endswith("attn.hook_pattern"))
+        q = torch.arange(2, len(ids))
+        best = (-1.0, 0, 0)
+        for layer in range(engine.arch.n_layers):
+            scores = found[f"blocks.{layer}.attn.hook_pattern"][0][:, q, q - 1].mean(-1)
+            head = int(scores.argmax())
+            best = max(best, (float(scores[head]), layer, head))
+        _HEADS[engine] = best[1:]
+    return _HEADS[engine]
 
 
 def _fixed(width: int) -> dict:
@@ -269,9 +342,12 @@ def _row(children: list) -> w.HBox:
     return w.HBox(children, layout=w.Layout(flex_flow="row wrap", align_items="center"))
 
 
-def _panel(*children) -> w.VBox:
+def _panel(*children, cls: str = "") -> w.VBox:
+    """A bordered panel; ``cls`` one of the stylesheet's fixed heights (its content scrolls)."""
     box = w.VBox(list(children), layout=w.Layout(min_width="0"))
-    box.add_class("cld-panel")
+    for name in ("cld-panel", cls):
+        if name:
+            box.add_class(name)
     return box
 
 

@@ -46,8 +46,11 @@ GPT2_PATTERN_PARTS: tuple[tuple[str, str], ...] = (
     (r" ?\p{L}+", "a run of letters (any script), with at most one space in front"),
     (r" ?\p{N}+", "a run of digits, with at most one space in front"),
     (r" ?[^\s\p{L}\p{N}]+", "a run of other symbols (punctuation, emoji), with at most one space in front"),
-    (r"\s+(?!\S)", "whitespace not followed by a non-space: a run that ends the text, or a run before a word "
-     "less its last character"),
+    (
+        r"\s+(?!\S)",
+        "whitespace not followed by a non-space: a run that ends the text, or a run before a word "
+        "less its last character",
+    ),
     (r"\s+", "the whitespace character left right before a word that cannot take it (a newline, a tab)"),
 )
 #: The whole pattern, the same as ``tokenizers``' ``ByteLevel`` pre-tokenizer's.
