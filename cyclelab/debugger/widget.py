@@ -62,7 +62,7 @@ class DebuggerUI:
         c["Break on token"] = self._button(
             "Break on token", lambda: dbg.break_on_token(_token_arg(c["break token"].value))
         )
-        c["break p"] = w.FloatText(value=0.1, description="p <", **_fixed(140))
+        c["break p"] = w.FloatText(value=0.01, description="p <", **_fixed(140))
         c["Break below p"] = self._button("Break below p", lambda: dbg.break_below(c["break p"].value))
         c["break entropy"] = w.FloatText(value=3.0, description="entropy >", **_fixed(170))
         c["Break above entropy"] = self._button(
