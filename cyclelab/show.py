@@ -17,9 +17,12 @@ from pygments import highlight
 from pygments.formatters import HtmlFormatter
 from pygments.lexers import get_lexer_by_name
 
+# A light panel in either theme, with a highlighting style whose every colour reads at 4.5:1 or more on it
+# (WCAG AA; the theme's own editor background made pygments' light colours unreadable in dark mode).
+BACKGROUND, PYGMENTS_STYLE = "#ffffff", "xcode"
 _STYLE = (
-    "<style>.cyclelab-source .highlight pre{background:var(--jp-cell-editor-background,#f7f7f7);"
-    "color:var(--jp-content-font-color1,#111);padding:6px 10px;border-radius:4px;overflow-x:auto;"
+    f"<style>.cyclelab-source .highlight pre{{background:{BACKGROUND};"
+    "color:#111;padding:6px 10px;border-radius:4px;overflow-x:auto;border:1px solid #767676;"
     "font-size:12px;line-height:1.35}.cyclelab-source summary{cursor:pointer;font-family:monospace}</style>"
 )
 
@@ -34,7 +37,7 @@ class Source:
         return f"# {self.name} — {self.location}\n{self.code}"
 
     def _repr_html_(self) -> str:
-        formatter = HtmlFormatter(nowrap=False, noclasses=True, style="default")
+        formatter = HtmlFormatter(nowrap=False, noclasses=True, style=PYGMENTS_STYLE)
         body = highlight(self.code, get_lexer_by_name(self.language), formatter)
         summary = f"<summary><b>{html.escape(self.name)}</b> — <code>{html.escape(self.location)}</code></summary>"
         state = " open" if self.open else ""

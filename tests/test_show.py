@@ -1,6 +1,8 @@
 """cyclelab.show renders the package's own source, so a notebook never copies code."""
 
+import importlib
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,21 @@ def test_html_is_collapsible_highlighted_and_escaped() -> None:
     assert "<span" in page  # pygments colours tokens
     assert "rotate_half" in page and "/work" not in page and "/home" not in page
     assert '<details class="cyclelab-source" open>' in show(rotate_half)._repr_html_()
+
+
+def test_every_colour_of_the_source_panel_reads_at_aa_contrast() -> None:
+    """WCAG AA (4.5:1) for each token colour on the panel's own background, in either Jupyter theme."""
+    from cyclelab.core.engine import Engine
+    from cyclelab.debugger.style import contrast
+
+    show_module = importlib.import_module("cyclelab.show")  # the package name `show` is the function
+    page = show(Engine)._repr_html_()
+    colours = set(re.findall(r"color: ?(#[0-9a-fA-F]{6})", page)) | {"#111111"}
+    assert len(colours) > 3, "the source is highlighted"
+    low = {
+        c: round(contrast(c, show_module.BACKGROUND), 2) for c in colours if contrast(c, show_module.BACKGROUND) < 4.5
+    }
+    assert not low, low
 
 
 def test_a_class_and_a_generated_method() -> None:
