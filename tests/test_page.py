@@ -138,3 +138,13 @@ def test_every_code_cell_parses(path: Path) -> None:
                 ast.parse(cell.source)
             except SyntaxError as error:
                 pytest.fail(f"cell {i} does not parse: {error}")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS[:-1], ids=lambda p: p.name)
+def test_no_stored_output_is_a_widgets_repr(path: Path) -> None:
+    """A widget saved without its state shows its text form: a line and a picture, never `VBox(children=…`."""
+    nb = nbformat.read(path, as_version=4)
+    for i, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []):
+            text = out.get("data", {}).get("text/plain", "")
+            assert "VBox(" not in "".join(text), f"cell {i} stores a widget's repr"
