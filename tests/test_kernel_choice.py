@@ -256,7 +256,7 @@ def variant_timer(**seconds: float):
 def test_whole_decode_steps_decide_the_shapes_they_use(winner, tmp_path):
     """Shapes timed alone say torch for one, own for the other; the fastest whole step overrides both (or keeps
     them, when the shapes as chosen alone make the fastest step), and a clear result is kept for later processes."""
-    seconds = {"own": 3.0, "torch": 3.0, "auto": 3.0, winner: 1.0}
+    seconds = {"own": 0.003, "torch": 0.003, "auto": 0.003, winner: 0.001}  # fast steps: STEP_REPEATS rounds
     chooser = choice.Chooser(tmp_path / "k", variant_timer(**seconds), key=KEY)
     shapes = {("f32", (1, 8, 4)): (1.0, 2.0), ("int8", (1, 8, 4)): (2.0, 1.0)}
     chooser.timings.update({choice._name(*k): v for k, v in shapes.items()})
@@ -290,3 +290,10 @@ def test_a_step_is_settled_only_in_auto_with_the_kernels_on(recorder, monkeypatc
     with torch_float32():
         kernels.settle_step("step x", lambda: ran.append("torch"))
     assert ran == ["auto"]
+
+
+def test_a_slow_step_is_timed_in_fewer_rounds(tmp_path):
+    chooser = choice.Chooser(tmp_path / "k", variant_timer(own=1.0, torch=2.0, auto=1.5), key=KEY)
+    steps = []
+    assert chooser.settle_step("step slow", lambda: steps.append(1)) == "own"
+    assert len(steps) == 1 + 3 * 3  # recorded, then a warm-up and two timed rounds of each variant

@@ -38,6 +38,7 @@ from . import build
 FAMILIES = {"f32": "float32 GEMV", "int8": "int8 GEMV", "fused": "fused attention/norm/rope"}
 REPEATS = 7  #: timed runs of each side (the fastest counts), after one warm-up run each
 STEP_REPEATS = 5  #: timed decode steps of each variant in :meth:`Chooser.settle_step`, after one warm-up each
+SLOW_STEP = 0.05  #: a warm-up step slower than this (seconds) is timed twice per variant, not STEP_REPEATS times
 STEP_VARIANTS = ("auto", "own", "torch")  #: each shape as chosen alone, all own kernels, all torch's
 CACHE_NAME = "choices.json"
 MARGIN = 0.1  #: closer than this, a timing is measured again and not kept on disk (either side is as good)
@@ -115,12 +116,16 @@ class Chooser:
         variants = {"auto": chosen, "own": dict.fromkeys(used, True), "torch": dict.fromkeys(used, False)}
         seconds = dict.fromkeys(variants, float("inf"))
         try:
-            for round_ in range(STEP_REPEATS + 1):
+            rounds, round_ = STEP_REPEATS + 1, 0
+            while round_ < rounds:
                 for variant, decisions in variants.items():
                     self.decided.update(decisions)
                     took = self.timer(variant, step)
                     if round_:  # round 0 warms each variant up
                         seconds[variant] = min(seconds[variant], took)
+                    elif took > SLOW_STEP:  # a slow model: fewer rounds keep the first run short
+                        rounds = 3
+                round_ += 1
         finally:
             self.decided.update(chosen)
         winner = min(seconds, key=lambda v: seconds[v])
