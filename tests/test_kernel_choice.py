@@ -297,3 +297,28 @@ def test_a_slow_step_is_timed_in_fewer_rounds(tmp_path):
     steps = []
     assert chooser.settle_step("step slow", lambda: steps.append(1)) == "own"
     assert len(steps) == 1 + 3 * 3  # recorded, then a warm-up and two timed rounds of each variant
+
+
+@pytest.mark.parametrize("winner", ["own", "torch"])
+def test_the_engine_settles_its_kernels_once_and_keeps_its_tokens(winner, tiny, monkeypatch):
+    """Under auto, a run first lets whole decode steps decide (once per engine, on a scratch cache): the
+    tokens are those of the own kernels forced, whichever way wins."""
+    from cyclelab import Engine
+
+    if kernels.compiled() is None:
+        pytest.skip("no C compiler: the own kernels are not built here")
+    with choice.forced("own"):
+        want = Engine(tiny).generate("ROMEO:", 6, stop_at_eos=False).token_ids
+    monkeypatch.setenv("CYCLELAB_KERNELS", "auto")
+    seconds = {"own": 0.003, "torch": 0.003, "auto": 0.003, winner: 0.001}
+    chooser = choice.Chooser(None, variant_timer(**seconds), key=KEY)
+    choice.reset(chooser)
+    try:
+        engine = Engine(tiny)
+        assert engine.generate("ROMEO:", 6, stop_at_eos=False).token_ids == want
+        (step,) = chooser.steps.values()
+        assert step["winner"] == winner and set(chooser.decided.values()) == {winner == "own"}
+        chooser.timer = never
+        assert engine.generate("ROMEO:", 6, stop_at_eos=False).token_ids == want  # settled: not timed again
+    finally:
+        choice.reset()

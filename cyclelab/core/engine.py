@@ -408,10 +408,7 @@ class Engine:
     def settle_kernels(self) -> None:
         """Once per engine: under ``CYCLELAB_KERNELS=auto``, whole decode steps of this model decide which kernels
         run (:func:`cyclelab.kernels.settle_step`: timed once per machine, on a scratch KV cache of 8 positions)."""
-        if self._settled:
-            return
-        self._settled = True
-        if self.device.type != "cpu":
+        if self._settled or self.device.type != "cpu" or self.context_window < 9:
             return
         arch, cache = self.arch, KVCache(self.arch.n_layers, 9)
         prompt, token = torch.arange(8)[None] % self.vocab_size, torch.tensor([[1 % self.vocab_size]])
@@ -424,7 +421,7 @@ class Engine:
 
         width = arch.model.get_input_embeddings().weight.shape[1]
         name = f"step {arch.family} {arch.n_layers}x{width} vocab {self.vocab_size}{' int8' if arch.int8 else ''}"
-        settle_step(name, step)
+        self._settled = settle_step(name, step)  # not yet where nothing was decided (torch_float32, own mode)
 
     def check_lengths(self, n_prompt: int, max_new_tokens: int) -> None:
         """ValueError unless ``max_new_tokens >= 1`` and the prompt plus the new tokens fit the context window."""

@@ -320,11 +320,14 @@ def use_own(family: str, shape: tuple, own: Callable[[], object], theirs: Callab
     return (_CHOOSER[0] if _CHOOSER else chooser()).use_own(family, shape, own, theirs)
 
 
-def settle(name: str, step: Callable[[], object]) -> None:
+def settle(name: str, step: Callable[[], object]) -> bool:
     """In ``auto``, let whole decode steps of a model (``step()`` runs one) decide its shapes, once per model
-    ``name`` and machine (:meth:`Chooser.settle_step`). (Called only where the own kernels are built and on.)"""
-    if (_MODE[0] or _read_mode()) == "auto":
-        (_CHOOSER[0] if _CHOOSER else chooser()).settle_step(name, step)
+    ``name`` and machine (:meth:`Chooser.settle_step`); False in another mode. (Called only where the own kernels
+    are built and on.)"""
+    if (_MODE[0] or _read_mode()) != "auto":
+        return False
+    (_CHOOSER[0] if _CHOOSER else chooser()).settle_step(name, step)
+    return True
 
 
 def status_line() -> str:
