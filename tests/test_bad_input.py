@@ -1166,6 +1166,23 @@ def test_a_run_hashes_the_weights_once_not_per_token(tiny_engine, monkeypatch):
     assert len(calls) == 1
 
 
+def test_the_weights_are_hashed_in_full_only_when_their_stamp_moved(tiny, monkeypatch):
+    """The CRC and version-counter stamp skips the full sha256 of unchanged weights, never of changed ones."""
+    from cyclelab.loading import digest
+
+    model, full = copy.deepcopy(tiny.model), []
+    real = digest.full_sha256
+    monkeypatch.setattr(digest, "full_sha256", lambda tensors: full.append(1) or real(tensors))
+    first = digest.weights_sha256(model)
+    assert digest.weights_sha256(model) == first and len(full) == 1
+    model.lm_head.weight.data[7] *= -1  # a whole row negated behind the version counter: wider than 32 bits
+    assert digest.weights_sha256(model) not in (first, None) and len(full) == 2
+    with torch.no_grad():
+        model.lm_head.weight[7] *= -1  # back, through the version counter
+    assert digest.weights_sha256(model) == first and len(full) == 3
+    assert digest.weights_sha256(model) == first == real(digest.weight_tensors(model)) and len(full) == 3
+
+
 def test_load_never_hands_out_a_model_edited_in_place():
     from cyclelab import load
     from cyclelab.loading import loader

@@ -239,3 +239,86 @@ def test_quantize_symmetric_refuses_rows_it_cannot_scale(bad):
     w[3, 2] = bad
     with pytest.raises(ValueError, match=r"1 row\(s\) hold NaN or inf \(the first: row 3\)"):
         quantize_symmetric(w, 127)
+
+
+def variant_timer(**seconds: float):
+    """A timer that runs what it times and reports fixed seconds per side or step variant (own, torch, auto)."""
+
+    def timer(side, run):
+        if run is not None:
+            run()
+        return seconds[side]
+
+    return timer
+
+
+@pytest.mark.parametrize("winner", ["own", "torch", "auto"])
+def test_whole_decode_steps_decide_the_shapes_they_use(winner, tmp_path):
+    """Shapes timed alone say torch for one, own for the other; the fastest whole step overrides both (or keeps
+    them, when the shapes as chosen alone make the fastest step), and a clear result is kept for later processes."""
+    seconds = {"own": 0.003, "torch": 0.003, "auto": 0.003, winner: 0.001}  # fast steps: STEP_REPEATS rounds
+    chooser = choice.Chooser(tmp_path / "k", variant_timer(**seconds), key=KEY)
+    shapes = {("f32", (1, 8, 4)): (1.0, 2.0), ("int8", (1, 8, 4)): (2.0, 1.0)}
+    chooser.timings.update({choice._name(*k): v for k, v in shapes.items()})
+    chooser._loaded = True
+    used = []
+
+    def step():
+        used.append({k: chooser.use_own(*k, None, None) for k in shapes})
+
+    assert chooser.settle_step("step test", step) == winner
+    alone = {("f32", (1, 8, 4)): True, ("int8", (1, 8, 4)): False}
+    assert used[0] == alone  # the first step: each shape as chosen alone
+    assert len(used) == 1 + 3 * (choice.STEP_REPEATS + 1)  # recorded, then each variant warmed up and timed in turns
+    step()
+    assert {"own": dict.fromkeys(shapes, True), "torch": dict.fromkeys(shapes, False)}.get(winner, alone) == used[-1]
+    later = choice.Chooser(tmp_path / "k", never, key=KEY)
+    decided = {k: later.use_own(*k, None, None) for k in shapes}
+    assert decided == {"own": dict.fromkeys(shapes, True), "torch": dict.fromkeys(shapes, False)}.get(winner, alone)
+    assert later.settle_step("step test", never) == winner  # read from the cache: not timed again
+    assert f"step test: auto {seconds['auto'] * 1e3:.2f} ms" in "\n".join(later.report_lines())
+
+
+def test_a_step_is_settled_only_in_auto_with_the_kernels_on(recorder, monkeypatch):
+    chooser = choice.Chooser(None, never, key=KEY)
+    choice.reset(chooser)
+    monkeypatch.setattr(chooser, "settle_step", lambda name, step: step())
+    ran = []
+    kernels.settle_step("step x", lambda: ran.append("auto"))
+    with choice.forced("own"):
+        kernels.settle_step("step x", lambda: ran.append("own"))
+    with torch_float32():
+        kernels.settle_step("step x", lambda: ran.append("torch"))
+    assert ran == ["auto"]
+
+
+def test_a_slow_step_is_timed_in_fewer_rounds(tmp_path):
+    chooser = choice.Chooser(tmp_path / "k", variant_timer(own=1.0, torch=2.0, auto=1.5), key=KEY)
+    steps = []
+    assert chooser.settle_step("step slow", lambda: steps.append(1)) == "own"
+    assert len(steps) == 1 + 3 * 3  # recorded, then a warm-up and two timed rounds of each variant
+
+
+@pytest.mark.parametrize("winner", ["own", "torch"])
+def test_the_engine_settles_its_kernels_once_and_keeps_its_tokens(winner, tiny, monkeypatch):
+    """Under auto, a run first lets whole decode steps decide (once per engine, on a scratch cache): the
+    tokens are those of the own kernels forced, whichever way wins."""
+    from cyclelab import Engine
+
+    if kernels.compiled() is None:
+        pytest.skip("no C compiler: the own kernels are not built here")
+    with choice.forced("own"):
+        want = Engine(tiny).generate("ROMEO:", 6, stop_at_eos=False).token_ids
+    monkeypatch.setenv("CYCLELAB_KERNELS", "auto")
+    seconds = {"own": 0.003, "torch": 0.003, "auto": 0.003, winner: 0.001}
+    chooser = choice.Chooser(None, variant_timer(**seconds), key=KEY)
+    choice.reset(chooser)
+    try:
+        engine = Engine(tiny)
+        assert engine.generate("ROMEO:", 6, stop_at_eos=False).token_ids == want
+        (step,) = chooser.steps.values()
+        assert step["winner"] == winner and set(chooser.decided.values()) == {winner == "own"}
+        chooser.timer = never
+        assert engine.generate("ROMEO:", 6, stop_at_eos=False).token_ids == want  # settled: not timed again
+    finally:
+        choice.reset()

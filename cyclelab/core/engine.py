@@ -28,6 +28,7 @@ from cyclelab.core.fingerprint import fingerprint, legacy_weights_digest
 from cyclelab.core.inputs import check_capture, check_flag, id_tensor, ids_of
 from cyclelab.core.ops import hook_names, registry_entry
 from cyclelab.core.sampling import Sampling, as_sampling, check_int, choose, make_generator
+from cyclelab.kernels import settle_step
 from cyclelab.loading.loader import Loaded, load
 
 
@@ -48,6 +49,7 @@ class Engine:
         # the KV cache of the run started last, for learners to inspect; each run keeps its own
         self.cache: KVCache | None = None
         self._token_texts: dict[int, str] = {}
+        self._settled = False  # whether this engine's decode steps decided its kernels (see settle_kernels)
 
     @property
     def context_window(self) -> int:
@@ -239,6 +241,7 @@ class Engine:
             settings=trace_settings(sampling, ablation, use_cache, chat),
             fingerprint=self.fingerprint,
         )
+        self.settle_kernels()
         generator = make_generator(sampling.seed)
         for _ in range(draws):
             torch.rand(1, generator=generator)
@@ -402,6 +405,24 @@ class Engine:
         return result
 
     # --- helpers ----------------------------------------------------------------------
+    def settle_kernels(self) -> None:
+        """Once per engine: under ``CYCLELAB_KERNELS=auto``, whole decode steps of this model decide which kernels
+        run (:func:`cyclelab.kernels.settle_step`: timed once per machine, on a scratch KV cache of 8 positions)."""
+        if self._settled or self.device.type != "cpu" or self.context_window < 9:
+            return
+        arch, cache = self.arch, KVCache(self.arch.n_layers, 9)
+        prompt, token = torch.arange(8)[None] % self.vocab_size, torch.tensor([[1 % self.vocab_size]])
+
+        def step() -> None:  # the first call (never timed) reads the prompt: nothing is run unless a step is timed
+            if not len(cache):
+                drain(self.forward(prompt, cache))
+            cache.truncate(8)
+            drain(self.forward(token, cache))
+
+        width = arch.model.get_input_embeddings().weight.shape[1]
+        name = f"step {arch.family} {arch.n_layers}x{width} vocab {self.vocab_size}{' int8' if arch.int8 else ''}"
+        self._settled = settle_step(name, step)  # not yet where nothing was decided (torch_float32, own mode)
+
     def check_lengths(self, n_prompt: int, max_new_tokens: int) -> None:
         """ValueError unless ``max_new_tokens >= 1`` and the prompt plus the new tokens fit the context window."""
         if check_int(max_new_tokens, "max_new_tokens") < 1:

@@ -8,8 +8,9 @@ import weakref
 
 import torch
 
-from cyclelab.loading.loader import Loaded, weights_sha256
-from cyclelab.loading.loader import weight_tensors as _weight_tensors
+from cyclelab.loading.digest import weight_tensors as _weight_tensors
+from cyclelab.loading.digest import weights_sha256
+from cyclelab.loading.loader import Loaded
 
 _TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> digest
 
@@ -18,8 +19,9 @@ def fingerprint(loaded: Loaded) -> dict[str, str]:
     """sha256 digests that tell models apart: ``weights`` (every parameter's name, shape, dtype and all of
     its bytes; an int8 Linear's codes and scales likewise) and ``tokenizer`` (its vocabulary).
 
-    The weights are hashed on every call (about 10 ms for tiny, 0.4 s for SmolLM2), so any change
-    shows, even one made through ``.data``; a run computes it once, never per token.
+    Every call checks every weight byte, so any change shows, even one made through ``.data``: by a CRC and the
+    version counters (about 0.1 s for SmolLM2), hashing in full (0.3 s) only when they moved
+    (:mod:`cyclelab.loading.digest` says why that is exact); a run computes it once, never per token.
     """
     return {"weights": weights_sha256(loaded.model), "tokenizer": tokenizer_digest(loaded.tokenizer)}
 

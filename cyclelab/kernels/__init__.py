@@ -30,6 +30,7 @@ from .products import (
     fused_softmax,
     int8_linear,
     int8_linears,
+    settle_step,
     torch_float32,
 )
 
@@ -56,5 +57,6 @@ __all__ = [
     "fused_softmax",
     "int8_linear",
     "int8_linears",
+    "settle_step",
     "torch_float32",
 ]

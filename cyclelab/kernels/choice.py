@@ -11,6 +11,12 @@ The timings are kept in ``choices.json`` in the private kernels folder (:func:`b
 private as the library is), keyed by the CPU model, torch's version and thread count, and the kernels' source
 digest: when any of them changes, everything is measured again. A damaged file, or one another user could have
 written, is ignored (and replaced).
+
+A shape timed alone runs cache-hot, and can win or lose differently inside a whole decode step (where the weights
+stream through the caches between ops). So the engine also times whole steps of the model at hand, once
+(:meth:`Chooser.settle_step`): its shapes as chosen one by one, all on the own kernels, all on torch's, in turns;
+the fastest of the three decides every shape the step used. Torch's path is one of the three, so the engine
+stays never slower than on torch's kernels, to the timing's noise.
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ from . import build
 
 FAMILIES = {"f32": "float32 GEMV", "int8": "int8 GEMV", "fused": "fused attention/norm/rope"}
 REPEATS = 7  #: timed runs of each side (the fastest counts), after one warm-up run each
+STEP_REPEATS = 5  #: timed decode steps of each variant in :meth:`Chooser.settle_step`, after one warm-up each
+SLOW_STEP = 0.05  #: a warm-up step slower than this (seconds) is timed twice per variant, not STEP_REPEATS times
+STEP_VARIANTS = ("auto", "own", "torch")  #: each shape as chosen alone, all own kernels, all torch's
 CACHE_NAME = "choices.json"
 MARGIN = 0.1  #: closer than this, a timing is measured again and not kept on disk (either side is as good)
 Timer = Callable[[str, Callable[[], object]], float]  # (side: "own" | "torch", run) -> seconds of one run
@@ -74,19 +83,74 @@ class Chooser:
         self.folder, self.timer, self.key = folder, timer, key
         self.decided: dict[tuple, bool] = {}
         self.timings: dict[str, tuple[float, float]] = {}  # str(family, shape) -> (own s, torch s)
+        self.steps: dict[str, dict] = {}  # step name -> {"seconds": {variant: s}, "winner": variant, "shapes": [..]}
+        self._recording: set[tuple] | None = None  # the shapes a step asks for, while settle_step records them
+        self._overrides: dict[str, bool] = {}  # shape name -> own?, as a timed step decided it
         self._loaded, self._lock = False, threading.Lock()
 
     def use_own(self, family: str, shape: tuple, own: Callable[[], object], theirs: Callable[[], object]) -> bool:
-        """True where the own kernel is faster for this shape: measured (``own()`` vs ``theirs()``) at first use."""
+        """True where the own kernel is faster for this shape: measured (``own()`` vs ``theirs()``) at first use,
+        unless a whole step's timing (:meth:`settle_step`) decided it."""
         found = self.decided.get((family, shape))
         if found is None:
             found = self._decide(family, shape, own, theirs)
+        if self._recording is not None:
+            self._recording.add((family, shape))
         return found
+
+    def settle_step(self, name: str, step: Callable[[], object]) -> str:
+        """Time whole decode steps (``step()`` runs one; ``name`` says of which model) in the three
+        :data:`STEP_VARIANTS`, in turns, the fastest of :data:`STEP_REPEATS` each; the fastest variant decides every
+        shape the step used, in this process and (a clear result) in later ones. Returns the variant chosen."""
+        self._load()
+        known = self.steps.get(name)
+        if known is not None:
+            self._apply(known)
+            return known["winner"]
+        self._recording = set()
+        try:
+            step()  # each shape decided alone (and timed, at its first use), and recorded
+        finally:
+            used, self._recording = sorted(self._recording, key=repr), None
+        chosen = {key: self.decided[key] for key in used}
+        variants = {"auto": chosen, "own": dict.fromkeys(used, True), "torch": dict.fromkeys(used, False)}
+        seconds = dict.fromkeys(variants, float("inf"))
+        try:
+            rounds, round_ = STEP_REPEATS + 1, 0
+            while round_ < rounds:
+                for variant, decisions in variants.items():
+                    self.decided.update(decisions)
+                    took = self.timer(variant, step)
+                    if round_:  # round 0 warms each variant up
+                        seconds[variant] = min(seconds[variant], took)
+                    elif took > SLOW_STEP:  # a slow model: fewer rounds keep the first run short
+                        rounds = 3
+                round_ += 1
+        finally:
+            self.decided.update(chosen)
+        winner = min(seconds, key=lambda v: seconds[v])
+        found = {"seconds": seconds, "winner": winner, "shapes": [_name(f, s) for f, s in used]}
+        self.steps[name] = found
+        self._apply(found)
+        if clear(seconds[winner], min(s for v, s in seconds.items() if v != winner)):
+            self._save()
+        return winner
+
+    def _apply(self, step: dict) -> None:
+        """Decide each shape of a timed step as its winning variant does (``auto``: as each shape chose alone)."""
+        if step["winner"] != "auto":
+            names = set(step["shapes"])
+            for key in [k for k in self.decided if _name(*k) in names]:
+                self.decided[key] = step["winner"] == "own"
+            self._overrides.update(dict.fromkeys(names, step["winner"] == "own"))
 
     def _decide(self, family: str, shape: tuple, own: Callable, theirs: Callable) -> bool:
         with self._lock:
             self._load()
             name = _name(family, shape)
+            if name in self._overrides:  # a whole step's timing decided it
+                self.decided[(family, shape)] = self._overrides[name]
+                return self._overrides[name]
             if name not in self.timings:
                 own_s, torch_s = self.measure(own, theirs)
                 if not clear(own_s, torch_s):  # a near tie may be noise: measure once more, keep the faster of both
@@ -124,6 +188,9 @@ class Chooser:
         data = read_cache(self.folder)
         if data is not None and data.get("key") == self._key():
             self.timings.update(data["timings"])
+            self.steps.update(data["steps"])
+            for step in data["steps"].values():
+                self._apply(step)
 
     def _save(self) -> None:
         if self.folder is None:
@@ -131,25 +198,34 @@ class Chooser:
         try:
             folder = build.verified_folder(self.folder, create=True)
             earlier = read_cache(folder)
-            timings = dict(earlier["timings"]) if earlier and earlier.get("key") == self._key() else {}
+            same = earlier is not None and earlier.get("key") == self._key()
+            timings = dict(earlier["timings"]) if earlier and same else {}
+            steps = dict(earlier["steps"]) if earlier and same else {}
             timings.update(self.timings)
-            text = json.dumps({"key": self._key(), "timings": {k: list(v) for k, v in timings.items()}}, indent=1)
+            steps.update(self.steps)
+            text = json.dumps(
+                {"key": self._key(), "timings": {k: list(v) for k, v in timings.items()}, "steps": steps}, indent=1
+            )
             build.write_private(folder / CACHE_NAME, text)
         except (OSError, build.UnsafeKernels):
             pass  # no cache: the next process measures again
 
     def report_lines(self) -> list[str]:
-        """One line per measured shape: both timings and the choice."""
+        """One line per measured shape: both timings and the choice; then one per timed decode step."""
         self._load()
         lines = []
         for name, (own_s, torch_s) in sorted(self.timings.items()):
-            pick = "own" if own_s < torch_s else "torch"
+            pick = "own" if self._overrides.get(name, own_s < torch_s) else "torch"
+            by = " (by its step's timing)" if name in self._overrides else ""
             lines.append(
-                f"  {name}: own {own_s * 1e3:.3f} ms, torch {torch_s * 1e3:.3f} ms -> {pick} "
+                f"  {name}: own {own_s * 1e3:.3f} ms, torch {torch_s * 1e3:.3f} ms -> {pick}{by} "
                 f"(own is {torch_s / own_s:.2f}x torch's speed)"
                 if own_s > 0
-                else f"  {name}: {pick}"
+                else f"  {name}: {pick}{by}"
             )
+        for name, step in sorted(self.steps.items()):
+            each = ", ".join(f"{v} {step['seconds'][v] * 1e3:.2f} ms" for v in STEP_VARIANTS)
+            lines.append(f"  {name}: {each} -> {step['winner']} for its {len(step['shapes'])} shapes")
         return lines
 
     def summary(self) -> str:
@@ -190,9 +266,20 @@ def read_cache(folder: Path | None) -> dict | None:
         timings = {str(k): (float(v[0]), float(v[1])) for k, v in data["timings"].items()}
         if not isinstance(data["key"], dict) or any(o < 0 or t < 0 for o, t in timings.values()):
             return None
-        return {"key": data["key"], "timings": timings}
+        return {"key": data["key"], "timings": timings, "steps": _steps(data.get("steps", {}))}
     except (OSError, build.UnsafeKernels, ValueError, KeyError, TypeError, IndexError, AttributeError):
         return None
+
+
+def _steps(raw: dict) -> dict:
+    """The cache file's timed steps, each proven well formed (a ValueError, TypeError or KeyError otherwise)."""
+    steps = {}
+    for name, step in raw.items():
+        seconds = {v: float(step["seconds"][v]) for v in STEP_VARIANTS}
+        if step["winner"] not in STEP_VARIANTS or not all(isinstance(s, str) for s in step["shapes"]):
+            raise ValueError(f"a damaged step timing: {name}")
+        steps[str(name)] = {"seconds": seconds, "winner": step["winner"], "shapes": list(step["shapes"])}
+    return steps
 
 
 _CHOOSER: list[Chooser] = []  # the process's chooser, made at first use
@@ -231,6 +318,16 @@ def use_own(family: str, shape: tuple, own: Callable[[], object], theirs: Callab
     if (_MODE[0] or _read_mode()) == "own":
         return True
     return (_CHOOSER[0] if _CHOOSER else chooser()).use_own(family, shape, own, theirs)
+
+
+def settle(name: str, step: Callable[[], object]) -> bool:
+    """In ``auto``, let whole decode steps of a model (``step()`` runs one) decide its shapes, once per model
+    ``name`` and machine (:meth:`Chooser.settle_step`); False in another mode. (Called only where the own kernels
+    are built and on.)"""
+    if (_MODE[0] or _read_mode()) != "auto":
+        return False
+    (_CHOOSER[0] if _CHOOSER else chooser()).settle_step(name, step)
+    return True
 
 
 def status_line() -> str:

@@ -15,6 +15,7 @@ from functools import lru_cache
 import torch
 
 from . import build as _build
+from . import choice as _choice
 from .choice import use_own
 
 _PTR, _I64 = ctypes.c_void_p, ctypes.c_int64
@@ -39,6 +40,15 @@ def torch_float32() -> Iterator[None]:
         yield
     finally:
         _SWITCH.own = before
+
+
+def settle_step(name: str, step: Callable[[], object]) -> bool:
+    """Where the own kernels are built and on (``auto``), time whole decode steps of the model ``name`` (``step()``
+    runs one) once, and let the fastest way decide its shapes (:func:`cyclelab.kernels.choice.settle`); False
+    where nothing was decided (another mode, kernels off in this thread, a dispatch mode watching)."""
+    if _SWITCH.own and not torch._C._len_torch_dispatch_stack() and _build.compiled() is not None:
+        return _choice.settle(name, step)
+    return False
 
 
 def f32_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

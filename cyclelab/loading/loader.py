@@ -14,7 +14,6 @@ Hugging Face hub id such as ``"HuggingFaceTB/SmolLM2-135M-Instruct"``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -30,6 +29,7 @@ from cyclelab.loading import fetch as fetching
 from cyclelab.loading.cache_guard import PARTIAL, as_os_error, cache_lock
 from cyclelab.loading.checksums import ModelFileError, model_files, shipped_hashes, verify_folder, write_sums
 from cyclelab.loading.device import pick_device
+from cyclelab.loading.digest import weights_sha256
 from cyclelab.loading.fetch import (
     asset_path,
     check_in_the_way,
@@ -96,7 +96,8 @@ def load(
     (:func:`cyclelab.kernels.to_int8`: float32 on the CPU only); the engine runs such a model.
     Results are cached in memory per (name, dtype, device, attn, quantize): loading twice returns the
     same object, unless its weights were changed since (fine-tuning, edits through ``.data``): each
-    cached ``load`` hashes the weights (~10 ms for tiny, ~0.4 s for SmolLM2) and reloads if they differ.
+    cached ``load`` checks the weights' sha256 (:mod:`cyclelab.loading.digest`: a CRC of every byte, ~0.1 s for
+    SmolLM2, and the full hash only when that or a version counter moved) and reloads if they differ.
     With ``cache=False`` the files are loaded and hashed again, even if this process verified them.
     Unknown names raise ``ValueError`` listing the valid ones; missing or corrupt files
     raise :class:`ModelFileError` naming the file and the repair.
@@ -122,22 +123,6 @@ def load(
     if cache:
         _CACHE[key] = (loaded, weights_sha256(loaded.model))
     return loaded
-
-
-def weight_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """A model's parameters by name, and the codes and scales of its int8 Linears (buffers ``.q``, ``.scale``)."""
-    return list(model.named_parameters()) + [
-        (name, b) for name, b in model.named_buffers() if name.endswith((".q", ".scale"))
-    ]
-
-
-def weights_sha256(model: torch.nn.Module) -> str:
-    """sha256 of every weight's name, shape, dtype and bytes: any change to any value changes it."""
-    h = hashlib.sha256()
-    for name, p in weight_tensors(model):
-        h.update(f"{name} {tuple(p.shape)} {p.dtype};".encode())
-        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()
 
 
 def _check_dtype_attn(dtype, attn) -> None:
