@@ -4,13 +4,15 @@ Layout: ``SUBMISSIONS/<learner>/<chapter>.ipynb``, one folder per learner holdin
 hand in. A notebook is matched to the course notebook by its ``NN_`` prefix (a browser's
 ``01_tokenizing (1).ipynb`` is chapter 01); notebooks in a learner's subfolders are found too. The check cells
 are restored from the course, and the notebook runs with papermill (cells that raise do not stop it) in a
-limited process (:mod:`cyclelab.workshop.sandbox`) under a deadline scaled by the chapter's cost label. Then
-each ``check_xxx(...)`` call of each check cell is judged in a fresh process that gets only the learner's
-definitions and cyclelab's own check (:mod:`cyclelab.workshop.verdict`): nothing printed in the learner's
-kernel counts. Each call gets one row: passed, failed (with the check's hint), or error (with the reason);
+limited process (:mod:`cyclelab.workshop.sandbox`) under a deadline scaled by the chapter's cost label; its
+check cells call nothing there. Then each ``check_xxx(...)`` call of each check cell is judged by cyclelab's
+own check in a fresh process (:mod:`cyclelab.workshop.verdict`) that calls the learner's function in a
+limited process of its own holding only the learner's definitions (:mod:`cyclelab.workshop.learner`):
+nothing printed in the learner's kernel counts, and a function that never returns or runs past a limit
+errs its own row. Each call gets one row: passed, failed (with the check's hint), or error (with the reason);
 a notebook that cannot be read gets rows "malformed: <reason>", and no notebook stops the run.
 
-    cyclelab grade SUBMISSIONS/ --out grades.csv [--timeout SECONDS] [--course DIR]
+    cyclelab grade SUBMISSIONS/ --out grades.csv [--timeout SECONDS] [--check-timeout SECONDS] [--course DIR]
 """
 
 from __future__ import annotations
