@@ -35,7 +35,7 @@ CHEATS = {  # learner -> greedy_step cell (attainable is answered right, so only
     "    h.Result.__bool__ = lambda self: True\n    h.close = lambda *a, **k: True\n    return 0, 0.0",
     "patches-sys-modules": "import sys\n\ndef greedy_step(logits):\n"
     "    sys.modules['cyclelab.checks'].check_greedy_step = lambda fn: sys.modules['cyclelab.checks'].Result(True, '')\n"
-    "    sys.modules['cyclelab.workshop.verdict'].judge = lambda spec: {'status': 'passed', 'hint': ''}\n"
+    "    __import__('cyclelab.workshop.verdict')\n    sys.modules['cyclelab.workshop.verdict'].judge = lambda spec: {'status': 'passed', 'hint': ''}\n"
     "    return 0, 0.0",
 }
 # the function writes a cyclelab package whose verdict says "passed" where the checker used to run (its folder,

@@ -83,7 +83,7 @@ def test_further_arguments_are_made_from_literals_and_load_only() -> None:
         (
             "patches-sys-modules",
             "    import sys\n    sys.modules['cyclelab.checks'].Result = type('R', (), {'passed': True})\n"
-            "    sys.modules['cyclelab.workshop.verdict'].judge = lambda spec: {'status': 'passed', 'hint': ''}\n",
+            "    __import__('cyclelab.workshop.verdict')\n    sys.modules['cyclelab.workshop.verdict'].judge = lambda spec: {'status': 'passed', 'hint': ''}\n",
         ),
     ],
 )

@@ -1,8 +1,8 @@
 """The learner's function in a limited process of its own, answering the check's calls over a pipe.
 
-The check's process (:mod:`cyclelab.workshop.verdict`) never runs learner code: it starts
-``python -m cyclelab.workshop.learner`` with its own limits (:class:`~cyclelab.workshop.sandbox.Limits`), in
-its own session, sends it the learner's cells (only their definitions run there) and then, for each call the
+The check's process (:mod:`cyclelab.workshop.verdict`) never runs learner code: it forks the learner's
+process before computing anything, with its own limits (:class:`~cyclelab.workshop.sandbox.Limits`), in
+its own session and holding none of the check's files, sends it the learner's cells (only their definitions run there) and then, for each call the
 check makes, the arguments (:mod:`cyclelab.workshop.wire`: values and tensor bytes, never pickle; a model,
 engine or optimizer by the recipe that made it, :mod:`cyclelab.checks.recipes`). The learner's process
 answers with the return value (or the exception's type, message and line) and the arguments the function
@@ -21,7 +21,6 @@ import os
 import re
 import select
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -111,6 +110,43 @@ def _define(cells: list[list], namespace: dict) -> str:
 # ------------------------------------------------------------------ the check's side
 
 
+class _Forked:
+    """The learner's process, forked from the check's before the check computes anything (torch and cyclelab
+    already imported: no second start-up), in a session of its own, limited (as ``nobody`` when root; root's
+    limits on processes are not kept), holding no file of the check's but the two pipes and stderr."""
+
+    def __init__(self, limits: Limits, cwd: str | None) -> None:
+        limit = _preexec(limits, unprivileged_user())
+        request, answer = os.pipe(), os.pipe()
+        self.pid, self.returncode = os.fork(), None
+        if self.pid == 0:  # the learner's process
+            try:
+                os.setsid()
+                limit()
+                if cwd:
+                    os.chdir(cwd)
+                os.dup2(request[0], 0)
+                os.dup2(answer[1], 1)
+                os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the check's verdict stream above all
+                _serve()
+            finally:
+                os._exit(1)
+        os.close(request[0])
+        os.close(answer[1])
+        self.stdin = os.fdopen(request[1], "wb")
+        self.stdout = os.fdopen(answer[0], "rb", buffering=0)  # select() must see every byte not yet read
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        for stream in (self.stdin, self.stdout):
+            try:
+                stream.close()
+            except OSError:  # a pipe the learner's process left unread
+                pass
+        return self.returncode
+
+
 class Learner:
     """The learner's process, seen from the check: start it, call its function, stop it."""
 
@@ -118,15 +154,7 @@ class Learner:
         self.limits, self.timeout, self.function = limits, timeout, function
         self.deadline = time.monotonic() + timeout
         self.handles: dict[int, tuple[int, object]] = {}  # id(obj) -> (handle, obj): the object kept alive
-        self.proc = subprocess.Popen(
-            [sys.executable, "-P", "-m", "cyclelab.workshop.learner"],  # cyclelab itself never from cwd
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            bufsize=0,  # select() must see every byte not yet read
-            start_new_session=True,
-            cwd=cwd,
-            preexec_fn=_preexec(limits, unprivileged_user()),  # root's limits on processes are not kept
-        )
+        self.proc = _Forked(limits, cwd)
         wire.send(self.proc.stdin, {"cells": cells, "function": function})
         self.hello, _ = self._answer()
 
@@ -158,7 +186,7 @@ class Learner:
         if code == -signal.SIGXCPU:
             return (
                 f"{self.function} ran past the grader's CPU-time limit ({limits.cpu_seconds} s of CPU for the "
-                "check, its imports included): make it do less work (smaller loops, no busy waiting)"
+                "check): make it do less work (smaller loops, no busy waiting)"
             )
         if code is not None and code < 0:
             name = signal.Signals(-code).name
@@ -186,7 +214,11 @@ class Learner:
         encoder = wire.Encoder()
         encoder.ref = lambda obj: self._ref(obj, encoder)
         header = {"args": encoder(list(args))}
-        wire.send(self.proc.stdin, header, encoder.blobs)
+        try:
+            wire.send(self.proc.stdin, header, encoder.blobs)
+        except BrokenPipeError as err:
+            self.stop()
+            raise Stopped(self._death(err)) from None
         answer, blobs = self._answer()
         decode = wire.Decoder(blobs)
         for index, value in answer.get("changed", []):

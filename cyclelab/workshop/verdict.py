@@ -121,13 +121,10 @@ def judge(spec: dict) -> dict:
     why = _copied_statically(cells, function)
     if why:
         return {"status": "failed", "hint": f"copied from the package: {function} is not yours ({why})"}
-    try:
-        extra = [argument(expr, cells) for expr in spec["args"][1:]]
-    except ValueError as err:
-        return {"status": "error", "hint": str(err)}
     learner = None
-    try:
+    try:  # forked before this process computes anything (a thread pool in use does not survive a fork)
         learner = Learner(cells, function, limits_of(spec), spec.get("timeout", 600), spec.get("cwd"))
+        extra = [argument(expr, cells) for expr in spec["args"][1:]]
         hello = learner.hello
         before = f" (the notebook's first error: {hello['first']})" if hello.get("first") else ""
         if not hello.get("defined"):
@@ -137,6 +134,8 @@ def judge(spec: dict) -> dict:
         result = check(learner.proxy(), *extra)
     except Stopped as stopped:
         return {"status": "error", "hint": str(stopped)}
+    except ValueError as err:  # a further argument that could not be made
+        return {"status": "error", "hint": str(err)}
     finally:
         if learner is not None:
             learner.stop()
