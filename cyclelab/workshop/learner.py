@@ -128,6 +128,7 @@ class _Forked:
                 os.dup2(request[0], 0)
                 os.dup2(answer[1], 1)
                 os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the check's verdict stream above all
+                torch.set_num_threads(1)  # an OpenMP pool the parent started does not survive a fork
                 _serve()
             finally:
                 os._exit(1)
