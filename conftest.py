@@ -19,6 +19,7 @@ SLOW_MODULES = (
     "test_browser.py",
     "test_workshop.py",
     "test_grade.py",
+    "test_learner_process.py",
     "test_engine.py",
     "test_notebooks_papermill.py",
 )

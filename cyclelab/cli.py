@@ -6,7 +6,7 @@ cyclelab course [--profile fast|full|gpu] [--out DIR] [--only PATTERN ...] [-p N
                                      execute every notebook headless, print a table
 cyclelab edition annotate [NOTEBOOK ...]   tag exercises, checks, solutions; nbgrader metadata
 cyclelab edition student OUT [--nbgrader]  the student copy of the course, without solutions
-cyclelab grade SUBMISSIONS [--out grades.csv] [--timeout S] [--jobs N] [--course DIR]
+cyclelab grade SUBMISSIONS [--out grades.csv] [--timeout S] [--check-timeout S] [--jobs N] [--course DIR]
                                      run each learner's notebooks, one CSV row per exercise
 cyclelab lab [JUPYTER ARGS ...]      JupyterLab on notebooks/ (e.g. --no-browser)
 cyclelab train-tiny [ARGS ...]       train the course's tiny model (see --help)
@@ -129,6 +129,13 @@ def _add_grade(sub: argparse._SubParsersAction) -> None:
     grade.add_argument("--out", type=Path, default=Path("grades.csv"), help="the CSV to write (default grades.csv)")
     grade.add_argument(
         "--timeout", type=float, default=600, metavar="SECONDS", help="the most one notebook may run (default 600)"
+    )
+    grade.add_argument(
+        "--check-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="the most a learner's function may run within one check (default: the notebook's deadline)",
     )
     grade.add_argument(
         "--jobs", type=int, default=1, metavar="N", help="notebooks graded at once, each in its own kernel (default 1)"
@@ -258,11 +265,14 @@ def cmd_edition(args: argparse.Namespace, _: list[str]) -> int:
 
 def cmd_grade(args: argparse.Namespace, _: list[str]) -> int:
     """Grade a class into a CSV; 0 once grading finished (whatever the grades), 2 on bad input."""
-    from cyclelab.workshop.grade import check_out, grade_class, summary, write_csv
+    from cyclelab.workshop.grade import Budget, check_out, grade_class, summary, write_csv
 
     try:
+        if args.check_timeout is not None and not args.check_timeout > 0:
+            raise ValueError(f"--check-timeout must be a positive number of seconds, got {args.check_timeout}")
         check_out(args.out)
-        rows = grade_class(args.submissions, args.course, args.executed, args.timeout, args.jobs)
+        budget = Budget(args.check_timeout)
+        rows = grade_class(args.submissions, args.course, args.executed, args.timeout, args.jobs, budget)
         write_csv(rows, args.out)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

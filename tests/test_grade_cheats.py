@@ -1,9 +1,11 @@
 """``cyclelab grade`` against a made-up class that cheats, breaks and renames things.
 
 The course is test_grade's two-exercise notebook (checks: greedy step, roofline; both cheap). Each learner
-edits the student edition with nbformat: right, stub, wrong, crashing, looping, malformed, renamed, in a
-subfolder, named like a spreadsheet formula, leaving a process behind, and every cheat an instructor found.
-The whole CSV is asserted: every cheat is graded failed.
+edits the student edition with nbformat: right, stub, wrong, crashing, looping (its check times out, the next
+one is graded), malformed, renamed, in a subfolder, named like a spreadsheet formula, leaving a process behind,
+and every cheat an instructor found: among them function bodies that patch cyclelab, patch it through
+sys.modules, or write a fake cyclelab where the checker used to run. The whole CSV is asserted: every cheat is
+graded failed.
 """
 
 from __future__ import annotations
@@ -29,7 +31,26 @@ CHEATS = {  # learner -> greedy_step cell (attainable is answered right, so only
     "hook": STUB + "\n\nget_ipython().events.register('pre_run_cell', lambda *a: print('✓ correct'))",
     "copied": "from cyclelab.checks.clock_cycle import _greedy_hint as greedy_step",
     "wraps-ref": "import cyclelab.checks as c\n\ndef greedy_step(logits):\n    return c._ref_greedy(logits)",
+    "patches-cyclelab": "def greedy_step(logits):\n    import cyclelab.checks.harness as h\n"
+    "    h.Result.__bool__ = lambda self: True\n    h.close = lambda *a, **k: True\n    return 0, 0.0",
+    "patches-sys-modules": "import sys\n\ndef greedy_step(logits):\n"
+    "    sys.modules['cyclelab.checks'].check_greedy_step = lambda fn: sys.modules['cyclelab.checks'].Result(True, '')\n"
+    "    __import__('cyclelab.workshop.verdict')\n    sys.modules['cyclelab.workshop.verdict'].judge = lambda spec: {'status': 'passed', 'hint': ''}\n"
+    "    return 0, 0.0",
 }
+# the function writes a cyclelab package whose verdict says "passed" where the checker used to run (its folder,
+# first on sys.path): the next check (attainable, answered wrong here) must not import it
+FAKE = 'import json\nprint(json.dumps({"status": "passed", "hint": ""}))\n'
+WRITES = f"""def greedy_step(logits):
+    import os
+    for folder in ("cyclelab", "cyclelab/workshop", "cyclelab/checks"):
+        os.makedirs(folder, exist_ok=True)
+        open(folder + "/__init__.py", "w").close()
+    for name in ("cyclelab/workshop/verdict.py", "sitecustomize.py"):
+        with open(name, "w") as handle:
+            handle.write({FAKE!r})
+    return 0, 0.0"""
+ATTAINABLE_WRONG = "def attainable(flops, nbytes, peak, bandwidth):\n    return max(peak, flops / nbytes * bandwidth)"
 ANSWERS = {
     "right": GREEDY_RIGHT,
     "stub": None,
@@ -49,7 +70,8 @@ EXPECTED = {  # (learner, notebook) -> [(exercise, status, points)], in the CSV'
         (who, CHAPTER): [("greedy_step", "failed", "0"), ("attainable", "passed", "1")]
         for who in ("stub", "wrong", "crash", *CHEATS)
     },
-    ("looping", CHAPTER): [("greedy_step", "error", "0"), ("attainable", "error", "0")],
+    ("looping", CHAPTER): [("greedy_step", "error", "0"), ("attainable", "passed", "1")],
+    ("writes-a-file", CHAPTER): [("greedy_step", "failed", "0"), ("attainable", "failed", "0")],
     ("malformed", CHAPTER): [("greedy_step", "error", "0"), ("attainable", "error", "0")],
     ("renamed", "00_mini (1).ipynb"): [("greedy_step", "passed", "1"), ("attainable", "passed", "1")],
     ("deeper", "inner/00_mini.ipynb"): [("greedy_step", "passed", "1"), ("attainable", "passed", "1")],
@@ -85,6 +107,7 @@ def rows(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
     for learner, answer in ANSWERS.items():
         _hand_in(student, subs / learner / CHAPTER, answer)
     _hand_in(student, subs / "looping" / CHAPTER, "def greedy_step(logits):\n    while True:\n        pass")
+    _hand_in(student, subs / "writes-a-file" / CHAPTER, WRITES, ATTAINABLE_WRONG)
     _hand_in(student, subs / "renamed" / "00_mini (1).ipynb", GREEDY_RIGHT)
     _hand_in(student, subs / "deeper" / "inner" / CHAPTER, GREEDY_RIGHT)
     (subs / "malformed").mkdir()
@@ -105,6 +128,8 @@ def rows(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
                 "2",
                 "--timeout",
                 "40",
+                "--check-timeout",
+                "15",
             ]
         )
     assert status == 0
@@ -131,7 +156,10 @@ def test_the_whole_csv(rows: list[dict[str, str]]) -> None:
         ("hook", r"^the probability should be"),
         ("copied", r"^copied from the package: greedy_step is not yours \(its code is cyclelab's own"),
         ("wraps-ref", r"^copied from the package: greedy_step is not yours \(it calls the package's reference _ref_"),
-        ("looping", r"^timed out: the notebook ran past --timeout 40 s$"),
+        ("looping", r"^timed out after 15 s: greedy_step did not return"),
+        ("patches-cyclelab", r"^the probability should be"),
+        ("patches-sys-modules", r"^the probability should be"),
+        ("writes-a-file", r"^the probability should be"),
         ("malformed", r"^malformed: "),
     ],
 )
@@ -140,6 +168,13 @@ def test_each_row_says_why(rows: list[dict[str, str]], learner: str, pattern: st
 
     row = next(r for r in rows if r["learner"] == learner and r["exercise"] == "greedy_step")
     assert re.search(pattern, row["hint"]), row["hint"]
+
+
+def test_the_file_was_written_and_not_read(rows: list[dict[str, str]], tmp_path_factory) -> None:
+    written = list(tmp_path_factory.getbasetemp().glob("cheats*/executed/writes-a-file/*/submitted/cyclelab"))
+    assert written and (written[0] / "workshop" / "verdict.py").read_text() == FAKE
+    row = next(r for r in rows if r["learner"] == "writes-a-file" and r["exercise"] == "attainable")
+    assert row["status"] == "failed" and row["hint"], row
 
 
 def test_no_process_is_left_behind(rows: list[dict[str, str]]) -> None:

@@ -8,6 +8,7 @@ import torch
 
 from cyclelab.checks.harness import Failed, call, checker, pair, tensor_answer
 from cyclelab.checks.models import random_bert, random_gpt2
+from cyclelab.checks.recipes import made
 
 
 def _top_p_variants(logits: torch.Tensor, p: float) -> dict[str, torch.Tensor]:
@@ -154,6 +155,7 @@ def check_masked_prediction(fn: Callable, loaded=None) -> str:
 
     gen = torch.Generator().manual_seed(7)
     model, mask_id = random_bert()
+    made(model, "cyclelab.checks.models:random_bert", path=(0,))
     trials = []
     for n, pos in ((8, 3), (5, 0), (12, 11), (6, 2)):
         trials.append((model, mask_id, torch.randint(0, 58, (n,), generator=gen).tolist(), pos))

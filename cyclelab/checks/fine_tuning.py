@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 
 from cyclelab.checks.harness import Failed, checker, close, raised, tensor_answer
+from cyclelab.checks.recipes import made
 
 
 def _lora_variants(x, W, A, B, alpha: float, r: int) -> dict[str, torch.Tensor]:
@@ -84,7 +85,7 @@ def _step_setup():
     cfg = TrainConfig(
         steps=4, batch_size=3, lr=2e-2, warmup=2, min_lr_ratio=0.1, clip=0.05, weight_decay=0.01, seed=6, device="cpu"
     )
-    return model, data, cfg
+    return model, data, made(cfg, "cyclelab.checks.fine_tuning:_step_setup", path=(2,))
 
 
 def _step_loss(model, ids, how: str = "ok") -> torch.Tensor:
@@ -144,8 +145,11 @@ def _run_steps(step_fn, model, data, cfg) -> list:
     from cyclelab.train.finetune import batch_indices, make_optimizer, make_scheduler
 
     model.train()
-    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = make_scheduler(opt, cfg)
+    where = "cyclelab.train.finetune"  # the learner's process makes its own optimizer and schedule
+    opt = made(
+        make_optimizer(model, cfg.lr, cfg.weight_decay), f"{where}:make_optimizer", model, cfg.lr, cfg.weight_decay
+    )
+    scheduler = made(make_scheduler(opt, cfg), f"{where}:make_scheduler", opt, cfg)
     losses = []
     for step in range(cfg.steps):
         ids = torch.stack([data[i] for i in batch_indices(cfg.seed, step, len(data), cfg.batch_size)])
@@ -172,7 +176,7 @@ def check_training_step(fn: Callable[..., float]) -> str:
     from cyclelab.train.finetune import batch_indices, lm_loss, train
 
     model, data, cfg = _step_setup()
-    learner = copy.deepcopy(model)
+    learner = made(copy.deepcopy(model), "cyclelab.checks.fine_tuning:_step_setup", path=(0,))
     ids0 = torch.stack([data[i] for i in batch_indices(cfg.seed, 0, len(data), cfg.batch_size)])
     with torch.no_grad():
         want_loss = float(model(input_ids=ids0, labels=ids0).loss)  # transformers shifts the labels itself

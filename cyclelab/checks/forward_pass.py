@@ -8,6 +8,7 @@ import torch
 
 from cyclelab.checks.harness import Failed, checker, close, tensor_answer
 from cyclelab.checks.models import random_gpt2
+from cyclelab.checks.recipes import float64_copy, made
 
 
 def _block_variants(x: torch.Tensor, layer) -> dict[str, torch.Tensor]:
@@ -67,11 +68,11 @@ def _block_variants(x: torch.Tensor, layer) -> dict[str, torch.Tensor]:
 def _block_cases(model: torch.nn.Module | None, seed: int = 5):
     """(layer index, layer, x) to try: every layer of the random GPT-2, of its float64 copy, and of
     ``model`` when given, on three shapes each."""
-    import copy
 
     gen = torch.Generator().manual_seed(seed)
-    random_model = random_gpt2()
-    for m in [random_model, copy.deepcopy(random_model).double()] + ([model] if model is not None else []):
+    random_model = made(random_gpt2(), "cyclelab.checks.models:random_gpt2")
+    double = made(float64_copy(random_model), "cyclelab.checks.recipes:float64_copy", random_model)
+    for m in [random_model, double] + ([model] if model is not None else []):
         dtype, width = next(m.parameters()).dtype, m.config.n_embd
         for i, layer in enumerate(m.transformer.h):
             for shape in ((1, 6, width), (2, 1, width), (1, 9, width)):

@@ -100,7 +100,10 @@ def _is_library(filename: str) -> bool:
 
 
 def _learner_line(err: Exception) -> str:
-    """`` (line N: `code`)`` of the deepest frame of the learner's own code in ``err``'s traceback."""
+    """`` (line N: `code`)`` of the deepest frame of the learner's own code in ``err``'s traceback (or the line
+    the learner's process found, when the exception was raised there)."""
+    if isinstance(getattr(err, "learner_line", None), str):
+        return err.learner_line
     mine = [f for f in traceback.extract_tb(err.__traceback__) if not _is_library(f.filename)]
     if not mine:
         return ""

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 from cyclelab.checks.harness import Failed, call, checker, close, tensor_answer
+from cyclelab.checks.recipes import made
 
 
 def _engine_of(engine):
@@ -16,7 +17,7 @@ def _engine_of(engine):
     if "tiny" not in _ENGINES:
         from cyclelab.core.engine import Engine
 
-        _ENGINES["tiny"] = Engine("tiny")
+        _ENGINES["tiny"] = made(Engine("tiny"), "cyclelab.core.engine:Engine", "tiny")
     return _ENGINES["tiny"]
 
 
@@ -181,11 +182,14 @@ def _ig_cases() -> list[tuple[Callable, torch.Tensor, torch.Tensor, int]]:
     gen = torch.Generator().manual_seed(8)
     w = torch.randn(3, 4, generator=gen, dtype=torch.float64)
     x = torch.randn(3, 4, generator=gen, dtype=torch.float64) * 2
-    return [
+    cases = [
         (lambda p: torch.cos(p) * w, x, torch.zeros_like(x), 8),  # f = sum(w sin x)
         (lambda p: 3 * p**2, x[0], torch.full((4,), 0.5, dtype=torch.float64), 5),  # f = sum(x^3)
         (lambda p: torch.exp(p) * w[1:], x[1:], torch.zeros_like(x[1:]), 12),
     ]  # f = sum(w e^x)
+    for i, case in enumerate(cases):  # a learner's process makes its own gradient functions
+        made(case[0], "cyclelab.checks.knowledge:_ig_cases", path=(i, 0))
+    return cases
 
 
 def _ig_reference(grad_fn, x, baseline, steps: int, alphas=None, scale: float = 1.0) -> torch.Tensor:

@@ -4,13 +4,15 @@ Layout: ``SUBMISSIONS/<learner>/<chapter>.ipynb``, one folder per learner holdin
 hand in. A notebook is matched to the course notebook by its ``NN_`` prefix (a browser's
 ``01_tokenizing (1).ipynb`` is chapter 01); notebooks in a learner's subfolders are found too. The check cells
 are restored from the course, and the notebook runs with papermill (cells that raise do not stop it) in a
-limited process (:mod:`cyclelab.workshop.sandbox`) under a deadline scaled by the chapter's cost label. Then
-each ``check_xxx(...)`` call of each check cell is judged in a fresh process that gets only the learner's
-definitions and cyclelab's own check (:mod:`cyclelab.workshop.verdict`): nothing printed in the learner's
-kernel counts. Each call gets one row: passed, failed (with the check's hint), or error (with the reason);
+limited process (:mod:`cyclelab.workshop.sandbox`) under a deadline scaled by the chapter's cost label; its
+check cells call nothing there. Then each ``check_xxx(...)`` call of each check cell is judged by cyclelab's
+own check in a fresh process (:mod:`cyclelab.workshop.verdict`) that calls the learner's function in a
+limited process of its own holding only the learner's definitions (:mod:`cyclelab.workshop.learner`):
+nothing printed in the learner's kernel counts, and a function that never returns or runs past a limit
+errs its own row. Each call gets one row: passed, failed (with the check's hint), or error (with the reason);
 a notebook that cannot be read gets rows "malformed: <reason>", and no notebook stops the run.
 
-    cyclelab grade SUBMISSIONS/ --out grades.csv [--timeout SECONDS] [--course DIR]
+    cyclelab grade SUBMISSIONS/ --out grades.csv [--timeout SECONDS] [--check-timeout SECONDS] [--course DIR]
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import os
 import re
 import sys
 import warnings
-from dataclasses import astuple, dataclass, fields
+from dataclasses import asdict, astuple, dataclass, fields
 from pathlib import Path
 
 import nbformat
@@ -255,12 +257,12 @@ def _child_env() -> dict:
 
 
 def _child(mode: str, spec: dict, timeout: float, cwd: Path) -> tuple[dict | None, str]:
-    """Run ``python -m cyclelab.workshop.verdict MODE`` limited; its JSON answer (None on a timeout) or why not."""
+    """Run ``python -m cyclelab.workshop.verdict MODE`` limited; its JSON answer (None on a timeout) or why not.
+    ``-P``: no module is imported from ``cwd``, where the learner's code may have written files."""
     cores = os.cpu_count() or 1
     limits = Limits(cpu_seconds=int(timeout * cores) + 120)
-    done = run_limited(
-        [sys.executable, "-m", "cyclelab.workshop.verdict", mode], timeout, json.dumps(spec), limits, _child_env(), cwd
-    )
+    command = [sys.executable, "-P", "-m", "cyclelab.workshop.verdict", mode]
+    done = run_limited(command, timeout, json.dumps(spec), limits, _child_env(), cwd)
     if done.timed_out:
         return None, "timed out"
     lines = done.stdout.strip().splitlines()
@@ -271,20 +273,47 @@ def _child(mode: str, spec: dict, timeout: float, cwd: Path) -> tuple[dict | Non
         return {}, f"the grader's {mode} process ended without an answer ({tail[0][:200]})"
 
 
+@dataclass(frozen=True)
+class Budget:
+    """What one learner's function may use within one check: seconds (None: the notebook's deadline) and
+    the limits of its process."""
+
+    seconds: float | None = None
+    limits: Limits = Limits()
+
+
 def grade_notebook(
-    learner: str, path: Path, course: Path, work: Path, timeout: float, root: Path | None = None
+    learner: str,
+    path: Path,
+    course: Path,
+    work: Path,
+    timeout: float,
+    root: Path | None = None,
+    budget: Budget = Budget(),
 ) -> list[Grade]:
     """The rows of one learner's notebook; every problem becomes an ``error`` row, never an exception."""
     name = path.name if root is None else str(path.relative_to(root / learner))
     try:
-        return _grade(learner, name, path, course, work, timeout)
+        return _grade(learner, name, path, course, work, timeout, budget)
     except Exception as err:  # noqa: BLE001 - one notebook never stops the class
         return [
             Grade(learner, name, "", ERROR, f"the grader failed on this notebook: {type(err).__name__}: {err}", 0, 0)
         ]
 
 
-def _grade(learner: str, name: str, path: Path, course: Path, work: Path, timeout: float) -> list[Grade]:
+def runnable(nb: NotebookNode, ref: Reference) -> NotebookNode:
+    """A copy of a prepared notebook whose check cells call nothing: the kernel runs the learner's cells, and
+    each check is judged apart, so a function that never returns stops its own check, not the notebook."""
+    copy = nbformat.from_dict(json.loads(json.dumps(nb)))
+    for cell in copy.cells:
+        if cell.get("cell_type") == "code" and cell.metadata.get("nbgrader", {}).get("grade_id") in ref.checks:
+            cell.source = "# graded in a process of its own: " + " ".join(cell.source.split())
+    return copy
+
+
+def _grade(
+    learner: str, name: str, path: Path, course: Path, work: Path, timeout: float, budget: Budget
+) -> list[Grade]:
     ref = reference(course, path.name)
     if ref is None:
         return [
@@ -306,7 +335,7 @@ def _grade(learner: str, name: str, path: Path, course: Path, work: Path, timeou
     folder = work / learner / Path(name).with_suffix("").name
     prepared = folder / "submitted" / ref.name
     prepared.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, str(prepared))
+    nbformat.write(runnable(nb, ref), str(prepared))
     hand_over(folder)
     seconds, why = deadline(ref, timeout)
     answer, problem = _child(
@@ -322,11 +351,12 @@ def _grade(learner: str, name: str, path: Path, course: Path, work: Path, timeou
         return _rows(learner, name, ref, ERROR, problem)
     if error and not error.startswith("cell "):
         return _rows(learner, name, ref, ERROR, f"the check did not run: {error}")
-    return [_judge(learner, name, nb, ref, call, missing, seconds, prepared.parent) for call in ref.calls]
+    budget = Budget(budget.seconds or seconds, budget.limits)
+    return [_judge(learner, name, nb, ref, call, missing, budget, prepared.parent) for call in ref.calls]
 
 
 def _judge(
-    learner: str, name: str, nb: NotebookNode, ref: Reference, call: Call, missing: set[str], seconds: float, cwd: Path
+    learner: str, name: str, nb: NotebookNode, ref: Reference, call: Call, missing: set[str], budget: Budget, cwd: Path
 ) -> Grade:
     """The row of one check call, judged in a fresh process."""
     if call.check_id in missing:
@@ -346,9 +376,11 @@ def _judge(
         if cell.cell_type == "code" and not _check_id(cell, ref):
             cells.append([number, cell.source])
     spec = {"cells": cells, "check": call.check, "function": call.function, "args": list(call.args)}
-    answer, problem = _child("check", spec, seconds + 60, cwd)
+    spec |= {"timeout": budget.seconds, "limits": asdict(budget.limits), "cwd": str(cwd)}
+    outer = budget.seconds + 120  # the learner's time, then the check's own (its imports, its references)
+    answer, problem = _child("check", spec, outer, Path("/"))  # nothing the learner wrote is beside it
     if answer is None:
-        status, hint = ERROR, f"timed out: the check of {call.function} ran past {seconds + 60:g} s"
+        status, hint = ERROR, f"timed out: the check of {call.function} ran past {outer:g} s"
     else:
         status, hint = (ERROR, problem) if problem else (answer["status"], answer["hint"])
     return Grade(learner, name, call.function, status, hint, call.points if status == PASSED else 0, call.points)
@@ -360,9 +392,11 @@ def grade_class(
     work: Path = Path("outputs/graded"),
     timeout: float = 600,
     jobs: int = 1,
+    budget: Budget = Budget(),
 ) -> list[Grade]:
     """Grade every notebook under ``submissions`` (layout ``SUBMISSIONS/<learner>/<chapter>.ipynb``),
-    ``jobs`` notebooks at a time; rows in the order of learners and notebooks."""
+    ``jobs`` notebooks at a time; rows in the order of learners and notebooks. ``budget``: what a learner's
+    function may use in one check (by default the notebook's deadline, and :class:`Limits`' defaults)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from cyclelab.workshop.course import notebooks_dir
@@ -377,7 +411,7 @@ def grade_class(
     root = Path(submissions)
     pairs = find_submissions(root)
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # each notebook runs in processes of its own
-        graded = pool.map(lambda pair: grade_notebook(*pair, course, work, timeout, root), pairs)
+        graded = pool.map(lambda pair: grade_notebook(*pair, course, work, timeout, root, budget), pairs)
         return [row for rows in graded for row in rows]
 
 

@@ -24,6 +24,9 @@ from functools import lru_cache
 from pathlib import Path
 
 PR_SET_CHILD_SUBREAPER = 36
+PR_CAPBSET_DROP = 24
+NOBODY = 65534  # the real uid root's learner processes are counted under
+SYS_CAPSET = {"x86_64": 126, "aarch64": 91}.get(os.uname().machine, -1)
 
 
 @dataclass(frozen=True)
@@ -61,21 +64,49 @@ def _user_processes(uid: int) -> int:
 
 
 def _preexec(limits: Limits, user: pwd.struct_passwd | None):
-    """The function run in the child before exec: limits first, then the user (root may still set them)."""
-    uid = user.pw_uid if user else os.getuid()
+    """The function run in the child before exec: limits first, then the user (root may still set them).
+    Root without an unprivileged user keeps uid 0 for its files, but counts its processes under ``nobody``'s
+    real uid and gives up its capabilities: Linux exempts real uid 0 (and capable processes) from the limit."""
+    root = user is None and os.getuid() == 0  # (a process already counted under nobody stays so)
+    uid = user.pw_uid if user else (NOBODY if root else os.getuid())
     nproc = _user_processes(uid) + limits.processes
 
     def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 10))
-        _, hard = resource.getrlimit(resource.RLIMIT_NPROC)
-        resource.setrlimit(resource.RLIMIT_NPROC, (min(nproc, hard) if hard >= 0 else nproc,) * 2)
+        _lower(resource.RLIMIT_AS, limits.memory_bytes, limits.memory_bytes)
+        _lower(resource.RLIMIT_CPU, limits.cpu_seconds, limits.cpu_seconds + 10)
+        _lower(resource.RLIMIT_NPROC, nproc, nproc)
         if user:
             os.setgroups([])
             os.setgid(user.pw_gid)
             os.setuid(user.pw_uid)
+        elif root:
+            os.setresuid(uid, 0, 0)
+            drop_capabilities()
 
     return apply
+
+
+def _lower(kind: int, soft: int, hard: int) -> None:
+    """Set a limit, never above the hard limit this process already has (only a capable one may raise it)."""
+    _, now = resource.getrlimit(kind)
+    if now != resource.RLIM_INFINITY:
+        soft, hard = min(soft, now), min(hard, now)
+    resource.setrlimit(kind, (soft, hard))
+
+
+def drop_capabilities() -> None:
+    """Give up every capability of this process and of what it runs (Linux: the bounding set, then ``capset``):
+    a root process keeps uid 0 and its files but no longer overrides limits or permissions. Best effort:
+    nothing happens where these calls are missing."""
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable: twice (64 capabilities), all zero
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        for capability in range(64):  # an exec as root would get the bounding set back
+            libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0)
+        libc.syscall(SYS_CAPSET, header, data)
+    except (OSError, AttributeError):
+        pass
 
 
 @lru_cache(maxsize=1)
@@ -97,7 +128,7 @@ def unprivileged_user() -> pwd.struct_passwd | None:
             cwd="/",
         )
         refused = probe.returncode != 0
-    except OSError:
+    except (OSError, subprocess.SubprocessError):  # e.g. a root process that gave up its capabilities
         refused = True
     if refused:
         warnings.warn(

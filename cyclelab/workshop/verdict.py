@@ -3,99 +3,142 @@
 ``python -m cyclelab.workshop.verdict notebook``: execute a prepared notebook (papermill, a kernel of its own)
 and print how the run ended as one JSON line. Nothing the kernel prints decides a grade.
 
-``python -m cyclelab.workshop.verdict check``: the verdict of one check, in a fresh process. It reads a spec
-(JSON, on stdin): the learner's code cells before the check, the check's name and the argument expressions of
-its call. Of those cells it runs only definitions (imports, ``def``, ``class``, assignments to plain names):
-no printing, hooks or patching reaches this process at the top level. The check function is cyclelab's own,
-imported before any learner code runs, and the verdict is read from the Result object (not from any text)
-and written to a private copy of stdout (the learner's prints go to stderr). A function whose code is
-cyclelab's own, or that calls the package's reference (``_ref_*``), fails as copied from the package.
+``python -m cyclelab.workshop.verdict check``: the verdict of one check, in a fresh process that never runs
+learner code. It reads a spec (JSON, on stdin): the learner's code cells before the check, the check's name
+and the argument expressions of its call. The learner's function runs in a limited process of its own
+(:mod:`cyclelab.workshop.learner`: of the cells it runs only definitions, imports, ``def``, ``class``,
+assignments to plain names) that answers each call the check makes with values, never pickle; whatever it
+patches, prints or writes stays there. The check function is cyclelab's own, the check's further arguments
+(``tiny.model``) are made here from literals and ``load(...)`` only, and the verdict is read from the Result
+object and written to a private copy of stdout; this process cannot be traced by the learner's (same user).
+A function whose code is cyclelab's own, or that calls the package's reference (``_ref_*``), fails as copied
+from the package (read from the source here, and from the function object there).
 """
 
 from __future__ import annotations
 
 import ast
-import functools
+import ctypes
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1]  # the cyclelab package folder
-KEPT = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
-MAGIC = re.compile(r"^\s*[%!].*$", re.MULTILINE)
+PR_SET_DUMPABLE = 4
 
 
-def definitions(source: str) -> ast.Module:
-    """The definitions of a cell (see the module doc); SyntaxError when it does not parse."""
-    tree = ast.parse(MAGIC.sub("", source))
-    tree.body = [s for s in tree.body if isinstance(s, KEPT) or _plain_assignment(s)]
-    return tree
+def _copied_statically(cells: list[list], function: str) -> str:
+    """Why the cells' last binding of ``function`` is the package's own, read from the source without running
+    it: an import from cyclelab, or a ``def`` that names a reference ``_ref_*`` ('' otherwise)."""
+    from cyclelab.workshop.learner import _code_names, definitions
+
+    why = ""
+    for _, source in cells:
+        try:
+            tree = definitions(source)
+        except SyntaxError:
+            continue
+        for stmt in tree.body:
+            if isinstance(stmt, ast.ImportFrom) and any((a.asname or a.name) == function for a in stmt.names):
+                ours = (stmt.module or "").split(".")[0] == "cyclelab"
+                why = f"its code is cyclelab's own (imported from {stmt.module})" if ours else ""
+            elif isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)) and stmt.name == function:
+                code = compile(ast.Module([stmt], []), "<cell>", "exec")
+                refs = sorted(n for n in _code_names(code) if n.startswith("_ref"))
+                why = f"it calls the package's reference {refs[0]}" if refs else ""
+    return why
 
 
-def _plain_assignment(stmt: ast.stmt) -> bool:
-    """``name = …`` or ``a, b = …`` (not ``obj.attr = …`` nor ``d[k] = …``: those patch what exists)."""
+def _bindings(cells: list[list]) -> dict[str, ast.expr]:
+    """The expression each plain name was last assigned in the cells (definitions only, never run)."""
+    from cyclelab.workshop.learner import definitions
 
-    def plain(target: ast.expr) -> bool:
-        return isinstance(target, ast.Name) or (isinstance(target, ast.Tuple) and all(map(plain, target.elts)))
-
-    if isinstance(stmt, ast.Assign):
-        return all(plain(t) for t in stmt.targets)
-    return isinstance(stmt, ast.AnnAssign) and stmt.value is not None and isinstance(stmt.target, ast.Name)
-
-
-def _code_names(code) -> set[str]:
-    """Every global and attribute name a code object (and the code nested in it) uses."""
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if hasattr(const, "co_names"):
-            names |= _code_names(const)
+    names: dict[str, ast.expr] = {}
+    for _, source in cells:
+        try:
+            tree = definitions(source)
+        except SyntaxError:
+            continue
+        for stmt in tree.body:
+            if isinstance(stmt, ast.Assign):
+                for target in stmt.targets:
+                    pairs = [(target, stmt.value)]
+                    if isinstance(target, ast.Tuple) and isinstance(stmt.value, ast.Tuple):
+                        pairs = list(zip(target.elts, stmt.value.elts))
+                    names |= {t.id: v for t, v in pairs if isinstance(t, ast.Name)}
+            elif isinstance(stmt, ast.AnnAssign):
+                names[stmt.target.id] = stmt.value
+            else:
+                for node in ast.walk(stmt):
+                    if isinstance(node, ast.alias):
+                        names.pop((node.asname or node.name).split(".")[0], None)
+                names.pop(getattr(stmt, "name", ""), None)
     return names
 
 
-def copied(fn) -> str:
-    """Why ``fn`` is the package's own code ('' when it is the learner's)."""
-    if isinstance(fn, functools.partial):
-        return copied(fn.func)
-    code = getattr(fn, "__code__", None) or getattr(getattr(fn, "__call__", None), "__code__", None)
-    if code is None:
-        module = getattr(fn, "__module__", "") or ""
-        return f"it is {module}'s own" if module.split(".")[0] == "cyclelab" else ""
-    if Path(code.co_filename).resolve().is_relative_to(PACKAGE):
-        return f"its code is cyclelab's own ({Path(code.co_filename).name})"
-    refs = sorted(n for n in _code_names(code) if n.startswith("_ref"))
-    return f"it calls the package's reference {refs[0]}" if refs else ""
+def argument(expr: str, cells: list[list]):
+    """The value of a check call's further argument (``tiny.model``, ``mlm``), made in this process without
+    running learner code: a literal, a name the cells assigned a literal or ``load(...)`` of literals (made
+    with cyclelab's own ``load``), and attributes of those. ValueError naming the argument otherwise."""
+    from cyclelab.checks.recipes import made
+    from cyclelab.loading.loader import load
 
+    names = _bindings(cells)
 
-def _define(cells: list[list], namespace: dict) -> str:
-    """Run each cell's definitions in ``namespace``, a cell stopping at its first error; the first error."""
-    first = ""
-    for number, source in cells:
+    def value(node: ast.expr, depth: int = 0):
+        if depth > 20:
+            raise ValueError("its names refer to each other")
+        if isinstance(node, ast.Name) and node.id in names:
+            return value(names[node.id], depth + 1)
+        if isinstance(node, ast.Attribute) and not node.attr.startswith("_"):
+            return getattr(value(node.value, depth + 1), node.attr)
+        if isinstance(node, (ast.Tuple, ast.List)):
+            return (tuple if isinstance(node, ast.Tuple) else list)(value(e, depth + 1) for e in node.elts)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "load":
+            args = [value(a, depth + 1) for a in node.args]
+            kwargs = {k.arg: value(k.value, depth + 1) for k in node.keywords if k.arg}
+            return made(load(*args, **kwargs), "cyclelab.loading.loader:load", *args, **kwargs)
         try:
-            exec(compile(definitions(source), f"<cell {number}>", "exec"), namespace)
-        except BaseException as err:  # noqa: BLE001 - the learner's cell, whatever it raises
-            first = first or f"cell {number}: {type(err).__name__}: {err}"
-    return first
+            return ast.literal_eval(node)
+        except ValueError:
+            raise ValueError(f"`{ast.unparse(node)}` is not a literal nor load(...) of literals") from None
+
+    try:
+        return value(ast.parse(expr, mode="eval").body)
+    except (ValueError, SyntaxError) as err:
+        raise ValueError(f"the check's argument `{expr}` could not be made from the notebook: {err}") from None
 
 
 def judge(spec: dict) -> dict:
-    """The verdict of one check: {"status": passed|failed|error, "hint": ...}."""
+    """The verdict of one check: {"status": passed|failed|error, "hint": ...}. The learner's function runs in
+    a process of its own (:mod:`cyclelab.workshop.learner`); this one only calls it and compares."""
     import cyclelab.checks as checks
+    from cyclelab.workshop.learner import Learner, Stopped, limits_of
 
-    check, result_type = getattr(checks, spec["check"]), checks.Result  # before any learner code runs
-    namespace: dict = {"__name__": "__main__"}
-    first = _define(spec["cells"], namespace)
-    before = f" (the notebook's first error: {first})" if first else ""
-    try:
-        args = [eval(expr, namespace) for expr in spec["args"]]  # noqa: S307 - the course's own check call
-    except Exception as err:  # noqa: BLE001
-        return {"status": "error", "hint": f"the check raised {type(err).__name__}: {err}{before}"}
-    why = copied(args[0]) if args else ""
+    check, result_type = getattr(checks, spec["check"]), checks.Result
+    function, cells = spec["function"], spec["cells"]
+    why = _copied_statically(cells, function)
     if why:
-        return {"status": "failed", "hint": f"copied from the package: {spec['function']} is not yours ({why})"}
-    result = check(*args)
+        return {"status": "failed", "hint": f"copied from the package: {function} is not yours ({why})"}
+    learner = None
+    try:  # forked before this process computes anything (a thread pool in use does not survive a fork)
+        learner = Learner(cells, function, limits_of(spec), spec.get("timeout", 600), spec.get("cwd"))
+        extra = [argument(expr, cells) for expr in spec["args"][1:]]
+        hello = learner.hello
+        before = f" (the notebook's first error: {hello['first']})" if hello.get("first") else ""
+        if not hello.get("defined"):
+            return {"status": "error", "hint": f"the check raised NameError: name '{function}' is not defined{before}"}
+        if hello.get("copied"):
+            return {"status": "failed", "hint": f"copied from the package: {function} is not yours ({hello['copied']})"}
+        result = check(learner.proxy(), *extra)
+    except Stopped as stopped:
+        return {"status": "error", "hint": str(stopped)}
+    except ValueError as err:  # a further argument that could not be made
+        return {"status": "error", "hint": str(err)}
+    finally:
+        if learner is not None:
+            learner.stop()
     if type(result) is not result_type or not isinstance(vars(result).get("passed"), bool):
         return {"status": "error", "hint": f"{spec['check']} returned no Result"}
     passed, message = vars(result)["passed"], str(vars(result).get("message", ""))
@@ -105,7 +148,8 @@ def judge(spec: dict) -> dict:
 def _check_main() -> None:
     from cyclelab.workshop.sandbox import kill_descendants
 
-    verdict = os.fdopen(os.dup(1), "w", encoding="utf-8")  # the learner's code never gets this name
+    _not_dumpable()
+    verdict = os.fdopen(os.dup(1), "w", encoding="utf-8")  # the learner's process never gets this name
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     spec = json.loads(sys.stdin.read())
@@ -117,6 +161,14 @@ def _check_main() -> None:
     verdict.flush()
     kill_descendants()
     os._exit(0)  # no atexit hook or finaliser of the learner's code runs after the verdict
+
+
+def _not_dumpable() -> None:
+    """No process of the same user (the learner's) may trace this one or open its /proc files (Linux)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _notebook_main() -> None:
