@@ -135,3 +135,38 @@ def test_the_check_cells_call_nothing_in_the_graded_kernel(tmp_path) -> None:
 
 def test_a_right_answer_passes_after_all_that() -> None:
     assert _judge(GREEDY_RIGHT) == {"status": "passed", "hint": ""}
+
+
+def test_the_learners_process_ends_when_the_checks_is_killed(tmp_path) -> None:
+    """The grader kills a check's process at its deadline; the learner's, in a session of its own, ends with it."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "learner.pid"
+    body = (
+        "def greedy_step(logits):\n"
+        f"    open({str(pid_file)!r}, 'w').write(str(__import__('os').getpid()))\n"
+        "    while True:\n        pass"
+    )
+    spec = {"cells": [[1, body]], "check": "check_greedy_step", "function": "greedy_step", "args": ["greedy_step"]}
+    spec |= {"timeout": 120, "limits": asdict(SMALL)}
+    code = f"from cyclelab.workshop.verdict import judge; judge({json.dumps(spec)!r} and __import__('json').loads({json.dumps(json.dumps(spec))}))"
+    check = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    learner = int(pid_file.read_text())
+    check.send_signal(signal.SIGKILL)
+    check.wait()
+    for _ in range(50):
+        try:
+            os.kill(learner, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(learner, signal.SIGKILL)
+    pytest.fail("the learner's process outlived the check's")

@@ -15,6 +15,7 @@ ends, stops the check with :class:`Stopped`, whose message names the limit.
 from __future__ import annotations
 
 import ast
+import ctypes
 import functools
 import inspect
 import os
@@ -110,6 +111,21 @@ def _define(cells: list[list], namespace: dict) -> str:
 # ------------------------------------------------------------------ the check's side
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> None:
+    """Be killed when ``parent`` ends, however it ends (Linux): a check's process killed by the grader's
+    deadline must not leave the learner's, in its own session, running on. Set after the change of user,
+    which clears it; a parent already gone by then ends this process at once."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 class _Forked:
     """The learner's process, forked from the check's before the check computes anything (torch and cyclelab
     already imported: no second start-up), in a session of its own, limited (as ``nobody`` when root; root's
@@ -118,11 +134,13 @@ class _Forked:
     def __init__(self, limits: Limits, cwd: str | None) -> None:
         limit = _preexec(limits, unprivileged_user())
         request, answer = os.pipe(), os.pipe()
+        parent = os.getpid()
         self.pid, self.returncode = os.fork(), None
         if self.pid == 0:  # the learner's process
             try:
                 os.setsid()
                 limit()
+                _die_with(parent)
                 if cwd:
                     os.chdir(cwd)
                 os.dup2(request[0], 0)
