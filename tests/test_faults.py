@@ -488,6 +488,62 @@ def test_an_unreadable_model_file_is_named(data_copy, monkeypatch):
         load("tiny", cache=False)
 
 
+def _loop(name: str) -> Callable[[Path], None]:
+    def damage(folder: Path) -> None:
+        (folder / name).unlink()
+        (folder / name).symlink_to(name)
+
+    return damage
+
+
+SUMS_FAULTS = [  # found by scripts/fault_campaign.py: each was a raw errno or accepted
+    ("config-loop", _loop("config.json"), r"tiny/config\.json cannot be opened \(Too many levels of symbolic links\)"),
+    ("sums-loop", _loop(SUMS), r"tiny/SHA256SUMS is a broken symbolic link\. To repair: .*git checkout data/tiny"),
+    ("sums-folder", as_directory(SUMS), r"tiny/SHA256SUMS is a directory, not a file\. To repair"),
+    (
+        "sums-names-a-ghost",
+        lambda f: (f / SUMS).write_text((f / SUMS).read_text() + "0" * 64 + "  ghost.json\n"),
+        r"tiny/ghost\.json is missing, though SHA256SUMS lists it\. To repair",
+    ),
+    (
+        "sums-names-a-path-outside",
+        lambda f: (f / SUMS).write_text((f / SUMS).read_text() + "0" * 64 + "  ../../etc/passwd\n"),
+        r"SHA256SUMS is corrupt \(line 6 names '\.\./\.\./etc/passwd', not a file of this folder\)\. To repair",
+    ),
+]
+
+
+@pytest.mark.parametrize("damage, message", [r[1:] for r in SUMS_FAULTS], ids=[r[0] for r in SUMS_FAULTS])
+def test_links_and_hand_edited_checksum_lists_are_named(data_copy, damage, message):
+    damage(data_copy / "tiny")
+    with pytest.raises(ModelFileError, match=message):
+        load("tiny", cache=False)
+    check = doctor._tiny()[0]  # the doctor agrees
+    assert not check.ok and re.search(message, check.detail)
+
+
+def test_an_unreadable_checksum_list_is_named(data_copy, monkeypatch):
+    import pathlib
+
+    real = pathlib.Path.read_text
+
+    def refuse(self, *args, **kwargs):
+        if self.name == SUMS:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", refuse)
+    with pytest.raises(ModelFileError, match=r"SHA256SUMS cannot be read \(Permission denied\): fix its permissions"):
+        load("tiny", cache=False)
+
+
+@pytest.mark.parametrize("damage", [delete(SUMS), lambda f: (f / SUMS).write_text("")], ids=["deleted", "emptied"])
+def test_doctor_refuses_tiny_without_its_checksums_as_load_does(data_copy, damage):
+    damage(data_copy / "tiny")
+    check = doctor._tiny()[0]
+    assert not check.ok and re.search(r"tiny/SHA256SUMS is (missing|empty), so the model files", check.detail)
+
+
 def test_verifying_tiny_costs_well_under_a_second(data_copy):
     import time
 
@@ -705,7 +761,10 @@ def test_doctor_names_a_damaged_or_unverifiable_cache(cache):
     assert not checks["asset minilm"].ok and "vocab.txt is corrupt" in checks["asset minilm"].detail
     (cache / "models" / "smollm2" / SUMS).unlink()
     legacy = {c.check: c for c in doctor.run_checks()}["smollm2 safetensors"]
-    assert not legacy.ok and "no checksums" in legacy.detail and "`cyclelab fetch smollm2`" in legacy.detail
+    assert not legacy.ok and "SHA256SUMS is missing" in legacy.detail and "`cyclelab fetch smollm2`" in legacy.detail
+    assert "load('smollm2') refuses it too" in legacy.detail  # doctor, fetch and load agree: the list is required
+    with pytest.raises(ModelFileError, match=r"SHA256SUMS is missing, so the model files .* cannot be verified"):
+        load("smollm2", cache=False)
 
 
 CACHE_IS_A_FILE = [
@@ -1010,7 +1069,8 @@ def test_cyclelab_fetch_smollm2_converts_again_when_needed(cache, fake_dequantiz
     damage(cache / "models" / "smollm2")
     assert main(["fetch", "smollm2"]) == 0
     assert len(fake_dequantize) == 1
-    assert "converting it again now" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "converting it again now" in out and "older cyclelab" not in out  # no SHA256SUMS is damage, as for load()
     from cyclelab.loading.checksums import verify_folder
 
     assert verify_folder(cache / "models" / "smollm2", "x")
@@ -1058,8 +1118,9 @@ def test_a_save_on_a_full_disk_keeps_the_previous_file(tiny_engine, tmp_path, mo
     good = path.read_bytes()
     assert good
     _disk_full(monkeypatch)
-    with pytest.raises(OSError, match="No space left on device"):
+    with pytest.raises(OSError, match=r"cannot save \S+saved\.out: the disk is full: free some space") as raised:
         save(path)
+    assert "[Errno" not in str(raised.value) and raised.value.errno == errno.ENOSPC
     assert path.read_bytes() == good, "the previous good file must survive a failed save"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved.out"], "no temporary file may be left behind"
 

@@ -119,6 +119,8 @@ def _number(value, name: str) -> float:
     """``value`` if it is an int or float (a bool is not); else a TypeError naming ``name``."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if isinstance(value, (int, np.integer)) and abs(int(value)) > 2**53:  # torch cannot turn it into a float
+        raise ValueError(f"{name} must be a number of at most 2**53 in size, got {value!r}")
     return value.item() if isinstance(value, np.generic) else value  # numpy scalars as plain Python numbers
 
 

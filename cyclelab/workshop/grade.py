@@ -388,7 +388,7 @@ def check_out(path: Path) -> None:
         raise ValueError(f"--out {path} is a folder: give the CSV file to write, e.g. {path / 'grades.csv'}")
     parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
     if not parent.is_dir():
-        raise ValueError(f"--out {path}: {parent} is a file, not a folder")
+        raise ValueError(f"--out {path}: {parent} is a file, not a folder: give --out a path inside a folder")
     if not os.access(path if path.exists() else parent, os.W_OK):
         raise ValueError(f"--out {path} cannot be written (permission denied)")
 
