@@ -189,7 +189,7 @@ def _smollm2_cache() -> Check:
 
 def _tiny() -> list[Check]:
     from cyclelab.loading import loader
-    from cyclelab.loading.checksums import ModelFileError, shipped_hashes, verify_folder
+    from cyclelab.loading.checksums import ModelFileError, read_sums, shipped_hashes, verify_folder
 
     checks = []
     for name in ("tiny", "tiny-mlm"):
@@ -199,7 +199,14 @@ def _tiny() -> list[Check]:
             if not folder.is_dir():
                 raise ModelFileError(f"{folder} is missing. To repair: {repair}.")
             verify_folder(folder, repair, required=True, shipped=shipped_hashes(name))  # as load() checks it
-            checks.append(Check(f"{name} model", True, f"{folder} (checksums match)"))
+            changed = sorted(k for k, v in shipped_hashes(name).items() if read_sums(folder, repair).get(k) != v)
+            note = (  # a retrained model is recorded so (train-tiny writes data/<name>): not damage, but say so
+                f"; {', '.join(changed)} differ from the model this cyclelab ships (retrained here, or changed "
+                f"and its SHA256SUMS recomputed): `git checkout data/{name}` restores the shipped one"
+                if changed
+                else ""
+            )
+            checks.append(Check(f"{name} model", True, f"{folder} (checksums match{note})"))
         except ModelFileError as err:
             checks.append(Check(f"{name} model", False, str(err)))
     return checks

@@ -20,7 +20,7 @@ from cyclelab.core.engine import drain
 from cyclelab.core.fingerprint import fingerprint
 from cyclelab.core.sampling import apply_repetition_penalty, apply_temperature, as_sampling
 from cyclelab.core.sampling import sample as decode_sample
-from cyclelab.kernels import quantize_symmetric
+from cyclelab.kernels import f32_linear, fused_rms_norm, fused_softmax, quantize_symmetric
 from cyclelab.lab.quantize import int8_linear_of, to_int8
 
 PROMPT = "ROMEO:"
@@ -1037,6 +1037,42 @@ ROWS = [
         FileNotFoundError,
         r"no lesson file at \S+l\.json: check the path",
         id="lesson-missing",
+    ),
+    R(
+        lambda c: f32_linear(torch.randn(1, 5), torch.randn(8, 16)),
+        ValueError,
+        r"f32_linear: x's last dimension must be the weight's input width 16 \(weight 0 is \(out, in\) = \(8, 16\)\)",
+        id="f32-linear-x-too-narrow",
+    ),
+    R(
+        lambda c: f32_linear(torch.randn(1, 16), torch.randn(16)),
+        ValueError,
+        r"f32_linear: weight 0 must be a 2-D tensor \(out, in\), got \(16,\)",
+        id="f32-linear-1d-weight",
+    ),
+    R(
+        lambda c: fused_softmax("x"),
+        TypeError,
+        r"fused_softmax: scores must be a torch\.Tensor, got str",
+        id="fused-str",
+    ),
+    R(
+        lambda c: fused_rms_norm(torch.randn(1, 16), torch.ones(16), float("nan")),
+        ValueError,
+        r"fused_rms_norm: eps must be a finite number >= 0 \(e\.g\. 1e-5\), got nan",
+        id="fused-rms-norm-eps-nan",
+    ),
+    R(
+        lambda c: decode_sample(torch.full((8,), float("nan")), Sampling(do_sample=True, seed=1)),
+        ValueError,
+        r"logits contain NaN: the model's output is damaged; check its weights",
+        id="sample-nan-logits-names-the-fix",
+    ),
+    R(
+        lambda c: Debugger(c.e, PROMPT, 2).set_sampling(colour=1),
+        ValueError,
+        r"unknown sampling setting\(s\) \['colour'\]; the settings are \['do_sample', ",
+        id="debugger-set-sampling-unknown-lists-the-settings",
     ),
     R(
         lambda c: sample(c, temperature=10**30),

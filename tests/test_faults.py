@@ -544,6 +544,46 @@ def test_doctor_refuses_tiny_without_its_checksums_as_load_does(data_copy, damag
     assert not check.ok and re.search(r"tiny/SHA256SUMS is (missing|empty), so the model files", check.detail)
 
 
+def test_a_config_naming_an_unknown_architecture_is_refused(data_copy):
+    folder = data_copy / "tiny"
+    (folder / SUMS).unlink()
+    edit_config(architectures=["NoSuchModel"])(folder)
+    with pytest.raises(
+        ModelFileError, match=r"config\.json names the architecture\(s\) \['NoSuchModel'\], which transformers"
+    ):
+        load(str(folder), cache=False)
+
+
+def test_doctor_says_when_tiny_differs_from_the_shipped_model(data_copy):
+    """A SHA256SUMS recomputed after a change is also how a retrained model is recorded: load() takes it, the
+    doctor says it is not the shipped model."""
+    from cyclelab.loading.checksums import model_files, write_sums
+
+    folder = data_copy / "tiny"
+    flip("model.safetensors")(folder)
+    write_sums(folder, model_files(folder))
+    check = doctor._tiny()[0]
+    assert check.ok and "model.safetensors differ from the model this cyclelab ships" in check.detail
+    assert "git checkout data/tiny" in check.detail
+
+
+def test_grading_a_folder_the_grader_cannot_list_is_named(tmp_path, monkeypatch):
+    import pathlib
+
+    from cyclelab.workshop.grade import find_submissions
+
+    (tmp_path / "class").mkdir()
+
+    def refuse(self, pattern):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "glob", refuse)
+    with pytest.raises(
+        ValueError, match=r"cannot read \S+class \(Permission denied\): the grader must be able to list"
+    ):
+        find_submissions(tmp_path / "class")
+
+
 def test_verifying_tiny_costs_well_under_a_second(data_copy):
     import time
 

@@ -136,9 +136,11 @@ def _check_logits(logits: torch.Tensor, one_row: bool = False) -> None:
         shapes = "(vocab,)" if one_row else "(vocab,) or (batch, vocab)"
         raise ValueError(f"logits must have shape {shapes}, got {tuple(logits.shape)}")
     if logits.numel() == 0:
-        raise ValueError(f"logits are empty (shape {tuple(logits.shape)})")
+        raise ValueError(f"logits are empty (shape {tuple(logits.shape)}): pass one score per vocabulary token")
     if torch.isnan(logits.sum()) and torch.isnan(logits).any():  # the sum first: one cheap pass when there is none
-        raise ValueError("logits contain NaN")
+        raise ValueError(
+            "logits contain NaN: the model's output is damaged; check its weights (load(name, cache=False))"
+        )
 
 
 def _as_ids(ids: Ids, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -298,9 +300,11 @@ def sample(logits: torch.Tensor, generator: torch.Generator) -> tuple[int, float
     """
     _check_logits(logits, one_row=True)
     if torch.isneginf(logits).all():
-        raise ValueError("every logit is -inf: there is no token left to sample")
+        raise ValueError(
+            "every logit is -inf: there is no token left to sample; loosen the filters (top_k, top_p, min_p)"
+        )
     if torch.isposinf(logits).any():
-        raise ValueError("logits contain +inf: their probabilities are undefined")
+        raise ValueError("logits contain +inf: their probabilities are undefined; pass finite logits")
     u = torch.rand(1, generator=generator, device=generator.device).item()
     token, _, _ = slice_of(torch.softmax(logits.detach().double(), dim=-1), u)
     return token, u

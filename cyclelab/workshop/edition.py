@@ -179,7 +179,9 @@ def read_notebook(path: Path) -> NotebookNode:
     try:
         return nbformat.read(str(path), as_version=4)
     except (ValueError, KeyError, AttributeError, UnicodeDecodeError) as err:  # not JSON, or not a notebook
-        raise ValueError(f"{path} is not a readable notebook ({type(err).__name__}: {err})") from None
+        raise ValueError(
+            f"{path} is not a readable notebook ({type(err).__name__}: {err}): give a Jupyter notebook (.ipynb)"
+        ) from None
 
 
 def exercises_of(nb: NotebookNode) -> list[Exercise]:

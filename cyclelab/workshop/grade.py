@@ -67,6 +67,17 @@ def find_submissions(root: Path) -> list[tuple[str, Path]]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"no submissions folder {root}: expected the layout {LAYOUT}")
+    try:
+        return _submissions(root)
+    except OSError as err:  # a folder this user may not list
+        where = err.filename or root
+        raise ValueError(
+            f"cannot read {where} ({err.strerror or err}): the grader must be able to list every learner's folder; "
+            f"fix the permissions (chmod -R u+rX {root}) or grade as the folders' owner"
+        ) from None
+
+
+def _submissions(root: Path) -> list[tuple[str, Path]]:
     loose = sorted(p.name for p in root.glob("*.ipynb"))
     if loose:
         raise ValueError(
