@@ -1165,6 +1165,31 @@ def test_a_save_on_a_full_disk_keeps_the_previous_file(tiny_engine, tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved.out"], "no temporary file may be left behind"
 
 
+@pytest.mark.parametrize(
+    "code, cause",
+    [
+        (errno.EACCES, "permission denied: save to a folder you can write"),
+        (errno.EROFS, "the file system is read-only"),
+    ],
+)
+def test_a_save_into_a_folder_that_refuses_writes_names_the_file(tmp_path, monkeypatch, code, cause):
+    """Where the temporary file cannot be made, removing it fails too (EACCES, EROFS): the save's own error is
+    raised, naming the file asked for (the campaign's Trace.save as another user and on a read-only mount)."""
+    import builtins
+    import pathlib
+
+    from cyclelab.loading.atomic import write_atomic
+
+    def refuse(*args, **kwargs):
+        raise OSError(code, os.strerror(code), str(args[0]))
+
+    monkeypatch.setattr(builtins, "open", refuse)
+    monkeypatch.setattr(pathlib.Path, "unlink", refuse)
+    with pytest.raises(OSError, match=rf"^cannot save \S+t\.json: {cause}") as raised:
+        write_atomic(tmp_path / "t.json", "{}")
+    assert raised.value.errno == code
+
+
 def test_write_atomic_keeps_the_mode_and_replaces_whole(tmp_path):
     from cyclelab.loading.atomic import strict_json, write_atomic
 

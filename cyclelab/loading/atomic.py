@@ -32,12 +32,20 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
             os.chmod(tmp, path.stat().st_mode & 0o7777)
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise _named(err, path) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
     return path
+
+
+def _remove(tmp: Path) -> None:
+    """Remove a temporary file if there is one (where it could not be made, removing fails too: EACCES, EROFS)."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 _FIXES = {
