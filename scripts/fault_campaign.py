@@ -53,7 +53,7 @@ FIX = re.compile(
     r"to repair|repair|\brun\b|\buse\b|must|choose|expected|should|\bgive\b|\bpass\b|\bfix\b|\bset\b|install|"
     r"remove|delete|\bcheck\b|one of|between|at least|at most|\bneeds?\b|free|chmod|sudo|admin|restore|"
     r"save .* again|record .* again|again with|\bwant\b|\bonly\b|instead|e\.g\.|choices|\(ids \d|settings are|"
-    r"a prompt is|press|open it with|load with|converts .* once|make it again|(write|record) \w+ with|takes|point",
+    r"a prompt is|press|open it with|load with|converts .* once|make it again|(write|record) \w+ with|takes|point|loosen",
     re.I,
 )
 RAW_TYPES = {

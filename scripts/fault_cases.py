@@ -457,7 +457,8 @@ def concurrency_cases() -> list:
         cache = copy_cache(ctx)
         shutil.rmtree(cache / "models" / "smollm2")
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        procs = [subprocess.Popen([PY, "-c", script, str(cache)], env=env, capture_output=True) for _ in range(2)]  # type: ignore[call-overload]
+        pipe = subprocess.PIPE
+        procs = [subprocess.Popen([PY, "-c", script, str(cache)], env=env, stdout=pipe, stderr=pipe) for _ in range(2)]
         outs = [p.communicate(timeout=500) for p in procs]
         if any(p.returncode for p in procs):
             raise RuntimeError(f"a converter failed: {outs}")
