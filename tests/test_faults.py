@@ -295,7 +295,7 @@ FOLDER_FAULTS = [
         "tiny",
         delete("tokenizer.json"),
         ModelFileError,
-        r"tiny/tokenizer\.json is missing\. To repair: restore it with `git checkout data/tiny`",
+        r"tiny/tokenizer\.json is missing, though SHA256SUMS lists it\. To repair: restore it with `git checkout data/tiny`",
     ),
     (
         "tiny-weights-missing",
@@ -639,7 +639,7 @@ CACHE_FAULTS = [
         "smollm2",
         in_cache("models/smollm2/config.json", delete),
         ModelFileError,
-        r"models/smollm2/config\.json is missing\. To repair: run `cyclelab fetch smollm2`",
+        r"models/smollm2/config\.json is missing, though SHA256SUMS lists it\. To repair: run `cyclelab fetch smollm2`",
     ),
     (
         "gguf-flipped-is-not-converted",

@@ -397,13 +397,13 @@ def write_student_edition(out: Path, root: Path | None = None, raising_checks: b
             f"OUT ({out}) is the course's own notebooks folder: the student edition would "
             "overwrite the instructor's; choose another folder"
         )
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"OUT ({out}) is a file: give a folder for the student edition")
     if root.resolve() in out.resolve().parents:  # inside it: the next course run would execute the copies
         raise ValueError(
             f"OUT ({out}) is inside the course's notebooks folder {root}: the student copies would be mixed "
             "with the instructor's notebooks; choose a folder outside it"
         )
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"OUT ({out}) is a file: give a folder for the student edition")
     sources = list_notebooks(root=root)
     if not sources:
         raise FileNotFoundError(f"no chapter notebooks (NN_*.ipynb) in {root}")
