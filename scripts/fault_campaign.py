@@ -152,6 +152,8 @@ def classify(case: Case, report: dict) -> tuple[str, str]:
         return "unclear", shown + " (refused a valid input)"
     if kind in RAW_TYPES or "[Errno" in message or "Traceback" in message:
         return "unclear", shown
+    if kind == "RuntimeError" and not case.notes.get("runtime_ok"):  # torch's C++ errors pass through Python frames
+        return "unclear", shown + " (a plain RuntimeError: torch's, not cyclelab's)"
     if not report["ours"]:
         return "unclear", shown + f" (raised in {report['where']})"
     missing = [n for n in case.names if n.lower() not in message.lower()]

@@ -304,6 +304,11 @@ def _check_linears(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.T
         if not (isinstance(w, torch.Tensor) and w.dim() == 2):
             got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
             raise ValueError(f"f32_linear: weight {i} must be a 2-D tensor (out, in), got {got}")
+        if not (x.is_floating_point() and x.dtype == w.dtype):
+            raise TypeError(
+                f"f32_linear: x and weight {i} must be floating-point tensors of one dtype, got x {x.dtype} and "
+                f"weight {w.dtype} (convert x, e.g. x.to({w.dtype}))"
+            )
         if x.dim() == 0 or x.shape[-1] != w.shape[1]:
             raise ValueError(
                 f"f32_linear: x's last dimension must be the weight's input width {w.shape[1]} "
