@@ -441,7 +441,9 @@ def kernel_cases() -> list:
         return call
 
     for how in ("truncate", "world-writable"):
-        cases.append(case(f"own kernel library {how}", "kernels", damaged_library(how), expect="either",
+        # (the case's folder is mode 777, so the build is refused before any library exists: what this checks
+        # is that refusal's warning and the fallback to torch; a damaged built library is tests/test_kernel_build.py's)
+        cases.append(case(f"own kernels under a world-writable folder ({how} any library built)", "kernels", damaged_library(how), expect="either",
                           check=lambda v: v.startswith(("0", "1", "2")) and "[" in v, names=("kernel",),
                           timeout=400, slow=True))  # fmt: skip
     return cases
