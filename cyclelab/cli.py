@@ -181,16 +181,15 @@ def cmd_fetch(args: argparse.Namespace, _: list[str]) -> int:
 
 
 def _smollm2_converted(force: bool) -> Path:
-    """The converted cache, rebuilt when forced, damaged, or without checksums (made by an older cyclelab)."""
+    """The converted cache, rebuilt when forced, damaged, or without its SHA256SUMS (which ``load`` requires)."""
     from cyclelab.loading.checksums import ModelFileError, verify_folder
     from cyclelab.loading.fetch import smollm2_cache
 
     folder = smollm2_cache()
     if (folder / ".complete").exists() and not force:
-        try:
-            if verify_folder(folder, "converting it again now"):
-                return folder  # intact: skip importing torch
-            print(f"{folder} has no checksums (converted by an older cyclelab): converting it again now", flush=True)
+        try:  # required, as load('smollm2') requires it: no SHA256SUMS is damage, converted again
+            verify_folder(folder, "converting it again now", required=True)
+            return folder  # intact: skip importing torch
         except ModelFileError as err:
             print(err, flush=True)
     from cyclelab.loading.loader import smollm2_folder

@@ -180,32 +180,33 @@ def _smollm2_cache() -> Check:
     problem = diagnose(folder, fetch_command("smollm2"), cache_dir())
     if problem:
         return Check(name, False, problem.replace(" is missing:", " is not converted yet:"))
-    try:
-        if verify_folder(folder, fetch_command("smollm2")):
-            return Check(name, True, f"{folder} (checksums match)")
+    try:  # required, as load() requires it: a cache without its SHA256SUMS is refused by both
+        verify_folder(folder, fetch_command("smollm2"), required=True)
     except ModelFileError as err:
-        return Check(name, False, str(err))
-    return Check(
-        name,
-        False,
-        f"{folder} has no checksums (converted by an older cyclelab), so damage would go "
-        f"unnoticed; to convert it again and record them, {fetch_command('smollm2')}",
-    )
+        return Check(name, False, f"{err} (load('smollm2') refuses it too)")
+    return Check(name, True, f"{folder} (checksums match)")
 
 
 def _tiny() -> list[Check]:
-    from cyclelab.loading.checksums import ModelFileError, verify_folder
-    from cyclelab.loading.loader import REPO_DATA
+    from cyclelab.loading import loader
+    from cyclelab.loading.checksums import ModelFileError, read_sums, shipped_hashes, verify_folder
 
     checks = []
     for name in ("tiny", "tiny-mlm"):
-        folder = REPO_DATA / name
+        folder = loader.REPO_DATA / name
         repair = f"run `git checkout data/{name}`"
         try:
-            if not (folder / "config.json").is_file():
-                raise ModelFileError(f"{folder / 'config.json'} is missing. To repair: {repair}.")
-            verify_folder(folder, repair)
-            checks.append(Check(f"{name} model", True, f"{folder} (checksums match)"))
+            if not folder.is_dir():
+                raise ModelFileError(f"{folder} is missing. To repair: {repair}.")
+            verify_folder(folder, repair, required=True, shipped=shipped_hashes(name))  # as load() checks it
+            changed = sorted(k for k, v in shipped_hashes(name).items() if read_sums(folder, repair).get(k) != v)
+            note = (  # a retrained model is recorded so (train-tiny writes data/<name>): not damage, but say so
+                f"; {', '.join(changed)} differ from the model this cyclelab ships (retrained here, or changed "
+                f"and its SHA256SUMS recomputed): `git checkout data/{name}` restores the shipped one"
+                if changed
+                else ""
+            )
+            checks.append(Check(f"{name} model", True, f"{folder} (checksums match{note})"))
         except ModelFileError as err:
             checks.append(Check(f"{name} model", False, str(err)))
     return checks

@@ -20,6 +20,7 @@ from cyclelab.core.engine import drain
 from cyclelab.core.fingerprint import fingerprint
 from cyclelab.core.sampling import apply_repetition_penalty, apply_temperature, as_sampling
 from cyclelab.core.sampling import sample as decode_sample
+from cyclelab.kernels import f32_linear, fused_rms_norm, fused_softmax, quantize_symmetric
 from cyclelab.lab.quantize import int8_linear_of, to_int8
 
 PROMPT = "ROMEO:"
@@ -532,6 +533,24 @@ ROWS = [
         FILE + r" is not a trace file: nested too deeply",
         id="file-deep-nesting",
     ),
+    R(
+        lambda c: trace_file(c, text=json.dumps(c.trace.to_dict())[:-1] + ', "model": "tiny"}'),
+        ValueError,
+        FILE + r" is not a trace file: not JSON \(the key 'model' appears twice in one object\)",
+        id="file-duplicate-key",
+    ),
+    R(
+        lambda c: Trace.load(c.tmp / "nosuch.json"),
+        FileNotFoundError,
+        r"^cannot read the trace file \S+nosuch\.json: there is no such file: check the path$",
+        id="file-missing",
+    ),
+    R(
+        lambda c: Trace.load(c.tmp),
+        IsADirectoryError,
+        r"^cannot read the trace file \S+: it is a folder: give the path of a file in it$",
+        id="file-is-a-folder",
+    ),
     R(lambda c: trace_file(c, text="[]"), ValueError, FILE + r".*the file must be an object", id="file-list-at-top"),
     R(lambda c: trace_file(c, text="null"), ValueError, FILE + r".*the file must be an object", id="file-null"),
     R(
@@ -1008,6 +1027,84 @@ ROWS = [
         id="load-dtype-string",
     ),
     R(
+        lambda c: _lesson_text(c, lambda t: t.replace('"version": ', '"title": "x", "version": ', 1)),
+        ValueError,
+        r"l\.json is not a lesson file: not JSON \(the key 'title' appears twice in one object\)",
+        id="lesson-duplicate-key",
+    ),
+    R(
+        lambda c: _lesson_text(c, None),
+        FileNotFoundError,
+        r"no lesson file at \S+l\.json: check the path",
+        id="lesson-missing",
+    ),
+    R(
+        lambda c: f32_linear(torch.randn(1, 5), torch.randn(8, 16)),
+        ValueError,
+        r"f32_linear: x's last dimension must be the weight's input width 16 \(weight 0 is \(out, in\) = \(8, 16\)\)",
+        id="f32-linear-x-too-narrow",
+    ),
+    R(
+        lambda c: f32_linear(torch.randn(1, 16), torch.randn(16)),
+        ValueError,
+        r"f32_linear: weight 0 must be a 2-D tensor \(out, in\), got \(16,\)",
+        id="f32-linear-1d-weight",
+    ),
+    R(
+        lambda c: fused_softmax("x"),
+        TypeError,
+        r"fused_softmax: scores must be a torch\.Tensor, got str",
+        id="fused-str",
+    ),
+    R(
+        lambda c: fused_rms_norm(torch.randn(1, 16), torch.ones(16), float("nan")),
+        ValueError,
+        r"fused_rms_norm: eps must be a finite number >= 0 \(e\.g\. 1e-5\), got nan",
+        id="fused-rms-norm-eps-nan",
+    ),
+    R(
+        lambda c: decode_sample(torch.full((8,), float("nan")), Sampling(do_sample=True, seed=1)),
+        ValueError,
+        r"logits contain NaN: the model's output is damaged; check its weights",
+        id="sample-nan-logits-names-the-fix",
+    ),
+    R(
+        lambda c: Debugger(c.e, PROMPT, 2).set_sampling(colour=1),
+        ValueError,
+        r"unknown sampling setting\(s\) \['colour'\]; the settings are \['do_sample', ",
+        id="debugger-set-sampling-unknown-lists-the-settings",
+    ),
+    R(
+        lambda c: sample(c, temperature=10**30),
+        ValueError,
+        r"temperature must be a number of at most 2\*\*53 in size, got 10{30}",
+        id="sample-temperature-huge-int",
+    ),
+    R(
+        lambda c: quantize_symmetric(torch.ones(2, 4), 1000),
+        ValueError,
+        r"levels must be a whole number from 1 to 127 .* got 1000",
+        id="int8-levels-too-many",
+    ),
+    R(
+        lambda c: quantize_symmetric(torch.ones(2, 4), float("nan")),
+        ValueError,
+        r"levels must be a whole number from 1 to 127 .* got nan",
+        id="int8-levels-nan",
+    ),
+    R(
+        lambda c: quantize_symmetric(torch.zeros(0, 4), 127),
+        ValueError,
+        r"w must hold at least one row of numbers, got shape \(0, 4\)",
+        id="int8-empty-weights",
+    ),
+    R(
+        lambda c: Debugger(c.e, PROMPT, 2).set_sampling(do_sample=True, temperature=-1),
+        ValueError,
+        r"temperature must be a finite number > 0 when sampling, got -1",
+        id="debugger-set-sampling-negative-temperature",
+    ),
+    R(
         lambda c: _nan_trace_save(c),
         ValueError,
         r"cannot save the trace for .*t\.json as JSON: settings\.sampling\.temperature is nan",
@@ -1062,6 +1159,16 @@ def _q4_1(block):
     from cyclelab.lab.quantize import decode_q4_1_block
 
     return decode_q4_1_block(block)
+
+
+def _lesson_text(c, edit):
+    """Load a copy of the course's lesson ``read`` edited by ``edit`` (a function of its text; None: no file)."""
+    from cyclelab.workshop.lessons import LESSONS, Lesson
+
+    path = c.tmp / "l.json"
+    if edit is not None:
+        path.write_text(edit((LESSONS / "read.json").read_text()))
+    return Lesson.load(path)
 
 
 def _nan_trace_save(c):

@@ -275,7 +275,7 @@ def test_bad_student_edition_target_is_named(tmp_path: Path, case: str, error: t
 @pytest.mark.parametrize(
     "content, pattern",
     [
-        (None, r"^error: no notebook at .*missing\.ipynb$"),
+        (None, r"^error: no notebook at .*missing\.ipynb: check the path \(give \.ipynb files\)$"),
         ('{"cells": [', r"^error: .*bad\.ipynb is not a readable notebook \(NotJSONError"),
         ("[1, 2]", r"^error: .*bad\.ipynb is not a readable notebook"),
     ],

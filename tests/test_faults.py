@@ -295,7 +295,7 @@ FOLDER_FAULTS = [
         "tiny",
         delete("tokenizer.json"),
         ModelFileError,
-        r"tiny/tokenizer\.json is missing\. To repair: restore it with `git checkout data/tiny`",
+        r"tiny/tokenizer\.json is missing, though SHA256SUMS lists it\. To repair: restore it with `git checkout data/tiny`",
     ),
     (
         "tiny-weights-missing",
@@ -488,6 +488,102 @@ def test_an_unreadable_model_file_is_named(data_copy, monkeypatch):
         load("tiny", cache=False)
 
 
+def _loop(name: str) -> Callable[[Path], None]:
+    def damage(folder: Path) -> None:
+        (folder / name).unlink()
+        (folder / name).symlink_to(name)
+
+    return damage
+
+
+SUMS_FAULTS = [  # found by scripts/fault_campaign.py: each was a raw errno or accepted
+    ("config-loop", _loop("config.json"), r"tiny/config\.json cannot be opened \(Too many levels of symbolic links\)"),
+    ("sums-loop", _loop(SUMS), r"tiny/SHA256SUMS is a broken symbolic link\. To repair: .*git checkout data/tiny"),
+    ("sums-folder", as_directory(SUMS), r"tiny/SHA256SUMS is a directory, not a file\. To repair"),
+    (
+        "sums-names-a-ghost",
+        lambda f: (f / SUMS).write_text((f / SUMS).read_text() + "0" * 64 + "  ghost.json\n"),
+        r"tiny/ghost\.json is missing, though SHA256SUMS lists it\. To repair",
+    ),
+    (
+        "sums-names-a-path-outside",
+        lambda f: (f / SUMS).write_text((f / SUMS).read_text() + "0" * 64 + "  ../../etc/passwd\n"),
+        r"SHA256SUMS is corrupt \(line 6 names '\.\./\.\./etc/passwd', not a file of this folder\)\. To repair",
+    ),
+]
+
+
+@pytest.mark.parametrize("damage, message", [r[1:] for r in SUMS_FAULTS], ids=[r[0] for r in SUMS_FAULTS])
+def test_links_and_hand_edited_checksum_lists_are_named(data_copy, damage, message):
+    damage(data_copy / "tiny")
+    with pytest.raises(ModelFileError, match=message):
+        load("tiny", cache=False)
+    check = doctor._tiny()[0]  # the doctor agrees
+    assert not check.ok and re.search(message, check.detail)
+
+
+def test_an_unreadable_checksum_list_is_named(data_copy, monkeypatch):
+    import pathlib
+
+    real = pathlib.Path.read_text
+
+    def refuse(self, *args, **kwargs):
+        if self.name == SUMS:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", refuse)
+    with pytest.raises(ModelFileError, match=r"SHA256SUMS cannot be read \(Permission denied\): fix its permissions"):
+        load("tiny", cache=False)
+
+
+@pytest.mark.parametrize("damage", [delete(SUMS), lambda f: (f / SUMS).write_text("")], ids=["deleted", "emptied"])
+def test_doctor_refuses_tiny_without_its_checksums_as_load_does(data_copy, damage):
+    damage(data_copy / "tiny")
+    check = doctor._tiny()[0]
+    assert not check.ok and re.search(r"tiny/SHA256SUMS is (missing|empty), so the model files", check.detail)
+
+
+def test_a_config_naming_an_unknown_architecture_is_refused(data_copy):
+    folder = data_copy / "tiny"
+    (folder / SUMS).unlink()
+    edit_config(architectures=["NoSuchModel"])(folder)
+    with pytest.raises(
+        ModelFileError, match=r"config\.json names the architecture\(s\) \['NoSuchModel'\], which transformers"
+    ):
+        load(str(folder), cache=False)
+
+
+def test_doctor_says_when_tiny_differs_from_the_shipped_model(data_copy):
+    """A SHA256SUMS recomputed after a change is also how a retrained model is recorded: load() takes it, the
+    doctor says it is not the shipped model."""
+    from cyclelab.loading.checksums import model_files, write_sums
+
+    folder = data_copy / "tiny"
+    flip("model.safetensors")(folder)
+    write_sums(folder, model_files(folder))
+    check = doctor._tiny()[0]
+    assert check.ok and "model.safetensors differ from the model this cyclelab ships" in check.detail
+    assert "git checkout data/tiny" in check.detail
+
+
+def test_grading_a_folder_the_grader_cannot_list_is_named(tmp_path, monkeypatch):
+    import pathlib
+
+    from cyclelab.workshop.grade import find_submissions
+
+    (tmp_path / "class").mkdir()
+
+    def refuse(self, pattern):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "glob", refuse)
+    with pytest.raises(
+        ValueError, match=r"cannot read \S+class \(Permission denied\): the grader must be able to list"
+    ):
+        find_submissions(tmp_path / "class")
+
+
 def test_verifying_tiny_costs_well_under_a_second(data_copy):
     import time
 
@@ -543,7 +639,7 @@ CACHE_FAULTS = [
         "smollm2",
         in_cache("models/smollm2/config.json", delete),
         ModelFileError,
-        r"models/smollm2/config\.json is missing\. To repair: run `cyclelab fetch smollm2`",
+        r"models/smollm2/config\.json is missing, though SHA256SUMS lists it\. To repair: run `cyclelab fetch smollm2`",
     ),
     (
         "gguf-flipped-is-not-converted",
@@ -705,7 +801,10 @@ def test_doctor_names_a_damaged_or_unverifiable_cache(cache):
     assert not checks["asset minilm"].ok and "vocab.txt is corrupt" in checks["asset minilm"].detail
     (cache / "models" / "smollm2" / SUMS).unlink()
     legacy = {c.check: c for c in doctor.run_checks()}["smollm2 safetensors"]
-    assert not legacy.ok and "no checksums" in legacy.detail and "`cyclelab fetch smollm2`" in legacy.detail
+    assert not legacy.ok and "SHA256SUMS is missing" in legacy.detail and "`cyclelab fetch smollm2`" in legacy.detail
+    assert "load('smollm2') refuses it too" in legacy.detail  # doctor, fetch and load agree: the list is required
+    with pytest.raises(ModelFileError, match=r"SHA256SUMS is missing, so the model files .* cannot be verified"):
+        load("smollm2", cache=False)
 
 
 CACHE_IS_A_FILE = [
@@ -1010,7 +1109,8 @@ def test_cyclelab_fetch_smollm2_converts_again_when_needed(cache, fake_dequantiz
     damage(cache / "models" / "smollm2")
     assert main(["fetch", "smollm2"]) == 0
     assert len(fake_dequantize) == 1
-    assert "converting it again now" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "converting it again now" in out and "older cyclelab" not in out  # no SHA256SUMS is damage, as for load()
     from cyclelab.loading.checksums import verify_folder
 
     assert verify_folder(cache / "models" / "smollm2", "x")
@@ -1058,10 +1158,36 @@ def test_a_save_on_a_full_disk_keeps_the_previous_file(tiny_engine, tmp_path, mo
     good = path.read_bytes()
     assert good
     _disk_full(monkeypatch)
-    with pytest.raises(OSError, match="No space left on device"):
+    with pytest.raises(OSError, match=r"cannot save \S+saved\.out: the disk is full: free some space") as raised:
         save(path)
+    assert "[Errno" not in str(raised.value) and raised.value.errno == errno.ENOSPC
     assert path.read_bytes() == good, "the previous good file must survive a failed save"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved.out"], "no temporary file may be left behind"
+
+
+@pytest.mark.parametrize(
+    "code, cause",
+    [
+        (errno.EACCES, "permission denied: save to a folder you can write"),
+        (errno.EROFS, "the file system is read-only"),
+    ],
+)
+def test_a_save_into_a_folder_that_refuses_writes_names_the_file(tmp_path, monkeypatch, code, cause):
+    """Where the temporary file cannot be made, removing it fails too (EACCES, EROFS): the save's own error is
+    raised, naming the file asked for (the campaign's Trace.save as another user and on a read-only mount)."""
+    import builtins
+    import pathlib
+
+    from cyclelab.loading.atomic import write_atomic
+
+    def refuse(*args, **kwargs):
+        raise OSError(code, os.strerror(code), str(args[0]))
+
+    monkeypatch.setattr(builtins, "open", refuse)
+    monkeypatch.setattr(pathlib.Path, "unlink", refuse)
+    with pytest.raises(OSError, match=rf"^cannot save \S+t\.json: {cause}") as raised:
+        write_atomic(tmp_path / "t.json", "{}")
+    assert raised.value.errno == code
 
 
 def test_write_atomic_keeps_the_mode_and_replaces_whole(tmp_path):

@@ -13,7 +13,6 @@ The engine yields one :class:`Event` per micro-op; a :class:`Trace` keeps one
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 
 from cyclelab.core.ops import Stage  # the op registry: each op's stage, tensors and TransformerLens names
 from cyclelab.core.sampling import as_sampling
-from cyclelab.loading.atomic import strict_json, write_atomic
+from cyclelab.loading.atomic import read_text, strict_json, strict_loads, write_atomic
 from cyclelab.loading.schema import problem, shown, validator
 
 
@@ -159,7 +158,7 @@ class Trace:
         """
         path = Path(path)
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
+            raw = strict_loads(read_text(path, "trace file"))
         except (UnicodeDecodeError, ValueError, RecursionError) as err:
             problem = "nested too deeply" if isinstance(err, RecursionError) else f"not JSON ({err})"
             raise ValueError(
@@ -215,10 +214,6 @@ class _TraceFile:
                     self.fail(
                         f"{where} must be the text of token {token_id}, {first[0]!r} (as in {first[1]}), got {shown(text)}"
                     )
-
-
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def show_token(token: str) -> str:

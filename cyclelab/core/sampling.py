@@ -119,6 +119,8 @@ def _number(value, name: str) -> float:
     """``value`` if it is an int or float (a bool is not); else a TypeError naming ``name``."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if isinstance(value, (int, np.integer)) and abs(int(value)) > 2**53:  # torch cannot turn it into a float
+        raise ValueError(f"{name} must be a number of at most 2**53 in size, got {value!r}")
     return value.item() if isinstance(value, np.generic) else value  # numpy scalars as plain Python numbers
 
 
@@ -134,9 +136,11 @@ def _check_logits(logits: torch.Tensor, one_row: bool = False) -> None:
         shapes = "(vocab,)" if one_row else "(vocab,) or (batch, vocab)"
         raise ValueError(f"logits must have shape {shapes}, got {tuple(logits.shape)}")
     if logits.numel() == 0:
-        raise ValueError(f"logits are empty (shape {tuple(logits.shape)})")
+        raise ValueError(f"logits are empty (shape {tuple(logits.shape)}): pass one score per vocabulary token")
     if torch.isnan(logits.sum()) and torch.isnan(logits).any():  # the sum first: one cheap pass when there is none
-        raise ValueError("logits contain NaN")
+        raise ValueError(
+            "logits contain NaN: the model's output is damaged; check its weights (load(name, cache=False))"
+        )
 
 
 def _as_ids(ids: Ids, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -296,9 +300,11 @@ def sample(logits: torch.Tensor, generator: torch.Generator) -> tuple[int, float
     """
     _check_logits(logits, one_row=True)
     if torch.isneginf(logits).all():
-        raise ValueError("every logit is -inf: there is no token left to sample")
+        raise ValueError(
+            "every logit is -inf: there is no token left to sample; loosen the filters (top_k, top_p, min_p)"
+        )
     if torch.isposinf(logits).any():
-        raise ValueError("logits contain +inf: their probabilities are undefined")
+        raise ValueError("logits contain +inf: their probabilities are undefined; pass finite logits")
     u = torch.rand(1, generator=generator, device=generator.device).item()
     token, _, _ = slice_of(torch.softmax(logits.detach().double(), dim=-1), u)
     return token, u

@@ -335,7 +335,9 @@ class Debugger(Breakpoints, StateViews):
         """New sampler settings (a :class:`Sampling`, or some of its fields) for the tokens not yet chosen."""
         unknown = set(changes) - {f.name for f in fields(Sampling)}
         if unknown:
-            raise ValueError(f"unknown sampling setting(s) {sorted(unknown)}")
+            raise ValueError(
+                f"unknown sampling setting(s) {sorted(unknown)}; the settings are {sorted(f.name for f in fields(Sampling))}"
+            )
         new = replace(self.now.sampling if sampling is None else as_sampling(sampling), **changes)  # validates
         if new != self.now.sampling:
             k = self.cycle + (self.current_event is not None and self.current_event.op == "choose")

@@ -43,7 +43,17 @@ def quantize_symmetric(w: torch.Tensor, levels: int) -> tuple[torch.Tensor, torc
     """Codes in [-levels, levels] and one scale per row of ``w`` (a zero row gets scale 1); the codes contiguous.
     A row holding NaN or inf has no scale: ValueError."""
     if not isinstance(w, torch.Tensor) or not w.is_floating_point():
-        raise TypeError(f"quantize_symmetric quantizes a float tensor, got {getattr(w, 'dtype', type(w).__name__)}")
+        raise TypeError(
+            f"quantize_symmetric quantizes a float tensor w (e.g. a Linear's weight), "
+            f"got {getattr(w, 'dtype', type(w).__name__)}"
+        )
+    if isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= 127:
+        raise ValueError(
+            f"quantize_symmetric: levels must be a whole number from 1 to 127 (codes in [-levels, levels] fit "
+            f"in int8; 127 for int8, 7 for int4), got {levels!r}"
+        )
+    if w.dim() == 0 or w.numel() == 0:
+        raise ValueError(f"quantize_symmetric: w must hold at least one row of numbers, got shape {tuple(w.shape)}")
     finite = torch.isfinite(w)
     if not finite.all():
         rows = (~finite).reshape(-1, w.shape[-1]).any(dim=-1).nonzero().flatten().tolist() if w.dim() else [0]

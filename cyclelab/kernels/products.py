@@ -6,6 +6,7 @@ step is given the caller's torch formula (``formula=``): in ``auto`` the two are
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -60,7 +61,10 @@ def f32_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
 def f32_linears(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> list[torch.Tensor]:
     """:func:`f32_linear` of ``x`` with each ``(weight, bias)`` of ``layers``: one C call reads all the weights
     (decode's q, k and v) where the kernel applies to every one of them, else torch computes each."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"f32_linear: x must be a torch.Tensor of shape (..., in), got {type(x).__name__}")
     if not _fits_f32_kernel(x, layers, 1):
+        _check_linears(x, layers)  # only off the kernel's path: decode pays nothing for it
         return _torch_linears(x, layers)
     shape = (x.numel() // x.shape[-1], x.shape[-1], *[w.shape[0] for w, _ in layers])
     if not use_own("f32", shape, lambda: _own_f32_linears(x, layers), lambda: _torch_linears(x, layers)):
@@ -133,6 +137,9 @@ def _own_conv1d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> 
 def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, formula: Formula = None) -> torch.Tensor | None:
     """:func:`cyclelab.core.norms.rms_norm`'s formula in one C call for a few float32 rows (decode); None where
     the kernel does not apply (the caller runs that function)."""
+    _tensors("fused_rms_norm", x=x, weight=weight)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"fused_rms_norm: eps must be a finite number >= 0 (e.g. 1e-5), got {eps!r}")
     d = x.shape[-1] if x.dim() else 0
     if not (weight.shape == (d,) and 0 < x.numel() < MANY_ROWS * d and _plain_f32(x, weight)):
         return None
@@ -198,6 +205,7 @@ def _own_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 def fused_softmax(scores: torch.Tensor, formula: Formula = None) -> torch.Tensor | None:
     """The softmax over the last dimension of one query position's float32 scores ``(b, h, 1, t)`` in one C
     call; None where it does not apply."""
+    _tensors("fused_softmax", scores=scores)
     if not (scores.dim() == 4 and scores.shape[-2] == 1 and scores.shape[-1] > 0 and _plain_f32(scores)):
         return None
     if not _fused_chosen(("softmax", *scores.shape[:3]), _own_softmax, formula, scores):
@@ -239,6 +247,13 @@ def _own_mix(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         values.stride(1),
     )
     return out
+
+
+def _tensors(function: str, **tensors) -> None:
+    """TypeError naming the first argument of ``function`` that is not a torch.Tensor."""
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{function}: {name} must be a torch.Tensor, got {type(value).__name__}")
 
 
 def _fused_chosen(shape: tuple, own: Callable[..., torch.Tensor], formula: Formula, *args) -> bool:
@@ -290,6 +305,28 @@ def _threads(multiply_adds: int) -> int:
 @lru_cache(maxsize=1)
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _check_linears(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+    """ValueError/TypeError naming the argument where ``x`` times a ``(weight, bias)`` of ``layers`` is undefined
+    (torch would say only "mat1 and mat2 shapes cannot be multiplied", or broadcast a 1-D weight)."""
+    for i, (w, bias) in enumerate(layers):
+        if not (isinstance(w, torch.Tensor) and w.dim() == 2):
+            got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+            raise ValueError(f"f32_linear: weight {i} must be a 2-D tensor (out, in), got {got}")
+        if not (x.is_floating_point() and x.dtype == w.dtype):
+            raise TypeError(
+                f"f32_linear: x and weight {i} must be floating-point tensors of one dtype, got x {x.dtype} and "
+                f"weight {w.dtype} (convert x, e.g. x.to({w.dtype}))"
+            )
+        if x.dim() == 0 or x.shape[-1] != w.shape[1]:
+            raise ValueError(
+                f"f32_linear: x's last dimension must be the weight's input width {w.shape[1]} "
+                f"(weight {i} is (out, in) = {tuple(w.shape)}), got x of shape {tuple(x.shape)}"
+            )
+        if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (w.shape[0],)):
+            got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"f32_linear: bias {i} must be a tensor of shape ({w.shape[0]},), got {got}")
 
 
 def _fits_f32_kernel(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor | None]], in_dim: int) -> bool:

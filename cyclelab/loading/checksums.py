@@ -64,13 +64,27 @@ def model_files(folder: Path) -> list[str]:
 def read_sums(folder: Path, repair: str) -> dict[str, str] | None:
     """The checksums recorded in ``folder/SHA256SUMS`` by name, or None when it has none."""
     path = folder / SUMS
+    if path.is_symlink() and not path.exists():  # dangling, or a loop: damage, not an absent list
+        raise ModelFileError(f"{path} is a broken symbolic link. To repair: {repair}.")
+    if path.is_dir():
+        raise ModelFileError(f"{path} is a directory, not a file. To repair: {repair}.")
     if not path.is_file():
         return None
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as err:
+        raise ModelFileError(
+            f"{path} cannot be read ({err.strerror or err}): fix its permissions (chmod u+r {path}) or: {repair}."
+        ) from None
     sums = {}
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         match = _LINE.match(line)
         if not match:
             raise ModelFileError(f"{path} is corrupt (line {number} is not '<sha256>  <file>'). To repair: {repair}.")
+        if match[2].startswith("/") or ".." in match[2].replace("\\", "/").split("/"):  # outside the folder
+            raise ModelFileError(
+                f"{path} is corrupt (line {number} names {match[2]!r}, not a file of this folder). To repair: {repair}."
+            )
         sums[match[2]] = match[1]
     return sums
 
@@ -91,7 +105,10 @@ def _stat(path: Path, repair: str) -> os.stat_result:
     try:
         stat = path.stat()
     except FileNotFoundError:
-        raise ModelFileError(f"{path} is missing. To repair: {repair}.") from None
+        dangling = " (a broken symbolic link)" if path.is_symlink() else ""
+        raise ModelFileError(f"{path} is missing{dangling}, though {SUMS} lists it. To repair: {repair}.") from None
+    except OSError as err:  # a symbolic-link loop, a folder that cannot be searched
+        raise ModelFileError(f"{path} cannot be opened ({err.strerror or err}). To repair: {repair}.") from None
     if path.is_dir():
         raise ModelFileError(f"{path} is a directory, not a file. To repair: {repair}.")
     if not os.access(path, os.R_OK):

@@ -207,6 +207,7 @@ def _load_folder(
     )
     try:
         config = AutoConfig.from_pretrained(folder)
+        _check_architectures(config, folder, repair)
         causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in config.architectures or [])
         auto: Any = AutoModelForCausalLM if causal else AutoModel
         if name == "tiny-mlm":
@@ -227,6 +228,19 @@ def _load_folder(
     if not checksummed:  # no recorded checksum: at least catch NaN/inf from damaged bytes
         _check_finite(model, folder, repair)
     return Loaded(name=name, model=model, tokenizer=tokenizer, source=str(folder))
+
+
+def _check_architectures(config, folder: str | Path, repair: str) -> None:
+    """Refuse a config naming a model class transformers does not have (it would quietly build the bare model
+    of its ``model_type``, without the head the name asked for)."""
+    import transformers
+
+    unknown = [a for a in config.architectures or [] if not (isinstance(a, str) and hasattr(transformers, a))]
+    if unknown:
+        raise ModelFileError(
+            f"{folder}/config.json names the architecture(s) {unknown}, which transformers "
+            f"{transformers.__version__} does not know (a typo, or a newer transformers). To repair: {repair}."
+        )
 
 
 def _check_size_agrees(auto, config, folder: Path, repair: str) -> None:

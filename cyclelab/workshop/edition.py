@@ -175,11 +175,13 @@ def read_notebook(path: Path) -> NotebookNode:
     """The notebook at ``path``; FileNotFoundError or ValueError naming the file when it is not one."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no notebook at {path}")
+        raise FileNotFoundError(f"no notebook at {path}: check the path (give .ipynb files)")
     try:
         return nbformat.read(str(path), as_version=4)
     except (ValueError, KeyError, AttributeError, UnicodeDecodeError) as err:  # not JSON, or not a notebook
-        raise ValueError(f"{path} is not a readable notebook ({type(err).__name__}: {err})") from None
+        raise ValueError(
+            f"{path} is not a readable notebook ({type(err).__name__}: {err}): give a Jupyter notebook (.ipynb)"
+        ) from None
 
 
 def exercises_of(nb: NotebookNode) -> list[Exercise]:
@@ -397,11 +399,21 @@ def write_student_edition(out: Path, root: Path | None = None, raising_checks: b
         )
     if out.exists() and not out.is_dir():
         raise ValueError(f"OUT ({out}) is a file: give a folder for the student edition")
+    if root.resolve() in out.resolve().parents:  # inside it: the next course run would execute the copies
+        raise ValueError(
+            f"OUT ({out}) is inside the course's notebooks folder {root}: the student copies would be mixed "
+            "with the instructor's notebooks; choose a folder outside it"
+        )
     sources = list_notebooks(root=root)
     if not sources:
         raise FileNotFoundError(f"no chapter notebooks (NN_*.ipynb) in {root}")
     sources += sorted((root / "workshop").glob("*.ipynb"))
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(
+            f"OUT ({out}) cannot be created ({err.strerror or err}): choose a folder you can write"
+        ) from None
     written = []
     for path in sources:
         target = out / path.relative_to(root)

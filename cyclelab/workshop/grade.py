@@ -69,6 +69,17 @@ def find_submissions(root: Path) -> list[tuple[str, Path]]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"no submissions folder {root}: expected the layout {LAYOUT}")
+    try:
+        return _submissions(root)
+    except OSError as err:  # a folder this user may not list
+        where = err.filename or root
+        raise ValueError(
+            f"cannot read {where} ({err.strerror or err}): the grader must be able to list every learner's folder; "
+            f"fix the permissions (chmod -R u+rX {root}) or grade as the folders' owner"
+        ) from None
+
+
+def _submissions(root: Path) -> list[tuple[str, Path]]:
     loose = sorted(p.name for p in root.glob("*.ipynb"))
     if loose:
         raise ValueError(
@@ -422,7 +433,7 @@ def check_out(path: Path) -> None:
         raise ValueError(f"--out {path} is a folder: give the CSV file to write, e.g. {path / 'grades.csv'}")
     parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
     if not parent.is_dir():
-        raise ValueError(f"--out {path}: {parent} is a file, not a folder")
+        raise ValueError(f"--out {path}: {parent} is a file, not a folder: give --out a path inside a folder")
     if not os.access(path if path.exists() else parent, os.W_OK):
         raise ValueError(f"--out {path} cannot be written (permission denied)")
 

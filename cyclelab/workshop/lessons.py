@@ -24,7 +24,6 @@ another model or on changed weights raises ``ValueError`` naming both and the fi
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 from cyclelab.core.engine import Engine, as_loaded, legacy_weights_digest
 from cyclelab.core.sampling import Sampling, as_sampling
 from cyclelab.debugger.session import Debugger
-from cyclelab.loading.atomic import strict_json, write_atomic
+from cyclelab.loading.atomic import read_text, strict_json, strict_loads, write_atomic
 from cyclelab.loading.paths import LESSONS
 from cyclelab.loading.schema import is_int, problem, shown, validator
 from cyclelab.workshop.lesson_checks import check_interventions
@@ -134,7 +133,7 @@ class Lesson:
                 f"{sorted(p.stem for p in LESSONS.glob('*.json'))}"
             )
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            raw = strict_loads(read_text(path, "lesson file"))
         except (UnicodeDecodeError, ValueError, RecursionError) as err:
             raise ValueError(
                 f"{path} is not a lesson file: not JSON ({err}); it may be truncated: {FIX_FILE}"
