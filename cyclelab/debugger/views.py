@@ -196,7 +196,7 @@ KEYS = {
     "part of a UTF-8 character",
     "cost": "ms = milliseconds on this machine · FLOP = arithmetic operations counted · B = bytes of weights "
     "and cache read and written",
-    "branches": "now = this timeline · red outline = the first token that differs",
+    "branches": "the row 'now' is this timeline · red outline = the first token that differs",
 }
 
 
