@@ -308,8 +308,7 @@ def test_lab_layout_themes_branch_and_latency(browser, server: Lab, tiny_engine)
         assert collapsed(text.inner_text()) == shown(PROMPT + "".join(texts(base)[:3]))
         every = os.environ.get("CYCLELAB_DOCS_SCREENSHOTS") == "1"  # the docs want both themes at each stage
         problems = look_everywhere(page, root, "after three tokens", "debugger", dark_too=every)
-        click(root, "Choose", counter, 2)  # the runner-up of token #2 (the dropdown's default)
-        click(root, "Next token", counter, 3)
+        click(root, "Choose", counter, 3)  # the runner-up of cycle 3's token (the dropdown's default): still cycle 3
         click(root, "Next token", counter, 4)
         problems += look_everywhere(page, root, "after a branch", "debugger-branch", dark_too=True)
         assert problems == []

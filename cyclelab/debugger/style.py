@@ -163,7 +163,7 @@ STYLE = f"""<style>
 .cld-fill{{display:flex;flex-direction:column;height:100%}}
 .cld-prose{{flex:1 1 0;min-height:0;overflow:auto;display:flex;flex-direction:column-reverse}}
 .cld-prose>div{{margin-bottom:auto;white-space:pre-wrap;font-family:var(--jp-code-font-family,monospace)}}
-.cld-wrap.cld-msg{{height:4.5em !important;overflow-y:auto !important}}
+.cld-wrap.cld-msg{{height:2.9em !important;overflow-y:auto !important}}
 .cld-root .widget-html-content{{font-size:14px}}
 .cld-root .cld-next{{font-weight:600}}
 .cld-out,.cld-text,.cld-tab{{overflow:auto !important}}

@@ -111,7 +111,7 @@ class DebuggerUI:
         v["error"] = w.Label("", style={"text_color": "var(--jp-error-color1, #c00)"})
         for name in ("message", "error"):
             v[name].add_class("cld-wrap")  # long messages wrap instead of being cut
-        v["message"].add_class("cld-msg")  # three lines, always: a longer message scrolls, the panels stay put
+        v["message"].add_class("cld-msg")  # two lines, always: a longer message scrolls, the panels stay put
         c["Next token"].button_style = "primary"  # the one a learner presses most
         if (dbg.watch_layer, dbg.watch_head) == (0, 0) and dbg.position < 0:
             dbg.watch_layer, dbg.watch_head = previous_token_head(dbg.engine)
