@@ -21,6 +21,7 @@ from cyclelab.lab import figures  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")) + [ROOT / "notebooks/workshop/bug_hunt.ipynb"]
 MAX_WIDTH_PX = round(figures.PAGE_WIDTH_IN * figures.DPI)
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
 def _tags(cell) -> list[str]:
@@ -148,3 +149,11 @@ def test_no_stored_output_is_a_widgets_repr(path: Path) -> None:
         for out in cell.get("outputs", []):
             text = out.get("data", {}).get("text/plain", "")
             assert "VBox(" not in "".join(text), f"cell {i} stores a widget's repr"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS[:-1], ids=lambda p: p.name)
+def test_a_stored_widget_is_its_picture_not_a_view_without_state(path: Path) -> None:
+    """Without the widgets' state, a stored widget view shows "model not found" in JupyterLab."""
+    nb = nbformat.read(path, as_version=4)
+    views = [i for i, c in enumerate(nb.cells) for o in c.get("outputs", []) if WIDGET_VIEW in o.get("data", {})]
+    assert not views or "widgets" in nb.metadata, f"cells {views}: run scripts/store_outputs.py"
