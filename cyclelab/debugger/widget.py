@@ -191,7 +191,8 @@ class DebuggerUI:
             f"<div class='cld-panel'>{views[name]}</div>" for name in ("output", "text", "sampler") if views[name]
         )
         return (
-            f"{STYLE}<div class='cld-root cld-auto'>{views['pipeline']}{views['status']}"
+            f"{STYLE}<div class='cld-root cld-auto'><p><b>A still picture of the debugger: run this cell to "
+            f"start it.</b></p>{views['pipeline']}{views['status']}"
             f"<div style='display:grid;grid-template-columns:repeat(auto-fit,minmax(min(420px,100%),1fr));gap:8px'>"
             f"{panels}</div></div>"
         )
