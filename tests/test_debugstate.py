@@ -3,24 +3,15 @@ on the cycle, the chosen token, its probability and how it was chosen; the statu
 command did; ``State.changed`` names the views it changed. On the tiny model."""
 
 import re
-from pathlib import Path
 
 import pytest
+import test_debugger
 
 from cyclelab import Debugger
 from cyclelab.debugger.text import TEXT_KEY, render_text
 from cyclelab.debugger.views import chosen_words, p_text, render_all, show_token, to_text
 
-TINY = Path(__file__).resolve().parent.parent / "data" / "tiny" / "config.json"
-PROMPT = "ROMEO:"
-
-
-@pytest.fixture
-def engine(request):
-    """The tiny Shakespeare model's engine (skipped until it is trained)."""
-    if not TINY.exists():
-        pytest.skip("the tiny model is not trained yet (data/tiny/config.json): run `cyclelab train-tiny`")
-    return request.getfixturevalue("tiny_engine")
+PROMPT, engine = test_debugger.PROMPT, test_debugger.engine  # engine: the tiny model's fixture
 
 
 def agree(dbg: Debugger, how: str | None = None):

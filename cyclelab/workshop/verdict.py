@@ -23,57 +23,57 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 PR_SET_DUMPABLE = 4
 
 
+def _statements(cells: list[list]) -> Iterator[ast.stmt]:
+    """The top-level definition statements of the cells, in order (a cell that does not parse is skipped)."""
+    from cyclelab.workshop.learner import definitions
+
+    for _, source in cells:
+        try:
+            yield from definitions(source).body
+        except SyntaxError:
+            continue
+
+
 def _copied_statically(cells: list[list], function: str) -> str:
     """Why the cells' last binding of ``function`` is the package's own, read from the source without running
     it: an import from cyclelab, or a ``def`` that names a reference ``_ref_*`` ('' otherwise)."""
-    from cyclelab.workshop.learner import _code_names, definitions
+    from cyclelab.workshop.learner import _code_names
 
     why = ""
-    for _, source in cells:
-        try:
-            tree = definitions(source)
-        except SyntaxError:
-            continue
-        for stmt in tree.body:
-            if isinstance(stmt, ast.ImportFrom) and any((a.asname or a.name) == function for a in stmt.names):
-                ours = (stmt.module or "").split(".")[0] == "cyclelab"
-                why = f"its code is cyclelab's own (imported from {stmt.module})" if ours else ""
-            elif isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)) and stmt.name == function:
-                code = compile(ast.Module([stmt], []), "<cell>", "exec")
-                refs = sorted(n for n in _code_names(code) if n.startswith("_ref"))
-                why = f"it calls the package's reference {refs[0]}" if refs else ""
+    for stmt in _statements(cells):
+        if isinstance(stmt, ast.ImportFrom) and any((a.asname or a.name) == function for a in stmt.names):
+            ours = (stmt.module or "").split(".")[0] == "cyclelab"
+            why = f"its code is cyclelab's own (imported from {stmt.module})" if ours else ""
+        elif isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)) and stmt.name == function:
+            code = compile(ast.Module([stmt], []), "<cell>", "exec")
+            refs = sorted(n for n in _code_names(code) if n.startswith("_ref"))
+            why = f"it calls the package's reference {refs[0]}" if refs else ""
     return why
 
 
 def _bindings(cells: list[list]) -> dict[str, ast.expr]:
     """The expression each plain name was last assigned in the cells (definitions only, never run)."""
-    from cyclelab.workshop.learner import definitions
-
     names: dict[str, ast.expr] = {}
-    for _, source in cells:
-        try:
-            tree = definitions(source)
-        except SyntaxError:
-            continue
-        for stmt in tree.body:
-            if isinstance(stmt, ast.Assign):
-                for target in stmt.targets:
-                    pairs = [(target, stmt.value)]
-                    if isinstance(target, ast.Tuple) and isinstance(stmt.value, ast.Tuple):
-                        pairs = list(zip(target.elts, stmt.value.elts))
-                    names |= {t.id: v for t, v in pairs if isinstance(t, ast.Name)}
-            elif isinstance(stmt, ast.AnnAssign):
-                names[stmt.target.id] = stmt.value
-            else:
-                for node in ast.walk(stmt):
-                    if isinstance(node, ast.alias):
-                        names.pop((node.asname or node.name).split(".")[0], None)
-                names.pop(getattr(stmt, "name", ""), None)
+    for stmt in _statements(cells):
+        if isinstance(stmt, ast.Assign):
+            for target in stmt.targets:
+                pairs = [(target, stmt.value)]
+                if isinstance(target, ast.Tuple) and isinstance(stmt.value, ast.Tuple):
+                    pairs = list(zip(target.elts, stmt.value.elts))
+                names |= {t.id: v for t, v in pairs if isinstance(t, ast.Name)}
+        elif isinstance(stmt, ast.AnnAssign):
+            names[stmt.target.id] = stmt.value
+        else:
+            for node in ast.walk(stmt):
+                if isinstance(node, ast.alias):
+                    names.pop((node.asname or node.name).split(".")[0], None)
+            names.pop(getattr(stmt, "name", ""), None)
     return names
 
 
