@@ -42,7 +42,6 @@ def render_text(state: State) -> str:
     key line for the notation they use."""
     views = render_all(state)
     order = ["pipeline", "cost", "status", "text", "output", "sampler", "registers", "memory", "branches"]
-    done = state.cycle if state.done is None else state.done
-    head = f"cycle {state.cycle} of {state.max_cycles} · {done} tokens written · model {state.model}"
+    head = f"cycle {state.cycle} of {state.max_cycles} · {state.written} tokens written · model {state.model}"
     blocks = [plain(to_text(_KEY_LINE.sub("", views[k]))) for k in order]
     return "\n\n".join([head] + [b for b in blocks if b] + [TEXT_KEY])

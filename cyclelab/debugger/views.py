@@ -143,13 +143,13 @@ class State:
     max_positions: int = 0  # prompt + max_cycles: the KV cache's size when full
     changed: frozenset[str] = frozenset()  # views (names as in render_all) that differ from before the last command
 
+    @property
+    def written(self) -> int:
+        """Tokens written back so far."""
+        return self.cycle if self.done is None else self.done
+
 
 # ------------------------------------------------------------------ look (the stylesheet: style.py)
-
-
-def _shade(p: float, hue: str = "blue") -> str:
-    """The style shading a ``cld-sh`` element by ``p`` (see :func:`cyclelab.debugger.style.shade`)."""
-    return shade(p, hue)
 
 
 def _pct(x: float) -> str:
@@ -239,7 +239,6 @@ def render_pipeline(state: State) -> str:
         else:
             boxes.append(f"<span class='cld-box'>{stage.value}</span>")
     op = html.escape(state.op) if state.op else "(not started)"
-    done = state.cycle if state.done is None else state.done
     kind = ""
     if state.n_inputs is not None:
         kind = " · decode: 1 token in"
@@ -256,7 +255,7 @@ def render_pipeline(state: State) -> str:
     )
     return (
         f"<div class='cld'><div class='cld-strip'>{'<span> → </span>'.join(boxes)}</div>"
-        f"<div class='cld-line'>cycle {state.cycle} of {state.max_cycles} · {done} tokens written{kind} · "
+        f"<div class='cld-line'>cycle {state.cycle} of {state.max_cycles} · {state.written} tokens written{kind} · "
         f"op <b>{op}</b>{stack}</div></div>"
     )
 
@@ -303,7 +302,7 @@ def render_registers(registers: list[Register]) -> str:
         for k, (token, p) in enumerate(r.lens):
             mark = "↻ " if k == 0 and below is not None and token != below else ""
             cells.append(
-                f"<span class='cld-chip cld-tok cld-sh' style='{_shade(p)}'>{mark}{_esc(token)}</span>"
+                f"<span class='cld-chip cld-tok cld-sh' style='{shade(p)}'>{mark}{_esc(token)}</span>"
                 f" <span class='cld-dim'>{p:.3f}</span>"
             )
         below = r.lens[0][0] if r.lens else None
@@ -350,7 +349,7 @@ def render_memory(memory: list[CacheRow], attention: Attention | None, max_posit
             "what the current token reads</div><div>"
         )
         parts += [
-            f"<span class='cld-chip cld-tok cld-sh' style='{_shade(w, 'orange')}' title='weight {w:.4f}'>{_esc(token)}"
+            f"<span class='cld-chip cld-tok cld-sh' style='{shade(w, 'orange')}' title='weight {w:.4f}'>{_esc(token)}"
             f" <sub>{w:.2f}</sub></span> "
             for token, w in zip(attention.tokens, attention.weights)
         ]
@@ -404,7 +403,7 @@ def _stage_bar(cells: list[tuple[str, float | None]], before: list[tuple[str, fl
             segs.append(f"<span class='cld-seg cld-gone' style='width:{_pct(was)}' data-t='{_esc(token)}'></span>")
         elif p:
             segs.append(
-                f"<span class='cld-seg cld-sh' style='width:{_pct(p)};{_shade(p)}' data-t='{_esc(token)}' "
+                f"<span class='cld-seg cld-sh' style='width:{_pct(p)};{shade(p)}' data-t='{_esc(token)}' "
                 f"title='{_esc(token)} p={p:.4f}'></span>"
             )
     gone = f"<div class='cld-dim'>removed here: {' '.join(removed)}</div>" if removed else ""
@@ -477,7 +476,7 @@ def render_text_so_far(records: list[CycleRecord], prompt: str = "") -> str:
             + (" (partial UTF-8 character)" if partial else "")
             + (" forced" if r.forced else "")
         )
-        spans.append(f"<span title='{tip}' class='cld-sh' style='{_shade(r.prob)};{border}'>{_visible(r.token)}</span>")
+        spans.append(f"<span title='{tip}' class='cld-sh' style='{shade(r.prob)};{border}'>{_visible(r.token)}</span>")
     prose = f"<div class='cld-prose'><div style='white-space:pre-wrap'>{''.join(spans)}</div></div>"
     return _panel("Text so far", prose, KEYS["text"], " cld-fill")
 
@@ -495,7 +494,7 @@ def _chip(r: CycleRecord | None, split: int) -> str:
         return "<span class='cld-chip'>&nbsp;</span>"
     mark = " cld-fork" if r.cycle == split else ""
     tip = f"#{r.cycle} p={r.prob:.3f}" + (" forced" if r.forced else "") + (" first divergence" if mark else "")
-    return f"<span class='cld-chip cld-tok cld-sh{mark}' style='{_shade(r.prob)}' title='{tip}'>{_esc(r.token)}</span>"
+    return f"<span class='cld-chip cld-tok cld-sh{mark}' style='{shade(r.prob)}' title='{tip}'>{_esc(r.token)}</span>"
 
 
 def _lanes(timeline: list[CycleRecord], old: list[CycleRecord], index: int, cycles: range, split: int) -> str:
@@ -560,7 +559,6 @@ def to_text(markup: str) -> str:
 
 def render_all(state: State) -> dict[str, str]:
     """Every view of ``state`` as HTML, by name."""
-    written = state.cycle if state.done is None else state.done
     return {
         "pipeline": render_pipeline(state),
         "cost": render_cost(state),
@@ -570,6 +568,6 @@ def render_all(state: State) -> dict[str, str]:
         "sampler": render_sampler(state.sampler, state.draw, state.sampling, state.chosen, state.preview),
         "text": render_text_so_far(state.records, state.prompt),
         # only what is generated by this cycle: no token from after it (stepping back, or in a replay)
-        "branches": render_branches(state.timeline[:written], [b[:written] for b in state.branches]),
+        "branches": render_branches(state.timeline[: state.written], [b[: state.written] for b in state.branches]),
         "status": render_status(state.message, state.error, state.notes),
     }

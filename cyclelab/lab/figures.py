@@ -38,7 +38,7 @@ def _axis_words(ax) -> str:
 
 def describe(fig: Figure) -> str:
     """Alt text read from ``fig``: its overall title, then each visible panel in words."""
-    title = fig._suptitle.get_text() if fig._suptitle is not None else ""
+    title = fig.get_suptitle()
     panels = [words for ax in fig.get_axes() if ax.get_visible() and ax.axison and (words := _axis_words(ax))]
     if len(panels) > 1:
         panels = [f"panel {i}: {words}" for i, words in enumerate(panels, 1)]

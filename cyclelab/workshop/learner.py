@@ -15,7 +15,6 @@ ends, stops the check with :class:`Stopped`, whose message names the limit.
 from __future__ import annotations
 
 import ast
-import ctypes
 import functools
 import inspect
 import os
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 from cyclelab.workshop import wire
-from cyclelab.workshop.sandbox import Limits, _preexec, kill_descendants, unprivileged_user
+from cyclelab.workshop.sandbox import PR_SET_PDEATHSIG, Limits, _preexec, kill_descendants, prctl, unprivileged_user
 
 GIB = 1 << 30
 PACKAGE = Path(__file__).resolve().parents[1]  # the cyclelab package folder
@@ -111,17 +110,11 @@ def _define(cells: list[list], namespace: dict) -> str:
 # ------------------------------------------------------------------ the check's side
 
 
-PR_SET_PDEATHSIG = 1
-
-
 def _die_with(parent: int) -> None:
     """Be killed when ``parent`` ends, however it ends (Linux): a check's process killed by the grader's
     deadline must not leave the learner's, in its own session, running on. Set after the change of user,
     which clears it; a parent already gone by then ends this process at once."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         os._exit(1)
 

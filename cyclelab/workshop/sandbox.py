@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_CAPBSET_DROP = 24
+PR_SET_CHILD_SUBREAPER = 36
 NOBODY = 65534  # the real uid root's learner processes are counted under
 SYS_CAPSET = {"x86_64": 126, "aarch64": 91}.get(os.uname().machine, -1)
 
@@ -232,12 +234,18 @@ def kill_descendants() -> None:
                 pass
 
 
-def contain() -> None:
-    """Make this process a child subreaper that kills everything below it at exit or on SIGTERM (Linux)."""
+def prctl(option: int, value: int) -> None:
+    """``prctl(option, value)`` on this process, where Linux has it; elsewhere nothing (each use is a hardening
+    the grader does without)."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def contain() -> None:
+    """Make this process a child subreaper that kills everything below it at exit or on SIGTERM (Linux)."""
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
     atexit.register(kill_descendants)
 
     def stop(signum, frame) -> None:

@@ -18,15 +18,12 @@ from the package (read from the source here, and from the function object there)
 from __future__ import annotations
 
 import ast
-import ctypes
 import json
 import os
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-
-PR_SET_DUMPABLE = 4
 
 
 def _statements(cells: list[list]) -> Iterator[ast.stmt]:
@@ -165,10 +162,9 @@ def _check_main() -> None:
 
 def _not_dumpable() -> None:
     """No process of the same user (the learner's) may trace this one or open its /proc files (Linux)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    from cyclelab.workshop.sandbox import PR_SET_DUMPABLE, prctl
+
+    prctl(PR_SET_DUMPABLE, 0)
 
 
 def _notebook_main() -> None:
