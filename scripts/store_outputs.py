@@ -1,24 +1,33 @@
-"""Execute notebooks in place the way their committed outputs are made, and keep only what a reader can show.
+"""Execute notebooks the way their committed outputs are made, keep only what a reader can show, and label
+each with what the stored run cost.
 
     .venv/bin/python scripts/store_outputs.py notebooks/00_the_clock_cycle.ipynb [more ...]
 
-Each notebook runs top to bottom on a fresh kernel with the notebook's own parameters (CPU, quiet progress
-bars, no network for models), without the widgets' state. A widget's output then keeps only its text and
-its still picture: the widget view is dropped, since without its state JupyterLab would show "model not
-found" where the picture can show (the live widget returns when the cell runs).
+Each notebook runs top to bottom on a fresh kernel through the course runner (papermill) with the values of
+its own parameters cell: the learner's (full) profile, on the CPU, with quiet progress bars and no network
+for models. The executed notebook replaces the source without the runner's bookkeeping (papermill's
+metadata and timings) and without the widgets' state: a widget's output keeps its text and its still
+picture, since without the state JupyterLab would show "model not found" (the live widget returns when the
+cell runs). The run's seconds and peak memory become the chapter's full-profile cost label, so the label
+and the stored outputs come from the same run. A failing cell stops the script and stores nothing.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
+import re
 import sys
+import tempfile
 from pathlib import Path
 
 import nbformat
 
+from cyclelab.workshop.course import run_notebook, write_cost_label
+
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 ENV = {"TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+BY = "`scripts/store_outputs.py`, the run stored here"
+CHAPTER = re.compile(r"\d\d_")
 
 
 def without_widget_views(nb: nbformat.NotebookNode) -> int:
@@ -33,18 +42,30 @@ def without_widget_views(nb: nbformat.NotebookNode) -> int:
     return dropped
 
 
+def without_runner_metadata(nb: nbformat.NotebookNode) -> None:
+    """Drop what papermill and the notebook client add: run metadata, per-cell timings, empty tag lists."""
+    nb.metadata.pop("papermill", None)
+    for cell in nb.cells:
+        cell.metadata.pop("papermill", None)
+        cell.metadata.pop("execution", None)
+        if cell.metadata.get("tags") == []:
+            del cell.metadata["tags"]
+
+
 def store(path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "CYCLELAB_KERNELS"} | ENV
-    jupyter = Path(sys.executable).with_name("jupyter")
-    subprocess.run(
-        [str(jupyter), "nbconvert", "--to", "notebook", "--execute", "--inplace"]
-        + ["--ExecutePreprocessor.timeout=1200", "--ExecutePreprocessor.store_widget_state=False", str(path)],
-        check=True,
-        env=env,
-    )
-    nb = nbformat.read(path, as_version=4)
-    if without_widget_views(nb):
-        nbformat.write(nb, path)
+    os.environ.pop("CYCLELAB_KERNELS", None)
+    os.environ.update(ENV)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = run_notebook(path, Path(tmp))
+        if not run.ok:
+            sys.exit(f"{path.name} failed, nothing stored: {run.error}")
+        nb = nbformat.read(run.output, as_version=4)
+    without_widget_views(nb)
+    without_runner_metadata(nb)
+    nbformat.write(nb, path)
+    if CHAPTER.match(path.name):  # the bug hunt carries its own label
+        write_cost_label(path, run, "full", by=BY)
+    print(f"{path.name}: stored, {run.seconds:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -157,3 +157,12 @@ def test_a_stored_widget_is_its_picture_not_a_view_without_state(path: Path) -> 
     nb = nbformat.read(path, as_version=4)
     views = [i for i, c in enumerate(nb.cells) for o in c.get("outputs", []) if WIDGET_VIEW in o.get("data", {})]
     assert not views or "widgets" in nb.metadata, f"cells {views}: run scripts/store_outputs.py"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_stored_notebooks_carry_no_run_bookkeeping(path: Path) -> None:
+    """scripts/store_outputs.py drops papermill's metadata and the per-cell timings: a diff shows outputs only."""
+    nb = nbformat.read(path, as_version=4)
+    assert "papermill" not in nb.metadata
+    kept = [i for i, c in enumerate(nb.cells) if {"papermill", "execution"} & set(c.metadata)]
+    assert not kept, f"cells {kept} keep run timings: run scripts/store_outputs.py"

@@ -209,17 +209,19 @@ def results_table(runs: list[NotebookRun]) -> str:
     return "\n".join(lines)
 
 
-def cost_label(run: NotebookRun, profile: str) -> str:
-    """The cost line for ``run``: profile, seconds, peak memory, cores and date; its marker comes last, since a
-    line that *starts* with an HTML comment is an HTML block in Markdown and its bold text would show raw."""
+def cost_label(run: NotebookRun, profile: str, by: str = "") -> str:
+    """The cost line for ``run``: profile, seconds, peak memory, cores, what measured it and the date; its marker
+    comes last, since a line that *starts* with an HTML comment is an HTML block in Markdown and its bold text
+    would show raw."""
     memory = "" if run.peak_rss_mb is None else f", peak memory {run.peak_rss_mb / 1024:.1f} GB"
+    by = by or f"`cyclelab course --label {profile}`"
     return (
         f"**Cost, {profile} profile:** {run.seconds:.0f} s{memory} on {os.cpu_count()} CPU cores (measured by "
-        f"`cyclelab course --label {profile}` on {datetime.date.today().isoformat()}) <!-- cost:{profile} -->"
+        f"{by} on {datetime.date.today().isoformat()}) <!-- cost:{profile} -->"
     )
 
 
-def write_cost_label(path: Path, run: NotebookRun, profile: str) -> None:
+def write_cost_label(path: Path, run: NotebookRun, profile: str, by: str = "") -> None:
     """Put ``run``'s cost line at the end of the notebook's first cell (a markdown cell),
     replacing the line of the same profile if there is one. Nothing else in the file changes."""
     if not profile.replace("-", "").isalnum():
@@ -236,7 +238,7 @@ def write_cost_label(path: Path, run: NotebookRun, profile: str) -> None:
     while kept and not kept[-1].strip():
         kept.pop()
     has_label = any("<!-- cost:" in line for line in kept)
-    kept += ([] if has_label else [""]) + [cost_label(run, profile)]
+    kept += ([] if has_label else [""]) + [cost_label(run, profile, by)]
     cells[0].source = "\n".join(kept)
     nbformat.write(notebook, str(path))
 
