@@ -255,7 +255,7 @@ def _overrides_dir(folder: Path, text: str) -> Path:
 def test_docs_tables_are_the_ones_the_command_prints() -> None:
     """docs/workshop.md carries `python -m cyclelab.workshop tables` output verbatim (not typed by hand)."""
     doc = (ROOT / "docs/workshop.md").read_text()
-    sizing, agendas = workshop.tables(list_notebooks(), "fast").split("\n\nMinutes per chapter")
+    sizing, agendas = workshop.tables(list_notebooks(), "full").split("\n\nMinutes per chapter")
     assert sizing in doc and "Minutes per chapter" + agendas in doc
 
 

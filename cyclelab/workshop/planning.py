@@ -1,7 +1,7 @@
 """Running a workshop: a quiet JupyterLab, server sizing and agendas from the measured chapters.
 
     python -m cyclelab.workshop lab-settings [--settings-dir DIR]   install the JupyterLab overrides
-    python -m cyclelab.workshop tables [--profile fast|full]        sizing table and agendas (markdown)
+    python -m cyclelab.workshop tables [--profile full|fast]        sizing table and agendas (markdown)
     python -m cyclelab.workshop reading-time [--update]             each chapter's reading time, under its title
 
 The numbers come from each chapter's cost label (``cyclelab course --label PROFILE`` writes it:
@@ -343,7 +343,7 @@ def agenda_markdown(
     return "\n".join(lines)
 
 
-def tables(paths: list[Path], profile: str = "fast") -> str:
+def tables(paths: list[Path], profile: str = "full") -> str:
     """The sizing table and both agendas as markdown, from the notebooks' cost labels."""
     chapters = [read_chapter(p, profile) for p in paths]
     sizing = sizing_table({c.name: c.peak_mb for c in chapters})
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     lab = sub.add_parser("lab-settings", help="install data/jupyterlab/overrides.json into JupyterLab's settings")
     lab.add_argument("--settings-dir", type=Path, help="default: <JupyterLab app dir>/settings of this Python")
     tab = sub.add_parser("tables", help="print the sizing table and the agendas as markdown")
-    tab.add_argument("--profile", default="fast", help="whose cost labels to read (default: fast)")
+    tab.add_argument("--profile", default="full", help="whose cost labels to read (default: full, the learner's run)")
     tab.add_argument("--update", type=Path, metavar="DOC", help="write them into DOC (docs/workshop.md) instead")
     read = sub.add_parser("reading-time", help="print each chapter's reading time (from its full cost label)")
     read.add_argument("--update", action="store_true", help="write it under each chapter's title")
