@@ -98,7 +98,7 @@ class Chapter:
     stages: tuple[str, ...] = ()
 
 
-def read_chapter(path: Path, profile: str = "fast") -> Chapter:
+def read_chapter(path: Path, profile: str = "full") -> Chapter:
     """The chapter's cost label for ``profile``, its markdown word count and its checked exercises."""
     cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
     text = {kind: ["".join(c["source"]) for c in cells if c["cell_type"] == kind] for kind in ("markdown", "code")}
