@@ -1,9 +1,9 @@
 """The forward pass, op by op, for every decoder family the engine runs (:mod:`cyclelab.core.families`).
 
-The blocks are written once (:class:`Decoder`); a family's declaration switches their parts. The engine reads the Hugging Face model's weights in place (no copies) and
-runs its forward pass as a *generator*: every micro-op yields an :class:`Event`,
-so a consumer can pause between any two ops. The value a generator returns (via
-``yield from``) is the op's result.
+The blocks are written once (:class:`Decoder`); a family's declaration switches their parts. The engine reads
+the Hugging Face model's weights in place (no copies) and runs its forward pass as a *generator*: every micro-op
+yields an :class:`Event`, so a consumer can pause between any two ops. The value a generator returns (via
+``yield from``) is the op's result. The state of one pass (:class:`RunContext`, :class:`Ablation`) lives in :mod:`cyclelab.core.run`.
 
 Each op's stage, its tensors and their TransformerLens names are defined once, in
 :mod:`cyclelab.core.ops` (``print(cyclelab.core.ops.alias_table())``); an op here names itself and the
@@ -12,8 +12,7 @@ registry supplies the rest.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Generator
 from time import perf_counter
 from typing import Any
 
@@ -31,8 +30,8 @@ from cyclelab.core.attention import (
 from cyclelab.core.events import Event
 from cyclelab.core.families import FAMILIES, Family, family_of, settings
 from cyclelab.core.norms import rms_norm
-from cyclelab.core.ops import REGISTRY
 from cyclelab.core.rope import apply_rope, rope_cos_sin
+from cyclelab.core.run import Ablation, RunContext, capture_rule
 from cyclelab.kernels import (
     f32_conv1d,
     f32_linears,
@@ -44,84 +43,9 @@ from cyclelab.kernels import (
     int8_linears,
     is_int8,
 )
-from cyclelab.loading.schema import is_int
 
 SUPPORTED = {key: family.name for key, family in FAMILIES.items()}  #: model_type -> family name
 Ops = Generator[Event, None, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Ablation:
-    """Parts of the model switched off: attention heads as (layer, head), MLPs by layer."""
-
-    heads: frozenset[tuple[int, int]] = field(default_factory=frozenset)
-    mlps: frozenset[int] = field(default_factory=frozenset)
-
-    def __post_init__(self) -> None:
-        """Any collections of ints become frozensets; anything else is a TypeError.
-        (Whether a layer or head exists is checked by the engine, which knows the model.)"""
-        heads, mlps = _int_collection(self.heads, "heads", pairs=True), _int_collection(self.mlps, "mlps")
-        object.__setattr__(self, "heads", heads)
-        object.__setattr__(self, "mlps", mlps)
-
-    def __bool__(self) -> bool:
-        return bool(self.heads or self.mlps)
-
-
-def _int_collection(items, name: str, pairs: bool = False) -> frozenset:
-    """``items`` as a frozenset of ints (of (int, int) tuples if ``pairs``); else a TypeError naming ``name``."""
-
-    def valid(item) -> bool:
-        return isinstance(item, (tuple, list)) and len(item) == 2 and all(map(is_int, item)) if pairs else is_int(item)
-
-    given = items
-    items = list(items) if isinstance(items, Iterable) and not isinstance(items, (str, bytes, dict)) else None
-    if items is None or not all(map(valid, items)):
-        what = "(layer, head) pairs of integers" if pairs else "layer numbers (integers)"
-        raise TypeError(f"ablation {name} must be a collection of {what}, got {given!r}")
-    return frozenset(tuple(i) for i in items) if pairs else frozenset(items)
-
-
-Capture = Callable[[str, int | None], bool]
-
-
-def capture_rule(spec) -> Capture:
-    """Turn a capture spec into a predicate ``(op, layer) -> bool``.
-
-    ``None`` captures nothing, ``"all"`` everything, a collection of op names those
-    ops, and a callable is used as it is.
-    """
-    if spec is None:
-        return lambda op, layer: False
-    if spec == "all":
-        return lambda op, layer: True
-    if callable(spec):
-        return spec
-    names = frozenset(spec)
-    return lambda op, layer: op in names
-
-
-@dataclass
-class RunContext:
-    """The state of one forward pass: its cycle, what to capture, what is ablated, and (RoPE
-    families) the rotary tables of its positions.
-
-    It travels through ``forward``, ``embed``, ``block`` and ``unembed``; nothing of a run is
-    stored on the shared :class:`Architecture`, so two runs on one engine can interleave.
-    """
-
-    cycle: int = 0
-    capture: Capture = field(default_factory=lambda: capture_rule(None))
-    ablation: Ablation = field(default_factory=Ablation)
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin), set by a RoPE family's embed
-
-    def event(
-        self, op: str, layer: int | None, start: float, flops: int = 0, nbytes: int = 0, **tensors: torch.Tensor
-    ) -> Event:
-        """An event for ``op`` (its stage from the op registry) that began at ``start``;
-        tensors kept only if captured."""
-        keep = tensors if self.capture(op, layer) else {}
-        return Event(self.cycle, REGISTRY[op].stage, layer, op, perf_counter() - start, flops, nbytes, keep)
 
 
 class Architecture:
