@@ -4,7 +4,7 @@ Each model is built from the installed transformers' own config class (``AutoCon
 seeded, saved as safetensors with a byte-level tokenizer of 257 tokens, and loaded through ``cyclelab.load`` like
 any local folder. The sizes switch on what distinguishes each family: grouped-query attention, a sliding window
 shorter than the prompt (Mistral, and Qwen2 on its second layer only), head sizes other than width / heads,
-GPT-NeoX's partial rotary and parallel residual, tied embeddings (Gemma).
+GPT-NeoX's partial rotary and parallel residual, tied embeddings (GPT-2, Gemma).
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from float_bounds import assert_within, logit_bound
 from test_engine import MATMUL_OPS, counted_flops
 
 from cyclelab import Engine, load
+from cyclelab.core.attention import KVCache
 from cyclelab.core.blocks import architecture_for
+from cyclelab.core.engine import drain
 from cyclelab.core.families import FAMILIES
 from cyclelab.core.ops import hook_names
 from cyclelab.loading.checksums import ModelFileError
@@ -103,6 +105,21 @@ def test_the_tokenizer_is_one_token_per_byte():
     assert tokenizer.decode([*PROMPT, EOS], skip_special_tokens=True) == "Hello, world! To be"
 
 
+def test_the_tiny_models_switch_on_what_sets_their_family_apart(family):
+    """What the module docstring promises of the sizes holds, so the comparisons below exercise each switch."""
+    model_type, loaded, engine = family
+    arch, model = engine.arch, loaded.model
+    windows = {"mistral": (5, 5), "qwen2": (None, 4)}.get(model_type, (None, None))
+    assert arch.settings.windows == windows and arch.settings.parallel == (model_type == "gpt_neox")
+    if arch.spec.rope:
+        rotated = 2 * arch.inv_freq.numel()
+        assert rotated == (arch.head_dim // 4 if model_type == "gpt_neox" else arch.head_dim)
+    tied = model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert tied == (model_type in ("gpt2", "gemma"))
+    assert (arch.n_kv_heads < arch.n_heads) == (model_type not in ("gpt2", "gpt_neox"))
+    assert next(model.parameters()).dtype == torch.float32
+
+
 def test_logits_agree_with_transformers(family):
     """Within 1e-4: both sides compute in float32 and sum the same products in other orders (the engine's own
     kernels, fused ops); logits here are at most ~30, so their float32 rounding over a 64- or 96-wide dot product
@@ -156,15 +173,21 @@ def test_matmul_flops_per_op_agree_with_torch_flop_counter(family):
 
 
 def test_int8_weights_run_in_every_family(family, tmp_path_factory):
-    """``load(..., quantize="int8")``: the engine against transformers running the same int8 model (the bound of
-    tests/test_int8.py: float32 rounding per layer plus the own kernel's 16-bit input rows)."""
+    """``load(..., quantize="int8")``: the engine against transformers running the same int8 model, for the prompt
+    (many rows: torch's product) and for a decode step over the KV cache (one row: the own int8 kernel), within the
+    bound of tests/test_int8.py (float32 rounding per layer plus the own kernel's 16-bit input rows)."""
     model_type, loaded, _ = family
     quantized = load(loaded.source, quantize="int8", cache=False)
     engine = Engine(quantized)
     assert engine.arch.int8
     with torch.no_grad():
         ref = quantized.model(torch.tensor([PROMPT])).logits[0]
-    assert_within(engine.logits(PROMPT)[0], ref, logit_bound(quantized, PROMPT, int8=True))
+    bound = logit_bound(quantized, PROMPT, int8=True)
+    assert_within(engine.logits(PROMPT)[0], ref, bound)
+    cache = KVCache(engine.arch.n_layers, len(PROMPT))
+    drain(engine.forward(torch.tensor([PROMPT[:-1]]), cache))
+    step = drain(engine.forward(torch.tensor([PROMPT[-1:]]), cache))[0, -1]
+    assert_within(step, ref[-1], bound[-1])
 
 
 # --- what the engine refuses ----------------------------------------------------------------------------------
