@@ -131,7 +131,7 @@ NEAR = {
     "gemma3_text": "Gemma 3's extra norms, q/k norms and two rotary tables (local and global layers)",
     "gemma3": "Gemma 3's extra norms, q/k norms and two rotary tables (local and global layers)",
     "olmo": "OLMo (1)'s LayerNorm without weights",
-    "phi": "Phi-1/2's parallel attention and MLP with partial rotary and a dense LayerNorm",
+    "phi": "Phi-1/2's one LayerNorm shared by the parallel attention and MLP",
     "mixtral": "a mixture-of-experts MLP",
     "qwen2_moe": "a mixture-of-experts MLP",
     "qwen3_moe": "a mixture-of-experts MLP",
