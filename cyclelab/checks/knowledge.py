@@ -63,10 +63,11 @@ def _patch_cases(engine) -> list[tuple[list[int], int, int, torch.Tensor, int]]:
     """(corrupted ids, layer, position, clean vector, target) cells to try on ``engine``'s model."""
     from cyclelab.lab.patching import resid_post
 
-    pairs = {
+    prompts = {
         "gpt2": ("KING RICHARD:\nNow, my lord of", "KING HENRY:\nNow, my lord of"),
         "llama": ("The capital of France is", "The capital of Italy is"),
-    }[engine.arch.family]
+    }
+    pairs = prompts.get(engine.arch.family, prompts["llama"])  # GPT-2's are the plays' (tiny); others plain English
     clean, corrupt = (engine.encode(p) for p in pairs)
     stream = resid_post(engine, clean)
     last, diff = engine.arch.n_layers - 1, next(i for i, (a, b) in enumerate(zip(clean, corrupt)) if a != b)

@@ -44,6 +44,13 @@ def causal_mask(n_queries: int, n_keys: int, device: torch.device | str = "cpu")
     return torch.arange(n_keys, device=device)[None, :] > q_pos
 
 
+def outside_window(n_queries: int, n_keys: int, window: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Boolean mask, True where a key is ``window`` or more positions before its query (a sliding window:
+    each query sees itself and the ``window - 1`` positions before it). Queries are placed as in :func:`causal_mask`."""
+    q_pos = torch.arange(n_keys - n_queries, n_keys, device=device)[:, None]
+    return torch.arange(n_keys, device=device)[None, :] <= q_pos - window
+
+
 def _by_key_head(x: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
     """``(b, h, t, n)`` -> ``(b, n_kv_heads, h // n_kv_heads * t, n)``: the query heads that share a
     key/value head stacked as rows (the grouping of :func:`repeat_kv`, without copying the keys)."""

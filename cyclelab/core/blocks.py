@@ -1,9 +1,9 @@
-"""The forward pass, op by op, for the GPT-2 and Llama families.
+"""The forward pass, op by op, for every decoder family the engine runs (:mod:`cyclelab.core.families`).
 
-Each architecture reads the Hugging Face model's weights in place (no copies) and
-runs its forward pass as a *generator*: every micro-op yields an :class:`Event`,
-so a consumer can pause between any two ops. The value a generator returns (via
-``yield from``) is the op's result.
+The blocks are written once (:class:`Decoder`); a family's declaration switches their parts. The engine reads
+the Hugging Face model's weights in place (no copies) and runs its forward pass as a *generator*: every micro-op
+yields an :class:`Event`, so a consumer can pause between any two ops. The value a generator returns (via
+``yield from``) is the op's result. The state of one pass (:class:`RunContext`, :class:`Ablation`) lives in :mod:`cyclelab.core.run`.
 
 Each op's stage, its tensors and their TransformerLens names are defined once, in
 :mod:`cyclelab.core.ops` (``print(cyclelab.core.ops.alias_table())``); an op here names itself and the
@@ -12,19 +12,26 @@ registry supplies the rest.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Generator
 from time import perf_counter
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from cyclelab.core.attention import KVCache, attention_mix, attention_scores, merge_heads, split_heads
+from cyclelab.core.attention import (
+    KVCache,
+    attention_mix,
+    attention_scores,
+    merge_heads,
+    outside_window,
+    split_heads,
+)
 from cyclelab.core.events import Event
+from cyclelab.core.families import FAMILIES, Family, family_of, settings
 from cyclelab.core.norms import rms_norm
-from cyclelab.core.ops import REGISTRY
 from cyclelab.core.rope import apply_rope, rope_cos_sin
+from cyclelab.core.run import Ablation, RunContext, capture_rule
 from cyclelab.kernels import (
     f32_conv1d,
     f32_linears,
@@ -36,88 +43,13 @@ from cyclelab.kernels import (
     int8_linears,
     is_int8,
 )
-from cyclelab.loading.schema import is_int
 
-SUPPORTED = {"gpt2": "GPT-2", "llama": "Llama"}
+SUPPORTED = {key: family.name for key, family in FAMILIES.items()}  #: model_type -> family name
 Ops = Generator[Event, None, torch.Tensor]
 
 
-@dataclass(frozen=True)
-class Ablation:
-    """Parts of the model switched off: attention heads as (layer, head), MLPs by layer."""
-
-    heads: frozenset[tuple[int, int]] = field(default_factory=frozenset)
-    mlps: frozenset[int] = field(default_factory=frozenset)
-
-    def __post_init__(self) -> None:
-        """Any collections of ints become frozensets; anything else is a TypeError.
-        (Whether a layer or head exists is checked by the engine, which knows the model.)"""
-        heads, mlps = _int_collection(self.heads, "heads", pairs=True), _int_collection(self.mlps, "mlps")
-        object.__setattr__(self, "heads", heads)
-        object.__setattr__(self, "mlps", mlps)
-
-    def __bool__(self) -> bool:
-        return bool(self.heads or self.mlps)
-
-
-def _int_collection(items, name: str, pairs: bool = False) -> frozenset:
-    """``items`` as a frozenset of ints (of (int, int) tuples if ``pairs``); else a TypeError naming ``name``."""
-
-    def valid(item) -> bool:
-        return isinstance(item, (tuple, list)) and len(item) == 2 and all(map(is_int, item)) if pairs else is_int(item)
-
-    given = items
-    items = list(items) if isinstance(items, Iterable) and not isinstance(items, (str, bytes, dict)) else None
-    if items is None or not all(map(valid, items)):
-        what = "(layer, head) pairs of integers" if pairs else "layer numbers (integers)"
-        raise TypeError(f"ablation {name} must be a collection of {what}, got {given!r}")
-    return frozenset(tuple(i) for i in items) if pairs else frozenset(items)
-
-
-Capture = Callable[[str, int | None], bool]
-
-
-def capture_rule(spec) -> Capture:
-    """Turn a capture spec into a predicate ``(op, layer) -> bool``.
-
-    ``None`` captures nothing, ``"all"`` everything, a collection of op names those
-    ops, and a callable is used as it is.
-    """
-    if spec is None:
-        return lambda op, layer: False
-    if spec == "all":
-        return lambda op, layer: True
-    if callable(spec):
-        return spec
-    names = frozenset(spec)
-    return lambda op, layer: op in names
-
-
-@dataclass
-class RunContext:
-    """The state of one forward pass: its cycle, what to capture, what is ablated, and (Llama)
-    the rotary tables of its positions.
-
-    It travels through ``forward``, ``embed``, ``block`` and ``unembed``; nothing of a run is
-    stored on the shared :class:`Architecture`, so two runs on one engine can interleave.
-    """
-
-    cycle: int = 0
-    capture: Capture = field(default_factory=lambda: capture_rule(None))
-    ablation: Ablation = field(default_factory=Ablation)
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin), set by Llama's embed
-
-    def event(
-        self, op: str, layer: int | None, start: float, flops: int = 0, nbytes: int = 0, **tensors: torch.Tensor
-    ) -> Event:
-        """An event for ``op`` (its stage from the op registry) that began at ``start``;
-        tensors kept only if captured."""
-        keep = tensors if self.capture(op, layer) else {}
-        return Event(self.cycle, REGISTRY[op].stage, layer, op, perf_counter() - start, flops, nbytes, keep)
-
-
 class Architecture:
-    """What GPT-2 and Llama share: the clock, the event bookkeeping and attention itself."""
+    """What every family shares: the clock, the event bookkeeping and attention itself."""
 
     family = ""
     n_layers: int
@@ -158,9 +90,17 @@ class Architecture:
 
     # --- shared attention ---------------------------------------------------------
     def attend(
-        self, run: RunContext, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache
+        self,
+        run: RunContext,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: KVCache,
+        window: int | None = None,
     ) -> Ops:
-        """KV-cache read, scores, softmax and the weighted mix of values; returns merged heads."""
+        """KV-cache read, scores, softmax and the weighted mix of values; returns merged heads.
+        With a sliding ``window``, each query sees only the last ``window`` positions (itself included)."""
         t = perf_counter()
         keys, values = cache.append(layer, k, v)  # (b, kv_h, t_past + t, hd): all positions so far
         yield run.event("kv_cache", layer, t, 0, 2 * keys.numel() * keys.element_size(), keys=keys, values=values)
@@ -169,6 +109,8 @@ class Architecture:
 
         t = perf_counter()
         scores = fused(fused_scores, attention_scores, q, keys)  # (b, h, t, t_past + t)
+        if window is not None and tk > window:
+            scores = scores.masked_fill(outside_window(tq, tk, window, scores.device), float("-inf"))
         yield run.event("scores", layer, t, 2 * b * h * tq * tk * d, 0, scores=scores)
         t = perf_counter()
         probs = fused(fused_softmax, softmax, scores)  # (b, h, t, t_past + t)
@@ -213,182 +155,186 @@ class Architecture:
         raise NotImplementedError
 
 
-class GPT2(Architecture):
-    """GPT-2: learned positions, LayerNorm, fused QKV projection, GELU MLP, tied unembedding."""
+class Decoder(Architecture):
+    """Every decoder family of :data:`~cyclelab.core.families.FAMILIES` on the same blocks: embedding (learned
+    positions or RoPE), attention (separate or fused Q/K/V, q/k norms, sliding windows), MLP (plain or gated),
+    norms before or after each sublayer, sequential or parallel residuals; the family's declaration switches them."""
 
-    family = "gpt2"
-
-    def __init__(self, model):
+    def __init__(self, model, family: Family | None = None):
         super().__init__(model)
-        self.body = model.transformer
-        self.layers = self.body.h
-        self.n_layers = self.config.n_layer
-        self.n_heads = self.n_kv_heads = self.config.n_head
-        self.context_window = self.config.n_positions
-        self.eps = self.config.layer_norm_epsilon
-        act = self.config.activation_function
-        if act not in ("gelu_new", "gelu", "gelu_pytorch_tanh"):
-            raise ValueError(f"GPT-2 activation {act!r} is not supported (use gelu_new or gelu)")
-        self.approximate = "none" if act == "gelu" else "tanh"
+        self.spec = family or family_of(model)
+        self.family = model.config.model_type
+        self.settings = s = settings(self.spec, self.config)
+        self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim = s.n_layers, s.n_heads, s.n_kv_heads, s.head_dim
+        self.context_window, self.eps = s.context_window, s.eps
+        names = self.spec.weights
+        self.paths = {k: tuple(v.split(".")) for k, v in vars(names).items() if isinstance(v, str)}
+        self.body = _part(model, names.body)
+        self.layers = _part(self.body, names.layers)
+        if self.spec.rope:  # frequencies as the model computed them (incl. any fixed scaling)
+            rotary = _part(self.body, "rotary_emb")
+            self.inv_freq, self.rope_scaling = rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0))
 
-    def norm(self, x: torch.Tensor, ln: torch.nn.LayerNorm) -> torch.Tensor:
-        """LayerNorm: centre, scale to unit variance, then the learned gain and bias."""
-        weight, bias = parts(ln, "weight", "bias")
-        return F.layer_norm(x, (x.shape[-1],), weight, bias, self.eps)
+    def get(self, module: torch.nn.Module, role: str):
+        """The part ``role`` of :class:`~cyclelab.core.families.Weights` under ``module`` (a layer or the body)."""
+        for name in self.paths[role]:
+            module = _part(module, name)
+        return module
 
-    def conv1d(self, x: torch.Tensor, conv) -> torch.Tensor:
-        """GPT-2's ``Conv1D`` is a linear layer with its weight stored as (in, out) (an int8 Linear once quantized)."""
-        return self.linear(x, conv) if self.int8 else f32_conv1d(x, *parts(conv, "weight", "bias"))
+    def lin(self, x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+        """A projection: GPT-2's ``Conv1D`` stores its weight as (in, out) (an int8 Linear once quantized)."""
+        if self.spec.conv1d and not self.int8:
+            return f32_conv1d(x, *parts(module, "weight", "bias"))
+        return self.linear(x, module)
 
-    def embed(self, run, ids, positions):
-        t = perf_counter()
-        tokens = self.body.wte.weight[ids]  # (b, t, d)
-        yield run.event("embed", None, t, 0, tokens.numel() * tokens.element_size(), out=tokens)
-        t = perf_counter()
-        x = tokens + self.body.wpe.weight[positions]  # (b, t, d) + (t, d)
-        yield run.event("positions", None, t, x.numel(), tokens.numel() * tokens.element_size(), out=x)
-        return x
-
-    def block(self, run, i, layer, x, positions, cache):
-        ln_1, attn, ln_2, mlp = parts(layer, "ln_1", "attn", "ln_2", "mlp")
-        (c_attn, c_proj), (c_fc, mlp_proj) = parts(attn, "c_attn", "c_proj"), parts(mlp, "c_fc", "c_proj")
-        t = perf_counter()
-        h = self.norm(x, ln_1)  # (b, t, d)
-        yield run.event("norm_attn", i, t, 5 * h.numel(), 0, out=h)
-
-        t = perf_counter()
-        qkv = self.conv1d(h, c_attn)  # (b, t, 3d)
-        b, t_, _ = qkv.shape  # [q | k | v], each the heads side by side: one view splits all three
-        q, k, v = qkv.view(b, t_, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4).unbind()  # (b, h, t, hd) each
-        yield run.event("qkv", i, t, *self.linear_cost(h, qkv.shape[-1], c_attn), q=q, k=k, v=v)
-
-        mixed = yield from self.attend(run, i, q, k, v, cache)  # (b, t, d): the heads merged
-        t = perf_counter()
-        out = self.conv1d(mixed, c_proj)  # (b, t, d)
-        yield run.event("attn_out", i, t, *self.linear_cost(mixed, out.shape[-1], c_proj), out=out)
-        x = yield from self.residual(run, i, "residual_attn", x, out)
-
-        t = perf_counter()
-        h = self.norm(x, ln_2)  # (b, t, d)
-        yield run.event("norm_mlp", i, t, 5 * h.numel(), 0, out=h)
-        t = perf_counter()
-        up = self.conv1d(h, c_fc)  # (b, t, 4d)
-        yield run.event("mlp_in", i, t, *self.linear_cost(h, up.shape[-1], c_fc), out=up)
-        t = perf_counter()
-        act = F.gelu(up, approximate=self.approximate)  # (b, t, 4d)
-        yield run.event("act", i, t, 8 * act.numel(), 0, out=act)
-        t = perf_counter()
-        down = self.conv1d(act, mlp_proj)  # (b, t, d)
-        if i in run.ablation.mlps:
-            down = torch.zeros_like(down)
-        yield run.event("mlp_out", i, t, *self.linear_cost(act, down.shape[-1], mlp_proj), out=down)
-        return (yield from self.residual(run, i, "residual_mlp", x, down))
-
-    def unembed(self, x, run=None):
-        run = run or RunContext()
-        t = perf_counter()
-        h = self.norm(x, self.body.ln_f)
-        yield run.event("norm_final", None, t, 5 * h.numel(), 0, out=h)
-        t = perf_counter()
-        head = self.model.lm_head
-        logits = self.linear(h, head)  # (b, t, vocab)
-        yield run.event("logits", None, t, *self.linear_cost(h, logits.shape[-1], head), out=logits)
-        return logits
-
-
-class Llama(Architecture):
-    """Llama: RoPE, RMSNorm, separate Q/K/V with grouped-query attention, SwiGLU MLP."""
-
-    family = "llama"
-
-    def __init__(self, model):
-        super().__init__(model)
-        self.body = model.model
-        self.layers = self.body.layers
-        cfg = self.config
-        self.n_layers = cfg.num_hidden_layers
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.context_window = cfg.max_position_embeddings
-        self.eps = cfg.rms_norm_eps
-        if cfg.hidden_act != "silu":
-            raise ValueError(f"Llama activation {cfg.hidden_act!r} is not supported (only silu)")
-        rotary = self.body.rotary_emb  # frequencies as the model computed them (incl. any scaling)
-        self.inv_freq, self.rope_scaling = rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0))
-
-    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """RMSNorm: divide by the root-mean-square (in float32), then the learned gain
-        (:func:`cyclelab.core.norms.rms_norm`; decode's few rows in one C call of the same formula)."""
+    def norm(self, x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+        """LayerNorm (centre, unit variance, gain and bias) or RMSNorm (:func:`cyclelab.core.norms.rms_norm`;
+        decode's few rows in one C call), with Gemma's gain ``1 + weight``."""
+        if self.spec.norm == "layer":
+            weight, bias = parts(module, "weight", "bias")
+            return F.layer_norm(x, (x.shape[-1],), weight, bias, self.eps)
+        (weight,) = parts(module, "weight")
+        if self.spec.norm_offset:
+            weight = weight + self.spec.norm_offset
         return fused(fused_rms_norm, rms_norm, x, weight, self.eps)
+
+    def normed(self, run: RunContext, op: str, i: int | None, x: torch.Tensor, module: torch.nn.Module) -> Ops:
+        t = perf_counter()
+        h = self.norm(x, module)
+        yield run.event(op, i, t, (5 if self.spec.norm == "layer" else 4) * h.numel(), 0, out=h)
+        return h
 
     @staticmethod
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """RoPE (:func:`cyclelab.core.rope.apply_rope`; one decode position in one C call, to the same bits)."""
-        return fused(fused_rope, apply_rope, x, cos, sin)
+        """RoPE (:func:`cyclelab.core.rope.apply_rope`; one decode position in one C call, to the same bits) on the
+        first ``cos.shape[-1]`` dimensions of each head; partial rotary (GPT-NeoX) passes the rest unchanged."""
+        n = cos.shape[-1]
+        if n == x.shape[-1]:
+            return fused(fused_rope, apply_rope, x, cos, sin)
+        return torch.cat([apply_rope(x[..., :n], cos, sin), x[..., n:]], dim=-1)
+
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        act = self.settings.act
+        return F.silu(x) if act == "silu" else F.gelu(x, approximate=act)
 
     def embed(self, run, ids, positions):
         t = perf_counter()
-        x = self.body.embed_tokens.weight[ids]  # (b, t, d)
-        yield run.event("embed", None, t, 0, x.numel() * x.element_size(), out=x)
+        x = self.get(self.body, "embed").weight[ids]  # (b, t, d)
+        if self.spec.embed_scale:  # Gemma: times sqrt(d), rounded to the weights' dtype first as transformers does
+            x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
+        yield run.event("embed", None, t, x.numel() * self.spec.embed_scale, x.numel() * x.element_size(), out=x)
         t = perf_counter()
-        cos, sin = run.rope = rope_cos_sin(positions, self.inv_freq, self.rope_scaling)  # (t, head_dim) each
+        if not self.spec.rope:
+            x = x + self.get(self.body, "positions").weight[positions]  # (b, t, d) + (t, d)
+            yield run.event("positions", None, t, x.numel(), x.numel() * x.element_size(), out=x)
+            return x
+        cos, sin = run.rope = rope_cos_sin(positions, self.inv_freq, self.rope_scaling)  # (t, rotated dims) each
         yield run.event("positions", None, t, 2 * cos.numel(), 0, cos=cos, sin=sin)
         return x
 
     def block(self, run, i, layer, x, positions, cache):
-        attn, mlp, norm_attn, norm_mlp = parts(layer, "self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
-        q_proj, k_proj, v_proj, o_proj = parts(attn, "q_proj", "k_proj", "v_proj", "o_proj")
-        gate_proj, up_proj, down_proj = parts(mlp, "gate_proj", "up_proj", "down_proj")
+        pre = self.spec.norm_place == "pre"
+        h = (yield from self.normed(run, "norm_attn", i, x, self.get(layer, "norm_attn"))) if pre else x
+        q, k, v = yield from self.qkv(run, i, layer, h)
+        if self.spec.rope:
+            q, k = yield from self.rope(run, i, layer, q, k)
+        mixed = yield from self.attend(run, i, q, k, v, cache, self.settings.windows[i])  # (b, t, d): heads merged
         t = perf_counter()
-        h = self.norm(x, *parts(norm_attn, "weight"))  # (b, t, d)
-        yield run.event("norm_attn", i, t, 4 * h.numel(), 0, out=h)
-
-        t = perf_counter()
-        q, k, v = self.linears(h, q_proj, k_proj, v_proj)  # decode: one C call reads all three
-        q = split_heads(q, self.n_heads)  # (b, h, t, hd)
-        k, v = split_heads(k, self.n_kv_heads), split_heads(v, self.n_kv_heads)  # (b, kv_h, t, hd) each
-        n_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
-        yield run.event("qkv", i, t, *self.linear_cost(h, n_out, q_proj, k_proj, v_proj), q=q, k=k, v=v)
-
-        t = perf_counter()
-        cos, sin = run.rope
-        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)  # (b, h, t, d), (b, kv_h, t, d)
-        yield run.event("rope", i, t, 3 * (q.numel() + k.numel()), 0, q=q, k=k)
-
-        mixed = yield from self.attend(run, i, q, k, v, cache)  # (b, t, d): the heads merged
-        t = perf_counter()
-        out = self.linear(mixed, o_proj)
+        o_proj = self.get(layer, "o")
+        out = self.lin(mixed, o_proj)
         yield run.event("attn_out", i, t, *self.linear_cost(mixed, out.shape[-1], o_proj), out=out)
-        x = yield from self.residual(run, i, "residual_attn", x, out)
+        if not pre:  # OLMo-2: the norm sits on the sublayer's output, before it is added
+            out = yield from self.normed(run, "norm_attn", i, out, self.get(layer, "norm_attn"))
+        mid = yield from self.residual(run, i, "residual_attn", x, out)
 
+        h = x if self.settings.parallel else mid  # GPT-NeoX: the MLP reads the block's input too
+        if pre:
+            h = yield from self.normed(run, "norm_mlp", i, h, self.get(layer, "norm_mlp"))
+        down = yield from self.mlp(run, i, layer, h)
+        if not pre:
+            down = yield from self.normed(run, "norm_mlp", i, down, self.get(layer, "norm_mlp"))
+        return (yield from self.residual(run, i, "residual_mlp", mid, down))
+
+    def qkv(self, run: RunContext, i: int, layer, h: torch.Tensor) -> Generator[Event, None, tuple]:
+        """READ: queries, keys and values ``(b, heads, t, hd)``, from three projections or one fused."""
         t = perf_counter()
-        h = self.norm(x, *parts(norm_mlp, "weight"))  # (b, t, d)
-        yield run.event("norm_mlp", i, t, 4 * h.numel(), 0, out=h)
+        nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        if "qkv" in self.paths:
+            modules: tuple = (self.get(layer, "qkv"),)
+            fused_out = self.lin(h, modules[0])  # (b, t, (nh + 2 nkv) hd)
+            if self.spec.qkv_layout == "heads":  # GPT-NeoX: per head [q k v]
+                b, t_, _ = fused_out.shape
+                q, k, v = fused_out.view(b, t_, nh, 3 * hd).transpose(1, 2).chunk(3, dim=-1)
+            else:  # [q | k | v]
+                q, k, v = fused_out.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+                q, k, v = split_heads(q, nh), split_heads(k, nkv), split_heads(v, nkv)
+        else:
+            modules = (self.get(layer, "q"), self.get(layer, "k"), self.get(layer, "v"))
+            q, k, v = self.linears(h, *modules)  # decode: one C call reads all three
+            q, k, v = split_heads(q, nh), split_heads(k, nkv), split_heads(v, nkv)
+        yield run.event("qkv", i, t, *self.linear_cost(h, (nh + 2 * nkv) * hd, *modules), q=q, k=k, v=v)
+        return q, k, v
+
+    def rope(self, run: RunContext, i: int, layer, q: torch.Tensor, k: torch.Tensor) -> Generator[Event, None, tuple]:
+        """Positions into q and k: their RMSNorm first where the family has one (Qwen3, OLMo-2), then RoPE."""
         t = perf_counter()
-        gate, up = self.linears(h, gate_proj, up_proj)  # (b, t, d_mlp) each
-        cost = self.linear_cost(h, 2 * gate.shape[-1], gate_proj, up_proj)
-        yield run.event("mlp_in", i, t, *cost, gate=gate, up=up)
+        flops = 0
+        if self.spec.qk_norm:
+            q, k = self.qk_norm(q, self.get(layer, "q_norm")), self.qk_norm(k, self.get(layer, "k_norm"))
+            flops += 4 * (q.numel() + k.numel())
+        cos, sin = run.rope or (None, None)  # set by embed
+        assert cos is not None and sin is not None, "embed sets the rotary tables before the blocks run"
+        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)  # (b, h, t, hd), (b, kv_h, t, hd)
+        flops += 3 * (q.numel() + k.numel()) * cos.shape[-1] // q.shape[-1]
+        yield run.event("rope", i, t, flops, 0, q=q, k=k)
+        return q, k
+
+    def qk_norm(self, x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+        """RMSNorm of heads ``(b, h, t, hd)``: over each head (Qwen3) or over all heads together (OLMo-2)."""
+        if self.spec.qk_norm == "head":
+            return self.norm(x, module)
+        return split_heads(self.norm(merge_heads(x), module), x.shape[1])
+
+    def mlp(self, run: RunContext, i: int, layer, h: torch.Tensor) -> Ops:
+        """The MLP: ``down(act(gate) * up)`` (gated) or ``down(act(up))`` (plain); returns what is added."""
         t = perf_counter()
-        act = F.silu(gate) * up  # (b, t, d_mlp)
-        yield run.event("act", i, t, 6 * act.numel(), 0, out=act)
+        if not self.spec.gated:
+            modules: tuple = (self.get(layer, "up"),)
+            up = self.lin(h, modules[0])  # (b, t, d_mlp)
+            yield run.event("mlp_in", i, t, *self.linear_cost(h, up.shape[-1], *modules), out=up)
+            t = perf_counter()
+            act = self.activation(up)
+            yield run.event("act", i, t, 8 * act.numel(), 0, out=act)
+        else:
+            if "gate_up" in self.paths:  # Phi-3: one fused projection [gate | up]
+                modules = (self.get(layer, "gate_up"),)
+                gate, up = self.lin(h, modules[0]).chunk(2, dim=-1)
+            else:
+                modules = (self.get(layer, "gate"), self.get(layer, "up"))
+                gate, up = self.linears(h, *modules)  # (b, t, d_mlp) each
+            yield run.event("mlp_in", i, t, *self.linear_cost(h, 2 * gate.shape[-1], *modules), gate=gate, up=up)
+            t = perf_counter()
+            act = self.activation(gate) * up  # (b, t, d_mlp)
+            yield run.event("act", i, t, 6 * act.numel(), 0, out=act)
         t = perf_counter()
-        down = self.linear(act, down_proj)  # (b, t, d)
+        down_proj = self.get(layer, "down")
+        down = self.lin(act, down_proj)  # (b, t, d)
         if i in run.ablation.mlps:
             down = torch.zeros_like(down)
         yield run.event("mlp_out", i, t, *self.linear_cost(act, down.shape[-1], down_proj), out=down)
-        return (yield from self.residual(run, i, "residual_mlp", x, down))
+        return down
 
     def unembed(self, x, run=None):
         run = run or RunContext()
-        t = perf_counter()
-        h = self.norm(x, self.body.norm.weight)
-        yield run.event("norm_final", None, t, 4 * h.numel(), 0, out=h)
+        h = yield from self.normed(run, "norm_final", None, x, self.get(self.body, "final_norm"))
         t = perf_counter()
         head = self.model.lm_head
         logits = self.linear(h, head)  # (b, t, vocab)
         yield run.event("logits", None, t, *self.linear_cost(h, logits.shape[-1], head), out=logits)
         return logits
+
+
+GPT2 = Llama = Decoder  # the names of the first two families; every family runs on the same blocks now
 
 
 def parts(module: torch.nn.Module, *names: str) -> tuple:
@@ -428,20 +374,22 @@ def matrix_bytes(module: torch.nn.Module) -> int:
 
 def architecture_for(model: torch.nn.Module) -> Architecture:
     """The op-by-op forward for ``model``, or a clear error naming the supported families."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
     if any(type(m).__name__ == "LoRALinear" for m in model.modules()):
         raise ValueError(
             "the model holds LoRA layers (a frozen weight plus A @ B): the engine reads plain weight "
             "matrices, so fold them in first with cyclelab.train.finetune.merge_lora(model)"
         )
-    if model_type == "gpt2" and hasattr(model, "lm_head"):
-        return GPT2(model)
-    if model_type == "llama" and hasattr(model, "lm_head"):
-        return Llama(model)
-    raise ValueError(
-        f"the engine supports causal language models of the {' and '.join(SUPPORTED.values())} families "
-        f"(model_type {', '.join(map(repr, SUPPORTED))}); got {type(model).__name__} with model_type {model_type!r}"
-    )
+    return Decoder(model)  # family_of names the supported families if the model is of none of them
 
 
-__all__ = ["Ablation", "Architecture", "GPT2", "Llama", "RunContext", "architecture_for", "capture_rule", "SUPPORTED"]
+__all__ = [
+    "Ablation",
+    "Architecture",
+    "Decoder",
+    "GPT2",
+    "Llama",
+    "RunContext",
+    "architecture_for",
+    "capture_rule",
+    "SUPPORTED",
+]

@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from cyclelab.core.families import FAMILIES, Family, supported_text
+
 
 class Stage(str, Enum):
     """The four stages of one cycle."""
@@ -39,8 +41,9 @@ class Op:
     """One micro-op: its name, stage, whether it runs once per layer, and its tensors' TL names.
 
     ``tensors`` maps each tensor key of the op's event to its TransformerLens hook (``{L}`` for
-    the layer) or None where TransformerLens has none; ``llama`` replaces it for Llama models
-    where the two families differ (RoPE tables instead of learned positions, a gated MLP).
+    the layer) or None where TransformerLens has none; ``llama`` replaces it in the families
+    whose declaration has the switch ``switch`` on (:mod:`cyclelab.core.families`): ``"rope"``
+    (RoPE tables instead of learned positions) or ``"gated"`` (a gated MLP), as in Llama.
     """
 
     name: str
@@ -48,10 +51,12 @@ class Op:
     per_layer: bool
     tensors: dict[str, str | None]
     llama: dict[str, str | None] | None = None
+    switch: str = "rope"
 
     def tensors_for(self, family: str) -> dict[str, str | None]:
-        """The op's tensors in a model family (``"gpt2"`` or ``"llama"``)."""
-        return self.llama if family == "llama" and self.llama is not None else self.tensors
+        """The op's tensors in a model family (a key of :data:`~cyclelab.core.families.FAMILIES`)."""
+        on = self.llama is not None and getattr(family_switches(family), self.switch)
+        return self.llama if on and self.llama is not None else self.tensors
 
     def hook_name(self, key: str, layer: int | str | None, family: str = "gpt2") -> str:
         """The name of tensor ``key`` of this op at ``layer``: TransformerLens's where it has one."""
@@ -91,6 +96,7 @@ REGISTRY: dict[str, Op] = {
             True,
             {"out": "blocks.{L}.mlp.hook_pre"},
             llama={"gate": "blocks.{L}.mlp.hook_pre", "up": "blocks.{L}.mlp.hook_pre_linear"},
+            switch="gated",
         ),
         Op("act", _E, True, {"out": "blocks.{L}.mlp.hook_post"}),
         Op("mlp_out", _E, True, {"out": "blocks.{L}.hook_mlp_out"}),
@@ -101,7 +107,7 @@ REGISTRY: dict[str, Op] = {
         Op("append", _W, False, {}),
     ]
 }
-OPS = list(REGISTRY)  #: every op an engine run yields, in order ("rope" only for Llama)
+OPS = list(REGISTRY)  #: every op an engine run yields, in order ("rope" only for RoPE families)
 
 
 def stage_of(op: str) -> Stage:
@@ -119,17 +125,23 @@ def registry_entry(op: str) -> Op:
 def hook_names(family: str) -> dict[str, tuple[str, str]]:
     """Every TransformerLens-style name of a forward pass in a model family, with ``{L}`` for the
     layer, mapped to ``(op, tensor key)``: the alias table."""
-    if family not in ("gpt2", "llama"):
-        raise ValueError(f"unknown model family {family!r}; the engine runs 'gpt2' and 'llama'")
+    rope = family_switches(family).rope
     names = {
         op.hook_name(key, "{L}" if op.per_layer else None, family): (op.name, key)
         for op in REGISTRY.values()
         if op.name not in ("choose", "append")
         for key in op.tensors_for(family)
     }
-    if family == "llama":  # no positions are added: the stream entering block 0 is the embedding
+    if rope:  # no positions are added: the stream entering block 0 is the embedding
         names["blocks.0.hook_resid_pre"] = ("embed", "out")
     return names
+
+
+def family_switches(family: str) -> Family:
+    """The declaration of ``family`` (a ``model_type``), or a ValueError listing the families."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; the engine runs {supported_text()}")
+    return FAMILIES[family]
 
 
 def alias_table(family: str = "gpt2") -> str:

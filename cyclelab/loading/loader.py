@@ -208,6 +208,7 @@ def _load_folder(
     try:
         config = AutoConfig.from_pretrained(folder)
         _check_architectures(config, folder, repair)
+        _check_pad_token(config, folder, repair)
         causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in config.architectures or [])
         auto: Any = AutoModelForCausalLM if causal else AutoModel
         if name == "tiny-mlm":
@@ -240,6 +241,17 @@ def _check_architectures(config, folder: str | Path, repair: str) -> None:
         raise ModelFileError(
             f"{folder}/config.json names the architecture(s) {unknown}, which transformers "
             f"{transformers.__version__} does not know (a typo, or a newer transformers). To repair: {repair}."
+        )
+
+
+def _check_pad_token(config, folder: str | Path, repair: str) -> None:
+    """Refuse a ``pad_token_id`` outside the vocabulary (transformers would stop on an assertion building the
+    embedding: Phi-3's default 32000 with a smaller vocabulary)."""
+    pad, vocab = getattr(config, "pad_token_id", None), getattr(config, "vocab_size", None)
+    if isinstance(pad, int) and isinstance(vocab, int) and not 0 <= pad < vocab:
+        raise ModelFileError(
+            f"{folder}/config.json: pad_token_id {pad} is outside the vocabulary (vocab_size {vocab}, ids "
+            f"0..{vocab - 1}); set pad_token_id to an id of the vocabulary, or null. To repair: {repair}."
         )
 
 
