@@ -286,7 +286,7 @@ class Marian(Architecture):
         yield event(run, f"{prefix}softmax", i, t, 5 * b * h * tq * tk, 0, probs=probs)
         t = perf_counter()
         mixed = attention_mix(probs, v)
-        for lay, head in run.ablation.heads if prefix == "" else ():
+        for lay, head in run.ablation.heads if prefix == "cross_" else ():  # decoder heads only
             if lay == i:
                 mixed[:, head] = 0
         yield event(run, f"{prefix}mix", i, t, 2 * b * h * tq * tk * d, 0, out=mixed)

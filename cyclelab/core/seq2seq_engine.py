@@ -26,6 +26,7 @@ from cyclelab.core.beam import BeamResult, beam_search, check_beam_options
 from cyclelab.core.blocks import Ablation, RunContext, capture_rule
 from cyclelab.core.engine import as_loaded, drain
 from cyclelab.core.events import Cost, CycleRecord, Event, Stage, Trace
+from cyclelab.core.fingerprint import fingerprint
 from cyclelab.core.inputs import check_flag, ids_of
 from cyclelab.core.sampling import Sampling, check_int, choose
 from cyclelab.core.seq2seq import EncoderMemory, activation_names, check_capture, seq2seq_architecture_for
@@ -60,6 +61,16 @@ class Seq2SeqEngine:
     def context_window(self) -> int:
         """Most positions the encoder reads, and most the decoder writes (its start token included)."""
         return self.arch.context_window
+
+    @property
+    def fingerprint(self) -> dict[str, str]:
+        """The model's :func:`~cyclelab.core.fingerprint.fingerprint`, recorded in every trace."""
+        return fingerprint(self.loaded)
+
+    def read_out(self, x: torch.Tensor) -> torch.Tensor:
+        """WRITEBACK for any decoder stream vectors ``(..., width)``: logits ``(..., vocab)`` (the logit lens)."""
+        flat = x.reshape(1, -1, x.shape[-1])
+        return drain(self.arch.unembed(flat)).reshape(*x.shape[:-1], -1)
 
     def token_text(self, token_id: int) -> str:
         """The text of one token, decoded once per engine."""
@@ -162,19 +173,32 @@ class Seq2SeqEngine:
         keep_events: bool = False,
         force: Sequence[int | None] = (),
         stop_at_eos: bool = True,
+        prefix: Sequence[int] = (),
+        ablation: Ablation | None = None,
     ) -> Generator[Event, None, Trace]:
-        """Greedy decoding, every event yielded; returns the :class:`Trace` (``force[c]`` imposes cycle c's token)."""
+        """Greedy decoding, every event yielded; returns the :class:`Trace` (``force[c]`` imposes cycle c's token).
+
+        ``prefix``: target tokens already chosen (after the start token), read by the first cycle (to resume
+        a run); ``ablation`` switches off decoder heads (self- and cross-attention) or MLPs."""
         source_ids = self.encode(source)
         self._check_run(max_new_tokens, use_cache, capture, keep_events, force, stop_at_eos)
+        prefix = ids_of(list(prefix)) if prefix else []
+        self._check_ids(prefix, "prefix")
+        ablation = self._check_ablation(ablation)
         sampling = Sampling()
         trace = Trace(
             self.loaded.name,
             source_ids,
-            settings={"seq2seq": True, "use_cache": use_cache, "sampling": asdict(sampling)},
+            settings={"seq2seq": True, "use_cache": use_cache, "sampling": asdict(sampling), "prefix": list(prefix)},
+            fingerprint=self.fingerprint,
         )
-        target = [self.start_id]
+        target = [self.start_id, *prefix]
+        if len(target) + max_new_tokens > self.context_window:
+            raise ValueError(
+                f"the prefix ({len(prefix)} tokens) plus max_new_tokens exceed {self.context_window} positions"
+            )
         memory: EncoderMemory | None = None
-        cache = KVCache(self.arch.n_layers, max_new_tokens + 1) if use_cache else None
+        cache = KVCache(self.arch.n_layers, len(target) + max_new_tokens) if use_cache else None
         self.cache = cache
         for cycle in range(max_new_tokens):
             start, totals = perf_counter(), Cost()
@@ -186,7 +210,9 @@ class Seq2SeqEngine:
             step_cache = cache if cache is not None else KVCache(self.arch.n_layers, len(target))
             fed = target[len(step_cache) :]
             logits = yield from self._counted(
-                self.decoder_pass(torch.tensor([fed], device=self.device), step_cache, memory, cycle, capture),
+                self.decoder_pass(
+                    torch.tensor([fed], device=self.device), step_cache, memory, cycle, capture, ablation
+                ),
                 trace,
                 totals,
                 keep_events,
@@ -261,6 +287,23 @@ class Seq2SeqEngine:
                 f"force must be a list of token ids (None where the model chooses), got {type(force).__name__}"
             )
         self._check_ids([check_int(t, "force[...]") for t in force if t is not None], "forced token ids")
+
+    def _check_ablation(self, ablation: Ablation | None) -> Ablation:
+        """``ablation`` (None: nothing off) if every decoder head and MLP it names exists; else ValueError."""
+        if ablation is None:
+            return Ablation()
+        if not isinstance(ablation, Ablation):
+            raise TypeError(
+                f"ablation must be an Ablation, e.g. ablation(heads=[(0, 1)]), got {type(ablation).__name__}"
+            )
+        n_layers, n_heads = self.arch.n_layers, self.arch.n_heads
+        bad: list = [h for h in ablation.heads if not (0 <= h[0] < n_layers and 0 <= h[1] < n_heads)]
+        bad += [m for m in ablation.mlps if not 0 <= m < n_layers]
+        if bad:
+            raise ValueError(
+                f"ablation names {bad[0]}, which the decoder does not have: layers 0..{n_layers - 1}, heads 0..{n_heads - 1}"
+            )
+        return ablation
 
     def generate(self, source, max_new_tokens: int = 32, **options) -> Trace:
         """Greedy decoding to the end (options as :meth:`run`)."""

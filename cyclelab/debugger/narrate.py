@@ -56,7 +56,7 @@ def view_keys(state: State) -> dict[str, object]:
     return {
         "pipeline": (state.cycle, state.done, state.stage, state.layer, state.op, state.total, state.reread),
         "registers": state.registers,
-        "memory": (state.memory, state.attention),
+        "memory": (state.memory, state.attention, state.encoder_memory, state.cross),
         "output": (state.output, state.chosen),
         "sampler": (state.sampler, state.draw, state.sampling, state.chosen, state.preview),
         "text": (state.prompt, [(r.token_id, r.prob) for r in state.records]),

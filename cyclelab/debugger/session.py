@@ -64,6 +64,19 @@ class Debugger(Breakpoints, StateViews):
     the cycle, when the chosen token is written back; op breakpoints fire on that op.
     """
 
+    def __new__(cls, engine=None, *args, **kwargs):
+        """An encoder-decoder (a Seq2SeqEngine, or a loaded encoder-decoder) gets the
+        :class:`~cyclelab.debugger.seq2seq.Seq2SeqDebugger`: the same commands, both memories in view."""
+        model = getattr(engine, "model", None)
+        if cls is Debugger and (
+            type(engine).__name__ == "Seq2SeqEngine"
+            or getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+        ):
+            from cyclelab.debugger.seq2seq import Seq2SeqDebugger
+
+            return super().__new__(Seq2SeqDebugger)
+        return super().__new__(cls)
+
     def __init__(
         self,
         engine: Engine | Loaded | str,

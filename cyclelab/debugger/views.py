@@ -141,6 +141,8 @@ class State:
     timeline: list[CycleRecord] = field(default_factory=list)  # every cycle computed on this timeline
     branches: list[list[CycleRecord]] = field(default_factory=list)  # the cycles of each earlier branch
     max_positions: int = 0  # prompt + max_cycles: the KV cache's size when full
+    encoder_memory: list[CacheRow] = field(default_factory=list)  # encoder-decoder: the encoder's keys/values per layer
+    cross: Attention | None = None  # encoder-decoder: where one cross-attention head of the current token looks
     changed: frozenset[str] = frozenset()  # views (names as in render_all) that differ from before the last command
 
     @property
@@ -333,28 +335,55 @@ def _cache_blocks(memory: list[CacheRow], max_positions: int) -> str:
     )
 
 
-def render_memory(memory: list[CacheRow], attention: Attention | None, max_positions: int = 0) -> str:
-    """The KV cache (one block per layer, sized by bytes) and what one head of the current query reads."""
+def render_memory(
+    memory: list[CacheRow],
+    attention: Attention | None,
+    max_positions: int = 0,
+    encoder_memory: list[CacheRow] | None = None,
+    cross: Attention | None = None,
+) -> str:
+    """The KV cache (one block per layer, sized by bytes) and what one head of the current query reads; for an
+    encoder-decoder also the encoder memory (written once) and where one cross-attention head reads it."""
+    if encoder_memory:
+        return _two_memories(memory, attention, max_positions, encoder_memory, cross)
     total = sum(r.nbytes for r in memory)
     rows = [
         [f"L{a}" if a == b else f"L{a}–L{b}", str(r.length), f"{human(r.nbytes, 'B')} each"]
         for a, b, r in _layer_groups(memory)
     ]
     parts = [_table(rows, ["layers", "positions", "bytes"]), _cache_blocks(memory, max_positions)]
-    if attention is None:
-        parts.append(_note("(no attention read yet)"))
-    else:
-        parts.append(
-            f"<div style='margin-top:6px'>layer {attention.layer}, head {attention.head}: "
-            "what the current token reads</div><div>"
-        )
-        parts += [
-            f"<span class='cld-chip cld-tok cld-sh' style='{shade(w, 'orange')}' title='weight {w:.4f}'>{_esc(token)}"
-            f" <sub>{w:.2f}</sub></span> "
-            for token, w in zip(attention.tokens, attention.weights)
-        ]
-        parts.append("</div>")
+    parts.append(_reads(attention, "what the current token reads"))
     return _panel(f"Memory: KV cache {human(total, 'B')} in {len(memory)} layers", "".join(parts), KEYS["memory"])
+
+
+def _reads(attention: Attention | None, what: str) -> str:
+    """One head's weights over the tokens it reads, as shaded chips."""
+    if attention is None:
+        return _note("(no attention read yet)")
+    chips = "".join(
+        f"<span class='cld-chip cld-tok cld-sh' style='{shade(w, 'orange')}' title='weight {w:.4f}'>{_esc(token)}"
+        f" <sub>{w:.2f}</sub></span> "
+        for token, w in zip(attention.tokens, attention.weights)
+    )
+    return f"<div style='margin-top:6px'>layer {attention.layer}, head {attention.head}: {what}</div><div>{chips}</div>"
+
+
+def _two_memories(
+    memory: list[CacheRow], attention: Attention | None, max_positions: int, encoder: list[CacheRow], cross
+) -> str:
+    """The encoder-decoder's memory panel: the decoder KV cache (grows a position a cycle) and the encoder
+    memory (the source's keys and values for each decoder layer's cross-attention, written once)."""
+    dec, enc = sum(r.nbytes for r in memory), sum(r.nbytes for r in encoder)
+    rows = [
+        [f"L{r.layer}", str(r.length), human(r.nbytes, "B"), str(e.length), human(e.nbytes, "B")]
+        for r, e in zip(memory, encoder)
+    ]
+    header = ["layer", "KV cache positions", "bytes", "encoder memory positions", "bytes"]
+    parts = [_table(rows, header), _cache_blocks(memory, max_positions)]
+    parts += [_reads(attention, "what the current token reads in the KV cache (self-attention)")]
+    parts += [_reads(cross, "what it reads in the encoder memory (cross-attention, over the source)")]
+    title = f"Memory: KV cache {human(dec, 'B')} + encoder memory {human(enc, 'B')} in {len(memory)} layers"
+    return _panel(title, "".join(parts), KEYS["memory"])
 
 
 def chosen_words(chosen: Chosen) -> str:
@@ -563,7 +592,7 @@ def render_all(state: State) -> dict[str, str]:
         "pipeline": render_pipeline(state),
         "cost": render_cost(state),
         "registers": render_registers(state.registers),
-        "memory": render_memory(state.memory, state.attention, state.max_positions),
+        "memory": render_memory(state.memory, state.attention, state.max_positions, state.encoder_memory, state.cross),
         "output": render_output(state.output, state.chosen),
         "sampler": render_sampler(state.sampler, state.draw, state.sampling, state.chosen, state.preview),
         "text": render_text_so_far(state.records, state.prompt),
