@@ -8,6 +8,8 @@
 from cyclelab.core.engine import Engine, ablation
 from cyclelab.core.events import CycleRecord, Event, Stage, Trace
 from cyclelab.core.sampling import Sampling
+from cyclelab.core.seq2seq_engine import Seq2SeqEngine
+from cyclelab.debugger import seq2seq as _seq2seq  # noqa: F401 - registers Debugger's encoder-decoder variant
 from cyclelab.debugger.session import Debugger
 from cyclelab.loading.device import pick_device
 from cyclelab.loading.loader import KNOWN, Loaded, ModelFileError, load
@@ -23,6 +25,7 @@ __all__ = [
     "Loaded",
     "ModelFileError",
     "Sampling",
+    "Seq2SeqEngine",
     "Stage",
     "Trace",
     "ablation",

@@ -213,4 +213,14 @@ class Seq2SeqDebugger(Debugger):
         )
 
 
+def _variant(engine) -> type | None:
+    """Seq2SeqDebugger for a Seq2SeqEngine or a loaded encoder-decoder (registered with Debugger below)."""
+    model = getattr(engine, "model", None)
+    if isinstance(engine, Seq2SeqEngine) or getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return Seq2SeqDebugger
+    return None
+
+
+Debugger._variants.append(_variant)
+
 __all__ = ["Seq2SeqDebugger", "capture_seq2seq", "for_views"]

@@ -64,17 +64,13 @@ class Debugger(Breakpoints, StateViews):
     the cycle, when the chosen token is written back; op breakpoints fire on that op.
     """
 
-    def __new__(cls, engine=None, *args, **kwargs):
-        """An encoder-decoder (a Seq2SeqEngine, or a loaded encoder-decoder) gets the
-        :class:`~cyclelab.debugger.seq2seq.Seq2SeqDebugger`: the same commands, both memories in view."""
-        model = getattr(engine, "model", None)
-        if cls is Debugger and (
-            type(engine).__name__ == "Seq2SeqEngine"
-            or getattr(getattr(model, "config", None), "is_encoder_decoder", False)
-        ):
-            from cyclelab.debugger.seq2seq import Seq2SeqDebugger
+    _variants: list[Callable[[object], type | None]] = []  # engine -> a Debugger subclass for it, or None
 
-            return super().__new__(Seq2SeqDebugger)
+    def __new__(cls, engine=None, *args, **kwargs):
+        """``Debugger(...)`` makes the subclass a registered variant names for ``engine`` (an encoder-decoder
+        gets :class:`~cyclelab.debugger.seq2seq.Seq2SeqDebugger`), else a Debugger."""
+        for pick in Debugger._variants if cls is Debugger else []:
+            cls = pick(engine) or cls
         return super().__new__(cls)
 
     def __init__(
