@@ -242,3 +242,21 @@ def test_bad_input(random_marian):
         engine.logits([5, 1], [])
     with pytest.raises(ValueError, match="Seq2SeqEngine"):
         engine.replay(Engine(load("tiny")).generate("A", 2))
+
+
+def test_the_cards_test_scores_reproduce_with_the_engine(folio):
+    """The card's greedy BLEU and chrF on the 200 held-out pairs, recomputed with the engine and sacrebleu."""
+    import json
+
+    import sacrebleu
+
+    from cyclelab.loading.paths import REPO_DATA
+
+    folder = REPO_DATA / "folio-mt"
+    pairs = [json.loads(line) for line in (folder / "test.jsonl").read_text().splitlines()]
+    engine = Seq2SeqEngine(folio)
+    hyps = [engine.translate(p["folio"], max_new_tokens=48) for p in pairs]
+    refs = [[p["modern"] for p in pairs]]
+    card = json.loads((folder / "metrics.json").read_text())["test"]
+    assert round(sacrebleu.corpus_bleu(hyps, refs).score, 2) == card["bleu"]
+    assert round(sacrebleu.corpus_chrf(hyps, refs).score, 2) == card["chrf"]

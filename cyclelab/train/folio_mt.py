@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -182,6 +183,7 @@ def train(cfg: FolioMTConfig, out_dir: Path) -> dict:
         "test": scores(translate(model, tokenizer, sources), references),
         "copy_baseline": scores(sources, references),
         "minutes": round((time.time() - started) / 60, 1),
+        "load_average": round(os.getloadavg()[0], 1),  # the machine's load when training ended: minutes vary with it
         "log": log,
     }
     _write(model, tokenizer, cfg, metrics, test_pairs, out_dir)
@@ -217,7 +219,7 @@ on the aligned (First Folio, modern) line pairs of the Shakespeare plays in the 
 | copying the Folio line unchanged | BLEU {m["copy_baseline"]["bleu"]} / chrF {m["copy_baseline"]["chrf"]} |
 | seed | {cfg.seed} |
 | steps × batch | {cfg.steps} × {cfg.batch_size} pairs, AdamW, lr {cfg.lr} peak, {cfg.warmup} warmup steps, cosine to a tenth |
-| trained on | 1 CPU thread, {m["minutes"]} minutes |
+| trained on | 1 CPU thread, {m["minutes"]} minutes (load average {m.get("load_average", "?")} when it ended) |
 
 Reproduce (`python -m cyclelab.train.folio_mt`; `cyclelab fetch shakespeare` first). The weights are
 `model.safetensors`; `SHA256SUMS` covers the model files and the test set, and `cyclelab.load("folio-mt")`
