@@ -245,7 +245,7 @@ def test_the_wheel_ships_the_kernels_source_and_the_tiny_models(wheel: Path) -> 
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "cyclelab/kernels/kernels.c" in names
     shipped = {n.split(".data/data/share/cyclelab/", 1)[1] for n in names if ".data/data/share/cyclelab/" in n}
-    for model in ("tiny", "tiny-mlm"):
+    for model in ("tiny", "tiny-mlm", "folio-mt"):
         want = {p.name for p in (ROOT / "data" / model).iterdir() if p.is_file()}
         assert {f"{model}/{name}" for name in want} <= shipped, model
     assert not any(n.startswith("data/") for n in names)  # not as a top-level package
