@@ -111,3 +111,23 @@ def test_replay_page_and_trace_file_record_both_memories(engine, tmp_path):
     trace = Trace.load(dbg.export(tmp_path / "run.json"))
     assert trace.token_ids == dbg.token_ids and trace.settings["seq2seq"] is True
     assert engine.replay(trace).token_ids == trace.token_ids
+
+
+def test_step_layer_breakpoints_and_lens(engine):
+    dbg = make(engine)
+    units = [dbg.step_layer().op for _ in range(6)]
+    assert units == ["enc_positions", "enc_norm_mlp", "enc_norm_mlp", "cross_kv", "positions", "norm_mlp"]
+    dbg.break_at(op="cross_read", layer=1)
+    dbg.cont()
+    assert (dbg.current_event.op, dbg.current_event.layer) == ("cross_read", 1)
+    with pytest.raises(ValueError, match="unknown encoder-decoder op"):
+        dbg.break_at(op="rope")
+    with pytest.raises(ValueError, match="logit-lens breakpoint is for decoder-only"):
+        dbg.break_on_lens_change(1)
+
+
+def test_debugger_by_model_name_is_the_encoder_decoder_one(folio_name="folio-mt"):
+    dbg = Debugger(folio_name, "I haue curs'd them without cause", max_new_tokens=3)
+    assert isinstance(dbg, Seq2SeqDebugger) and dbg.engine.loaded.name == "folio-mt"
+    dbg.next()
+    assert dbg.cycle == 1

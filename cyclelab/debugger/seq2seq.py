@@ -16,6 +16,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Generator
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -23,13 +24,16 @@ from cyclelab.core.blocks import Ablation
 from cyclelab.core.engine import as_loaded
 from cyclelab.core.events import CycleRecord, Event, Trace
 from cyclelab.core.sampling import Sampling, as_sampling
+from cyclelab.core.seq2seq import OPS
 from cyclelab.core.seq2seq_engine import Seq2SeqEngine
 from cyclelab.debugger.commands import check_int, command
 from cyclelab.debugger.narrate import start_words
 from cyclelab.debugger.session import Debugger
-from cyclelab.debugger.timeline import VIEW_OPS, LiveRun, Timeline
+from cyclelab.debugger.timeline import VIEW_OPS, Breakpoint, LiveRun, Timeline
 from cyclelab.debugger.views import Attention, CacheRow, Register, State
+from cyclelab.loading.loader import load
 
+UNIT_ENDS = frozenset({"enc_positions", "enc_norm_mlp", "positions", "norm_mlp", "logits", "choose", "append"})
 VIEWS_SEQ2SEQ = (VIEW_OPS - {"residual_mlp"}) | {"enc_embed", "cross_kv", "cross_read", "cross_softmax", "norm_mlp"}
 
 
@@ -130,6 +134,31 @@ class Seq2SeqDebugger(Debugger):
         return super().widget()
 
     @command
+    def step_layer(self) -> Event | None:
+        """Forward to the end of the current unit: FETCH of the source or the target, an encoder or decoder
+        layer, the encoder memory written, the logits, the choice or the append."""
+        return self._advance(
+            lambda e: e.op in UNIT_ENDS or (e.op == "cross_kv" and e.layer == self.engine.arch.n_layers - 1)
+        )
+
+    @command
+    def break_at(self, layer: int | None = None, op: str | None = None) -> Breakpoint:
+        """Stop at an op (any layer), at a layer (any op), or at one op of one layer (encoder-decoder ops)."""
+        if layer is None and op is None:
+            raise ValueError("give a layer, an op, or both")
+        if layer is not None:
+            top = max(self.engine.arch.n_layers, self.engine.arch.n_encoder_layers) - 1
+            check_int(layer, 0, top, "layer")
+        if op is not None and op not in OPS:
+            raise ValueError(f"unknown encoder-decoder op {op!r}; ops are {', '.join(OPS)}")
+        return self._add(Breakpoint("op", layer=layer, op=op))
+
+    @command
+    def break_on_lens_change(self, layer: int) -> Breakpoint:
+        """Refused: the logit-lens breakpoint reads decoder-only residual streams."""
+        raise ValueError("the logit-lens breakpoint is for decoder-only models; use break_at(layer, op) here")
+
+    @command
     def set_sampling(self, sampling: Sampling | None = None, **changes) -> Sampling:
         """Refused: the encoder–decoder engine decodes greedily."""
         raise ValueError("the encoder-decoder debugger decodes greedily; sampler settings cannot change")
@@ -215,6 +244,8 @@ class Seq2SeqDebugger(Debugger):
 
 def _variant(engine) -> type | None:
     """Seq2SeqDebugger for a Seq2SeqEngine or a loaded encoder-decoder (registered with Debugger below)."""
+    if isinstance(engine, (str, Path)):  # a model name or folder: loaded (and cached) to see what it is
+        engine = load(engine)
     model = getattr(engine, "model", None)
     if isinstance(engine, Seq2SeqEngine) or getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         return Seq2SeqDebugger
