@@ -68,7 +68,7 @@ def beam_search(
     improvable, rows, tokens = True, None, torch.full((n,), start_id)
     result = BeamResult([], NEG)
     while True:
-        logp = torch.log_softmax(step(rows, tokens).float(), dim=-1)  # (n, vocab)
+        logp = torch.log_softmax(step(rows, tokens).float().cpu(), dim=-1)  # (n, vocab); the bookkeeping on the CPU
         vocab = logp.shape[-1]
         top, index = torch.topk((logp + scores[:, None]).reshape(-1), 2 * n)  # the best 2n continuations
         parent, token = index // vocab, index % vocab
