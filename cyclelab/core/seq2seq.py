@@ -202,9 +202,8 @@ class Marian(Architecture):
             (attn,) = parts(layer, "self_attn")
             q, k, v = yield from self.project(run, "enc_qkv", i, x, x, attn, self.n_encoder_heads)
             mixed = yield from self.attend_all(run, "enc_", i, q, k, v)
-            x = yield from self.sublayer_out(
-                run, "enc_", "attn", i, x, mixed, attn.out_proj, layer.self_attn_layer_norm
-            )
+            ops = ("enc_attn_out", "enc_residual_attn", "enc_norm_attn")
+            x = yield from self.sublayer_out(run, ops, i, x, mixed, attn.out_proj, layer.self_attn_layer_norm)
             x = yield from self.mlp(run, "enc_", i, layer, x)
         return x
 
@@ -233,7 +232,8 @@ class Marian(Architecture):
             (attn,) = parts(layer, "self_attn")
             q, k, v = yield from self.project(run, "qkv", i, x, x, attn, self.n_heads)
             mixed = yield from self.attend(run, i, q, k, v, cache)  # causal, through the KV cache
-            x = yield from self.sublayer_out(run, "", "attn", i, x, mixed, attn.out_proj, layer.self_attn_layer_norm)
+            ops = ("attn_out", "residual_attn", "norm_attn")
+            x = yield from self.sublayer_out(run, ops, i, x, mixed, attn.out_proj, layer.self_attn_layer_norm)
             x = yield from self.cross_attend(run, i, layer, x, memory)
             x = yield from self.mlp(run, "", i, layer, x)
         return (yield from self.unembed(x, run))
@@ -248,11 +248,8 @@ class Marian(Architecture):
         keys, values = memory.keys[i], memory.values[i]
         yield event(run, "cross_read", i, t, 0, memory.layer_bytes(i), keys=keys, values=values)
         mixed = yield from self.attend_all(run, "cross_", i, q, keys, values)
-        return (
-            yield from self.sublayer_out(
-                run, "cross_", "cross", i, x, mixed, attn.out_proj, layer.encoder_attn_layer_norm
-            )
-        )
+        ops = ("cross_out", "residual_cross", "norm_cross")
+        return (yield from self.sublayer_out(run, ops, i, x, mixed, attn.out_proj, layer.encoder_attn_layer_norm))
 
     # --- pieces shared by the two passes ------------------------------------------------
     def embed_at(self, run: RunContext, prefix: str, part, ids: torch.Tensor, positions: torch.Tensor) -> Ops:
@@ -292,12 +289,9 @@ class Marian(Architecture):
         yield event(run, f"{prefix}mix", i, t, 2 * b * h * tq * tk * d, 0, out=mixed)
         return merge_heads(mixed)
 
-    def sublayer_out(self, run: RunContext, prefix: str, kind: str, i: int, x, mixed, out_proj, ln) -> Ops:
-        """The output projection, the residual add, then the LayerNorm after it (post-LN)."""
-        names = {"attn": ("attn_out", "residual_attn", "norm_attn"), "cross": ("out", "residual_cross", "norm_cross")}
-        out_op, add_op, norm_op = names[kind]
-        out_op = f"{prefix}{out_op}" if kind == "attn" else "cross_out"
-        add_op, norm_op = (f"{prefix}{add_op}", f"{prefix}{norm_op}") if kind == "attn" else (add_op, norm_op)
+    def sublayer_out(self, run: RunContext, ops: tuple[str, str, str], i: int, x, mixed, out_proj, ln) -> Ops:
+        """The output projection, the residual add, then the LayerNorm after it (post-LN); ``ops`` names the three."""
+        out_op, add_op, norm_op = ops
         t = perf_counter()
         out = self.linear(mixed, out_proj)
         yield event(run, out_op, i, t, *self.linear_cost(mixed, out.shape[-1], out_proj), out=out)
