@@ -48,5 +48,25 @@ def scope_rank(path: Path, costs: dict[Path, float]) -> tuple[int, float]:
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
+    inject_profile(items)
     costs: dict[Path, float] = {}
     items.sort(key=lambda item: scope_rank(Path(item.path), costs))  # stable: a scope's own order is kept
+
+
+# ------------------------------------------------------------------ the profile nbval runs
+#: The profile whose parameters the test command injects into each notebook (``CYCLELAB_NBVAL_PROFILE``).
+NBVAL_PROFILE_ENV = "CYCLELAB_NBVAL_PROFILE"
+
+
+def inject_profile(items: list) -> None:
+    """Give each notebook's ``parameters`` cell (in memory only) the chosen profile's values: the committed
+    notebook holds the learner's run, the test command runs ``fast``."""
+    import os
+
+    from cyclelab.workshop.course import with_profile
+
+    profile = os.environ.get(NBVAL_PROFILE_ENV, "fast")
+    for item in items:
+        cell = getattr(item, "cell", None)
+        if cell is not None and "parameters" in cell.get("metadata", {}).get("tags", []):
+            cell.source = with_profile(cell.source, Path(item.path), profile)

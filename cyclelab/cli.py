@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile",
         default=None,
         metavar="NAME",
-        help="the notebooks' declared parameter values: fast (default, what CI runs), full, gpu",
+        help="the notebooks' declared parameter values: full (default, the learner's run), fast (what CI runs), gpu",
     )
     course.add_argument(
         "--label",
@@ -227,11 +227,11 @@ def cmd_course(args: argparse.Namespace, _: list[str]) -> int:
 
 
 def _profile(args: argparse.Namespace) -> str:
-    """``--profile``, or the profile named by ``--label PROFILE`` (the older spelling), or fast."""
+    """``--profile``, or the profile named by ``--label PROFILE`` (the older spelling), or full."""
     named = args.label if isinstance(args.label, str) else None
     if args.profile and named and named != args.profile:
         raise SystemExit(f"error: --profile {args.profile} runs one profile; --label {named} names another")
-    return args.profile or named or "fast"
+    return args.profile or named or "full"
 
 
 def parse_value(text: str) -> Any:

@@ -76,8 +76,8 @@ def test_peak_memory_is_plausible(runs: list[course.NotebookRun]) -> None:
 def test_runs_table(runs: list[course.NotebookRun]) -> None:
     table = course.runs_table(runs).splitlines()
     assert table[0].split()[:4] == ["notebook", "profile", "status", "seconds"]
-    assert table[2].split()[:3] == ["01_ok.ipynb", "fast", "ok"]
-    assert table[3].split()[:3] == ["02_fails.ipynb", "fast", "failed"]
+    assert table[2].split()[:3] == ["01_ok.ipynb", "full", "ok"]
+    assert table[3].split()[:3] == ["02_fails.ipynb", "full", "failed"]
     assert re.match(r"02_fails\.ipynb: cell \d+: ValueError: boom", table[-1])
     assert course.runs_table([]) == "no notebooks to run"
 
@@ -118,22 +118,23 @@ def test_cost_label_needs_a_markdown_top_cell(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def profiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A chapter declaring fast and full, with a key-results cell."""
+    """A chapter whose cell holds the learner's (full) values and whose metadata declares fast, with a
+    key-results cell."""
     root = tmp_path_factory.mktemp("profiled")
     params = nbformat.v4.new_code_cell(
-        "steps = 1\nname: str = 'x'\nlow, high = 0, 9", metadata={"tags": ["parameters"]}
+        "steps = 7\nname: str = 'x'\nlow, high = 0, 9", metadata={"tags": ["parameters"]}
     )
     key = nbformat.v4.new_code_cell("print(f'steps {steps}')\nprint('loss 0.5')", metadata={"tags": ["key-results"]})
     path = _write(root / "01_p.ipynb", params, key)
     nb = nbformat.read(path, as_version=4)
-    nb.metadata["cyclelab"] = {"profiles": {"fast": {}, "full": {"steps": 7}}}
+    nb.metadata["cyclelab"] = {"profiles": {"full": {}, "fast": {"steps": 1}}}
     nbformat.write(nb, path)
     return root
 
 
 def test_a_profile_sets_its_parameters_and_the_key_results_are_collected(profiled: Path) -> None:
-    (fast,) = course.run_course(profiled / "out-fast", root=profiled)
-    (full,) = course.run_course(profiled / "out-full", root=profiled, profile="full")
+    (fast,) = course.run_course(profiled / "out-fast", root=profiled, profile="fast")
+    (full,) = course.run_course(profiled / "out-full", root=profiled)
     assert (fast.profile, fast.key_results) == ("fast", "steps 1; loss 0.5")
     assert (full.profile, full.key_results) == ("full", "steps 7; loss 0.5")
     table = course.results_table([fast, full]).splitlines()
@@ -161,6 +162,8 @@ CHAPTERS = course.list_notebooks()
 def test_every_chapter_declares_its_profiles_and_a_key_results_cell(path: Path) -> None:
     profiles = course.notebook_profiles(path)
     assert set(course.PROFILES) <= set(profiles), f"{path.name} declares {sorted(profiles)}"
+    assert profiles["full"] == {}, f"{path.name}: the parameters cell holds the full profile (the learner's run)"
+    assert profiles["fast"], f"{path.name} declares no fast profile: CI would run the learner's sizes"
     names = course.parameter_names(path)
     for name, values in profiles.items():
         unknown = set(values) - names
@@ -175,3 +178,29 @@ def test_a_chapter_runs_its_full_profile(path: Path, tmp_path: Path) -> None:
     """Minutes per chapter: run with CYCLELAB_SLOW=1 (not part of the default test command)."""
     run = course.run_notebook(path, tmp_path, profile="full")
     assert run.ok and run.key_results, run.error
+    assert not course.false_takeaways(run.output), f"{path.name}: {course.false_takeaways(run.output)}"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
+def test_every_stored_takeaway_holds(path: Path) -> None:
+    """The committed outputs are the learner's run: each sentence of prose backed by a ``takeaway:`` line
+    there printed True."""
+    assert not course.false_takeaways(path), f"{path.name} stores takeaways that do not hold"
+
+
+def test_the_test_command_runs_the_fast_profile_in_the_parameters_cell(profiled: Path) -> None:
+    """What conftest.py does to each notebook before nbval runs it: the fast values after the cell's own."""
+    cell = nbformat.read(profiled / "01_p.ipynb", as_version=4).cells[0]
+    injected = course.with_profile(cell.source, profiled / "01_p.ipynb", "fast")
+    namespace: dict = {}
+    exec(injected, namespace)
+    assert (namespace["steps"], namespace["name"], namespace["high"]) == (1, "x", 9)
+    assert course.with_profile(cell.source, profiled / "01_p.ipynb", "full") == cell.source
+
+
+def test_false_takeaways_finds_only_the_false_lines(tmp_path: Path) -> None:
+    cell = nbformat.v4.new_code_cell("")
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="takeaway: a = True\ntakeaway: b_2 = False\n")]
+    nb = nbformat.v4.new_notebook(cells=[cell])
+    nbformat.write(nb, tmp_path / "x.ipynb")
+    assert course.false_takeaways(tmp_path / "x.ipynb") == ["takeaway: b_2 = False"]

@@ -1,6 +1,6 @@
 """Each chapter notebook through papermill, the way ``cyclelab course`` runs it.
 
-nbval already runs every notebook with its default (fast) parameters. A notebook that
+nbval already runs every notebook with its fast profile. A notebook that
 declares other parameters in its metadata, ``{"cyclelab": {"papermill_alt": {...}}}``,
 is run here with those instead (another model, other lengths), so the parameter cell
 and the non-default path are exercised; one without them runs with no parameters.
@@ -33,7 +33,7 @@ class _Papermill:
     path: Path
 
     def test_runs_under_papermill(self, tmp_path: Path) -> None:
-        run = run_notebook(self.path, tmp_path, alt_parameters(self.path))
+        run = run_notebook(self.path, tmp_path, alt_parameters(self.path), profile="fast")
         assert run.ok, f"{run.notebook} failed with {alt_parameters(self.path)}: {run.error} (output: {run.output})"
 
 

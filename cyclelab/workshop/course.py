@@ -6,10 +6,11 @@ an output folder and prints a table of status, wall time and the kernel's peak m
 With a label (``cyclelab course --label``) it also writes those measurements into the
 top cell of each source notebook: the chapter's cost label, never typed by hand.
 
-Profiles: each notebook declares, in its metadata ``{"cyclelab": {"profiles": {...}}}``, the
-parameter values of ``fast`` (what CI and nbval run: the parameters cell's own values), ``full``
-(the chapter at the strength a learner should see) and ``gpu`` (sizes a GPU makes affordable).
-``cyclelab course --profile full`` runs them. A cell tagged ``key-results`` prints the chapter's
+Profiles: a notebook's parameters cell holds the learner's values, the ``full`` profile, which is
+what *Run All* gives and what the committed outputs come from. Its metadata ``{"cyclelab": {"profiles":
+{...}}}`` declares the overrides of ``fast`` (what the test command runs: ``tests/conftest.py`` injects
+them after the parameters cell before nbval executes it) and ``gpu`` (sizes a GPU makes affordable).
+``cyclelab course`` runs ``full``; ``--profile fast`` runs CI's sizes. A cell tagged ``key-results`` prints the chapter's
 key numbers in one line; the runner collects that line into its table.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import datetime
 import fnmatch
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 KERNEL_NAME = "python3"
 PROFILES = ("fast", "full", "gpu")
 KEY_RESULTS_TAG = "key-results"
+TAKEAWAY = re.compile(r"^takeaway: \w+ = (True|False)$")
 
 
 @dataclass
@@ -39,7 +42,7 @@ class NotebookRun:
     output: Path
     error: str = ""
     peak_rss_mb: float | None = None  # the kernel's peak resident memory (Linux only)
-    profile: str = "fast"
+    profile: str = "full"
     key_results: str = ""  # the line printed by the cell tagged ``key-results``
 
     @property
@@ -71,7 +74,7 @@ def _matches(name: str, pattern: str) -> bool:
 
 
 def run_notebook(
-    path: Path, out_dir: Path, parameters: dict[str, Any] | None = None, profile: str = "fast", **options: Any
+    path: Path, out_dir: Path, parameters: dict[str, Any] | None = None, profile: str = "full", **options: Any
 ) -> NotebookRun:
     """Execute one notebook with papermill into ``out_dir`` with ``profile``'s parameters (and
     ``parameters`` on top); never raises on a failing cell. ``options`` go to papermill and the
@@ -109,7 +112,7 @@ def run_course(
     only: Iterable[str] | None = None,
     parameters: dict[str, Any] | None = None,
     root: Path | None = None,
-    profile: str = "fast",
+    profile: str = "full",
 ) -> list[NotebookRun]:
     """Execute every chapter notebook (or those matching ``only``) in order, in ``profile``."""
     paths = list_notebooks(only, root)
@@ -129,8 +132,28 @@ def cyclelab_metadata(path: Path) -> dict:
 
 
 def notebook_profiles(path: Path) -> dict[str, dict[str, Any]]:
-    """The profiles ``path`` declares: name -> parameter values (``fast`` is {} when not given)."""
-    return {"fast": {}, **cyclelab_metadata(path).get("profiles", {})}
+    """The profiles ``path`` declares: name -> parameter values over the parameters cell's own (``full``, and
+    ``fast`` where the notebook declares none, are {}: the cell's values)."""
+    return {"full": {}, "fast": {}, **cyclelab_metadata(path).get("profiles", {})}
+
+
+def false_takeaways(path: Path) -> list[str]:
+    """The ``takeaway: name = False`` lines in an executed notebook's outputs (``lab.stats.takeaway``)."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    texts = [out.get("text", "") for cell in nb.cells for out in cell.get("outputs", [])]
+    return [line for text in texts for line in text.splitlines() if TAKEAWAY.match(line) and line.endswith("False")]
+
+
+def with_profile(source: str, path: Path, profile: str) -> str:
+    """A parameters cell's ``source`` followed by ``profile``'s values as assignments, as papermill's injected
+    cell sets them: how the test command runs the fast profile of a notebook that stores the learner's run."""
+    values = profile_parameters(path, profile)
+    if not values:
+        return source
+    assignments = "".join(f"{name} = {value!r}\n" for name, value in values.items())
+    return f"{source}\n# injected by the test command: the {profile} profile\n{assignments}"
 
 
 def profile_parameters(path: Path, profile: str) -> dict[str, Any]:
