@@ -108,11 +108,11 @@ def generate(loaded, prompt: str, max_new_tokens: int, processor: Processor | No
     return tok.decode(new)
 
 
-def flagged(text: str, words: Sequence[str], stems: bool = False) -> list[str]:
-    """The ``words`` found in ``text`` as whole words, ignoring case (``stems=True``: also with any ending,
-    ``poison`` finds ``Poisoned``)."""
-    tail = r"\w*" if stems else r"\b"
-    return [w for w in words if re.search(r"\b" + re.escape(w) + tail, text, flags=re.IGNORECASE)]
+def flagged(text: str, words: Sequence[str], stems: bool = False, ignore_case: bool = True) -> list[str]:
+    """The ``words`` found in ``text`` as whole words, ignoring case unless ``ignore_case=False``
+    (``stems=True``: also with any ending, ``poison`` finds ``Poisoned``)."""
+    tail, flags = (r"\w*" if stems else r"\b"), (re.IGNORECASE if ignore_case else 0)
+    return [w for w in words if re.search(r"\b" + re.escape(w) + tail, text, flags=flags)]
 
 
 __all__ = ["FORBIDDEN", "PROMPTS", "SYNONYMS", "BlockList", "flagged", "generate"]

@@ -103,10 +103,18 @@ def zero_shot_prompt(text: str) -> str:
     return f"Tweet: {text}\nIs this tweet positive or negative?\nSentiment:"
 
 
-def few_shot_prompt(text: str, examples: Sequence[tuple[str, int]]) -> str:
-    """:func:`zero_shot_prompt` after worked ``examples`` (text, label), one blank line apart."""
-    shots = [f"{zero_shot_prompt(t)} {LABELS[y]}\n\n" for t, y in examples]
-    return "".join(shots) + zero_shot_prompt(text)
+def few_shot_prefix(examples: Sequence[tuple[str, int]]) -> str:
+    """Worked ``examples`` (text, label), each a :func:`zero_shot_prompt` and its answer, one blank line apart:
+    the prefix every few-shot prompt shares."""
+    return "".join(f"{zero_shot_prompt(t)} {LABELS[y]}\n\n" for t, y in examples)
+
+
+def balanced_shots(texts: Sequence[str], labels: Sequence[int], k: int) -> list[tuple[str, int]]:
+    """The first ``k`` examples taking labels in turn (negative, positive, ...): as many of each."""
+    pools = [[t for t, y in zip(texts, labels) if y == label] for label in (0, 1)]
+    if k < 0 or k > 2 * min(len(p) for p in pools):
+        raise ValueError(f"k={k} shots need {k // 2 + k % 2} of each label; the pool has {[len(p) for p in pools]}")
+    return [(pools[i % 2][i // 2], i % 2) for i in range(k)]
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -218,11 +226,34 @@ def label_examples(tokenizer, texts: Sequence[str], labels: Sequence[int], max_l
     ]
 
 
+def lora_classifier(
+    loaded, texts: Sequence[str], labels: Sequence[int], seed: int, steps: int, r: int = 8, lr: float = 3e-3
+):
+    """A copy of ``loaded``'s model with LoRA (rank ``r``) on its attention projections, trained ``steps``
+    steps (batches of 16, drawn with ``seed``) to continue :func:`zero_shot_prompt` with the right label;
+    the base model is untouched. Returns a :class:`~cyclelab.loading.loader.Loaded` for :func:`label_scores`."""
+    import copy
+
+    from cyclelab.loading.loader import Loaded
+    from cyclelab.train.finetune import TrainConfig, add_lora, lm_loss, train
+
+    torch.manual_seed(seed)  # LoRA's A matrices start random
+    model = copy.deepcopy(loaded.model)
+    targets = ("c_attn",) if model.config.model_type == "gpt2" else ("q_proj", "v_proj")
+    add_lora(model, targets, r=r, alpha=2.0 * r)
+    data = label_examples(loaded.tokenizer, texts, labels)
+    cfg = TrainConfig(steps=steps, batch_size=16, lr=lr, warmup=min(10, steps // 5), seed=seed, progress=True)
+    train(model, data, lm_loss, cfg)
+    return Loaded(f"{loaded.name}+lora", model.eval(), loaded.tokenizer, loaded.source)
+
+
 __all__ = [
     "LABELS",
+    "balanced_shots",
+    "few_shot_prefix",
+    "lora_classifier",
     "Split",
     "encoder_head",
-    "few_shot_prompt",
     "label_examples",
     "label_logprob",
     "label_scores",
