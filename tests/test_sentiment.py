@@ -112,3 +112,11 @@ def test_label_examples_score_only_the_label(tiny):
         assert scored == ids(tiny, label)
         start = (ex["labels"] != -100).nonzero()[0].item()
         assert ex["input_ids"][start : start + len(scored)].tolist() == scored
+
+
+def test_balanced_shots_take_labels_in_turn():
+    texts, labels = ["a", "b", "c", "d", "e"], [1, 1, 0, 1, 0]
+    assert S.balanced_shots(texts, labels, 4) == [("c", 0), ("a", 1), ("e", 0), ("b", 1)]
+    assert S.few_shot_prefix([("c", 0)]) == S.zero_shot_prompt("c") + " negative\n\n"
+    with pytest.raises(ValueError, match="of each label"):
+        S.balanced_shots(texts, labels, 6)
