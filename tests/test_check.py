@@ -1252,6 +1252,50 @@ SPANS_WRONG = [
 ]
 
 
+# --- chapter 11: a label's whole log-probability --------------------------------------------------------
+
+
+def label_token_logprobs(loaded, prompt, label, shift=0):
+    p = loaded.tokenizer.encode(prompt, add_special_tokens=False)
+    lab = loaded.tokenizer.encode(label, add_special_tokens=False)
+    with torch.no_grad():
+        logp = torch.log_softmax(loaded.model(torch.tensor([p + lab])).logits[0].double(), -1)
+    return torch.stack(
+        [logp[len(p) - 1 + j + shift, t] for j, t in enumerate(lab) if len(p) - 1 + j + shift < len(p + lab)]
+    )
+
+
+def label_one_token_at_a_time(loaded, prompt, label):
+    ids = loaded.tokenizer.encode(prompt, add_special_tokens=False)
+    total = 0.0
+    for t in loaded.tokenizer.encode(label, add_special_tokens=False):
+        with torch.no_grad():
+            total += float(torch.log_softmax(loaded.model(torch.tensor([ids])).logits[0, -1].double(), -1)[t])
+        ids = ids + [t]
+    return total
+
+
+def label_with_the_package(loaded, prompt, label):
+    from cyclelab.lab.sentiment import label_logprob
+
+    return label_logprob(loaded, prompt, label)
+
+
+LABEL_RIGHT = [
+    lambda loaded, p, lab: float(label_token_logprobs(loaded, p, lab).sum()),
+    label_one_token_at_a_time,
+    label_with_the_package,
+]
+LABEL_WRONG = [
+    ("first token", lambda loaded, p, lab: float(label_token_logprobs(loaded, p, lab)[0]), "FIRST token"),
+    ("mean", lambda loaded, p, lab: float(label_token_logprobs(loaded, p, lab).mean()), "MEAN"),
+    ("probability", lambda loaded, p, lab: float(label_token_logprobs(loaded, p, lab).sum().exp()), "a probability"),
+    ("off by one", lambda loaded, p, lab: float(label_token_logprobs(loaded, p, lab, shift=1).sum()), "off by one"),
+    ("not a number", lambda *a: "positive", "one number"),
+    ("raises", lambda *a: 1 / 0, "ZeroDivisionError"),
+]
+
+
 # --- the tables ---------------------------------------------------------------------------------------
 
 CHECKS = {
@@ -1279,6 +1323,7 @@ CHECKS = {
     "graph_lookup": (check.check_graph_lookup, LOOKUP_RIGHT, LOOKUP_WRONG),
     "swap_scores": (check.check_swap_scores, SWAP_RIGHT, SWAP_WRONG),
     "overlapping_spans": (check.check_overlapping_spans, SPANS_RIGHT, SPANS_WRONG),
+    "label_logprob": (check.check_label_logprob, LABEL_RIGHT, LABEL_WRONG),
 }
 
 RIGHT = [

@@ -16,6 +16,7 @@ from cyclelab.checks.forward_pass import check_block, check_layer_norm, check_rm
 from cyclelab.checks.harness import Result
 from cyclelab.checks.knowledge import check_graph_lookup, check_ig_sum, check_patched_prob
 from cyclelab.checks.robustness import check_overlapping_spans, check_swap_scores
+from cyclelab.checks.sentiment import check_label_logprob
 from cyclelab.checks.tokenizing import check_apply_merges, check_count_pairs, check_merge_pair
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "check_greedy_step",
     "check_ig_sum",
     "check_int8_row",
+    "check_label_logprob",
     "check_layer_norm",
     "check_lora_forward",
     "check_masked_prediction",

