@@ -18,6 +18,7 @@ import yaml
 
 from cyclelab.loading.fetch import PACKAGES
 from cyclelab.workshop import planning as workshop
+from cyclelab.workshop.course import list_notebooks
 from cyclelab.workshop.planning import (
     Chapter,
     chapter_minutes,
@@ -253,8 +254,6 @@ def _overrides_dir(folder: Path, text: str) -> Path:
 
 def test_docs_tables_are_the_ones_the_command_prints() -> None:
     """docs/workshop.md carries `python -m cyclelab.workshop tables` output verbatim (not typed by hand)."""
-    from cyclelab.workshop.course import list_notebooks
-
     doc = (ROOT / "docs/workshop.md").read_text()
     sizing, agendas = workshop.tables(list_notebooks(), "fast").split("\n\nMinutes per chapter")
     assert sizing in doc and "Minutes per chapter" + agendas in doc
@@ -293,8 +292,6 @@ def test_docs_values_yaml_mounts_the_cache_read_only_where_cyclelab_cache_points
 def test_docs_hub_recipes_hand_out_the_student_edition_sized_from_the_labels() -> None:
     """TLJH, Z2JH and Binder give learners the student edition, close the instructor's copy, and
     use one memory limit: the sizing table's whole-course row, rounded up."""
-    from cyclelab.workshop.course import list_notebooks
-
     doc = (ROOT / "docs/workshop.md").read_text()
     values = yaml.safe_load(re.search(r"```yaml\n(.*?)```", doc, re.S).group(1))["singleuser"]
     post_start = " ".join(values["lifecycleHooks"]["postStart"]["exec"]["command"])
@@ -570,3 +567,28 @@ def test_read_only_shared_cache_serves_the_cached_models_and_the_doctor() -> Non
 @pytest.mark.slow
 def test_read_only_shared_cache_serves_every_model() -> None:
     _read_only_cache_run(MODELS)
+
+
+def test_reading_time_goes_under_the_title_and_replaces_an_old_one() -> None:
+    top = "# 07 · Efficiency\n\nA cycle costs time.\n\n**Cost, full profile:** 9 s"
+    once = workshop.with_reading_time(top, "**Reading time:** about 5 minutes <!-- reading-time -->")
+    assert once.startswith("# 07 · Efficiency\n\n**Reading time:** about 5 minutes <!-- reading-time -->\n\nA cycle")
+    twice = workshop.with_reading_time(once, "**Reading time:** about 10 minutes <!-- reading-time -->")
+    assert twice.count("Reading time") == 1 and "about 10 minutes" in twice and twice.endswith("9 s")
+    with pytest.raises(ValueError, match="title"):
+        workshop.with_reading_time("no title here", "x")
+
+
+def test_reading_minutes_add_prose_exercises_and_the_run_rounded_up_to_five() -> None:
+    chapter = workshop.Chapter("x", seconds=120, peak_mb=1, words=1000, exercises=("check_a", "check_b"))
+    # 1000 words at 100 a minute + 2 exercises at 10 + a 2-minute run = 32 -> 35
+    assert workshop.reading_minutes(chapter) == 35
+
+
+@pytest.mark.parametrize("path", list_notebooks(), ids=[p.stem for p in list_notebooks()])
+def test_every_chapter_states_its_reading_time_from_what_it_holds(path: Path) -> None:
+    """The line under the title is what `python -m cyclelab.workshop reading-time --update` writes now."""
+    first = "".join(json.loads(path.read_text(encoding="utf-8"))["cells"][0]["source"])
+    stated = workshop.READING_TIME.search(first)
+    assert stated, f"{path.name} states no reading time under its title"
+    assert stated.group(0).strip() == workshop.reading_line(workshop.read_chapter(path, "full"))

@@ -2,6 +2,7 @@
 
     python -m cyclelab.workshop lab-settings [--settings-dir DIR]   install the JupyterLab overrides
     python -m cyclelab.workshop tables [--profile fast|full]        sizing table and agendas (markdown)
+    python -m cyclelab.workshop reading-time [--update]             each chapter's reading time, under its title
 
 The numbers come from each chapter's cost label (``cyclelab course --label PROFILE`` writes it:
 seconds and peak memory of the chapter's kernel), from the chapter's text and from the exercises
@@ -24,6 +25,7 @@ COST = re.compile(
     r"\*\*Cost, (?P<profile>[\w-]+) profile:\*\* (?P<seconds>\d+(?:\.\d+)?) s"
     r", peak memory (?P<gb>\d+(?:\.\d+)?) GB"
 )
+READING_TIME = re.compile(r"\n*\*\*Reading time:\*\* about (?P<minutes>\d+) minutes[^\n]*<!-- reading-time -->")
 EXERCISE = re.compile(r"\bcheck_\w+(?=\()")
 STAGES_LINE = re.compile(r"\*Stages? covered:((?:\*\*[^*]+\*\*|[^*])*)\*")
 STAGE_NAMES = ("FETCH", "READ", "EXECUTE", "WRITEBACK")
@@ -108,7 +110,7 @@ def read_chapter(path: Path, profile: str = "fast") -> Chapter:
             f"{', '.join(labels) or 'none'}); run `cyclelab course --profile {profile} --label`"
         )
     label = labels[profile]
-    words = sum(len(re.findall(r"\w+", s)) for s in text["markdown"])
+    words = sum(len(re.findall(r"\w+", READING_TIME.sub("", s))) for s in text["markdown"])
     exercises = tuple(dict.fromkeys(EXERCISE.findall("\n".join(text["code"]))))
     return Chapter(
         path.stem, float(label["seconds"]), float(label["gb"]) * 1024, words, exercises, chapter_stages(first)
@@ -197,6 +199,44 @@ def _check_non_negative(**values: float) -> None:
     for name, value in values.items():
         if not isinstance(value, (int, float)) or value < 0:
             raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+
+
+# ------------------------------------------------------------------ reading time
+
+
+def reading_minutes(chapter: Chapter) -> int:
+    """A learner's time alone with a chapter: its prose at ``WORDS_PER_MINUTE``, each exercise, and its own
+    run (the cost label read); rounded up to 5 minutes."""
+    minutes = chapter.words / WORDS_PER_MINUTE + len(chapter.exercises) * EXERCISE_MINUTES + chapter.seconds / 60
+    return 5 * math.ceil(minutes / 5 - 1e-9)
+
+
+def reading_line(chapter: Chapter) -> str:
+    """The line under a chapter's title that states its reading time and what it is made of."""
+    exercises = len(chapter.exercises)
+    return (
+        f"**Reading time:** about {reading_minutes(chapter)} minutes: {chapter.words} words at {WORDS_PER_MINUTE} a "
+        f"minute, {exercises} exercise{'s' * (exercises != 1)} at {EXERCISE_MINUTES} minutes each and the chapter's "
+        f"own run of {chapter.seconds:.0f} s <!-- reading-time -->"
+    )
+
+
+def with_reading_time(first_cell: str, line: str) -> str:
+    """``first_cell`` (a chapter's top cell, "# title" first) with ``line`` under its title, replacing an old one."""
+    title, _, rest = READING_TIME.sub("", first_cell).partition("\n")
+    if not title.startswith("# "):
+        raise ValueError(f"a chapter's top cell starts with its '# ' title, got {title[:40]!r}")
+    return f"{title}\n\n{line}\n{rest}" if rest.startswith("\n") else f"{title}\n\n{line}\n\n{rest}"
+
+
+def write_reading_time(path: Path, profile: str = "full") -> str:
+    """Write the reading time of the chapter at ``path`` (from ``profile``'s cost label) under its title."""
+    chapter = read_chapter(path, profile)
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    first = "".join(nb["cells"][0]["source"])
+    nb["cells"][0]["source"] = with_reading_time(first, reading_line(chapter)).splitlines(keepends=True)
+    path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return reading_line(chapter)
 
 
 # ------------------------------------------------------------------ agendas
@@ -351,10 +391,16 @@ def main(argv: list[str] | None = None) -> int:
     tab = sub.add_parser("tables", help="print the sizing table and the agendas as markdown")
     tab.add_argument("--profile", default="fast", help="whose cost labels to read (default: fast)")
     tab.add_argument("--update", type=Path, metavar="DOC", help="write them into DOC (docs/workshop.md) instead")
+    read = sub.add_parser("reading-time", help="print each chapter's reading time (from its full cost label)")
+    read.add_argument("--update", action="store_true", help="write it under each chapter's title")
     args = parser.parse_args(argv)
     try:
         if args.command == "lab-settings":
             print(f"JupyterLab overrides: {install_lab_settings(args.settings_dir)}")
+        elif args.command == "reading-time":
+            for path in list_notebooks():
+                line = write_reading_time(path) if args.update else reading_line(read_chapter(path, "full"))
+                print(f"{path.stem}: {line}")
         elif args.update:
             update_doc(args.update, tables(list_notebooks(), args.profile))
         else:
