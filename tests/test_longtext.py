@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from cyclelab.lab.embedding import sentence_embeddings
 from cyclelab.lab.long_text import (
+    block_losses,
     chunk_embeddings,
     chunk_spans,
     context_length,
@@ -123,6 +124,23 @@ def test_loss_by_position_is_the_blocks_loss_per_position(tiny) -> None:
             for s in (0, 20, 40)
         ]
     assert torch.allclose(got, torch.stack(per_block).mean(0), atol=1e-5)
+    rows = block_losses(tiny.model, ids, 20, batch=2)  # two batches: the split must not change a row
+    assert rows.shape == (3, 19) and torch.allclose(rows, torch.stack(per_block), atol=1e-5)  # float32 sums of 19
+
+
+def test_window_nll_keeps_each_tokens_loss(tiny) -> None:
+    ids = torch.tensor(
+        tiny.tokenizer("Tomorrow, and tomorrow, and tomorrow, creeps in this petty pace " * 8)["input_ids"][:90]
+    )
+    blocks = window_nll(tiny.model, ids, 30, 30)
+    unscored = torch.nonzero(blocks.losses.isnan()).flatten().tolist()
+    assert unscored == [0, 30, 60]  # each independent block's first token
+    assert float(blocks.losses.nansum()) == pytest.approx(blocks.nll, rel=1e-6)
+    with torch.no_grad():
+        first = F.cross_entropy(tiny.model(ids[None, :30]).logits[0, :-1], ids[1:30], reduction="none")
+    assert torch.allclose(blocks.losses[1:30], first, atol=1e-5)
+    sliding = window_nll(tiny.model, ids, 30, 10)
+    assert not sliding.losses[1:].isnan().any() and sliding.losses[0].isnan()
 
 
 BAD = [

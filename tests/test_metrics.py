@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from cyclelab.train.metrics import perplexity, perplexity_of_model, windows
+from cyclelab.train.metrics import block_nll, perplexity, perplexity_of_model, windows
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +117,18 @@ def test_bad_inputs_raise(model, kwargs, match):
     args = dict(ids=list(range(40)), context=32) | kwargs
     with pytest.raises(ValueError, match=match):
         perplexity_of_model(model, **args)
+
+
+def test_block_nll_is_each_blocks_transformers_loss(model):
+    ids = ids_of(100, seed=2)  # three blocks of 32 and 4 tokens left out
+    got = block_nll(model, ids, 32, batch_size=2)
+    with torch.no_grad():  # transformers' own loss: the mean over a block's 31 predicted tokens
+        want = [float(model(ids[None, a : a + 32], labels=ids[None, a : a + 32]).loss) for a in (0, 32, 64)]
+    assert got.shape == (3,) and torch.allclose(got, torch.tensor(want), atol=1e-5)  # float32 means of 31 terms
+    assert math.exp(float(got.mean())) == pytest.approx(perplexity_of_model(model, ids[:96], 32), rel=1e-5)
+
+
+@pytest.mark.parametrize("context,length", [(1, 50), (32, 20), (4096, 5000)])
+def test_block_nll_refuses_what_it_cannot_score(model, context, length):
+    with pytest.raises(ValueError, match="context|fewer"):
+        block_nll(model, ids_of(length), context)

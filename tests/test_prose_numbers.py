@@ -29,7 +29,7 @@ NOTEBOOKS = sorted(Path(__file__).resolve().parents[1].joinpath("notebooks").rgl
 _GROUPED = r"\d{1,3}(?:[,\u202f\u2009 ]\d{3})+(?![\d])"
 _NUMBER = re.compile(rf"(?<![\w.,/^\-])({_GROUPED}|\d+)(\.\d+)?(%?)(?![\w])")
 _HIDDEN = [
-    r"^[^\n]*<!-- cost:\w+ -->[^\n]*$",
+    r"^[^\n]*<!-- (?:cost:\w+|reading-time) -->[^\n]*$",  # measured labels, not the run's findings
     r"```.*?```",
     r"`[^`]*`",
     r"\$\$.*?\$\$",

@@ -7,7 +7,7 @@
 * ``tiny`` reads at most 256 tokens. :func:`window_nll` scores a long passage window by window: with
   ``stride == window`` the windows are independent blocks, each starting with no context; a smaller stride
   slides the window so every scored token sees at least ``window − stride`` tokens before it.
-  :func:`loss_by_position` shows what a block start costs.
+  :func:`loss_by_position` shows what a block start costs (:func:`block_losses`: block by block).
 """
 
 from __future__ import annotations
@@ -116,6 +116,7 @@ class WindowScore:
     nll: float  # summed over the scored tokens (nats)
     scored: int  # tokens predicted (each once)
     computed: int  # token positions run through the model, overlaps counted again
+    losses: torch.Tensor | None = None  # (tokens,) each token's loss, NaN where no window predicted it
 
     @property
     def perplexity(self) -> float:
@@ -147,26 +148,39 @@ def window_nll(model: nn.Module, ids: torch.Tensor, window: int, stride: int) ->
     if not is_int(window) or not stride <= window <= context:
         raise ValueError(f"window must be an int in [stride, {context}] (the model's context), not {window!r}")
     ids = ids.to(next(model.parameters()).device)
-    nll, scored, computed, done = 0.0, 0, 0, 1  # token 0 has nothing before it
+    losses = torch.full((len(ids),), float("nan"))
+    computed, done = 0, 1  # token 0 has nothing before it
     for start, end in chunk_spans(len(ids), window, window - stride):
         first = max(done, start + 1)  # the first token this window predicts
         if first < end:
             logits = model(ids[start:end][None]).logits[0].float()
             logp = F.log_softmax(logits[first - start - 1 : end - start - 1], -1)
-            nll -= float(logp.gather(-1, ids[first:end, None]).sum())
-            scored, computed = scored + end - first, computed + end - start
+            losses[first:end] = -logp.gather(-1, ids[first:end, None])[:, 0].cpu()
+            computed += end - start
         done = end
-    return WindowScore(nll, scored, computed)
+    scored = ~losses.isnan()
+    return WindowScore(float(losses[scored].sum()), int(scored.sum()), computed, losses)
 
 
 @torch.no_grad()
-def loss_by_position(model: nn.Module, ids: torch.Tensor, window: int) -> torch.Tensor:
-    """Mean loss of the token at each position ``1 .. window − 1`` of independent blocks of ``window``
-    tokens (result[k] is position k + 1): how much worse a token is predicted with little context."""
+def block_losses(model: nn.Module, ids: torch.Tensor, window: int, batch: int = 8) -> torch.Tensor:
+    """Loss of the token at each position ``1 .. window − 1`` of every independent block of ``window``
+    tokens, shape (blocks, window − 1) (column k is position k + 1): one row per block, so a mean over the
+    blocks can carry an interval over them."""
     _positive_int(window, "window")
+    _positive_int(batch, "batch")
     n_blocks = len(ids) // window
     if n_blocks < 1 or window < 2:
         raise ValueError(f"need at least one block of window >= 2 tokens, got {len(ids)} tokens and window {window}")
     blocks = ids[: n_blocks * window].reshape(n_blocks, window).to(next(model.parameters()).device)
-    logits = model(blocks).logits[:, :-1].float()
-    return F.cross_entropy(logits.transpose(1, 2), blocks[:, 1:], reduction="none").mean(0).cpu()
+    rows = []
+    for part in blocks.split(batch):  # a few blocks at a time: the logits are (blocks, window, vocab)
+        logits = model(part).logits[:, :-1].float()
+        rows.append(F.cross_entropy(logits.transpose(1, 2), part[:, 1:], reduction="none").cpu())
+    return torch.cat(rows)
+
+
+def loss_by_position(model: nn.Module, ids: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean loss of the token at each position ``1 .. window − 1`` of independent blocks of ``window``
+    tokens (result[k] is position k + 1): how much worse a token is predicted with little context."""
+    return block_losses(model, ids, window).mean(0)

@@ -5,7 +5,8 @@ that spreads its bets evenly over V tokens has perplexity V; lower is better.
 
 :func:`perplexity_of_model` scores a long token sequence with a causal transformers
 model, window by window, so that it can be compared with an n-gram model scored on
-the same tokens.
+the same tokens. :func:`block_nll` keeps one mean loss per block, so that two models scored on
+the same blocks can be compared with a paired interval over the blocks (``cyclelab.lab.stats``).
 """
 
 from __future__ import annotations
@@ -111,6 +112,36 @@ def perplexity_of_model(
     finally:
         model.train(was_training)
     return perplexity(nll_sum, count)
+
+
+def block_nll(
+    model: torch.nn.Module, ids: Sequence[int] | torch.Tensor, context: int, batch_size: int = 8
+) -> torch.Tensor:
+    """Mean negative log-likelihood (nats per token) of each independent block of ``context`` tokens of
+    ``ids``, shape (blocks,): every position but the block's first is scored; a last, shorter block is
+    left out, so the blocks weigh alike and ``exp(result.mean())`` is their perplexity."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    _check(model, ids, context, context, batch_size)
+    n_blocks = len(ids) // context
+    if n_blocks < 1:
+        raise ValueError(f"need at least one block: {len(ids)} tokens is fewer than context={context}")
+    device = next(model.parameters()).device
+    spans = [(b * context, (b + 1) * context, b * context + 1) for b in range(n_blocks)]
+    out = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i in range(0, n_blocks, batch_size):
+                batch = torch.stack([ids[start:end] for start, end, _ in spans[i : i + batch_size]]).to(device)
+                logits = model(input_ids=batch).logits[:, :-1].float()
+                loss = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+                out.append(loss.mean(1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
 
 
 def _window_nll(
