@@ -1252,6 +1252,40 @@ SPANS_WRONG = [
 ]
 
 
+def _labels(prompt_masked=True, pad_masked=True, answer=True, shift=0, pad_label=None):
+    def fn(p, a, max_len, pad):
+        fill = max_len - len(p) - len(a)
+        ids = p + a + [pad] * fill
+        labels = ([-100] * len(p) if prompt_masked else list(p)) + (list(a) if answer else [-100] * len(a))
+        labels += [-100 if pad_masked else (pad if pad_label is None else pad_label)] * fill
+        return ids, (labels[shift:] + [-100] * shift)
+
+    return fn
+
+
+LABELS_RIGHT = [
+    _labels(),
+    lambda p, a, n, pad: (
+        torch.tensor(p + a + [pad] * (n - len(p) - len(a))),
+        torch.tensor([-100] * len(p) + a + [-100] * (n - len(p) - len(a))),
+    ),
+]
+LABELS_WRONG = [
+    ("prompt scored", _labels(prompt_masked=False), "the prompt is scored too"),
+    ("padding scored", _labels(pad_masked=False), "the padding is scored"),
+    ("shifted", _labels(shift=1), "shifted by one"),
+    (
+        "answer masked",
+        lambda p, a, n, pad: (p + a + [pad] * (n - len(p) - len(a)), p + [-100] * (n - len(p))),
+        "other way round",
+    ),
+    ("ids everywhere", lambda p, a, n, pad: (p + a + [pad] * (n - len(p) - len(a)),) * 2, "input ids everywhere"),
+    ("not padded", lambda p, a, n, pad: (p + a, [-100] * len(p) + a), "max_len"),
+    ("one list", lambda p, a, n, pad: p + a, "return a pair"),
+    ("raises", lambda p, a, n, pad: p[len(p) + 5], "IndexError"),
+]
+
+
 # --- chapter 11: a label's whole log-probability --------------------------------------------------------
 
 
@@ -1295,7 +1329,6 @@ LABEL_WRONG = [
     ("raises", lambda *a: 1 / 0, "ZeroDivisionError"),
 ]
 
-
 # --- the tables ---------------------------------------------------------------------------------------
 
 CHECKS = {
@@ -1316,6 +1349,7 @@ CHECKS = {
     "perplexity": (check.check_perplexity, PERPLEXITY_RIGHT, PERPLEXITY_WRONG),
     "lora_forward": (check.check_lora_forward, LORA_RIGHT, LORA_WRONG),
     "training_step": (check.check_training_step, STEP_RIGHT, STEP_WRONG),
+    "masked_labels": (check.check_masked_labels, LABELS_RIGHT, LABELS_WRONG),
     "int8_row": (check.check_int8_row, INT8_RIGHT, INT8_WRONG),
     "attainable": (check.check_attainable, ATTAINABLE_RIGHT, ATTAINABLE_WRONG),
     "patched_prob": (check.check_patched_prob, PATCH_RIGHT, PATCH_WRONG),

@@ -393,3 +393,18 @@ def test_bleu_edges() -> None:
     assert bleu([""], ["a b"]) == 0.0
     with pytest.raises(ValueError, match="hypotheses"):
         bleu(["a"], [])
+
+
+def test_bleu_from_line_statistics_is_corpus_bleu() -> None:
+    from cyclelab.train.metrics import bleu_of_statistics, bleu_statistics
+
+    stats = bleu_statistics(HYPS, REFS)
+    assert len(stats) == len(HYPS)
+    for n in (1, 2, 6):
+        assert bleu_of_statistics(stats[:n]) == pytest.approx(bleu(HYPS[:n], REFS[:n]), abs=1e-9)
+    sacrebleu = pytest.importorskip("sacrebleu")
+    assert bleu_of_statistics(stats) == pytest.approx(sacrebleu.corpus_bleu(HYPS, [REFS]).score, abs=0.5)
+    with pytest.raises(ValueError, match="one reference per hypothesis"):
+        bleu_statistics(["a"], [])
+    with pytest.raises(ValueError, match="no lines"):
+        bleu_of_statistics([])

@@ -1,9 +1,8 @@
 """Chapter 06's tasks: their data, baselines and metrics.
 
-Whether each trained model beats its trivial baseline on held-out data is checked where the
-training runs: chapter 06's stored outputs (`nbval-check-output` cells: the classifier against the
-majority class, the span reader against the question-blind baselines by more than 10 points, the
-edit tagger against copying), so the test command trains each model once, not twice.
+Whether each trained model beats its baselines on held-out data is checked where the training
+runs: the stored outputs of `06_fine_tuning` and `06_fine_tuning_tasks` (their `takeaway:` lines, read
+by nbval and by tests/test_course.py), so the test command trains each model once, not twice.
 """
 
 from __future__ import annotations
@@ -361,3 +360,70 @@ def test_unpadded_batch_gives_a_causal_model_the_same_logits_for_the_real_tokens
     assert cut.shape[1] == 3
     torch.testing.assert_close(cut[0], full[0, :3], atol=1e-5, rtol=0)
     torch.testing.assert_close(cut[1, :2], full[1, :2], atol=1e-5, rtol=0)
+
+
+def test_line_losses_add_up_to_the_models_own_loss(tiny) -> None:
+    from cyclelab.train.tasks.sonnets import line_losses, lines_perplexity
+
+    poems = sonnets()[:2]
+    losses = line_losses(tiny.model, tiny.tokenizer, poems)
+    assert len(losses) == sum(len(p.splitlines()) for p in poems)
+    for k, poem in enumerate(poems):  # reference: transformers' mean loss over the whole poem
+        ids = torch.tensor([[tiny.tokenizer.eos_token_id] + tiny.tokenizer(poem)["input_ids"]])
+        with torch.no_grad():
+            want = float(tiny.model(ids, labels=ids).loss) * (ids.shape[1] - 1)
+        mine = losses[:14] if k == 0 else losses[len(poems[0].splitlines()) :]
+        assert sum(c for _, c in mine) == ids.shape[1] - 1
+        assert sum(n for n, _ in mine) == pytest.approx(want, rel=1e-4)  # float32 sums in another order
+    assert lines_perplexity(losses) > 1
+    with pytest.raises(ValueError, match="no texts"):
+        line_losses(tiny.model, tiny.tokenizer, [])
+    with pytest.raises(ValueError, match="longer than the model reads"):
+        line_losses(tiny.model, tiny.tokenizer, ["thee " * 400])
+
+
+def test_play_losses_are_the_windows_of_play_perplexity(tiny) -> None:
+    import math
+
+    from cyclelab.train.tasks.sonnets import play_losses, play_perplexity
+
+    losses = play_losses(tiny.model, tiny.tokenizer, 512, context=128)
+    assert len(losses) == 4
+    assert math.exp(sum(losses) / len(losses)) == pytest.approx(
+        play_perplexity(tiny.model, tiny.tokenizer, 512), rel=1e-5
+    )
+    with pytest.raises(ValueError, match="n_tokens"):
+        play_losses(tiny.model, tiny.tokenizer, 10, context=64)
+
+
+def test_compare_methods_runs_each_methods_own_grid(tiny) -> None:
+    from cyclelab.train.tasks.sonnets import best_per_method, compare_methods
+
+    poems = sonnets()
+    grids = {"lora": [1e-3, 1e-2], "prompt": [3e-2]}
+    rows = compare_methods(tiny.model, tiny.tokenizer, poems[:4], poems[4:6], grids, steps=2, methods=list(grids))
+    assert [(r["method"], r["lr"]) for r in rows] == [("lora", 1e-3), ("lora", 1e-2), ("prompt", 3e-2)]
+    assert [b["method"] for b in best_per_method(rows)] == ["lora", "prompt"]
+    with pytest.raises(ValueError, match="none for prompt"):
+        compare_methods(tiny.model, tiny.tokenizer, poems[:4], poems[4:6], {"lora": [1e-3]}, methods=["lora", "prompt"])
+
+
+def test_string_matching_finds_the_speaker_of_the_question() -> None:
+    from cyclelab.train.tasks.who_speaks import baseline_answers, exact_matches
+
+    ex = [
+        {"question": "O Cassius, I am sick", "context": "CASSIUS: Not so.\nBRUTUS: O Cassius, I am sick of griefs.\n"},
+        {"question": "not in the passage", "context": "LUCIUS: Sir?\nBRUTUS: Go.\n"},
+    ]
+    assert baseline_answers(ex, "match") == ["BRUTUS", "LUCIUS"]  # no match: the first speaker
+    assert exact_matches(["brutus.", "Lucius Junior"], ["BRUTUS", "LUCIUS"]) == [True, False]
+    with pytest.raises(ValueError, match="one prediction per answer"):
+        exact_matches(["a"], [])
+
+
+def test_chance_is_one_over_the_classes() -> None:
+    from cyclelab.train.tasks.which_play import chance
+
+    assert chance([0, 1, 2, 2, 1]) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="non-empty"):
+        chance([])

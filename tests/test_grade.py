@@ -283,3 +283,27 @@ def test_bad_input_is_named(
     assert main(_bad(tmp_path, case)) == code
     text = capsys.readouterr().err if code else (tmp_path / "g.csv").read_text(encoding="utf-8")
     assert re.search(pattern, text), text
+
+
+def test_a_submission_maps_to_its_notebook_when_a_number_has_two(tmp_path: Path) -> None:
+    for name in ("05_decoding.ipynb", "06_fine_tuning.ipynb", "06_fine_tuning_tasks.ipynb"):
+        (tmp_path / name).write_text("{}")
+    found = {
+        sub: (p.name if (p := grade.course_notebook(tmp_path, sub)) else None)
+        for sub in (
+            "06_fine_tuning_tasks.ipynb",
+            "06_fine_tuning_tasks-ann.ipynb",
+            "06_fine_tuning (1).ipynb",
+            "05_decoding-copy.ipynb",
+            "06_other.ipynb",
+            "07_efficiency.ipynb",
+        )
+    }
+    assert found == {
+        "06_fine_tuning_tasks.ipynb": "06_fine_tuning_tasks.ipynb",
+        "06_fine_tuning_tasks-ann.ipynb": "06_fine_tuning_tasks.ipynb",
+        "06_fine_tuning (1).ipynb": "06_fine_tuning.ipynb",
+        "05_decoding-copy.ipynb": "05_decoding.ipynb",
+        "06_other.ipynb": None,
+        "07_efficiency.ipynb": None,
+    }

@@ -41,6 +41,6 @@ IN_TEST_COMMAND = {"00"}
 
 for _path in NOTEBOOKS:
     _number = _path.stem.split("_")[0]
-    _name = "TestChapter" + _number
+    _name = "TestChapter" + _path.stem  # unique: two notebooks may share a chapter number (06)
     _class = type(_name, (_Papermill,), {"path": _path})
     globals()[_name] = _class if _number in IN_TEST_COMMAND else pytest.mark.slow(_class)

@@ -7,7 +7,8 @@ The rule, applied to each markdown cell of each notebook under ``notebooks/``:
 * Exempt: integers below 100 (counts, chapter and section numbers, "GPT-2"), section numbers
   such as "7.3" at the start of a heading or after "Exercise", "section" or "§", years
   (1500–2100), anything in inline or fenced code or LaTeX (that is code or a formula, not a
-  claim), link targets, and the cost-label lines written by ``cyclelab course --label``
+  claim), link targets, the reading-time line (computed by ``python -m cyclelab.workshop reading-time``)
+  and the cost-label lines written by ``cyclelab course --label``
   (a measurement of the whole run, recorded by the course runner, not by a cell).
 * A figure is *cited from the run* when it appears in an output of a code cell or in a
   code cell's source (a parameter the run used), after dropping digit-group separators.

@@ -11,7 +11,7 @@ from cyclelab.checks.clock_cycle import check_greedy_step
 from cyclelab.checks.decoding import check_masked_prediction, check_perplexity, check_top_p_filter
 from cyclelab.checks.efficiency import check_attainable, check_int8_row
 from cyclelab.checks.embedding import check_embed_lookup, check_mean_pool, check_rope_pair
-from cyclelab.checks.fine_tuning import check_lora_forward, check_training_step
+from cyclelab.checks.fine_tuning import check_lora_forward, check_masked_labels, check_training_step
 from cyclelab.checks.forward_pass import check_block, check_layer_norm, check_rms_norm
 from cyclelab.checks.harness import Result
 from cyclelab.checks.knowledge import check_graph_lookup, check_ig_sum, check_patched_prob
@@ -35,6 +35,7 @@ __all__ = [
     "check_label_logprob",
     "check_layer_norm",
     "check_lora_forward",
+    "check_masked_labels",
     "check_masked_prediction",
     "check_mean_pool",
     "check_merge_pair",

@@ -1,4 +1,4 @@
-"""Chapter 06's checks: LoRA's forward pass, and one training step."""
+"""Chapter 06's checks: LoRA's forward pass, one training step, and the masked labels of instruction tuning."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from cyclelab.checks.harness import Failed, checker, close, raised, tensor_answer
+from cyclelab.checks.harness import Failed, call, checker, close, raised, tensor_answer
 from cyclelab.checks.recipes import made
 
 
@@ -217,3 +217,56 @@ def check_training_step(fn: Callable[..., float]) -> str:
         "the loss is right, but after 4 steps the weights differ from the package loop's: "
         "zero_grad, backward, clip_grad_norm_(…, clip), optimizer.step(), scheduler.step()"
     )
+
+
+# --- chapter 06, the tasks: the labels of instruction tuning -----------------------------------------
+
+
+def _label_variants(p: list[int], a: list[int], max_len: int, pad: int) -> dict[str, list[int]]:
+    """The right labels (``"ok"``) and the typical wrong ones, each named by its symptom."""
+    fill = max_len - len(p) - len(a)
+    ids = p + a + [pad] * fill
+    return {
+        "ok": [-100] * len(p) + a + [-100] * fill,
+        "the prompt is scored too: give every prompt position the label -100, only the answer is learned": p
+        + a
+        + [-100] * fill,
+        "the padding is scored: give every padding position the label -100 (not the pad id)": [-100] * len(p)
+        + a
+        + [pad] * fill,
+        "the labels are the input ids everywhere: mask the prompt and the padding with -100": ids,
+        "the labels are shifted by one: keep them aligned with input_ids, the loss (lm_loss) shifts them": (
+            [-100] * (len(p) - 1) + a + [-100] * (fill + 1)
+        ),
+        "the answer is masked and the prompt scored: it is the other way round": p + [-100] * (len(a) + fill),
+    }
+
+
+def _as_ints(value, name: str, max_len: int) -> list[int]:
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if not isinstance(value, list | tuple) or not all(isinstance(v, int) for v in value):
+        raise Failed(f"return {name} as a list of ints (or a 1-D tensor), got {type(value).__name__}")
+    if len(value) != max_len:
+        raise Failed(f"{name} should hold max_len = {max_len} entries (pad at the end), got {len(value)}")
+    return list(value)
+
+
+@checker
+def check_masked_labels(fn: Callable[..., tuple]) -> str:
+    """Check ``fn(prompt_ids, answer_ids, max_len, pad_id) -> (input_ids, labels)``: prompt, answer and
+    padding as the input; as labels, the answer's ids and -100 on the prompt and the padding (as
+    :func:`cyclelab.train.tasks.instructions.instruction_examples` builds them)."""
+    for p, a, max_len, pad in [([5, 6, 7], [8, 9], 8, 0), ([11, 12, 13, 14], [15], 5, 2), ([3], [4, 5, 6], 4, 1)]:
+        case = f"prompt {p}, answer {a}, max_len {max_len}"
+        out = call(fn, list(p), list(a), max_len, pad, case=case)
+        if not (isinstance(out, tuple | list) and len(out) == 2):
+            raise Failed(f"return a pair (input_ids, labels), got {type(out).__name__}")
+        ids, labels = (_as_ints(v, n, max_len) for v, n in zip(out, ("input_ids", "labels")))
+        if ids != p + a + [pad] * (max_len - len(p) - len(a)):
+            raise Failed(f"{case}: input_ids should be the prompt, then the answer, then pad_id up to max_len")
+        variants = _label_variants(p, a, max_len, pad)
+        if labels == variants.pop("ok"):
+            continue
+        raise Failed(next((hint for hint, wrong in variants.items() if labels == wrong), f"{case}: wrong labels"))
+    return "correct: only the answer is scored; the prompt and the padding carry -100"

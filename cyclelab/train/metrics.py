@@ -219,3 +219,38 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str] | Sequence[Sequenc
         log_p += math.log(p) / max_n
     bp = 1.0 if hyp_len >= ref_len else math.exp(1 - ref_len / hyp_len)
     return 100 * bp * math.exp(log_p)
+
+
+def bleu_statistics(hypotheses: Sequence[str], references: Sequence[str], max_n: int = 4) -> list[tuple[int, ...]]:
+    """Per line, the counts corpus BLEU sums: clipped matches and totals for n = 1..``max_n``, then the
+    hypothesis and reference lengths. :func:`bleu_of_statistics` of a list of them is :func:`bleu` of those
+    lines, so a bootstrap over lines (``cyclelab.lab.stats.corpus_interval``) need not re-tokenize."""
+    if len(hypotheses) != len(references) or not hypotheses:
+        raise ValueError(
+            f"give one reference per hypothesis (and at least one): {len(hypotheses)} and {len(references)}"
+        )
+    out = []
+    for hyp, ref in zip(hypotheses, references):
+        h, r = bleu_tokenize(hyp), bleu_tokenize(ref)
+        matches = [sum((_ngrams(h, n) & _ngrams(r, n)).values()) for n in range(1, max_n + 1)]
+        totals = [max(0, len(h) - n + 1) for n in range(1, max_n + 1)]
+        out.append((*matches, *totals, len(h), len(r)))
+    return out
+
+
+def bleu_of_statistics(stats: Sequence[Sequence[int]]) -> float:
+    """Corpus BLEU (0–100, sacrebleu's formula and ``exp`` smoothing) from :func:`bleu_statistics` rows."""
+    if not stats:
+        raise ValueError("no lines to score")
+    sums = [sum(col) for col in zip(*stats)]
+    max_n = (len(sums) - 2) // 2
+    correct, total, (hyp_len, ref_len) = sums[:max_n], sums[max_n : 2 * max_n], sums[-2:]
+    if hyp_len == 0 or min(total) == 0:
+        return 0.0
+    log_p, smooth = 0.0, 1.0
+    for c, t in zip(correct, total):
+        if c == 0:
+            smooth *= 2
+        log_p += math.log(c / t if c else 1.0 / (smooth * t)) / max_n
+    bp = 1.0 if hyp_len >= ref_len else math.exp(1 - ref_len / hyp_len)
+    return 100 * bp * math.exp(log_p)

@@ -150,11 +150,16 @@ def _label_seconds(nb: NotebookNode) -> float | None:
 
 
 def course_notebook(course: Path, name: str) -> Path | None:
-    """The course notebook a submitted file ``name`` is: the same name, else the same ``NN_`` prefix."""
+    """The course notebook a submitted file ``name`` is: the same name, else the one notebook with the
+    same ``NN_`` prefix; where a number has several notebooks (06), the one whose name (without
+    ``.ipynb``) the submitted name starts with, the longest such (``06_fine_tuning_tasks-ann.ipynb`` is
+    the tasks notebook, ``06_fine_tuning (1).ipynb`` the methods one)."""
     if (Path(course) / name).is_file():
         return Path(course) / name
     prefix = CHAPTER.match(name)
     matches = sorted(Path(course).glob(f"{prefix.group(1)}_*.ipynb")) if prefix else []
+    if len(matches) > 1:
+        matches = sorted((p for p in matches if name.startswith(p.stem)), key=lambda p: len(p.stem))[-1:]
     return matches[0] if len(matches) == 1 else None
 
 

@@ -2,19 +2,22 @@
 
 :func:`sonnets`, :func:`lm_windows` and :func:`sonnet_perplexity` make the data and the score; held-out
 sonnets are the last ones, so "after" perplexity measures sonnets the model never trained on.
+:func:`line_losses` scores held-out sonnets line by line (the items of a paired comparison).
 :func:`compare_methods` runs the task with full fine-tuning, LoRA, adapters, prefix tuning and prompt
-tuning over one grid of learning rates, :func:`best_per_method` keeps each method's best run,
-:func:`play_perplexity` measures what the model forgets of the plays, and :func:`plot_losses` draws
-the training curves.
+tuning, each over its own grid of learning rates, :func:`best_per_method` keeps each method's best run,
+:func:`run_method` reruns one at other seeds, :func:`play_perplexity` and :func:`play_losses` measure
+what the model forgets of the plays, and :func:`plot_losses` draws the training curves.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cyclelab.loading import corpus as data
@@ -66,6 +69,46 @@ def sonnet_perplexity(model: nn.Module, tokenizer, texts: Sequence[str], context
     return perplexity_of_model(model, sonnet_ids(tokenizer, texts), context=context)
 
 
+def _max_positions(model: nn.Module) -> int:
+    inner = getattr(model, "model", model)  # prefix and prompt tuning wrap the language model
+    return int(getattr(inner.config, "n_positions", 1024)) - getattr(model, "n_virtual", 0)
+
+
+@torch.no_grad()
+def line_losses(model: nn.Module, tokenizer, texts: Sequence[str]) -> list[tuple[float, int]]:
+    """Per line of each of ``texts`` (sonnets, lines split on newlines): the summed next-token negative
+    log-likelihood of the line's tokens and their count, each line read after the poem's earlier lines
+    (an end-of-text token starts each poem, so the first line's first token is scored too)."""
+    if not texts:
+        raise ValueError("no texts to score")
+    rows, spans = [], []
+    for text in texts:
+        ids, bounds = [tokenizer.eos_token_id], []
+        for line in text.splitlines(keepends=True):
+            start = len(ids)
+            ids += tokenizer(line)["input_ids"]
+            bounds.append((start, len(ids)))
+        if len(ids) > _max_positions(model):
+            raise ValueError(f"a text of {len(ids)} tokens is longer than the model reads ({_max_positions(model)})")
+        rows.append(ids)
+        spans.append(bounds)
+    width = max(len(r) for r in rows)
+    batch = torch.tensor([r + [tokenizer.eos_token_id] * (width - len(r)) for r in rows])
+    was_training = model.training
+    model.eval()
+    try:
+        logp = F.log_softmax(model(input_ids=batch).logits.float(), -1)
+    finally:
+        model.train(was_training)
+    nll = -logp[:, :-1].gather(-1, batch[:, 1:, None])[..., 0]  # nll[k, t]: token t + 1 of row k
+    return [(float(nll[k, a - 1 : b - 1].sum()), b - a) for k, bounds in enumerate(spans) for a, b in bounds if b > a]
+
+
+def lines_perplexity(losses: Sequence[tuple[float, int]]) -> float:
+    """Perplexity of the lines scored by :func:`line_losses` (all their tokens together)."""
+    return math.exp(sum(n for n, _ in losses) / sum(c for _, c in losses))
+
+
 METHODS = ("full", "lora", "adapters", "prefix", "prompt")  #: the ways :func:`prepare` adapts a model
 
 
@@ -96,45 +139,84 @@ def play_perplexity(model: nn.Module, tokenizer, n_tokens: int = 4096, context: 
     return perplexity_of_model(model, ids[:n_tokens], context=context)
 
 
+@torch.no_grad()
+def play_losses(model: nn.Module, tokenizer, n_tokens: int = 8192, context: int = 64) -> list[float]:
+    """Mean next-token loss (nats) of each window of ``context`` tokens in the first ``n_tokens`` of the
+    held-out plays: the items of a paired comparison of forgetting (``exp`` of their mean is the
+    perplexity, the windows being of equal length)."""
+    ids = tokenizer(data.corpus("valid")[: 8 * n_tokens])["input_ids"]
+    if len(ids) < n_tokens or n_tokens < context:
+        raise ValueError(f"n_tokens={n_tokens} must be at least context={context} and at most {len(ids)}")
+    batch = torch.tensor(ids[: n_tokens - n_tokens % context]).view(-1, context)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=batch).logits[:, :-1].float()
+    finally:
+        model.train(was_training)
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
+    return nll.view(len(batch), -1).mean(1).tolist()
+
+
+def run_method(
+    model: nn.Module,
+    examples: Sequence,
+    method: str,
+    lr: float,
+    steps: int,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
+    """Fine-tune a copy of ``model`` on ``examples`` (:func:`lm_windows`) with ``method`` at ``lr``:
+    a row with the method, lr, seed, trainable and total parameters, seconds per step, the history and
+    the fine-tuned model."""
+    torch.manual_seed(seed)
+    tuned = prepare(model, method)
+    cfg = TrainConfig(
+        steps=steps, batch_size=batch_size, lr=lr, warmup=max(1, steps // 10), seed=seed, progress=progress
+    )
+    history = train(tuned, examples, lm_loss, cfg)
+    trainable, total = count_trainable(tuned)
+    return {
+        "method": method,
+        "lr": lr,
+        "seed": seed,
+        "trainable": trainable,
+        "total": total,
+        "s_per_step": history.seconds_per_step,
+        "history": history,
+        "model": tuned,
+    }
+
+
 def compare_methods(
     model: nn.Module,
     tokenizer,
     train_texts: Sequence[str],
     valid_texts: Sequence[str],
-    lrs: Sequence[float],
+    lrs: Sequence[float] | Mapping[str, Sequence[float]],
     steps: int = 20,
     batch_size: int = 8,
     window: int = 64,
     seed: int = 0,
     methods: Sequence[str] = METHODS,
+    progress: bool = False,
 ) -> list[dict]:
-    """Fine-tune a copy of ``model`` on ``train_texts`` with each method at each learning rate of
-    ``lrs`` (the same grid for every method); one row per run: method, lr, trainable and total
-    parameters, seconds per step, perplexity on ``valid_texts`` (to choose the rate by), the
-    history and the fine-tuned model."""
-    if not lrs:
-        raise ValueError("give at least one learning rate in lrs")
+    """Fine-tune a copy of ``model`` on ``train_texts`` with each method at each learning rate of its
+    grid: ``lrs`` maps a method to its own rates (or is one list for all); one :func:`run_method` row
+    per run (``progress``: a tqdm bar each), plus the perplexity on ``valid_texts`` (to choose by)."""
+    grids = lrs if isinstance(lrs, Mapping) else {m: lrs for m in methods}
+    missing = [m for m in methods if not grids.get(m)]
+    if missing:
+        raise ValueError(f"give at least one learning rate for each method; none for {', '.join(missing)}")
     examples = lm_windows(tokenizer, train_texts, window)
     rows = []
     for method in methods:
-        for lr in lrs:
-            torch.manual_seed(seed)
-            tuned = prepare(model, method)
-            cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=max(1, steps // 10), seed=seed)
-            history = train(tuned, examples, lm_loss, cfg)
-            trainable, total = count_trainable(tuned)
-            rows.append(
-                {
-                    "method": method,
-                    "lr": lr,
-                    "trainable": trainable,
-                    "total": total,
-                    "s_per_step": history.seconds_per_step,
-                    "history": history,
-                    "model": tuned,
-                    "valid": sonnet_perplexity(tuned, tokenizer, valid_texts),
-                }
-            )
+        for lr in grids[method]:
+            row = run_method(model, examples, method, lr, steps, batch_size, seed, progress)
+            row["valid"] = sonnet_perplexity(row["model"], tokenizer, valid_texts)
+            rows.append(row)
     return rows
 
 

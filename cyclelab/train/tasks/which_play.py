@@ -95,6 +95,13 @@ def predict(model: nn.Module, examples: Sequence[dict], batch_size: int = 64) ->
     return out
 
 
+def chance(labels: Sequence[int]) -> float:
+    """Accuracy of guessing uniformly among the classes present in ``labels``: 1 / their number."""
+    if not labels:
+        raise ValueError("chance needs a non-empty label list")
+    return 1 / len(set(labels))
+
+
 def majority_baseline(train_labels: Sequence[int], test_labels: Sequence[int]) -> float:
     """Accuracy on ``test_labels`` of always answering the most frequent training label."""
     if not train_labels or not test_labels:

@@ -61,21 +61,26 @@ def speaker_questions(
 
 
 def baseline_answers(examples: Sequence[dict], rule: str = "first") -> list[str]:
-    """Answers that never read the question: the passage's ``"first"`` speaker, its ``"last"``, or
-    the one with the ``"most"`` speeches in it (the earliest of a tie)."""
+    """Answers by a rule, no learning: three that never read the question, the passage's ``"first"``
+    speaker, its ``"last"``, or the one with the ``"most"`` speeches in it (the earliest of a tie);
+    and ``"match"``, string matching: the speaker of the first speech whose text contains the
+    question (the first speaker when none does)."""
     out = []
     for ex in examples:
-        names = [line.split(":")[0] for line in ex["context"].splitlines() if ":" in line]
+        speeches = [line.split(":", 1) for line in ex["context"].splitlines() if ":" in line]
+        names = [name for name, _ in speeches]
         if not names:
             raise ValueError(f"no 'NAME:' speech in the passage {ex['context']!r}")
-        if rule == "first":
+        if rule == "match":
+            out.append(next((name for name, text in speeches if ex["question"] in text), names[0]))
+        elif rule == "first":
             out.append(names[0])
         elif rule == "last":
             out.append(names[-1])
         elif rule == "most":
             out.append(max(names, key=lambda name: (names.count(name), -names.index(name))))
         else:
-            raise ValueError(f"unknown baseline rule {rule!r}; choose 'first', 'last' or 'most'")
+            raise ValueError(f"unknown baseline rule {rule!r}; choose 'first', 'last', 'most' or 'match'")
     return out
 
 
@@ -164,12 +169,21 @@ def predict_spans(
     return out
 
 
+def _words(s: str) -> list[str]:
+    return re.sub(r"[^\w\s]", " ", s.lower()).split()
+
+
+def exact_matches(predictions: Sequence[str], answers: Sequence[str]) -> list[bool]:
+    """SQuAD-style exact match of each prediction (lowercased, punctuation dropped): the items of an
+    interval (``cyclelab.lab.stats.accuracy``) or a paired comparison."""
+    if len(predictions) != len(answers) or not answers:
+        raise ValueError("give one prediction per answer (and at least one)")
+    return [_words(p) == _words(a) for p, a in zip(predictions, answers)]
+
+
 def exact_match_f1(predictions: Sequence[str], answers: Sequence[str]) -> tuple[float, float]:
     """SQuAD-style exact match and mean token F1 (lowercased, punctuation dropped), in percent."""
-
-    def words(s: str) -> list[str]:
-        return re.sub(r"[^\w\s]", " ", s.lower()).split()
-
+    words = _words
     if len(predictions) != len(answers) or not answers:
         raise ValueError("give one prediction per answer (and at least one)")
     em = f1 = 0.0
