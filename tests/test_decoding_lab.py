@@ -10,12 +10,16 @@ import torch
 from cyclelab.core.sampling import Sampling, pipeline
 from cyclelab.lab.decoding_by_hand import (
     bits_per_token,
+    block_losses,
+    causal_nll,
     encode_split,
     entropy_nats,
     fill_mask,
+    ngram_nll,
     pick_k,
     plot_pipeline,
     plot_visibility,
+    repeated_ngrams,
     sample_ngram_text,
 )
 from cyclelab.lab.ngram import NGramLM
@@ -168,6 +172,7 @@ def test_masked_vs_causal_matches_a_plain_loop(tiny, tiny_mlm):
         assert got[name]["tokens"] == 6
         assert got[name]["accuracy"] == pytest.approx(hits[name] / 6)
         assert got[name]["perplexity"] == pytest.approx(math.exp(nll[name] / 6), rel=1e-4)
+        assert sum(got[name]["nlls"]) == pytest.approx(nll[name], rel=1e-4)  # one loss per scored token
 
 
 def test_masked_vs_causal_errors(tiny, tiny_mlm):
@@ -179,3 +184,51 @@ def test_masked_vs_causal_errors(tiny, tiny_mlm):
         masked_vs_causal(tiny, tiny_mlm, list(range(100)), window=8, every=8)
     with pytest.raises(ValueError, match="at least one window"):
         masked_vs_causal(tiny, tiny_mlm, list(range(10)), window=64)
+
+
+def test_causal_nll_matches_transformers_loss_window_by_window(tiny):
+    from cyclelab.train.metrics import perplexity_of_model
+
+    ids = encode_split(tiny.tokenizer, "valid", limit=70)
+    got = causal_nll(tiny.model, ids, context=32, batch_size=1)  # windows 0-31, 32-63 and a ragged 64-69
+    assert [i for i in range(70) if math.isnan(got[i])] == [0, 32, 64]  # each window's first is context only
+    for start, end in ((0, 32), (32, 64), (64, 70)):
+        window = torch.tensor([ids[start:end]])
+        with torch.no_grad():
+            loss = float(tiny.model(window, labels=window).loss)  # transformers' mean over the window's targets
+        assert float(got[start + 1 : end].mean()) == pytest.approx(loss, rel=1e-4)  # float32 model, float64 sum
+    assert math.exp(float(got.nanmean())) == pytest.approx(perplexity_of_model(tiny.model, ids, context=32), rel=1e-4)
+    assert torch.equal(torch.isnan(causal_nll(tiny.model, ids, context=32, batch_size=8)), torch.isnan(got))
+
+
+def test_ngram_nll_per_token_sums_to_the_sequence_log_prob():
+    model = NGramLM(2, 5, k=0.5).fit([0, 1, 2, 1, 2, 3, 4, 1])
+    ids = [1, 2, 3, 0, 1]
+    got = ngram_nll(model, ids)
+    assert math.isnan(got[0]) and not torch.isnan(got[1:]).any()
+    assert float(got[1]) == pytest.approx(-math.log((2 + 0.5) / (2 + 0.5 * 5)))  # 1 is followed twice, both by 2
+    assert float(got[1:].sum()) == pytest.approx(-model.logprob_sequence(ids))
+
+
+def test_block_losses_by_hand():
+    nan = float("nan")
+    a = torch.tensor([nan, 1.0, 3.0, 2.0, 4.0, 6.0, 9.0], dtype=torch.float64)
+    b = torch.tensor([nan, nan, 1.0, 1.0, 2.0, 2.0, 5.0], dtype=torch.float64)
+    got = block_losses({"a": a, "b": b}, block=3)  # blocks 0-2 and 3-5; position 6 is a ragged block
+    assert got == {"a": [3.0, 4.0], "b": [1.0, 5.0 / 3]}  # block 0: only position 2 is scored by both
+    with pytest.raises(ValueError, match="same length"):
+        block_losses({"a": a, "b": b[:3]}, 3)
+    with pytest.raises(ValueError, match="at least one block"):
+        block_losses({"a": a}, 10)
+    with pytest.raises(ValueError, match="block must be"):
+        block_losses({"a": a}, 0)
+
+
+def test_repeated_ngrams_by_hand():
+    assert repeated_ngrams([1, 2, 3, 4, 5], n=2) == 0.0
+    assert repeated_ngrams([1, 2, 1, 2, 1, 2], n=2) == pytest.approx(3 / 5)  # (2,1) (1,2) (2,1)... 12 21 12 21 12
+    assert repeated_ngrams([7, 7, 7, 7], n=1) == pytest.approx(3 / 4)
+    with pytest.raises(ValueError, match="at least 4 ids"):
+        repeated_ngrams([1, 2, 3], n=4)
+    with pytest.raises(ValueError, match="n must be"):
+        repeated_ngrams([1, 2, 3], n=0)

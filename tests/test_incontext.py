@@ -9,10 +9,11 @@ import torch
 from cyclelab.lab.in_context import (
     LABELS,
     accuracy,
+    correct,
     few_shot_prefix,
     first_tokens,
     instruction,
-    label_probs,
+    label_logprobs,
     query,
     sample_shots,
 )
@@ -63,34 +64,49 @@ def test_accuracy_counts_by_hand():
     assert accuracy(probs, [0, 1, 0]) == 0
 
 
-def test_batched_prefix_scores_match_one_plain_forward_per_prompt(tiny_engine):
-    labels = ["Macbeth", "Othello", "Romeo"]
+def _by_hand(engine, prompt: str, label: str) -> float:
+    """A label's log-probability after ``prompt`` from one plain ``transformers`` forward over prompt + label:
+    the log-softmax at each position before a label token, read at that token, summed."""
+    ids = engine.encode(prompt)
+    label_ids = engine.tokenizer.encode(" " + label, add_special_tokens=False)
+    with torch.no_grad():
+        logp = torch.log_softmax(engine.loaded.model(torch.tensor([ids + label_ids])).logits[0].float(), -1)
+    return sum(float(logp[len(ids) - 1 + j, t]) for j, t in enumerate(label_ids))
+
+
+def test_whole_label_log_probs_match_one_plain_forward_per_prompt_and_label(tiny_engine):
+    labels = ["Macbeth", "Romeo and Juliet", "The Tempest"]  # one, three and two tokens or more on tiny
+    assert [len(tiny_engine.tokenizer.encode(" " + x)) > 1 for x in labels[1:]] == [True, True]
     prefix = "KING:\nWhich play?\n\nCharacter: Banquo\nPlay: Macbeth\n\n"
     queries = [query(c) for c in ("SEYTON", "DESDEMONA", "TYBALT OF VERONA")]  # different lengths: right padding
-    got = label_probs(tiny_engine, prefix, queries, labels)
-    firsts = [tiny_engine.tokenizer.encode(" " + label)[0] for label in labels]
-    model = tiny_engine.loaded.model
+    want = torch.tensor([[_by_hand(tiny_engine, prefix + q, x) for x in labels] for q in queries])
+    for batch in (1, 2, 32):  # a batch boundary inside the queries, and all in one
+        got = label_logprobs(tiny_engine, prefix, queries, labels, batch=batch)
+        assert got.shape == (3, 3)
+        assert torch.allclose(got, want, atol=1e-4)  # float32 sums of a few log-softmaxes, other batch shapes
+
+
+def test_the_sum_is_not_the_first_token(tiny_engine):
+    prompt = "KING:\nThe"
+    got = label_logprobs(tiny_engine, "", [prompt], ["Romeo and Juliet"])
+    first = tiny_engine.tokenizer.encode(" Romeo")[0]
     with torch.no_grad():
-        want = torch.stack(
-            [
-                torch.softmax(model(torch.tensor([tiny_engine.encode(prefix + q)])).logits[0, -1], -1)[firsts]
-                for q in queries
-            ]
+        logp_first = torch.log_softmax(
+            tiny_engine.loaded.model(torch.tensor([tiny_engine.encode(prompt)])).logits[0, -1], -1
         )
-    assert got.shape == (3, 3)
-    assert torch.allclose(got, want, atol=1e-5)
+    assert float(got[0, 0]) < float(logp_first[first]) - 1e-3  # the later tokens' log-probabilities count too
 
 
 def test_no_shared_prefix_and_one_query(tiny_engine):
-    model = tiny_engine.loaded.model
     for prompts in (["ROMEO:", "JULIET:"], ["KING:\nThe"]):
-        got = label_probs(tiny_engine, "", prompts, ["lord", "king"])
-        with torch.no_grad():
-            firsts = first_tokens(tiny_engine, ["lord", "king"])
-            want = torch.stack(
-                [torch.softmax(model(torch.tensor([tiny_engine.encode(p)])).logits[0, -1], -1)[firsts] for p in prompts]
-            )
-        assert torch.allclose(got, want, atol=1e-5)
+        got = label_logprobs(tiny_engine, "", prompts, ["lord", "king of men"])
+        want = torch.tensor([[_by_hand(tiny_engine, p, x) for x in ["lord", "king of men"]] for p in prompts])
+        assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_correct_marks_each_query():
+    scores = torch.tensor([[-1.0, -0.5], [-0.2, -3.0], [-2.0, -1.0]])
+    assert correct(scores, [1, 0, 0]) == [True, True, False]
 
 
 BAD = [
@@ -114,10 +130,13 @@ BAD = [
         ValueError,
         r"start with the same token",
     ),
-    ("no queries", lambda e: label_probs(e, "x", [], ["a", "b"]), ValueError, r"non-empty list of queries"),
+    ("no queries", lambda e: label_logprobs(e, "x", [], ["a", "b"]), ValueError, r"non-empty list of queries"),
+    ("an empty label", lambda e: label_logprobs(e, "x", ["y"], ["a", ""]), ValueError, r"non-empty label strings"),
+    ("batch of zero", lambda e: label_logprobs(e, "x", ["y"], ["a"], batch=0), ValueError, r"batch must be"),
+    ("truth too short", lambda e: correct(torch.zeros(3, 2), [0]), ValueError, r"one right label per query"),
     (
         "one query as a string",
-        lambda e: label_probs(e, "x", "Character: A\nPlay:", ["a", "b"]),
+        lambda e: label_logprobs(e, "x", "Character: A\nPlay:", ["a", "b"]),
         ValueError,
         r"non-empty list of queries",
     ),

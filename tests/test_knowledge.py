@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cyclelab.lab.embedding import sentence_embeddings
-from cyclelab.lab.in_context import label_probs
+from cyclelab.lab.in_context import label_logprobs
 from cyclelab.lab.knowledge import (
     TITLES,
     character_graph,
@@ -191,7 +191,7 @@ def test_facts_come_before_the_question():
 def test_every_title_starts_with_its_own_token(tiny_engine):
     firsts = {tiny_engine.tokenizer.encode(" " + t)[0] for t in TITLES.values()}
     assert len(firsts) == len(TITLES)
-    assert label_probs(tiny_engine, "KING:\nThe", [" lord"], list(TITLES.values())).shape == (1, len(TITLES))
+    assert label_logprobs(tiny_engine, "KING:\nThe", [" lord"], list(TITLES.values())).shape == (1, len(TITLES))
 
 
 BAD = [

@@ -3,6 +3,9 @@
 * :func:`plot_pipeline` — the next-token distribution before and after each logits processor;
 * :func:`encode_split`, :func:`pick_k` — the n-gram baseline on the same tokens as ``tiny``, with its
   smoothing constant chosen on a slice of the *training* plays (never on the held-out plays);
+* :func:`causal_nll`, :func:`ngram_nll`, :func:`block_losses` — every model's loss at each held-out position,
+  averaged per block of positions, so that two models can be compared block by block (a paired interval);
+* :func:`repeated_ngrams` — how much of a generated text repeats itself, to compare samplers;
 * :func:`fill_mask`, :func:`masked_vs_causal`, :func:`plot_visibility` — a masked LM (``tiny-mlm``)
   next to a causal one.
 """
@@ -121,6 +124,75 @@ def pick_k(
     return min(scores, key=scores.get), scores
 
 
+# ------------------------------------------------------------------ losses per position and per block
+
+
+def causal_nll(model: torch.nn.Module, ids: Sequence[int], context: int, batch_size: int = 8) -> torch.Tensor:
+    """``(len(ids),)``: a causal LM's negative log-likelihood of each token, reading ``ids`` in side-by-side
+    windows of ``context`` tokens (as :func:`cyclelab.train.metrics.perplexity_of_model` does); NaN at each
+    window's first position, which is context only."""
+    if not is_int(context) or context < 2:
+        raise ValueError(f"context must be an integer >= 2, got {context!r}")
+    ids_t = torch.as_tensor(list(ids), dtype=torch.long)
+    out = torch.full((len(ids_t),), float("nan"), dtype=torch.float64)
+    device = next(model.parameters()).device
+    full = len(ids_t) // context * context
+    spans = [(s, min(s + context, len(ids_t))) for s in range(0, len(ids_t), context)]
+    whole = spans[: full // context]
+    groups = [whole[i : i + batch_size] for i in range(0, len(whole), batch_size)] + [spans[full // context :]]
+    with torch.no_grad():
+        for group in (g for g in groups if g and g[0][1] - g[0][0] > 1):  # equal-length windows, batched
+            batch = torch.stack([ids_t[s:e] for s, e in group])
+            logp = torch.log_softmax(model(batch.to(device)).logits[:, :-1].double().cpu(), -1)
+            nll = -logp.gather(-1, batch[:, 1:, None])[..., 0]
+            for row, (s, e) in enumerate(group):
+                out[s + 1 : e] = nll[row]
+    return out
+
+
+def ngram_nll(model: NGramLM, ids: Sequence[int]) -> torch.Tensor:
+    """``(len(ids),)``: an n-gram model's negative log-likelihood of each token; NaN at the first n-1."""
+    out = torch.full((len(ids),), float("nan"), dtype=torch.float64)
+    out[model.n - 1 :] = -torch.tensor(model.token_logprobs(ids), dtype=torch.float64)
+    return out
+
+
+def block_losses(nlls: dict[str, torch.Tensor], block: int) -> dict[str, list[float]]:
+    """Each model's mean loss per whole block of ``block`` positions, over the positions that *every* model
+    scored (so that each block compares the same tokens); a ragged last block is left out."""
+    if not nlls or len({len(v) for v in nlls.values()}) != 1:
+        raise ValueError("give one loss tensor per model, all of the same length")
+    if not is_int(block) or block < 1:
+        raise ValueError(f"block must be a positive integer, got {block!r}")
+    scored = torch.stack([~torch.isnan(v) for v in nlls.values()]).all(0)
+    n_blocks = len(scored) // block
+    if n_blocks == 0:
+        raise ValueError(f"need at least one block of {block} positions, got {len(scored)}")
+    out: dict[str, list[float]] = {}
+    for name, v in nlls.items():
+        out[name] = [
+            float(v[b * block : (b + 1) * block][scored[b * block : (b + 1) * block]].mean()) for b in range(n_blocks)
+        ]
+    return out
+
+
+def repeated_ngrams(ids: Sequence[int], n: int = 4) -> float:
+    """The share of the ``n``-grams of ``ids`` that already occurred earlier in ``ids`` (0: no repeat;
+    near 1: a loop). Needs at least ``n`` ids."""
+    if not is_int(n) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    ids = list(ids)
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    if not grams:
+        raise ValueError(f"need at least {n} ids to count {n}-grams, got {len(ids)}")
+    seen: set[tuple[int, ...]] = set()
+    repeats = 0
+    for g in grams:
+        repeats += g in seen
+        seen.add(g)
+    return repeats / len(grams)
+
+
 # ------------------------------------------------------------------ masked vs causal
 
 
@@ -159,8 +231,8 @@ def masked_vs_causal(causal, masked, ids: Sequence[int], window: int = 64, every
 
     ``ids`` is cut into windows of ``window`` tokens; in each, the positions ``every, 2 * every, ...``
     are scored. Both models must share the token ids (``tiny`` and ``tiny-mlm`` do). Returns
-    ``{"causal": {...}, "masked": {...}}`` with each model's top-1 ``accuracy``, ``perplexity`` and the
-    number of scored ``tokens``.
+    ``{"causal": {...}, "masked": {...}}`` with each model's top-1 ``accuracy``, ``perplexity``, the
+    number of scored ``tokens`` and the negative log-likelihood of each (``nlls``, in the same order).
     """
     mask_id = masked.tokenizer.mask_token_id
     if mask_id is None:
@@ -168,7 +240,7 @@ def masked_vs_causal(causal, masked, ids: Sequence[int], window: int = 64, every
     if not 1 <= every < window:
         raise ValueError(f"every must be in [1, window), got every={every}, window={window}")
     ids = list(ids)
-    stats = {name: {"hits": 0, "nll": 0.0, "tokens": 0} for name in ("causal", "masked")}
+    stats = {name: {"hits": 0, "nll": 0.0, "tokens": 0, "nlls": []} for name in ("causal", "masked")}
     for start in range(0, len(ids) - window + 1, window):
         chunk = torch.tensor(ids[start : start + window])
         positions = list(range(every, window, every))
@@ -183,7 +255,9 @@ def masked_vs_causal(causal, masked, ids: Sequence[int], window: int = 64, every
             ("masked", both[range(len(positions)), positions]),
         ):
             stats[name]["hits"] += int((logp.argmax(-1) == targets).sum())
-            stats[name]["nll"] -= float(logp.gather(-1, targets[:, None]).sum())
+            token_nll = -logp.gather(-1, targets[:, None])[:, 0]
+            stats[name]["nll"] += float(token_nll.sum())
+            stats[name]["nlls"] += token_nll.tolist()
             stats[name]["tokens"] += len(positions)
     if not stats["causal"]["tokens"]:
         raise ValueError(f"need at least one window of {window} tokens, got {len(ids)} ids")
@@ -192,6 +266,7 @@ def masked_vs_causal(causal, masked, ids: Sequence[int], window: int = 64, every
             "accuracy": s["hits"] / s["tokens"],
             "perplexity": math.exp(s["nll"] / s["tokens"]),
             "tokens": s["tokens"],
+            "nlls": s["nlls"],
         }
         for name, s in stats.items()
     }
@@ -230,12 +305,16 @@ def bits_per_token(perplexity: float) -> float:
 
 __all__ = [
     "bits_per_token",
+    "block_losses",
+    "causal_nll",
     "encode_split",
     "entropy_nats",
     "fill_mask",
     "masked_vs_causal",
+    "ngram_nll",
     "pick_k",
     "plot_pipeline",
     "plot_visibility",
+    "repeated_ngrams",
     "sample_ngram_text",
 ]

@@ -1,13 +1,14 @@
 """In-context learning on a task made from the plays: "which play is this character from?".
 
 A *shot* is one solved example in the prompt (``Character: Banquo`` / ``Play: Macbeth``); a k-shot prompt
-is an instruction, k shots and the query. :func:`label_probs` scores every query of one prompt prefix at
-once: the shared prefix runs once, its key/value cache is copied to every query, and the queries run as
-one right-padded batch (padding after a row's last token cannot reach it through causal attention).
+is an instruction, k shots and the query. :func:`label_logprobs` scores every label of every query of one
+prompt prefix at once, by the label's whole log-probability: the shared prefix runs once, its key/value cache
+is copied to every query, and each query runs with all the labels' tokens after it in one masked row.
 """
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Mapping, Sequence
 
@@ -66,35 +67,95 @@ def first_tokens(engine: Engine, labels: Sequence[str]) -> list[int]:
     return firsts
 
 
-def label_probs(engine: Engine, prefix: str, queries: Sequence[str], labels: Sequence[str]) -> torch.Tensor:
-    """``(queries, labels)``: the probability of each label's first token after ``prefix + query``.
+def label_logprobs(
+    engine: Engine, prefix: str, queries: Sequence[str], labels: Sequence[str], batch: int = 32
+) -> torch.Tensor:
+    """``(queries, labels)``: the log-probability of each whole label (its tokens' log-probabilities summed, not
+    divided by their number) as the continuation of ``prefix + query``, the label written with a leading space.
 
-    The token ids the prompts share run once; the rest of each prompt runs as one right-padded batch on a copy
-    of that cache. The same numbers as one plain forward pass per prompt, up to float rounding."""
+    The token ids every prompt shares run once; each query then runs, ``batch`` queries at a time, on a copy of
+    that cache as one row holding the query and, after it, every label's tokens but its last — one block per
+    label, which a mask lets see the query and its own earlier tokens only. One forward pass scores every label
+    of every query in the batch; the same numbers as one plain forward pass per (prompt, label), up to float
+    rounding."""
     if isinstance(queries, str) or not queries:
         raise ValueError(f"give a non-empty list of queries, got {queries!r}")
-    firsts = first_tokens(engine, labels)
+    if isinstance(labels, str) or not labels or not all(isinstance(x, str) and x for x in labels):
+        raise ValueError(f"give a non-empty list of non-empty label strings, got {labels!r}")
+    if not is_int(batch) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    label_ids = [engine.tokenizer.encode(" " + label, add_special_tokens=False) for label in labels]
     rows = [engine.encode(prefix + q) for q in queries]
     shared = _shared_length(rows)
-    model, device = engine.loaded.model, engine.device
-    body = model.base_model  # the transformer without its unembedding: logits only where they are read
+    body = engine.loaded.model.base_model  # the transformer without its unembedding: logits only where read
     with torch.no_grad():
-        cache = None
-        if shared:
-            cache = body(torch.tensor([rows[0][:shared]], device=device), use_cache=True).cache
-            cache.batch_repeat_interleave(len(rows))
-        width = max(len(r) for r in rows) - shared
-        rest = torch.tensor([r[shared:] + [r[-1]] * (width - len(r) + shared) for r in rows], device=device)
-        hidden = body(rest, cache=cache, use_cache=False).last_hidden_state
-        last = torch.tensor([len(r) - shared - 1 for r in rows], device=device)
-        logits = model.get_output_embeddings()(hidden[torch.arange(len(rows), device=device), last])
-    return torch.softmax(logits.float(), -1)[:, firsts].cpu()
+        cache = body(torch.tensor([rows[0][:shared]], device=engine.device), use_cache=True).cache if shared else None
+        return torch.cat(
+            [_score_rows(engine, rows[i : i + batch], shared, cache, label_ids) for i in range(0, len(rows), batch)]
+        )
+
+
+def _score_rows(engine: Engine, rows: list[list[int]], shared: int, cache, label_ids: list[list[int]]) -> torch.Tensor:
+    """:func:`label_logprobs` for the rows of one batch, each past the ``shared`` ids the ``cache`` holds."""
+    rests = [r[shared:] for r in rows]
+    width = max(len(r) for r in rests)
+    tails = [ids[:-1] for ids in label_ids]  # the tokens fed in; each predicts the next one of its label
+    starts = [width + sum(len(t) for t in tails[:i]) for i in range(len(tails))]
+    length = width + sum(len(t) for t in tails)
+    ids = torch.tensor(
+        [r + [r[-1]] * (width - len(r)) + [i for t in tails for i in t] for r in rests], device=engine.device
+    )
+    see = torch.zeros(len(rows), length, shared + length, dtype=torch.bool)
+    see[:, :, :shared] = True
+    positions = torch.zeros(len(rows), length, dtype=torch.long)
+    for b, rest in enumerate(rests):
+        see[b, :width, shared : shared + width] = torch.ones(width, width, dtype=torch.bool).tril()
+        positions[b, :width] = torch.arange(shared, shared + width)
+        for start, tail in zip(starts, tails):
+            block = slice(start, start + len(tail))
+            see[b, block, shared : shared + len(rest)] = True
+            see[b, block, shared + start : shared + start + len(tail)] = torch.ones(len(tail), len(tail)).tril() > 0
+            positions[b, block] = torch.arange(shared + len(rest), shared + len(rest) + len(tail))
+    model = engine.loaded.model
+    dtype = model.dtype
+    mask = torch.zeros(see.shape, dtype=dtype).masked_fill(~see, torch.finfo(dtype).min)[:, None]
+    run_cache = None
+    if cache is not None:
+        run_cache = copy.deepcopy(cache)
+        run_cache.batch_repeat_interleave(len(rows))
+    hidden = model.base_model(
+        ids,
+        attention_mask=mask.to(engine.device),
+        position_ids=positions.to(engine.device),
+        cache=run_cache,
+        use_cache=False,
+    ).last_hidden_state
+    scores = torch.zeros(len(rows), len(label_ids))
+    for b, rest in enumerate(rests):
+        # where each label token is predicted: after the query for the first, after its own block for the rest
+        at = [[len(rest) - 1] + list(range(s, s + len(t))) for s, t in zip(starts, tails)]
+        flat = [p for where in at for p in where]
+        logp = torch.log_softmax(model.get_output_embeddings()(hidden[b, flat]).float(), -1).cpu()
+        targets = [i for ids in label_ids for i in ids]
+        per_token = logp[torch.arange(len(flat)), targets]
+        scores[b] = torch.stack([chunk.sum() for chunk in per_token.split([len(ids) for ids in label_ids])])
+    return scores
 
 
 def _shared_length(rows: list[list[int]]) -> int:
     """How many leading ids every row shares, leaving each row at least one id of its own."""
     n = min(len(r) for r in rows) - 1
     return next((i for i in range(n) if any(r[i] != rows[0][i] for r in rows)), n)
+
+
+def correct(scores: torch.Tensor, truth: Sequence[int]) -> list[bool]:
+    """Per query: is the best-scored label (largest probability or log-probability) the right one?"""
+    if scores.dim() != 2 or len(truth) != scores.shape[0]:
+        raise ValueError(
+            f"need scores (queries, labels) and one right label per query, got {tuple(scores.shape)} "
+            f"and {len(truth)} labels"
+        )
+    return (scores.argmax(-1) == torch.as_tensor(list(truth))).tolist()
 
 
 def accuracy(probs: torch.Tensor, truth: Sequence[int]) -> int:
@@ -113,7 +174,8 @@ __all__ = [
     "few_shot_prefix",
     "first_tokens",
     "instruction",
-    "label_probs",
+    "correct",
+    "label_logprobs",
     "query",
     "sample_shots",
 ]

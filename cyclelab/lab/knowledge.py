@@ -5,7 +5,7 @@ and put in a prompt.
 ``CHARACTER -> {plays}``; :func:`play_edges` adds, scene by scene (:func:`cyclelab.loading.corpus.scenes`), who appears
 in which scene and who speaks to whom, as ``(head, relation, tail)`` triples; :func:`facts_about` is the graph
 lookup, :func:`nearest_facts` the embedding search; :func:`fact_sentence` and :func:`facts_prompt` write the
-facts found in front of a question (:func:`cyclelab.lab.in_context.label_probs` scores the answer).
+facts found in front of a question (:func:`cyclelab.lab.in_context.label_logprobs` scores the answer).
 """
 
 from __future__ import annotations

@@ -111,12 +111,16 @@ class NGramLM:
             raise ValueError(f"need at least {self.n} tokens to score one with a {self.n}-gram model")
         return ids
 
-    def logprob_sequence(self, ids: Sequence[int] | torch.Tensor) -> float:
-        """Sum of natural-log probabilities of ``ids[n-1:]``, each given the n-1 tokens before it."""
+    def token_logprobs(self, ids: Sequence[int] | torch.Tensor) -> list[float]:
+        """The natural-log probability of each of ``ids[n-1:]``, given the n-1 tokens before it."""
         self._check_fitted()
         ids = self._scored(ids)
         c = self.n - 1
-        return sum(math.log(self._prob(tuple(ids[i - c : i]), ids[i])) for i in range(c, len(ids)))
+        return [math.log(self._prob(tuple(ids[i - c : i]), ids[i])) for i in range(c, len(ids))]
+
+    def logprob_sequence(self, ids: Sequence[int] | torch.Tensor) -> float:
+        """Sum of natural-log probabilities of ``ids[n-1:]``, each given the n-1 tokens before it."""
+        return sum(self.token_logprobs(ids))
 
     def perplexity(self, ids: Sequence[int] | torch.Tensor) -> float:
         """exp(mean negative log-probability) over the same positions as :meth:`logprob_sequence`."""
