@@ -9,7 +9,7 @@ for models. The executed notebook replaces the source without the runner's bookk
 metadata and timings) and without the widgets' state: a widget's output keeps its text and its still
 picture, since without the state JupyterLab would show "model not found" (the live widget returns when the
 cell runs). The run's seconds and peak memory become the chapter's full-profile cost label, so the label
-and the stored outputs come from the same run. A failing cell stops the script and stores nothing.
+and the stored outputs come from the same run. A notebook with a failing cell is left as it was; the others are stored, and the script exits non-zero.
 """
 
 from __future__ import annotations
@@ -52,13 +52,14 @@ def without_runner_metadata(nb: nbformat.NotebookNode) -> None:
             del cell.metadata["tags"]
 
 
-def store(path: Path) -> None:
+def store(path: Path) -> bool:
     os.environ.pop("CYCLELAB_KERNELS", None)
     os.environ.update(ENV)
     with tempfile.TemporaryDirectory() as tmp:
         run = run_notebook(path, Path(tmp))
         if not run.ok:
-            sys.exit(f"{path.name} failed, nothing stored: {run.error}")
+            print(f"{path.name} failed, nothing stored: {run.error}", file=sys.stderr, flush=True)
+            return False
         nb = nbformat.read(run.output, as_version=4)
     without_widget_views(nb)
     without_runner_metadata(nb)
@@ -66,8 +67,9 @@ def store(path: Path) -> None:
     if CHAPTER.match(path.name):  # the bug hunt carries its own label
         write_cost_label(path, run, "full", by=BY)
     print(f"{path.name}: stored, {run.seconds:.0f} s", flush=True)
+    return True
 
 
 if __name__ == "__main__":
-    for name in sys.argv[1:] or sys.exit(__doc__):
-        store(Path(name))
+    failed = [name for name in sys.argv[1:] or sys.exit(__doc__) if not store(Path(name))]
+    sys.exit(f"not stored: {', '.join(failed)}" if failed else 0)
