@@ -33,6 +33,7 @@ EXPECTED = {
     "06": {"lora_forward"},
     "07": {"attainable", "int8_row"},
     "09": {"swap_scores", "overlapping_spans"},
+    "10": {"cross_attention", "beam_step"},
 }
 OURS = ("nbgrader", "tags")
 
