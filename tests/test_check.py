@@ -1329,6 +1329,72 @@ LABEL_WRONG = [
     ("raises", lambda *a: 1 / 0, "ZeroDivisionError"),
 ]
 
+# --- chapter 10: one cross-attention step and one beam-search step ------------------------------------------
+
+
+def cross_attention(q, keys, values):
+    return torch.softmax(q @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1) @ values
+
+
+def cross_attention_by_einsum(q, keys, values):
+    scores = torch.einsum("hqd,hsd->hqs", q.double(), keys.double()) / q.shape[-1] ** 0.5
+    return torch.einsum("hqs,hsd->hqd", scores.softmax(-1), values.double())
+
+
+CROSS_RIGHT = [cross_attention, cross_attention_by_einsum, lambda q, k, v: F.scaled_dot_product_attention(q, k, v)]
+CROSS_WRONG = [
+    ("causal mask", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), "EVERY source position"),
+    ("no sqrt(d)", lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2), -1) @ v, "not divided by sqrt(d)"),
+    ("divided by d", lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1], -1) @ v, "differs"),
+    (
+        "wrong axis",
+        lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -2) @ v,
+        "wrong axis",
+    ),
+    ("keys mixed", lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1) @ k, "KEYS"),
+    (
+        "weights",
+        lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1),
+        "attention weights",
+    ),
+    ("no softmax", lambda q, k, v: (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])) @ v, "differs"),
+]
+
+
+def beam_step(scores, log_probs, k):
+    total = (scores[:, None] + log_probs).flatten()
+    top = torch.topk(total, k)
+    vocab = log_probs.shape[1]
+    return [(int(i) // vocab, int(i) % vocab, float(s)) for s, i in zip(top.values, top.indices)]
+
+
+def beam_step_by_sorting(scores, log_probs, k):
+    every = [
+        (float(scores[b]) + float(log_probs[b, t]), b, t) for b in range(len(scores)) for t in range(log_probs.shape[1])
+    ]
+    every.sort(key=lambda x: -x[0])  # a stable sort: ties keep the lower flat index first, as topk does here
+    return [[b, t, s] for s, b, t in every[:k]]  # lists, not tuples: also fine
+
+
+BEAM_RIGHT = [beam_step, beam_step_by_sorting]
+BEAM_WRONG = [
+    ("token alone", lambda s, lp, k: beam_step(torch.zeros_like(s), lp, k), "add each beam's running score"),
+    ("worst first", lambda s, lp, k: beam_step(s, lp, k)[::-1], "wrong order"),
+    ("scores left out", lambda s, lp, k: [(b, t, 0.0) for b, t, _ in beam_step(s, lp, k)], "wrong scores"),
+    ("token scores", lambda s, lp, k: [(b, t, float(lp[b, t])) for b, t, _ in beam_step(s, lp, k)], "own log-probs"),
+    ("one short", lambda s, lp, k: beam_step(s, lp, k)[:-1], "return the"),
+    ("a number", lambda s, lp, k: 3, "list of (beam, token, score)"),
+    (
+        "each beam's best",
+        lambda s, lp, k: (
+            [(b, int(lp[b].argmax()), float(s[b] + lp[b].max())) for b in range(len(s))][:k]
+            + [(0, int(lp[0].argmax()), float(s[0] + lp[0].max()))] * max(0, k - len(s))
+        ),
+        "ALL beams",
+    ),
+]
+
+
 # --- the tables ---------------------------------------------------------------------------------------
 
 CHECKS = {
@@ -1358,6 +1424,8 @@ CHECKS = {
     "swap_scores": (check.check_swap_scores, SWAP_RIGHT, SWAP_WRONG),
     "overlapping_spans": (check.check_overlapping_spans, SPANS_RIGHT, SPANS_WRONG),
     "label_logprob": (check.check_label_logprob, LABEL_RIGHT, LABEL_WRONG),
+    "cross_attention": (check.check_cross_attention, CROSS_RIGHT, CROSS_WRONG),
+    "beam_step": (check.check_beam_step, BEAM_RIGHT, BEAM_WRONG),
 }
 
 RIGHT = [

@@ -34,6 +34,7 @@ EXPECTED = {
     "06_fine_tuning_tasks": {"masked_labels"},
     "07": {"attainable", "int8_row"},
     "09": {"swap_scores", "overlapping_spans"},
+    "10": {"cross_attention", "beam_step"},
 }
 OURS = ("nbgrader", "tags")
 

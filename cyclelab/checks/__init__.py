@@ -18,14 +18,17 @@ from cyclelab.checks.knowledge import check_graph_lookup, check_ig_sum, check_pa
 from cyclelab.checks.robustness import check_overlapping_spans, check_swap_scores
 from cyclelab.checks.sentiment import check_label_logprob
 from cyclelab.checks.tokenizing import check_apply_merges, check_count_pairs, check_merge_pair
+from cyclelab.checks.translation import check_beam_step, check_cross_attention
 
 __all__ = [
     "Result",
     "check_apply_merges",
     "check_attainable",
+    "check_beam_step",
     "check_block",
     "check_causal_attention",
     "check_count_pairs",
+    "check_cross_attention",
     "check_decode_step",
     "check_embed_lookup",
     "check_graph_lookup",

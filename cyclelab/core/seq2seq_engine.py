@@ -24,7 +24,7 @@ import torch
 from cyclelab.core.attention import KVCache
 from cyclelab.core.beam import BeamResult, beam_search, check_beam_options
 from cyclelab.core.blocks import Ablation, RunContext, capture_rule
-from cyclelab.core.engine import as_loaded, drain
+from cyclelab.core.engine import _without_grad, as_loaded, drain
 from cyclelab.core.events import Cost, CycleRecord, Event, Stage, Trace
 from cyclelab.core.fingerprint import fingerprint
 from cyclelab.core.inputs import check_flag, ids_of
@@ -106,8 +106,8 @@ class Seq2SeqEngine:
         """The encoder pass as events; returns the encoder memory (seen by ``rows`` decoder rows)."""
         run = RunContext(cycle, capture_rule(capture))
         ids = torch.tensor([source_ids], device=self.device)
-        states = yield from self.arch.encode(run, ids)
-        memory = yield from self.arch.memory(run, source_ids, states)
+        states = yield from _without_grad(self.arch.encode(run, ids))  # inference: no autograd graph
+        memory = yield from _without_grad(self.arch.memory(run, source_ids, states))
         return memory.expand(rows) if rows > 1 else memory
 
     def decoder_pass(
@@ -115,7 +115,7 @@ class Seq2SeqEngine:
     ) -> Generator[Event, None, torch.Tensor]:
         """One decoder pass over ``ids`` ``(rows, positions)`` after the cached ones; returns the logits."""
         run = RunContext(cycle, capture_rule(capture), ablation or Ablation())
-        return (yield from self.arch.decode(run, ids, cache, memory))
+        return (yield from _without_grad(self.arch.decode(run, ids, cache, memory)))
 
     def logits(self, source, decoder_ids: Sequence[int]) -> torch.Tensor:
         """Logits ``(1, positions, vocab)`` at every decoder position (no events kept)."""
