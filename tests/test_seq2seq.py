@@ -260,3 +260,36 @@ def test_the_cards_test_scores_reproduce_with_the_engine(folio):
     card = json.loads((folder / "metrics.json").read_text())["test"]
     assert round(sacrebleu.corpus_bleu(hyps, refs).score, 2) == card["bleu"]
     assert round(sacrebleu.corpus_chrf(hyps, refs).score, 2) == card["chrf"]
+
+
+SEQ2SEQ_MATMULS = {
+    *(f"enc_{op}" for op in ("qkv", "scores", "mix", "attn_out", "mlp_in", "mlp_out")),
+    "cross_kv",
+    *("qkv", "scores", "mix", "attn_out", "cross_q", "cross_scores", "cross_mix", "cross_out"),
+    *("mlp_in", "mlp_out", "logits"),
+}
+
+
+def test_matmul_flops_per_op_agree_with_torch_flop_counter(random_marian):
+    """As tests/test_engine.py's test for decoders: each matrix-multiply op's Event.flops, for the encoder pass,
+    the first cycle and a decode step, equal what torch's FlopCounterMode counts while the engine computes it;
+    every other op (norms, softmax, residual adds, the choice) counts no matmul at all."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    engine = Seq2SeqEngine(random_marian)
+    steps = engine.run("w3 w4 w5 w6 w7", 2, stop_at_eos=False)
+    rows = []
+    with FlopCounterMode(display=False) as counter:
+        while True:
+            before = counter.get_total_flops()
+            try:
+                event = next(steps)
+            except StopIteration:
+                break
+            rows.append((event, counter.get_total_flops() - before))
+    counted_ops = {e.op for e, counted in rows if counted}
+    assert counted_ops == SEQ2SEQ_MATMULS
+    assert [(e.cycle, e.layer, e.op, e.flops) for e, c in rows if e.op in SEQ2SEQ_MATMULS] == [
+        (e.cycle, e.layer, e.op, c) for e, c in rows if e.op in SEQ2SEQ_MATMULS
+    ]
+    assert {e.cycle for e, _ in rows if e.op == "qkv"} >= {0, 1}

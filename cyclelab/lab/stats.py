@@ -78,29 +78,20 @@ def _bootstrap(data: tuple[np.ndarray, ...], statistic: Callable[..., float], se
     if all(np.all(d == d[0]) for d in data):  # no spread: the bootstrap would warn and return NaN
         value = float(statistic(*data))
         return value, value
-    result = stats.bootstrap(
-        data,
-        statistic,
-        n_resamples=RESAMPLES,
-        confidence_level=CONFIDENCE,
-        method="BCa",
-        paired=len(data) > 1,
-        vectorized=False,
-        rng=np.random.default_rng(seed),
-    )
-    low, high = result.confidence_interval
-    if not (math.isfinite(low) and math.isfinite(high)):  # BCa degenerates on tiny samples
+    for method in ("BCa", "percentile"):  # BCa degenerates on tiny samples: then the percentile interval
         result = stats.bootstrap(
             data,
             statistic,
             n_resamples=RESAMPLES,
             confidence_level=CONFIDENCE,
-            method="percentile",
+            method=method,
             paired=len(data) > 1,
             vectorized=False,
             rng=np.random.default_rng(seed),
         )
         low, high = result.confidence_interval
+        if math.isfinite(low) and math.isfinite(high):
+            break
     return float(low), float(high)
 
 
