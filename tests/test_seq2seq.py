@@ -274,19 +274,9 @@ def test_matmul_flops_per_op_agree_with_torch_flop_counter(random_marian):
     """As tests/test_engine.py's test for decoders: each matrix-multiply op's Event.flops, for the encoder pass,
     the first cycle and a decode step, equal what torch's FlopCounterMode counts while the engine computes it;
     every other op (norms, softmax, residual adds, the choice) counts no matmul at all."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from test_engine import counted_flops
 
-    engine = Seq2SeqEngine(random_marian)
-    steps = engine.run("w3 w4 w5 w6 w7", 2, stop_at_eos=False)
-    rows = []
-    with FlopCounterMode(display=False) as counter:
-        while True:
-            before = counter.get_total_flops()
-            try:
-                event = next(steps)
-            except StopIteration:
-                break
-            rows.append((event, counter.get_total_flops() - before))
+    rows = counted_flops(Seq2SeqEngine(random_marian), "w3 w4 w5 w6 w7", 2)
     counted_ops = {e.op for e, counted in rows if counted}
     assert counted_ops == SEQ2SEQ_MATMULS
     assert [(e.cycle, e.layer, e.op, e.flops) for e, c in rows if e.op in SEQ2SEQ_MATMULS] == [
