@@ -4,7 +4,7 @@ learner's exception, into the Result a notebook prints."""
 import pytest
 import torch
 
-from cyclelab.checks.harness import Failed, Result, call, checker, pair, tensor_answer
+from cyclelab.checks.harness import Failed, Result, call, checker, name_the_mistake, pair, tensor_answer
 
 
 @checker
@@ -65,3 +65,19 @@ def test_pair_reads_two_numbers_or_fails_with_what_came_back():
         pair(7)
     with pytest.raises(Failed, match=r"ONE number, got a tensor of shape \(2,\)"):
         pair((1, torch.tensor([0.5, 0.5])))
+
+
+def test_name_the_mistake_raises_the_first_matching_hint_and_passes_otherwise() -> None:
+    mistakes = {
+        "doubled": torch.tensor([2.0, 4.0]),
+        "negated": torch.tensor([-1.0, -2.0]),
+        "also doubled": torch.tensor([2.0, 4.0]),
+    }
+    with pytest.raises(Failed, match=r"^doubled$"):
+        name_the_mistake(torch.tensor([2.0, 4.0]), mistakes)
+    with pytest.raises(Failed, match=r"^negated \(case 3\)$"):
+        name_the_mistake(torch.tensor([-1.0, -2.0]), mistakes, case="case 3")
+    assert name_the_mistake(torch.tensor([1.0, 2.0]), mistakes) is None  # no known mistake: the check goes on
+    assert name_the_mistake(torch.tensor([2.0, 4.0, 0.0]), mistakes) is None  # another shape matches none
+    with pytest.raises(Failed, match="off by one"):
+        name_the_mistake(3, {"off by one": 4, "zero": 0}, same=lambda a, b: abs(a - b) == 1)

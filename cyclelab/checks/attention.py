@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from cyclelab.checks.harness import Failed, checker, close, tensor_answer
+from cyclelab.checks.harness import Failed, checker, close, name_the_mistake, tensor_answer
 
 
 def _attention_variants(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -81,9 +81,7 @@ def check_causal_attention(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tenso
         want = variants.pop("ok")
         if close(out, want):
             continue
-        for hint, wrong in variants.items():
-            if close(out, wrong):
-                raise Failed(hint)
+        name_the_mistake(out, variants)
         if not close(out[..., 0, :], v[..., 0, :]):
             raise Failed("row 0 of the output should equal v[..., 0, :]: the first token can only read itself")
         raise Failed(
@@ -168,9 +166,7 @@ def check_decode_step(fn: Callable[..., torch.Tensor]) -> str:
             )
         if close(out, want):
             continue
-        for hint, wrong in _decode_step_variants(*(t.double() for t in (q, k, v, k_cache, v_cache))).items():
-            if close(out, wrong):
-                raise Failed(hint)
+        name_the_mistake(out, _decode_step_variants(*(t.double() for t in (q, k, v, k_cache, v_cache))))
         raise Failed(
             f"with a cache of {k_cache.shape[-2]} positions (q of shape {shape}) the output is not "
             "the last row of full causal attention (largest difference "

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from cyclelab.checks.harness import Failed, call, checker, pair, tensor_answer
+from cyclelab.checks.harness import Failed, call, checker, name_the_mistake, pair, tensor_answer
 from cyclelab.checks.models import random_bert, random_gpt2
 from cyclelab.checks.recipes import made
 
@@ -136,9 +136,7 @@ def check_top_p_filter(fn: Callable[[torch.Tensor, float], torch.Tensor]) -> str
         want = variants.pop("ok")
         if _same_filtered(out, want):
             continue
-        for hint, wrong in variants.items():
-            if _same_filtered(out, wrong):
-                raise Failed(f"{hint} ({case})")
+        name_the_mistake(out, variants, _same_filtered, case)
         raise Failed(f"{_top_p_symptom(logits, torch.isfinite(out), torch.isfinite(want))} ({case})")
     return "correct: the nucleus is the smallest set of most likely tokens holding at least p"
 
@@ -323,9 +321,7 @@ def check_perplexity(fn: Callable[[torch.Tensor, torch.Tensor], float], loaded=N
         references = [want, perplexity(nll_sum, len(ids) - 1)] + ([hf] if hf is not None else [])
         if all(math.isclose(got, ref, rel_tol=1e-4) for ref in references):
             continue
-        for hint, wrong in variants.items():
-            if math.isclose(got, wrong, rel_tol=1e-4):
-                raise Failed(f"{hint} ({what})")
+        name_the_mistake(got, variants, lambda a, b: math.isclose(a, b, rel_tol=1e-4), what)
         raise Failed(
             f"on {what} the perplexity is {want:.4f}, you returned {got:.4f}: exp of the mean "
             "of -log_softmax(logits)[i, ids[i + 1]] over i = 0 .. n - 2"

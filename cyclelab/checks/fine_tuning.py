@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from cyclelab.checks.harness import Failed, call, checker, close, raised, tensor_answer
+from cyclelab.checks.harness import Failed, call, checker, close, name_the_mistake, raised, tensor_answer
 from cyclelab.checks.recipes import made
 
 
@@ -49,9 +49,7 @@ def check_lora_forward(fn: Callable[..., torch.Tensor]) -> str:
         variants = _lora_variants(*(t.double() for t in (x, W, A, B)), alpha, r)
         if close(y, variants.pop("ok")):
             continue
-        for hint, wrong in variants.items():
-            if close(y, wrong):
-                raise Failed(hint)
+        name_the_mistake(y, variants)
         raise Failed(f"for in={n_in}, out={n_out}, r={r} the output differs from x @ W + (x @ A) @ B * alpha / r")
     return "correct: the frozen path plus a rank-r update scaled by alpha / r"
 

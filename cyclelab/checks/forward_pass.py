@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from cyclelab.checks.harness import Failed, checker, close, tensor_answer
+from cyclelab.checks.harness import Failed, checker, close, name_the_mistake, tensor_answer
 from cyclelab.checks.models import random_gpt2
 from cyclelab.checks.recipes import float64_copy, made
 
@@ -110,9 +110,7 @@ def check_block(fn: Callable, model: torch.nn.Module | None = None) -> str:
                 )
             if close(out, want):
                 continue
-            for hint, wrong in variants.items():
-                if close(out, wrong):
-                    raise Failed(hint)
+            name_the_mistake(out, variants)
             if shape[1] > 1 and close(out[:, :1], want[:, :1]):
                 raise Failed(
                     "position 0 is right but later ones are not: is the attention causal, "
@@ -241,9 +239,7 @@ def _check_norm(fn: Callable, name: str, with_bias: bool, reference: Callable, v
                 "NaN in the output: a constant vector has variance 0 — eps inside the square root "
                 "keeps the division finite"
             )
-        for hint, wrong in variants(*(a.double() if isinstance(a, torch.Tensor) else a for a in args)).items():
-            if close(out, wrong):
-                raise Failed(hint)
+        name_the_mistake(out, variants(*(a.double() if isinstance(a, torch.Tensor) else a for a in args)))
         raise Failed(
             f"for x of shape {tuple(x.shape)} and eps {eps} the result differs from {name} "
             f"(largest difference {float((out - want).abs().max()):.3g})"

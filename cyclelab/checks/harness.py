@@ -11,7 +11,7 @@ import functools
 import inspect
 import sysconfig
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,3 +206,11 @@ def pair(answer, names: str = "(token_id, probability)") -> tuple[int, float]:
 def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> bool:
     """Same shape and equal within ``tol`` (absolute and relative), compared in float64."""
     return a.shape == b.shape and torch.allclose(a.double(), b.double(), atol=tol, rtol=tol, equal_nan=False)
+
+
+def name_the_mistake(answer, mistakes: Mapping[str, object], same: Callable = close, case: str = "") -> None:
+    """Raise :class:`Failed` with the hint of the first of ``mistakes`` (hint -> what that mistake returns)
+    that ``answer`` equals by ``same``; return when it equals none, so the check can say its own last word."""
+    for hint, wrong in mistakes.items():
+        if same(answer, wrong):
+            raise Failed(f"{hint} ({case})" if case else hint)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from cyclelab.checks.harness import Failed, call, checker, close, tensor_answer
+from cyclelab.checks.harness import Failed, call, checker, close, name_the_mistake, tensor_answer
 
 # --- one cross-attention step ------------------------------------------------------------------------
 
@@ -62,9 +62,7 @@ def check_cross_attention(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor
         want = variants.pop("ok")
         if close(out, want):
             continue
-        for hint, wrong in variants.items():
-            if close(out, wrong):
-                raise Failed(hint)
+        name_the_mistake(out, variants)
         raise Failed(
             f"the output differs from cross-attention (largest difference {float((out - want).abs().max()):.3g})"
         )
