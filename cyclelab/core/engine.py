@@ -264,8 +264,19 @@ class Engine:
                     trace.events.append(event)
                 yield event
             forced = force[cycle] if cycle < len(force) else None
-            record = yield from self._write_back(
-                cycle, logits, ids, sampling, generator, forced, len(fed), len(cache), start, totals, capture
+            record = yield from write_back(
+                self.token_text,
+                cycle,
+                logits,
+                ids,
+                sampling,
+                generator,
+                forced,
+                len(fed),
+                len(cache),
+                start,
+                totals,
+                capture,
             )
             trace.records.append(record)
             ids.append(record.token_id)
@@ -273,46 +284,6 @@ class Engine:
                 break
         trace.text = self.tokenizer.decode(trace.token_ids, skip_special_tokens=True)  # once: the run is over
         return trace
-
-    def _write_back(self, cycle, logits, ids, sampling, generator, forced, n_inputs, cache_len, start, totals, capture):
-        """WRITEBACK: logits processors and the choice, then the append; returns the record."""
-        t = perf_counter()
-        choice = choose(logits, ids, sampling, generator if sampling.do_sample else None)
-        token = choice.token_id if forced is None else int(forced)
-        keep = {"logits": logits} if capture_rule(capture)("choose", None) else {}
-        event = Event(
-            cycle,
-            Stage.WRITEBACK,
-            None,
-            "choose",
-            perf_counter() - t,
-            5 * logits.numel(),
-            0,
-            keep,
-            {"choice": choice, "token_id": token, "forced": forced is not None},
-        )
-        totals.add(event)
-        yield event
-        raw_prob = choice.raw_prob if token == choice.token_id else float(torch.softmax(logits.float(), -1)[token])
-        record = CycleRecord(
-            cycle=cycle,
-            token_id=token,
-            token=self.token_text(token),
-            prob=choice.prob if forced is None else _prob_after(choice, token, raw_prob),
-            raw_prob=raw_prob,
-            entropy=choice.entropy,
-            top=[(i, self.token_text(i), round(p, 6)) for i, p in choice.top],
-            greedy_id=choice.greedy_id,
-            draw=choice.draw,
-            forced=forced is not None,
-            n_inputs=n_inputs,
-            cache_len=cache_len,
-            seconds=perf_counter() - start,
-            flops=totals.flops,
-            bytes=totals.bytes,
-        )
-        yield Event(cycle, Stage.WRITEBACK, None, "append", 0.0, 0, 0, {}, {"record": record})
-        return record
 
     def generate(self, prompt, max_new_tokens: int = 32, **options) -> Trace:
         """Run to the end and return the :class:`Trace`.
@@ -569,6 +540,52 @@ def _without_grad(steps: Generator[Event, None, R]) -> Generator[Event, None, R]
             except StopIteration as done:
                 return done.value
         yield event
+
+
+def write_back(
+    token_text: Callable[[int], str],
+    cycle: int,
+    logits: torch.Tensor,
+    ids: Sequence[int],
+    sampling: Sampling,
+    generator: torch.Generator | None,
+    forced: int | None,
+    n_inputs: int,
+    cache_len: int,
+    start: float,
+    totals: Cost,
+    capture,
+) -> Generator[Event, None, CycleRecord]:
+    """WRITEBACK of one cycle, for every engine: the logits processors and the choice (or the ``forced``
+    token), then the append; yields their two events and returns the cycle's record."""
+    t = perf_counter()
+    choice = choose(logits, ids, sampling, generator if sampling.do_sample else None)
+    token = choice.token_id if forced is None else int(forced)
+    keep = {"logits": logits} if capture_rule(capture)("choose", None) else {}
+    info = {"choice": choice, "token_id": token, "forced": forced is not None}
+    event = Event(cycle, Stage.WRITEBACK, None, "choose", perf_counter() - t, 5 * logits.numel(), 0, keep, info)
+    totals.add(event)
+    yield event
+    raw_prob = choice.raw_prob if token == choice.token_id else float(torch.softmax(logits.float(), -1)[token])
+    record = CycleRecord(
+        cycle=cycle,
+        token_id=token,
+        token=token_text(token),
+        prob=choice.prob if forced is None else _prob_after(choice, token, raw_prob),
+        raw_prob=raw_prob,
+        entropy=choice.entropy,
+        top=[(i, token_text(i), round(p, 6)) for i, p in choice.top],
+        greedy_id=choice.greedy_id,
+        draw=choice.draw,
+        forced=forced is not None,
+        n_inputs=n_inputs,
+        cache_len=cache_len,
+        seconds=perf_counter() - start,
+        flops=totals.flops,
+        bytes=totals.bytes,
+    )
+    yield Event(cycle, Stage.WRITEBACK, None, "append", 0.0, 0, 0, {}, {"record": record})
+    return record
 
 
 def _prob_after(choice, token: int, raw_prob: float) -> float:

@@ -24,11 +24,11 @@ import torch
 from cyclelab.core.attention import KVCache
 from cyclelab.core.beam import BeamResult, beam_search, check_beam_options
 from cyclelab.core.blocks import Ablation, RunContext, capture_rule
-from cyclelab.core.engine import _without_grad, as_loaded, drain
-from cyclelab.core.events import Cost, CycleRecord, Event, Stage, Trace
+from cyclelab.core.engine import _without_grad, as_loaded, drain, write_back
+from cyclelab.core.events import Cost, Event, Trace
 from cyclelab.core.fingerprint import fingerprint
 from cyclelab.core.inputs import check_flag, ids_of
-from cyclelab.core.sampling import Sampling, check_int, choose
+from cyclelab.core.sampling import Sampling, check_int
 from cyclelab.core.seq2seq import EncoderMemory, activation_names, check_capture, seq2seq_architecture_for
 from cyclelab.loading.loader import Loaded
 
@@ -218,8 +218,19 @@ class Seq2SeqEngine:
                 keep_events,
             )
             forced = force[cycle] if cycle < len(force) else None
-            record = yield from self._write_back(
-                cycle, logits[0, -1], target, forced, len(fed), len(step_cache), start, totals, capture
+            record = yield from write_back(
+                self.token_text,
+                cycle,
+                logits[0, -1],
+                target,
+                Sampling(),
+                None,
+                forced,
+                len(fed),
+                len(step_cache),
+                start,
+                totals,
+                capture,
             )
             trace.records.append(record)
             target.append(record.token_id)
@@ -240,37 +251,6 @@ class Seq2SeqEngine:
             if keep:
                 trace.events.append(event)
             yield event
-
-    def _write_back(self, cycle, logits, target, forced, n_inputs, cache_len, start, totals, capture):
-        """WRITEBACK: the greedy choice (or the forced token), then the append; returns the record."""
-        t = perf_counter()
-        choice = choose(logits, target, Sampling())
-        token = choice.token_id if forced is None else int(forced)
-        keep = {"logits": logits} if capture_rule(capture)("choose", None) else {}
-        info = {"choice": choice, "token_id": token, "forced": forced is not None}
-        event = Event(cycle, Stage.WRITEBACK, None, "choose", perf_counter() - t, 5 * logits.numel(), 0, keep, info)
-        totals.add(event)
-        yield event
-        raw_prob = float(torch.softmax(logits.float(), -1)[token])
-        record = CycleRecord(
-            cycle=cycle,
-            token_id=token,
-            token=self.token_text(token),
-            prob=raw_prob,
-            raw_prob=raw_prob,
-            entropy=choice.entropy,
-            top=[(i, self.token_text(i), round(p, 6)) for i, p in choice.top],
-            greedy_id=choice.greedy_id,
-            draw=None,
-            forced=forced is not None,
-            n_inputs=n_inputs,
-            cache_len=cache_len,
-            seconds=perf_counter() - start,
-            flops=totals.flops,
-            bytes=totals.bytes,
-        )
-        yield Event(cycle, Stage.WRITEBACK, None, "append", 0.0, 0, 0, {}, {"record": record})
-        return record
 
     def _check_run(self, max_new_tokens, use_cache, capture, keep_events, force, stop_at_eos) -> None:
         if check_int(max_new_tokens, "max_new_tokens") < 1:
