@@ -198,14 +198,9 @@ class Seq2SeqDebugger(Debugger):
         return Attention(self.watch_layer, self.watch_head, [self.engine.token_text(i) for i in ids], weights)
 
     def _registers(self, here: list[Event]) -> list[Register]:
-        from cyclelab.debugger.state import lens_tops
+        from cyclelab.debugger.state import lens_registers
 
-        events = [e for e in here if "x" in e.info]
-        missing = [e for e in events if "lens" not in e.info]
-        if missing:
-            for e, lens in zip(missing, lens_tops(self.engine, torch.stack([e.info["x"] for e in missing]))):
-                e.info["lens"] = lens
-        return [Register(e.layer, float(e.info["x"].float().norm()), e.info["lens"]) for e in events]
+        return lens_registers(self.engine, here, "info")
 
     @command
     def faithfulness(self) -> float:

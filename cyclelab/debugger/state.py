@@ -46,6 +46,17 @@ def lens_tops(engine, residuals: torch.Tensor, k: int = 3) -> list[list[tuple[st
     ]
 
 
+def lens_registers(engine, here: list[Event], kept_in: str = "tensors") -> list[Register]:
+    """The registers panel: each event of ``here`` that kept the residual stream ``x`` (in its ``tensors``, or
+    its ``info`` for the encoder–decoder), with its norm and logit lens (computed once, then kept on the event)."""
+    events = [e for e in here if "x" in getattr(e, kept_in)]
+    missing = [e for e in events if "lens" not in e.info]
+    if missing:
+        for e, lens in zip(missing, lens_tops(engine, torch.stack([getattr(e, kept_in)["x"] for e in missing]))):
+            e.info["lens"] = lens
+    return [Register(e.layer, float(getattr(e, kept_in)["x"].float().norm()), e.info["lens"]) for e in events]
+
+
 def describe(sampling: Sampling) -> str:
     """'greedy' or 'sample, temperature 0.8, top-k 40, …': the sampler settings in plain words."""
     parts = ["sample", f"temperature {sampling.temperature:g}"] if sampling.do_sample else ["greedy"]
@@ -145,12 +156,7 @@ class StateViews:
         return next((i for i, e in self._backwards() if e.op == op and (layer is None or e.layer == layer)), None)
 
     def _registers(self, here: list[Event]) -> list[Register]:
-        events = [e for e in here if "x" in e.tensors]
-        missing = [e for e in events if "lens" not in e.info]
-        if missing:
-            for e, lens in zip(missing, lens_tops(self.engine, torch.stack([e.tensors["x"] for e in missing]))):
-                e.info["lens"] = lens
-        return [Register(e.layer, float(e.tensors["x"].float().norm()), e.info["lens"]) for e in events]
+        return lens_registers(self.engine, here, "tensors")
 
     def _memory(self) -> list[CacheRow]:
         n, found = self.engine.arch.n_layers, {}
