@@ -177,7 +177,9 @@ def test_a_noexec_folder_is_a_reason(tmp_path):
         found = build.load_or_build(mount / "kernels", CC)
         assert found.library is None and found.reason.startswith("OSError")
     finally:
-        subprocess.run(["umount", str(mount)], check=False)
+        # lazy: glibc keeps a read-only mapping of the library whose dlopen failed, so a plain umount finds the
+        # mount busy and each run would leave one behind; detached now, it is freed when this process ends
+        subprocess.run(["umount", "--lazy", str(mount)], check=False)
 
 
 _C_TYPES = {"int64_t": ctypes.c_int64, "int": ctypes.c_int, "float": ctypes.c_float}
