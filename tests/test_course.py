@@ -203,3 +203,22 @@ def test_false_takeaways_finds_only_the_false_lines(tmp_path: Path) -> None:
     nb = nbformat.v4.new_notebook(cells=[cell])
     nbformat.write(nb, tmp_path / "x.ipynb")
     assert course.false_takeaways(tmp_path / "x.ipynb") == ["takeaway: b_2 = False"]
+
+
+def test_the_test_order_reads_every_notebooks_fast_cost_label() -> None:
+    """conftest.py starts the longest scopes first by each notebook's fast label: a label it cannot read
+    ranks the notebook as free and leaves it to run last (its pattern once matched none)."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("root_conftest", root / "conftest.py")
+    assert spec is not None and spec.loader is not None
+    order = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(order)
+    notebooks = sorted(p for p in (root / "notebooks").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
+    assert notebooks and all(order.notebook_cost(path) > 0 for path in notebooks)
+    ranked = sorted(
+        [root / "tests" / "test_grade_cheats.py", root / "tests" / "test_cli.py", *notebooks],
+        key=lambda path: order.scope_rank(path, {}),
+    )
+    assert ranked[0].name == "test_grade_cheats.py" and ranked[-1].name == "test_cli.py"
