@@ -99,30 +99,20 @@ class Seq2SeqDebugger(Debugger):
         weakref.finalize(self, self._live.close)
         self._ui, self._listeners = None, []
 
-    def _start(self) -> bool:
-        """Start the engine at the first cycle not completed: the encoder pass again, the target so far as prefix."""
-        self._live.close()
-        tl = self.now
-        if tl.finished:
-            return False
-        k = len(tl.ends)
-        del tl.history[tl.start_of(k) :]
-        records = tl.records()
-        eos = bool(records) and records[-1].token_id == self.engine.eos_id and not records[-1].forced
-        if eos or k >= self.max_new_tokens:
-            tl.finished = True
-            return False
-        remaining = self.max_new_tokens - k
+    def _eos_id(self) -> int | None:
+        return self.engine.eos_id
+
+    def _run_from(self, records: list, remaining: int, force: list):
+        """The encoder pass again, then the decoder with the target so far as its prefix."""
         run = self.engine.run(
             self.prompt_ids,
             remaining,
             capture=capture_seq2seq,
-            force=[tl.forced.get(k + i) for i in range(remaining)],
+            force=force,
             prefix=[r.token_id for r in records],
-            ablation=tl.ablation,
+            ablation=self.now.ablation,
         )
-        self._live.start(for_views(run), offset=k)
-        return True
+        return for_views(run)
 
     def widget(self):
         """The ipywidgets UI, watching the last decoder layer's head 0 (the decoder-only UI's previous-token

@@ -295,24 +295,30 @@ class Debugger(Breakpoints, StateViews):
         k = len(tl.ends)
         del tl.history[tl.start_of(k) :]
         records = tl.records()
-        eos = bool(records) and records[-1].token_id == self.engine.tokenizer.eos_token_id and not records[-1].forced
+        eos = bool(records) and records[-1].token_id == self._eos_id() and not records[-1].forced
         if eos or k >= self.max_new_tokens:
             tl.finished = True
             return False
         remaining = self.max_new_tokens - k
-        self._live.start(
-            self.engine.run(
-                self.prompt_ids + [r.token_id for r in records],
-                remaining,
-                tl.sampling,
-                capture=capture_for_views,
-                force=[tl.forced.get(k + i) for i in range(remaining)],
-                ablation=tl.ablation,
-                draws=sum(r.draw is not None for r in records),
-            ),
-            offset=k,
-        )
+        self._live.start(self._run_from(records, remaining, [tl.forced.get(k + i) for i in range(remaining)]), offset=k)
         return True
+
+    def _eos_id(self) -> int | None:
+        """The token that ends a run when the model chooses it."""
+        return self.engine.tokenizer.eos_token_id
+
+    def _run_from(self, records: list, remaining: int, force: list):
+        """The engine's run that continues the current timeline after its ``records``, as the views read it."""
+        tl = self.now
+        return self.engine.run(
+            self.prompt_ids + [r.token_id for r in records],
+            remaining,
+            tl.sampling,
+            capture=capture_for_views,
+            force=force,
+            ablation=tl.ablation,
+            draws=sum(r.draw is not None for r in records),
+        )
 
     def _fix_forced_p(self, append: Event) -> None:
         """A forced token's record gets its ``p`` after the sampler's settings (0 if they filtered it out),
